@@ -1,0 +1,37 @@
+"""MONAI Label app: multimodal segmentation from all modalities of a case (thin adapter over `crossmodal`)."""
+
+from __future__ import annotations
+
+import logging
+
+import crossmodal
+from crossmodal.serving.app import AppParts
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
+
+logger = logging.getLogger(__name__)
+
+
+class MyApp(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        self.parts = AppParts.from_conf(app_dir, conf)
+        self._infer_task = self.parts.infer()
+        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="crossmodal",
+                         description="Label-efficient multimodal segmentation", version=crossmodal.__version__)
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return self.parts.datastore(self.studies)
+
+    def init_infers(self):
+        return {self.parts.model_name: self._infer_task}
+
+    def init_trainers(self):
+        return {self.parts.model_name: self.parts.trainer()}
+
+    def init_strategies(self):
+        return {"entropy": self.parts.strategy()}
+
+    def init_scoring_methods(self):
+        return {"entropy": self.parts.scoring(self._infer_task)}

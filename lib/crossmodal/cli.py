@@ -1,0 +1,191 @@
+"""``crossmodal`` command line: data sets, annotation simulation, offline training.
+
+Examples::
+
+    crossmodal data phantom --out data/phantom --cases 8 --dense 2 --sparse 2 --misregistration-mm 4
+    crossmodal data fetch-spm --out data/spm12
+    crossmodal data brain --templates data/spm12 --out data/brain --cases 12 --dense 3 --sparse 3
+    crossmodal data sparsify --label data/brain/truth/brain000.nii.gz --out s.nii.gz --mode scribbles
+    crossmodal data export-nnunet --studies data/brain --out data/Dataset001_Brain --test brain011
+    crossmodal data import-nnunet --dataset data/Dataset001_Brain --out data/brain2 --config brain
+    crossmodal train --studies data/brain --config brain --model-dir apps/crossmodal/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from crossmodal.config import ConfigError, load_config
+from crossmodal.io import CaseError
+
+
+def _config(args: argparse.Namespace, default: str):
+    return load_config(args.config or default)
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from crossmodal.data.phantom import make_phantom
+    from crossmodal.data.studies import generate
+
+    cfg = _config(args, "phantom")
+    recs = generate(args.out, cfg, lambda rng: make_phantom(cfg, rng, size=args.size,
+                                                            misregistration_mm=args.misregistration_mm),
+                    args.cases, args.seed, args.prefix, args.dense, args.sparse, args.sparse_mode, args.ext)
+    _report(recs)
+    return 0
+
+
+def cmd_fetch_spm(args: argparse.Namespace) -> int:
+    from crossmodal.data.brain import SPM_REQUIREMENT, SPM_WHEEL, extract_templates
+
+    out = Path(args.out)
+    wheel = Path(args.wheel) if args.wheel else out / SPM_WHEEL
+    if not wheel.is_file():
+        print(f"downloading {SPM_REQUIREMENT} from the package registry ...", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SPM_REQUIREMENT,
+                        "-d", str(wheel.parent)], check=True)
+    paths = extract_templates(wheel, out)
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+    return 0
+
+
+def cmd_brain(args: argparse.Namespace) -> int:
+    from crossmodal.data.brain import load_templates, make_brain_case
+    from crossmodal.data.studies import generate
+
+    cfg = _config(args, "brain")
+    templates = load_templates(args.templates)
+    recs = generate(args.out, cfg, lambda rng: make_brain_case(cfg, templates, rng,
+                                                               misregistration_mm=args.misregistration_mm),
+                    args.cases, args.seed, args.prefix, args.dense, args.sparse, args.sparse_mode, args.ext)
+    _report(recs)
+    return 0
+
+
+def cmd_sparsify(args: argparse.Namespace) -> int:
+    from crossmodal.data.sparse import annotated_fraction, sparsify
+    from crossmodal.io import load_volume, save_volume
+
+    cfg = _config(args, "brain")
+    vol = load_volume(args.label)
+    dense = np.rint(vol[0].numpy()).astype(np.int64)
+    sp = sparsify(dense, cfg.labels, args.mode, np.random.default_rng(args.seed), axis=args.axis, step=args.step)
+    save_volume(args.out, sp, vol.affine.numpy())
+    fg = float((dense != 0).mean())
+    print(json.dumps({"label": args.label, "out": args.out, "mode": args.mode,
+                      "annotated_fraction": round(annotated_fraction(sp), 5), "dense_foreground_fraction": round(fg, 5)}))
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from crossmodal.data.nnunet import import_nnunet
+
+    _report(import_nnunet(args.dataset, args.out, _config(args, "brain")))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from crossmodal.data.nnunet import export_nnunet
+
+    meta = export_nnunet(args.studies, args.out, _config(args, "brain"), tuple(args.test))
+    print(json.dumps(meta, indent=2))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from crossmodal.serving.offline import train_offline
+
+    stats = train_offline(args.studies, args.config or "brain", args.model_dir, args.epochs, args.device)
+    print(json.dumps(stats, indent=2, default=str))
+    return 0
+
+
+def _report(records: Sequence[dict]) -> None:
+    for r in records:
+        print(json.dumps(r))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="crossmodal", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    data = sub.add_parser("data", help="make, convert and sparsify data sets").add_subparsers(dest="what", required=True)
+
+    def gen_args(q: argparse.ArgumentParser, prefix: str) -> None:
+        q.add_argument("--out", required=True, help="studies folder to write")
+        q.add_argument("--cases", type=int, default=8)
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--prefix", default=prefix, help="case id prefix")
+        q.add_argument("--dense", type=int, default=0, help="cases given a dense final label")
+        q.add_argument("--sparse", type=int, default=0, help="cases given a sparse final label")
+        q.add_argument("--sparse-mode", default="scribbles", choices=("scribbles", "slices"))
+        q.add_argument("--misregistration-mm", type=float, default=0.0)
+        q.add_argument("--ext", default=".nii.gz", choices=(".nii.gz", ".nii", ".nrrd"))
+        q.add_argument("--config", help="preset name or YAML path")
+
+    q = data.add_parser("phantom", help="synthetic CT/PET/MR phantoms")
+    gen_args(q, "phantom")
+    q.add_argument("--size", type=int, default=48, help="primary grid size per axis")
+    q.set_defaults(func=cmd_phantom)
+
+    q = data.add_parser("fetch-spm", help="download the SPM12 wheel (set-up time), check sha256, extract templates")
+    q.add_argument("--out", required=True)
+    q.add_argument("--wheel", help="an already downloaded wheel")
+    q.set_defaults(func=cmd_fetch_spm)
+
+    q = data.add_parser("brain", help="real SPM12 T1/T2/PD brain cases")
+    gen_args(q, "brain")
+    q.add_argument("--templates", required=True, help="folder written by fetch-spm")
+    q.set_defaults(func=cmd_brain)
+
+    q = data.add_parser("sparsify", help="simulate scribbles or painted slices from a dense label")
+    q.add_argument("--label", required=True)
+    q.add_argument("--out", required=True)
+    q.add_argument("--mode", default="scribbles", choices=("scribbles", "slices"))
+    q.add_argument("--axis", type=int, default=2)
+    q.add_argument("--step", type=int, default=None)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--config")
+    q.set_defaults(func=cmd_sparsify)
+
+    q = data.add_parser("import-nnunet", help="nnU-Net v2 raw dataset -> studies folder")
+    q.add_argument("--dataset", required=True)
+    q.add_argument("--out", required=True)
+    q.add_argument("--config")
+    q.set_defaults(func=cmd_import)
+
+    q = data.add_parser("export-nnunet", help="studies folder -> nnU-Net v2 raw dataset")
+    q.add_argument("--studies", required=True)
+    q.add_argument("--out", required=True)
+    q.add_argument("--test", nargs="*", default=[], help="case ids for imagesTs/labelsTs")
+    q.add_argument("--config")
+    q.set_defaults(func=cmd_export)
+
+    q = sub.add_parser("train", help="train the app's model on a studies folder (same code as the server)")
+    q.add_argument("--studies", required=True)
+    q.add_argument("--config")
+    q.add_argument("--model-dir", required=True)
+    q.add_argument("--epochs", type=int, default=None)
+    q.add_argument("--device", default="auto")
+    q.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (CaseError, ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"crossmodal: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,293 @@
+"""Typed configuration: one schema of dataclasses loaded from ``configs/*.yaml``.
+
+A preset file may name another preset with ``extends: <name>``; it is looked up beside the file and merged
+first (dicts merge recursively, everything else is replaced). The resolved config is saved next to every
+trained model (``to_dict`` / ``save_config``).
+
+Example:
+    >>> cfg = CrossModalConfig.from_dict({"modalities": [{"name": "ct", "kind": "ct"}],
+    ...                                   "labels": {"classes": {"background": 0, "liver": 1}}})
+    >>> cfg.modality_names, cfg.labels.num_classes
+    (['ct'], 2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODALITY_KINDS = ("ct", "mr", "pet")
+MISSING_POLICIES = ("error", "zero_fill")
+# Names 3D Slicer drops on save: none of our label names may use them.
+SLICER_RESERVED_NAMES = ("background", "foreground_scribbles", "background_scribbles")
+
+
+class ConfigError(ValueError):
+    """A config value is missing or invalid; the message names the key and the value."""
+
+
+@dataclass
+class ModalityConfig:
+    """One imaging modality. ``kind`` picks the normalisation: CT windowing, MR/PET z-score."""
+
+    name: str
+    kind: str = "mr"
+    window: tuple[float, float] = (-1000.0, 1000.0)
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"modalities: name {self.name!r} must be letters, digits, '_' or '-'")
+        if self.kind not in MODALITY_KINDS:
+            raise ConfigError(f"modalities.{self.name}.kind: {self.kind!r} is not one of {MODALITY_KINDS}")
+        self.window = (float(self.window[0]), float(self.window[1]))
+        if self.window[0] >= self.window[1]:
+            raise ConfigError(f"modalities.{self.name}.window: {self.window} must be (low, high) with low < high")
+
+
+@dataclass
+class LabelConfig:
+    """Label names and values.
+
+    ``classes`` maps every class the model predicts to its value, background 0 included, values 0..N-1.
+    ``marked_background`` is the value of the segment an annotator paints to mark background explicitly in a
+    sparse label (see ``crossmodal.labels``).
+    """
+
+    classes: dict[str, int] = field(default_factory=lambda: {"background": 0, "foreground": 1})
+    marked_background_name: str = "marked_background"
+    marked_background: int = 255
+
+    def __post_init__(self) -> None:
+        values = sorted(self.classes.values())
+        if values != list(range(len(values))) or len(values) < 2:
+            raise ConfigError(f"labels.classes: values {values} must be 0..N-1 with N >= 2 (background is 0)")
+        if self.marked_background in values or not 0 < self.marked_background < 65536:
+            raise ConfigError(
+                f"labels.marked_background: {self.marked_background} must be a free label value in 1..65535"
+            )
+        if self.marked_background_name in SLICER_RESERVED_NAMES:
+            raise ConfigError(
+                f"labels.marked_background_name: {self.marked_background_name!r} is dropped by 3D Slicer on "
+                f"save; pick another name"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def foreground(self) -> dict[str, int]:
+        return {k: v for k, v in self.classes.items() if v != 0}
+
+    @property
+    def viewer_labels(self) -> dict[str, int]:
+        """Label names the viewers offer: the foreground classes plus the marked-background segment."""
+        return {**self.foreground, self.marked_background_name: self.marked_background}
+
+
+@dataclass
+class ModelConfig:
+    """Network choice and size. ``name`` is a key of ``crossmodal.nets.NETWORKS``."""
+
+    name: str = "baseline_unet"
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    strides: tuple[int, ...] = (2, 2, 2)
+    num_res_units: int = 1
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(c) for c in self.channels)
+        self.strides = tuple(int(s) for s in self.strides)
+        if len(self.strides) != len(self.channels) - 1:
+            raise ConfigError(f"model.strides: {self.strides} needs len(channels) - 1 = {len(self.channels) - 1}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout: {self.dropout} must be in [0, 1)")
+
+
+@dataclass
+class InferConfig:
+    """Sliding-window inference and the policy for a case whose secondary modality file is absent."""
+
+    roi_size: tuple[int, int, int] = (96, 96, 96)
+    sw_batch_size: int = 1
+    overlap: float = 0.25
+    missing_modality: str = "error"
+
+    def __post_init__(self) -> None:
+        self.roi_size = tuple(int(r) for r in self.roi_size)  # type: ignore[assignment]
+        if self.missing_modality not in MISSING_POLICIES:
+            raise ConfigError(f"infer.missing_modality: {self.missing_modality!r} is not one of {MISSING_POLICIES}")
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters; the losses read their weights from here."""
+
+    max_epochs: int = 50
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-5
+    batch_size: int = 2
+    patch_size: tuple[int, int, int] = (64, 64, 64)
+    patches_per_case: int = 4
+    val_interval: int = 1
+    val_fraction: float = 0.2
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
+    num_workers: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
+        if self.max_epochs < 1 or self.batch_size < 1 or self.patches_per_case < 1:
+            raise ConfigError("train: max_epochs, batch_size and patches_per_case must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    """Where the other modalities of a case live, relative to the studies folder."""
+
+    sidecar_dir: str = "modalities"
+
+
+@dataclass
+class CrossModalConfig:
+    """The whole resolved configuration of one app / experiment."""
+
+    name: str = "crossmodal"
+    modalities: list[ModalityConfig] = field(default_factory=lambda: [ModalityConfig("image")])
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        names = self.modality_names
+        if not names:
+            raise ConfigError("modalities: at least one modality is needed (the first is the primary)")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"modalities: names {names} must be unique")
+
+    @property
+    def modality_names(self) -> list[str]:
+        return [m.name for m in self.modalities]
+
+    @property
+    def primary(self) -> ModalityConfig:
+        return self.modalities[0]
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> CrossModalConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known - {"extends"})
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; valid keys are {sorted(known)}")
+        kwargs: dict[str, Any] = {}
+        if "name" in raw:
+            kwargs["name"] = str(raw["name"])
+        if "modalities" in raw:
+            kwargs["modalities"] = [_build(ModalityConfig, m, "modalities") for m in raw["modalities"]]
+        for key, typ in (("labels", LabelConfig), ("model", ModelConfig), ("infer", InferConfig),
+                         ("train", TrainConfig), ("data", DataConfig)):
+            if key in raw:
+                kwargs[key] = _build(typ, raw[key] or {}, key)
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _build(typ: type, raw: dict[str, Any], where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
+    known = {f.name for f in dataclasses.fields(typ)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; valid keys are {sorted(known)}")
+    try:
+        return typ(**raw)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path in seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle through {[str(p) for p in seen]}")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    parent = raw.pop("extends", None)
+    if parent:
+        raw = _merge(_read_raw(resolve_preset(str(parent), path.parent), (*seen, path)), raw)
+    return raw
+
+
+def resolve_preset(name_or_path: str, configs_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Map a preset name (``brain``) or a path (``configs/brain.yaml``) to an existing YAML file."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+        return candidate
+    base = Path(configs_dir) if configs_dir else default_configs_dir()
+    path = base / f"{name_or_path}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in base.glob("*.yaml"))
+        raise ConfigError(f"unknown config preset {name_or_path!r}; valid presets in {base}: {names}")
+    return path
+
+
+def default_configs_dir() -> Path:
+    """``$CROSSMODAL_CONFIGS`` or the repository's ``configs/`` folder."""
+    env = os.environ.get("CROSSMODAL_CONFIGS")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
+
+
+def load_config(name_or_path: str, configs_dir: str | os.PathLike[str] | None = None,
+                overrides: dict[str, Any] | None = None) -> CrossModalConfig:
+    """Load a preset by name or path, apply nested ``overrides``, validate, return the typed config."""
+    raw = _read_raw(resolve_preset(name_or_path, configs_dir).resolve())
+    if overrides:
+        raw = _merge(raw, overrides)
+    return CrossModalConfig.from_dict(raw)
+
+
+def save_config(cfg: CrossModalConfig, path: str | os.PathLike[str]) -> None:
+    """Write the resolved config as YAML atomically."""
+    atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same folder and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

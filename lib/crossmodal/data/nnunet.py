@@ -1,0 +1,151 @@
+"""The nnU-Net v2 raw layout, to and from our studies layout.
+
+nnU-Net: ``imagesTr/<case>_<XXXX>.nii.gz`` (channel XXXX, all channels on one grid), ``labelsTr/<case>.nii.gz``,
+``imagesTs`` / ``labelsTs``, ``dataset.json`` with ``channel_names``, ``labels`` and an optional ``ignore``
+label (the highest value) marking unannotated voxels of sparse labels. A training case without a label file
+is unlabeled. Ours: see :mod:`crossmodal.io`; held-out truth of test cases goes to ``<studies>/truth/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from crossmodal.config import CrossModalConfig, atomic_write_text
+from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR
+from crossmodal.io import CaseError, case_id_of, find_case, load_volume, resample_to, save_volume
+from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE, classify, from_training, to_training
+
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})\.nii\.gz$")
+
+
+@dataclass
+class NnunetCase:
+    """One case of an nnU-Net dataset: channel files by modality name, optional label, train or test split."""
+
+    case_id: str
+    channels: dict[str, str]
+    label: str | None
+    split: str
+
+
+def read_dataset_json(dataset: str | os.PathLike[str]) -> dict:
+    path = Path(dataset) / "dataset.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: not an nnU-Net v2 raw dataset folder")
+    meta = json.loads(path.read_text())
+    for key in ("channel_names", "labels"):
+        if key not in meta:
+            raise ValueError(f"{path}: key {key!r} is missing")
+    return meta
+
+
+def list_cases(dataset: str | os.PathLike[str], cfg: CrossModalConfig) -> list[NnunetCase]:
+    """All cases of an nnU-Net dataset; channel names in ``dataset.json`` must match ``cfg``'s modalities."""
+    root = Path(dataset)
+    meta = read_dataset_json(root)
+    names = [str(meta["channel_names"][k]).lower() for k in sorted(meta["channel_names"], key=int)]
+    if names != [n.lower() for n in cfg.modality_names]:
+        raise ValueError(f"{root / 'dataset.json'}: channel_names {names} differ from the config's modalities "
+                         f"{cfg.modality_names}; use a config that names the same modalities in the same order")
+    cases = []
+    for split, img_dir, lab_dir in (("train", "imagesTr", "labelsTr"), ("test", "imagesTs", "labelsTs")):
+        found: dict[str, dict[str, str]] = {}
+        for p in sorted((root / img_dir).glob("*.nii.gz")):
+            m = _CHANNEL.match(p.name)
+            if m:
+                found.setdefault(m["case"], {})[cfg.modality_names[int(m["ch"])]] = str(p)
+        for cid, chans in found.items():
+            missing = [n for n in cfg.modality_names if n not in chans]
+            if missing:
+                raise CaseError(cid, root / img_dir, f"channel files for {missing} are missing")
+            lab = root / lab_dir / f"{cid}.nii.gz"
+            cases.append(NnunetCase(cid, chans, str(lab) if lab.is_file() else None, split))
+    return cases
+
+
+def import_nnunet(dataset: str | os.PathLike[str], studies: str | os.PathLike[str],
+                  cfg: CrossModalConfig) -> list[dict[str, object]]:
+    """Copy an nnU-Net dataset into a studies folder; ``ignore`` regions become sparse labels."""
+    meta = read_dataset_json(dataset)
+    ignore = meta["labels"].get("ignore")
+    out = Path(studies)
+    records = []
+    for case in tqdm(list_cases(dataset, cfg), desc="import", unit="case"):
+        primary = load_volume(case.channels[cfg.modality_names[0]], case.case_id)
+        save_volume(out / f"{case.case_id}.nii.gz", primary[0].numpy(), primary.affine.numpy())
+        for name in cfg.modality_names[1:]:
+            vol = load_volume(case.channels[name], case.case_id)
+            save_volume(out / cfg.data.sidecar_dir / case.case_id / f"{name}.nii.gz", vol[0].numpy(),
+                        vol.affine.numpy())
+        kind = None
+        if case.label:
+            arr = np.rint(load_volume(case.label, case.case_id)[0].numpy()).astype(np.int64)
+            if case.split == "test":
+                save_volume(out / TRUTH_DIR / f"{case.case_id}.nii.gz", arr.astype(np.uint8), primary.affine.numpy())
+            else:
+                if ignore is not None and (arr == int(ignore)).any():
+                    arr = from_training(np.where(arr == int(ignore), IGNORE_INDEX, arr), cfg.labels)
+                    kind = SPARSE
+                else:
+                    kind = DENSE
+                save_volume(out / FINAL_LABELS / f"{case.case_id}.nii.gz", arr, primary.affine.numpy())
+        records.append({"case": case.case_id, "split": case.split, "label": kind})
+    return records
+
+
+def export_nnunet(studies: str | os.PathLike[str], dataset: str | os.PathLike[str], cfg: CrossModalConfig,
+                  test_cases: tuple[str, ...] = ()) -> dict:
+    """Write a studies folder as an nnU-Net dataset; secondaries are resampled onto the primary grid.
+
+    Training cases take their final label (sparse ones with the ``ignore`` label), or none (unlabeled);
+    ``test_cases`` go to imagesTs with their truth (``<studies>/truth``) in labelsTs.
+    """
+    src, dst = Path(studies), Path(dataset)
+    ignore_value = cfg.labels.num_classes
+    any_sparse = False
+    n_train = 0
+    primaries = sorted(p for p in src.iterdir() if p.is_file() and p.name.endswith((".nii.gz", ".nii", ".nrrd")))
+    for p in tqdm(primaries, desc="export", unit="case"):
+        cid = case_id_of(p)
+        split = "Ts" if cid in test_cases else "Tr"
+        case = find_case(p, cfg.modality_names, cfg.data.sidecar_dir)
+        primary = load_volume(case.primary, cid)
+        affine = primary.affine.numpy()
+        save_volume(dst / f"images{split}" / f"{cid}_0000.nii.gz", primary[0].numpy(), affine)
+        for k, name in enumerate(cfg.modality_names[1:], start=1):
+            path = case.modalities[name]
+            if path is None:
+                raise CaseError(cid, None, f"modality {name!r} is missing; nnU-Net needs every channel")
+            vol = resample_to(load_volume(path, cid), primary)
+            save_volume(dst / f"images{split}" / f"{cid}_{k:04d}.nii.gz", vol[0].numpy(), affine)
+        if split == "Ts":
+            truth = src / TRUTH_DIR / f"{cid}.nii.gz"
+            if truth.is_file():
+                save_volume(dst / "labelsTs" / f"{cid}.nii.gz", load_volume(truth, cid)[0].numpy().astype(np.uint8),
+                            affine)
+            continue
+        n_train += 1
+        labels = sorted((src / FINAL_LABELS).glob(f"{cid}.*"))
+        if labels:
+            arr = np.rint(load_volume(labels[0], cid)[0].numpy()).astype(np.int64)
+            kind = classify(arr, cfg.labels)
+            target = to_training(arr, kind, cfg.labels)
+            if kind == SPARSE:
+                any_sparse = True
+                target[target == IGNORE_INDEX] = ignore_value
+            save_volume(dst / "labelsTr" / f"{cid}.nii.gz", target.astype(np.uint8), affine)
+    meta = {
+        "channel_names": {str(i): n for i, n in enumerate(cfg.modality_names)},
+        "labels": {**cfg.labels.classes, **({"ignore": ignore_value} if any_sparse else {})},
+        "numTraining": n_train,
+        "file_ending": ".nii.gz",
+    }
+    atomic_write_text(dst / "dataset.json", json.dumps(meta, indent=2))
+    return meta

@@ -1,0 +1,64 @@
+"""Write cases into a MONAI Label studies folder (layout in :mod:`crossmodal.io`).
+
+Every generated case also gets its dense truth in ``<studies>/truth/<case>.nii.gz`` (ignored by the
+datastore; used by tests, benchmarks and the annotation simulator).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from crossmodal.config import CrossModalConfig
+from crossmodal.data.phantom import SyntheticCase
+from crossmodal.data.sparse import annotated_fraction, sparsify
+from crossmodal.io import save_volume
+
+TRUTH_DIR = "truth"
+FINAL_LABELS = os.path.join("labels", "final")
+
+
+def write_case(studies: str | os.PathLike[str], case_id: str, case: SyntheticCase, cfg: CrossModalConfig,
+               ext: str = ".nii.gz") -> dict[str, Path]:
+    """Write the primary image, the sidecar modalities and the truth of one case; returns the paths."""
+    root = Path(studies)
+    paths = {}
+    for i, name in enumerate(cfg.modality_names):
+        vol = case.images[name]
+        p = root / f"{case_id}{ext}" if i == 0 else root / cfg.data.sidecar_dir / case_id / f"{name}{ext}"
+        save_volume(p, vol.array, vol.affine)
+        paths[name] = p
+    paths["truth"] = root / TRUTH_DIR / f"{case_id}.nii.gz"
+    save_volume(paths["truth"], case.label.array.astype(np.uint8), case.label.affine)
+    return paths
+
+
+def generate(studies: str | os.PathLike[str], cfg: CrossModalConfig, make: Callable[[np.random.Generator], SyntheticCase],
+             cases: int, seed: int, prefix: str, dense: int = 0, sparse: int = 0, sparse_mode: str = "scribbles",
+             ext: str = ".nii.gz") -> list[dict[str, object]]:
+    """Generate ``cases`` cases; the first ``dense`` get a dense final label, the next ``sparse`` a sparse one.
+
+    Returns one record per case: ``case``, ``label`` (``dense`` / ``sparse`` / None), ``annotated_fraction``.
+    """
+    if dense + sparse > cases:
+        raise ValueError(f"dense ({dense}) + sparse ({sparse}) labels exceed the number of cases ({cases})")
+    records = []
+    for i in tqdm(range(cases), desc=f"{prefix} cases", unit="case"):
+        rng = np.random.default_rng([seed, i])
+        case_id = f"{prefix}{i:03d}"
+        case = make(rng)
+        write_case(studies, case_id, case, cfg, ext)
+        kind, frac = None, 0.0
+        if i < dense:
+            save_volume(Path(studies) / FINAL_LABELS / f"{case_id}.nii.gz", case.label.array, case.label.affine)
+            kind, frac = "dense", 1.0
+        elif i < dense + sparse:
+            sp = sparsify(case.label.array, cfg.labels, sparse_mode, rng)
+            save_volume(Path(studies) / FINAL_LABELS / f"{case_id}.nii.gz", sp, case.label.affine)
+            kind, frac = "sparse", annotated_fraction(sp)
+        records.append({"case": case_id, "label": kind, "annotated_fraction": round(frac, 5)})
+    return records

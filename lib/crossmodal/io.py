@@ -1,0 +1,191 @@
+"""Multimodal cases on disk: discovery, loading with MONAI readers, validation, atomic writes.
+
+Studies-folder layout (a MONAI Label ``LocalDatastore`` folder)::
+
+    studies/
+      case001.nii.gz                  # primary modality: the image viewers show and labels live on
+      modalities/case001/t2.nii.gz    # other modalities, any grid; LocalDatastore ignores sub-folders
+      modalities/case001/pd.nrrd
+      labels/final/case001.nii.gz     # labels, on the primary grid (written by MONAI Label)
+
+A primary file with C > 1 channels (a 4D NIfTI/NRRD) holds all C modalities in config order instead.
+Every modality is resampled onto the primary grid in physical (RAS) space.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import LoadImage, ResampleToMatch
+
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd")
+
+
+class CaseError(ValueError):
+    """Bad input for one case: names the case, the file and what is wrong."""
+
+    def __init__(self, case_id: str, path: str | os.PathLike[str] | None, problem: str) -> None:
+        self.case_id, self.path, self.problem = case_id, str(path) if path else None, problem
+        where = f" file {self.path}:" if self.path else ""
+        super().__init__(f"case {case_id!r}:{where} {problem}")
+
+
+def split_ext(path: str | os.PathLike[str]) -> tuple[str, str]:
+    """``/a/case1.nii.gz`` -> (``case1``, ``.nii.gz``); unknown extensions give the plain suffix."""
+    name = Path(path).name
+    for ext in IMAGE_EXTENSIONS:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)], ext
+    return Path(name).stem, Path(name).suffix
+
+
+def case_id_of(path: str | os.PathLike[str]) -> str:
+    return split_ext(path)[0]
+
+
+@dataclass
+class Case:
+    """One multimodal case: the primary image path, other modalities by name (None: absent), a label path."""
+
+    case_id: str
+    primary: str
+    modalities: dict[str, str | None] = field(default_factory=dict)
+    label: str | None = None
+
+
+def find_case(image_path: str | os.PathLike[str], modality_names: Sequence[str], sidecar_dir: str = "modalities",
+              studies_dir: str | os.PathLike[str] | None = None) -> Case:
+    """Find the other modalities of the primary image ``image_path`` in the studies layout.
+
+    Args:
+        image_path: the primary image (a file directly in the studies folder).
+        modality_names: all modality names in config order; the first is the primary.
+        sidecar_dir: folder (relative to ``studies_dir``) holding ``<case id>/<modality>.<ext>``.
+        studies_dir: defaults to the folder of ``image_path``.
+    """
+    image_path = Path(image_path)
+    cid = case_id_of(image_path)
+    folder = Path(studies_dir) if studies_dir else image_path.parent
+    found: dict[str, str | None] = {}
+    for name in modality_names[1:]:
+        found[name] = None
+        for ext in IMAGE_EXTENSIONS:
+            p = folder / sidecar_dir / cid / f"{name}{ext}"
+            if p.is_file():
+                found[name] = str(p)
+                break
+    return Case(case_id=cid, primary=str(image_path), modalities=found)
+
+
+_LOADER = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)
+
+
+def load_volume(path: str | os.PathLike[str], case_id: str | None = None) -> MetaTensor:
+    """Read a NIfTI or NRRD file with MONAI's readers as a float32 MetaTensor (C, H, W, D) in RAS.
+
+    Raises:
+        CaseError: the file is absent, unreadable, truncated, not 3D/4D or holds NaN/Inf.
+    """
+    cid = case_id or case_id_of(path)
+    if not os.path.isfile(path):
+        raise CaseError(cid, path, "file does not exist")
+    try:
+        img = _LOADER(str(path))
+    except Exception as e:  # readers raise many types for truncated / corrupt files
+        reason = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+        raise CaseError(cid, path, f"cannot be read as NIfTI/NRRD (truncated or corrupt?): {reason}") from e
+    if img.ndim != 4:
+        raise CaseError(cid, path, f"expected a 3D or 4D volume, got shape {tuple(img.shape)}")
+    bad = int((~torch.isfinite(img)).sum())
+    if bad:
+        raise CaseError(cid, path, f"holds {bad} non-finite voxels (NaN/Inf); fix or re-export the image")
+    return img
+
+
+def resample_to(img: MetaTensor, ref: MetaTensor, mode: str = "bilinear") -> MetaTensor:
+    """Resample ``img`` (C, ...) onto the grid of ``ref`` in physical space; outside its field of view -> 0."""
+    if img.shape[1:] == ref.shape[1:] and torch.allclose(img.affine.double(), ref.affine.double(), atol=1e-4):
+        return img
+    out = ResampleToMatch(mode=mode, padding_mode="zeros", align_corners=True, dtype=torch.float32)(img, img_dst=ref)
+    return out  # type: ignore[return-value]
+
+
+def same_grid(a: MetaTensor, b: MetaTensor, atol_mm: float = 1e-3) -> bool:
+    """True when two volumes have the same spatial shape and affine (within ``atol_mm``)."""
+    return tuple(a.shape[1:]) == tuple(b.shape[1:]) and bool(
+        torch.allclose(a.affine.double(), b.affine.double(), atol=atol_mm)
+    )
+
+
+def read_label(path: str | os.PathLike[str], ref: MetaTensor, case_id: str) -> np.ndarray:
+    """Read a label map and check it lies on the grid of ``ref``; returns int64 (H, W, D)."""
+    lab = load_volume(path, case_id)
+    if lab.shape[0] != 1:
+        raise CaseError(case_id, path, f"a label must be one 3D label map, got {lab.shape[0]} channels")
+    if not same_grid(lab, ref):
+        raise CaseError(
+            case_id, path,
+            f"label grid {tuple(lab.shape[1:])} / affine {np.round(lab.affine.numpy(), 3).tolist()} differs from "
+            f"the image grid {tuple(ref.shape[1:])} / {np.round(ref.affine.numpy(), 3).tolist()}; "
+            f"export the label on the primary image's grid",
+        )
+    arr = lab[0].numpy()
+    rounded = np.rint(arr)
+    if not np.allclose(arr, rounded, atol=1e-3):
+        raise CaseError(case_id, path, "label values must be integers")
+    return rounded.astype(np.int64)
+
+
+def save_volume(path: str | os.PathLike[str], array: np.ndarray, affine: np.ndarray) -> None:
+    """Write a (H, W, D) or (H, W, D, C) array with a RAS ``affine`` as NIfTI or NRRD, atomically."""
+    path = Path(path)
+    _, ext = split_ext(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=ext)
+    os.close(fd)
+    try:
+        if ext in (".nii.gz", ".nii"):
+            img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
+            img.set_qform(affine, code=1)
+            img.set_sform(affine, code=1)
+            nib.save(img, tmp)
+        elif ext in (".nrrd", ".seg.nrrd"):
+            lps = np.diag([-1.0, -1.0, 1.0]) @ np.asarray(affine, dtype=np.float64)[:3]
+            header = {"space": "left-posterior-superior", "space directions": lps[:, :3].T.tolist(),
+                      "space origin": lps[:, 3].tolist(), "encoding": "gzip"}
+            if array.ndim == 4:
+                header["space directions"] = [*header["space directions"], None]
+                header["kinds"] = ["domain", "domain", "domain", "vector"]
+            nrrd.write(tmp, np.asarray(array), header=header)
+        else:
+            raise ValueError(f"{path}: unsupported extension {ext!r}; use one of {IMAGE_EXTENSIONS}")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Copy ``src`` to ``dst`` through a temp file in the destination folder and ``os.replace``."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            while chunk := inp.read(1 << 20):
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

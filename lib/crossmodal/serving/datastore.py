@@ -1,0 +1,123 @@
+"""A ``LocalDatastore`` that validates before it writes, records the label kind, and writes atomically.
+
+``save_label`` checks the label against the case's primary image (readable, finite, same grid, configured
+values), classifies it dense or sparse (:mod:`crossmodal.labels`), then replaces the label file and the
+datastore JSON through temp files. A rejected label raises HTTP 422 and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+from crossmodal.config import LabelConfig
+from crossmodal.io import CaseError, atomic_copy, load_volume, read_label, split_ext
+from crossmodal.labels import annotated_fraction, classify, invalid_values
+from fastapi import HTTPException
+from filelock import FileLock
+from monailabel.datastore.local import DataModel, LocalDatastore
+
+logger = logging.getLogger(__name__)
+
+EXTENSIONS = ("*.nii.gz", "*.nii", "*.nrrd", "*.seg.nrrd")
+
+
+def http_error(e: CaseError | ValueError, status: int = 422) -> HTTPException:
+    """A 4xx whose detail names the case, the file and the problem."""
+    return HTTPException(status_code=status, detail=str(e))
+
+
+def validate_label(label_file: str, image_file: str, case_id: str, cfg: LabelConfig,
+                   override: str | None = None) -> tuple[str, float]:
+    """Check ``label_file`` against the primary image; returns ``(kind, annotated_fraction)``.
+
+    Raises:
+        CaseError: unreadable, non-finite, other grid, non-integer or unconfigured values, bad override.
+    """
+    image = load_volume(image_file, case_id)
+    arr = read_label(label_file, image, case_id)
+    bad = invalid_values(arr, cfg)
+    if bad:
+        raise CaseError(case_id, label_file,
+                        f"label values {bad} are not configured: classes {cfg.classes}, "
+                        f"{cfg.marked_background_name}={cfg.marked_background}")
+    try:
+        kind = classify(arr, cfg, override)
+    except ValueError as e:
+        raise CaseError(case_id, label_file, str(e)) from e
+    return kind, annotated_fraction(arr, kind)
+
+
+class CrossModalDatastore(LocalDatastore):
+    """Local studies folder with validated, atomic label saves and the label kind in the label info."""
+
+    def __init__(self, datastore_path: str, labels: LabelConfig, **kwargs: Any) -> None:
+        self.label_config = labels
+        super().__init__(datastore_path, extensions=EXTENSIONS, **kwargs)
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        obj = self._datastore.objects.get(image_id)
+        if not obj:
+            raise HTTPException(status_code=404, detail=f"case {image_id!r}: no such image in the datastore")
+        info = dict(label_info or {})
+        override = info.pop("label_kind", None)
+        try:
+            kind, frac = validate_label(label_filename, self.get_image_uri(image_id), image_id, self.label_config,
+                                        override)
+        except CaseError as e:
+            raise http_error(e) from e
+        _, ext = split_ext(label_filename)
+        if ext not in (".nii.gz", ".nii", ".nrrd", ".seg.nrrd"):
+            raise HTTPException(status_code=422, detail=f"case {image_id!r}: label extension {ext!r} unsupported")
+        name = image_id + ext
+        dest = os.path.join(self._datastore.label_path(label_tag), name)
+        info.update({"label_kind": kind, "annotated_fraction": round(frac, 6)})
+        with FileLock(self._lock_file):
+            atomic_copy(label_filename, dest)
+            info["ts"], info["name"] = int(time.time()), name
+            obj.labels[label_tag] = DataModel(info=info, ext=ext)
+            self._update_datastore_file(lock=False)
+        logger.info(f"Saved {kind} label for {image_id} ({frac:.4f} annotated) -> {dest}")
+        return image_id
+
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        try:
+            load_volume(image_filename, image_id)
+        except CaseError as e:
+            raise http_error(e) from e
+        return super().add_image(image_id, image_filename, image_info)
+
+    def label_kind(self, image_id: str, tag: str = "final") -> str:
+        """The recorded kind, or the rule applied to the file (labels placed on disk by hand)."""
+        kind = self.get_label_info(image_id, tag).get("label_kind")
+        if kind:
+            return kind
+        arr = np.rint(load_volume(self.get_label_uri(image_id, tag), image_id)[0].numpy())
+        return classify(arr, self.label_config)
+
+    def _update_datastore_file(self, lock: bool = True) -> None:
+        def write() -> None:
+            self._ignore_event_config = True
+            text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+            folder = os.path.dirname(self._datastore_config_path)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".datastore.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(text)
+                os.replace(tmp, self._datastore_config_path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()

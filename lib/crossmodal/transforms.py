@@ -1,0 +1,148 @@
+"""Preprocessing, defined once: training, validation and inference all call :func:`preprocessing`.
+
+Per modality, on its own grid: CT is windowed to [0, 1], MR and PET are z-scored; then every modality is
+resampled onto the primary grid (outside a modality's field of view the value is 0, its mean after z-score).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    MapTransform,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandSpatialCropSamplesd,
+    SpatialPadd,
+    Transform,
+)
+
+from crossmodal.config import CrossModalConfig, ModalityConfig
+from crossmodal.io import Case, CaseError, find_case, load_volume, read_label, resample_to
+from crossmodal.labels import DENSE, IGNORE_INDEX, invalid_values, to_training
+
+
+def normalize(img: torch.Tensor, modality: ModalityConfig) -> torch.Tensor:
+    """Normalise one modality (1, H, W, D): CT window -> [0, 1]; MR/PET -> zero mean, unit variance."""
+    if modality.kind == "ct":
+        lo, hi = modality.window
+        return ((img.clamp(lo, hi) - lo) / (hi - lo)).to(torch.float32)
+    std = img.std()
+    return ((img - img.mean()) / (std if std > 1e-6 else 1.0)).to(torch.float32)
+
+
+def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None) -> tuple[MetaTensor, list[str]]:
+    """Load, normalise and resample every modality of ``case`` onto the primary grid.
+
+    Args:
+        case: the case's files.
+        cfg: the config (modalities in order, the first one primary).
+        missing: ``error`` or ``zero_fill`` for an absent secondary modality; defaults to ``cfg.infer``'s.
+
+    Returns:
+        ``(image, used)``: image (M, H, W, D) float32 on the primary grid, M = number of configured modalities,
+        absent ones filled with 0; ``used`` lists the modalities actually read.
+
+    Raises:
+        CaseError: a file is unreadable, non-finite, or a modality is absent under the ``error`` policy.
+    """
+    policy = missing or cfg.infer.missing_modality
+    mods = cfg.modalities
+    primary = load_volume(case.primary, case.case_id)
+    if primary.shape[0] > 1:  # a 4D multi-channel file holds all modalities in config order
+        if primary.shape[0] != len(mods):
+            raise CaseError(case.case_id, case.primary,
+                            f"has {primary.shape[0]} channels but the config names {len(mods)} modalities "
+                            f"{cfg.modality_names}")
+        chans = [normalize(primary[i : i + 1], m) for i, m in enumerate(mods)]
+        out = MetaTensor(torch.cat(chans), meta=primary.meta)
+        return out, list(cfg.modality_names)
+    chans = [normalize(primary, mods[0])]
+    used = [mods[0].name]
+    for m in mods[1:]:
+        path = case.modalities.get(m.name)
+        if path is None:
+            if policy == "error":
+                raise CaseError(case.case_id, None,
+                                f"modality {m.name!r} is missing: expected <studies>/{cfg.data.sidecar_dir}/"
+                                f"{case.case_id}/{m.name}.nii.gz (or .nii/.nrrd)")
+            chans.append(torch.zeros_like(chans[0]))
+            continue
+        vol = load_volume(path, case.case_id)
+        if vol.shape[0] != 1:
+            raise CaseError(case.case_id, path, f"expected one channel, got {vol.shape[0]}")
+        vol = MetaTensor(normalize(vol, m).as_tensor(), meta=vol.meta)
+        chans.append(resample_to(vol, primary).as_tensor())
+        used.append(m.name)
+    image = MetaTensor(torch.cat([c.as_tensor() if isinstance(c, MetaTensor) else c for c in chans]),
+                       meta=primary.meta)
+    return image, used
+
+
+class LoadCased(MapTransform):
+    """``data["image"]`` (primary path) -> (M, H, W, D) tensor; optional ``data["label"]`` path -> (1, H, W, D).
+
+    The label becomes a training map (classes, ``IGNORE_INDEX`` on unannotated voxels) according to
+    ``data["label_kind"]`` (default dense). Adds ``data["case_id"]`` and ``data["modalities_used"]``.
+    """
+
+    def __init__(self, cfg: CrossModalConfig, image_key: str = "image", label_key: str = "label",
+                 missing: str | None = None) -> None:
+        super().__init__([image_key], allow_missing_keys=True)
+        self.cfg, self.image_key, self.label_key, self.missing = cfg, image_key, label_key, missing
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        case = find_case(d[self.image_key], self.cfg.modality_names, self.cfg.data.sidecar_dir)
+        image, used = load_case(case, self.cfg, self.missing)
+        d[self.image_key] = image
+        d["case_id"], d["modalities_used"] = case.case_id, used
+        if isinstance(d.get(self.label_key), str):
+            d[self.label_key] = load_training_label(d[self.label_key], image, case.case_id, self.cfg,
+                                                    d.get("label_kind", DENSE))
+        return d
+
+
+def load_training_label(path: str, image: MetaTensor, case_id: str, cfg: CrossModalConfig,
+                        kind: str) -> MetaTensor:
+    """Read a saved label, check its grid and values, map it to a (1, H, W, D) training map."""
+    arr = read_label(path, image, case_id)
+    bad = invalid_values(arr, cfg.labels)
+    if bad:
+        raise CaseError(case_id, path, f"label values {bad} are not configured classes "
+                                       f"{cfg.labels.classes} or marked_background={cfg.labels.marked_background}")
+    target = to_training(arr, kind, cfg.labels)
+    return MetaTensor(torch.from_numpy(target[None].astype(np.float32)), affine=image.affine)
+
+
+def preprocessing(cfg: CrossModalConfig, stage: str, missing: str | None = None) -> Compose:
+    """The one transform factory. ``stage`` is ``train`` (random patches + augmentation), ``val`` or ``infer``."""
+    if stage not in ("train", "val", "infer"):
+        raise ValueError(f"stage {stage!r} is not one of ('train', 'val', 'infer')")
+    steps: list[Transform] = [LoadCased(cfg, missing=missing)]
+    if stage == "train":
+        t = cfg.train
+        keys = ["image", "label"]
+        steps += [
+            SpatialPadd(keys=["image"], spatial_size=t.patch_size),
+            SpatialPadd(keys=["label"], spatial_size=t.patch_size, value=IGNORE_INDEX),
+            RandSpatialCropSamplesd(keys=keys, roi_size=t.patch_size, num_samples=t.patches_per_case,
+                                    random_size=False),
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=2),
+            RandScaleIntensityd(keys=["image"], factors=0.1, prob=0.5),
+            RandShiftIntensityd(keys=["image"], offsets=0.1, prob=0.5),
+        ]
+    return Compose(steps)
+
+
+def training_datalist(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Keep the keys the transforms read: image, label, label_kind."""
+    return [{k: it[k] for k in ("image", "label", "label_kind") if k in it} for it in items]
