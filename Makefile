@@ -8,8 +8,11 @@ HOST ?= 127.0.0.1
 DEMO := data/brain
 SPM := data/spm12/TPM.nii
 PYTEST_ARGS ?=
+PRE := apps/crossmodal/pretrained
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 
-.PHONY: install data run test lint weights clean
+.PHONY: install data run test lint weights weights-phantom weights-brain clean
 
 install: $(STAMP)
 
@@ -44,10 +47,27 @@ test: install $(SPM)
 	$(BIN)/ruff check lib apps tests bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Re-make the committed pretrained weights (apps/crossmodal/pretrained/*.pt with their config and log).
-weights: install $(SPM)
-	$(BIN)/python bench/train_pretrained.py --preset phantom
-	$(BIN)/python bench/train_pretrained.py --preset brain
+# Re-make the committed pretrained weights: apps/crossmodal/pretrained/<preset>_baseline_unet.{pt,yaml,log,eval.json}.
+# Training cases use other seeds than the demo and the tests; evaluation is on held-out cases (truth, no label).
+weights: weights-phantom weights-brain
+
+weights-phantom: install
+	rm -rf data/pretrain_phantom data/pretrain_phantom_model
+	$(BIN)/crossmodal data phantom --out data/pretrain_phantom --cases 24 --dense 20 --seed 100 > /dev/null
+	$(BIN)/crossmodal train --studies data/pretrain_phantom --config phantom --model-dir data/pretrain_phantom_model \
+	  --epochs $(or $(EPOCHS),120) --publish $(PRE)/phantom_baseline_unet.pt 2>&1 | grep -v "Iter:" > $(PRE)/phantom_baseline_unet.log
+	cp data/pretrain_phantom_model/train_01/config.yaml $(PRE)/phantom_baseline_unet.yaml
+	$(BIN)/crossmodal evaluate --studies data/pretrain_phantom --config phantom --model $(PRE)/phantom_baseline_unet.pt \
+	  --out $(PRE)/phantom_baseline_unet.eval.json 2>/dev/null | tail -12
+
+weights-brain: install $(SPM)
+	rm -rf data/pretrain_brain data/pretrain_brain_model
+	$(BIN)/crossmodal data brain --templates data/spm12 --out data/pretrain_brain --cases 20 --dense 16 --seed 100 > /dev/null
+	$(BIN)/crossmodal train --studies data/pretrain_brain --config brain --model-dir data/pretrain_brain_model \
+	  --epochs $(or $(EPOCHS),40) --publish $(PRE)/brain_baseline_unet.pt 2>&1 | grep -v "Iter:" > $(PRE)/brain_baseline_unet.log
+	cp data/pretrain_brain_model/train_01/config.yaml $(PRE)/brain_baseline_unet.yaml
+	$(BIN)/crossmodal evaluate --studies data/pretrain_brain --config brain --model $(PRE)/brain_baseline_unet.pt \
+	  --out $(PRE)/brain_baseline_unet.eval.json 2>/dev/null | tail -12
 
 clean:
 	rm -rf $(VENV) data

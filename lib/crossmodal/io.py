@@ -149,6 +149,11 @@ def save_volume(path: str | os.PathLike[str], array: np.ndarray, affine: np.ndar
     """Write a (H, W, D) or (H, W, D, C) array with a RAS ``affine`` as NIfTI or NRRD, atomically."""
     path = Path(path)
     _, ext = split_ext(path)
+    array = np.asarray(array)
+    if array.dtype in (np.int64, np.uint64):  # NIfTI tools dislike 64-bit integers: use the smallest type that fits
+        lo, hi = (int(array.min()), int(array.max())) if array.size else (0, 0)
+        array = array.astype(next(t for t in (np.uint8, np.int16, np.int32) if np.iinfo(t).min <= lo
+                                  and hi <= np.iinfo(t).max))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=ext)
     os.close(fd)

@@ -70,6 +70,8 @@ class CrossModalDatastore(LocalDatastore):
             kind, frac = validate_label(label_filename, self.get_image_uri(image_id), image_id, self.label_config,
                                         override)
         except CaseError as e:
+            if e.path == str(label_filename):  # the upload's temp name means nothing to the user
+                e = CaseError(image_id, None, f"uploaded {label_tag!r} label: {e.problem}")
             raise http_error(e) from e
         _, ext = split_ext(label_filename)
         if ext not in (".nii.gz", ".nii", ".nrrd", ".seg.nrrd"):
@@ -89,7 +91,7 @@ class CrossModalDatastore(LocalDatastore):
         try:
             load_volume(image_filename, image_id)
         except CaseError as e:
-            raise http_error(e) from e
+            raise http_error(CaseError(image_id, None, f"uploaded image: {e.problem}")) from e
         return super().add_image(image_id, image_filename, image_info)
 
     def label_kind(self, image_id: str, tag: str = "final") -> str:

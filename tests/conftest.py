@@ -1,0 +1,122 @@
+"""Shared fixtures: small phantom studies folders and a real MONAI Label server on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from crossmodal.config import CrossModalConfig, load_config
+from crossmodal.data.phantom import make_phantom
+from crossmodal.data.studies import generate
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "apps" / "crossmodal"
+PRETRAINED_PHANTOM = APP / "pretrained" / "phantom_baseline_unet.pt"
+SPM_DIR = REPO / "data" / "spm12"
+
+
+@pytest.fixture(scope="session")
+def phantom_cfg() -> CrossModalConfig:
+    return load_config("phantom")
+
+
+@pytest.fixture(scope="session")
+def brain_cfg() -> CrossModalConfig:
+    return load_config("brain")
+
+
+def make_phantom_studies(root: Path, cfg: CrossModalConfig, cases: int = 4, dense: int = 1, sparse: int = 1,
+                         seed: int = 7, misregistration_mm: float = 0.0) -> Path:
+    generate(root, cfg, lambda rng: make_phantom(cfg, rng, size=48, misregistration_mm=misregistration_mm),
+             cases, seed, "phantom", dense, sparse)
+    return root
+
+
+@pytest.fixture
+def phantom_studies(tmp_path: Path, phantom_cfg: CrossModalConfig) -> Path:
+    return make_phantom_studies(tmp_path / "studies", phantom_cfg)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    studies: Path
+    model_dir: Path
+    log: Path
+    proc: subprocess.Popen
+
+
+def start_server(studies: Path, model_dir: Path, log: Path, conf: dict[str, str], timeout: float = 180) -> Server:
+    """``monailabel start_server`` with our app on 127.0.0.1:<free port>; waits until ``/info/`` answers."""
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(APP), "--studies",
+           str(studies), "-i", "127.0.0.1", "-p", str(port), "--conf", "model_dir", str(model_dir)]
+    for k, v in conf.items():
+        cmd += ["--conf", k, v]
+    env = {**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/info/", timeout=2).status_code == 200:
+                return Server(url, studies, model_dir, log, proc)
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise RuntimeError(f"server did not answer within {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def stop_server(server: Server) -> None:
+    server.proc.terminate()
+    try:
+        server.proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def phantom_server(tmp_path_factory: pytest.TempPathFactory):
+    """A server on 6 phantom cases (2 dense labels, 1 sparse, 3 unlabeled) with the committed phantom weights."""
+    cfg = load_config("phantom")
+    root = tmp_path_factory.mktemp("e2e")
+    studies = make_phantom_studies(root / "studies", cfg, cases=6, dense=2, sparse=1, seed=11)
+    server = start_server(studies, root / "model", root / "server.log",
+                          {"preset": "phantom", "pretrained": str(PRETRAINED_PHANTOM), "max_epochs": "2"})
+    yield server
+    stop_server(server)
+
+
+def snapshot(studies: Path) -> dict[str, bytes]:
+    """Every file under the studies folder (datastore JSON, images, labels) with its bytes."""
+    return {str(p.relative_to(studies)): p.read_bytes() for p in sorted(studies.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def dice(a: np.ndarray, b: np.ndarray, value: int) -> float:
+    x, y = a == value, b == value
+    return float(2 * (x & y).sum() / max(x.sum() + y.sum(), 1))
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

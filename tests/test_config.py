@@ -1,0 +1,52 @@
+from pathlib import Path
+
+import pytest
+from crossmodal.config import ConfigError, CrossModalConfig, load_config, save_config
+
+
+def test_presets_resolve_with_inheritance():
+    brain = load_config("brain")
+    assert brain.modality_names == ["t1", "t2", "pd"]
+    assert brain.labels.classes == {"background": 0, "grey_matter": 1, "white_matter": 2, "csf": 3}
+    assert brain.model.name == "baseline_unet" and brain.model.channels == (16, 32, 64, 128)  # from base.yaml
+    phantom = load_config("phantom")
+    assert phantom.primary.kind == "ct" and phantom.primary.window == (-150.0, 250.0)
+    assert phantom.train.patch_size == (48, 48, 48) and phantom.train.max_epochs == 50  # override + inherited
+
+
+def test_overrides_and_roundtrip(tmp_path: Path):
+    cfg = load_config("phantom", overrides={"train": {"max_epochs": 3}})
+    assert cfg.train.max_epochs == 3
+    save_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(str(tmp_path / "resolved.yaml"))
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_viewer_labels_include_marked_background():
+    cfg = load_config("brain")
+    assert cfg.labels.viewer_labels == {"grey_matter": 1, "white_matter": 2, "csf": 3, "marked_background": 255}
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"modalities": [{"name": "ct", "kind": "xray"}]}, "modalities.ct.kind: 'xray' is not one of"),
+        ({"labels": {"classes": {"background": 0, "a": 2}}}, "must be 0..N-1"),
+        ({"labels": {"classes": {"background": 0, "a": 1}, "marked_background": 1}}, "must be a free label value"),
+        ({"labels": {"marked_background_name": "background_scribbles"}}, "dropped by 3D Slicer"),
+        ({"modalities": [{"name": "a"}, {"name": "a"}]}, "must be unique"),
+        ({"model": {"strides": [2, 2]}}, "needs len(channels) - 1 = 3"),
+        ({"trainer": {}}, "unknown config keys ['trainer']"),
+        ({"infer": {"roi": 3}}, "infer: unknown keys ['roi']"),
+    ],
+)
+def test_bad_values_name_the_key(raw, message):
+    with pytest.raises(ConfigError, match=None) as e:
+        CrossModalConfig.from_dict(raw)
+    assert message in str(e.value)
+
+
+def test_unknown_preset_lists_valid_names():
+    with pytest.raises(ConfigError) as e:
+        load_config("nope")
+    assert "unknown config preset 'nope'" in str(e.value) and "'brain'" in str(e.value)

@@ -1,0 +1,156 @@
+"""Data sets: phantom, real SPM12 brain cases, the sparse-annotation simulator, nnU-Net conversion, the CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SPM_DIR, make_phantom_studies
+from crossmodal.config import load_config
+from crossmodal.data.brain import SPM_SHA256, extract_templates, load_templates, make_brain_case
+from crossmodal.data.phantom import make_phantom
+from crossmodal.data.sparse import annotated_fraction, painted_slices, scribbles
+from crossmodal.io import find_case, load_volume
+from crossmodal.labels import SPARSE, classify
+from crossmodal.transforms import load_case
+
+CLI = [sys.executable, "-m", "crossmodal.cli"]
+
+
+def test_phantom_has_modality_specific_contrast_and_other_grids(phantom_cfg):
+    case = make_phantom(phantom_cfg, np.random.default_rng(3), size=48)
+    lab = case.label.array
+    assert set(np.unique(lab)) == {0, 1, 2, 3}
+    ct = case.images["ct"].array
+    # lesion nearly invisible in CT (10 HU against 12 HU noise), vessel obvious
+    assert abs(ct[lab == 2].mean() - ct[lab == 1].mean()) < 20
+    assert ct[lab == 3].mean() - ct[lab == 1].mean() > 100
+    grids = {n: (v.array.shape, tuple(np.round(np.diag(v.affine)[:3], 2))) for n, v in case.images.items()}
+    assert len(set(grids.values())) == 3
+
+
+@pytest.mark.parametrize("mm", [2.0, 8.0])
+def test_misregistration_shifts_secondary_content(tmp_path: Path, phantom_cfg, mm: float):
+    def lesion_contrast(root: Path) -> float:
+        case = find_case(root / "phantom000.nii.gz", phantom_cfg.modality_names)
+        image, _ = load_case(case, phantom_cfg)
+        truth = load_volume(root / "truth" / "phantom000.nii.gz")[0].numpy()
+        return float(image[1].numpy()[truth == 2].mean())  # PET inside the true lesion
+
+    aligned = lesion_contrast(make_phantom_studies(tmp_path / "a", phantom_cfg, cases=1, dense=0, sparse=0))
+    shifted = lesion_contrast(make_phantom_studies(tmp_path / "b", phantom_cfg, cases=1, dense=0, sparse=0,
+                                                   misregistration_mm=mm))
+    assert shifted < aligned - (0.1 if mm == 2.0 else 1.0)
+
+
+def test_sparse_simulator_draws_truthful_scribbles_and_slices(phantom_cfg):
+    dense = make_phantom(phantom_cfg, np.random.default_rng(5), size=48).label.array
+    cfg = phantom_cfg.labels
+    s = scribbles(dense, cfg, np.random.default_rng(0))
+    drawn = s != 0
+    assert classify(s, cfg) == SPARSE
+    assert 0.005 < annotated_fraction(s) < 0.15
+    # every stroke tells the truth: class strokes on their class, marked background on background
+    fg = drawn & (s != cfg.marked_background)
+    assert np.array_equal(s[fg], dense[fg])
+    assert (dense[s == cfg.marked_background] == 0).all()
+    assert set(np.unique(s[fg])) == {1, 2, 3}  # every structure receives scribbles
+    sl = painted_slices(dense, cfg, axis=2, step=4)
+    annotated_z = np.where((sl != 0).any(axis=(0, 1)))[0]
+    assert annotated_z.tolist() == list(range(0, 48, 4))
+    assert annotated_fraction(sl) == pytest.approx(12 / 48)
+    assert np.array_equal(np.where(sl[..., 4] == cfg.marked_background, 0, sl[..., 4]), dense[..., 4])
+
+
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory):
+    wheel = next(SPM_DIR.glob("*.whl"), None)
+    assert wheel is not None, f"the SPM12 wheel is set up by `make test` into {SPM_DIR}"
+    out = tmp_path_factory.mktemp("spm")
+    extract_templates(wheel, out)
+    return load_templates(out)
+
+
+def test_spm_checksum_is_enforced(tmp_path: Path):
+    bogus = tmp_path / "fake.whl"
+    bogus.write_bytes(b"zip?")
+    with pytest.raises(ValueError, match=f"differs from the expected {SPM_SHA256}"):
+        extract_templates(bogus, tmp_path / "out")
+
+
+def test_brain_cases_are_real_distinct_and_physically_plausible(templates, brain_cfg):
+    a = make_brain_case(brain_cfg, templates, np.random.default_rng([1, 0]))
+    b = make_brain_case(brain_cfg, templates, np.random.default_rng([1, 1]))
+    lab = a.label.array
+    counts = {v: int((lab == v).sum()) for v in (1, 2, 3)}
+    assert min(counts.values()) > 5000  # GM, WM, CSF all present
+    t1 = a.images["t1"].array
+    assert t1[lab == 2].mean() > t1[lab == 1].mean() > t1[lab == 3].mean()  # T1: WM > GM > CSF
+    assert a.label.array.shape != b.label.array.shape or not np.array_equal(a.label.array, b.label.array)
+    assert a.images["t2"].array.shape != t1.shape  # T2 on its own grid
+    # on the primary grid, T2 is brightest in CSF (T2: CSF > GM > WM)
+    d, _ = load_case_from_synthetic(a, brain_cfg)
+    t2 = d[1].numpy()
+    assert t2[lab == 3].mean() > t2[lab == 1].mean() > t2[lab == 2].mean()
+
+
+def load_case_from_synthetic(case, cfg, tmp=None):
+    import tempfile
+
+    from crossmodal.data.studies import write_case
+
+    root = Path(tempfile.mkdtemp())
+    write_case(root, "c0", case, cfg)
+    return load_case(find_case(root / "c0.nii.gz", cfg.modality_names), cfg)
+
+
+def test_nnunet_export_import_roundtrip(tmp_path: Path, phantom_cfg):
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=4, dense=1, sparse=1)
+    out = tmp_path / "Dataset001_Phantom"
+    r = subprocess.run([*CLI, "data", "export-nnunet", "--studies", str(studies), "--out", str(out), "--config",
+                        "phantom", "--test", "phantom003"], capture_output=True, text=True, check=True)
+    meta = json.loads((out / "dataset.json").read_text())
+    assert json.loads(r.stdout)["labels"]["ignore"] == 4 == meta["labels"]["ignore"]
+    assert meta["channel_names"] == {"0": "ct", "1": "pet", "2": "mr"} and meta["numTraining"] == 3
+    assert sorted(p.name for p in (out / "labelsTr").iterdir()) == ["phantom000.nii.gz", "phantom001.nii.gz"]
+    assert (out / "imagesTr" / "phantom002_0002.nii.gz").is_file()  # unlabeled training case
+    assert sorted(p.name for p in (out / "labelsTs").iterdir()) == ["phantom003.nii.gz"]
+    ch = [load_volume(out / "imagesTr" / f"phantom000_{k:04d}.nii.gz") for k in range(3)]
+    assert all(tuple(c.shape) == (1, 48, 48, 48) for c in ch)  # all channels on the primary grid
+    sparse_tr = load_volume(out / "labelsTr" / "phantom001.nii.gz")[0].numpy()
+    assert (sparse_tr == 4).mean() > 0.8  # mostly ignore
+
+    back = tmp_path / "back"
+    subprocess.run([*CLI, "data", "import-nnunet", "--dataset", str(out), "--out", str(back), "--config", "phantom"],
+                   check=True, capture_output=True)
+    orig = load_volume(studies / "labels" / "final" / "phantom001.nii.gz")[0].numpy()
+    again = load_volume(back / "labels" / "final" / "phantom001.nii.gz")[0].numpy()
+    assert np.array_equal(orig, again)  # sparse label survives the round trip exactly
+    assert np.array_equal(load_volume(back / "truth" / "phantom003.nii.gz")[0].numpy(),
+                          load_volume(studies / "truth" / "phantom003.nii.gz")[0].numpy())
+    assert (back / "modalities" / "phantom002" / "mr.nii.gz").is_file()
+    assert not (back / "labels" / "final" / "phantom002.nii.gz").exists()
+
+
+def test_cli_sparsify_reports_fraction_and_errors_name_the_file(tmp_path: Path, phantom_cfg):
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=1, dense=0, sparse=0)
+    r = subprocess.run([*CLI, "data", "sparsify", "--label", str(studies / "truth" / "phantom000.nii.gz"),
+                        "--out", str(tmp_path / "sl.nii.gz"), "--mode", "slices", "--step", "8", "--config",
+                        "phantom"], capture_output=True, text=True, check=True)
+    rep = json.loads(r.stdout)
+    assert rep["annotated_fraction"] == pytest.approx(6 / 48, abs=1e-4)
+    bad = subprocess.run([*CLI, "data", "sparsify", "--label", str(tmp_path / "none.nii.gz"), "--out",
+                          str(tmp_path / "x.nii.gz")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "none.nii.gz" in bad.stderr and "file does not exist" in bad.stderr
+
+
+def test_phantom_cli_generates_in_seconds(tmp_path: Path):
+    r = subprocess.run([*CLI, "data", "phantom", "--out", str(tmp_path / "p"), "--cases", "2", "--dense", "1",
+                        "--sparse", "1", "--misregistration-mm", "4"], capture_output=True, text=True, check=True)
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["label"] for x in recs] == ["dense", "sparse"] and 0 < recs[1]["annotated_fraction"] < 0.2
+    cfg = load_config("phantom")
+    for cid in ("phantom000", "phantom001"):
+        assert all(find_case(tmp_path / "p" / f"{cid}.nii.gz", cfg.modality_names).modalities.values())

@@ -1,0 +1,108 @@
+"""Case loading: MONAI readers for NIfTI/NRRD, resampling in physical space, 4D input, bad files."""
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from crossmodal.data.grids import grid_affine
+from crossmodal.io import CaseError, find_case, load_volume, read_label, resample_to, save_volume
+from crossmodal.transforms import LoadCased, load_case, normalize
+
+
+def _ramp(shape):
+    i, j, k = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+    return (i * 3 + j * 5 + k * 7).astype(np.float32)
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nrrd"])
+def test_roundtrip_affine_in_ras(tmp_path: Path, ext: str):
+    aff = grid_affine((1.5, 2.0, 3.0), (10, 12, 8), center=np.array([5.0, -3.0, 2.0]))
+    save_volume(tmp_path / f"v{ext}", _ramp((10, 12, 8)), aff)
+    vol = load_volume(tmp_path / f"v{ext}")
+    assert tuple(vol.shape) == (1, 10, 12, 8)
+    np.testing.assert_allclose(vol.affine.numpy(), aff, atol=1e-5)
+    np.testing.assert_allclose(vol[0].numpy(), _ramp((10, 12, 8)))
+
+
+def test_resampling_uses_physical_space_not_voxel_order(tmp_path: Path):
+    """The same data stored with flipped and permuted axes resamples back exactly onto the primary grid."""
+    shape = (8, 10, 6)
+    ref_aff = grid_affine((2.0, 2.0, 2.0), shape)
+    data = _ramp(shape)
+    save_volume(tmp_path / "ref.nii.gz", data, ref_aff)
+    # axis 0 flipped, then axes 0 and 1 swapped: voxel (a, b, c) of `other` is voxel (7 - b, a, c) of `data`
+    other = np.flip(data, 0).transpose(1, 0, 2).copy()
+    m = np.zeros((4, 4))
+    m[0, 1], m[1, 0], m[2, 2], m[3, 3], m[0, 3] = -1, 1, 1, 1, shape[0] - 1
+    save_volume(tmp_path / "other.nrrd", other, ref_aff @ m)
+    ref, moved = load_volume(tmp_path / "ref.nii.gz"), load_volume(tmp_path / "other.nrrd")
+    out = resample_to(moved, ref)
+    np.testing.assert_allclose(out[0].numpy(), data, atol=1e-3)
+
+
+def test_secondary_on_coarser_grid_is_resampled_to_primary_shape(phantom_studies: Path, phantom_cfg):
+    case = find_case(phantom_studies / "phantom000.nii.gz", phantom_cfg.modality_names)
+    assert set(case.modalities) == {"pet", "mr"} and all(case.modalities.values())
+    shapes = {n: tuple(load_volume(p).shape[1:]) for n, p in case.modalities.items()}
+    assert shapes["pet"] != (48, 48, 48) and shapes["mr"] != (48, 48, 48)  # other grids on disk
+    image, used = load_case(case, phantom_cfg)
+    assert tuple(image.shape) == (3, 48, 48, 48) and used == ["ct", "pet", "mr"]
+    # with no misregistration, the lesion (bright in PET) and the organ (bright in MR) land on the truth
+    truth = load_volume(phantom_studies / "truth" / "phantom000.nii.gz")[0].numpy()
+    pet, mr = image[1].numpy(), image[2].numpy()
+    assert pet[truth == 2].mean() > pet[truth == 1].mean() + 1.0
+    assert mr[truth == 1].mean() > mr[(truth == 0) & (mr > -0.5)].mean() + 0.5
+
+
+def test_four_d_multichannel_primary(tmp_path: Path, phantom_cfg):
+    aff = grid_affine((2.0,) * 3, (16, 16, 16))
+    chans = np.stack([_ramp((16, 16, 16)) * (i + 1) for i in range(3)], axis=-1)
+    save_volume(tmp_path / "multi.nii.gz", chans, aff)
+    d = LoadCased(phantom_cfg)({"image": str(tmp_path / "multi.nii.gz")})
+    assert tuple(d["image"].shape) == (3, 16, 16, 16) and d["modalities_used"] == ["ct", "pet", "mr"]
+    expected_pet = normalize(torch.from_numpy(chans[None, ..., 1]), phantom_cfg.modalities[1])[0]
+    np.testing.assert_allclose(d["image"][1].numpy(), expected_pet.numpy(), atol=1e-4)
+    save_volume(tmp_path / "two.nii.gz", chans[..., :2], aff)
+    with pytest.raises(CaseError, match="has 2 channels but the config names 3 modalities"):
+        LoadCased(phantom_cfg)({"image": str(tmp_path / "two.nii.gz")})
+
+
+def test_missing_modality_policy(phantom_studies: Path, phantom_cfg):
+    (phantom_studies / "modalities" / "phantom001" / "pet.nii.gz").unlink()
+    case = find_case(phantom_studies / "phantom001.nii.gz", phantom_cfg.modality_names)
+    with pytest.raises(CaseError) as e:
+        load_case(case, phantom_cfg)
+    assert "case 'phantom001'" in str(e.value) and "modality 'pet' is missing" in str(e.value)
+    image, used = load_case(case, phantom_cfg, missing="zero_fill")
+    assert used == ["ct", "mr"] and float(image[1].abs().max()) == 0.0
+
+
+def test_bad_files_name_case_file_and_problem(tmp_path: Path):
+    aff = grid_affine((2.0,) * 3, (8, 8, 8))
+    save_volume(tmp_path / "ok.nii.gz", _ramp((8, 8, 8)), aff)
+    raw = (tmp_path / "ok.nii.gz").read_bytes()
+    (tmp_path / "trunc.nii.gz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CaseError) as e:
+        load_volume(tmp_path / "trunc.nii.gz", "c1")
+    assert "case 'c1'" in str(e.value) and "trunc.nii.gz" in str(e.value) and "cannot be read" in str(e.value)
+    bad = _ramp((8, 8, 8))
+    bad[1, 2, 3] = np.nan
+    bad[0, 0, 0] = np.inf
+    save_volume(tmp_path / "nan.nii.gz", bad, aff)
+    with pytest.raises(CaseError, match="holds 2 non-finite voxels"):
+        load_volume(tmp_path / "nan.nii.gz")
+    with pytest.raises(CaseError, match="file does not exist"):
+        load_volume(tmp_path / "absent.nii.gz")
+    (tmp_path / "junk.nii.gz").write_bytes(gzip.compress(b"not an image"))
+    with pytest.raises(CaseError, match="cannot be read"):
+        load_volume(tmp_path / "junk.nii.gz")
+
+
+def test_label_on_other_grid_is_rejected(tmp_path: Path):
+    aff = grid_affine((2.0,) * 3, (8, 8, 8))
+    save_volume(tmp_path / "img.nii.gz", _ramp((8, 8, 8)), aff)
+    save_volume(tmp_path / "lab.nii.gz", np.zeros((8, 8, 8), np.uint8), aff @ np.diag([1.0, 1.0, 1.5, 1.0]))
+    with pytest.raises(CaseError, match="differs from the image grid"):
+        read_label(tmp_path / "lab.nii.gz", load_volume(tmp_path / "img.nii.gz"), "c")

@@ -1,0 +1,189 @@
+"""End to end: a real `monailabel start_server` with our app, driven by MONAILabelClient (Slicer's client code)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from conftest import dice, snapshot
+from crossmodal.config import load_config
+from crossmodal.data.sparse import scribbles
+from crossmodal.io import load_volume, save_volume
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+
+pytestmark = pytest.mark.slow
+CFG = load_config("phantom")
+UNLABELED = {"phantom003", "phantom004", "phantom005"}
+
+
+@pytest.fixture(scope="module")
+def client(phantom_server, tmp_path_factory) -> MONAILabelClient:
+    return MONAILabelClient(phantom_server.url, tmpdir=str(tmp_path_factory.mktemp("client")))
+
+
+def status_of(e: MONAILabelClientException) -> int:
+    return int(e.msg.split("Status: ")[1].split(";")[0])
+
+
+def truth(server, case: str) -> np.ndarray:
+    return load_volume(server.studies / "truth" / f"{case}.nii.gz")[0].numpy()
+
+
+def label_info(client, case: str) -> dict:
+    return client.datastore()["objects"][case]["labels"]["final"]["info"]
+
+
+def test_info_lists_model_trainer_strategy_scoring(client):
+    info = client.info()
+    assert info["models"]["baseline_unet"]["labels"] == {"organ": 1, "lesion": 2, "vessel": 3, "marked_background": 255}
+    assert info["models"]["baseline_unet"]["type"] == "segmentation"
+    assert "baseline_unet" in info["trainers"] and "entropy" in info["strategies"] and "entropy" in info["scoring"]
+    assert "config" not in info  # 3D Slicer aborts on a top-level config key
+    assert info["datastore"]["total"] == 6 and info["datastore"]["completed"] == 3
+
+
+def test_next_sample_is_unlabeled(client):
+    picks = {client.next_sample("entropy", {})["id"] for _ in range(3)}
+    assert picks <= UNLABELED
+
+
+def test_infer_returns_label_on_primary_grid_that_matches_truth(client, phantom_server):
+    scores = []
+    for case in sorted(UNLABELED):
+        out, params = client.infer("baseline_unet", case, {})
+        assert params["modalities_used"] == ["ct", "pet", "mr"] and params["case"] == case
+        pred, image = load_volume(out), load_volume(phantom_server.studies / f"{case}.nii.gz")
+        assert tuple(pred.shape) == tuple(image.shape)
+        np.testing.assert_allclose(pred.affine.numpy(), image.affine.numpy(), atol=1e-4)
+        gt = truth(phantom_server, case)
+        scores.append([dice(pred[0].numpy(), gt, v) for v in (1, 2, 3)])
+    mean = np.mean(scores, axis=0)
+    assert mean[0] > 0.85, f"organ Dice {mean}"
+    assert mean.mean() > 0.6, f"mean foreground Dice {mean}"
+
+
+def test_infer_nrrd_output_for_slicer(client, phantom_server):
+    nii, _ = client.infer("baseline_unet", "phantom003", {})
+    nrrd_out, _ = client.infer("baseline_unet", "phantom003", {"result_extension": ".nrrd"})
+    assert nrrd_out.endswith(".nrrd")
+    a, b = load_volume(nii), load_volume(nrrd_out)
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_allclose(a.affine.numpy(), b.affine.numpy(), atol=1e-4)
+
+
+def test_missing_modality_is_reported_or_zero_filled(client, phantom_server):
+    pet = phantom_server.studies / "modalities" / "phantom005" / "pet.nii.gz"
+    saved = pet.read_bytes()
+    pet.unlink()
+    try:
+        with pytest.raises(MONAILabelClientException) as e:
+            client.infer("baseline_unet", "phantom005", {})
+        assert status_of(e.value) == 422
+        assert "case 'phantom005'" in e.value.msg and "modality 'pet' is missing" in e.value.msg
+        out, params = client.infer("baseline_unet", "phantom005", {"missing_modality": "zero_fill"})
+        assert params["modalities_used"] == ["ct", "mr"]
+        assert dice(load_volume(out)[0].numpy(), truth(phantom_server, "phantom005"), 1) > 0.5
+    finally:
+        pet.write_bytes(saved)
+
+
+def test_saved_labels_record_their_kind(client, phantom_server, tmp_path):
+    ref = load_volume(phantom_server.studies / "phantom003.nii.gz")
+    aff = ref.affine.numpy()
+    gt = truth(phantom_server, "phantom003")
+    strokes = scribbles(gt, CFG.labels, np.random.default_rng(0))
+    save_volume(tmp_path / "scribbles.nii.gz", strokes, aff)
+    client.save_label("phantom003", str(tmp_path / "scribbles.nii.gz"))
+    info = label_info(client, "phantom003")
+    assert info["label_kind"] == "sparse" and info["annotated_fraction"] == pytest.approx((strokes != 0).mean(), 1e-4)
+
+    small = np.zeros_like(gt, dtype=np.uint8)  # dense label of a small lesion on two slices
+    small[20:23, 20:23, 24:26] = 2
+    save_volume(tmp_path / "small.nrrd", small, aff)  # Slicer saves NRRD
+    client.save_label("phantom004", str(tmp_path / "small.nrrd"))
+    info = label_info(client, "phantom004")
+    assert info["label_kind"] == "dense" and info["annotated_fraction"] == 1.0
+    stored = load_volume(phantom_server.studies / "labels" / "final" / "phantom004.nrrd")[0].numpy()
+    np.testing.assert_array_equal(stored, small)
+
+    client.save_label("phantom004", str(tmp_path / "scribbles.nii.gz"), params={"label_kind": "dense"})
+    assert label_info(client, "phantom004")["label_kind"] == "dense"  # explicit override of a scripted client
+    assert client.info()["datastore"]["completed"] == 5
+    assert {client.next_sample("entropy", {})["id"] for _ in range(3)} == {"phantom005"}
+
+
+def test_bad_input_is_4xx_names_the_problem_and_changes_nothing(client, phantom_server, tmp_path):
+    studies: Path = phantom_server.studies
+    ref = load_volume(studies / "phantom000.nii.gz")
+    aff, shape = ref.affine.numpy(), tuple(ref.shape[1:])
+    before = snapshot(studies)
+
+    def rejected(call, *texts):
+        with pytest.raises(MONAILabelClientException) as e:
+            call()
+        assert 400 <= status_of(e.value) < 500, e.value.msg
+        for t in texts:
+            assert t in e.value.msg, e.value.msg
+
+    save_volume(tmp_path / "grid.nii.gz", np.zeros(shape, np.uint8), aff @ np.diag([1.0, 1.0, 1.25, 1.0]))
+    rejected(lambda: client.save_label("phantom000", str(tmp_path / "grid.nii.gz")),
+             "case 'phantom000'", "differs from the image grid")
+    values = np.zeros(shape, np.uint8)
+    values[5, 5, 5] = 7
+    save_volume(tmp_path / "values.nii.gz", values, aff)
+    rejected(lambda: client.save_label("phantom000", str(tmp_path / "values.nii.gz")),
+             "case 'phantom000'", "label values [7] are not configured")
+    good = (studies / "labels" / "final" / "phantom000.nii.gz").read_bytes()
+    (tmp_path / "trunc.nii.gz").write_bytes(good[: len(good) // 3])
+    rejected(lambda: client.save_label("phantom000", str(tmp_path / "trunc.nii.gz")),
+             "case 'phantom000'", "uploaded 'final' label", "cannot be read")
+    rejected(lambda: client.save_label("phantom000", str(tmp_path / "values.nii.gz"), params={"label_kind": "x"}),
+             "label values [7]")
+
+    nan = ref[0].numpy().copy()
+    nan[3, 3, 3] = np.nan
+    save_volume(tmp_path / "nan_image.nii.gz", nan, aff)
+    rejected(lambda: client.upload_image(str(tmp_path / "nan_image.nii.gz"), "nan_case"),
+             "case 'nan_case'", "uploaded image", "holds 1 non-finite voxels")
+    rejected(lambda: client.infer("baseline_unet", "uploaded", {}, file=str(tmp_path / "nan_image.nii.gz")),
+             "non-finite")
+    (tmp_path / "trunc_image.nii.gz").write_bytes((studies / "phantom000.nii.gz").read_bytes()[:5000])
+    rejected(lambda: client.upload_image(str(tmp_path / "trunc_image.nii.gz"), "trunc_case"),
+             "case 'trunc_case'", "cannot be read")
+
+    mr = studies / "modalities" / "phantom005" / "mr.nii.gz"
+    saved = mr.read_bytes()
+    mr.write_bytes(saved[: len(saved) // 2])  # an unreadable modality file of a case
+    try:
+        rejected(lambda: client.infer("baseline_unet", "phantom005", {}),
+                 "case 'phantom005'", "modalities/phantom005/mr.nii.gz", "cannot be read")
+    finally:
+        mr.write_bytes(saved)
+
+    assert snapshot(studies) == before
+    assert requests.get(f"{phantom_server.url}/info/", timeout=10).status_code == 200
+
+
+def test_train_publishes_a_model_that_infer_reloads(client, phantom_server):
+    published = phantom_server.model_dir / "phantom_baseline_unet.pt"
+    assert not published.exists()
+    started = time.time()
+    client.train_start("baseline_unet", {"max_epochs": 2, "tracking": "mlflow"})  # as Slicer asks
+    deadline = time.time() + 400
+    time.sleep(3)
+    while client.train_status(check_if_running=True) and time.time() < deadline:
+        time.sleep(2)
+    assert published.is_file() and published.stat().st_mtime > started
+    stats = client.info()["train_stats"]["baseline_unet"]
+    assert stats["total_epochs"] == 2 and stats["epoch"] == 2
+    assert 0.0 < stats["best_metric"] <= 1.0
+    assert (phantom_server.model_dir / "mlflow.db").is_file()  # MLflow on sqlite, not the rejected file:// URI
+    assert (phantom_server.model_dir / "train_01" / "config.yaml").is_file()
+
+    out, params = client.infer("baseline_unet", "phantom005", {})
+    assert "Reload model from cache" in phantom_server.log.read_text()
+    assert dice(load_volume(out)[0].numpy(), truth(phantom_server, "phantom005"), 1) > 0.5
