@@ -55,7 +55,7 @@ weights-phantom: install
 	rm -rf data/pretrain_phantom data/pretrain_phantom_model
 	$(BIN)/crossmodal data phantom --out data/pretrain_phantom --cases 24 --dense 20 --seed 100 > /dev/null
 	$(BIN)/crossmodal train --studies data/pretrain_phantom --config phantom --model-dir data/pretrain_phantom_model \
-	  --epochs $(or $(EPOCHS),120) --publish $(PRE)/phantom_baseline_unet.pt 2>&1 | grep -v "Iter:" > $(PRE)/phantom_baseline_unet.log
+	  --epochs $(or $(EPOCHS),120) --publish $(PRE)/phantom_baseline_unet.pt 2>&1 | grep --line-buffered -v "Iter:" > $(PRE)/phantom_baseline_unet.log
 	cp data/pretrain_phantom_model/train_01/config.yaml $(PRE)/phantom_baseline_unet.yaml
 	$(BIN)/crossmodal evaluate --studies data/pretrain_phantom --config phantom --model $(PRE)/phantom_baseline_unet.pt \
 	  --out $(PRE)/phantom_baseline_unet.eval.json 2>/dev/null | tail -12
@@ -64,7 +64,7 @@ weights-brain: install $(SPM)
 	rm -rf data/pretrain_brain data/pretrain_brain_model
 	$(BIN)/crossmodal data brain --templates data/spm12 --out data/pretrain_brain --cases 20 --dense 16 --seed 100 > /dev/null
 	$(BIN)/crossmodal train --studies data/pretrain_brain --config brain --model-dir data/pretrain_brain_model \
-	  --epochs $(or $(EPOCHS),40) --publish $(PRE)/brain_baseline_unet.pt 2>&1 | grep -v "Iter:" > $(PRE)/brain_baseline_unet.log
+	  --epochs $(or $(EPOCHS),40) --publish $(PRE)/brain_baseline_unet.pt 2>&1 | grep --line-buffered -v "Iter:" > $(PRE)/brain_baseline_unet.log
 	cp data/pretrain_brain_model/train_01/config.yaml $(PRE)/brain_baseline_unet.yaml
 	$(BIN)/crossmodal evaluate --studies data/pretrain_brain --config brain --model $(PRE)/brain_baseline_unet.pt \
 	  --out $(PRE)/brain_baseline_unet.eval.json 2>/dev/null | tail -12

@@ -21,6 +21,7 @@ from crossmodal.data.studies import generate
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "apps" / "crossmodal"
 PRETRAINED_PHANTOM = APP / "pretrained" / "phantom_baseline_unet.pt"
+PRETRAINED_BRAIN = APP / "pretrained" / "brain_baseline_unet.pt"
 SPM_DIR = REPO / "data" / "spm12"
 
 

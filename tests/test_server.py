@@ -187,3 +187,30 @@ def test_train_publishes_a_model_that_infer_reloads(client, phantom_server):
     out, params = client.infer("baseline_unet", "phantom005", {})
     assert "Reload model from cache" in phantom_server.log.read_text()
     assert dice(load_volume(out)[0].numpy(), truth(phantom_server, "phantom005"), 1) > 0.5
+
+
+def test_brain_demo_is_segmented_usefully_by_the_committed_model(tmp_path):
+    """`make run`'s set-up: brain studies, preset brain, the committed weights; held-out Dice on real MR."""
+    from conftest import PRETRAINED_BRAIN, SPM_DIR, start_server, stop_server
+    from crossmodal.data.brain import load_templates, make_brain_case
+    from crossmodal.data.studies import generate
+
+    cfg = load_config("brain")
+    templates = load_templates(SPM_DIR)
+    generate(tmp_path / "studies", cfg, lambda rng: make_brain_case(cfg, templates, rng), 2, 1, "brain")
+    server = start_server(tmp_path / "studies", tmp_path / "model", tmp_path / "server.log", {"preset": "brain"})
+    try:
+        c = MONAILabelClient(server.url, tmpdir=str(tmp_path))
+        info = c.info()
+        assert info["models"]["baseline_unet"]["labels"] == {"grey_matter": 1, "white_matter": 2, "csf": 3,
+                                                             "marked_background": 255}
+        for case in ("brain000", "brain001"):
+            out, params = c.infer("baseline_unet", case, {})
+            assert params["modalities_used"] == ["t1", "t2", "pd"]
+            pred = load_volume(out)[0].numpy()
+            gt = load_volume(tmp_path / "studies" / "truth" / f"{case}.nii.gz")[0].numpy()
+            scores = [dice(pred, gt, v) for v in (1, 2, 3)]
+            assert min(scores) > 0.6 and np.mean(scores) > 0.75, scores
+    finally:
+        stop_server(server)
+    assert PRETRAINED_BRAIN.is_file()

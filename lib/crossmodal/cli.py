@@ -80,7 +80,8 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
     save_volume(args.out, sp, vol.affine.numpy())
     fg = float((dense != 0).mean())
     print(json.dumps({"label": args.label, "out": args.out, "mode": args.mode,
-                      "annotated_fraction": round(annotated_fraction(sp), 5), "dense_foreground_fraction": round(fg, 5)}))
+                      "annotated_fraction": round(annotated_fraction(sp), 5),
+                      "dense_foreground_fraction": round(fg, 5)}))
     return 0
 
 
@@ -126,7 +127,8 @@ def _report(records: Sequence[dict]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crossmodal", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    data = sub.add_parser("data", help="make, convert and sparsify data sets").add_subparsers(dest="what", required=True)
+    data = sub.add_parser("data", help="make, convert and sparsify data sets")
+    data = data.add_subparsers(dest="what", required=True)
 
     def gen_args(q: argparse.ArgumentParser, prefix: str) -> None:
         q.add_argument("--out", required=True, help="studies folder to write")

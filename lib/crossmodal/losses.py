@@ -9,9 +9,11 @@ from torch import nn
 from crossmodal.labels import IGNORE_INDEX
 
 
-def _target_index(target: torch.Tensor) -> torch.Tensor:
-    """(B, 1, ...) or (B, ...) float/int target -> (B, ...) int64."""
-    if target.ndim >= 2 and target.shape[1] == 1:
+def _target_index(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """(B, 1, ...) or (B, ...) float/int target -> (B, ...) int64 (a channel dim only when ndim matches logits)."""
+    if target.ndim == logits.ndim:
+        if target.shape[1] != 1:
+            raise ValueError(f"target with a channel dim must have 1 channel, got shape {tuple(target.shape)}")
         target = target[:, 0]
     return target.long()
 
@@ -33,7 +35,7 @@ class PartialCrossEntropyLoss(nn.Module):
         self.ignore_index = ignore_index
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        t = _target_index(target)
+        t = _target_index(target, logits)
         if not (t != self.ignore_index).any():
             return logits.sum() * 0.0
         return F.cross_entropy(logits, t, ignore_index=self.ignore_index)
@@ -56,7 +58,7 @@ class PartialDiceLoss(nn.Module):
         self.ignore_index, self.smooth = ignore_index, smooth
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        t = _target_index(target)
+        t = _target_index(target, logits)
         mask = (t != self.ignore_index).unsqueeze(1).to(logits.dtype)
         probs = torch.softmax(logits, dim=1) * mask
         onehot = F.one_hot(t.clamp_min(0), logits.shape[1]).movedim(-1, 1).to(logits.dtype) * mask

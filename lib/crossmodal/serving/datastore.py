@@ -59,6 +59,26 @@ class CrossModalDatastore(LocalDatastore):
     def __init__(self, datastore_path: str, labels: LabelConfig, **kwargs: Any) -> None:
         self.label_config = labels
         super().__init__(datastore_path, extensions=EXTENSIONS, **kwargs)
+        self._record_missing_kinds()
+
+    def _record_missing_kinds(self) -> None:
+        """Labels put on disk by hand (or by ``crossmodal data``) get their kind recorded once, by the rule."""
+        changed = False
+        for image_id, obj in self._datastore.objects.items():
+            for tag, label in obj.labels.items():
+                if "label_kind" in label.info:
+                    continue
+                path = os.path.join(self._datastore.label_path(tag), image_id + label.ext)
+                try:
+                    arr = np.rint(load_volume(path, image_id)[0].numpy())
+                except CaseError as e:
+                    logger.warning(f"cannot classify label {path}: {e}")
+                    continue
+                kind = classify(arr, self.label_config)
+                label.info.update({"label_kind": kind, "annotated_fraction": round(annotated_fraction(arr, kind), 6)})
+                changed = True
+        if changed:
+            self._update_datastore_file()
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         obj = self._datastore.objects.get(image_id)

@@ -10,13 +10,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.metrics import compute_dice
-from tqdm import tqdm
-
 from crossmodal.config import load_config
 from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR
 from crossmodal.io import atomic_copy, case_id_of, load_volume
 from crossmodal.serving.app import AppParts
+from monai.metrics import compute_dice
+from tqdm import tqdm
 
 
 def pick_device(device: str = "auto") -> str:

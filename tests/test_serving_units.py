@@ -1,0 +1,63 @@
+"""Serving pieces without a server: datastore rules, tracking coercion, validation split, active learning."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from crossmodal.io import load_volume, save_volume
+from crossmodal.serving.activelearning import mean_entropy, rank_cases
+from crossmodal.serving.datastore import CrossModalDatastore
+from crossmodal.serving.train import PartialOneHotd, coerce_tracking
+from fastapi import HTTPException
+
+
+def test_datastore_records_kinds_of_labels_found_on_disk(phantom_studies: Path, phantom_cfg):
+    ds = CrossModalDatastore(str(phantom_studies), phantom_cfg.labels)
+    assert ds.get_label_info("phantom000", "final")["label_kind"] == "dense"
+    info = ds.get_label_info("phantom001", "final")
+    assert info["label_kind"] == "sparse" and 0 < info["annotated_fraction"] < 0.2
+    assert sorted(ds.get_unlabeled_images()) == ["phantom002", "phantom003"]
+
+
+def test_datastore_rejects_before_writing(phantom_studies: Path, phantom_cfg, tmp_path: Path):
+    ds = CrossModalDatastore(str(phantom_studies), phantom_cfg.labels)
+    json_before = (phantom_studies / "datastore_v2.json").read_bytes()
+    img = load_volume(phantom_studies / "phantom002.nii.gz")
+    bad = np.zeros(img.shape[1:], np.uint8)
+    bad[0, 0, 0] = 9
+    save_volume(tmp_path / "bad.nii.gz", bad, img.affine.numpy())
+    with pytest.raises(HTTPException) as e:
+        ds.save_label("phantom002", str(tmp_path / "bad.nii.gz"), "final", {})
+    assert e.value.status_code == 422 and "label values [9]" in e.value.detail and "phantom002" in e.value.detail
+    assert not (phantom_studies / "labels" / "final" / "phantom002.nii.gz").exists()
+    assert (phantom_studies / "datastore_v2.json").read_bytes() == json_before
+    with pytest.raises(HTTPException) as e:
+        ds.save_label("nope", str(tmp_path / "bad.nii.gz"), "final", {})
+    assert e.value.status_code == 404
+
+
+def test_tracking_goes_to_sqlite_or_off(tmp_path: Path):
+    r = coerce_tracking({"tracking": "mlflow", "tracking_uri": ""}, str(tmp_path))
+    assert r["tracking"] == "mlflow" and r["tracking_uri"] == f"sqlite:///{tmp_path}/mlflow.db"
+    r = coerce_tracking({"tracking": ["mlflow", "None"], "tracking_uri": "file:///x/mlruns"}, str(tmp_path))
+    assert r["tracking_uri"].startswith("sqlite:///")
+    assert coerce_tracking({"tracking": "sqlite", "tracking_uri": "sqlite:////db"}, "m")["tracking"] is None
+    assert coerce_tracking({"tracking": "mlflow", "tracking_uri": "sqlite:////db"}, "m")["tracking_uri"] == "sqlite:////db"
+
+
+def test_partial_one_hot_masks_unannotated_voxels():
+    pred = torch.tensor([[[[5.0, 5.0, -5.0]]], [[[-5.0, -5.0, 5.0]]]])  # argmax: 0, 0, 1
+    label = torch.tensor([[[[0.0, -1.0, 1.0]]]])
+    out = PartialOneHotd(2)({"pred": pred, "label": label})
+    assert out["pred"][:, 0, 0].tolist() == [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+    assert out["label"][:, 0, 0].tolist() == [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+
+
+def test_entropy_and_ranking():
+    certain = torch.zeros(3, 2, 2, 2)
+    certain[1] = 1.0
+    assert mean_entropy(certain) == pytest.approx(0.0, abs=1e-5)
+    assert mean_entropy(torch.full((4, 2, 2, 2), 0.25)) == pytest.approx(1.0)
+    ranked = rank_cases(["a", "b", "c", "d"], {"c": 0.9, "a": 0.2}, seed=1)
+    assert ranked[:2] == ["c", "a"] and sorted(ranked[2:]) == ["b", "d"]
