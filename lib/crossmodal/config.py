@@ -93,17 +93,31 @@ class LabelConfig:
 
 @dataclass
 class ModelConfig:
-    """Network choice and size. ``name`` is a key of ``crossmodal.nets.NETWORKS``."""
+    """Network choice and size. ``name`` is a key of ``crossmodal.nets.NETWORKS``.
+
+    ``encoder_channels``, ``independent_fraction`` and ``modality_dropout`` are read by ``crossmodal`` only
+    (empty ``encoder_channels``: half of ``channels``); ``num_res_units`` by ``baseline_unet`` only.
+    """
 
     name: str = "baseline_unet"
     channels: tuple[int, ...] = (16, 32, 64, 128)
     strides: tuple[int, ...] = (2, 2, 2)
     num_res_units: int = 1
     dropout: float = 0.1
+    encoder_channels: tuple[int, ...] = ()
+    independent_fraction: float = 0.5
+    modality_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
         self.strides = tuple(int(s) for s in self.strides)
+        self.encoder_channels = tuple(int(c) for c in self.encoder_channels)
+        if self.encoder_channels and len(self.encoder_channels) != len(self.channels):
+            raise ConfigError(f"model.encoder_channels: {self.encoder_channels} needs {len(self.channels)} entries")
+        if not 0.0 < self.independent_fraction < 1.0:
+            raise ConfigError(f"model.independent_fraction: {self.independent_fraction} must be in (0, 1)")
+        if not 0.0 <= self.modality_dropout < 1.0:
+            raise ConfigError(f"model.modality_dropout: {self.modality_dropout} must be in [0, 1)")
         if len(self.strides) != len(self.channels) - 1:
             raise ConfigError(f"model.strides: {self.strides} needs len(channels) - 1 = {len(self.channels) - 1}")
         if not 0.0 <= self.dropout < 1.0:
@@ -287,6 +301,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

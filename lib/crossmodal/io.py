@@ -28,6 +28,13 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, ResampleToMatch
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def publish_mode(tmp: str | os.PathLike[str]) -> None:
+    """Give a temp file (``mkstemp`` makes it 0600) the mode a plain ``open`` would have."""
+    os.chmod(tmp, 0o666 & ~_UMASK)
 
 
 class CaseError(ValueError):
@@ -173,6 +180,7 @@ def save_volume(path: str | os.PathLike[str], array: np.ndarray, affine: np.ndar
             nrrd.write(tmp, np.asarray(array), header=header)
         else:
             raise ValueError(f"{path}: unsupported extension {ext!r}; use one of {IMAGE_EXTENSIONS}")
+        publish_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -190,6 +198,7 @@ def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Non
                 out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
+        publish_mode(tmp)
         os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

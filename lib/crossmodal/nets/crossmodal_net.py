@@ -1,0 +1,199 @@
+"""CrossModalNet: modality-specific encoders, order-free fusion of modality-independent channels, one decoder.
+
+After CmFNet (Meng et al. 2025: modality-specific + cross-modal feature learning) and CMC (Zhou et al. 2024:
+modality-independent knowledge merged in a unified fusion layer), with what neither has: any number of
+modalities, any subset present (the fusion is a mean / max / normalised sum over the present modalities, so it
+depends on neither their order nor their number), a CPU budget (narrow encoders; no convolution at full
+resolution except the output layer), Monte-Carlo dropout and modality dropout.
+
+Per level i, each present modality m gives features ``f_m`` (B, E_i, ...) from its own encoder, split into
+modality-independent channels ``f_m[:, :K_i]`` and modality-specific ones ``f_m[:, K_i:]``. The fusion stream at
+level i is ``act(norm(W [mean_m ind_m, max_m ind_m] + 1/n sum_m P_m spec_m))`` with ``P_m`` a 1x1 convolution of
+modality m; a U-Net decoder over the fusion stream gives the fused logits; a 1x1 head on each modality's first
+level gives its own logits (for consistency losses and active learning).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crossmodal.config import CrossModalConfig
+
+
+@dataclass
+class CrossModalOutput:
+    """Fused logits (B, N, H, W, D); per-modality logits of the present modalities, same shape; per-level pooled
+    modality-independent descriptors (B, K_i) of each present modality."""
+
+    fused: torch.Tensor
+    per_modality: dict[str, torch.Tensor] = field(default_factory=dict)
+    independent: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        """``{"fused": ..., "<modality>": ...}``, the shape MONAI's sliding-window inferer stitches."""
+        return {"fused": self.fused, **self.per_modality}
+
+
+def _block(cin: int, cout: int, stride: int, convs: int = 1) -> nn.Sequential:
+    """``convs`` x (3x3x3 convolution, instance norm, leaky ReLU); the first one strided."""
+    layers: list[nn.Module] = []
+    for j in range(convs):
+        layers += [nn.Conv3d(cin if j == 0 else cout, cout, 3, stride=stride if j == 0 else 1, padding=1, bias=False),
+                   nn.InstanceNorm3d(cout, affine=True), nn.LeakyReLU(0.01, inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class ModalityEncoder(nn.Module):
+    """One modality (B, 1, H, W, D) -> features per level; level i has ``channels[i]`` channels."""
+
+    def __init__(self, channels: Sequence[int], strides: Sequence[int]) -> None:
+        super().__init__()
+        cins = [1, *channels[:-1]]
+        self.levels = nn.ModuleList(_block(ci, co, s, convs=1 if i == 0 else 2)
+                                    for i, (ci, co, s) in enumerate(zip(cins, channels, strides, strict=True)))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for level in self.levels:
+            x = level(x)
+            feats.append(x)
+        return feats
+
+
+class FusionLevel(nn.Module):
+    """Order- and number-free fusion of the present modalities at one level -> (B, width, ...)."""
+
+    def __init__(self, names: Sequence[str], enc: int, independent: int, width: int) -> None:
+        super().__init__()
+        self.k = independent
+        self.shared = nn.Conv3d(2 * independent, width, 1, bias=False)
+        self.specific = nn.ModuleDict({n: nn.Conv3d(enc - independent, width, 1, bias=False) for n in names})
+        self.norm = nn.InstanceNorm3d(width, affine=True)
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+
+    def forward(self, feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        ind = torch.stack([f[:, : self.k] for f in feats.values()])
+        shared = self.shared(torch.cat([ind.mean(0), ind.amax(0)], dim=1))
+        spec = sum(self.specific[n](f[:, self.k :]) for n, f in feats.items()) / len(feats)
+        return self.act(self.norm(shared + spec))
+
+
+class CrossModalNet(nn.Module):
+    """Cross-modal segmentation network for any non-empty subset of ``modalities``.
+
+    Args:
+        modalities: modality names; a tensor input's channels follow this order.
+        num_classes: output classes N (background included).
+        channels: widths of the fusion stream / decoder per level (e.g. 16, 32, 64, 128).
+        strides: stride into each level but the last (MONAI UNet convention; the last level keeps the size).
+        encoder_channels: widths of each modality's encoder per level (default: half of ``channels``).
+        independent_fraction: share of each encoder level's channels that is modality-independent.
+        dropout: dropout before each decoder level; active in training, or at inference with ``mc_dropout``.
+        modality_dropout: in training, probability of dropping each modality of a batch (one always stays).
+
+    Example:
+        >>> net = CrossModalNet(["ct", "pet"], num_classes=3, channels=(8, 16), strides=(2,)).eval()
+        >>> out = net(torch.randn(1, 2, 16, 16, 16))
+        >>> tuple(out.fused.shape), sorted(out.per_modality), tuple(out.independent["ct"][-1].shape)
+        ((1, 3, 16, 16, 16), ['ct', 'pet'], (1, 4))
+        >>> tuple(net({"pet": torch.randn(1, 1, 16, 16, 16)}).fused.shape)  # CT missing
+        (1, 3, 16, 16, 16)
+    """
+
+    def __init__(self, modalities: Sequence[str], num_classes: int, channels: Sequence[int] = (16, 32, 64, 128),
+                 strides: Sequence[int] = (2, 2, 2), encoder_channels: Sequence[int] | None = None,
+                 independent_fraction: float = 0.5, dropout: float = 0.1, modality_dropout: float = 0.0) -> None:
+        super().__init__()
+        if not modalities or len(set(modalities)) != len(modalities):
+            raise ValueError(f"modalities {list(modalities)} must be unique and non-empty")
+        if len(strides) != len(channels) - 1:
+            raise ValueError(f"strides {tuple(strides)} needs len(channels) - 1 = {len(channels) - 1} entries")
+        enc = list(encoder_channels) if encoder_channels else [max(2, c // 2) for c in channels]
+        if len(enc) != len(channels):
+            raise ValueError(f"encoder_channels {enc} needs {len(channels)} entries")
+        if not 0.0 < independent_fraction < 1.0:
+            raise ValueError(f"independent_fraction {independent_fraction} must be in (0, 1)")
+        self.modalities = list(modalities)
+        self.modality_dropout = modality_dropout
+        self.mc_dropout = False
+        level_strides = [*strides, 1]
+        self.encoders = nn.ModuleDict({m: ModalityEncoder(enc, level_strides) for m in self.modalities})
+        ks = [max(1, min(e - 1, round(e * independent_fraction))) for e in enc]
+        self.fusion = nn.ModuleList(FusionLevel(self.modalities, e, k, c) for e, k, c in zip(enc, ks, channels,
+                                                                                          strict=True))
+        self.up = nn.ModuleList()
+        self.dec = nn.ModuleList()
+        for i in range(len(channels) - 2, -1, -1):  # deepest-but-one level up to level 0
+            s = level_strides[i + 1]
+            self.up.append(nn.ConvTranspose3d(channels[i + 1], channels[i], s, stride=s) if s > 1
+                           else nn.Conv3d(channels[i + 1], channels[i], 1))
+            self.dec.append(_block(2 * channels[i], channels[i], 1, convs=1 if i == 0 else 2))
+        self.dropout = float(dropout)
+        s0 = level_strides[0]
+        self.head = nn.ConvTranspose3d(channels[0], num_classes, s0, stride=s0) if s0 > 1 \
+            else nn.Conv3d(channels[0], num_classes, 1)
+        self.aux = nn.ModuleDict({m: nn.Conv3d(enc[0], num_classes, 1) for m in self.modalities})
+        self.first_stride = s0
+
+    def _split(self, x: torch.Tensor | Mapping[str, torch.Tensor],
+               present: Sequence[bool] | None) -> dict[str, torch.Tensor]:
+        if isinstance(x, Mapping):
+            unknown = sorted(set(x) - set(self.modalities))
+            if unknown:
+                raise ValueError(f"unknown modalities {unknown}; the network knows {self.modalities}")
+            inputs = {m: x[m] for m in self.modalities if m in x}
+        else:
+            if x.shape[1] != len(self.modalities):
+                raise ValueError(f"input has {x.shape[1]} channels, the network expects {len(self.modalities)} "
+                                 f"({self.modalities})")
+            inputs = {m: x[:, i : i + 1] for i, m in enumerate(self.modalities)}
+        if present is not None:
+            if len(present) != len(self.modalities):
+                raise ValueError(f"present has {len(present)} entries for {len(self.modalities)} modalities")
+            kept = {m for m, p in zip(self.modalities, present, strict=True) if p}
+            inputs = {m: t for m, t in inputs.items() if m in kept}
+        if self.training and self.modality_dropout > 0 and len(inputs) > 1:
+            keep = torch.rand(len(inputs)) >= self.modality_dropout
+            if not keep.any():
+                keep[torch.randint(len(inputs), (1,))] = True
+            inputs = {m: t for (m, t), k in zip(inputs.items(), keep.tolist(), strict=True) if k}
+        if not inputs:
+            raise ValueError("at least one modality must be present")
+        return inputs
+
+    def forward(self, x: torch.Tensor | Mapping[str, torch.Tensor],
+                present: Sequence[bool] | None = None) -> CrossModalOutput:
+        """x: (B, M, H, W, D) in ``modalities`` order, or {name: (B, 1, H, W, D)} for any subset.
+
+        H, W, D must be divisible by the product of the strides.
+        """
+        inputs = self._split(x, present)
+        feats = {m: self.encoders[m](t) for m, t in inputs.items()}
+        levels = len(self.fusion)
+        fused = [self.fusion[i]({m: f[i] for m, f in feats.items()}) for i in range(levels)]
+        y = fused[-1]
+        drop = self.dropout > 0 and (self.training or self.mc_dropout)
+        for j, (up, dec) in enumerate(zip(self.up, self.dec, strict=True)):
+            i = levels - 2 - j
+            y = F.dropout3d(y, self.dropout, training=True) if drop else y
+            y = dec(torch.cat([up(y), fused[i]], dim=1))
+        logits = self.head(y)
+        size = logits.shape[2:]
+        per_mod = {m: F.interpolate(self.aux[m](f[0]), size=size, mode="trilinear", align_corners=False)
+                   for m, f in feats.items()}
+        independent = {m: [lvl[:, : self.fusion[i].k].mean(dim=(2, 3, 4)) for i, lvl in enumerate(f)]
+                       for m, f in feats.items()}
+        return CrossModalOutput(fused=logits, per_modality=per_mod, independent=independent)
+
+
+def crossmodal_net(cfg: CrossModalConfig) -> CrossModalNet:
+    """Build :class:`CrossModalNet` from ``cfg.model`` for ``cfg.modalities`` and ``cfg.labels``."""
+    m = cfg.model
+    return CrossModalNet(cfg.modality_names, cfg.labels.num_classes, channels=m.channels, strides=m.strides,
+                         encoder_channels=m.encoder_channels or None, independent_fraction=m.independent_fraction,
+                         dropout=m.dropout, modality_dropout=m.modality_dropout)

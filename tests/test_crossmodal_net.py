@@ -1,0 +1,98 @@
+"""CrossModalNet: shapes for 1-3 modalities, any subset, gradients, order-free fusion, determinism, dropouts."""
+
+import itertools
+
+import pytest
+import torch
+
+from crossmodal.config import load_config
+from crossmodal.nets import CrossModalNet, build_network
+
+SIZE = 16
+
+
+def small(names, **kw):
+    torch.manual_seed(0)
+    return CrossModalNet(names, num_classes=4, channels=(8, 16, 32), strides=(2, 2), **kw)
+
+
+@pytest.mark.parametrize("names", [["ct"], ["ct", "pet"], ["t1", "t2", "pd"]])
+def test_output_shapes(names):
+    net = small(names).eval()
+    out = net(torch.randn(2, len(names), SIZE, SIZE, SIZE))
+    assert tuple(out.fused.shape) == (2, 4, SIZE, SIZE, SIZE)
+    assert sorted(out.per_modality) == sorted(names)
+    assert all(tuple(v.shape) == (2, 4, SIZE, SIZE, SIZE) for v in out.per_modality.values())
+    assert [tuple(d.shape) for d in out.independent[names[0]]] == [(2, 2), (2, 4), (2, 8)]
+    assert set(out.as_dict()) == {"fused", *names}
+
+
+def test_every_subset_runs_and_reports_only_present_modalities():
+    names = ["t1", "t2", "pd"]
+    net = small(names).eval()
+    x = torch.randn(1, 3, SIZE, SIZE, SIZE)
+    for r in (1, 2, 3):
+        for subset in itertools.combinations(range(3), r):
+            present = [i in subset for i in range(3)]
+            out = net(x, present=present)
+            assert sorted(out.per_modality) == sorted(names[i] for i in subset)
+            as_dict = net({names[i]: x[:, i : i + 1] for i in subset})
+            torch.testing.assert_close(out.fused, as_dict.fused)
+    # an absent modality's values do not matter
+    y = x.clone()
+    y[:, 1] = 1e3
+    torch.testing.assert_close(net(x, present=[True, False, True]).fused, net(y, present=[True, False, True]).fused)
+
+
+def test_gradient_reaches_every_encoder_and_head():
+    net = small(["ct", "pet", "mr"]).train()
+    out = net(torch.randn(1, 3, SIZE, SIZE, SIZE))
+    (out.fused.mean() + sum(v.mean() for v in out.per_modality.values())).backward()
+    for name, enc in net.encoders.items():
+        grads = [p.grad for p in enc.parameters()]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads), name
+    assert all(p.grad is not None for p in net.aux.parameters())
+
+
+def test_fusion_does_not_depend_on_modality_order():
+    net = small(["ct", "pet", "mr"]).eval()
+    x = {m: torch.randn(1, 1, SIZE, SIZE, SIZE) for m in ("ct", "pet", "mr")}
+    a = net(x).fused
+    for perm in itertools.permutations(x):
+        torch.testing.assert_close(net({m: x[m] for m in perm}).fused, a)
+    level = net.fusion[1]
+    feats = {m: torch.randn(1, 8, 4, 4, 4) for m in ("ct", "pet", "mr")}
+    torch.testing.assert_close(level(feats), level(dict(reversed(list(feats.items())))))
+
+
+def test_eval_is_deterministic_and_mc_dropout_samples():
+    net = small(["ct", "pet"], dropout=0.3).eval()
+    x = torch.randn(1, 2, SIZE, SIZE, SIZE)
+    torch.testing.assert_close(net(x).fused, net(x).fused)
+    net.mc_dropout = True
+    assert not torch.allclose(net(x).fused, net(x).fused)
+
+
+def test_modality_dropout_never_drops_all():
+    net = small(["a", "b", "c"], modality_dropout=0.7).train()
+    torch.manual_seed(1)
+    seen = [frozenset(net(torch.randn(1, 3, SIZE, SIZE, SIZE)).per_modality) for _ in range(20)]
+    assert all(len(s) >= 1 for s in seen) and len(set(seen)) > 2
+    assert set(net.eval()(torch.randn(1, 3, SIZE, SIZE, SIZE)).per_modality) == {"a", "b", "c"}
+
+
+def test_bad_inputs_are_named():
+    net = small(["ct", "pet"])
+    with pytest.raises(ValueError, match="input has 3 channels, the network expects 2"):
+        net(torch.randn(1, 3, SIZE, SIZE, SIZE))
+    with pytest.raises(ValueError, match=r"unknown modalities \['mr'\]"):
+        net({"mr": torch.randn(1, 1, SIZE, SIZE, SIZE)})
+    with pytest.raises(ValueError, match="at least one modality"):
+        net(torch.randn(1, 2, SIZE, SIZE, SIZE), present=[False, False])
+
+
+def test_built_from_yaml():
+    cfg = load_config("brain", overrides={"model": {"name": "crossmodal", "encoder_channels": [4, 8, 16, 32]}})
+    net = build_network(cfg)
+    assert isinstance(net, CrossModalNet) and net.modalities == ["t1", "t2", "pd"]
+    assert net.encoders["t1"].levels[0][0].out_channels == 4
