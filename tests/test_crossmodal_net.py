@@ -4,7 +4,6 @@ import itertools
 
 import pytest
 import torch
-
 from crossmodal.config import load_config
 from crossmodal.nets import CrossModalNet, build_network
 

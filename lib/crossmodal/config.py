@@ -153,6 +153,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     dice_weight: float = 1.0
     ce_weight: float = 1.0
+    aux_weight: float = 0.5
     num_workers: int = 0
     seed: int = 0
 

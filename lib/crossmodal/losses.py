@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crossmodal.labels import IGNORE_INDEX
+from crossmodal.nets.crossmodal_net import CrossModalOutput
 
 
 def _target_index(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -79,3 +80,24 @@ class PartialDiceCELoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.dice_weight * self.dice(logits, target) + self.ce_weight * self.ce(logits, target)
+
+
+class SupervisedLoss(nn.Module):
+    """Partial Dice + CE on the fused logits, plus ``aux_weight`` x its mean over the per-modality heads.
+
+    Accepts a plain logits tensor (early-fusion networks) or a ``CrossModalOutput``.
+    """
+
+    def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0, aux_weight: float = 0.5) -> None:
+        super().__init__()
+        self.base = PartialDiceCELoss(dice_weight, ce_weight)
+        self.aux_weight = aux_weight
+
+    def forward(self, pred: torch.Tensor | CrossModalOutput, target: torch.Tensor) -> torch.Tensor:
+        if isinstance(pred, torch.Tensor):
+            return self.base(pred, target)
+        loss = self.base(pred.fused, target)
+        if self.aux_weight > 0 and pred.per_modality:
+            aux = torch.stack([self.base(v, target) for v in pred.per_modality.values()]).mean()
+            loss = loss + self.aux_weight * aux
+        return loss

@@ -45,18 +45,19 @@ class SyntheticCase:
     label: Volume
 
 
-def _anatomy(rng: np.random.Generator, half: float) -> dict[str, np.ndarray | float]:
+def _anatomy(rng: np.random.Generator, half: np.ndarray) -> dict[str, np.ndarray | float]:
+    """Random structures inside a field of view of half-extent ``half`` (3,) mm."""
     organ_c = rng.uniform(-0.15, 0.15, 3) * half
     organ_r = np.array([0.5, 0.42, 0.46]) * half * rng.uniform(0.85, 1.1, 3)
-    lesion_r = 0.17 * half * rng.uniform(0.8, 1.25)
+    lesion_r = 0.17 * half.min() * rng.uniform(0.8, 1.25)
     lesion_c = organ_c + rng.uniform(-0.35, 0.35, 3) * (organ_r - lesion_r)
     direction = np.array([rng.uniform(-0.3, 0.3), rng.uniform(-0.3, 0.3), 1.0])
     return {
         "body_r": np.array([0.85, 0.75, 0.92]) * half * rng.uniform(0.92, 1.04, 3),
         "organ_c": organ_c, "organ_r": organ_r, "organ_rot": rotation_matrix(rng.uniform(-25, 25, 3)),
         "lesion_c": lesion_c, "lesion_r": lesion_r,
-        "vessel_p": organ_c + np.array([organ_r[0] * rng.choice([-1, 1]) * 1.05, rng.uniform(-0.2, 0.2) * half, 0]),
-        "vessel_d": direction / np.linalg.norm(direction), "vessel_r": 0.1 * half * rng.uniform(0.8, 1.2),
+        "vessel_p": organ_c + np.array([organ_r[0] * rng.choice([-1, 1]) * 1.05, rng.uniform(-0.2, 0.2) * half[1], 0]),
+        "vessel_d": direction / np.linalg.norm(direction), "vessel_r": 0.1 * half.min() * rng.uniform(0.8, 1.2),
     }
 
 
@@ -77,33 +78,36 @@ def _regions(points: np.ndarray, a: dict) -> np.ndarray:
 
 
 def make_phantom(cfg: CrossModalConfig, rng: np.random.Generator, size: int = 48, spacing: float = 2.0,
-                 misregistration_mm: float = 0.0) -> SyntheticCase:
+                 misregistration_mm: float = 0.0, shape: tuple[int, int, int] | None = None,
+                 spacing_xyz: tuple[float, float, float] | None = None) -> SyntheticCase:
     """One phantom case with a modality for every entry of ``cfg.modalities`` (kinds ct / pet / mr).
 
     Args:
         cfg: names and kinds of the modalities; label values come from ``cfg.labels.classes`` by the names
             ``organ``, ``lesion``, ``vessel`` (absent names are background).
         rng: random generator (the case's anatomy, grids, noise).
-        size: primary grid size per axis (voxels).
-        spacing: primary spacing (mm).
+        size: primary grid size per axis (voxels); ``shape`` overrides it with a (3,) shape.
+        spacing: primary spacing (mm); ``spacing_xyz`` overrides it with a (3,) spacing.
         misregistration_mm: rigid shift of every secondary modality against the primary (mm), random direction.
     """
-    half = size * spacing / 2
-    anatomy = _anatomy(rng, half)
+    shape0 = tuple(int(v) for v in shape) if shape else (size,) * 3
+    sp0 = np.asarray(spacing_xyz if spacing_xyz else (spacing,) * 3, dtype=np.float64)
+    extent = np.asarray(shape0) * sp0
+    anatomy = _anatomy(rng, extent / 2)
     images: dict[str, Volume] = {}
     label = None
     for i, mod in enumerate(cfg.modalities):
         if i == 0:
-            shape = (size,) * 3
-            affine = grid_affine((spacing,) * 3, shape)
+            grid = shape0
+            affine = grid_affine(tuple(sp0), grid)
             motion = np.eye(4)
         else:
             sp = np.array([2.5, 2.5, 3.5]) if i % 2 else np.array([3.0, 3.0, 3.0])
-            shape = tuple(int(np.ceil(size * spacing * 1.1 / s)) for s in sp)
+            grid = tuple(int(np.ceil(e * 1.1 / s)) for e, s in zip(extent, sp, strict=True))
             rot = rotation_matrix(np.array([0.0, 0.0, 90.0 * i])) @ rotation_matrix(rng.uniform(-5, 5, 3))
-            affine = grid_affine(tuple(sp), shape, center=rng.uniform(-4, 4, 3), rotation=rot)
+            affine = grid_affine(tuple(sp), grid, center=rng.uniform(-4, 4, 3), rotation=rot)
             motion = rigid(rng, misregistration_mm, max_rot_deg=0.0)
-        pts = apply(world_points(shape, affine), motion)
+        pts = apply(world_points(grid, affine), motion)
         regions = _regions(pts, anatomy)
         if i == 0:
             names = ("", "", "organ", "lesion", "vessel")
@@ -114,8 +118,8 @@ def make_phantom(cfg: CrossModalConfig, rng: np.random.Generator, size: int = 48
         if mod.kind == "pet":
             img = gaussian_filter(img, 1.2)
         if mod.kind in ("mr", "pet"):
-            img *= 1.0 + smooth_field(rng, shape, 0.2)
-        img += rng.normal(0.0, sd, shape).astype(np.float32) * (img > 0 if mod.kind == "pet" else 1)
+            img *= 1.0 + smooth_field(rng, grid, 0.2)
+        img += rng.normal(0.0, sd, grid).astype(np.float32) * (img > 0 if mod.kind == "pet" else 1)
         images[mod.name] = Volume(img.astype(np.float32), affine)
     assert label is not None
     return SyntheticCase(images=images, label=label)

@@ -7,41 +7,62 @@ from typing import Any
 
 import torch
 from crossmodal.config import CrossModalConfig
+from crossmodal.inference import NetworkInferer
 from crossmodal.io import CaseError
+from crossmodal.nets import CrossModalNet
 from crossmodal.serving.datastore import http_error
 from crossmodal.transforms import preprocessing
 from monai.data import MetaTensor
-from monai.inferers import Inferer, SlidingWindowInferer
+from monai.inferers import Inferer
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from torch import nn
 
+PREDICTIONS = ("fused", "uncertainty")
+
 
 class ArgmaxLabel:
-    """``data["pred"]`` logits (C, H, W, D) -> uint8 label (H, W, D) on the primary grid; fills the result JSON."""
+    """``data["pred"]`` {name: logits (C, H, W, D)} -> uint8 map (H, W, D) on the primary grid + result JSON.
+
+    ``data["prediction"]``: ``fused`` (default), a modality name (that modality's own head), or ``uncertainty``
+    (normalised entropy of the fused softmax, averaged over ``data["mc_probs"]`` samples when present, in percent).
+    """
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-        pred = data["pred"]
+        outputs = data["pred"]
+        which = data.get("prediction") or "fused"
+        fused = outputs["fused"]
         if data.get("keep_probs"):
-            data["logits"] = pred.as_tensor() if isinstance(pred, MetaTensor) else pred
-        label = torch.argmax(pred, dim=0).to(torch.uint8)
-        data["pred"] = MetaTensor(label, affine=data["image"].affine)
-        data["result"] = {"case": data.get("case_id"), "modalities_used": data.get("modalities_used", [])}
+            data["logits"] = fused.as_tensor() if isinstance(fused, MetaTensor) else fused
+        if which == "uncertainty":
+            probs = data.get("mc_probs", torch.softmax(fused.float(), 0))
+            ent = -(probs.clamp_min(1e-8).log() * probs).sum(0) / torch.log(torch.tensor(float(probs.shape[0])))
+            out = torch.round(ent * 100).clamp(0, 100).to(torch.uint8)
+        else:
+            if which not in outputs:
+                raise http_error(ValueError(f"case {data.get('case_id')!r}: prediction {which!r} is not available; "
+                                            f"choose one of {[*outputs, 'uncertainty']}"))
+            out = torch.argmax(outputs[which], dim=0).to(torch.uint8)
+        data["pred"] = MetaTensor(out, affine=data["image"].affine)
+        data["result"] = {"case": data.get("case_id"), "modalities_used": data.get("modalities_used", []),
+                          "prediction": which}
         return data
 
 
 class CrossModalInfer(BasicInferTask):
     """Segmentation from every modality of a case; returns which modalities were used.
 
-    Request params: ``missing_modality`` (``error`` / ``zero_fill``), ``device``, ``result_extension``
-    (``.nii.gz`` / ``.nrrd``), the usual MONAI Label ones.
+    Request params: ``missing_modality`` (``error`` / ``zero_fill``: segment with the modalities present),
+    ``prediction`` (``fused``, a modality name for that modality's own head, or ``uncertainty``, a 0-100 map),
+    ``mc_samples`` (Monte-Carlo dropout samples for ``uncertainty``), ``device``, ``result_extension``
+    (``.nii.gz`` / ``.nrrd``), and the usual MONAI Label ones.
     """
 
     def __init__(self, cfg: CrossModalConfig, network: nn.Module, path: Sequence[str], description: str) -> None:
         super().__init__(
             path=list(path), network=network, type=InferType.SEGMENTATION, labels=cfg.labels.viewer_labels,
             dimension=3, description=description, roi_size=cfg.infer.roi_size, load_strict=True,
-            config={"missing_modality": cfg.infer.missing_modality},
+            config={"missing_modality": cfg.infer.missing_modality, "prediction": "fused"},
         )
         self.cfg = cfg
 
@@ -52,9 +73,28 @@ class CrossModalInfer(BasicInferTask):
         return list(preprocessing(self.cfg, "infer", missing=missing).transforms)
 
     def inferer(self, data: dict[str, Any] | None = None) -> Inferer:
-        c = self.cfg.infer
-        return SlidingWindowInferer(roi_size=c.roi_size, sw_batch_size=c.sw_batch_size, overlap=c.overlap,
-                                    mode="gaussian")
+        used = set((data or {}).get("modalities_used") or self.cfg.modality_names)
+        return NetworkInferer(self.cfg.infer, present=[m in used for m in self.cfg.modality_names])
+
+    def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda"):
+        data = super().run_inferer(data, convert_to_batch, device)
+        if data.get("prediction") == "uncertainty":
+            samples = int(data.get("mc_samples", 8))
+            network = self._get_network(device, data)
+            if isinstance(network, CrossModalNet) and samples > 0:
+                inputs = data["image"].as_tensor()[None].to(torch.device(device))
+                inferer = self.inferer(data)
+                probs = None
+                network.mc_dropout = True
+                try:
+                    with torch.no_grad():
+                        for _ in range(samples):
+                            p = torch.softmax(inferer(inputs, network)["fused"][0].float(), 0)
+                            probs = p if probs is None else probs + p
+                finally:
+                    network.mc_dropout = False
+                data["mc_probs"] = (probs / samples).cpu()
+        return data
 
     def inverse_transforms(self, data: dict[str, Any] | None = None) -> None:
         return None

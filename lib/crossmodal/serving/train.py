@@ -17,15 +17,17 @@ from typing import Any
 
 import torch
 from crossmodal.config import CrossModalConfig, atomic_write_text, save_config
+from crossmodal.inference import NetworkInferer
 from crossmodal.io import atomic_copy
 from crossmodal.labels import DENSE, IGNORE_INDEX
-from crossmodal.losses import PartialDiceCELoss
-from crossmodal.nets import build_network
+from crossmodal.losses import SupervisedLoss
+from crossmodal.nets import CrossModalOutput, build_network
 from crossmodal.transforms import preprocessing
 from ignite.engine import Events
+from monai.engines.utils import IterationEvents
 from monai.handlers import TensorBoardStatsHandler
-from monai.inferers import SlidingWindowInferer
 from monai.transforms import MapTransform
+from monai.utils.enums import CommonKeys as Keys
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from monailabel.tasks.train.handler import PublishStatsAndModel, prepare_stats
@@ -114,7 +116,33 @@ class CrossModalTrain(BasicTrainTask):
         return torch.optim.AdamW(context.network.parameters(), lr=lr, weight_decay=self.cfg.train.weight_decay)
 
     def loss_function(self, context: Context) -> torch.nn.Module:
-        return PartialDiceCELoss(self.cfg.train.dice_weight, self.cfg.train.ce_weight)
+        t = self.cfg.train
+        return SupervisedLoss(t.dice_weight, t.ce_weight, t.aux_weight)
+
+    def train_iteration_update(self, context: Context):
+        """One step on plain tensors; the loss sees the whole network output, metrics see the fused logits."""
+        loss_fn = self.loss_function(context)
+
+        def step(engine: Any, batch: dict[str, Any]) -> dict[str, Any]:
+            x = batch["image"].as_tensor() if hasattr(batch["image"], "as_tensor") else batch["image"]
+            y = batch["label"].as_tensor() if hasattr(batch["label"], "as_tensor") else batch["label"]
+            x, y = x.to(engine.state.device), y.to(engine.state.device)
+            engine.state.output = {Keys.IMAGE: x, Keys.LABEL: y}
+            engine.network.train()
+            engine.optimizer.zero_grad(set_to_none=True)
+            out = engine.network(x)
+            engine.state.output[Keys.PRED] = (out.fused if isinstance(out, CrossModalOutput) else out).detach()
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            loss = loss_fn(out, y)
+            engine.state.output[Keys.LOSS] = loss.detach()
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+            loss.backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.optimizer.step()
+            engine.fire_event(IterationEvents.MODEL_COMPLETED)  # MONAI decollates and post-processes here
+            return engine.state.output
+
+        return step
 
     def train_pre_transforms(self, context: Context):
         return preprocessing(self.cfg, "train")
@@ -129,8 +157,7 @@ class CrossModalTrain(BasicTrainTask):
         return [PartialOneHotd(self.cfg.labels.num_classes)]
 
     def val_inferer(self, context: Context):
-        c = self.cfg.infer
-        return SlidingWindowInferer(roi_size=c.roi_size, sw_batch_size=c.sw_batch_size, overlap=c.overlap)
+        return NetworkInferer(self.cfg.infer, fused_only=True)
 
     def train_handlers(self, context: Context) -> list[Any]:
         handlers = super().train_handlers(context)
