@@ -37,8 +37,9 @@ $(DEMO)/.done: $(SPM)
 
 data: $(DEMO)/.done
 
+# The `monailabel` launcher runs `$$MONAILABEL_PYEXE -m monailabel.main` (default: whatever `python` is on PATH).
 run: install data
-	$(BIN)/monailabel start_server --app apps/crossmodal --studies $(DEMO) -i $(HOST) -p $(PORT) --conf preset brain
+	MONAILABEL_PYEXE=$(abspath $(BIN))/python PATH=$(abspath $(BIN)):$$PATH $(BIN)/monailabel start_server --app apps/crossmodal --studies $(DEMO) -i $(HOST) -p $(PORT) --conf preset brain
 
 lint: install
 	$(BIN)/ruff check lib apps tests bench
@@ -47,27 +48,29 @@ test: install $(SPM)
 	$(BIN)/ruff check lib apps tests bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Re-make the committed pretrained weights: apps/crossmodal/pretrained/<preset>_baseline_unet.{pt,yaml,log,eval.json}.
+# Re-make the committed pretrained weights: apps/crossmodal/pretrained/<preset>_<NET>.{pt,yaml,log,eval.json}
+# (NET=baseline_unet or NET=crossmodal).
 # Training cases use other seeds than the demo and the tests; evaluation is on held-out cases (truth, no label).
 weights: weights-phantom weights-brain
+NET ?= baseline_unet
 
 weights-phantom: install
-	rm -rf data/pretrain_phantom data/pretrain_phantom_model
+	rm -rf data/pretrain_phantom data/pretrain_phantom_model_$(NET)
 	$(BIN)/crossmodal data phantom --out data/pretrain_phantom --cases 24 --dense 20 --seed 100 > /dev/null
-	$(BIN)/crossmodal train --studies data/pretrain_phantom --config phantom --model-dir data/pretrain_phantom_model \
-	  --epochs $(or $(EPOCHS),120) --publish $(PRE)/phantom_baseline_unet.pt 2>&1 | grep --line-buffered -v "Iter:" > $(PRE)/phantom_baseline_unet.log
-	cp data/pretrain_phantom_model/train_01/config.yaml $(PRE)/phantom_baseline_unet.yaml
-	$(BIN)/crossmodal evaluate --studies data/pretrain_phantom --config phantom --model $(PRE)/phantom_baseline_unet.pt \
-	  --out $(PRE)/phantom_baseline_unet.eval.json 2>/dev/null | tail -12
+	$(BIN)/crossmodal train --studies data/pretrain_phantom --config phantom --model-dir data/pretrain_phantom_model_$(NET) \
+	  --epochs $(or $(EPOCHS),120) --network $(NET) --publish $(PRE)/phantom_$(NET).pt 2>&1 | grep --line-buffered -v "Iter:" > $(PRE)/phantom_$(NET).log
+	cp data/pretrain_phantom_model_$(NET)/train_01/config.yaml $(PRE)/phantom_$(NET).yaml
+	$(BIN)/crossmodal evaluate --studies data/pretrain_phantom --config phantom --model $(PRE)/phantom_$(NET).pt \
+	  --network $(NET) --out $(PRE)/phantom_$(NET).eval.json 2>/dev/null | tail -12
 
 weights-brain: install $(SPM)
-	rm -rf data/pretrain_brain data/pretrain_brain_model
+	rm -rf data/pretrain_brain data/pretrain_brain_model_$(NET)
 	$(BIN)/crossmodal data brain --templates data/spm12 --out data/pretrain_brain --cases 20 --dense 16 --seed 100 > /dev/null
-	$(BIN)/crossmodal train --studies data/pretrain_brain --config brain --model-dir data/pretrain_brain_model \
-	  --epochs $(or $(EPOCHS),40) --publish $(PRE)/brain_baseline_unet.pt 2>&1 | grep --line-buffered -v "Iter:" > $(PRE)/brain_baseline_unet.log
-	cp data/pretrain_brain_model/train_01/config.yaml $(PRE)/brain_baseline_unet.yaml
-	$(BIN)/crossmodal evaluate --studies data/pretrain_brain --config brain --model $(PRE)/brain_baseline_unet.pt \
-	  --out $(PRE)/brain_baseline_unet.eval.json 2>/dev/null | tail -12
+	$(BIN)/crossmodal train --studies data/pretrain_brain --config brain --model-dir data/pretrain_brain_model_$(NET) \
+	  --epochs $(or $(EPOCHS),40) --network $(NET) --publish $(PRE)/brain_$(NET).pt 2>&1 | grep --line-buffered -v "Iter:" > $(PRE)/brain_$(NET).log
+	cp data/pretrain_brain_model_$(NET)/train_01/config.yaml $(PRE)/brain_$(NET).yaml
+	$(BIN)/crossmodal evaluate --studies data/pretrain_brain --config brain --model $(PRE)/brain_$(NET).pt \
+	  --network $(NET) --out $(PRE)/brain_$(NET).eval.json 2>/dev/null | tail -12
 
 clean:
 	rm -rf $(VENV) data

@@ -69,7 +69,9 @@ def start_server(studies: Path, model_dir: Path, log: Path, conf: dict[str, str]
            str(studies), "-i", "127.0.0.1", "-p", str(port), "--conf", "model_dir", str(model_dir)]
     for k, v in conf.items():
         cmd += ["--conf", k, v]
-    env = {**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
+    venv_bin = str(Path(sys.executable).parent)  # the `monailabel` launcher runs `$MONAILABEL_PYEXE -m monailabel.main`
+    env = {**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAILABEL_PYEXE": sys.executable,
+           "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
     url = f"http://127.0.0.1:{port}"
@@ -102,7 +104,7 @@ def phantom_server(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("e2e")
     studies = make_phantom_studies(root / "studies", cfg, cases=6, dense=2, sparse=1, seed=11)
     server = start_server(studies, root / "model", root / "server.log",
-                          {"preset": "phantom", "pretrained": str(PRETRAINED_PHANTOM), "max_epochs": "2"})
+                          {"preset": "phantom", "pretrained_baseline_unet": str(PRETRAINED_PHANTOM), "max_epochs": "2"})
     yield server
     stop_server(server)
 

@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 class MyApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.parts = AppParts.from_conf(app_dir, conf)
-        self._infer_task = self.parts.infer()
+        self._infer_tasks = {m.name: self.parts.infer(m) for m in self.parts.models}
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="crossmodal",
                          description="Label-efficient multimodal segmentation", version=crossmodal.__version__)
 
@@ -25,13 +25,13 @@ class MyApp(MONAILabelApp):
         return self.parts.datastore(self.studies)
 
     def init_infers(self):
-        return {self.parts.model_name: self._infer_task}
+        return dict(self._infer_tasks)
 
     def init_trainers(self):
-        return {self.parts.model_name: self.parts.trainer()}
+        return {m.name: self.parts.trainer(m) for m in self.parts.models}
 
     def init_strategies(self):
         return {"entropy": self.parts.strategy()}
 
     def init_scoring_methods(self):
-        return {"entropy": self.parts.scoring(self._infer_task)}
+        return {"entropy": self.parts.scoring(self._infer_tasks[self.parts.model_name])}

@@ -104,7 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from crossmodal.serving.offline import train_offline
 
     stats = train_offline(args.studies, args.config or "brain", args.model_dir, args.epochs, args.device,
-                          publish=args.publish, pretrained=args.pretrained)
+                          publish=args.publish, pretrained=args.pretrained, network=args.network)
     print(json.dumps(stats, indent=2, default=str))
     return 0
 
@@ -112,7 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from crossmodal.serving.offline import evaluate
 
-    summary = evaluate(args.studies, args.config or "brain", args.model, args.device, args.out)
+    summary = evaluate(args.studies, args.config or "brain", args.model, args.device, args.out, args.network)
     for r in summary["per_case"]:
         print(json.dumps(r))
     print(json.dumps({k: v for k, v in summary.items() if k != "per_case"}, indent=2))
@@ -188,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="auto")
     q.add_argument("--publish", help="also copy the best model here")
     q.add_argument("--pretrained", help="weights to start from")
+    q.add_argument("--network", help="network name (default: the preset's model.name)")
     q.set_defaults(func=cmd_train)
 
     q = sub.add_parser("evaluate", help="Dice of a model on the held-out cases of a studies folder (truth, no label)")
@@ -196,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", required=True)
     q.add_argument("--device", default="auto")
     q.add_argument("--out", help="write the JSON summary here")
+    q.add_argument("--network", help="network name (default: the preset's model.name)")
     q.set_defaults(func=cmd_evaluate)
     return p
 

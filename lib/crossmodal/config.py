@@ -165,9 +165,20 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    """Where the other modalities of a case live, relative to the studies folder."""
+    """Where the other modalities of a case live (relative to the studies folder), and the working spacing.
+
+    ``spacing`` (mm, one per axis of the primary image): the network sees every case resampled to it; null keeps
+    the primary grid. Predictions are resampled back onto the primary grid.
+    """
 
     sidecar_dir: str = "modalities"
+    spacing: tuple[float, float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.spacing is not None:
+            if len(self.spacing) != 3 or min(self.spacing) <= 0:
+                raise ConfigError(f"data.spacing: {self.spacing} must be three positive numbers (mm) or null")
+            self.spacing = tuple(float(v) for v in self.spacing)  # type: ignore[assignment]
 
 
 @dataclass

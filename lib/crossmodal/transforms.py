@@ -19,12 +19,14 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandSpatialCropSamplesd,
+    Spacing,
     SpatialPadd,
+    SpatialResample,
     Transform,
 )
 
 from crossmodal.config import CrossModalConfig, ModalityConfig
-from crossmodal.io import Case, CaseError, find_case, load_volume, read_label, resample_to
+from crossmodal.io import Case, CaseError, find_case, load_volume, read_label, resample_to, same_grid
 from crossmodal.labels import DENSE, IGNORE_INDEX, invalid_values, to_training
 
 
@@ -37,8 +39,20 @@ def normalize(img: torch.Tensor, modality: ModalityConfig) -> torch.Tensor:
     return ((img - img.mean()) / (std if std > 1e-6 else 1.0)).to(torch.float32)
 
 
+def working_grid(primary: MetaTensor, cfg: CrossModalConfig) -> MetaTensor:
+    """The primary image (C, H, W, D) on the working grid: ``cfg.data.spacing`` (same axes), or unchanged."""
+    if not cfg.data.spacing:
+        return primary
+    current = np.sqrt((primary.affine[:3, :3].double() ** 2).sum(0)).numpy()
+    if np.allclose(current, cfg.data.spacing, atol=1e-3):
+        return primary
+    return Spacing(pixdim=cfg.data.spacing, mode="bilinear", padding_mode="border", dtype=torch.float32)(primary)
+
+
 def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None) -> tuple[MetaTensor, list[str]]:
-    """Load, normalise and resample every modality of ``case`` onto the primary grid.
+    """Load and normalise every modality of ``case`` and resample it onto the working grid.
+
+    The working grid is the primary grid, or the primary grid at ``cfg.data.spacing`` when set.
 
     Args:
         case: the case's files.
@@ -46,8 +60,9 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None) -> 
         missing: ``error`` or ``zero_fill`` for an absent secondary modality; defaults to ``cfg.infer``'s.
 
     Returns:
-        ``(image, used)``: image (M, H, W, D) float32 on the primary grid, M = number of configured modalities,
-        absent ones filled with 0; ``used`` lists the modalities actually read.
+        ``(image, used)``: image (M, H, W, D) float32 on the working grid, M = number of configured modalities,
+        absent ones filled with 0; ``used`` lists the modalities actually read. ``image.meta["primary_affine"]``
+        and ``["primary_shape"]`` keep the primary grid (labels live there).
 
     Raises:
         CaseError: a file is unreadable, non-finite, or a modality is absent under the ``error`` policy.
@@ -55,15 +70,18 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None) -> 
     policy = missing or cfg.infer.missing_modality
     mods = cfg.modalities
     primary = load_volume(case.primary, case.case_id)
+    grid = {"primary_affine": primary.affine.clone(), "primary_shape": tuple(primary.shape[1:])}
     if primary.shape[0] > 1:  # a 4D multi-channel file holds all modalities in config order
         if primary.shape[0] != len(mods):
             raise CaseError(case.case_id, case.primary,
                             f"has {primary.shape[0]} channels but the config names {len(mods)} modalities "
                             f"{cfg.modality_names}")
         chans = [normalize(primary[i : i + 1], m) for i, m in enumerate(mods)]
-        out = MetaTensor(torch.cat(chans), meta=primary.meta)
+        out = working_grid(MetaTensor(torch.cat(chans), meta=primary.meta), cfg)
+        out.meta.update(grid)
         return out, list(cfg.modality_names)
-    chans = [normalize(primary, mods[0])]
+    ref = working_grid(MetaTensor(normalize(primary, mods[0]).as_tensor(), meta=primary.meta), cfg)
+    chans = [ref.as_tensor()]
     used = [mods[0].name]
     for m in mods[1:]:
         path = case.modalities.get(m.name)
@@ -78,11 +96,23 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None) -> 
         if vol.shape[0] != 1:
             raise CaseError(case.case_id, path, f"expected one channel, got {vol.shape[0]}")
         vol = MetaTensor(normalize(vol, m).as_tensor(), meta=vol.meta)
-        chans.append(resample_to(vol, primary).as_tensor())
+        chans.append(resample_to(vol, ref).as_tensor())
         used.append(m.name)
-    image = MetaTensor(torch.cat([c.as_tensor() if isinstance(c, MetaTensor) else c for c in chans]),
-                       meta=primary.meta)
+    image = MetaTensor(torch.cat(chans), meta=ref.meta)
+    image.meta.update(grid)
     return image, used
+
+
+def to_primary_grid(values: torch.Tensor, image: MetaTensor, mode: str = "bilinear") -> torch.Tensor:
+    """Resample (C, h, w, d) values on ``image``'s working grid back onto its primary grid (C, H, W, D)."""
+    dst_affine, dst_shape = image.meta.get("primary_affine"), image.meta.get("primary_shape")
+    if dst_affine is None or (tuple(dst_shape) == tuple(values.shape[1:])
+                              and torch.allclose(image.affine.double(), dst_affine.double(), atol=1e-4)):
+        return values
+    src = MetaTensor(values.float(), affine=image.affine)
+    out = SpatialResample(mode=mode, padding_mode="border", align_corners=True, dtype=torch.float32)(
+        src, dst_affine=dst_affine, spatial_size=tuple(int(v) for v in dst_shape))
+    return out.as_tensor()
 
 
 class LoadCased(MapTransform):
@@ -104,8 +134,9 @@ class LoadCased(MapTransform):
         d[self.image_key] = image
         d["case_id"], d["modalities_used"] = case.case_id, used
         if isinstance(d.get(self.label_key), str):
-            d[self.label_key] = load_training_label(d[self.label_key], image, case.case_id, self.cfg,
-                                                    d.get("label_kind", DENSE))
+            primary = MetaTensor(torch.zeros(1, *image.meta["primary_shape"]), affine=image.meta["primary_affine"])
+            label = load_training_label(d[self.label_key], primary, case.case_id, self.cfg, d.get("label_kind", DENSE))
+            d[self.label_key] = resample_to(label, image, mode="nearest") if not same_grid(label, image) else label
         return d
 
 

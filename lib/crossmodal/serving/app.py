@@ -1,12 +1,15 @@
 """Everything the MONAI Label app registers, built from a config preset; ``apps/crossmodal/main.py`` adapts it.
 
 Server ``--conf`` keys (all optional): ``preset`` (a name in ``configs/``, default ``brain``), ``configs_dir``,
-``model_dir`` (default ``<app>/model``), ``pretrained`` (weights used until a model is trained; default
-``<app>/pretrained/<preset>_<model>.pt`` when present), ``max_epochs`` (overrides the preset).
+``model_dir`` (default ``<app>/model``), ``models`` (comma-separated network names; default the preset's model
+and ``baseline_unet``), ``pretrained_<model>`` (weights used until that model is trained; default
+``<app>/pretrained/<preset>_<model>.pt`` when present; ``pretrained`` alone names the first model's),
+``max_epochs`` (overrides the preset).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +24,26 @@ from monailabel.interfaces.datastore import Datastore
 
 
 @dataclass
+class ModelParts:
+    """One registered model: its config (``cfg.model.name`` set), published and pretrained weight paths."""
+
+    cfg: CrossModalConfig
+    published: str
+    pretrained: str | None
+
+    @property
+    def name(self) -> str:
+        return self.cfg.model.name
+
+
+@dataclass
 class AppParts:
-    """The resolved config and the paths of the app's model files."""
+    """The resolved config and the app's models; the first model is the preset's ``model.name``."""
 
     cfg: CrossModalConfig
     preset: str
     model_dir: str
-    published: str
-    pretrained: str | None
+    models: list[ModelParts]
 
     @classmethod
     def from_conf(cls, app_dir: str, conf: dict[str, str]) -> AppParts:
@@ -37,28 +52,42 @@ class AppParts:
         cfg = load_config(preset, conf.get("configs_dir"), overrides)
         model_dir = conf.get("model_dir") or os.path.join(app_dir, "model")
         os.makedirs(model_dir, exist_ok=True)
-        name = f"{cfg.name}_{cfg.model.name}.pt"
-        default_pre = Path(app_dir) / "pretrained" / name
-        pretrained = conf.get("pretrained") or (str(default_pre) if default_pre.is_file() else None)
-        if pretrained and not os.path.isfile(pretrained):
-            raise FileNotFoundError(f"conf pretrained={pretrained}: no such weights file")
-        return cls(cfg, preset, model_dir, os.path.join(model_dir, name), pretrained)
+        names = [n.strip() for n in conf.get("models", "").split(",") if n.strip()] or \
+            list(dict.fromkeys([cfg.model.name, "baseline_unet"]))
+        models = []
+        for i, name in enumerate(names):
+            mcfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=name))
+            build_network(mcfg)  # an unknown name fails here, with the valid names
+            file = f"{cfg.name}_{name}.pt"
+            default_pre = Path(app_dir) / "pretrained" / file
+            pre = conf.get(f"pretrained_{name}") or (conf.get("pretrained") if i == 0 else None) or \
+                (str(default_pre) if default_pre.is_file() else None)
+            if pre and not os.path.isfile(pre):
+                raise FileNotFoundError(f"conf pretrained for {name}: {pre}: no such weights file")
+            models.append(ModelParts(mcfg, os.path.join(model_dir, file), pre))
+        return cls(cfg, preset, model_dir, models)
 
     @property
     def model_name(self) -> str:
-        return self.cfg.model.name
+        return self.models[0].name
+
+    @property
+    def published(self) -> str:
+        return self.models[0].published
 
     def datastore(self, studies: str) -> Datastore:
         return CrossModalDatastore(studies, self.cfg.labels)
 
-    def infer(self) -> CrossModalInfer:
-        paths = [p for p in (self.pretrained, self.published) if p]
-        return CrossModalInfer(self.cfg, build_network(self.cfg), paths,
-                               f"{self.model_name} on {self.cfg.modality_names} ({self.preset})")
+    def infer(self, model: ModelParts | None = None) -> CrossModalInfer:
+        m = model or self.models[0]
+        paths = [p for p in (m.pretrained, m.published) if p]
+        return CrossModalInfer(m.cfg, build_network(m.cfg), paths,
+                               f"{m.name} on {self.cfg.modality_names} ({self.preset})")
 
-    def trainer(self) -> CrossModalTrain:
-        return CrossModalTrain(self.cfg, self.model_dir, self.published, self.pretrained,
-                               f"Train {self.model_name} from dense and sparse labels (partial loss)")
+    def trainer(self, model: ModelParts | None = None) -> CrossModalTrain:
+        m = model or self.models[0]
+        return CrossModalTrain(m.cfg, self.model_dir, m.published, m.pretrained,
+                               f"Train {m.name} from dense and sparse labels (partial loss)")
 
     def strategy(self) -> TopScoreStrategy:
         return TopScoreStrategy()

@@ -11,7 +11,7 @@ from crossmodal.inference import NetworkInferer
 from crossmodal.io import CaseError
 from crossmodal.nets import CrossModalNet
 from crossmodal.serving.datastore import http_error
-from crossmodal.transforms import preprocessing
+from crossmodal.transforms import preprocessing, to_primary_grid
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monailabel.interfaces.tasks.infer_v2 import InferType
@@ -19,6 +19,10 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from torch import nn
 
 PREDICTIONS = ("fused", "uncertainty")
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    return t.as_tensor() if isinstance(t, MetaTensor) else t
 
 
 class ArgmaxLabel:
@@ -34,16 +38,17 @@ class ArgmaxLabel:
         fused = outputs["fused"]
         if data.get("keep_probs"):
             data["logits"] = fused.as_tensor() if isinstance(fused, MetaTensor) else fused
+        image = data["image"]
         if which == "uncertainty":
-            probs = data.get("mc_probs", torch.softmax(fused.float(), 0))
+            probs = to_primary_grid(data.get("mc_probs", torch.softmax(_plain(fused).float(), 0)), image)
             ent = -(probs.clamp_min(1e-8).log() * probs).sum(0) / torch.log(torch.tensor(float(probs.shape[0])))
             out = torch.round(ent * 100).clamp(0, 100).to(torch.uint8)
         else:
             if which not in outputs:
                 raise http_error(ValueError(f"case {data.get('case_id')!r}: prediction {which!r} is not available; "
                                             f"choose one of {[*outputs, 'uncertainty']}"))
-            out = torch.argmax(outputs[which], dim=0).to(torch.uint8)
-        data["pred"] = MetaTensor(out, affine=data["image"].affine)
+            out = torch.argmax(to_primary_grid(_plain(outputs[which]), image), dim=0).to(torch.uint8)
+        data["pred"] = MetaTensor(out, affine=image.meta.get("primary_affine", image.affine))
         data["result"] = {"case": data.get("case_id"), "modalities_used": data.get("modalities_used", []),
                           "prediction": which}
         return data

@@ -24,11 +24,14 @@ def pick_device(device: str = "auto") -> str:
 
 
 def train_offline(studies: str, preset: str, model_dir: str, epochs: int | None = None, device: str = "auto",
-                  publish: str | None = None, pretrained: str | None = None) -> dict[str, Any]:
+                  publish: str | None = None, pretrained: str | None = None,
+                  network: str | None = None) -> dict[str, Any]:
     """Train on every final label of ``studies``; the best model is published to ``<model_dir>/…`` (and ``publish``)."""
     conf = {"preset": preset, "model_dir": model_dir, **({"max_epochs": str(epochs)} if epochs else {})}
     if pretrained:
         conf["pretrained"] = pretrained
+    if network:
+        conf["models"] = network
     parts = AppParts.from_conf(tempfile.mkdtemp(prefix="crossmodal-app-"), conf)
     stats = parts.trainer()({"device": pick_device(device), "tracking": "None", "dataset": "CacheDataset",
                              "dataloader": "DataLoader"}, parts.datastore(studies))
@@ -45,10 +48,12 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> lis
     return [float(v) for v in compute_dice(p, t, include_background=False, ignore_empty=True)[0]]
 
 
-def evaluate(studies: str, preset: str, model: str, device: str = "auto", out: str | None = None) -> dict[str, Any]:
+def evaluate(studies: str, preset: str, model: str, device: str = "auto", out: str | None = None,
+             network: str | None = None) -> dict[str, Any]:
     """Segment every case that has truth (``<studies>/truth``) but no final label; Dice per class and mean."""
     cfg = load_config(preset)
-    parts = AppParts.from_conf(tempfile.mkdtemp(prefix="crossmodal-app-"), {"preset": preset, "pretrained": model})
+    conf = {"preset": preset, "pretrained": model, **({"models": network} if network else {})}
+    parts = AppParts.from_conf(tempfile.mkdtemp(prefix="crossmodal-app-"), conf)
     task = parts.infer()
     root = Path(studies)
     labeled = {case_id_of(p) for p in (root / FINAL_LABELS).glob("*")} if (root / FINAL_LABELS).is_dir() else set()
@@ -64,7 +69,7 @@ def evaluate(studies: str, preset: str, model: str, device: str = "auto", out: s
         dice = dice_per_class(pred, truth, cfg.labels.num_classes)
         records.append({"case": cid, "dice": dict(zip(names, dice, strict=True)), "dice_mean": float(np.nanmean(dice))})
     summary = {
-        "model": model, "preset": preset, "cases": len(records),
+        "model": model, "network": parts.model_name, "preset": preset, "cases": len(records),
         "dice_mean": float(np.mean([r["dice_mean"] for r in records])) if records else float("nan"),
         "dice_per_class": {n: float(np.nanmean([r["dice"][n] for r in records])) for n in names} if records else {},
         "per_case": records,
