@@ -12,7 +12,7 @@ PRE := apps/crossmodal/pretrained
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: install data run test lint weights weights-phantom weights-brain clean
+.PHONY: install data run test lint bench-infer weights weights-phantom weights-brain clean
 
 install: $(STAMP)
 
@@ -47,6 +47,10 @@ lint: install
 test: install $(SPM)
 	$(BIN)/ruff check lib apps tests bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Infer speed and memory, ours vs baseline_unet vs a radiology-style pipeline (RESULTS_DIR=... to redirect).
+bench-infer: install $(SPM)
+	$(BIN)/python bench/infer.py $(if $(QUICK),--quick,)
 
 # Re-make the committed pretrained weights: apps/crossmodal/pretrained/<preset>_<NET>.{pt,yaml,log,eval.json}
 # (NET=baseline_unet or NET=crossmodal).

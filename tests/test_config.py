@@ -8,7 +8,8 @@ def test_presets_resolve_with_inheritance():
     brain = load_config("brain")
     assert brain.modality_names == ["t1", "t2", "pd"]
     assert brain.labels.classes == {"background": 0, "grey_matter": 1, "white_matter": 2, "csf": 3}
-    assert brain.model.name == "baseline_unet" and brain.model.channels == (16, 32, 64, 128)  # from base.yaml
+    assert brain.model.name == "crossmodal" and brain.model.channels == (16, 32, 64, 128)  # from base.yaml
+    assert brain.train.lr_for("crossmodal") == 0.01 and brain.train.lr_for("baseline_unet") == 0.001
     phantom = load_config("phantom")
     assert phantom.primary.kind == "ct" and phantom.primary.window == (-150.0, 250.0)
     assert phantom.train.patch_size == (48, 48, 48) and phantom.train.max_epochs == 50  # override + inherited

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import crossmodal
+from crossmodal.inference import configure_threads
 from crossmodal.serving.app import AppParts
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
@@ -14,6 +15,7 @@ logger = logging.getLogger(__name__)
 
 class MyApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        configure_threads()
         self.parts = AppParts.from_conf(app_dir, conf)
         self._infer_tasks = {m.name: self.parts.infer(m) for m in self.parts.models}
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="crossmodal",
@@ -25,7 +27,12 @@ class MyApp(MONAILabelApp):
         return self.parts.datastore(self.studies)
 
     def init_infers(self):
-        return dict(self._infer_tasks)
+        infers = dict(self._infer_tasks)
+        if self.conf.get("benchmark_pipelines", "false").lower() == "true":
+            from crossmodal.serving.radiology import RadiologyInfer
+
+            infers["radiology_unet"] = RadiologyInfer(self.parts.cfg)
+        return infers
 
     def init_trainers(self):
         return {m.name: self.parts.trainer(m) for m in self.parts.models}

@@ -141,10 +141,17 @@ class InferConfig:
 
 @dataclass
 class TrainConfig:
-    """Training hyper-parameters; the losses read their weights from here."""
+    """Training hyper-parameters; the losses read their weights from here.
+
+    ``learning_rate_by_model`` overrides ``learning_rate`` per network name (AdamW step sizes differ by network).
+    """
+
+    def lr_for(self, model: str) -> float:
+        return float(self.learning_rate_by_model.get(model, self.learning_rate))
 
     max_epochs: int = 50
     learning_rate: float = 1e-3
+    learning_rate_by_model: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 1e-5
     batch_size: int = 2
     patch_size: tuple[int, int, int] = (64, 64, 64)

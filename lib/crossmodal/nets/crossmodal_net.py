@@ -54,8 +54,7 @@ class ModalityEncoder(nn.Module):
     def __init__(self, channels: Sequence[int], strides: Sequence[int]) -> None:
         super().__init__()
         cins = [1, *channels[:-1]]
-        self.levels = nn.ModuleList(_block(ci, co, s, convs=1 if i == 0 else 2)
-                                    for i, (ci, co, s) in enumerate(zip(cins, channels, strides, strict=True)))
+        self.levels = nn.ModuleList(_block(ci, co, s) for ci, co, s in zip(cins, channels, strides, strict=True))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = []
@@ -132,7 +131,7 @@ class CrossModalNet(nn.Module):
             s = level_strides[i + 1]
             self.up.append(nn.ConvTranspose3d(channels[i + 1], channels[i], s, stride=s) if s > 1
                            else nn.Conv3d(channels[i + 1], channels[i], 1))
-            self.dec.append(_block(2 * channels[i], channels[i], 1, convs=1 if i == 0 else 2))
+            self.dec.append(_block(2 * channels[i], channels[i], 1))
         self.dropout = float(dropout)
         s0 = level_strides[0]
         self.head = nn.ConvTranspose3d(channels[0], num_classes, s0, stride=s0) if s0 > 1 \
@@ -166,11 +165,12 @@ class CrossModalNet(nn.Module):
             raise ValueError("at least one modality must be present")
         return inputs
 
-    def forward(self, x: torch.Tensor | Mapping[str, torch.Tensor],
-                present: Sequence[bool] | None = None) -> CrossModalOutput:
+    def forward(self, x: torch.Tensor | Mapping[str, torch.Tensor], present: Sequence[bool] | None = None,
+                heads: bool = True) -> CrossModalOutput:
         """x: (B, M, H, W, D) in ``modalities`` order, or {name: (B, 1, H, W, D)} for any subset.
 
-        H, W, D must be divisible by the product of the strides.
+        H, W, D must be divisible by the product of the strides. ``heads=False`` skips the per-modality heads
+        (``per_modality`` stays empty), for a fused-only inference.
         """
         inputs = self._split(x, present)
         feats = {m: self.encoders[m](t) for m, t in inputs.items()}
@@ -185,7 +185,7 @@ class CrossModalNet(nn.Module):
         logits = self.head(y)
         size = logits.shape[2:]
         per_mod = {m: F.interpolate(self.aux[m](f[0]), size=size, mode="trilinear", align_corners=False)
-                   for m, f in feats.items()}
+                   for m, f in feats.items()} if heads else {}
         independent = {m: [lvl[:, : self.fusion[i].k].mean(dim=(2, 3, 4)) for i, lvl in enumerate(f)]
                        for m, f in feats.items()}
         return CrossModalOutput(fused=logits, per_modality=per_mod, independent=independent)

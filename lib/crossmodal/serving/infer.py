@@ -78,8 +78,10 @@ class CrossModalInfer(BasicInferTask):
         return list(preprocessing(self.cfg, "infer", missing=missing).transforms)
 
     def inferer(self, data: dict[str, Any] | None = None) -> Inferer:
-        used = set((data or {}).get("modalities_used") or self.cfg.modality_names)
-        return NetworkInferer(self.cfg.infer, present=[m in used for m in self.cfg.modality_names])
+        data = data or {}
+        used = set(data.get("modalities_used") or self.cfg.modality_names)
+        heads = data.get("prediction", "fused") in self.cfg.modality_names  # a modality's own head was asked for
+        return NetworkInferer(self.cfg.infer, present=[m in used for m in self.cfg.modality_names], heads=heads)
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda"):
         data = super().run_inferer(data, convert_to_batch, device)

@@ -102,7 +102,7 @@ class CrossModalTrain(BasicTrainTask):
             model_dir=model_dir, description=description, amp=False, load_path=pretrained_path,
             publish_path=publish_path, labels=cfg.labels.classes, load_strict=True, tracking=None,
             config={"max_epochs": t.max_epochs, "train_batch_size": t.batch_size, "val_batch_size": 1,
-                    "val_split": t.val_fraction, "learning_rate": t.learning_rate, "multi_gpu": False,
+                    "val_split": t.val_fraction, "learning_rate": t.lr_for(cfg.model.name), "multi_gpu": False,
                     "dataset": ["Dataset", "CacheDataset"], "dataloader": ["DataLoader", "ThreadDataLoader"],
                     "tracking": ["None", "mlflow"]},
         )
@@ -112,7 +112,7 @@ class CrossModalTrain(BasicTrainTask):
         return build_network(self.cfg)
 
     def optimizer(self, context: Context) -> torch.optim.Optimizer:
-        lr = float(context.request.get("learning_rate", self.cfg.train.learning_rate))
+        lr = float(context.request.get("learning_rate", self.cfg.train.lr_for(self.cfg.model.name)))
         return torch.optim.AdamW(context.network.parameters(), lr=lr, weight_decay=self.cfg.train.weight_decay)
 
     def loss_function(self, context: Context) -> torch.nn.Module:
