@@ -122,7 +122,8 @@ def resample_to(img: MetaTensor, ref: MetaTensor, mode: str = "bilinear") -> Met
     """Resample ``img`` (C, ...) onto the grid of ``ref`` in physical space; outside its field of view -> 0."""
     if img.shape[1:] == ref.shape[1:] and torch.allclose(img.affine.double(), ref.affine.double(), atol=1e-4):
         return img
-    out = ResampleToMatch(mode=mode, padding_mode="zeros", align_corners=True, dtype=torch.float32)(img, img_dst=ref)
+    # align_corners=False is MONAI's voxel-centre convention: exact in physical space (tests/test_io.py)
+    out = ResampleToMatch(mode=mode, padding_mode="zeros", align_corners=False, dtype=torch.float32)(img, img_dst=ref)
     return out  # type: ignore[return-value]
 
 

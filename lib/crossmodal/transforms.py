@@ -19,7 +19,6 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandSpatialCropSamplesd,
-    Spacing,
     SpatialPadd,
     SpatialResample,
     Transform,
@@ -28,6 +27,7 @@ from monai.transforms import (
 from crossmodal.config import CrossModalConfig, ModalityConfig
 from crossmodal.io import Case, CaseError, find_case, load_volume, read_label, resample_to, same_grid
 from crossmodal.labels import DENSE, IGNORE_INDEX, invalid_values, to_training
+from crossmodal.resample import axis_map, separable_resample, working_geometry
 
 
 def normalize(img: torch.Tensor, modality: ModalityConfig) -> torch.Tensor:
@@ -43,10 +43,16 @@ def working_grid(primary: MetaTensor, cfg: CrossModalConfig) -> MetaTensor:
     """The primary image (C, H, W, D) on the working grid: ``cfg.data.spacing`` (same axes), or unchanged."""
     if not cfg.data.spacing:
         return primary
-    current = np.sqrt((primary.affine[:3, :3].double() ** 2).sum(0)).numpy()
+    src = primary.affine.double().numpy()
+    current = np.sqrt((src[:3, :3] ** 2).sum(0))
     if np.allclose(current, cfg.data.spacing, atol=1e-3):
         return primary
-    return Spacing(pixdim=cfg.data.spacing, mode="bilinear", padding_mode="border", dtype=torch.float32)(primary)
+    dst, shape = working_geometry(src, primary.shape[1:], cfg.data.spacing)
+    scale, offset = axis_map(src, dst)  # same axes by construction
+    values = separable_resample(primary.as_tensor().float(), shape, scale, offset)
+    out = MetaTensor(values, meta=primary.meta)
+    out.affine = torch.as_tensor(dst)
+    return out
 
 
 def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None) -> tuple[MetaTensor, list[str]]:
@@ -109,8 +115,11 @@ def to_primary_grid(values: torch.Tensor, image: MetaTensor, mode: str = "biline
     if dst_affine is None or (tuple(dst_shape) == tuple(values.shape[1:])
                               and torch.allclose(image.affine.double(), dst_affine.double(), atol=1e-4)):
         return values
+    mapping = axis_map(image.affine.double().numpy(), dst_affine.double().numpy())
+    if mapping is not None and mode == "bilinear":
+        return separable_resample(values.float(), tuple(int(v) for v in dst_shape), *mapping)
     src = MetaTensor(values.float(), affine=image.affine)
-    out = SpatialResample(mode=mode, padding_mode="border", align_corners=True, dtype=torch.float32)(
+    out = SpatialResample(mode=mode, padding_mode="border", align_corners=False, dtype=torch.float32)(
         src, dst_affine=dst_affine, spatial_size=tuple(int(v) for v in dst_shape))
     return out.as_tensor()
 

@@ -10,6 +10,7 @@ from crossmodal.config import CrossModalConfig
 from crossmodal.inference import NetworkInferer
 from crossmodal.io import CaseError
 from crossmodal.nets import CrossModalNet
+from crossmodal.resample import argmax_channels
 from crossmodal.serving.datastore import http_error
 from crossmodal.transforms import preprocessing, to_primary_grid
 from monai.data import MetaTensor
@@ -47,7 +48,7 @@ class ArgmaxLabel:
             if which not in outputs:
                 raise http_error(ValueError(f"case {data.get('case_id')!r}: prediction {which!r} is not available; "
                                             f"choose one of {[*outputs, 'uncertainty']}"))
-            out = torch.argmax(to_primary_grid(_plain(outputs[which]), image), dim=0).to(torch.uint8)
+            out = argmax_channels(to_primary_grid(_plain(outputs[which]), image))
         data["pred"] = MetaTensor(out, affine=image.meta.get("primary_affine", image.affine))
         data["result"] = {"case": data.get("case_id"), "modalities_used": data.get("modalities_used", []),
                           "prediction": which}
