@@ -154,3 +154,24 @@ def test_phantom_cli_generates_in_seconds(tmp_path: Path):
     cfg = load_config("phantom")
     for cid in ("phantom000", "phantom001"):
         assert all(find_case(tmp_path / "p" / f"{cid}.nii.gz", cfg.modality_names).modalities.values())
+
+
+def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg):
+    """`crossmodal evaluate` and `crossmodal train` on an nnU-Net v2 raw dataset, with the committed weights."""
+    from conftest import PRETRAINED_PHANTOM
+
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=3, dense=1, sparse=1, seed=21)
+    ds = tmp_path / "Dataset002_Phantom"
+    subprocess.run([*CLI, "data", "export-nnunet", "--studies", str(studies), "--out", str(ds), "--config", "phantom",
+                    "--test", "phantom002"], check=True, capture_output=True)
+    r = subprocess.run([*CLI, "evaluate", "--studies", str(ds), "--config", "phantom", "--model",
+                        str(PRETRAINED_PHANTOM), "--network", "baseline_unet", "--out", str(tmp_path / "e.json")],
+                       capture_output=True, text=True, check=True)
+    summary = json.loads((tmp_path / "e.json").read_text())
+    assert summary["cases"] == 1 and summary["per_case"][0]["case"] == "phantom002"  # the imagesTs case
+    assert summary["dice_mean"] > 0.8, r.stdout
+    r = subprocess.run([*CLI, "train", "--studies", str(ds), "--config", "phantom", "--model-dir",
+                        str(tmp_path / "m"), "--epochs", "1", "--network", "baseline_unet"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "m" / "phantom_baseline_unet.pt").is_file()

@@ -17,6 +17,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -100,10 +101,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def as_studies(path: str, preset: str) -> str:
+    """A studies folder as is; an nnU-Net v2 raw dataset (it has a dataset.json) imported into a temp one."""
+    if not (Path(path) / "dataset.json").is_file():
+        return path
+    from crossmodal.data.nnunet import import_nnunet
+
+    out = tempfile.mkdtemp(prefix="crossmodal-nnunet-")
+    import_nnunet(path, out, load_config(preset))
+    print(f"imported nnU-Net dataset {path} -> {out}", file=sys.stderr)
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from crossmodal.serving.offline import train_offline
 
-    stats = train_offline(args.studies, args.config or "brain", args.model_dir, args.epochs, args.device,
+    preset = args.config or "brain"
+    stats = train_offline(as_studies(args.studies, preset), preset, args.model_dir, args.epochs, args.device,
                           publish=args.publish, pretrained=args.pretrained, network=args.network)
     print(json.dumps(stats, indent=2, default=str))
     return 0
@@ -112,7 +126,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from crossmodal.serving.offline import evaluate
 
-    summary = evaluate(args.studies, args.config or "brain", args.model, args.device, args.out, args.network)
+    preset = args.config or "brain"
+    summary = evaluate(as_studies(args.studies, preset), preset, args.model, args.device, args.out, args.network)
     for r in summary["per_case"]:
         print(json.dumps(r))
     print(json.dumps({k: v for k, v in summary.items() if k != "per_case"}, indent=2))
@@ -181,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_export)
 
     q = sub.add_parser("train", help="train the app's model on a studies folder (same code as the server)")
-    q.add_argument("--studies", required=True)
+    q.add_argument("--studies", required=True, help="studies folder or nnU-Net v2 raw dataset")
     q.add_argument("--config")
     q.add_argument("--model-dir", required=True)
     q.add_argument("--epochs", type=int, default=None)
@@ -192,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_train)
 
     q = sub.add_parser("evaluate", help="Dice of a model on the held-out cases of a studies folder (truth, no label)")
-    q.add_argument("--studies", required=True)
+    q.add_argument("--studies", required=True, help="studies folder or nnU-Net v2 raw dataset (its imagesTs/labelsTs)")
     q.add_argument("--config")
     q.add_argument("--model", required=True)
     q.add_argument("--device", default="auto")
