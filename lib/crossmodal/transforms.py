@@ -6,7 +6,7 @@ resampled onto the primary grid (outside a modality's field of view the value is
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import numpy as np
@@ -182,7 +182,3 @@ def preprocessing(cfg: CrossModalConfig, stage: str, missing: str | None = None)
         ]
     return Compose(steps)
 
-
-def training_datalist(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Keep the keys the transforms read: image, label, label_kind."""
-    return [{k: it[k] for k in ("image", "label", "label_kind") if k in it} for it in items]

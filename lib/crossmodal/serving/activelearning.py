@@ -14,7 +14,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from crossmodal.io import CaseError
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
@@ -69,7 +68,7 @@ class EntropyScoring(ScoringMethod):
             try:
                 _, data = self.infer_task({"image": datastore.get_image_uri(image_id), "skip_writer": True,
                                            "missing_modality": "zero_fill", "keep_probs": True})
-            except (CaseError, Exception) as e:  # a broken case must not stop the others from being scored
+            except Exception as e:  # a broken case (CaseError, HTTP 422) must not stop the others from being scored
                 failed[image_id] = str(getattr(e, "detail", e))
                 continue
             score = mean_entropy(torch.softmax(data["logits"].float(), 0))

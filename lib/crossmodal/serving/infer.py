@@ -19,8 +19,6 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from torch import nn
 
-PREDICTIONS = ("fused", "uncertainty")
-
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.as_tensor() if isinstance(t, MetaTensor) else t
