@@ -95,3 +95,11 @@ def test_built_from_yaml():
     net = build_network(cfg)
     assert isinstance(net, CrossModalNet) and net.modalities == ["t1", "t2", "pd"]
     assert net.encoders["t1"].levels[0][0].out_channels == 4
+
+
+def test_mc_dropout_per_call_leaves_the_network_deterministic():
+    net = small(["ct", "pet"], dropout=0.3).eval()
+    x = torch.randn(1, 2, SIZE, SIZE, SIZE)
+    assert not torch.allclose(net(x, mc_dropout=True).fused, net(x, mc_dropout=True).fused)
+    assert net.mc_dropout is False
+    torch.testing.assert_close(net(x).fused, net(x).fused)

@@ -13,13 +13,16 @@ from crossmodal.nets import CrossModalNet, CrossModalOutput
 
 
 def predict(network: nn.Module, x: torch.Tensor, present: Sequence[bool] | None = None,
-            heads: bool = True) -> dict[str, torch.Tensor]:
+            heads: bool = True, mc_dropout: bool = False) -> dict[str, torch.Tensor]:
     """One forward: ``{"fused": (B, N, ...)}`` plus ``{"<modality>": ...}`` for a cross-modal network.
 
     ``present`` marks the modalities to use (absent ones are left out of the fusion, not fed as zeros);
     ``heads=False`` skips the per-modality heads.
     """
-    out = network(x, present=present, heads=heads) if isinstance(network, CrossModalNet) else network(x)
+    if isinstance(network, CrossModalNet):
+        out = network(x, present=present, heads=heads, mc_dropout=mc_dropout)
+    else:
+        out = network(x)
     return out.as_dict() if isinstance(out, CrossModalOutput) else {"fused": out}
 
 
@@ -27,16 +30,17 @@ class NetworkInferer(Inferer):
     """MONAI ``SlidingWindowInferer`` around :func:`predict`; returns the dict, or the fused logits only."""
 
     def __init__(self, cfg: InferConfig, present: Sequence[bool] | None = None, fused_only: bool = False,
-                 roi_size: Sequence[int] | None = None, heads: bool = True) -> None:
+                 roi_size: Sequence[int] | None = None, heads: bool = True, mc_dropout: bool = False) -> None:
         super().__init__()
         self.present, self.fused_only, self.heads = present, fused_only, heads and not fused_only
+        self.mc_dropout = mc_dropout
         self.window = SlidingWindowInferer(roi_size=tuple(roi_size or cfg.roi_size), sw_batch_size=cfg.sw_batch_size,
                                            overlap=cfg.overlap, mode="gaussian")
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs):  # type: ignore[override]
         if self.fused_only:
-            return self.window(inputs, lambda x: predict(network, x, self.present, heads=False)["fused"])
-        return self.window(inputs, lambda x: predict(network, x, self.present, self.heads))
+            return self.window(inputs, lambda x: predict(network, x, self.present, False, self.mc_dropout)["fused"])
+        return self.window(inputs, lambda x: predict(network, x, self.present, self.heads, self.mc_dropout))
 
 
 def configure_threads() -> int:

@@ -166,18 +166,20 @@ class CrossModalNet(nn.Module):
         return inputs
 
     def forward(self, x: torch.Tensor | Mapping[str, torch.Tensor], present: Sequence[bool] | None = None,
-                heads: bool = True) -> CrossModalOutput:
+                heads: bool = True, mc_dropout: bool | None = None) -> CrossModalOutput:
         """x: (B, M, H, W, D) in ``modalities`` order, or {name: (B, 1, H, W, D)} for any subset.
 
         H, W, D must be divisible by the product of the strides. ``heads=False`` skips the per-modality heads
-        (``per_modality`` stays empty), for a fused-only inference.
+        (``per_modality`` stays empty), for a fused-only inference. ``mc_dropout=True`` samples dropout in eval mode
+        for this call only (thread-safe, unlike setting the ``mc_dropout`` attribute).
         """
         inputs = self._split(x, present)
         feats = {m: self.encoders[m](t) for m, t in inputs.items()}
         levels = len(self.fusion)
         fused = [self.fusion[i]({m: f[i] for m, f in feats.items()}) for i in range(levels)]
         y = fused[-1]
-        drop = self.dropout > 0 and (self.training or self.mc_dropout)
+        mc = self.mc_dropout if mc_dropout is None else mc_dropout
+        drop = self.dropout > 0 and (self.training or mc)
         for j, (up, dec) in enumerate(zip(self.up, self.dec, strict=True)):
             i = levels - 2 - j
             y = F.dropout3d(y, self.dropout, training=True) if drop else y

@@ -89,16 +89,14 @@ class CrossModalInfer(BasicInferTask):
             network = self._get_network(device, data)
             if isinstance(network, CrossModalNet) and samples > 0:
                 inputs = data["image"].as_tensor()[None].to(torch.device(device))
-                inferer = self.inferer(data)
+                used = set(data.get("modalities_used") or self.cfg.modality_names)
+                inferer = NetworkInferer(self.cfg.infer, present=[m in used for m in self.cfg.modality_names],
+                                         fused_only=True, mc_dropout=True)
                 probs = None
-                network.mc_dropout = True
-                try:
-                    with torch.no_grad():
-                        for _ in range(samples):
-                            p = torch.softmax(inferer(inputs, network)["fused"][0].float(), 0)
-                            probs = p if probs is None else probs + p
-                finally:
-                    network.mc_dropout = False
+                with torch.no_grad():
+                    for _ in range(samples):
+                        p = torch.softmax(inferer(inputs, network)[0].float(), 0)
+                        probs = p if probs is None else probs + p
                 data["mc_probs"] = (probs / samples).cpu()
         return data
 
