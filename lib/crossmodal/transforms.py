@@ -143,7 +143,8 @@ class LoadCased(MapTransform):
         d[self.image_key] = image
         d["case_id"], d["modalities_used"] = case.case_id, used
         if isinstance(d.get(self.label_key), str):
-            primary = MetaTensor(torch.zeros(1, *image.meta["primary_shape"]), affine=image.meta["primary_affine"])
+            shape, affine = image.meta["primary_shape"], image.meta["primary_affine"]
+            primary = MetaTensor(torch.empty(1, *shape), affine=affine)  # the primary grid, no data needed
             label = load_training_label(d[self.label_key], primary, case.case_id, self.cfg, d.get("label_kind", DENSE))
             d[self.label_key] = resample_to(label, image, mode="nearest") if not same_grid(label, image) else label
         return d
