@@ -83,21 +83,22 @@ class CrossModalInfer(BasicInferTask):
         return NetworkInferer(self.cfg.infer, present=[m in used for m in self.cfg.modality_names], heads=heads)
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda"):
-        data = super().run_inferer(data, convert_to_batch, device)
-        if data.get("prediction") == "uncertainty":
-            samples = int(data.get("mc_samples", 8))
-            network = self._get_network(device, data)
-            if isinstance(network, CrossModalNet) and samples > 0:
-                inputs = data["image"].as_tensor()[None].to(torch.device(device))
-                used = set(data.get("modalities_used") or self.cfg.modality_names)
-                inferer = NetworkInferer(self.cfg.infer, present=[m in used for m in self.cfg.modality_names],
-                                         fused_only=True, mc_dropout=True)
-                probs = None
-                with torch.no_grad():
-                    for _ in range(samples):
-                        p = torch.softmax(inferer(inputs, network)[0].float(), 0)
-                        probs = p if probs is None else probs + p
-                data["mc_probs"] = (probs / samples).cpu()
+        """The usual sliding window, or for ``prediction=uncertainty`` only the Monte-Carlo dropout passes."""
+        samples = int(data.get("mc_samples", 8))
+        network = self._get_network(device, data)
+        if data.get("prediction") != "uncertainty" or not isinstance(network, CrossModalNet) or samples < 1:
+            return super().run_inferer(data, convert_to_batch, device)
+        inputs = data["image"].as_tensor()[None].to(torch.device(device))
+        used = set(data.get("modalities_used") or self.cfg.modality_names)
+        inferer = NetworkInferer(self.cfg.infer, present=[m in used for m in self.cfg.modality_names],
+                                 fused_only=True, mc_dropout=True)
+        probs = None
+        with torch.no_grad():
+            for _ in range(samples):
+                p = torch.softmax(inferer(inputs, network)[0].float(), 0)
+                probs = p if probs is None else probs + p
+        data["mc_probs"] = (probs / samples).cpu()
+        data[self.output_label_key] = {"fused": data["mc_probs"].clamp_min(1e-8).log()}
         return data
 
     def inverse_transforms(self, data: dict[str, Any] | None = None) -> None:
