@@ -3,13 +3,15 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from conftest import make_phantom_studies
 from crossmodal.config import load_config
 from crossmodal.inference import NetworkInferer, predict
 from crossmodal.io import load_volume
 from crossmodal.nets import CrossModalNet, build_network
-from crossmodal.transforms import LoadCased, to_primary_grid
+from crossmodal.resample import argmax_channels, resample_argmax, separable_resample
+from crossmodal.transforms import LoadCased, to_primary_grid, to_primary_labels
 
 
 def test_working_spacing_and_back_to_the_primary_grid(tmp_path: Path):
@@ -26,6 +28,24 @@ def test_working_spacing_and_back_to_the_primary_grid(tmp_path: Path):
     assert back.shape == truth.shape
     organ = 2 * ((back == 1) & (truth == 1)).sum() / ((back == 1).sum() + (truth == 1).sum())
     assert organ > 0.9  # the coarse label maps back onto the truth
+    logits = torch.nn.functional.avg_pool3d(onehot[None] + 0.3 * torch.randn(1, *onehot.shape), 3, 1, 1)[0]
+    fast = to_primary_labels(logits, d["image"])
+    assert fast.dtype == torch.uint8 and tuple(fast.shape) == (48, 48, 48)
+    assert torch.equal(fast, argmax_channels(to_primary_grid(logits, d["image"])))
+
+
+@pytest.mark.parametrize("smooth", [True, False])
+def test_resample_argmax_equals_dense_resampling_then_argmax(smooth: bool):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 23, 19, 11, generator=g)
+    if smooth:  # few label boundaries: the sparse path; noise: the dense fallback
+        x = torch.nn.functional.avg_pool3d(4 * x[None], 5, 1, 2, count_include_pad=False)[0]
+    grids = [((57, 19, 30), (0.4, 1.0, 0.37), (-0.3, 0.0, -0.2)), ((10, 40, 5), (2.3, 0.47, 2.0), (0.6, -0.1, 0.4))]
+    for dst, scale, offset in grids:
+        dense = argmax_channels(separable_resample(x.clone(), dst, scale, offset))
+        fast = resample_argmax(x, dst, scale, offset)
+        assert fast.dtype == torch.uint8 and torch.equal(fast, dense)
+        assert len(fast.unique()) > 1
 
 
 def test_predict_and_inferer_for_both_networks():
@@ -42,3 +62,26 @@ def test_predict_and_inferer_for_both_networks():
             assert sorted(predict(net, x, heads=False)) == ["fused"]
         else:
             assert sorted(out) == ["fused"]
+
+
+@pytest.mark.parametrize("fused_only", [True, False])
+def test_single_window_matches_monai_sliding_window(fused_only: bool):
+    from monai.inferers import SlidingWindowInferer
+
+    cfg = load_config("phantom", overrides={"infer": {"roi_size": [48, 48, 40]}})
+    net = build_network(cfg).eval()
+    x = torch.randn(1, 3, 45, 37, 40)  # fits one window: padded unevenly on two axes
+    inferer = NetworkInferer(cfg.infer, fused_only=fused_only)
+    window = SlidingWindowInferer(roi_size=(48, 48, 40), sw_batch_size=1, overlap=0.25, mode="gaussian")
+
+    def run(t: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
+        out = predict(net, t, heads=not fused_only)
+        return out["fused"] if fused_only else out
+
+    with torch.no_grad():
+        fast, ref = inferer(x, net), window(x, run)
+    fast, ref = (fast, ref) if isinstance(fast, dict) else ({"fused": fast}, {"fused": ref})
+    assert sorted(fast) == sorted(ref) == (["fused"] if fused_only else ["ct", "fused", "mr", "pet"])
+    for k in ref:
+        assert tuple(fast[k].shape) == (1, 4, 45, 37, 40)
+        torch.testing.assert_close(fast[k], ref[k], rtol=1e-4, atol=1e-4)

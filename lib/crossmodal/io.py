@@ -24,12 +24,25 @@ import nibabel as nib
 import nrrd
 import numpy as np
 import torch
+from isal import igzip
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, ResampleToMatch
+from nibabel.openers import ImageOpener
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def _isal_gzip_open(filename: str, mode: str = "rb", compresslevel: int = 1, mtime: int = 0,
+                    keep_open: bool = False) -> igzip.IGzipFile:
+    """gzip through ISA-L: same bytes format, 2-3x faster (de)compression than zlib (a CT decompresses in 0.3 s)."""
+    return igzip.IGzipFile(filename, mode, compresslevel=min(int(compresslevel), igzip._COMPRESS_LEVEL_BEST),
+                           mtime=mtime)
+
+
+# nibabel's documented hook for openers of image files (MONAI's NibabelReader goes through it)
+ImageOpener.compress_ext_map[".gz"] = (_isal_gzip_open, ("mode", "compresslevel", "mtime", "keep_open"))
 
 
 def publish_mode(tmp: str | os.PathLike[str]) -> None:
@@ -112,7 +125,7 @@ def load_volume(path: str | os.PathLike[str], case_id: str | None = None) -> Met
         raise CaseError(cid, path, f"cannot be read as NIfTI/NRRD (truncated or corrupt?): {reason}") from e
     if img.ndim != 4:
         raise CaseError(cid, path, f"expected a 3D or 4D volume, got shape {tuple(img.shape)}")
-    bad = int((~torch.isfinite(img)).sum())
+    bad = 0 if torch.isfinite(img.sum()) else int((~torch.isfinite(img)).sum())  # one pass when all is finite
     if bad:
         raise CaseError(cid, path, f"holds {bad} non-finite voxels (NaN/Inf); fix or re-export the image")
     return img

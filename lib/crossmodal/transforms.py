@@ -27,7 +27,7 @@ from monai.transforms import (
 from crossmodal.config import CrossModalConfig, ModalityConfig
 from crossmodal.io import Case, CaseError, find_case, load_volume, read_label, resample_to, same_grid
 from crossmodal.labels import DENSE, IGNORE_INDEX, invalid_values, to_training
-from crossmodal.resample import axis_map, separable_resample, working_geometry
+from crossmodal.resample import argmax_channels, axis_map, resample_argmax, separable_resample, working_geometry
 
 
 def normalize(img: torch.Tensor, modality: ModalityConfig) -> torch.Tensor:
@@ -124,6 +124,19 @@ def to_primary_grid(values: torch.Tensor, image: MetaTensor, mode: str = "biline
     return out.as_tensor()
 
 
+def to_primary_labels(values: torch.Tensor, image: MetaTensor) -> torch.Tensor:
+    """Logits (C, h, w, d) on ``image``'s working grid -> uint8 labels (H, W, D) on its primary grid.
+
+    Same labels as ``argmax_channels(to_primary_grid(values, image))``; between axis-aligned grids only the label
+    boundaries are interpolated (:func:`crossmodal.resample.resample_argmax`).
+    """
+    dst_affine, dst_shape = image.meta.get("primary_affine"), image.meta.get("primary_shape")
+    mapping = None if dst_affine is None else axis_map(image.affine.double().numpy(), dst_affine.double().numpy())
+    if mapping is None:
+        return argmax_channels(to_primary_grid(values, image))
+    return resample_argmax(values.float(), tuple(int(v) for v in dst_shape), *mapping)
+
+
 class LoadCased(MapTransform):
     """``data["image"]`` (primary path) -> (M, H, W, D) tensor; optional ``data["label"]`` path -> (1, H, W, D).
 
@@ -163,16 +176,18 @@ def load_training_label(path: str, image: MetaTensor, case_id: str, cfg: CrossMo
 
 
 def preprocessing(cfg: CrossModalConfig, stage: str, missing: str | None = None) -> Compose:
-    """The one transform factory. ``stage`` is ``train`` (random patches + augmentation), ``val`` or ``infer``."""
-    if stage not in ("train", "val", "infer"):
-        raise ValueError(f"stage {stage!r} is not one of ('train', 'val', 'infer')")
+    """The one transform factory. ``stage``: ``train`` (random patches + augmentation, image and label),
+    ``unlabeled`` (the same for an image alone), ``val`` or ``infer``."""
+    if stage not in ("train", "unlabeled", "val", "infer"):
+        raise ValueError(f"stage {stage!r} is not one of ('train', 'unlabeled', 'val', 'infer')")
     steps: list[Transform] = [LoadCased(cfg, missing=missing)]
-    if stage == "train":
+    if stage in ("train", "unlabeled"):
         t = cfg.train
-        keys = ["image", "label"]
+        keys = ["image", "label"] if stage == "train" else ["image"]
+        steps += [SpatialPadd(keys=["image"], spatial_size=t.patch_size)]
+        if stage == "train":
+            steps += [SpatialPadd(keys=["label"], spatial_size=t.patch_size, value=IGNORE_INDEX)]
         steps += [
-            SpatialPadd(keys=["image"], spatial_size=t.patch_size),
-            SpatialPadd(keys=["label"], spatial_size=t.patch_size, value=IGNORE_INDEX),
             RandSpatialCropSamplesd(keys=keys, roi_size=t.patch_size, num_samples=t.patches_per_case,
                                     random_size=False),
             RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
@@ -182,4 +197,3 @@ def preprocessing(cfg: CrossModalConfig, stage: str, missing: str | None = None)
             RandShiftIntensityd(keys=["image"], offsets=0.1, prob=0.5),
         ]
     return Compose(steps)
-

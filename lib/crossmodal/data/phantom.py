@@ -120,6 +120,8 @@ def make_phantom(cfg: CrossModalConfig, rng: np.random.Generator, size: int = 48
         if mod.kind in ("mr", "pet"):
             img *= 1.0 + smooth_field(rng, grid, 0.2)
         img += rng.normal(0.0, sd, grid).astype(np.float32) * (img > 0 if mod.kind == "pet" else 1)
-        images[mod.name] = Volume(img.astype(np.float32), affine)
+        # a CT holds integer Hounsfield units (int16), as scanners write it
+        images[mod.name] = Volume(np.rint(img).astype(np.int16) if mod.kind == "ct" else img.astype(np.float32),
+                                  affine)
     assert label is not None
     return SyntheticCase(images=images, label=label)

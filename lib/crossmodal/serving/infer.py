@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from crossmodal.config import CrossModalConfig
 from crossmodal.inference import NetworkInferer
-from crossmodal.io import CaseError
+from crossmodal.io import CaseError, save_volume
 from crossmodal.nets import CrossModalNet
-from crossmodal.resample import argmax_channels
 from crossmodal.serving.datastore import http_error
-from crossmodal.transforms import preprocessing, to_primary_grid
+from crossmodal.transforms import preprocessing, to_primary_grid, to_primary_labels
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monailabel.interfaces.tasks.infer_v2 import InferType
@@ -46,7 +48,7 @@ class ArgmaxLabel:
             if which not in outputs:
                 raise http_error(ValueError(f"case {data.get('case_id')!r}: prediction {which!r} is not available; "
                                             f"choose one of {[*outputs, 'uncertainty']}"))
-            out = argmax_channels(to_primary_grid(_plain(outputs[which]), image))
+            out = to_primary_labels(_plain(outputs[which]), image)
         data["pred"] = MetaTensor(out, affine=image.meta.get("primary_affine", image.affine))
         data["result"] = {"case": data.get("case_id"), "modalities_used": data.get("modalities_used", []),
                           "prediction": which}
@@ -106,6 +108,23 @@ class CrossModalInfer(BasicInferTask):
 
     def post_transforms(self, data: dict[str, Any] | None = None) -> Sequence[Callable]:
         return [ArgmaxLabel()]
+
+    def writer(self, data: dict[str, Any], extension: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
+        """Write the label map with :func:`crossmodal.io.save_volume` (NIfTI through ISA-L gzip, or NRRD, in RAS
+        as every reader here expects); other outputs go to MONAI Label's writer."""
+        ext = extension or data.get("result_extension") or ".nii.gz"
+        pred = data[self.output_label_key]
+        if ext not in (".nii.gz", ".nii", ".nrrd") or not data.get("result_write_to_file", True) \
+                or not isinstance(pred, MetaTensor) or pred.ndim != 3:
+            return super().writer(data, extension, dtype)
+        array = pred.numpy()
+        out_dtype = dtype or data.get("result_dtype")
+        if out_dtype:
+            array = array.astype(np.dtype(out_dtype), copy=False)
+        fd, path = tempfile.mkstemp(suffix=ext, prefix="crossmodal-")
+        os.close(fd)
+        save_volume(path, array, pred.affine.double().numpy())
+        return path, data.get(self.output_json_key, {})
 
     def __call__(self, request: dict[str, Any], callbacks: Any = None) -> tuple[Any, dict]:
         req = dict(request)
