@@ -113,13 +113,34 @@ def as_studies(path: str, preset: str) -> str:
     return out
 
 
+def _method_preset(preset: str, method: str | None, model_dir: str) -> str:
+    """The preset as is, or with ``method`` applied, saved as ``<model_dir>/method_config.yaml`` (its path)."""
+    if not method:
+        return preset
+    from crossmodal.config import save_config
+    from crossmodal.serving.offline import method_config
+
+    path = Path(model_dir) / "method_config.yaml"
+    save_config(method_config(preset, method), path)
+    return str(path)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from crossmodal.serving.offline import train_offline
+    from crossmodal.serving.offline import evaluate, train_offline
 
     preset = args.config or "brain"
-    stats = train_offline(as_studies(args.studies, preset), preset, args.model_dir, args.epochs, args.device,
-                          publish=args.publish, pretrained=args.pretrained, network=args.network)
+    studies = as_studies(args.studies, preset)
+    resolved = _method_preset(preset, args.method, args.model_dir)
+    network = args.network or (load_config(resolved).model.name if args.method else None)
+    stats = train_offline(studies, resolved, args.model_dir, args.epochs, args.device, publish=args.publish,
+                          pretrained=args.pretrained, network=network, use_unlabeled=not args.no_unlabeled,
+                          processes=args.processes)
     print(json.dumps(stats, indent=2, default=str))
+    if any((Path(studies) / "truth").glob("*.nii.gz")):  # held-out test cases: Dice and HD95 per case
+        out = str(Path(args.model_dir) / "evaluation.json")
+        summary = evaluate(studies, resolved, stats["published"], args.device, out, network)
+        print(f"test cases: {summary['cases']}, mean Dice {summary['dice_mean']:.4f}, "
+              f"mean HD95 {summary['hd95_mean']:.2f} mm -> {out}")
     return 0
 
 
@@ -127,7 +148,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from crossmodal.serving.offline import evaluate
 
     preset = args.config or "brain"
-    summary = evaluate(as_studies(args.studies, preset), preset, args.model, args.device, args.out, args.network)
+    studies = as_studies(args.studies, preset)
+    resolved = preset
+    if args.method:
+        resolved = _method_preset(preset, args.method, tempfile.mkdtemp(prefix="crossmodal-method-"))
+    network = args.network or (load_config(resolved).model.name if args.method else None)
+    summary = evaluate(studies, resolved, args.model, args.device, args.out, network, tuple(args.drop))
     for r in summary["per_case"]:
         print(json.dumps(r))
     print(json.dumps({k: v for k, v in summary.items() if k != "per_case"}, indent=2))
@@ -204,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--publish", help="also copy the best model here")
     q.add_argument("--pretrained", help="weights to start from")
     q.add_argument("--network", help="network name (default: the preset's model.name)")
+    q.add_argument("--method", help="ours | baseline_unet | single_<modality> (applied to the preset)")
+    q.add_argument("--no-unlabeled", action="store_true", help="leave the unlabelled cases out")
+    q.add_argument("--processes", type=int, default=1, help="data-parallel processes (gloo on CPU, NCCL on GPUs)")
     q.set_defaults(func=cmd_train)
 
     q = sub.add_parser("evaluate", help="Dice of a model on the held-out cases of a studies folder (truth, no label)")
@@ -213,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="auto")
     q.add_argument("--out", help="write the JSON summary here")
     q.add_argument("--network", help="network name (default: the preset's model.name)")
+    q.add_argument("--method", help="ours | baseline_unet | single_<modality>, as the model was trained")
+    q.add_argument("--drop", nargs="*", default=[], help="modalities to segment without (missing at test time)")
     q.set_defaults(func=cmd_evaluate)
     return p
 

@@ -95,6 +95,7 @@ class LabelConfig:
 class ModelConfig:
     """Network choice and size. ``name`` is a key of ``crossmodal.nets.NETWORKS``.
 
+    ``inputs``: the modalities the network sees (empty: all; e.g. ``[t1]`` for a single-modality model).
     ``encoder_channels``, ``independent_fraction`` and ``modality_dropout`` are read by ``crossmodal`` only
     (empty ``encoder_channels``: half of ``channels``); ``num_res_units`` by ``baseline_unet`` only.
     """
@@ -107,8 +108,10 @@ class ModelConfig:
     encoder_channels: tuple[int, ...] = ()
     independent_fraction: float = 0.5
     modality_dropout: float = 0.0
+    inputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self.inputs = tuple(str(n) for n in self.inputs)
         self.channels = tuple(int(c) for c in self.channels)
         self.strides = tuple(int(s) for s in self.strides)
         self.encoder_channels = tuple(int(c) for c in self.encoder_channels)
@@ -140,6 +143,40 @@ class InferConfig:
 
 
 @dataclass
+class ConsistencyConfig:
+    """The label-free terms of the hybrid trainer (``crossmodal`` networks), each weight ramped up from 0 over
+    ``rampup_iterations`` (sigmoid ramp).
+
+    ``inter_weight``: per-modality heads vs fused output (``inter_mode`` ``dice`` or ``pseudo`` with a
+    ``pseudo_threshold`` confidence mask); ``intra_weight``: prediction vs prediction of a flipped, intensity-
+    jittered copy; ``channel_weight``: pooled modality-independent channels agree across modalities.
+    ``unlabeled``: draw unlabeled cases (``unlabeled_batch_size`` per step) into these terms.
+    """
+
+    inter_weight: float = 0.3
+    inter_mode: str = "dice"
+    pseudo_threshold: float = 0.8
+    intra_weight: float = 0.3
+    channel_weight: float = 0.05
+    rampup_iterations: int = 100
+    unlabeled: bool = True
+    unlabeled_batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.inter_mode not in ("dice", "pseudo"):
+            raise ConfigError(f"train.consistency.inter_mode: {self.inter_mode!r} is not one of ('dice', 'pseudo')")
+        for k in ("inter_weight", "intra_weight", "channel_weight"):
+            if float(getattr(self, k)) < 0:
+                raise ConfigError(f"train.consistency.{k}: {getattr(self, k)} must be >= 0")
+        if self.unlabeled_batch_size < 1:
+            raise ConfigError(f"train.consistency.unlabeled_batch_size: {self.unlabeled_batch_size} must be >= 1")
+
+    @property
+    def active(self) -> bool:
+        return max(self.inter_weight, self.intra_weight, self.channel_weight) > 0
+
+
+@dataclass
 class TrainConfig:
     """Training hyper-parameters; the losses read their weights from here.
 
@@ -163,8 +200,11 @@ class TrainConfig:
     aux_weight: float = 0.5
     num_workers: int = 0
     seed: int = 0
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.consistency, dict):
+            self.consistency = _build(ConsistencyConfig, self.consistency, "train.consistency")
         self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
         if self.max_epochs < 1 or self.batch_size < 1 or self.patches_per_case < 1:
             raise ConfigError("train: max_epochs, batch_size and patches_per_case must be >= 1")
@@ -206,6 +246,9 @@ class CrossModalConfig:
             raise ConfigError("modalities: at least one modality is needed (the first is the primary)")
         if len(set(names)) != len(names):
             raise ConfigError(f"modalities: names {names} must be unique")
+        unknown = [n for n in self.model.inputs if n not in names]
+        if unknown:
+            raise ConfigError(f"model.inputs: {unknown} are not configured modalities {names}")
 
     @property
     def modality_names(self) -> list[str]:
@@ -257,10 +300,11 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base``: dicts recursively, everything else replaced."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -274,7 +318,7 @@ def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: top level must be a mapping")
     parent = raw.pop("extends", None)
     if parent:
-        raw = _merge(_read_raw(resolve_preset(str(parent), path.parent), (*seen, path)), raw)
+        raw = merge_dicts(_read_raw(resolve_preset(str(parent), path.parent), (*seen, path)), raw)
     return raw
 
 
@@ -302,7 +346,7 @@ def load_config(name_or_path: str, configs_dir: str | os.PathLike[str] | None = 
     """Load a preset by name or path, apply nested ``overrides``, validate, return the typed config."""
     raw = _read_raw(resolve_preset(name_or_path, configs_dir).resolve())
     if overrides:
-        raw = _merge(raw, overrides)
+        raw = merge_dicts(raw, overrides)
     return CrossModalConfig.from_dict(raw)
 
 

@@ -11,7 +11,7 @@ from monai.inferers import Inferer, SlidingWindowInferer
 from torch import nn
 
 from crossmodal.config import InferConfig
-from crossmodal.nets import CrossModalNet, CrossModalOutput
+from crossmodal.nets import CrossModalNet, CrossModalOutput, unwrap
 
 
 def predict(network: nn.Module, x: torch.Tensor, present: Sequence[bool] | None = None,
@@ -21,7 +21,7 @@ def predict(network: nn.Module, x: torch.Tensor, present: Sequence[bool] | None 
     ``present`` marks the modalities to use (absent ones are left out of the fusion, not fed as zeros);
     ``heads=False`` skips the per-modality heads.
     """
-    if isinstance(network, CrossModalNet):
+    if isinstance(unwrap(network), CrossModalNet):
         out = network(x, present=present, heads=heads, mc_dropout=mc_dropout)
     else:
         out = network(x)

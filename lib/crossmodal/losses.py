@@ -101,3 +101,121 @@ class SupervisedLoss(nn.Module):
             aux = torch.stack([self.base(v, target) for v in pred.per_modality.values()]).mean()
             loss = loss + self.aux_weight * aux
         return loss
+
+
+def sigmoid_rampup(step: float, length: float) -> float:
+    """Laine & Aila's ramp ``exp(-5 (1 - t)^2)``, t = step / length clipped to [0, 1]; 1 when ``length`` <= 0.
+
+    Example:
+        >>> [round(sigmoid_rampup(s, 10), 3) for s in (0, 5, 10, 20)]
+        [0.007, 0.287, 1.0, 1.0]
+    """
+    if length <= 0:
+        return 1.0
+    t = min(max(float(step) / float(length), 0.0), 1.0)
+    return float(torch.exp(torch.tensor(-5.0 * (1.0 - t) ** 2)))
+
+
+def soft_dice_distance(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """1 - soft Dice between two probability maps (B, C, ...), per sample and class, averaged: a scalar.
+
+    Example:
+        >>> p = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # (1, 2 classes, 2 voxels)
+        >>> round(soft_dice_distance(p, p).item(), 4), round(soft_dice_distance(p, p.flip(1)).item(), 4)
+        (0.0, 1.0)
+    """
+    dims = tuple(range(2, p.ndim))
+    inter = (p * q).sum(dims)
+    denom = p.sum(dims) + q.sum(dims)
+    return 1.0 - ((2 * inter + eps) / (denom + eps)).mean()
+
+
+class InterModalConsistencyLoss(nn.Module):
+    """The per-modality heads and the fused output agree on the same voxels (labels not needed).
+
+    ``mode="dice"``: mean over the heads of 1 - soft Dice(softmax(head), softmax(fused)), gradients to both.
+    ``mode="pseudo"``: the mean softmax of fused and heads (no gradient) gives a pseudo-label where its top
+    probability is at least ``threshold``; cross-entropy of the fused output and of every head against it, on
+    those voxels only (0 when none is confident).
+
+    Args (forward):
+        fused: (B, C, ...) logits. per_modality: {name: (B, C, ...)} logits of the present modalities.
+
+    Example:
+        >>> f = torch.tensor([[[4.0, -4.0], [-4.0, 4.0]]])  # (1, 2 classes, 2 voxels)
+        >>> round(InterModalConsistencyLoss()(f, {"ct": f}).item(), 4)  # agreement: nearly 0
+        0.0007
+        >>> round(InterModalConsistencyLoss()(f, {"ct": -f}).item(), 4)  # full disagreement
+        0.9993
+    """
+
+    def __init__(self, mode: str = "dice", threshold: float = 0.8) -> None:
+        super().__init__()
+        if mode not in ("dice", "pseudo"):
+            raise ValueError(f"consistency mode {mode!r} is not one of ('dice', 'pseudo')")
+        self.mode, self.threshold = mode, threshold
+
+    def forward(self, fused: torch.Tensor, per_modality: dict[str, torch.Tensor]) -> torch.Tensor:
+        if not per_modality:
+            return fused.sum() * 0.0
+        heads = list(per_modality.values())
+        if self.mode == "dice":
+            pf = torch.softmax(fused, 1)
+            return torch.stack([soft_dice_distance(torch.softmax(h, 1), pf) for h in heads]).mean()
+        with torch.no_grad():
+            mean = torch.stack([torch.softmax(t, 1) for t in (fused, *heads)]).mean(0)
+            conf, pseudo = mean.max(1)
+            pseudo = pseudo.masked_fill(conf < self.threshold, IGNORE_INDEX)
+        ce = PartialCrossEntropyLoss()
+        return torch.stack([ce(t, pseudo) for t in (fused, *heads)]).mean()
+
+
+class AugmentationConsistencyLoss(nn.Module):
+    """Intra-modal regularisation: predictions of a case and of its augmented copy (mapped back) agree.
+
+    1 - soft Dice between the two softmax maps; both get gradients.
+
+    Example:
+        >>> a = torch.tensor([[[3.0, -3.0], [-3.0, 3.0]]])
+        >>> round(AugmentationConsistencyLoss()(a, a).item(), 4)  # soft maps: 1 - sum p^2 / sum p, not 0
+        0.0049
+        >>> round(AugmentationConsistencyLoss()(a, -a).item(), 4)
+        0.9951
+    """
+
+    def forward(self, logits: torch.Tensor, logits_augmented: torch.Tensor) -> torch.Tensor:
+        return soft_dice_distance(torch.softmax(logits, 1), torch.softmax(logits_augmented, 1))
+
+
+class ChannelConsistencyLoss(nn.Module):
+    """Channel-wise semantic consistency: a case's modality-independent channels agree across its modalities.
+
+    Works on spatially pooled per-channel descriptors (B, K) per level, so it needs no voxel alignment and its
+    memory is linear in the channels: for every pair of present modalities and every level, 1 - cosine similarity
+    of the channel-centred descriptors, averaged. 0 with a single modality.
+
+    Args (forward):
+        independent: {name: [(B, K_level), ...]} as in ``CrossModalOutput.independent``.
+
+    Example:
+        >>> d = {"ct": [torch.tensor([[1.0, 2.0, 3.0]])], "mr": [torch.tensor([[2.0, 4.0, 6.0]])]}
+        >>> round(ChannelConsistencyLoss()(d).item(), 4)  # same pattern, other scale
+        0.0
+        >>> d["mr"] = [torch.tensor([[3.0, 2.0, 1.0]])]
+        >>> round(ChannelConsistencyLoss()(d).item(), 4)  # reversed pattern
+        2.0
+    """
+
+    def forward(self, independent: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+        mods = list(independent.values())
+        if len(mods) < 2:
+            first = mods[0][0] if mods else torch.zeros(())
+            return first.sum() * 0.0
+        terms = []
+        for i in range(len(mods)):
+            for j in range(i + 1, len(mods)):
+                for a, b in zip(mods[i], mods[j], strict=True):
+                    a = a - a.mean(1, keepdim=True)
+                    b = b - b.mean(1, keepdim=True)
+                    terms.append(1.0 - F.cosine_similarity(a, b, dim=1, eps=1e-6).mean())
+        return torch.stack(terms).mean()

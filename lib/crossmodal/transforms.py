@@ -6,7 +6,7 @@ resampled onto the primary grid (outside a modality's field of view the value is
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -55,7 +55,8 @@ def working_grid(primary: MetaTensor, cfg: CrossModalConfig) -> MetaTensor:
     return out
 
 
-def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None) -> tuple[MetaTensor, list[str]]:
+def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
+              drop: Sequence[str] = ()) -> tuple[MetaTensor, list[str]]:
     """Load and normalise every modality of ``case`` and resample it onto the working grid.
 
     The working grid is the primary grid, or the primary grid at ``cfg.data.spacing`` when set.
@@ -64,6 +65,8 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None) -> 
         case: the case's files.
         cfg: the config (modalities in order, the first one primary).
         missing: ``error`` or ``zero_fill`` for an absent secondary modality; defaults to ``cfg.infer``'s.
+        drop: modalities to leave out although present (filled with 0, not in ``used``); the primary's file
+            still gives the grid.
 
     Returns:
         ``(image, used)``: image (M, H, W, D) float32 on the working grid, M = number of configured modalities,
@@ -75,6 +78,11 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None) -> 
     """
     policy = missing or cfg.infer.missing_modality
     mods = cfg.modalities
+    unknown = sorted(set(drop) - set(cfg.modality_names))
+    if unknown:
+        raise CaseError(case.case_id, None, f"cannot drop {unknown}: not configured modalities {cfg.modality_names}")
+    if len(set(drop)) >= len(mods):
+        raise CaseError(case.case_id, None, f"dropping {sorted(drop)} leaves no modality to segment with")
     primary = load_volume(case.primary, case.case_id)
     grid = {"primary_affine": primary.affine.clone(), "primary_shape": tuple(primary.shape[1:])}
     if primary.shape[0] > 1:  # a 4D multi-channel file holds all modalities in config order
@@ -82,15 +90,18 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None) -> 
             raise CaseError(case.case_id, case.primary,
                             f"has {primary.shape[0]} channels but the config names {len(mods)} modalities "
                             f"{cfg.modality_names}")
-        chans = [normalize(primary[i : i + 1], m) for i, m in enumerate(mods)]
+        chans = [normalize(primary[i : i + 1], m) * (m.name not in drop) for i, m in enumerate(mods)]
         out = working_grid(MetaTensor(torch.cat(chans), meta=primary.meta), cfg)
         out.meta.update(grid)
-        return out, list(cfg.modality_names)
+        return out, [n for n in cfg.modality_names if n not in drop]
     ref = working_grid(MetaTensor(normalize(primary, mods[0]).as_tensor(), meta=primary.meta), cfg)
-    chans = [ref.as_tensor()]
-    used = [mods[0].name]
+    chans = [ref.as_tensor() if mods[0].name not in drop else torch.zeros_like(ref.as_tensor())]
+    used = [mods[0].name] if mods[0].name not in drop else []
     for m in mods[1:]:
         path = case.modalities.get(m.name)
+        if m.name in drop:
+            chans.append(torch.zeros_like(chans[0]))
+            continue
         if path is None:
             if policy == "error":
                 raise CaseError(case.case_id, None,
@@ -145,14 +156,15 @@ class LoadCased(MapTransform):
     """
 
     def __init__(self, cfg: CrossModalConfig, image_key: str = "image", label_key: str = "label",
-                 missing: str | None = None) -> None:
+                 missing: str | None = None, drop: Sequence[str] = ()) -> None:
         super().__init__([image_key], allow_missing_keys=True)
         self.cfg, self.image_key, self.label_key, self.missing = cfg, image_key, label_key, missing
+        self.drop = tuple(drop)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         case = find_case(d[self.image_key], self.cfg.modality_names, self.cfg.data.sidecar_dir)
-        image, used = load_case(case, self.cfg, self.missing)
+        image, used = load_case(case, self.cfg, self.missing, self.drop)
         d[self.image_key] = image
         d["case_id"], d["modalities_used"] = case.case_id, used
         if isinstance(d.get(self.label_key), str):
@@ -175,12 +187,12 @@ def load_training_label(path: str, image: MetaTensor, case_id: str, cfg: CrossMo
     return MetaTensor(torch.from_numpy(target[None].astype(np.float32)), affine=image.affine)
 
 
-def preprocessing(cfg: CrossModalConfig, stage: str, missing: str | None = None) -> Compose:
+def preprocessing(cfg: CrossModalConfig, stage: str, missing: str | None = None, drop: Sequence[str] = ()) -> Compose:
     """The one transform factory. ``stage``: ``train`` (random patches + augmentation, image and label),
     ``unlabeled`` (the same for an image alone), ``val`` or ``infer``."""
     if stage not in ("train", "unlabeled", "val", "infer"):
         raise ValueError(f"stage {stage!r} is not one of ('train', 'unlabeled', 'val', 'infer')")
-    steps: list[Transform] = [LoadCased(cfg, missing=missing)]
+    steps: list[Transform] = [LoadCased(cfg, missing=missing, drop=drop)]
     if stage in ("train", "unlabeled"):
         t = cfg.train
         keys = ["image", "label"] if stage == "train" else ["image"]

@@ -12,7 +12,7 @@ import torch
 from crossmodal.config import CrossModalConfig
 from crossmodal.inference import NetworkInferer
 from crossmodal.io import CaseError, save_volume
-from crossmodal.nets import CrossModalNet
+from crossmodal.nets import CrossModalNet, unwrap
 from crossmodal.serving.datastore import http_error
 from crossmodal.transforms import preprocessing, to_primary_grid, to_primary_labels
 from monai.data import MetaTensor
@@ -60,7 +60,8 @@ class CrossModalInfer(BasicInferTask):
 
     Request params: ``missing_modality`` (``error`` / ``zero_fill``: segment with the modalities present),
     ``prediction`` (``fused``, a modality name for that modality's own head, or ``uncertainty``, a 0-100 map),
-    ``mc_samples`` (Monte-Carlo dropout samples for ``uncertainty``), ``device``, ``result_extension``
+    ``mc_samples`` (Monte-Carlo dropout samples for ``uncertainty``), ``drop_modalities`` (names, or a comma-
+    separated string, to segment without although present), ``device``, ``result_extension``
     (``.nii.gz`` / ``.nrrd``), and the usual MONAI Label ones.
     """
 
@@ -76,7 +77,9 @@ class CrossModalInfer(BasicInferTask):
         missing = (data or {}).get("missing_modality") or self.cfg.infer.missing_modality
         if missing not in ("error", "zero_fill"):
             raise http_error(ValueError(f"missing_modality {missing!r} is not one of ('error', 'zero_fill')"))
-        return list(preprocessing(self.cfg, "infer", missing=missing).transforms)
+        drop = (data or {}).get("drop_modalities") or []
+        drop = [d.strip() for d in drop.split(",") if d.strip()] if isinstance(drop, str) else list(drop)
+        return list(preprocessing(self.cfg, "infer", missing=missing, drop=drop).transforms)
 
     def inferer(self, data: dict[str, Any] | None = None) -> Inferer:
         data = data or {}
@@ -88,7 +91,7 @@ class CrossModalInfer(BasicInferTask):
         """The usual sliding window, or for ``prediction=uncertainty`` only the Monte-Carlo dropout passes."""
         samples = int(data.get("mc_samples", 8))
         network = self._get_network(device, data)
-        if data.get("prediction") != "uncertainty" or not isinstance(network, CrossModalNet) or samples < 1:
+        if data.get("prediction") != "uncertainty" or not isinstance(unwrap(network), CrossModalNet) or samples < 1:
             return super().run_inferer(data, convert_to_batch, device)
         inputs = data["image"].as_tensor()[None].to(torch.device(device))
         used = set(data.get("modalities_used") or self.cfg.modality_names)

@@ -10,11 +10,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from crossmodal.config import load_config
+from crossmodal.config import CrossModalConfig, atomic_write_text, load_config, merge_dicts
 from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR
 from crossmodal.io import atomic_copy, case_id_of, load_volume
 from crossmodal.serving.app import AppParts
-from monai.metrics import compute_dice
+from monai.metrics import compute_dice, compute_hausdorff_distance
 from tqdm import tqdm
 
 
@@ -23,10 +23,33 @@ def pick_device(device: str = "auto") -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
+METHODS = ("ours", "baseline_unet", "single_<modality>")
+
+
+def method_config(preset: str, method: str, overrides: dict[str, Any] | None = None) -> CrossModalConfig:
+    """The config of a method on a preset's data: ``ours`` (CrossModalNet, hybrid losses), ``baseline_unet``
+    (early-fusion UNet, partial loss: nnU-Net's ignore-label recipe) or ``single_<modality>`` (that UNet on one
+    modality). ``overrides`` are merged last."""
+    cfg = load_config(preset, overrides=overrides)
+    if method == "ours":
+        model = {"name": "crossmodal"}
+    elif method == "baseline_unet":
+        model = {"name": "baseline_unet"}
+    elif method.startswith("single_") and method[len("single_"):] in cfg.modality_names:
+        model = {"name": "baseline_unet", "inputs": [method[len("single_"):]]}
+    else:
+        raise ValueError(f"method {method!r} is not one of ours, baseline_unet, "
+                         f"{', '.join('single_' + m for m in cfg.modality_names)}")
+    return load_config(preset, overrides=merge_dicts(overrides or {}, {"model": model}))
+
+
 def train_offline(studies: str, preset: str, model_dir: str, epochs: int | None = None, device: str = "auto",
-                  publish: str | None = None, pretrained: str | None = None,
-                  network: str | None = None) -> dict[str, Any]:
-    """Train on every final label of ``studies``; the best model is published to ``<model_dir>/…`` (and ``publish``)."""
+                  publish: str | None = None, pretrained: str | None = None, network: str | None = None,
+                  use_unlabeled: bool = True, processes: int = 1) -> dict[str, Any]:
+    """Train on every final label of ``studies`` (and its unlabelled cases, for a cross-modal network unless
+    ``use_unlabeled`` is false); the best model is published to ``<model_dir>/…`` (and copied to ``publish``).
+
+    ``preset`` is a preset name or a YAML path; ``processes`` > 1 trains data-parallel (torch.distributed)."""
     conf = {"preset": preset, "model_dir": model_dir, **({"max_epochs": str(epochs)} if epochs else {})}
     if pretrained:
         conf["pretrained"] = pretrained
@@ -34,23 +57,58 @@ def train_offline(studies: str, preset: str, model_dir: str, epochs: int | None 
         conf["models"] = network
     parts = AppParts.from_conf(tempfile.mkdtemp(prefix="crossmodal-app-"), conf)
     stats = parts.trainer()({"device": pick_device(device), "tracking": "None", "dataset": "CacheDataset",
-                             "dataloader": "DataLoader"}, parts.datastore(studies))
+                             "dataloader": "DataLoader", "use_unlabeled": use_unlabeled, "processes": processes},
+                            parts.datastore(studies))
     if publish:
         atomic_copy(parts.published, publish)
-    return stats
+    return {**stats, "published": parts.published}
+
+
+def _onehot(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    return torch.eye(num_classes)[torch.from_numpy(labels.astype(np.int64))].movedim(-1, 0)[None]
 
 
 def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> list[float]:
-    """Dice of classes 1..N-1 between two label maps (H, W, D); NaN where a class is absent from both."""
-    eye = torch.eye(num_classes)
-    p = eye[torch.from_numpy(pred.astype(np.int64))].movedim(-1, 0)[None]
-    t = eye[torch.from_numpy(truth.astype(np.int64))].movedim(-1, 0)[None]
+    """Dice of classes 1..N-1 between two label maps (H, W, D); NaN where a class is absent from both.
+
+    Example:
+        >>> t = np.zeros((4, 4, 1), int); t[:2] = 1; p = np.zeros_like(t); p[:1] = 1
+        >>> [round(v, 4) for v in dice_per_class(p, t, 2)]  # 2 * 4 / (4 + 8)
+        [0.6667]
+    """
+    p, t = _onehot(pred, num_classes), _onehot(truth, num_classes)
     return [float(v) for v in compute_dice(p, t, include_background=False, ignore_empty=True)[0]]
 
 
+def hd95_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int, spacing: tuple[float, ...]) -> list[float]:
+    """95th-percentile Hausdorff distance (mm) of classes 1..N-1; NaN where a class is absent from both; where
+    only one map has it, the image diagonal (the worst possible distance).
+
+    Example:
+        >>> t = np.zeros((6, 1, 1), int); t[0] = 1; p = np.zeros_like(t); p[2] = 1
+        >>> [round(v, 3) for v in hd95_per_class(p, t, 2, (2.0, 1.0, 1.0))]  # two 2 mm voxels apart
+        [4.0]
+    """
+    diagonal = float(np.linalg.norm(np.asarray(truth.shape) * np.asarray(spacing)))
+    out = []
+    p, t = _onehot(pred, num_classes), _onehot(truth, num_classes)
+    for c in range(1, num_classes):
+        has_p, has_t = bool(p[0, c].any()), bool(t[0, c].any())
+        if not has_p and not has_t:
+            out.append(float("nan"))
+        elif has_p != has_t:
+            out.append(diagonal)
+        else:
+            d = compute_hausdorff_distance(p[:, [0, c]], t[:, [0, c]], include_background=False, percentile=95,
+                                           spacing=list(spacing))
+            out.append(float(d[0, 0]))
+    return out
+
+
 def evaluate(studies: str, preset: str, model: str, device: str = "auto", out: str | None = None,
-             network: str | None = None) -> dict[str, Any]:
-    """Segment every case that has truth (``<studies>/truth``) but no final label; Dice per class and mean."""
+             network: str | None = None, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Segment every case that has truth (``<studies>/truth``) but no final label; Dice and HD95 (mm) per class
+    and their means. ``drop``: modalities to segment without (a missing modality at test time)."""
     cfg = load_config(preset)
     conf = {"preset": preset, "pretrained": model, **({"models": network} if network else {})}
     parts = AppParts.from_conf(tempfile.mkdtemp(prefix="crossmodal-app-"), conf)
@@ -63,18 +121,29 @@ def evaluate(studies: str, preset: str, model: str, device: str = "auto", out: s
     for truth_path in tqdm(cases, desc="evaluate", unit="case"):
         cid = case_id_of(truth_path)
         image = next(p for p in root.iterdir() if p.is_file() and case_id_of(p) == cid)
-        _, data = task({"image": str(image), "skip_writer": True, "device": pick_device(device)})
+        _, data = task({"image": str(image), "skip_writer": True, "device": pick_device(device),
+                        "drop_modalities": list(drop)})
         pred = data["pred"].numpy()
-        truth = np.rint(load_volume(truth_path, cid)[0].numpy())
+        truth_img = load_volume(truth_path, cid)
+        truth = np.rint(truth_img[0].numpy())
+        spacing = tuple(float(v) for v in np.sqrt((truth_img.affine[:3, :3].numpy() ** 2).sum(0)))
         dice = dice_per_class(pred, truth, cfg.labels.num_classes)
-        records.append({"case": cid, "dice": dict(zip(names, dice, strict=True)), "dice_mean": float(np.nanmean(dice))})
+        hd = hd95_per_class(pred, truth, cfg.labels.num_classes, spacing)
+        records.append({"case": cid, "dice": dict(zip(names, dice, strict=True)), "dice_mean": float(np.nanmean(dice)),
+                        "hd95": dict(zip(names, hd, strict=True)), "hd95_mean": float(np.nanmean(hd))})
+
+    def mean_of(key: str) -> float:
+        return float(np.mean([r[key] for r in records])) if records else float("nan")
+
+    def per_class(key: str) -> dict[str, float]:
+        return {n: float(np.nanmean([r[key][n] for r in records])) for n in names} if records else {}
+
     summary = {
         "model": model, "network": parts.model_name, "preset": preset, "cases": len(records),
-        "dice_mean": float(np.mean([r["dice_mean"] for r in records])) if records else float("nan"),
-        "dice_per_class": {n: float(np.nanmean([r["dice"][n] for r in records])) for n in names} if records else {},
-        "per_case": records,
+        "dropped_modalities": list(drop), "dice_mean": mean_of("dice_mean"), "hd95_mean": mean_of("hd95_mean"),
+        "dice_per_class": per_class("dice"), "hd95_per_class": per_class("hd95"), "per_case": records,
     }
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        Path(out).write_text(json.dumps(summary, indent=2))
+        atomic_write_text(Path(out), json.dumps(summary, indent=2))
     return summary

@@ -1,9 +1,13 @@
 """The app's train task on MONAI Label's ``BasicTrainTask`` (MONAI ``SupervisedTrainer`` / ignite engines).
 
-Reads every case with a ``final`` label and its recorded kind; dense and sparse labels train through the
-partial loss (annotated voxels only). Validation uses dense labels when there are any (Dice), held-out
-sparse labels otherwise (partial Dice). The best model is published atomically: an infer request never reads
-a half-written file, and a killed training leaves the previous model in service.
+Hybrid supervision: dense labels, sparse labels (by their recorded kind) and unlabelled cases each get their
+own shuffling loader, stepped together (:class:`crossmodal.hybrid.MultiSourceLoader`); labels train through
+the partial loss (annotated voxels only), and a cross-modal network also learns from every case through the
+consistency terms of :class:`crossmodal.hybrid.HybridLoss`. Training starts from the published model when
+there is one. Validation uses dense labels when there are any (Dice), held-out sparse labels otherwise
+(partial Dice). The best model is published atomically: an infer request never reads a half-written file,
+and a killed training leaves the previous model in service. ``processes=N`` trains data-parallel in N
+processes (torch.distributed: gloo on CPU, NCCL on GPUs).
 """
 
 from __future__ import annotations
@@ -12,25 +16,32 @@ import json
 import logging
 import os
 import random
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from crossmodal.config import CrossModalConfig, atomic_write_text, save_config
+from crossmodal.hybrid import HybridLoss, MultiSourceLoader, hybrid_batch
 from crossmodal.inference import NetworkInferer
 from crossmodal.io import atomic_copy
-from crossmodal.labels import DENSE, IGNORE_INDEX
+from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE
 from crossmodal.losses import SupervisedLoss
 from crossmodal.nets import CrossModalOutput, build_network
 from crossmodal.transforms import preprocessing
 from ignite.engine import Events
+from monai.data import CacheDataset, Dataset, partition_dataset
+from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
-from monai.handlers import TensorBoardStatsHandler
+from monai.handlers import CheckpointSaver, TensorBoardStatsHandler
 from monai.transforms import MapTransform
 from monai.utils.enums import CommonKeys as Keys
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from monailabel.tasks.train.handler import PublishStatsAndModel, prepare_stats
+
+UNLABELED = "unlabeled"
+SOURCES = (DENSE, SPARSE, UNLABELED)
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +104,7 @@ def coerce_tracking(request: dict[str, Any], model_dir: str) -> dict[str, Any]:
 
 
 class CrossModalTrain(BasicTrainTask):
-    """Train ``cfg.model`` on all final labels of the datastore (dense and sparse) with the partial loss."""
+    """Train ``cfg.model`` on the datastore's dense and sparse labels and (cross-modal networks) unlabelled cases."""
 
     def __init__(self, cfg: CrossModalConfig, model_dir: str, publish_path: str, pretrained_path: str | None,
                  description: str) -> None:
@@ -101,12 +112,19 @@ class CrossModalTrain(BasicTrainTask):
         super().__init__(
             model_dir=model_dir, description=description, amp=False, load_path=pretrained_path,
             publish_path=publish_path, labels=cfg.labels.classes, load_strict=True, tracking=None,
+            find_unused_parameters=True,  # modality dropout leaves encoders out of some steps
             config={"max_epochs": t.max_epochs, "train_batch_size": t.batch_size, "val_batch_size": 1,
                     "val_split": t.val_fraction, "learning_rate": t.lr_for(cfg.model.name), "multi_gpu": False,
+                    "processes": 1, "use_unlabeled": t.consistency.unlabeled,
                     "dataset": ["Dataset", "CacheDataset"], "dataloader": ["DataLoader", "ThreadDataLoader"],
                     "tracking": ["None", "mlflow"]},
         )
         self.cfg = cfg
+
+    @property
+    def hybrid(self) -> bool:
+        """Whether the consistency terms (and so unlabelled cases) take part: a cross-modal network with weights."""
+        return self.cfg.model.name == "crossmodal" and self.cfg.train.consistency.active
 
     def network(self, context: Context) -> torch.nn.Module:
         return build_network(self.cfg)
@@ -115,34 +133,115 @@ class CrossModalTrain(BasicTrainTask):
         lr = float(context.request.get("learning_rate", self.cfg.train.lr_for(self.cfg.model.name)))
         return torch.optim.AdamW(context.network.parameters(), lr=lr, weight_decay=self.cfg.train.weight_decay)
 
-    def loss_function(self, context: Context) -> torch.nn.Module:
+    def loss_function(self, context: Context) -> HybridLoss:
         t = self.cfg.train
-        return SupervisedLoss(t.dice_weight, t.ce_weight, t.aux_weight)
+        return HybridLoss(SupervisedLoss(t.dice_weight, t.ce_weight, t.aux_weight), t.consistency)
+
+    def load_path(self, output_dir: str, pretrained: bool = True) -> str | None:
+        """Fine-tune from the published model when there is one, else this run folder's best, else pretrained."""
+        if pretrained and self._publish_path and os.path.exists(self._publish_path):
+            return self._publish_path
+        return super().load_path(output_dir, pretrained)
 
     def train_iteration_update(self, context: Context):
-        """One step on plain tensors; the loss sees the whole network output, metrics see the fused logits."""
+        """One step on a ``{source: batch}`` dict; the loss sees the whole network output, metrics the labelled
+        fused logits. The loss parts go to ``engine.state.metrics`` (train stats for the viewers)."""
         loss_fn = self.loss_function(context)
+        gen = torch.Generator().manual_seed(self.cfg.train.seed + 1000 * context.local_rank)
+        sums: dict[str, Any] = {}
+
+        def plain(t: Any) -> torch.Tensor:
+            return t.as_tensor() if hasattr(t, "as_tensor") else t
 
         def step(engine: Any, batch: dict[str, Any]) -> dict[str, Any]:
-            x = batch["image"].as_tensor() if hasattr(batch["image"], "as_tensor") else batch["image"]
-            y = batch["label"].as_tensor() if hasattr(batch["label"], "as_tensor") else batch["label"]
-            x, y = x.to(engine.state.device), y.to(engine.state.device)
-            engine.state.output = {Keys.IMAGE: x, Keys.LABEL: y}
+            dev = engine.state.device
+            labeled = [(plain(batch[k]["image"]).to(dev), plain(batch[k]["label"]).to(dev))
+                       for k in (DENSE, SPARSE) if k in batch]
+            unlabeled = [plain(batch[UNLABELED]["image"]).to(dev)] if UNLABELED in batch else []
+            x, y, n_lab, n_plain, aug = hybrid_batch(labeled, unlabeled, gen)
+            if not self.hybrid:  # a plain network: supervised samples only
+                x, n_plain, aug = x[:n_lab], n_lab, None
+            engine.state.output = {Keys.IMAGE: x[:n_lab], Keys.LABEL: y}
             engine.network.train()
             engine.optimizer.zero_grad(set_to_none=True)
             out = engine.network(x)
-            engine.state.output[Keys.PRED] = (out.fused if isinstance(out, CrossModalOutput) else out).detach()
+            fused = out.fused if isinstance(out, CrossModalOutput) else out
+            engine.state.output[Keys.PRED] = fused[:n_lab].detach()
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            loss = loss_fn(out, y)
+            loss, parts = loss_fn(out, y, n_lab, n_plain, aug, engine.state.iteration - 1)
             engine.state.output[Keys.LOSS] = loss.detach()
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
             loss.backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.optimizer.step()
             engine.fire_event(IterationEvents.MODEL_COMPLETED)  # MONAI decollates and post-processes here
+            if sums.get("epoch") != engine.state.epoch:  # epoch means of the loss parts, for the stats
+                sums.clear()
+                sums.update({"epoch": engine.state.epoch, "n": 0})
+            sums["n"] += 1
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+                engine.state.metrics[f"loss_{k}"] = round(sums[k] / sums["n"], 5)
             return engine.state.output
 
         return step
+
+    def train_data_loader(self, context: Context, num_workers: int = 0, shuffle: bool = True) -> MultiSourceLoader:
+        """One shuffling loader per source present (dense, sparse, unlabelled), stepped together."""
+        loaders = {}
+        labeled_sources = [k for k in (DENSE, SPARSE) if any(d["label_kind"] == k for d in context.train_datalist)]
+        for source in SOURCES:
+            items = [d for d in context.train_datalist if d["label_kind"] == source]
+            if not items:
+                continue
+            if context.multi_gpu and len(items) >= context.world_size:
+                items = partition_dataset(items, num_partitions=context.world_size, even_divisible=True,
+                                          shuffle=False)[context.local_rank]
+            if source == UNLABELED:
+                transforms = preprocessing(self.cfg, "unlabeled")
+                batch = self.cfg.train.consistency.unlabeled_batch_size
+            else:
+                transforms = preprocessing(self.cfg, "train")
+                batch = max(1, int(context.train_batch_size) // max(1, len(labeled_sources)))
+            dataset = CacheDataset(items, transforms, progress=False) if context.dataset_type == "CacheDataset" \
+                else Dataset(items, transforms)
+            loaders[source] = self._dataloader(context, dataset, batch, num_workers, shuffle=shuffle)
+            logger.info(f"{context.local_rank} - {source}: {len(items)} cases, batch {batch}")
+        return MultiSourceLoader(loaders)
+
+    def _create_trainer(self, context: Context) -> SupervisedTrainer:
+        """MONAI Label's trainer set-up, with the multi-source loader and its epoch length."""
+        handlers: list[Any] = self.train_handlers(context)
+        if context.local_rank == 0:
+            handlers.append(CheckpointSaver(
+                save_dir=context.output_dir, save_dict={self._model_dict_key: context.network},
+                save_interval=self._train_save_interval, save_final=True, final_filename=self._final_filename,
+                save_key_metric=True, n_saved=self._n_saved,
+                key_metric_filename=f"train_{self._key_metric_filename}" if context.evaluator
+                else self._key_metric_filename))
+        self._load_checkpoint(context, handlers)
+        loader = self.train_data_loader(context)
+        return SupervisedTrainer(
+            device=context.device, max_epochs=context.max_epochs, train_data_loader=loader,
+            epoch_length=len(loader), network=context.network, optimizer=context.optimizer,
+            loss_function=self.loss_function(context), inferer=self.train_inferer(context), amp=self._amp,
+            postprocessing=self._validate_transforms(self.train_post_transforms(context), "Training", "post"),
+            key_train_metric=self.train_key_metric(context),
+            additional_metrics=self.train_additional_metrics(context), train_handlers=handlers,
+            iteration_update=self.train_iteration_update(context), event_names=self.event_names(context))
+
+    def _device(self, context: Context) -> torch.device:
+        if context.multi_gpu and not torch.cuda.is_available():
+            return torch.device("cpu")  # data-parallel processes on CPU (gloo)
+        return super()._device(context)
+
+    def _create_network_and_optimizer(self, context: Context) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        if not (context.multi_gpu and context.device.type == "cpu"):
+            return super()._create_network_and_optimizer(context)
+        network = self.network(context)
+        context.network = network
+        optimizer = self.optimizer(context)
+        return torch.nn.parallel.DistributedDataParallel(network, find_unused_parameters=True), optimizer
 
     def train_pre_transforms(self, context: Context):
         return preprocessing(self.cfg, "train")
@@ -164,7 +263,7 @@ class CrossModalTrain(BasicTrainTask):
         return [h for h in handlers if not isinstance(h, TensorBoardStatsHandler)]
 
     def pre_process(self, request: dict[str, Any], datastore: Datastore) -> list[dict[str, Any]]:
-        """Every case with a final label: image, label and the label's kind (dense / sparse)."""
+        """Every case with a final label (image, label, its kind), plus the unlabelled cases when they take part."""
         items = []
         for d in datastore.datalist():
             image_id = os.path.basename(d["image"]).split(".")[0]
@@ -172,21 +271,27 @@ class CrossModalTrain(BasicTrainTask):
             items.append({"image": d["image"], "label": d["label"], "label_kind": kind})
         if not items:
             raise ValueError("no case has a final label yet: save at least one label before training")
+        use = str(request.get("use_unlabeled", self.cfg.train.consistency.unlabeled)).lower() in ("true", "1", "yes")
+        if self.hybrid and use:
+            for image_id in datastore.get_unlabeled_images():
+                items.append({"image": datastore.get_image_uri(image_id), "label_kind": UNLABELED})
         return items
 
     def partition_datalist(self, context: Context, shuffle: bool = False) -> tuple[list, list]:
         """Hold out ``val_split`` of the dense cases (sparse ones when none is dense); one case: no validation."""
-        items = list(context.datalist)
+        everything = list(context.datalist)
+        items = [d for d in everything if d["label_kind"] != UNLABELED]
+        unlabeled = [d for d in everything if d["label_kind"] == UNLABELED]
         split = float(context.request.get("val_split", self.cfg.train.val_fraction))
         if len(items) < 2 or split <= 0:
-            return items, []
+            return everything, []
         dense = [d for d in items if d["label_kind"] == DENSE]
         pool = dense if len(dense) >= 2 else [d for d in items if d["label_kind"] != DENSE] or items
         random.Random(self.cfg.train.seed).shuffle(pool := list(pool))
         n_val = max(1, round(split * len(pool))) if len(pool) >= 2 else 0
         val = pool[:n_val]
         train = [d for d in items if d not in val]
-        return train, val
+        return train + unlabeled, val
 
     def finalize(self, context: Context) -> None:
         if context.local_rank == 0:
@@ -198,4 +303,19 @@ class CrossModalTrain(BasicTrainTask):
             engine.add_event_handler(Events.EPOCH_COMPLETED, publisher)
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
-        return super().__call__(coerce_tracking(request, self._model_dir), datastore)
+        req = coerce_tracking(request, self._model_dir)
+        processes = int(req.get("processes", 1))
+        if processes > 1:  # MONAI Label's multi-GPU path, also on CPU: N processes, gloo (CPU) or NCCL
+            cuda = torch.cuda.is_available()
+            if cuda and torch.cuda.device_count() < processes:
+                raise ValueError(f"processes={processes} but only {torch.cuda.device_count()} GPU(s) are visible")
+            fd, init_file = tempfile.mkstemp(prefix="crossmodal-dist-")
+            os.close(fd)
+            os.unlink(init_file)  # torch's FileStore creates it
+            req.update({"multi_gpu": True, "gpus": ",".join(str(i) for i in range(processes)),
+                        "distributed_backend": "nccl" if cuda else "gloo", "distributed_url": f"file://{init_file}"})
+            try:
+                return super().__call__(req, datastore)
+            finally:
+                Path(init_file).unlink(missing_ok=True)
+        return super().__call__(req, datastore)

@@ -1,0 +1,354 @@
+"""Segmentation quality under annotation regimes, misregistration and a missing modality, in one run.
+
+For the phantom (CT + PET + MR) and the real brain data (SPM12 T1 / T2 / PD), with a fixed held-out test split of
+dense truth, for several seeds, it trains through the app's own train task (``train_offline``) and evaluates
+(``evaluate``: Dice and HD95 per class):
+
+* methods: ``ours`` (CrossModalNet + hybrid losses), ``baseline_unet`` (early-fusion UNet with the partial loss,
+  the nnU-Net ignore-label recipe) and ``single_<modality>`` (that UNet on one modality; every modality under
+  dense labels, the best of them under the other regimes);
+* regimes: ``dense`` (all training cases), ``scribbles`` (all), ``dense10`` (10 % dense, nothing else),
+  ``dense10_unlabeled`` (the same + the rest unlabelled), ``scribbles30_unlabeled`` (30 % scribbles + the rest
+  unlabelled);
+* robustness: secondary modalities misregistered by 0 / 2 / 4 / 8 mm in training and test data (dense; ours and
+  baseline_unet), and one secondary modality missing at test time (ours, dense) against the single-modality
+  models of the remaining modalities.
+
+Every run gets the same number of optimiser steps. It prints a table (mean +- sd over seeds of Dice and HD95 per
+class) and writes ``quality.json`` (one record per run) and ``quality.png`` to ``RESULTS_DIR`` (default
+``bench/results``).
+
+    python bench/quality.py [--quick] [--seeds 3] [--datasets phantom,brain]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+from crossmodal.config import CrossModalConfig, load_config, save_config  # noqa: E402
+from crossmodal.data.brain import load_templates, make_brain_case  # noqa: E402
+from crossmodal.data.phantom import SyntheticCase, make_phantom  # noqa: E402
+from crossmodal.data.sparse import annotated_fraction, sparsify  # noqa: E402
+from crossmodal.data.studies import FINAL_LABELS, write_case  # noqa: E402
+from crossmodal.io import save_volume  # noqa: E402
+from crossmodal.serving.offline import evaluate, method_config, train_offline  # noqa: E402
+
+REGIMES = ("dense", "scribbles", "dense10", "dense10_unlabeled", "scribbles30_unlabeled")
+MISREGISTRATION = (0.0, 2.0, 4.0, 8.0)
+# the one secondary modality left out at test time
+MISSING = {"phantom": "pet", "brain": "pd"}
+DATASETS: dict[str, dict] = {
+    # train / test cases, training patch, optimiser steps per run (the same for every method and regime)
+    "phantom": {"preset": "phantom", "train": 10, "test": 4, "patch": 32, "steps": 150},
+    "brain": {"preset": "brain", "train": 10, "test": 4, "patch": 32, "steps": 150},
+}
+
+
+def peak_rss_gb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024**2
+    return float("nan")
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def case_maker(dataset: str, cfg: CrossModalConfig, misregistration_mm: float
+               ) -> Callable[[np.random.Generator], SyntheticCase]:
+    if dataset == "phantom":
+        return lambda rng: make_phantom(cfg, rng, size=48, misregistration_mm=misregistration_mm)
+    templates = load_templates(REPO / "data" / "spm12")
+    return lambda rng: make_brain_case(cfg, templates, rng, spacing=3.0, misregistration_mm=misregistration_mm)
+
+
+def make_pool(root: Path, dataset: str, cfg: CrossModalConfig, spec: dict, seed: int, mm: float) -> tuple[Path, Path]:
+    """Training images with their truth (``<pool>/truth``) and a test studies folder (truth, no labels)."""
+    make = case_maker(dataset, cfg, mm)
+    pool, test = root / "pool", root / "test"
+    for i in range(spec["train"] + spec["test"]):
+        case = make(np.random.default_rng([seed, int(mm * 10), i]))
+        if i < spec["train"]:
+            write_case(pool, f"case{i:03d}", case, cfg)
+        else:
+            write_case(test, f"test{i:03d}", case, cfg)
+    return pool, test
+
+
+def regime_studies(pool: Path, out: Path, regime: str, cfg: CrossModalConfig, seed: int) -> dict:
+    """A studies folder over the pool's images (symlinks) with the regime's labels; returns its label counts."""
+    cases = sorted(p.name[: -len(".nii.gz")] for p in pool.glob("*.nii.gz"))
+    n = len(cases)
+    n_dense = {"dense": n, "dense10": math.ceil(0.1 * n), "dense10_unlabeled": math.ceil(0.1 * n)}.get(regime, 0)
+    n_sparse = {"scribbles": n, "scribbles30_unlabeled": math.ceil(0.3 * n)}.get(regime, 0)
+    out.mkdir(parents=True)
+    (out / "modalities").mkdir()
+    rng = np.random.default_rng([seed, 99])
+    order = [cases[i] for i in rng.permutation(n)]
+    voxels = 0
+    for cid in cases:
+        (out / f"{cid}.nii.gz").symlink_to(pool / f"{cid}.nii.gz")
+        (out / "modalities" / cid).symlink_to(pool / "modalities" / cid, target_is_directory=True)
+    from crossmodal.io import load_volume
+
+    for j, cid in enumerate(order[: n_dense + n_sparse]):
+        truth = load_volume(pool / "truth" / f"{cid}.nii.gz")
+        lab = np.rint(truth[0].numpy()).astype(np.int64)
+        if j >= n_dense:
+            lab = sparsify(lab, cfg.labels, "scribbles", rng)
+        voxels += int(round(annotated_fraction(lab) * lab.size)) if j >= n_dense else lab.size
+        save_volume(out / FINAL_LABELS / f"{cid}.nii.gz", lab, truth.affine.numpy())
+    return {"dense": n_dense, "sparse": n_sparse, "unlabeled": n - n_dense - n_sparse, "annotated_voxels": voxels}
+
+
+def epoch_length(counts: dict, unlabeled: bool, batch: int, unlabeled_batch: int) -> int:
+    """Steps per epoch of the train task's multi-source loader for these label counts."""
+    sources = [c for c in (counts["dense"], counts["sparse"]) if c]
+    per = max(1, batch // max(1, len(sources)))
+    lengths = [math.ceil(c / per) for c in sources]
+    if unlabeled and counts["unlabeled"]:
+        lengths.append(math.ceil(counts["unlabeled"] / unlabeled_batch))
+    return max(lengths)
+
+
+def run(root: Path, dataset: str, spec: dict, method: str, regime: str, mm: float, seed: int, pool: Path, test: Path,
+        drops: tuple[str | None, ...] = (None,)) -> list[dict]:
+    """Train one method on one regime, evaluate it on the test split (once per entry of ``drops``)."""
+    overrides = {"train": {"patch_size": [spec["patch"]] * 3, "patches_per_case": 1, "batch_size": 2,
+                           "val_fraction": 0.0, "seed": seed},
+                 "infer": {"roi_size": [spec["patch"]] * 3}}  # windows = training patches (instance norm)
+    cfg = method_config(spec["preset"], method, overrides)
+    tag = f"{dataset}_{method}_{regime}_{mm:g}mm_s{seed}"
+    preset = root / "configs" / f"{tag}.yaml"
+    save_config(cfg, preset)
+    studies = root / "studies" / tag
+    counts = regime_studies(pool, studies, regime, cfg, seed)
+    unlabeled = regime.endswith("_unlabeled")
+    steps_per_epoch = epoch_length(counts, unlabeled and cfg.model.name == "crossmodal", 2,
+                                   cfg.train.consistency.unlabeled_batch_size)
+    epochs = max(1, round(spec["steps"] / steps_per_epoch))
+    torch.manual_seed(seed)
+    reset_peak_rss()
+    t = time.perf_counter()
+    stats = train_offline(str(studies), str(preset), str(root / "models" / tag), epochs=epochs, device="auto",
+                          network=cfg.model.name, use_unlabeled=unlabeled)
+    train_s = time.perf_counter() - t
+    rss = peak_rss_gb()
+    records = []
+    for drop in drops:
+        ev = evaluate(str(test), str(preset), stats["published"], "auto", network=cfg.model.name,
+                      drop=(drop,) if drop else ())
+        records.append({
+            "dataset": dataset, "method": method, "regime": regime, "misregistration_mm": mm,
+            "missing_modality": drop, "seed": seed, "dice_mean": round(ev["dice_mean"], 4),
+            "hd95_mean": round(ev["hd95_mean"], 2),
+            "dice_per_class": {k: round(v, 4) for k, v in ev["dice_per_class"].items()},
+            "hd95_per_class": {k: round(v, 2) for k, v in ev["hd95_per_class"].items()},
+            "train_seconds": round(train_s, 1), "peak_rss_gb": round(rss, 3), "steps": epochs * steps_per_epoch,
+            "labels": counts, "test_cases": ev["cases"],
+        })
+        print(json.dumps({k: v for k, v in records[-1].items() if not k.endswith("per_class")}), flush=True)
+    return records
+
+
+def experiments(dataset: str, quick: bool) -> list[tuple[str, str, float, tuple]]:
+    """(method, regime, misregistration, drops) to run, except the best single-modality ones (chosen later)."""
+    cfg = load_config(DATASETS[dataset]["preset"])
+    regimes = REGIMES[:4] if quick else REGIMES
+    out = [("ours", r, 0.0, (None, MISSING[dataset]) if r == "dense" else (None,)) for r in regimes]
+    out += [("baseline_unet", r, 0.0, (None,)) for r in regimes]
+    # every modality alone under dense labels (quick: only those that remain when MISSING is left out)
+    singles = [m for m in cfg.modality_names if not (quick and m == MISSING[dataset])]
+    out += [(f"single_{m}", "dense", 0.0, (None,)) for m in singles]
+    for mm in (MISREGISTRATION[2:3] if quick else MISREGISTRATION[1:]):
+        out += [("ours", "dense", mm, (None,)), ("baseline_unet", "dense", mm, (None,))]
+    return out
+
+
+def summarize(records: list[dict]) -> dict:
+    """Mean +- sd over seeds per (dataset, method, regime, misregistration, missing) and the goal checks."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["dataset"], r["method"], r["regime"], r["misregistration_mm"], r["missing_modality"]),
+                          []).append(r)
+
+    def stat(rs: list[dict], key: str) -> tuple[float, float]:
+        v = [r[key] for r in rs if r[key] == r[key]]
+        return (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) if v else (float("nan"), 0.0)
+
+    rows = []
+    for (ds, method, regime, mm, missing), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        d, dsd = stat(rs, "dice_mean")
+        h, hsd = stat(rs, "hd95_mean")
+        classes = list(rs[0]["dice_per_class"])
+        rows.append({"dataset": ds, "method": method, "regime": regime, "misregistration_mm": mm,
+                     "missing_modality": missing, "seeds": len(rs), "dice": d, "dice_sd": dsd, "hd95": h,
+                     "hd95_sd": hsd, "train_seconds": statistics.mean(r["train_seconds"] for r in rs),
+                     "peak_rss_gb": max(r["peak_rss_gb"] for r in rs),
+                     "dice_per_class": {c: statistics.mean(r["dice_per_class"][c] for r in rs) for c in classes},
+                     "hd95_per_class": {c: statistics.mean(r["hd95_per_class"][c] for r in rs) for c in classes}})
+    return {"rows": rows, "goals": goals(rows)}
+
+
+def goals(rows: list[dict]) -> list[dict]:
+    """The issue's goals, measured: value, threshold, met."""
+    def get(ds: str, method: str, regime: str, mm: float = 0.0, missing: str | None = None) -> float | None:
+        for r in rows:
+            if (r["dataset"], r["method"], r["regime"], r["misregistration_mm"], r["missing_modality"]) == \
+                    (ds, method, regime, mm, missing):
+                return r["dice"]
+        return None
+
+    out = []
+    for ds in sorted({r["dataset"] for r in rows}):
+        def add(name: str, value: float | None, threshold: str, met: bool | None, ds: str = ds) -> None:
+            out.append({"dataset": ds, "goal": name, "value": None if value is None else round(value, 4),
+                        "threshold": threshold, "met": met})
+
+        dense, scrib = get(ds, "ours", "dense"), get(ds, "ours", "scribbles")
+        if dense and scrib is not None:
+            add("ours scribbles / ours dense", scrib / dense, ">= 0.95", scrib / dense >= 0.95)
+        for regime in ("scribbles", "dense10_unlabeled"):
+            o, b = get(ds, "ours", regime), get(ds, "baseline_unet", regime)
+            if o is not None and b is not None:
+                add(f"ours - baseline_unet, {regime} (Dice points)", 100 * (o - b), ">= 3", 100 * (o - b) >= 3)
+        a, b = get(ds, "ours", "dense10_unlabeled"), get(ds, "ours", "dense10")
+        if a is not None and b is not None:
+            add("ours dense10_unlabeled - dense10 (points)", 100 * (a - b), ">= 3", 100 * (a - b) >= 3)
+        o0, o4 = get(ds, "ours", "dense"), get(ds, "ours", "dense", 4.0)
+        b0, b4 = get(ds, "baseline_unet", "dense"), get(ds, "baseline_unet", "dense", 4.0)
+        if None not in (o0, o4, b0, b4):
+            cost_o, cost_b = 100 * (o0 - o4), 100 * (b0 - b4)
+            add("4 mm misregistration cost, ours (points)", cost_o, "<= 2 and < baseline's "
+                f"{cost_b:.2f}", cost_o <= 2 and cost_o < cost_b)
+        missing = next((r for r in rows if r["dataset"] == ds and r["missing_modality"]), None)
+        if missing:
+            singles = [r for r in rows if r["dataset"] == ds and r["method"].startswith("single_")
+                       and r["regime"] == "dense" and r["method"] != f"single_{missing['missing_modality']}"]
+            if singles:
+                best = max(singles, key=lambda r: r["dice"])
+                gap = 100 * (missing["dice"] - best["dice"])
+                add(f"ours without {missing['missing_modality']} - {best['method']} (points)", gap, ">= -2",
+                    gap >= -2)
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({r["dataset"] for r in rows})
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(14, 4.2 * len(datasets)), squeeze=False)
+    colors = {"ours": "#d62728", "baseline_unet": "#1f77b4"}
+    for i, ds in enumerate(datasets):
+        ax = axes[i][0]
+        regimes = [g for g in REGIMES if any(r["regime"] == g and r["dataset"] == ds for r in rows)]
+        methods = ["ours", "baseline_unet", "single"]
+        width = 0.8 / len(methods)
+        for j, m in enumerate(methods):
+            vals, errs, names = [], [], []
+            for g in regimes:
+                cand = [r for r in rows if r["dataset"] == ds and r["regime"] == g and r["misregistration_mm"] == 0
+                        and r["missing_modality"] is None and (r["method"] == m or
+                                                               (m == "single" and r["method"].startswith("single_")))]
+                best = max(cand, key=lambda r: r["dice"]) if cand else None
+                vals.append(best["dice"] if best else 0)
+                errs.append(best["dice_sd"] if best else 0)
+                names.append(best["method"] if best else m)
+            label = m if m != "single" else "best single modality"
+            ax.bar(np.arange(len(regimes)) + j * width, vals, width, yerr=errs, label=label,
+                   color=colors.get(m, "#7f7f7f"), capsize=3)
+        ax.set_xticks(np.arange(len(regimes)) + width)
+        ax.set_xticklabels(regimes, rotation=15)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("mean foreground Dice (test split)")
+        ax.set_title(f"{ds}: annotation regimes")
+        ax.legend(fontsize=8)
+        ax = axes[i][1]
+        for m in ("ours", "baseline_unet"):
+            pts = sorted((r["misregistration_mm"], r["dice"], r["dice_sd"]) for r in rows if r["dataset"] == ds
+                         and r["method"] == m and r["regime"] == "dense" and r["missing_modality"] is None)
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", label=m,
+                            color=colors[m], capsize=3)
+        miss = [r for r in rows if r["dataset"] == ds and r["missing_modality"]]
+        for r in miss:
+            ax.scatter([0], [r["dice"]], marker="x", color="k", zorder=5,
+                       label=f"ours, {r['missing_modality']} missing")
+        ax.set_xlabel("secondary modalities misregistered by (mm)")
+        ax.set_ylabel("mean foreground Dice")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{ds}: robustness (dense labels)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="phantom only, one seed, fewer regimes and steps")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--datasets", default="phantom,brain")
+    args = ap.parse_args()
+    results = Path(os.environ.get("RESULTS_DIR", REPO / "bench" / "results"))
+    results.mkdir(parents=True, exist_ok=True)
+    datasets = ["phantom"] if args.quick else [d.strip() for d in args.datasets.split(",") if d.strip()]
+    seeds = 1 if args.quick else args.seeds
+    records: list[dict] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
+        for ds in datasets:
+            spec = dict(DATASETS[ds], **({"steps": 60} if args.quick else {}))
+            cfg = load_config(spec["preset"])
+            for seed in range(seeds):
+                pools: dict[float, tuple[Path, Path]] = {}
+                todo = experiments(ds, args.quick)
+                for method, regime, mm, drops in todo:
+                    if mm not in pools:
+                        pools[mm] = make_pool(Path(tmp) / f"{ds}_s{seed}_{mm:g}mm", ds, cfg, spec, seed, mm)
+                    records += run(Path(tmp), ds, spec, method, regime, mm, seed, *pools[mm], drops=drops)
+                singles = [r for r in records if r["dataset"] == ds and r["seed"] == seed
+                           and r["method"].startswith("single_") and r["method"] != f"single_{MISSING[ds]}"]
+                best = max(singles, key=lambda r: r["dice_mean"])["method"]  # best single modality, this seed
+                for regime in [g for g in (REGIMES[:4] if args.quick else REGIMES) if g != "dense"]:
+                    records += run(Path(tmp), ds, spec, best, regime, 0.0, seed, *pools[0.0])
+    summary = summarize(records)
+    (results / "quality.json").write_text(json.dumps(records, indent=2))
+    (results / "quality_summary.json").write_text(json.dumps(summary, indent=2))
+    plot(summary["rows"], results / "quality.png")
+    print(f"\n{'dataset':8} {'method':14} {'regime':22} {'mm':>3} {'missing':>7} {'n':>2} {'Dice':>13} "
+          f"{'HD95 mm':>13} {'train s':>7} {'GB':>5}  per-class Dice")
+    for r in summary["rows"]:
+        per = " ".join(f"{k}={v:.3f}" for k, v in r["dice_per_class"].items())
+        print(f"{r['dataset']:8} {r['method']:14} {r['regime']:22} {r['misregistration_mm']:3.0f} "
+              f"{r['missing_modality'] or '-':>7} {r['seeds']:2d} {r['dice']:6.3f}+-{r['dice_sd']:.3f} "
+              f"{r['hd95']:6.2f}+-{r['hd95_sd']:5.2f} {r['train_seconds']:7.1f} {r['peak_rss_gb']:5.2f}  {per}")
+    print("\ngoals:")
+    for g in summary["goals"]:
+        print(f"  {g['dataset']:8} {g['goal']:55} {g['value']!s:>9}  {g['threshold']:28} "
+              f"{'MET' if g['met'] else 'MISSED'}")
+    print(f"\n{len(records)} runs in {time.perf_counter() - started:.0f} s; wrote {results / 'quality.json'}, "
+          f"{results / 'quality.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Hybrid supervision in one step: dense and sparse labels, unlabelled cases, one forward pass.
+
+A step takes a batch from each source (dense, sparse, unlabelled; each source has its own shuffling loader,
+see :class:`MultiSourceLoader`), runs the network once on ``[labelled, unlabelled, augmented unlabelled]`` and
+adds, to the partial supervised loss on the labelled samples, ramped label-free terms on everything:
+inter-modal consistency (heads vs fused), intra-modal consistency (prediction vs prediction of a flipped,
+intensity-jittered copy, flipped back) and channel-wise semantic consistency (pooled modality-independent
+channels). One forward and one backward per step also keeps DistributedDataParallel happy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from crossmodal.config import ConsistencyConfig
+from crossmodal.losses import (
+    AugmentationConsistencyLoss,
+    ChannelConsistencyLoss,
+    InterModalConsistencyLoss,
+    SupervisedLoss,
+    sigmoid_rampup,
+)
+from crossmodal.nets import CrossModalOutput
+
+
+def take(out: CrossModalOutput | torch.Tensor, start: int, stop: int) -> CrossModalOutput | torch.Tensor:
+    """Samples ``start:stop`` of a batched network output."""
+    if isinstance(out, torch.Tensor):
+        return out[start:stop]
+    return CrossModalOutput(fused=out.fused[start:stop],
+                            per_modality={k: v[start:stop] for k, v in out.per_modality.items()},
+                            independent={k: [d[start:stop] for d in v] for k, v in out.independent.items()})
+
+
+@dataclass
+class Augmentation:
+    """A random flip (spatial axes of a (B, M, H, W, D) batch) and a per-sample intensity scale and shift."""
+
+    axes: tuple[int, ...]
+    scale: torch.Tensor  # (B, 1, 1, 1, 1)
+    shift: torch.Tensor
+
+    @classmethod
+    def sample(cls, batch: int, device: torch.device, generator: torch.Generator | None = None,
+               jitter: float = 0.1) -> Augmentation:
+        flips = torch.rand(3, generator=generator) < 0.5
+        if not flips.any():
+            flips[torch.randint(3, (1,), generator=generator)] = True
+        scale = 1 + jitter * (2 * torch.rand(batch, 1, 1, 1, 1, generator=generator) - 1)
+        shift = jitter * (2 * torch.rand(batch, 1, 1, 1, 1, generator=generator) - 1)
+        return cls(tuple(2 + i for i in range(3) if flips[i]), scale.to(device), shift.to(device))
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flip(x * self.scale + self.shift, self.axes)
+
+    def invert(self, y: torch.Tensor) -> torch.Tensor:
+        """Map a prediction (B, C, H, W, D) of the augmented input back onto the original voxels."""
+        return torch.flip(y, self.axes)
+
+
+class HybridLoss(nn.Module):
+    """Supervised partial loss on the labelled part + ramped consistency terms on all parts.
+
+    ``forward`` returns the total loss and its parts (detached floats, for the logs and the viewers' stats).
+    """
+
+    def __init__(self, supervised: SupervisedLoss, cfg: ConsistencyConfig) -> None:
+        super().__init__()
+        self.supervised, self.cfg = supervised, cfg
+        self.inter = InterModalConsistencyLoss(cfg.inter_mode, cfg.pseudo_threshold)
+        self.intra = AugmentationConsistencyLoss()
+        self.channel = ChannelConsistencyLoss()
+
+    def forward(self, out: CrossModalOutput | torch.Tensor, target: torch.Tensor | None, n_labeled: int,
+                n_plain: int, aug: Augmentation | None, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """``out`` covers ``[labelled (n_labeled), unlabelled (n_plain - n_labeled), augmented copies of the
+        unlabelled part (the rest)]``; ``target`` (n_labeled, 1, H, W, D) with ``IGNORE_INDEX`` off the annotation."""
+        fused = out if isinstance(out, torch.Tensor) else out.fused
+        parts: dict[str, torch.Tensor] = {}
+        zero = fused.sum() * 0.0
+        parts["supervised"] = self.supervised(take(out, 0, n_labeled), target) if n_labeled and target is not None \
+            else zero
+        ramp = sigmoid_rampup(step, self.cfg.rampup_iterations)
+        total = parts["supervised"]
+        if isinstance(out, CrossModalOutput) and self.cfg.active:
+            plain = take(out, 0, n_plain)
+            assert isinstance(plain, CrossModalOutput)
+            parts["inter"] = self.inter(plain.fused, plain.per_modality) if self.cfg.inter_weight else zero
+            parts["channel"] = self.channel(plain.independent) if self.cfg.channel_weight else zero
+            n_aug = fused.shape[0] - n_plain
+            if aug is not None and n_aug > 0 and self.cfg.intra_weight:
+                parts["intra"] = self.intra(fused[n_plain - n_aug : n_plain], aug.invert(fused[n_plain:]))
+            else:
+                parts["intra"] = zero
+            total = total + ramp * (self.cfg.inter_weight * parts["inter"] + self.cfg.intra_weight * parts["intra"]
+                                    + self.cfg.channel_weight * parts["channel"])
+        stats = {k: float(v.detach()) for k, v in parts.items()}
+        stats["ramp"] = ramp
+        return total, stats
+
+
+def hybrid_batch(labeled: list[tuple[torch.Tensor, torch.Tensor]], unlabeled: list[torch.Tensor],
+                 generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, int, int, Augmentation | None]:
+    """Stack one step's inputs: ``(x, target, n_labeled, n_plain, aug)`` for :class:`HybridLoss`.
+
+    ``labeled``: (image (b, M, ...), target (b, 1, ...)) per labelled source; ``unlabeled``: images. Without an
+    unlabelled batch the last labelled sample is the one augmented (intra-modal consistency still applies).
+    """
+    xs = [x for x, _ in labeled]
+    ys = [y for _, y in labeled]
+    n_labeled = sum(len(x) for x in xs)
+    plain = torch.cat(xs + unlabeled) if xs or unlabeled else None
+    if plain is None:
+        raise ValueError("a step needs at least one labelled or unlabelled sample")
+    n_source = sum(len(u) for u in unlabeled) or 1  # the augmented copies are of the last n_source samples
+    source = plain[len(plain) - n_source :]
+    aug = Augmentation.sample(len(source), plain.device, generator)
+    x = torch.cat([plain, aug.apply(source)])
+    target = torch.cat(ys) if ys else None
+    return x, target, n_labeled, len(plain), aug
+
+
+class MultiSourceLoader:
+    """Several data loaders stepped together: each step yields ``{source: batch}`` from every source.
+
+    An epoch lasts as long as the longest loader; a shorter one starts over (reshuffled by its own sampler), so
+    every case of every source is seen each epoch - no ``zip`` truncation.
+    """
+
+    def __init__(self, loaders: Mapping[str, torch.utils.data.DataLoader]) -> None:
+        self.loaders = {k: v for k, v in loaders.items() if len(v) > 0}
+        if not self.loaders:
+            raise ValueError("no data: every source is empty")
+
+    def __len__(self) -> int:
+        return max(len(v) for v in self.loaders.values())
+
+    def __iter__(self) -> Iterator[dict[str, object]]:
+        iters = {k: iter(v) for k, v in self.loaders.items()}
+        for _ in range(len(self)):
+            batch = {}
+            for k, loader in self.loaders.items():
+                try:
+                    batch[k] = next(iters[k])
+                except StopIteration:
+                    iters[k] = iter(loader)
+                    batch[k] = next(iters[k])
+            yield batch

@@ -1,0 +1,189 @@
+"""Hybrid supervision: consistency losses (hand-computed values), one-forward steps, multi-source loading, the
+train task on dense + sparse + unlabelled cases, data-parallel training in two CPU processes."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_phantom_studies
+from crossmodal.config import ConsistencyConfig, load_config, save_config
+from crossmodal.hybrid import Augmentation, HybridLoss, MultiSourceLoader, hybrid_batch
+from crossmodal.labels import IGNORE_INDEX
+from crossmodal.losses import (
+    AugmentationConsistencyLoss,
+    ChannelConsistencyLoss,
+    InterModalConsistencyLoss,
+    SupervisedLoss,
+    sigmoid_rampup,
+)
+from crossmodal.nets import CrossModalNet, InputSelect, build_network
+from crossmodal.serving.app import AppParts
+from crossmodal.serving.offline import method_config, train_offline
+
+
+def logits_of(probs: list[list[float]]) -> torch.Tensor:
+    """(voxels, classes) probabilities -> (1, C, voxels) logits whose softmax gives them back."""
+    return torch.tensor(probs).log().T[None]
+
+
+def test_inter_modal_dice_consistency_hand_value():
+    head, fused = logits_of([[0.8, 0.2]]), logits_of([[0.5, 0.5]])
+    # class 0: 2 * 0.4 / 1.3; class 1: 2 * 0.1 / 0.7
+    expected = 1 - (0.8 / 1.3 + 0.2 / 0.7) / 2
+    got = InterModalConsistencyLoss("dice")(fused, {"ct": head})
+    assert got.item() == pytest.approx(expected, abs=1e-4)
+    assert InterModalConsistencyLoss("dice")(fused, {}).item() == 0.0
+
+
+def test_inter_modal_pseudo_label_uses_confident_voxels_only():
+    both = logits_of([[0.9, 0.1], [0.6, 0.4]])  # voxel 2 is below the 0.8 confidence threshold
+    got = InterModalConsistencyLoss("pseudo", threshold=0.8)(both, {"ct": both.clone(), "pet": both.clone()})
+    assert got.item() == pytest.approx(-math.log(0.9), abs=1e-5)
+    unsure = logits_of([[0.6, 0.4]])
+    assert InterModalConsistencyLoss("pseudo", threshold=0.8)(unsure, {"ct": unsure}).item() == 0.0
+
+
+def test_augmentation_consistency_hand_value_and_inverse():
+    a, b = logits_of([[0.8, 0.2]]), logits_of([[0.5, 0.5]])
+    assert AugmentationConsistencyLoss()(a, b).item() == pytest.approx(1 - (0.8 / 1.3 + 0.2 / 0.7) / 2, abs=1e-4)
+    x = torch.randn(2, 3, 4, 5, 6)
+    aug = Augmentation.sample(2, x.device, torch.Generator().manual_seed(0))
+    assert aug.axes and torch.allclose(aug.invert(aug.apply(x)), x * aug.scale + aug.shift)
+
+
+def test_channel_consistency_hand_values_and_single_modality():
+    loss = ChannelConsistencyLoss()
+    same = {"ct": [torch.tensor([[1.0, 2.0, 3.0]])], "mr": [torch.tensor([[3.0, 5.0, 7.0]])]}
+    assert loss(same).item() == pytest.approx(0.0, abs=1e-6)  # same channel pattern, other scale and offset
+    # centred [-1, 0, 1] vs [1, -2, 1]: cosine 0 -> 1; two levels average
+    two = {"ct": [torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[0.0, 1.0]])],
+           "mr": [torch.tensor([[2.0, -1.0, 2.0]]), torch.tensor([[0.0, 1.0]])]}
+    assert loss(two).item() == pytest.approx(0.5, abs=1e-5)
+    one = {"ct": [torch.ones(2, 4, requires_grad=True)]}
+    out = loss(one)
+    assert out.item() == 0.0 and out.requires_grad
+
+
+def test_sigmoid_rampup():
+    assert sigmoid_rampup(0, 100) == pytest.approx(math.exp(-5))
+    assert sigmoid_rampup(50, 100) == pytest.approx(math.exp(-1.25))
+    assert sigmoid_rampup(100, 100) == sigmoid_rampup(500, 100) == sigmoid_rampup(3, 0) == 1.0
+
+
+def _net() -> CrossModalNet:
+    return CrossModalNet(["ct", "pet", "mr"], num_classes=3, channels=(8, 16), strides=(2,), dropout=0.0)
+
+
+def test_an_unlabelled_batch_alone_changes_every_encoder():
+    """The public CMC release computes its unlabelled terms under no_grad; here they must train the network."""
+    torch.manual_seed(0)
+    net = _net().train()
+    before = {k: v.detach().clone() for k, v in net.named_parameters()}
+    cfg = ConsistencyConfig(rampup_iterations=0)
+    loss_fn = HybridLoss(SupervisedLoss(), cfg)
+    x, y, n_lab, n_plain, aug = hybrid_batch([], [torch.randn(2, 3, 16, 16, 16)], torch.Generator().manual_seed(1))
+    assert y is None and n_lab == 0 and n_plain == 2 and x.shape[0] == 4
+    out = net(x)
+    loss, parts = loss_fn(out, y, n_lab, n_plain, aug, step=0)
+    assert parts["supervised"] == 0.0 and parts["inter"] > 0 and parts["intra"] > 0 and parts["channel"] > 0
+    loss.backward()
+    torch.optim.SGD(net.parameters(), lr=0.1).step()
+    for m in ("ct", "pet", "mr"):
+        changed = [not torch.equal(before[k], v) for k, v in net.named_parameters() if k.startswith(f"encoders.{m}.")]
+        assert all(changed), m
+
+
+def test_hybrid_loss_adds_ramped_terms_to_the_supervised_part():
+    torch.manual_seed(0)
+    net = _net().eval()
+    target = torch.full((1, 1, 16, 16, 16), IGNORE_INDEX)
+    target[0, 0, :4] = 1
+    x, y, n_lab, n_plain, aug = hybrid_batch([(torch.randn(1, 3, 16, 16, 16), target)], [torch.randn(1, 3, 16, 16, 16)])
+    assert (n_lab, n_plain, x.shape[0]) == (1, 2, 3)
+    with torch.no_grad():
+        out = net(x)
+        cfg = ConsistencyConfig(inter_weight=0.5, intra_weight=0.25, channel_weight=0.1, rampup_iterations=10)
+        total, parts = HybridLoss(SupervisedLoss(), cfg)(out, y, n_lab, n_plain, aug, step=5)
+        sup_only, _ = HybridLoss(SupervisedLoss(), ConsistencyConfig(0, "dice", 0.8, 0, 0))(
+            out, y, n_lab, n_plain, aug, step=5)
+    ramp = math.exp(-5 * 0.5**2)
+    expected = parts["supervised"] + ramp * (0.5 * parts["inter"] + 0.25 * parts["intra"] + 0.1 * parts["channel"])
+    assert parts["ramp"] == pytest.approx(ramp) and total.item() == pytest.approx(expected, rel=1e-5)
+    assert sup_only.item() == pytest.approx(parts["supervised"], rel=1e-6)
+    assert parts["supervised"] == pytest.approx(SupervisedLoss()(net(x[:1]), target).item(), rel=1e-4)
+
+
+def test_multi_source_loader_sees_every_case_of_every_source():
+    dense = torch.utils.data.DataLoader(list(range(3)), batch_size=1, shuffle=True)
+    unlabeled = torch.utils.data.DataLoader(list(range(100, 107)), batch_size=1, shuffle=True)
+    empty = torch.utils.data.DataLoader([], batch_size=1)
+    loader = MultiSourceLoader({"dense": dense, "sparse": empty, "unlabeled": unlabeled})
+    steps = list(loader)
+    assert len(loader) == len(steps) == 7 and all(set(s) == {"dense", "unlabeled"} for s in steps)
+    assert sorted(int(s["unlabeled"]) for s in steps) == list(range(100, 107))
+    assert {int(s["dense"]) for s in steps} == {0, 1, 2}  # restarted, not truncated
+    with pytest.raises(ValueError, match="every source is empty"):
+        MultiSourceLoader({"dense": empty})
+
+
+def test_single_modality_network_sees_one_channel():
+    cfg = method_config("phantom", "single_pet")
+    net = build_network(cfg).eval()
+    assert isinstance(net, InputSelect) and net.index.tolist() == [1]
+    x = torch.randn(1, 3, 16, 16, 16)
+    with torch.no_grad():
+        a = net(x)
+        x[:, [0, 2]] = 0  # the other channels do not matter
+        assert torch.equal(a, net(x))
+    with pytest.raises(ValueError, match="single_ct, single_pet, single_mr"):
+        method_config("phantom", "single_xray")
+
+
+def _bench_config(tmp_path: Path, method: str) -> str:
+    cfg = method_config("phantom", method, {"train": {"patch_size": [32, 32, 32], "patches_per_case": 1,
+                                                      "batch_size": 2, "val_fraction": 0.0}})
+    path = tmp_path / f"{method}.yaml"
+    save_config(cfg, path)
+    return str(path)
+
+
+def test_train_task_learns_from_dense_sparse_and_unlabelled_cases(tmp_path: Path, phantom_cfg):
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=6, dense=1, sparse=1, seed=31)
+    preset = _bench_config(tmp_path, "ours")
+    stats = train_offline(str(studies), preset, str(tmp_path / "m"), epochs=2, device="cpu", network="crossmodal")
+    # 4 unlabelled cases, batch 1 -> 4 steps per epoch; dense and sparse (1 case each) restart every step
+    assert stats["total_iterations"] == 4 and stats["current_iteration"] == 8 and stats["epoch"] == 2
+    metrics = stats["train"]["metrics"]
+    assert metrics["loss_inter"] > 0 and metrics["loss_intra"] > 0 and metrics["loss_channel"] > 0
+    assert metrics["loss_supervised"] > 0 and 0 < metrics["loss_ramp"] <= 1
+    first = torch.load(stats["published"], map_location="cpu")
+    trainer = AppParts.from_conf(str(tmp_path / "app"), {"preset": preset, "model_dir": str(tmp_path / "m"),
+                                                         "models": "crossmodal"}).trainer()
+    assert trainer.load_path(str(tmp_path / "m" / "train_02")) == stats["published"]  # fine-tunes the published one
+    again = train_offline(str(studies), preset, str(tmp_path / "m"), epochs=1, device="cpu", network="crossmodal",
+                          use_unlabeled=False)
+    assert again["total_iterations"] == 1  # no unlabelled source: one step per epoch (dense, sparse: 1 each)
+    assert not all(torch.equal(v, torch.load(again["published"], map_location="cpu")[k]) for k, v in first.items())
+
+
+def test_baseline_trains_on_labels_only(tmp_path: Path, phantom_cfg):
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=5, dense=1, sparse=1, seed=32)
+    stats = train_offline(str(studies), _bench_config(tmp_path, "baseline_unet"), str(tmp_path / "m"), epochs=1,
+                          device="cpu", network="baseline_unet")
+    assert stats["total_iterations"] == 1  # unlabelled cases are not used by a plain network
+    assert "loss_inter" not in stats["train"]["metrics"] and stats["train"]["metrics"]["loss_supervised"] > 0
+
+
+@pytest.mark.timeout(600)
+def test_data_parallel_training_in_two_cpu_processes(tmp_path: Path, phantom_cfg):
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=5, dense=2, sparse=0, seed=33)
+    stats = train_offline(str(studies), _bench_config(tmp_path, "ours"), str(tmp_path / "m"), epochs=1, device="cpu",
+                          network="crossmodal", processes=2)
+    # each process gets half of every source: 3 unlabelled -> partitioned 2 + 2 (even), dense 1 + 1
+    assert stats["epoch"] == 1 and stats["total_iterations"] == 2 and stats["rank"] == 0
+    weights = torch.load(stats["published"], map_location="cpu")
+    net = build_network(load_config(str(tmp_path / "ours.yaml")))
+    net.load_state_dict(weights)  # strict: saved unwrapped from DistributedDataParallel
+    fresh = build_network(load_config(str(tmp_path / "ours.yaml"))).state_dict()
+    assert any(not torch.equal(fresh[k], v) for k, v in weights.items() if k.startswith("encoders."))
