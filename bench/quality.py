@@ -53,8 +53,8 @@ MISREGISTRATION = (0.0, 2.0, 4.0, 8.0)
 MISSING = {"phantom": "pet", "brain": "pd"}
 DATASETS: dict[str, dict] = {
     # train / test cases, training patch, optimiser steps per run (the same for every method and regime)
-    "phantom": {"preset": "phantom", "train": 10, "test": 4, "patch": 32, "steps": 150},
-    "brain": {"preset": "brain", "train": 10, "test": 4, "patch": 32, "steps": 150},
+    "phantom": {"preset": "phantom", "train": 10, "test": 4, "patch": 32, "steps": 300},
+    "brain": {"preset": "brain", "train": 10, "test": 4, "patch": 32, "steps": 300},
 }
 
 
@@ -306,11 +306,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="phantom only, one seed, fewer regimes and steps")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--datasets", default="phantom,brain")
+    ap.add_argument("--datasets", help="comma-separated (default: phantom,brain; with --quick: phantom)")
     args = ap.parse_args()
     results = Path(os.environ.get("RESULTS_DIR", REPO / "bench" / "results"))
     results.mkdir(parents=True, exist_ok=True)
-    datasets = ["phantom"] if args.quick else [d.strip() for d in args.datasets.split(",") if d.strip()]
+    names = args.datasets or ("phantom" if args.quick else "phantom,brain")
+    datasets = [d.strip() for d in names.split(",") if d.strip()]
+    unknown = sorted(set(datasets) - set(DATASETS))
+    if unknown:
+        ap.error(f"unknown datasets {unknown}; choose from {sorted(DATASETS)}")
     seeds = 1 if args.quick else args.seeds
     records: list[dict] = []
     started = time.perf_counter()

@@ -175,3 +175,16 @@ def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "m" / "phantom_baseline_unet.pt").is_file()
+    # a method preset: ours on dense + sparse (nnU-Net ignore label) + unlabelled (no label file) training cases
+    (ds / "labelsTr" / "phantom001.nii.gz").unlink()
+    r = subprocess.run([*CLI, "train", "--studies", str(ds), "--config", "phantom", "--model-dir",
+                        str(tmp_path / "o"), "--epochs", "1", "--method", "ours"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert load_config(str(tmp_path / "o" / "method_config.yaml")).model.name == "crossmodal"
+    ev = json.loads((tmp_path / "o" / "evaluation.json").read_text())
+    assert [c["case"] for c in ev["per_case"]] == ["phantom002"] and set(ev["per_case"][0]["hd95"]) == \
+        {"organ", "lesion", "vessel"} and ev["hd95_mean"] > 0 and 0 <= ev["dice_mean"] <= 1
+    assert "mean HD95" in r.stdout
+    r = subprocess.run([*CLI, "train", "--studies", str(ds), "--config", "phantom", "--model-dir",
+                        str(tmp_path / "x"), "--method", "single_xray"], capture_output=True, text=True)
+    assert r.returncode == 2 and "single_ct, single_pet, single_mr" in r.stderr

@@ -264,3 +264,8 @@ def test_crossmodal_optional_outputs_and_missing_modality(client, phantom_server
         assert ours > 0.7 and ours > dice(load_volume(base)[0].numpy(), gt, 1)  # organ from CT + MR alone
     finally:
         pet.write_bytes(saved)
+    dropped, params = client.infer("crossmodal", "phantom005", {"drop_modalities": "pet"})  # present, left out
+    assert params["modalities_used"] == ["ct", "mr"] and dice(load_volume(dropped)[0].numpy(), gt, 1) == ours
+    with pytest.raises(MONAILabelClientException) as e:
+        client.infer("crossmodal", "phantom005", {"drop_modalities": "xray"})
+    assert status_of(e.value) == 422 and "cannot drop ['xray']" in e.value.msg
