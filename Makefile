@@ -12,7 +12,7 @@ PRE := apps/crossmodal/pretrained
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: install data run test lint bench-infer weights weights-phantom weights-brain clean
+.PHONY: install data run test lint bench-infer bench-quality bench-demo-train weights weights-phantom weights-brain clean
 
 install: $(STAMP)
 
@@ -51,6 +51,15 @@ test: install $(SPM)
 # Infer speed and memory, ours vs baseline_unet vs a radiology-style pipeline (RESULTS_DIR=... to redirect).
 bench-infer: install $(SPM)
 	$(BIN)/python bench/infer.py $(if $(QUICK),--quick,)
+
+# Segmentation quality: methods x annotation regimes x misregistration x a missing modality, 3 seeds, phantom and
+# brain (about an hour on 2 cores); QUICK=1: phantom, one seed, a few minutes. RESULTS_DIR=... to redirect.
+bench-quality: install $(SPM)
+	$(BIN)/python bench/quality.py $(if $(QUICK),--quick,)
+
+# The demo's full training as the viewers start it (time, peak memory, Dice on the unlabelled demo cases).
+bench-demo-train: install data
+	$(BIN)/python bench/demo_training.py
 
 # Re-make the committed pretrained weights: apps/crossmodal/pretrained/<preset>_<NET>.{pt,yaml,log,eval.json}
 # (NET=baseline_unet or NET=crossmodal).
