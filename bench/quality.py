@@ -44,7 +44,7 @@ from crossmodal.data.brain import load_templates, make_brain_case  # noqa: E402
 from crossmodal.data.phantom import SyntheticCase, make_phantom  # noqa: E402
 from crossmodal.data.sparse import annotated_fraction, sparsify  # noqa: E402
 from crossmodal.data.studies import FINAL_LABELS, write_case  # noqa: E402
-from crossmodal.io import save_volume  # noqa: E402
+from crossmodal.io import load_volume, save_volume  # noqa: E402
 from crossmodal.serving.offline import evaluate, method_config, train_offline  # noqa: E402
 
 REGIMES = ("dense", "scribbles", "dense10", "dense10_unlabeled", "scribbles30_unlabeled")
@@ -104,8 +104,6 @@ def regime_studies(pool: Path, out: Path, regime: str, cfg: CrossModalConfig, se
     for cid in cases:
         (out / f"{cid}.nii.gz").symlink_to(pool / f"{cid}.nii.gz")
         (out / "modalities" / cid).symlink_to(pool / "modalities" / cid, target_is_directory=True)
-    from crossmodal.io import load_volume
-
     for j, cid in enumerate(order[: n_dense + n_sparse]):
         truth = load_volume(pool / "truth" / f"{cid}.nii.gz")
         lab = np.rint(truth[0].numpy()).astype(np.int64)

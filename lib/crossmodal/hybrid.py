@@ -104,12 +104,13 @@ class HybridLoss(nn.Module):
 
 
 def hybrid_batch(labeled: list[tuple[torch.Tensor, torch.Tensor]], unlabeled: list[torch.Tensor],
-                 generator: torch.Generator | None = None
+                 generator: torch.Generator | None = None, augment: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor | None, int, int, Augmentation | None]:
     """Stack one step's inputs: ``(x, target, n_labeled, n_plain, aug)`` for :class:`HybridLoss`.
 
     ``labeled``: (image (b, M, ...), target (b, 1, ...)) per labelled source; ``unlabeled``: images. Without an
     unlabelled batch the last labelled sample is the one augmented (intra-modal consistency still applies).
+    ``augment=False`` (a plain network, supervised only): no augmented copies, ``aug`` is None.
     """
     xs = [x for x, _ in labeled]
     ys = [y for _, y in labeled]
@@ -117,11 +118,13 @@ def hybrid_batch(labeled: list[tuple[torch.Tensor, torch.Tensor]], unlabeled: li
     plain = torch.cat(xs + unlabeled) if xs or unlabeled else None
     if plain is None:
         raise ValueError("a step needs at least one labelled or unlabelled sample")
+    target = torch.cat(ys) if ys else None
+    if not augment:
+        return plain, target, n_labeled, len(plain), None
     n_source = sum(len(u) for u in unlabeled) or 1  # the augmented copies are of the last n_source samples
     source = plain[len(plain) - n_source :]
     aug = Augmentation.sample(len(source), plain.device, generator)
     x = torch.cat([plain, aug.apply(source)])
-    target = torch.cat(ys) if ys else None
     return x, target, n_labeled, len(plain), aug
 
 

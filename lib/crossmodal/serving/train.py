@@ -158,9 +158,7 @@ class CrossModalTrain(BasicTrainTask):
             labeled = [(plain(batch[k]["image"]).to(dev), plain(batch[k]["label"]).to(dev))
                        for k in (DENSE, SPARSE) if k in batch]
             unlabeled = [plain(batch[UNLABELED]["image"]).to(dev)] if UNLABELED in batch else []
-            x, y, n_lab, n_plain, aug = hybrid_batch(labeled, unlabeled, gen)
-            if not self.hybrid:  # a plain network: supervised samples only
-                x, n_plain, aug = x[:n_lab], n_lab, None
+            x, y, n_lab, n_plain, aug = hybrid_batch(labeled, unlabeled, gen, augment=self.hybrid)
             engine.state.output = {Keys.IMAGE: x[:n_lab], Keys.LABEL: y}
             engine.network.train()
             engine.optimizer.zero_grad(set_to_none=True)
@@ -201,7 +199,7 @@ class CrossModalTrain(BasicTrainTask):
                 transforms = preprocessing(self.cfg, "unlabeled")
                 batch = self.cfg.train.consistency.unlabeled_batch_size
             else:
-                transforms = preprocessing(self.cfg, "train")
+                transforms = self.train_pre_transforms(context)
                 batch = max(1, int(context.train_batch_size) // max(1, len(labeled_sources)))
             dataset = CacheDataset(items, transforms, progress=False) if context.dataset_type == "CacheDataset" \
                 else Dataset(items, transforms)
