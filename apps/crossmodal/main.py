@@ -16,15 +16,13 @@ logger = logging.getLogger(__name__)
 class MyApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         configure_threads()
-        self.parts = AppParts.from_conf(app_dir, conf)
+        self.parts = AppParts.from_conf(app_dir, conf, pacs=studies.startswith(("http://", "https://")))
         self._infer_tasks = {m.name: self.parts.infer(m) for m in self.parts.models}
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="crossmodal",
                          description="Label-efficient multimodal segmentation", version=crossmodal.__version__)
 
     def init_datastore(self) -> Datastore:
-        if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
-        return self.parts.datastore(self.studies)
+        return self.parts.datastore(self.studies.rstrip("/"), self.conf)
 
     def init_infers(self):
         infers = dict(self._infer_tasks)

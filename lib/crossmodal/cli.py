@@ -7,6 +7,7 @@ Examples::
     crossmodal data brain --templates data/spm12 --out data/brain --cases 12 --dense 3 --sparse 3
     crossmodal data sparsify --label data/brain/truth/brain000.nii.gz --out s.nii.gz --mode scribbles
     crossmodal data export-nnunet --studies data/brain --out data/Dataset001_Brain --test brain011
+    crossmodal data to-dicom --studies data/brain --config brain --upload http://127.0.0.1:8042/dicom-web
     crossmodal data import-nnunet --dataset data/Dataset001_Brain --out data/brain2 --config brain
     crossmodal train --studies data/brain --config brain --model-dir apps/crossmodal/model
 """
@@ -98,6 +99,49 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     meta = export_nnunet(args.studies, args.out, _config(args, "brain"), tuple(args.test))
     print(json.dumps(meta, indent=2))
+    return 0
+
+
+def cmd_to_dicom(args: argparse.Namespace) -> int:
+    import shutil
+
+    import requests
+    from tqdm import tqdm
+
+    from crossmodal.dicom import case_to_dicom, upload
+    from crossmodal.io import IMAGE_EXTENSIONS, find_case, load_volume, split_ext
+    from crossmodal.labels import classify
+
+    cfg = _config(args, "brain")
+    studies = Path(args.studies)
+    images = sorted(p for p in studies.iterdir() if p.is_file() and split_ext(p)[1] in IMAGE_EXTENSIONS)
+    if not images:
+        raise FileNotFoundError(f"{studies}: no primary images (*.nii.gz, *.nii, *.nrrd) in this studies folder")
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="crossmodal-dicom-"))
+    stored = 0
+    try:
+        for img in tqdm(images, desc="cases -> DICOM", unit="case"):
+            case = find_case(img, cfg.modality_names, cfg.data.sidecar_dir)
+            label = next((str(p) for e in IMAGE_EXTENSIONS
+                          if (p := studies / "labels" / "final" / f"{case.case_id}{e}").is_file()), None)
+            label = label if args.labels else None
+            kind = classify(np.rint(load_volume(label, case.case_id)[0].numpy()), cfg.labels) if label else None
+            files = {cfg.modality_names[0]: case.primary, **case.modalities}
+            written = case_to_dicom(case.case_id, files, cfg, out, label, kind or "dense")
+            if args.upload:
+                try:
+                    stored += upload([f for d in written.values() for f in ([d] if d.is_file() else d.glob("*.dcm"))],
+                                     args.upload)
+                except requests.RequestException as e:
+                    raise ConnectionError(f"case {case.case_id!r}: storing to {args.upload} failed "
+                                          f"({str(e).splitlines()[0][:200]}); is the DICOMweb server running?") from e
+            print(json.dumps({"case": case.case_id, "series": sorted(k for k in written if k != "seg"),
+                              "label": kind, "folder": str(out / case.case_id) if args.out else None}))
+    finally:
+        if not args.out:
+            shutil.rmtree(out, ignore_errors=True)
+    if args.upload:
+        print(f"stored {stored} DICOM instances of {len(images)} cases in {args.upload}", file=sys.stderr)
     return 0
 
 
@@ -221,6 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config")
     q.set_defaults(func=cmd_export)
 
+    q = data.add_parser("to-dicom", help="studies folder -> DICOM: one study per case, one series per modality, "
+                                         "labels as SEG; optionally stored in a DICOMweb server")
+    q.add_argument("--studies", required=True)
+    q.add_argument("--out", help="folder for <case>/<modality>/*.dcm and <case>/seg.dcm (default: temp, removed)")
+    q.add_argument("--upload", metavar="URL", help="DICOMweb root to store into, e.g. http://127.0.0.1:8042/dicom-web")
+    q.add_argument("--no-labels", dest="labels", action="store_false", help="leave the final labels out")
+    q.add_argument("--config")
+    q.set_defaults(func=cmd_to_dicom)
+
     q = sub.add_parser("train", help="train the app's model on a studies folder (same code as the server)")
     q.add_argument("--studies", required=True, help="studies folder or nnU-Net v2 raw dataset")
     q.add_argument("--config")
@@ -252,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (CaseError, ConfigError, FileNotFoundError, ValueError) as e:
+    except (CaseError, ConfigError, FileNotFoundError, ValueError, ConnectionError) as e:
         print(f"crossmodal: error: {e}", file=sys.stderr)
         return 2
 

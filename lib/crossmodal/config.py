@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import yaml
 
 MODALITY_KINDS = ("ct", "mr", "pet")
+DICOM_MODALITY = {"ct": "CT", "mr": "MR", "pet": "PT"}
 MISSING_POLICIES = ("error", "zero_fill")
 # Names 3D Slicer drops on save: none of our label names may use them.
 SLICER_RESERVED_NAMES = ("background", "foreground_scribbles", "background_scribbles")
@@ -39,8 +41,17 @@ class ModalityConfig:
     name: str
     kind: str = "mr"
     window: tuple[float, float] = (-1000.0, 1000.0)
+    # On a PACS (DICOMweb studies): the series of a study holding this modality has this DICOM Modality
+    # (default by kind: CT, PT, MR) and a SeriesDescription matching this case-insensitive regex (default: any).
+    dicom_modality: str = ""
+    series_description: str = ""
 
     def __post_init__(self) -> None:
+        try:
+            re.compile(self.series_description)
+        except re.error as e:
+            raise ConfigError(f"modalities.{self.name}.series_description: {self.series_description!r} "
+                              f"is not a regular expression: {e}") from e
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"modalities: name {self.name!r} must be letters, digits, '_' or '-'")
         if self.kind not in MODALITY_KINDS:
@@ -48,6 +59,7 @@ class ModalityConfig:
         self.window = (float(self.window[0]), float(self.window[1]))
         if self.window[0] >= self.window[1]:
             raise ConfigError(f"modalities.{self.name}.window: {self.window} must be (low, high) with low < high")
+        self.dicom_modality = (self.dicom_modality or DICOM_MODALITY[self.kind]).upper()
 
 
 @dataclass

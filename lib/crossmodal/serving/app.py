@@ -4,7 +4,13 @@ Server ``--conf`` keys (all optional): ``preset`` (a name in ``configs/``, defau
 ``model_dir`` (default ``<app>/model``), ``models`` (comma-separated network names; default the preset's model
 and ``baseline_unet``), ``pretrained_<model>`` (weights used until that model is trained; default
 ``<app>/pretrained/<preset>_<model>.pt`` when present; ``pretrained`` alone names the first model's),
-``max_epochs`` (overrides the preset).
+``max_epochs`` (overrides the preset), ``missing_modality`` (``error`` / ``zero_fill``; default the preset's,
+``zero_fill`` on a PACS where a study may lack a series).
+
+With ``--studies http(s)://.../dicom-web`` the datastore is :class:`~crossmodal.serving.dicomweb.PacsDatastore`;
+keys ``pacs_cache`` (cache folder; default MONAI Label's DICOMweb cache path or ``~/.cache/crossmodal/dicomweb``),
+``pacs_list_ttl`` (seconds a study listing is reused, default 30) and ``pacs_timeout`` (seconds per request,
+default 30).
 """
 
 from __future__ import annotations
@@ -46,10 +52,13 @@ class AppParts:
     models: list[ModelParts]
 
     @classmethod
-    def from_conf(cls, app_dir: str, conf: dict[str, str]) -> AppParts:
+    def from_conf(cls, app_dir: str, conf: dict[str, str], pacs: bool = False) -> AppParts:
         preset = conf.get("preset", "brain")
-        overrides = {"train": {"max_epochs": int(conf["max_epochs"])}} if conf.get("max_epochs") else None
-        cfg = load_config(preset, conf.get("configs_dir"), overrides)
+        overrides: dict = {"train": {"max_epochs": int(conf["max_epochs"])}} if conf.get("max_epochs") else {}
+        missing = conf.get("missing_modality") or ("zero_fill" if pacs else None)
+        if missing:
+            overrides["infer"] = {"missing_modality": missing}
+        cfg = load_config(preset, conf.get("configs_dir"), overrides or None)
         model_dir = conf.get("model_dir") or os.path.join(app_dir, "model")
         os.makedirs(model_dir, exist_ok=True)
         names = [n.strip() for n in conf.get("models", "").split(",") if n.strip()] or \
@@ -75,7 +84,16 @@ class AppParts:
     def published(self) -> str:
         return self.models[0].published
 
-    def datastore(self, studies: str) -> Datastore:
+    def datastore(self, studies: str, conf: dict[str, str] | None = None) -> Datastore:
+        """The local studies folder, or a PACS when ``studies`` is a DICOMweb URL."""
+        conf = conf or {}
+        if studies.startswith(("http://", "https://")):
+            from crossmodal.serving.dicomweb import PacsDatastore
+            from monailabel.config import settings
+
+            cache = conf.get("pacs_cache") or (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None
+            return PacsDatastore(studies, self.cfg, cache, list_ttl=float(conf.get("pacs_list_ttl", 30)),
+                                 timeout=float(conf.get("pacs_timeout", 30)))
         return CrossModalDatastore(studies, self.cfg.labels)
 
     def infer(self, model: ModelParts | None = None) -> CrossModalInfer:

@@ -1,0 +1,259 @@
+"""DICOM in and out: volumes as image series, label maps as DICOM SEG, and SEG back onto the primary grid.
+
+Volumes here are NIfTI-style: ``array[i, j, k]`` with a RAS ``affine`` (voxel -> mm). DICOM speaks LPS; a slice
+``k`` is written with its columns along ``i`` and its rows along ``j`` (``PixelSpacing = [dj, di]``), so
+SimpleITK's/GDCM's series reader gives back the same grid (tested by a round trip).
+
+SEG files are made by dcmqi's ``itkimage2segimage`` through MONAI Label's converter (the ``dcmqi`` wheel puts it
+on PATH; nothing is downloaded at run time). Segments carry the class names of the label config, so reading a
+SEG maps segment numbers back to label values by name, whatever numbering the writer chose.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from crossmodal.config import CrossModalConfig, LabelConfig
+
+SOP_CLASS = {  # DICOM Modality -> image storage SOP class
+    "CT": "1.2.840.10008.5.1.4.1.1.2",
+    "MR": "1.2.840.10008.5.1.4.1.1.4",
+    "PT": "1.2.840.10008.5.1.4.1.1.128",
+}
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+SEG_DESCRIPTION = "crossmodal {kind} label"
+
+
+def _int16(array: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Stored int16 values and (slope, intercept) with ``value = stored * slope + intercept``."""
+    if np.issubdtype(array.dtype, np.integer) and array.min() >= -32768 and array.max() <= 32767:
+        return array.astype(np.int16), 1.0, 0.0
+    lo, hi = float(array.min()), float(array.max())
+    intercept = (hi + lo) / 2
+    slope = max((hi - lo) / 2 / 32000, 1e-6)
+    stored = np.clip(np.rint((array - intercept) / slope), -32768, 32767).astype(np.int16)
+    return stored, slope, intercept
+
+
+def volume_to_series(array: np.ndarray, affine: np.ndarray, modality: str, study: Dataset, series_number: int,
+                     description: str) -> list[Dataset]:
+    """One DICOM image series (one instance per slice ``k``) of ``array`` (I, J, K) with RAS ``affine`` (4, 4).
+
+    Args:
+        modality: DICOM Modality (``CT``, ``MR``, ``PT``).
+        study: patient/study attributes shared by the study's series (``StudyInstanceUID``, ``PatientID``, ...).
+    """
+    if array.ndim != 3:
+        raise ValueError(f"expected a 3D volume, got shape {array.shape}")
+    if modality not in SOP_CLASS:
+        raise ValueError(f"DICOM Modality {modality!r} is not one of {sorted(SOP_CLASS)}")
+    a = LPS @ np.asarray(affine, dtype=np.float64)
+    di, dj, dk = np.sqrt((a[:3, :3] ** 2).sum(0))
+    row_dir, col_dir = a[:3, 0] / di, a[:3, 1] / dj
+    stored, slope, intercept = _int16(np.asarray(array))
+    series_uid, frame_uid = generate_uid(), generate_uid()
+    now = _dt.datetime.now()
+    out = []
+    for k in range(array.shape[2]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = SOP_CLASS[modality]
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+        for key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID",
+                    "StudyDate", "StudyTime", "StudyDescription", "AccessionNumber", "ReferringPhysicianName"):
+            if key in study:
+                setattr(ds, key, study.data_element(key).value)
+        ds.SOPClassUID, ds.SOPInstanceUID = SOP_CLASS[modality], meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = modality, series_uid, series_number
+        ds.SeriesDescription, ds.FrameOfReferenceUID = description, frame_uid
+        ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+        ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+        ds.InstanceNumber = k + 1
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImagePositionPatient = [float(v) for v in (a @ [0, 0, k, 1])[:3]]
+        ds.ImageOrientationPatient = [float(v) for v in (*row_dir, *col_dir)]
+        ds.PixelSpacing = [float(dj), float(di)]
+        ds.SliceThickness = float(dk)
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows, ds.Columns = int(array.shape[1]), int(array.shape[0])
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = f"{slope:.10g}", f"{intercept:.10g}"
+        if modality == "PT":
+            ds.Units, ds.DecayCorrection, ds.CorrectedImage = "BQML", "START", ["ATTN", "DECY"]
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
+        out.append(ds)
+    return out
+
+
+def new_study(case_id: str, description: str = "crossmodal demo") -> Dataset:
+    """Patient/study attributes for one case (PatientID = case id, a fresh StudyInstanceUID)."""
+    ds = Dataset()
+    today = _dt.date.today().strftime("%Y%m%d")
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = case_id, case_id, "", "O"
+    ds.StudyInstanceUID, ds.StudyID, ds.AccessionNumber = generate_uid(), case_id[-16:], ""
+    ds.StudyDate, ds.StudyTime, ds.StudyDescription, ds.ReferringPhysicianName = today, "120000", description, ""
+    return ds
+
+
+def write_series(datasets: Iterable[Dataset], folder: str | os.PathLike[str]) -> list[Path]:
+    """Write instances as ``<folder>/<SOPInstanceUID>.dcm``; returns the paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ds in datasets:
+        p = folder / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(p, write_like_original=False)
+        paths.append(p)
+    return paths
+
+
+def segment_info(cfg: LabelConfig, values: Sequence[int]) -> list[dict]:
+    """MONAI Label ``label_info`` (one entry per present non-zero value, ascending) naming the segments."""
+    names = {v: k for k, v in cfg.classes.items()}
+    names[cfg.marked_background] = cfg.marked_background_name
+    out = []
+    for v in values:
+        name = names[int(v)]
+        out.append({"name": name, "segmentAttribute": {
+            "labelID": int(v), "SegmentLabel": name, "SegmentDescription": name,
+            "SegmentAlgorithmType": "MANUAL",
+            "SegmentedPropertyCategoryCodeSequence": {"CodeValue": "91723000", "CodingSchemeDesignator": "SCT",
+                                                      "CodeMeaning": "Anatomical Structure"},
+            "SegmentedPropertyTypeCodeSequence": {"CodeValue": "85756007", "CodingSchemeDesignator": "SCT",
+                                                  "CodeMeaning": "Tissue"},
+            "recommendedDisplayRGBValue": [int(c) for c in _color(int(v))]}})
+    return out
+
+
+def _color(v: int) -> tuple[int, int, int]:
+    palette = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180)]
+    return (128, 128, 128) if v >= 255 else palette[(v - 1) % len(palette)]
+
+
+def label_to_seg(label_file: str | os.PathLike[str], series_dir: str | os.PathLike[str], cfg: LabelConfig,
+                 kind: str) -> Path:
+    """A DICOM SEG file (temp path) of a NIfTI/NRRD label map on the grid of the image series in ``series_dir``.
+
+    Raises:
+        ValueError: the label has no non-zero voxel (DICOM SEG cannot hold an empty segmentation).
+        RuntimeError: dcmqi failed (its message is included).
+    """
+    import nibabel as nib
+    from monailabel.datastore.utils.convert import nifti_to_dicom_seg
+
+    values = [int(v) for v in np.unique(np.asarray(nib.load(str(label_file)).dataobj)) if v != 0]
+    if not values:
+        raise ValueError("the label is empty (all 0): DICOM SEG needs at least one segment")
+    info = segment_info(cfg, values)
+    info[0]["model_name"] = SEG_DESCRIPTION.format(kind=kind)
+    try:
+        out = nifti_to_dicom_seg(str(series_dir), str(label_file), info)
+    except Exception as e:
+        raise RuntimeError(f"dcmqi itkimage2segimage failed: {e}") from e
+    if not out or not os.path.isfile(out) or os.path.getsize(out) == 0:
+        raise RuntimeError("dcmqi itkimage2segimage wrote no DICOM SEG")
+    return Path(out)
+
+
+def seg_kind(ds: Dataset) -> str | None:
+    """The label kind recorded in a SEG's SeriesDescription by :func:`label_to_seg` (None: another writer)."""
+    desc = str(ds.get("SeriesDescription", ""))
+    for kind in ("dense", "sparse"):
+        if desc == SEG_DESCRIPTION.format(kind=kind):
+            return kind
+    return None
+
+
+def seg_to_label(seg_file: str | os.PathLike[str], cfg: LabelConfig, affine: np.ndarray,
+                 shape: Sequence[int]) -> np.ndarray:
+    """A DICOM SEG as a label map (I, J, K) on the grid (RAS ``affine``, ``shape``) of its referenced image.
+
+    Segment numbers map to label values by SegmentLabel (class names, ``marked_background_name``); frames are
+    placed by their ImagePositionPatient, so a SEG that skips empty slices lands on the right slices.
+
+    Raises:
+        ValueError: a segment names no configured class, or a frame lies off the grid.
+    """
+    ds = pydicom.dcmread(str(seg_file))
+    by_name = dict(cfg.classes)
+    by_name[cfg.marked_background_name] = cfg.marked_background
+    values = {}
+    for seg in ds.SegmentSequence:
+        name = str(seg.SegmentLabel)
+        if name not in by_name:
+            raise ValueError(f"segment {int(seg.SegmentNumber)} {name!r} is not a configured class "
+                             f"{sorted(by_name)}")
+        values[int(seg.SegmentNumber)] = by_name[name]
+    frames = ds.pixel_array.reshape(int(ds.NumberOfFrames), int(ds.Rows), int(ds.Columns))
+    inv = np.linalg.inv(LPS @ np.asarray(affine, dtype=np.float64))
+    out = np.zeros(tuple(int(s) for s in shape), dtype=np.uint8 if cfg.marked_background < 256 else np.uint16)
+    for f, group in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        number = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        pos = [float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient]
+        i, j, k = np.rint(inv @ [*pos, 1.0])[:3].astype(int)
+        if i != 0 or j != 0 or not 0 <= k < out.shape[2] or frames[f].shape != (out.shape[1], out.shape[0]):
+            raise ValueError(f"frame {f + 1} at {pos} (grid index {(i, j, k)}) is not a slice of the image grid "
+                             f"{tuple(out.shape)}")
+        out[:, :, k][frames[f].T > 0] = values[number]
+    return out
+
+
+def temp_path(suffix: str) -> str:
+    fd, path = tempfile.mkstemp(suffix=suffix, prefix="crossmodal-")
+    os.close(fd)
+    return path
+
+
+def case_to_dicom(case_id: str, files: dict[str, str], cfg: CrossModalConfig, out: str | os.PathLike[str],
+                  label: str | None = None, label_kind: str = "dense") -> dict[str, Path]:
+    """Write one case as one study: a series per modality present in ``files`` (name -> NIfTI/NRRD path, config
+    order, the primary first) under ``<out>/<case>/<name>/``, and its label as SEG at ``<out>/<case>/seg.dcm``.
+
+    Series get SeriesNumber = modality position + 1 and SeriesDescription = the modality name, which the
+    config's default matching rules find again. Returns the written folders (and ``seg``) by name.
+    """
+    import nibabel as nib
+
+    study = new_study(case_id)
+    root = Path(out) / case_id
+    written: dict[str, Path] = {}
+    for n, m in enumerate(cfg.modalities):
+        if files.get(m.name) is None:
+            continue
+        img = nib.load(str(files[m.name]))
+        arr = np.asarray(img.dataobj)
+        if arr.ndim != 3:
+            raise ValueError(f"case {case_id!r}: {files[m.name]}: expected a 3D volume, got shape {arr.shape}")
+        write_series(volume_to_series(arr, img.affine, m.dicom_modality, study, n + 1, m.name), root / m.name)
+        written[m.name] = root / m.name
+    if label is not None:
+        primary = cfg.modality_names[0]
+        seg = label_to_seg(label, written[primary], cfg.labels, label_kind)
+        shutil.move(str(seg), root / "seg.dcm")
+        written["seg"] = root / "seg.dcm"
+    return written
+
+
+def upload(paths: Iterable[str | os.PathLike[str]], url: str, batch: int = 64) -> int:
+    """Store DICOM files in a DICOMweb server (STOW-RS) in batches; returns the number stored."""
+    from crossmodal.serving.dicomweb import make_client
+
+    client = make_client(url)
+    files = [Path(p) for p in paths]
+    for i in range(0, len(files), batch):
+        client.store_instances([pydicom.dcmread(str(p)) for p in files[i : i + batch]])
+    return len(files)

@@ -1,0 +1,417 @@
+"""Multimodal studies on a PACS over DICOMweb: a case is a study, its primary series is the datastore image.
+
+``--studies http://host:8042/dicom-web`` makes :class:`PacsDatastore` the app's datastore. Per study, each
+configured modality is the series whose DICOM Modality and SeriesDescription match the config
+(``modalities[*].dicom_modality`` / ``series_description``); the first modality's series is the case's image id.
+Any series UID of the study (or the StudyInstanceUID) given by a viewer maps to that case.
+
+A local cache (our validated :class:`~crossmodal.serving.datastore.CrossModalDatastore`) holds what was fetched:
+``<cache>/<primary uid>.nii.gz``, the siblings as ``<cache>/modalities/<primary uid>/<name>.nii.gz`` (so every
+reader of the local layout works unchanged) and the labels in ``<cache>/labels/<tag>/``. Series are immutable in
+DICOM, so a cached series is never fetched twice; the study listing is re-read after ``list_ttl`` seconds and at
+once after our own saves.
+
+Saving a ``final`` label validates it, keeps it in the cache, writes it as DICOM SEG (dcmqi) and stores it in the
+PACS. When the PACS is down or too slow the label stays in the cache marked ``pacs: pending``, the request gets
+HTTP 503 saying so, and pending labels are stored on the next request that reaches the PACS.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+from crossmodal.config import CrossModalConfig, ModalityConfig
+from crossmodal.dicom import SEG_SOP_CLASS, label_to_seg, seg_kind, seg_to_label
+from crossmodal.io import atomic_copy, load_volume, save_volume
+from crossmodal.serving.datastore import CrossModalDatastore
+from dicomweb_client import DICOMwebClient
+from fastapi import HTTPException
+from filelock import FileLock
+from monailabel.datastore.dicom import DICOMwebClientX
+from monailabel.datastore.local import DataModel, ImageLabelModel
+from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.utils.others.generic import md5_digest
+from pydicom.dataset import Dataset
+
+logger = logging.getLogger(__name__)
+
+FINAL = DefaultLabelTag.FINAL.value if hasattr(DefaultLabelTag.FINAL, "value") else "final"
+
+
+class PacsUnavailable(HTTPException):
+    """HTTP 503: the PACS did not answer (down, refused, too slow)."""
+
+    def __init__(self, url: str, what: str, error: Exception) -> None:
+        reason = type(error).__name__ if isinstance(error, requests.Timeout) else str(error).splitlines()[0][:200]
+        super().__init__(status_code=503, detail=f"PACS {url} did not answer while {what} ({reason}); "
+                                                 f"check that it runs and is reachable, then retry")
+
+
+class _TimeoutSession(requests.Session):
+    """A requests session with a default timeout (dicomweb-client passes none)."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__()
+        self.timeout = timeout
+
+    def request(self, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        kwargs.setdefault("timeout", self.timeout)
+        return super().request(*args, **kwargs)
+
+
+def make_client(url: str, timeout: float = 30.0) -> DICOMwebClient:
+    """A DICOMweb client for ``url`` whose every request times out after ``timeout`` seconds."""
+    return DICOMwebClientX(url=url.rstrip("/"), session=_TimeoutSession(timeout))
+
+
+@dataclass
+class Series:
+    uid: str
+    study: str
+    modality: str
+    description: str
+    number: int
+    when: str = ""  # SeriesDate + SeriesTime
+
+
+@dataclass
+class StudyCase:
+    """One study as a case: its primary series and, per secondary modality name, a series (or None)."""
+
+    study: str
+    primary: Series
+    siblings: dict[str, Series | None] = field(default_factory=dict)
+
+
+def _value(ds: dict, tag: str, default: Any = "") -> Any:
+    v = ds.get(tag, {}).get("Value")
+    return v[0] if v else default
+
+
+def match_studies(series: list[Series], modalities: list[ModalityConfig]) -> dict[str, StudyCase]:
+    """Assign each study's series to the configured modalities; returns cases by primary series UID.
+
+    A modality takes the series (SEG excluded) with its DICOM Modality whose SeriesDescription matches its regex
+    (case-insensitive), lowest SeriesNumber first; each series serves one modality. Studies without a primary
+    series are not cases.
+
+    Example:
+        >>> s = [Series("1", "A", "MR", "T2 axial", 2), Series("2", "A", "MR", "T1 mprage", 1)]
+        >>> mods = [ModalityConfig("t1", series_description="t1"), ModalityConfig("t2", series_description="t2")]
+        >>> c = match_studies(s, mods)["2"]; (c.primary.uid, c.siblings["t2"].uid)
+        ('2', '1')
+    """
+    by_study: dict[str, list[Series]] = {}
+    for s in series:
+        if s.modality != "SEG":
+            by_study.setdefault(s.study, []).append(s)
+    cases = {}
+    for study, items in by_study.items():
+        free = sorted(items, key=lambda s: (s.number, s.uid))
+        chosen: dict[str, Series | None] = {}
+        for m in modalities:
+            pick = next((s for s in free if s.modality == m.dicom_modality and
+                         (not m.series_description or re.search(m.series_description, s.description, re.I))), None)
+            chosen[m.name] = pick
+            if pick is not None:
+                free.remove(pick)
+        primary = chosen.pop(modalities[0].name)
+        if primary is None:
+            logger.debug(f"study {study}: no {modalities[0].dicom_modality} series for {modalities[0].name}; skipped")
+            continue
+        cases[primary.uid] = StudyCase(study, primary, chosen)
+    return cases
+
+
+class PacsDatastore(CrossModalDatastore):
+    """Cases are studies on a DICOMweb server; see the module docstring."""
+
+    def __init__(self, url: str, cfg: CrossModalConfig, cache_path: str | None = None, list_ttl: float = 30.0,
+                 timeout: float = 30.0, client: DICOMwebClient | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.cfg = cfg
+        self.client = client or make_client(self.url, timeout)
+        self.list_ttl = list_ttl
+        self._index: dict[str, StudyCase] = {}
+        self._alias: dict[str, str] = {}
+        self._segs: dict[str, tuple[str, str, str | None, str]] = {}  # seg uid -> (study, ref series, kind, when)
+        self._index_ts = -1.0
+        self._index_lock = threading.RLock()
+        root = cache_path or os.path.join(Path.home(), ".cache", "crossmodal", "dicomweb")
+        path = os.path.join(root, md5_digest(self.url))
+        os.makedirs(path, exist_ok=True)
+        super().__init__(path, cfg.labels)
+
+    def name(self) -> str:
+        return self.url
+
+    # ---- the PACS index --------------------------------------------------------------------------------------
+    def _search(self, what: str, **kwargs: Any) -> list[dict]:
+        try:
+            return self.client.search_for_series(get_remaining=True, **kwargs)
+        except requests.RequestException as e:
+            raise PacsUnavailable(self.url, what, e) from e
+
+    def refresh_index(self, force: bool = False) -> dict[str, StudyCase]:
+        """Re-read the PACS's series list when older than ``list_ttl`` (or ``force``); returns cases by id."""
+        with self._index_lock:
+            if not force and self._index_ts >= 0 and time.monotonic() - self._index_ts < self.list_ttl:
+                return self._index
+            rows = self._search("listing series", fields=["SeriesDescription", "SeriesNumber", "Modality",
+                                                            "SeriesDate", "SeriesTime"])
+            series = [Series(str(_value(r, "0020000E")), str(_value(r, "0020000D")), str(_value(r, "00080060")),
+                             str(_value(r, "0008103E")), int(_value(r, "00200011", 0) or 0),
+                             f"{_value(r, '00080021')}{_value(r, '00080031')}") for r in rows]
+            self._index = match_studies(series, self.cfg.modalities)
+            self._alias = {}
+            for pid, case in self._index.items():
+                self._alias[case.study] = pid
+                for s in [case.primary, *[s for s in case.siblings.values() if s]]:
+                    self._alias[s.uid] = pid
+            for s in series:  # every other series of a case's study (SEG, unmatched ones) maps to the case too
+                if s.study in self._alias:
+                    self._alias.setdefault(s.uid, self._alias[s.study])
+            self._read_segs([s for s in series if s.modality == "SEG"])
+            self._index_ts = time.monotonic()
+            self._flush_pending()
+            return self._index
+
+    def _read_segs(self, segs: list[Series]) -> None:
+        """Which image series each SEG references (read once per SEG: DICOM series are immutable)."""
+        for s in segs:
+            if s.uid in self._segs:
+                continue
+            try:
+                meta = Dataset.from_json(self.client.retrieve_series_metadata(s.study, s.uid)[0])
+            except requests.RequestException as e:
+                raise PacsUnavailable(self.url, f"reading SEG {s.uid}", e) from e
+            ref = meta.get("ReferencedSeriesSequence")
+            ref_uid = str(ref[0].SeriesInstanceUID) if ref else ""
+            self._segs[s.uid] = (s.study, ref_uid, seg_kind(meta), s.when)
+
+    def resolve(self, image_id: str) -> str:
+        """The case id (primary series UID) for any series or study UID of a case.
+
+        Raises:
+            HTTPException: 404 when no case of the PACS holds ``image_id``.
+        """
+        index = self.refresh_index()
+        if image_id in index:
+            return image_id
+        if image_id not in self._alias:
+            index = self.refresh_index(force=True)
+        if image_id in self._alias:
+            return self._alias[image_id]
+        m = self.cfg.modalities[0]
+        raise HTTPException(status_code=404, detail=(
+            f"case {image_id!r}: no study on {self.url} holds this series or study with a primary "
+            f"{m.dicom_modality} series for {m.name!r}" + (f" (SeriesDescription ~ /{m.series_description}/)"
+                                                             if m.series_description else "")))
+
+    def case_of(self, image_id: str) -> StudyCase:
+        return self._index[self.resolve(image_id)]
+
+    # ---- images ------------------------------------------------------------------------------------------------
+    def list_images(self) -> list[str]:
+        return sorted(self.refresh_index())
+
+    def _fetch_series(self, series: Series, dest: Path) -> None:
+        """Download one series and write it as NIfTI at ``dest`` (atomically); keep the DICOM files (for SEG)."""
+        from monailabel.datastore.utils.convert import dicom_to_nifti
+        from monailabel.datastore.utils.dicom import dicom_web_download_series
+
+        dicom_dir = Path(self._datastore.base_path) / "dicom" / series.uid
+        tmp_dir = Path(tempfile.mkdtemp(dir=Path(self._datastore.base_path), prefix=".dl-"))
+        try:
+            try:
+                dicom_web_download_series(series.study, series.uid, str(tmp_dir), self.client)
+            except requests.RequestException as e:
+                raise PacsUnavailable(self.url, f"fetching series {series.uid}", e) from e
+            nii = dicom_to_nifti(str(tmp_dir))
+            try:
+                load_volume(nii, series.uid)  # readable and finite, or a CaseError naming the series
+                atomic_copy(nii, dest)
+            finally:
+                Path(nii).unlink(missing_ok=True)
+            if not dicom_dir.is_dir():
+                dicom_dir.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp_dir, dicom_dir)
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    def dicom_dir(self, series_uid: str) -> str:
+        return os.path.join(self._datastore.base_path, "dicom", series_uid)
+
+    def get_image_uri(self, image_id: str) -> str:
+        """Fetch the case's primary series and its sibling modalities (once); returns the primary NIfTI path."""
+        cid = self.resolve(image_id)
+        case = self._index[cid]
+        base = Path(self._datastore.base_path)
+        primary = base / f"{cid}.nii.gz"
+        with FileLock(str(base / f".{cid}.lock")):
+            if not primary.is_file():
+                self._fetch_series(case.primary, primary)
+            side = base / self.cfg.data.sidecar_dir / cid
+            for name, s in case.siblings.items():
+                dest, stamp = side / f"{name}.nii.gz", side / f".{name}.series"
+                if s is None:
+                    continue
+                if not dest.is_file() or not stamp.is_file() or stamp.read_text() != s.uid:
+                    self._fetch_series(s, dest)
+                    stamp.write_text(s.uid)
+            obj = self._datastore.objects.get(cid)
+            if obj is None:
+                info = {"StudyInstanceUID": case.study, "SeriesInstanceUID": cid,
+                        "modalities": [self.cfg.modality_names[0],
+                                       *[n for n, s in case.siblings.items() if s is not None]]}
+                with FileLock(self._lock_file):
+                    self._datastore.objects[cid] = ImageLabelModel(image=DataModel(info=info, ext=".nii.gz"))
+                    self._update_datastore_file(lock=False)
+        return str(primary)
+
+    def get_image_info(self, image_id: str) -> dict[str, Any]:
+        cid = self.resolve(image_id)
+        case = self._index[cid]
+        info = super().get_image_info(cid)
+        info.update({"StudyInstanceUID": case.study, "SeriesInstanceUID": cid,
+                     "modalities": {self.cfg.modality_names[0]: cid,
+                                    **{n: (s.uid if s else None) for n, s in case.siblings.items()}}})
+        return info
+
+    # ---- labels ------------------------------------------------------------------------------------------------
+    def _pacs_labels(self) -> dict[str, str]:
+        """Case id -> the newest SEG series UID (by SeriesDate/Time) referencing its primary series."""
+        self.refresh_index()
+        newest: dict[str, tuple[str, str]] = {}
+        for uid, (_, ref, _, when) in self._segs.items():
+            if ref in self._index and (ref not in newest or when >= newest[ref][0]):
+                newest[ref] = (when, uid)
+        return {ref: uid for ref, (_, uid) in newest.items()}
+
+    def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        tag = label_tag or FINAL
+        local = {i for i in CrossModalDatastore.get_labeled_images(self, tag) if i in self._index}
+        return sorted(local | (set(self._pacs_labels()) if tag == FINAL else set()))
+
+    def get_unlabeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        return sorted(set(self.list_images()) - set(self.get_labeled_images(label_tag)))
+
+    def _sync_label(self, cid: str, seg_uid: str) -> None:
+        """Bring the PACS's SEG ``seg_uid`` of case ``cid`` into the cache as a NIfTI label (once per SEG)."""
+        obj = self._datastore.objects.get(cid)
+        have = obj.labels.get(FINAL) if obj else None
+        if have is not None and have.info.get("SegSeriesInstanceUID") == seg_uid:
+            return
+        if have is not None and have.info.get("pacs") == "pending":
+            return  # a newer local save waits for upload
+        image = self.get_image_uri(cid)
+        study, _, kind, _ = self._segs[seg_uid]
+        tmp_dir = Path(tempfile.mkdtemp(dir=self._datastore.base_path, prefix=".seg-"))
+        try:
+            from monailabel.datastore.utils.dicom import dicom_web_download_series
+
+            try:
+                dicom_web_download_series(study, seg_uid, str(tmp_dir), self.client)
+            except requests.RequestException as e:
+                raise PacsUnavailable(self.url, f"fetching SEG {seg_uid}", e) from e
+            ref = load_volume(image, cid)
+            arr = seg_to_label(next(tmp_dir.glob("*.dcm")), self.label_config, ref.affine.numpy(), ref.shape[1:])
+            nii = tmp_dir / f"{cid}.nii.gz"
+            save_volume(nii, arr, ref.affine.numpy())
+            CrossModalDatastore.save_label(self, cid, str(nii), FINAL,
+                                           {"label_kind": kind, "SegSeriesInstanceUID": seg_uid, "pacs": "stored"}
+                                           if kind else {"SegSeriesInstanceUID": seg_uid, "pacs": "stored"})
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        cid = self.resolve(image_id or label_id)
+        if label_tag == FINAL:
+            seg = self._pacs_labels().get(cid)
+            if seg:
+                self._sync_label(cid, seg)
+        return super().get_label_uri(cid, label_tag)
+
+    def label_kind(self, image_id: str, tag: str = FINAL) -> str:
+        return super().label_kind(self.resolve(image_id), tag)
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        """Validate and cache the label (HTTP 422 on a bad one, nothing written); a ``final`` one goes to the PACS
+        as DICOM SEG (HTTP 503 when unreachable: the label is kept and stored later)."""
+        cid = self.resolve(image_id)
+        self.get_image_uri(cid)
+        info = dict(label_info or {})
+        if label_tag == FINAL:
+            info["pacs"] = "pending"
+        super().save_label(cid, label_filename, label_tag, info)
+        if label_tag == FINAL:
+            self._upload(cid)
+        return cid
+
+    def _upload(self, cid: str) -> None:
+        """Store the cached final label of ``cid`` in the PACS as DICOM SEG; 503 (label kept pending) on failure."""
+        info = self.get_label_info(cid, FINAL)
+        label = CrossModalDatastore.get_label_uri(self, cid, FINAL)
+        case = self._index[cid]
+        seg = label_to_seg(label, self.dicom_dir(case.primary.uid), self.label_config, info.get("label_kind", "dense"))
+        try:
+            from pydicom import dcmread
+
+            ds = dcmread(str(seg))
+            if ds.SOPClassUID != SEG_SOP_CLASS:
+                raise RuntimeError(f"dcmqi wrote SOP class {ds.SOPClassUID}, not DICOM SEG")
+            try:
+                self.client.store_instances([ds])
+            except requests.RequestException as e:
+                raise PacsUnavailable(self.url, f"storing the label of case {cid} as DICOM SEG", e) from e
+        except PacsUnavailable as e:
+            e.detail += f"; the label is kept in {label} and will be stored in the PACS on the next request"
+            raise
+        finally:
+            Path(seg).unlink(missing_ok=True)
+        self._segs[str(ds.SeriesInstanceUID)] = (case.study, cid, info.get("label_kind"),
+                                                 f"{ds.get('SeriesDate', '')}{ds.get('SeriesTime', '')}")
+        self.update_label_info(cid, FINAL, {"pacs": "stored", "SegSeriesInstanceUID": str(ds.SeriesInstanceUID)})
+        logger.info(f"case {cid}: label stored in {self.url} as SEG {ds.SeriesInstanceUID}")
+
+    def _flush_pending(self) -> None:
+        for cid, obj in list(self._datastore.objects.items()):
+            label = obj.labels.get(FINAL)
+            if label is not None and label.info.get("pacs") == "pending" and cid in self._index:
+                try:
+                    self._upload(cid)
+                except PacsUnavailable as e:
+                    logger.warning(f"case {cid}: pending label not stored yet: {e.detail}")
+                    return
+
+    def pending_labels(self) -> list[str]:
+        """Cases whose saved final label waits to be stored in the PACS."""
+        return sorted(c for c, o in self._datastore.objects.items()
+                      if (lab := o.labels.get(FINAL)) is not None and lab.info.get("pacs") == "pending")
+
+    def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
+        """Every labelled case with its image and final label in the cache (labels saved elsewhere included)."""
+        for cid, seg in self._pacs_labels().items():
+            self._sync_label(cid, seg)
+        out = []
+        for cid in self.get_labeled_images(FINAL):
+            out.append({"image": self.get_image_uri(cid), "label": CrossModalDatastore.get_label_uri(self, cid, FINAL)})
+        return out
+
+    def status(self) -> dict[str, Any]:
+        return {"total": len(self.list_images()), "completed": len(self.get_labeled_images()),
+                "label_tags": {FINAL: len(self.get_labeled_images())}, "pending_upload": self.pending_labels()}
+
+    def _record_missing_kinds(self) -> None:
+        return None  # labels only enter the cache through save_label, which records the kind
+
