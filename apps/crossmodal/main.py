@@ -6,6 +6,7 @@ import logging
 
 import crossmodal
 from crossmodal.inference import configure_threads
+from crossmodal.serving.activelearning import RandomStrategy
 from crossmodal.serving.app import AppParts
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
@@ -36,7 +37,7 @@ class MyApp(MONAILabelApp):
         return {m.name: self.parts.trainer(m) for m in self.parts.models}
 
     def init_strategies(self):
-        return {"entropy": self.parts.strategy()}
+        return {"entropy": self.parts.strategy(), "random": RandomStrategy()}
 
     def init_scoring_methods(self):
         return {"entropy": self.parts.scoring(self._infer_tasks[self.parts.model_name])}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -152,21 +153,40 @@ def label_to_seg(label_file: str | os.PathLike[str], series_dir: str | os.PathLi
         ValueError: the label has no non-zero voxel (DICOM SEG cannot hold an empty segmentation).
         RuntimeError: dcmqi failed (its message is included).
     """
-    import nibabel as nib
     from monailabel.datastore.utils.convert import nifti_to_dicom_seg
 
-    values = [int(v) for v in np.unique(np.asarray(nib.load(str(label_file)).dataobj)) if v != 0]
+    from crossmodal.io import load_volume, save_volume
+
+    vol = load_volume(label_file)  # NIfTI or (Slicer's .seg.)NRRD, in RAS
+    arr = np.rint(vol[0].numpy()).astype(np.uint16)
+    values = [int(v) for v in np.unique(arr) if v != 0]
     if not values:
         raise ValueError("the label is empty (all 0): DICOM SEG needs at least one segment")
+    _dcmqi_on_path()
     info = segment_info(cfg, values)
     info[0]["model_name"] = SEG_DESCRIPTION.format(kind=kind)
+    nii = temp_path(".nii.gz")
     try:
-        out = nifti_to_dicom_seg(str(series_dir), str(label_file), info)
+        save_volume(nii, arr, vol.affine.double().numpy())
+        out = nifti_to_dicom_seg(str(series_dir), nii, info)
     except Exception as e:
         raise RuntimeError(f"dcmqi itkimage2segimage failed: {e}") from e
+    finally:
+        Path(nii).unlink(missing_ok=True)
     if not out or not os.path.isfile(out) or os.path.getsize(out) == 0:
         raise RuntimeError("dcmqi itkimage2segimage wrote no DICOM SEG")
     return Path(out)
+
+
+def _dcmqi_on_path() -> None:
+    """MONAI Label runs ``itkimage2segimage`` by name: the ``dcmqi`` wheel puts it beside this Python."""
+    if shutil.which("itkimage2segimage"):
+        return
+    here = Path(sys.executable).parent
+    if not (here / "itkimage2segimage").exists():
+        raise FileNotFoundError("dcmqi's itkimage2segimage is not installed: `pip install -r requirements.txt` "
+                                "(dcmqi) in this environment")
+    os.environ["PATH"] = f"{here}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def seg_kind(ds: Dataset) -> str | None:

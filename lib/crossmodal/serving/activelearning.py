@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -90,3 +91,26 @@ class TopScoreStrategy(Strategy):
         scores = {i: float(s) for i in ids if (s := datastore.get_image_info(i).get(SCORE_KEY)) is not None}
         ranked = rank_cases(sorted(ids), scores, seed=int(request.get("seed", random.randrange(1 << 30))))
         return {"id": ranked[0], "score": scores.get(ranked[0])}
+
+
+class RandomStrategy(Strategy):
+    """MONAI Label's Random (cases not handed out for longest weigh most), safe for calls within one second.
+
+    Upstream weighs a case by ``now - last hand-out`` in whole seconds, so two requests in the same second with
+    every remaining case just handed out raise "Total of weights must be greater than zero"; here each weight
+    is at least 1.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("Random case, least recently handed out preferred")
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
+        images = datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
+        if not images:
+            return None
+        strategy = request.get("strategy", "random")
+        now = int(time.time())
+        weights = [max(now - datastore.get_image_info(i).get("strategy", {}).get(strategy, {}).get("ts", 0), 0) + 1
+                   for i in images]
+        pick = random.choices(images, weights=weights)[0]
+        return {"id": pick, "weight": weights[images.index(pick)]}

@@ -18,6 +18,7 @@ HTTP 503 saying so, and pending labels are stored on the next request that reach
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -42,6 +43,7 @@ from monailabel.datastore.local import DataModel, ImageLabelModel
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.utils.others.generic import md5_digest
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +71,12 @@ class _TimeoutSession(requests.Session):
         return super().request(*args, **kwargs)
 
 
-def make_client(url: str, timeout: float = 30.0) -> DICOMwebClient:
-    """A DICOMweb client for ``url`` whose every request times out after ``timeout`` seconds."""
-    return DICOMwebClientX(url=url.rstrip("/"), session=_TimeoutSession(timeout))
+def make_client(url: str, timeout: float = 30.0, attempts: int = 2) -> DICOMwebClient:
+    """A DICOMweb client for ``url``: each request times out after ``timeout`` s and is tried ``attempts`` times
+    (dicomweb-client's default of 5 with exponential back-off keeps a viewer waiting for a minute)."""
+    client = DICOMwebClientX(url=url.rstrip("/"), session=_TimeoutSession(timeout))
+    client.set_http_retry_params(retry=attempts > 1, max_attempts=attempts, wait_exponential_multiplier=200)
+    return client
 
 
 @dataclass
@@ -146,6 +151,7 @@ class PacsDatastore(CrossModalDatastore):
         self._alias: dict[str, str] = {}
         self._segs: dict[str, tuple[str, str, str | None, str]] = {}  # seg uid -> (study, ref series, kind, when)
         self._index_ts = -1.0
+        self.pacs_ok = True
         self._index_lock = threading.RLock()
         root = cache_path or os.path.join(Path.home(), ".cache", "crossmodal", "dicomweb")
         path = os.path.join(root, md5_digest(self.url))
@@ -162,16 +168,29 @@ class PacsDatastore(CrossModalDatastore):
         except requests.RequestException as e:
             raise PacsUnavailable(self.url, what, e) from e
 
-    def refresh_index(self, force: bool = False) -> dict[str, StudyCase]:
-        """Re-read the PACS's series list when older than ``list_ttl`` (or ``force``); returns cases by id."""
+    def refresh_index(self, force: bool = False, flush: bool = True) -> dict[str, StudyCase]:
+        """Re-read the PACS's series list when older than ``list_ttl`` (or ``force``); returns cases by id.
+
+        When the PACS does not answer, the last listing is kept (cached cases stay usable) and only a first
+        listing raises :class:`PacsUnavailable`. ``flush`` stores pending labels once the PACS answers.
+        """
         with self._index_lock:
             if not force and self._index_ts >= 0 and time.monotonic() - self._index_ts < self.list_ttl:
                 return self._index
-            rows = self._search("listing series", fields=["SeriesDescription", "SeriesNumber", "Modality",
-                                                            "SeriesDate", "SeriesTime"])
-            series = [Series(str(_value(r, "0020000E")), str(_value(r, "0020000D")), str(_value(r, "00080060")),
-                             str(_value(r, "0008103E")), int(_value(r, "00200011", 0) or 0),
-                             f"{_value(r, '00080021')}{_value(r, '00080031')}") for r in rows]
+            try:
+                rows = self._search("listing series", fields=["SeriesDescription", "SeriesNumber", "Modality",
+                                                              "SeriesDate", "SeriesTime"])
+                series = [Series(str(_value(r, "0020000E")), str(_value(r, "0020000D")), str(_value(r, "00080060")),
+                                 str(_value(r, "0008103E")), int(_value(r, "00200011", 0) or 0),
+                                 f"{_value(r, '00080021')}{_value(r, '00080031')}") for r in rows]
+                self._read_segs([s for s in series if s.modality == "SEG"])
+            except PacsUnavailable as e:
+                if self._index_ts < 0:
+                    raise
+                logger.warning(f"{e.detail}; using the listing of {time.monotonic() - self._index_ts:.0f} s ago")
+                self.pacs_ok = False
+                return self._index
+            self.pacs_ok = True
             self._index = match_studies(series, self.cfg.modalities)
             self._alias = {}
             for pid, case in self._index.items():
@@ -181,9 +200,9 @@ class PacsDatastore(CrossModalDatastore):
             for s in series:  # every other series of a case's study (SEG, unmatched ones) maps to the case too
                 if s.study in self._alias:
                     self._alias.setdefault(s.uid, self._alias[s.study])
-            self._read_segs([s for s in series if s.modality == "SEG"])
             self._index_ts = time.monotonic()
-            self._flush_pending()
+            if flush:
+                self._flush_pending()
             return self._index
 
     def _read_segs(self, segs: list[Series]) -> None:
@@ -199,17 +218,17 @@ class PacsDatastore(CrossModalDatastore):
             ref_uid = str(ref[0].SeriesInstanceUID) if ref else ""
             self._segs[s.uid] = (s.study, ref_uid, seg_kind(meta), s.when)
 
-    def resolve(self, image_id: str) -> str:
+    def resolve(self, image_id: str, flush: bool = True) -> str:
         """The case id (primary series UID) for any series or study UID of a case.
 
         Raises:
             HTTPException: 404 when no case of the PACS holds ``image_id``.
         """
-        index = self.refresh_index()
+        index = self.refresh_index(flush=flush)
         if image_id in index:
             return image_id
         if image_id not in self._alias:
-            index = self.refresh_index(force=True)
+            index = self.refresh_index(force=True, flush=flush)
         if image_id in self._alias:
             return self._alias[image_id]
         m = self.cfg.modalities[0]
@@ -288,6 +307,14 @@ class PacsDatastore(CrossModalDatastore):
                                     **{n: (s.uid if s else None) for n, s in case.siblings.items()}}})
         return info
 
+    def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
+        """Scores and strategy stamps for any case, fetched or not (kept in the cache's datastore JSON)."""
+        cid = self.resolve(image_id)
+        with FileLock(self._lock_file):
+            obj = self._datastore.objects.setdefault(cid, ImageLabelModel(image=DataModel(info={}, ext=".nii.gz")))
+            obj.image.info.update(info)
+            self._update_datastore_file(lock=False)
+
     # ---- labels ------------------------------------------------------------------------------------------------
     def _pacs_labels(self) -> dict[str, str]:
         """Case id -> the newest SEG series UID (by SeriesDate/Time) referencing its primary series."""
@@ -348,7 +375,7 @@ class PacsDatastore(CrossModalDatastore):
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         """Validate and cache the label (HTTP 422 on a bad one, nothing written); a ``final`` one goes to the PACS
         as DICOM SEG (HTTP 503 when unreachable: the label is kept and stored later)."""
-        cid = self.resolve(image_id)
+        cid = self.resolve(image_id, flush=False)  # this save replaces a pending label of the case: no double upload
         self.get_image_uri(cid)
         info = dict(label_info or {})
         if label_tag == FINAL:
@@ -370,6 +397,10 @@ class PacsDatastore(CrossModalDatastore):
             ds = dcmread(str(seg))
             if ds.SOPClassUID != SEG_SOP_CLASS:
                 raise RuntimeError(f"dcmqi wrote SOP class {ds.SOPClassUID}, not DICOM SEG")
+            # UIDs from the label's content: a retry after a timeout the PACS did serve stores no second copy
+            digest = hashlib.sha256(Path(label).read_bytes()).hexdigest()
+            ds.SeriesInstanceUID = generate_uid(entropy_srcs=["series", cid, digest])
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[cid, digest])
             try:
                 self.client.store_instances([ds])
             except requests.RequestException as e:
@@ -410,7 +441,8 @@ class PacsDatastore(CrossModalDatastore):
 
     def status(self) -> dict[str, Any]:
         return {"total": len(self.list_images()), "completed": len(self.get_labeled_images()),
-                "label_tags": {FINAL: len(self.get_labeled_images())}, "pending_upload": self.pending_labels()}
+                "label_tags": {FINAL: len(self.get_labeled_images())}, "pending_upload": self.pending_labels(),
+                "pacs": self.url, "pacs_answering": self.pacs_ok}
 
     def _record_missing_kinds(self) -> None:
         return None  # labels only enter the cache through save_label, which records the kind

@@ -24,7 +24,7 @@ import torch
 from crossmodal.config import CrossModalConfig, atomic_write_text, save_config
 from crossmodal.hybrid import HybridLoss, MultiSourceLoader, hybrid_batch
 from crossmodal.inference import NetworkInferer
-from crossmodal.io import atomic_copy
+from crossmodal.io import atomic_copy, case_id_of
 from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE
 from crossmodal.losses import SupervisedLoss
 from crossmodal.nets import CrossModalOutput, build_network
@@ -264,7 +264,7 @@ class CrossModalTrain(BasicTrainTask):
         """Every case with a final label (image, label, its kind), plus the unlabelled cases when they take part."""
         items = []
         for d in datastore.datalist():
-            image_id = os.path.basename(d["image"]).split(".")[0]
+            image_id = case_id_of(d["image"])  # series UIDs hold dots: strip only the image extension
             kind = datastore.label_kind(image_id) if hasattr(datastore, "label_kind") else DENSE
             items.append({"image": d["image"], "label": d["label"], "label_kind": kind})
         if not items:

@@ -1,0 +1,242 @@
+"""A real PACS: Orthanc (Debian packages) with DICOMweb, our app on it, driven by MONAI Label's client.
+
+Studies are uploaded with the real ``crossmodal data to-dicom --upload``; labels go back as DICOM SEG.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nrrd
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from conftest import PRETRAINED_PHANTOM, dice, make_phantom_studies, start_server, stop_server
+from crossmodal.config import ModalityConfig, load_config
+from crossmodal.dicom import label_to_seg, new_study, seg_kind, seg_to_label, volume_to_series, write_series
+from crossmodal.io import load_volume
+from crossmodal.orthanc import Orthanc
+from crossmodal.serving.dicomweb import Series, make_client, match_studies
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+
+pytestmark = pytest.mark.slow
+CFG = load_config("phantom")
+
+
+def test_volume_to_series_round_trips_oblique_grids_and_values(tmp_path):
+    """Written as DICOM, read back by SimpleITK's series reader: same grid (rotated, anisotropic) and values."""
+    rng = np.random.default_rng(0)
+    rot = np.array([[0.98, -0.17, 0.0], [0.17, 0.98, 0.0], [0.0, 0.0, 1.0]])
+    rot /= np.linalg.norm(rot, axis=0)
+    affine = np.eye(4)
+    affine[:3, :3] = rot * [1.5, 2.0, 3.5]
+    affine[:3, 3] = [-30.0, 12.5, 40.0]
+    ints, floats = rng.integers(-1000, 2000, (12, 9, 7)).astype(np.int16), rng.normal(5, 2, (12, 9, 7))
+    for arr in (ints, floats.astype(np.float32)):
+        series = volume_to_series(arr, affine, "MR", new_study("c1"), 3, "t2")
+        assert len(series) == 7 and series[0].Rows == 9 and series[0].Columns == 12
+        files = write_series(series, tmp_path / str(arr.dtype))
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(files[0].parent)))
+        sitk.WriteImage(reader.Execute(), str(tmp_path / f"{arr.dtype}.nii.gz"))
+        back = load_volume(tmp_path / f"{arr.dtype}.nii.gz")
+        np.testing.assert_allclose(back.affine.numpy(), affine, atol=1e-4)
+        tol = 0 if arr.dtype == np.int16 else np.ptp(arr) / 60000
+        np.testing.assert_allclose(back[0].numpy(), arr, atol=tol)
+
+
+def test_label_seg_round_trip_keeps_values_kind_and_marked_background(tmp_path):
+    """Label -> DICOM SEG (dcmqi) -> label on the image grid: identical, marked background (255) included."""
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    image = np.zeros((16, 12, 8), np.int16)
+    write_series(volume_to_series(image, affine, "CT", new_study("c2"), 1, "ct"), tmp_path / "ct")
+    label = np.zeros((16, 12, 8), np.uint8)
+    label[2:6, 3:7, 2] = 1
+    label[8:10, 1:3, 5] = 3
+    label[12, 10, 6] = 255  # a scribble of marked background: a sparse label
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(label, affine), tmp_path / "label.nii.gz")
+    seg = label_to_seg(tmp_path / "label.nii.gz", tmp_path / "ct", CFG.labels, "sparse")
+    ds = pydicom.dcmread(str(seg))
+    assert ds.Modality == "SEG" and seg_kind(ds) == "sparse"
+    assert sorted(str(s.SegmentLabel) for s in ds.SegmentSequence) == ["marked_background", "organ", "vessel"]
+    np.testing.assert_array_equal(seg_to_label(seg, CFG.labels, affine, label.shape), label)
+    with pytest.raises(ValueError, match="is not a slice of the image grid"):
+        seg_to_label(seg, CFG.labels, affine @ np.diag([1.0, 1.0, 0.5, 1.0]), (16, 12, 4))
+
+
+def test_studies_map_series_to_modalities_by_modality_and_description():
+    mods = [ModalityConfig("ct", "ct"), ModalityConfig("pet", "pet"), ModalityConfig("mr", "mr")]
+    series = [Series("s1", "A", "CT", "ct", 1), Series("s2", "A", "PT", "pet", 2), Series("s3", "A", "SEG", "x", 9),
+              Series("s4", "B", "CT", "ct", 1), Series("s5", "B", "MR", "mr", 3),
+              Series("s6", "C", "MR", "mr", 1)]  # study C has no CT: not a case
+    cases = match_studies(series, mods)
+    assert sorted(cases) == ["s1", "s4"]
+    assert cases["s1"].siblings == {"pet": series[1], "mr": None}
+    assert cases["s4"].siblings == {"pet": None, "mr": series[4]}
+    brain = [ModalityConfig(n, "mr", series_description=p) for n, p in (("t1", "t1"), ("t2", "t2"), ("pd", "pd"))]
+    mr = [Series("a", "S", "MR", "T2 FLAIR", 1), Series("b", "S", "MR", "PD", 2),
+          Series("c", "S", "MR", "t1_mprage", 3)]
+    case = match_studies(mr, brain)["c"]
+    assert {k: v.uid for k, v in case.siblings.items()} == {"t2": "a", "pd": "b"}
+
+
+# ---- against a running Orthanc and a running server -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    """Orthanc holding 4 phantom studies (phantom000 with a dense SEG; phantom003 without its PET series)."""
+    root = tmp_path_factory.mktemp("pacs")
+    studies = make_phantom_studies(root / "studies", CFG, cases=4, dense=1, sparse=0, seed=21)
+    (studies / "modalities" / "phantom003" / "pet.nii.gz").unlink()
+    orthanc = Orthanc(root / "orthanc").start()
+    out = subprocess.run([sys.executable, "-m", "crossmodal.cli", "data", "to-dicom", "--studies", str(studies),
+                          "--config", "phantom", "--upload", orthanc.dicomweb], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["label"] for r in records] == ["dense", None, None, None]
+    assert records[3]["series"] == ["ct", "mr"]
+    yield orthanc, studies
+    orthanc.stop()
+
+
+def uid_of(orthanc: Orthanc, case: str, modality: str = "CT") -> str:
+    rows = make_client(orthanc.dicomweb).search_for_series(search_filters={"PatientID": case, "Modality": modality})
+    assert len(rows) == 1, rows
+    return rows[0]["0020000E"]["Value"][0]
+
+
+def segs(orthanc: Orthanc) -> list[pydicom.Dataset]:
+    client = make_client(orthanc.dicomweb)
+    rows = client.search_for_series(search_filters={"Modality": "SEG"})
+    return [pydicom.Dataset.from_json(client.retrieve_series_metadata(r["0020000D"]["Value"][0],
+                                                                      r["0020000E"]["Value"][0])[0]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def server(pacs, tmp_path_factory):
+    orthanc, _ = pacs
+    root = tmp_path_factory.mktemp("pacs-server")
+    srv = start_server(orthanc.dicomweb, root / "model", root / "server.log",
+                       {"preset": "phantom", "pretrained_baseline_unet": str(PRETRAINED_PHANTOM), "max_epochs": "1",
+                        "pacs_cache": str(root / "cache"), "pacs_timeout": "4", "pacs_list_ttl": "30"})
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def client(server, tmp_path_factory) -> MONAILabelClient:
+    return MONAILabelClient(server.url, tmpdir=str(tmp_path_factory.mktemp("pacs-client")))
+
+
+def truth(studies: Path, case: str) -> np.ndarray:
+    return load_volume(studies / "truth" / f"{case}.nii.gz")[0].numpy()
+
+
+def test_pacs_session_next_sample_infer_save_train_infer(pacs, server, client, tmp_path):
+    orthanc, studies = pacs
+    ids = {f"phantom00{i}": uid_of(orthanc, f"phantom00{i}") for i in range(4)}
+    assert set(client.datastore()["objects"]) <= set(ids.values())  # the cache knows cases by primary series UID
+
+    # next sample: an unlabelled study's primary (CT) series, never the labelled phantom000
+    picked = client.next_sample("random", {})["id"]
+    assert picked in {ids["phantom001"], ids["phantom002"], ids["phantom003"]}
+
+    # infer from the PET series id (what OHIF sends for a PET viewport) and from the study UID: same case
+    pet_uid = uid_of(orthanc, "phantom001", "PT")
+    out, result = client.infer("crossmodal", pet_uid, {})
+    assert result["modalities_used"] == ["ct", "pet", "mr"]
+    pred = load_volume(out)[0].numpy()
+    ref = truth(studies, "phantom001")
+    assert pred.shape == ref.shape
+    organ_before = dice(pred, ref, 1)
+    assert organ_before > 0.6, organ_before
+
+    # a study without its PET series still segments (zero-fill on a PACS), with what it has
+    out3, result3 = client.infer("crossmodal", ids["phantom003"], {})
+    assert result3["modalities_used"] == ["ct", "mr"]
+    assert dice(load_volume(out3)[0].numpy(), truth(studies, "phantom003"), 1) > 0.5
+
+    # Slicer saves a .seg.nrrd on the primary grid: it goes to Orthanc as DICOM SEG, the case leaves the pool at once
+    img = load_volume(studies / "phantom002.nii.gz")
+    header = {"space": "right-anterior-superior", "space directions": img.affine.numpy()[:3, :3].T.tolist(),
+              "space origin": img.affine.numpy()[:3, 3].tolist(), "kinds": ["domain"] * 3,
+              "Segment0_Name": "organ", "Segment0_LabelValue": "1", "Segment1_Name": "lesion",
+              "Segment1_LabelValue": "2", "Segment2_Name": "vessel", "Segment2_LabelValue": "3"}
+    label = truth(studies, "phantom002").astype(np.uint8)
+    nrrd.write(str(tmp_path / "label.seg.nrrd"), label, header)
+    before = len(segs(orthanc))
+    client.save_label(ids["phantom002"], str(tmp_path / "label.seg.nrrd"))
+    stored = segs(orthanc)
+    assert len(stored) == before + 1
+    new = [s for s in stored if str(s.ReferencedSeriesSequence[0].SeriesInstanceUID) == ids["phantom002"]]
+    assert len(new) == 1 and seg_kind(new[0]) == "dense"
+    for _ in range(4):  # every next sample now avoids phantom000 (SEG from upload) and phantom002 (just saved)
+        assert client.next_sample("random", {})["id"] in {ids["phantom001"], ids["phantom003"]}
+    status = client.datastore()
+    assert status["objects"][ids["phantom002"]]["labels"]["final"]["info"]["pacs"] == "stored"
+
+    # train (fine-tune one epoch on the two SEG-labelled cases + unlabelled studies), then infer again
+    published = server.model_dir / "phantom_crossmodal.pt"
+    client.train_start("crossmodal", {"max_epochs": 1})
+    deadline = time.time() + 500
+    time.sleep(3)
+    while client.train_status(check_if_running=True) and time.time() < deadline:
+        time.sleep(2)
+    assert published.is_file(), server.log.read_text()[-3000:]
+    stats = client.info()["train_stats"]["crossmodal"]
+    assert stats["total_epochs"] == 1 and stats["epoch"] == 1
+    out, result = client.infer("crossmodal", ids["phantom001"], {"result_extension": ".nrrd"})
+    assert out.endswith(".nrrd")
+    after = load_volume(out)[0].numpy()
+    assert after.shape == ref.shape and dice(after, ref, 1) > 0.5
+
+
+def test_pacs_down_or_slow_gives_503_and_keeps_the_label(pacs, server, client, tmp_path):
+    orthanc, studies = pacs
+    case = uid_of(orthanc, "phantom001")
+    client.infer("crossmodal", case, {})  # cached, so the save below only needs the PACS for STOW
+    img = load_volume(studies / "phantom001.nii.gz")
+    label = np.zeros(img.shape[1:], np.uint8)
+    label[10:20, 10:20, 20] = 1
+    label[30:34, 30:34, 20] = 255
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(label, img.affine.numpy()), tmp_path / "scribble.nii.gz")
+    n_segs = len(segs(orthanc))
+
+    # slow: Orthanc paused (SIGSTOP) -> the 4 s request timeout -> 503 naming the PACS; the label is kept
+    assert orthanc.proc is not None
+    orthanc.proc.send_signal(signal.SIGSTOP)
+    try:
+        t = time.time()
+        with pytest.raises(MONAILabelClientException) as e:
+            client.save_label(case, str(tmp_path / "scribble.nii.gz"))
+        assert time.time() - t < 30
+        assert "503" in e.value.msg and orthanc.url in e.value.msg and "kept" in e.value.msg
+    finally:
+        orthanc.proc.send_signal(signal.SIGCONT)
+    info = client.datastore()["objects"][case]["labels"]["final"]["info"]
+    assert info["pacs"] == "pending" and info["label_kind"] == "sparse"
+
+    # down: Orthanc stopped -> a clear 503 again; restarted on the same port and storage -> the label is stored
+    orthanc.stop()
+    with pytest.raises(MONAILabelClientException) as e:
+        client.save_label(case, str(tmp_path / "scribble.nii.gz"))
+    assert "503" in e.value.msg and "did not answer" in e.value.msg
+    orthanc.start()
+    time.sleep(1)
+    client.save_label(case, str(tmp_path / "scribble.nii.gz"))
+    stored = segs(orthanc)
+    assert len(stored) == n_segs + 1  # the retries stored one SEG, not three
+    seg = [s for s in stored if str(s.ReferencedSeriesSequence[0].SeriesInstanceUID) == case]
+    assert len(seg) == 1 and seg_kind(seg[0]) == "sparse"
+    assert client.datastore()["objects"][case]["labels"]["final"]["info"]["pacs"] == "stored"
