@@ -8,6 +8,7 @@ import crossmodal
 from crossmodal.inference import configure_threads
 from crossmodal.serving.activelearning import RandomStrategy
 from crossmodal.serving.app import AppParts
+from crossmodal.serving.dicomweb import labels_onto_grid
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 
@@ -24,6 +25,21 @@ class MyApp(MONAILabelApp):
 
     def init_datastore(self) -> Datastore:
         return self.parts.datastore(self.studies.rstrip("/"), self.conf)
+
+    def infer(self, request, datastore=None):
+        """As upstream; on a PACS, a request for a secondary series (OHIF's active viewport showing PET, say) gets
+        the label on that series' grid."""
+        image_id = request.get("image")
+        result = super().infer(request, datastore)
+        store = datastore or self.datastore()
+        if isinstance(image_id, str) and hasattr(store, "viewer_grid") and result.get("file"):
+            grid = store.viewer_grid(image_id)
+            if grid is not None:
+                primary = store.get_image_uri(image_id)
+                result["file"] = result["label"] = labels_onto_grid(result["file"], primary, grid[1], image_id,
+                                                                    keep_ext=True)
+                result["params"] = {**(result.get("params") or {}), "grid": grid[0]}
+        return result
 
     def init_infers(self):
         infers = dict(self._infer_tasks)

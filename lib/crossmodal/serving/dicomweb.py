@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import requests
 from crossmodal.config import CrossModalConfig, ModalityConfig
 from crossmodal.dicom import SEG_SOP_CLASS, label_to_seg, seg_kind, seg_to_label
@@ -136,6 +137,23 @@ def match_studies(series: list[Series], modalities: list[ModalityConfig]) -> dic
             continue
         cases[primary.uid] = StudyCase(study, primary, chosen)
     return cases
+
+
+def labels_onto_grid(label: str, label_grid: str, target: str, case_id: str, keep_ext: bool = False) -> str:
+    """A label map on the grid of ``label_grid`` moved (nearest neighbour) onto the grid of ``target``; returns a
+    temp file (NIfTI, or ``label``'s own format with ``keep_ext``), or ``label`` unchanged when it is not on
+    ``label_grid``'s grid (validation then says why) or already on ``target``'s."""
+    from crossmodal.io import resample_to, same_grid, split_ext
+
+    lab, ref, dst = load_volume(label, case_id), load_volume(label_grid, case_id), load_volume(target, case_id)
+    if not same_grid(lab, ref) or same_grid(lab, dst):
+        return label
+    arr = np.rint(resample_to(lab, dst, mode="nearest")[0].numpy())
+    ext = split_ext(label)[1] if keep_ext else ".nii.gz"
+    fd, path = tempfile.mkstemp(suffix=ext, prefix="crossmodal-label-")
+    os.close(fd)
+    save_volume(path, arr.astype(np.uint8 if arr.max() < 256 else np.uint16), dst.affine.double().numpy())
+    return path
 
 
 class PacsDatastore(CrossModalDatastore):
@@ -298,6 +316,16 @@ class PacsDatastore(CrossModalDatastore):
                     self._update_datastore_file(lock=False)
         return str(primary)
 
+    def viewer_grid(self, image_id: str) -> tuple[str, str] | None:
+        """``(modality name, its cached NIfTI)`` when ``image_id`` is a secondary modality's series (a viewer showing
+        it wants labels on its grid); None for the primary series, the study UID and unmatched series."""
+        cid = self.resolve(image_id)
+        for name, s in self._index[cid].siblings.items():
+            if s is not None and s.uid == image_id:
+                self.get_image_uri(cid)
+                return name, str(Path(self._datastore.base_path) / self.cfg.data.sidecar_dir / cid / f"{name}.nii.gz")
+        return None
+
     def get_image_info(self, image_id: str) -> dict[str, Any]:
         cid = self.resolve(image_id)
         case = self._index[cid]
@@ -376,7 +404,10 @@ class PacsDatastore(CrossModalDatastore):
         """Validate and cache the label (HTTP 422 on a bad one, nothing written); a ``final`` one goes to the PACS
         as DICOM SEG (HTTP 503 when unreachable: the label is kept and stored later)."""
         cid = self.resolve(image_id, flush=False)  # this save replaces a pending label of the case: no double upload
-        self.get_image_uri(cid)
+        primary = self.get_image_uri(cid)
+        grid = self.viewer_grid(image_id)
+        if grid is not None:  # drawn on a secondary series (OHIF's active viewport): onto the primary grid
+            label_filename = labels_onto_grid(label_filename, grid[1], primary, cid)
         info = dict(label_info or {})
         if label_tag == FINAL:
             info["pacs"] = "pending"
