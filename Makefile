@@ -12,9 +12,20 @@ PRE := apps/crossmodal/pretrained
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: install data run test lint bench-infer bench-quality bench-demo-train weights weights-phantom weights-brain clean
+.PHONY: install install-system data run pacs test lint bench-infer bench-quality bench-demo-train bench-ohif weights weights-phantom weights-brain clean
 
-install: $(STAMP)
+install: install-system $(STAMP)
+
+# Debian packages: Orthanc + its DICOMweb plugin (the PACS of `make pacs` and the tests), Chromium + ChromeDriver
+# (the OHIF browser test). Installed only when missing; as root, or through sudo.
+SYSTEM_PKGS := orthanc orthanc-dicomweb chromium chromium-driver
+install-system:
+	@missing=""; for p in $(SYSTEM_PKGS); do dpkg -s $$p > /dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing > /dev/null; \
+	fi
 
 # torchvision arrives with monailabel/sam2 but is built for CUDA torch and fails to import beside the CPU
 # build ("operator torchvision::nms does not exist"); nothing we run needs it, so it is removed.
@@ -41,6 +52,18 @@ data: $(DEMO)/.done
 run: install data
 	MONAILABEL_PYEXE=$(abspath $(BIN))/python PATH=$(abspath $(BIN)):$$PATH $(BIN)/monailabel start_server --app apps/crossmodal --studies $(DEMO) -i $(HOST) -p $(PORT) --conf preset brain
 
+# The demo on a PACS: Orthanc on 127.0.0.1:$(ORTHANC_PORT) (storage data/orthanc), the brain demo stored in it as
+# DICOM (once), and the server against it; OHIF at http://127.0.0.1:$(PORT)/ohif/. Ctrl-C stops both.
+ORTHANC_PORT ?= 8042
+DICOMWEB := http://127.0.0.1:$(ORTHANC_PORT)/dicom-web
+pacs: install data
+	$(BIN)/python -m crossmodal.orthanc --port $(ORTHANC_PORT) --storage data/orthanc & ORTHANC=$$!; \
+	trap "kill $$ORTHANC 2> /dev/null" EXIT INT TERM; \
+	$(BIN)/python -m crossmodal.orthanc --port $(ORTHANC_PORT) --wait; \
+	test -f data/orthanc/.loaded || { $(BIN)/crossmodal data to-dicom --studies $(DEMO) --config brain --upload $(DICOMWEB) && touch data/orthanc/.loaded; }; \
+	MONAILABEL_PYEXE=$(abspath $(BIN))/python PATH=$(abspath $(BIN)):$$PATH $(BIN)/monailabel start_server --app apps/crossmodal \
+	  --studies $(DICOMWEB) -i $(HOST) -p $(PORT) --conf preset brain --conf pacs_cache data/pacs_cache
+
 lint: install
 	$(BIN)/ruff check lib apps tests bench
 
@@ -60,6 +83,10 @@ bench-quality: install $(SPM)
 # The demo's full training as the viewers start it (time, peak memory, Dice on the unlabelled demo cases).
 bench-demo-train: install data
 	$(BIN)/python bench/demo_training.py
+
+# The demo on Orthanc seen from OHIF in Chromium: Run -> overlay seconds per model, screenshot for the README.
+bench-ohif: install data
+	$(BIN)/python bench/ohif.py
 
 # Re-make the committed pretrained weights: apps/crossmodal/pretrained/<preset>_<NET>.{pt,yaml,log,eval.json}
 # (NET=baseline_unet or NET=crossmodal).

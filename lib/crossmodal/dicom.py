@@ -48,12 +48,13 @@ def _int16(array: np.ndarray) -> tuple[np.ndarray, float, float]:
 
 
 def volume_to_series(array: np.ndarray, affine: np.ndarray, modality: str, study: Dataset, series_number: int,
-                     description: str) -> list[Dataset]:
+                     description: str, window: tuple[float, float] | None = None) -> list[Dataset]:
     """One DICOM image series (one instance per slice ``k``) of ``array`` (I, J, K) with RAS ``affine`` (4, 4).
 
     Args:
         modality: DICOM Modality (``CT``, ``MR``, ``PT``).
         study: patient/study attributes shared by the study's series (``StudyInstanceUID``, ``PatientID``, ...).
+        window: (low, high) display window for viewers; default the 0.5 / 99.5 percentiles of the volume.
     """
     if array.ndim != 3:
         raise ValueError(f"expected a 3D volume, got shape {array.shape}")
@@ -62,7 +63,13 @@ def volume_to_series(array: np.ndarray, affine: np.ndarray, modality: str, study
     a = LPS @ np.asarray(affine, dtype=np.float64)
     di, dj, dk = np.sqrt((a[:3, :3] ** 2).sum(0))
     row_dir, col_dir = a[:3, 0] / di, a[:3, 1] / dj
-    stored, slope, intercept = _int16(np.asarray(array))
+    array = np.asarray(array)
+    if modality == "MR" and not np.issubdtype(array.dtype, np.integer):
+        # MR signal is in arbitrary units: written as a 12-bit scanner does (0..4095-ish integers, slope 1), since
+        # viewers round display windows to whole units and a 0..1 float range would show as one grey level
+        array = np.rint(array * (4000.0 / max(float(np.abs(array).max()), 1e-6))).astype(np.int16)
+    stored, slope, intercept = _int16(array)
+    lo, hi = window or tuple(float(v) for v in np.percentile(array, [0.5, 99.5]))
     series_uid, frame_uid = generate_uid(), generate_uid()
     now = _dt.datetime.now()
     out = []
@@ -93,6 +100,7 @@ def volume_to_series(array: np.ndarray, affine: np.ndarray, modality: str, study
         ds.Rows, ds.Columns = int(array.shape[1]), int(array.shape[0])
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.RescaleSlope, ds.RescaleIntercept = f"{slope:.10g}", f"{intercept:.10g}"
+        ds.WindowCenter, ds.WindowWidth = f"{(lo + hi) / 2:.6g}", f"{max(hi - lo, 1e-3):.6g}"
         if modality == "PT":
             ds.Units, ds.DecayCorrection, ds.CorrectedImage = "BQML", "START", ["ATTN", "DECY"]
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
@@ -258,7 +266,8 @@ def case_to_dicom(case_id: str, files: dict[str, str], cfg: CrossModalConfig, ou
         arr = np.asarray(img.dataobj)
         if arr.ndim != 3:
             raise ValueError(f"case {case_id!r}: {files[m.name]}: expected a 3D volume, got shape {arr.shape}")
-        write_series(volume_to_series(arr, img.affine, m.dicom_modality, study, n + 1, m.name), root / m.name)
+        window = m.window if m.kind == "ct" else None
+        write_series(volume_to_series(arr, img.affine, m.dicom_modality, study, n + 1, m.name, window), root / m.name)
         written[m.name] = root / m.name
     if label is not None:
         primary = cfg.modality_names[0]

@@ -110,7 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="run a local Orthanc with DICOMweb until interrupted")
     p.add_argument("--port", type=int, default=8042)
     p.add_argument("--storage", default="data/orthanc")
+    p.add_argument("--wait", action="store_true", help="only wait (60 s) until an Orthanc answers on --port")
     args = p.parse_args(argv)
+    if args.wait:
+        for _ in range(120):
+            try:
+                if requests.get(f"http://127.0.0.1:{args.port}/system", timeout=2).ok:
+                    return 0
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        print(f"no Orthanc answered on 127.0.0.1:{args.port} within 60 s", file=sys.stderr)
+        return 1
     server = Orthanc(args.storage, args.port).start()
     print(f"Orthanc on {server.url}, DICOMweb at {server.dicomweb}, storage {server.storage}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: (server.stop(), sys.exit(0)))
