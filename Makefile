@@ -12,7 +12,7 @@ PRE := apps/crossmodal/pretrained
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: install install-system data run pacs test lint bench-infer bench-quality bench-demo-train bench-ohif weights weights-phantom weights-brain clean
+.PHONY: install install-system data run pacs test lint bench-infer bench-quality bench-demo-train bench-ohif simulate weights weights-phantom weights-brain clean
 
 install: install-system $(STAMP)
 
@@ -83,6 +83,11 @@ bench-quality: install $(SPM)
 # The demo's full training as the viewers start it (time, peak memory, Dice on the unlabelled demo cases).
 bench-demo-train: install data
 	$(BIN)/python bench/demo_training.py
+
+# Active learning in a simulated annotate-retrain loop: ours vs random vs MONAI Label Epistemic, phantom + brain,
+# 3 seeds (about 45 min on 2 cores); QUICK=1: phantom, one seed, 3 short rounds. RESULTS_DIR=... to redirect.
+simulate: install $(SPM)
+	$(BIN)/python bench/simulate.py $(if $(QUICK),--quick,)
 
 # The demo on Orthanc seen from OHIF in Chromium: Run -> overlay seconds per model, screenshot for the README.
 bench-ohif: install data

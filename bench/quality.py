@@ -45,7 +45,7 @@ from crossmodal.data.phantom import SyntheticCase, make_phantom  # noqa: E402
 from crossmodal.data.sparse import annotated_fraction, sparsify  # noqa: E402
 from crossmodal.data.studies import FINAL_LABELS, write_case  # noqa: E402
 from crossmodal.io import load_volume, save_volume  # noqa: E402
-from crossmodal.serving.offline import evaluate, method_config, train_offline  # noqa: E402
+from crossmodal.serving.offline import epoch_length, evaluate, method_config, train_offline  # noqa: E402
 
 REGIMES = ("dense", "scribbles", "dense10", "dense10_unlabeled", "scribbles30_unlabeled")
 MISREGISTRATION = (0.0, 2.0, 4.0, 8.0)
@@ -112,16 +112,6 @@ def regime_studies(pool: Path, out: Path, regime: str, cfg: CrossModalConfig, se
         voxels += int(round(annotated_fraction(lab) * lab.size)) if j >= n_dense else lab.size
         save_volume(out / FINAL_LABELS / f"{cid}.nii.gz", lab, truth.affine.numpy())
     return {"dense": n_dense, "sparse": n_sparse, "unlabeled": n - n_dense - n_sparse, "annotated_voxels": voxels}
-
-
-def epoch_length(counts: dict, unlabeled: bool, batch: int, unlabeled_batch: int) -> int:
-    """Steps per epoch of the train task's multi-source loader for these label counts."""
-    sources = [c for c in (counts["dense"], counts["sparse"]) if c]
-    per = max(1, batch // max(1, len(sources)))
-    lengths = [math.ceil(c / per) for c in sources]
-    if unlabeled and counts["unlabeled"]:
-        lengths.append(math.ceil(counts["unlabeled"] / unlabeled_batch))
-    return max(lengths)
 
 
 def run(root: Path, dataset: str, spec: dict, method: str, regime: str, mm: float, seed: int, pool: Path, test: Path,

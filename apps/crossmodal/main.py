@@ -20,6 +20,7 @@ class MyApp(MONAILabelApp):
         configure_threads()
         self.parts = AppParts.from_conf(app_dir, conf, pacs=studies.startswith(("http://", "https://")))
         self._infer_tasks = {m.name: self.parts.infer(m) for m in self.parts.models}
+        self._epistemic = self.parts.epistemic() if conf.get("epistemic", "false").lower() == "true" else None
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="crossmodal",
                          description="Label-efficient multimodal segmentation", version=crossmodal.__version__)
 
@@ -53,7 +54,13 @@ class MyApp(MONAILabelApp):
         return {m.name: self.parts.trainer(m) for m in self.parts.models}
 
     def init_strategies(self):
-        return {"entropy": self.parts.strategy(), "random": RandomStrategy()}
+        strategies = {"crossmodal": self.parts.strategy(), "random": RandomStrategy()}
+        if self._epistemic:
+            strategies["epistemic"] = self._epistemic[1]
+        return strategies
 
     def init_scoring_methods(self):
-        return {"entropy": self.parts.scoring(self._infer_tasks[self.parts.model_name])}
+        methods = {"crossmodal": self.parts.scoring(self._infer_tasks[self.parts.model_name])}
+        if self._epistemic:
+            methods["epistemic"] = self._epistemic[0]
+        return methods

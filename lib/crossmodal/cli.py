@@ -145,7 +145,51 @@ def cmd_to_dicom(args: argparse.Namespace) -> int:
     return 0
 
 
-def as_studies(path: str, preset: str) -> str:
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import os
+
+    from crossmodal.simulate import SimSpec, full_reference, plot, run_strategy, scoring_cost, summarize, write_json
+
+    preset = args.config or "brain"
+    studies = Path(as_studies(args.studies, preset, oracle=True))
+    dataset = args.name or Path(args.studies).name
+    spec = SimSpec(preset, args.test, args.initial, args.k, args.rounds, args.steps, args.patch, args.annotation)
+    out = Path(args.out or os.environ.get("RESULTS_DIR", "bench/results"))
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work or tempfile.mkdtemp(prefix="crossmodal-simulate-"))
+    json_path = out / f"simulate_{dataset}.json"
+    records: list[dict] = []
+    refs: list[dict] = []
+    cost: dict = {}
+
+    def save() -> None:
+        summary = summarize(records, refs)
+        write_json(json_path, {"spec": vars(spec), "records": records, "full_annotation": refs,
+                               "scoring_cost": cost, "summary": summary})
+        if records:
+            plot(summary, out / f"simulate_{dataset}.png")
+
+    def log(r: dict) -> None:
+        records.append(r)
+        print(json.dumps({k: v for k, v in r.items() if k != "cases"}), flush=True)
+        save()
+
+    for seed in args.seeds:
+        refs.append(full_reference(studies, work, dataset, spec, seed))
+        print(json.dumps(refs[-1]), flush=True)
+        for strategy in args.strategies:
+            curve = run_strategy(studies, work, dataset, spec, strategy, seed, log)
+            if not cost and strategy == "ours":
+                model = str(work / dataset / "ours" / f"seed{seed}" / f"model_r{len(curve) - 1}")
+                published = next(Path(model).glob("*.pt"))
+                cost = scoring_cost(studies, work, dataset, spec, str(published))
+                print(json.dumps(cost), flush=True)
+    save()
+    print(f"-> {json_path}, {out / f'simulate_{dataset}.png'}")
+    return 0
+
+
+def as_studies(path: str, preset: str, oracle: bool = False) -> str:
     """A studies folder as is; an nnU-Net v2 raw dataset (it has a dataset.json) imported into a temp one."""
     if not (Path(path) / "dataset.json").is_file():
         return path
@@ -153,6 +197,11 @@ def as_studies(path: str, preset: str) -> str:
 
     out = tempfile.mkdtemp(prefix="crossmodal-nnunet-")
     import_nnunet(path, out, load_config(preset))
+    if oracle:  # the simulator's annotator: every dense label becomes ground truth, no case starts labelled
+        labels = Path(out) / "labels" / "final"
+        (Path(out) / "truth").mkdir(exist_ok=True)
+        for p in labels.glob("*.nii.gz") if labels.is_dir() else []:
+            p.replace(Path(out) / "truth" / p.name)
     print(f"imported nnU-Net dataset {path} -> {out}", file=sys.stderr)
     return out
 
@@ -287,6 +336,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-unlabeled", action="store_true", help="leave the unlabelled cases out")
     q.add_argument("--processes", type=int, default=1, help="data-parallel processes (gloo on CPU, NCCL on GPUs)")
     q.set_defaults(func=cmd_train)
+
+    q = sub.add_parser("simulate", help="annotate-retrain loop without people: strategies x seeds x rounds -> "
+                                        "learning curves (JSON + PNG)")
+    q.add_argument("--studies", required=True, help="studies folder with truth/ for every case, or nnU-Net dataset")
+    q.add_argument("--config")
+    q.add_argument("--name", help="dataset name in the results (default: the folder name)")
+    q.add_argument("--strategies", nargs="+", default=["ours", "random", "epistemic"],
+                   choices=["ours", "random", "epistemic"])
+    q.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    q.add_argument("--test", type=int, default=4, help="held-out test cases (the last ones, sorted)")
+    q.add_argument("--initial", type=int, default=2, help="seed set size (the same for every strategy)")
+    q.add_argument("--k", type=int, default=2, help="cases picked per round")
+    q.add_argument("--rounds", type=int, default=5)
+    q.add_argument("--steps", type=int, default=120, help="optimiser steps per round (fine-tuning)")
+    q.add_argument("--patch", type=int, default=32)
+    q.add_argument("--annotation", default="scribbles", choices=["scribbles", "dense"])
+    q.add_argument("--out", help="results folder (default RESULTS_DIR or bench/results)")
+    q.add_argument("--work", help="working folder (default: temp)")
+    q.set_defaults(func=cmd_simulate)
 
     q = sub.add_parser("evaluate", help="Dice of a model on the held-out cases of a studies folder (truth, no label)")
     q.add_argument("--studies", required=True, help="studies folder or nnU-Net v2 raw dataset (its imagesTs/labelsTs)")

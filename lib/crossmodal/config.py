@@ -241,6 +241,28 @@ class DataConfig:
 
 
 @dataclass
+class ActiveConfig:
+    """Active learning (``crossmodal.active``): score weights, diversity, the hand-out lock, scoring cost."""
+
+    weights: dict[str, float] = field(default_factory=lambda: {"disagreement": 1.0, "mc_uncertainty": 0.5})
+    diversity: float = 0.3
+    mc_samples: int = 4
+    scoring_scale: float = 0.5
+    handout_window_s: float = 600.0
+    refine_sparse: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.weights) - {"disagreement", "mc_uncertainty"})
+        if unknown:
+            raise ConfigError(f"active.weights: unknown scores {unknown}; valid: disagreement, mc_uncertainty")
+        if not 0.0 <= self.diversity <= 1.0:
+            raise ConfigError(f"active.diversity: {self.diversity} must be in [0, 1]")
+        if not 0.0 < self.scoring_scale <= 1.0:
+            raise ConfigError(f"active.scoring_scale: {self.scoring_scale} must be in (0, 1]")
+        self.weights = {k: float(v) for k, v in self.weights.items()}
+
+
+@dataclass
 class CrossModalConfig:
     """The whole resolved configuration of one app / experiment."""
 
@@ -251,6 +273,7 @@ class CrossModalConfig:
     infer: InferConfig = field(default_factory=InferConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    active: ActiveConfig = field(default_factory=ActiveConfig)
 
     def __post_init__(self) -> None:
         names = self.modality_names
@@ -282,7 +305,7 @@ class CrossModalConfig:
         if "modalities" in raw:
             kwargs["modalities"] = [_build(ModalityConfig, m, "modalities") for m in raw["modalities"]]
         for key, typ in (("labels", LabelConfig), ("model", ModelConfig), ("infer", InferConfig),
-                         ("train", TrainConfig), ("data", DataConfig)):
+                         ("train", TrainConfig), ("data", DataConfig), ("active", ActiveConfig)):
             if key in raw:
                 kwargs[key] = _build(typ, raw[key] or {}, key)
         return cls(**kwargs)

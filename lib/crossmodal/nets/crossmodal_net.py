@@ -28,11 +28,12 @@ from crossmodal.config import CrossModalConfig
 @dataclass
 class CrossModalOutput:
     """Fused logits (B, N, H, W, D); per-modality logits of the present modalities, same shape; per-level pooled
-    modality-independent descriptors (B, K_i) of each present modality."""
+    modality-independent descriptors (B, K_i) of each present modality; optional MC-dropout fused samples."""
 
     fused: torch.Tensor
     per_modality: dict[str, torch.Tensor] = field(default_factory=dict)
     independent: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    mc_samples: torch.Tensor | None = None  # (T, B, N, H, W, D) with ``forward(mc_samples=T)``
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         """``{"fused": ..., "<modality>": ...}``, the shape MONAI's sliding-window inferer stitches."""
@@ -166,31 +167,37 @@ class CrossModalNet(nn.Module):
         return inputs
 
     def forward(self, x: torch.Tensor | Mapping[str, torch.Tensor], present: Sequence[bool] | None = None,
-                heads: bool = True, mc_dropout: bool | None = None) -> CrossModalOutput:
+                heads: bool = True, mc_dropout: bool | None = None, mc_samples: int = 0) -> CrossModalOutput:
         """x: (B, M, H, W, D) in ``modalities`` order, or {name: (B, 1, H, W, D)} for any subset.
 
         H, W, D must be divisible by the product of the strides. ``heads=False`` skips the per-modality heads
         (``per_modality`` stays empty), for a fused-only inference. ``mc_dropout=True`` samples dropout in eval mode
-        for this call only (thread-safe, unlike setting the ``mc_dropout`` attribute).
+        for this call only (thread-safe, unlike setting the ``mc_dropout`` attribute). ``mc_samples=T`` adds T
+        Monte-Carlo dropout samples of the fused logits (T, B, N, H, W, D) that share one encoder and fusion pass
+        (dropout sits in the decoder only), for uncertainty at a fraction of T full forwards.
         """
         inputs = self._split(x, present)
         feats = {m: self.encoders[m](t) for m, t in inputs.items()}
         levels = len(self.fusion)
         fused = [self.fusion[i]({m: f[i] for m, f in feats.items()}) for i in range(levels)]
-        y = fused[-1]
         mc = self.mc_dropout if mc_dropout is None else mc_dropout
-        drop = self.dropout > 0 and (self.training or mc)
-        for j, (up, dec) in enumerate(zip(self.up, self.dec, strict=True)):
-            i = levels - 2 - j
-            y = F.dropout3d(y, self.dropout, training=True) if drop else y
-            y = dec(torch.cat([up(y), fused[i]], dim=1))
-        logits = self.head(y)
+        logits = self._decode(fused, self.dropout > 0 and (self.training or mc))
+        samples = torch.stack([self._decode(fused, True) for _ in range(mc_samples)]) if mc_samples else None
         size = logits.shape[2:]
         per_mod = {m: F.interpolate(self.aux[m](f[0]), size=size, mode="trilinear", align_corners=False)
                    for m, f in feats.items()} if heads else {}
         independent = {m: [lvl[:, : self.fusion[i].k].mean(dim=(2, 3, 4)) for i, lvl in enumerate(f)]
                        for m, f in feats.items()}
-        return CrossModalOutput(fused=logits, per_modality=per_mod, independent=independent)
+        return CrossModalOutput(fused=logits, per_modality=per_mod, independent=independent, mc_samples=samples)
+
+    def _decode(self, fused: list[torch.Tensor], drop: bool) -> torch.Tensor:
+        """The decoder over the fusion stream's levels; ``drop`` samples dropout before each level."""
+        y = fused[-1]
+        for j, (up, dec) in enumerate(zip(self.up, self.dec, strict=True)):
+            i = len(fused) - 2 - j
+            y = F.dropout3d(y, self.dropout, training=True) if drop else y
+            y = dec(torch.cat([up(y), fused[i]], dim=1))
+        return self.head(y)
 
 
 def crossmodal_net(cfg: CrossModalConfig) -> CrossModalNet:

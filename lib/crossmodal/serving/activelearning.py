@@ -1,8 +1,11 @@
-"""Active learning until the cross-modal signals land: predictive entropy scoring and a top-score strategy.
+"""Active learning in MONAI Label: cross-modal scoring and strategy (thin adapters over :mod:`crossmodal.active`).
 
-The ranking and the score are pure functions; ``EntropyScoring`` and ``TopScoreStrategy`` adapt them to
-MONAI Label. Scores live in the datastore's image info (key :data:`SCORE_KEY`) with the model's mtime, so a
-stale score is recomputed after each training run.
+``CrossModalScoring`` scores every candidate case with the current model in one forward at a reduced scale (per-
+modality heads, MC-dropout decoder samples, pooled descriptors) and stores the scores in the case's image info
+(key :data:`SCORES_KEY`, with the model's mtime, so a score is recomputed after each training run). The case's
+preprocessed input is cached on disk, so re-scoring after training costs one small forward per case.
+``CrossModalStrategy`` hands out the best case by combined score and diversity, never the same case to two
+clients within ``active.handout_window_s``, and falls back to diversity alone before the first model exists.
 """
 
 from __future__ import annotations
@@ -10,87 +13,152 @@ from __future__ import annotations
 import logging
 import os
 import random
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from crossmodal.active import combine, image_descriptor, score_image, scoring_input, select
+from crossmodal.config import CrossModalConfig
+from crossmodal.io import case_id_of
+from crossmodal.transforms import preprocessing
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
 logger = logging.getLogger(__name__)
-SCORE_KEY = "crossmodal_entropy"
-MODEL_TS_KEY = "crossmodal_scored_model_ts"
+SCORES_KEY = "crossmodal_scores"
+HANDOUT_KEY = "crossmodal_handout"
+SCORE_NAMES = ("disagreement", "mc_uncertainty")
 
 
-def mean_entropy(probs: torch.Tensor) -> float:
-    """Mean voxel entropy (nats) of class probabilities (C, H, W, D), normalised by log(C) to [0, 1].
-
-    Example:
-        >>> round(mean_entropy(torch.full((2, 1, 1, 1), 0.5)), 3)
-        1.0
-    """
-    p = probs.clamp_min(1e-8)
-    ent = -(p * p.log()).sum(0)
-    return float(ent.mean() / torch.log(torch.tensor(float(probs.shape[0]))))
+def candidates(datastore: Datastore, refine_sparse: bool) -> list[str]:
+    """Unlabelled cases, plus cases whose final label is sparse when ``refine_sparse``."""
+    ids = list(datastore.get_unlabeled_images())
+    if refine_sparse and hasattr(datastore, "label_kind"):
+        ids += [i for i in datastore.get_labeled_images() if datastore.label_kind(i) == "sparse"]
+    return sorted(set(ids))
 
 
-def rank_cases(case_ids: Sequence[str], scores: Mapping[str, float], seed: int = 0) -> list[str]:
-    """Cases by descending score; unscored ones after the scored, in a seeded random order.
+class CrossModalScoring(ScoringMethod):
+    """Scores candidates (see the module docstring); with no model yet, stores image descriptors only."""
 
-    Example:
-        >>> rank_cases(["a", "b", "c"], {"a": 0.1, "b": 0.7})[:2]
-        ['b', 'a']
-    """
-    scored = sorted((c for c in case_ids if c in scores), key=lambda c: -scores[c])
-    rest = [c for c in case_ids if c not in scores]
-    random.Random(seed).shuffle(rest)
-    return scored + rest
-
-
-class EntropyScoring(ScoringMethod):
-    """Scores every unlabeled case by the mean predictive entropy of the current model."""
-
-    def __init__(self, infer_task: Any, description: str = "Mean predictive entropy of the current model") -> None:
+    def __init__(self, cfg: CrossModalConfig, infer_task: Any, cache_dir: str,
+                 description: str = "Cross-modal disagreement + MC-dropout uncertainty + descriptor") -> None:
         super().__init__(description)
-        self.infer_task = infer_task
+        self.cfg, self.infer_task, self.cache_dir = cfg, infer_task, Path(cache_dir)
+
+    def case_input(self, path: str) -> tuple[torch.Tensor, list[bool]]:
+        """The case's network input at the scoring scale (1, M, *S) and its present modalities; cached on disk by
+        the source files' mtimes."""
+        cid = case_id_of(path)
+        stamp = os.path.getmtime(path)
+        file = self.cache_dir / f"{cid}.pt"
+        if file.is_file():
+            try:
+                cached = torch.load(file, weights_only=True)
+                if cached["stamp"] == stamp:
+                    return cached["x"], cached["present"]
+            except Exception as e:  # a truncated cache file is rebuilt
+                logger.warning(f"case {cid}: rebuilding the scoring cache ({e})")
+        data = preprocessing(self.cfg, "infer", missing="zero_fill")({"image": path})
+        stride = int(np.prod(self.cfg.model.strides))
+        x = scoring_input(data["image"].as_tensor(), self.cfg.active.scoring_scale, stride)
+        present = [m in data["modalities_used"] for m in self.cfg.modality_names]
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
+        os.close(fd)
+        torch.save({"stamp": stamp, "x": x, "present": present}, tmp)
+        os.replace(tmp, file)
+        return x, present
+
+    def score_case(self, path: str, network: torch.nn.Module | None, device: str = "cpu") -> dict[str, Any]:
+        """{disagreement, mc_uncertainty, descriptor, seconds} of one case (descriptor only without a network)."""
+        t = time.perf_counter()
+        x, present = self.case_input(path)
+        if network is None:
+            return {"descriptor": image_descriptor(x[0]).tolist(), "seconds": time.perf_counter() - t}
+        s = score_image(network, x.to(device), present, self.cfg.active.mc_samples)
+        return {"disagreement": s.disagreement, "mc_uncertainty": s.mc_uncertainty,
+                "descriptor": s.descriptor.tolist(), "seconds": time.perf_counter() - t}
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         path = self.infer_task.get_path()
-        if not path:
-            return {"scored": 0, "reason": "no model yet"}
-        model_ts = os.path.getmtime(path)
-        scored, failed = {}, {}
-        for image_id in datastore.get_unlabeled_images():
-            info = datastore.get_image_info(image_id)
-            if info.get(MODEL_TS_KEY) == model_ts and SCORE_KEY in info:
+        device = request.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        network = self.infer_task._get_network(device, {}) if path else None  # MONAI Label's cached loader
+        model_ts = os.path.getmtime(path) if path else 0.0
+        if network is not None:
+            network.eval()
+        scored, failed, seconds = {}, {}, []
+        for image_id in candidates(datastore, self.cfg.active.refine_sparse):
+            info = datastore.get_image_info(image_id).get(SCORES_KEY) or {}
+            if info.get("model_ts") == model_ts and "descriptor" in info:
                 continue
             try:
-                _, data = self.infer_task({"image": datastore.get_image_uri(image_id), "skip_writer": True,
-                                           "missing_modality": "zero_fill", "keep_probs": True})
-            except Exception as e:  # a broken case (CaseError, HTTP 422) must not stop the others from being scored
+                s = self.score_case(datastore.get_image_uri(image_id), network, device)
+            except Exception as e:  # one broken case must not stop the others from being scored
                 failed[image_id] = str(getattr(e, "detail", e))
                 continue
-            score = mean_entropy(torch.softmax(data["logits"].float(), 0))
-            datastore.update_image_info(image_id, {SCORE_KEY: score, MODEL_TS_KEY: model_ts})
-            scored[image_id] = round(score, 6)
-        return {"scored": len(scored), "scores": scored, "failed": failed}
+            seconds.append(s.pop("seconds"))
+            datastore.update_image_info(image_id, {SCORES_KEY: {**s, "model_ts": model_ts}})
+            scored[image_id] = {k: round(v, 6) for k, v in s.items() if k != "descriptor"}
+        return {"scored": len(scored), "scores": scored, "failed": failed, "model": bool(path),
+                "seconds_per_case": round(float(np.mean(seconds)), 4) if seconds else None}
 
 
-class TopScoreStrategy(Strategy):
-    """Next sample: the unlabeled case with the highest stored score (a random one when none is scored)."""
+class CrossModalStrategy(Strategy):
+    """The candidate with the best combined score and diversity; cold start: diversity alone (see module doc)."""
 
-    def __init__(self, description: str = "Unlabeled case with the highest predictive entropy") -> None:
+    def __init__(self, cfg: CrossModalConfig,
+                 description: str = "Cross-modal disagreement + uncertainty, diverse, one client per case") -> None:
         super().__init__(description)
+        self.cfg = cfg
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
-        ids = datastore.get_unlabeled_images()
-        if not ids:
+        a = self.cfg.active
+        client = str(request.get("client_id") or "anonymous")
+        now = time.time()
+        pool = candidates(datastore, bool(request.get("refine_sparse", a.refine_sparse)))
+        infos = {i: datastore.get_image_info(i) for i in pool}
+        held = {i: info.get(HANDOUT_KEY) or {} for i, info in infos.items()}
+        recent = {i for i, h in held.items() if now - float(h.get("ts", 0)) < a.handout_window_s}
+        others = {i for i in recent if held[i].get("client") != client}
+        free = [i for i in pool if i not in recent]
+        mine = [i for i in pool if i in recent and i not in others]
+        choices = free or mine
+        if not choices:
             return None
-        scores = {i: float(s) for i in ids if (s := datastore.get_image_info(i).get(SCORE_KEY)) is not None}
-        ranked = rank_cases(sorted(ids), scores, seed=int(request.get("seed", random.randrange(1 << 30))))
-        return {"id": ranked[0], "score": scores.get(ranked[0])}
+        scores = {n: {i: float(infos[i][SCORES_KEY][n]) for i in choices
+                      if n in (infos[i].get(SCORES_KEY) or {})} for n in SCORE_NAMES}
+        scores = {n: v for n, v in scores.items() if v}
+        combined = combine(scores, a.weights)
+        desc = {i: np.asarray(infos[i][SCORES_KEY]["descriptor"], dtype=np.float32) for i in choices
+                if "descriptor" in (infos[i].get(SCORES_KEY) or {})}
+        avoid = [np.asarray(d["descriptor"], dtype=np.float32) for i in datastore.get_labeled_images()
+                 if (d := datastore.get_image_info(i).get(SCORES_KEY) or {}).get("descriptor")]
+        avoid += [np.asarray(infos[i][SCORES_KEY]["descriptor"], dtype=np.float32) for i in others
+                  if "descriptor" in (infos[i].get(SCORES_KEY) or {})]
+        if not desc and not combined:  # nothing scored yet: random, as MONAI Label's Random
+            pick = random.choice(choices)
+        else:
+            pick = select(choices, combined, desc, 1, a.diversity, avoid)[0]
+        datastore.update_image_info(pick, {HANDOUT_KEY: {"ts": now, "client": client}})
+        return {"id": pick, "score": combined.get(pick), "cold_start": not combined,
+                "scores": {n: scores[n].get(pick) for n in scores}}
+
+
+def select_batch(datastore: Datastore, cfg: CrossModalConfig, k: int, ids: Sequence[str]) -> list[str]:
+    """``k`` picks among ``ids`` at once (the simulator's rounds), from the scores stored by the scoring."""
+    infos = {i: datastore.get_image_info(i).get(SCORES_KEY) or {} for i in ids}
+    scores = {n: {i: float(v[n]) for i, v in infos.items() if n in v} for n in SCORE_NAMES}
+    combined = combine({n: v for n, v in scores.items() if v}, cfg.active.weights)
+    desc = {i: np.asarray(v["descriptor"], dtype=np.float32) for i, v in infos.items() if "descriptor" in v}
+    avoid = [np.asarray(d["descriptor"], dtype=np.float32) for i in datastore.get_labeled_images()
+             if (d := datastore.get_image_info(i).get(SCORES_KEY) or {}).get("descriptor")]
+    return select(list(ids), combined, desc, k, cfg.active.diversity, avoid)
 
 
 class RandomStrategy(Strategy):

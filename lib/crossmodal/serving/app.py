@@ -4,7 +4,8 @@ Server ``--conf`` keys (all optional): ``preset`` (a name in ``configs/``, defau
 ``model_dir`` (default ``<app>/model``), ``models`` (comma-separated network names; default the preset's model
 and ``baseline_unet``), ``pretrained_<model>`` (weights used until that model is trained; default
 ``<app>/pretrained/<preset>_<model>.pt`` when present; ``pretrained`` alone names the first model's),
-``max_epochs`` (overrides the preset), ``missing_modality`` (``error`` / ``zero_fill``; default the preset's,
+``max_epochs`` (overrides the preset), ``epistemic`` (``true`` adds MONAI Label's Epistemic scoring and strategy,
+for comparisons), ``missing_modality`` (``error`` / ``zero_fill``; default the preset's,
 ``zero_fill`` on a PACS where a study may lack a series).
 
 With ``--studies http(s)://.../dicom-web`` the datastore is :class:`~crossmodal.serving.dicomweb.PacsDatastore`;
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from crossmodal.config import CrossModalConfig, load_config
 from crossmodal.nets import build_network
-from crossmodal.serving.activelearning import EntropyScoring, TopScoreStrategy
+from crossmodal.serving.activelearning import CrossModalScoring, CrossModalStrategy
 from crossmodal.serving.datastore import CrossModalDatastore
 from crossmodal.serving.infer import CrossModalInfer
 from crossmodal.serving.train import CrossModalTrain
@@ -96,19 +97,29 @@ class AppParts:
                                  timeout=float(conf.get("pacs_timeout", 30)))
         return CrossModalDatastore(studies, self.cfg.labels)
 
-    def infer(self, model: ModelParts | None = None) -> CrossModalInfer:
+    def infer(self, model: ModelParts | None = None, epistemic: bool = False) -> CrossModalInfer:
+        """The infer task of ``model`` (default the first); ``epistemic``: dropout on, probabilities out, no writer
+        (what MONAI Label's Epistemic scoring samples)."""
         m = model or self.models[0]
         paths = [p for p in (m.pretrained, m.published) if p]
         return CrossModalInfer(m.cfg, build_network(m.cfg), paths,
-                               f"{m.name} on {self.cfg.modality_names} ({self.preset})")
+                               f"{m.name} on {self.cfg.modality_names} ({self.preset})", train_mode=epistemic,
+                               probabilities=epistemic)
 
     def trainer(self, model: ModelParts | None = None) -> CrossModalTrain:
         m = model or self.models[0]
         return CrossModalTrain(m.cfg, self.model_dir, m.published, m.pretrained,
                                f"Train {m.name} from dense and sparse labels (partial loss)")
 
-    def strategy(self) -> TopScoreStrategy:
-        return TopScoreStrategy()
+    def strategy(self) -> CrossModalStrategy:
+        return CrossModalStrategy(self.cfg)
 
-    def scoring(self, infer: CrossModalInfer) -> EntropyScoring:
-        return EntropyScoring(infer)
+    def scoring(self, infer: CrossModalInfer) -> CrossModalScoring:
+        return CrossModalScoring(self.cfg, infer, os.path.join(self.model_dir, "scoring_cache"))
+
+    def epistemic(self) -> tuple:
+        """MONAI Label's Epistemic scoring (5 dropout samples through the full infer task) and strategy."""
+        from monailabel.tasks.activelearning.epistemic import Epistemic
+        from monailabel.tasks.scoring.epistemic_v2 import EpistemicScoring
+
+        return EpistemicScoring(self.infer(epistemic=True), simulation_size=5), Epistemic()

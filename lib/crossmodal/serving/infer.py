@@ -55,6 +55,15 @@ class ArgmaxLabel:
         return data
 
 
+class FusedProbabilities:
+    """``data["pred"]`` {name: logits (C, H, W, D)} -> softmax of the fused logits (C, H, W, D)."""
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        # a MetaTensor: MONAI Label's Epistemic logs np.sum(pred), which a plain tensor rejects
+        data["pred"] = MetaTensor(torch.softmax(_plain(data["pred"]["fused"]).float(), 0))
+        return data
+
+
 class CrossModalInfer(BasicInferTask):
     """Segmentation from every modality of a case; returns which modalities were used.
 
@@ -65,13 +74,18 @@ class CrossModalInfer(BasicInferTask):
     (``.nii.gz`` / ``.nrrd``), and the usual MONAI Label ones.
     """
 
-    def __init__(self, cfg: CrossModalConfig, network: nn.Module, path: Sequence[str], description: str) -> None:
+    def __init__(self, cfg: CrossModalConfig, network: nn.Module, path: Sequence[str], description: str,
+                 train_mode: bool = False, probabilities: bool = False) -> None:
+        """``train_mode`` + ``probabilities``: the task MONAI Label's Epistemic scoring samples (dropout on, no
+        writer, ``data["pred"]`` = fused class probabilities (C, H, W, D) on the working grid)."""
         super().__init__(
             path=list(path), network=network, type=InferType.SEGMENTATION, labels=cfg.labels.viewer_labels,
             dimension=3, description=description, roi_size=cfg.infer.roi_size, load_strict=True,
-            config={"missing_modality": cfg.infer.missing_modality, "prediction": "fused"},
+            config={"missing_modality": cfg.infer.missing_modality, "prediction": "fused"}, train_mode=train_mode,
+            skip_writer=probabilities,
         )
         self.cfg = cfg
+        self.probabilities = probabilities
 
     def pre_transforms(self, data: dict[str, Any] | None = None) -> Sequence[Callable]:
         missing = (data or {}).get("missing_modality") or self.cfg.infer.missing_modality
@@ -110,7 +124,7 @@ class CrossModalInfer(BasicInferTask):
         return None
 
     def post_transforms(self, data: dict[str, Any] | None = None) -> Sequence[Callable]:
-        return [ArgmaxLabel()]
+        return [FusedProbabilities()] if self.probabilities else [ArgmaxLabel()]
 
     def writer(self, data: dict[str, Any], extension: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
         """Write the label map with :func:`crossmodal.io.save_volume` (NIfTI through ISA-L gzip, or NRRD, in RAS

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -62,6 +63,21 @@ def train_offline(studies: str, preset: str, model_dir: str, epochs: int | None 
     if publish:
         atomic_copy(parts.published, publish)
     return {**stats, "published": parts.published}
+
+
+def epoch_length(counts: dict[str, int], unlabeled: bool, batch: int, unlabeled_batch: int) -> int:
+    """Steps per epoch of the train task's multi-source loader for label counts {dense, sparse, unlabeled}.
+
+    Example:
+        >>> epoch_length({"dense": 1, "sparse": 6, "unlabeled": 9}, True, 2, 1)  # 9 unlabelled, 1 per step
+        9
+    """
+    sources = [c for c in (counts["dense"], counts["sparse"]) if c]
+    per = max(1, batch // max(1, len(sources)))
+    lengths = [math.ceil(c / per) for c in sources]
+    if unlabeled and counts["unlabeled"]:
+        lengths.append(math.ceil(counts["unlabeled"] / unlabeled_batch))
+    return max(lengths)
 
 
 def _onehot(labels: np.ndarray, num_classes: int) -> torch.Tensor:

@@ -1,0 +1,322 @@
+"""The annotate-retrain loop without people: strategies pick cases, a simulated annotator labels them from the
+ground truth, the app's trainer fine-tunes, the model is scored on a held-out test split.
+
+Input: a studies folder whose cases all have ground truth in ``truth/`` (``crossmodal data phantom|brain``), or an
+nnU-Net v2 raw dataset with dense ``labelsTr`` (its labels become the oracle; test cases are ``imagesTs``/
+``labelsTs`` when present). Per seed every strategy starts from the same random seed set; each round it picks ``k``
+cases (``ours``: :class:`~crossmodal.serving.activelearning.CrossModalScoring` + diversity; ``random``;
+``epistemic``: MONAI Label's ``EpistemicScoring`` with 5 dropout samples, highest entropy first), the annotator
+draws scribbles (or dense labels) from the truth, and training fine-tunes the previous round's model for a fixed
+number of optimiser steps on every label so far plus the unlabelled rest. A full-annotation run per seed gives the
+reference Dice.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crossmodal.config import save_config
+from crossmodal.data.sparse import sparsify
+from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR
+from crossmodal.io import IMAGE_EXTENSIONS, case_id_of, load_volume, save_volume, split_ext
+from crossmodal.serving.offline import epoch_length, evaluate, method_config, train_offline
+
+STRATEGIES = ("ours", "random", "epistemic")
+
+
+@dataclass
+class SimSpec:
+    """One simulation: rounds of ``k`` picks after ``initial`` seed cases, ``steps`` optimiser steps per round."""
+
+    preset: str
+    test: int = 4
+    initial: int = 2
+    k: int = 2
+    rounds: int = 5
+    steps: int = 120
+    patch: int = 32
+    annotation: str = "scribbles"  # scribbles | dense
+
+
+def split_cases(studies: Path, n_test: int) -> tuple[list[str], list[str]]:
+    """(pool, test): case ids with truth, the last ``n_test`` (sorted) held out."""
+    cases = sorted(case_id_of(p) for p in (studies / TRUTH_DIR).glob("*.nii.gz"))
+    if len(cases) < n_test + 2:
+        raise ValueError(f"{studies}: {len(cases)} cases with truth; need at least {n_test + 2}")
+    return cases[:-n_test], cases[-n_test:]
+
+
+def _link_case(src: Path, dst: Path, cid: str, truth: bool) -> None:
+    image = next(p for p in src.iterdir() if p.is_file() and case_id_of(p) == cid and split_ext(p)[1]
+                 in IMAGE_EXTENSIONS)
+    (dst / "modalities").mkdir(parents=True, exist_ok=True)
+    (dst / image.name).symlink_to(image.resolve())
+    if (src / "modalities" / cid).is_dir():
+        (dst / "modalities" / cid).symlink_to((src / "modalities" / cid).resolve(), target_is_directory=True)
+    if truth:
+        (dst / TRUTH_DIR).mkdir(exist_ok=True)
+        (dst / TRUTH_DIR / f"{cid}.nii.gz").symlink_to((src / TRUTH_DIR / f"{cid}.nii.gz").resolve())
+
+
+def annotate(src: Path, pool: Path, cid: str, cfg: Any, mode: str, rng: np.random.Generator) -> int:
+    """The simulated annotator: writes scribbles (or the dense truth) as the case's final label; returns the number
+    of annotated voxels."""
+    truth = load_volume(src / TRUTH_DIR / f"{cid}.nii.gz", cid)
+    lab = np.rint(truth[0].numpy()).astype(np.int64)
+    if mode == "scribbles":
+        lab = sparsify(lab, cfg.labels, "scribbles", rng)
+        voxels = int((lab != 0).sum())
+    else:
+        voxels = int(lab.size)
+    save_volume(pool / FINAL_LABELS / f"{cid}.nii.gz", lab, truth.affine.numpy())
+    return voxels
+
+
+def _train(pool: Path, preset: Path, model_dir: Path, cfg: Any, n_labelled: int, n_unlabelled: int, steps: int,
+           pretrained: str | None, sparse: bool) -> str:
+    counts = {"dense": 0 if sparse else n_labelled, "sparse": n_labelled if sparse else 0, "unlabeled": n_unlabelled}
+    per_epoch = epoch_length(counts, True, cfg.train.batch_size, cfg.train.consistency.unlabeled_batch_size)
+    epochs = max(1, round(steps / per_epoch))
+    stats = train_offline(str(pool), str(preset), str(model_dir), epochs=epochs, pretrained=pretrained,
+                          network=cfg.model.name)
+    return stats["published"]
+
+
+def _pick(strategy: str, pool: Path, preset: Path, model: str, cfg: Any, candidates: list[str], k: int,
+          rng: np.random.Generator, work: Path) -> tuple[list[str], float]:
+    """``k`` picks among ``candidates`` and the scoring seconds per case."""
+    if strategy == "random":
+        return [str(c) for c in rng.choice(candidates, size=min(k, len(candidates)), replace=False)], 0.0
+    from crossmodal.serving.app import AppParts
+
+    parts = AppParts.from_conf(str(work / "app"), {"preset": str(preset), "pretrained": model,
+                                                   "model_dir": str(work / "app_model")})
+    store = parts.datastore(str(pool))
+    if strategy == "ours":
+        from crossmodal.serving.activelearning import SCORES_KEY, select_batch
+
+        t = time.perf_counter()
+        out = parts.scoring(parts.infer())({}, store)
+        seconds = (time.perf_counter() - t) / max(1, out["scored"])
+        assert all(SCORES_KEY in store.get_image_info(c) for c in candidates), out["failed"]
+        return select_batch(store, cfg, k, candidates), seconds
+    scoring, _ = parts.epistemic()
+    t = time.perf_counter()
+    out = scoring({"max_workers": 1}, store)
+    seconds = (time.perf_counter() - t) / max(1, out["executed"])
+    entropy = {c: float(store.get_image_info(c).get("epistemic_entropy", 0.0)) for c in candidates}
+    return sorted(candidates, key=lambda c: (-entropy[c], c))[:k], seconds
+
+
+def run_strategy(src: Path, root: Path, dataset: str, spec: SimSpec, strategy: str, seed: int,
+                 log: Callable[[dict], None] = lambda r: None) -> list[dict]:
+    """One learning curve: ``spec.rounds`` rounds of one strategy from the seed's seed set."""
+    cfg = method_config(spec.preset, "ours", {
+        "train": {"patch_size": [spec.patch] * 3, "patches_per_case": 1, "batch_size": 2, "val_fraction": 0.0,
+                  "seed": seed},
+        "infer": {"roi_size": [spec.patch] * 3, "missing_modality": "zero_fill"}})
+    work = root / dataset / strategy / f"seed{seed}"
+    shutil.rmtree(work, ignore_errors=True)
+    pool_cases, test_cases = split_cases(src, spec.test)
+    pool, test = work / "pool", work / "test"
+    for c in pool_cases:
+        _link_case(src, pool, c, truth=False)
+    for c in test_cases:
+        _link_case(src, test, c, truth=True)
+    preset = work / "config.yaml"
+    save_config(cfg, preset)
+    rng = np.random.default_rng([seed, 7])
+    seed_set = [str(c) for c in np.random.default_rng([seed, 1]).choice(pool_cases, spec.initial, replace=False)]
+    annotated: list[str] = []
+    voxels, model, records = 0, None, []
+    picks = seed_set
+    for r in range(spec.rounds):
+        for c in picks:
+            voxels += annotate(src, pool, c, cfg, spec.annotation, rng)
+        annotated += picks
+        torch.manual_seed(seed * 100 + r)
+        t = time.perf_counter()
+        model = _train(pool, preset, work / f"model_r{r}", cfg, len(annotated), len(pool_cases) - len(annotated),
+                       spec.steps if r else 2 * spec.steps, model, spec.annotation == "scribbles")
+        train_s = time.perf_counter() - t
+        ev = evaluate(str(test), str(preset), model, network=cfg.model.name)
+        rest = [c for c in pool_cases if c not in annotated]
+        score_s = 0.0
+        if r + 1 < spec.rounds and rest:
+            picks, score_s = _pick(strategy, pool, preset, model, cfg, rest, spec.k, rng, work)
+        rec = {"dataset": dataset, "strategy": strategy, "seed": seed, "round": r,
+               "annotated_cases": len(annotated), "annotated_voxels": voxels, "dice_mean": round(ev["dice_mean"], 4),
+               "hd95_mean": round(ev["hd95_mean"], 2), "scoring_seconds_per_case": round(score_s, 4),
+               "train_seconds": round(train_s, 1), "annotation": spec.annotation, "cases": list(annotated)}
+        records.append(rec)
+        log(rec)
+    return records
+
+
+def full_reference(src: Path, root: Path, dataset: str, spec: SimSpec, seed: int) -> dict:
+    """Dice with every pool case annotated, trained for as many steps as a whole simulated curve."""
+    cfg = method_config(spec.preset, "ours", {
+        "train": {"patch_size": [spec.patch] * 3, "patches_per_case": 1, "batch_size": 2, "val_fraction": 0.0,
+                  "seed": seed},
+        "infer": {"roi_size": [spec.patch] * 3, "missing_modality": "zero_fill"}})
+    work = root / dataset / "full" / f"seed{seed}"
+    shutil.rmtree(work, ignore_errors=True)
+    pool_cases, test_cases = split_cases(src, spec.test)
+    for c in pool_cases:
+        _link_case(src, work / "pool", c, truth=False)
+    for c in test_cases:
+        _link_case(src, work / "test", c, truth=True)
+    preset = work / "config.yaml"
+    save_config(cfg, preset)
+    rng = np.random.default_rng([seed, 7])
+    voxels = sum(annotate(src, work / "pool", c, cfg, spec.annotation, rng) for c in pool_cases)
+    torch.manual_seed(seed)
+    model = _train(work / "pool", preset, work / "model", cfg, len(pool_cases), 0, spec.steps * (spec.rounds + 1),
+                   None, spec.annotation == "scribbles")
+    ev = evaluate(str(work / "test"), str(preset), model, network=cfg.model.name)
+    return {"dataset": dataset, "strategy": "full", "seed": seed, "annotated_cases": len(pool_cases),
+            "annotated_voxels": voxels, "dice_mean": round(ev["dice_mean"], 4)}
+
+
+def area_under_curve(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Trapezoidal area under a learning curve divided by its x-range (a mean Dice over the range).
+
+    Example:
+        >>> area_under_curve([2, 4, 6], [0.5, 0.7, 0.7])
+        0.65
+    """
+    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+    if len(xs) < 2 or xs[-1] == xs[0]:
+        return float(ys.mean()) if len(ys) else float("nan")
+    return round(float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2) / (xs[-1] - xs[0])), 6)
+
+
+def cases_to_reach(records: Sequence[dict], target: float) -> int | None:
+    """Annotated cases at the first round whose Dice reaches ``target`` (None: never within the curve)."""
+    for r in sorted(records, key=lambda r: r["round"]):
+        if r["dice_mean"] >= target:
+            return int(r["annotated_cases"])
+    return None
+
+
+def summarize(records: list[dict], refs: list[dict]) -> dict[str, Any]:
+    """Per dataset and strategy: mean curve over seeds, AUC (vs cases and vs voxels), cases to 95% of full."""
+    out: dict[str, Any] = {}
+    for ds in sorted({r["dataset"] for r in records}):
+        full = float(np.mean([r["dice_mean"] for r in refs if r["dataset"] == ds])) if refs else float("nan")
+        entry: dict[str, Any] = {"full_annotation_dice": round(full, 4), "strategies": {}}
+        for st in STRATEGIES:
+            rs = [r for r in records if r["dataset"] == ds and r["strategy"] == st]
+            if not rs:
+                continue
+            seeds = sorted({r["seed"] for r in rs})
+            rounds = sorted({r["round"] for r in rs})
+            curve = [{"round": k,
+                      "annotated_cases": float(np.mean([r["annotated_cases"] for r in rs if r["round"] == k])),
+                      "annotated_voxels": float(np.mean([r["annotated_voxels"] for r in rs if r["round"] == k])),
+                      "dice_mean": round(float(np.mean([r["dice_mean"] for r in rs if r["round"] == k])), 4),
+                      "dice_sd": round(float(np.std([r["dice_mean"] for r in rs if r["round"] == k])), 4)}
+                     for k in rounds]
+            per_seed = [[r for r in rs if r["seed"] == s] for s in seeds]
+            reach = [cases_to_reach(p, 0.95 * full) for p in per_seed]
+            entry["strategies"][st] = {
+                "curve": curve,
+                "auc_cases": area_under_curve([c["annotated_cases"] for c in curve], [c["dice_mean"] for c in curve]),
+                "auc_voxels": area_under_curve([c["annotated_voxels"] for c in curve],
+                                               [c["dice_mean"] for c in curve]),
+                "cases_to_95pct_full": reach,
+                "scoring_seconds_per_case": round(float(np.mean([r["scoring_seconds_per_case"] for r in rs
+                                                                 if r["scoring_seconds_per_case"] > 0] or [0.0])), 4),
+            }
+        out[ds] = entry
+    return out
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    """Learning curves (Dice vs annotated cases and vs annotated voxels) per dataset, AUC in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted(summary)
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(11, 4 * len(datasets)), squeeze=False)
+    colors = {"ours": "tab:red", "random": "tab:gray", "epistemic": "tab:blue"}
+    for row, ds in zip(axes, datasets, strict=True):
+        full = summary[ds]["full_annotation_dice"]
+        for st, v in summary[ds]["strategies"].items():
+            xs = [c["annotated_cases"] for c in v["curve"]]
+            vx = [c["annotated_voxels"] for c in v["curve"]]
+            ys = np.array([c["dice_mean"] for c in v["curve"]])
+            sd = np.array([c["dice_sd"] for c in v["curve"]])
+            row[0].plot(xs, ys, "o-", color=colors[st], label=f"{st} (AUC {v['auc_cases']:.3f})")
+            row[0].fill_between(xs, ys - sd, ys + sd, color=colors[st], alpha=0.12)
+            row[1].plot(vx, ys, "o-", color=colors[st], label=f"{st} (AUC {v['auc_voxels']:.3f})")
+        for ax, xlabel in zip(row, ("annotated cases", "annotated voxels"), strict=True):
+            if full == full:
+                ax.axhline(full, color="k", lw=0.8, ls="--", label=f"full annotation {full:.3f}")
+                ax.axhline(0.95 * full, color="k", lw=0.6, ls=":", label="95% of full")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("mean foreground Dice (test split)")
+            ax.set_title(f"{ds}: Dice vs {xlabel}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def scoring_cost(src: Path, root: Path, dataset: str, spec: SimSpec, model: str, repeats: int = 3) -> dict:
+    """Seconds to score one case (the first pool case): ours with a warm cache (re-scoring after training), ours
+    cold (first sight: the case is read and preprocessed too), MONAI Label Epistemic with 5 samples; medians."""
+    from crossmodal.serving.app import AppParts
+
+    work = root / dataset / "scoring_cost"
+    shutil.rmtree(work, ignore_errors=True)
+    case = split_cases(src, spec.test)[0][0]
+    _link_case(src, work / "pool", case, truth=False)
+    cfg = method_config(spec.preset, "ours", {"infer": {"roi_size": [spec.patch] * 3, "missing_modality": "zero_fill"}})
+    preset = work / "config.yaml"
+    save_config(cfg, preset)
+    parts = AppParts.from_conf(str(work / "app"), {"preset": str(preset), "pretrained": model,
+                                                   "model_dir": str(work / "app_model")})
+    store = parts.datastore(str(work / "pool"))
+    path = store.get_image_uri(case)
+    scoring = parts.scoring(parts.infer())
+    network = scoring.infer_task._get_network("cpu" if not torch.cuda.is_available() else "cuda", {})
+    network.eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cold, warm, epi = [], [], []
+    epistemic, _ = parts.epistemic()
+    for _ in range(repeats):
+        shutil.rmtree(scoring.cache_dir, ignore_errors=True)
+        t = time.perf_counter()
+        scoring.score_case(path, network, device)
+        cold.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        scoring.score_case(path, network, device)
+        warm.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        epistemic.run_scoring(case, 5, time.time(), store)
+        epi.append(time.perf_counter() - t)
+    med = {k: float(np.median(v)) for k, v in (("ours_warm_s", warm), ("ours_cold_s", cold), ("epistemic_s", epi))}
+    return {"dataset": dataset, "case": case, **{k: round(v, 4) for k, v in med.items()},
+            "ratio_warm": round(med["ours_warm_s"] / med["epistemic_s"], 4),
+            "ratio_cold": round(med["ours_cold_s"] / med["epistemic_s"], 4)}
