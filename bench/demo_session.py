@@ -21,7 +21,7 @@ c = MONAILabelClient(url, tmpdir=tempfile.mkdtemp())
 info = c.info()
 print("models:", list(info["models"]), "trainers:", list(info["trainers"]), "strategies:", list(info["strategies"]),
       "scoring:", list(info["scoring"]), "datastore:", info["datastore"])
-nxt = c.next_sample("entropy", {})
+nxt = c.next_sample("crossmodal", {})
 print("next sample:", nxt["id"])
 t = time.time()
 out, params = c.infer("crossmodal", nxt["id"], {})

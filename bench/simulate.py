@@ -64,6 +64,8 @@ def goals(summary: dict, cost: dict) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--cost-only", action="store_true",
+                    help="only re-measure the scoring cost (committed weights) into an existing simulate.json")
     args = ap.parse_args()
     results = Path(os.environ.get("RESULTS_DIR", REPO / "bench" / "results"))
     results.mkdir(parents=True, exist_ok=True)
@@ -84,6 +86,15 @@ def main() -> int:
             plot(summary, results / "simulate.png")
         return summary
 
+    if args.cost_only:
+        old = json.loads((results / "simulate.json").read_text())
+        records, refs, cost = old["records"], old["full_annotation"], {}
+        for ds, (preset, cases) in datasets.items():
+            spec = SimSpec(preset, test=4, steps=100)
+            weights = REPO / "apps" / "crossmodal" / "pretrained" / f"{preset}_crossmodal.pt"
+            cost[ds] = scoring_cost(make_data(REPO / "data", ds, cases), work, ds, spec, str(weights), repeats=5)
+            print(json.dumps(cost[ds]), flush=True)
+        datasets = {}
     for ds, (preset, cases) in datasets.items():
         studies = make_data(REPO / "data", ds, cases)
         spec = SimSpec(preset, test=3 if args.quick else 4, initial=2, k=2, rounds=3 if args.quick else 5,

@@ -41,14 +41,27 @@ def test_info_lists_model_trainer_strategy_scoring(client):
     info = client.info()
     assert info["models"]["baseline_unet"]["labels"] == {"organ": 1, "lesion": 2, "vessel": 3, "marked_background": 255}
     assert info["models"]["baseline_unet"]["type"] == "segmentation"
-    assert "baseline_unet" in info["trainers"] and "entropy" in info["strategies"] and "entropy" in info["scoring"]
+    assert "baseline_unet" in info["trainers"] and {"crossmodal", "random"} <= set(info["strategies"])
+    assert "crossmodal" in info["scoring"]
     assert "config" not in info  # 3D Slicer aborts on a top-level config key
     assert info["datastore"]["total"] == 6 and info["datastore"]["completed"] == 3
 
 
 def test_next_sample_is_unlabeled(client):
-    picks = {client.next_sample("entropy", {})["id"] for _ in range(3)}
+    picks = {client.next_sample("crossmodal", {})["id"] for _ in range(3)}
     assert picks <= UNLABELED
+
+
+def test_crossmodal_scoring_stores_scores_and_the_strategy_uses_them(client, phantom_server):
+    r = requests.post(f"{phantom_server.url}/scoring/crossmodal?run_sync=true", timeout=300)
+    assert r.status_code == 200, r.text
+    assert r.json()["scored"] == 3 and not r.json()["failed"]
+    objects = client.datastore()["objects"]
+    for case in UNLABELED:
+        scores = objects[case]["image"]["info"]["crossmodal_scores"]
+        assert 0.0 <= scores["disagreement"] <= 1.0 and len(scores["descriptor"]) > 4
+    pick = client.next_sample("crossmodal", {})
+    assert pick["id"] in UNLABELED and pick["cold_start"] is False and 0.0 <= pick["score"] <= 1.0
 
 
 def test_infer_returns_label_on_primary_grid_that_matches_truth(client, phantom_server):
@@ -114,7 +127,7 @@ def test_saved_labels_record_their_kind(client, phantom_server, tmp_path):
     client.save_label("phantom004", str(tmp_path / "scribbles.nii.gz"), params={"label_kind": "dense"})
     assert label_info(client, "phantom004")["label_kind"] == "dense"  # explicit override of a scripted client
     assert client.info()["datastore"]["completed"] == 5
-    assert {client.next_sample("entropy", {})["id"] for _ in range(3)} == {"phantom005"}
+    assert {client.next_sample("crossmodal", {})["id"] for _ in range(3)} == {"phantom005"}
 
 
 def test_bad_input_is_4xx_names_the_problem_and_changes_nothing(client, phantom_server, tmp_path):

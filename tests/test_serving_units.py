@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from crossmodal.io import load_volume, save_volume
-from crossmodal.serving.activelearning import mean_entropy, rank_cases
 from crossmodal.serving.datastore import CrossModalDatastore
 from crossmodal.serving.train import PartialOneHotd, coerce_tracking
 from fastapi import HTTPException
@@ -54,10 +53,3 @@ def test_partial_one_hot_masks_unannotated_voxels():
     assert out["label"][:, 0, 0].tolist() == [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
 
 
-def test_entropy_and_ranking():
-    certain = torch.zeros(3, 2, 2, 2)
-    certain[1] = 1.0
-    assert mean_entropy(certain) == pytest.approx(0.0, abs=1e-5)
-    assert mean_entropy(torch.full((4, 2, 2, 2), 0.25)) == pytest.approx(1.0)
-    ranked = rank_cases(["a", "b", "c", "d"], {"c": 0.9, "a": 0.2}, seed=1)
-    assert ranked[:2] == ["c", "a"] and sorted(ranked[2:]) == ["b", "d"]

@@ -83,18 +83,26 @@ def score_network_outputs(fused: torch.Tensor, heads: Mapping[str, torch.Tensor]
         (0.0, True)
     """
     p_fused = torch.softmax(fused.float(), 0)
-    stack = torch.stack([p_fused, *[torch.softmax(h.float(), 0) for h in heads.values()]])
+    fractions = p_fused.flatten(1).mean(1)
+    stack = _coarse(torch.stack([p_fused, *[torch.softmax(h.float(), 0) for h in heads.values()]]))
     mask = foreground_region(stack)
     disagreement = region_mean(mutual_information(stack), mask) if len(heads) else 0.0
     if mc is not None and mc.shape[0] > 1:
-        p_mc = torch.softmax(mc.float(), 1)
+        p_mc = _coarse(torch.softmax(mc.float(), 1))
         mc_mask = mask | foreground_region(p_mc)
         uncertainty = region_mean(mutual_information(p_mc), mc_mask)
     else:
         uncertainty = 0.0
-    fractions = p_fused.flatten(1).mean(1)
     parts = [fractions, *[t.float().flatten() for t in independent]]
     return CaseScores(disagreement, uncertainty, _unit(torch.cat(parts).numpy()))
+
+
+def _coarse(probs: torch.Tensor, max_voxels: int = 32**3) -> torch.Tensor:
+    """(K, C, *S) probabilities averaged over 2^3 blocks while a volume has more than ``max_voxels`` voxels: a
+    case-level score needs no full-resolution map, and the divergence maths costs 8x less per halving."""
+    while probs[0, 0].numel() > max_voxels and min(probs.shape[2:]) >= 4:
+        probs = F.avg_pool3d(probs, 2, ceil_mode=True)
+    return probs
 
 
 def image_descriptor(image: torch.Tensor, bins: int = 16, grid: int = 4) -> np.ndarray:

@@ -246,7 +246,7 @@ class ActiveConfig:
 
     weights: dict[str, float] = field(default_factory=lambda: {"disagreement": 1.0, "mc_uncertainty": 0.5})
     diversity: float = 0.3
-    mc_samples: int = 4
+    mc_samples: int = 2
     scoring_scale: float = 0.5
     handout_window_s: float = 600.0
     refine_sparse: bool = False

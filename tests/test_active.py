@@ -1,0 +1,174 @@
+"""Active learning: pure scoring / selection functions, the MONAI Label adapters on a real datastore, the simulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import APP, make_phantom_studies
+from crossmodal.active import combine, mutual_information, score_image, score_network_outputs, scoring_input, select
+from crossmodal.config import load_config
+from crossmodal.nets import CrossModalNet, build_network
+from crossmodal.serving.activelearning import (
+    HANDOUT_KEY,
+    SCORES_KEY,
+    CrossModalScoring,
+    CrossModalStrategy,
+    candidates,
+)
+from crossmodal.serving.app import AppParts
+from crossmodal.simulate import area_under_curve, cases_to_reach
+from crossmodal.transforms import preprocessing
+
+CFG = load_config("phantom")
+WEIGHTS = APP / "pretrained" / "phantom_crossmodal.pt"
+
+
+def test_mutual_information_hand_computed():
+    # two sources, one voxel: p = (0.5, 0.5) and (1, 0); mean (0.75, 0.25)
+    p = torch.tensor([[[0.5], [0.5]], [[1.0], [0.0]]])
+    h = lambda q: -sum(x * np.log(x) for x in q if x > 0)  # noqa: E731
+    expected = (h([0.75, 0.25]) - (h([0.5, 0.5]) + 0.0) / 2) / np.log(2)
+    assert float(mutual_information(p)[0]) == pytest.approx(expected, abs=1e-5)
+
+
+def test_disagreement_grows_with_the_region_a_head_contradicts():
+    fused = torch.zeros(2, 8, 8, 8)
+    fused[1, :4] = 5.0  # foreground in half the volume
+    scores = []
+    for n in (0, 1, 2, 4):
+        head = fused.clone()
+        head[:, :n] = -head[:, :n]  # this head says the opposite on n slabs
+        scores.append(score_network_outputs(fused, {"ct": fused, "pet": head}, None).disagreement)
+    assert scores[0] == 0.0 and scores[1] < scores[2] < scores[3]
+    same = torch.stack([fused] * 4)
+    assert score_network_outputs(fused, {}, same).mc_uncertainty == 0.0
+
+
+def test_combine_and_select_trade_score_against_diversity():
+    assert combine({"disagreement": {"a": 0.9, "b": 0.1, "c": 0.5}}, {"disagreement": 1.0}) == \
+        {"a": 1.0, "b": 0.0, "c": 0.5}
+    d = {"a": np.array([1.0, 0.0]), "a2": np.array([0.999, 0.04]), "z": np.array([0.0, 1.0])}
+    scores = {"a": 1.0, "a2": 0.95, "z": 0.5}
+    assert select(list(d), scores, d, 2, diversity=0.0) == ["a", "a2"]  # scores only: two near-copies
+    assert select(list(d), scores, d, 2, diversity=0.5) == ["a", "z"]  # diversity: the near-copy loses
+    assert select(list(d), {}, d, 1, avoid=[np.array([0.0, 1.0])]) == ["a"]  # cold start: farthest from labelled
+
+
+def test_mc_samples_share_the_encoder_and_differ_in_the_decoder():
+    torch.manual_seed(0)
+    net = CrossModalNet(["ct", "pet"], 3, channels=(8, 16), strides=(2,), dropout=0.5).eval()
+    x = torch.randn(1, 2, 16, 16, 16)
+    out = net(x, mc_samples=3)
+    assert tuple(out.mc_samples.shape) == (3, 1, 3, 16, 16, 16)
+    assert not torch.allclose(out.mc_samples[0], out.mc_samples[1])
+    torch.testing.assert_close(out.fused, net(x).fused)  # the plain output is the deterministic one
+
+
+def test_misregistered_pet_raises_cross_modal_disagreement(tmp_path):
+    """The signal nobody else has: shifting the PET by 8 mm makes the heads disagree more, on every case."""
+    studies = make_phantom_studies(tmp_path / "s", CFG, cases=3, dense=0, sparse=0, seed=50)
+    net = build_network(CFG)
+    state = torch.load(WEIGHTS, map_location="cpu", weights_only=False)
+    net.load_state_dict(state.get("model", state) if isinstance(state, dict) and "model" in state else state)
+    net.eval()
+    for case in ("phantom000", "phantom001", "phantom002"):
+        img = preprocessing(CFG, "infer")({"image": str(studies / f"{case}.nii.gz")})["image"].as_tensor()
+        shifted = img.clone()
+        shifted[1] = torch.roll(shifted[1], shifts=4, dims=0)  # 4 voxels of 2 mm
+        a = score_image(net, scoring_input(img, CFG.active.scoring_scale, 8))
+        b = score_image(net, scoring_input(shifted, CFG.active.scoring_scale, 8))
+        assert b.disagreement > a.disagreement + 0.02, (case, a.disagreement, b.disagreement)
+
+
+@pytest.fixture
+def app_parts(tmp_path):
+    studies = make_phantom_studies(tmp_path / "studies", CFG, cases=6, dense=1, sparse=1, seed=12)
+    parts = AppParts.from_conf(str(APP), {"preset": "phantom", "model_dir": str(tmp_path / "model")})
+    return parts, parts.datastore(str(studies)), studies
+
+
+def test_scoring_stores_scores_once_per_model_and_rescored_after_training(app_parts):
+    parts, store, _ = app_parts
+    scoring = parts.scoring(parts.infer())
+    out = scoring({}, store)
+    unlabeled = store.get_unlabeled_images()
+    assert out["scored"] == len(unlabeled) == 4 and not out["failed"] and out["model"]
+    for i in unlabeled:
+        s = store.get_image_info(i)[SCORES_KEY]
+        assert 0.0 <= s["disagreement"] <= 1.0 and 0.0 <= s["mc_uncertainty"] <= 1.0
+        assert len(s["descriptor"]) > 4 and abs(np.linalg.norm(s["descriptor"]) - 1) < 1e-4
+    assert scoring({}, store)["scored"] == 0  # same model: nothing to recompute
+    path = scoring.infer_task.get_path()
+    os.utime(path, (time.time() + 5, time.time() + 5))  # a newly published model
+    assert scoring({}, store)["scored"] == 4
+    assert len(list(Path(scoring.cache_dir).glob("*.pt"))) == 4  # preprocessed inputs cached for re-scoring
+
+
+def test_strategy_hands_each_case_to_one_client_and_cold_starts_on_diversity(app_parts, tmp_path):
+    parts, store, _ = app_parts
+    strategy = parts.strategy()
+    # cold start: no model, so the scoring stores image descriptors only; picks are diverse, not random
+    cold = CrossModalScoring(CFG, type("NoModel", (), {"get_path": lambda self: None})(), str(tmp_path / "c"))
+    assert cold({}, store)["model"] is False
+    first = strategy({"client_id": "A"}, store)
+    assert first["cold_start"] is True and first["id"] in store.get_unlabeled_images()
+    # hand-out lock: client B never gets A's case within the window; every case goes to one client only
+    given = {first["id"]: "A"}
+    for client in ("B", "C", "D"):
+        pick = strategy({"client_id": client}, store)
+        assert pick["id"] not in given
+        given[pick["id"]] = client
+    assert strategy({"client_id": "E"}, store) is None  # all 4 unlabelled cases held by others
+    assert strategy({"client_id": "A"}, store)["id"] == first["id"]  # A still gets its own case back
+    info = store.get_image_info(first["id"])[HANDOUT_KEY]
+    assert info["client"] == "A" and time.time() - info["ts"] < 60
+    # with scores (a model exists) the combined score decides
+    parts.scoring(parts.infer())({}, store)
+    short = CrossModalStrategy(load_config("phantom", overrides={"active": {"handout_window_s": 0}}))
+    pick = short({"client_id": "B"}, store)
+    assert pick["cold_start"] is False and set(pick["scores"]) == {"disagreement", "mc_uncertainty"}
+    # cases with only a sparse label stay selectable when configured so (and are scored then)
+    sparse = [i for i in store.get_labeled_images() if store.label_kind(i) == "sparse"]
+    assert len(sparse) == 1 and sparse[0] not in candidates(store, False) and sparse[0] in candidates(store, True)
+    refine_cfg = load_config("phantom", overrides={"active": {"handout_window_s": 0, "refine_sparse": True}})
+    CrossModalScoring(refine_cfg, parts.infer(), str(tmp_path / "r"))({}, store)
+    assert "disagreement" in store.get_image_info(sparse[0])[SCORES_KEY]
+
+
+def test_area_under_curve_and_cases_to_reach():
+    assert area_under_curve([2, 4, 8], [0.2, 0.6, 0.6]) == pytest.approx((0.8 + 2.4) / 6)
+    recs = [{"round": 0, "annotated_cases": 2, "dice_mean": 0.5}, {"round": 1, "annotated_cases": 4, "dice_mean": 0.8}]
+    assert cases_to_reach(recs, 0.79) == 4 and cases_to_reach(recs, 0.9) is None
+
+
+def test_simulate_cli_writes_learning_curves_for_three_strategies(tmp_path):
+    studies = make_phantom_studies(tmp_path / "s", CFG, cases=7, dense=0, sparse=0, seed=5)
+    out = tmp_path / "results"
+    r = subprocess.run([sys.executable, "-m", "crossmodal.cli", "simulate", "--studies", str(studies), "--config",
+                        "phantom", "--name", "tiny", "--seeds", "0", "--test", "2", "--rounds", "2", "--steps", "4",
+                        "--patch", "32", "--out", str(out), "--work", str(tmp_path / "work")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((out / "simulate_tiny.json").read_text())
+    recs = data["records"]
+    assert {(x["strategy"], x["round"]) for x in recs} == {(s, k) for s in ("ours", "random", "epistemic")
+                                                           for k in (0, 1)}
+    for x in recs:
+        assert {"dataset", "strategy", "seed", "round", "annotated_cases", "annotated_voxels", "dice_mean"} <= set(x)
+        assert x["annotated_cases"] == 2 + 2 * x["round"] and 0.0 <= x["dice_mean"] <= 1.0
+        assert 0 < x["annotated_voxels"] < x["annotated_cases"] * 48 ** 3  # scribbles: a fraction of the voxels
+    seeds = {x["strategy"]: x["cases"][:2] for x in recs if x["round"] == 0}
+    assert seeds["ours"] == seeds["random"] == seeds["epistemic"]  # the same seed set for every strategy
+    cost = data["scoring_cost"]
+    assert cost["epistemic_s"] > 0 and cost["ours_warm_s"] > 0 and cost["ratio_warm"] == pytest.approx(
+        cost["ours_warm_s"] / cost["epistemic_s"], rel=1e-2)
+    assert data["full_annotation"][0]["annotated_cases"] == 5
+    assert (out / "simulate_tiny.png").stat().st_size > 10_000
