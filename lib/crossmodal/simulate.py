@@ -117,23 +117,30 @@ def _pick(strategy: str, pool: Path, preset: Path, model: str, cfg: Any, candida
     return sorted(candidates, key=lambda c: (-entropy[c], c))[:k], seconds
 
 
-def run_strategy(src: Path, root: Path, dataset: str, spec: SimSpec, strategy: str, seed: int,
-                 log: Callable[[dict], None] = lambda r: None) -> list[dict]:
-    """One learning curve: ``spec.rounds`` rounds of one strategy from the seed's seed set."""
+def _setup(src: Path, work: Path, spec: SimSpec, seed: int) -> tuple[Any, Path, list[str]]:
+    """A fresh ``work`` folder: ``pool/`` and ``test/`` studies (symlinks; truth only for the test split) and the
+    run's config (``ours``, training patches = inference windows); returns (cfg, its YAML path, pool cases)."""
     cfg = method_config(spec.preset, "ours", {
         "train": {"patch_size": [spec.patch] * 3, "patches_per_case": 1, "batch_size": 2, "val_fraction": 0.0,
                   "seed": seed},
         "infer": {"roi_size": [spec.patch] * 3, "missing_modality": "zero_fill"}})
-    work = root / dataset / strategy / f"seed{seed}"
     shutil.rmtree(work, ignore_errors=True)
     pool_cases, test_cases = split_cases(src, spec.test)
-    pool, test = work / "pool", work / "test"
     for c in pool_cases:
-        _link_case(src, pool, c, truth=False)
+        _link_case(src, work / "pool", c, truth=False)
     for c in test_cases:
-        _link_case(src, test, c, truth=True)
+        _link_case(src, work / "test", c, truth=True)
     preset = work / "config.yaml"
     save_config(cfg, preset)
+    return cfg, preset, pool_cases
+
+
+def run_strategy(src: Path, root: Path, dataset: str, spec: SimSpec, strategy: str, seed: int,
+                 log: Callable[[dict], None] = lambda r: None) -> list[dict]:
+    """One learning curve: ``spec.rounds`` rounds of one strategy from the seed's seed set."""
+    work = root / dataset / strategy / f"seed{seed}"
+    cfg, preset, pool_cases = _setup(src, work, spec, seed)
+    pool, test = work / "pool", work / "test"
     rng = np.random.default_rng([seed, 7])
     seed_set = [str(c) for c in np.random.default_rng([seed, 1]).choice(pool_cases, spec.initial, replace=False)]
     annotated: list[str] = []
@@ -164,19 +171,8 @@ def run_strategy(src: Path, root: Path, dataset: str, spec: SimSpec, strategy: s
 
 def full_reference(src: Path, root: Path, dataset: str, spec: SimSpec, seed: int) -> dict:
     """Dice with every pool case annotated, trained for as many steps as a whole simulated curve."""
-    cfg = method_config(spec.preset, "ours", {
-        "train": {"patch_size": [spec.patch] * 3, "patches_per_case": 1, "batch_size": 2, "val_fraction": 0.0,
-                  "seed": seed},
-        "infer": {"roi_size": [spec.patch] * 3, "missing_modality": "zero_fill"}})
     work = root / dataset / "full" / f"seed{seed}"
-    shutil.rmtree(work, ignore_errors=True)
-    pool_cases, test_cases = split_cases(src, spec.test)
-    for c in pool_cases:
-        _link_case(src, work / "pool", c, truth=False)
-    for c in test_cases:
-        _link_case(src, work / "test", c, truth=True)
-    preset = work / "config.yaml"
-    save_config(cfg, preset)
+    cfg, preset, pool_cases = _setup(src, work, spec, seed)
     rng = np.random.default_rng([seed, 7])
     voxels = sum(annotate(src, work / "pool", c, cfg, spec.annotation, rng) for c in pool_cases)
     torch.manual_seed(seed)
