@@ -256,6 +256,30 @@ def test_pacs_down_or_slow_gives_503_and_keeps_the_label(pacs, server, client, t
     assert client.datastore()["objects"][case]["labels"]["final"]["info"]["pacs"] == "stored"
 
 
+def test_bad_labels_on_a_pacs_are_422_and_store_nothing(pacs, server, client, tmp_path):
+    orthanc, studies = pacs
+    ct, pet = uid_of(orthanc, "phantom001"), uid_of(orthanc, "phantom001", "PT")
+    n_segs = len(segs(orthanc))
+    (tmp_path / "broken.nii.gz").write_bytes(b"\x1f\x8b not a volume")
+    for series in (ct, pet):  # on the primary, and drawn on a secondary series
+        with pytest.raises(MONAILabelClientException) as e:
+            client.save_label(series, str(tmp_path / "broken.nii.gz"))
+        assert "422" in e.value.msg and f"case '{ct}'" in e.value.msg and "cannot be read" in e.value.msg
+    img = load_volume(studies / "phantom001.nii.gz")
+    import nibabel as nib
+
+    bad = np.zeros(img.shape[1:], np.uint8)
+    bad[5, 5, 5] = 7  # not a configured class
+    nib.save(nib.Nifti1Image(bad, img.affine.numpy()), tmp_path / "bad.nii.gz")
+    with pytest.raises(MONAILabelClientException) as e:
+        client.save_label(ct, str(tmp_path / "bad.nii.gz"))
+    assert "422" in e.value.msg and "label values [7] are not configured" in e.value.msg
+    with pytest.raises(MONAILabelClientException) as e:
+        client.infer("crossmodal", "1.2.3.4.5.6.7", {})
+    assert "404" in e.value.msg and "no study on" in e.value.msg
+    assert len(segs(orthanc)) == n_segs
+
+
 # ---- OHIF in a real browser ------------------------------------------------------------------------------------
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"

@@ -34,8 +34,8 @@ import numpy as np
 import requests
 from crossmodal.config import CrossModalConfig, ModalityConfig
 from crossmodal.dicom import SEG_SOP_CLASS, label_to_seg, seg_kind, seg_to_label
-from crossmodal.io import atomic_copy, load_volume, save_volume
-from crossmodal.serving.datastore import CrossModalDatastore
+from crossmodal.io import CaseError, atomic_copy, load_volume, save_volume
+from crossmodal.serving.datastore import CrossModalDatastore, http_error
 from dicomweb_client import DICOMwebClient
 from fastapi import HTTPException
 from filelock import FileLock
@@ -407,7 +407,10 @@ class PacsDatastore(CrossModalDatastore):
         primary = self.get_image_uri(cid)
         grid = self.viewer_grid(image_id)
         if grid is not None:  # drawn on a secondary series (OHIF's active viewport): onto the primary grid
-            label_filename = labels_onto_grid(label_filename, grid[1], primary, cid)
+            try:
+                label_filename = labels_onto_grid(label_filename, grid[1], primary, cid)
+            except CaseError as e:
+                raise http_error(CaseError(cid, None, f"uploaded {label_tag!r} label: {e.problem}")) from e
         info = dict(label_info or {})
         if label_tag == FINAL:
             info["pacs"] = "pending"
