@@ -19,6 +19,8 @@ import pytest
 import SimpleITK as sitk
 from conftest import PRETRAINED_PHANTOM, dice, make_phantom_studies, start_server, stop_server
 from crossmodal.config import ModalityConfig, load_config
+from crossmodal.data.phantom import make_phantom
+from crossmodal.data.studies import generate
 from crossmodal.dicom import label_to_seg, new_study, seg_kind, seg_to_label, volume_to_series, write_series
 from crossmodal.io import load_volume, resample_to
 from crossmodal.ohif import run_model_in_ohif
@@ -242,10 +244,20 @@ def test_pacs_down_or_slow_gives_503_and_keeps_the_label(pacs, server, client, t
     assert info["pacs"] == "pending" and info["label_kind"] == "sparse"
 
     # down: Orthanc stopped -> a clear 503 again; restarted on the same port and storage -> the label is stored
+    extra = tmp_path / "extra"
+    generate(extra, CFG, lambda rng: make_phantom(CFG, rng, size=32), 1, 99, "extra")
+    out = subprocess.run([sys.executable, "-m", "crossmodal.cli", "data", "to-dicom", "--studies", str(extra),
+                          "--config", "phantom", "--upload", orthanc.dicomweb], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    new_study = uid_of(orthanc, "extra000")
     orthanc.stop()
     with pytest.raises(MONAILabelClientException) as e:
         client.save_label(case, str(tmp_path / "scribble.nii.gz"))
     assert "503" in e.value.msg and "did not answer" in e.value.msg
+    with pytest.raises(MONAILabelClientException) as e:  # a study the server has never seen: 503, not 404
+        client.infer("crossmodal", new_study, {})
+    assert "503" in e.value.msg and orthanc.url in e.value.msg
+    assert client.infer("crossmodal", case, {})[1]["modalities_used"] == ["ct", "pet", "mr"]  # cached: still works
     orthanc.start()
     time.sleep(1)
     client.save_label(case, str(tmp_path / "scribble.nii.gz"))

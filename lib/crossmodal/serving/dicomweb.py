@@ -170,6 +170,7 @@ class PacsDatastore(CrossModalDatastore):
         self._segs: dict[str, tuple[str, str, str | None, str]] = {}  # seg uid -> (study, ref series, kind, when)
         self._index_ts = -1.0
         self.pacs_ok = True
+        self.pacs_error: PacsUnavailable | None = None
         self._index_lock = threading.RLock()
         root = cache_path or os.path.join(Path.home(), ".cache", "crossmodal", "dicomweb")
         path = os.path.join(root, md5_digest(self.url))
@@ -206,7 +207,7 @@ class PacsDatastore(CrossModalDatastore):
                 if self._index_ts < 0:
                     raise
                 logger.warning(f"{e.detail}; using the listing of {time.monotonic() - self._index_ts:.0f} s ago")
-                self.pacs_ok = False
+                self.pacs_ok, self.pacs_error = False, e
                 return self._index
             self.pacs_ok = True
             self._index = match_studies(series, self.cfg.modalities)
@@ -249,6 +250,8 @@ class PacsDatastore(CrossModalDatastore):
             index = self.refresh_index(force=True, flush=flush)
         if image_id in self._alias:
             return self._alias[image_id]
+        if not self.pacs_ok and self.pacs_error is not None:
+            raise self.pacs_error  # not a wrong id: the PACS that would know it does not answer
         m = self.cfg.modalities[0]
         raise HTTPException(status_code=404, detail=(
             f"case {image_id!r}: no study on {self.url} holds this series or study with a primary "
