@@ -159,7 +159,11 @@ def test_pacs_session_next_sample_infer_save_train_infer(pacs, server, client, t
     picked = client.next_sample("random", {})["id"]
     assert picked in {ids["phantom001"], ids["phantom002"], ids["phantom003"]}
 
-    # infer by the primary series id: a label on the CT grid from all three modalities
+    # infer by the primary series id: a label on the CT grid from all three modalities, whose series have
+    # different grids (PET 2.5 mm, MR 3 mm, both rotated; CT 2 mm)
+    grids = [load_volume(p) for p in (studies / "phantom001.nii.gz", studies / "modalities" / "phantom001" /
+                                      "pet.nii.gz", studies / "modalities" / "phantom001" / "mr.nii.gz")]
+    assert len({tuple(g.shape[1:]) for g in grids}) == 3
     out, result = client.infer("crossmodal", ids["phantom001"], {})
     assert result["modalities_used"] == ["ct", "pet", "mr"]
     pred = load_volume(out)[0].numpy()
