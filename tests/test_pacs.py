@@ -16,6 +16,7 @@ import nrrd
 import numpy as np
 import pydicom
 import pytest
+import requests
 import SimpleITK as sitk
 from conftest import PRETRAINED_PHANTOM, dice, make_phantom_studies, start_server, stop_server
 from crossmodal.config import ModalityConfig, load_config
@@ -203,6 +204,12 @@ def test_pacs_session_next_sample_infer_save_train_infer(pacs, server, client, t
         assert client.next_sample("random", {})["id"] in {ids["phantom001"], ids["phantom003"]}
     status = client.datastore()
     assert status["objects"][ids["phantom002"]]["labels"]["final"]["info"]["pacs"] == "stored"
+
+    # cross-modal scoring and strategy on the PACS cases (scores in the cache's image info)
+    r = requests.post(f"{server.url}/scoring/crossmodal?run_sync=true", timeout=300)
+    assert r.status_code == 200 and r.json()["scored"] == 2 and not r.json()["failed"], r.text
+    pick = client.next_sample("crossmodal", {})
+    assert pick["id"] in {ids["phantom001"], ids["phantom003"]} and pick["cold_start"] is False
 
     # train (fine-tune one epoch on the two SEG-labelled cases + unlabelled studies), then infer again
     published = server.model_dir / "phantom_crossmodal.pt"
