@@ -47,8 +47,12 @@ def mutual_information(probs: torch.Tensor) -> torch.Tensor:
 
 
 def foreground_region(probs: torch.Tensor) -> torch.Tensor:
-    """(K, C, *S) -> (*S) bool: voxels that at least one of the K predictions labels foreground (class > 0)."""
-    return (probs.argmax(1) > 0).any(0)
+    """(K, C, *S) -> (*S) bool: voxels that at least one of the K predictions labels foreground (class > 0).
+
+    (Some foreground class more probable than background, i.e. argmax > 0; comparisons instead of an argmax over
+    the class axis, which is many times slower on CPU.)
+    """
+    return (probs[:, 1:] > probs[:, :1]).any(1).any(0)
 
 
 def region_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
