@@ -172,3 +172,18 @@ def test_simulate_cli_writes_learning_curves_for_three_strategies(tmp_path):
         cost["ours_warm_s"] / cost["epistemic_s"], rel=1e-2)
     assert data["full_annotation"][0]["annotated_cases"] == 5
     assert (out / "simulate_tiny.png").stat().st_size > 10_000
+
+
+def test_scores_written_by_a_child_process_reach_the_server_and_are_not_overwritten(tmp_path):
+    """MONAI Label scores and trains in child processes with their own datastore object on the same folder."""
+    from crossmodal.serving.datastore import CrossModalDatastore
+
+    studies = make_phantom_studies(tmp_path / "s", CFG, cases=4, dense=1, sparse=0, seed=3)
+    server, child = CrossModalDatastore(str(studies), CFG.labels), CrossModalDatastore(str(studies), CFG.labels)
+    child.update_image_info("phantom002", {SCORES_KEY: {"disagreement": 0.4}})
+    assert server.get_image_info("phantom002")[SCORES_KEY] == {"disagreement": 0.4}
+    child.update_image_info("phantom003", {SCORES_KEY: {"disagreement": 0.1}})
+    server.update_image_info("phantom001", {HANDOUT_KEY: {"ts": 1.0, "client": "A"}})  # must not drop the child's
+    fresh = CrossModalDatastore(str(studies), CFG.labels)
+    assert fresh.get_image_info("phantom003")[SCORES_KEY] == {"disagreement": 0.1}
+    assert fresh.get_image_info("phantom001")[HANDOUT_KEY]["client"] == "A"

@@ -20,7 +20,7 @@ from crossmodal.io import CaseError, atomic_copy, load_volume, read_label, split
 from crossmodal.labels import annotated_fraction, classify, invalid_values
 from fastapi import HTTPException
 from filelock import FileLock
-from monailabel.datastore.local import DataModel, LocalDatastore
+from monailabel.datastore.local import DataModel, LocalDatastore, LocalDatastoreModel
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,8 @@ class CrossModalDatastore(LocalDatastore):
         dest = os.path.join(self._datastore.label_path(label_tag), name)
         info.update({"label_kind": kind, "annotated_fraction": round(frac, 6)})
         with FileLock(self._lock_file):
+            self._reload_unlocked()
+            obj = self._datastore.objects.get(image_id) or obj
             atomic_copy(label_filename, dest)
             info["ts"], info["name"] = int(time.time()), name
             obj.labels[label_tag] = DataModel(info=info, ext=ext)
@@ -121,6 +123,59 @@ class CrossModalDatastore(LocalDatastore):
             return kind
         arr = np.rint(load_volume(self.get_label_uri(image_id, tag), image_id)[0].numpy())
         return classify(arr, self.label_config)
+
+    # MONAI Label runs scoring and training in child processes that build their own datastore on the same folder
+    # and write the JSON: reads pick up their writes (a stat per call), and every write re-reads under the lock
+    # first, so the server never overwrites what a child wrote.
+    def _reload_unlocked(self) -> None:
+        path = self._datastore_config_path
+        if os.path.exists(path) and os.stat(path).st_mtime != self._config_ts:
+            with open(path) as fp:
+                self._datastore = LocalDatastoreModel.model_validate_json(fp.read())
+            self._datastore.base_path = self._datastore_path
+            self._config_ts = os.stat(path).st_mtime
+
+    def _fresh(self) -> None:
+        with FileLock(self._lock_file):
+            self._reload_unlocked()
+
+    def get_image_info(self, image_id: str) -> dict[str, Any]:
+        self._fresh()
+        return super().get_image_info(image_id)
+
+    def get_label_info(self, label_id: str, label_tag: str) -> dict[str, Any]:
+        self._fresh()
+        return super().get_label_info(label_id, label_tag)
+
+    def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        self._fresh()
+        return super().get_labeled_images(label_tag, labels)
+
+    def get_unlabeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        self._fresh()
+        return super().get_unlabeled_images(label_tag, labels)
+
+    def json(self) -> dict[str, Any]:
+        self._fresh()
+        return super().json()
+
+    def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
+        with FileLock(self._lock_file):
+            self._reload_unlocked()
+            obj = self._datastore.objects.get(image_id)
+            if not obj:
+                raise HTTPException(status_code=404, detail=f"case {image_id!r}: no such image in the datastore")
+            obj.image.info.update(info)
+            self._update_datastore_file(lock=False)
+
+    def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
+        with FileLock(self._lock_file):
+            self._reload_unlocked()
+            label = self._datastore.label(label_id, label_tag)
+            if label is None:
+                raise HTTPException(status_code=404, detail=f"case {label_id!r}: no {label_tag!r} label")
+            label.info.update(info)
+            self._update_datastore_file(lock=False)
 
     def _update_datastore_file(self, lock: bool = True) -> None:
         def write() -> None:

@@ -309,12 +309,12 @@ class PacsDatastore(CrossModalDatastore):
                 if not dest.is_file() or not stamp.is_file() or stamp.read_text() != s.uid:
                     self._fetch_series(s, dest)
                     stamp.write_text(s.uid)
-            obj = self._datastore.objects.get(cid)
-            if obj is None:
-                info = {"StudyInstanceUID": case.study, "SeriesInstanceUID": cid,
-                        "modalities": [self.cfg.modality_names[0],
-                                       *[n for n, s in case.siblings.items() if s is not None]]}
-                with FileLock(self._lock_file):
+            with FileLock(self._lock_file):
+                self._reload_unlocked()
+                if cid not in self._datastore.objects:
+                    info = {"StudyInstanceUID": case.study, "SeriesInstanceUID": cid,
+                            "modalities": [self.cfg.modality_names[0],
+                                           *[n for n, s in case.siblings.items() if s is not None]]}
                     self._datastore.objects[cid] = ImageLabelModel(image=DataModel(info=info, ext=".nii.gz"))
                     self._update_datastore_file(lock=False)
         return str(primary)
@@ -342,6 +342,7 @@ class PacsDatastore(CrossModalDatastore):
         """Scores and strategy stamps for any case, fetched or not (kept in the cache's datastore JSON)."""
         cid = self.resolve(image_id)
         with FileLock(self._lock_file):
+            self._reload_unlocked()
             obj = self._datastore.objects.setdefault(cid, ImageLabelModel(image=DataModel(info={}, ext=".nii.gz")))
             obj.image.info.update(info)
             self._update_datastore_file(lock=False)
@@ -366,6 +367,7 @@ class PacsDatastore(CrossModalDatastore):
 
     def _sync_label(self, cid: str, seg_uid: str) -> None:
         """Bring the PACS's SEG ``seg_uid`` of case ``cid`` into the cache as a NIfTI label (once per SEG)."""
+        self._fresh()
         obj = self._datastore.objects.get(cid)
         have = obj.labels.get(FINAL) if obj else None
         if have is not None and have.info.get("SegSeriesInstanceUID") == seg_uid:
@@ -453,6 +455,7 @@ class PacsDatastore(CrossModalDatastore):
         logger.info(f"case {cid}: label stored in {self.url} as SEG {ds.SeriesInstanceUID}")
 
     def _flush_pending(self) -> None:
+        self._fresh()
         for cid, obj in list(self._datastore.objects.items()):
             label = obj.labels.get(FINAL)
             if label is not None and label.info.get("pacs") == "pending" and cid in self._index:
@@ -464,6 +467,7 @@ class PacsDatastore(CrossModalDatastore):
 
     def pending_labels(self) -> list[str]:
         """Cases whose saved final label waits to be stored in the PACS."""
+        self._fresh()
         return sorted(c for c, o in self._datastore.objects.items()
                       if (lab := o.labels.get(FINAL)) is not None and lab.info.get("pacs") == "pending")
 
