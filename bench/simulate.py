@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from crossmodal.simulate import SimSpec, full_reference, plot, run_strategy, scoring_cost, summarize, write_json
+from crossmodal.simulate import SimSpec, plot, scoring_cost, simulate_dataset, summarize, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,18 +99,15 @@ def main() -> int:
         studies = make_data(REPO / "data", ds, cases)
         spec = SimSpec(preset, test=3 if args.quick else 4, initial=2, k=2, rounds=3 if args.quick else 5,
                        steps=30 if args.quick else 100)
-        for seed in seeds:
-            refs.append(full_reference(studies, work, ds, spec, seed))
-            print(json.dumps(refs[-1]), flush=True)
-            for strategy in ("ours", "random", "epistemic"):
-                for r in run_strategy(studies, work, ds, spec, strategy, seed):
-                    records.append(r)
-                    print(json.dumps({k: v for k, v in r.items() if k != "cases"}), flush=True)
-                save()
-                if ds not in cost and strategy == "ours":
-                    model = next((work / ds / "ours" / f"seed{seed}" / f"model_r{spec.rounds - 1}").glob("*.pt"))
-                    cost[ds] = scoring_cost(studies, work, ds, spec, str(model))
-                    print(json.dumps(cost[ds]), flush=True)
+        def emit(kind: str, item: dict, ds: str = ds) -> None:
+            if kind == "cost":
+                cost[ds] = item
+            else:
+                (records if kind == "record" else refs).append(item)
+            print(json.dumps({k: v for k, v in item.items() if k != "cases"}), flush=True)
+            save()
+
+        simulate_dataset(studies, work, ds, spec, seeds, emit=emit)
     summary = save()
     print(f"\n{'dataset':8} {'strategy':10} {'AUC cases':>10} {'AUC voxels':>11} {'cases to 95% full':>18} "
           f"{'score s/case':>13}")

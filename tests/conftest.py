@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import requests
 from crossmodal.config import CrossModalConfig, load_config
 from crossmodal.data.phantom import make_phantom
 from crossmodal.data.studies import generate
+from crossmodal.orthanc import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "apps" / "crossmodal"
@@ -45,12 +45,6 @@ def make_phantom_studies(root: Path, cfg: CrossModalConfig, cases: int = 4, dens
 @pytest.fixture
 def phantom_studies(tmp_path: Path, phantom_cfg: CrossModalConfig) -> Path:
     return make_phantom_studies(tmp_path / "studies", phantom_cfg)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -148,7 +148,7 @@ def cmd_to_dicom(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     import os
 
-    from crossmodal.simulate import SimSpec, full_reference, plot, run_strategy, scoring_cost, summarize, write_json
+    from crossmodal.simulate import SimSpec, plot, simulate_dataset, summarize, write_json
 
     preset = args.config or "brain"
     studies = Path(as_studies(args.studies, preset, oracle=True))
@@ -158,32 +158,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="crossmodal-simulate-"))
     json_path = out / f"simulate_{dataset}.json"
-    records: list[dict] = []
-    refs: list[dict] = []
-    cost: dict = {}
+    found: dict[str, list[dict]] = {"record": [], "reference": [], "cost": []}
 
     def save() -> None:
-        summary = summarize(records, refs)
-        write_json(json_path, {"spec": vars(spec), "records": records, "full_annotation": refs,
-                               "scoring_cost": cost, "summary": summary})
-        if records:
+        summary = summarize(found["record"], found["reference"])
+        write_json(json_path, {"spec": vars(spec), "records": found["record"], "full_annotation": found["reference"],
+                               "scoring_cost": (found["cost"] or [{}])[0], "summary": summary})
+        if found["record"]:
             plot(summary, out / f"simulate_{dataset}.png")
 
-    def log(r: dict) -> None:
-        records.append(r)
-        print(json.dumps({k: v for k, v in r.items() if k != "cases"}), flush=True)
+    def emit(kind: str, item: dict) -> None:
+        found[kind].append(item)
+        print(json.dumps({k: v for k, v in item.items() if k != "cases"}), flush=True)
         save()
 
-    for seed in args.seeds:
-        refs.append(full_reference(studies, work, dataset, spec, seed))
-        print(json.dumps(refs[-1]), flush=True)
-        for strategy in args.strategies:
-            curve = run_strategy(studies, work, dataset, spec, strategy, seed, log)
-            if not cost and strategy == "ours":
-                model = str(work / dataset / "ours" / f"seed{seed}" / f"model_r{len(curve) - 1}")
-                published = next(Path(model).glob("*.pt"))
-                cost = scoring_cost(studies, work, dataset, spec, str(published))
-                print(json.dumps(cost), flush=True)
+    simulate_dataset(studies, work, dataset, spec, args.seeds, args.strategies, emit)
     save()
     print(f"-> {json_path}, {out / f'simulate_{dataset}.png'}")
     return 0

@@ -316,3 +316,19 @@ def scoring_cost(src: Path, root: Path, dataset: str, spec: SimSpec, model: str,
     return {"dataset": dataset, "case": case, **{k: round(v, 4) for k, v in med.items()},
             "ratio_warm": round(med["ours_warm_s"] / med["epistemic_s"], 4),
             "ratio_cold": round(med["ours_cold_s"] / med["epistemic_s"], 4)}
+
+
+def simulate_dataset(src: Path, work: Path, dataset: str, spec: SimSpec, seeds: Sequence[int],
+                     strategies: Sequence[str] = STRATEGIES,
+                     emit: Callable[[str, dict], None] = lambda kind, item: None) -> None:
+    """Per seed: the full-annotation reference, then one curve per strategy; the scoring cost once, on the first
+    ``ours`` curve's last model. ``emit(kind, item)`` gets each ``reference``, ``record`` and ``cost`` as it comes."""
+    cost_done = False
+    for seed in seeds:
+        emit("reference", full_reference(src, work, dataset, spec, seed))
+        for strategy in strategies:
+            run_strategy(src, work, dataset, spec, strategy, seed, lambda r: emit("record", r))
+            if not cost_done and strategy == "ours":
+                model = next((work / dataset / "ours" / f"seed{seed}" / f"model_r{spec.rounds - 1}").glob("*.pt"))
+                emit("cost", scoring_cost(src, work, dataset, spec, str(model)))
+                cost_done = True

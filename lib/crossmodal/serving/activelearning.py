@@ -43,6 +43,22 @@ def candidates(datastore: Datastore, refine_sparse: bool) -> list[str]:
     return sorted(set(ids))
 
 
+def stored_scores(infos: dict[str, dict[str, Any]], weights: dict[str, float]
+                  ) -> tuple[dict[str, dict[str, float]], dict[str, float], dict[str, np.ndarray]]:
+    """From image infos {case: info}: (raw scores by name, combined score by case, descriptor by case)."""
+    stored = {i: info.get(SCORES_KEY) or {} for i, info in infos.items()}
+    scores = {n: {i: float(v[n]) for i, v in stored.items() if n in v} for n in SCORE_NAMES}
+    scores = {n: v for n, v in scores.items() if v}
+    desc = {i: np.asarray(v["descriptor"], dtype=np.float32) for i, v in stored.items() if "descriptor" in v}
+    return scores, combine(scores, weights), desc
+
+
+def labelled_descriptors(datastore: Datastore) -> list[np.ndarray]:
+    """Descriptors of the labelled cases that have one (selection keeps away from them)."""
+    return list(stored_scores({i: datastore.get_image_info(i) for i in datastore.get_labeled_images()}, {})[2]
+                .values())
+
+
 class CrossModalScoring(ScoringMethod):
     """Scores candidates (see the module docstring); with no model yet, stores image descriptors only."""
 
@@ -131,16 +147,8 @@ class CrossModalStrategy(Strategy):
         choices = free or mine
         if not choices:
             return None
-        scores = {n: {i: float(infos[i][SCORES_KEY][n]) for i in choices
-                      if n in (infos[i].get(SCORES_KEY) or {})} for n in SCORE_NAMES}
-        scores = {n: v for n, v in scores.items() if v}
-        combined = combine(scores, a.weights)
-        desc = {i: np.asarray(infos[i][SCORES_KEY]["descriptor"], dtype=np.float32) for i in choices
-                if "descriptor" in (infos[i].get(SCORES_KEY) or {})}
-        avoid = [np.asarray(d["descriptor"], dtype=np.float32) for i in datastore.get_labeled_images()
-                 if (d := datastore.get_image_info(i).get(SCORES_KEY) or {}).get("descriptor")]
-        avoid += [np.asarray(infos[i][SCORES_KEY]["descriptor"], dtype=np.float32) for i in others
-                  if "descriptor" in (infos[i].get(SCORES_KEY) or {})]
+        scores, combined, desc = stored_scores({i: infos[i] for i in choices}, a.weights)
+        avoid = labelled_descriptors(datastore) + list(stored_scores({i: infos[i] for i in others}, {})[2].values())
         if not desc and not combined:  # nothing scored yet: random, as MONAI Label's Random
             pick = random.choice(choices)
         else:
@@ -152,13 +160,8 @@ class CrossModalStrategy(Strategy):
 
 def select_batch(datastore: Datastore, cfg: CrossModalConfig, k: int, ids: Sequence[str]) -> list[str]:
     """``k`` picks among ``ids`` at once (the simulator's rounds), from the scores stored by the scoring."""
-    infos = {i: datastore.get_image_info(i).get(SCORES_KEY) or {} for i in ids}
-    scores = {n: {i: float(v[n]) for i, v in infos.items() if n in v} for n in SCORE_NAMES}
-    combined = combine({n: v for n, v in scores.items() if v}, cfg.active.weights)
-    desc = {i: np.asarray(v["descriptor"], dtype=np.float32) for i, v in infos.items() if "descriptor" in v}
-    avoid = [np.asarray(d["descriptor"], dtype=np.float32) for i in datastore.get_labeled_images()
-             if (d := datastore.get_image_info(i).get(SCORES_KEY) or {}).get("descriptor")]
-    return select(list(ids), combined, desc, k, cfg.active.diversity, avoid)
+    _, combined, desc = stored_scores({i: datastore.get_image_info(i) for i in ids}, cfg.active.weights)
+    return select(list(ids), combined, desc, k, cfg.active.diversity, labelled_descriptors(datastore))
 
 
 class RandomStrategy(Strategy):

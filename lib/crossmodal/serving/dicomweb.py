@@ -48,7 +48,7 @@ from pydicom.uid import generate_uid
 
 logger = logging.getLogger(__name__)
 
-FINAL = DefaultLabelTag.FINAL.value if hasattr(DefaultLabelTag.FINAL, "value") else "final"
+FINAL = DefaultLabelTag.FINAL.value
 
 
 class PacsUnavailable(HTTPException):
@@ -258,9 +258,6 @@ class PacsDatastore(CrossModalDatastore):
             f"{m.dicom_modality} series for {m.name!r}" + (f" (SeriesDescription ~ /{m.series_description}/)"
                                                              if m.series_description else "")))
 
-    def case_of(self, image_id: str) -> StudyCase:
-        return self._index[self.resolve(image_id)]
-
     # ---- images ------------------------------------------------------------------------------------------------
     def list_images(self) -> list[str]:
         return sorted(self.refresh_index())
@@ -270,7 +267,7 @@ class PacsDatastore(CrossModalDatastore):
         from monailabel.datastore.utils.convert import dicom_to_nifti
         from monailabel.datastore.utils.dicom import dicom_web_download_series
 
-        dicom_dir = Path(self._datastore.base_path) / "dicom" / series.uid
+        dicom_dir = Path(self.dicom_dir(series.uid))
         tmp_dir = Path(tempfile.mkdtemp(dir=Path(self._datastore.base_path), prefix=".dl-"))
         try:
             try:
@@ -481,8 +478,9 @@ class PacsDatastore(CrossModalDatastore):
         return out
 
     def status(self) -> dict[str, Any]:
-        return {"total": len(self.list_images()), "completed": len(self.get_labeled_images()),
-                "label_tags": {FINAL: len(self.get_labeled_images())}, "pending_upload": self.pending_labels(),
+        labelled = len(self.get_labeled_images())
+        return {"total": len(self.list_images()), "completed": labelled, "label_tags": {FINAL: labelled},
+                "pending_upload": self.pending_labels(),
                 "pacs": self.url, "pacs_answering": self.pacs_ok}
 
     def _record_missing_kinds(self) -> None:
