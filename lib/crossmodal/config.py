@@ -108,7 +108,8 @@ class ModelConfig:
     """Network choice and size. ``name`` is a key of ``crossmodal.nets.NETWORKS``.
 
     ``inputs``: the modalities the network sees (empty: all; e.g. ``[t1]`` for a single-modality model).
-    ``encoder_channels``, ``independent_fraction`` and ``modality_dropout`` are read by ``crossmodal`` only
+    ``encoder_channels``, ``independent_fraction``, ``modality_dropout`` and ``refine`` (width of a
+    full-resolution refinement stage, 0: none) are read by ``crossmodal`` only
     (empty ``encoder_channels``: half of ``channels``); ``num_res_units`` by ``baseline_unet`` only.
     """
 
@@ -120,6 +121,7 @@ class ModelConfig:
     encoder_channels: tuple[int, ...] = ()
     independent_fraction: float = 0.5
     modality_dropout: float = 0.0
+    refine: int = 0
     inputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -137,6 +139,8 @@ class ModelConfig:
             raise ConfigError(f"model.strides: {self.strides} needs len(channels) - 1 = {len(self.channels) - 1}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout: {self.dropout} must be in [0, 1)")
+        if self.refine < 0:
+            raise ConfigError(f"model.refine: {self.refine} must be >= 0 (0: no full-resolution stage)")
 
 
 @dataclass
@@ -163,6 +167,9 @@ class ConsistencyConfig:
     ``pseudo_threshold`` confidence mask); ``intra_weight``: prediction vs prediction of a flipped, intensity-
     jittered copy; ``channel_weight``: pooled modality-independent channels agree across modalities.
     ``unlabeled``: draw unlabeled cases (``unlabeled_batch_size`` per step) into these terms.
+    ``modality_dropout``: probability that the augmented copy of the intra-modal term loses some modalities, so
+    the fused output learns to do without them from the full prediction (missing-modality robustness, while
+    every plain sample trains with all modalities).
     """
 
     inter_weight: float = 0.3
@@ -173,8 +180,11 @@ class ConsistencyConfig:
     rampup_iterations: int = 100
     unlabeled: bool = True
     unlabeled_batch_size: int = 1
+    modality_dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.modality_dropout <= 1.0:
+            raise ConfigError(f"train.consistency.modality_dropout: {self.modality_dropout} must be in [0, 1]")
         if self.inter_mode not in ("dice", "pseudo"):
             raise ConfigError(f"train.consistency.inter_mode: {self.inter_mode!r} is not one of ('dice', 'pseudo')")
         for k in ("inter_weight", "intra_weight", "channel_weight"):
@@ -227,13 +237,19 @@ class DataConfig:
     """Where the other modalities of a case live (relative to the studies folder), and the working spacing.
 
     ``spacing`` (mm, one per axis of the primary image): the network sees every case resampled to it; null keeps
-    the primary grid. Predictions are resampled back onto the primary grid.
+    the primary grid. Predictions are resampled back onto the primary grid. ``register``: align each secondary
+    modality to the primary (``rigid``, ``translation`` or ``none``) by mutual information before the network sees
+    it; motions over ``register_max_mm`` count as failures and are not applied.
     """
 
     sidecar_dir: str = "modalities"
     spacing: tuple[float, float, float] | None = None
+    register: str = "rigid"
+    register_max_mm: float = 20.0
 
     def __post_init__(self) -> None:
+        if self.register not in ("none", "translation", "rigid"):
+            raise ConfigError(f"data.register: {self.register!r} is not one of none, translation, rigid")
         if self.spacing is not None:
             if len(self.spacing) != 3 or min(self.spacing) <= 0:
                 raise ConfigError(f"data.spacing: {self.spacing} must be three positive numbers (mm) or null")

@@ -3,9 +3,10 @@
 A step takes a batch from each source (dense, sparse, unlabelled; each source has its own shuffling loader,
 see :class:`MultiSourceLoader`), runs the network once on ``[labelled, unlabelled, augmented unlabelled]`` and
 adds, to the partial supervised loss on the labelled samples, ramped label-free terms on everything:
-inter-modal consistency (heads vs fused), intra-modal consistency (prediction vs prediction of a flipped,
-intensity-jittered copy, flipped back) and channel-wise semantic consistency (pooled modality-independent
-channels). One forward and one backward per step also keeps DistributedDataParallel happy.
+inter-modal consistency (heads vs fused), intra-modal consistency (the prediction of a flipped, intensity-jittered
+copy that may also have lost modalities, flipped back, vs the plain prediction as its target) and channel-wise
+semantic consistency (pooled modality-independent channels).
+One forward and one backward per step also keeps DistributedDataParallel happy.
 """
 
 from __future__ import annotations
@@ -38,21 +39,33 @@ def take(out: CrossModalOutput | torch.Tensor, start: int, stop: int) -> CrossMo
 
 @dataclass
 class Augmentation:
-    """A random flip (spatial axes of a (B, M, H, W, D) batch) and a per-sample intensity scale and shift."""
+    """A random flip (spatial axes of a (B, M, H, W, D) batch), a per-sample intensity scale and shift, and
+    per-sample modality subsets (``present`` (B, M) bool; all True without modality dropout)."""
 
     axes: tuple[int, ...]
     scale: torch.Tensor  # (B, 1, 1, 1, 1)
     shift: torch.Tensor
+    present: torch.Tensor | None = None
 
     @classmethod
     def sample(cls, batch: int, device: torch.device, generator: torch.Generator | None = None,
-               jitter: float = 0.1) -> Augmentation:
+               jitter: float = 0.1, modalities: int = 1, modality_dropout: float = 0.0) -> Augmentation:
+        """``modality_dropout``: probability that a sample's copy loses a random non-empty proper subset of its
+        ``modalities`` (the fused prediction of the rest must match the full one: missing-modality robustness
+        learned by consistency, while the plain samples always train with every modality)."""
         flips = torch.rand(3, generator=generator) < 0.5
         if not flips.any():
             flips[torch.randint(3, (1,), generator=generator)] = True
         scale = 1 + jitter * (2 * torch.rand(batch, 1, 1, 1, 1, generator=generator) - 1)
         shift = jitter * (2 * torch.rand(batch, 1, 1, 1, 1, generator=generator) - 1)
-        return cls(tuple(2 + i for i in range(3) if flips[i]), scale.to(device), shift.to(device))
+        present = torch.ones(batch, modalities, dtype=torch.bool)
+        if modalities > 1 and modality_dropout > 0:
+            for b in range(batch):
+                if float(torch.rand(1, generator=generator)) < modality_dropout:
+                    keep = int(torch.randint(1, modalities, (1,), generator=generator))  # 1 .. M-1 stay
+                    present[b] = False
+                    present[b, torch.randperm(modalities, generator=generator)[:keep]] = True
+        return cls(tuple(2 + i for i in range(3) if flips[i]), scale.to(device), shift.to(device), present)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flip(x * self.scale + self.shift, self.axes)
@@ -92,8 +105,8 @@ class HybridLoss(nn.Module):
             parts["inter"] = self.inter(plain.fused, plain.per_modality) if self.cfg.inter_weight else zero
             parts["channel"] = self.channel(plain.independent) if self.cfg.channel_weight else zero
             n_aug = fused.shape[0] - n_plain
-            if aug is not None and n_aug > 0 and self.cfg.intra_weight:
-                parts["intra"] = self.intra(fused[n_plain - n_aug : n_plain], aug.invert(fused[n_plain:]))
+            if aug is not None and n_aug > 0 and self.cfg.intra_weight:  # the plain prediction is the target
+                parts["intra"] = self.intra(fused[n_plain - n_aug : n_plain].detach(), aug.invert(fused[n_plain:]))
             else:
                 parts["intra"] = zero
             total = total + ramp * (self.cfg.inter_weight * parts["inter"] + self.cfg.intra_weight * parts["intra"]
@@ -104,13 +117,14 @@ class HybridLoss(nn.Module):
 
 
 def hybrid_batch(labeled: list[tuple[torch.Tensor, torch.Tensor]], unlabeled: list[torch.Tensor],
-                 generator: torch.Generator | None = None, augment: bool = True
+                 generator: torch.Generator | None = None, augment: bool = True, modality_dropout: float = 0.0
                  ) -> tuple[torch.Tensor, torch.Tensor | None, int, int, Augmentation | None]:
     """Stack one step's inputs: ``(x, target, n_labeled, n_plain, aug)`` for :class:`HybridLoss`.
 
     ``labeled``: (image (b, M, ...), target (b, 1, ...)) per labelled source; ``unlabeled``: images. Without an
     unlabelled batch the last labelled sample is the one augmented (intra-modal consistency still applies).
     ``augment=False`` (a plain network, supervised only): no augmented copies, ``aug`` is None.
+    ``modality_dropout``: see :meth:`Augmentation.sample`; the network then takes :func:`sample_present`.
     """
     xs = [x for x, _ in labeled]
     ys = [y for _, y in labeled]
@@ -123,9 +137,19 @@ def hybrid_batch(labeled: list[tuple[torch.Tensor, torch.Tensor]], unlabeled: li
         return plain, target, n_labeled, len(plain), None
     n_source = sum(len(u) for u in unlabeled) or 1  # the augmented copies are of the last n_source samples
     source = plain[len(plain) - n_source :]
-    aug = Augmentation.sample(len(source), plain.device, generator)
+    aug = Augmentation.sample(len(source), plain.device, generator, modalities=plain.shape[1],
+                              modality_dropout=modality_dropout)
     x = torch.cat([plain, aug.apply(source)])
     return x, target, n_labeled, len(plain), aug
+
+
+def sample_present(n_plain: int, aug: Augmentation | None) -> torch.Tensor | None:
+    """(B, M) modality mask of a :func:`hybrid_batch` batch (plain samples: every modality), or None when no copy
+    lost a modality (the network's ordinary fusion)."""
+    if aug is None or aug.present is None or bool(aug.present.all()):
+        return None
+    full = torch.ones(n_plain, aug.present.shape[1], dtype=torch.bool)
+    return torch.cat([full, aug.present])
 
 
 class MultiSourceLoader:

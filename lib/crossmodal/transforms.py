@@ -27,6 +27,7 @@ from monai.transforms import (
 from crossmodal.config import CrossModalConfig, ModalityConfig
 from crossmodal.io import Case, CaseError, find_case, load_volume, read_label, resample_to, same_grid
 from crossmodal.labels import DENSE, IGNORE_INDEX, invalid_values, to_training
+from crossmodal.register import register_rigid
 from crossmodal.resample import argmax_channels, axis_map, resample_argmax, separable_resample, working_geometry
 
 
@@ -55,6 +56,29 @@ def working_grid(primary: MetaTensor, cfg: CrossModalConfig) -> MetaTensor:
     return out
 
 
+def align_to_primary(source: MetaTensor, resampled: torch.Tensor, ref: MetaTensor, cfg: CrossModalConfig
+                     ) -> tuple[torch.Tensor, float]:
+    """Co-register one secondary modality to the primary channel of ``ref`` (``cfg.data.register``).
+
+    Args:
+        source: the modality (1, h, w, d) on its own grid (normalised), resampled again with the found transform.
+        resampled: the same on the working grid (1, H, W, D), as resampled without registration.
+        ref: the working grid; ``ref[0]`` is the primary modality.
+
+    Returns:
+        ``(aligned (1, H, W, D), shift_mm)``: ``resampled`` itself and 0.0 when registration is off or found
+        nothing better than the identity.
+    """
+    if cfg.data.register == "none":
+        return resampled, 0.0
+    affine = ref.affine.double().numpy()
+    reg = register_rigid(ref.as_tensor()[0], resampled[0], affine, cfg.data.register, cfg.data.register_max_mm)
+    if not reg.accepted:
+        return resampled, 0.0
+    target = MetaTensor(torch.empty(1, *ref.shape[1:]), affine=torch.as_tensor(reg.matrix @ affine))
+    return resample_to(source, target).as_tensor(), round(reg.shift_mm, 2)
+
+
 def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
               drop: Sequence[str] = ()) -> tuple[MetaTensor, list[str]]:
     """Load and normalise every modality of ``case`` and resample it onto the working grid.
@@ -71,7 +95,8 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
     Returns:
         ``(image, used)``: image (M, H, W, D) float32 on the working grid, M = number of configured modalities,
         absent ones filled with 0; ``used`` lists the modalities actually read. ``image.meta["primary_affine"]``
-        and ``["primary_shape"]`` keep the primary grid (labels live there).
+        and ``["primary_shape"]`` keep the primary grid (labels live there); ``["registered_mm"]`` the motion
+        (mm) by which each secondary modality was aligned to the primary (0.0: left as it was).
 
     Raises:
         CaseError: a file is unreadable, non-finite, or a modality is absent under the ``error`` policy.
@@ -92,11 +117,19 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
                             f"{cfg.modality_names}")
         chans = [normalize(primary[i : i + 1], m) * (m.name not in drop) for i, m in enumerate(mods)]
         out = working_grid(MetaTensor(torch.cat(chans), meta=primary.meta), cfg)
-        out.meta.update(grid)
+        shifts = {}
+        if mods[0].name not in drop:
+            for i, m in enumerate(mods[1:], start=1):
+                if m.name not in drop:
+                    chan = MetaTensor(out.as_tensor()[i : i + 1], affine=out.affine)
+                    aligned, shifts[m.name] = align_to_primary(chan, chan.as_tensor(), out, cfg)
+                    out.as_tensor()[i : i + 1] = aligned
+        out.meta.update(grid, registered_mm=shifts)
         return out, [n for n in cfg.modality_names if n not in drop]
     ref = working_grid(MetaTensor(normalize(primary, mods[0]).as_tensor(), meta=primary.meta), cfg)
     chans = [ref.as_tensor() if mods[0].name not in drop else torch.zeros_like(ref.as_tensor())]
     used = [mods[0].name] if mods[0].name not in drop else []
+    shifts: dict[str, float] = {}
     for m in mods[1:]:
         path = case.modalities.get(m.name)
         if m.name in drop:
@@ -113,10 +146,13 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
         if vol.shape[0] != 1:
             raise CaseError(case.case_id, path, f"expected one channel, got {vol.shape[0]}")
         vol = MetaTensor(normalize(vol, m).as_tensor(), meta=vol.meta)
-        chans.append(resample_to(vol, ref).as_tensor())
+        resampled = resample_to(vol, ref).as_tensor()
+        if mods[0].name not in drop:
+            resampled, shifts[m.name] = align_to_primary(vol, resampled, ref, cfg)
+        chans.append(resampled)
         used.append(m.name)
     image = MetaTensor(torch.cat(chans), meta=ref.meta)
-    image.meta.update(grid)
+    image.meta.update(grid, registered_mm=shifts)
     return image, used
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from crossmodal.config import CrossModalConfig, atomic_write_text, save_config
-from crossmodal.hybrid import HybridLoss, MultiSourceLoader, hybrid_batch
+from crossmodal.hybrid import HybridLoss, MultiSourceLoader, hybrid_batch, sample_present
 from crossmodal.inference import NetworkInferer
 from crossmodal.io import atomic_copy, case_id_of
 from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE
@@ -158,11 +158,13 @@ class CrossModalTrain(BasicTrainTask):
             labeled = [(plain(batch[k]["image"]).to(dev), plain(batch[k]["label"]).to(dev))
                        for k in (DENSE, SPARSE) if k in batch]
             unlabeled = [plain(batch[UNLABELED]["image"]).to(dev)] if UNLABELED in batch else []
-            x, y, n_lab, n_plain, aug = hybrid_batch(labeled, unlabeled, gen, augment=self.hybrid)
+            x, y, n_lab, n_plain, aug = hybrid_batch(labeled, unlabeled, gen, augment=self.hybrid,
+                                                     modality_dropout=self.cfg.train.consistency.modality_dropout)
             engine.state.output = {Keys.IMAGE: x[:n_lab], Keys.LABEL: y}
             engine.network.train()
             engine.optimizer.zero_grad(set_to_none=True)
-            out = engine.network(x)
+            mask = sample_present(n_plain, aug)
+            out = engine.network(x) if mask is None else engine.network(x, sample_present=mask)
             fused = out.fused if isinstance(out, CrossModalOutput) else out
             engine.state.output[Keys.PRED] = fused[:n_lab].detach()
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
