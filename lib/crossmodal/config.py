@@ -165,7 +165,8 @@ class ConsistencyConfig:
 
     ``inter_weight``: per-modality heads vs fused output (``inter_mode`` ``dice`` or ``pseudo`` with a
     ``pseudo_threshold`` confidence mask); ``intra_weight``: prediction vs prediction of a flipped, intensity-
-    jittered copy; ``channel_weight``: pooled modality-independent channels agree across modalities.
+    jittered copy (the plain prediction is the target); ``channel_weight``: pooled modality-independent channels
+    agree across modalities.
     ``unlabeled``: draw unlabeled cases (``unlabeled_batch_size`` per step) into these terms.
     ``modality_dropout``: probability that the augmented copy of the intra-modal term loses some modalities, so
     the fused output learns to do without them from the full prediction (missing-modality robustness, while
@@ -244,7 +245,7 @@ class DataConfig:
 
     sidecar_dir: str = "modalities"
     spacing: tuple[float, float, float] | None = None
-    register: str = "rigid"
+    register: str = "translation"
     register_max_mm: float = 20.0
 
     def __post_init__(self) -> None:

@@ -1,0 +1,84 @@
+"""Co-registration of secondary modalities (``crossmodal.register``) and its place in ``load_case``."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from crossmodal.config import ConfigError, load_config
+from crossmodal.io import find_case, load_volume, save_volume
+from crossmodal.register import register_rigid
+from crossmodal.transforms import load_case
+
+SHIFT = np.array([4.0, -3.0, 2.0])  # mm, |SHIFT| = 5.39
+
+
+def _displace(studies: Path, case_id: str, names: tuple[str, ...], shift: np.ndarray) -> None:
+    """Move the content of the named sidecar modalities by ``shift`` mm (their affine's origin moves)."""
+    for name in names:
+        path = studies / "modalities" / case_id / f"{name}.nii.gz"
+        vol = load_volume(path)
+        affine = vol.affine.numpy().copy()
+        affine[:3, 3] += shift
+        save_volume(path, vol[0].numpy(), affine)
+
+
+def _load(studies: Path, cfg, case_id: str = "phantom000"):
+    return load_case(find_case(studies / f"{case_id}.nii.gz", cfg.modality_names), cfg)[0]
+
+
+def test_registration_undoes_a_known_displacement(phantom_studies: Path):
+    off = load_config("phantom", overrides={"data": {"register": "none"}})
+    truth = _load(phantom_studies, off)
+    _displace(phantom_studies, "phantom000", ("pet", "mr"), SHIFT)
+    moved = _load(phantom_studies, off)
+    assert moved.meta["registered_mm"] == {"pet": 0.0, "mr": 0.0}
+    for mode in ("translation", "rigid"):
+        cfg = load_config("phantom", overrides={"data": {"register": mode}})
+        aligned = _load(phantom_studies, cfg)
+        assert torch.equal(aligned[0], truth[0])  # the primary is never moved
+        for i, name in ((1, "pet"), (2, "mr")):
+            before = float((moved[i] - truth[i]).abs().mean())
+            after = float((aligned[i] - truth[i]).abs().mean())
+            # rigid may take a spurious degree or two of rotation on the blurred, anisotropic PET
+            assert after < (0.35 if mode == "translation" else 0.5) * before, (mode, name, before, after)
+            if mode == "translation":  # the found motion is the displacement, within a millimetre
+                assert aligned.meta["registered_mm"][name] == pytest.approx(np.linalg.norm(SHIFT), abs=1.0)
+
+
+def test_translation_matrix_points_from_fixed_to_moving():
+    g = torch.zeros(40, 40, 40)
+    g[12:28, 10:26, 14:30] = 1.0
+    g[16:20, 14:18, 18:22] = 2.0
+    r = register_rigid(g, torch.roll(g, shifts=(2, -1), dims=(0, 2)), np.diag([2.0, 3.0, 1.5, 1.0]), "translation")
+    assert r.accepted and r.metric_after < r.metric_before
+    np.testing.assert_allclose(r.matrix[:3, 3], [4.0, 0.0, -1.5], atol=0.3)  # voxels x spacing
+    np.testing.assert_allclose(r.matrix[:3, :3], np.eye(3))
+
+
+def test_aligned_modalities_are_left_alone(phantom_studies: Path):
+    """No misregistration: the rigid search finds (nearly) nothing, the images stay as resampled."""
+    off = _load(phantom_studies, load_config("phantom", overrides={"data": {"register": "none"}}))
+    on = _load(phantom_studies, load_config("phantom"))
+    for i, name in ((1, "pet"), (2, "mr")):
+        assert on.meta["registered_mm"][name] < 2.5  # translation + rotation over a 100 mm ball
+        assert float((on[i] - off[i]).abs().mean()) < 0.1 * float(off[i].abs().mean())
+
+
+def test_implausible_motion_is_rejected(phantom_studies: Path):
+    """A motion beyond ``register_max_mm`` counts as a failure: the modality stays as it was."""
+    _displace(phantom_studies, "phantom000", ("pet",), SHIFT)
+    cfg = load_config("phantom", overrides={"data": {"register": "translation", "register_max_mm": 2.0}})
+    off = _load(phantom_studies, load_config("phantom", overrides={"data": {"register": "none"}}))
+    on = _load(phantom_studies, cfg)
+    assert on.meta["registered_mm"]["pet"] == 0.0 and torch.equal(on[1], off[1])
+    noise = torch.from_numpy(np.random.default_rng(0).normal(size=(24, 24, 24)).astype(np.float32))
+    r = register_rigid(noise, noise.roll(3, 0), np.eye(4), "rigid", max_shift_mm=1.0)
+    assert not r.accepted and np.array_equal(r.matrix, np.eye(4))
+
+
+def test_bad_registration_settings_are_named():
+    with pytest.raises(ConfigError, match="data.register: 'affine' is not one of none, translation, rigid"):
+        load_config("phantom", overrides={"data": {"register": "affine"}})
+    with pytest.raises(ValueError, match="registration mode 'none'"):
+        register_rigid(torch.zeros(8, 8, 8), torch.zeros(8, 8, 8), np.eye(4), "none")
