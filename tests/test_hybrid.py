@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_phantom_studies
 from crossmodal.config import ConsistencyConfig, load_config, save_config
-from crossmodal.hybrid import Augmentation, HybridLoss, MultiSourceLoader, hybrid_batch
+from crossmodal.hybrid import Augmentation, HybridLoss, MultiSourceLoader, hybrid_batch, sample_present
 from crossmodal.labels import IGNORE_INDEX
 from crossmodal.losses import (
     AugmentationConsistencyLoss,
@@ -114,6 +114,29 @@ def test_hybrid_loss_adds_ramped_terms_to_the_supervised_part():
     assert parts["ramp"] == pytest.approx(ramp) and total.item() == pytest.approx(expected, rel=1e-5)
     assert sup_only.item() == pytest.approx(parts["supervised"], rel=1e-6)
     assert parts["supervised"] == pytest.approx(SupervisedLoss()(net(x[:1]), target).item(), rel=1e-4)
+
+
+def test_copies_lose_modalities_and_learn_from_the_full_prediction():
+    """Modality dropout on the consistency copies only: plain samples keep every modality; a copy keeps 1..M-1;
+    the intra-modal term's target (the plain prediction) gets no gradient."""
+    gen = torch.Generator().manual_seed(3)
+    aug = Augmentation.sample(200, torch.device("cpu"), gen, modalities=3, modality_dropout=0.5)
+    kept = aug.present.sum(1)
+    assert kept.min() >= 1 and kept.max() == 3 and 0.35 < float((kept < 3).float().mean()) < 0.65
+    assert {int(k) for k in kept} == {1, 2, 3}
+    assert Augmentation.sample(5, torch.device("cpu"), gen, modalities=3).present.all()
+    x, y, n_lab, n_plain, aug = hybrid_batch([], [torch.randn(2, 3, 16, 16, 16)], gen, modality_dropout=1.0)
+    mask = sample_present(n_plain, aug)
+    assert mask.shape == (4, 3) and mask[:2].all() and not mask[2:].all(1).any()
+    assert sample_present(n_plain, Augmentation((2,), aug.scale, aug.shift, torch.ones(2, 3, dtype=torch.bool))) is None
+    net = _net().train()
+    out = net(x, sample_present=mask)
+    out.fused.retain_grad()
+    cfg = ConsistencyConfig(inter_weight=0.0, intra_weight=1.0, channel_weight=0.0, rampup_iterations=0)
+    loss, parts = HybridLoss(SupervisedLoss(), cfg)(out, y, n_lab, n_plain, aug, step=0)
+    assert parts["intra"] > 0
+    loss.backward()
+    assert float(out.fused.grad[:2].abs().max()) == 0.0 and float(out.fused.grad[2:].abs().max()) > 0
 
 
 def test_multi_source_loader_sees_every_case_of_every_source():

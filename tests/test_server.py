@@ -69,6 +69,8 @@ def test_infer_returns_label_on_primary_grid_that_matches_truth(client, phantom_
     for case in sorted(UNLABELED):
         out, params = client.infer("baseline_unet", case, {})
         assert params["modalities_used"] == ["ct", "pet", "mr"] and params["case"] == case
+        # co-registered phantom modalities: the translation search finds (almost) nothing to correct
+        assert set(params["registered_mm"]) == {"pet", "mr"} and max(params["registered_mm"].values()) < 2.5
         pred, image = load_volume(out), load_volume(phantom_server.studies / f"{case}.nii.gz")
         assert tuple(pred.shape) == tuple(image.shape)
         np.testing.assert_allclose(pred.affine.numpy(), image.affine.numpy(), atol=1e-4)

@@ -108,8 +108,7 @@ class ModelConfig:
     """Network choice and size. ``name`` is a key of ``crossmodal.nets.NETWORKS``.
 
     ``inputs``: the modalities the network sees (empty: all; e.g. ``[t1]`` for a single-modality model).
-    ``encoder_channels``, ``independent_fraction``, ``modality_dropout`` and ``refine`` (width of a
-    full-resolution refinement stage, 0: none) are read by ``crossmodal`` only
+    ``encoder_channels``, ``independent_fraction`` and ``modality_dropout`` are read by ``crossmodal`` only
     (empty ``encoder_channels``: half of ``channels``); ``num_res_units`` by ``baseline_unet`` only.
     """
 
@@ -121,7 +120,6 @@ class ModelConfig:
     encoder_channels: tuple[int, ...] = ()
     independent_fraction: float = 0.5
     modality_dropout: float = 0.0
-    refine: int = 0
     inputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -139,8 +137,6 @@ class ModelConfig:
             raise ConfigError(f"model.strides: {self.strides} needs len(channels) - 1 = {len(self.channels) - 1}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout: {self.dropout} must be in [0, 1)")
-        if self.refine < 0:
-            raise ConfigError(f"model.refine: {self.refine} must be >= 0 (0: no full-resolution stage)")
 
 
 @dataclass

@@ -60,7 +60,7 @@ def _matrix(tx: sitk.Transform) -> np.ndarray:
 
 
 def register_rigid(fixed: torch.Tensor, moving: torch.Tensor, affine: np.ndarray, mode: str = "rigid",
-                   max_shift_mm: float = 20.0, samples: int = 20000, seed: int = 0) -> Registration:
+                   max_shift_mm: float = 20.0, samples: int = 20000, seed: int = 1) -> Registration:
     """Find the rigid transform aligning ``moving`` to ``fixed``, both (H, W, D) on one grid with ``affine``.
 
     Args:
@@ -69,7 +69,7 @@ def register_rigid(fixed: torch.Tensor, moving: torch.Tensor, affine: np.ndarray
         mode: ``rigid`` (rotation + translation) or ``translation``.
         max_shift_mm: larger motions are rejected as failures (the identity stays).
         samples: voxels sampled for the metric per level (cost is independent of the volume size).
-        seed: the sampling seed (the result is reproducible).
+        seed: the sampling seed, >= 1 (the result is reproducible; SimpleITK reads 0 as the wall clock).
 
     Returns:
         :class:`Registration`; ``matrix`` is the identity unless ``accepted``.

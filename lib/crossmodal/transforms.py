@@ -6,7 +6,9 @@ resampled onto the primary grid (outside a modality's field of view the value is
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -56,26 +58,40 @@ def working_grid(primary: MetaTensor, cfg: CrossModalConfig) -> MetaTensor:
     return out
 
 
-def align_to_primary(source: MetaTensor, resampled: torch.Tensor, ref: MetaTensor, cfg: CrossModalConfig
-                     ) -> tuple[torch.Tensor, float]:
-    """Co-register one secondary modality to the primary channel of ``ref`` (``cfg.data.register``).
+REGISTRATION_VOXELS = 48**3  # registration runs on a coarser twin of larger working grids
+
+
+def align_to_primary(source: MetaTensor, ref: MetaTensor, cfg: CrossModalConfig) -> tuple[torch.Tensor, float]:
+    """Resample one secondary modality onto the working grid, co-registered to the primary (``cfg.data.register``).
+
+    The motion is found on the working grid, or on a coarser twin of it with at most ``REGISTRATION_VOXELS`` voxels
+    (a 512 x 512 x 100 CT costs 0.3 s, not 10), and applied in the one resampling of ``source`` onto the grid.
 
     Args:
-        source: the modality (1, h, w, d) on its own grid (normalised), resampled again with the found transform.
-        resampled: the same on the working grid (1, H, W, D), as resampled without registration.
+        source: the modality (1, h, w, d) on its own grid (normalised).
         ref: the working grid; ``ref[0]`` is the primary modality.
 
     Returns:
-        ``(aligned (1, H, W, D), shift_mm)``: ``resampled`` itself and 0.0 when registration is off or found
-        nothing better than the identity.
+        ``(aligned (1, H, W, D), shift_mm)``; shift 0.0 when registration is off or found nothing better than the
+        identity.
     """
     if cfg.data.register == "none":
-        return resampled, 0.0
+        return resample_to(source, ref).as_tensor(), 0.0
     affine = ref.affine.double().numpy()
-    reg = register_rigid(ref.as_tensor()[0], resampled[0], affine, cfg.data.register, cfg.data.register_max_mm)
+    shape = tuple(ref.shape[1:])
+    n = int(np.prod(shape))
+    if n > REGISTRATION_VOXELS:
+        spacing = np.sqrt((affine[:3, :3] ** 2).sum(0)) * (n / REGISTRATION_VOXELS) ** (1 / 3)
+        coarse_affine, coarse_shape = working_geometry(affine, shape, spacing)
+        fixed = separable_resample(ref.as_tensor()[:1].float(), coarse_shape, *axis_map(affine, coarse_affine))[0]
+    else:
+        coarse_affine, coarse_shape, fixed = affine, shape, ref.as_tensor()[0]
+    grid = MetaTensor(torch.empty(1, *coarse_shape), affine=torch.as_tensor(coarse_affine))
+    moving = resample_to(source, grid).as_tensor()[0]
+    reg = register_rigid(fixed, moving, coarse_affine, cfg.data.register, cfg.data.register_max_mm)
     if not reg.accepted:
-        return resampled, 0.0
-    target = MetaTensor(torch.empty(1, *ref.shape[1:]), affine=torch.as_tensor(reg.matrix @ affine))
+        return (moving[None] if n <= REGISTRATION_VOXELS else resample_to(source, ref).as_tensor()), 0.0
+    target = MetaTensor(torch.empty(1, *shape), affine=torch.as_tensor(reg.matrix @ affine))
     return resample_to(source, target).as_tensor(), round(reg.shift_mm, 2)
 
 
@@ -121,36 +137,45 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
         if mods[0].name not in drop:
             for i, m in enumerate(mods[1:], start=1):
                 if m.name not in drop:
-                    chan = MetaTensor(out.as_tensor()[i : i + 1], affine=out.affine)
-                    aligned, shifts[m.name] = align_to_primary(chan, chan.as_tensor(), out, cfg)
-                    out.as_tensor()[i : i + 1] = aligned
+                    chan = MetaTensor(out.as_tensor()[i : i + 1].clone(), affine=out.affine)
+                    out.as_tensor()[i : i + 1], shifts[m.name] = align_to_primary(chan, out, cfg)
         out.meta.update(grid, registered_mm=shifts)
         return out, [n for n in cfg.modality_names if n not in drop]
     ref = working_grid(MetaTensor(normalize(primary, mods[0]).as_tensor(), meta=primary.meta), cfg)
-    chans = [ref.as_tensor() if mods[0].name not in drop else torch.zeros_like(ref.as_tensor())]
-    used = [mods[0].name] if mods[0].name not in drop else []
-    shifts: dict[str, float] = {}
+    zeros = torch.zeros_like(ref.as_tensor())
+    chans = {mods[0].name: ref.as_tensor() if mods[0].name not in drop else zeros}
+    todo = []
     for m in mods[1:]:
         path = case.modalities.get(m.name)
-        if m.name in drop:
-            chans.append(torch.zeros_like(chans[0]))
-            continue
-        if path is None:
-            if policy == "error":
-                raise CaseError(case.case_id, None,
-                                f"modality {m.name!r} is missing: expected <studies>/{cfg.data.sidecar_dir}/"
-                                f"{case.case_id}/{m.name}.nii.gz (or .nii/.nrrd)")
-            chans.append(torch.zeros_like(chans[0]))
-            continue
+        if path is None and m.name not in drop and policy == "error":
+            raise CaseError(case.case_id, None,
+                            f"modality {m.name!r} is missing: expected <studies>/{cfg.data.sidecar_dir}/"
+                            f"{case.case_id}/{m.name}.nii.gz (or .nii/.nrrd)")
+        if path is None or m.name in drop:
+            chans[m.name] = zeros
+        else:
+            todo.append((m, path))
+
+    def secondary(item: tuple[ModalityConfig, str]) -> tuple[torch.Tensor, float]:
+        m, path = item
         vol = load_volume(path, case.case_id)
         if vol.shape[0] != 1:
             raise CaseError(case.case_id, path, f"expected one channel, got {vol.shape[0]}")
         vol = MetaTensor(normalize(vol, m).as_tensor(), meta=vol.meta)
-        resampled = resample_to(vol, ref).as_tensor()
+        if mods[0].name in drop:  # nothing to register to
+            return resample_to(vol, ref).as_tensor(), 0.0
+        return align_to_primary(vol, ref, cfg)
+
+    # the secondary modalities in parallel: decoding, registration and resampling release the GIL
+    with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
+        done = list(pool.map(secondary, todo))
+    shifts = {}
+    for (m, _), (values, shift) in zip(todo, done, strict=True):
+        chans[m.name] = values
         if mods[0].name not in drop:
-            resampled, shifts[m.name] = align_to_primary(vol, resampled, ref, cfg)
-        chans.append(resampled)
-        used.append(m.name)
+            shifts[m.name] = shift
+    used = ([mods[0].name] if mods[0].name not in drop else []) + [m.name for m, _ in todo]
+    chans = [chans[m.name] for m in mods]
     image = MetaTensor(torch.cat(chans), meta=ref.meta)
     image.meta.update(grid, registered_mm=shifts)
     return image, used

@@ -103,9 +103,6 @@ class CrossModalNet(nn.Module):
         independent_fraction: share of each encoder level's channels that is modality-independent.
         dropout: dropout before each decoder level; active in training, or at inference with ``mc_dropout``.
         modality_dropout: in training, probability of dropping each modality of a batch (one always stays).
-        refine: width of a full-resolution refinement stage (0: none): the decoder's output, upsampled, meets
-            a per-modality 3x3x3 convolution of each present input (averaged, so order- and number-free) for
-            one more 3x3x3 block before the output layer; it restores boundaries the strided first level blurs.
 
     Example:
         >>> net = CrossModalNet(["ct", "pet"], num_classes=3, channels=(8, 16), strides=(2,)).eval()
@@ -118,8 +115,7 @@ class CrossModalNet(nn.Module):
 
     def __init__(self, modalities: Sequence[str], num_classes: int, channels: Sequence[int] = (16, 32, 64, 128),
                  strides: Sequence[int] = (2, 2, 2), encoder_channels: Sequence[int] | None = None,
-                 independent_fraction: float = 0.5, dropout: float = 0.1, modality_dropout: float = 0.0,
-                 refine: int = 0) -> None:
+                 independent_fraction: float = 0.5, dropout: float = 0.1, modality_dropout: float = 0.0) -> None:
         super().__init__()
         if not modalities or len(set(modalities)) != len(modalities):
             raise ValueError(f"modalities {list(modalities)} must be unique and non-empty")
@@ -147,14 +143,8 @@ class CrossModalNet(nn.Module):
             self.dec.append(_block(2 * channels[i], channels[i], 1))
         self.dropout = float(dropout)
         s0 = level_strides[0]
-        self.refine = int(refine)
-        head_out = self.refine or num_classes
-        self.head = nn.ConvTranspose3d(channels[0], head_out, s0, stride=s0) if s0 > 1 \
-            else nn.Conv3d(channels[0], head_out, 1)
-        if self.refine:
-            self.skip = nn.ModuleDict({m: nn.Conv3d(1, self.refine, 3, padding=1) for m in self.modalities})
-            self.refine_block = nn.Sequential(_block(2 * self.refine, self.refine, 1), nn.Conv3d(self.refine,
-                                                                                                 num_classes, 1))
+        self.head = nn.ConvTranspose3d(channels[0], num_classes, s0, stride=s0) if s0 > 1 \
+            else nn.Conv3d(channels[0], num_classes, 1)
         self.aux = nn.ModuleDict({m: nn.Conv3d(enc[0], num_classes, 1) for m in self.modalities})
         self.first_stride = s0
 
@@ -210,9 +200,8 @@ class CrossModalNet(nn.Module):
         levels = len(self.fusion)
         fused = [self.fusion[i]({m: f[i] for m, f in feats.items()}, weights) for i in range(levels)]
         mc = self.mc_dropout if mc_dropout is None else mc_dropout
-        skip = sum(self.skip[m](t) for m, t in inputs.items()) / len(inputs) if self.refine else None
-        logits = self._decode(fused, self.dropout > 0 and (self.training or mc), skip)
-        samples = torch.stack([self._decode(fused, True, skip) for _ in range(mc_samples)]) if mc_samples else None
+        logits = self._decode(fused, self.dropout > 0 and (self.training or mc))
+        samples = torch.stack([self._decode(fused, True) for _ in range(mc_samples)]) if mc_samples else None
         size = logits.shape[2:]
         per_mod = {m: F.interpolate(self.aux[m](f[0]), size=size, mode="trilinear", align_corners=False)
                    for m, f in feats.items()} if heads else {}
@@ -220,17 +209,14 @@ class CrossModalNet(nn.Module):
                        for m, f in feats.items()}
         return CrossModalOutput(fused=logits, per_modality=per_mod, independent=independent, mc_samples=samples)
 
-    def _decode(self, fused: list[torch.Tensor], drop: bool, skip: torch.Tensor | None = None) -> torch.Tensor:
-        """The decoder over the fusion stream's levels; ``drop`` samples dropout before each level; ``skip``
-        (B, refine, H, W, D): the full-resolution input features of the refinement stage."""
+    def _decode(self, fused: list[torch.Tensor], drop: bool) -> torch.Tensor:
+        """The decoder over the fusion stream's levels; ``drop`` samples dropout before each level."""
         y = fused[-1]
         for j, (up, dec) in enumerate(zip(self.up, self.dec, strict=True)):
             i = len(fused) - 2 - j
             y = F.dropout3d(y, self.dropout, training=True) if drop else y
             y = dec(torch.cat([up(y), fused[i]], dim=1))
-        if skip is None:
-            return self.head(y)
-        return self.refine_block(torch.cat([self.head(y), skip], dim=1))
+        return self.head(y)
 
 
 def crossmodal_net(cfg: CrossModalConfig) -> CrossModalNet:
@@ -238,4 +224,4 @@ def crossmodal_net(cfg: CrossModalConfig) -> CrossModalNet:
     m = cfg.model
     return CrossModalNet(cfg.modality_names, cfg.labels.num_classes, channels=m.channels, strides=m.strides,
                          encoder_channels=m.encoder_channels or None, independent_fraction=m.independent_fraction,
-                         dropout=m.dropout, modality_dropout=m.modality_dropout, refine=m.refine)
+                         dropout=m.dropout, modality_dropout=m.modality_dropout)

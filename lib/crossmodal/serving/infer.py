@@ -51,7 +51,7 @@ class ArgmaxLabel:
             out = to_primary_labels(_plain(outputs[which]), image)
         data["pred"] = MetaTensor(out, affine=image.meta.get("primary_affine", image.affine))
         data["result"] = {"case": data.get("case_id"), "modalities_used": data.get("modalities_used", []),
-                          "prediction": which}
+                          "registered_mm": dict(image.meta.get("registered_mm", {})), "prediction": which}
         return data
 
 
@@ -71,7 +71,8 @@ class CrossModalInfer(BasicInferTask):
     ``prediction`` (``fused``, a modality name for that modality's own head, or ``uncertainty``, a 0-100 map),
     ``mc_samples`` (Monte-Carlo dropout samples for ``uncertainty``), ``drop_modalities`` (names, or a comma-
     separated string, to segment without although present), ``device``, ``result_extension``
-    (``.nii.gz`` / ``.nrrd``), and the usual MONAI Label ones.
+    (``.nii.gz`` / ``.nrrd``), and the usual MONAI Label ones. The result's params name the case, the
+    modalities used, the motion (mm) by which each secondary modality was co-registered, and the prediction.
     """
 
     def __init__(self, cfg: CrossModalConfig, network: nn.Module, path: Sequence[str], description: str,
