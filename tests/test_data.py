@@ -32,17 +32,22 @@ def test_phantom_has_modality_specific_contrast_and_other_grids(phantom_cfg):
 
 
 @pytest.mark.parametrize("mm", [2.0, 8.0])
-def test_misregistration_shifts_secondary_content(tmp_path: Path, phantom_cfg, mm: float):
-    def lesion_contrast(root: Path) -> float:
-        case = find_case(root / "phantom000.nii.gz", phantom_cfg.modality_names)
-        image, _ = load_case(case, phantom_cfg)
+def test_misregistration_shifts_secondary_content_and_registration_undoes_it(tmp_path: Path, phantom_cfg,
+                                                                             mm: float):
+    raw = load_config("phantom", overrides={"data": {"register": "none"}})  # the headers' geometry, trusted
+
+    def lesion_contrast(root: Path, cfg) -> float:
+        case = find_case(root / "phantom000.nii.gz", cfg.modality_names)
+        image, _ = load_case(case, cfg)
         truth = load_volume(root / "truth" / "phantom000.nii.gz")[0].numpy()
         return float(image[1].numpy()[truth == 2].mean())  # PET inside the true lesion
 
-    aligned = lesion_contrast(make_phantom_studies(tmp_path / "a", phantom_cfg, cases=1, dense=0, sparse=0))
-    shifted = lesion_contrast(make_phantom_studies(tmp_path / "b", phantom_cfg, cases=1, dense=0, sparse=0,
-                                                   misregistration_mm=mm))
+    a = make_phantom_studies(tmp_path / "a", phantom_cfg, cases=1, dense=0, sparse=0)
+    b = make_phantom_studies(tmp_path / "b", phantom_cfg, cases=1, dense=0, sparse=0, misregistration_mm=mm)
+    aligned, shifted = lesion_contrast(a, raw), lesion_contrast(b, raw)
     assert shifted < aligned - (0.1 if mm == 2.0 else 1.0)
+    # co-registered (the presets' default), most of the lost contrast comes back
+    assert lesion_contrast(b, phantom_cfg) > aligned - 0.3 * (aligned - shifted)
 
 
 def test_sparse_simulator_draws_truthful_scribbles_and_slices(phantom_cfg):
