@@ -82,3 +82,19 @@ def test_bad_registration_settings_are_named():
         load_config("phantom", overrides={"data": {"register": "affine"}})
     with pytest.raises(ValueError, match="registration mode 'none'"):
         register_rigid(torch.zeros(8, 8, 8), torch.zeros(8, 8, 8), np.eye(4), "none")
+
+
+def test_a_found_motion_is_reused_until_a_file_changes(phantom_studies: Path, monkeypatch):
+    """Training epochs and repeated requests do not search again; a rewritten file is registered afresh."""
+    import crossmodal.transforms as transforms
+
+    calls = []
+    monkeypatch.setattr(transforms, "register_rigid", lambda *a, **k: calls.append(1) or register_rigid(*a, **k))
+    cfg = load_config("phantom", overrides={"data": {"register": "translation"}})
+    first = _load(phantom_studies, cfg)
+    again = _load(phantom_studies, cfg)
+    assert len(calls) == 2 and torch.equal(first, again)  # pet and mr once each
+    assert again.meta["registered_mm"] == first.meta["registered_mm"]
+    _displace(phantom_studies, "phantom000", ("pet",), SHIFT)
+    moved = _load(phantom_studies, cfg)
+    assert len(calls) == 3 and moved.meta["registered_mm"]["pet"] == pytest.approx(np.linalg.norm(SHIFT), abs=1.0)

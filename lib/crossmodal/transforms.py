@@ -7,6 +7,8 @@ resampled onto the primary grid (outside a modality's field of view the value is
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -59,13 +61,23 @@ def working_grid(primary: MetaTensor, cfg: CrossModalConfig) -> MetaTensor:
 
 
 REGISTRATION_VOXELS = 48**3  # registration runs on a coarser twin of larger working grids
+_MOTIONS: OrderedDict[tuple, tuple[np.ndarray, float] | None] = OrderedDict()  # found motions, by files and grid
+_MOTIONS_LOCK = threading.Lock()
 
 
-def align_to_primary(source: MetaTensor, ref: MetaTensor, cfg: CrossModalConfig) -> tuple[torch.Tensor, float]:
+def _file_key(path: str | os.PathLike[str]) -> tuple[str, int, int]:
+    st = os.stat(path)
+    return str(path), st.st_mtime_ns, st.st_size
+
+
+def align_to_primary(source: MetaTensor, ref: MetaTensor, cfg: CrossModalConfig, key: tuple | None = None
+                     ) -> tuple[torch.Tensor, float]:
     """Resample one secondary modality onto the working grid, co-registered to the primary (``cfg.data.register``).
 
     The motion is found on the working grid, or on a coarser twin of it with at most ``REGISTRATION_VOXELS`` voxels
     (a 512 x 512 x 100 CT costs 0.3 s, not 10), and applied in the one resampling of ``source`` onto the grid.
+    With a ``key`` (the two files' paths, mtimes and sizes) the motion is remembered in this process, so training
+    epochs and repeated requests on a case do not search again; a changed file has a new key.
 
     Args:
         source: the modality (1, h, w, d) on its own grid (normalised).
@@ -79,6 +91,15 @@ def align_to_primary(source: MetaTensor, ref: MetaTensor, cfg: CrossModalConfig)
         return resample_to(source, ref).as_tensor(), 0.0
     affine = ref.affine.double().numpy()
     shape = tuple(ref.shape[1:])
+    if key is not None:
+        key = (*key, cfg.data.register, cfg.data.register_max_mm, shape, affine.round(4).tobytes())
+        with _MOTIONS_LOCK:
+            known = _MOTIONS.get(key, False)
+        if known is not False:
+            if known is None:
+                return resample_to(source, ref).as_tensor(), 0.0
+            target = MetaTensor(torch.empty(1, *shape), affine=torch.as_tensor(known[0] @ affine))
+            return resample_to(source, target).as_tensor(), known[1]
     n = int(np.prod(shape))
     if n > REGISTRATION_VOXELS:
         spacing = np.sqrt((affine[:3, :3] ** 2).sum(0)) * (n / REGISTRATION_VOXELS) ** (1 / 3)
@@ -89,10 +110,16 @@ def align_to_primary(source: MetaTensor, ref: MetaTensor, cfg: CrossModalConfig)
     grid = MetaTensor(torch.empty(1, *coarse_shape), affine=torch.as_tensor(coarse_affine))
     moving = resample_to(source, grid).as_tensor()[0]
     reg = register_rigid(fixed, moving, coarse_affine, cfg.data.register, cfg.data.register_max_mm)
+    shift = round(reg.shift_mm, 2)
+    if key is not None:
+        with _MOTIONS_LOCK:
+            _MOTIONS[key] = (reg.matrix, shift) if reg.accepted else None
+            while len(_MOTIONS) > 4096:
+                _MOTIONS.popitem(last=False)
     if not reg.accepted:
         return (moving[None] if n <= REGISTRATION_VOXELS else resample_to(source, ref).as_tensor()), 0.0
     target = MetaTensor(torch.empty(1, *shape), affine=torch.as_tensor(reg.matrix @ affine))
-    return resample_to(source, target).as_tensor(), round(reg.shift_mm, 2)
+    return resample_to(source, target).as_tensor(), shift
 
 
 def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
@@ -164,7 +191,7 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
         vol = MetaTensor(normalize(vol, m).as_tensor(), meta=vol.meta)
         if mods[0].name in drop:  # nothing to register to
             return resample_to(vol, ref).as_tensor(), 0.0
-        return align_to_primary(vol, ref, cfg)
+        return align_to_primary(vol, ref, cfg, key=(_file_key(case.primary), _file_key(path)))
 
     # the secondary modalities in parallel: decoding, registration and resampling release the GIL
     with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
