@@ -17,8 +17,6 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-MODES = ("none", "translation", "rigid")
-
 
 @dataclass
 class Registration:
