@@ -167,6 +167,9 @@ class ConsistencyConfig:
     ``modality_dropout``: probability that the augmented copy of the intra-modal term loses some modalities, so
     the fused output learns to do without them from the full prediction (missing-modality robustness, while
     every plain sample trains with all modalities).
+    ``copy_paste``: after ``copy_paste_start`` steps, each step's dense cases and unlabelled cases swap a random
+    cuboid (bidirectional copy-paste, BCP), supervised by the truth and by the pseudo-labels (``pseudo_threshold``)
+    of an EMA teacher (``teacher_decay``); needs dense labels and unlabelled cases in the same run.
     """
 
     inter_weight: float = 0.3
@@ -178,8 +181,15 @@ class ConsistencyConfig:
     unlabeled: bool = True
     unlabeled_batch_size: int = 1
     modality_dropout: float = 0.0
+    copy_paste: bool = False
+    teacher_decay: float = 0.99
+    copy_paste_start: int = 50
 
     def __post_init__(self) -> None:
+        if self.copy_paste_start < 0:
+            raise ConfigError(f"train.consistency.copy_paste_start: {self.copy_paste_start} must be >= 0")
+        if not 0.0 <= self.teacher_decay < 1.0:
+            raise ConfigError(f"train.consistency.teacher_decay: {self.teacher_decay} must be in [0, 1)")
         if not 0.0 <= self.modality_dropout <= 1.0:
             raise ConfigError(f"train.consistency.modality_dropout: {self.modality_dropout} must be in [0, 1]")
         if self.inter_mode not in ("dice", "pseudo"):

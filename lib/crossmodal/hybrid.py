@@ -11,6 +11,7 @@ One forward and one backward per step also keeps DistributedDataParallel happy.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from crossmodal.config import ConsistencyConfig
+from crossmodal.labels import IGNORE_INDEX
 from crossmodal.losses import (
     AugmentationConsistencyLoss,
     ChannelConsistencyLoss,
@@ -150,6 +152,62 @@ def sample_present(n_plain: int, aug: Augmentation | None) -> torch.Tensor | Non
         return None
     full = torch.ones(n_plain, aug.present.shape[1], dtype=torch.bool)
     return torch.cat([full, aug.present])
+
+
+def copy_paste(x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor, pseudo: torch.Tensor,
+               generator: torch.Generator | None = None, fraction: float = 2 / 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bidirectional copy-paste (Bai et al., BCP, CVPR 2023): labelled and unlabelled cases swap a random cuboid.
+
+    ``x_l`` (n, M, H, W, D) with target ``y_l`` (n, 1, H, W, D); ``x_u`` (n, M, H, W, D) with its teacher
+    ``pseudo``-label (n, 1, H, W, D; ``IGNORE_INDEX`` where not confident). One cuboid of ``fraction`` of each
+    side, placed at random (shared by the batch): returns ``x`` (2n, M, ...) = [labelled with the unlabelled
+    cuboid inside, unlabelled with the labelled cuboid inside] and its target (2n, 1, ...) assembled likewise, so
+    the labelled case's truth is seen in the unlabelled cases' context and vice versa.
+
+    Example:
+        >>> x_l, y_l = torch.ones(1, 2, 3, 3, 3), torch.ones(1, 1, 3, 3, 3)
+        >>> x, y = copy_paste(x_l, y_l, torch.zeros_like(x_l), torch.zeros_like(y_l), fraction=1 / 3)
+        >>> x.shape, int(x[0].sum()), int(x[1].sum()), int(y[0].sum()), int(y[1].sum())  # one voxel swapped
+        (torch.Size([2, 2, 3, 3, 3]), 52, 2, 26, 1)
+    """
+    spatial = x_l.shape[2:]
+    mask = torch.zeros(spatial, dtype=torch.bool, device=x_l.device)
+    box = []
+    for size in spatial:
+        side = max(1, round(fraction * size))
+        start = int(torch.randint(size - side + 1, (1,), generator=generator))
+        box.append(slice(start, start + side))
+    mask[tuple(box)] = True
+    x = torch.cat([torch.where(mask, x_u, x_l), torch.where(mask, x_l, x_u)])
+    y = torch.cat([torch.where(mask, pseudo.to(y_l.dtype), y_l), torch.where(mask, y_l, pseudo.to(y_l.dtype))])
+    return x, y
+
+
+class EMATeacher:
+    """An exponential moving average of the student's weights (mean teacher) that gives pseudo-labels."""
+
+    def __init__(self, network: nn.Module, decay: float = 0.99) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(getattr(network, "module", network)).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, network: nn.Module) -> None:
+        """teacher <- decay x teacher + (1 - decay) x student (buffers copied)."""
+        student = getattr(network, "module", network)
+        for t, s in zip(self.model.parameters(), student.parameters(), strict=True):
+            t.lerp_(s.detach(), 1.0 - self.decay)
+        for t, s in zip(self.model.buffers(), student.buffers(), strict=True):
+            t.copy_(s)
+
+    @torch.no_grad()
+    def pseudo_label(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
+        """(n, M, ...) images -> (n, 1, ...) argmax of the fused softmax, ``IGNORE_INDEX`` below ``threshold``."""
+        out = self.model(x)
+        fused = out if isinstance(out, torch.Tensor) else out.fused
+        conf, label = torch.softmax(fused, 1).max(1, keepdim=True)
+        return label.masked_fill(conf < threshold, IGNORE_INDEX)
 
 
 class MultiSourceLoader:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from crossmodal.config import CrossModalConfig, atomic_write_text, save_config
-from crossmodal.hybrid import HybridLoss, MultiSourceLoader, hybrid_batch, sample_present
+from crossmodal.hybrid import EMATeacher, HybridLoss, MultiSourceLoader, copy_paste, hybrid_batch, sample_present
 from crossmodal.inference import NetworkInferer
 from crossmodal.io import atomic_copy, case_id_of
 from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE
@@ -153,20 +153,35 @@ class CrossModalTrain(BasicTrainTask):
         def plain(t: Any) -> torch.Tensor:
             return t.as_tensor() if hasattr(t, "as_tensor") else t
 
+        cc = self.cfg.train.consistency
+        teacher: dict[str, EMATeacher] = {}
+
         def step(engine: Any, batch: dict[str, Any]) -> dict[str, Any]:
             dev = engine.state.device
             labeled = [(plain(batch[k]["image"]).to(dev), plain(batch[k]["label"]).to(dev))
                        for k in (DENSE, SPARSE) if k in batch]
             unlabeled = [plain(batch[UNLABELED]["image"]).to(dev)] if UNLABELED in batch else []
+            n_real = sum(len(t[0]) for t in labeled)
+            if self.hybrid and cc.copy_paste and DENSE in batch and unlabeled:
+                # bidirectional copy-paste between the dense cases and the unlabelled ones (EMA teacher's
+                # pseudo-labels); sparse labels stay out: a scribble beside a dense pseudo-label would drown
+                if "ema" not in teacher:
+                    teacher["ema"] = EMATeacher(engine.network, cc.teacher_decay)
+                if engine.state.iteration > cc.copy_paste_start:
+                    xl, yl = labeled[0]
+                    n = min(len(xl), len(unlabeled[0]))
+                    pseudo = teacher["ema"].pseudo_label(unlabeled[0][:n], cc.pseudo_threshold)
+                    labeled.append(copy_paste(xl[:n], yl[:n], unlabeled[0][:n], pseudo, gen))
+                    engine.state.metrics["pseudo_confident"] = round(float((pseudo != IGNORE_INDEX).float().mean()), 4)
             x, y, n_lab, n_plain, aug = hybrid_batch(labeled, unlabeled, gen, augment=self.hybrid,
-                                                     modality_dropout=self.cfg.train.consistency.modality_dropout)
-            engine.state.output = {Keys.IMAGE: x[:n_lab], Keys.LABEL: y}
+                                                     modality_dropout=cc.modality_dropout)
+            engine.state.output = {Keys.IMAGE: x[:n_real], Keys.LABEL: None if y is None else y[:n_real]}
             engine.network.train()
             engine.optimizer.zero_grad(set_to_none=True)
             mask = sample_present(n_plain, aug)
             out = engine.network(x) if mask is None else engine.network(x, sample_present=mask)
             fused = out.fused if isinstance(out, CrossModalOutput) else out
-            engine.state.output[Keys.PRED] = fused[:n_lab].detach()
+            engine.state.output[Keys.PRED] = fused[:n_real].detach()
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             loss, parts = loss_fn(out, y, n_lab, n_plain, aug, engine.state.iteration - 1)
             engine.state.output[Keys.LOSS] = loss.detach()
@@ -174,6 +189,8 @@ class CrossModalTrain(BasicTrainTask):
             loss.backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.optimizer.step()
+            if "ema" in teacher:
+                teacher["ema"].update(engine.network)
             engine.fire_event(IterationEvents.MODEL_COMPLETED)  # MONAI decollates and post-processes here
             if sums.get("epoch") != engine.state.epoch:  # epoch means of the loss parts, for the stats
                 sums.clear()
