@@ -39,6 +39,8 @@ def test_viewer_labels_include_marked_background():
         ({"model": {"strides": [2, 2]}}, "needs len(channels) - 1 = 3"),
         ({"trainer": {}}, "unknown config keys ['trainer']"),
         ({"infer": {"roi": 3}}, "infer: unknown keys ['roi']"),
+        ({"train": {"consistency": {"teacher_decay": 1.0}}}, "teacher_decay: 1.0 must be in [0, 1)"),
+        ({"train": {"consistency": {"copy_paste_start": -1}}}, "copy_paste_start: -1 must be >= 0"),
     ],
 )
 def test_bad_values_name_the_key(raw, message):

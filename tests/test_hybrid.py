@@ -8,7 +8,15 @@ import pytest
 import torch
 from conftest import make_phantom_studies
 from crossmodal.config import ConsistencyConfig, load_config, save_config
-from crossmodal.hybrid import Augmentation, HybridLoss, MultiSourceLoader, hybrid_batch, sample_present
+from crossmodal.hybrid import (
+    Augmentation,
+    EMATeacher,
+    HybridLoss,
+    MultiSourceLoader,
+    copy_paste,
+    hybrid_batch,
+    sample_present,
+)
 from crossmodal.labels import IGNORE_INDEX
 from crossmodal.losses import (
     AugmentationConsistencyLoss,
@@ -139,6 +147,44 @@ def test_copies_lose_modalities_and_learn_from_the_full_prediction():
     assert float(out.fused.grad[:2].abs().max()) == 0.0 and float(out.fused.grad[2:].abs().max()) > 0
 
 
+def test_copy_paste_swaps_one_cuboid_both_ways_with_its_targets():
+    """BCP: a cuboid of 2/3 of each side (here 4 of 6) moves between the dense and the unlabelled case, image and
+    target together; the pseudo-label's unconfident voxels stay ignored in the mixed targets."""
+    x_l, x_u = torch.full((1, 2, 6, 6, 6), 1.0), torch.full((1, 2, 6, 6, 6), 2.0)
+    y_l = torch.full((1, 1, 6, 6, 6), 3)
+    pseudo = torch.full((1, 1, 6, 6, 6), 1)
+    pseudo[..., 0] = IGNORE_INDEX  # the teacher is unsure on one face
+    x, y = copy_paste(x_l, y_l, x_u, pseudo, torch.Generator().manual_seed(0))
+    assert x.shape == (2, 2, 6, 6, 6) and y.shape == (2, 1, 6, 6, 6)
+    box = x[0, 0] == 2.0
+    assert int(box.sum()) == 4**3 and torch.equal(box, x[1, 0] == 1.0) and torch.equal(box, x[0, 1] == 2.0)
+    idx = box.nonzero()
+    assert (idx.max(0).values - idx.min(0).values).tolist() == [3, 3, 3]  # one 4 x 4 x 4 cuboid
+    assert torch.equal(y[0, 0][~box], y_l[0, 0][~box]) and torch.equal(y[0, 0][box], pseudo[0, 0][box])
+    assert torch.equal(y[1, 0][box], y_l[0, 0][box]) and torch.equal(y[1, 0][~box], pseudo[0, 0][~box])
+    assert int((y == IGNORE_INDEX).sum()) == 36  # the unsure face (36 voxels) is ignored wherever it lands
+
+
+def test_ema_teacher_follows_the_student_slowly_and_masks_unsure_voxels():
+    student = _net()
+    teacher = EMATeacher(student, decay=0.9)
+    before = [p.clone() for p in teacher.model.parameters()]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    teacher.update(student)
+    for b, t in zip(before, teacher.model.parameters(), strict=True):  # 0.9 old + 0.1 (old + 1)
+        assert torch.allclose(t, b + 0.1, atol=1e-6) and not t.requires_grad
+    x = torch.randn(1, 3, 16, 16, 16)
+    with torch.no_grad():
+        probs = torch.softmax(teacher.model(x).fused, 1)
+    label = teacher.pseudo_label(x, threshold=0.5)
+    conf, top = probs.max(1, keepdim=True)
+    assert label.shape == (1, 1, 16, 16, 16)
+    assert torch.equal(label, top.masked_fill(conf < 0.5, IGNORE_INDEX))
+    assert bool((teacher.pseudo_label(x, threshold=1.01) == IGNORE_INDEX).all())
+
+
 def test_multi_source_loader_sees_every_case_of_every_source():
     dense = torch.utils.data.DataLoader(list(range(3)), batch_size=1, shuffle=True)
     unlabeled = torch.utils.data.DataLoader(list(range(100, 107)), batch_size=1, shuffle=True)
@@ -167,7 +213,8 @@ def test_single_modality_network_sees_one_channel():
 
 def _bench_config(tmp_path: Path, method: str) -> str:
     cfg = method_config("phantom", method, {"train": {"patch_size": [32, 32, 32], "patches_per_case": 1,
-                                                      "batch_size": 2, "val_fraction": 0.0}})
+                                                      "batch_size": 2, "val_fraction": 0.0,
+                                                      "consistency": {"copy_paste_start": 2, "pseudo_threshold": 0.3}}})
     path = tmp_path / f"{method}.yaml"
     save_config(cfg, path)
     return str(path)
@@ -181,6 +228,7 @@ def test_train_task_learns_from_dense_sparse_and_unlabelled_cases(tmp_path: Path
     assert stats["total_iterations"] == 4 and stats["current_iteration"] == 8 and stats["epoch"] == 2
     metrics = stats["train"]["metrics"]
     assert metrics["loss_inter"] > 0 and metrics["loss_intra"] > 0 and metrics["loss_channel"] > 0
+    assert 0 < metrics["pseudo_confident"] <= 1  # copy-paste ran (start 2 < 8 steps; an 8-step model: threshold 0.3)
     assert metrics["loss_supervised"] > 0 and 0 < metrics["loss_ramp"] <= 1
     first = torch.load(stats["published"], map_location="cpu")
     trainer = AppParts.from_conf(str(tmp_path / "app"), {"preset": preset, "model_dir": str(tmp_path / "m"),
