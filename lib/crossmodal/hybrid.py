@@ -5,7 +5,9 @@ see :class:`MultiSourceLoader`), runs the network once on ``[labelled, unlabelle
 adds, to the partial supervised loss on the labelled samples, ramped label-free terms on everything:
 inter-modal consistency (heads vs fused), intra-modal consistency (the prediction of a flipped, intensity-jittered
 copy that may also have lost modalities, flipped back, vs the plain prediction as its target) and channel-wise
-semantic consistency (pooled modality-independent channels).
+semantic consistency (pooled modality-independent channels). With dense and unlabelled cases in a step, the
+two also swap a cuboid (:func:`copy_paste`; targets from the truth and an :class:`EMATeacher`'s pseudo-labels),
+and the mixes join the labelled part.
 One forward and one backward per step also keeps DistributedDataParallel happy.
 """
 

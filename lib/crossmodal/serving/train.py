@@ -3,7 +3,8 @@
 Hybrid supervision: dense labels, sparse labels (by their recorded kind) and unlabelled cases each get their
 own shuffling loader, stepped together (:class:`crossmodal.hybrid.MultiSourceLoader`); labels train through
 the partial loss (annotated voxels only), and a cross-modal network also learns from every case through the
-consistency terms of :class:`crossmodal.hybrid.HybridLoss`. Training starts from the published model when
+consistency terms of :class:`crossmodal.hybrid.HybridLoss` and, with dense labels, copy-paste mixes of dense and
+unlabelled cases (:func:`crossmodal.hybrid.copy_paste`, EMA teacher). Training starts from the published model when
 there is one. Validation uses dense labels when there are any (Dice), held-out sparse labels otherwise
 (partial Dice). The best model is published atomically: an infer request never reads a half-written file,
 and a killed training leaves the previous model in service. ``processes=N`` trains data-parallel in N
