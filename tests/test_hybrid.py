@@ -229,6 +229,7 @@ def test_train_task_learns_from_dense_sparse_and_unlabelled_cases(tmp_path: Path
     metrics = stats["train"]["metrics"]
     assert metrics["loss_inter"] > 0 and metrics["loss_intra"] > 0 and metrics["loss_channel"] > 0
     assert 0 < metrics["pseudo_confident"] <= 1  # copy-paste ran (start 2 < 8 steps; an 8-step model: threshold 0.3)
+    assert metrics["copy_paste_samples"] == 2  # 1 dense x 1 unlabelled case -> 2 mixes in the supervised part
     assert metrics["loss_supervised"] > 0 and 0 < metrics["loss_ramp"] <= 1
     first = torch.load(stats["published"], map_location="cpu")
     trainer = AppParts.from_conf(str(tmp_path / "app"), {"preset": preset, "model_dir": str(tmp_path / "m"),
@@ -237,6 +238,7 @@ def test_train_task_learns_from_dense_sparse_and_unlabelled_cases(tmp_path: Path
     again = train_offline(str(studies), preset, str(tmp_path / "m"), epochs=1, device="cpu", network="crossmodal",
                           use_unlabeled=False)
     assert again["total_iterations"] == 1  # no unlabelled source: one step per epoch (dense, sparse: 1 each)
+    assert again["train"]["metrics"]["copy_paste_samples"] == 0  # nothing to mix without unlabelled cases
     assert not all(torch.equal(v, torch.load(again["published"], map_location="cpu")[k]) for k, v in first.items())
 
 

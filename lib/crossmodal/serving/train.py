@@ -155,9 +155,10 @@ class CrossModalTrain(BasicTrainTask):
             return t.as_tensor() if hasattr(t, "as_tensor") else t
 
         cc = self.cfg.train.consistency
-        teacher: dict[str, EMATeacher] = {}
+        teacher: EMATeacher | None = None
 
         def step(engine: Any, batch: dict[str, Any]) -> dict[str, Any]:
+            nonlocal teacher
             dev = engine.state.device
             labeled = [(plain(batch[k]["image"]).to(dev), plain(batch[k]["label"]).to(dev))
                        for k in (DENSE, SPARSE) if k in batch]
@@ -166,17 +167,18 @@ class CrossModalTrain(BasicTrainTask):
             if self.hybrid and cc.copy_paste and DENSE in batch and unlabeled:
                 # bidirectional copy-paste between the dense cases and the unlabelled ones (EMA teacher's
                 # pseudo-labels); sparse labels stay out: a scribble beside a dense pseudo-label would drown
-                if "ema" not in teacher:
-                    teacher["ema"] = EMATeacher(engine.network, cc.teacher_decay)
+                if teacher is None:
+                    teacher = EMATeacher(engine.network, cc.teacher_decay)
                 if engine.state.iteration > cc.copy_paste_start:
                     xl, yl = labeled[0]
                     n = min(len(xl), len(unlabeled[0]))
-                    pseudo = teacher["ema"].pseudo_label(unlabeled[0][:n], cc.pseudo_threshold)
+                    pseudo = teacher.pseudo_label(unlabeled[0][:n], cc.pseudo_threshold)
                     labeled.append(copy_paste(xl[:n], yl[:n], unlabeled[0][:n], pseudo, gen))
                     engine.state.metrics["pseudo_confident"] = round(float((pseudo != IGNORE_INDEX).float().mean()), 4)
             x, y, n_lab, n_plain, aug = hybrid_batch(labeled, unlabeled, gen, augment=self.hybrid,
                                                      modality_dropout=cc.modality_dropout)
             engine.state.output = {Keys.IMAGE: x[:n_real], Keys.LABEL: None if y is None else y[:n_real]}
+            engine.state.metrics["copy_paste_samples"] = n_lab - n_real  # mixes in this step's supervised part
             engine.network.train()
             engine.optimizer.zero_grad(set_to_none=True)
             mask = sample_present(n_plain, aug)
@@ -190,8 +192,8 @@ class CrossModalTrain(BasicTrainTask):
             loss.backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.optimizer.step()
-            if "ema" in teacher:
-                teacher["ema"].update(engine.network)
+            if teacher is not None:
+                teacher.update(engine.network)
             engine.fire_event(IterationEvents.MODEL_COMPLETED)  # MONAI decollates and post-processes here
             if sums.get("epoch") != engine.state.epoch:  # epoch means of the loss parts, for the stats
                 sums.clear()
