@@ -6,7 +6,9 @@ dense truth, for several seeds, it trains through the app's own train task (``tr
 
 * methods: ``ours`` (CrossModalNet + hybrid losses), ``baseline_unet`` (early-fusion UNet with the partial loss,
   the nnU-Net ignore-label recipe) and ``single_<modality>`` (that UNet on one modality; every modality under
-  dense labels, the best of them under the other regimes);
+  dense labels, the best of them under the other regimes); for comparison only, ``baseline_unet+registration``
+  (given our co-registration; dense, 0 and 4 mm) and ``baseline_unet+propagation`` (given our random-walker
+  propagation of scribbles; the scribble regimes): how much of our gains those two parts explain;
 * regimes: ``dense`` (all training cases), ``scribbles`` (all), ``dense10`` (10 % dense, nothing else),
   ``dense10_unlabeled`` (the same + the rest unlabelled), ``scribbles30_unlabeled`` (30 % scribbles + the rest
   unlabelled);
@@ -116,6 +118,7 @@ def regime_studies(pool: Path, out: Path, regime: str, cfg: CrossModalConfig, se
 
 
 REGISTERED = "+registration"  # suffix of a baseline run given our co-registration (for comparison only)
+PROPAGATED = "+propagation"  # suffix of a baseline run given our scribble propagation (for comparison only)
 
 
 def run(root: Path, dataset: str, spec: dict, method: str, regime: str, mm: float, seed: int, pool: Path, test: Path,
@@ -127,11 +130,14 @@ def run(root: Path, dataset: str, spec: dict, method: str, regime: str, mm: floa
     overrides = {"train": {"patch_size": [spec["patch"]] * 3, "patches_per_case": 1, "batch_size": 2,
                            "val_fraction": 0.0, "seed": seed},
                  "infer": {"roi_size": [spec["patch"]] * 3}}  # windows = training patches (instance norm)
-    base_method = method.removesuffix(REGISTERED)
+    base_method = method.removesuffix(REGISTERED).removesuffix(PROPAGATED)
     if base_method != "ours" and not method.endswith(REGISTERED):
         overrides["data"] = {"register": "none"}
+    if method.endswith(PROPAGATED):
+        overrides["train"]["propagate"] = {"method": "random_walker"}
     cfg = method_config(spec["preset"], base_method, overrides)
-    tag = f"{dataset}_{base_method}{'_reg' if method != base_method else ''}_{regime}_{mm:g}mm_s{seed}"
+    suffix = {REGISTERED: "_reg", PROPAGATED: "_prop"}.get(method[len(base_method):], "")
+    tag = f"{dataset}_{base_method}{suffix}_{regime}_{mm:g}mm_s{seed}"
     preset = root / "configs" / f"{tag}.yaml"
     save_config(cfg, preset)
     studies = root / "studies" / tag
@@ -177,6 +183,8 @@ def experiments(dataset: str, quick: bool) -> list[tuple[str, str, float, tuple]
         out += [("ours", "dense", mm, (None,)), ("baseline_unet", "dense", mm, (None,))]
     # the baseline given our co-registration, at 0 and 4 mm: how much of the robustness is the registration
     out += [(f"baseline_unet{REGISTERED}", "dense", mm, (None,)) for mm in (0.0, 4.0)]
+    # the baseline given our scribble propagation: how much of the gain from scribbles is the propagation
+    out += [(f"baseline_unet{PROPAGATED}", r, 0.0, (None,)) for r in regimes if r.startswith("scribbles")]
     return out
 
 
@@ -256,11 +264,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
     datasets = sorted({r["dataset"] for r in rows})
     fig, axes = plt.subplots(len(datasets), 2, figsize=(14, 4.2 * len(datasets)), squeeze=False)
-    colors = {"ours": "#d62728", "baseline_unet": "#1f77b4", f"baseline_unet{REGISTERED}": "#2ca02c"}
+    colors = {"ours": "#d62728", "baseline_unet": "#1f77b4", f"baseline_unet{REGISTERED}": "#2ca02c",
+              f"baseline_unet{PROPAGATED}": "#9467bd"}
     for i, ds in enumerate(datasets):
         ax = axes[i][0]
         regimes = [g for g in REGIMES if any(r["regime"] == g and r["dataset"] == ds for r in rows)]
-        methods = ["ours", "baseline_unet", "single"]
+        methods = ["ours", "baseline_unet", f"baseline_unet{PROPAGATED}", "single"]
         width = 0.8 / len(methods)
         for j, m in enumerate(methods):
             vals, errs, names = [], [], []
@@ -269,13 +278,13 @@ def plot(rows: list[dict], path: Path) -> None:
                         and r["missing_modality"] is None and (r["method"] == m or
                                                                (m == "single" and r["method"].startswith("single_")))]
                 best = max(cand, key=lambda r: r["dice"]) if cand else None
-                vals.append(best["dice"] if best else 0)
+                vals.append(best["dice"] if best else float("nan"))  # not run under this regime: no bar
                 errs.append(best["dice_sd"] if best else 0)
                 names.append(best["method"] if best else m)
             label = m if m != "single" else "best single modality"
             ax.bar(np.arange(len(regimes)) + j * width, vals, width, yerr=errs, label=label,
                    color=colors.get(m, "#7f7f7f"), capsize=3)
-        ax.set_xticks(np.arange(len(regimes)) + width)
+        ax.set_xticks(np.arange(len(regimes)) + width * (len(methods) - 1) / 2)
         ax.set_xticklabels(regimes, rotation=15)
         ax.set_ylim(0, 1)
         ax.set_ylabel("mean foreground Dice (test split)")

@@ -206,6 +206,33 @@ class ConsistencyConfig:
 
 
 @dataclass
+class PropagationConfig:
+    """Sparse labels grown before training (:mod:`crossmodal.propagate`).
+
+    ``method``: ``random_walker`` (multi-channel, over all modalities) or ``none`` (train on the drawn voxels only,
+    the nnU-Net ignore-label recipe); ``beta``: edge sensitivity; ``threshold``: class probability a voxel needs to
+    be labelled (0.5: the class a walker most likely reaches first, whenever it has even odds or better; higher
+    thresholds keep fewer, surer voxels, mostly of the background); ``max_voxels``: larger cases are propagated on a
+    coarser grid.
+    """
+
+    method: str = "random_walker"
+    beta: float = 130.0
+    threshold: float = 0.5
+    max_voxels: int = 2_000_000
+
+    def __post_init__(self) -> None:
+        if self.method not in ("random_walker", "none"):
+            raise ConfigError(f"train.propagate.method: {self.method!r} is not one of ('random_walker', 'none')")
+        if self.beta <= 0:
+            raise ConfigError(f"train.propagate.beta: {self.beta} must be > 0")
+        if not 0.5 <= self.threshold <= 1.0:
+            raise ConfigError(f"train.propagate.threshold: {self.threshold} must be in [0.5, 1]")
+        if self.max_voxels < 1000:
+            raise ConfigError(f"train.propagate.max_voxels: {self.max_voxels} must be >= 1000")
+
+
+@dataclass
 class TrainConfig:
     """Training hyper-parameters; the losses read their weights from here.
 
@@ -230,10 +257,13 @@ class TrainConfig:
     num_workers: int = 0
     seed: int = 0
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    propagate: PropagationConfig = field(default_factory=PropagationConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.consistency, dict):
             self.consistency = _build(ConsistencyConfig, self.consistency, "train.consistency")
+        if isinstance(self.propagate, dict):
+            self.propagate = _build(PropagationConfig, self.propagate, "train.propagate")
         self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
         if self.max_epochs < 1 or self.batch_size < 1 or self.patches_per_case < 1:
             raise ConfigError("train: max_epochs, batch_size and patches_per_case must be >= 1")

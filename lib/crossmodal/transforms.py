@@ -6,8 +6,10 @@ resampled onto the primary grid (outside a modality's field of view the value is
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,9 +32,12 @@ from monai.transforms import (
 
 from crossmodal.config import CrossModalConfig, ModalityConfig
 from crossmodal.io import Case, CaseError, find_case, load_volume, read_label, resample_to, same_grid
-from crossmodal.labels import DENSE, IGNORE_INDEX, invalid_values, to_training
+from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE, invalid_values, to_training
+from crossmodal.propagate import propagate_labels
 from crossmodal.register import register_rigid
 from crossmodal.resample import argmax_channels, axis_map, resample_argmax, separable_resample, working_geometry
+
+logger = logging.getLogger(__name__)
 
 
 def normalize(img: torch.Tensor, modality: ModalityConfig) -> torch.Tensor:
@@ -275,12 +280,41 @@ def load_training_label(path: str, image: MetaTensor, case_id: str, cfg: CrossMo
     return MetaTensor(torch.from_numpy(target[None].astype(np.float32)), affine=image.affine)
 
 
+class PropagateSparseLabeld(MapTransform):
+    """A sparse label (``data["label_kind"] == "sparse"``) grown over the image by
+    :func:`crossmodal.propagate.propagate_labels` (``cfg.train.propagate``); other labels pass unchanged.
+
+    ``data["image"]`` (M, H, W, D), ``data["label"]`` (1, H, W, D) with ``IGNORE_INDEX`` -> the same, grown.
+    """
+
+    def __init__(self, cfg: CrossModalConfig, image_key: str = "image", label_key: str = "label") -> None:
+        super().__init__([label_key])
+        self.cfg, self.image_key, self.label_key = cfg, image_key, label_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        p = self.cfg.train.propagate
+        if p.method == "none" or d.get("label_kind") != SPARSE or not isinstance(d.get(self.label_key), torch.Tensor):
+            return d
+        label = d[self.label_key]
+        start = time.perf_counter()
+        plain = label.as_tensor() if isinstance(label, MetaTensor) else label
+        grown = propagate_labels(torch.as_tensor(d[self.image_key]), plain, p.beta, p.threshold, p.max_voxels)
+        before, after = float((plain != IGNORE_INDEX).float().mean()), float((grown != IGNORE_INDEX).float().mean())
+        logger.info(f"{d.get('case_id', '?')}: sparse label grown by the random walker from {before:.1%} to "
+                    f"{after:.1%} of the voxels in {time.perf_counter() - start:.1f} s")
+        d[self.label_key] = MetaTensor(grown, meta=label.meta) if isinstance(label, MetaTensor) else grown
+        return d
+
+
 def preprocessing(cfg: CrossModalConfig, stage: str, missing: str | None = None, drop: Sequence[str] = ()) -> Compose:
     """The one transform factory. ``stage``: ``train`` (random patches + augmentation, image and label),
     ``unlabeled`` (the same for an image alone), ``val`` or ``infer``."""
     if stage not in ("train", "unlabeled", "val", "infer"):
         raise ValueError(f"stage {stage!r} is not one of ('train', 'unlabeled', 'val', 'infer')")
     steps: list[Transform] = [LoadCased(cfg, missing=missing, drop=drop)]
+    if stage == "train":
+        steps.append(PropagateSparseLabeld(cfg))
     if stage in ("train", "unlabeled"):
         t = cfg.train
         keys = ["image", "label"] if stage == "train" else ["image"]

@@ -29,8 +29,8 @@ METHODS = ("ours", "baseline_unet", "single_<modality>")
 
 def method_config(preset: str, method: str, overrides: dict[str, Any] | None = None) -> CrossModalConfig:
     """The config of a method on a preset's data: ``ours`` (CrossModalNet, hybrid losses), ``baseline_unet``
-    (early-fusion UNet, partial loss: nnU-Net's ignore-label recipe) or ``single_<modality>`` (that UNet on one
-    modality). ``overrides`` are merged last."""
+    (early-fusion UNet, partial loss on the drawn voxels: nnU-Net's ignore-label recipe, no label propagation) or
+    ``single_<modality>`` (that UNet on one modality). ``overrides`` are merged last."""
     cfg = load_config(preset, overrides=overrides)
     if method == "ours":
         model = {"name": "crossmodal"}
@@ -41,7 +41,9 @@ def method_config(preset: str, method: str, overrides: dict[str, Any] | None = N
     else:
         raise ValueError(f"method {method!r} is not one of ours, baseline_unet, "
                          f"{', '.join('single_' + m for m in cfg.modality_names)}")
-    return load_config(preset, overrides=merge_dicts(overrides or {}, {"model": model}))
+    # the baselines train on the drawn voxels only (nnU-Net's ignore label) unless the overrides say otherwise
+    defaults = {} if method == "ours" else {"train": {"propagate": {"method": "none"}}}
+    return load_config(preset, overrides=merge_dicts(merge_dicts(defaults, overrides or {}), {"model": model}))
 
 
 def train_offline(studies: str, preset: str, model_dir: str, epochs: int | None = None, device: str = "auto",

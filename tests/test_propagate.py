@@ -1,0 +1,99 @@
+"""Scribble propagation by the multi-channel random walker: hand-built volumes, the coarse-grid path, the training
+transform on a real phantom case (scribbles -> most of the case, checked against the truth)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_phantom_studies
+from crossmodal.config import ConfigError, CrossModalConfig, load_config
+from crossmodal.labels import IGNORE_INDEX
+from crossmodal.propagate import propagate_labels
+from crossmodal.serving.offline import method_config
+from crossmodal.transforms import LoadCased, PropagateSparseLabeld
+from monai.data import MetaTensor
+
+
+def _tube() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(2, 24, 24, 24) image: a bright tube (radius 2) along z in channel 0, channel 1 flat (noise only); its truth; and
+    scribbles: one line down the tube's axis (class 1), one background line far from it (class 0)."""
+    g = torch.Generator().manual_seed(0)
+    xx, yy = torch.meshgrid(torch.arange(24.0), torch.arange(24.0), indexing="ij")
+    tube = ((xx - 8) ** 2 + (yy - 10) ** 2 <= 4).unsqueeze(-1).expand(24, 24, 24)
+    image = torch.stack([tube.float() + 0.05 * torch.randn(24, 24, 24, generator=g),
+                         0.05 * torch.randn(24, 24, 24, generator=g)])
+    target = torch.full((1, 24, 24, 24), float(IGNORE_INDEX))
+    target[0, 8, 10, 2:22] = 1
+    target[0, 18, 4:20, 12] = 0
+    return image, target, tube.long()
+
+
+def test_a_line_inside_a_tube_labels_the_whole_tube():
+    image, target, truth = _tube()
+    out = propagate_labels(image, target, beta=130, threshold=0.9)[0].long()
+    assert out.shape == truth.shape and out.dtype == torch.long
+    drawn = target[0] != IGNORE_INDEX
+    assert torch.equal(out[drawn], target[0][drawn].long())  # the drawn voxels stay as drawn
+    labelled = out != IGNORE_INDEX
+    assert labelled.float().mean() > 0.9  # 36 drawn voxels of 13824 -> most of the volume
+    assert bool((out[labelled] == truth[labelled]).all())  # and nothing mislabelled
+    tube = truth.bool()
+    assert (out[tube] == 1).float().mean() > 0.9  # the tube, drawn on 20 of its 13 x 24 voxels, is filled
+
+
+def test_coarse_grid_path_keeps_the_drawn_voxels_and_the_halves():
+    img = torch.zeros(1, 16, 16, 16)
+    img[:, 8:] = 1.0
+    t = torch.full((1, 16, 16, 16), float(IGNORE_INDEX))
+    t[0, 2, 8, 3:13] = 0
+    t[0, 13, 8, 3:13] = 1
+    t[0, 7, 5, 5] = 0  # beside the edge, in the same coarse voxel as nothing else
+    out = propagate_labels(img, t, max_voxels=1000)[0]  # 4096 voxels -> grid coarsened by 2 per axis
+    assert bool((out[:7] == 0).all()) and bool((out[9:] == 1).all())
+    assert out[7, 5, 5] == 0 and bool((out[t[0] != IGNORE_INDEX] == t[0][t[0] != IGNORE_INDEX]).all())
+
+
+@pytest.mark.parametrize("fill", ["one_class", "dense"])
+def test_nothing_to_propagate_returns_the_label_unchanged(fill):
+    image, target, truth = _tube()
+    if fill == "one_class":  # a single class drawn would claim the whole case
+        target[target == 0] = IGNORE_INDEX
+    else:
+        target = truth[None].float()
+    assert torch.equal(propagate_labels(image, target), target)
+
+
+def test_transform_grows_sparse_labels_of_a_phantom_case_only(tmp_path: Path, phantom_cfg: CrossModalConfig):
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=2, dense=1, sparse=1, seed=5)
+    load = LoadCased(phantom_cfg)
+    sparse = load({"image": str(studies / "phantom001.nii.gz"), "label_kind": "sparse",
+                   "label": str(studies / "labels" / "final" / "phantom001.nii.gz")})
+    truth = load({"image": str(studies / "phantom001.nii.gz"),
+                  "label": str(studies / "truth" / "phantom001.nii.gz")})["label"][0].long()
+    before = sparse["label"]
+    grown = PropagateSparseLabeld(phantom_cfg)(sparse)["label"]
+    assert isinstance(grown, MetaTensor) and torch.equal(grown.affine, before.affine)
+    drawn, labelled = before[0] != IGNORE_INDEX, grown[0] != IGNORE_INDEX
+    assert drawn.float().mean() < 0.06 and labelled.float().mean() > 0.95  # ~4 % drawn -> nearly all labelled
+    assert (grown[0][labelled].long() == truth[labelled]).float().mean() > 0.99
+    vessel = truth == phantom_cfg.labels.classes["vessel"]
+    assert (grown[0][vessel] == 3).float().mean() > 0.9 > 0.3 > (before[0][vessel] == 3).float().mean()
+    dense = {"image": sparse["image"], "label": truth[None].float(), "label_kind": "dense"}
+    assert PropagateSparseLabeld(phantom_cfg)(dense)["label"] is dense["label"]  # dense labels pass unchanged
+    off = load_config("phantom", overrides={"train": {"propagate": {"method": "none"}}})
+    assert PropagateSparseLabeld(off)(sparse)["label"] is before
+
+
+def test_propagation_config_and_the_baselines():
+    assert method_config("phantom", "ours").train.propagate.method == "random_walker"
+    assert method_config("phantom", "baseline_unet").train.propagate.method == "none"  # nnU-Net's ignore label
+    assert method_config("phantom", "single_ct").train.propagate.method == "none"
+    given = method_config("phantom", "baseline_unet", {"train": {"propagate": {"method": "random_walker"}}})
+    assert given.train.propagate.method == "random_walker"  # overrides win (bench: baseline_unet+propagation)
+    assert load_config("brain").train.propagate.method == "none"  # measured: the walker's brain labels hurt
+    with pytest.raises(ConfigError, match=r"train.propagate.method: 'graphcut' is not one of"):
+        CrossModalConfig.from_dict({"train": {"propagate": {"method": "graphcut"}}})
+    with pytest.raises(ConfigError, match=r"train.propagate.threshold: 0.4 must be in \[0.5, 1\]"):
+        CrossModalConfig.from_dict({"train": {"propagate": {"threshold": 0.4}}})
+    assert np.isclose(CrossModalConfig.from_dict({"train": {"propagate": {"beta": 50}}}).train.propagate.beta, 50)
