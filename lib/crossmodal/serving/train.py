@@ -1,8 +1,9 @@
 """The app's train task on MONAI Label's ``BasicTrainTask`` (MONAI ``SupervisedTrainer`` / ignite engines).
 
 Hybrid supervision: dense labels, sparse labels (by their recorded kind) and unlabelled cases each get their
-own shuffling loader, stepped together (:class:`crossmodal.hybrid.MultiSourceLoader`); labels train through
-the partial loss (annotated voxels only), and a cross-modal network also learns from every case through the
+own shuffling loader, stepped together (:class:`crossmodal.hybrid.MultiSourceLoader`); sparse labels are first
+grown by a random walker over the modalities (:mod:`crossmodal.propagate`, ``train.propagate``); labels train
+through the partial loss (annotated voxels only), and a cross-modal network also learns from every case through the
 consistency terms of :class:`crossmodal.hybrid.HybridLoss` and, with dense labels, copy-paste mixes of dense and
 unlabelled cases (:func:`crossmodal.hybrid.copy_paste`, EMA teacher). Training starts from the published model when
 there is one. Validation uses dense labels when there are any (Dice), held-out sparse labels otherwise
