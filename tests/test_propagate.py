@@ -3,15 +3,16 @@ transform on a real phantom case (scribbles -> most of the case, checked against
 
 from pathlib import Path
 
+import crossmodal.propagate as propagate_mod
 import numpy as np
 import pytest
 import torch
 from conftest import make_phantom_studies
 from crossmodal.config import ConfigError, CrossModalConfig, load_config
 from crossmodal.labels import IGNORE_INDEX
-from crossmodal.propagate import propagate_labels
+from crossmodal.propagate import PropagationCache, propagate_labels
 from crossmodal.serving.offline import method_config
-from crossmodal.transforms import LoadCased, PropagateSparseLabeld
+from crossmodal.transforms import LoadCased, PropagateSparseLabeld, preprocessing
 from monai.data import MetaTensor
 
 
@@ -97,3 +98,41 @@ def test_propagation_config_and_the_baselines():
     with pytest.raises(ConfigError, match=r"train.propagate.threshold: 0.4 must be in \[0.5, 1\]"):
         CrossModalConfig.from_dict({"train": {"propagate": {"threshold": 0.4}}})
     assert np.isclose(CrossModalConfig.from_dict({"train": {"propagate": {"beta": 50}}}).train.propagate.beta, 50)
+
+
+def test_cache_walks_each_label_once_and_replaces_a_changed_one(tmp_path: Path, monkeypatch):
+    calls: list[int] = []
+    real = propagate_mod.propagate_labels
+    monkeypatch.setattr(propagate_mod, "propagate_labels", lambda *a, **k: calls.append(1) or real(*a, **k))
+    image, target, _ = _tube()
+    cache = PropagationCache(tmp_path / "cache")
+    first, hit = cache.propagate("case/7", image, target)
+    again, hit_again = cache.propagate("case/7", image, target)
+    assert (hit, hit_again, len(calls)) == (False, True, 1) and torch.equal(first, again)
+    files = list((tmp_path / "cache").iterdir())
+    assert [f.name.split(".")[0] for f in files] == ["case_7"] and torch.equal(first, propagate_labels(image, target))
+    edited = target.clone()
+    edited[0, 2, 2, 2] = 0  # the annotator adds a stroke: walked again, the old file goes
+    _, hit = cache.propagate("case/7", image, edited)
+    assert not hit and len(calls) == 2 and len(list((tmp_path / "cache").iterdir())) == 1
+    _, hit = cache.propagate("case/7", image, edited, threshold=0.9)  # other settings: another walk
+    assert not hit and len(calls) == 3
+    stored = next((tmp_path / "cache").iterdir())
+    stored.write_bytes(b"not a numpy file")  # a damaged cache file is walked again, not trusted
+    out, hit = cache.propagate("case/7", image, edited, threshold=0.9)
+    assert not hit and len(calls) == 4 and torch.equal(out, propagate_labels(image, edited, threshold=0.9))
+
+
+def test_training_pipeline_reads_the_cached_label_on_the_next_epoch(tmp_path: Path, phantom_cfg: CrossModalConfig,
+                                                                    monkeypatch):
+    calls: list[int] = []
+    real = propagate_mod.propagate_labels
+    monkeypatch.setattr(propagate_mod, "propagate_labels", lambda *a, **k: calls.append(1) or real(*a, **k))
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=1, dense=0, sparse=1, seed=5)
+    item = {"image": str(studies / "phantom000.nii.gz"), "label_kind": "sparse",
+            "label": str(studies / "labels" / "final" / "phantom000.nii.gz")}
+    pipeline = preprocessing(phantom_cfg, "train", cache_dir=tmp_path / "propagated")
+    epochs = [pipeline(dict(item)) for _ in range(2)]  # a Dataset loads the case anew every epoch
+    assert len(calls) == 1 and len(list((tmp_path / "propagated").glob("phantom000.*.npy"))) == 1
+    for samples in epochs:  # patches of the grown label: nearly every voxel annotated
+        assert all((s["label"] != IGNORE_INDEX).float().mean() > 0.9 for s in samples)

@@ -5,13 +5,20 @@ are but not where they end; thin structures (vessels) get a handful of voxels. A
 modalities of the case (edge weights from the summed squared gradients of every channel) gives each voxel the
 probability that a walker starting there first reaches a scribble of each class; voxels where one class reaches
 ``threshold`` join the label, the rest stay unannotated (``IGNORE_INDEX``), and the drawn voxels are kept as
-drawn. It runs once per case (a cached transform), on a coarser grid for cases over ``max_voxels``.
+drawn. Cases over ``max_voxels`` are propagated on a coarser grid. :class:`PropagationCache` keeps each grown label
+on disk under a key of the label, the image and the settings, so a training that reads its cases every epoch, and
+the next training of the annotate-retrain loop, walk only the labels that changed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
+import os
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,6 +26,8 @@ import torch.nn.functional as F
 from skimage.segmentation import random_walker
 
 from crossmodal.labels import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
 
 
 def propagate_labels(image: torch.Tensor, target: torch.Tensor, beta: float = 130.0, threshold: float = 0.5,
@@ -73,3 +82,69 @@ def propagate_labels(image: torch.Tensor, target: torch.Tensor, beta: float = 13
     out = torch.where(best >= threshold, grown, torch.full_like(grown, IGNORE_INDEX))
     out = torch.where(drawn, seeds, out)
     return out[None].to(target.dtype)
+
+
+def cache_key(image: torch.Tensor, target: torch.Tensor, **settings: float) -> str:
+    """A digest of (M, H, W, D) ``image``, (1, H, W, D) ``target`` and the propagation settings."""
+    h = hashlib.blake2b(digest_size=12)
+    h.update(repr((tuple(image.shape), sorted(settings.items()))).encode())
+    h.update(torch.as_tensor(target).detach().cpu().to(torch.int16).contiguous().numpy().tobytes())
+    h.update(torch.as_tensor(image).detach().cpu().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class PropagationCache:
+    """Grown labels on disk: ``<folder>/<case_id>.<key>.npy`` (int16), written atomically, one file per case
+    (a new label of a case replaces its older file).
+
+    Example:
+        >>> import tempfile
+        >>> img = torch.zeros(1, 8, 8, 8); img[:, 4:] = 1.0
+        >>> t = torch.full((1, 8, 8, 8), -1.0); t[0, 1, 4, 4] = 0; t[0, 6, 4, 4] = 1
+        >>> cache = PropagationCache(tempfile.mkdtemp())
+        >>> first, hit = cache.propagate("case0", img, t)
+        >>> second, hit_again = cache.propagate("case0", img, t)
+        >>> hit, hit_again, bool((first == second).all())
+        (False, True, True)
+    """
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+
+    def path(self, case_id: str, key: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in case_id)
+        return self.folder / f"{safe}.{key}.npy"
+
+    def propagate(self, case_id: str, image: torch.Tensor, target: torch.Tensor, beta: float = 130.0,
+                  threshold: float = 0.5, max_voxels: int = 2_000_000) -> tuple[torch.Tensor, bool]:
+        """:func:`propagate_labels` through the cache; returns the (1, H, W, D) grown label and whether it was
+        read from the cache."""
+        key = cache_key(image, target, beta=beta, threshold=threshold, max_voxels=max_voxels)
+        path = self.path(case_id, key)
+        if path.is_file():
+            try:
+                arr = np.load(path, allow_pickle=False)
+                if arr.shape == tuple(target.shape):
+                    return torch.from_numpy(arr.astype(np.float32)).to(target.dtype), True
+                logger.warning(f"{case_id}: cached propagation {path} has shape {arr.shape}, not "
+                               f"{tuple(target.shape)}; propagating again")
+            except (OSError, ValueError) as e:
+                logger.warning(f"{case_id}: cached propagation {path} is unreadable ({e}); propagating again")
+        grown = propagate_labels(image, target, beta, threshold, max_voxels)
+        self._store(path, grown.to(torch.int16).numpy())
+        return grown, False
+
+    def _store(self, path: Path, arr: np.ndarray) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, arr, allow_pickle=False)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        stem = path.name.split(".")[0]
+        for old in self.folder.glob(f"{stem}.*.npy"):
+            if old != path and len(old.name.split(".")) == 3:
+                old.unlink(missing_ok=True)

@@ -33,7 +33,7 @@ from monai.transforms import (
 from crossmodal.config import CrossModalConfig, ModalityConfig
 from crossmodal.io import Case, CaseError, find_case, load_volume, read_label, resample_to, same_grid
 from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE, invalid_values, to_training
-from crossmodal.propagate import propagate_labels
+from crossmodal.propagate import PropagationCache, propagate_labels
 from crossmodal.register import register_rigid
 from crossmodal.resample import argmax_channels, axis_map, resample_argmax, separable_resample, working_geometry
 
@@ -285,11 +285,15 @@ class PropagateSparseLabeld(MapTransform):
     :func:`crossmodal.propagate.propagate_labels` (``cfg.train.propagate``); other labels pass unchanged.
 
     ``data["image"]`` (M, H, W, D), ``data["label"]`` (1, H, W, D) with ``IGNORE_INDEX`` -> the same, grown.
+    With ``cache_dir`` the grown labels are kept there (:class:`crossmodal.propagate.PropagationCache`), so a
+    label is walked once however often its case is read.
     """
 
-    def __init__(self, cfg: CrossModalConfig, image_key: str = "image", label_key: str = "label") -> None:
+    def __init__(self, cfg: CrossModalConfig, image_key: str = "image", label_key: str = "label",
+                 cache_dir: str | os.PathLike[str] | None = None) -> None:
         super().__init__([label_key])
         self.cfg, self.image_key, self.label_key = cfg, image_key, label_key
+        self.cache = PropagationCache(cache_dir) if cache_dir is not None else None
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -299,22 +303,28 @@ class PropagateSparseLabeld(MapTransform):
         label = d[self.label_key]
         start = time.perf_counter()
         plain = label.as_tensor() if isinstance(label, MetaTensor) else label
-        grown = propagate_labels(torch.as_tensor(d[self.image_key]), plain, p.beta, p.threshold, p.max_voxels)
+        image, case_id = torch.as_tensor(d[self.image_key]), str(d.get("case_id", "case"))
+        if self.cache is not None:
+            grown, hit = self.cache.propagate(case_id, image, plain, p.beta, p.threshold, p.max_voxels)
+        else:
+            grown, hit = propagate_labels(image, plain, p.beta, p.threshold, p.max_voxels), False
         before, after = float((plain != IGNORE_INDEX).float().mean()), float((grown != IGNORE_INDEX).float().mean())
-        logger.info(f"{d.get('case_id', '?')}: sparse label grown by the random walker from {before:.1%} to "
-                    f"{after:.1%} of the voxels in {time.perf_counter() - start:.1f} s")
+        logger.info(f"{case_id}: sparse label grown by the random walker from {before:.1%} to {after:.1%} of the "
+                    f"voxels in {time.perf_counter() - start:.1f} s{' (cached)' if hit else ''}")
         d[self.label_key] = MetaTensor(grown, meta=label.meta) if isinstance(label, MetaTensor) else grown
         return d
 
 
-def preprocessing(cfg: CrossModalConfig, stage: str, missing: str | None = None, drop: Sequence[str] = ()) -> Compose:
+def preprocessing(cfg: CrossModalConfig, stage: str, missing: str | None = None, drop: Sequence[str] = (),
+                  cache_dir: str | os.PathLike[str] | None = None) -> Compose:
     """The one transform factory. ``stage``: ``train`` (random patches + augmentation, image and label),
-    ``unlabeled`` (the same for an image alone), ``val`` or ``infer``."""
+    ``unlabeled`` (the same for an image alone), ``val`` or ``infer``. ``cache_dir``: where ``train`` keeps the
+    propagated sparse labels (:class:`PropagateSparseLabeld`)."""
     if stage not in ("train", "unlabeled", "val", "infer"):
         raise ValueError(f"stage {stage!r} is not one of ('train', 'unlabeled', 'val', 'infer')")
     steps: list[Transform] = [LoadCased(cfg, missing=missing, drop=drop)]
     if stage == "train":
-        steps.append(PropagateSparseLabeld(cfg))
+        steps.append(PropagateSparseLabeld(cfg, cache_dir=cache_dir))
     if stage in ("train", "unlabeled"):
         t = cfg.train
         keys = ["image", "label"] if stage == "train" else ["image"]

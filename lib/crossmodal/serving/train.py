@@ -265,7 +265,8 @@ class CrossModalTrain(BasicTrainTask):
         return torch.nn.parallel.DistributedDataParallel(network, find_unused_parameters=True), optimizer
 
     def train_pre_transforms(self, context: Context):
-        return preprocessing(self.cfg, "train")
+        # the grown scribbles persist across epochs (Dataset reads every case anew) and across training runs
+        return preprocessing(self.cfg, "train", cache_dir=os.path.join(self._model_dir, "propagated"))
 
     def train_post_transforms(self, context: Context):
         return [PartialOneHotd(self.cfg.labels.num_classes)]
