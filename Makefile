@@ -12,7 +12,7 @@ PRE := apps/crossmodal/pretrained
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: install install-system data run pacs test lint bench-infer bench-quality bench-demo-train bench-ohif simulate weights weights-phantom weights-brain clean
+.PHONY: install install-system data run pacs test lint bench-infer bench-quality bench-propagate bench-demo-train bench-ohif simulate weights weights-phantom weights-brain clean
 
 install: install-system $(STAMP)
 
@@ -79,6 +79,10 @@ bench-infer: install $(SPM)
 # brain (about an hour on 2 cores); QUICK=1: phantom, one seed, a few minutes. RESULTS_DIR=... to redirect.
 bench-quality: install $(SPM)
 	$(BIN)/python bench/quality.py $(if $(QUICK),--quick,)
+
+# Scribble propagation vs case size (48^3 to 160^3): seconds, peak memory, label quality, full vs coarse grid, cache.
+bench-propagate: install
+	$(BIN)/python bench/propagate.py $(if $(QUICK),--quick,)
 
 # The demo's full training as the viewers start it (time, peak memory, Dice on the unlabelled demo cases).
 bench-demo-train: install data
