@@ -187,6 +187,7 @@ def test_bad_input_is_4xx_names_the_problem_and_changes_nothing(client, phantom_
 def test_train_publishes_a_model_that_infer_reloads(client, phantom_server):
     published = phantom_server.model_dir / "phantom_baseline_unet.pt"
     assert not published.exists()
+    client.infer("baseline_unet", "phantom005", {})  # the committed model in the server's cache, to be replaced
     started = time.time()
     client.train_start("baseline_unet", {"max_epochs": 2, "tracking": "mlflow"})  # as Slicer asks
     deadline = time.time() + 400
@@ -199,6 +200,14 @@ def test_train_publishes_a_model_that_infer_reloads(client, phantom_server):
     assert 0.0 < stats["best_metric"] <= 1.0
     assert (phantom_server.model_dir / "mlflow.db").is_file()  # MLflow on sqlite, not the rejected file:// URI
     assert (phantom_server.model_dir / "train_01" / "config.yaml").is_file()
+    # the sparse labels were grown by the random walker once, then read from the cache in the second epoch
+    objects = client.datastore()["objects"]
+    kinds = {c: o["labels"].get("final", {}).get("info", {}).get("label_kind") for c, o in objects.items()}
+    sparse = {c for c, kind in kinds.items() if kind == "sparse"}
+    grown = {p.name.split(".")[0] for p in (phantom_server.model_dir / "propagated").glob("*.npy")}
+    assert grown and grown <= sparse
+    log = phantom_server.log.read_text()
+    assert "sparse label grown by the random walker" in log and "of the voxels in" in log and "(cached)" in log
 
     out, params = client.infer("baseline_unet", "phantom005", {})
     assert "Reload model from cache" in phantom_server.log.read_text()
