@@ -7,10 +7,10 @@ import crossmodal.propagate as propagate_mod
 import numpy as np
 import pytest
 import torch
-from conftest import make_phantom_studies
+from conftest import SPM_DIR, make_phantom_studies
 from crossmodal.config import ConfigError, CrossModalConfig, load_config
 from crossmodal.labels import IGNORE_INDEX
-from crossmodal.propagate import PropagationCache, propagate_labels
+from crossmodal.propagate import PropagationCache, heldout_accuracy, propagate_labels
 from crossmodal.serving.offline import method_config
 from crossmodal.transforms import LoadCased, PropagateSparseLabeld, preprocessing
 from monai.data import MetaTensor
@@ -97,6 +97,8 @@ def test_propagation_config_and_the_baselines():
         CrossModalConfig.from_dict({"train": {"propagate": {"method": "graphcut"}}})
     with pytest.raises(ConfigError, match=r"train.propagate.threshold: 0.4 must be in \[0.5, 1\]"):
         CrossModalConfig.from_dict({"train": {"propagate": {"threshold": 0.4}}})
+    with pytest.raises(ConfigError, match=r"train.propagate.min_heldout_accuracy: 1.5 must be in \[0, 1\]"):
+        CrossModalConfig.from_dict({"train": {"propagate": {"min_heldout_accuracy": 1.5}}})
     assert np.isclose(CrossModalConfig.from_dict({"train": {"propagate": {"beta": 50}}}).train.propagate.beta, 50)
 
 
@@ -132,7 +134,52 @@ def test_training_pipeline_reads_the_cached_label_on_the_next_epoch(tmp_path: Pa
     item = {"image": str(studies / "phantom000.nii.gz"), "label_kind": "sparse",
             "label": str(studies / "labels" / "final" / "phantom000.nii.gz")}
     pipeline = preprocessing(phantom_cfg, "train", cache_dir=tmp_path / "propagated")
-    epochs = [pipeline(dict(item)) for _ in range(2)]  # a Dataset loads the case anew every epoch
-    assert len(calls) == 1 and len(list((tmp_path / "propagated").glob("phantom000.*.npy"))) == 1
+    epochs = [pipeline(dict(item))]
+    assert len(calls) == 2  # the held-out stroke check and the walk
+    epochs.append(pipeline(dict(item)))  # a Dataset loads the case anew every epoch
+    assert len(calls) == 2 and len(list((tmp_path / "propagated").glob("phantom000.*.npy"))) == 1
     for samples in epochs:  # patches of the grown label: nearly every voxel annotated
         assert all((s["label"] != IGNORE_INDEX).float().mean() > 0.9 for s in samples)
+
+
+def test_heldout_accuracy_on_strokes_left_out():
+    img = torch.zeros(1, 16, 16, 16)
+    img[:, 8:] = 1.0
+    t = torch.full((1, 16, 16, 16), float(IGNORE_INDEX))
+    for z in (2, 6, 10, 14):  # strokes of both classes drawn on four axial slices
+        t[0, 3, 4:12, z] = 0
+        t[0, 12, 4:12, z] = 1
+    assert heldout_accuracy(img, t) == 1.0  # slices 6 and 14 grown from 2 and 10: every voxel right
+    one = torch.where(torch.arange(16).view(1, 1, 1, 16) == 2, t, torch.full_like(t, IGNORE_INDEX))
+    assert heldout_accuracy(img, one) == 1.0  # one drawn slice: every other row of its strokes left out instead
+    dots = torch.full_like(t, IGNORE_INDEX)
+    dots[0, 3, 4, 2], dots[0, 12, 4, 2] = 0, 1
+    assert heldout_accuracy(img, dots) is None  # a dot per class: leaving one out loses its class
+
+
+def test_heldout_check_grows_the_phantom_and_keeps_brain_scribbles_as_drawn(tmp_path: Path, phantom_cfg, caplog):
+    from crossmodal.data.brain import load_templates, make_brain_case
+    from crossmodal.data.studies import generate
+
+    phantom = make_phantom_studies(tmp_path / "p", phantom_cfg, cases=1, dense=0, sparse=1, seed=5)
+    item = LoadCased(phantom_cfg)({"image": str(phantom / "phantom000.nii.gz"), "label_kind": "sparse",
+                                   "label": str(phantom / "labels" / "final" / "phantom000.nii.gz")})
+    assert heldout_accuracy(item["image"].as_tensor(), item["label"].as_tensor()) >= 0.99
+    assert (PropagateSparseLabeld(phantom_cfg)(item)["label"] != IGNORE_INDEX).float().mean() > 0.95
+
+    cfg = load_config("brain", overrides={"train": {"propagate": {"method": "random_walker"}}})
+    assert cfg.train.propagate.min_heldout_accuracy == 0.99  # the default
+    templates = load_templates(SPM_DIR)
+    generate(tmp_path / "b", cfg, lambda rng: make_brain_case(cfg, templates, rng), 1, 3, "brain", sparse=1)
+    item = LoadCased(cfg)({"image": str(tmp_path / "b" / "brain000.nii.gz"), "label_kind": "sparse",
+                           "label": str(tmp_path / "b" / "labels" / "final" / "brain000.nii.gz")})
+    accuracy = heldout_accuracy(item["image"].as_tensor(), item["label"].as_tensor())
+    assert 0.9 < accuracy < 0.99  # 3 mm tissue maps: the walker errs at every partial-volume edge
+    with caplog.at_level("WARNING", logger="crossmodal.propagate"):
+        kept = PropagateSparseLabeld(cfg)(item)["label"]
+    assert torch.equal(kept.as_tensor(), item["label"].as_tensor())  # trained on the drawn voxels only
+    assert f"brain000: the random walker labels only {accuracy:.1%} of the held-out strokes right" in caplog.text
+    unchecked = load_config("brain", overrides={"train": {"propagate": {"method": "random_walker",
+                                                                        "min_heldout_accuracy": 0}}})
+    grown = PropagateSparseLabeld(unchecked)(item)["label"]
+    assert (grown != IGNORE_INDEX).float().mean() > 2 * (item["label"] != IGNORE_INDEX).float().mean()

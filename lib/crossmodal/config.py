@@ -213,13 +213,15 @@ class PropagationConfig:
     the nnU-Net ignore-label recipe); ``beta``: edge sensitivity; ``threshold``: class probability a voxel needs to
     be labelled (0.5: the class a walker most likely reaches first, whenever it has even odds or better; higher
     thresholds keep fewer, surer voxels, mostly of the background); ``max_voxels``: larger cases are propagated on a
-    coarser grid.
+    coarser grid; ``min_heldout_accuracy``: a case's label is grown only if growing every other stroke labels the
+    strokes left out at least this right (0: no check; :func:`crossmodal.propagate.heldout_accuracy`).
     """
 
     method: str = "random_walker"
     beta: float = 130.0
     threshold: float = 0.5
     max_voxels: int = 2_000_000
+    min_heldout_accuracy: float = 0.99
 
     def __post_init__(self) -> None:
         if self.method not in ("random_walker", "none"):
@@ -230,6 +232,8 @@ class PropagationConfig:
             raise ConfigError(f"train.propagate.threshold: {self.threshold} must be in [0.5, 1]")
         if self.max_voxels < 1000:
             raise ConfigError(f"train.propagate.max_voxels: {self.max_voxels} must be >= 1000")
+        if not 0.0 <= self.min_heldout_accuracy <= 1.0:
+            raise ConfigError(f"train.propagate.min_heldout_accuracy: {self.min_heldout_accuracy} must be in [0, 1]")
 
 
 @dataclass

@@ -5,7 +5,9 @@ are but not where they end; thin structures (vessels) get a handful of voxels. A
 modalities of the case (edge weights from the summed squared gradients of every channel) gives each voxel the
 probability that a walker starting there first reaches a scribble of each class; voxels where one class reaches
 ``threshold`` join the label, the rest stay unannotated (``IGNORE_INDEX``), and the drawn voxels are kept as
-drawn. Cases over ``max_voxels`` are propagated on a coarser grid. :class:`PropagationCache` keeps each grown label
+drawn. Cases over ``max_voxels`` are propagated on a coarser grid. Whether the walker can be trusted on a case is
+checked on the case itself (:func:`heldout_accuracy`: grow every other stroke, score the strokes left out); a case
+that fails keeps its drawn voxels only. :class:`PropagationCache` keeps each grown label
 on disk under a key of the label, the image and the settings, so a training that reads its cases every epoch, and
 the next training of the annotate-retrain loop, walk only the labels that changed.
 """
@@ -84,6 +86,56 @@ def propagate_labels(image: torch.Tensor, target: torch.Tensor, beta: float = 13
     return out[None].to(target.dtype)
 
 
+def heldout_accuracy(image: torch.Tensor, target: torch.Tensor, beta: float = 130.0, threshold: float = 0.5,
+                     max_voxels: int = 2_000_000) -> float | None:
+    """How right the walker is on this case, measured on its own strokes: along the axis the strokes were drawn on
+    (the one whose fewest slices hold drawn voxels, among those where the slices kept still hold every class of the
+    slices left out), every other drawn slice is left out, the rest grown, and the left-out drawn voxels it labels
+    are scored against their drawn class.
+
+    Args: as :func:`propagate_labels`; ``target`` (1, H, W, D).
+
+    Returns:
+        The fraction right in [0, 1]; None when no axis gives such a split or the walk labels none of the left-out
+        voxels.
+    """
+    seeds = target[0].long()
+    drawn = seeds != IGNORE_INDEX
+    splits = []
+    for axis in range(3):
+        slices = torch.nonzero(drawn.movedim(axis, 0).flatten(1).any(1), as_tuple=True)[0]
+        held = torch.zeros_like(drawn)
+        held.movedim(axis, 0)[slices[1::2]] = True
+        held &= drawn
+        kept_classes = set(torch.unique(seeds[drawn & ~held]).tolist())
+        if len(slices) >= 2 and len(kept_classes) >= 2 and set(torch.unique(seeds[held]).tolist()) <= kept_classes:
+            splits.append((len(slices), held))  # every class left out is still drawn on the slices kept
+    if not splits:
+        return None
+    held = min(splits, key=lambda x: x[0])[1]  # the drawing axis: strokes on the fewest slices
+    kept = torch.where(held, torch.full_like(seeds, IGNORE_INDEX), seeds)
+    grown = propagate_labels(image, kept[None].to(target.dtype), beta, threshold, max_voxels)[0].long()
+    scored = held & (grown != IGNORE_INDEX)
+    if not bool(scored.any()):
+        return None
+    return float((grown[scored] == seeds[scored]).float().mean())
+
+
+def grow_checked(image: torch.Tensor, target: torch.Tensor, beta: float = 130.0, threshold: float = 0.5,
+                 max_voxels: int = 2_000_000, min_heldout_accuracy: float = 0.0,
+                 case_id: str = "case") -> tuple[torch.Tensor, float | None]:
+    """:func:`propagate_labels` if :func:`heldout_accuracy` reaches ``min_heldout_accuracy`` (or cannot be measured,
+    or the minimum is 0), else ``target`` unchanged (with a warning naming ``case_id``); returns the (1, H, W, D)
+    label and the measured accuracy."""
+    accuracy = heldout_accuracy(image, target, beta, threshold, max_voxels) if min_heldout_accuracy > 0 else None
+    if accuracy is not None and accuracy < min_heldout_accuracy:
+        logger.warning(f"{case_id}: the random walker labels only {accuracy:.1%} of the held-out strokes right "
+                       f"(train.propagate.min_heldout_accuracy {min_heldout_accuracy}); training on the drawn voxels "
+                       f"only")
+        return target, accuracy
+    return propagate_labels(image, target, beta, threshold, max_voxels), accuracy
+
+
 def cache_key(image: torch.Tensor, target: torch.Tensor, **settings: float) -> str:
     """A digest of (M, H, W, D) ``image``, (1, H, W, D) ``target`` and the propagation settings."""
     h = hashlib.blake2b(digest_size=12)
@@ -116,10 +168,12 @@ class PropagationCache:
         return self.folder / f"{safe}.{key}.npy"
 
     def propagate(self, case_id: str, image: torch.Tensor, target: torch.Tensor, beta: float = 130.0,
-                  threshold: float = 0.5, max_voxels: int = 2_000_000) -> tuple[torch.Tensor, bool]:
-        """:func:`propagate_labels` through the cache; returns the (1, H, W, D) grown label and whether it was
-        read from the cache."""
-        key = cache_key(image, target, beta=beta, threshold=threshold, max_voxels=max_voxels)
+                  threshold: float = 0.5, max_voxels: int = 2_000_000,
+                  min_heldout_accuracy: float = 0.0) -> tuple[torch.Tensor, bool]:
+        """:func:`grow_checked` through the cache; returns the (1, H, W, D) label and whether it was read from the
+        cache."""
+        key = cache_key(image, target, beta=beta, threshold=threshold, max_voxels=max_voxels,
+                        min_heldout_accuracy=min_heldout_accuracy)
         path = self.path(case_id, key)
         if path.is_file():
             try:
@@ -130,7 +184,7 @@ class PropagationCache:
                                f"{tuple(target.shape)}; propagating again")
             except (OSError, ValueError) as e:
                 logger.warning(f"{case_id}: cached propagation {path} is unreadable ({e}); propagating again")
-        grown = propagate_labels(image, target, beta, threshold, max_voxels)
+        grown, _ = grow_checked(image, target, beta, threshold, max_voxels, min_heldout_accuracy, case_id)
         self._store(path, grown.to(torch.int16).numpy())
         return grown, False
 

@@ -33,7 +33,7 @@ from monai.transforms import (
 from crossmodal.config import CrossModalConfig, ModalityConfig
 from crossmodal.io import Case, CaseError, find_case, load_volume, read_label, resample_to, same_grid
 from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE, invalid_values, to_training
-from crossmodal.propagate import PropagationCache, propagate_labels
+from crossmodal.propagate import PropagationCache, grow_checked
 from crossmodal.register import register_rigid
 from crossmodal.resample import argmax_channels, axis_map, resample_argmax, separable_resample, working_geometry
 
@@ -305,9 +305,11 @@ class PropagateSparseLabeld(MapTransform):
         plain = label.as_tensor() if isinstance(label, MetaTensor) else label
         image, case_id = torch.as_tensor(d[self.image_key]), str(d.get("case_id", "case"))
         if self.cache is not None:
-            grown, hit = self.cache.propagate(case_id, image, plain, p.beta, p.threshold, p.max_voxels)
+            grown, hit = self.cache.propagate(case_id, image, plain, p.beta, p.threshold, p.max_voxels,
+                                              p.min_heldout_accuracy)
         else:
-            grown, hit = propagate_labels(image, plain, p.beta, p.threshold, p.max_voxels), False
+            grown, hit = grow_checked(image, plain, p.beta, p.threshold, p.max_voxels, p.min_heldout_accuracy,
+                                      case_id)[0], False
         before, after = float((plain != IGNORE_INDEX).float().mean()), float((grown != IGNORE_INDEX).float().mean())
         logger.info(f"{case_id}: sparse label grown by the random walker from {before:.1%} to {after:.1%} of the "
                     f"voxels in {time.perf_counter() - start:.1f} s{' (cached)' if hit else ''}")
