@@ -323,6 +323,10 @@ class CrossModalTrain(BasicTrainTask):
                                       context.evaluator)
             engine = context.evaluator or context.trainer
             engine.add_event_handler(Events.EPOCH_COMPLETED, publisher)
+        if context.multi_gpu:
+            # every process leaves training together (rank 0 publishes last), so MONAI Label's
+            # destroy_process_group() never tears gloo down under a peer still running
+            context.trainer.add_event_handler(Events.COMPLETED, lambda _: torch.distributed.barrier())
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         req = coerce_tracking(request, self._model_dir)
