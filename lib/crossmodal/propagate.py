@@ -55,7 +55,8 @@ def propagate_labels(image: torch.Tensor, target: torch.Tensor, beta: float = 13
         >>> int((out[0, :4] == 0).sum()), int((out[0, 4:] == 1).sum())  # each half takes its scribble's class
         (256, 256)
     """
-    seeds = target[0].long()
+    device = target.device
+    image, seeds = image.detach().cpu(), target[0].detach().cpu().long()  # the walker runs on the CPU (SciPy)
     drawn = seeds != IGNORE_INDEX
     classes = torch.unique(seeds[drawn])
     if len(classes) < 2 or bool(drawn.all()):
@@ -83,7 +84,7 @@ def propagate_labels(image: torch.Tensor, target: torch.Tensor, beta: float = 13
     grown = torch.from_numpy(present - 1)[idx]
     out = torch.where(best >= threshold, grown, torch.full_like(grown, IGNORE_INDEX))
     out = torch.where(drawn, seeds, out)
-    return out[None].to(target.dtype)
+    return out[None].to(device=device, dtype=target.dtype)
 
 
 def heldout_accuracy(image: torch.Tensor, target: torch.Tensor, beta: float = 130.0, threshold: float = 0.5,
@@ -99,7 +100,7 @@ def heldout_accuracy(image: torch.Tensor, target: torch.Tensor, beta: float = 13
         The fraction right in [0, 1]; None when no axis gives such a split or the walk labels none of the left-out
         voxels.
     """
-    seeds = target[0].long()
+    seeds = target[0].detach().cpu().long()
     drawn = seeds != IGNORE_INDEX
     splits = []
     for axis in range(3):
@@ -179,13 +180,13 @@ class PropagationCache:
             try:
                 arr = np.load(path, allow_pickle=False)
                 if arr.shape == tuple(target.shape):
-                    return torch.from_numpy(arr.astype(np.float32)).to(target.dtype), True
+                    return torch.from_numpy(arr.astype(np.float32)).to(device=target.device, dtype=target.dtype), True
                 logger.warning(f"{case_id}: cached propagation {path} has shape {arr.shape}, not "
                                f"{tuple(target.shape)}; propagating again")
             except (OSError, ValueError) as e:
                 logger.warning(f"{case_id}: cached propagation {path} is unreadable ({e}); propagating again")
         grown, _ = grow_checked(image, target, beta, threshold, max_voxels, min_heldout_accuracy, case_id)
-        self._store(path, grown.to(torch.int16).numpy())
+        self._store(path, grown.detach().cpu().to(torch.int16).numpy())
         return grown, False
 
     def _store(self, path: Path, arr: np.ndarray) -> None:
