@@ -6,8 +6,9 @@ loaded as training loads it (`LoadCased`: the modalities co-registered and resam
 scribbles are grown by `propagate_labels` twice, in fresh processes (peak RSS is the process's): on the full grid
 (`max_voxels` unlimited, the baseline) and with the default `max_voxels` (2M: cases above it on a grid coarsened by
 a whole factor per axis). The default run then reads the grown label back through `PropagationCache` (what every
-later epoch and retrain of an unchanged label costs). Label quality against the truth: the fraction of voxels
-labelled, the fraction of those right, and per class the fraction of its voxels labelled with it.
+later epoch and retrain of an unchanged label costs; `kB`: its compressed file). Label quality against the truth:
+the fraction of voxels labelled, the fraction of those right, and per class the fraction of its voxels labelled with
+it.
 
     python bench/propagate.py [--quick]     # RESULTS_DIR=... to write elsewhere than bench/results
 """
@@ -74,6 +75,7 @@ def measure(studies: str, case_id: str, max_voxels: int, cache_dir: str | None) 
         t0 = time.perf_counter()
         cached, hit = cache.propagate(case_id, image, target, max_voxels=max_voxels)
         out["cache_hit_s"] = round(time.perf_counter() - t0, 3)
+        out["cache_kb"] = round(sum(f.stat().st_size for f in Path(cache_dir).glob(f"{case_id}.*.npz")) / 1024, 1)
         assert hit and torch.equal(cached, grown)
     truth_t, g, drawn = truth["label"][0].long(), grown[0].long(), target[0] != IGNORE_INDEX
     labelled = g != IGNORE_INDEX
@@ -110,14 +112,14 @@ def main() -> int:
                    "cache_hit_ratio_vs_walk": round(default["cache_hit_s"] / default["walk_s"], 4)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    header = (f"{'grid':>6} {'voxels':>9} {'run':>12} {'load s':>7} {'walk s':>7} {'hit s':>6} {'GB':>5} "
+    header = (f"{'grid':>6} {'voxels':>9} {'run':>12} {'load s':>7} {'walk s':>7} {'hit s':>6} {'kB':>5} {'GB':>5} "
               f"{'labelled':>8} {'right':>6}  per-class coverage")
     print("\n" + header)
     for r in rows:
         for name in ("full", "default"):
             m = r[name]
             label = "full grid" if name == "full" else f"max {DEFAULT_MAX_VOXELS // 10**6}M vox"
-            hit = f"{m['cache_hit_s']:6.3f}" if "cache_hit_s" in m else f"{'-':>6}"
+            hit = f"{m['cache_hit_s']:6.3f} {m['cache_kb']:5.0f}" if "cache_hit_s" in m else f"{'-':>6} {'-':>5}"
             cov = " ".join(f"{k}={v:.3f}" for k, v in m["class_coverage"].items())
             print(f"{r['size']:>5}^3 {m['voxels']:>9} {label:>12} {m['load_s']:7.2f} {m['walk_s']:7.2f} {hit} "
                   f"{m['peak_rss_gb']:5.2f} {m['labelled_fraction']:8.3f} {m['accuracy']:6.3f}  {cov}")

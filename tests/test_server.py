@@ -204,7 +204,7 @@ def test_train_publishes_a_model_that_infer_reloads(client, phantom_server):
     objects = client.datastore()["objects"]
     kinds = {c: o["labels"].get("final", {}).get("info", {}).get("label_kind") for c, o in objects.items()}
     sparse = {c for c, kind in kinds.items() if kind == "sparse"}
-    grown = {p.name.split(".")[0] for p in (phantom_server.model_dir / "propagated").glob("*.npy")}
+    grown = {p.name.split(".")[0] for p in (phantom_server.model_dir / "propagated").glob("*.npz")}
     assert grown and grown <= sparse
     log = phantom_server.log.read_text()
     assert "sparse label grown by the random walker" in log and "of the voxels in" in log and "(cached)" in log

@@ -20,6 +20,7 @@ import math
 import os
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -147,7 +148,8 @@ def cache_key(image: torch.Tensor, target: torch.Tensor, **settings: float) -> s
 
 
 class PropagationCache:
-    """Grown labels on disk: ``<folder>/<case_id>.<key>.npy`` (int16), written atomically, one file per case
+    """Grown labels on disk: ``<folder>/<case_id>.<key>.npz`` (int8, compressed: labels shrink ~100x), written
+    atomically, one file per case
     (a new label of a case replaces its older file).
 
     Example:
@@ -166,7 +168,7 @@ class PropagationCache:
 
     def path(self, case_id: str, key: str) -> Path:
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in case_id)
-        return self.folder / f"{safe}.{key}.npy"
+        return self.folder / f"{safe}.{key}.npz"
 
     def propagate(self, case_id: str, image: torch.Tensor, target: torch.Tensor, beta: float = 130.0,
                   threshold: float = 0.5, max_voxels: int = 2_000_000,
@@ -178,15 +180,17 @@ class PropagationCache:
         path = self.path(case_id, key)
         if path.is_file():
             try:
-                arr = np.load(path, allow_pickle=False)
+                with np.load(path, allow_pickle=False) as stored:
+                    arr = stored["label"]
                 if arr.shape == tuple(target.shape):
                     return torch.from_numpy(arr.astype(np.float32)).to(device=target.device, dtype=target.dtype), True
                 logger.warning(f"{case_id}: cached propagation {path} has shape {arr.shape}, not "
                                f"{tuple(target.shape)}; propagating again")
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
                 logger.warning(f"{case_id}: cached propagation {path} is unreadable ({e}); propagating again")
         grown, _ = grow_checked(image, target, beta, threshold, max_voxels, min_heldout_accuracy, case_id)
-        self._store(path, grown.detach().cpu().to(torch.int16).numpy())
+        small = torch.int8 if int(grown.max()) < 128 else torch.int16  # IGNORE_INDEX -1 and the classes
+        self._store(path, grown.detach().cpu().to(small).numpy())
         return grown, False
 
     def _store(self, path: Path, arr: np.ndarray) -> None:
@@ -194,12 +198,12 @@ class PropagationCache:
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                np.save(f, arr, allow_pickle=False)
+                np.savez_compressed(f, label=arr)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         stem = path.name.split(".")[0]
-        for old in self.folder.glob(f"{stem}.*.npy"):
+        for old in self.folder.glob(f"{stem}.*.npz"):
             if old != path and len(old.name.split(".")) == 3:
                 old.unlink(missing_ok=True)
