@@ -185,3 +185,40 @@ def test_heldout_check_grows_the_phantom_and_keeps_brain_scribbles_as_drawn(tmp_
                                                                         "min_heldout_accuracy": 0}}})
     grown = PropagateSparseLabeld(unchecked)(item)["label"]
     assert (grown != IGNORE_INDEX).float().mean() > 2 * (item["label"] != IGNORE_INDEX).float().mean()
+
+
+def test_propagate_command_writes_grown_labels_and_names_bad_cases(tmp_path: Path, phantom_cfg, capsys):
+    import json
+
+    from crossmodal.cli import main
+    from crossmodal.io import load_volume
+
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=2, dense=1, sparse=1, seed=5)
+    assert main(["propagate", "--studies", str(studies), "--config", "phantom", "--out", str(tmp_path / "g")]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert lines[0] == {"case": "phantom000", "label": str(studies / "labels" / "final" / "phantom000.nii.gz"),
+                        "kind": "dense", "propagated": False}
+    sparse = lines[1]
+    assert sparse["case"] == "phantom001" and sparse["propagated"] and sparse["heldout_accuracy"] >= 0.99
+    assert sparse["drawn_fraction"] < 0.06 and sparse["labelled_fraction"] > 0.95
+    assert lines[2] == {"grown": ["phantom001"], "kept_as_drawn": [], "dense": ["phantom000"]}
+    grown = np.rint(load_volume(tmp_path / "g" / "phantom001.nii.gz")[0].numpy()).astype(int)
+    truth = np.rint(load_volume(studies / "truth" / "phantom001.nii.gz")[0].numpy()).astype(int)
+    labelled = grown != 0  # the viewer convention: 0 unannotated, 255 background painted, classes as themselves
+    assert set(np.unique(grown)) <= {0, 1, 2, 3, 255} and labelled.mean() > 0.95
+    assert (np.where(grown == 255, 0, grown)[labelled] == truth[labelled]).mean() > 0.99
+
+    strict = ["propagate", "--studies", str(studies), "--config", "phantom", "--out", str(tmp_path / "h"),
+              "--cases", "phantom001", "--min-heldout-accuracy", "1.0"]
+    assert sparse["heldout_accuracy"] < 1.0  # 0.998: a bar of 1.0 keeps the case as drawn and says so
+    assert main(strict) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out.splitlines()[-1])["kept_as_drawn"] == ["phantom001"]
+    assert "1 case(s) failed the held-out stroke check (min_heldout_accuracy 1.0)" in err
+    kept = np.rint(load_volume(tmp_path / "h" / "phantom001.nii.gz")[0].numpy()).astype(int)
+    drawn = np.rint(load_volume(studies / "labels" / "final" / "phantom001.nii.gz")[0].numpy()).astype(int)
+    assert np.array_equal(kept, drawn)  # written back exactly as drawn
+    assert main(["propagate", "--studies", str(studies), "--out", str(tmp_path / "x"), "--cases", "phantom009"]) == 2
+    err = capsys.readouterr().err
+    assert "case 'phantom009'" in err and "has no final label to propagate" in err
+    assert not (tmp_path / "x").exists()

@@ -10,6 +10,7 @@ Examples::
     crossmodal data to-dicom --studies data/brain --config brain --upload http://127.0.0.1:8042/dicom-web
     crossmodal data import-nnunet --dataset data/Dataset001_Brain --out data/brain2 --config brain
     crossmodal train --studies data/brain --config brain --model-dir apps/crossmodal/model
+    crossmodal propagate --studies data/phantom --config phantom --out grown/
 """
 
 from __future__ import annotations
@@ -84,6 +85,60 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
     print(json.dumps({"label": args.label, "out": args.out, "mode": args.mode,
                       "annotated_fraction": round(annotated_fraction(sp), 5),
                       "dense_foreground_fraction": round(fg, 5)}))
+    return 0
+
+
+def cmd_propagate(args: argparse.Namespace) -> int:
+    """Grow the sparse final labels of a studies folder as training would, write them as viewer label maps."""
+    from tqdm import tqdm
+
+    from crossmodal.data.studies import FINAL_LABELS
+    from crossmodal.io import IMAGE_EXTENSIONS, case_id_of, load_volume, save_volume
+    from crossmodal.labels import IGNORE_INDEX, SPARSE, classify, from_training
+    from crossmodal.propagate import grow_checked, heldout_accuracy
+    from crossmodal.transforms import LoadCased
+
+    preset = args.config or "brain"
+    given = {k: v for k, v in {"beta": args.beta, "threshold": args.threshold,
+                               "min_heldout_accuracy": args.min_heldout_accuracy}.items() if v is not None}
+    cfg = load_config(preset, overrides={"train": {"propagate": given}} if given else None)
+    p = cfg.train.propagate
+    studies = Path(as_studies(args.studies, preset))
+    found = {case_id_of(f): f for f in sorted((studies / FINAL_LABELS).glob("*"))
+             if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS)}
+    for case in args.cases or []:
+        if case not in found:
+            raise CaseError(case, studies / FINAL_LABELS, "has no final label to propagate")
+    load, out, summary = LoadCased(cfg), Path(args.out), {"grown": [], "kept_as_drawn": [], "dense": []}
+    for case in tqdm(args.cases or sorted(found), desc="propagate", unit="case"):
+        label_file = found[case]
+        image_file = next((f for f in sorted(studies.glob(f"{case}.*")) if f.name.lower().endswith(IMAGE_EXTENSIONS)
+                           and case_id_of(f) == case), None)
+        if image_file is None:
+            raise CaseError(case, studies, "has a final label but no primary image")
+        if classify(np.rint(load_volume(label_file, case)[0].numpy()), cfg.labels) != SPARSE:
+            summary["dense"].append(case)
+            print(json.dumps({"case": case, "label": str(label_file), "kind": "dense", "propagated": False}))
+            continue
+        item = load({"image": str(image_file), "label": str(label_file), "label_kind": SPARSE})
+        image, target = item["image"].as_tensor(), item["label"].as_tensor()
+        grown, accuracy = grow_checked(image, target, p.beta, p.threshold, p.max_voxels, p.min_heldout_accuracy, case)
+        if p.min_heldout_accuracy == 0:  # not checked: measured for the report only
+            accuracy = heldout_accuracy(image, target, p.beta, p.threshold, p.max_voxels)
+        kept = p.min_heldout_accuracy > 0 and accuracy is not None and accuracy < p.min_heldout_accuracy
+        summary["kept_as_drawn" if kept else "grown"].append(case)
+        path = out / f"{case}.nii.gz"
+        save_volume(path, from_training(grown[0].long().numpy(), cfg.labels), item["label"].affine.numpy())
+        print(json.dumps({"case": case, "label": str(label_file), "kind": SPARSE, "propagated": not kept,
+                          "heldout_accuracy": None if accuracy is None else round(accuracy, 4),
+                          "drawn_fraction": round(float((target != IGNORE_INDEX).float().mean()), 4),
+                          "labelled_fraction": round(float((grown != IGNORE_INDEX).float().mean()), 4),
+                          "out": str(path)}))
+    print(json.dumps(summary))
+    if summary["kept_as_drawn"]:
+        print(f"{len(summary['kept_as_drawn'])} case(s) failed the held-out stroke check "
+              f"(min_heldout_accuracy {p.min_heldout_accuracy}) and train on their drawn voxels only; a preset with "
+              f"train.propagate.method: none skips the walk", file=sys.stderr)
     return 0
 
 
@@ -344,6 +399,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="results folder (default RESULTS_DIR or bench/results)")
     q.add_argument("--work", help="working folder (default: temp)")
     q.set_defaults(func=cmd_simulate)
+
+    q = sub.add_parser("propagate", help="grow the sparse final labels as training would (random walker over every "
+                       "modality, held-out stroke check) and write them as label maps to look at in a viewer")
+    q.add_argument("--studies", required=True, help="studies folder or nnU-Net v2 raw dataset")
+    q.add_argument("--config", help="preset name or YAML (default brain); its train.propagate settings apply "
+                   "(it walks even with method: none, to show what propagation would give)")
+    q.add_argument("--cases", nargs="*", help="case ids (default: every case with a final label)")
+    q.add_argument("--out", required=True, help="folder for <case>.nii.gz (0 = still unannotated)")
+    q.add_argument("--threshold", type=float, help="override train.propagate.threshold")
+    q.add_argument("--beta", type=float, help="override train.propagate.beta")
+    q.add_argument("--min-heldout-accuracy", type=float, help="override train.propagate.min_heldout_accuracy")
+    q.set_defaults(func=cmd_propagate)
 
     q = sub.add_parser("evaluate", help="Dice of a model on the held-out cases of a studies folder (truth, no label)")
     q.add_argument("--studies", required=True, help="studies folder or nnU-Net v2 raw dataset (its imagesTs/labelsTs)")
