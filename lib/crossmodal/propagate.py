@@ -15,10 +15,10 @@ the next training of the annotate-retrain loop, walk only the labels that change
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 import os
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from skimage.segmentation import random_walker
 
+from crossmodal.config import atomic_write_bytes
 from crossmodal.labels import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -194,15 +195,9 @@ class PropagationCache:
         return grown, False
 
     def _store(self, path: Path, arr: np.ndarray) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, label=arr)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buf = io.BytesIO()
+        np.savez_compressed(buf, label=arr)
+        atomic_write_bytes(path, buf.getvalue())
         stem = path.name.split(".")[0]
         for old in self.folder.glob(f"{stem}.*.npz"):
             if old != path and len(old.name.split(".")) == 3:
