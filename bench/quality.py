@@ -21,7 +21,7 @@ Every run gets the same number of optimiser steps. It prints a table (mean +- sd
 class) and writes ``quality.json`` (one record per run) and ``quality.png`` to ``RESULTS_DIR`` (default
 ``bench/results``).
 
-    python bench/quality.py [--quick] [--seeds 3] [--datasets phantom,brain]
+    python bench/quality.py [--quick] [--seeds 3] [--datasets phantom,brain] [--only ours:dense10_unlabeled]
 """
 
 from __future__ import annotations
@@ -311,11 +311,32 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def run_key(r: dict) -> tuple:
+    return r["dataset"], r["method"], r["regime"], r["misregistration_mm"], r["missing_modality"], r["seed"]
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with ``+`` when it has uncommitted changes), recorded with every run."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+" if dirty else "")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="phantom only, one seed, fewer regimes and steps")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--datasets", help="comma-separated (default: phantom,brain; with --quick: phantom)")
+    ap.add_argument("--only", help="comma-separated method:regime runs (0 mm, every modality) to re-measure; their "
+                                   "records replace the same runs in RESULTS_DIR/quality.json and the rest are kept "
+                                   "(after a change that only those runs go through)")
     args = ap.parse_args()
     results = Path(os.environ.get("RESULTS_DIR", REPO / "bench" / "results"))
     results.mkdir(parents=True, exist_ok=True)
@@ -325,6 +346,12 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown datasets {unknown}; choose from {sorted(DATASETS)}")
     seeds = 1 if args.quick else args.seeds
+    only = [tuple(x.strip().split(":")) for x in args.only.split(",")] if args.only else []
+    if any(len(x) != 2 or x[1] not in REGIMES for x in only):
+        ap.error(f"--only takes method:regime pairs, regime one of {REGIMES}; got {args.only!r}")
+    previous = results / "quality.json"
+    if only and not previous.is_file():
+        ap.error(f"--only replaces runs of an earlier full run, but {previous} does not exist")
     records: list[dict] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
@@ -333,16 +360,26 @@ def main() -> int:
             cfg = load_config(spec["preset"])
             for seed in range(seeds):
                 pools: dict[float, tuple[Path, Path]] = {}
-                todo = experiments(ds, args.quick)
+                todo = [(m, g, 0.0, (None,)) for m, g in only] if only else experiments(ds, args.quick)
                 for method, regime, mm, drops in todo:
                     if mm not in pools:
                         pools[mm] = make_pool(Path(tmp) / f"{ds}_s{seed}_{mm:g}mm", ds, cfg, spec, seed, mm)
                     records += run(Path(tmp), ds, spec, method, regime, mm, seed, *pools[mm], drops=drops)
+                if only:
+                    continue
                 singles = [r for r in records if r["dataset"] == ds and r["seed"] == seed
                            and r["method"].startswith("single_") and r["method"] != f"single_{MISSING[ds]}"]
                 best = max(singles, key=lambda r: r["dice_mean"])["method"]  # best single modality, this seed
                 for regime in [g for g in (REGIMES[:4] if args.quick else REGIMES) if g != "dense"]:
                     records += run(Path(tmp), ds, spec, best, regime, 0.0, seed, *pools[0.0])
+    commit = git_commit()
+    for r in records:
+        r["commit"] = commit
+    if only:
+        fresh = {run_key(r) for r in records}
+        kept = [r for r in json.loads(previous.read_text()) if run_key(r) not in fresh]
+        print(f"re-measured {len(records)} runs; kept {len(kept)} of {previous}")
+        records = kept + records
     summary = summarize(records)
     (results / "quality.json").write_text(json.dumps(records, indent=2))
     (results / "quality_summary.json").write_text(json.dumps(summary, indent=2))

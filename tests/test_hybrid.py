@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_phantom_studies
-from crossmodal.config import ConsistencyConfig, load_config, save_config
+from crossmodal.config import ConfigError, ConsistencyConfig, load_config, save_config
 from crossmodal.hybrid import (
     Augmentation,
     EMATeacher,
@@ -240,6 +240,26 @@ def test_train_task_learns_from_dense_sparse_and_unlabelled_cases(tmp_path: Path
     assert again["total_iterations"] == 1  # no unlabelled source: one step per epoch (dense, sparse: 1 each)
     assert again["train"]["metrics"]["copy_paste_samples"] == 0  # nothing to mix without unlabelled cases
     assert not all(torch.equal(v, torch.load(again["published"], map_location="cpu")[k]) for k, v in first.items())
+
+
+def test_self_training_rounds_refine_and_supervise_every_unlabelled_case(tmp_path: Path, phantom_cfg, caplog):
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=4, dense=1, sparse=0, seed=34)
+    cfg = method_config("phantom", "ours", {"train": {
+        "patch_size": [32, 32, 32], "patches_per_case": 1, "batch_size": 2, "val_fraction": 0.0,
+        "consistency": {"copy_paste_start": 1, "refine_pseudo": True, "refine_start": 2, "refine_interval": 2}}})
+    save_config(cfg, tmp_path / "ours.yaml")
+    with caplog.at_level("INFO", logger="crossmodal.serving.train"):
+        stats = train_offline(str(studies), str(tmp_path / "ours.yaml"), str(tmp_path / "m"), epochs=2,
+                              device="cpu", network="crossmodal")
+    metrics = stats["train"]["metrics"]
+    assert stats["current_iteration"] == 6  # 3 unlabelled cases, 1 per step, 2 epochs: rounds after steps 2, 4, 6
+    rounds = [r.getMessage() for r in caplog.records if "pseudo-labels of 3 unlabelled cases refined" in r.getMessage()]
+    assert [m.split(":")[0] for m in rounds] == ["step 2", "step 4", "step 6"]
+    assert metrics["pseudo_refined_cases"] == 3 and 0.9 < metrics["pseudo_labelled"] <= 1.0
+    # the last step's supervised part: the dense case, 2 copy-paste mixes and the pseudo-labelled unlabelled case
+    assert metrics["copy_paste_samples"] == 2 and metrics["pseudo_labelled_samples"] == 1
+    with pytest.raises(ConfigError, match="refine_interval"):
+        load_config("phantom", overrides={"train": {"consistency": {"refine_interval": 0}}})
 
 
 def test_baseline_trains_on_labels_only(tmp_path: Path, phantom_cfg):

@@ -170,6 +170,11 @@ class ConsistencyConfig:
     ``copy_paste``: after ``copy_paste_start`` steps, each step's dense cases and unlabelled cases swap a random
     cuboid (bidirectional copy-paste, BCP), supervised by the truth and by the pseudo-labels (``pseudo_threshold``)
     of an EMA teacher (``teacher_decay``); needs dense labels and unlabelled cases in the same run.
+    ``refine_pseudo``: self-training rounds: from step ``refine_start`` on, every ``refine_interval`` steps, the
+    teacher segments every unlabelled case whole and the random walker re-decides a band of ``refine_erode`` voxels
+    around each predicted boundary along the images' edges (:func:`crossmodal.propagate.refine_segmentation`,
+    with ``train.propagate``'s walker settings); these pseudo-labels replace the teacher's confident voxels as
+    the copy-paste targets of the unlabelled cases.
     """
 
     inter_weight: float = 0.3
@@ -184,8 +189,17 @@ class ConsistencyConfig:
     copy_paste: bool = False
     teacher_decay: float = 0.99
     copy_paste_start: int = 50
+    refine_pseudo: bool = False
+    refine_start: int = 100
+    refine_interval: int = 50
+    refine_erode: int = 1
 
     def __post_init__(self) -> None:
+        for k in ("refine_start", "refine_erode"):
+            if int(getattr(self, k)) < 0:
+                raise ConfigError(f"train.consistency.{k}: {getattr(self, k)} must be >= 0")
+        if self.refine_interval < 1:
+            raise ConfigError(f"train.consistency.refine_interval: {self.refine_interval} must be >= 1")
         if self.copy_paste_start < 0:
             raise ConfigError(f"train.consistency.copy_paste_start: {self.copy_paste_start} must be >= 0")
         if not 0.0 <= self.teacher_decay < 1.0:

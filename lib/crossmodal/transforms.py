@@ -22,6 +22,7 @@ from monai.transforms import (
     Compose,
     MapTransform,
     RandFlipd,
+    RandomizableTrait,
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandSpatialCropSamplesd,
@@ -317,21 +318,48 @@ class PropagateSparseLabeld(MapTransform):
         return d
 
 
+class PseudoLabeld(MapTransform, RandomizableTrait):
+    """An unlabelled case's current pseudo-label from ``store`` (``{case_id: (1, H, W, D)}``, filled during
+    training) as ``data["label"]``; all ``IGNORE_INDEX`` while the store has none for the case.
+
+    A :class:`~monai.transforms.RandomizableTrait`, so a ``CacheDataset`` never caches it: every epoch reads the
+    store as it is then.
+    """
+
+    def __init__(self, store: Mapping[str, torch.Tensor], image_key: str = "image", label_key: str = "label") -> None:
+        super().__init__([image_key])
+        self.store, self.image_key, self.label_key = store, image_key, label_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = d[self.image_key]
+        label = self.store.get(str(d.get("case_id")))
+        if label is None or tuple(label.shape[1:]) != tuple(image.shape[1:]):
+            label = torch.full((1, *image.shape[1:]), float(IGNORE_INDEX))
+        d[self.label_key] = MetaTensor(label.float(), affine=image.affine) if isinstance(image, MetaTensor) else label
+        return d
+
+
 def preprocessing(cfg: CrossModalConfig, stage: str, missing: str | None = None, drop: Sequence[str] = (),
-                  cache_dir: str | os.PathLike[str] | None = None) -> Compose:
+                  cache_dir: str | os.PathLike[str] | None = None,
+                  pseudo_labels: Mapping[str, torch.Tensor] | None = None) -> Compose:
     """The one transform factory. ``stage``: ``train`` (random patches + augmentation, image and label),
     ``unlabeled`` (the same for an image alone), ``val`` or ``infer``. ``cache_dir``: where ``train`` keeps the
-    propagated sparse labels (:class:`PropagateSparseLabeld`)."""
+    propagated sparse labels (:class:`PropagateSparseLabeld`). ``pseudo_labels``: ``unlabeled`` then also crops
+    each case's entry of this store (:class:`PseudoLabeld`) as its ``label``."""
     if stage not in ("train", "unlabeled", "val", "infer"):
         raise ValueError(f"stage {stage!r} is not one of ('train', 'unlabeled', 'val', 'infer')")
     steps: list[Transform] = [LoadCased(cfg, missing=missing, drop=drop)]
     if stage == "train":
         steps.append(PropagateSparseLabeld(cfg, cache_dir=cache_dir))
+    if stage == "unlabeled" and pseudo_labels is not None:
+        steps.append(PseudoLabeld(pseudo_labels))
     if stage in ("train", "unlabeled"):
         t = cfg.train
-        keys = ["image", "label"] if stage == "train" else ["image"]
+        labelled = stage == "train" or pseudo_labels is not None
+        keys = ["image", "label"] if labelled else ["image"]
         steps += [SpatialPadd(keys=["image"], spatial_size=t.patch_size)]
-        if stage == "train":
+        if labelled:
             steps += [SpatialPadd(keys=["label"], spatial_size=t.patch_size, value=IGNORE_INDEX)]
         steps += [
             RandSpatialCropSamplesd(keys=keys, roi_size=t.patch_size, num_samples=t.patches_per_case,

@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,9 @@ from crossmodal.io import atomic_copy, case_id_of
 from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE
 from crossmodal.losses import SupervisedLoss
 from crossmodal.nets import CrossModalOutput, build_network
+from crossmodal.propagate import refine_segmentation
 from crossmodal.transforms import preprocessing
-from ignite.engine import Events
+from ignite.engine import Engine, Events
 from monai.data import CacheDataset, Dataset, partition_dataset
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
@@ -84,6 +86,53 @@ class AtomicPublish(PublishStatsAndModel):
                 atomic_copy(best, self._publish_path)
                 logger.info(f"New model published: {best} => {self._publish_path}")
         return stats
+
+
+class PseudoLabelRounds:
+    """Self-training rounds (``train.consistency.refine_pseudo``), an ignite handler on ``ITERATION_COMPLETED``.
+
+    From step ``refine_start`` on, every ``refine_interval`` steps, the EMA teacher (the network while there is
+    none) segments each unlabelled case of ``items`` whole, and :func:`crossmodal.propagate.refine_segmentation`
+    re-decides the band around every predicted boundary along the images' edges; the results go to ``store``
+    (``{case_id: (1, H, W, D)}``), which the unlabelled loader crops with the images (``PseudoLabeld``).
+    """
+
+    def __init__(self, cfg: CrossModalConfig, items: list[dict[str, Any]], store: dict[str, torch.Tensor]) -> None:
+        self.cfg, self.items, self.store = cfg, items, store
+        self.load = preprocessing(cfg, "val")
+        self.inferer = NetworkInferer(cfg.infer, fused_only=True, roi_size=cfg.train.patch_size)
+        self.last: int | None = None
+
+    def due(self, iteration: int) -> bool:
+        cc = self.cfg.train.consistency
+        return iteration >= cc.refine_start and (self.last is None or iteration - self.last >= cc.refine_interval)
+
+    @torch.no_grad()
+    def __call__(self, engine: Engine) -> None:
+        if not self.due(engine.state.iteration):
+            return
+        self.last = engine.state.iteration
+        start = time.perf_counter()
+        teacher = getattr(engine.state, "teacher", None)
+        model = teacher.model if teacher is not None else getattr(engine.network, "module", engine.network)
+        was_training = model.training
+        model.eval()
+        cc, p = self.cfg.train.consistency, self.cfg.train.propagate
+        labelled = []
+        for item in self.items:
+            d = self.load(dict(item))
+            image = d["image"].as_tensor() if hasattr(d["image"], "as_tensor") else d["image"]
+            logits = self.inferer(image[None].to(engine.state.device), model)
+            label = refine_segmentation(image, logits.argmax(1), self.cfg.labels.num_classes, cc.refine_erode,
+                                        p.beta, p.threshold, p.max_voxels)
+            self.store[str(d["case_id"])] = label.cpu()
+            labelled.append(float((label != IGNORE_INDEX).float().mean()))
+        model.train(was_training)
+        engine.state.metrics["pseudo_refined_cases"] = len(labelled)
+        engine.state.metrics["pseudo_labelled"] = round(sum(labelled) / max(1, len(labelled)), 4)
+        logger.info(f"step {self.last}: pseudo-labels of {len(labelled)} unlabelled cases refined by the random "
+                    f"walker in {time.perf_counter() - start:.1f} s "
+                    f"({100 * sum(labelled) / max(1, len(labelled)):.1f}% of their voxels labelled)")
 
 
 def coerce_tracking(request: dict[str, Any], model_dir: str) -> dict[str, Any]:
@@ -169,17 +218,26 @@ class CrossModalTrain(BasicTrainTask):
                 # bidirectional copy-paste between the dense cases and the unlabelled ones (EMA teacher's
                 # pseudo-labels); sparse labels stay out: a scribble beside a dense pseudo-label would drown
                 if teacher is None:
-                    teacher = EMATeacher(engine.network, cc.teacher_decay)
+                    teacher = engine.state.teacher = EMATeacher(engine.network, cc.teacher_decay)
                 if engine.state.iteration > cc.copy_paste_start:
                     xl, yl = labeled[0]
                     n = min(len(xl), len(unlabeled[0]))
                     pseudo = teacher.pseudo_label(unlabeled[0][:n], cc.pseudo_threshold)
+                    if "label" in batch[UNLABELED]:  # refined pseudo-labels where a round has made them
+                        refined = plain(batch[UNLABELED]["label"])[:n].to(dev)
+                        pseudo = torch.where(refined != IGNORE_INDEX, refined.to(pseudo.dtype), pseudo)
                     labeled.append(copy_paste(xl[:n], yl[:n], unlabeled[0][:n], pseudo, gen))
                     engine.state.metrics["pseudo_confident"] = round(float((pseudo != IGNORE_INDEX).float().mean()), 4)
+            n_mixed = sum(len(t[0]) for t in labeled) - n_real
+            if unlabeled and "label" in batch[UNLABELED]:  # self-training: the refined pseudo-labels supervise
+                refined = plain(batch[UNLABELED]["label"]).to(dev)
+                if bool((refined != IGNORE_INDEX).any()):
+                    labeled.append((unlabeled[0], refined))
             x, y, n_lab, n_plain, aug = hybrid_batch(labeled, unlabeled, gen, augment=self.hybrid,
                                                      modality_dropout=cc.modality_dropout)
             engine.state.output = {Keys.IMAGE: x[:n_real], Keys.LABEL: None if y is None else y[:n_real]}
-            engine.state.metrics["copy_paste_samples"] = n_lab - n_real  # mixes in this step's supervised part
+            engine.state.metrics["copy_paste_samples"] = n_mixed  # mixes in this step's supervised part
+            engine.state.metrics["pseudo_labelled_samples"] = n_lab - n_real - n_mixed  # refined pseudo-labels
             engine.network.train()
             engine.optimizer.zero_grad(set_to_none=True)
             mask = sample_present(n_plain, aug)
@@ -219,7 +277,11 @@ class CrossModalTrain(BasicTrainTask):
                 items = partition_dataset(items, num_partitions=context.world_size, even_divisible=True,
                                           shuffle=False)[context.local_rank]
             if source == UNLABELED:
-                transforms = preprocessing(self.cfg, "unlabeled")
+                store = None
+                if self.hybrid and self.cfg.train.consistency.refine_pseudo and DENSE in labeled_sources:
+                    store = {}
+                    self._pseudo_rounds = PseudoLabelRounds(self.cfg, items, store)
+                transforms = preprocessing(self.cfg, "unlabeled", pseudo_labels=store)
                 batch = self.cfg.train.consistency.unlabeled_batch_size
             else:
                 transforms = self.train_pre_transforms(context)
@@ -241,8 +303,9 @@ class CrossModalTrain(BasicTrainTask):
                 key_metric_filename=f"train_{self._key_metric_filename}" if context.evaluator
                 else self._key_metric_filename))
         self._load_checkpoint(context, handlers)
+        self._pseudo_rounds: PseudoLabelRounds | None = None
         loader = self.train_data_loader(context)
-        return SupervisedTrainer(
+        trainer = SupervisedTrainer(
             device=context.device, max_epochs=context.max_epochs, train_data_loader=loader,
             epoch_length=len(loader), network=context.network, optimizer=context.optimizer,
             loss_function=self.loss_function(context), inferer=self.train_inferer(context), amp=self._amp,
@@ -250,6 +313,9 @@ class CrossModalTrain(BasicTrainTask):
             key_train_metric=self.train_key_metric(context),
             additional_metrics=self.train_additional_metrics(context), train_handlers=handlers,
             iteration_update=self.train_iteration_update(context), event_names=self.event_names(context))
+        if self._pseudo_rounds is not None:
+            trainer.add_event_handler(Events.ITERATION_COMPLETED, self._pseudo_rounds)
+        return trainer
 
     def _device(self, context: Context) -> torch.device:
         if context.multi_gpu and not torch.cuda.is_available():
