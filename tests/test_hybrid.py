@@ -28,6 +28,7 @@ from crossmodal.losses import (
 from crossmodal.nets import CrossModalNet, InputSelect, build_network
 from crossmodal.serving.app import AppParts
 from crossmodal.serving.offline import method_config, train_offline
+from crossmodal.serving.train import PseudoLabelRounds
 
 
 def logits_of(probs: list[list[float]]) -> torch.Tensor:
@@ -246,18 +247,22 @@ def test_self_training_rounds_refine_and_supervise_every_unlabelled_case(tmp_pat
     studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=4, dense=1, sparse=0, seed=34)
     cfg = method_config("phantom", "ours", {"train": {
         "patch_size": [32, 32, 32], "patches_per_case": 1, "batch_size": 2, "val_fraction": 0.0,
-        "consistency": {"copy_paste_start": 1, "refine_pseudo": True, "refine_start": 2, "refine_interval": 2}}})
+        "consistency": {"copy_paste_start": 1, "refine_pseudo": True, "refine_start": 2, "refine_interval": 2,
+                        "refine_max_cases": 2}}})
     save_config(cfg, tmp_path / "ours.yaml")
     with caplog.at_level("INFO", logger="crossmodal.serving.train"):
         stats = train_offline(str(studies), str(tmp_path / "ours.yaml"), str(tmp_path / "m"), epochs=2,
                               device="cpu", network="crossmodal")
     metrics = stats["train"]["metrics"]
     assert stats["current_iteration"] == 6  # 3 unlabelled cases, 1 per step, 2 epochs: rounds after steps 2, 4, 6
-    rounds = [r.getMessage() for r in caplog.records if "pseudo-labels of 3 unlabelled cases refined" in r.getMessage()]
-    assert [m.split(":")[0] for m in rounds] == ["step 2", "step 4", "step 6"]
-    assert metrics["pseudo_refined_cases"] == 3 and 0.9 < metrics["pseudo_labelled"] <= 1.0
+    rounds = [r.getMessage() for r in caplog.records if "pseudo-labels of 2 of 3 unlabelled cases" in r.getMessage()]
+    assert [m.split(":")[0] for m in rounds] == ["step 2", "step 4", "step 6"]  # 2 cases a round, in turn
+    assert metrics["pseudo_refined_cases"] == 2 and 0 < metrics["pseudo_labelled"] <= 1.0
     # the last step's supervised part: the dense case, 2 copy-paste mixes and the pseudo-labelled unlabelled case
     assert metrics["copy_paste_samples"] == 2 and metrics["pseudo_labelled_samples"] == 1
+    rounds = PseudoLabelRounds(cfg, [{"image": f"case{i}"} for i in range(3)], {})
+    assert [[c["image"] for c in rounds.take()] for _ in range(3)] == [["case0", "case1"], ["case2", "case0"],
+                                                                         ["case1", "case2"]]
     with pytest.raises(ConfigError, match="refine_interval"):
         load_config("phantom", overrides={"train": {"consistency": {"refine_interval": 0}}})
 

@@ -250,6 +250,14 @@ def test_refining_an_overshooting_segmentation_puts_its_boundaries_back_on_the_e
     assert after[1] > before[1] + 0.1 and after[2] > before[2] + 0.1, (before, after)
     assert after[3] > 0.9  # the thin vessels (2-3 voxels across) survive the erosion and the walk
     assert torch.equal(refine_segmentation(d["image"], blurred[None], 4), refine_segmentation(d["image"], blurred, 4))
+    # with the network's confidence: where it is sure, its class stays; only the unsure voxels are re-decided
+    sure = torch.ones(truth.shape)
+    assert torch.equal(refine_segmentation(d["image"], truth, 4, confidence=sure, keep_confident=0.9)[0].long(), truth)
+    unsure_where_wrong = torch.where(blurred != truth, 0.6, 1.0)
+    gated = refine_segmentation(d["image"], blurred, 4, confidence=unsure_where_wrong, keep_confident=0.9)[0].long()
+    gated_dice = {c: _dice(gated == c, truth == c) for c in (1, 2, 3)}
+    assert all(gated_dice[c] >= after[c] for c in (1, 2, 3)), (after, gated_dice)
+    assert gated_dice[3] > 0.99  # the vessels, sure and right, are left alone
 
 
 def test_pseudo_labels_reach_the_unlabelled_patches_as_the_store_changes(tmp_path: Path,

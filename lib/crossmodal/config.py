@@ -173,8 +173,10 @@ class ConsistencyConfig:
     ``refine_pseudo``: self-training rounds: from step ``refine_start`` on, every ``refine_interval`` steps, the
     teacher segments every unlabelled case whole and the random walker re-decides a band of ``refine_erode`` voxels
     around each predicted boundary along the images' edges (:func:`crossmodal.propagate.refine_segmentation`,
-    with ``train.propagate``'s walker settings); these pseudo-labels replace the teacher's confident voxels as
-    the copy-paste targets of the unlabelled cases.
+    with ``train.propagate``'s walker settings); these pseudo-labels supervise the unlabelled cases and replace the
+    teacher's labels in their copy-paste mixes. A round takes at most ``refine_max_cases`` cases, the next ones of
+    the pool in turn, so its cost stays bounded however many cases are unlabelled. Band voxels where the teacher's
+    top probability reaches ``refine_keep_confident`` keep its class (1.0: the walker re-decides the whole band).
     """
 
     inter_weight: float = 0.3
@@ -193,13 +195,19 @@ class ConsistencyConfig:
     refine_start: int = 100
     refine_interval: int = 50
     refine_erode: int = 1
+    refine_max_cases: int = 16
+    refine_keep_confident: float = 0.9
 
     def __post_init__(self) -> None:
         for k in ("refine_start", "refine_erode"):
             if int(getattr(self, k)) < 0:
                 raise ConfigError(f"train.consistency.{k}: {getattr(self, k)} must be >= 0")
-        if self.refine_interval < 1:
-            raise ConfigError(f"train.consistency.refine_interval: {self.refine_interval} must be >= 1")
+        if not 0.0 < self.refine_keep_confident <= 1.0:
+            raise ConfigError(f"train.consistency.refine_keep_confident: {self.refine_keep_confident} "
+                              "must be in (0, 1]")
+        for k in ("refine_interval", "refine_max_cases"):
+            if int(getattr(self, k)) < 1:
+                raise ConfigError(f"train.consistency.{k}: {getattr(self, k)} must be >= 1")
         if self.copy_paste_start < 0:
             raise ConfigError(f"train.consistency.copy_paste_start: {self.copy_paste_start} must be >= 0")
         if not 0.0 <= self.teacher_decay < 1.0:

@@ -90,7 +90,8 @@ def propagate_labels(image: torch.Tensor, target: torch.Tensor, beta: float = 13
 
 
 def refine_segmentation(image: torch.Tensor, segmentation: torch.Tensor, num_classes: int, erode: int = 1,
-                        beta: float = 130.0, threshold: float = 0.5, max_voxels: int = 2_000_000) -> torch.Tensor:
+                        beta: float = 130.0, threshold: float = 0.5, max_voxels: int = 2_000_000,
+                        confidence: torch.Tensor | None = None, keep_confident: float = 1.0) -> torch.Tensor:
     """A network's segmentation re-decided along the images' edges: a pseudo-label for an unlabelled case.
 
     Every class keeps the interior of its predicted region (eroded by ``erode`` voxels); the band around every
@@ -103,6 +104,8 @@ def refine_segmentation(image: torch.Tensor, segmentation: torch.Tensor, num_cla
         num_classes: classes of the segmentation, background included.
         erode: voxels taken off every predicted region (a region thinner than 2 x ``erode`` + 1 keeps its voxels
             and is not re-decided).
+        confidence: (H, W, D) the network's top class probability; voxels where it reaches ``keep_confident`` keep
+            the predicted class (only the unsure part of each band is re-decided; 1.0: the whole band).
 
     Returns:
         (1, H, W, D) float class indices, ``IGNORE_INDEX`` where the walker stays below ``threshold``.
@@ -125,6 +128,9 @@ def refine_segmentation(image: torch.Tensor, segmentation: torch.Tensor, num_cla
         if not bool(inner_b.any()):
             inner_b = region[0, 0] > 0.5  # too thin to erode: kept as predicted
         seeds[inner_b] = c
+    if confidence is not None and keep_confident < 1.0:
+        sure = confidence.reshape(seg.shape).detach().cpu() >= keep_confident
+        seeds[sure] = seg[sure]
     return propagate_labels(image, seeds[None].float(), beta, threshold, max_voxels)
 
 

@@ -92,9 +92,10 @@ class PseudoLabelRounds:
     """Self-training rounds (``train.consistency.refine_pseudo``), an ignite handler on ``ITERATION_COMPLETED``.
 
     From step ``refine_start`` on, every ``refine_interval`` steps, the EMA teacher (the network while there is
-    none) segments each unlabelled case of ``items`` whole, and :func:`crossmodal.propagate.refine_segmentation`
-    re-decides the band around every predicted boundary along the images' edges; the results go to ``store``
-    (``{case_id: (1, H, W, D)}``), which the unlabelled loader crops with the images (``PseudoLabeld``).
+    none) segments unlabelled cases of ``items`` whole (at most ``refine_max_cases`` a round, the next ones in
+    turn), and :func:`crossmodal.propagate.refine_segmentation` re-decides the band around every predicted
+    boundary along the images' edges; the results go to ``store`` (``{case_id: (1, H, W, D)}``), which the
+    unlabelled loader crops with the images (``PseudoLabeld``).
     """
 
     def __init__(self, cfg: CrossModalConfig, items: list[dict[str, Any]], store: dict[str, torch.Tensor]) -> None:
@@ -102,10 +103,18 @@ class PseudoLabelRounds:
         self.load = preprocessing(cfg, "val")
         self.inferer = NetworkInferer(cfg.infer, fused_only=True, roi_size=cfg.train.patch_size)
         self.last: int | None = None
+        self.next = 0  # index in items of the next case to refine
 
     def due(self, iteration: int) -> bool:
         cc = self.cfg.train.consistency
         return iteration >= cc.refine_start and (self.last is None or iteration - self.last >= cc.refine_interval)
+
+    def take(self) -> list[dict[str, Any]]:
+        """The cases of the next round: up to ``refine_max_cases``, continuing where the last round stopped."""
+        count = min(len(self.items), self.cfg.train.consistency.refine_max_cases)
+        chosen = [self.items[(self.next + i) % len(self.items)] for i in range(count)]
+        self.next = (self.next + count) % max(1, len(self.items))
+        return chosen
 
     @torch.no_grad()
     def __call__(self, engine: Engine) -> None:
@@ -119,19 +128,19 @@ class PseudoLabelRounds:
         model.eval()
         cc, p = self.cfg.train.consistency, self.cfg.train.propagate
         labelled = []
-        for item in self.items:
+        for item in self.take():
             d = self.load(dict(item))
             image = d["image"].as_tensor() if hasattr(d["image"], "as_tensor") else d["image"]
-            logits = self.inferer(image[None].to(engine.state.device), model)
-            label = refine_segmentation(image, logits.argmax(1), self.cfg.labels.num_classes, cc.refine_erode,
-                                        p.beta, p.threshold, p.max_voxels)
+            conf, seg = torch.softmax(self.inferer(image[None].to(engine.state.device), model), 1).max(1)
+            label = refine_segmentation(image, seg, self.cfg.labels.num_classes, cc.refine_erode, p.beta,
+                                        p.threshold, p.max_voxels, conf[0], cc.refine_keep_confident)
             self.store[str(d["case_id"])] = label.cpu()
             labelled.append(float((label != IGNORE_INDEX).float().mean()))
         model.train(was_training)
         engine.state.metrics["pseudo_refined_cases"] = len(labelled)
         engine.state.metrics["pseudo_labelled"] = round(sum(labelled) / max(1, len(labelled)), 4)
-        logger.info(f"step {self.last}: pseudo-labels of {len(labelled)} unlabelled cases refined by the random "
-                    f"walker in {time.perf_counter() - start:.1f} s "
+        logger.info(f"step {self.last}: pseudo-labels of {len(labelled)} of {len(self.items)} unlabelled cases "
+                    f"refined by the random walker in {time.perf_counter() - start:.1f} s "
                     f"({100 * sum(labelled) / max(1, len(labelled)):.1f}% of their voxels labelled)")
 
 
