@@ -90,6 +90,34 @@ def test_infer_nrrd_output_for_slicer(client, phantom_server):
     np.testing.assert_allclose(a.affine.numpy(), b.affine.numpy(), atol=1e-4)
 
 
+def test_grow_scribbles_grows_uploaded_strokes_and_saves_nothing(client, phantom_server, tmp_path):
+    assert client.info()["models"]["grow_scribbles"]["type"] == "scribbles"
+    case, studies = "phantom004", phantom_server.studies
+    gt = truth(phantom_server, case)
+    strokes = scribbles(np.rint(gt).astype(np.int64), CFG.labels, np.random.default_rng(3))
+    image = load_volume(studies / f"{case}.nii.gz")
+    save_volume(tmp_path / "strokes.nii.gz", strokes.astype(np.uint8), image.affine.numpy())
+    before = snapshot(studies)
+    out, params = client.infer("grow_scribbles", case, {}, label_in=str(tmp_path / "strokes.nii.gz"))
+    pred = load_volume(out)
+    assert tuple(pred.shape) == tuple(image.shape)
+    np.testing.assert_allclose(pred.affine.numpy(), image.affine.numpy(), atol=1e-4)
+    assert params["case"] == case and params["drawn"] == pytest.approx((strokes != 0).mean(), abs=1e-4)
+    assert params["drawn"] < 0.06 and params["labelled"] > 0.95 and params["heldout_accuracy"] > 0.99
+    grown = [dice(pred[0].numpy(), gt, v) for v in (1, 2, 3)]
+    drawn = [dice(strokes, gt, v) for v in (1, 2, 3)]
+    assert grown[0] > 0.85 and grown[2] > 0.85 and all(g > d + 0.3 for g, d in zip(grown, drawn, strict=True))
+    one_class = np.where(strokes == 1, 1, 0).astype(np.uint8)
+    save_volume(tmp_path / "one.nii.gz", one_class, image.affine.numpy())
+    with pytest.raises(MONAILabelClientException) as e:
+        client.infer("grow_scribbles", case, {}, label_in=str(tmp_path / "one.nii.gz"))
+    assert status_of(e.value) == 422 and f"case '{case}'" in e.value.msg and "draw at least two" in e.value.msg
+    with pytest.raises(MONAILabelClientException) as e:
+        client.infer("grow_scribbles", case, {})
+    assert status_of(e.value) == 422 and "no strokes" in e.value.msg
+    assert snapshot(studies) == before  # growing shows a label; only saving one writes to the datastore
+
+
 def test_missing_modality_is_reported_or_zero_filled(client, phantom_server):
     pet = phantom_server.studies / "modalities" / "phantom005" / "pet.nii.gz"
     saved = pet.read_bytes()

@@ -43,7 +43,7 @@ class MyApp(MONAILabelApp):
         return result
 
     def init_infers(self):
-        infers = dict(self._infer_tasks)
+        infers = {**self._infer_tasks, "grow_scribbles": self.parts.grow()}
         if self.conf.get("benchmark_pipelines", "false").lower() == "true":
             from crossmodal.serving.radiology import RadiologyInfer
 

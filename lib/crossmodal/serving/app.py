@@ -25,6 +25,7 @@ from crossmodal.config import CrossModalConfig, load_config
 from crossmodal.nets import build_network
 from crossmodal.serving.activelearning import CrossModalScoring, CrossModalStrategy
 from crossmodal.serving.datastore import CrossModalDatastore
+from crossmodal.serving.grow import CrossModalGrow
 from crossmodal.serving.infer import CrossModalInfer
 from crossmodal.serving.train import CrossModalTrain
 from monailabel.interfaces.datastore import Datastore
@@ -105,6 +106,11 @@ class AppParts:
         return CrossModalInfer(m.cfg, build_network(m.cfg), paths,
                                f"{m.name} on {self.cfg.modality_names} ({self.preset})", train_mode=epistemic,
                                probabilities=epistemic)
+
+    def grow(self) -> CrossModalGrow:
+        """The scribbles task: an annotator's strokes grown along the images' edges (no network)."""
+        return CrossModalGrow(self.cfg, f"strokes grown over {self.cfg.modality_names} by the random walker "
+                                        f"({self.preset}); draw classes and {self.cfg.labels.marked_background_name}")
 
     def trainer(self, model: ModelParts | None = None) -> CrossModalTrain:
         m = model or self.models[0]
