@@ -3,7 +3,8 @@
     make run &                      # in another shell, then:
     .venv/bin/python bench/demo_session.py http://127.0.0.1:8000
 
-It runs next sample, infer (Dice against the demo's truth), saves simulated scribbles as a sparse label,
+It runs next sample, infer (Dice against the demo's truth), grows simulated scribbles (the scribbles task), saves
+them as a sparse label,
 fine-tunes for one epoch and infers again; the demo data set gains a label (use a fresh `make data` after).
 """
 import sys
@@ -35,6 +36,12 @@ cfg = load_config("brain")
 img = load_volume(f"data/brain/{nxt['id']}.nii.gz")
 s = scribbles(truth.astype(np.int64), cfg.labels, np.random.default_rng(0))
 save_volume("/tmp/demo_scribbles.nii.gz", s, img.affine.numpy())
+t = time.time()
+out, gp = c.infer("grow_scribbles", nxt["id"], {}, label_in="/tmp/demo_scribbles.nii.gz")
+g = load_volume(out)[0].numpy()
+d = [2 * ((g == v) & (truth == v)).sum() / ((g == v).sum() + (truth == v).sum()) for v in (1, 2, 3)]
+print(f"grow scribbles: {time.time() - t:.1f} s round trip, drawn {gp['drawn']:.1%} -> labelled {gp['labelled']:.1%}, "
+      f"held-out stroke accuracy {gp['heldout_accuracy']}, Dice GM/WM/CSF = {d[0]:.3f}/{d[1]:.3f}/{d[2]:.3f}")
 c.save_label(nxt["id"], "/tmp/demo_scribbles.nii.gz")
 li = c.datastore()["objects"][nxt["id"]]["labels"]["final"]["info"]
 print("saved label:", {k: li[k] for k in ("label_kind", "annotated_fraction")})
