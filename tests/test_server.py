@@ -257,7 +257,7 @@ def test_brain_demo_is_segmented_usefully_by_the_committed_model(tmp_path):
         info = c.info()
         assert info["models"]["baseline_unet"]["labels"] == {"grey_matter": 1, "white_matter": 2, "csf": 3,
                                                              "marked_background": 255}
-        assert list(info["models"]) == ["crossmodal", "baseline_unet"]
+        assert list(info["models"]) == ["crossmodal", "baseline_unet", "grow_scribbles"]
         for model in ("crossmodal", "baseline_unet"):
             for case in ("brain000", "brain001"):
                 out, params = c.infer(model, case, {})
