@@ -353,6 +353,7 @@ def main() -> int:
     if only and not previous.is_file():
         ap.error(f"--only replaces runs of an earlier full run, but {previous} does not exist")
     records: list[dict] = []
+    commit = git_commit()  # the code that runs: taken before the first run
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         for ds in datasets:
@@ -372,7 +373,6 @@ def main() -> int:
                 best = max(singles, key=lambda r: r["dice_mean"])["method"]  # best single modality, this seed
                 for regime in [g for g in (REGIMES[:4] if args.quick else REGIMES) if g != "dense"]:
                     records += run(Path(tmp), ds, spec, best, regime, 0.0, seed, *pools[0.0])
-    commit = git_commit()
     for r in records:
         r["commit"] = commit
     if only:

@@ -5,7 +5,9 @@ own shuffling loader, stepped together (:class:`crossmodal.hybrid.MultiSourceLoa
 grown by a random walker over the modalities (:mod:`crossmodal.propagate`, ``train.propagate``); labels train
 through the partial loss (annotated voxels only), and a cross-modal network also learns from every case through the
 consistency terms of :class:`crossmodal.hybrid.HybridLoss` and, with dense labels, copy-paste mixes of dense and
-unlabelled cases (:func:`crossmodal.hybrid.copy_paste`, EMA teacher). Training starts from the published model when
+unlabelled cases (:func:`crossmodal.hybrid.copy_paste`, EMA teacher); with ``train.consistency.refine_pseudo``,
+self-training rounds (:class:`PseudoLabelRounds`) give the unlabelled cases walker-refined pseudo-labels that
+supervise them and their mixes. Training starts from the published model when
 there is one. Validation uses dense labels when there are any (Dice), held-out sparse labels otherwise
 (partial Dice). The best model is published atomically: an infer request never reads a half-written file,
 and a killed training leaves the previous model in service. ``processes=N`` trains data-parallel in N
