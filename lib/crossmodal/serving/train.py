@@ -225,6 +225,8 @@ class CrossModalTrain(BasicTrainTask):
                        for k in (DENSE, SPARSE) if k in batch]
             unlabeled = [plain(batch[UNLABELED]["image"]).to(dev)] if UNLABELED in batch else []
             n_real = sum(len(t[0]) for t in labeled)
+            # the unlabelled cases' refined pseudo-labels (self-training rounds), when the loader carries them
+            refined = plain(batch[UNLABELED]["label"]).to(dev) if unlabeled and "label" in batch[UNLABELED] else None
             if self.hybrid and cc.copy_paste and DENSE in batch and unlabeled:
                 # bidirectional copy-paste between the dense cases and the unlabelled ones (EMA teacher's
                 # pseudo-labels); sparse labels stay out: a scribble beside a dense pseudo-label would drown
@@ -234,16 +236,13 @@ class CrossModalTrain(BasicTrainTask):
                     xl, yl = labeled[0]
                     n = min(len(xl), len(unlabeled[0]))
                     pseudo = teacher.pseudo_label(unlabeled[0][:n], cc.pseudo_threshold)
-                    if "label" in batch[UNLABELED]:  # refined pseudo-labels where a round has made them
-                        refined = plain(batch[UNLABELED]["label"])[:n].to(dev)
-                        pseudo = torch.where(refined != IGNORE_INDEX, refined.to(pseudo.dtype), pseudo)
+                    if refined is not None:  # refined pseudo-labels where a round has made them
+                        pseudo = torch.where(refined[:n] != IGNORE_INDEX, refined[:n].to(pseudo.dtype), pseudo)
                     labeled.append(copy_paste(xl[:n], yl[:n], unlabeled[0][:n], pseudo, gen))
                     engine.state.metrics["pseudo_confident"] = round(float((pseudo != IGNORE_INDEX).float().mean()), 4)
             n_mixed = sum(len(t[0]) for t in labeled) - n_real
-            if unlabeled and "label" in batch[UNLABELED]:  # self-training: the refined pseudo-labels supervise
-                refined = plain(batch[UNLABELED]["label"]).to(dev)
-                if bool((refined != IGNORE_INDEX).any()):
-                    labeled.append((unlabeled[0], refined))
+            if refined is not None and bool((refined != IGNORE_INDEX).any()):  # self-training: they supervise
+                labeled.append((unlabeled[0], refined))
             x, y, n_lab, n_plain, aug = hybrid_batch(labeled, unlabeled, gen, augment=self.hybrid,
                                                      modality_dropout=cc.modality_dropout)
             engine.state.output = {Keys.IMAGE: x[:n_real], Keys.LABEL: None if y is None else y[:n_real]}
