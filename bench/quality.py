@@ -21,7 +21,7 @@ Every run gets the same number of optimiser steps. It prints a table (mean +- sd
 class) and writes ``quality.json`` (one record per run) and ``quality.png`` to ``RESULTS_DIR`` (default
 ``bench/results``).
 
-    python bench/quality.py [--quick] [--seeds 3] [--datasets phantom,brain] [--only ours:dense10_unlabeled]
+    python bench/quality.py [--quick] [--seeds 3] [--datasets phantom,brain] [--only ours:dense10_unlabeled | ours]
 """
 
 from __future__ import annotations
@@ -334,9 +334,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="phantom only, one seed, fewer regimes and steps")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--datasets", help="comma-separated (default: phantom,brain; with --quick: phantom)")
-    ap.add_argument("--only", help="comma-separated method:regime runs (0 mm, every modality) to re-measure; their "
-                                   "records replace the same runs in RESULTS_DIR/quality.json and the rest are kept "
-                                   "(after a change that only those runs go through)")
+    ap.add_argument("--only", help="comma-separated method:regime runs (0 mm, every modality), or methods (all of "
+                                   "that method's runs: regimes, misregistrations, missing modality), to re-measure; "
+                                   "their records replace the same runs in RESULTS_DIR/quality.json and the rest are "
+                                   "kept (after a change that only those runs go through)")
     args = ap.parse_args()
     results = Path(os.environ.get("RESULTS_DIR", REPO / "bench" / "results"))
     results.mkdir(parents=True, exist_ok=True)
@@ -347,8 +348,8 @@ def main() -> int:
         ap.error(f"unknown datasets {unknown}; choose from {sorted(DATASETS)}")
     seeds = 1 if args.quick else args.seeds
     only = [tuple(x.strip().split(":")) for x in args.only.split(",")] if args.only else []
-    if any(len(x) != 2 or x[1] not in REGIMES for x in only):
-        ap.error(f"--only takes method:regime pairs, regime one of {REGIMES}; got {args.only!r}")
+    if any(len(x) > 2 or (len(x) == 2 and x[1] not in REGIMES) for x in only):
+        ap.error(f"--only takes methods or method:regime pairs, regime one of {REGIMES}; got {args.only!r}")
     previous = results / "quality.json"
     if only and not previous.is_file():
         ap.error(f"--only replaces runs of an earlier full run, but {previous} does not exist")
@@ -361,7 +362,11 @@ def main() -> int:
             cfg = load_config(spec["preset"])
             for seed in range(seeds):
                 pools: dict[float, tuple[Path, Path]] = {}
-                todo = [(m, g, 0.0, (None,)) for m, g in only] if only else experiments(ds, args.quick)
+                todo = experiments(ds, args.quick)
+                if only:
+                    whole = {x[0] for x in only if len(x) == 1}
+                    todo = [e for e in todo if e[0] in whole] + [(x[0], x[1], 0.0, (None,)) for x in only
+                                                                 if len(x) == 2 and x[0] not in whole]
                 for method, regime, mm, drops in todo:
                     if mm not in pools:
                         pools[mm] = make_pool(Path(tmp) / f"{ds}_s{seed}_{mm:g}mm", ds, cfg, spec, seed, mm)

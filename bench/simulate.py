@@ -6,7 +6,7 @@ the ground truth, 5 rounds (2 seed cases + 2 per round), 100 fine-tuning steps p
 `simulate.json` (records, summary, scoring cost) and `simulate.png` (Dice vs annotated cases and voxels, AUC in
 the legend) to RESULTS_DIR (default bench/results). `--quick`: phantom, one seed, 3 rounds of 30 steps.
 
-    python bench/simulate.py [--quick]
+    python bench/simulate.py [--quick] [--datasets brain]
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--cost-only", action="store_true",
                     help="only re-measure the scoring cost (committed weights) into an existing simulate.json")
+    ap.add_argument("--datasets", help="comma-separated subset of phantom,brain to re-run; the other data sets' "
+                                       "records in an existing simulate.json are kept (after a change to one preset)")
     args = ap.parse_args()
     results = Path(os.environ.get("RESULTS_DIR", REPO / "bench" / "results"))
     results.mkdir(parents=True, exist_ok=True)
@@ -86,9 +88,22 @@ def main() -> int:
             plot(summary, results / "simulate.png")
         return summary
 
+    if args.datasets:
+        chosen = [d.strip() for d in args.datasets.split(",") if d.strip()]
+        unknown = sorted(set(chosen) - set(datasets))
+        if unknown:
+            ap.error(f"unknown datasets {unknown}; choose from {sorted(datasets)}")
+        previous = results / "simulate.json"
+        if previous.is_file():
+            old = json.loads(previous.read_text())
+            records = [r for r in old["records"] if r["dataset"] not in chosen]
+            refs = [r for r in old["full_annotation"] if r["dataset"] not in chosen]
+            cost = {k: v for k, v in old["scoring_cost"].items() if k not in chosen}
+        datasets = {d: datasets[d] for d in chosen}
     if args.cost_only:
         old = json.loads((results / "simulate.json").read_text())
-        records, refs, cost = old["records"], old["full_annotation"], {}
+        records, refs = old["records"], old["full_annotation"]
+        cost = {k: v for k, v in old["scoring_cost"].items() if k not in datasets}
         for ds, (preset, cases) in datasets.items():
             spec = SimSpec(preset, test=4, steps=100)
             weights = REPO / "apps" / "crossmodal" / "pretrained" / f"{preset}_crossmodal.pt"

@@ -76,10 +76,13 @@ class FusionLevel(nn.Module):
         self.norm = nn.InstanceNorm3d(width, affine=True)
         self.act = nn.LeakyReLU(0.01, inplace=True)
 
-    def forward(self, feats: Mapping[str, torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:
-        """``weights`` (n, B), 1 / 0 per modality of ``feats`` and sample: fuse only each sample's present ones."""
+    def forward(self, feats: Mapping[str, torch.Tensor], weights: torch.Tensor | None = None,
+                joint: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """``weights`` (n, B), 1 / 0 per modality of ``feats`` and sample: fuse only each sample's present ones.
+        ``joint``: per modality (B, width, ...) terms added to its specific projection (the joint stem's)."""
         ind = torch.stack([f[:, : self.k] for f in feats.values()])
-        spec = torch.stack([self.specific[n](f[:, self.k :]) for n, f in feats.items()])
+        spec = torch.stack([self.specific[n](f[:, self.k :]) + (joint[n] if joint is not None else 0)
+                            for n, f in feats.items()])
         if weights is None:
             shared = self.shared(torch.cat([ind.mean(0), ind.amax(0)], dim=1))
             return self.act(self.norm(shared + spec.mean(0)))
@@ -103,6 +106,7 @@ class CrossModalNet(nn.Module):
         independent_fraction: share of each encoder level's channels that is modality-independent.
         dropout: dropout before each decoder level; active in training, or at inference with ``mc_dropout``.
         modality_dropout: in training, probability of dropping each modality of a batch (one always stays).
+        joint_stem: add each raw modality's strided convolution to the first fusion level (see ``stem``).
 
     Example:
         >>> net = CrossModalNet(["ct", "pet"], num_classes=3, channels=(8, 16), strides=(2,)).eval()
@@ -115,7 +119,8 @@ class CrossModalNet(nn.Module):
 
     def __init__(self, modalities: Sequence[str], num_classes: int, channels: Sequence[int] = (16, 32, 64, 128),
                  strides: Sequence[int] = (2, 2, 2), encoder_channels: Sequence[int] | None = None,
-                 independent_fraction: float = 0.5, dropout: float = 0.1, modality_dropout: float = 0.0) -> None:
+                 independent_fraction: float = 0.5, dropout: float = 0.1, modality_dropout: float = 0.0,
+                 joint_stem: bool = False) -> None:
         super().__init__()
         if not modalities or len(set(modalities)) != len(modalities):
             raise ValueError(f"modalities {list(modalities)} must be unique and non-empty")
@@ -147,6 +152,11 @@ class CrossModalNet(nn.Module):
             else nn.Conv3d(channels[0], num_classes, 1)
         self.aux = nn.ModuleDict({m: nn.Conv3d(enc[0], num_classes, 1) for m in self.modalities})
         self.first_stride = s0
+        # joint stem: a strided 3x3x3 convolution of each raw modality into the first fusion level, averaged over
+        # the present ones (early fusion's first layer, zero-filled for a missing modality): voxel-wise joint
+        # intensities reach the fusion stream before any per-modality non-linearity
+        self.stem = nn.ModuleDict({m: nn.Conv3d(1, channels[0], 3, stride=s0, padding=1, bias=False)
+                                   for m in self.modalities}) if joint_stem else None
 
     def _split(self, x: torch.Tensor | Mapping[str, torch.Tensor],
                present: Sequence[bool] | None) -> dict[str, torch.Tensor]:
@@ -198,7 +208,9 @@ class CrossModalNet(nn.Module):
             weights = sample_present[:, idx].T.to(next(iter(inputs.values())).device)  # (n, B)
             weights[:, ~weights.any(0)] = True  # its modalities were all left out of this batch: keep the rest
         levels = len(self.fusion)
-        fused = [self.fusion[i]({m: f[i] for m, f in feats.items()}, weights) for i in range(levels)]
+        joint = {m: self.stem[m](t) for m, t in inputs.items()} if self.stem is not None else None
+        fused = [self.fusion[i]({m: f[i] for m, f in feats.items()}, weights, joint if i == 0 else None)
+                 for i in range(levels)]
         mc = self.mc_dropout if mc_dropout is None else mc_dropout
         logits = self._decode(fused, self.dropout > 0 and (self.training or mc))
         samples = torch.stack([self._decode(fused, True) for _ in range(mc_samples)]) if mc_samples else None
@@ -224,4 +236,4 @@ def crossmodal_net(cfg: CrossModalConfig) -> CrossModalNet:
     m = cfg.model
     return CrossModalNet(cfg.modality_names, cfg.labels.num_classes, channels=m.channels, strides=m.strides,
                          encoder_channels=m.encoder_channels or None, independent_fraction=m.independent_fraction,
-                         dropout=m.dropout, modality_dropout=m.modality_dropout)
+                         dropout=m.dropout, modality_dropout=m.modality_dropout, joint_stem=m.joint_stem)
