@@ -365,6 +365,9 @@ def main() -> int:
                 todo = experiments(ds, args.quick)
                 if only:
                     whole = {x[0] for x in only if len(x) == 1}
+                    if whole - {e[0] for e in todo}:
+                        ap.error(f"--only: no {ds} runs of {sorted(whole - {e[0] for e in todo})}; methods: "
+                                 f"{sorted({e[0] for e in todo})}")
                     todo = [e for e in todo if e[0] in whole] + [(x[0], x[1], 0.0, (None,)) for x in only
                                                                  if len(x) == 2 and x[0] not in whole]
                 for method, regime, mm, drops in todo:
