@@ -16,6 +16,7 @@ processes (torch.distributed: gloo on CPU, NCCL on GPUs).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -403,6 +404,16 @@ class CrossModalTrain(BasicTrainTask):
             # every process leaves training together (rank 0 publishes last), so MONAI Label's
             # destroy_process_group() never tears gloo down under a peer still running
             context.trainer.add_event_handler(Events.COMPLETED, lambda _: torch.distributed.barrier())
+
+    def train(self, rank: int, world_size: int, request: dict[str, Any], datalist: Any) -> dict[str, Any]:
+        """MONAI Label's run, then (data-parallel) the run's engines and DistributedDataParallel wrapper freed here,
+        after ``destroy_process_group``: left to interpreter exit, gloo's threads were torn down mid-shutdown and
+        one process in ~8 aborted (SIGABRT, "terminate called without an active exception")."""
+        try:
+            return super().train(rank, world_size, request, datalist)
+        finally:
+            if world_size > 1:
+                gc.collect()  # the engines hold reference cycles: only the collector frees them
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         req = coerce_tracking(request, self._model_dir)
