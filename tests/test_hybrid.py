@@ -233,6 +233,11 @@ def test_train_task_learns_from_dense_sparse_and_unlabelled_cases(tmp_path: Path
     assert metrics["copy_paste_samples"] == 2  # 1 dense x 1 unlabelled case -> 2 mixes in the supervised part
     assert metrics["loss_supervised"] > 0 and 0 < metrics["loss_ramp"] <= 1
     first = torch.load(stats["published"], map_location="cpu")
+    # no labels held out (val_fraction 0): the published model is the last epoch's, not the best training Dice's
+    run = next((tmp_path / "m").glob("train_*"))
+    final = torch.load(run / "checkpoint_final.pt", map_location="cpu")
+    assert first.keys() == final.keys() and all(torch.equal(v, final[k]) for k, v in first.items())
+    assert (run / "train_model.pt").is_file()  # MONAI Label's best-training-Dice checkpoint stays beside it
     trainer = AppParts.from_conf(str(tmp_path / "app"), {"preset": preset, "model_dir": str(tmp_path / "m"),
                                                          "models": "crossmodal"}).trainer()
     assert trainer.load_path(str(tmp_path / "m" / "train_02")) == stats["published"]  # fine-tunes the published one
