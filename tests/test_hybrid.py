@@ -28,7 +28,8 @@ from crossmodal.losses import (
 from crossmodal.nets import CrossModalNet, InputSelect, build_network
 from crossmodal.serving.app import AppParts
 from crossmodal.serving.offline import method_config, train_offline
-from crossmodal.serving.train import PseudoLabelRounds
+from crossmodal.serving.train import CrossModalTrain, PseudoLabelRounds
+from ignite.metrics import Metric
 
 
 def logits_of(probs: list[list[float]]) -> torch.Tensor:
@@ -246,6 +247,39 @@ def test_train_task_learns_from_dense_sparse_and_unlabelled_cases(tmp_path: Path
     assert again["total_iterations"] == 1  # no unlabelled source: one step per epoch (dense, sparse: 1 each)
     assert again["train"]["metrics"]["copy_paste_samples"] == 0  # nothing to mix without unlabelled cases
     assert not all(torch.equal(v, torch.load(again["published"], map_location="cpu")[k]) for k, v in first.items())
+
+
+class _FallingScore(Metric):
+    """A training metric that is best in the first epoch (1, 1/2, 1/3, ...), whatever the network does."""
+
+    def __init__(self) -> None:
+        self.epochs = 0
+        super().__init__()
+
+    def reset(self) -> None:
+        pass
+
+    def update(self, output) -> None:
+        pass
+
+    def compute(self) -> float:
+        self.epochs += 1
+        return 1.0 / self.epochs
+
+
+def test_without_held_out_labels_the_last_model_is_published_not_the_best_training_dice(tmp_path, phantom_cfg,
+                                                                                          monkeypatch):
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=2, dense=2, sparse=0, seed=35)
+    monkeypatch.setattr(CrossModalTrain, "train_key_metric",
+                        lambda self, context: {self.TRAIN_METRIC_MEAN_DICE: _FallingScore()})
+    stats = train_offline(str(studies), _bench_config(tmp_path, "ours"), str(tmp_path / "m"), epochs=3,
+                          device="cpu", network="crossmodal")
+    run = next((tmp_path / "m").glob("train_*"))
+    load = lambda p: torch.load(p, map_location="cpu")  # noqa: E731
+    published, final = load(stats["published"]), load(run / "checkpoint_final.pt")
+    assert all(torch.equal(v, final[k]) for k, v in published.items())  # the third epoch's weights
+    best_train = load(run / "train_model.pt")  # MONAI Label's choice, kept beside it: the first epoch's
+    assert not all(torch.equal(v, best_train[k]) for k, v in published.items())
 
 
 def test_self_training_rounds_refine_and_supervise_every_unlabelled_case(tmp_path: Path, phantom_cfg, caplog):

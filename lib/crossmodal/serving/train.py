@@ -97,9 +97,9 @@ class LatestModel:
     """Writes the network's weights to ``path`` after every epoch (temp file + ``os.replace``), for publishing.
 
     Used when no labels are held out for validation. The alternative, MONAI Label's best Dice on the training batches,
-    picks whichever epoch fitted its own few patches best: on the benchmark (brain, 3 seeds, 300 steps at a constant
-    learning rate) the last model beat it everywhere or tied (one labelled case + unlabelled ones 0.711 -> 0.737,
-    early fusion from scribbles 0.733 -> 0.742, nothing lower).
+    picks whichever epoch fitted its own few patches best: over bench-quality's 168 runs (300 steps at a constant
+    learning rate) the last model scored +0.41 Dice points on average, 100 runs up and 58 down (brain, one labelled
+    case + unlabelled ones: 0.711 -> 0.737).
     """
 
     def __init__(self, network: torch.nn.Module, path: str) -> None:
