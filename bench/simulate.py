@@ -2,8 +2,8 @@
 
 Strategies ours / random / epistemic (MONAI Label's EpistemicScoring, 5 dropout samples), 3 seeds, scribbles from
 the ground truth, 5 rounds (2 seed cases + 2 per round), 100 fine-tuning steps per round (200 in round 0), a
-4-case held-out test split, and a full-annotation reference per seed. Prints the goal checks, writes
-`simulate.json` (records, summary, scoring cost) and `simulate.png` (Dice vs annotated cases and voxels, AUC in
+12-case held-out test split (4 until 2026-11-30), and a full-annotation reference per seed. Prints the goal checks,
+writes `simulate.json` (records, summary, scoring cost) and `simulate.png` (Dice vs annotated cases and voxels, AUC in
 the legend) to RESULTS_DIR (default bench/results). `--quick`: phantom, one seed, 3 rounds of 30 steps.
 
     python bench/simulate.py [--quick] [--datasets brain]
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,16 +23,18 @@ from pathlib import Path
 from crossmodal.simulate import SimSpec, plot, scoring_cost, simulate_dataset, summarize, write_json
 
 REPO = Path(__file__).resolve().parents[1]
+TEST = 12  # held-out test cases with dense truth, the last ones of each data set
 
 
 def make_data(root: Path, dataset: str, cases: int) -> Path:
-    out = root / f"sim_{dataset}"
-    if not (out / ".done").is_file():
+    out, done = root / f"sim_{dataset}", root / f"sim_{dataset}" / ".done"
+    if not done.is_file() or done.read_text().strip() != str(cases):  # made anew when the count changes (the cases
+        shutil.rmtree(out, ignore_errors=True)                           # are seeded by index: the first ones stay)
         args = ["phantom", "--size", "48"] if dataset == "phantom" else ["brain", "--templates", str(REPO / "data" /
                                                                                                  "spm12")]
         subprocess.run([sys.executable, "-m", "crossmodal.cli", "data", *args, "--out", str(out), "--cases",
                         str(cases), "--seed", "300"], check=True, stdout=subprocess.DEVNULL)
-        (out / ".done").touch()
+        done.write_text(str(cases))
     return out
 
 
@@ -72,7 +75,8 @@ def main() -> int:
     results = Path(os.environ.get("RESULTS_DIR", REPO / "bench" / "results"))
     results.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="simulate-"))
-    datasets = {"phantom": ("phantom", 20), "brain": ("brain", 16)}
+    # pool + test cases: 16 + 12 and 12 + 12 (the test split was 4 until 2026-11-30; the pools are unchanged)
+    datasets = {"phantom": ("phantom", 16 + TEST), "brain": ("brain", 12 + TEST)}
     if args.quick:
         datasets = {"phantom": ("phantom", 10)}
     seeds = [0] if args.quick else [0, 1, 2]
@@ -105,21 +109,21 @@ def main() -> int:
         records, refs = old["records"], old["full_annotation"]
         cost = {k: v for k, v in old["scoring_cost"].items() if k not in datasets}
         for ds, (preset, cases) in datasets.items():
-            spec = SimSpec(preset, test=4, steps=100)
+            spec = SimSpec(preset, test=TEST, steps=100)
             weights = REPO / "apps" / "crossmodal" / "pretrained" / f"{preset}_crossmodal.pt"
             cost[ds] = scoring_cost(make_data(REPO / "data", ds, cases), work, ds, spec, str(weights), repeats=5)
             print(json.dumps(cost[ds]), flush=True)
         datasets = {}
     for ds, (preset, cases) in datasets.items():
         studies = make_data(REPO / "data", ds, cases)
-        spec = SimSpec(preset, test=3 if args.quick else 4, initial=2, k=2, rounds=3 if args.quick else 5,
+        spec = SimSpec(preset, test=3 if args.quick else TEST, initial=2, k=2, rounds=3 if args.quick else 5,
                        steps=30 if args.quick else 100)
         def emit(kind: str, item: dict, ds: str = ds) -> None:
             if kind == "cost":
                 cost[ds] = item
             else:
                 (records if kind == "record" else refs).append(item)
-            print(json.dumps({k: v for k, v in item.items() if k != "cases"}), flush=True)
+            print(json.dumps({k: v for k, v in item.items() if k not in ("cases", "dice_per_case")}), flush=True)
             save()
 
         simulate_dataset(studies, work, ds, spec, seeds, emit=emit)

@@ -165,6 +165,10 @@ def test_simulate_cli_writes_learning_curves_for_three_strategies(tmp_path):
         assert {"dataset", "strategy", "seed", "round", "annotated_cases", "annotated_voxels", "dice_mean"} <= set(x)
         assert x["annotated_cases"] == 2 + 2 * x["round"] and 0.0 <= x["dice_mean"] <= 1.0
         assert 0 < x["annotated_voxels"] < x["annotated_cases"] * 48 ** 3  # scribbles: a fraction of the voxels
+        # the test split: the last 2 cases, never annotated; dice_mean is their per-case Dice's mean
+        assert sorted(x["dice_per_case"]) == ["phantom005", "phantom006"] and not set(x["cases"]) & set(
+            x["dice_per_case"])
+        assert x["dice_mean"] == pytest.approx(sum(x["dice_per_case"].values()) / 2, abs=1e-3)
     seeds = {x["strategy"]: x["cases"][:2] for x in recs if x["round"] == 0}
     assert seeds["ours"] == seeds["random"] == seeds["epistemic"]  # the same seed set for every strategy
     cost = data["scoring_cost"]

@@ -224,7 +224,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     def emit(kind: str, item: dict) -> None:
         found[kind].append(item)
-        print(json.dumps({k: v for k, v in item.items() if k != "cases"}), flush=True)
+        print(json.dumps({k: v for k, v in item.items() if k not in ("cases", "dice_per_case")}), flush=True)
         save()
 
     simulate_dataset(studies, work, dataset, spec, args.seeds, args.strategies, emit)

@@ -163,7 +163,8 @@ def run_strategy(src: Path, root: Path, dataset: str, spec: SimSpec, strategy: s
         rec = {"dataset": dataset, "strategy": strategy, "seed": seed, "round": r,
                "annotated_cases": len(annotated), "annotated_voxels": voxels, "dice_mean": round(ev["dice_mean"], 4),
                "hd95_mean": round(ev["hd95_mean"], 2), "scoring_seconds_per_case": round(score_s, 4),
-               "train_seconds": round(train_s, 1), "annotation": spec.annotation, "cases": list(annotated)}
+               "train_seconds": round(train_s, 1), "annotation": spec.annotation, "cases": list(annotated),
+               "dice_per_case": {c["case"]: round(c["dice_mean"], 4) for c in ev["per_case"]}}
         records.append(rec)
         log(rec)
     return records
@@ -180,7 +181,8 @@ def full_reference(src: Path, root: Path, dataset: str, spec: SimSpec, seed: int
                    None, spec.annotation == "scribbles")
     ev = evaluate(str(work / "test"), str(preset), model, network=cfg.model.name)
     return {"dataset": dataset, "strategy": "full", "seed": seed, "annotated_cases": len(pool_cases),
-            "annotated_voxels": voxels, "dice_mean": round(ev["dice_mean"], 4)}
+            "annotated_voxels": voxels, "dice_mean": round(ev["dice_mean"], 4),
+            "dice_per_case": {c["case"]: round(c["dice_mean"], 4) for c in ev["per_case"]}}
 
 
 def area_under_curve(xs: Sequence[float], ys: Sequence[float]) -> float:
