@@ -56,8 +56,8 @@ MISREGISTRATION = (0.0, 2.0, 4.0, 8.0)
 MISSING = {"phantom": "pet", "brain": "pd"}
 DATASETS: dict[str, dict] = {
     # train / test cases, training patch, optimiser steps per run (the same for every method and regime); 12 test
-    # cases (4 until 2026-11-30: one case's swing moved a run's mean by up to a point); the training cases and so the
-    # trained models are the same as with 4, whose cases are the first 4 of the 12 (``dice_per_case``)
+    # cases (4 until 2026-11-30: a run's 4-case mean lay 0.8 points from its 12-case mean on average, up to 3.6); the
+    # training cases and so the trained models are the same as with 4, whose cases are the first 4 of the 12
     "phantom": {"preset": "phantom", "train": 10, "test": 12, "patch": 32, "steps": 300},
     "brain": {"preset": "brain", "train": 10, "test": 12, "patch": 32, "steps": 300},
 }
