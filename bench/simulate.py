@@ -20,21 +20,26 @@ import sys
 import tempfile
 from pathlib import Path
 
-from crossmodal.simulate import SimSpec, plot, scoring_cost, simulate_dataset, summarize, write_json
+from crossmodal.simulate import SimSpec, plot, scoring_cost, simulate_dataset, summarize, variant_report, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 TEST = 12  # held-out test cases with dense truth, the last ones of each data set
+MIX = "typical,typical,cold_lesion,other_mr_weighting"  # phantom_mixed: case i gets MIX[i % 4]
 
 
-def make_data(root: Path, dataset: str, cases: int) -> Path:
+def make_data(root: Path, dataset: str, cases: int, variants: str | None = None) -> Path:
     out, done = root / f"sim_{dataset}", root / f"sim_{dataset}" / ".done"
-    if not done.is_file() or done.read_text().strip() != str(cases):  # made anew when the count changes (the cases
-        shutil.rmtree(out, ignore_errors=True)                           # are seeded by index: the first ones stay)
-        args = ["phantom", "--size", "48"] if dataset == "phantom" else ["brain", "--templates", str(REPO / "data" /
-                                                                                                 "spm12")]
-        subprocess.run([sys.executable, "-m", "crossmodal.cli", "data", *args, "--out", str(out), "--cases",
-                        str(cases), "--seed", "300"], check=True, stdout=subprocess.DEVNULL)
-        done.write_text(str(cases))
+    stamp = f"{cases}" + (f" {variants}" if variants else "")
+    if not done.is_file() or done.read_text().strip() != stamp:  # made anew when the count changes (the cases are
+        shutil.rmtree(out, ignore_errors=True)                     # seeded by index: the first ones stay)
+        args = ["phantom", "--size", "48"] if dataset.startswith("phantom") else ["brain", "--templates",
+                                                                                   str(REPO / "data" / "spm12")]
+        args += ["--variants", variants] if variants else []
+        made = subprocess.run([sys.executable, "-m", "crossmodal.cli", "data", *args, "--out", str(out), "--cases",
+                               str(cases), "--seed", "300"], check=True, stdout=subprocess.PIPE, text=True).stdout
+        records = [json.loads(line) for line in made.splitlines() if line.startswith("{")]
+        (out / "variants.json").write_text(json.dumps({r["case"]: r.get("variant", "typical") for r in records}))
+        done.write_text(stamp)
     return out
 
 
@@ -75,19 +80,32 @@ def main() -> int:
     results = Path(os.environ.get("RESULTS_DIR", REPO / "bench" / "results"))
     results.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="simulate-"))
-    # pool + test cases: 16 + 12 and 12 + 12 (the test split was 4 until 2026-11-30; the pools are unchanged)
-    datasets = {"phantom": ("phantom", 16 + TEST), "brain": ("brain", 12 + TEST)}
+    # pool + test cases: 16 + 12 and 12 + 12 (the test split was 4 until 2026-11-30; the pools are unchanged);
+    # phantom_mixed: the phantom with a clinical pool's sub-populations (a quarter of the cases with a lesion that
+    # takes up no tracer, a quarter on an MR of another weighting) in the pool and in the test split alike
+    datasets = {"phantom": ("phantom", 16 + TEST, None), "brain": ("brain", 12 + TEST, None),
+                "phantom_mixed": ("phantom", 16 + TEST, MIX)}
     if args.quick:
-        datasets = {"phantom": ("phantom", 10)}
+        datasets = {"phantom": ("phantom", 10, None)}
     seeds = [0] if args.quick else [0, 1, 2]
     records: list[dict] = []
     refs: list[dict] = []
     cost: dict = {}
 
+    def by_variant() -> dict:
+        out = {}
+        for ds in sorted({r["dataset"] for r in records}):
+            path = REPO / "data" / f"sim_{ds}" / "variants.json"
+            variants = json.loads(path.read_text()) if path.is_file() else {}
+            if len(set(variants.values())) > 1:
+                out[ds] = variant_report([r for r in records if r["dataset"] == ds], variants)
+        return out
+
     def save() -> dict:
         summary = summarize(records, refs)
         write_json(results / "simulate.json", {"records": records, "full_annotation": refs, "scoring_cost": cost,
-                                               "summary": summary, "goals": goals(summary, cost)})
+                                               "summary": summary, "goals": goals(summary, cost),
+                                               "by_variant": by_variant()})
         if records:
             plot(summary, results / "simulate.png")
         return summary
@@ -108,14 +126,15 @@ def main() -> int:
         old = json.loads((results / "simulate.json").read_text())
         records, refs = old["records"], old["full_annotation"]
         cost = {k: v for k, v in old["scoring_cost"].items() if k not in datasets}
-        for ds, (preset, cases) in datasets.items():
+        for ds, (preset, cases, mix) in datasets.items():
             spec = SimSpec(preset, test=TEST, steps=100)
             weights = REPO / "apps" / "crossmodal" / "pretrained" / f"{preset}_crossmodal.pt"
-            cost[ds] = scoring_cost(make_data(REPO / "data", ds, cases), work, ds, spec, str(weights), repeats=5)
+            cost[ds] = scoring_cost(make_data(REPO / "data", ds, cases, mix), work, ds, spec, str(weights),
+                                    repeats=5)
             print(json.dumps(cost[ds]), flush=True)
         datasets = {}
-    for ds, (preset, cases) in datasets.items():
-        studies = make_data(REPO / "data", ds, cases)
+    for ds, (preset, cases, mix) in datasets.items():
+        studies = make_data(REPO / "data", ds, cases, mix)
         spec = SimSpec(preset, test=3 if args.quick else TEST, initial=2, k=2, rounds=3 if args.quick else 5,
                        steps=30 if args.quick else 100)
         def emit(kind: str, item: dict, ds: str = ds) -> None:
@@ -128,17 +147,24 @@ def main() -> int:
 
         simulate_dataset(studies, work, ds, spec, seeds, emit=emit)
     summary = save()
-    print(f"\n{'dataset':8} {'strategy':10} {'AUC cases':>10} {'AUC voxels':>11} {'cases to 95% full':>18} "
+    print(f"\n{'dataset':14} {'strategy':10} {'AUC cases':>10} {'AUC voxels':>11} {'cases to 95% full':>18} "
           f"{'score s/case':>13}")
     for ds, entry in summary.items():
         for st, v in entry["strategies"].items():
-            print(f"{ds:8} {st:10} {v['auc_cases']:10.4f} {v['auc_voxels']:11.4f} {str(v['cases_to_95pct_full']):>18} "
+            print(f"{ds:14} {st:10} {v['auc_cases']:10.4f} {v['auc_voxels']:11.4f} {str(v['cases_to_95pct_full']):>18} "
                   f"{v['scoring_seconds_per_case']:13.4f}")
-        print(f"{ds:8} full-annotation Dice {entry['full_annotation_dice']:.4f}")
+        print(f"{ds:14} full-annotation Dice {entry['full_annotation_dice']:.4f}")
+    for ds, report in by_variant().items():
+        print(f"\n{ds}: share of the annotated cases by variant / test Dice by variant, per round (mean of seeds)")
+        for st, rows in report.items():
+            for row in rows:
+                share = " ".join(f"{v} {x:.2f}" for v, x in row["annotated_share"].items())
+                dice = " ".join(f"{v} {x:.3f}" for v, x in row["test_dice"].items())
+                print(f"{ds:14} {st:10} cases {row['annotated_cases']:2}  annotated: {share}  |  Dice: {dice}")
     print()
     for g in goals(summary, cost):
         verdict = "met" if g["met"] else "MISSED"
-        print(f"{g['dataset']:8} {g['goal']:62} {g['measured']!s:>8}  {verdict}  ({g['detail']})")
+        print(f"{g['dataset']:14} {g['goal']:62} {g['measured']!s:>8}  {verdict}  ({g['detail']})")
     print(f"-> {results / 'simulate.json'}, {results / 'simulate.png'}")
     return 0
 

@@ -24,7 +24,7 @@ from crossmodal.serving.activelearning import (
     candidates,
 )
 from crossmodal.serving.app import AppParts
-from crossmodal.simulate import area_under_curve, cases_to_reach
+from crossmodal.simulate import area_under_curve, cases_to_reach, variant_report
 from crossmodal.transforms import preprocessing
 
 CFG = load_config("phantom")
@@ -147,6 +147,25 @@ def test_area_under_curve_and_cases_to_reach():
     assert area_under_curve([2, 4, 8], [0.2, 0.6, 0.6]) == pytest.approx((0.8 + 2.4) / 6)
     recs = [{"round": 0, "annotated_cases": 2, "dice_mean": 0.5}, {"round": 1, "annotated_cases": 4, "dice_mean": 0.8}]
     assert cases_to_reach(recs, 0.79) == 4 and cases_to_reach(recs, 0.9) is None
+
+
+def test_variant_report_counts_annotated_shares_and_test_dice_by_variant():
+    variants = {"a": "typical", "b": "cold_lesion", "c": "typical", "d": "cold_lesion", "t1": "typical",
+                "t2": "cold_lesion"}
+    recs = [  # two seeds of one strategy, two rounds; test cases t1 (typical) and t2 (cold)
+        {"strategy": "ours", "round": 0, "annotated_cases": 2, "cases": ["a", "c"],
+         "dice_per_case": {"t1": 0.9, "t2": 0.5}},
+        {"strategy": "ours", "round": 0, "annotated_cases": 2, "cases": ["a", "b"],
+         "dice_per_case": {"t1": 0.8, "t2": 0.6}},
+        {"strategy": "ours", "round": 1, "annotated_cases": 4, "cases": ["a", "c", "b", "d"],
+         "dice_per_case": {"t1": 0.9, "t2": 0.9}},
+        {"strategy": "random", "round": 0, "annotated_cases": 2, "cases": ["c", "d"], "dice_per_case": {"t1": 0.7}}]
+    rep = variant_report(recs, variants)
+    assert [r["round"] for r in rep["ours"]] == [0, 1] and [r["round"] for r in rep["random"]] == [0]
+    assert rep["ours"][0]["annotated_share"] == {"cold_lesion": 0.25, "typical": 0.75}  # (0 + 1/2) / 2 seeds
+    assert rep["ours"][0]["test_dice"] == {"cold_lesion": 0.55, "typical": 0.85}
+    assert rep["ours"][1]["annotated_share"] == {"cold_lesion": 0.5, "typical": 0.5}
+    assert rep["random"][0]["test_dice"] == {"typical": 0.7}  # no cold test case scored: no entry
 
 
 def test_simulate_cli_writes_learning_curves_for_three_strategies(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from conftest import SPM_DIR, make_phantom_studies
 from crossmodal.config import load_config
 from crossmodal.data.brain import SPM_SHA256, extract_templates, load_templates, make_brain_case
-from crossmodal.data.phantom import make_phantom
+from crossmodal.data.phantom import VARIANTS, make_phantom
 from crossmodal.data.sparse import annotated_fraction, painted_slices, scribbles
 from crossmodal.io import find_case, load_volume
 from crossmodal.labels import SPARSE, classify
@@ -29,6 +29,25 @@ def test_phantom_has_modality_specific_contrast_and_other_grids(phantom_cfg):
     assert ct[lab == 3].mean() - ct[lab == 1].mean() > 100
     grids = {n: (v.array.shape, tuple(np.round(np.diag(v.affine)[:3], 2))) for n, v in case.images.items()}
     assert len(set(grids.values())) == 3
+
+
+def test_phantom_variants_change_one_modality_contrast_and_nothing_else(phantom_cfg):
+    cases = {v: make_phantom(phantom_cfg, np.random.default_rng(5), size=32, variant=v) for v in VARIANTS}
+    typical = cases["typical"]
+    for v, case in cases.items():  # the same draws: anatomy, grids and noise
+        assert case.variant == v
+        np.testing.assert_array_equal(case.label.array, typical.label.array)
+        np.testing.assert_array_equal(case.images["ct"].array, typical.images["ct"].array)
+    hot, cold = typical.images["pet"].array, cases["cold_lesion"].images["pet"].array
+    gone = hot - cold  # the (blurred) lesion only: organ uptake there instead of 9x the body's, never more
+    assert gone.min() == 0.0 and gone.max() > 3.0 and 0 < (gone > 0.5).mean() < 0.02
+    np.testing.assert_array_equal(cases["cold_lesion"].images["mr"].array, typical.images["mr"].array)
+    other = cases["other_mr_weighting"]
+    np.testing.assert_array_equal(other.images["pet"].array, hot)
+    d = other.images["mr"].array - typical.images["mr"].array  # body +120, organ -220 (times the bias field)
+    assert d.max() > 100 and d.min() < -150
+    with pytest.raises(ValueError, match="unknown phantom variant 'hot'.*cold_lesion"):
+        make_phantom(phantom_cfg, np.random.default_rng(5), size=32, variant="hot")
 
 
 @pytest.mark.parametrize("mm", [2.0, 8.0])
@@ -156,9 +175,20 @@ def test_phantom_cli_generates_in_seconds(tmp_path: Path):
                         "--sparse", "1", "--misregistration-mm", "4"], capture_output=True, text=True, check=True)
     recs = [json.loads(line) for line in r.stdout.splitlines()]
     assert [x["label"] for x in recs] == ["dense", "sparse"] and 0 < recs[1]["annotated_fraction"] < 0.2
+    assert [x["variant"] for x in recs] == ["typical", "typical"]
     cfg = load_config("phantom")
     for cid in ("phantom000", "phantom001"):
         assert all(find_case(tmp_path / "p" / f"{cid}.nii.gz", cfg.modality_names).modalities.values())
+
+
+def test_phantom_cli_cycles_variants_by_case_index_and_rejects_unknown_ones(tmp_path: Path):
+    r = subprocess.run([*CLI, "data", "phantom", "--out", str(tmp_path / "p"), "--cases", "3", "--size", "24",
+                        "--variants", "cold_lesion,typical"], capture_output=True, text=True, check=True)
+    assert [json.loads(line)["variant"] for line in r.stdout.splitlines()] == ["cold_lesion", "typical", "cold_lesion"]
+    bad = subprocess.run([*CLI, "data", "phantom", "--out", str(tmp_path / "q"), "--cases", "1", "--variants",
+                          "typical,hot"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--variants 'typical,hot': unknown ['hot']" in bad.stderr
+    assert "other_mr_weighting" in bad.stderr and not (tmp_path / "q").exists()
 
 
 def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg):

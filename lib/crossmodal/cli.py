@@ -16,6 +16,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -34,12 +35,19 @@ def _config(args: argparse.Namespace, default: str):
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
-    from crossmodal.data.phantom import make_phantom
+    from crossmodal.data.phantom import VARIANTS, make_phantom
     from crossmodal.data.studies import generate
 
     cfg = _config(args, "phantom")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or not variants:
+        raise SystemExit(f"crossmodal data phantom: --variants {args.variants!r}: unknown {unknown}; "
+                         f"give a comma-separated cycle of {sorted(VARIANTS)}")
+    cycle = itertools.cycle(variants)  # generate() makes the cases in index order: case i gets variants[i % n]
     recs = generate(args.out, cfg, lambda rng: make_phantom(cfg, rng, size=args.size,
-                                                            misregistration_mm=args.misregistration_mm),
+                                                            misregistration_mm=args.misregistration_mm,
+                                                            variant=next(cycle)),
                     args.cases, args.seed, args.prefix, args.dense, args.sparse, args.sparse_mode, args.ext)
     _report(recs)
     return 0
@@ -323,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = data.add_parser("phantom", help="synthetic CT/PET/MR phantoms")
     gen_args(q, "phantom")
     q.add_argument("--size", type=int, default=48, help="primary grid size per axis")
+    q.add_argument("--variants", default="typical",
+                   help="comma-separated cycle of case variants by case index: typical, cold_lesion (no tracer"
+                        " uptake in the lesion), other_mr_weighting; e.g. typical,typical,cold_lesion,"
+                        "other_mr_weighting")
     q.set_defaults(func=cmd_phantom)
 
     q = data.add_parser("fetch-spm", help="download the SPM12 wheel (set-up time), check sha256, extract templates")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,6 +236,24 @@ def summarize(records: list[dict], refs: list[dict]) -> dict[str, Any]:
                                                                  if r["scoring_seconds_per_case"] > 0] or [0.0])), 4),
             }
         out[ds] = entry
+    return out
+
+
+def variant_report(records: Sequence[dict], variants: Mapping[str, str]) -> dict[str, list[dict]]:
+    """One data set's records by case variant (``variants``: case id -> variant, e.g. from ``crossmodal data phantom
+    --variants``): per strategy and round, mean over seeds, the share of the annotated cases of each variant
+    (``annotated_share``) and the test Dice on the test cases of each variant (``test_dice``)."""
+    kinds = sorted(set(variants.values()))
+    out: dict[str, list[dict]] = {}
+    for st in sorted({r["strategy"] for r in records}):
+        out[st] = []
+        for k in sorted({r["round"] for r in records if r["strategy"] == st}):
+            rs = [r for r in records if r["strategy"] == st and r["round"] == k]
+            share = {v: round(float(np.mean([np.mean([variants[c] == v for c in r["cases"]]) for r in rs])), 3)
+                     for v in kinds}
+            per = {v: [d for r in rs for c, d in r["dice_per_case"].items() if variants.get(c) == v] for v in kinds}
+            out[st].append({"round": k, "annotated_cases": rs[0]["annotated_cases"], "annotated_share": share,
+                            "test_dice": {v: round(float(np.mean(d)), 4) for v, d in per.items() if d}})
     return out
 
 

@@ -8,6 +8,10 @@ Contrast by modality kind (regions: air, body, organ, lesion, vessel):
 
 The primary modality lies on an isotropic grid centred on the origin; every other modality has its own
 spacing, size, origin and orientation, and can be rigidly misregistered by a given distance (mm).
+
+A case is ``typical`` or one of the atypical :data:`VARIANTS` a clinical pool also holds (for active learning):
+``cold_lesion``, a lesion that takes up no tracer (seen in MR only), and ``other_mr_weighting``, an MR sequence of
+another weighting (organ darker than the body, lesion and vessel bright).
 """
 
 from __future__ import annotations
@@ -27,6 +31,12 @@ CONTRAST = {
     "mr": (np.array([0.0, 300.0, 480.0, 640.0, 270.0]), 25.0),
 }
 STRUCTURES = ("organ", "lesion", "vessel")
+# Atypical variants: per modality kind, the region means that replace CONTRAST's.
+VARIANTS = {
+    "typical": {},
+    "cold_lesion": {"pet": np.array([0.0, 1.0, 2.0, 2.0, 1.15])},
+    "other_mr_weighting": {"mr": np.array([0.0, 420.0, 260.0, 560.0, 620.0])},
+}
 
 
 @dataclass
@@ -43,6 +53,7 @@ class SyntheticCase:
 
     images: dict[str, Volume]
     label: Volume
+    variant: str = "typical"
 
 
 def _anatomy(rng: np.random.Generator, half: np.ndarray) -> dict[str, np.ndarray | float]:
@@ -79,7 +90,7 @@ def _regions(points: np.ndarray, a: dict) -> np.ndarray:
 
 def make_phantom(cfg: CrossModalConfig, rng: np.random.Generator, size: int = 48, spacing: float = 2.0,
                  misregistration_mm: float = 0.0, shape: tuple[int, int, int] | None = None,
-                 spacing_xyz: tuple[float, float, float] | None = None) -> SyntheticCase:
+                 spacing_xyz: tuple[float, float, float] | None = None, variant: str = "typical") -> SyntheticCase:
     """One phantom case with a modality for every entry of ``cfg.modalities`` (kinds ct / pet / mr).
 
     Args:
@@ -89,7 +100,13 @@ def make_phantom(cfg: CrossModalConfig, rng: np.random.Generator, size: int = 48
         size: primary grid size per axis (voxels); ``shape`` overrides it with a (3,) shape.
         spacing: primary spacing (mm); ``spacing_xyz`` overrides it with a (3,) spacing.
         misregistration_mm: rigid shift of every secondary modality against the primary (mm), random direction.
+        variant: ``typical`` or an atypical entry of :data:`VARIANTS` (the same anatomy draws, other contrasts).
+
+    Raises:
+        ValueError: an unknown ``variant``.
     """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown phantom variant {variant!r}; choose from {sorted(VARIANTS)}")
     shape0 = tuple(int(v) for v in shape) if shape else (size,) * 3
     sp0 = np.asarray(spacing_xyz if spacing_xyz else (spacing,) * 3, dtype=np.float64)
     extent = np.asarray(shape0) * sp0
@@ -114,6 +131,7 @@ def make_phantom(cfg: CrossModalConfig, rng: np.random.Generator, size: int = 48
             lut = np.array([0, 0] + [cfg.labels.classes.get(n, 0) for n in names[2:]], dtype=np.uint8)
             label = Volume(lut[regions], affine)
         means, sd = CONTRAST[mod.kind]
+        means = VARIANTS[variant].get(mod.kind, means)
         img = means[regions].astype(np.float32)
         if mod.kind == "pet":
             img = gaussian_filter(img, 1.2)
@@ -124,4 +142,4 @@ def make_phantom(cfg: CrossModalConfig, rng: np.random.Generator, size: int = 48
         images[mod.name] = Volume(np.rint(img).astype(np.int16) if mod.kind == "ct" else img.astype(np.float32),
                                   affine)
     assert label is not None
-    return SyntheticCase(images=images, label=label)
+    return SyntheticCase(images=images, label=label, variant=variant)

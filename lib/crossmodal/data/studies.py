@@ -42,7 +42,8 @@ def generate(studies: str | os.PathLike[str], cfg: CrossModalConfig, make: Calla
              ext: str = ".nii.gz") -> list[dict[str, object]]:
     """Generate ``cases`` cases; the first ``dense`` get a dense final label, the next ``sparse`` a sparse one.
 
-    Returns one record per case: ``case``, ``label`` (``dense`` / ``sparse`` / None), ``annotated_fraction``.
+    Returns one record per case: ``case``, ``label`` (``dense`` / ``sparse`` / None), ``annotated_fraction``,
+    ``variant`` (the case's :attr:`SyntheticCase.variant`).
     """
     if dense + sparse > cases:
         raise ValueError(f"dense ({dense}) + sparse ({sparse}) labels exceed the number of cases ({cases})")
@@ -60,5 +61,6 @@ def generate(studies: str | os.PathLike[str], cfg: CrossModalConfig, make: Calla
             sp = sparsify(case.label.array, cfg.labels, sparse_mode, rng)
             save_volume(Path(studies) / FINAL_LABELS / f"{case_id}.nii.gz", sp, case.label.affine)
             kind, frac = "sparse", annotated_fraction(sp)
-        records.append({"case": case_id, "label": kind, "annotated_fraction": round(frac, 5)})
+        records.append({"case": case_id, "label": kind, "annotated_fraction": round(frac, 5),
+                        "variant": case.variant})
     return records
