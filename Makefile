@@ -93,7 +93,7 @@ bench-demo-train: install data
 	$(BIN)/python bench/demo_training.py
 
 # Active learning in a simulated annotate-retrain loop: ours vs random vs MONAI Label Epistemic, phantom + brain,
-# 3 seeds (about 35 min on 2 cores); QUICK=1: phantom, one seed, 3 short rounds. RESULTS_DIR=... to redirect.
+# each drawn alike and as a mixed pool, 3 seeds (about 70 min on 2 cores); QUICK=1: phantom, one seed, 3 short rounds. RESULTS_DIR=... to redirect.
 simulate: install $(SPM)
 	$(BIN)/python bench/simulate.py $(if $(QUICK),--quick,)
 

@@ -1,12 +1,18 @@
 """`make simulate`: the annotate-retrain loop without people on the phantom and the real brain data.
 
+Four pools: ``phantom`` and ``brain`` (every case drawn alike), and ``phantom_mixed`` / ``brain_mixed``, the same
+cases as a clinical pool with sub-populations (``crossmodal data ... --variants``: a lesion without tracer uptake,
+an MR of another weighting, a FLAIR in place of the T2) in the pool and the test split alike, where the records
+are also broken down by variant (``by_variant``: which cases each strategy had annotated, test Dice per variant).
+
 Strategies ours / random / epistemic (MONAI Label's EpistemicScoring, 5 dropout samples), 3 seeds, scribbles from
 the ground truth, 5 rounds (2 seed cases + 2 per round), 100 fine-tuning steps per round (200 in round 0), a
 12-case held-out test split (4 until 2026-11-30), and a full-annotation reference per seed. Prints the goal checks,
-writes `simulate.json` (records, summary, scoring cost) and `simulate.png` (Dice vs annotated cases and voxels, AUC in
-the legend) to RESULTS_DIR (default bench/results). `--quick`: phantom, one seed, 3 rounds of 30 steps.
+writes `simulate.json` (records, summary, scoring cost, by_variant) and `simulate.png` (Dice vs annotated cases and
+voxels, AUC in the legend) to RESULTS_DIR (default bench/results). `--quick`: phantom, one seed, 3 rounds of 30
+steps.
 
-    python bench/simulate.py [--quick] [--datasets brain]
+    python bench/simulate.py [--quick] [--datasets brain,brain_mixed]
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from crossmodal.simulate import SimSpec, plot, scoring_cost, simulate_dataset, s
 
 REPO = Path(__file__).resolve().parents[1]
 TEST = 12  # held-out test cases with dense truth, the last ones of each data set
-MIX = "typical,typical,cold_lesion,other_mr_weighting"  # phantom_mixed: case i gets MIX[i % 4]
+MIX = {"phantom_mixed": "typical,typical,cold_lesion,other_mr_weighting",  # case i gets variant i % 4
+       "brain_mixed": "typical,typical,typical,t2_flair"}
 
 
 def make_data(root: Path, dataset: str, cases: int, variants: str | None = None) -> Path:
@@ -81,10 +88,12 @@ def main() -> int:
     results.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="simulate-"))
     # pool + test cases: 16 + 12 and 12 + 12 (the test split was 4 until 2026-11-30; the pools are unchanged);
-    # phantom_mixed: the phantom with a clinical pool's sub-populations (a quarter of the cases with a lesion that
-    # takes up no tracer, a quarter on an MR of another weighting) in the pool and in the test split alike
+    # *_mixed: the same cases (seeds) as a clinical pool with sub-populations, in the pool and the test split alike:
+    # phantom, a quarter with a lesion that takes up no tracer and a quarter on an MR of another weighting; brain, a
+    # quarter with a FLAIR in place of the T2
     datasets = {"phantom": ("phantom", 16 + TEST, None), "brain": ("brain", 12 + TEST, None),
-                "phantom_mixed": ("phantom", 16 + TEST, MIX)}
+                "phantom_mixed": ("phantom", 16 + TEST, MIX["phantom_mixed"]),
+                "brain_mixed": ("brain", 12 + TEST, MIX["brain_mixed"])}
     if args.quick:
         datasets = {"phantom": ("phantom", 10, None)}
     seeds = [0] if args.quick else [0, 1, 2]

@@ -10,6 +10,7 @@ import pytest
 from conftest import SPM_DIR, make_phantom_studies
 from crossmodal.config import load_config
 from crossmodal.data.brain import SPM_SHA256, extract_templates, load_templates, make_brain_case
+from crossmodal.data.brain import VARIANTS as BRAIN_VARIANTS
 from crossmodal.data.phantom import VARIANTS, make_phantom
 from crossmodal.data.sparse import annotated_fraction, painted_slices, scribbles
 from crossmodal.io import find_case, load_volume
@@ -118,6 +119,20 @@ def test_brain_cases_are_real_distinct_and_physically_plausible(templates, brain
     d, _ = load_case_from_synthetic(a, brain_cfg)
     t2 = d[1].numpy()
     assert t2[lab == 3].mean() > t2[lab == 1].mean() > t2[lab == 2].mean()
+
+
+def test_brain_t2_flair_variant_darkens_csf_on_the_t2_only(templates, brain_cfg):
+    typical = make_brain_case(brain_cfg, templates, np.random.default_rng([1, 0]))
+    flair = make_brain_case(brain_cfg, templates, np.random.default_rng([1, 0]), variant="t2_flair")
+    assert flair.variant == "t2_flair" and BRAIN_VARIANTS == ("typical", "t2_flair")
+    np.testing.assert_array_equal(flair.label.array, typical.label.array)
+    for name in ("t1", "pd"):
+        np.testing.assert_array_equal(flair.images[name].array, typical.images[name].array)
+    lab = typical.label.array
+    t2 = load_case_from_synthetic(flair, brain_cfg)[0][1].numpy()
+    assert t2[lab == 1].mean() > t2[lab == 2].mean() > t2[lab == 3].mean()  # FLAIR: GM > WM > CSF, fluid dark
+    with pytest.raises(ValueError, match="unknown brain variant 'flair'"):
+        make_brain_case(brain_cfg, templates, np.random.default_rng(0), variant="flair")
 
 
 def load_case_from_synthetic(case, cfg, tmp=None):

@@ -5,6 +5,7 @@ Examples::
     crossmodal data phantom --out data/phantom --cases 8 --dense 2 --sparse 2 --misregistration-mm 4
     crossmodal data fetch-spm --out data/spm12
     crossmodal data brain --templates data/spm12 --out data/brain --cases 12 --dense 3 --sparse 3
+    crossmodal data brain --templates data/spm12 --out data/mixed --cases 24 --variants typical,typical,typical,t2_flair
     crossmodal data sparsify --label data/brain/truth/brain000.nii.gz --out s.nii.gz --mode scribbles
     crossmodal data export-nnunet --studies data/brain --out data/Dataset001_Brain --test brain011
     crossmodal data to-dicom --studies data/brain --config brain --upload http://127.0.0.1:8042/dicom-web
@@ -21,7 +22,7 @@ import json
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,17 +35,22 @@ def _config(args: argparse.Namespace, default: str):
     return load_config(args.config or default)
 
 
+def _variant_cycle(args: argparse.Namespace, choices: Sequence[str]) -> Iterator[str]:
+    """``--variants`` as an endless cycle (generate() makes the cases in index order: case i gets variants[i % n])."""
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(choices))
+    if unknown or not variants:
+        raise SystemExit(f"crossmodal data {args.what}: --variants {args.variants!r}: unknown {unknown}; "
+                         f"give a comma-separated cycle of {sorted(choices)}")
+    return itertools.cycle(variants)
+
+
 def cmd_phantom(args: argparse.Namespace) -> int:
     from crossmodal.data.phantom import VARIANTS, make_phantom
     from crossmodal.data.studies import generate
 
     cfg = _config(args, "phantom")
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown or not variants:
-        raise SystemExit(f"crossmodal data phantom: --variants {args.variants!r}: unknown {unknown}; "
-                         f"give a comma-separated cycle of {sorted(VARIANTS)}")
-    cycle = itertools.cycle(variants)  # generate() makes the cases in index order: case i gets variants[i % n]
+    cycle = _variant_cycle(args, list(VARIANTS))
     recs = generate(args.out, cfg, lambda rng: make_phantom(cfg, rng, size=args.size,
                                                             misregistration_mm=args.misregistration_mm,
                                                             variant=next(cycle)),
@@ -68,13 +74,15 @@ def cmd_fetch_spm(args: argparse.Namespace) -> int:
 
 
 def cmd_brain(args: argparse.Namespace) -> int:
-    from crossmodal.data.brain import load_templates, make_brain_case
+    from crossmodal.data.brain import VARIANTS, load_templates, make_brain_case
     from crossmodal.data.studies import generate
 
     cfg = _config(args, "brain")
+    cycle = _variant_cycle(args, VARIANTS)
     templates = load_templates(args.templates)
     recs = generate(args.out, cfg, lambda rng: make_brain_case(cfg, templates, rng,
-                                                               misregistration_mm=args.misregistration_mm),
+                                                               misregistration_mm=args.misregistration_mm,
+                                                               variant=next(cycle)),
                     args.cases, args.seed, args.prefix, args.dense, args.sparse, args.sparse_mode, args.ext)
     _report(recs)
     return 0
@@ -327,14 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--misregistration-mm", type=float, default=0.0)
         q.add_argument("--ext", default=".nii.gz", choices=(".nii.gz", ".nii", ".nrrd"))
         q.add_argument("--config", help="preset name or YAML path")
+        q.add_argument("--variants", default="typical",
+                       help="comma-separated cycle of case variants by case index; phantom: typical, cold_lesion (no"
+                            " tracer uptake in the lesion), other_mr_weighting; brain: typical, t2_flair")
 
     q = data.add_parser("phantom", help="synthetic CT/PET/MR phantoms")
     gen_args(q, "phantom")
     q.add_argument("--size", type=int, default=48, help="primary grid size per axis")
-    q.add_argument("--variants", default="typical",
-                   help="comma-separated cycle of case variants by case index: typical, cold_lesion (no tracer"
-                        " uptake in the lesion), other_mr_weighting; e.g. typical,typical,cold_lesion,"
-                        "other_mr_weighting")
     q.set_defaults(func=cmd_phantom)
 
     q = data.add_parser("fetch-spm", help="download the SPM12 wheel (set-up time), check sha256, extract templates")

@@ -5,6 +5,8 @@ The templates come from the PyPI wheel ``spm-runtime-r2025b==25.1.2.post4`` (GPL
 Labels: argmax of TPM (grey matter, white matter, CSF, bone, soft tissue, air) -> GM 1, WM 2, CSF 3, else 0.
 Each case: a random affine + smooth elastic deformation of the template, a random crop, bias field and noise;
 T2 and PD on their own grids (spacing, orientation), optionally misregistered (rigid, mm).
+A case is ``typical`` or one of the atypical :data:`VARIANTS` a clinical pool also holds (for active learning):
+``t2_flair``, a fluid-attenuated T2 (FLAIR) in place of the T2: the CSF dark instead of bright.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ _INNER = "fsroot/_spm/cleaned/spm/"
 TEMPLATE_FILES = {"t1": "canonical/avg152T1.nii", "t2": "canonical/avg152T2.nii", "pd": "canonical/avg152PD.nii",
                   "tpm": "tpm/TPM.nii"}
 TPM_CLASSES = {"grey_matter": 0, "white_matter": 1, "csf": 2}
+VARIANTS = ("typical", "t2_flair")
+FLAIR_SUPPRESSION = 0.9  # t2_flair: the T2 times (1 - this x the CSF probability)
 
 
 def sha256_of(path: str | os.PathLike[str]) -> str:
@@ -78,11 +82,17 @@ def load_templates(template_dir: str | os.PathLike[str]) -> dict[str, Volume]:
 
 
 def make_brain_case(cfg: CrossModalConfig, templates: dict[str, Volume], rng: np.random.Generator,
-                    spacing: float = 2.0, misregistration_mm: float = 0.0) -> SyntheticCase:
+                    spacing: float = 2.0, misregistration_mm: float = 0.0, variant: str = "typical") -> SyntheticCase:
     """One deformed, cropped, noisy brain case for the modalities of ``cfg`` (names t1, t2, pd).
 
     The primary grid is ``spacing`` mm isotropic, a random crop of about 150 x 180 x 140 mm around the brain.
+    ``variant``: ``typical`` or ``t2_flair`` (the same draws; the T2's CSF suppressed by the TPM's CSF probability).
+
+    Raises:
+        ValueError: an unknown ``variant`` or modality name.
     """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown brain variant {variant!r}; choose from {sorted(VARIANTS)}")
     fov = np.array([150.0, 180.0, 140.0]) * rng.uniform(0.9, 1.05, 3)
     shape = tuple(int(v) for v in np.round(fov / spacing / 8) * 8)
     center = np.array([0.0, -18.0, 10.0]) + rng.uniform(-6, 6, 3)
@@ -114,6 +124,9 @@ def make_brain_case(cfg: CrossModalConfig, templates: dict[str, Volume], rng: np
         pts = to_template(apply(world_points(g_shape, g_affine), motion))
         src = templates[mod.name]
         img = sample(src.array, src.affine, pts, order=1)
+        if variant == "t2_flair" and mod.name == "t2":
+            csf = templates["tpm"]
+            img *= 1.0 - FLAIR_SUPPRESSION * sample(csf.array[..., TPM_CLASSES["csf"]], csf.affine, pts, order=1)
         img *= 1.0 + smooth_field(rng, g_shape, 0.15)
         img += rng.normal(0.0, 0.03 * float(src.array.max()), g_shape).astype(np.float32)
         images[mod.name] = Volume(np.clip(img, 0, None).astype(np.float32), g_affine)
@@ -128,4 +141,4 @@ def make_brain_case(cfg: CrossModalConfig, templates: dict[str, Volume], rng: np
             lab[probs.max(0) < 0.2] = 0
             label = Volume(lab, g_affine)
     assert label is not None
-    return SyntheticCase(images=images, label=label)
+    return SyntheticCase(images=images, label=label, variant=variant)
