@@ -150,3 +150,26 @@ def test_joint_stem_feeds_the_fusion_stream_and_keeps_every_subset_working():
             torch.testing.assert_close(both[b : b + 1], alone, atol=1e-5, rtol=1e-4)
     net.train()(x).fused.mean().backward()
     assert all(c.weight.grad is not None and c.weight.grad.abs().sum() > 0 for c in net.stem.values())
+
+
+def test_head_levels_give_each_modality_head_its_deeper_encoder_levels():
+    """head_levels=2: a modality's head reads its first two encoder levels (the second upsampled): the heads keep
+    the output shape, depend on the second level (zeroing it changes them; with one level it cannot) and train
+    every parameter; out-of-range values are refused by name."""
+    names = ["ct", "pet", "mr"]
+    x = torch.randn(1, 3, SIZE, SIZE, SIZE)
+    net = small(names, head_levels=2, dropout=0.0).train()
+    out = net(x)
+    assert {m: tuple(v.shape) for m, v in out.per_modality.items()} == {m: (1, 4, SIZE, SIZE, SIZE) for m in names}
+    sum(v.mean() for v in out.per_modality.values()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.aux.parameters())
+    net.eval()
+    feats = net.encoders["mr"](x[:, 2:3])
+    head = net.aux["mr"]
+    zeroed = [feats[0], torch.zeros_like(feats[1]), *feats[2:]]
+    with torch.no_grad():
+        assert not torch.allclose(head(net._head_input(feats)), head(net._head_input(zeroed)))
+    assert small(names)._head_input(zeroed) is feats[0]  # the default head reads the first level only
+    with pytest.raises(ValueError, match="head_levels 5 must be in 1..3"):
+        small(names, head_levels=5)
+    assert build_network(load_config("phantom", overrides={"model": {"head_levels": 2}})).head_levels == 2

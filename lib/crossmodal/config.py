@@ -108,9 +108,9 @@ class ModelConfig:
     """Network choice and size. ``name`` is a key of ``crossmodal.nets.NETWORKS``.
 
     ``inputs``: the modalities the network sees (empty: all; e.g. ``[t1]`` for a single-modality model).
-    ``encoder_channels``, ``independent_fraction``, ``modality_dropout`` and ``joint_stem`` are read by
-    ``crossmodal`` only (empty ``encoder_channels``: half of ``channels``); ``num_res_units`` by ``baseline_unet``
-    only.
+    ``encoder_channels``, ``independent_fraction``, ``modality_dropout``, ``joint_stem`` and ``head_levels`` (the
+    encoder levels a per-modality head reads) are read by ``crossmodal`` only (empty ``encoder_channels``: half of
+    ``channels``); ``num_res_units`` by ``baseline_unet`` only.
     """
 
     name: str = "baseline_unet"
@@ -122,6 +122,7 @@ class ModelConfig:
     independent_fraction: float = 0.5
     modality_dropout: float = 0.0
     joint_stem: bool = False
+    head_levels: int = 1
     inputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

@@ -107,6 +107,8 @@ class CrossModalNet(nn.Module):
         dropout: dropout before each decoder level; active in training, or at inference with ``mc_dropout``.
         modality_dropout: in training, probability of dropping each modality of a batch (one always stays).
         joint_stem: add each raw modality's strided convolution to the first fusion level (see ``stem``).
+        head_levels: encoder levels a per-modality head reads: 1, a 1x1 convolution on the first level; L > 1,
+            the first L levels (deeper ones upsampled) concatenated, a 3x3x3 block, then the 1x1 convolution.
 
     Example:
         >>> net = CrossModalNet(["ct", "pet"], num_classes=3, channels=(8, 16), strides=(2,)).eval()
@@ -120,7 +122,7 @@ class CrossModalNet(nn.Module):
     def __init__(self, modalities: Sequence[str], num_classes: int, channels: Sequence[int] = (16, 32, 64, 128),
                  strides: Sequence[int] = (2, 2, 2), encoder_channels: Sequence[int] | None = None,
                  independent_fraction: float = 0.5, dropout: float = 0.1, modality_dropout: float = 0.0,
-                 joint_stem: bool = False) -> None:
+                 joint_stem: bool = False, head_levels: int = 1) -> None:
         super().__init__()
         if not modalities or len(set(modalities)) != len(modalities):
             raise ValueError(f"modalities {list(modalities)} must be unique and non-empty")
@@ -150,7 +152,12 @@ class CrossModalNet(nn.Module):
         s0 = level_strides[0]
         self.head = nn.ConvTranspose3d(channels[0], num_classes, s0, stride=s0) if s0 > 1 \
             else nn.Conv3d(channels[0], num_classes, 1)
-        self.aux = nn.ModuleDict({m: nn.Conv3d(enc[0], num_classes, 1) for m in self.modalities})
+        if not 1 <= head_levels <= len(channels):
+            raise ValueError(f"head_levels {head_levels} must be in 1..{len(channels)} (the encoder levels)")
+        self.head_levels = head_levels
+        self.aux = nn.ModuleDict({m: nn.Conv3d(enc[0], num_classes, 1) if head_levels == 1 else
+                                  nn.Sequential(_block(sum(enc[:head_levels]), enc[0], 1),
+                                                nn.Conv3d(enc[0], num_classes, 1)) for m in self.modalities})
         self.first_stride = s0
         # joint stem: a strided 3x3x3 convolution of each raw modality into the first fusion level, averaged over
         # the present ones (early fusion's first layer, zero-filled for a missing modality): voxel-wise joint
@@ -215,11 +222,20 @@ class CrossModalNet(nn.Module):
         logits = self._decode(fused, self.dropout > 0 and (self.training or mc))
         samples = torch.stack([self._decode(fused, True) for _ in range(mc_samples)]) if mc_samples else None
         size = logits.shape[2:]
-        per_mod = {m: F.interpolate(self.aux[m](f[0]), size=size, mode="trilinear", align_corners=False)
-                   for m, f in feats.items()} if heads else {}
+        per_mod = {m: F.interpolate(self.aux[m](self._head_input(f)), size=size, mode="trilinear",
+                                    align_corners=False) for m, f in feats.items()} if heads else {}
         independent = {m: [lvl[:, : self.fusion[i].k].mean(dim=(2, 3, 4)) for i, lvl in enumerate(f)]
                        for m, f in feats.items()}
         return CrossModalOutput(fused=logits, per_modality=per_mod, independent=independent, mc_samples=samples)
+
+    def _head_input(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """A modality's first ``head_levels`` encoder levels on the first level's grid, concatenated (B, sum E_i,
+        ...)."""
+        if self.head_levels == 1:
+            return feats[0]
+        size = feats[0].shape[2:]
+        return torch.cat([feats[0], *[F.interpolate(f, size=size, mode="trilinear", align_corners=False)
+                                      for f in feats[1 : self.head_levels]]], 1)
 
     def _decode(self, fused: list[torch.Tensor], drop: bool) -> torch.Tensor:
         """The decoder over the fusion stream's levels; ``drop`` samples dropout before each level."""
@@ -236,4 +252,5 @@ def crossmodal_net(cfg: CrossModalConfig) -> CrossModalNet:
     m = cfg.model
     return CrossModalNet(cfg.modality_names, cfg.labels.num_classes, channels=m.channels, strides=m.strides,
                          encoder_channels=m.encoder_channels or None, independent_fraction=m.independent_fraction,
-                         dropout=m.dropout, modality_dropout=m.modality_dropout, joint_stem=m.joint_stem)
+                         dropout=m.dropout, modality_dropout=m.modality_dropout, joint_stem=m.joint_stem,
+                         head_levels=m.head_levels)
