@@ -37,8 +37,8 @@ MIX = {"phantom_mixed": "typical,typical,cold_lesion,other_mr_weighting",  # cas
 def make_data(root: Path, dataset: str, cases: int, variants: str | None = None) -> Path:
     out, done = root / f"sim_{dataset}", root / f"sim_{dataset}" / ".done"
     stamp = f"{cases}" + (f" {variants}" if variants else "")
-    if not done.is_file() or done.read_text().strip() != stamp:  # made anew when the count changes (the cases are
-        shutil.rmtree(out, ignore_errors=True)                     # seeded by index: the first ones stay)
+    if not done.is_file() or done.read_text().strip() != stamp:  # made anew when the count or the variants change
+        shutil.rmtree(out, ignore_errors=True)                     # (cases are seeded by index: the first ones stay)
         args = ["phantom", "--size", "48"] if dataset.startswith("phantom") else ["brain", "--templates",
                                                                                    str(REPO / "data" / "spm12")]
         args += ["--variants", variants] if variants else []

@@ -249,7 +249,7 @@ def variant_report(records: Sequence[dict], variants: Mapping[str, str]) -> dict
         out[st] = []
         for k in sorted({r["round"] for r in records if r["strategy"] == st}):
             rs = [r for r in records if r["strategy"] == st and r["round"] == k]
-            share = {v: round(float(np.mean([np.mean([variants[c] == v for c in r["cases"]]) for r in rs])), 3)
+            share = {v: round(float(np.mean([np.mean([variants.get(c) == v for c in r["cases"]]) for r in rs])), 3)
                      for v in kinds}
             per = {v: [d for r in rs for c, d in r["dice_per_case"].items() if variants.get(c) == v] for v in kinds}
             out[st].append({"round": k, "annotated_cases": rs[0]["annotated_cases"], "annotated_share": share,
