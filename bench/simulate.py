@@ -45,7 +45,7 @@ def make_data(root: Path, dataset: str, cases: int, variants: str | None = None)
         made = subprocess.run([sys.executable, "-m", "crossmodal.cli", "data", *args, "--out", str(out), "--cases",
                                str(cases), "--seed", "300"], check=True, stdout=subprocess.PIPE, text=True).stdout
         records = [json.loads(line) for line in made.splitlines() if line.startswith("{")]
-        (out / "variants.json").write_text(json.dumps({r["case"]: r.get("variant", "typical") for r in records}))
+        (out / "variants.json").write_text(json.dumps({r["case"]: r["variant"] for r in records}))
         done.write_text(stamp)
     return out
 
