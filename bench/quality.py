@@ -21,7 +21,8 @@ Every run gets the same number of optimiser steps. It prints a table (mean +- sd
 class) and writes ``quality.json`` (one record per run) and ``quality.png`` to ``RESULTS_DIR`` (default
 ``bench/results``).
 
-    python bench/quality.py [--quick] [--seeds 3] [--datasets phantom,brain] [--only ours:dense10_unlabeled | ours]
+    python bench/quality.py [--quick] [--seeds 5] [--datasets phantom,brain] [--only ours:dense10_unlabeled | ours]
+    python bench/quality.py --first-seed 3     # seeds 3 and 4 added to an earlier 3-seed quality.json
 """
 
 from __future__ import annotations
@@ -42,13 +43,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-from crossmodal.config import CrossModalConfig, load_config, save_config  # noqa: E402
+from crossmodal.config import CrossModalConfig, atomic_write_text, load_config, save_config  # noqa: E402
 from crossmodal.data.brain import load_templates, make_brain_case  # noqa: E402
 from crossmodal.data.phantom import SyntheticCase, make_phantom  # noqa: E402
 from crossmodal.data.sparse import annotated_fraction, sparsify  # noqa: E402
 from crossmodal.data.studies import FINAL_LABELS, write_case  # noqa: E402
 from crossmodal.io import load_volume, save_volume  # noqa: E402
-from crossmodal.serving.offline import epoch_length, evaluate, method_config, train_offline  # noqa: E402
+from crossmodal.serving.offline import dice_per_case, epoch_length, evaluate, method_config, train_offline  # noqa: E402
 
 REGIMES = ("dense", "scribbles", "dense10", "dense10_unlabeled", "scribbles30_unlabeled")
 MISREGISTRATION = (0.0, 2.0, 4.0, 8.0)
@@ -167,7 +168,7 @@ def run(root: Path, dataset: str, spec: dict, method: str, regime: str, mm: floa
             "hd95_per_class": {k: round(v, 2) for k, v in ev["hd95_per_class"].items()},
             "train_seconds": round(train_s, 1), "peak_rss_gb": round(rss, 3), "steps": epochs * steps_per_epoch,
             "labels": counts, "test_cases": ev["cases"],
-            "dice_per_case": {c["case"]: round(c["dice_mean"], 4) for c in ev["per_case"]},
+            "dice_per_case": dice_per_case(ev),
         })
         brief = {k: v for k, v in records[-1].items() if not k.endswith(("per_class", "per_case"))}
         print(json.dumps(brief), flush=True)
@@ -336,7 +337,10 @@ def git_commit() -> str | None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="phantom only, one seed, fewer regimes and steps")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=5, help="seeds 0 .. SEEDS-1 (default 5)")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="run only seeds FIRST_SEED .. SEEDS-1 and keep the other seeds' records of "
+                         "RESULTS_DIR/quality.json (seeds added to an earlier run; training is deterministic)")
     ap.add_argument("--datasets", help="comma-separated (default: phantom,brain; with --quick: phantom)")
     ap.add_argument("--only", help="comma-separated method:regime runs (0 mm, every modality), or methods (all of "
                                    "that method's runs: regimes, misregistrations, missing modality), to re-measure; "
@@ -351,12 +355,15 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown datasets {unknown}; choose from {sorted(DATASETS)}")
     seeds = 1 if args.quick else args.seeds
+    if not 0 <= args.first_seed < seeds:
+        ap.error(f"--first-seed {args.first_seed} must lie in 0 .. {seeds - 1} (--seeds {seeds})")
     only = [tuple(x.strip().split(":")) for x in args.only.split(",")] if args.only else []
     if any(len(x) > 2 or (len(x) == 2 and x[1] not in REGIMES) for x in only):
         ap.error(f"--only takes methods or method:regime pairs, regime one of {REGIMES}; got {args.only!r}")
     previous = results / "quality.json"
-    if only and not previous.is_file():
-        ap.error(f"--only replaces runs of an earlier full run, but {previous} does not exist")
+    merge = bool(only) or args.first_seed > 0
+    if merge and not previous.is_file():
+        ap.error(f"--only / --first-seed add to an earlier full run, but {previous} does not exist")
     records: list[dict] = []
     commit = git_commit()  # the code that runs: taken before the first run
     started = time.perf_counter()
@@ -364,7 +371,7 @@ def main() -> int:
         for ds in datasets:
             spec = dict(DATASETS[ds], **({"steps": 60} if args.quick else {}))
             cfg = load_config(spec["preset"])
-            for seed in range(seeds):
+            for seed in range(args.first_seed, seeds):
                 pools: dict[float, tuple[Path, Path]] = {}
                 todo = experiments(ds, args.quick)
                 if only:
@@ -387,14 +394,14 @@ def main() -> int:
                     records += run(Path(tmp), ds, spec, best, regime, 0.0, seed, *pools[0.0])
     for r in records:
         r["commit"] = commit
-    if only:
+    if merge:
         fresh = {run_key(r) for r in records}
         kept = [r for r in json.loads(previous.read_text()) if run_key(r) not in fresh]
         print(f"re-measured {len(records)} runs; kept {len(kept)} of {previous}")
         records = kept + records
     summary = summarize(records)
-    (results / "quality.json").write_text(json.dumps(records, indent=2))
-    (results / "quality_summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(results / "quality.json", json.dumps(records, indent=2))
+    atomic_write_text(results / "quality_summary.json", json.dumps(summary, indent=2))
     plot(summary["rows"], results / "quality.png")
     print(f"\n{'dataset':8} {'method':27} {'regime':22} {'mm':>3} {'missing':>7} {'n':>2} {'Dice':>13} "
           f"{'HD95 mm':>13} {'train s':>7} {'GB':>5}  per-class Dice")

@@ -26,6 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from crossmodal.config import atomic_write_text
 from crossmodal.simulate import SimSpec, plot, scoring_cost, simulate_dataset, summarize, variant_report, write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def make_data(root: Path, dataset: str, cases: int, variants: str | None = None)
         made = subprocess.run([sys.executable, "-m", "crossmodal.cli", "data", *args, "--out", str(out), "--cases",
                                str(cases), "--seed", "300"], check=True, stdout=subprocess.PIPE, text=True).stdout
         records = [json.loads(line) for line in made.splitlines() if line.startswith("{")]
-        (out / "variants.json").write_text(json.dumps({r["case"]: r["variant"] for r in records}))
+        atomic_write_text(out / "variants.json", json.dumps({r["case"]: r["variant"] for r in records}))
         done.write_text(stamp)
     return out
 

@@ -28,7 +28,7 @@ from crossmodal.config import save_config
 from crossmodal.data.sparse import sparsify
 from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR
 from crossmodal.io import IMAGE_EXTENSIONS, case_id_of, load_volume, save_volume, split_ext
-from crossmodal.serving.offline import epoch_length, evaluate, method_config, train_offline
+from crossmodal.serving.offline import dice_per_case, epoch_length, evaluate, method_config, train_offline
 
 STRATEGIES = ("ours", "random", "epistemic")
 
@@ -164,7 +164,7 @@ def run_strategy(src: Path, root: Path, dataset: str, spec: SimSpec, strategy: s
                "annotated_cases": len(annotated), "annotated_voxels": voxels, "dice_mean": round(ev["dice_mean"], 4),
                "hd95_mean": round(ev["hd95_mean"], 2), "scoring_seconds_per_case": round(score_s, 4),
                "train_seconds": round(train_s, 1), "annotation": spec.annotation, "cases": list(annotated),
-               "dice_per_case": {c["case"]: round(c["dice_mean"], 4) for c in ev["per_case"]}}
+               "dice_per_case": dice_per_case(ev)}
         records.append(rec)
         log(rec)
     return records
@@ -182,7 +182,7 @@ def full_reference(src: Path, root: Path, dataset: str, spec: SimSpec, seed: int
     ev = evaluate(str(work / "test"), str(preset), model, network=cfg.model.name)
     return {"dataset": dataset, "strategy": "full", "seed": seed, "annotated_cases": len(pool_cases),
             "annotated_voxels": voxels, "dice_mean": round(ev["dice_mean"], 4),
-            "dice_per_case": {c["case"]: round(c["dice_mean"], 4) for c in ev["per_case"]}}
+            "dice_per_case": dice_per_case(ev)}
 
 
 def area_under_curve(xs: Sequence[float], ys: Sequence[float]) -> float:

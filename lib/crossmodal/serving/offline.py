@@ -123,6 +123,16 @@ def hd95_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int, spacin
     return out
 
 
+def dice_per_case(evaluation: dict[str, Any]) -> dict[str, float]:
+    """{case id: mean foreground Dice, 4 places} from :func:`evaluate`'s ``per_case`` records.
+
+    Example:
+        >>> dice_per_case({"per_case": [{"case": "a", "dice_mean": 0.912345}, {"case": "b", "dice_mean": 0.5}]})
+        {'a': 0.9123, 'b': 0.5}
+    """
+    return {c["case"]: round(c["dice_mean"], 4) for c in evaluation["per_case"]}
+
+
 def evaluate(studies: str, preset: str, model: str, device: str = "auto", out: str | None = None,
              network: str | None = None, drop: tuple[str, ...] = ()) -> dict[str, Any]:
     """Segment every case that has truth (``<studies>/truth``) but no final label; Dice and HD95 (mm) per class
