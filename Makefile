@@ -75,8 +75,8 @@ test: install $(SPM)
 bench-infer: install $(SPM)
 	$(BIN)/python bench/infer.py $(if $(QUICK),--quick,)
 
-# Segmentation quality: methods x annotation regimes x misregistration x a missing modality, 3 seeds, phantom and
-# brain (about an hour on 2 cores); QUICK=1: phantom, one seed, a few minutes. RESULTS_DIR=... to redirect.
+# Segmentation quality: methods x annotation regimes x misregistration x a missing modality, 5 seeds, phantom and
+# brain (about 90 min on 2 cores); QUICK=1: phantom, one seed, a few minutes. RESULTS_DIR=... to redirect.
 bench-quality: install $(SPM)
 	$(BIN)/python bench/quality.py $(if $(QUICK),--quick,)
 
@@ -93,7 +93,7 @@ bench-demo-train: install data
 	$(BIN)/python bench/demo_training.py
 
 # Active learning in a simulated annotate-retrain loop: ours vs random vs MONAI Label Epistemic, phantom + brain,
-# each drawn alike and as a mixed pool, 3 seeds (about 70 min on 2 cores); QUICK=1: phantom, one seed, 3 short rounds. RESULTS_DIR=... to redirect.
+# each drawn alike and as a mixed pool, 5 seeds (about 2 h on 2 cores); QUICK=1: phantom, one seed, 3 short rounds. RESULTS_DIR=... to redirect.
 simulate: install $(SPM)
 	$(BIN)/python bench/simulate.py $(if $(QUICK),--quick,)
 

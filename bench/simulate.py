@@ -5,14 +5,15 @@ cases as a clinical pool with sub-populations (``crossmodal data ... --variants`
 an MR of another weighting, a FLAIR in place of the T2) in the pool and the test split alike, where the records
 are also broken down by variant (``by_variant``: which cases each strategy had annotated, test Dice per variant).
 
-Strategies ours / random / epistemic (MONAI Label's EpistemicScoring, 5 dropout samples), 3 seeds, scribbles from
+Strategies ours / random / epistemic (MONAI Label's EpistemicScoring, 5 dropout samples), 5 seeds, scribbles from
 the ground truth, 5 rounds (2 seed cases + 2 per round), 100 fine-tuning steps per round (200 in round 0), a
 12-case held-out test split (4 until 2026-11-30), and a full-annotation reference per seed. Prints the goal checks,
 writes `simulate.json` (records, summary, scoring cost, by_variant) and `simulate.png` (Dice vs annotated cases and
 voxels, AUC in the legend) to RESULTS_DIR (default bench/results). `--quick`: phantom, one seed, 3 rounds of 30
 steps.
 
-    python bench/simulate.py [--quick] [--datasets brain,brain_mixed]
+    python bench/simulate.py [--quick] [--datasets brain,brain_mixed] [--seeds 5]
+    python bench/simulate.py --first-seed 3    # seeds 3 and 4 added to an earlier 3-seed simulate.json
 """
 
 from __future__ import annotations
@@ -82,8 +83,12 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--cost-only", action="store_true",
                     help="only re-measure the scoring cost (committed weights) into an existing simulate.json")
-    ap.add_argument("--datasets", help="comma-separated subset of phantom,brain to re-run; the other data sets' "
-                                       "records in an existing simulate.json are kept (after a change to one preset)")
+    ap.add_argument("--datasets", help="comma-separated subset of the pools to re-run; the other pools' records in "
+                                       "an existing simulate.json are kept (after a change to one preset)")
+    ap.add_argument("--seeds", type=int, default=5, help="seeds 0 .. SEEDS-1 (default 5)")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="run only seeds FIRST_SEED .. SEEDS-1 and keep the other seeds' records and the scoring cost "
+                         "of simulate.json (seeds added to an earlier run; training is deterministic)")
     args = ap.parse_args()
     results = Path(os.environ.get("RESULTS_DIR", REPO / "bench" / "results"))
     results.mkdir(parents=True, exist_ok=True)
@@ -97,7 +102,10 @@ def main() -> int:
                 "brain_mixed": ("brain", 12 + TEST, MIX["brain_mixed"])}
     if args.quick:
         datasets = {"phantom": ("phantom", 10, None)}
-    seeds = [0] if args.quick else [0, 1, 2]
+    if not args.quick and not 0 <= args.first_seed < args.seeds:
+        ap.error(f"--first-seed {args.first_seed} must lie in 0 .. {args.seeds - 1} (--seeds {args.seeds})")
+    seeds = [0] if args.quick else list(range(args.first_seed, args.seeds))
+    extend = not args.quick and args.first_seed > 0
     records: list[dict] = []
     refs: list[dict] = []
     cost: dict = {}
@@ -120,17 +128,23 @@ def main() -> int:
             plot(summary, results / "simulate.png")
         return summary
 
-    if args.datasets:
-        chosen = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    if args.datasets or extend:
+        chosen = [d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else list(datasets)
         unknown = sorted(set(chosen) - set(datasets))
         if unknown:
             ap.error(f"unknown datasets {unknown}; choose from {sorted(datasets)}")
         previous = results / "simulate.json"
+        if extend and not previous.is_file():
+            ap.error(f"--first-seed adds seeds to an earlier run, but {previous} does not exist")
         if previous.is_file():
             old = json.loads(previous.read_text())
-            records = [r for r in old["records"] if r["dataset"] not in chosen]
-            refs = [r for r in old["full_annotation"] if r["dataset"] not in chosen]
-            cost = {k: v for k, v in old["scoring_cost"].items() if k not in chosen}
+
+            def kept(r: dict) -> bool:  # not re-run now: another pool, or (adding seeds) another seed
+                return r["dataset"] not in chosen or (extend and r["seed"] not in seeds)
+
+            records = [r for r in old["records"] if kept(r)]
+            refs = [r for r in old["full_annotation"] if kept(r)]
+            cost = {k: v for k, v in old["scoring_cost"].items() if k not in chosen or extend}
         datasets = {d: datasets[d] for d in chosen}
     if args.cost_only:
         old = json.loads((results / "simulate.json").read_text())
@@ -149,6 +163,8 @@ def main() -> int:
                        steps=30 if args.quick else 100)
         def emit(kind: str, item: dict, ds: str = ds) -> None:
             if kind == "cost":
+                if extend and ds in cost:  # measured once, in the run that made the first seeds
+                    return
                 cost[ds] = item
             else:
                 (records if kind == "record" else refs).append(item)
