@@ -414,7 +414,8 @@ def main() -> int:
     for g in summary["goals"]:
         print(f"  {g['dataset']:8} {g['goal']:55} {g['value']!s:>9}  {g['threshold']:28} "
               f"{'MET' if g['met'] else 'MISSED'}")
-    print(f"\n{len(records)} runs in {time.perf_counter() - started:.0f} s; wrote {results / 'quality.json'}, "
+    ran = f"{len(fresh)} of {len(records)} runs" if merge else f"{len(records)} runs"
+    print(f"\n{ran} in {time.perf_counter() - started:.0f} s; wrote {results / 'quality.json'}, "
           f"{results / 'quality.png'}")
     return 0
 
