@@ -158,7 +158,8 @@ def main() -> int:
             print(json.dumps(cost[ds]), flush=True)
         datasets = {}
     for ds, (preset, cases, mix) in datasets.items():
-        studies = make_data(REPO / "data", ds, cases, mix)
+        # --quick works on its own copy (10 cases), so the full run's 28 are not made again after it
+        studies = make_data(REPO / "data", f"{ds}_quick" if args.quick else ds, cases, mix)
         spec = SimSpec(preset, test=3 if args.quick else TEST, initial=2, k=2, rounds=3 if args.quick else 5,
                        steps=30 if args.quick else 100)
         def emit(kind: str, item: dict, ds: str = ds) -> None:
