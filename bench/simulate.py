@@ -106,6 +106,9 @@ def main() -> int:
         ap.error(f"--first-seed {args.first_seed} must lie in 0 .. {args.seeds - 1} (--seeds {args.seeds})")
     seeds = [0] if args.quick else list(range(args.first_seed, args.seeds))
     extend = not args.quick and args.first_seed > 0
+
+    def folder(ds: str) -> str:  # --quick works on its own 10 cases, so the full run's 28 are not made again after it
+        return f"{ds}_quick" if args.quick else ds
     records: list[dict] = []
     refs: list[dict] = []
     cost: dict = {}
@@ -113,7 +116,7 @@ def main() -> int:
     def by_variant() -> dict:
         out = {}
         for ds in sorted({r["dataset"] for r in records}):
-            path = REPO / "data" / f"sim_{ds}" / "variants.json"
+            path = REPO / "data" / f"sim_{folder(ds)}" / "variants.json"
             variants = json.loads(path.read_text()) if path.is_file() else {}
             if len(set(variants.values())) > 1:
                 out[ds] = variant_report([r for r in records if r["dataset"] == ds], variants)
@@ -158,21 +161,19 @@ def main() -> int:
             print(json.dumps(cost[ds]), flush=True)
         datasets = {}
     for ds, (preset, cases, mix) in datasets.items():
-        # --quick works on its own copy (10 cases), so the full run's 28 are not made again after it
-        studies = make_data(REPO / "data", f"{ds}_quick" if args.quick else ds, cases, mix)
+        studies = make_data(REPO / "data", folder(ds), cases, mix)
         spec = SimSpec(preset, test=3 if args.quick else TEST, initial=2, k=2, rounds=3 if args.quick else 5,
                        steps=30 if args.quick else 100)
         def emit(kind: str, item: dict, ds: str = ds) -> None:
             if kind == "cost":
-                if extend and ds in cost:  # measured once, in the run that made the first seeds
-                    return
                 cost[ds] = item
             else:
                 (records if kind == "record" else refs).append(item)
             print(json.dumps({k: v for k, v in item.items() if k not in ("cases", "dice_per_case")}), flush=True)
             save()
 
-        simulate_dataset(studies, work, ds, spec, seeds, emit=emit)
+        # adding seeds keeps the scoring cost measured in the run that made the first ones
+        simulate_dataset(studies, work, ds, spec, seeds, emit=emit, cost=not (extend and ds in cost))
     summary = save()
     print(f"\n{'dataset':14} {'strategy':10} {'AUC cases':>10} {'AUC voxels':>11} {'cases to 95% full':>18} "
           f"{'score s/case':>13}")

@@ -340,10 +340,11 @@ def scoring_cost(src: Path, root: Path, dataset: str, spec: SimSpec, model: str,
 
 def simulate_dataset(src: Path, work: Path, dataset: str, spec: SimSpec, seeds: Sequence[int],
                      strategies: Sequence[str] = STRATEGIES,
-                     emit: Callable[[str, dict], None] = lambda kind, item: None) -> None:
-    """Per seed: the full-annotation reference, then one curve per strategy; the scoring cost once, on the first
-    ``ours`` curve's last model. ``emit(kind, item)`` gets each ``reference``, ``record`` and ``cost`` as it comes."""
-    cost_done = False
+                     emit: Callable[[str, dict], None] = lambda kind, item: None, cost: bool = True) -> None:
+    """Per seed: the full-annotation reference, then one curve per strategy; with ``cost``, the scoring cost once, on
+    the first ``ours`` curve's last model. ``emit(kind, item)`` gets each ``reference``, ``record`` and ``cost`` as it
+    comes."""
+    cost_done = not cost
     for seed in seeds:
         emit("reference", full_reference(src, work, dataset, spec, seed))
         for strategy in strategies:
