@@ -71,6 +71,9 @@ test: install $(SPM)
 	$(BIN)/ruff check lib apps tests bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Benchmarks (bench/README.md) write to bench/results, QUICK=1 checks to bench/results/quick (the full runs' figures
+# stay as they are), RESULTS_DIR=... elsewhere.
+
 # Infer speed and memory, ours vs baseline_unet vs a radiology-style pipeline (RESULTS_DIR=... to redirect).
 bench-infer: install $(SPM)
 	$(BIN)/python bench/infer.py $(if $(QUICK),--quick,)

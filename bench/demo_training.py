@@ -13,7 +13,6 @@ model against the truth of the 8 unlabelled cases before (committed weights) and
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from benchutil import results_dir  # noqa: E402
 from conftest import start_server, stop_server  # noqa: E402
 from crossmodal.serving.offline import evaluate  # noqa: E402
 from monailabel.client import MONAILabelClient  # noqa: E402
@@ -60,8 +60,7 @@ def main() -> int:
     if not (demo / "truth").is_dir():
         print(f"{demo} is missing: run `make data` first", file=sys.stderr)
         return 2
-    results = Path(os.environ.get("RESULTS_DIR", REPO / "bench" / "results"))
-    results.mkdir(parents=True, exist_ok=True)
+    results = results_dir()
     with tempfile.TemporaryDirectory(prefix="bench-demo-train-") as tmp:
         studies = Path(tmp) / "brain"
         shutil.copytree(demo, studies, ignore=shutil.ignore_patterns("datastore_v2.json", ".lock"))

@@ -7,7 +7,7 @@ warm-up request on another case, the median of 3 requests, 1 with --quick), the 
 sliding-window forward in this process (fused output, as a plain request runs it), and the server's peak RSS
 during the requests. It also measures this machine's float32 matmul peak and the GFLOP/s our forward achieves.
 
-    python bench/infer.py [--quick]      # RESULTS_DIR=... to write elsewhere than bench/results
+    python bench/infer.py [--quick]      # RESULTS_DIR=... to write elsewhere than bench/results (--quick: .../quick)
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from benchutil import results_dir  # noqa: E402
 from conftest import start_server, stop_server  # noqa: E402
 from crossmodal.config import load_config  # noqa: E402
 from crossmodal.data.brain import load_templates, make_brain_case  # noqa: E402
@@ -141,8 +142,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a 256 x 256 x 50 large case and fewer repeats")
     args = ap.parse_args()
-    results = Path(os.environ.get("RESULTS_DIR", REPO / "bench" / "results"))
-    results.mkdir(parents=True, exist_ok=True)
+    results = results_dir(args.quick)
     repeats = 1 if args.quick else 3
     torch.set_num_threads(os.cpu_count() or 1)
     peak = matmul_peak_gflops()

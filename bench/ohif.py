@@ -13,7 +13,6 @@ bench/results) and the screenshots to docs/ (`ohif_brain.png` is the README's).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from benchutil import results_dir  # noqa: E402
 from conftest import start_server, stop_server  # noqa: E402
 from crossmodal.ohif import run_model_in_ohif  # noqa: E402
 from crossmodal.orthanc import Orthanc  # noqa: E402
@@ -34,8 +34,7 @@ DEMO = REPO / "data" / "brain"
 
 
 def main() -> int:
-    results = Path(os.environ.get("RESULTS_DIR", REPO / "bench" / "results"))
-    results.mkdir(parents=True, exist_ok=True)
+    results = results_dir()
     if not (DEMO / ".done").is_file():
         raise SystemExit(f"{DEMO}: no demo data; run `make data` first")
     root = Path(tempfile.mkdtemp(prefix="bench-ohif-"))

@@ -10,7 +10,7 @@ later epoch and retrain of an unchanged label costs; `kB`: its compressed file).
 the fraction of voxels labelled, the fraction of those right, and per class the fraction of its voxels labelled with
 it.
 
-    python bench/propagate.py [--quick]     # RESULTS_DIR=... to write elsewhere than bench/results
+    python bench/propagate.py [--quick]     # RESULTS_DIR=... to write elsewhere than bench/results (--quick: .../quick)
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchutil import results_dir
 from crossmodal.config import atomic_write_text, load_config
 from crossmodal.data.phantom import make_phantom
 from crossmodal.data.sparse import scribbles
@@ -99,7 +100,7 @@ def main() -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=None)
     args = ap.parse_args()
     sizes = args.sizes or ([48, 96] if args.quick else [48, 96, 128, 160])
-    results = Path(os.environ.get("RESULTS_DIR", REPO / "bench" / "results"))
+    results = results_dir(args.quick)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         studies = Path(tmp) / "studies"

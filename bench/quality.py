@@ -19,7 +19,7 @@ dense truth, for several seeds, it trains through the app's own train task (``tr
 
 Every run gets the same number of optimiser steps. It prints a table (mean +- sd over seeds of Dice and HD95 per
 class) and writes ``quality.json`` (one record per run) and ``quality.png`` to ``RESULTS_DIR`` (default
-``bench/results``).
+``bench/results``; ``--quick``: ``bench/results/quick``, so a quick check leaves the full run's figures alone).
 
     python bench/quality.py [--quick] [--seeds 5] [--datasets phantom,brain] [--only ours:dense10_unlabeled | ours]
     python bench/quality.py --first-seed 3     # seeds 3 and 4 added to an earlier 3-seed quality.json
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -43,6 +42,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+from benchutil import results_dir  # noqa: E402
 from crossmodal.config import CrossModalConfig, atomic_write_text, load_config, save_config  # noqa: E402
 from crossmodal.data.brain import load_templates, make_brain_case  # noqa: E402
 from crossmodal.data.phantom import SyntheticCase, make_phantom  # noqa: E402
@@ -341,14 +341,14 @@ def main() -> int:
     ap.add_argument("--first-seed", type=int, default=0,
                     help="run only seeds FIRST_SEED .. SEEDS-1 and keep the other seeds' records of "
                          "RESULTS_DIR/quality.json (seeds added to an earlier run; training is deterministic)")
-    ap.add_argument("--datasets", help="comma-separated (default: phantom,brain; with --quick: phantom)")
+    ap.add_argument("--datasets", help="comma-separated (default: phantom,brain; with --quick: phantom); the other "
+                                       "datasets' records in RESULTS_DIR/quality.json are kept")
     ap.add_argument("--only", help="comma-separated method:regime runs (0 mm, every modality), or methods (all of "
                                    "that method's runs: regimes, misregistrations, missing modality), to re-measure; "
                                    "their records replace the same runs in RESULTS_DIR/quality.json and the rest are "
                                    "kept (after a change that only those runs go through)")
     args = ap.parse_args()
-    results = Path(os.environ.get("RESULTS_DIR", REPO / "bench" / "results"))
-    results.mkdir(parents=True, exist_ok=True)
+    results = results_dir(args.quick)
     names = args.datasets or ("phantom" if args.quick else "phantom,brain")
     datasets = [d.strip() for d in names.split(",") if d.strip()]
     unknown = sorted(set(datasets) - set(DATASETS))
@@ -394,9 +394,11 @@ def main() -> int:
                     records += run(Path(tmp), ds, spec, best, regime, 0.0, seed, *pools[0.0])
     for r in records:
         r["commit"] = commit
-    if merge:
-        fresh = {run_key(r) for r in records}
-        kept = [r for r in json.loads(previous.read_text()) if run_key(r) not in fresh]
+    fresh = {run_key(r) for r in records}
+    subset = set(datasets) != set(DATASETS) and not args.quick and previous.is_file()
+    if merge or subset:  # keep what was not re-measured (a subset of the datasets: the other datasets' records)
+        kept = [r for r in json.loads(previous.read_text())
+                if run_key(r) not in fresh and (merge or r["dataset"] not in datasets)]
         print(f"re-measured {len(records)} runs; kept {len(kept)} of {previous}")
         records = kept + records
     summary = summarize(records)
@@ -414,7 +416,7 @@ def main() -> int:
     for g in summary["goals"]:
         print(f"  {g['dataset']:8} {g['goal']:55} {g['value']!s:>9}  {g['threshold']:28} "
               f"{'MET' if g['met'] else 'MISSED'}")
-    ran = f"{len(fresh)} of {len(records)} runs" if merge else f"{len(records)} runs"
+    ran = f"{len(fresh)} of {len(records)} runs" if merge or subset else f"{len(records)} runs"
     print(f"\n{ran} in {time.perf_counter() - started:.0f} s; wrote {results / 'quality.json'}, "
           f"{results / 'quality.png'}")
     return 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchutil import results_dir  # noqa: E402
 from crossmodal.config import atomic_write_text, load_config, save_config  # noqa: E402
 from crossmodal.inference import NetworkInferer  # noqa: E402
 from crossmodal.nets import build_network  # noqa: E402
@@ -86,8 +86,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3)
     args = ap.parse_args()
-    results = Path(os.environ.get("RESULTS_DIR", REPO / "bench" / "results"))
-    results.mkdir(parents=True, exist_ok=True)
+    results = results_dir()
     rows: list[dict] = []
     for seed in range(args.seeds):
         with tempfile.TemporaryDirectory(prefix="bench-refine-") as tmp:

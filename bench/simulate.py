@@ -10,7 +10,7 @@ the ground truth, 5 rounds (2 seed cases + 2 per round), 100 fine-tuning steps p
 12-case held-out test split (4 until 2026-11-30), and a full-annotation reference per seed. Prints the goal checks,
 writes `simulate.json` (records, summary, scoring cost, by_variant) and `simulate.png` (Dice vs annotated cases and
 voxels, AUC in the legend) to RESULTS_DIR (default bench/results). `--quick`: phantom, one seed, 3 rounds of 30
-steps.
+steps, written to bench/results/quick unless RESULTS_DIR is set.
 
     python bench/simulate.py [--quick] [--datasets brain,brain_mixed] [--seeds 5]
     python bench/simulate.py --first-seed 3    # seeds 3 and 4 added to an earlier 3-seed simulate.json
@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from benchutil import results_dir
 from crossmodal.config import atomic_write_text
 from crossmodal.simulate import SimSpec, plot, scoring_cost, simulate_dataset, summarize, variant_report, write_json
 
@@ -90,8 +90,7 @@ def main() -> int:
                     help="run only seeds FIRST_SEED .. SEEDS-1 and keep the other seeds' records and the scoring cost "
                          "of simulate.json (seeds added to an earlier run; training is deterministic)")
     args = ap.parse_args()
-    results = Path(os.environ.get("RESULTS_DIR", REPO / "bench" / "results"))
-    results.mkdir(parents=True, exist_ok=True)
+    results = results_dir(args.quick)
     work = Path(tempfile.mkdtemp(prefix="simulate-"))
     # pool + test cases: 16 + 12 and 12 + 12 (the test split was 4 until 2026-11-30; the pools are unchanged);
     # *_mixed: the same cases (seeds) as a clinical pool with sub-populations, in the pool and the test split alike:
