@@ -37,7 +37,6 @@ from crossmodal.labels import IGNORE_INDEX
 from crossmodal.propagate import PropagationCache, propagate_labels
 from crossmodal.transforms import LoadCased
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MAX_VOXELS = 2_000_000
 EXTENT_MM = 96.0
 

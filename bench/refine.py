@@ -33,7 +33,6 @@ from crossmodal.serving.offline import dice_per_class, method_config, train_offl
 from crossmodal.transforms import LoadCased  # noqa: E402
 from quality import DATASETS, make_pool, regime_studies  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 KEEP_CONFIDENT = (1.0, 0.99, 0.9)  # 1.0: the walker re-decides the whole band; below: only its unsure voxels
 
 
