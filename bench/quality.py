@@ -23,6 +23,7 @@ class) and writes ``quality.json`` (one record per run) and ``quality.png`` to `
 
     python bench/quality.py [--quick] [--seeds 5] [--datasets phantom,brain] [--only ours:dense10_unlabeled | ours]
     python bench/quality.py --first-seed 3     # seeds 3 and 4 added to an earlier 3-seed quality.json
+    python bench/quality.py --summarize        # tables, goals (with their seeds' 95 % CI) and PNG of quality.json again
 """
 
 from __future__ import annotations
@@ -215,11 +216,31 @@ def summarize(records: list[dict]) -> dict:
                      "peak_rss_gb": max(r["peak_rss_gb"] for r in rs),
                      "dice_per_class": {c: statistics.mean(r["dice_per_class"][c] for r in rs) for c in classes},
                      "hd95_per_class": {c: statistics.mean(r["hd95_per_class"][c] for r in rs) for c in classes}})
-    return {"rows": rows, "goals": goals(rows)}
+    return {"rows": rows, "goals": goals(rows, records)}
 
 
-def goals(rows: list[dict]) -> list[dict]:
-    """The issue's goals, measured: value, threshold, met."""
+def seed_spread(per_seed: list[float]) -> dict:
+    """Per-seed values of a goal -> ``{"per_seed", "sd", "ci95"}``: the 95 % confidence interval of their mean
+    (Student's t over the seeds; None with fewer than 2), to tell a margin from the seed noise.
+
+    Example:
+        >>> seed_spread([1.0, 2.0, 3.0])["ci95"]
+        [-0.4841, 4.4841]
+    """
+    from scipy.stats import t
+
+    n = len(per_seed)
+    if n < 2:
+        return {"per_seed": [round(v, 4) for v in per_seed], "sd": None, "ci95": None}
+    mean, sd = statistics.mean(per_seed), statistics.stdev(per_seed)
+    half = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return {"per_seed": [round(v, 4) for v in per_seed], "sd": round(sd, 4),
+            "ci95": [round(mean - half, 4), round(mean + half, 4)]}
+
+
+def goals(rows: list[dict], records: list[dict] | None = None) -> list[dict]:
+    """The issue's goals, measured: value (from the means over seeds), threshold, met; with ``records``, each goal's
+    per-seed values (paired by seed) and their spread (:func:`seed_spread`)."""
     def get(ds: str, method: str, regime: str, mm: float = 0.0, missing: str | None = None) -> float | None:
         for r in rows:
             if (r["dataset"], r["method"], r["regime"], r["misregistration_mm"], r["missing_modality"]) == \
@@ -227,28 +248,44 @@ def goals(rows: list[dict]) -> list[dict]:
                 return r["dice"]
         return None
 
+    def by_seed(ds: str, method: str, regime: str, mm: float = 0.0, missing: str | None = None) -> dict[int, float]:
+        return {r["seed"]: r["dice_mean"] for r in records or ()
+                if (r["dataset"], r["method"], r["regime"], r["misregistration_mm"], r["missing_modality"])
+                == (ds, method, regime, mm, missing)}
+
+    def paired(f: Callable[..., float], *runs: tuple) -> list[float]:
+        """``f`` of the runs' Dice, seed by seed, over the seeds every run has."""
+        per = [by_seed(ds, *run) for run in runs]
+        common = sorted(set.intersection(*(set(p) for p in per))) if per else []
+        return [f(*(p[s] for p in per)) for s in common]
+
     out = []
     for ds in sorted({r["dataset"] for r in rows}):
-        def add(name: str, value: float | None, threshold: str, met: bool | None, ds: str = ds) -> None:
+        def add(name: str, value: float | None, threshold: str, met: bool | None, per_seed: list[float],
+                ds: str = ds) -> None:
             out.append({"dataset": ds, "goal": name, "value": None if value is None else round(value, 4),
-                        "threshold": threshold, "met": met})
+                        "threshold": threshold, "met": met, **(seed_spread(per_seed) if records else {})})
 
         dense, scrib = get(ds, "ours", "dense"), get(ds, "ours", "scribbles")
         if dense and scrib is not None:
-            add("ours scribbles / ours dense", scrib / dense, ">= 0.95", scrib / dense >= 0.95)
+            add("ours scribbles / ours dense", scrib / dense, ">= 0.95", scrib / dense >= 0.95,
+                paired(lambda s, d: s / d, ("ours", "scribbles"), ("ours", "dense")))
         for regime in ("scribbles", "dense10_unlabeled"):
             o, b = get(ds, "ours", regime), get(ds, "baseline_unet", regime)
             if o is not None and b is not None:
-                add(f"ours - baseline_unet, {regime} (Dice points)", 100 * (o - b), ">= 3", 100 * (o - b) >= 3)
+                add(f"ours - baseline_unet, {regime} (Dice points)", 100 * (o - b), ">= 3", 100 * (o - b) >= 3,
+                    paired(lambda o, b: 100 * (o - b), ("ours", regime), ("baseline_unet", regime)))
         a, b = get(ds, "ours", "dense10_unlabeled"), get(ds, "ours", "dense10")
         if a is not None and b is not None:
-            add("ours dense10_unlabeled - dense10 (points)", 100 * (a - b), ">= 3", 100 * (a - b) >= 3)
+            add("ours dense10_unlabeled - dense10 (points)", 100 * (a - b), ">= 3", 100 * (a - b) >= 3,
+                paired(lambda a, b: 100 * (a - b), ("ours", "dense10_unlabeled"), ("ours", "dense10")))
         o0, o4 = get(ds, "ours", "dense"), get(ds, "ours", "dense", 4.0)
         b0, b4 = get(ds, "baseline_unet", "dense"), get(ds, "baseline_unet", "dense", 4.0)
         if None not in (o0, o4, b0, b4):
             cost_o, cost_b = 100 * (o0 - o4), 100 * (b0 - b4)
             add("4 mm misregistration cost, ours (points)", cost_o, "<= 2 and < baseline's "
-                f"{cost_b:.2f}", cost_o <= 2 and cost_o < cost_b)
+                f"{cost_b:.2f}", cost_o <= 2 and cost_o < cost_b,
+                paired(lambda a, b: 100 * (a - b), ("ours", "dense"), ("ours", "dense", 4.0)))
         missing = next((r for r in rows if r["dataset"] == ds and r["missing_modality"]), None)
         if missing:
             singles = [r for r in rows if r["dataset"] == ds and r["method"].startswith("single_")
@@ -257,7 +294,8 @@ def goals(rows: list[dict]) -> list[dict]:
                 best = max(singles, key=lambda r: r["dice"])
                 gap = 100 * (missing["dice"] - best["dice"])
                 add(f"ours without {missing['missing_modality']} - {best['method']} (points)", gap, ">= -2",
-                    gap >= -2)
+                    gap >= -2, paired(lambda a, b: 100 * (a - b), ("ours", "dense", 0.0, missing["missing_modality"]),
+                                      (best["method"], "dense")))
     return out
 
 
@@ -334,6 +372,25 @@ def git_commit() -> str | None:
     return head + ("+" if dirty else "")
 
 
+def report(records: list[dict], results: Path) -> None:
+    """Write ``quality_summary.json`` and ``quality.png`` of ``records`` to ``results``; print the tables."""
+    summary = summarize(records)
+    atomic_write_text(results / "quality_summary.json", json.dumps(summary, indent=2))
+    plot(summary["rows"], results / "quality.png")
+    print(f"\n{'dataset':8} {'method':27} {'regime':22} {'mm':>3} {'missing':>7} {'n':>2} {'Dice':>13} "
+          f"{'HD95 mm':>13} {'train s':>7} {'GB':>5}  per-class Dice")
+    for r in summary["rows"]:
+        per = " ".join(f"{k}={v:.3f}" for k, v in r["dice_per_class"].items())
+        print(f"{r['dataset']:8} {r['method']:27} {r['regime']:22} {r['misregistration_mm']:3.0f} "
+              f"{r['missing_modality'] or '-':>7} {r['seeds']:2d} {r['dice']:6.3f}+-{r['dice_sd']:.3f} "
+              f"{r['hd95']:6.2f}+-{r['hd95_sd']:5.2f} {r['train_seconds']:7.1f} {r['peak_rss_gb']:5.2f}  {per}")
+    print("\ngoals (value from the means over seeds; 95 % CI of the per-seed values, paired by seed):")
+    for g in summary["goals"]:
+        ci = "" if g.get("ci95") is None else f"[{g['ci95'][0]:.3f}, {g['ci95'][1]:.3f}]"
+        print(f"  {g['dataset']:8} {g['goal']:55} {g['value']!s:>9} {ci:>18}  {g['threshold']:28} "
+              f"{'MET' if g['met'] else 'MISSED'}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="phantom only, one seed, fewer regimes and steps")
@@ -347,8 +404,15 @@ def main() -> int:
                                    "that method's runs: regimes, misregistrations, missing modality), to re-measure; "
                                    "their records replace the same runs in RESULTS_DIR/quality.json and the rest are "
                                    "kept (after a change that only those runs go through)")
+    ap.add_argument("--summarize", action="store_true",
+                    help="train nothing: summarise RESULTS_DIR/quality.json again (tables, goals, PNG)")
     args = ap.parse_args()
     results = results_dir(args.quick)
+    if args.summarize:
+        if not (results / "quality.json").is_file():
+            ap.error(f"--summarize reads {results / 'quality.json'}, which does not exist; run the benchmark first")
+        report(json.loads((results / "quality.json").read_text()), results)
+        return 0
     names = args.datasets or ("phantom" if args.quick else "phantom,brain")
     datasets = [d.strip() for d in names.split(",") if d.strip()]
     unknown = sorted(set(datasets) - set(DATASETS))
@@ -401,21 +465,8 @@ def main() -> int:
                 if run_key(r) not in fresh and (merge or r["dataset"] not in datasets)]
         print(f"re-measured {len(records)} runs; kept {len(kept)} of {previous}")
         records = kept + records
-    summary = summarize(records)
     atomic_write_text(results / "quality.json", json.dumps(records, indent=2))
-    atomic_write_text(results / "quality_summary.json", json.dumps(summary, indent=2))
-    plot(summary["rows"], results / "quality.png")
-    print(f"\n{'dataset':8} {'method':27} {'regime':22} {'mm':>3} {'missing':>7} {'n':>2} {'Dice':>13} "
-          f"{'HD95 mm':>13} {'train s':>7} {'GB':>5}  per-class Dice")
-    for r in summary["rows"]:
-        per = " ".join(f"{k}={v:.3f}" for k, v in r["dice_per_class"].items())
-        print(f"{r['dataset']:8} {r['method']:27} {r['regime']:22} {r['misregistration_mm']:3.0f} "
-              f"{r['missing_modality'] or '-':>7} {r['seeds']:2d} {r['dice']:6.3f}+-{r['dice_sd']:.3f} "
-              f"{r['hd95']:6.2f}+-{r['hd95_sd']:5.2f} {r['train_seconds']:7.1f} {r['peak_rss_gb']:5.2f}  {per}")
-    print("\ngoals:")
-    for g in summary["goals"]:
-        print(f"  {g['dataset']:8} {g['goal']:55} {g['value']!s:>9}  {g['threshold']:28} "
-              f"{'MET' if g['met'] else 'MISSED'}")
+    report(records, results)
     ran = f"{len(fresh)} of {len(records)} runs" if merge or subset else f"{len(records)} runs"
     print(f"\n{ran} in {time.perf_counter() - started:.0f} s; wrote {results / 'quality.json'}, "
           f"{results / 'quality.png'}")

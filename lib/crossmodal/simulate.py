@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crossmodal.config import save_config
+from crossmodal.config import atomic_write_text, save_config
 from crossmodal.data.sparse import sparsify
 from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR
 from crossmodal.io import IMAGE_EXTENSIONS, case_id_of, load_volume, save_volume, split_ext
@@ -294,9 +294,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
+    """``obj`` as indented JSON at ``path``, atomically (a unique temp file in the same folder, then a rename)."""
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 def scoring_cost(src: Path, root: Path, dataset: str, spec: SimSpec, model: str, repeats: int = 3) -> dict:
