@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import statistics
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,3 +18,22 @@ def results_dir(quick: bool = False) -> Path:
     path = Path(os.environ.get("RESULTS_DIR") or default)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def seed_spread(per_seed: list[float]) -> dict:
+    """Per-seed values of a goal -> ``{"per_seed", "sd", "ci95"}``: the 95 % confidence interval of their mean
+    (Student's t over the seeds; None with fewer than 2), to tell a margin from the seed noise.
+
+    Example:
+        >>> seed_spread([1.0, 2.0, 3.0])["ci95"]
+        [-0.4841, 4.4841]
+    """
+    from scipy.stats import t
+
+    n = len(per_seed)
+    if n < 2:
+        return {"per_seed": [round(v, 4) for v in per_seed], "sd": None, "ci95": None}
+    mean, sd = statistics.mean(per_seed), statistics.stdev(per_seed)
+    half = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return {"per_seed": [round(v, 4) for v in per_seed], "sd": round(sd, 4),
+            "ci95": [round(mean - half, 4), round(mean + half, 4)]}

@@ -43,7 +43,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-from benchutil import results_dir  # noqa: E402
+from benchutil import results_dir, seed_spread  # noqa: E402
 from crossmodal.config import CrossModalConfig, atomic_write_text, load_config, save_config  # noqa: E402
 from crossmodal.data.brain import load_templates, make_brain_case  # noqa: E402
 from crossmodal.data.phantom import SyntheticCase, make_phantom  # noqa: E402
@@ -217,25 +217,6 @@ def summarize(records: list[dict]) -> dict:
                      "dice_per_class": {c: statistics.mean(r["dice_per_class"][c] for r in rs) for c in classes},
                      "hd95_per_class": {c: statistics.mean(r["hd95_per_class"][c] for r in rs) for c in classes}})
     return {"rows": rows, "goals": goals(rows, records)}
-
-
-def seed_spread(per_seed: list[float]) -> dict:
-    """Per-seed values of a goal -> ``{"per_seed", "sd", "ci95"}``: the 95 % confidence interval of their mean
-    (Student's t over the seeds; None with fewer than 2), to tell a margin from the seed noise.
-
-    Example:
-        >>> seed_spread([1.0, 2.0, 3.0])["ci95"]
-        [-0.4841, 4.4841]
-    """
-    from scipy.stats import t
-
-    n = len(per_seed)
-    if n < 2:
-        return {"per_seed": [round(v, 4) for v in per_seed], "sd": None, "ci95": None}
-    mean, sd = statistics.mean(per_seed), statistics.stdev(per_seed)
-    half = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-    return {"per_seed": [round(v, 4) for v in per_seed], "sd": round(sd, 4),
-            "ci95": [round(mean - half, 4), round(mean + half, 4)]}
 
 
 def goals(rows: list[dict], records: list[dict] | None = None) -> list[dict]:

@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchutil import results_dir
+from benchutil import results_dir, seed_spread
 from crossmodal.config import atomic_write_text
 from crossmodal.simulate import SimSpec, plot, scoring_cost, simulate_dataset, summarize, variant_report, write_json
 
@@ -67,8 +67,12 @@ def goals(summary: dict, cost: dict) -> list[dict]:
         for other in ("random", "epistemic"):
             if other in st:
                 a, b = st["ours"]["auc_cases"], st[other]["auc_cases"]
-                rows.append({"dataset": ds, "goal": f"AUC(cases) ours > {other}", "measured": round(a - b, 4),
-                             "detail": f"{a:.4f} vs {b:.4f}", "met": a > b})
+                row = {"dataset": ds, "goal": f"AUC(cases) ours > {other}", "measured": round(a - b, 4),
+                       "detail": f"{a:.4f} vs {b:.4f}", "met": a > b}
+                if "auc_cases_per_seed" in st["ours"] and st["ours"]["seeds"] == st[other]["seeds"]:
+                    row.update(seed_spread([x - y for x, y in zip(st["ours"]["auc_cases_per_seed"],
+                                                                  st[other]["auc_cases_per_seed"], strict=True)]))
+                rows.append(row)
         c = cost.get(ds)
         if c:
             rows.append({"dataset": ds, "goal": "scoring one case <= 1/20 of Epistemic (5 samples), re-scoring",
@@ -89,8 +93,12 @@ def main() -> int:
     ap.add_argument("--first-seed", type=int, default=0,
                     help="run only seeds FIRST_SEED .. SEEDS-1 and keep the other seeds' records and the scoring cost "
                          "of simulate.json (seeds added to an earlier run; training is deterministic)")
+    ap.add_argument("--summarize", action="store_true",
+                    help="train nothing: summarise RESULTS_DIR/simulate.json again (tables, goals, PNG)")
     args = ap.parse_args()
     results = results_dir(args.quick)
+    if (args.summarize or args.cost_only) and not (results / "simulate.json").is_file():
+        ap.error(f"--summarize / --cost-only read {results / 'simulate.json'}, which does not exist; run it first")
     work = Path(tempfile.mkdtemp(prefix="simulate-"))
     # pool + test cases: 16 + 12 and 12 + 12 (the test split was 4 until 2026-11-30; the pools are unchanged);
     # *_mixed: the same cases (seeds) as a clinical pool with sub-populations, in the pool and the test split alike:
@@ -111,6 +119,7 @@ def main() -> int:
     records: list[dict] = []
     refs: list[dict] = []
     cost: dict = {}
+    earlier_variants: dict = {}  # by_variant of the simulate.json read again, for pools whose data is not here
 
     def by_variant() -> dict:
         out = {}
@@ -119,6 +128,8 @@ def main() -> int:
             variants = json.loads(path.read_text()) if path.is_file() else {}
             if len(set(variants.values())) > 1:
                 out[ds] = variant_report([r for r in records if r["dataset"] == ds], variants)
+            elif ds in earlier_variants:
+                out[ds] = earlier_variants[ds]
         return out
 
     def save() -> dict:
@@ -148,9 +159,15 @@ def main() -> int:
             refs = [r for r in old["full_annotation"] if kept(r)]
             cost = {k: v for k, v in old["scoring_cost"].items() if k not in chosen or extend}
         datasets = {d: datasets[d] for d in chosen}
+    if args.summarize:
+        old = json.loads((results / "simulate.json").read_text())
+        records, refs, cost = old["records"], old["full_annotation"], old["scoring_cost"]
+        earlier_variants.update(old.get("by_variant", {}))
+        datasets = {}
     if args.cost_only:
         old = json.loads((results / "simulate.json").read_text())
         records, refs = old["records"], old["full_annotation"]
+        earlier_variants.update(old.get("by_variant", {}))
         cost = {k: v for k, v in old["scoring_cost"].items() if k not in datasets}
         for ds, (preset, cases, mix) in datasets.items():
             spec = SimSpec(preset, test=TEST, steps=100)
@@ -191,7 +208,8 @@ def main() -> int:
     print()
     for g in goals(summary, cost):
         verdict = "met" if g["met"] else "MISSED"
-        print(f"{g['dataset']:14} {g['goal']:62} {g['measured']!s:>8}  {verdict}  ({g['detail']})")
+        ci = "" if g.get("ci95") is None else f"  95% CI of the per-seed differences [{g['ci95'][0]}, {g['ci95'][1]}]"
+        print(f"{g['dataset']:14} {g['goal']:62} {g['measured']!s:>8}  {verdict}  ({g['detail']}){ci}")
     print(f"-> {results / 'simulate.json'}, {results / 'simulate.png'}")
     return 0
 

@@ -24,7 +24,7 @@ from crossmodal.serving.activelearning import (
     candidates,
 )
 from crossmodal.serving.app import AppParts
-from crossmodal.simulate import area_under_curve, cases_to_reach, variant_report
+from crossmodal.simulate import area_under_curve, cases_to_reach, summarize, variant_report
 from crossmodal.transforms import preprocessing
 
 CFG = load_config("phantom")
@@ -147,6 +147,19 @@ def test_area_under_curve_and_cases_to_reach():
     assert area_under_curve([2, 4, 8], [0.2, 0.6, 0.6]) == pytest.approx((0.8 + 2.4) / 6)
     recs = [{"round": 0, "annotated_cases": 2, "dice_mean": 0.5}, {"round": 1, "annotated_cases": 4, "dice_mean": 0.8}]
     assert cases_to_reach(recs, 0.79) == 4 and cases_to_reach(recs, 0.9) is None
+
+
+def test_summary_gives_each_seeds_auc_whose_mean_is_the_mean_curves():
+    def rec(seed: int, rnd: int, dice: float) -> dict:
+        return {"dataset": "d", "strategy": "ours", "seed": seed, "round": rnd, "annotated_cases": 2 + 2 * rnd,
+                "annotated_voxels": 100 * (rnd + 1), "dice_mean": dice, "scoring_seconds_per_case": 0.01}
+    recs = [rec(1, 1, 0.8), rec(0, 0, 0.5), rec(0, 1, 0.7), rec(1, 0, 0.6)]  # out of order on purpose
+    refs = [{"dataset": "d", "seed": s, "dice_mean": 0.8} for s in (0, 1)]
+    ours = summarize(recs, refs)["d"]["strategies"]["ours"]
+    assert ours["seeds"] == [0, 1]
+    assert ours["auc_cases_per_seed"] == pytest.approx([0.6, 0.7])  # (0.5 + 0.7) / 2, (0.6 + 0.8) / 2
+    assert ours["auc_cases"] == pytest.approx(0.65)
+    assert ours["cases_to_95pct_full"] == [None, 4]  # 95% of 0.8 = 0.76
 
 
 def test_variant_report_counts_annotated_shares_and_test_dice_by_variant():

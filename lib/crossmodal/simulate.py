@@ -207,7 +207,8 @@ def cases_to_reach(records: Sequence[dict], target: float) -> int | None:
 
 
 def summarize(records: list[dict], refs: list[dict]) -> dict[str, Any]:
-    """Per dataset and strategy: mean curve over seeds, AUC (vs cases and vs voxels), cases to 95% of full."""
+    """Per dataset and strategy: mean curve over seeds, AUC (vs cases and vs voxels; vs cases per seed too, in
+    ``seeds`` order), cases to 95% of full."""
     out: dict[str, Any] = {}
     for ds in sorted({r["dataset"] for r in records}):
         full = float(np.mean([r["dice_mean"] for r in refs if r["dataset"] == ds])) if refs else float("nan")
@@ -227,10 +228,13 @@ def summarize(records: list[dict], refs: list[dict]) -> dict[str, Any]:
             per_seed = [[r for r in rs if r["seed"] == s] for s in seeds]
             reach = [cases_to_reach(p, 0.95 * full) for p in per_seed]
             entry["strategies"][st] = {
+                "seeds": seeds,
                 "curve": curve,
                 "auc_cases": area_under_curve([c["annotated_cases"] for c in curve], [c["dice_mean"] for c in curve]),
                 "auc_voxels": area_under_curve([c["annotated_voxels"] for c in curve],
                                                [c["dice_mean"] for c in curve]),
+                "auc_cases_per_seed": [area_under_curve(*zip(*sorted((r["annotated_cases"], r["dice_mean"]) for r in p),
+                                                             strict=True)) for p in per_seed],
                 "cases_to_95pct_full": reach,
                 "scoring_seconds_per_case": round(float(np.mean([r["scoring_seconds_per_case"] for r in rs
                                                                  if r["scoring_seconds_per_case"] > 0] or [0.0])), 4),
