@@ -219,9 +219,9 @@ def summarize(records: list[dict]) -> dict:
     return {"rows": rows, "goals": goals(rows, records)}
 
 
-def goals(rows: list[dict], records: list[dict] | None = None) -> list[dict]:
-    """The issue's goals, measured: value (from the means over seeds), threshold, met; with ``records``, each goal's
-    per-seed values (paired by seed) and their spread (:func:`seed_spread`)."""
+def goals(rows: list[dict], records: list[dict]) -> list[dict]:
+    """The issue's goals, measured: value (from the means over seeds), threshold, met, and each goal's per-seed
+    values (paired by seed, from ``records``) with their spread (:func:`seed_spread`)."""
     def get(ds: str, method: str, regime: str, mm: float = 0.0, missing: str | None = None) -> float | None:
         for r in rows:
             if (r["dataset"], r["method"], r["regime"], r["misregistration_mm"], r["missing_modality"]) == \
@@ -230,7 +230,7 @@ def goals(rows: list[dict], records: list[dict] | None = None) -> list[dict]:
         return None
 
     def by_seed(ds: str, method: str, regime: str, mm: float = 0.0, missing: str | None = None) -> dict[int, float]:
-        return {r["seed"]: r["dice_mean"] for r in records or ()
+        return {r["seed"]: r["dice_mean"] for r in records
                 if (r["dataset"], r["method"], r["regime"], r["misregistration_mm"], r["missing_modality"])
                 == (ds, method, regime, mm, missing)}
 
@@ -240,12 +240,15 @@ def goals(rows: list[dict], records: list[dict] | None = None) -> list[dict]:
         common = sorted(set.intersection(*(set(p) for p in per))) if per else []
         return [f(*(p[s] for p in per)) for s in common]
 
+    def points(a: float, b: float) -> float:
+        return 100 * (a - b)
+
     out = []
     for ds in sorted({r["dataset"] for r in rows}):
         def add(name: str, value: float | None, threshold: str, met: bool | None, per_seed: list[float],
                 ds: str = ds) -> None:
             out.append({"dataset": ds, "goal": name, "value": None if value is None else round(value, 4),
-                        "threshold": threshold, "met": met, **(seed_spread(per_seed) if records else {})})
+                        "threshold": threshold, "met": met, **seed_spread(per_seed)})
 
         dense, scrib = get(ds, "ours", "dense"), get(ds, "ours", "scribbles")
         if dense and scrib is not None:
@@ -255,18 +258,18 @@ def goals(rows: list[dict], records: list[dict] | None = None) -> list[dict]:
             o, b = get(ds, "ours", regime), get(ds, "baseline_unet", regime)
             if o is not None and b is not None:
                 add(f"ours - baseline_unet, {regime} (Dice points)", 100 * (o - b), ">= 3", 100 * (o - b) >= 3,
-                    paired(lambda o, b: 100 * (o - b), ("ours", regime), ("baseline_unet", regime)))
+                    paired(points, ("ours", regime), ("baseline_unet", regime)))
         a, b = get(ds, "ours", "dense10_unlabeled"), get(ds, "ours", "dense10")
         if a is not None and b is not None:
             add("ours dense10_unlabeled - dense10 (points)", 100 * (a - b), ">= 3", 100 * (a - b) >= 3,
-                paired(lambda a, b: 100 * (a - b), ("ours", "dense10_unlabeled"), ("ours", "dense10")))
+                paired(points, ("ours", "dense10_unlabeled"), ("ours", "dense10")))
         o0, o4 = get(ds, "ours", "dense"), get(ds, "ours", "dense", 4.0)
         b0, b4 = get(ds, "baseline_unet", "dense"), get(ds, "baseline_unet", "dense", 4.0)
         if None not in (o0, o4, b0, b4):
             cost_o, cost_b = 100 * (o0 - o4), 100 * (b0 - b4)
             add("4 mm misregistration cost, ours (points)", cost_o, "<= 2 and < baseline's "
                 f"{cost_b:.2f}", cost_o <= 2 and cost_o < cost_b,
-                paired(lambda a, b: 100 * (a - b), ("ours", "dense"), ("ours", "dense", 4.0)))
+                paired(points, ("ours", "dense"), ("ours", "dense", 4.0)))
         missing = next((r for r in rows if r["dataset"] == ds and r["missing_modality"]), None)
         if missing:
             singles = [r for r in rows if r["dataset"] == ds and r["method"].startswith("single_")
@@ -275,7 +278,7 @@ def goals(rows: list[dict], records: list[dict] | None = None) -> list[dict]:
                 best = max(singles, key=lambda r: r["dice"])
                 gap = 100 * (missing["dice"] - best["dice"])
                 add(f"ours without {missing['missing_modality']} - {best['method']} (points)", gap, ">= -2",
-                    gap >= -2, paired(lambda a, b: 100 * (a - b), ("ours", "dense", 0.0, missing["missing_modality"]),
+                    gap >= -2, paired(points, ("ours", "dense", 0.0, missing["missing_modality"]),
                                       (best["method"], "dense")))
     return out
 

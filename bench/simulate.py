@@ -69,7 +69,7 @@ def goals(summary: dict, cost: dict) -> list[dict]:
                 a, b = st["ours"]["auc_cases"], st[other]["auc_cases"]
                 row = {"dataset": ds, "goal": f"AUC(cases) ours > {other}", "measured": round(a - b, 4),
                        "detail": f"{a:.4f} vs {b:.4f}", "met": a > b}
-                if "auc_cases_per_seed" in st["ours"] and st["ours"]["seeds"] == st[other]["seeds"]:
+                if st["ours"]["seeds"] == st[other]["seeds"]:  # paired by seed
                     row.update(seed_spread([x - y for x, y in zip(st["ours"]["auc_cases_per_seed"],
                                                                   st[other]["auc_cases_per_seed"], strict=True)]))
                 rows.append(row)
@@ -159,16 +159,13 @@ def main() -> int:
             refs = [r for r in old["full_annotation"] if kept(r)]
             cost = {k: v for k, v in old["scoring_cost"].items() if k not in chosen or extend}
         datasets = {d: datasets[d] for d in chosen}
-    if args.summarize:
-        old = json.loads((results / "simulate.json").read_text())
-        records, refs, cost = old["records"], old["full_annotation"], old["scoring_cost"]
-        earlier_variants.update(old.get("by_variant", {}))
-        datasets = {}
-    if args.cost_only:
+    if args.summarize or args.cost_only:  # train nothing: the records of the earlier run
         old = json.loads((results / "simulate.json").read_text())
         records, refs = old["records"], old["full_annotation"]
         earlier_variants.update(old.get("by_variant", {}))
-        cost = {k: v for k, v in old["scoring_cost"].items() if k not in datasets}
+        cost = {k: v for k, v in old["scoring_cost"].items() if args.summarize or k not in datasets}
+        datasets = datasets if args.cost_only else {}
+    if args.cost_only:
         for ds, (preset, cases, mix) in datasets.items():
             spec = SimSpec(preset, test=TEST, steps=100)
             weights = REPO / "apps" / "crossmodal" / "pretrained" / f"{preset}_crossmodal.pt"
