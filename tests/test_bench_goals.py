@@ -1,4 +1,4 @@
-"""The quality benchmark's goal arithmetic (bench/quality.py): the issue's goals from hand-made records."""
+"""The benchmarks' goal arithmetic (bench/quality.py, bench/simulate.py): the issues' goals from hand-made records."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import quality  # noqa: E402
+import simulate  # noqa: E402
+from crossmodal.simulate import summarize  # noqa: E402
 
 # ours / baseline_unet / single models, 3 seeds, Dice per seed (one data set, two classes)
 DICE = {
@@ -82,3 +84,29 @@ def test_goals_pair_only_the_seeds_every_run_has():
     one = [r for r in records() if r["seed"] == 0]
     spread = quality.summarize(one)["goals"][0]
     assert spread["sd"] is None and spread["ci95"] is None  # one seed: no spread
+
+
+def test_simulation_goals_from_hand_made_curves():
+    curves = {("ours", 0): [0.90, 0.96, 0.97], ("ours", 1): [0.90, 0.96, 0.99],
+              ("random", 0): [0.90, 0.92, 0.96], ("random", 1): [0.90, 0.93, 0.96],
+              ("epistemic", 0): [0.90, 0.97, 0.98], ("epistemic", 1): [0.90, 0.96, 0.95]}
+    records = [{"dataset": "p", "strategy": st, "seed": seed, "round": k, "annotated_cases": 2 + 2 * k,
+                "annotated_voxels": 100 * (k + 1), "dice_mean": dice, "scoring_seconds_per_case": 0.0}
+               for (st, seed), values in curves.items() for k, dice in enumerate(values)]
+    refs = [{"dataset": "p", "strategy": "full", "seed": s, "dice_mean": 1.0} for s in (0, 1)]  # 95%: 0.95
+    cost = {"p": {"ours_warm_s": 0.01, "epistemic_s": 0.5, "ours_cold_s": 0.03, "ratio_warm": 0.02,
+                  "ratio_cold": 0.06}}
+    goals = {g["goal"]: g for g in simulate.goals(summarize(records, refs), cost)}
+    reach = goals["cases to 95% of full: ours / random (<= 0.6)"]
+    assert reach["measured"] == pytest.approx(4 / 6) and reach["met"] is False
+    assert reach["detail"] == "ours [4, 4], random [6, 6] (per seed)"
+    # AUC over 2..6 cases = (y0 + 2 y1 + y2) / 4: ours 0.9475 / 0.9525, random 0.925 / 0.93, epistemic 0.955 / 0.9425
+    rnd = goals["AUC(cases) ours > random"]
+    assert rnd["measured"] == pytest.approx(0.0225, abs=1e-4) and rnd["met"] is True
+    assert rnd["per_seed"] == [0.0225, 0.0225] and rnd["ci95"] == [0.0225, 0.0225]
+    epi = goals["AUC(cases) ours > epistemic"]
+    assert epi["per_seed"] == [-0.0075, 0.01] and epi["met"] is True
+    assert epi["ci95"][0] < 0 < epi["ci95"][1]  # one seed each way: undecided
+    assert goals["scoring one case <= 1/20 of Epistemic (5 samples), re-scoring"]["met"] is True
+    cost["p"]["ratio_warm"] = 0.06
+    assert simulate.goals(summarize(records, refs), cost)[-1]["met"] is False
