@@ -30,7 +30,7 @@ DICE = {
 }
 
 
-def records(order: list[int] = (0, 1, 2)) -> list[dict]:
+def records(order: tuple[int, ...] = (0, 1, 2)) -> list[dict]:
     out = []
     for (method, regime, mm, missing), values in DICE.items():
         for seed in order:
@@ -42,7 +42,7 @@ def records(order: list[int] = (0, 1, 2)) -> list[dict]:
 
 
 def test_goals_are_the_issues_margins_with_their_per_seed_values():
-    goals = {g["goal"]: g for g in quality.summarize(records([2, 0, 1]))["goals"]}  # seeds out of order: paired
+    goals = {g["goal"]: g for g in quality.summarize(records((2, 0, 1)))["goals"]}  # seeds out of order: paired
     assert len(goals) == 6
 
     ratio = goals["ours scribbles / ours dense"]
@@ -90,13 +90,13 @@ def test_simulation_goals_from_hand_made_curves():
     curves = {("ours", 0): [0.90, 0.96, 0.97], ("ours", 1): [0.90, 0.96, 0.99],
               ("random", 0): [0.90, 0.92, 0.96], ("random", 1): [0.90, 0.93, 0.96],
               ("epistemic", 0): [0.90, 0.97, 0.98], ("epistemic", 1): [0.90, 0.96, 0.95]}
-    records = [{"dataset": "p", "strategy": st, "seed": seed, "round": k, "annotated_cases": 2 + 2 * k,
+    recs = [{"dataset": "p", "strategy": st, "seed": seed, "round": k, "annotated_cases": 2 + 2 * k,
                 "annotated_voxels": 100 * (k + 1), "dice_mean": dice, "scoring_seconds_per_case": 0.0}
                for (st, seed), values in curves.items() for k, dice in enumerate(values)]
     refs = [{"dataset": "p", "strategy": "full", "seed": s, "dice_mean": 1.0} for s in (0, 1)]  # 95%: 0.95
     cost = {"p": {"ours_warm_s": 0.01, "epistemic_s": 0.5, "ours_cold_s": 0.03, "ratio_warm": 0.02,
                   "ratio_cold": 0.06}}
-    goals = {g["goal"]: g for g in simulate.goals(summarize(records, refs), cost)}
+    goals = {g["goal"]: g for g in simulate.goals(summarize(recs, refs), cost)}
     reach = goals["cases to 95% of full: ours / random (<= 0.6)"]
     assert reach["measured"] == pytest.approx(4 / 6) and reach["met"] is False
     assert reach["detail"] == "ours [4, 4], random [6, 6] (per seed)"
@@ -109,4 +109,4 @@ def test_simulation_goals_from_hand_made_curves():
     assert epi["ci95"][0] < 0 < epi["ci95"][1]  # one seed each way: undecided
     assert goals["scoring one case <= 1/20 of Epistemic (5 samples), re-scoring"]["met"] is True
     cost["p"]["ratio_warm"] = 0.06
-    assert simulate.goals(summarize(records, refs), cost)[-1]["met"] is False
+    assert simulate.goals(summarize(recs, refs), cost)[-1]["met"] is False
