@@ -257,16 +257,16 @@ def goals(rows: list[dict], records: list[dict]) -> list[dict]:
         for regime in ("scribbles", "dense10_unlabeled"):
             o, b = get(ds, "ours", regime), get(ds, "baseline_unet", regime)
             if o is not None and b is not None:
-                add(f"ours - baseline_unet, {regime} (Dice points)", 100 * (o - b), ">= 3", 100 * (o - b) >= 3,
+                add(f"ours - baseline_unet, {regime} (Dice points)", points(o, b), ">= 3", points(o, b) >= 3,
                     paired(points, ("ours", regime), ("baseline_unet", regime)))
         a, b = get(ds, "ours", "dense10_unlabeled"), get(ds, "ours", "dense10")
         if a is not None and b is not None:
-            add("ours dense10_unlabeled - dense10 (points)", 100 * (a - b), ">= 3", 100 * (a - b) >= 3,
+            add("ours dense10_unlabeled - dense10 (points)", points(a, b), ">= 3", points(a, b) >= 3,
                 paired(points, ("ours", "dense10_unlabeled"), ("ours", "dense10")))
         o0, o4 = get(ds, "ours", "dense"), get(ds, "ours", "dense", 4.0)
         b0, b4 = get(ds, "baseline_unet", "dense"), get(ds, "baseline_unet", "dense", 4.0)
         if None not in (o0, o4, b0, b4):
-            cost_o, cost_b = 100 * (o0 - o4), 100 * (b0 - b4)
+            cost_o, cost_b = points(o0, o4), points(b0, b4)
             add("4 mm misregistration cost, ours (points)", cost_o, "<= 2 and < baseline's "
                 f"{cost_b:.2f}", cost_o <= 2 and cost_o < cost_b,
                 paired(points, ("ours", "dense"), ("ours", "dense", 4.0)))
@@ -276,7 +276,7 @@ def goals(rows: list[dict], records: list[dict]) -> list[dict]:
                        and r["regime"] == "dense" and r["method"] != f"single_{missing['missing_modality']}"]
             if singles:
                 best = max(singles, key=lambda r: r["dice"])
-                gap = 100 * (missing["dice"] - best["dice"])
+                gap = points(missing["dice"], best["dice"])
                 add(f"ours without {missing['missing_modality']} - {best['method']} (points)", gap, ">= -2",
                     gap >= -2, paired(points, ("ours", "dense", 0.0, missing["missing_modality"]),
                                       (best["method"], "dense")))
