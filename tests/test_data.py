@@ -238,3 +238,39 @@ def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg):
     r = subprocess.run([*CLI, "train", "--studies", str(ds), "--config", "phantom", "--model-dir",
                         str(tmp_path / "x"), "--method", "single_xray"], capture_output=True, text=True)
     assert r.returncode == 2 and "single_ct, single_pet, single_mr" in r.stderr
+
+
+def test_offline_train_on_a_bad_case_names_case_file_and_problem_without_a_traceback(tmp_path: Path, phantom_cfg):
+    """A loader's CaseError arrives wrapped by MONAI (`RuntimeError: applying transform ...`): the CLI digs it out."""
+    import nibabel as nib
+
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=3, dense=2, sparse=0, seed=5)
+    label = studies / "labels" / "final" / "phantom001.nii.gz"
+    img = nib.load(label)
+    values = np.asarray(img.dataobj).copy()
+    values[0, 0, 0] = 7
+    nib.save(nib.Nifti1Image(values, img.affine), label)
+    r = subprocess.run([*CLI, "train", "--studies", str(studies), "--config", "phantom", "--model-dir",
+                        str(tmp_path / "m"), "--epochs", "1", "--network", "baseline_unet"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = r.stderr.strip().splitlines()[-1]
+    assert err.startswith("crossmodal: error: case 'phantom001': file ") and str(label) in err
+    assert "label values [7] are not configured classes" in err
+    assert "Traceback" not in r.stderr and "applying transform" not in r.stderr
+    assert not list((tmp_path / "m").rglob("*.pt"))  # no model written
+
+
+def test_cli_user_error_walks_the_cause_chain():
+    from crossmodal.cli import user_error
+    from crossmodal.io import CaseError
+
+    inner = CaseError("brain003", Path("/d/brain003.nii.gz"), "is empty")
+    try:
+        try:
+            raise inner
+        except CaseError as e:
+            raise RuntimeError("applying transform <LoadCased>") from e
+    except RuntimeError as outer:
+        assert user_error(outer) is inner
+    assert user_error(RuntimeError("a bug")) is None

@@ -445,12 +445,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+USER_ERRORS = (CaseError, ConfigError, FileNotFoundError, ValueError, ConnectionError)
+
+
+def user_error(e: BaseException) -> BaseException | None:
+    """The error to show the user: ``e`` or the first of its causes that is a data / config / I/O problem.
+
+    MONAI's transforms and ignite's engine wrap what a loader raised (``RuntimeError: applying transform ...``);
+    the :class:`CaseError` that names the case and the file is further down the chain. A chain holding no such
+    error is a bug (None: let the traceback through).
+    """
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (CaseError, ConfigError)):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (CaseError, ConfigError, FileNotFoundError, ValueError, ConnectionError) as e:
-        print(f"crossmodal: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"crossmodal: error: {user_error(e) or e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a case or config problem raised inside MONAI / ignite code: say it, no traceback
+        found = user_error(e)
+        if found is None:
+            raise
+        print(f"crossmodal: error: {found}", file=sys.stderr)
         return 2
 
 
