@@ -260,17 +260,3 @@ def test_offline_train_on_a_bad_case_names_case_file_and_problem_without_a_trace
     assert "Traceback" not in r.stderr and "applying transform" not in r.stderr
     assert not list((tmp_path / "m").rglob("*.pt"))  # no model written
 
-
-def test_cli_user_error_walks_the_cause_chain():
-    from crossmodal.cli import user_error
-    from crossmodal.io import CaseError
-
-    inner = CaseError("brain003", Path("/d/brain003.nii.gz"), "is empty")
-    try:
-        try:
-            raise inner
-        except CaseError as e:
-            raise RuntimeError("applying transform <LoadCased>") from e
-    except RuntimeError as outer:
-        assert user_error(outer) is inner
-    assert user_error(RuntimeError("a bug")) is None

@@ -242,6 +242,35 @@ def test_train_publishes_a_model_that_infer_reloads(client, phantom_server):
     assert dice(load_volume(out)[0].numpy(), truth(phantom_server, "phantom005"), 1) > 0.5
 
 
+def test_train_on_an_unreadable_case_says_which_and_keeps_the_published_model(client, phantom_server):
+    """Sync train (run_sync): 422 naming the case and the file, not a bare 500; async (the viewers' Train): the
+    task ends in ERROR with that line last; either way the model in service stays byte for byte."""
+    models = {p: p.read_bytes() for p in phantom_server.model_dir.glob("*.pt")}
+    mr = phantom_server.studies / "modalities" / "phantom001" / "mr.nii.gz"  # a dense case: every network reads it
+    saved = mr.read_bytes()
+    mr.write_bytes(saved[: len(saved) // 2])
+    try:
+        r = requests.post(f"{phantom_server.url}/train/baseline_unet?run_sync=true", json={"max_epochs": 1},
+                          timeout=300)
+        assert r.status_code == 422, r.text
+        detail = r.json()["detail"]
+        assert detail.startswith("training stopped: case 'phantom001': file ") and str(mr) in detail, detail
+        assert "cannot be read as NIfTI/NRRD" in detail
+        client.train_start("baseline_unet", {"max_epochs": 1})
+        deadline = time.time() + 300
+        time.sleep(3)
+        while client.train_status(check_if_running=True) and time.time() < deadline:
+            time.sleep(1)
+        task = client.train_status()
+        assert task["status"] == "ERROR", task
+        assert "training stopped: case 'phantom001'" in task["details"][-1], task["details"][-3:]
+    finally:
+        mr.write_bytes(saved)
+    assert {p: p.read_bytes() for p in phantom_server.model_dir.glob("*.pt")} == models
+    out, _ = client.infer("baseline_unet", "phantom001", {})
+    assert dice(load_volume(out)[0].numpy(), truth(phantom_server, "phantom001"), 1) > 0.5
+
+
 def test_brain_demo_is_segmented_usefully_by_the_committed_model(tmp_path):
     """`make run`'s set-up: brain studies, preset brain, the committed weights; held-out Dice on real MR."""
     from conftest import PRETRAINED_BRAIN, SPM_DIR, start_server, stop_server

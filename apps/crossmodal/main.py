@@ -8,6 +8,7 @@ import crossmodal
 from crossmodal.inference import configure_threads
 from crossmodal.serving.activelearning import RandomStrategy
 from crossmodal.serving.app import AppParts
+from crossmodal.serving.datastore import case_error_in, http_error
 from crossmodal.serving.dicomweb import labels_onto_grid
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
@@ -41,6 +42,17 @@ class MyApp(MONAILabelApp):
                                                                     keep_ext=True)
                 result["params"] = {**(result.get("params") or {}), "grid": grid[0]}
         return result
+
+    def train(self, request):
+        """As upstream; a case that cannot be read stops the run with a 422 naming the case and the file (the
+        viewers' synchronous train) instead of a bare 500."""
+        try:
+            return super().train(request)
+        except Exception as e:
+            found = case_error_in(e)
+            if found is None:
+                raise
+            raise http_error(found, prefix="training stopped: ") from e
 
     def init_infers(self):
         infers = {**self._infer_tasks, "grow_scribbles": self.parts.grow()}

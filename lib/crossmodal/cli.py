@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from crossmodal.config import ConfigError, load_config
-from crossmodal.io import CaseError
+from crossmodal.io import CaseError, cause_of_type
 
 
 def _config(args: argparse.Namespace, default: str):
@@ -449,19 +449,8 @@ USER_ERRORS = (CaseError, ConfigError, FileNotFoundError, ValueError, Connection
 
 
 def user_error(e: BaseException) -> BaseException | None:
-    """The error to show the user: ``e`` or the first of its causes that is a data / config / I/O problem.
-
-    MONAI's transforms and ignite's engine wrap what a loader raised (``RuntimeError: applying transform ...``);
-    the :class:`CaseError` that names the case and the file is further down the chain. A chain holding no such
-    error is a bug (None: let the traceback through).
-    """
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, (CaseError, ConfigError)):
-            return e
-        e = e.__cause__ or e.__context__
-    return None
+    """The case or config error in ``e``'s chain to show the user; None: a bug (let the traceback through)."""
+    return cause_of_type(e, (CaseError, ConfigError))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

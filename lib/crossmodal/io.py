@@ -59,6 +59,32 @@ class CaseError(ValueError):
         super().__init__(f"case {case_id!r}:{where} {problem}")
 
 
+def cause_of_type(e: BaseException | None, types: tuple[type[BaseException], ...]) -> BaseException | None:
+    """``e`` or the first of its causes (``raise ... from``, else the exception being handled) that is one of
+    ``types``; None when the chain holds none.
+
+    MONAI's transforms and ignite's engine wrap what a loader raised (``RuntimeError: applying transform ...``),
+    so the :class:`CaseError` that names the case and the file lies further down the chain.
+
+    Example:
+        >>> try:
+        ...     try:
+        ...         raise CaseError("brain003", None, "is empty")
+        ...     except CaseError as inner:
+        ...         raise RuntimeError("applying transform") from inner
+        ... except RuntimeError as outer:
+        ...     print(cause_of_type(outer, (CaseError,)), cause_of_type(outer, (KeyError,)))
+        case 'brain003': is empty None
+    """
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, types):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def split_ext(path: str | os.PathLike[str]) -> tuple[str, str]:
     """``/a/case1.nii.gz`` -> (``case1``, ``.nii.gz``); unknown extensions give the plain suffix."""
     name = Path(path).name
