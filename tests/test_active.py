@@ -112,6 +112,27 @@ def test_scoring_stores_scores_once_per_model_and_rescored_after_training(app_pa
     assert len(list(Path(scoring.cache_dir).glob("*.pt"))) == 4  # preprocessed inputs cached for re-scoring
 
 
+def test_scoring_cache_follows_every_modality_file_and_a_broken_case_is_reported_by_name(app_parts):
+    parts, store, studies = app_parts
+    scoring = parts.scoring(parts.infer())
+    case = sorted(store.get_unlabeled_images())[0]
+    path = store.get_image_uri(case)
+    x0, present0 = scoring.case_input(path)
+    pet = studies / "modalities" / case / "pet.nii.gz"
+    saved = pet.read_bytes()
+    pet.unlink()  # the PET of the case goes: the cached input (with PET) must not be served
+    x1, present1 = scoring.case_input(path)
+    assert CFG.modality_names == ["ct", "pet", "mr"]
+    assert present0 == [True, True, True] and present1 == [True, False, True]
+    assert float(x1[0, 1].abs().max()) == 0.0 and float(x0[0, 1].abs().max()) > 0.0
+    pet.write_bytes(saved[: len(saved) // 2])  # back, but truncated: reported, the other cases scored
+    out = scoring({}, store)
+    assert out["scored"] == 3 and list(out["failed"]) == [case]
+    assert out["failed"][case].startswith(f"case {case!r}: file {pet}: cannot be read"), out["failed"]
+    pet.write_bytes(saved)
+    assert scoring({}, store)["scored"] == 1 and torch.equal(scoring.case_input(path)[0], x0)
+
+
 def test_strategy_hands_each_case_to_one_client_and_cold_starts_on_diversity(app_parts, tmp_path):
     parts, store, _ = app_parts
     strategy = parts.strategy()

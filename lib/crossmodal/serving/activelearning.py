@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from crossmodal.active import combine, image_descriptor, score_image, scoring_input, select
 from crossmodal.config import CrossModalConfig
-from crossmodal.io import case_id_of
+from crossmodal.io import CaseError, case_id_of, cause_of_type, find_case
 from crossmodal.transforms import preprocessing
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
@@ -69,9 +69,11 @@ class CrossModalScoring(ScoringMethod):
 
     def case_input(self, path: str) -> tuple[torch.Tensor, list[bool]]:
         """The case's network input at the scoring scale (1, M, *S) and its present modalities; cached on disk by
-        the source files' mtimes."""
+        the source files' mtimes (the primary's and every secondary modality's: a re-exported or added modality
+        is read again)."""
         cid = case_id_of(path)
-        stamp = os.path.getmtime(path)
+        case = find_case(path, self.cfg.modality_names, self.cfg.data.sidecar_dir)
+        stamp = [os.path.getmtime(p) if p else None for p in (path, *case.modalities.values())]
         file = self.cache_dir / f"{cid}.pt"
         if file.is_file():
             try:
@@ -116,7 +118,7 @@ class CrossModalScoring(ScoringMethod):
             try:
                 s = self.score_case(datastore.get_image_uri(image_id), network, device)
             except Exception as e:  # one broken case must not stop the others from being scored
-                failed[image_id] = str(getattr(e, "detail", e))
+                failed[image_id] = str(cause_of_type(e, (CaseError,)) or getattr(e, "detail", e))
                 continue
             seconds.append(s.pop("seconds"))
             datastore.update_image_info(image_id, {SCORES_KEY: {**s, "model_ts": model_ts}})
