@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from crossmodal.config import CrossModalConfig
 from crossmodal.inference import NetworkInferer
-from crossmodal.io import CaseError, save_volume
+from crossmodal.io import CaseError, cause_of_type, save_volume
 from crossmodal.nets import CrossModalNet, unwrap
 from crossmodal.serving.datastore import http_error
 from crossmodal.transforms import preprocessing, to_primary_grid, to_primary_labels
@@ -151,5 +151,8 @@ class CrossModalInfer(BasicInferTask):
         req.setdefault("result_dtype", "uint8")
         try:
             return super().__call__(req, callbacks)
-        except CaseError as e:
-            raise http_error(e) from e
+        except Exception as e:  # a CaseError, or one that MONAI's transforms wrapped: 422 naming case and file
+            found = cause_of_type(e, (CaseError,))
+            if found is None:
+                raise
+            raise http_error(found) from e
