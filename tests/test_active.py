@@ -244,3 +244,17 @@ def test_scores_written_by_a_child_process_reach_the_server_and_are_not_overwrit
     fresh = CrossModalDatastore(str(studies), CFG.labels)
     assert fresh.get_image_info("phantom003")[SCORES_KEY] == {"disagreement": 0.1}
     assert fresh.get_image_info("phantom001")[HANDOUT_KEY]["client"] == "A"
+
+
+def test_simulate_cli_rejects_a_pool_too_small_for_its_rounds_before_training(tmp_path):
+    studies = make_phantom_studies(tmp_path / "s", CFG, cases=5, dense=0, sparse=0, seed=6)
+    out = tmp_path / "results"
+    r = subprocess.run([sys.executable, "-m", "crossmodal.cli", "simulate", "--studies", str(studies), "--config",
+                        "phantom", "--seeds", "0", "--test", "2", "--initial", "1", "--k", "2", "--rounds", "3",
+                        "--out", str(out), "--work", str(tmp_path / "work")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        "crossmodal: error: --initial 1 + --k 2 x 2 more rounds = 5 cases to annotate, but the pool holds 3 "
+        "(5 cases with truth, --test 2 held out); use --rounds 2 or fewer")
+    assert not list(out.glob("*.json")) and not (tmp_path / "work").exists()  # no reference model trained first

@@ -46,6 +46,32 @@ class SimSpec:
     patch: int = 32
     annotation: str = "scribbles"  # scribbles | dense
 
+    def check(self, n_cases: int) -> None:
+        """Raise ValueError, naming the option, when ``n_cases`` cases with truth cannot hold this simulation
+        (round r annotates ``initial + k * r`` pool cases, r < ``rounds``; the last ``test`` cases are held out).
+
+        Example:
+            >>> SimSpec("phantom", test=2, initial=2, k=2, rounds=3).check(8)  # 6 pool cases: 2, 4, 6 annotated
+            >>> SimSpec("phantom", test=2, initial=2, k=2, rounds=4).check(8)  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            ValueError: --initial 2 + --k 2 x 3 more rounds = 8 cases to annotate, but the pool holds 6 ... 3 or fewer
+        """
+        for name in ("test", "initial", "k", "rounds", "steps", "patch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} {getattr(self, name)}: must be at least 1")
+        if self.annotation not in ("scribbles", "dense"):
+            raise ValueError(f"--annotation {self.annotation!r} is not one of ('scribbles', 'dense')")
+        pool = n_cases - self.test
+        held = f"({n_cases} cases with truth, --test {self.test} held out)"
+        if pool < self.initial:
+            raise ValueError(f"--initial {self.initial} seed cases, but the pool holds {max(pool, 0)} {held}")
+        need = self.initial + self.k * (self.rounds - 1)
+        if need > pool:
+            fit = (pool - self.initial) // self.k + 1
+            raise ValueError(f"--initial {self.initial} + --k {self.k} x {self.rounds - 1} more rounds = {need} cases "
+                             f"to annotate, but the pool holds {pool} {held}; use --rounds {fit} or fewer")
+
 
 def split_cases(studies: Path, n_test: int) -> tuple[list[str], list[str]]:
     """(pool, test): case ids with truth, the last ``n_test`` (sorted) held out."""
@@ -347,6 +373,7 @@ def simulate_dataset(src: Path, work: Path, dataset: str, spec: SimSpec, seeds: 
     """Per seed: the full-annotation reference, then one curve per strategy; with ``cost``, the scoring cost once, on
     the first ``ours`` curve's last model. ``emit(kind, item)`` gets each ``reference``, ``record`` and ``cost`` as it
     comes."""
+    spec.check(sum(len(c) for c in split_cases(src, spec.test)))  # before minutes of training, not after
     cost_done = not cost
     for seed in seeds:
         emit("reference", full_reference(src, work, dataset, spec, seed))
