@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -106,8 +107,10 @@ def test_scoring_stores_scores_once_per_model_and_rescored_after_training(app_pa
         assert 0.0 <= s["disagreement"] <= 1.0 and 0.0 <= s["mc_uncertainty"] <= 1.0
         assert len(s["descriptor"]) > 4 and abs(np.linalg.norm(s["descriptor"]) - 1) < 1e-4
     assert scoring({}, store)["scored"] == 0  # same model: nothing to recompute
-    path = scoring.infer_task.get_path()
-    os.utime(path, (time.time() + 5, time.time() + 5))  # a newly published model
+    assert scoring.infer_task.get_path() == parts.models[0].pretrained  # no published model yet
+    shutil.copyfile(parts.models[0].pretrained, parts.published)  # a newly published model (the committed file
+    os.utime(parts.published, (time.time() + 5, time.time() + 5))  # itself stays untouched)
+    assert scoring.infer_task.get_path() == parts.published
     assert scoring({}, store)["scored"] == 4
     assert len(list(Path(scoring.cache_dir).glob("*.pt"))) == 4  # preprocessed inputs cached for re-scoring
 
