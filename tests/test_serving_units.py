@@ -53,3 +53,29 @@ def test_partial_one_hot_masks_unannotated_voxels():
     assert out["label"][:, 0, 0].tolist() == [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
 
 
+
+
+def test_foreign_or_broken_weights_stop_the_app_at_start_naming_the_file(tmp_path: Path):
+    """The brain's weights under the phantom preset, a truncated file, a published model of another preset: each a
+    ModelFileError from AppParts.from_conf (server start, `crossmodal train/evaluate`), not a 500 per request."""
+    from conftest import APP, PRETRAINED_PHANTOM
+    from crossmodal.nets import ModelFileError
+    from crossmodal.serving.app import AppParts
+
+    brain = APP / "pretrained" / "brain_crossmodal.pt"
+    conf = {"preset": "phantom", "model_dir": str(tmp_path / "m"), "models": "crossmodal"}
+    with pytest.raises(ModelFileError) as e:
+        AppParts.from_conf(str(APP), {**conf, "pretrained_crossmodal": str(brain)})
+    msg = str(e.value)
+    assert msg.startswith(f"model {brain}: does not fit crossmodal on ['ct', 'pet', 'mr'] (preset 'phantom'): ")
+    assert "54 missing (e.g. 'encoders.ct.levels.0.0.weight')" in msg and "57 unexpected" in msg
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(brain.read_bytes()[:100_000])
+    with pytest.raises(ModelFileError, match=r"model .*cut\.pt: cannot be read as a PyTorch checkpoint"):
+        AppParts.from_conf(str(APP), {**conf, "pretrained_crossmodal": str(cut)})
+    (tmp_path / "m" / "phantom_baseline_unet.pt").write_bytes(PRETRAINED_PHANTOM.read_bytes())  # fits: fine
+    parts = AppParts.from_conf(str(APP), {**conf, "models": "baseline_unet"})
+    assert parts.published.endswith("phantom_baseline_unet.pt")
+    (tmp_path / "m" / "phantom_crossmodal.pt").write_bytes(brain.read_bytes())  # published under another preset
+    with pytest.raises(ModelFileError, match=r"phantom_crossmodal\.pt: does not fit crossmodal"):
+        AppParts.from_conf(str(APP), conf)

@@ -18,7 +18,12 @@ NETWORKS: dict[str, Callable[[CrossModalConfig], nn.Module]] = {
     "crossmodal": crossmodal_net,
 }
 
-__all__ = ["NETWORKS", "CrossModalNet", "CrossModalOutput", "InputSelect", "build_network", "unwrap"]
+__all__ = ["NETWORKS", "CrossModalNet", "CrossModalOutput", "InputSelect", "ModelFileError", "build_network",
+           "check_weights", "unwrap"]
+
+
+class ModelFileError(ValueError):
+    """A weights file that cannot be read, or that does not fit the network it is for: names the file."""
 
 
 class InputSelect(nn.Module):
@@ -57,3 +62,32 @@ def build_network(cfg: CrossModalConfig) -> nn.Module:
     sub = dataclasses.replace(cfg, modalities=[m for m in cfg.modalities if m.name in inputs],
                               model=dataclasses.replace(cfg.model, inputs=()))
     return InputSelect(factory(sub), [cfg.modality_names.index(m.name) for m in sub.modalities])
+
+
+def check_weights(cfg: CrossModalConfig, path: str, state_key: str = "model") -> None:
+    """Load ``path`` into a fresh ``build_network(cfg)`` strictly, on the CPU; nothing is kept.
+
+    Raises:
+        ModelFileError: the file is not a readable PyTorch checkpoint, or its weights do not fit the network
+            (names, counts and an example of the missing, unexpected and differently shaped weights).
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip / pickle / EOF errors of a truncated or foreign file
+        reason = str(e).strip().splitlines()[0].split(". ")[0][:200] if str(e).strip() else type(e).__name__
+        raise ModelFileError(f"model {path}: cannot be read as a PyTorch checkpoint (truncated or corrupt?): "
+                             f"{reason}") from e
+    state = ckpt.get(state_key, ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelFileError(f"model {path}: holds no state dict of weights")
+    want = build_network(cfg).state_dict()
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    shaped = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
+    if missing or unexpected or shaped:
+        parts = [f"{len(v)} {what} (e.g. {v[0]!r})" for what, v in
+                 (("missing", missing), ("unexpected", unexpected), ("of another shape", shaped)) if v]
+        raise ModelFileError(
+            f"model {path}: does not fit {cfg.model.name} on {list(cfg.model.inputs) or cfg.modality_names} "
+            f"(preset {cfg.name!r}): weights {', '.join(parts)}; was it trained with another preset or network? "
+            "Pick the matching --config / --network (server: preset, pretrained_<model>), or train a new one")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from crossmodal.config import CrossModalConfig, load_config
-from crossmodal.nets import build_network
+from crossmodal.nets import build_network, check_weights
 from crossmodal.serving.activelearning import CrossModalScoring, CrossModalStrategy
 from crossmodal.serving.datastore import CrossModalDatastore
 from crossmodal.serving.grow import CrossModalGrow
@@ -75,7 +75,11 @@ class AppParts:
                 (str(default_pre) if default_pre.is_file() else None)
             if pre and not os.path.isfile(pre):
                 raise FileNotFoundError(f"conf pretrained for {name}: {pre}: no such weights file")
-            models.append(ModelParts(mcfg, os.path.join(model_dir, file), pre))
+            published = os.path.join(model_dir, file)
+            for weights in (pre, published):  # a broken or foreign file says so now, not as a 500 on each request
+                if weights and os.path.isfile(weights):
+                    check_weights(mcfg, weights)
+            models.append(ModelParts(mcfg, published, pre))
         return cls(cfg, preset, model_dir, models)
 
     @property
