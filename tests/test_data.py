@@ -172,6 +172,13 @@ def test_nnunet_export_import_roundtrip(tmp_path: Path, phantom_cfg):
     assert (back / "modalities" / "phantom002" / "mr.nii.gz").is_file()
     assert not (back / "labels" / "final" / "phantom002.nii.gz").exists()
 
+    for text, problem in (("{bad json", "not valid JSON (Expecting property name"),
+                          ('{"labels": {}}', "key 'channel_names' is missing")):
+        (out / "dataset.json").write_text(text)
+        bad = subprocess.run([*CLI, "data", "import-nnunet", "--dataset", str(out), "--out", str(tmp_path / "x"),
+                              "--config", "phantom"], capture_output=True, text=True)
+        assert bad.returncode == 2 and bad.stderr.startswith(f"crossmodal: error: {out / 'dataset.json'}: {problem}")
+
 
 def test_cli_sparsify_reports_fraction_and_errors_name_the_file(tmp_path: Path, phantom_cfg):
     studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=1, dense=0, sparse=0)

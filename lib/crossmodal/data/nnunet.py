@@ -39,7 +39,12 @@ def read_dataset_json(dataset: str | os.PathLike[str]) -> dict:
     path = Path(dataset) / "dataset.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: not an nnU-Net v2 raw dataset folder")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: a JSON object with channel_names and labels expected, got {type(meta).__name__}")
     for key in ("channel_names", "labels"):
         if key not in meta:
             raise ValueError(f"{path}: key {key!r} is missing")
