@@ -212,6 +212,24 @@ def test_bad_input_is_4xx_names_the_problem_and_changes_nothing(client, phantom_
     assert requests.get(f"{phantom_server.url}/info/", timeout=10).status_code == 200
 
 
+def test_unknown_names_and_bad_train_numbers_are_4xx_that_say_what_is_served(client, phantom_server):
+    url, before = phantom_server.url, snapshot(phantom_server.studies)
+    r = requests.post(f"{url}/infer/nomodel?image=phantom003", timeout=60)
+    assert r.status_code == 404 and r.json()["detail"] == (
+        "model 'nomodel' is not served here; served: ['baseline_unet', 'crossmodal', 'grow_scribbles']")
+    r = requests.post(f"{url}/infer/crossmodal?image=nope", timeout=60)
+    assert r.status_code == 404 and r.json()["detail"] == "case 'nope': no such image in the datastore"
+    r = requests.post(f"{url}/activelearning/nostrategy", json={}, timeout=60)
+    assert r.status_code == 404 and r.json()["detail"] == (
+        "strategy 'nostrategy' is not served here; served: ['crossmodal', 'random']")
+    for params, detail in (({"max_epochs": -3}, "train request: max_epochs=-3 must be a positive integer"),
+                           ({"learning_rate": "fast"}, "train request: learning_rate='fast' must be a number > 0")):
+        r = requests.post(f"{url}/train/baseline_unet?run_sync=true", json=params, timeout=120)
+        assert r.status_code == 422 and r.json()["detail"] == detail, r.text
+    assert not list(phantom_server.model_dir.glob("*.pt"))  # nothing trained or published
+    assert snapshot(phantom_server.studies) == before
+
+
 def test_train_publishes_a_model_that_infer_reloads(client, phantom_server):
     published = phantom_server.model_dir / "phantom_baseline_unet.pt"
     assert not published.exists()

@@ -6,8 +6,9 @@ import logging
 
 import crossmodal
 from crossmodal.inference import configure_threads
+from crossmodal.io import CaseError
 from crossmodal.serving.activelearning import RandomStrategy
-from crossmodal.serving.app import AppParts
+from crossmodal.serving.app import AppParts, check_infer_request, not_served
 from crossmodal.serving.datastore import case_error_in, http_error
 from crossmodal.serving.dicomweb import labels_onto_grid
 from monailabel.interfaces.app import MONAILabelApp
@@ -32,8 +33,9 @@ class MyApp(MONAILabelApp):
         """As upstream; on a PACS, a request for a secondary series (OHIF's active viewport showing PET, say) gets
         the label on that series' grid."""
         image_id = request.get("image")
-        result = super().infer(request, datastore)
         store = datastore or self.datastore()
+        check_infer_request(request, self._infers, store)  # 404 naming an unknown model or case, not a 500 / 422
+        result = super().infer(request, datastore)
         if isinstance(image_id, str) and hasattr(store, "viewer_grid") and result.get("file"):
             grid = store.viewer_grid(image_id)
             if grid is not None:
@@ -52,7 +54,14 @@ class MyApp(MONAILabelApp):
             found = case_error_in(e)
             if found is None:
                 raise
-            raise http_error(found, prefix="training stopped: ") from e
+            raise http_error(found, prefix="training stopped: " if isinstance(found, CaseError) else "") from e
+
+    def next_sample(self, request):
+        """As upstream; an unknown strategy is a 404 listing the served ones (upstream: a bare 500)."""
+        strategy = request.get("strategy") or "random"
+        if strategy not in self._strategies:
+            raise not_served("strategy", strategy, self._strategies)
+        return super().next_sample(request)
 
     def init_infers(self):
         infers = {**self._infer_tasks, "grow_scribbles": self.parts.grow()}

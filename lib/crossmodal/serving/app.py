@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,24 @@ from crossmodal.serving.datastore import CrossModalDatastore
 from crossmodal.serving.grow import CrossModalGrow
 from crossmodal.serving.infer import CrossModalInfer
 from crossmodal.serving.train import CrossModalTrain
+from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore
+
+
+def not_served(kind: str, name: object, served: Iterable[str]) -> HTTPException:
+    """404 for a model / strategy name the app does not serve, listing those it does."""
+    return HTTPException(status_code=404, detail=f"{kind} {name!r} is not served here; served: {sorted(served)}")
+
+
+def check_infer_request(request: dict, infers: Iterable[str], datastore: Datastore) -> None:
+    """404 for an unknown model, or an image id that is neither a file (an upload) nor a case of a local datastore
+    (MONAI Label would hand the network an empty path; a PACS datastore answers 404 itself)."""
+    if request.get("model") not in set(infers):
+        raise not_served("model", request.get("model"), infers)
+    image = request.get("image")
+    if isinstance(image, str) and isinstance(datastore, CrossModalDatastore) and not os.path.exists(image) \
+            and not datastore.get_image_uri(image):
+        raise HTTPException(status_code=404, detail=f"case {image!r}: no such image in the datastore")
 
 
 @dataclass

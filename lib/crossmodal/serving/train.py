@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from crossmodal.config import CrossModalConfig, atomic_write_bytes, atomic_write_text, save_config
+from crossmodal.config import ConfigError, CrossModalConfig, atomic_write_bytes, atomic_write_text, save_config
 from crossmodal.hybrid import EMATeacher, HybridLoss, MultiSourceLoader, copy_paste, hybrid_batch, sample_present
 from crossmodal.inference import NetworkInferer
 from crossmodal.io import atomic_copy, case_id_of
@@ -186,6 +186,41 @@ def coerce_tracking(request: dict[str, Any], model_dir: str) -> dict[str, Any]:
         req["tracking"] = "mlflow"
     else:
         req["tracking"] = None
+    return req
+
+
+POSITIVE_INTS = ("max_epochs", "train_batch_size", "val_batch_size", "val_interval", "processes")
+
+
+def check_train_request(request: dict[str, Any]) -> dict[str, Any]:
+    """The request with its numbers as numbers; ConfigError naming the key and the value when one is out of range.
+
+    Example:
+        >>> check_train_request({"max_epochs": "3", "learning_rate": 0.01})["max_epochs"]
+        3
+        >>> check_train_request({"max_epochs": -3})
+        Traceback (most recent call last):
+        ...
+        crossmodal.config.ConfigError: train request: max_epochs=-3 must be a positive integer
+    """
+    req = dict(request)
+    for key in POSITIVE_INTS:
+        if key in req and req[key] is not None:
+            v = req[key]
+            ok = isinstance(v, int | str) and not isinstance(v, bool) and str(v).strip().lstrip("+").isdigit()
+            if not ok or int(v) < 1:
+                raise ConfigError(f"train request: {key}={v!r} must be a positive integer")
+            req[key] = int(v)
+    for key, inside, want in (("learning_rate", lambda x: x > 0, "> 0"), ("val_split", lambda x: 0 <= x < 1,
+                                                                         "in [0, 1)")):
+        if key in req and req[key] is not None:
+            try:
+                v = float(req[key])
+            except (TypeError, ValueError):
+                v = float("nan")
+            if not inside(v):  # NaN is inside nothing
+                raise ConfigError(f"train request: {key}={req[key]!r} must be a number {want}")
+            req[key] = v
     return req
 
 
@@ -440,8 +475,8 @@ class CrossModalTrain(BasicTrainTask):
                 gc.collect()  # the engines hold reference cycles: only the collector frees them
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
-        req = coerce_tracking(request, self._model_dir)
-        processes = int(req.get("processes", 1))
+        req = coerce_tracking(check_train_request(request), self._model_dir)
+        processes = int(req.get("processes") or 1)
         if processes > 1:  # MONAI Label's multi-GPU path, also on CPU: N processes, gloo (CPU) or NCCL
             cuda = torch.cuda.is_available()
             if cuda and torch.cuda.device_count() < processes:
