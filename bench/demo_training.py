@@ -5,7 +5,8 @@ starts `monailabel start_server` with the app as `make run` does, asks for a tra
 app's defaults (what 3D Slicer's "Train" button sends), polls `/train/` until done, records the peak RSS of the
 server and of the training process MONAI Label starts under it (sampled every second), and scores the published
 model against the truth of the 8 unlabelled cases before (committed weights) and after training. Writes
-`demo_training.json` to RESULTS_DIR (default bench/results).
+`demo_training.json` to RESULTS_DIR (default bench/results), with the run's learning curve, and copies the run's
+`learning_curve.png` to docs/demo_learning_curve.png (the README's).
 
     python bench/demo_training.py
 """
@@ -86,6 +87,9 @@ def main() -> int:
             stop_server(server)
         after = evaluate(str(studies), "brain", str(Path(tmp) / "model" / "brain_crossmodal.pt"), "cpu",
                          network="crossmodal")
+        run = max((Path(tmp) / "model").glob("train_*"), key=lambda p: p.stat().st_mtime)
+        curve = json.loads((run / "learning_curve.json").read_text())
+        shutil.copyfile(run / "learning_curve.png", REPO / "docs" / "demo_learning_curve.png")
     record = {
         "train_seconds": round(seconds, 1), "peak_rss_gb": round(rss, 3), "epochs": stats.get("epoch"),
         "iterations_per_epoch": stats.get("total_iterations"), "max_epochs": defaults.get("max_epochs"),
@@ -93,10 +97,10 @@ def main() -> int:
         "unlabeled_cases_scored": after["cases"], "dice_before": round(before["dice_mean"], 4),
         "dice_after": round(after["dice_mean"], 4), "dice_per_class_before": before["dice_per_class"],
         "dice_per_class_after": after["dice_per_class"], "hd95_before": round(before["hd95_mean"], 2),
-        "hd95_after": round(after["hd95_mean"], 2),
+        "hd95_after": round(after["hd95_mean"], 2), "learning_curve": curve,
     }
     (results / "demo_training.json").write_text(json.dumps(record, indent=2))
-    print(json.dumps(record, indent=2))
+    print(json.dumps({k: v for k, v in record.items() if k != "learning_curve"}, indent=2))
     print(f"\ndemo training: {seconds / 60:.1f} min ({record['epochs']} epochs x {record['iterations_per_epoch']} "
           f"steps), peak RSS {rss:.2f} GB; Dice on the {after['cases']} unlabelled cases "
           f"{record['dice_before']:.3f} -> {record['dice_after']:.3f}")

@@ -242,6 +242,8 @@ def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg):
     assert [c["case"] for c in ev["per_case"]] == ["phantom002"] and set(ev["per_case"][0]["hd95"]) == \
         {"organ", "lesion", "vessel"} and ev["hd95_mean"] > 0 and 0 <= ev["dice_mean"] <= 1
     assert "mean HD95" in r.stdout
+    curve = next((tmp_path / "o").glob("train_*/learning_curve.png"))
+    assert f'"learning_curve": "{curve}"' in r.stdout and curve.stat().st_size > 10_000
     r = subprocess.run([*CLI, "train", "--studies", str(ds), "--config", "phantom", "--model-dir",
                         str(tmp_path / "x"), "--method", "single_xray"], capture_output=True, text=True)
     assert r.returncode == 2 and "single_ct, single_pet, single_mr" in r.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -246,6 +247,10 @@ def test_train_publishes_a_model_that_infer_reloads(client, phantom_server):
     assert 0.0 < stats["best_metric"] <= 1.0
     assert (phantom_server.model_dir / "mlflow.db").is_file()  # MLflow on sqlite, not the rejected file:// URI
     assert (phantom_server.model_dir / "train_01" / "config.yaml").is_file()
+    curve = json.loads((phantom_server.model_dir / "train_01" / "learning_curve.json").read_text())
+    assert [r["epoch"] for r in curve] == [1, 2] and all(r["loss_supervised"] > 0 for r in curve)
+    assert max(r["val_mean_dice"] for r in curve) == pytest.approx(stats["best_metric"], abs=1e-5)
+    assert (phantom_server.model_dir / "train_01" / "learning_curve.png").stat().st_size > 10_000
     # the sparse labels were grown by the random walker once, then read from the cache in the second epoch
     objects = client.datastore()["objects"]
     kinds = {c: o["labels"].get("final", {}).get("info", {}).get("label_kind") for c, o in objects.items()}

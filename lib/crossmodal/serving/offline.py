@@ -64,7 +64,8 @@ def train_offline(studies: str, preset: str, model_dir: str, epochs: int | None 
                             parts.datastore(studies))
     if publish:
         atomic_copy(parts.published, publish)
-    return {**stats, "published": parts.published}
+    curves = sorted(Path(model_dir).glob("train_*/learning_curve.png"), key=lambda p: p.stat().st_mtime)
+    return {**stats, "published": parts.published, "learning_curve": str(curves[-1]) if curves else None}
 
 
 def epoch_length(counts: dict[str, int], unlabeled: bool, batch: int, unlabeled_batch: int) -> int:

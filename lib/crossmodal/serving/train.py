@@ -114,6 +114,68 @@ class LatestModel:
         atomic_write_bytes(self.path, buffer.getvalue())
 
 
+class LearningCurve:
+    """A run's learning curve, on rank 0: per epoch the train metrics (epoch means of the loss parts, train Dice)
+    and, on validation epochs, the evaluator's -> ``learning_curve.json`` every epoch (a killed run keeps the
+    epochs it finished), ``learning_curve.png`` when the run completes (:func:`plot_learning_curve`)."""
+
+    def __init__(self, output_dir: str, evaluator: Engine | None = None) -> None:
+        self.dir, self.evaluator, self.history = Path(output_dir), evaluator, []
+
+    def attach(self, trainer: Engine) -> None:  # after MONAI's ValidationHandler: this epoch's validation is in
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+        trainer.add_event_handler(Events.COMPLETED, self.completed)
+
+    def epoch_completed(self, engine: Engine) -> None:
+        row: dict[str, Any] = {"epoch": engine.state.epoch, "iteration": engine.state.iteration}
+        row.update({k: round(float(v), 5) for k, v in engine.state.metrics.items() if isinstance(v, int | float)})
+        ev = self.evaluator
+        if ev is not None and ev.state.epoch == engine.state.epoch:
+            row.update({k: round(float(v), 5) for k, v in ev.state.metrics.items() if isinstance(v, int | float)})
+        self.history.append(row)
+        atomic_write_text(self.dir / "learning_curve.json", json.dumps(self.history, indent=1))
+
+    def completed(self, engine: Engine) -> None:
+        if self.history:
+            plot_learning_curve(self.history, self.dir / "learning_curve.png")
+
+
+def plot_learning_curve(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss parts (left, log scale) and Dice (right: train, validation) per epoch, from
+    :class:`LearningCurve`'s rows; written through a temp file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    keys = sorted({k for row in history for k in row})
+    for k in [k for k in keys if k.startswith("loss_") and k != "loss_ramp"]:
+        pts = [(r["epoch"], r[k]) for r in history if r.get(k, 0) > 0]
+        if pts:
+            left.plot(*zip(*pts, strict=True), marker=".", label=k[5:])
+    left.set(xlabel="epoch", ylabel="loss (epoch mean)", yscale="log", title="loss parts")
+    left.legend(fontsize=8)
+    for k, style in (("train_mean_dice", "--"), ("val_mean_dice", "-")):
+        pts = [(r["epoch"], r[k]) for r in history if k in r]
+        if pts:
+            right.plot(*zip(*pts, strict=True), style, marker="o", label=k.replace("_mean_dice", "") + " Dice")
+    val = [r for r in history if "val_mean_dice" in r]
+    published = max(val, key=lambda r: r["val_mean_dice"])["epoch"] if val else history[-1]["epoch"]
+    right.axvline(published, color="tab:gray", lw=0.8,
+                  label=f"published: epoch {published} ({'best validation' if val else 'last: no held-out label'})")
+    right.set(xlabel="epoch", ylabel="mean foreground Dice", title="Dice")
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 class PseudoLabelRounds:
     """Self-training rounds (``train.consistency.refine_pseudo``), an ignite handler on ``ITERATION_COMPLETED``.
 
@@ -459,6 +521,7 @@ class CrossModalTrain(BasicTrainTask):
                                       context.evaluator)
             engine = context.evaluator or context.trainer
             engine.add_event_handler(Events.EPOCH_COMPLETED, publisher)
+            LearningCurve(context.output_dir, context.evaluator).attach(context.trainer)
         if context.multi_gpu:
             # every process leaves training together (rank 0 publishes last), so MONAI Label's
             # destroy_process_group() never tears gloo down under a peer still running
