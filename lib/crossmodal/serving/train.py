@@ -367,6 +367,9 @@ class CrossModalTrain(BasicTrainTask):
             x, y, n_lab, n_plain, aug = hybrid_batch(labeled, unlabeled, gen, augment=self.hybrid,
                                                      modality_dropout=cc.modality_dropout)
             engine.state.output = {Keys.IMAGE: x[:n_real], Keys.LABEL: None if y is None else y[:n_real]}
+            # MONAI post-processes zip(decollated batch, decollated output): the {source: batch} dict decollates
+            # to fewer items than the n_real outputs, and the rest reached the train Dice as raw logits
+            engine.state.batch = dict(engine.state.output)
             engine.state.metrics["copy_paste_samples"] = n_mixed  # mixes in this step's supervised part
             engine.state.metrics["pseudo_labelled_samples"] = n_lab - n_real - n_mixed  # refined pseudo-labels
             engine.network.train()
