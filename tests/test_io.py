@@ -133,3 +133,47 @@ def test_resampling_is_exact_in_physical_space_across_rotation_and_spacing():
     assert float((down - f(work, shape))[:, 1:-1, 1:-1, 1:-1].abs().max()) < 1e-3
     up = separable_resample(down, (60, 50, 20), *axis_map(work, aff))
     assert float((up - f(aff, (60, 50, 20)))[:, 3:-3, 3:-3, 1:-1].abs().max()) < 1e-3
+
+
+def test_atomic_copy_killed_mid_copy_leaves_the_old_file_whole(tmp_path: Path):
+    """SIGKILL while the copy is half written (its source a FIFO that stops after 1 MiB): the destination keeps
+    its old bytes; only a hidden temp file is left; a copy that fails in-process removes its temp file too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from crossmodal.io import atomic_copy
+
+    dst = tmp_path / "model.pt"
+    dst.write_bytes(b"old model" * 1000)
+    fifo = tmp_path / "src.fifo"
+    os.mkfifo(fifo)
+    child = subprocess.Popen([sys.executable, "-c", "import sys; from crossmodal.io import atomic_copy; "
+                              f"atomic_copy({str(fifo)!r}, {str(dst)!r})"])
+    with open(fifo, "wb") as pipe:
+        pipe.write(b"n" * (1 << 20))
+        pipe.flush()
+        deadline = time.time() + 30
+        while time.time() < deadline and not any(p.stat().st_size >= 1 << 20 for p in tmp_path.glob(".model.pt.*.tmp")):
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    assert dst.read_bytes() == b"old model" * 1000
+    assert [p.stat().st_size for p in tmp_path.glob(".model.pt.*.tmp")] == [1 << 20]  # the half copy, hidden
+
+    def boom(*_):
+        raise OSError("disk gone")
+
+    src = tmp_path / "new.pt"
+    src.write_bytes(b"new")
+    real = os.replace
+    os.replace = boom
+    try:
+        with pytest.raises(OSError, match="disk gone"):
+            atomic_copy(src, tmp_path / "other.pt")
+    finally:
+        os.replace = real
+    assert not (tmp_path / "other.pt").exists() and not list(tmp_path.glob(".other.pt.*.tmp"))

@@ -9,15 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import torch
 from conftest import dice, snapshot
 from crossmodal.config import load_config
 from crossmodal.data.sparse import scribbles
 from crossmodal.io import load_volume, save_volume
+from crossmodal.nets import check_weights
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
 pytestmark = pytest.mark.slow
 CFG = load_config("phantom")
+CFG_BASELINE = load_config("phantom", overrides={"model": {"name": "baseline_unet"}})
 UNLABELED = {"phantom003", "phantom004", "phantom005"}
 
 
@@ -266,6 +269,35 @@ def test_train_publishes_a_model_that_infer_reloads(client, phantom_server):
     out, params = client.infer("baseline_unet", "phantom005", {})
     assert "Reload model from cache" in phantom_server.log.read_text()
     assert dice(load_volume(out)[0].numpy(), truth(phantom_server, "phantom005"), 1) > 0.5
+
+
+def test_a_training_stopped_mid_run_leaves_a_whole_model_in_service(client, phantom_server):
+    """The viewers' Stop (MONAI Label SIGKILLs the training process) during a run that publishes: every read of the
+    published file meanwhile is a whole checkpoint (temp file + os.replace), and afterwards infer serves it.
+    Runs after test_train_publishes..., whose model is the one in service at the start."""
+    import io
+
+    published = phantom_server.model_dir / "phantom_baseline_unet.pt"
+    start = published.read_bytes()
+    client.train_start("baseline_unet", {"max_epochs": 50})
+    reads, changed_at, deadline = 0, None, time.time() + 180
+    while time.time() < deadline and (changed_at is None or time.time() < changed_at + 4):
+        data = published.read_bytes()
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)  # never half-written
+        reads += 1
+        if changed_at is None and data != start:
+            changed_at = time.time()  # the run published its first epoch; keep reading through a few more
+    assert changed_at is not None, "the run published nothing within 180 s"
+    assert client.train_status(check_if_running=True)  # still running: the stop lands mid-run
+    client.train_stop()
+    deadline = time.time() + 60
+    while client.train_status(check_if_running=True) and time.time() < deadline:
+        time.sleep(1)
+    assert not client.train_status(check_if_running=True)
+    check_weights(CFG_BASELINE, str(published))  # whole and fitting the network
+    assert reads > 20
+    out, _ = client.infer("baseline_unet", "phantom003", {})
+    assert dice(load_volume(out)[0].numpy(), truth(phantom_server, "phantom003"), 1) > 0.5
 
 
 def test_train_on_an_unreadable_case_says_which_and_keeps_the_published_model(client, phantom_server):
