@@ -44,8 +44,8 @@ def check_infer_request(request: dict, infers: Iterable[str], datastore: Datasto
     if request.get("model") not in set(infers):
         raise not_served("model", request.get("model"), infers)
     image = request.get("image")
-    if isinstance(image, str) and isinstance(datastore, CrossModalDatastore) and not os.path.exists(image) \
-            and not datastore.get_image_uri(image):
+    local = type(datastore) is CrossModalDatastore  # not PacsDatastore: get_image_uri would fetch the series
+    if isinstance(image, str) and local and not os.path.exists(image) and not datastore.get_image_uri(image):
         raise HTTPException(status_code=404, detail=f"case {image!r}: no such image in the datastore")
 
 
