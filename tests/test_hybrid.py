@@ -30,6 +30,8 @@ from crossmodal.serving.app import AppParts
 from crossmodal.serving.offline import method_config, train_offline
 from crossmodal.serving.train import CrossModalTrain, PseudoLabelRounds
 from ignite.metrics import Metric
+from monai.handlers.utils import from_engine
+from monai.utils.enums import CommonKeys as Keys
 
 
 def logits_of(probs: list[list[float]]) -> torch.Tensor:
@@ -280,6 +282,45 @@ def test_without_held_out_labels_the_last_model_is_published_not_the_best_traini
     assert all(torch.equal(v, final[k]) for k, v in published.items())  # the third epoch's weights
     best_train = load(run / "train_model.pt")  # MONAI Label's choice, kept beside it: the first epoch's
     assert not all(torch.equal(v, best_train[k]) for k, v in published.items())
+
+
+class _Recorder(Metric):
+    """Records the (pred, label) items the train key metric is given."""
+
+    def __init__(self, seen: list) -> None:
+        self.seen = seen
+        super().__init__(output_transform=from_engine([Keys.PRED, Keys.LABEL]))
+
+    def reset(self) -> None:
+        pass
+
+    def update(self, output) -> None:
+        self.seen += list(zip(*output, strict=True))
+
+    def compute(self) -> float:
+        return 0.5
+
+
+def test_train_dice_sees_every_labelled_sample_post_processed(tmp_path, phantom_cfg, monkeypatch):
+    """Each step's dense and sparse samples reach the train Dice one-hot and masked, none as raw logits (MONAI
+    post-processes zip(decollated batch, output); a {source: batch} dict decollated to fewer items)."""
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=4, dense=1, sparse=1, seed=36)
+    seen: list = []
+    monkeypatch.setattr(CrossModalTrain, "train_key_metric",
+                        lambda self, context: {self.TRAIN_METRIC_MEAN_DICE: _Recorder(seen)})
+    cfg = method_config("phantom", "ours", {"train": {"patch_size": [32, 32, 32], "patches_per_case": 1,
+                                                      "batch_size": 2, "val_fraction": 0.0,
+                                                      "propagate": {"method": "none"}}})  # scribbles as drawn
+    save_config(cfg, tmp_path / "ours.yaml")
+    stats = train_offline(str(studies), str(tmp_path / "ours.yaml"), str(tmp_path / "m"), epochs=1, device="cpu",
+                          network="crossmodal")
+    steps = stats["total_iterations"]
+    assert steps == 2 and len(seen) == steps * 2  # 2 unlabelled cases, 1 a step; a dense and a sparse patch each
+    for pred, label in seen:
+        assert pred.shape == label.shape == (4, 32, 32, 32)
+        assert set(torch.unique(pred).tolist()) <= {0.0, 1.0} and set(torch.unique(label).tolist()) <= {0.0, 1.0}
+        assert bool((pred.sum(0) <= label.sum(0)).all())  # no prediction counted off the annotated voxels
+    assert any(float(label.sum()) < 0.5 * label[0].numel() for _, label in seen)  # the scribbled patch, masked
 
 
 def test_self_training_rounds_refine_and_supervise_every_unlabelled_case(tmp_path: Path, phantom_cfg, caplog):
