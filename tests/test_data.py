@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import SPM_DIR, make_phantom_studies
 from crossmodal.config import load_config
 from crossmodal.data.brain import SPM_SHA256, extract_templates, load_templates, make_brain_case
@@ -269,3 +270,24 @@ def test_offline_train_on_a_bad_case_names_case_file_and_problem_without_a_trace
     assert "Traceback" not in r.stderr and "applying transform" not in r.stderr
     assert not list((tmp_path / "m").rglob("*.pt"))  # no model written
 
+
+
+def test_offline_commands_refuse_a_missing_folder_zero_epochs_and_an_absent_gpu(tmp_path: Path, capsys):
+    from crossmodal.cli import main
+
+    studies = make_phantom_studies(tmp_path / "s", load_config("phantom"), cases=2, dense=1, sparse=0, seed=8)
+    capsys.readouterr()  # the generator's progress bar
+    missing = tmp_path / "typo"
+    cases = [(["train", "--studies", str(missing)], f"--studies {missing}: no such folder"),
+             (["train", "--studies", str(studies), "--epochs", "0"], "--epochs 0: must be at least 1"),
+             (["evaluate", "--studies", str(studies), "--model", "m.pt", "--device", "gpu"],
+              "--device 'gpu': use auto, cpu, cuda or cuda:N")]
+    if not torch.cuda.is_available():
+        cases.append((["train", "--studies", str(studies), "--device", "cuda"],
+                      "--device cuda: no CUDA device is visible here"))
+    for argv, message in cases:
+        code = main([*argv, "--config", "phantom", *(["--model-dir", str(tmp_path / "m")] if argv[0] == "train"
+                                                     else [])])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"crossmodal: error: {message}"), (argv, err[-500:])
+    assert not missing.exists() and not (tmp_path / "m").exists()  # nothing created, nothing trained

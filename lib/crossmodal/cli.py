@@ -251,6 +251,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def as_studies(path: str, preset: str, oracle: bool = False) -> str:
     """A studies folder as is; an nnU-Net v2 raw dataset (it has a dataset.json) imported into a temp one."""
+    if not Path(path).is_dir():  # MONAI Label's datastore would create it, empty, at a mistyped path
+        raise FileNotFoundError(f"--studies {path}: no such folder (a studies folder or an nnU-Net v2 raw dataset)")
     if not (Path(path) / "dataset.json").is_file():
         return path
     from crossmodal.data.nnunet import import_nnunet
@@ -278,8 +280,23 @@ def _method_preset(preset: str, method: str | None, model_dir: str) -> str:
     return str(path)
 
 
+def _device(name: str) -> str:
+    """``--device``: auto, cpu, cuda or cuda:N, and a CUDA device only where one is visible."""
+    import torch
+
+    if name not in ("auto", "cpu") and not (name == "cuda" or name.startswith("cuda:")):
+        raise ValueError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is visible here; use --device cpu (or auto)")
+    return name
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from crossmodal.serving.offline import evaluate, train_offline
+
+    if args.epochs is not None and args.epochs < 1:
+        raise ValueError(f"--epochs {args.epochs}: must be at least 1 (leave it out for the preset's max_epochs)")
+    _device(args.device)
 
     preset = args.config or "brain"
     studies = as_studies(args.studies, preset)
@@ -299,6 +316,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from crossmodal.serving.offline import evaluate
+
+    _device(args.device)
 
     preset = args.config or "brain"
     studies = as_studies(args.studies, preset)
