@@ -79,3 +79,19 @@ def test_foreign_or_broken_weights_stop_the_app_at_start_naming_the_file(tmp_pat
     (tmp_path / "m" / "phantom_crossmodal.pt").write_bytes(brain.read_bytes())  # published under another preset
     with pytest.raises(ModelFileError, match=r"phantom_crossmodal\.pt: does not fit crossmodal"):
         AppParts.from_conf(str(APP), conf)
+
+
+def test_server_conf_numbers_are_checked_by_name(tmp_path: Path):
+    from conftest import APP
+    from crossmodal.config import ConfigError
+    from crossmodal.serving.app import AppParts
+
+    conf = {"preset": "phantom", "model_dir": str(tmp_path / "m")}
+    with pytest.raises(ConfigError, match=r"^--conf max_epochs 'abc': must be a positive int$"):
+        AppParts.from_conf(str(APP), {**conf, "max_epochs": "abc"})
+    parts = AppParts.from_conf(str(APP), {**conf, "max_epochs": "3"})
+    assert parts.cfg.train.max_epochs == 3
+    with pytest.raises(ConfigError, match=r"^--conf pacs_timeout 'x': must be a positive float$"):
+        parts.datastore("http://127.0.0.1:9/dicom-web", {"pacs_timeout": "x"})
+    with pytest.raises(ConfigError, match=r"^--conf pacs_list_ttl '-1': must be a non-negative float$"):
+        parts.datastore("http://127.0.0.1:9/dicom-web", {"pacs_list_ttl": "-1"})

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from crossmodal.config import CrossModalConfig, load_config
+from crossmodal.config import ConfigError, CrossModalConfig, load_config
 from crossmodal.nets import build_network, check_weights
 from crossmodal.serving.activelearning import CrossModalScoring, CrossModalStrategy
 from crossmodal.serving.datastore import CrossModalDatastore
@@ -31,6 +31,31 @@ from crossmodal.serving.infer import CrossModalInfer
 from crossmodal.serving.train import CrossModalTrain
 from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore
+
+
+def conf_number(conf: dict[str, str], key: str, kind: type = int, default: float | None = None,
+                zero: bool = False) -> float | None:
+    """``--conf key value`` as a positive (``zero``: or 0) ``kind`` (int / float), ``default`` when absent;
+    ConfigError naming the key otherwise.
+
+    Example:
+        >>> conf_number({"max_epochs": "3"}, "max_epochs"), conf_number({}, "pacs_timeout", float, 30.0)
+        (3, 30.0)
+        >>> conf_number({"max_epochs": "abc"}, "max_epochs")
+        Traceback (most recent call last):
+        ...
+        crossmodal.config.ConfigError: --conf max_epochs 'abc': must be a positive int
+    """
+    raw = conf.get(key)
+    if raw in (None, ""):
+        return default
+    try:
+        value = kind(raw)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not (value > 0 or (zero and value == 0)):
+        raise ConfigError(f"--conf {key} {raw!r}: must be a {'non-negative' if zero else 'positive'} {kind.__name__}")
+    return value
 
 
 def not_served(kind: str, name: object, served: Iterable[str]) -> HTTPException:
@@ -74,7 +99,8 @@ class AppParts:
     @classmethod
     def from_conf(cls, app_dir: str, conf: dict[str, str], pacs: bool = False) -> AppParts:
         preset = conf.get("preset", "brain")
-        overrides: dict = {"train": {"max_epochs": int(conf["max_epochs"])}} if conf.get("max_epochs") else {}
+        epochs = conf_number(conf, "max_epochs")
+        overrides: dict = {"train": {"max_epochs": epochs}} if epochs else {}
         missing = conf.get("missing_modality") or ("zero_fill" if pacs else None)
         if missing:
             overrides["infer"] = {"missing_modality": missing}
@@ -116,8 +142,9 @@ class AppParts:
             from monailabel.config import settings
 
             cache = conf.get("pacs_cache") or (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None
-            return PacsDatastore(studies, self.cfg, cache, list_ttl=float(conf.get("pacs_list_ttl", 30)),
-                                 timeout=float(conf.get("pacs_timeout", 30)))
+            ttl = conf_number(conf, "pacs_list_ttl", float, 30.0, zero=True)
+            return PacsDatastore(studies, self.cfg, cache, list_ttl=ttl,
+                                 timeout=conf_number(conf, "pacs_timeout", float, 30.0))
         return CrossModalDatastore(studies, self.cfg.labels)
 
     def infer(self, model: ModelParts | None = None, epistemic: bool = False) -> CrossModalInfer:
