@@ -56,6 +56,13 @@ class MyApp(MONAILabelApp):
                 raise
             raise http_error(found, prefix="training stopped: " if isinstance(found, CaseError) else "") from e
 
+    def bundle_path(self, model):
+        """As upstream; MONAI Label asks this of every train / batch-infer request before it queues the background
+        process that runs it, so an unknown model is a 404 here, not a task that fails out of sight."""
+        if model is not None and model not in self._trainers and model not in self._infers:
+            raise not_served("model", model, {*self._trainers, *self._infers})
+        return super().bundle_path(model)
+
     def next_sample(self, request):
         """As upstream; an unknown strategy is a 404 listing the served ones (upstream: a bare 500)."""
         strategy = request.get("strategy") or "random"
