@@ -6,6 +6,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -118,8 +119,10 @@ def hd95_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int, spacin
         elif has_p != has_t:
             out.append(diagonal)
         else:
-            d = compute_hausdorff_distance(p[:, [0, c]], t[:, [0, c]], include_background=False, percentile=95,
-                                           spacing=list(spacing))
+            with warnings.catch_warnings():  # MONAI 1.5 passes its own deprecated argument to get_mask_edges
+                warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
+                d = compute_hausdorff_distance(p[:, [0, c]], t[:, [0, c]], include_background=False,
+                                               percentile=95, spacing=list(spacing))
             out.append(float(d[0, 0]))
     return out
 
