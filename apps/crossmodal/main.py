@@ -6,10 +6,10 @@ import logging
 
 import crossmodal
 from crossmodal.inference import configure_threads
-from crossmodal.io import CaseError
+from crossmodal.io import CaseError, user_error_in
 from crossmodal.serving.activelearning import RandomStrategy
 from crossmodal.serving.app import AppParts, check_infer_request, not_served
-from crossmodal.serving.datastore import case_error_in, http_error
+from crossmodal.serving.datastore import http_error
 from crossmodal.serving.dicomweb import labels_onto_grid
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
@@ -51,7 +51,7 @@ class MyApp(MONAILabelApp):
         try:
             return super().train(request)
         except Exception as e:
-            found = case_error_in(e)
+            found = user_error_in(e)
             if found is None:
                 raise
             raise http_error(found, prefix="training stopped: " if isinstance(found, CaseError) else "") from e

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from crossmodal.config import ConfigError, load_config
-from crossmodal.io import CaseError, cause_of_type
+from crossmodal.io import CaseError, user_error_in
 
 
 def _config(args: argparse.Namespace, default: str):
@@ -467,20 +467,15 @@ def build_parser() -> argparse.ArgumentParser:
 USER_ERRORS = (CaseError, ConfigError, FileNotFoundError, ValueError, ConnectionError)
 
 
-def user_error(e: BaseException) -> BaseException | None:
-    """The case or config error in ``e``'s chain to show the user; None: a bug (let the traceback through)."""
-    return cause_of_type(e, (CaseError, ConfigError))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except USER_ERRORS as e:
-        print(f"crossmodal: error: {user_error(e) or e}", file=sys.stderr)
+        print(f"crossmodal: error: {user_error_in(e) or e}", file=sys.stderr)
         return 2
     except Exception as e:  # a case or config problem raised inside MONAI / ignite code: say it, no traceback
-        found = user_error(e)
+        found = user_error_in(e)
         if found is None:
             raise
         print(f"crossmodal: error: {found}", file=sys.stderr)

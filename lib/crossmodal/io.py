@@ -29,6 +29,8 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, ResampleToMatch
 from nibabel.openers import ImageOpener
 
+from crossmodal.config import ConfigError
+
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -83,6 +85,11 @@ def cause_of_type(e: BaseException | None, types: tuple[type[BaseException], ...
             return e
         e = e.__cause__ or e.__context__
     return None
+
+
+def user_error_in(e: BaseException) -> BaseException | None:
+    """The :class:`CaseError` or ``ConfigError`` in ``e``'s chain - what to show the user -, or None (a bug)."""
+    return cause_of_type(e, (CaseError, ConfigError))
 
 
 def split_ext(path: str | os.PathLike[str]) -> tuple[str, str]:

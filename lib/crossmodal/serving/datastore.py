@@ -15,8 +15,8 @@ import time
 from typing import Any
 
 import numpy as np
-from crossmodal.config import ConfigError, LabelConfig
-from crossmodal.io import CaseError, atomic_copy, cause_of_type, load_volume, read_label, split_ext
+from crossmodal.config import LabelConfig
+from crossmodal.io import CaseError, atomic_copy, load_volume, read_label, split_ext
 from crossmodal.labels import annotated_fraction, classify, invalid_values
 from fastapi import HTTPException
 from filelock import FileLock
@@ -30,11 +30,6 @@ EXTENSIONS = ("*.nii.gz", "*.nii", "*.nrrd", "*.seg.nrrd")
 def http_error(e: BaseException, status: int = 422, prefix: str = "") -> HTTPException:
     """A 4xx whose detail names the case, the file and the problem."""
     return HTTPException(status_code=status, detail=f"{prefix}{e}")
-
-
-def case_error_in(e: BaseException) -> BaseException | None:
-    """The :class:`CaseError` / :class:`ConfigError` in ``e``'s chain (MONAI's transforms wrap them), or None."""
-    return cause_of_type(e, (CaseError, ConfigError))
 
 
 def validate_label(label_file: str, image_file: str, case_id: str, cfg: LabelConfig,
