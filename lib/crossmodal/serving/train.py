@@ -258,8 +258,8 @@ def check_train_request(request: dict[str, Any]) -> dict[str, Any]:
     """The request with its numbers as numbers; ConfigError naming the key and the value when one is out of range.
 
     Example:
-        >>> check_train_request({"max_epochs": "3", "learning_rate": 0.01})["max_epochs"]
-        3
+        >>> [check_train_request({"max_epochs": v})["max_epochs"] for v in ("3", 3, 3.0)]
+        [3, 3, 3]
         >>> check_train_request({"max_epochs": -3})
         Traceback (most recent call last):
         ...
@@ -269,9 +269,11 @@ def check_train_request(request: dict[str, Any]) -> dict[str, Any]:
     for key in POSITIVE_INTS:
         if key in req and req[key] is not None:
             v = req[key]
+            if isinstance(v, float) and v.is_integer():  # 15.0 from a JSON client that writes numbers as floats
+                v = int(v)
             ok = isinstance(v, int | str) and not isinstance(v, bool) and str(v).strip().lstrip("+").isdigit()
             if not ok or int(v) < 1:
-                raise ConfigError(f"train request: {key}={v!r} must be a positive integer")
+                raise ConfigError(f"train request: {key}={req[key]!r} must be a positive integer")
             req[key] = int(v)
     for key, inside, want in (("learning_rate", lambda x: x > 0, "> 0"), ("val_split", lambda x: 0 <= x < 1,
                                                                          "in [0, 1)")):
