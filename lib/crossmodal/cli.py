@@ -471,14 +471,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except USER_ERRORS as e:
-        print(f"crossmodal: error: {user_error_in(e) or e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # a case or config problem raised inside MONAI / ignite code: say it, no traceback
-        found = user_error_in(e)
-        if found is None:
+    except Exception as e:  # a case / config error, also one MONAI or ignite wrapped, is a message; the rest a bug
+        shown = user_error_in(e) or (e if isinstance(e, USER_ERRORS) else None)
+        if shown is None:
             raise
-        print(f"crossmodal: error: {found}", file=sys.stderr)
+        print(f"crossmodal: error: {shown}", file=sys.stderr)
         return 2
 
 

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tempfile
@@ -32,6 +33,25 @@ SLICER_RESERVED_NAMES = ("background", "foreground_scribbles", "background_scrib
 
 class ConfigError(ValueError):
     """A config value is missing or invalid; the message names the key and the value."""
+
+
+def as_number(value: Any, kind: type = int) -> int | float | None:
+    """``value`` (a number or its text, as server ``--conf`` and request JSON send it) as ``kind``; None when it
+    is not one (a bool, NaN or infinity, 2.5 for an int). Callers check the range and name the key.
+
+    Example:
+        >>> [as_number(v) for v in ("3", 3, 3.0, 2.5, True, "abc")], as_number("1e-3", float)
+        ([3, 3, 3, None, None, None], 0.001)
+    """
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(number) or (kind is int and not number.is_integer()):
+        return None
+    return int(number) if kind is int else number
 
 
 @dataclass

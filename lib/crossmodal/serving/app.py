@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from crossmodal.config import ConfigError, CrossModalConfig, load_config
+from crossmodal.config import ConfigError, CrossModalConfig, as_number, load_config
 from crossmodal.nets import build_network, check_weights
 from crossmodal.serving.activelearning import CrossModalScoring, CrossModalStrategy
 from crossmodal.serving.datastore import CrossModalDatastore
@@ -49,10 +49,7 @@ def conf_number(conf: dict[str, str], key: str, kind: type = int, default: float
     raw = conf.get(key)
     if raw in (None, ""):
         return default
-    try:
-        value = kind(raw)
-    except (TypeError, ValueError):
-        value = None
+    value = as_number(raw, kind)
     if value is None or not (value > 0 or (zero and value == 0)):
         raise ConfigError(f"--conf {key} {raw!r}: must be a {'non-negative' if zero else 'positive'} {kind.__name__}")
     return value

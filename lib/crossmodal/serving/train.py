@@ -29,7 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from crossmodal.config import ConfigError, CrossModalConfig, atomic_write_bytes, atomic_write_text, save_config
+from crossmodal.config import (
+    ConfigError,
+    CrossModalConfig,
+    as_number,
+    atomic_write_bytes,
+    atomic_write_text,
+    save_config,
+)
 from crossmodal.hybrid import EMATeacher, HybridLoss, MultiSourceLoader, copy_paste, hybrid_batch, sample_present
 from crossmodal.inference import NetworkInferer
 from crossmodal.io import atomic_copy, case_id_of
@@ -266,25 +273,15 @@ def check_train_request(request: dict[str, Any]) -> dict[str, Any]:
         crossmodal.config.ConfigError: train request: max_epochs=-3 must be a positive integer
     """
     req = dict(request)
-    for key in POSITIVE_INTS:
-        if key in req and req[key] is not None:
-            v = req[key]
-            if isinstance(v, float) and v.is_integer():  # 15.0 from a JSON client that writes numbers as floats
-                v = int(v)
-            ok = isinstance(v, int | str) and not isinstance(v, bool) and str(v).strip().lstrip("+").isdigit()
-            if not ok or int(v) < 1:
-                raise ConfigError(f"train request: {key}={req[key]!r} must be a positive integer")
-            req[key] = int(v)
-    for key, inside, want in (("learning_rate", lambda x: x > 0, "> 0"), ("val_split", lambda x: 0 <= x < 1,
-                                                                         "in [0, 1)")):
-        if key in req and req[key] is not None:
-            try:
-                v = float(req[key])
-            except (TypeError, ValueError):
-                v = float("nan")
-            if not inside(v):  # NaN is inside nothing
-                raise ConfigError(f"train request: {key}={req[key]!r} must be a number {want}")
-            req[key] = v
+    checks = [(key, int, lambda x: x >= 1, "a positive integer") for key in POSITIVE_INTS]
+    checks += [("learning_rate", float, lambda x: x > 0, "a number > 0"),
+               ("val_split", float, lambda x: 0 <= x < 1, "a number in [0, 1)")]
+    for key, kind, inside, want in checks:
+        if req.get(key) is not None:
+            value = as_number(req[key], kind)
+            if value is None or not inside(value):
+                raise ConfigError(f"train request: {key}={req[key]!r} must be {want}")
+            req[key] = value
     return req
 
 
