@@ -53,6 +53,19 @@ def test_disagreement_grows_with_the_region_a_head_contradicts():
     assert score_network_outputs(fused, {}, same).mc_uncertainty == 0.0
 
 
+def test_entropy_is_the_volume_mean_of_the_predictive_entropy_of_fused_and_mc_samples():
+    sure = torch.zeros(2, 4, 4, 4)
+    sure[0] = 20.0  # background everywhere, confidently
+    assert score_network_outputs(sure, {}, None).entropy == pytest.approx(0.0, abs=1e-3)
+    half = sure.clone()
+    half[:, :2] = 0.0  # 50/50 in half the volume
+    assert score_network_outputs(half, {}, None).entropy == pytest.approx(0.5, abs=1e-6)
+    # two MC samples that disagree with the sure fused output: the mean of the three is 2/3 vs 1/3 everywhere
+    flipped = torch.stack([sure.flip(0), sure.flip(0)])
+    h = -(2 / 3 * np.log(2 / 3) + 1 / 3 * np.log(1 / 3)) / np.log(2)
+    assert score_network_outputs(sure, {}, flipped).entropy == pytest.approx(h, abs=1e-3)
+
+
 def test_combine_and_select_trade_score_against_diversity():
     assert combine({"disagreement": {"a": 0.9, "b": 0.1, "c": 0.5}}, {"disagreement": 1.0}) == \
         {"a": 1.0, "b": 0.0, "c": 0.5}
@@ -104,7 +117,7 @@ def test_scoring_stores_scores_once_per_model_and_rescored_after_training(app_pa
     assert out["scored"] == len(unlabeled) == 4 and not out["failed"] and out["model"]
     for i in unlabeled:
         s = store.get_image_info(i)[SCORES_KEY]
-        assert 0.0 <= s["disagreement"] <= 1.0 and 0.0 <= s["mc_uncertainty"] <= 1.0
+        assert 0.0 <= s["disagreement"] <= 1.0 and 0.0 <= s["mc_uncertainty"] <= 1.0 and 0.0 < s["entropy"] < 1.0
         assert len(s["descriptor"]) > 4 and abs(np.linalg.norm(s["descriptor"]) - 1) < 1e-4
     assert scoring({}, store)["scored"] == 0  # same model: nothing to recompute
     assert scoring.infer_task.get_path() == parts.models[0].pretrained  # no published model yet
@@ -158,7 +171,7 @@ def test_strategy_hands_each_case_to_one_client_and_cold_starts_on_diversity(app
     parts.scoring(parts.infer())({}, store)
     short = CrossModalStrategy(load_config("phantom", overrides={"active": {"handout_window_s": 0}}))
     pick = short({"client_id": "B"}, store)
-    assert pick["cold_start"] is False and set(pick["scores"]) == {"disagreement", "mc_uncertainty"}
+    assert pick["cold_start"] is False and set(pick["scores"]) == {"disagreement", "mc_uncertainty", "entropy"}
     # cases with only a sparse label stay selectable when configured so (and are scored then)
     sparse = [i for i in store.get_labeled_images() if store.label_kind(i) == "sparse"]
     assert len(sparse) == 1 and sparse[0] not in candidates(store, False) and sparse[0] in candidates(store, True)

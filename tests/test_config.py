@@ -53,3 +53,12 @@ def test_unknown_preset_lists_valid_names():
     with pytest.raises(ConfigError) as e:
         load_config("nope")
     assert "unknown config preset 'nope'" in str(e.value) and "'brain'" in str(e.value)
+
+
+def test_mirror_axes_are_checked_where_they_are_set(tmp_path):
+    assert load_config("brain").infer.mirror_axes == ()
+    assert load_config("brain", overrides={"infer": {"mirror_axes": [2, 0]}}).infer.mirror_axes == (0, 2)
+    for bad, why in (([3], "must name spatial axes 0, 1 or 2, each once"), ([1, 1], "each once"),
+                     ("x", "is not a list of spatial axes")):
+        with pytest.raises(ConfigError, match=f"infer.mirror_axes: .*{why}"):
+            load_config("brain", overrides={"infer": {"mirror_axes": bad}})

@@ -85,3 +85,27 @@ def test_single_window_matches_monai_sliding_window(fused_only: bool):
     for k in ref:
         assert tuple(fast[k].shape) == (1, 4, 45, 37, 40)
         torch.testing.assert_close(fast[k], ref[k], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fused_only", [True, False])
+def test_mirroring_averages_the_softmax_of_every_mirrored_pass_mapped_back(fused_only: bool):
+    cfg = load_config("phantom", overrides={"infer": {"roi_size": [32, 32, 32]}})
+    net = build_network(cfg).eval()
+    x = torch.randn(1, 3, 30, 32, 28)
+    with torch.no_grad():
+        got = NetworkInferer(cfg.infer, fused_only=fused_only, mirror_axes=(0, 2))(x, net)
+        plain = NetworkInferer(cfg.infer, fused_only=fused_only)
+        expected = {}
+        for dims in ([], [2], [4], [2, 4]):  # the identity and every combination of the two axes
+            out = plain(torch.flip(x, dims), net)
+            for k, v in (out.items() if isinstance(out, dict) else [("fused", out)]):
+                expected[k] = expected.get(k, 0) + torch.softmax(torch.flip(v, dims), 1) / 4
+    got = got if isinstance(got, dict) else {"fused": got}
+    assert sorted(got) == sorted(expected) == (["fused"] if fused_only else ["ct", "fused", "mr", "pet"])
+    for k in expected:
+        assert tuple(got[k].shape) == (1, 4, 30, 32, 28)
+        torch.testing.assert_close(torch.softmax(got[k], 1), expected[k], rtol=1e-4, atol=1e-5)
+    # an untrained net is not mirror-symmetric: the average differs from a single pass
+    single = plain(x, net)
+    single = single if isinstance(single, dict) else {"fused": single}
+    assert (torch.softmax(single["fused"], 1) - expected["fused"]).abs().max() > 1e-3

@@ -85,6 +85,22 @@ def test_infer_returns_label_on_primary_grid_that_matches_truth(client, phantom_
     assert mean.min() > 0.75 and mean.mean() > 0.85, f"Dice organ/lesion/vessel {mean}"
 
 
+def test_mirrored_infer_averages_eight_passes_and_refuses_other_axes(client, phantom_server):
+    case = sorted(UNLABELED)[0]
+    assert client.info()["models"]["crossmodal"]["config"]["mirror_axes"] == "none"  # Slicer's options panel
+    plain, _ = client.infer("crossmodal", case, {})
+    mirrored, params = client.infer("crossmodal", case, {"mirror_axes": "0,1,2"})
+    one, eight, gt = load_volume(plain)[0].numpy(), load_volume(mirrored)[0].numpy(), truth(phantom_server, case)
+    assert params["case"] == case and one.shape == eight.shape == gt.shape
+    changed = float((one != eight).mean())
+    assert 0 < changed < 0.02  # the 8-pass average moves a few boundary voxels, nothing else
+    assert min(dice(eight, gt, v) for v in (1, 2, 3)) > 0.75
+    with pytest.raises(MONAILabelClientException) as e:
+        client.infer("crossmodal", case, {"mirror_axes": "0,3"})
+    assert status_of(e.value) == 422
+    assert f"case '{case}': mirror_axes: '0,3' must name spatial axes 0, 1 or 2, each once" in e.value.msg
+
+
 def test_infer_nrrd_output_for_slicer(client, phantom_server):
     nii, _ = client.infer("baseline_unet", "phantom003", {})
     nrrd_out, _ = client.infer("baseline_unet", "phantom003", {"result_extension": ".nrrd"})

@@ -90,7 +90,10 @@ def test_server_conf_numbers_are_checked_by_name(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"^--conf max_epochs 'abc': must be a positive int$"):
         AppParts.from_conf(str(APP), {**conf, "max_epochs": "abc"})
     parts = AppParts.from_conf(str(APP), {**conf, "max_epochs": "3"})
-    assert parts.cfg.train.max_epochs == 3
+    assert parts.cfg.train.max_epochs == 3 and parts.cfg.infer.mirror_axes == ()
+    assert AppParts.from_conf(str(APP), {**conf, "mirror_axes": "2,0"}).cfg.infer.mirror_axes == (0, 2)
+    with pytest.raises(ConfigError, match=r"^--conf mirror_axes: '0,1,1' must name spatial axes 0, 1 or 2, each once$"):
+        AppParts.from_conf(str(APP), {**conf, "mirror_axes": "0,1,1"})
     with pytest.raises(ConfigError, match=r"^--conf pacs_timeout 'x': must be a positive float$"):
         parts.datastore("http://127.0.0.1:9/dicom-web", {"pacs_timeout": "x"})
     with pytest.raises(ConfigError, match=r"^--conf pacs_list_ttl '-1': must be a non-negative float$"):

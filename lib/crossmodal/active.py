@@ -8,6 +8,8 @@ Scores of one case (:func:`score_network_outputs`):
   contrast is unusual;
 * **MC-dropout uncertainty**: the same mutual information across Monte-Carlo dropout samples of the fused output
   (BALD); the samples share one encoder pass (:class:`~crossmodal.nets.CrossModalNet` ``mc_samples``);
+* **predictive entropy**: the entropy of the mean of the fused prediction and its MC samples, averaged over the
+  whole volume - what MONAI Label's Epistemic scoring measures (there from full-resolution dropout passes);
 * a **descriptor** (pooled modality-independent channels + class volume fractions, L2-normalised) for diversity.
 
 :func:`select` turns scores into picks: a weighted sum of rank-normalised scores, traded against the distance to
@@ -46,6 +48,18 @@ def mutual_information(probs: torch.Tensor) -> torch.Tensor:
     return ((h_mean - mean_h) / np.log(probs.shape[1])).clamp_min(0)
 
 
+def predictive_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """(K, C, *S) class probabilities of K predictions -> (*S) entropy of their mean over ``log C`` (0..1).
+
+    Example:
+        >>> p = torch.tensor([[[1.0, 0.5]], [[0.0, 0.5]]]).movedim(1, 0)  # K=1, C=2, two voxels: sure, 50/50
+        >>> [round(v, 4) for v in predictive_entropy(p).tolist()]
+        [0.0, 1.0]
+    """
+    mean = probs.float().mean(0).clamp_min(1e-8)
+    return -(mean * mean.log()).sum(0) / np.log(probs.shape[1])
+
+
 def foreground_region(probs: torch.Tensor) -> torch.Tensor:
     """(K, C, *S) -> (*S) bool: voxels that at least one of the K predictions labels foreground (class > 0).
 
@@ -67,6 +81,7 @@ class CaseScores:
     disagreement: float
     mc_uncertainty: float
     descriptor: np.ndarray
+    entropy: float = 0.0
 
 
 def score_network_outputs(fused: torch.Tensor, heads: Mapping[str, torch.Tensor], mc: torch.Tensor | None,
@@ -91,14 +106,18 @@ def score_network_outputs(fused: torch.Tensor, heads: Mapping[str, torch.Tensor]
     stack = _coarse(torch.stack([p_fused, *[torch.softmax(h.float(), 0) for h in heads.values()]]))
     mask = foreground_region(stack)
     disagreement = region_mean(mutual_information(stack), mask) if len(heads) else 0.0
+    samples = p_fused[None]
     if mc is not None and mc.shape[0] > 1:
-        p_mc = _coarse(torch.softmax(mc.float(), 1))
+        p_mc_full = torch.softmax(mc.float(), 1)
+        samples = torch.cat([samples, p_mc_full])
+        p_mc = _coarse(p_mc_full)
         mc_mask = mask | foreground_region(p_mc)
         uncertainty = region_mean(mutual_information(p_mc), mc_mask)
     else:
         uncertainty = 0.0
+    entropy = float(predictive_entropy(samples).mean())
     parts = [fractions, *[t.float().flatten() for t in independent]]
-    return CaseScores(disagreement, uncertainty, _unit(torch.cat(parts).numpy()))
+    return CaseScores(disagreement, uncertainty, _unit(torch.cat(parts).numpy()), entropy)
 
 
 def _coarse(probs: torch.Tensor, max_voxels: int = 32**3) -> torch.Tensor:

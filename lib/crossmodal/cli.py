@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crossmodal.config import ConfigError, load_config
+from crossmodal.config import ConfigError, load_config, parse_mirror_axes
 from crossmodal.io import CaseError, user_error_in
 
 
@@ -325,7 +325,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.method:
         resolved = _method_preset(preset, args.method, tempfile.mkdtemp(prefix="crossmodal-method-"))
     network = args.network or (load_config(resolved).model.name if args.method else None)
-    summary = evaluate(studies, resolved, args.model, args.device, args.out, network, tuple(args.drop))
+    mirror = None if args.mirror_axes is None else parse_mirror_axes(args.mirror_axes, "--mirror-axes")
+    summary = evaluate(studies, resolved, args.model, args.device, args.out, network, tuple(args.drop), mirror)
     for r in summary["per_case"]:
         print(json.dumps(r))
     print(json.dumps({k: v for k, v in summary.items() if k != "per_case"}, indent=2))
@@ -460,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--network", help="network name (default: the preset's model.name)")
     q.add_argument("--method", help="ours | baseline_unet | single_<modality>, as the model was trained")
     q.add_argument("--drop", nargs="*", default=[], help="modalities to segment without (missing at test time)")
+    q.add_argument("--mirror-axes", help="test-time mirroring along these spatial axes, e.g. 0,1,2 (8 passes); "
+                                         "none: one pass (default: the preset's infer.mirror_axes)")
     q.set_defaults(func=cmd_evaluate)
     return p
 

@@ -162,17 +162,47 @@ class ModelConfig:
             raise ConfigError(f"model.dropout: {self.dropout} must be in [0, 1)")
 
 
+def parse_mirror_axes(value: object, what: str = "mirror_axes") -> tuple[int, ...]:
+    """Spatial axes to mirror along, from a list, a comma-separated string (``"0,1,2"``, ``""`` or ``"none"``: no
+    mirroring) or None; each in 0..2, each once, sorted.
+
+    Example:
+        >>> parse_mirror_axes("2, 0"), parse_mirror_axes("none"), parse_mirror_axes([1])
+        ((0, 2), (), (1,))
+    """
+    if value is None:
+        return ()
+    try:
+        items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+        items = [v for v in items if v not in ("", "none")]
+        axes = [int(v) for v in items]
+        if any(isinstance(v, bool) for v in items) or any(float(v) != a for v, a in zip(items, axes, strict=True)):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: {value!r} is not a list of spatial axes (0, 1, 2)") from None
+    if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+        raise ConfigError(f"{what}: {value!r} must name spatial axes 0, 1 or 2, each once")
+    return tuple(sorted(axes))
+
+
 @dataclass
 class InferConfig:
-    """Sliding-window inference and the policy for a case whose secondary modality file is absent."""
+    """Sliding-window inference, test-time mirroring and the policy for a case whose secondary modality file is
+    absent.
+
+    ``mirror_axes``: spatial axes (0-2 of the working grid) to mirror the input along at test time; the softmax of
+    every combination (2^n passes, nnU-Net's mirroring) is averaged. Empty: one pass.
+    """
 
     roi_size: tuple[int, int, int] = (96, 96, 96)
     sw_batch_size: int = 1
     overlap: float = 0.25
     missing_modality: str = "error"
+    mirror_axes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self.roi_size = tuple(int(r) for r in self.roi_size)  # type: ignore[assignment]
+        self.mirror_axes = parse_mirror_axes(self.mirror_axes, "infer.mirror_axes")
         if self.missing_modality not in MISSING_POLICIES:
             raise ConfigError(f"infer.missing_modality: {self.missing_modality!r} is not one of {MISSING_POLICIES}")
 
@@ -354,9 +384,10 @@ class ActiveConfig:
     refine_sparse: bool = False
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.weights) - {"disagreement", "mc_uncertainty"})
+        unknown = sorted(set(self.weights) - {"disagreement", "mc_uncertainty", "entropy"})
         if unknown:
-            raise ConfigError(f"active.weights: unknown scores {unknown}; valid: disagreement, mc_uncertainty")
+            raise ConfigError(f"active.weights: unknown scores {unknown}; valid: disagreement, mc_uncertainty, "
+                              "entropy")
         if not 0.0 <= self.diversity <= 1.0:
             raise ConfigError(f"active.diversity: {self.diversity} must be in [0, 1]")
         if not 0.0 < self.scoring_scale <= 1.0:

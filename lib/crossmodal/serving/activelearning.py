@@ -32,7 +32,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 logger = logging.getLogger(__name__)
 SCORES_KEY = "crossmodal_scores"
 HANDOUT_KEY = "crossmodal_handout"
-SCORE_NAMES = ("disagreement", "mc_uncertainty")
+SCORE_NAMES = ("disagreement", "mc_uncertainty", "entropy")
 
 
 def candidates(datastore: Datastore, refine_sparse: bool) -> list[str]:
@@ -94,13 +94,14 @@ class CrossModalScoring(ScoringMethod):
         return x, present
 
     def score_case(self, path: str, network: torch.nn.Module | None, device: str = "cpu") -> dict[str, Any]:
-        """{disagreement, mc_uncertainty, descriptor, seconds} of one case (descriptor only without a network)."""
+        """{disagreement, mc_uncertainty, entropy, descriptor, seconds} of one case (only the descriptor without
+        a network)."""
         t = time.perf_counter()
         x, present = self.case_input(path)
         if network is None:
             return {"descriptor": image_descriptor(x[0]).tolist(), "seconds": time.perf_counter() - t}
         s = score_image(network, x.to(device), present, self.cfg.active.mc_samples)
-        return {"disagreement": s.disagreement, "mc_uncertainty": s.mc_uncertainty,
+        return {"disagreement": s.disagreement, "mc_uncertainty": s.mc_uncertainty, "entropy": s.entropy,
                 "descriptor": s.descriptor.tolist(), "seconds": time.perf_counter() - t}
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:

@@ -6,7 +6,8 @@ and ``baseline_unet``), ``pretrained_<model>`` (weights used until that model is
 ``<app>/pretrained/<preset>_<model>.pt`` when present; ``pretrained`` alone names the first model's),
 ``max_epochs`` (overrides the preset), ``epistemic`` (``true`` adds MONAI Label's Epistemic scoring and strategy,
 for comparisons), ``missing_modality`` (``error`` / ``zero_fill``; default the preset's,
-``zero_fill`` on a PACS where a study may lack a series).
+``zero_fill`` on a PACS where a study may lack a series), ``mirror_axes`` (test-time mirroring of every infer
+request, e.g. ``0,1,2``: 8 passes; default the preset's ``infer.mirror_axes``, none).
 
 With ``--studies http(s)://.../dicom-web`` the datastore is :class:`~crossmodal.serving.dicomweb.PacsDatastore`;
 keys ``pacs_cache`` (cache folder; default MONAI Label's DICOMweb cache path or ``~/.cache/crossmodal/dicomweb``),
@@ -22,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from crossmodal.config import ConfigError, CrossModalConfig, as_number, load_config
+from crossmodal.config import ConfigError, CrossModalConfig, as_number, load_config, parse_mirror_axes
 from crossmodal.nets import build_network, check_weights
 from crossmodal.serving.activelearning import CrossModalScoring, CrossModalStrategy
 from crossmodal.serving.datastore import CrossModalDatastore
@@ -101,6 +102,9 @@ class AppParts:
         missing = conf.get("missing_modality") or ("zero_fill" if pacs else None)
         if missing:
             overrides["infer"] = {"missing_modality": missing}
+        if conf.get("mirror_axes") is not None:
+            overrides.setdefault("infer", {})["mirror_axes"] = parse_mirror_axes(conf["mirror_axes"],
+                                                                                 "--conf mirror_axes")
         cfg = load_config(preset, conf.get("configs_dir"), overrides or None)
         model_dir = conf.get("model_dir") or os.path.join(app_dir, "model")
         os.makedirs(model_dir, exist_ok=True)

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from crossmodal.config import CrossModalConfig
+from crossmodal.config import ConfigError, CrossModalConfig, parse_mirror_axes
 from crossmodal.inference import NetworkInferer
-from crossmodal.io import CaseError, cause_of_type, save_volume
+from crossmodal.io import CaseError, case_id_of, cause_of_type, save_volume
 from crossmodal.nets import CrossModalNet, unwrap
 from crossmodal.serving.datastore import http_error
 from crossmodal.transforms import preprocessing, to_primary_grid, to_primary_labels
@@ -70,7 +70,8 @@ class CrossModalInfer(BasicInferTask):
     Request params: ``missing_modality`` (``error`` / ``zero_fill``: segment with the modalities present),
     ``prediction`` (``fused``, a modality name for that modality's own head, or ``uncertainty``, a 0-100 map),
     ``mc_samples`` (Monte-Carlo dropout samples for ``uncertainty``), ``drop_modalities`` (names, or a comma-
-    separated string, to segment without although present), ``device``, ``result_extension``
+    separated string, to segment without although present), ``mirror_axes`` (test-time mirroring: spatial axes as
+    a list or ``"0,1,2"``, ``"none"``; default ``infer.mirror_axes``), ``device``, ``result_extension``
     (``.nii.gz`` / ``.nrrd``), and the usual MONAI Label ones. The result's params name the case, the
     modalities used, the motion (mm) by which each secondary modality was co-registered, and the prediction.
     """
@@ -82,7 +83,8 @@ class CrossModalInfer(BasicInferTask):
         super().__init__(
             path=list(path), network=network, type=InferType.SEGMENTATION, labels=cfg.labels.viewer_labels,
             dimension=3, description=description, roi_size=cfg.infer.roi_size, load_strict=True,
-            config={"missing_modality": cfg.infer.missing_modality, "prediction": "fused"}, train_mode=train_mode,
+            config={"missing_modality": cfg.infer.missing_modality, "prediction": "fused",
+                    "mirror_axes": ",".join(map(str, cfg.infer.mirror_axes)) or "none"}, train_mode=train_mode,
             skip_writer=probabilities,
         )
         self.cfg = cfg
@@ -100,7 +102,8 @@ class CrossModalInfer(BasicInferTask):
         data = data or {}
         used = set(data.get("modalities_used") or self.cfg.modality_names)
         heads = data.get("prediction", "fused") in self.cfg.modality_names  # a modality's own head was asked for
-        return NetworkInferer(self.cfg.infer, present=[m in used for m in self.cfg.modality_names], heads=heads)
+        return NetworkInferer(self.cfg.infer, present=[m in used for m in self.cfg.modality_names], heads=heads,
+                              mirror_axes=parse_mirror_axes(data.get("mirror_axes", self.cfg.infer.mirror_axes)))
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda"):
         """The usual sliding window, or for ``prediction=uncertainty`` only the Monte-Carlo dropout passes."""
@@ -149,6 +152,11 @@ class CrossModalInfer(BasicInferTask):
         if not req.get("result_extension"):
             req.pop("result_extension", None)
         req.setdefault("result_dtype", "uint8")
+        if "mirror_axes" in req:  # checked (and parsed) before anything is read
+            try:
+                req["mirror_axes"] = parse_mirror_axes(req["mirror_axes"])
+            except ConfigError as e:
+                raise http_error(e, prefix=f"case {case_id_of(str(req.get('image', '')))!r}: ") from None
         try:
             return super().__call__(req, callbacks)
         except Exception as e:  # a CaseError, or one that MONAI's transforms wrapped: 422 naming case and file

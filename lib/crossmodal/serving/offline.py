@@ -6,7 +6,9 @@ import json
 import math
 import os
 import tempfile
+import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -138,9 +140,11 @@ def dice_per_case(evaluation: dict[str, Any]) -> dict[str, float]:
 
 
 def evaluate(studies: str, preset: str, model: str, device: str = "auto", out: str | None = None,
-             network: str | None = None, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+             network: str | None = None, drop: tuple[str, ...] = (),
+             mirror_axes: Sequence[int] | None = None) -> dict[str, Any]:
     """Segment every case that has truth (``<studies>/truth``) but no final label; Dice and HD95 (mm) per class
-    and their means. ``drop``: modalities to segment without (a missing modality at test time)."""
+    and their means. ``drop``: modalities to segment without (a missing modality at test time); ``mirror_axes``:
+    test-time mirroring (None: the preset's ``infer.mirror_axes``)."""
     cfg = load_config(preset)
     conf = {"preset": preset, "pretrained": model, **({"models": network} if network else {})}
     parts = AppParts.from_conf(tempfile.mkdtemp(prefix="crossmodal-app-"), conf)
@@ -153,15 +157,21 @@ def evaluate(studies: str, preset: str, model: str, device: str = "auto", out: s
     for truth_path in tqdm(cases, desc="evaluate", unit="case"):
         cid = case_id_of(truth_path)
         image = next(p for p in root.iterdir() if p.is_file() and case_id_of(p) == cid)
-        _, data = task({"image": str(image), "skip_writer": True, "device": pick_device(device),
-                        "drop_modalities": list(drop)})
+        request = {"image": str(image), "skip_writer": True, "device": pick_device(device),
+                   "drop_modalities": list(drop)}
+        if mirror_axes is not None:
+            request["mirror_axes"] = list(mirror_axes)
+        t0 = time.perf_counter()
+        _, data = task(request)
+        seconds = time.perf_counter() - t0
         pred = data["pred"].numpy()
         truth_img = load_volume(truth_path, cid)
         truth = np.rint(truth_img[0].numpy())
         spacing = tuple(float(v) for v in np.sqrt((truth_img.affine[:3, :3].numpy() ** 2).sum(0)))
         dice = dice_per_class(pred, truth, cfg.labels.num_classes)
         hd = hd95_per_class(pred, truth, cfg.labels.num_classes, spacing)
-        records.append({"case": cid, "dice": dict(zip(names, dice, strict=True)), "dice_mean": float(np.nanmean(dice)),
+        records.append({"case": cid, "seconds": round(seconds, 3), "dice": dict(zip(names, dice, strict=True)),
+                        "dice_mean": float(np.nanmean(dice)),
                         "hd95": dict(zip(names, hd, strict=True)), "hd95_mean": float(np.nanmean(hd))})
 
     def mean_of(key: str) -> float:
@@ -172,7 +182,9 @@ def evaluate(studies: str, preset: str, model: str, device: str = "auto", out: s
 
     summary = {
         "model": model, "network": parts.model_name, "preset": preset, "cases": len(records),
-        "dropped_modalities": list(drop), "dice_mean": mean_of("dice_mean"), "hd95_mean": mean_of("hd95_mean"),
+        "dropped_modalities": list(drop),
+        "mirror_axes": list(cfg.infer.mirror_axes if mirror_axes is None else mirror_axes),
+        "dice_mean": mean_of("dice_mean"), "hd95_mean": mean_of("hd95_mean"), "seconds_mean": mean_of("seconds"),
         "dice_per_class": per_class("dice"), "hd95_per_class": per_class("hd95"), "per_case": records,
     }
     if out:
