@@ -262,6 +262,28 @@ def test_scores_written_by_a_child_process_reach_the_server_and_are_not_overwrit
     assert fresh.get_image_info("phantom001")[HANDOUT_KEY]["client"] == "A"
 
 
+def test_a_child_write_in_the_same_mtime_tick_is_neither_missed_nor_overwritten(tmp_path):
+    """Two writes a millisecond apart can share a coarse mtime: the server must still see the child's write and
+    keep it when it writes next (it used to compare the mtime alone, and then overwrote the child's scores)."""
+    from crossmodal.serving.datastore import CrossModalDatastore
+
+    studies = make_phantom_studies(tmp_path / "s", CFG, cases=4, dense=1, sparse=0, seed=3)
+    server, child = CrossModalDatastore(str(studies), CFG.labels), CrossModalDatastore(str(studies), CFG.labels)
+    server.update_image_info("phantom001", {HANDOUT_KEY: {"ts": 1.0, "client": "A"}})
+    path = server._datastore_config_path
+    tick = os.stat(path).st_mtime_ns
+    child.update_image_info("phantom002", {SCORES_KEY: {"disagreement": 0.4}})
+    os.utime(path, ns=(tick, tick))  # the child's write lands in the server's last mtime tick
+    assert server.get_image_info("phantom002")[SCORES_KEY] == {"disagreement": 0.4}
+    child.update_image_info("phantom003", {SCORES_KEY: {"disagreement": 0.1}})
+    os.utime(path, ns=(tick, tick))
+    server.update_image_info("phantom001", {HANDOUT_KEY: {"ts": 2.0, "client": "B"}})
+    fresh = CrossModalDatastore(str(studies), CFG.labels)
+    assert fresh.get_image_info("phantom003")[SCORES_KEY] == {"disagreement": 0.1}
+    assert fresh.get_image_info("phantom002")[SCORES_KEY] == {"disagreement": 0.4}
+    assert fresh.get_image_info("phantom001")[HANDOUT_KEY]["client"] == "B"
+
+
 def test_simulate_cli_rejects_a_pool_too_small_for_its_rounds_before_training(tmp_path):
     studies = make_phantom_studies(tmp_path / "s", CFG, cases=5, dense=0, sparse=0, seed=6)
     out = tmp_path / "results"

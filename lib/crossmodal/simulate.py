@@ -362,9 +362,9 @@ def scoring_cost(src: Path, root: Path, dataset: str, spec: SimSpec, model: str,
         epistemic.run_scoring(case, 5, time.time(), store)
         epi.append(time.perf_counter() - t)
     med = {k: float(np.median(v)) for k, v in (("ours_warm_s", warm), ("ours_cold_s", cold), ("epistemic_s", epi))}
-    return {"dataset": dataset, "case": case, **{k: round(v, 4) for k, v in med.items()},
-            "ratio_warm": round(med["ours_warm_s"] / med["epistemic_s"], 4),
-            "ratio_cold": round(med["ours_cold_s"] / med["epistemic_s"], 4)}
+    return {"dataset": dataset, "case": case, **{k: round(v, 6) for k, v in med.items()},
+            "ratio_warm": round(med["ours_warm_s"] / med["epistemic_s"], 6),
+            "ratio_cold": round(med["ours_cold_s"] / med["epistemic_s"], 6)}
 
 
 def simulate_dataset(src: Path, work: Path, dataset: str, spec: SimSpec, seeds: Sequence[int],

@@ -27,6 +27,12 @@ logger = logging.getLogger(__name__)
 EXTENSIONS = ("*.nii.gz", "*.nii", "*.nrrd", "*.seg.nrrd")
 
 
+def file_signature(st: os.stat_result) -> tuple[int, ...]:
+    """What tells one version of a file from the next: inode, size, mtime and ctime in ns (an atomic replace makes
+    a new inode; a coarse mtime alone can be the same for two writes a millisecond apart)."""
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def http_error(e: BaseException, status: int = 422, prefix: str = "") -> HTTPException:
     """A 4xx whose detail names the case, the file and the problem."""
     return HTTPException(status_code=status, detail=f"{prefix}{e}")
@@ -58,6 +64,7 @@ class CrossModalDatastore(LocalDatastore):
 
     def __init__(self, datastore_path: str, labels: LabelConfig, **kwargs: Any) -> None:
         self.label_config = labels
+        self._config_sig: tuple[int, ...] | None = None
         super().__init__(datastore_path, extensions=EXTENSIONS, **kwargs)
         self._record_missing_kinds()
 
@@ -100,7 +107,7 @@ class CrossModalDatastore(LocalDatastore):
         dest = os.path.join(self._datastore.label_path(label_tag), name)
         info.update({"label_kind": kind, "annotated_fraction": round(frac, 6)})
         with FileLock(self._lock_file):
-            self._reload_unlocked()
+            self._reload_unlocked(force=True)
             obj = self._datastore.objects.get(image_id) or obj
             atomic_copy(label_filename, dest)
             info["ts"], info["name"] = int(time.time()), name
@@ -125,15 +132,18 @@ class CrossModalDatastore(LocalDatastore):
         return classify(arr, self.label_config)
 
     # MONAI Label runs scoring and training in child processes that build their own datastore on the same folder
-    # and write the JSON: reads pick up their writes (a stat per call), and every write re-reads under the lock
-    # first, so the server never overwrites what a child wrote.
-    def _reload_unlocked(self) -> None:
+    # and write the JSON: reads pick up their writes (a stat per call: inode, size, mtime and ctime in ns, since two
+    # writes a millisecond apart can share a coarse mtime), and every write re-reads the file under the lock first,
+    # whatever its stat says, so the server never overwrites what a child wrote.
+    def _reload_unlocked(self, force: bool = False) -> None:
         path = self._datastore_config_path
-        if os.path.exists(path) and os.stat(path).st_mtime != self._config_ts:
-            with open(path) as fp:
-                self._datastore = LocalDatastoreModel.model_validate_json(fp.read())
-            self._datastore.base_path = self._datastore_path
-            self._config_ts = os.stat(path).st_mtime
+        if not os.path.exists(path) or (not force and file_signature(os.stat(path)) == self._config_sig):
+            return
+        with open(path) as fp:
+            st = os.fstat(fp.fileno())  # the signature of what is read, whatever replaces the file meanwhile
+            self._datastore = LocalDatastoreModel.model_validate_json(fp.read())
+        self._datastore.base_path = self._datastore_path
+        self._config_sig, self._config_ts = file_signature(st), st.st_mtime
 
     def _fresh(self) -> None:
         with FileLock(self._lock_file):
@@ -161,7 +171,7 @@ class CrossModalDatastore(LocalDatastore):
 
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
         with FileLock(self._lock_file):
-            self._reload_unlocked()
+            self._reload_unlocked(force=True)
             obj = self._datastore.objects.get(image_id)
             if not obj:
                 raise HTTPException(status_code=404, detail=f"case {image_id!r}: no such image in the datastore")
@@ -170,7 +180,7 @@ class CrossModalDatastore(LocalDatastore):
 
     def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
         with FileLock(self._lock_file):
-            self._reload_unlocked()
+            self._reload_unlocked(force=True)
             label = self._datastore.label(label_id, label_tag)
             if label is None:
                 raise HTTPException(status_code=404, detail=f"case {label_id!r}: no {label_tag!r} label")
@@ -191,7 +201,8 @@ class CrossModalDatastore(LocalDatastore):
                 if os.path.exists(tmp):
                     os.unlink(tmp)
                 raise
-            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+            st = os.stat(self._datastore_config_path)
+            self._config_sig, self._config_ts = file_signature(st), st.st_mtime
 
         if lock:
             with FileLock(self._lock_file):

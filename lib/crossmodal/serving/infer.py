@@ -102,8 +102,10 @@ class CrossModalInfer(BasicInferTask):
         data = data or {}
         used = set(data.get("modalities_used") or self.cfg.modality_names)
         heads = data.get("prediction", "fused") in self.cfg.modality_names  # a modality's own head was asked for
+        # MONAI Label's Epistemic samples (``probabilities``) stay one pass each, as upstream
+        mirror = () if self.probabilities else parse_mirror_axes(data.get("mirror_axes", self.cfg.infer.mirror_axes))
         return NetworkInferer(self.cfg.infer, present=[m in used for m in self.cfg.modality_names], heads=heads,
-                              mirror_axes=parse_mirror_axes(data.get("mirror_axes", self.cfg.infer.mirror_axes)))
+                              mirror_axes=mirror)
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda"):
         """The usual sliding window, or for ``prediction=uncertainty`` only the Monte-Carlo dropout passes."""
