@@ -91,7 +91,11 @@ def test_server_conf_numbers_are_checked_by_name(tmp_path: Path):
         AppParts.from_conf(str(APP), {**conf, "max_epochs": "abc"})
     parts = AppParts.from_conf(str(APP), {**conf, "max_epochs": "3"})
     assert parts.cfg.train.max_epochs == 3 and parts.cfg.infer.mirror_axes == ()
-    assert AppParts.from_conf(str(APP), {**conf, "mirror_axes": "2,0"}).cfg.infer.mirror_axes == (0, 2)
+    mirrored = AppParts.from_conf(str(APP), {**conf, "mirror_axes": "2,0"})
+    assert mirrored.cfg.infer.mirror_axes == (0, 2)
+    assert mirrored.infer().inferer({}).mirror_axes == (0, 2)  # every infer request mirrored...
+    assert mirrored.infer().inferer({"mirror_axes": "none"}).mirror_axes == ()  # ...unless it says otherwise
+    assert mirrored.infer(epistemic=True).inferer({}).mirror_axes == ()  # MONAI Label's Epistemic: one pass each
     with pytest.raises(ConfigError, match=r"^--conf mirror_axes: '0,1,1' must name spatial axes 0, 1 or 2, each once$"):
         AppParts.from_conf(str(APP), {**conf, "mirror_axes": "0,1,1"})
     with pytest.raises(ConfigError, match=r"^--conf pacs_timeout 'x': must be a positive float$"):
