@@ -5,7 +5,8 @@ infer request through a running `monailabel start_server` (HTTP round trip with 
 warm-up request on another case, the median of 3 requests, 1 with --quick), the server's own latency split
 (pre = load + normalise + resample, infer = network, post = back to the primary grid, write), the bare
 sliding-window forward in this process (fused output, as a plain request runs it), and the server's peak RSS
-during the requests. It also measures this machine's float32 matmul peak and the GFLOP/s our forward achieves.
+during the requests; ``ours+mirror`` is ours with test-time mirroring (8 passes). It also measures this machine's
+float32 matmul peak and the GFLOP/s our forward achieves.
 
     python bench/infer.py [--quick]      # RESULTS_DIR=... to write elsewhere than bench/results (--quick: .../quick)
 """
@@ -40,8 +41,10 @@ from crossmodal.serving.radiology import RadiologyInfer, radiology_unet  # noqa:
 from crossmodal.transforms import LoadCased  # noqa: E402
 from monailabel.client import MONAILabelClient  # noqa: E402
 
-PIPELINES = ("ours", "baseline_unet", "radiology")
-MODEL_OF = {"ours": "crossmodal", "baseline_unet": "baseline_unet", "radiology": "radiology_unet"}
+PIPELINES = ("ours", "ours+mirror", "baseline_unet", "radiology")
+MODEL_OF = {"ours": "crossmodal", "ours+mirror": "crossmodal", "baseline_unet": "baseline_unet",
+            "radiology": "radiology_unet"}
+MIRROR = (0, 1, 2)  # ours+mirror: test-time mirroring, 8 passes (README: Test-time mirroring)
 PRETRAINED = REPO / "apps" / "crossmodal" / "pretrained"
 
 
@@ -84,7 +87,8 @@ def time_forward(pipeline: str, preset: str, image_path: Path, repeats: int) -> 
     else:
         net = build_network(load_config(preset, overrides={"model": {"name": MODEL_OF[pipeline]}})).eval()
         x = LoadCased(cfg)({"image": str(image_path)})["image"].as_tensor()[None]
-        window = NetworkInferer(cfg.infer, fused_only=True)  # what a plain infer request runs
+        # what a plain infer request runs (ours+mirror: with mirror_axes=0,1,2)
+        window = NetworkInferer(cfg.infer, fused_only=True, mirror_axes=MIRROR if pipeline == "ours+mirror" else ())
 
         def run() -> object:
             return window(x, net)
@@ -161,9 +165,10 @@ def main() -> int:
                     client.infer(MODEL_OF[pipeline], warm_id, {})  # loads the model and the readers
                     reset_peak(server.proc.pid)
                     runs = []  # (seconds, server latencies) per request; the median one is reported
+                    request = {"mirror_axes": ",".join(map(str, MIRROR))} if pipeline == "ours+mirror" else {}
                     for _ in range(repeats):
                         t = time.perf_counter()
-                        _, params = client.infer(MODEL_OF[pipeline], image_id, {})
+                        _, params = client.infer(MODEL_OF[pipeline], image_id, request)
                         runs.append((time.perf_counter() - t, params.get("latencies", {})))
                     request_s, lat = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
                     rss = peak_rss_gb(server.proc.pid)
