@@ -228,6 +228,13 @@ def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg):
     summary = json.loads((tmp_path / "e.json").read_text())
     assert summary["cases"] == 1 and summary["per_case"][0]["case"] == "phantom002"  # the imagesTs case
     assert summary["dice_mean"] > 0.8, r.stdout
+    assert summary["mirror_axes"] == [] and summary["per_case"][0]["seconds"] > 0  # one pass, its infer seconds
+    assert summary["seconds_mean"] == pytest.approx(summary["per_case"][0]["seconds"])
+    r = subprocess.run([*CLI, "evaluate", "--studies", str(ds), "--config", "phantom", "--model",
+                        str(PRETRAINED_PHANTOM), "--network", "baseline_unet", "--mirror-axes", "0,3"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "crossmodal: error: --mirror-axes: '0,3' must name spatial axes 0, 1 or 2, each once")
     r = subprocess.run([*CLI, "train", "--studies", str(ds), "--config", "phantom", "--model-dir",
                         str(tmp_path / "m"), "--epochs", "1", "--network", "baseline_unet"],
                        capture_output=True, text=True)
