@@ -25,7 +25,13 @@ from crossmodal.serving.activelearning import (
     candidates,
 )
 from crossmodal.serving.app import AppParts
-from crossmodal.simulate import area_under_curve, cases_to_reach, summarize, variant_report
+from crossmodal.simulate import (
+    area_under_curve,
+    cases_to_reach,
+    fewest_cases_possible,
+    summarize,
+    variant_report,
+)
 from crossmodal.transforms import preprocessing
 
 CFG = load_config("phantom")
@@ -184,6 +190,12 @@ def test_area_under_curve_and_cases_to_reach():
     assert area_under_curve([2, 4, 8], [0.2, 0.6, 0.6]) == pytest.approx((0.8 + 2.4) / 6)
     recs = [{"round": 0, "annotated_cases": 2, "dice_mean": 0.5}, {"round": 1, "annotated_cases": 4, "dice_mean": 0.8}]
     assert cases_to_reach(recs, 0.79) == 4 and cases_to_reach(recs, 0.9) is None
+
+
+def test_fewest_cases_possible_shares_round_zero_and_needs_one_round_elsewhere():
+    # Random reached at round 0 (2 cases): everyone does; at 4 or later: nobody before 2 + k; never: unknown
+    assert fewest_cases_possible([2, 4, 8, None], first=2, step=2) == [2, 4, 4, None]
+    assert fewest_cases_possible([1, 3, 5], first=1, step=1) == [1, 2, 2]
 
 
 def test_summary_gives_each_seeds_auc_whose_mean_is_the_mean_curves():

@@ -99,7 +99,10 @@ def test_simulation_goals_from_hand_made_curves():
     goals = {g["goal"]: g for g in simulate.goals(summarize(recs, refs), cost)}
     reach = goals["cases to 95% of full: ours / random (<= 0.6)"]
     assert reach["measured"] == pytest.approx(4 / 6) and reach["met"] is False
-    assert reach["detail"] == "ours [4, 4], random [6, 6] (per seed)"
+    # round 0 (2 cases, 0.90) is below 0.95 on both seeds: no strategy can reach it with fewer than 4 cases
+    assert reach["lowest_possible"] == pytest.approx(8 / 12, abs=1e-4)
+    assert reach["detail"] == ("ours [4, 4], random [6, 6] (per seed); the lowest ratio any strategy can reach here "
+                               "0.6667 (fewest cases possible [4, 4])")
     # AUC over 2..6 cases = (y0 + 2 y1 + y2) / 4: ours 0.9475 / 0.9525, random 0.925 / 0.93, epistemic 0.955 / 0.9425
     rnd = goals["AUC(cases) ours > random"]
     assert rnd["measured"] == pytest.approx(0.0225, abs=1e-4) and rnd["met"] is True

@@ -232,6 +232,21 @@ def cases_to_reach(records: Sequence[dict], target: float) -> int | None:
     return None
 
 
+def fewest_cases_possible(random_reach: Sequence[int | None], first: int, step: int) -> list[int | None]:
+    """Per seed, the fewest annotated cases with which any strategy can reach the target, given Random's.
+
+    Every strategy starts from the same ``first`` cases (round 0 is shared) and adds ``step`` a round: where Random
+    reached the target at round 0, so does every strategy; elsewhere none can before ``first + step``. None where
+    Random never reached it. The cases-to-target ratio of any strategy over Random is at least the sum of these over
+    the sum of Random's: how low the protocol lets that ratio go.
+
+    Example:
+        >>> fewest_cases_possible([2, 6, 4, None], first=2, step=2)
+        [2, 4, 4, None]
+    """
+    return [None if r is None else first if r <= first else first + step for r in random_reach]
+
+
 def summarize(records: list[dict], refs: list[dict]) -> dict[str, Any]:
     """Per dataset and strategy: mean curve over seeds, AUC (vs cases and vs voxels; vs cases per seed too, in
     ``seeds`` order), cases to 95% of full."""
