@@ -33,6 +33,7 @@ from crossmodal.simulate import (
     variant_report,
 )
 from crossmodal.transforms import preprocessing
+from fastapi import HTTPException
 
 CFG = load_config("phantom")
 WEIGHTS = APP / "pretrained" / "phantom_crossmodal.pt"
@@ -132,6 +133,49 @@ def test_scoring_stores_scores_once_per_model_and_rescored_after_training(app_pa
     assert scoring.infer_task.get_path() == parts.published
     assert scoring({}, store)["scored"] == 4
     assert len(list(Path(scoring.cache_dir).glob("*.pt"))) == 4  # preprocessed inputs cached for re-scoring
+
+
+def test_scoring_writes_the_datastore_once_per_flush_not_once_per_case(app_parts):
+    """The datastore is one JSON of every case: a pool of hundreds written once per case spends longer writing
+    than scoring (bench/pool.py). Scores are stored in batches, at most every ``flush_s`` seconds."""
+    parts, store, studies = app_parts
+    writes = []
+    write = store._update_datastore_file
+    store._update_datastore_file = lambda lock=True: (writes.append(1), write(lock))[1]  # the real write, counted
+    scoring = parts.scoring(parts.infer())
+    assert scoring.flush_s == 5.0
+    out = scoring({}, store)
+    assert out["scored"] == 4 and len(writes) == 1  # 4 cases in well under 5 s: one write
+    fresh = type(store)(str(studies), CFG.labels)  # what another process reads: every case's scores
+    assert sorted(i for i in fresh.get_unlabeled_images() if SCORES_KEY in fresh.get_image_info(i)) == \
+        sorted(out["scores"])
+    scoring.flush_s = 0.0  # after every case (the behaviour before)
+    shutil.copyfile(parts.models[0].pretrained, parts.published)
+    os.utime(parts.published, (time.time() + 5, time.time() + 5))
+    writes.clear()
+    assert scoring({}, store)["scored"] == 4 and len(writes) == 4
+
+
+def test_batched_info_update_keeps_other_writes_and_returns_gone_cases(tmp_path):
+    from crossmodal.serving.datastore import CrossModalDatastore
+
+    studies = make_phantom_studies(tmp_path / "s", CFG, cases=4, dense=1, sparse=0, seed=3)
+    server, child = CrossModalDatastore(str(studies), CFG.labels), CrossModalDatastore(str(studies), CFG.labels)
+    server.update_image_info("phantom001", {HANDOUT_KEY: {"ts": 1.0, "client": "A"}})
+    server.update_image_info("phantom003", {SCORES_KEY: {"disagreement": 0.3}})  # after the child's last read
+    missing = child.update_image_infos({"phantom002": {SCORES_KEY: {"disagreement": 0.2}},
+                                        "gone007": {SCORES_KEY: {"disagreement": 0.9}},
+                                        "phantom001": {SCORES_KEY: {"disagreement": 0.1}}})
+    assert missing == ["gone007"]
+    fresh = CrossModalDatastore(str(studies), CFG.labels)
+    assert fresh.get_image_info("phantom002")[SCORES_KEY] == {"disagreement": 0.2}
+    assert fresh.get_image_info("phantom001")[SCORES_KEY] == {"disagreement": 0.1}
+    assert fresh.get_image_info("phantom001")[HANDOUT_KEY]["client"] == "A"  # merged into, not replaced
+    assert fresh.get_image_info("phantom003")[SCORES_KEY] == {"disagreement": 0.3}  # the other writer's
+    assert "gone007" not in fresh.json()["objects"]
+    with pytest.raises(HTTPException) as e:
+        child.update_image_info("gone007", {})
+    assert e.value.status_code == 404 and e.value.detail == "case 'gone007': no such image in the datastore"
 
 
 def test_scoring_cache_follows_every_modality_file_and_a_broken_case_is_reported_by_name(app_parts):

@@ -59,13 +59,35 @@ def labelled_descriptors(datastore: Datastore) -> list[np.ndarray]:
                 .values())
 
 
+def store_infos(datastore: Datastore, infos: dict[str, dict[str, Any]]) -> None:
+    """Many cases' image infos in one datastore write where the datastore can (``update_image_infos``), else one
+    by one; a case gone from the datastore meanwhile is skipped (logged)."""
+    if hasattr(datastore, "update_image_infos"):
+        missing = datastore.update_image_infos(infos)
+    else:
+        missing = []
+        for image_id, info in infos.items():
+            try:
+                datastore.update_image_info(image_id, info)
+            except Exception:  # noqa: BLE001 - a datastore of another kind: whatever it raises for a gone case
+                missing.append(image_id)
+    if missing:
+        logger.warning(f"cases {missing}: gone from the datastore while being scored; their scores are dropped")
+
+
 class CrossModalScoring(ScoringMethod):
-    """Scores candidates (see the module docstring); with no model yet, stores image descriptors only."""
+    """Scores candidates (see the module docstring); with no model yet, stores image descriptors only.
+
+    Scores reach the datastore in batches, at most every ``flush_s`` seconds (and at the end): the datastore is one
+    JSON file holding every case, so writing it once per case costs O(cases) each and a pool of hundreds of cases
+    would spend longer writing it than scoring (``flush_s=0``: after every case). A killed scoring loses at most
+    the last ``flush_s`` seconds of scores, which the next scoring computes again."""
 
     def __init__(self, cfg: CrossModalConfig, infer_task: Any, cache_dir: str,
-                 description: str = "Cross-modal disagreement + MC-dropout uncertainty + descriptor") -> None:
+                 description: str = "Cross-modal disagreement + MC-dropout uncertainty + descriptor",
+                 flush_s: float = 5.0) -> None:
         super().__init__(description)
-        self.cfg, self.infer_task, self.cache_dir = cfg, infer_task, Path(cache_dir)
+        self.cfg, self.infer_task, self.cache_dir, self.flush_s = cfg, infer_task, Path(cache_dir), flush_s
 
     def case_input(self, path: str) -> tuple[torch.Tensor, list[bool]]:
         """The case's network input at the scoring scale (1, M, *S) and its present modalities; cached on disk by
@@ -112,6 +134,8 @@ class CrossModalScoring(ScoringMethod):
         if network is not None:
             network.eval()
         scored, failed, seconds = {}, {}, []
+        pending: dict[str, dict[str, Any]] = {}
+        flushed = time.monotonic()
         for image_id in candidates(datastore, self.cfg.active.refine_sparse):
             info = datastore.get_image_info(image_id).get(SCORES_KEY) or {}
             if info.get("model_ts") == model_ts and "descriptor" in info:
@@ -122,8 +146,13 @@ class CrossModalScoring(ScoringMethod):
                 failed[image_id] = str(cause_of_type(e, (CaseError,)) or getattr(e, "detail", e))
                 continue
             seconds.append(s.pop("seconds"))
-            datastore.update_image_info(image_id, {SCORES_KEY: {**s, "model_ts": model_ts}})
+            pending[image_id] = {SCORES_KEY: {**s, "model_ts": model_ts}}
             scored[image_id] = {k: round(v, 6) for k, v in s.items() if k != "descriptor"}
+            if time.monotonic() - flushed >= self.flush_s:
+                store_infos(datastore, pending)
+                pending, flushed = {}, time.monotonic()
+        if pending:
+            store_infos(datastore, pending)
         return {"scored": len(scored), "scores": scored, "failed": failed, "model": bool(path),
                 "seconds_per_case": round(float(np.mean(seconds)), 4) if seconds else None}
 

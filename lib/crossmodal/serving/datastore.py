@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -170,13 +171,23 @@ class CrossModalDatastore(LocalDatastore):
         return super().json()
 
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
+        if self.update_image_infos({image_id: info}):
+            raise HTTPException(status_code=404, detail=f"case {image_id!r}: no such image in the datastore")
+
+    def update_image_infos(self, infos: Mapping[str, dict[str, Any]]) -> list[str]:
+        """:meth:`update_image_info` for many cases with one read and one write of the datastore file (under the
+        lock, after what another process wrote); returns the ids that are not (or no longer) in the datastore,
+        whose infos are dropped. The file holds every case, so writing it once per case costs O(cases) each:
+        scoring a pool of 600 cases that way spent 37 ms a case on it (bench/pool.py)."""
         with FileLock(self._lock_file):
             self._reload_unlocked(force=True)
-            obj = self._datastore.objects.get(image_id)
-            if not obj:
-                raise HTTPException(status_code=404, detail=f"case {image_id!r}: no such image in the datastore")
-            obj.image.info.update(info)
-            self._update_datastore_file(lock=False)
+            missing = [i for i in infos if i not in self._datastore.objects]
+            for image_id, info in infos.items():
+                if image_id not in missing:
+                    self._datastore.objects[image_id].image.info.update(info)
+            if len(missing) < len(infos):
+                self._update_datastore_file(lock=False)
+        return missing
 
     def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
         with FileLock(self._lock_file):

@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -337,12 +338,29 @@ class PacsDatastore(CrossModalDatastore):
 
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
         """Scores and strategy stamps for any case, fetched or not (kept in the cache's datastore JSON)."""
-        cid = self.resolve(image_id)
+        self.resolve(image_id)  # 404 for a series no case of the PACS holds
+        self.update_image_infos({image_id: info})
+
+    def update_image_infos(self, infos: Mapping[str, dict[str, Any]]) -> list[str]:
+        """:meth:`update_image_info` for many cases with one write; returns the ids no case of the PACS holds (any
+        other case has an entry to update, fetched or not)."""
+        cids, missing = {}, []
+        for image_id, info in infos.items():
+            try:
+                cids[self.resolve(image_id)] = info
+            except HTTPException as e:
+                if isinstance(e, PacsUnavailable):
+                    raise
+                missing.append(image_id)
+        if not cids:
+            return missing
         with FileLock(self._lock_file):
-            self._reload_unlocked()
-            obj = self._datastore.objects.setdefault(cid, ImageLabelModel(image=DataModel(info={}, ext=".nii.gz")))
-            obj.image.info.update(info)
+            self._reload_unlocked(force=True)  # after whatever another process wrote in the same mtime tick
+            for cid, info in cids.items():
+                obj = self._datastore.objects.setdefault(cid, ImageLabelModel(image=DataModel(info={}, ext=".nii.gz")))
+                obj.image.info.update(info)
             self._update_datastore_file(lock=False)
+        return missing
 
     # ---- labels ------------------------------------------------------------------------------------------------
     def _pacs_labels(self) -> dict[str, str]:
