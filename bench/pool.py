@@ -6,10 +6,13 @@ re-scoring after a training run, twice per pool: storing each case's scores as i
 of the datastore JSON, which holds every case, per case - the behaviour until 2026-12-01) and batched (the default,
 at most every 5 s). It checks that every case's scores landed in the datastore either way, times a viewer's Next
 Sample on the scored pool (``CrossModalStrategy``) and the scoring MONAI Label runs after it (nothing left to
-score), prints a table, writes ``pool.json`` and ``pool.png`` (ms per case vs pool size) to ``RESULTS_DIR``
-(default ``bench/results``; ``--quick``: 20 and 40 cases, ``bench/results/quick``).
+score), prints a table. Then training: one epoch of the app's train task (phantom preset, ours, CPU, a fresh
+process each) on 2 dense labels + 100 and 400 unlabelled cases, every unlabelled case in the epoch (before,
+``train.consistency.max_unlabeled_per_epoch`` unbounded) vs the default 32 (the rest walked in turn over the
+epochs): steps, seconds, peak RSS. Writes ``pool.json`` and ``pool.png`` (ms per case vs pool size) to
+``RESULTS_DIR`` (default ``bench/results``; ``--quick``: 20 and 40 cases, ``bench/results/quick``).
 
-    python bench/pool.py [--quick] [--sizes 100,200,400,800]
+    python bench/pool.py [--quick] [--sizes 100,200,400,800] [--train-sizes 100,400] [--parts scoring,training]
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -76,6 +80,37 @@ def score_pool(pool: Path, work: Path, cache: Path, flush_s: float, weights: Pat
             "datastore_kb": (pool / "datastore_v2.json").stat().st_size // 1024}
 
 
+TRAIN_CHILD = """
+import json, sys, time
+from pathlib import Path
+from crossmodal.serving.offline import train_offline
+t = time.perf_counter()
+train_offline(sys.argv[1], sys.argv[2], sys.argv[3], epochs=1, device="cpu", network="crossmodal")
+seconds = time.perf_counter() - t
+rss = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:")) / 1024**2
+curve = json.loads(next(Path(sys.argv[3]).glob("train_*/learning_curve.json")).read_text())
+print("RESULT " + json.dumps({"seconds": round(seconds, 1), "steps": curve[-1]["iteration"],
+                              "peak_rss_gb": round(rss, 2)}))
+"""
+
+
+def train_epoch(studies: Path, work: Path, cap: int) -> dict:
+    """One epoch of the app's train task (phantom preset, ours, CPU) on ``studies``, in a fresh process, with
+    ``train.consistency.max_unlabeled_per_epoch`` = ``cap``: seconds, steps, peak RSS."""
+    from crossmodal.config import save_config
+    from crossmodal.serving.offline import method_config
+
+    preset = work / f"cap{cap}.yaml"
+    save_config(method_config("phantom", "ours", {"train": {"consistency": {"max_unlabeled_per_epoch": cap}}}),
+                preset)
+    out = subprocess.run([sys.executable, "-c", TRAIN_CHILD, str(studies), str(preset), str(work / f"model{cap}")],
+                         capture_output=True, text=True)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if out.returncode or line is None:
+        raise SystemExit(f"training with max_unlabeled_per_epoch {cap} failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -97,41 +132,28 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="pools of 20 and 40 cases")
-    ap.add_argument("--sizes", help="comma-separated pool sizes (default 100,200,400,800)")
-    args = ap.parse_args()
-    sizes = sorted(int(s) for s in (args.sizes or ("20,40" if args.quick else "100,200,400,800")).split(","))
-    if sizes[0] < 1:
-        ap.error(f"--sizes: pool sizes must be positive, got {sizes}")
-    results = results_dir(args.quick)
-    cfg = load_config("phantom")
-    work = Path(tempfile.mkdtemp(prefix="bench-pool-"))
-    try:
-        src = work / "cases"
-        t = time.perf_counter()
-        generate(src, cfg, lambda rng: make_phantom(cfg, rng, size=48), sizes[-1], seed=7, prefix="pool")
-        print(f"{sizes[-1]} phantom cases generated in {time.perf_counter() - t:.0f} s", flush=True)
-        cases = sorted(p.name[: -len(".nii.gz")] for p in src.glob("*.nii.gz"))
-        cache, weights = work / "cache", work / WEIGHTS.name
-        shutil.copy(WEIGHTS, weights)
-        warm = score_pool(sub_pool(src, work / "warm", cases), work / "warm_app", cache, 5.0, weights)  # the cache
-        print(f"first sight (read + preprocess + score) {warm['seconds']:.0f} s for {warm['scored']} cases", flush=True)
-        rows = []
-        for n in sizes:
-            row: dict = {"cases": n}
-            for mode, flush_s in (("per_case", 0.0), ("batched", 5.0)):
-                pool = sub_pool(src, work / f"{mode}_{n}", cases[:n])
-                row[mode] = score_pool(pool, work / f"{mode}_{n}_app", cache, flush_s, weights)
-                if row[mode]["scored"] != n or row[mode]["stored"] != n:
-                    raise SystemExit(f"pool of {n}, {mode}: scored {row[mode]['scored']}, stored "
-                                     f"{row[mode]['stored']} of {n} cases")
-            row["speedup"] = round(row["per_case"]["seconds"] / row["batched"]["seconds"], 2)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+def scoring_part(sizes: list[int], work: Path, cfg) -> list[dict]:
+    src = work / "cases"
+    t = time.perf_counter()
+    generate(src, cfg, lambda rng: make_phantom(cfg, rng, size=48), sizes[-1], seed=7, prefix="pool")
+    print(f"{sizes[-1]} phantom cases generated in {time.perf_counter() - t:.0f} s", flush=True)
+    cases = sorted(p.name[: -len(".nii.gz")] for p in src.glob("*.nii.gz"))
+    cache, weights = work / "cache", work / WEIGHTS.name
+    shutil.copy(WEIGHTS, weights)
+    warm = score_pool(sub_pool(src, work / "warm", cases), work / "warm_app", cache, 5.0, weights)  # the cache
+    print(f"first sight (read + preprocess + score) {warm['seconds']:.0f} s for {warm['scored']} cases", flush=True)
+    rows = []
+    for n in sizes:
+        row: dict = {"cases": n}
+        for mode, flush_s in (("per_case", 0.0), ("batched", 5.0)):
+            pool = sub_pool(src, work / f"{mode}_{n}", cases[:n])
+            row[mode] = score_pool(pool, work / f"{mode}_{n}_app", cache, flush_s, weights)
+            if row[mode]["scored"] != n or row[mode]["stored"] != n:
+                raise SystemExit(f"pool of {n}, {mode}: scored {row[mode]['scored']}, stored "
+                                 f"{row[mode]['stored']} of {n} cases")
+        row["speedup"] = round(row["per_case"]["seconds"] / row["batched"]["seconds"], 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     print(f"\n{'cases':>6} {'JSON kB':>8} {'before s':>11} {'now s':>10} {'before ms':>9} {'now ms':>8} "
           f"{'forward ms':>11} {'before/now':>11} {'next sample s':>14} {'re-check s':>11}")
     for r in rows:
@@ -140,9 +162,63 @@ def main() -> int:
               f"{p['seconds'] / r['cases'] * 1000:9.1f} {b['seconds'] / r['cases'] * 1000:8.1f} "
               f"{b['forward_seconds_per_case'] * 1000:11.1f} {r['speedup']:10.2f}x {b['next_sample_seconds']:14.3f} "
               f"{b['recheck_seconds']:11.3f}")
-    atomic_write_text(results / "pool.json", json.dumps({"weights": str(WEIGHTS.relative_to(REPO)), "rows": rows},
-                                                        indent=2))
-    plot(rows, results / "pool.png")
+    return rows
+
+
+def training_part(sizes: list[int], work: Path, cfg) -> list[dict]:
+    """One training epoch on 2 dense labels + each pool of unlabelled cases: every unlabelled case an epoch (before,
+    ``max_unlabeled_per_epoch`` unbounded) vs the default 32."""
+    default = cfg.train.consistency.max_unlabeled_per_epoch
+    rows = []
+    for n in sizes:
+        studies = work / f"train_{n}"
+        generate(studies, cfg, lambda rng: make_phantom(cfg, rng, size=48), n + 2, seed=8, prefix="pool", dense=2)
+        row = {"unlabeled": n, "dense": 2, "every_case": train_epoch(studies, work, 10**9),
+               "capped": train_epoch(studies, work, default), "cap": default}
+        row["speedup"] = round(row["every_case"]["seconds"] / row["capped"]["seconds"], 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\none training epoch, 2 dense labels + unlabelled cases (phantom preset, CPU)\n{'unlabelled':>10} "
+          f"{'steps before':>13} {'s before':>9} {'GB before':>10} {'steps now':>10} {'s now':>7} {'GB now':>7} "
+          f"{'before/now':>11}")
+    for r in rows:
+        e, c = r["every_case"], r["capped"]
+        print(f"{r['unlabeled']:10d} {e['steps']:13d} {e['seconds']:9.1f} {e['peak_rss_gb']:10.2f} {c['steps']:10d} "
+              f"{c['seconds']:7.1f} {c['peak_rss_gb']:7.2f} {r['speedup']:10.2f}x")
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="pools of 20 and 40 cases; training on 40")
+    ap.add_argument("--sizes", help="comma-separated pool sizes to score (default 100,200,400,800)")
+    ap.add_argument("--train-sizes", help="comma-separated unlabelled pool sizes to train on (default 100,400)")
+    ap.add_argument("--parts", default="scoring,training",
+                    help="scoring, training or both (default); a part not run keeps its rows of RESULTS_DIR/pool.json")
+    args = ap.parse_args()
+    parts = {x.strip() for x in args.parts.split(",") if x.strip()}
+    if not parts or parts - {"scoring", "training"}:
+        ap.error(f"--parts: scoring and/or training, got {args.parts!r}")
+    sizes = sorted(int(s) for s in (args.sizes or ("20,40" if args.quick else "100,200,400,800")).split(","))
+    train_sizes = sorted(int(s) for s in (args.train_sizes or ("40" if args.quick else "100,400")).split(","))
+    if min(sizes + train_sizes) < 1:
+        ap.error(f"pool sizes must be positive, got {sizes} and {train_sizes}")
+    results = results_dir(args.quick)
+    previous = json.loads((results / "pool.json").read_text()) if (results / "pool.json").is_file() else {}
+    out = {"weights": str(WEIGHTS.relative_to(REPO)), "rows": previous.get("rows", []),
+           "training": previous.get("training", [])}
+    cfg = load_config("phantom")
+    work = Path(tempfile.mkdtemp(prefix="bench-pool-"))
+    try:
+        if "scoring" in parts:
+            out["rows"] = scoring_part(sizes, work, cfg)
+        if "training" in parts:
+            out["training"] = training_part(train_sizes, work, cfg)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    atomic_write_text(results / "pool.json", json.dumps(out, indent=2))
+    if out["rows"]:
+        plot(out["rows"], results / "pool.png")
     print(f"\nwrote {results / 'pool.json'}, {results / 'pool.png'}")
     return 0
 

@@ -148,7 +148,8 @@ def run(root: Path, dataset: str, spec: dict, method: str, regime: str, mm: floa
     counts = regime_studies(pool, studies, regime, cfg, seed)
     unlabeled = regime.endswith("_unlabeled")
     steps_per_epoch = epoch_length(counts, unlabeled and cfg.model.name == "crossmodal", 2,
-                                   cfg.train.consistency.unlabeled_batch_size)
+                                   cfg.train.consistency.unlabeled_batch_size,
+                                   cfg.train.consistency.max_unlabeled_per_epoch)
     epochs = max(1, round(spec["steps"] / steps_per_epoch))
     torch.manual_seed(seed)
     reset_peak_rss()

@@ -41,6 +41,8 @@ def test_viewer_labels_include_marked_background():
         ({"infer": {"roi": 3}}, "infer: unknown keys ['roi']"),
         ({"train": {"consistency": {"teacher_decay": 1.0}}}, "teacher_decay: 1.0 must be in [0, 1)"),
         ({"train": {"consistency": {"copy_paste_start": -1}}}, "copy_paste_start: -1 must be >= 0"),
+        ({"train": {"consistency": {"max_unlabeled_per_epoch": 0}}},
+         "train.consistency.max_unlabeled_per_epoch: 0 must be >= 1"),
     ],
 )
 def test_bad_values_name_the_key(raw, message):

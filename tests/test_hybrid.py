@@ -202,6 +202,19 @@ def test_multi_source_loader_sees_every_case_of_every_source():
         MultiSourceLoader({"dense": empty})
 
 
+def test_a_capped_unlabelled_pool_is_walked_in_turn_over_the_epochs():
+    """800 unlabelled cases must not make an epoch 800 steps long: 32 a epoch, going on where the last one stopped."""
+    dense = torch.utils.data.DataLoader([0, 1, 2], batch_size=2, shuffle=True)
+    unlabeled = torch.utils.data.DataLoader(list(range(100, 200)), batch_size=1, shuffle=True)
+    loader = MultiSourceLoader({"dense": dense, "unlabeled": unlabeled}, caps={"unlabeled": 32})
+    epochs = [[int(s["unlabeled"]) for s in loader] for _ in range(4)]
+    assert len(loader) == 32 and [len(e) for e in epochs] == [32, 32, 32, 32]
+    first_pass = [c for e in epochs for c in e][:100]
+    assert sorted(first_pass) == list(range(100, 200))  # every case once in the first 100 steps: nothing skipped
+    assert len(MultiSourceLoader({"dense": dense, "unlabeled": unlabeled}, caps={"unlabeled": 500})) == 100
+    assert len(MultiSourceLoader({"dense": dense, "unlabeled": unlabeled}, caps={"dense": 1})) == 100
+
+
 def test_single_modality_network_sees_one_channel():
     cfg = method_config("phantom", "single_pet")
     net = build_network(cfg).eval()
@@ -249,6 +262,11 @@ def test_train_task_learns_from_dense_sparse_and_unlabelled_cases(tmp_path: Path
     assert again["total_iterations"] == 1  # no unlabelled source: one step per epoch (dense, sparse: 1 each)
     assert again["train"]["metrics"]["copy_paste_samples"] == 0  # nothing to mix without unlabelled cases
     assert not all(torch.equal(v, torch.load(again["published"], map_location="cpu")[k]) for k, v in first.items())
+    capped = load_config(preset, overrides={"train": {"consistency": {"max_unlabeled_per_epoch": 3}}})
+    save_config(capped, tmp_path / "capped.yaml")
+    walked = train_offline(str(studies), str(tmp_path / "capped.yaml"), str(tmp_path / "m"), epochs=2, device="cpu",
+                           network="crossmodal")
+    assert walked["total_iterations"] == 3 and walked["current_iteration"] == 6  # 3 of the 4 unlabelled an epoch
 
 
 class _FallingScore(Metric):

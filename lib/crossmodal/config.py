@@ -216,7 +216,8 @@ class ConsistencyConfig:
     ``pseudo_threshold`` confidence mask); ``intra_weight``: prediction vs prediction of a flipped, intensity-
     jittered copy (the plain prediction is the target); ``channel_weight``: pooled modality-independent channels
     agree across modalities.
-    ``unlabeled``: draw unlabeled cases (``unlabeled_batch_size`` per step) into these terms.
+    ``unlabeled``: draw unlabeled cases (``unlabeled_batch_size`` per step) into these terms; an epoch draws at
+    most ``max_unlabeled_per_epoch`` of them (a larger pool is walked in turn over the epochs, not cached in memory).
     ``modality_dropout``: probability that the augmented copy of the intra-modal term loses some modalities, so
     the fused output learns to do without them from the full prediction (missing-modality robustness, while
     every plain sample trains with all modalities).
@@ -240,6 +241,7 @@ class ConsistencyConfig:
     rampup_iterations: int = 100
     unlabeled: bool = True
     unlabeled_batch_size: int = 1
+    max_unlabeled_per_epoch: int = 32
     modality_dropout: float = 0.0
     copy_paste: bool = False
     teacher_decay: float = 0.99
@@ -272,8 +274,9 @@ class ConsistencyConfig:
         for k in ("inter_weight", "intra_weight", "channel_weight"):
             if float(getattr(self, k)) < 0:
                 raise ConfigError(f"train.consistency.{k}: {getattr(self, k)} must be >= 0")
-        if self.unlabeled_batch_size < 1:
-            raise ConfigError(f"train.consistency.unlabeled_batch_size: {self.unlabeled_batch_size} must be >= 1")
+        for k in ("unlabeled_batch_size", "max_unlabeled_per_epoch"):
+            if int(getattr(self, k)) < 1:
+                raise ConfigError(f"train.consistency.{k}: {getattr(self, k)} must be >= 1")
 
     @property
     def active(self) -> bool:

@@ -216,20 +216,26 @@ class MultiSourceLoader:
     """Several data loaders stepped together: each step yields ``{source: batch}`` from every source.
 
     An epoch lasts as long as the longest loader; a shorter one starts over (reshuffled by its own sampler), so
-    every case of every source is seen each epoch - no ``zip`` truncation.
+    every case of every source is seen each epoch - no ``zip`` truncation. ``caps`` bound the steps a source adds
+    to the epoch (a large unlabelled pool must not make each epoch hundreds of steps long): a source longer than the
+    epoch goes on, next epoch, where it stopped, so its cases are all seen, in turn, over the epochs.
     """
 
-    def __init__(self, loaders: Mapping[str, torch.utils.data.DataLoader]) -> None:
+    def __init__(self, loaders: Mapping[str, torch.utils.data.DataLoader], caps: Mapping[str, int] | None = None
+                 ) -> None:
         self.loaders = {k: v for k, v in loaders.items() if len(v) > 0}
         if not self.loaders:
             raise ValueError("no data: every source is empty")
+        self.caps = {k: max(1, int(v)) for k, v in (caps or {}).items()}
+        self._carried: dict[str, Iterator] = {}
 
     def __len__(self) -> int:
-        return max(len(v) for v in self.loaders.values())
+        return max(min(len(v), self.caps.get(k, len(v))) for k, v in self.loaders.items())
 
     def __iter__(self) -> Iterator[dict[str, object]]:
-        iters = {k: iter(v) for k, v in self.loaders.items()}
-        for _ in range(len(self)):
+        steps = len(self)
+        iters = {k: self._carried.pop(k, None) or iter(v) for k, v in self.loaders.items()}
+        for _ in range(steps):
             batch = {}
             for k, loader in self.loaders.items():
                 try:
@@ -238,3 +244,4 @@ class MultiSourceLoader:
                     iters[k] = iter(loader)
                     batch[k] = next(iters[k])
             yield batch
+        self._carried = {k: iters[k] for k, v in self.loaders.items() if len(v) > steps}

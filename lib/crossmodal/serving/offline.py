@@ -71,18 +71,22 @@ def train_offline(studies: str, preset: str, model_dir: str, epochs: int | None 
     return {**stats, "published": parts.published, "learning_curve": str(curves[-1]) if curves else None}
 
 
-def epoch_length(counts: dict[str, int], unlabeled: bool, batch: int, unlabeled_batch: int) -> int:
-    """Steps per epoch of the train task's multi-source loader for label counts {dense, sparse, unlabeled}.
+def epoch_length(counts: dict[str, int], unlabeled: bool, batch: int, unlabeled_batch: int,
+                 max_unlabeled: int = 32) -> int:
+    """Steps per epoch of the train task's multi-source loader for label counts {dense, sparse, unlabeled}
+    (``max_unlabeled``: ``train.consistency.max_unlabeled_per_epoch``).
 
     Example:
         >>> epoch_length({"dense": 1, "sparse": 6, "unlabeled": 9}, True, 2, 1)  # 9 unlabelled, 1 per step
         9
+        >>> epoch_length({"dense": 1, "sparse": 6, "unlabeled": 800}, True, 2, 1)  # 32 of them an epoch
+        32
     """
     sources = [c for c in (counts["dense"], counts["sparse"]) if c]
     per = max(1, batch // max(1, len(sources)))
     lengths = [math.ceil(c / per) for c in sources]
     if unlabeled and counts["unlabeled"]:
-        lengths.append(math.ceil(counts["unlabeled"] / unlabeled_batch))
+        lengths.append(math.ceil(min(counts["unlabeled"], max_unlabeled) / unlabeled_batch))
     return max(lengths)
 
 

@@ -21,6 +21,7 @@ import gc
 import io
 import json
 import logging
+import math
 import os
 import random
 import tempfile
@@ -400,7 +401,7 @@ class CrossModalTrain(BasicTrainTask):
 
     def train_data_loader(self, context: Context, num_workers: int = 0, shuffle: bool = True) -> MultiSourceLoader:
         """One shuffling loader per source present (dense, sparse, unlabelled), stepped together."""
-        loaders = {}
+        loaders, caps = {}, {}
         labeled_sources = [k for k in (DENSE, SPARSE) if any(d["label_kind"] == k for d in context.train_datalist)]
         for source in SOURCES:
             items = [d for d in context.train_datalist if d["label_kind"] == source]
@@ -416,14 +417,18 @@ class CrossModalTrain(BasicTrainTask):
                     self._pseudo_rounds = PseudoLabelRounds(self.cfg, items, store)
                 transforms = preprocessing(self.cfg, "unlabeled", pseudo_labels=store)
                 batch = self.cfg.train.consistency.unlabeled_batch_size
+                most = self.cfg.train.consistency.max_unlabeled_per_epoch
+                caps[source] = math.ceil(most / batch)
+                walked = len(items) > most  # read in turn over the epochs: caching the pool would only cost memory
             else:
                 transforms = self.train_pre_transforms(context)
                 batch = max(1, int(context.train_batch_size) // max(1, len(labeled_sources)))
-            dataset = CacheDataset(items, transforms, progress=False) if context.dataset_type == "CacheDataset" \
-                else Dataset(items, transforms)
+                walked = False
+            dataset = CacheDataset(items, transforms, progress=False) \
+                if context.dataset_type == "CacheDataset" and not walked else Dataset(items, transforms)
             loaders[source] = self._dataloader(context, dataset, batch, num_workers, shuffle=shuffle)
             logger.info(f"{context.local_rank} - {source}: {len(items)} cases, batch {batch}")
-        return MultiSourceLoader(loaders)
+        return MultiSourceLoader(loaders, caps)
 
     def _create_trainer(self, context: Context) -> SupervisedTrainer:
         """MONAI Label's trainer set-up, with the multi-source loader and its epoch length."""
