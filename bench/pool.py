@@ -88,7 +88,7 @@ t = time.perf_counter()
 train_offline(sys.argv[1], sys.argv[2], sys.argv[3], epochs=1, device="cpu", network="crossmodal")
 seconds = time.perf_counter() - t
 rss = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:")) / 1024**2
-curve = json.loads(next(Path(sys.argv[3]).glob("train_*/learning_curve.json")).read_text())
+curve = json.loads(max(Path(sys.argv[3]).glob("train_*/learning_curve.json")).read_text())
 print("RESULT " + json.dumps({"seconds": round(seconds, 1), "steps": curve[-1]["iteration"],
                               "peak_rss_gb": round(rss, 2)}))
 """
@@ -103,7 +103,8 @@ def train_epoch(studies: Path, work: Path, cap: int) -> dict:
     preset = work / f"cap{cap}.yaml"
     save_config(method_config("phantom", "ours", {"train": {"consistency": {"max_unlabeled_per_epoch": cap}}}),
                 preset)
-    out = subprocess.run([sys.executable, "-c", TRAIN_CHILD, str(studies), str(preset), str(work / f"model{cap}")],
+    model_dir = work / f"model_{studies.name}_cap{cap}"  # a new one per run: nothing to fine-tune from
+    out = subprocess.run([sys.executable, "-c", TRAIN_CHILD, str(studies), str(preset), str(model_dir)],
                          capture_output=True, text=True)
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     if out.returncode or line is None:
