@@ -24,6 +24,7 @@ import torch
 from crossmodal.active import combine, image_descriptor, score_image, scoring_input, select
 from crossmodal.config import CrossModalConfig
 from crossmodal.io import CaseError, case_id_of, cause_of_type, find_case
+from crossmodal.serving.datastore import CrossModalDatastore
 from crossmodal.transforms import preprocessing
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
@@ -59,18 +60,9 @@ def labelled_descriptors(datastore: Datastore) -> list[np.ndarray]:
                 .values())
 
 
-def store_infos(datastore: Datastore, infos: dict[str, dict[str, Any]]) -> None:
-    """Many cases' image infos in one datastore write where the datastore can (``update_image_infos``), else one
-    by one; a case gone from the datastore meanwhile is skipped (logged)."""
-    if hasattr(datastore, "update_image_infos"):
-        missing = datastore.update_image_infos(infos)
-    else:
-        missing = []
-        for image_id, info in infos.items():
-            try:
-                datastore.update_image_info(image_id, info)
-            except Exception:  # noqa: BLE001 - a datastore of another kind: whatever it raises for a gone case
-                missing.append(image_id)
+def store_infos(datastore: CrossModalDatastore, infos: dict[str, dict[str, Any]]) -> None:
+    """Many cases' image infos in one datastore write; a case gone from the datastore meanwhile is skipped (logged)."""
+    missing = datastore.update_image_infos(infos)
     if missing:
         logger.warning(f"cases {missing}: gone from the datastore while being scored; their scores are dropped")
 

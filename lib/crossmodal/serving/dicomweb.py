@@ -337,9 +337,9 @@ class PacsDatastore(CrossModalDatastore):
         return info
 
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
-        """Scores and strategy stamps for any case, fetched or not (kept in the cache's datastore JSON)."""
-        self.resolve(image_id)  # 404 for a series no case of the PACS holds
-        self.update_image_infos({image_id: info})
+        """Scores and strategy stamps for any case, fetched or not (kept in the cache's datastore JSON); 404 for a
+        series no case of the PACS holds."""
+        self._write_infos({self.resolve(image_id): info})
 
     def update_image_infos(self, infos: Mapping[str, dict[str, Any]]) -> list[str]:
         """:meth:`update_image_info` for many cases with one write; returns the ids no case of the PACS holds (any
@@ -352,15 +352,18 @@ class PacsDatastore(CrossModalDatastore):
                 if isinstance(e, PacsUnavailable):
                     raise
                 missing.append(image_id)
-        if not cids:
-            return missing
+        if cids:
+            self._write_infos(cids)
+        return missing
+
+    def _write_infos(self, infos: Mapping[str, dict[str, Any]]) -> None:
+        """Merge infos by case id into the cache's datastore JSON: one locked re-read, one write."""
         with FileLock(self._lock_file):
             self._reload_unlocked(force=True)  # after whatever another process wrote in the same mtime tick
-            for cid, info in cids.items():
+            for cid, info in infos.items():
                 obj = self._datastore.objects.setdefault(cid, ImageLabelModel(image=DataModel(info={}, ext=".nii.gz")))
                 obj.image.info.update(info)
             self._update_datastore_file(lock=False)
-        return missing
 
     # ---- labels ------------------------------------------------------------------------------------------------
     def _pacs_labels(self) -> dict[str, str]:

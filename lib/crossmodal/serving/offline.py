@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from crossmodal.config import CrossModalConfig, atomic_write_text, load_config, merge_dicts
+from crossmodal.config import ConsistencyConfig, CrossModalConfig, atomic_write_text, load_config, merge_dicts
 from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR
 from crossmodal.io import atomic_copy, case_id_of, load_volume
 from crossmodal.serving.app import AppParts
@@ -72,7 +72,7 @@ def train_offline(studies: str, preset: str, model_dir: str, epochs: int | None 
 
 
 def epoch_length(counts: dict[str, int], unlabeled: bool, batch: int, unlabeled_batch: int,
-                 max_unlabeled: int = 32) -> int:
+                 max_unlabeled: int = ConsistencyConfig.max_unlabeled_per_epoch) -> int:
     """Steps per epoch of the train task's multi-source loader for label counts {dense, sparse, unlabeled}
     (``max_unlabeled``: ``train.consistency.max_unlabeled_per_epoch``).
 
