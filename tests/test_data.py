@@ -279,6 +279,36 @@ def test_offline_train_on_a_bad_case_names_case_file_and_problem_without_a_trace
 
 
 
+def test_offline_train_caches_the_labelled_cases_unless_told_to_read_them_as_they_come(tmp_path: Path, capsys,
+                                                                                      monkeypatch):
+    """``--dataset Dataset``: nothing is cached (a dataset of many large cases); the default caches each source."""
+    import crossmodal.serving.train as train_task
+    from crossmodal.cli import main
+
+    built = []
+
+    class CountingCache(train_task.CacheDataset):
+        def __init__(self, data, *args, **kwargs):
+            built.append(len(data))
+            super().__init__(data, *args, **kwargs)
+
+    monkeypatch.setattr(train_task, "CacheDataset", CountingCache)
+    studies = make_phantom_studies(tmp_path / "s", load_config("phantom"), cases=3, dense=2, sparse=1, seed=3)
+    for option, model_dir in (["--dataset", "Dataset"], "read"), ([], "cached"):
+        code = main(["train", "--studies", str(studies), "--config", "phantom", "--model-dir",
+                     str(tmp_path / model_dir), "--epochs", "1", "--network", "baseline_unet", *option])
+        assert code == 0 and (tmp_path / model_dir / "phantom_baseline_unet.pt").is_file()
+        if option:
+            assert built == []  # read as they come
+    assert built == [1, 1]  # the default: each source cached (one dense, one sparse; one dense case validates)
+    # every case with truth carries a label: no held-out test case, so no empty evaluation is printed
+    out = capsys.readouterr().out
+    assert "test cases:" not in out and not (tmp_path / "cached" / "evaluation.json").exists()
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--studies", str(studies), "--model-dir", str(tmp_path / "x"), "--dataset", "Persistent"])
+    assert exit_.value.code == 2 and "--dataset: invalid choice: 'Persistent'" in capsys.readouterr().err
+
+
 def test_offline_commands_refuse_a_missing_folder_zero_epochs_and_an_absent_gpu(tmp_path: Path, capsys):
     from crossmodal.cli import main
 

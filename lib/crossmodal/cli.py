@@ -292,7 +292,7 @@ def _device(name: str) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from crossmodal.serving.offline import evaluate, train_offline
+    from crossmodal.serving.offline import evaluate, held_out_cases, train_offline
 
     if args.epochs is not None and args.epochs < 1:
         raise ValueError(f"--epochs {args.epochs}: must be at least 1 (leave it out for the preset's max_epochs)")
@@ -304,9 +304,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     network = args.network or (load_config(resolved).model.name if args.method else None)
     stats = train_offline(studies, resolved, args.model_dir, args.epochs, args.device, publish=args.publish,
                           pretrained=args.pretrained, network=network, use_unlabeled=not args.no_unlabeled,
-                          processes=args.processes)
+                          processes=args.processes, dataset=args.dataset)
     print(json.dumps(stats, indent=2, default=str))
-    if any((Path(studies) / "truth").glob("*.nii.gz")):  # held-out test cases: Dice and HD95 per case
+    if held_out_cases(studies):  # held-out test cases (truth, no final label): Dice and HD95 per case
         out = str(Path(args.model_dir) / "evaluation.json")
         summary = evaluate(studies, resolved, stats["published"], args.device, out, network)
         print(f"test cases: {summary['cases']}, mean Dice {summary['dice_mean']:.4f}, "
@@ -419,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", help="ours | baseline_unet | single_<modality> (applied to the preset)")
     q.add_argument("--no-unlabeled", action="store_true", help="leave the unlabelled cases out")
     q.add_argument("--processes", type=int, default=1, help="data-parallel processes (gloo on CPU, NCCL on GPUs)")
+    q.add_argument("--dataset", default="CacheDataset", choices=("CacheDataset", "Dataset"),
+                   help="CacheDataset keeps every preprocessed labelled case in memory (faster epochs); Dataset "
+                        "reads each case as it comes (memory for many large cases)")
     q.set_defaults(func=cmd_train)
 
     q = sub.add_parser("simulate", help="annotate-retrain loop without people: strategies x seeds x rounds -> "

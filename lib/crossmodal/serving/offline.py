@@ -51,18 +51,19 @@ def method_config(preset: str, method: str, overrides: dict[str, Any] | None = N
 
 def train_offline(studies: str, preset: str, model_dir: str, epochs: int | None = None, device: str = "auto",
                   publish: str | None = None, pretrained: str | None = None, network: str | None = None,
-                  use_unlabeled: bool = True, processes: int = 1) -> dict[str, Any]:
+                  use_unlabeled: bool = True, processes: int = 1, dataset: str = "CacheDataset") -> dict[str, Any]:
     """Train on every final label of ``studies`` (and its unlabelled cases, for a cross-modal network unless
     ``use_unlabeled`` is false); the best model is published to ``<model_dir>/…`` (and copied to ``publish``).
 
-    ``preset`` is a preset name or a YAML path; ``processes`` > 1 trains data-parallel (torch.distributed)."""
+    ``preset`` is a preset name or a YAML path; ``processes`` > 1 trains data-parallel (torch.distributed);
+    ``dataset``: ``CacheDataset`` (every preprocessed case in memory) or ``Dataset`` (read as it comes)."""
     conf = {"preset": preset, "model_dir": model_dir, **({"max_epochs": str(epochs)} if epochs else {})}
     if pretrained:
         conf["pretrained"] = pretrained
     if network:
         conf["models"] = network
     parts = AppParts.from_conf(tempfile.mkdtemp(prefix="crossmodal-app-"), conf)
-    stats = parts.trainer()({"device": pick_device(device), "tracking": "None", "dataset": "CacheDataset",
+    stats = parts.trainer()({"device": pick_device(device), "tracking": "None", "dataset": dataset,
                              "dataloader": "DataLoader", "use_unlabeled": use_unlabeled, "processes": processes},
                             parts.datastore(studies))
     if publish:
@@ -143,6 +144,13 @@ def dice_per_case(evaluation: dict[str, Any]) -> dict[str, float]:
     return {c["case"]: round(c["dice_mean"], 4) for c in evaluation["per_case"]}
 
 
+def held_out_cases(studies: str) -> list[Path]:
+    """The truth files (``<studies>/truth``) of the cases without a final label: the held-out test cases."""
+    root = Path(studies)
+    labeled = {case_id_of(p) for p in (root / FINAL_LABELS).glob("*")} if (root / FINAL_LABELS).is_dir() else set()
+    return [p for p in sorted((root / TRUTH_DIR).glob("*.nii.gz")) if case_id_of(p) not in labeled]
+
+
 def evaluate(studies: str, preset: str, model: str, device: str = "auto", out: str | None = None,
              network: str | None = None, drop: tuple[str, ...] = (),
              mirror_axes: Sequence[int] | None = None) -> dict[str, Any]:
@@ -154,8 +162,7 @@ def evaluate(studies: str, preset: str, model: str, device: str = "auto", out: s
     parts = AppParts.from_conf(tempfile.mkdtemp(prefix="crossmodal-app-"), conf)
     task = parts.infer()
     root = Path(studies)
-    labeled = {case_id_of(p) for p in (root / FINAL_LABELS).glob("*")} if (root / FINAL_LABELS).is_dir() else set()
-    cases = [p for p in sorted((root / TRUTH_DIR).glob("*.nii.gz")) if case_id_of(p) not in labeled]
+    cases = held_out_cases(studies)
     names = list(cfg.labels.foreground)
     records = []
     for truth_path in tqdm(cases, desc="evaluate", unit="case"):
