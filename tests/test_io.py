@@ -177,3 +177,29 @@ def test_atomic_copy_killed_mid_copy_leaves_the_old_file_whole(tmp_path: Path):
     finally:
         os.replace = real
     assert not (tmp_path / "other.pt").exists() and not list(tmp_path.glob(".other.pt.*.tmp"))
+
+
+def test_atomic_write_killed_mid_write_leaves_the_old_file_whole(tmp_path: Path):
+    """The write behind every checkpoint the train task publishes without held-out labels (``LatestModel``), the
+    stats and the learning curves: a process killed after 1 MiB of a 4 MiB model (SIGXFSZ at a 1 MiB file size
+    limit, its default action) leaves the old file byte for byte and a hidden temp file; a write that fails
+    in-process (the same limit, the signal ignored: EFBIG) leaves nothing."""
+    import signal
+    import subprocess
+    import sys
+
+    dst = tmp_path / "model.pt"
+    dst.write_bytes(b"old model" * 1000)
+    code = ("import resource, signal, sys; from pathlib import Path; from crossmodal.config import atomic_write_bytes; "
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN if sys.argv[2] == 'ignore' else signal.SIG_DFL); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY)); "
+            "atomic_write_bytes(Path(sys.argv[1]), b'n' * (4 << 20))")
+    killed = subprocess.run([sys.executable, "-c", code, str(dst), "default"], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGXFSZ, killed.stderr[-2000:]
+    assert dst.read_bytes() == b"old model" * 1000
+    assert [p.stat().st_size for p in tmp_path.glob(".model.pt.*.tmp")] == [1 << 20]  # the part written, hidden
+    for p in tmp_path.glob(".model.pt.*.tmp"):
+        p.unlink()
+    failed = subprocess.run([sys.executable, "-c", code, str(dst), "ignore"], capture_output=True, text=True)
+    assert failed.returncode == 1 and "File too large" in failed.stderr
+    assert dst.read_bytes() == b"old model" * 1000 and not list(tmp_path.glob(".model.pt.*.tmp"))
