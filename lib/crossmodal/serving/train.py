@@ -260,6 +260,9 @@ def coerce_tracking(request: dict[str, Any], model_dir: str) -> dict[str, Any]:
 
 
 POSITIVE_INTS = ("max_epochs", "train_batch_size", "val_batch_size", "val_interval", "processes")
+# the train task's choices, the first the default: the viewers show each as a list and send the item chosen (a
+# request without the key would reach MONAI Label's run as the whole list, which its loaders take for neither)
+CHOICES = {"dataset": ("Dataset", "CacheDataset"), "dataloader": ("DataLoader", "ThreadDataLoader")}
 
 
 def check_train_request(request: dict[str, Any]) -> dict[str, Any]:
@@ -272,8 +275,21 @@ def check_train_request(request: dict[str, Any]) -> dict[str, Any]:
         Traceback (most recent call last):
         ...
         crossmodal.config.ConfigError: train request: max_epochs=-3 must be a positive integer
+        >>> [check_train_request(r)["dataset"] for r in ({}, {"dataset": ["CacheDataset", "Dataset"]})]
+        ['Dataset', 'CacheDataset']
+        >>> check_train_request({"dataset": "PersistentDataset"})
+        Traceback (most recent call last):
+        ...
+        crossmodal.config.ConfigError: train request: dataset='PersistentDataset' must be one of ['Dataset', \
+'CacheDataset']
     """
     req = dict(request)
+    for key, options in CHOICES.items():
+        value = req.get(key, options[0])
+        value = value[0] if isinstance(value, list) and value else value  # a list: its first item, as the viewers
+        if value not in options:
+            raise ConfigError(f"train request: {key}={req[key]!r} must be one of {list(options)}")
+        req[key] = value
     checks = [(key, int, lambda x: x >= 1, "a positive integer") for key in POSITIVE_INTS]
     checks += [("learning_rate", float, lambda x: x > 0, "a number > 0"),
                ("val_split", float, lambda x: 0 <= x < 1, "a number in [0, 1)")]
@@ -299,7 +315,7 @@ class CrossModalTrain(BasicTrainTask):
             config={"max_epochs": t.max_epochs, "train_batch_size": t.batch_size, "val_batch_size": 1,
                     "val_split": t.val_fraction, "learning_rate": t.lr_for(cfg.model.name), "multi_gpu": False,
                     "processes": 1, "use_unlabeled": t.consistency.unlabeled,
-                    "dataset": ["Dataset", "CacheDataset"], "dataloader": ["DataLoader", "ThreadDataLoader"],
+                    **{key: list(options) for key, options in CHOICES.items()},
                     "tracking": ["None", "mlflow"]},
         )
         self.cfg = cfg
