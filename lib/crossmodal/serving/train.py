@@ -261,7 +261,7 @@ def coerce_tracking(request: dict[str, Any], model_dir: str) -> dict[str, Any]:
 
 POSITIVE_INTS = ("max_epochs", "train_batch_size", "val_batch_size", "val_interval", "processes")
 # the train task's choices, the first the default: the viewers show each as a list and send the item chosen (a
-# request without the key would reach MONAI Label's run as the whole list, which its loaders take for neither)
+# request without the key reached MONAI Label's run as the whole list, which its loaders took for the plain ones)
 CHOICES = {"dataset": ("Dataset", "CacheDataset"), "dataloader": ("DataLoader", "ThreadDataLoader")}
 
 
