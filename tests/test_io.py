@@ -1,6 +1,9 @@
 """Case loading: MONAI readers for NIfTI/NRRD, resampling in physical space, 4D input, bad files."""
 
 import gzip
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -184,10 +187,6 @@ def test_atomic_write_killed_mid_write_leaves_the_old_file_whole(tmp_path: Path)
     stats and the learning curves: a process killed after 1 MiB of a 4 MiB model (SIGXFSZ at a 1 MiB file size
     limit, its default action) leaves the old file byte for byte and a hidden temp file; a write that fails
     in-process (the same limit, the signal ignored: EFBIG) leaves nothing."""
-    import signal
-    import subprocess
-    import sys
-
     dst = tmp_path / "model.pt"
     dst.write_bytes(b"old model" * 1000)
     code = ("import resource, signal, sys; from pathlib import Path; from crossmodal.config import atomic_write_bytes; "
