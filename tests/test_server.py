@@ -101,13 +101,22 @@ def test_mirrored_infer_averages_eight_passes_and_refuses_other_axes(client, pha
     assert f"case '{case}': mirror_axes: '0,3' must name spatial axes 0, 1 or 2, each once" in e.value.msg
 
 
-def test_infer_nrrd_output_for_slicer(client, phantom_server):
+def test_infer_nrrd_output_for_slicer_and_no_format_that_cannot_hold_the_label(client, phantom_server):
     nii, _ = client.infer("baseline_unet", "phantom003", {})
-    nrrd_out, _ = client.infer("baseline_unet", "phantom003", {"result_extension": ".nrrd"})
-    assert nrrd_out.endswith(".nrrd")
-    a, b = load_volume(nii), load_volume(nrrd_out)
-    np.testing.assert_array_equal(a.numpy(), b.numpy())
-    np.testing.assert_allclose(a.affine.numpy(), b.affine.numpy(), atol=1e-4)
+    a = load_volume(nii)
+    for ext in (".nrrd", ".seg.nrrd", ".nii"):
+        out, _ = client.infer("baseline_unet", "phantom003", {"result_extension": ext})
+        assert out.endswith(ext)
+        b = load_volume(out)
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        np.testing.assert_allclose(a.affine.numpy(), b.affine.numpy(), atol=1e-4)
+    # MONAI Label's own writer answered .jpg / 'nii.gz' with a 500 after inference and .png with one 2D slice
+    for ext in (".png", ".jpg", "nii.gz"):
+        with pytest.raises(MONAILabelClientException) as e:
+            client.infer("baseline_unet", "phantom003", {"result_extension": ext})
+        assert status_of(e.value) == 422
+        assert f"case 'phantom003': result_extension {ext!r} must be one of ['.nii.gz', '.nii', '.seg.nrrd', " \
+               "'.nrrd']" in e.value.msg
 
 
 def test_grow_scribbles_grows_uploaded_strokes_and_saves_nothing(client, phantom_server, tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from crossmodal.config import ConfigError, CrossModalConfig, parse_mirror_axes
 from crossmodal.inference import NetworkInferer
-from crossmodal.io import CaseError, case_id_of, cause_of_type, save_volume
+from crossmodal.io import IMAGE_EXTENSIONS, CaseError, case_id_of, cause_of_type, save_volume
 from crossmodal.nets import CrossModalNet, unwrap
 from crossmodal.serving.datastore import http_error
 from crossmodal.transforms import preprocessing, to_primary_grid, to_primary_labels
@@ -72,8 +72,9 @@ class CrossModalInfer(BasicInferTask):
     ``mc_samples`` (Monte-Carlo dropout samples for ``uncertainty``), ``drop_modalities`` (names, or a comma-
     separated string, to segment without although present), ``mirror_axes`` (test-time mirroring: spatial axes as
     a list or ``"0,1,2"``, ``"none"``; default ``infer.mirror_axes``), ``device``, ``result_extension``
-    (``.nii.gz`` / ``.nrrd``), and the usual MONAI Label ones. The result's params name the case, the
-    modalities used, the motion (mm) by which each secondary modality was co-registered, and the prediction.
+    (``.nii.gz`` / ``.nii`` / ``.seg.nrrd`` / ``.nrrd``; anything else is a 422), and the usual MONAI Label ones.
+    The result's params name the case, the modalities used, the motion (mm) by which each secondary modality was
+    co-registered, and the prediction.
     """
 
     def __init__(self, cfg: CrossModalConfig, network: nn.Module, path: Sequence[str], description: str,
@@ -137,7 +138,7 @@ class CrossModalInfer(BasicInferTask):
         as every reader here expects); other outputs go to MONAI Label's writer."""
         ext = extension or data.get("result_extension") or ".nii.gz"
         pred = data[self.output_label_key]
-        if ext not in (".nii.gz", ".nii", ".nrrd") or not data.get("result_write_to_file", True) \
+        if ext not in IMAGE_EXTENSIONS or not data.get("result_write_to_file", True) \
                 or not isinstance(pred, MetaTensor) or pred.ndim != 3:
             return super().writer(data, extension, dtype)
         array = pred.numpy()
@@ -154,6 +155,11 @@ class CrossModalInfer(BasicInferTask):
         if not req.get("result_extension"):
             req.pop("result_extension", None)
         req.setdefault("result_dtype", "uint8")
+        ext = req.get("result_extension", ".nii.gz")
+        if ext not in IMAGE_EXTENSIONS:  # MONAI Label's writer would fail after inference (500) or, for .png, write
+            # one 2D slice: only the 3D formats the datastore takes back as a label
+            raise http_error(ValueError(f"result_extension {ext!r} must be one of {list(IMAGE_EXTENSIONS)}"),
+                             prefix=f"case {case_id_of(str(req.get('image', '')))!r}: ")
         if "mirror_axes" in req:  # checked (and parsed) before anything is read
             try:
                 req["mirror_axes"] = parse_mirror_axes(req["mirror_axes"])
