@@ -64,6 +64,12 @@ def test_goals_are_the_issues_margins_with_their_per_seed_values():
     assert gain["value"] == pytest.approx(100 * (0.75 - 2.15 / 3), abs=1e-4) and gain["met"] is True  # 3.33
     assert gain["per_seed"] == [5.0, 2.0, 3.0]
 
+    # what the two unlabeled goals would read with ours trained on dense labels everywhere (ours dense)
+    assert semi["ceiling"]["value"] == pytest.approx(100 * (0.80 - 0.73), abs=1e-4)
+    assert semi["ceiling"]["per_seed"] == [6.0, 9.0, 6.0]
+    assert gain["ceiling"]["value"] == pytest.approx(100 * (0.80 - 2.15 / 3), abs=1e-4)
+    assert gain["ceiling"]["per_seed"] == [10.0, 10.0, 5.0] and gain["ceiling"]["sd"] == pytest.approx(2.8868, abs=1e-4)
+
     mis = goals["4 mm misregistration cost, ours (points)"]
     assert mis["value"] == pytest.approx(1.0, abs=1e-4) and mis["met"] is True  # baseline's cost 9 points
     assert mis["threshold"] == "<= 2 and < baseline's 9.00"
@@ -73,6 +79,7 @@ def test_goals_are_the_issues_margins_with_their_per_seed_values():
     missing = goals["ours without pd - single_t2 (points)"]
     assert missing["value"] == pytest.approx(-1.0, abs=1e-4) and missing["met"] is True  # within 2 points
     assert missing["per_seed"] == [-2.0, 1.0, -2.0]
+    assert [g for g in goals if "ceiling" in goals[g]] == [semi["goal"], gain["goal"]]
 
 
 def test_goals_pair_only_the_seeds_every_run_has():
