@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import requests
 from crossmodal.config import CrossModalConfig, load_config
-from crossmodal.data.phantom import make_phantom
+from crossmodal.data.brain import extract_templates, load_templates
+from crossmodal.data.phantom import Volume, make_phantom
 from crossmodal.data.studies import generate
 from crossmodal.orthanc import free_port
 
@@ -40,6 +41,16 @@ def make_phantom_studies(root: Path, cfg: CrossModalConfig, cases: int = 4, dens
     generate(root, cfg, lambda rng: make_phantom(cfg, rng, size=48, misregistration_mm=misregistration_mm),
              cases, seed, "phantom", dense, sparse)
     return root
+
+
+@pytest.fixture(scope="session")
+def templates(tmp_path_factory) -> dict[str, Volume]:
+    """The SPM12 T1 / T2 / PD templates and tissue probability maps (brain cases)."""
+    wheel = next(SPM_DIR.glob("*.whl"), None)
+    assert wheel is not None, f"the SPM12 wheel is set up by `make test` into {SPM_DIR}"
+    out = tmp_path_factory.mktemp("spm")
+    extract_templates(wheel, out)
+    return load_templates(out)
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SPM_DIR, make_phantom_studies
+from conftest import make_phantom_studies
 from crossmodal.config import load_config
-from crossmodal.data.brain import SPM_SHA256, extract_templates, load_templates, make_brain_case
+from crossmodal.data.brain import SPM_SHA256, extract_templates, make_brain_case
 from crossmodal.data.brain import VARIANTS as BRAIN_VARIANTS
 from crossmodal.data.phantom import VARIANTS, make_phantom
 from crossmodal.data.sparse import annotated_fraction, painted_slices, scribbles
@@ -88,15 +88,6 @@ def test_sparse_simulator_draws_truthful_scribbles_and_slices(phantom_cfg):
     assert annotated_z.tolist() == list(range(0, 48, 4))
     assert annotated_fraction(sl) == pytest.approx(12 / 48)
     assert np.array_equal(np.where(sl[..., 4] == cfg.marked_background, 0, sl[..., 4]), dense[..., 4])
-
-
-@pytest.fixture(scope="module")
-def templates(tmp_path_factory):
-    wheel = next(SPM_DIR.glob("*.whl"), None)
-    assert wheel is not None, f"the SPM12 wheel is set up by `make test` into {SPM_DIR}"
-    out = tmp_path_factory.mktemp("spm")
-    extract_templates(wheel, out)
-    return load_templates(out)
 
 
 def test_spm_checksum_is_enforced(tmp_path: Path):

@@ -28,7 +28,7 @@ from crossmodal.losses import (
 from crossmodal.nets import CrossModalNet, InputSelect, build_network
 from crossmodal.serving.app import AppParts
 from crossmodal.serving.offline import method_config, train_offline
-from crossmodal.serving.train import CrossModalTrain, PseudoLabelRounds
+from crossmodal.serving.train import CrossModalTrain, PseudoLabelRounds, atlas_labels
 from ignite.metrics import Metric
 from monai.handlers.utils import from_engine
 from monai.utils.enums import CommonKeys as Keys
@@ -363,6 +363,35 @@ def test_self_training_rounds_refine_and_supervise_every_unlabelled_case(tmp_pat
                                                                          ["case1", "case2"]]
     with pytest.raises(ConfigError, match="refine_interval"):
         load_config("phantom", overrides={"train": {"consistency": {"refine_interval": 0}}})
+
+
+def test_atlas_pseudo_labels_supervise_the_unlabelled_cases(tmp_path: Path, phantom_cfg, caplog):
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=4, dense=1, sparse=0, seed=34)
+    cfg = method_config("phantom", "ours", {"train": {
+        "patch_size": [32, 32, 32], "patches_per_case": 1, "batch_size": 2, "val_fraction": 0.0,
+        "consistency": {"copy_paste": False, "atlas_pseudo": True}}})
+    save_config(cfg, tmp_path / "ours.yaml")
+    with caplog.at_level("INFO", logger="crossmodal.serving.train"):
+        stats = train_offline(str(studies), str(tmp_path / "ours.yaml"), str(tmp_path / "m"), epochs=1,
+                              device="cpu", network="crossmodal")
+    logs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("atlas pseudo-labels")]
+    assert len(logs) == 1 and logs[0].startswith("atlas pseudo-labels of 3 of 3 unlabelled cases from 1 dense cases")
+    assert 50 < float(logs[0].split("(")[1].split("%")[0]) <= 100  # all but where the atlas image does not reach
+    assert stats["total_iterations"] == 3  # one unlabelled case a step, each with its pseudo-label
+    assert stats["train"]["metrics"]["pseudo_labelled_samples"] == 1
+
+    dense = [{"image": str(p), "label": str(studies / "labels" / "final" / p.name)}
+             for p in sorted(studies.glob("*.nii.gz")) if (studies / "labels" / "final" / p.name).exists()]
+    unlabelled = [{"image": str(p)} for p in sorted(studies.glob("*.nii.gz"))
+                  if not (studies / "labels" / "final" / p.name).exists()]
+    store: dict[str, torch.Tensor] = {}
+    capped = load_config("phantom", overrides={"train": {"consistency": {"atlas_max_cases": 1}}})
+    atlas_labels(capped, unlabelled, dense, store)
+    first = Path(unlabelled[0]["image"]).name[: -len(".nii.gz")]
+    assert list(store) == [first] and store[first].shape == (1, 48, 48, 48)  # the first case only
+    assert set(torch.unique(store[first]).tolist()) <= {IGNORE_INDEX, 0, 1, 2, 3}
+    with pytest.raises(ConfigError, match="atlas_min_agreement"):
+        load_config("phantom", overrides={"train": {"consistency": {"atlas_min_agreement": 0}}})
 
 
 def test_baseline_trains_on_labels_only(tmp_path: Path, phantom_cfg):

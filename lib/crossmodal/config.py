@@ -231,6 +231,10 @@ class ConsistencyConfig:
     teacher's labels in their copy-paste mixes. A round takes at most ``refine_max_cases`` cases, the next ones of
     the pool in turn, so its cost stays bounded however many cases are unlabelled. Band voxels where the teacher's
     top probability reaches ``refine_keep_confident`` keep its class (1.0: the walker re-decides the whole band).
+    ``atlas_pseudo``: before training, the dense cases (at most ``atlas_count`` of them) are registered onto each
+    unlabelled case (at most ``atlas_max_cases`` of them, :func:`crossmodal.atlas.atlas_pseudo_label`) and their
+    warped labels' majority vote (a class needs ``atlas_min_agreement`` of the votes) supervises that case, for
+    pools that share an anatomy (tissue maps, organs), not for lesions.
     """
 
     inter_weight: float = 0.3
@@ -252,8 +256,17 @@ class ConsistencyConfig:
     refine_erode: int = 1
     refine_max_cases: int = 16
     refine_keep_confident: float = 0.9
+    atlas_pseudo: bool = False
+    atlas_count: int = 3
+    atlas_min_agreement: float = 0.5
+    atlas_max_cases: int = 64
 
     def __post_init__(self) -> None:
+        for k in ("atlas_count", "atlas_max_cases"):
+            if int(getattr(self, k)) < 1:
+                raise ConfigError(f"train.consistency.{k}: {getattr(self, k)} must be >= 1")
+        if not 0.0 < self.atlas_min_agreement <= 1.0:
+            raise ConfigError(f"train.consistency.atlas_min_agreement: {self.atlas_min_agreement} must be in (0, 1]")
         for k in ("refine_start", "refine_erode"):
             if int(getattr(self, k)) < 0:
                 raise ConfigError(f"train.consistency.{k}: {getattr(self, k)} must be >= 0")

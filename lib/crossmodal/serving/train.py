@@ -29,7 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from crossmodal.atlas import atlas_pseudo_label
 from crossmodal.config import (
     ConfigError,
     CrossModalConfig,
@@ -240,6 +242,35 @@ class PseudoLabelRounds:
                     f"({100 * sum(labelled) / max(1, len(labelled)):.1f}% of their voxels labelled)")
 
 
+def plain(t: Any) -> torch.Tensor:
+    """A MetaTensor's plain tensor (anything else as it is)."""
+    return t.as_tensor() if hasattr(t, "as_tensor") else t
+
+
+def atlas_labels(cfg: CrossModalConfig, unlabeled: list[dict[str, Any]], dense: list[dict[str, Any]],
+                 store: dict[str, torch.Tensor]) -> None:
+    """Fill ``store`` (``{case_id: (1, H, W, D)}`` on the working grid) with atlas pseudo-labels of the first
+    ``atlas_max_cases`` ``unlabeled`` items from the first ``atlas_count`` ``dense`` ones
+    (:func:`crossmodal.atlas.atlas_pseudo_label`, ``train.consistency.atlas_*``)."""
+    cc = cfg.train.consistency
+    load = preprocessing(cfg, "val")
+    start = time.perf_counter()
+    atlases = []
+    for item in dense[: cc.atlas_count]:
+        d = load(dict(item))
+        atlases.append((plain(d["image"]), plain(d["label"]), np.asarray(d["image"].affine, dtype=np.float64)))
+    labelled = []
+    for item in unlabeled[: cc.atlas_max_cases]:
+        d = load(dict(item))
+        label = atlas_pseudo_label(plain(d["image"]), np.asarray(d["image"].affine, dtype=np.float64), atlases,
+                                   cfg.labels.num_classes, cc.atlas_min_agreement)
+        store[str(d["case_id"])] = label
+        labelled.append(float((label != IGNORE_INDEX).float().mean()))
+    logger.info(f"atlas pseudo-labels of {len(labelled)} of {len(unlabeled)} unlabelled cases from {len(atlases)} "
+                f"dense cases in {time.perf_counter() - start:.1f} s "
+                f"({100 * sum(labelled) / max(1, len(labelled)):.1f}% of their voxels labelled)")
+
+
 def coerce_tracking(request: dict[str, Any], model_dir: str) -> dict[str, Any]:
     """MLflow only on a ``sqlite:///`` URI (MLflow >= 3.13 rejects MONAI Label's ``file://`` default).
 
@@ -349,9 +380,6 @@ class CrossModalTrain(BasicTrainTask):
         gen = torch.Generator().manual_seed(self.cfg.train.seed + 1000 * context.local_rank)
         sums: dict[str, Any] = {}
 
-        def plain(t: Any) -> torch.Tensor:
-            return t.as_tensor() if hasattr(t, "as_tensor") else t
-
         cc = self.cfg.train.consistency
         teacher: EMATeacher | None = None
 
@@ -428,9 +456,14 @@ class CrossModalTrain(BasicTrainTask):
                                           shuffle=False)[context.local_rank]
             if source == UNLABELED:
                 store = None
-                if self.hybrid and self.cfg.train.consistency.refine_pseudo and DENSE in labeled_sources:
+                cons = self.cfg.train.consistency
+                if self.hybrid and (cons.refine_pseudo or cons.atlas_pseudo) and DENSE in labeled_sources:
                     store = {}
-                    self._pseudo_rounds = PseudoLabelRounds(self.cfg, items, store)
+                    if cons.atlas_pseudo:
+                        atlas_labels(self.cfg, items, [d for d in context.train_datalist if d["label_kind"] == DENSE],
+                                     store)
+                    if cons.refine_pseudo:
+                        self._pseudo_rounds = PseudoLabelRounds(self.cfg, items, store)
                 transforms = preprocessing(self.cfg, "unlabeled", pseudo_labels=store)
                 batch = self.cfg.train.consistency.unlabeled_batch_size
                 most = self.cfg.train.consistency.max_unlabeled_per_epoch
