@@ -28,6 +28,7 @@ def _affine(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, 200)
     reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetNumberOfThreads(1)  # reproducible: the metric's sums are threaded
     reg.SetShrinkFactorsPerLevel([2, 1])
     reg.SetSmoothingSigmasPerLevel([1, 0])
     init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
@@ -53,6 +54,7 @@ def warp_label(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, 
     demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
     demons.SetNumberOfIterations(iterations)
     demons.SetStandardDeviations(sigma)
+    demons.SetNumberOfThreads(1)
     field = demons.Execute(f, matched)
     warp = sitk.CompositeTransform([aff, sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))])
     out = sitk.GetArrayFromImage(sitk.Resample(lab, f, warp, sitk.sitkNearestNeighbor, 0)).transpose(2, 1, 0)
