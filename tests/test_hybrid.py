@@ -375,10 +375,18 @@ def test_atlas_pseudo_labels_supervise_the_unlabelled_cases(tmp_path: Path, phan
         stats = train_offline(str(studies), str(tmp_path / "ours.yaml"), str(tmp_path / "m"), epochs=1,
                               device="cpu", network="crossmodal")
     logs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("atlas pseudo-labels")]
-    assert len(logs) == 1 and logs[0].startswith("atlas pseudo-labels of 3 of 3 unlabelled cases from 1 dense cases")
-    assert 50 < float(logs[0].split("(")[1].split("%")[0]) <= 100  # all but where the atlas image does not reach
+    assert len(logs) == 1
+    assert logs[0].startswith("atlas pseudo-labels of 3 of 3 unlabelled cases from 1 atlas (dense cases)")
+    assert 50 < float(logs[0].split("(")[-1].split("%")[0]) <= 100  # all but where the atlas image does not reach
     assert stats["total_iterations"] == 3  # one unlabelled case a step, each with its pseudo-label
     assert stats["train"]["metrics"]["pseudo_labelled_samples"] == 1
+    caplog.clear()
+    with caplog.at_level("INFO", logger="crossmodal.serving.train"):  # the next run fine-tunes the published model
+        again = train_offline(str(studies), str(tmp_path / "ours.yaml"), str(tmp_path / "m"), epochs=1,
+                              device="cpu", network="crossmodal")
+    logs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("atlas pseudo-labels")]
+    assert len(logs) == 1 and logs[0].startswith(f"atlas pseudo-labels off: fine-tuning {stats['published']}")
+    assert again["train"]["metrics"]["pseudo_labelled_samples"] == 0
 
     dense = [{"image": str(p), "label": str(studies / "labels" / "final" / p.name)}
              for p in sorted(studies.glob("*.nii.gz")) if (studies / "labels" / "final" / p.name).exists()]

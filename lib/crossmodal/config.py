@@ -234,7 +234,8 @@ class ConsistencyConfig:
     ``atlas_pseudo``: before training, the dense cases (at most ``atlas_count`` of them) are registered onto each
     unlabelled case (at most ``atlas_max_cases`` of them, :func:`crossmodal.atlas.atlas_pseudo_label`) and their
     warped labels' majority vote (a class needs ``atlas_min_agreement`` of the votes) supervises that case, for
-    pools that share an anatomy (tissue maps, organs), not for lesions.
+    pools that share an anatomy (tissue maps, organs), not for lesions. Only in runs from scratch unless
+    ``atlas_on_finetune``: a published model that is fine-tuned already segments better than one atlas registers.
     """
 
     inter_weight: float = 0.3
@@ -260,6 +261,7 @@ class ConsistencyConfig:
     atlas_count: int = 3
     atlas_min_agreement: float = 0.5
     atlas_max_cases: int = 64
+    atlas_on_finetune: bool = False
 
     def __post_init__(self) -> None:
         for k in ("atlas_count", "atlas_max_cases"):

@@ -267,7 +267,7 @@ def atlas_labels(cfg: CrossModalConfig, unlabeled: list[dict[str, Any]], dense: 
         store[str(d["case_id"])] = label
         labelled.append(float((label != IGNORE_INDEX).float().mean()))
     logger.info(f"atlas pseudo-labels of {len(labelled)} of {len(unlabeled)} unlabelled cases from {len(atlases)} "
-                f"dense cases in {time.perf_counter() - start:.1f} s "
+                f"atlas{'es' if len(atlases) != 1 else ''} (dense cases) in {time.perf_counter() - start:.1f} s "
                 f"({100 * sum(labelled) / max(1, len(labelled)):.1f}% of their voxels labelled)")
 
 
@@ -459,7 +459,11 @@ class CrossModalTrain(BasicTrainTask):
                 cons = self.cfg.train.consistency
                 if self.hybrid and (cons.refine_pseudo or cons.atlas_pseudo) and DENSE in labeled_sources:
                     store = {}
-                    if cons.atlas_pseudo:
+                    start_from = self.load_path(context.output_dir, context.pretrained)
+                    if cons.atlas_pseudo and start_from and os.path.exists(start_from) and not cons.atlas_on_finetune:
+                        logger.info(f"atlas pseudo-labels off: fine-tuning {start_from}, which segments better than "
+                                    "one atlas registers (train.consistency.atlas_on_finetune)")
+                    elif cons.atlas_pseudo:
                         atlas_labels(self.cfg, items, [d for d in context.train_datalist if d["label_kind"] == DENSE],
                                      store)
                     if cons.refine_pseudo:
