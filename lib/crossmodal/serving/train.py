@@ -457,13 +457,16 @@ class CrossModalTrain(BasicTrainTask):
             if source == UNLABELED:
                 store = None
                 cons = self.cfg.train.consistency
-                if self.hybrid and (cons.refine_pseudo or cons.atlas_pseudo) and DENSE in labeled_sources:
+                pseudo = self.hybrid and DENSE in labeled_sources
+                atlas = pseudo and cons.atlas_pseudo
+                start_from = self.load_path(context.output_dir, context.pretrained) if atlas else None
+                if atlas and not cons.atlas_on_finetune and start_from and os.path.exists(start_from):
+                    logger.info(f"atlas pseudo-labels off: fine-tuning {start_from}, which segments better than "
+                                "one atlas registers (train.consistency.atlas_on_finetune)")
+                    atlas = False
+                if atlas or (pseudo and cons.refine_pseudo):  # else no store: no label for the unlabelled loader
                     store = {}
-                    start_from = self.load_path(context.output_dir, context.pretrained)
-                    if cons.atlas_pseudo and start_from and os.path.exists(start_from) and not cons.atlas_on_finetune:
-                        logger.info(f"atlas pseudo-labels off: fine-tuning {start_from}, which segments better than "
-                                    "one atlas registers (train.consistency.atlas_on_finetune)")
-                    elif cons.atlas_pseudo:
+                    if atlas:
                         atlas_labels(self.cfg, items, [d for d in context.train_datalist if d["label_kind"] == DENSE],
                                      store)
                     if cons.refine_pseudo:
