@@ -16,7 +16,7 @@ import SimpleITK as sitk
 import torch
 
 from crossmodal.labels import IGNORE_INDEX
-from crossmodal.register import _image
+from crossmodal.register import sitk_image
 
 
 def _affine(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
@@ -46,9 +46,9 @@ def warp_label(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, 
     Returns an int64 (H, W, D) label on ``fixed``'s grid, ``IGNORE_INDEX`` where the moving image does not reach.
     """
     # intensities from 0 up (normalised images go negative): the moments that start the affine are of mass
-    f, m = _image(fixed - fixed.min(), fixed_affine), _image(moving - moving.min(), moving_affine)
+    f, m = sitk_image(fixed - fixed.min(), fixed_affine), sitk_image(moving - moving.min(), moving_affine)
     # shifted so that 0 means "outside the moving image" after resampling
-    lab = sitk.Cast(_image(moving_label.astype(np.float32) - IGNORE_INDEX, moving_affine), sitk.sitkInt32)
+    lab = sitk.Cast(sitk_image(moving_label.astype(np.float32) - IGNORE_INDEX, moving_affine), sitk.sitkInt32)
     aff = _affine(f, m)
     matched = sitk.HistogramMatching(sitk.Resample(m, f, aff, sitk.sitkLinear, 0.0), f, 256, 7, True)
     demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()

@@ -34,7 +34,7 @@ class Registration:
         return float(np.linalg.norm(self.matrix[:3, 3]) + rot)
 
 
-def _image(values: np.ndarray, affine: np.ndarray) -> sitk.Image:
+def sitk_image(values: np.ndarray, affine: np.ndarray) -> sitk.Image:
     """(H, W, D) array on a grid with ``affine`` (voxel index -> world mm) -> a SimpleITK image in that frame."""
     img = sitk.GetImageFromArray(np.ascontiguousarray(values.transpose(2, 1, 0), dtype=np.float32))
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
@@ -81,8 +81,8 @@ def register_rigid(fixed: torch.Tensor, moving: torch.Tensor, affine: np.ndarray
     if mode not in ("translation", "rigid"):
         raise ValueError(f"registration mode {mode!r} is not one of ('translation', 'rigid')")
     affine = np.asarray(affine, dtype=np.float64)
-    f = _image(fixed.detach().cpu().float().numpy(), affine)
-    m = _image(moving.detach().cpu().float().numpy(), affine)
+    f = sitk_image(fixed.detach().cpu().float().numpy(), affine)
+    m = sitk_image(moving.detach().cpu().float().numpy(), affine)
     n = int(np.prod(fixed.shape))
     # coarsest level keeps >= 16 voxels per axis
     shrinks = [s for s in (4, 2, 1) if min(fixed.shape) // s >= 16] or [1]
