@@ -147,8 +147,9 @@ def run(root: Path, dataset: str, spec: dict, method: str, regime: str, mm: floa
     studies = root / "studies" / tag
     counts = regime_studies(pool, studies, regime, cfg, seed)
     unlabeled = regime.endswith("_unlabeled")
-    steps_per_epoch = epoch_length(counts, unlabeled and cfg.model.name == "crossmodal", 2,
-                                   cfg.train.consistency.unlabeled_batch_size,
+    hybrid = unlabeled and cfg.model.name == "crossmodal"
+    steps_per_epoch = epoch_length(counts, hybrid, 2,
+                                   cfg.train.consistency.unlabeled_per_step(hybrid and counts["dense"] > 0, False),
                                    cfg.train.consistency.max_unlabeled_per_epoch)
     epochs = max(1, round(spec["steps"] / steps_per_epoch))
     torch.manual_seed(seed)

@@ -43,6 +43,7 @@ def test_viewer_labels_include_marked_background():
         ({"train": {"consistency": {"copy_paste_start": -1}}}, "copy_paste_start: -1 must be >= 0"),
         ({"train": {"consistency": {"max_unlabeled_per_epoch": 0}}},
          "train.consistency.max_unlabeled_per_epoch: 0 must be >= 1"),
+        ({"train": {"consistency": {"pseudo_batch_size": 0}}}, "train.consistency.pseudo_batch_size: 0 must be >= 1"),
     ],
 )
 def test_bad_values_name_the_key(raw, message):

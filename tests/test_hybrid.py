@@ -366,20 +366,21 @@ def test_self_training_rounds_refine_and_supervise_every_unlabelled_case(tmp_pat
 
 
 def test_atlas_pseudo_labels_supervise_the_unlabelled_cases(tmp_path: Path, phantom_cfg, caplog):
-    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=4, dense=1, sparse=0, seed=34)
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=5, dense=1, sparse=0, seed=34)
     cfg = method_config("phantom", "ours", {"train": {
         "patch_size": [32, 32, 32], "patches_per_case": 1, "batch_size": 2, "val_fraction": 0.0,
-        "consistency": {"copy_paste": False, "atlas_pseudo": True}}})
+        "consistency": {"copy_paste": False, "refine_pseudo": False, "atlas_pseudo": True,
+                        "pseudo_batch_size": 2}}})
     save_config(cfg, tmp_path / "ours.yaml")
     with caplog.at_level("INFO", logger="crossmodal.serving.train"):
         stats = train_offline(str(studies), str(tmp_path / "ours.yaml"), str(tmp_path / "m"), epochs=1,
                               device="cpu", network="crossmodal")
     logs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("atlas pseudo-labels")]
     assert len(logs) == 1
-    assert logs[0].startswith("atlas pseudo-labels of 3 of 3 unlabelled cases from 1 atlas (dense cases)")
+    assert logs[0].startswith("atlas pseudo-labels of 4 of 4 unlabelled cases from 1 atlas (dense cases)")
     assert 50 < float(logs[0].split("(")[-1].split("%")[0]) <= 100  # all but where the atlas image does not reach
-    assert stats["total_iterations"] == 3  # one unlabelled case a step, each with its pseudo-label
-    assert stats["train"]["metrics"]["pseudo_labelled_samples"] == 1
+    assert stats["total_iterations"] == 2  # pseudo_batch_size: two unlabelled cases a step, each with its label
+    assert stats["train"]["metrics"]["pseudo_labelled_samples"] == 2
     caplog.clear()
     with caplog.at_level("INFO", logger="crossmodal.serving.train"):  # the next run fine-tunes the published model
         again = train_offline(str(studies), str(tmp_path / "ours.yaml"), str(tmp_path / "m"), epochs=1,
@@ -387,6 +388,7 @@ def test_atlas_pseudo_labels_supervise_the_unlabelled_cases(tmp_path: Path, phan
     logs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("atlas pseudo-labels")]
     assert len(logs) == 1 and logs[0].startswith(f"atlas pseudo-labels off: fine-tuning {stats['published']}")
     assert again["train"]["metrics"]["pseudo_labelled_samples"] == 0
+    assert again["total_iterations"] == 4  # without pseudo-labels, unlabeled_batch_size: one a step
 
     dense = [{"image": str(p), "label": str(studies / "labels" / "final" / p.name)}
              for p in sorted(studies.glob("*.nii.gz")) if (studies / "labels" / "final" / p.name).exists()]

@@ -236,6 +236,9 @@ class ConsistencyConfig:
     warped labels' majority vote (a class needs ``atlas_min_agreement`` of the votes) supervises that case, for
     pools that share an anatomy (tissue maps, organs), not for lesions. Only in runs from scratch unless
     ``atlas_on_finetune``: a published model that is fine-tuned already segments better than one atlas registers.
+    ``pseudo_batch_size``: unlabelled cases a step (instead of ``unlabeled_batch_size``) in a run where they carry
+    pseudo-labels (atlas or self-training rounds): there they supervise like dense labels, and one a step beside
+    the dense batch under-weights them.
     """
 
     inter_weight: float = 0.3
@@ -262,6 +265,7 @@ class ConsistencyConfig:
     atlas_min_agreement: float = 0.5
     atlas_max_cases: int = 64
     atlas_on_finetune: bool = False
+    pseudo_batch_size: int = 1
 
     def __post_init__(self) -> None:
         for k in ("atlas_count", "atlas_max_cases"):
@@ -289,13 +293,24 @@ class ConsistencyConfig:
         for k in ("inter_weight", "intra_weight", "channel_weight"):
             if float(getattr(self, k)) < 0:
                 raise ConfigError(f"train.consistency.{k}: {getattr(self, k)} must be >= 0")
-        for k in ("unlabeled_batch_size", "max_unlabeled_per_epoch"):
+        for k in ("unlabeled_batch_size", "pseudo_batch_size", "max_unlabeled_per_epoch"):
             if int(getattr(self, k)) < 1:
                 raise ConfigError(f"train.consistency.{k}: {getattr(self, k)} must be >= 1")
 
     @property
     def active(self) -> bool:
         return max(self.inter_weight, self.intra_weight, self.channel_weight) > 0
+
+    def atlas_runs(self, dense: bool, finetune: bool) -> bool:
+        """Whether a run with (``dense``) or without dense labels, fine-tuning a published model or not, makes
+        atlas pseudo-labels."""
+        return dense and self.atlas_pseudo and (self.atlas_on_finetune or not finetune)
+
+    def unlabeled_per_step(self, dense: bool, finetune: bool) -> int:
+        """Unlabelled cases a step in such a run: ``pseudo_batch_size`` where they get pseudo-labels (atlas or
+        self-training rounds, both need dense labels), else ``unlabeled_batch_size``."""
+        pseudo = self.atlas_runs(dense, finetune) or (dense and self.refine_pseudo)
+        return self.pseudo_batch_size if pseudo else self.unlabeled_batch_size
 
 
 @dataclass

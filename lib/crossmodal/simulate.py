@@ -110,8 +110,11 @@ def annotate(src: Path, pool: Path, cid: str, cfg: Any, mode: str, rng: np.rando
 def _train(pool: Path, preset: Path, model_dir: Path, cfg: Any, n_labelled: int, n_unlabelled: int, steps: int,
            pretrained: str | None, sparse: bool) -> str:
     counts = {"dense": 0 if sparse else n_labelled, "sparse": n_labelled if sparse else 0, "unlabeled": n_unlabelled}
-    per_epoch = epoch_length(counts, True, cfg.train.batch_size, cfg.train.consistency.unlabeled_batch_size,
-                             cfg.train.consistency.max_unlabeled_per_epoch)
+    cc = cfg.train.consistency
+    per_epoch = epoch_length(counts, True, cfg.train.batch_size,
+                             cc.unlabeled_per_step(cfg.model.name == "crossmodal" and counts["dense"] > 0,
+                                                   bool(pretrained and Path(pretrained).exists())),
+                             cc.max_unlabeled_per_epoch)
     epochs = max(1, round(steps / per_epoch))
     stats = train_offline(str(pool), str(preset), str(model_dir), epochs=epochs, pretrained=pretrained,
                           network=cfg.model.name)

@@ -457,14 +457,14 @@ class CrossModalTrain(BasicTrainTask):
             if source == UNLABELED:
                 store = None
                 cons = self.cfg.train.consistency
-                pseudo = self.hybrid and DENSE in labeled_sources
-                atlas = pseudo and cons.atlas_pseudo
-                start_from = self.load_path(context.output_dir, context.pretrained) if atlas else None
-                if atlas and not cons.atlas_on_finetune and start_from and os.path.exists(start_from):
+                dense = self.hybrid and DENSE in labeled_sources  # pseudo-labels need dense labels
+                start_from = self.load_path(context.output_dir, context.pretrained) if dense else None
+                finetune = bool(start_from and os.path.exists(start_from))
+                atlas = cons.atlas_runs(dense, finetune)
+                if dense and cons.atlas_pseudo and not atlas:
                     logger.info(f"atlas pseudo-labels off: fine-tuning {start_from}, which segments better than "
                                 "one atlas registers (train.consistency.atlas_on_finetune)")
-                    atlas = False
-                if atlas or (pseudo and cons.refine_pseudo):  # else no store: no label for the unlabelled loader
+                if atlas or (dense and cons.refine_pseudo):  # else no store: no label for the unlabelled loader
                     store = {}
                     if atlas:
                         atlas_labels(self.cfg, items, [d for d in context.train_datalist if d["label_kind"] == DENSE],
@@ -472,7 +472,7 @@ class CrossModalTrain(BasicTrainTask):
                     if cons.refine_pseudo:
                         self._pseudo_rounds = PseudoLabelRounds(self.cfg, items, store)
                 transforms = preprocessing(self.cfg, "unlabeled", pseudo_labels=store)
-                batch = self.cfg.train.consistency.unlabeled_batch_size
+                batch = cons.unlabeled_per_step(dense, finetune)
                 most = self.cfg.train.consistency.max_unlabeled_per_epoch
                 caps[source] = math.ceil(most / batch)
                 walked = len(items) > most  # read in turn over the epochs: caching the pool would only cost memory
