@@ -88,3 +88,35 @@ def atlas_pseudo_label(image: torch.Tensor, affine: np.ndarray,
     best, count = votes.argmax(0), votes.max(0)
     out = np.where(count >= max(1, min_agreement * len(atlases)), best, IGNORE_INDEX)
     return torch.from_numpy(out[None].astype(np.float32))
+
+
+def transfer_strokes(image: torch.Tensor, affine: np.ndarray, label: torch.Tensor,
+                     others: list[tuple[torch.Tensor, torch.Tensor, np.ndarray]], iterations: int = 100,
+                     sigma: float = 2.5) -> torch.Tensor:
+    """A sparse training label (1, H, W, D; ``IGNORE_INDEX`` where nothing was drawn) of ``image`` (M, H, W, D,
+    grid ``affine``) with the strokes of ``others`` [(image (M, H', W', D'), sparse label (1, H', W', D'), affine)]
+    added: each other case is registered onto this one on the primary channel (:func:`warp_label`) and its strokes
+    follow; a voxel nothing was drawn on takes the class the carried strokes give it where they all agree. The
+    drawn voxels stay as drawn.
+
+    Example:
+        >>> x = torch.zeros(1, 24, 24, 24); x[:, 6:18, 6:18, 6:18] = 1.0
+        >>> mine = torch.full((1, 24, 24, 24), float(IGNORE_INDEX)); mine[0, 12, 12, 12] = 1
+        >>> theirs = torch.full((1, 24, 24, 24), float(IGNORE_INDEX)); theirs[0, 8:16, 10, 10] = 1
+        >>> out = transfer_strokes(x, np.eye(4), mine, [(x, theirs, np.eye(4))])
+        >>> int((out == 1).sum()), int(out[0, 12, 12, 12])  # its own stroke and the other case's 8 voxels
+        (9, 1)
+    """
+    fixed = image[0].float().cpu().numpy()
+    own = label[0].cpu().numpy().round().astype(np.int64)
+    first = np.full(own.shape, IGNORE_INDEX, dtype=np.int64)  # the class carried there first
+    agree = np.ones(own.shape, dtype=bool)
+    for o_image, o_label, o_affine in others:
+        warped = warp_label(fixed, np.asarray(affine, dtype=np.float64), o_image[0].float().cpu().numpy(),
+                            np.asarray(o_affine, dtype=np.float64), o_label[0].cpu().numpy().round().astype(np.int64),
+                            iterations, sigma)
+        drawn = warped != IGNORE_INDEX
+        agree &= ~drawn | (first == IGNORE_INDEX) | (first == warped)
+        first = np.where((first == IGNORE_INDEX) & drawn, warped, first)
+    out = np.where(own != IGNORE_INDEX, own, np.where(agree, first, IGNORE_INDEX))
+    return torch.from_numpy(out[None].astype(np.float32))

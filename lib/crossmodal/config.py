@@ -236,6 +236,9 @@ class ConsistencyConfig:
     warped labels' majority vote (a class needs ``atlas_min_agreement`` of the votes) supervises that case, for
     pools that share an anatomy (tissue maps, organs), not for lesions. Only in runs from scratch unless
     ``atlas_on_finetune``: a published model that is fine-tuned already segments better than one atlas registers.
+    ``atlas_sparse``: before training, the strokes of this many other sparse cases (the next ones in the datalist,
+    :func:`crossmodal.atlas.transfer_strokes`) are registered onto each of the first ``atlas_max_cases`` sparse
+    cases and added where nothing was drawn and they agree (0: off); only from scratch, as ``atlas_pseudo``.
     ``pseudo_batch_size``: unlabelled cases a step (instead of ``unlabeled_batch_size``) in a run where they carry
     pseudo-labels (atlas or self-training rounds): there they supervise like dense labels, and one a step beside
     the dense batch under-weights them.
@@ -265,6 +268,7 @@ class ConsistencyConfig:
     atlas_min_agreement: float = 0.5
     atlas_max_cases: int = 64
     atlas_on_finetune: bool = False
+    atlas_sparse: int = 0
     pseudo_batch_size: int = 1
 
     def __post_init__(self) -> None:
@@ -273,7 +277,7 @@ class ConsistencyConfig:
                 raise ConfigError(f"train.consistency.{k}: {getattr(self, k)} must be >= 1")
         if not 0.0 < self.atlas_min_agreement <= 1.0:
             raise ConfigError(f"train.consistency.atlas_min_agreement: {self.atlas_min_agreement} must be in (0, 1]")
-        for k in ("refine_start", "refine_erode"):
+        for k in ("refine_start", "refine_erode", "atlas_sparse"):
             if int(getattr(self, k)) < 0:
                 raise ConfigError(f"train.consistency.{k}: {getattr(self, k)} must be >= 0")
         if not 0.0 < self.refine_keep_confident <= 1.0:

@@ -320,20 +320,25 @@ class PropagateSparseLabeld(MapTransform):
 
 class PseudoLabeld(MapTransform, RandomizableTrait):
     """An unlabelled case's current pseudo-label from ``store`` (``{case_id: (1, H, W, D)}``, filled during
-    training) as ``data["label"]``; all ``IGNORE_INDEX`` while the store has none for the case.
+    training) as ``data["label"]``; all ``IGNORE_INDEX`` while the store has none for the case (``keep_missing``:
+    the case's own label then stays).
 
     A :class:`~monai.transforms.RandomizableTrait`, so a ``CacheDataset`` never caches it: every epoch reads the
     store as it is then.
     """
 
-    def __init__(self, store: Mapping[str, torch.Tensor], image_key: str = "image", label_key: str = "label") -> None:
+    def __init__(self, store: Mapping[str, torch.Tensor], image_key: str = "image", label_key: str = "label",
+                 keep_missing: bool = False) -> None:
         super().__init__([image_key])
         self.store, self.image_key, self.label_key = store, image_key, label_key
+        self.keep_missing = keep_missing
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         image = d[self.image_key]
         label = self.store.get(str(d.get("case_id")))
+        if self.keep_missing and label is None:
+            return d
         if label is None or tuple(label.shape[1:]) != tuple(image.shape[1:]):
             label = torch.full((1, *image.shape[1:]), float(IGNORE_INDEX))
         d[self.label_key] = MetaTensor(label.float(), affine=image.affine) if isinstance(image, MetaTensor) else label
@@ -346,14 +351,15 @@ def preprocessing(cfg: CrossModalConfig, stage: str, missing: str | None = None,
     """The one transform factory. ``stage``: ``train`` (random patches + augmentation, image and label),
     ``unlabeled`` (the same for an image alone), ``val`` or ``infer``. ``cache_dir``: where ``train`` keeps the
     propagated sparse labels (:class:`PropagateSparseLabeld`). ``pseudo_labels``: ``unlabeled`` then also crops
-    each case's entry of this store (:class:`PseudoLabeld`) as its ``label``."""
+    each case's entry of this store (:class:`PseudoLabeld`) as its ``label``; ``train`` takes a case's entry, where
+    it has one, instead of its saved label."""
     if stage not in ("train", "unlabeled", "val", "infer"):
         raise ValueError(f"stage {stage!r} is not one of ('train', 'unlabeled', 'val', 'infer')")
     steps: list[Transform] = [LoadCased(cfg, missing=missing, drop=drop)]
-    if stage == "train":
+    if pseudo_labels is not None and stage in ("train", "unlabeled"):
+        steps.append(PseudoLabeld(pseudo_labels, keep_missing=stage == "train"))
+    if stage == "train":  # after the stored labels: strokes carried from other cases grow too
         steps.append(PropagateSparseLabeld(cfg, cache_dir=cache_dir))
-    if stage == "unlabeled" and pseudo_labels is not None:
-        steps.append(PseudoLabeld(pseudo_labels))
     if stage in ("train", "unlabeled"):
         t = cfg.train
         labelled = stage == "train" or pseudo_labels is not None

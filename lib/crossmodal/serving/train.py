@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from crossmodal.atlas import atlas_pseudo_label
+from crossmodal.atlas import atlas_pseudo_label, transfer_strokes
 from crossmodal.config import (
     ConfigError,
     CrossModalConfig,
@@ -247,6 +247,11 @@ def plain(t: Any) -> torch.Tensor:
     return t.as_tensor() if hasattr(t, "as_tensor") else t
 
 
+def labelled_case(d: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """A loaded case's image (M, H, W, D), label (1, H, W, D) and grid affine (voxel -> mm)."""
+    return plain(d["image"]), plain(d["label"]), np.asarray(d["image"].affine, dtype=np.float64)
+
+
 def atlas_labels(cfg: CrossModalConfig, unlabeled: list[dict[str, Any]], dense: list[dict[str, Any]],
                  store: dict[str, torch.Tensor]) -> None:
     """Fill ``store`` (``{case_id: (1, H, W, D)}`` on the working grid) with atlas pseudo-labels of the first
@@ -257,8 +262,7 @@ def atlas_labels(cfg: CrossModalConfig, unlabeled: list[dict[str, Any]], dense: 
     start = time.perf_counter()
     atlases = []
     for item in dense[: cc.atlas_count]:
-        d = load(dict(item))
-        atlases.append((plain(d["image"]), plain(d["label"]), np.asarray(d["image"].affine, dtype=np.float64)))
+        atlases.append(labelled_case(load(dict(item))))
     labelled = []
     for item in unlabeled[: cc.atlas_max_cases]:
         d = load(dict(item))
@@ -269,6 +273,28 @@ def atlas_labels(cfg: CrossModalConfig, unlabeled: list[dict[str, Any]], dense: 
     logger.info(f"atlas pseudo-labels of {len(labelled)} of {len(unlabeled)} unlabelled cases from {len(atlases)} "
                 f"atlas{'es' if len(atlases) != 1 else ''} (dense cases) in {time.perf_counter() - start:.1f} s "
                 f"({100 * sum(labelled) / max(1, len(labelled)):.1f}% of their voxels labelled)")
+
+
+def stroke_transfer(cfg: CrossModalConfig, sparse: list[dict[str, Any]], store: dict[str, torch.Tensor]) -> None:
+    """Fill ``store`` (``{case_id: (1, H, W, D)}`` on the working grid) with the sparse labels of the first
+    ``atlas_max_cases`` ``sparse`` items, each with the strokes of the next ``atlas_sparse`` items added
+    (:func:`crossmodal.atlas.transfer_strokes`)."""
+    cc = cfg.train.consistency
+    load = preprocessing(cfg, "val")
+    start = time.perf_counter()
+    k = min(cc.atlas_sparse, len(sparse) - 1)
+    drawn, grown = [], []
+    for i, item in enumerate(sparse[: cc.atlas_max_cases] if k > 0 else []):
+        d = load(dict(item))
+        others = [load(dict(sparse[(i + j) % len(sparse)])) for j in range(1, k + 1)]
+        image, own, affine = labelled_case(d)
+        label = transfer_strokes(image, affine, own, [labelled_case(o) for o in others])
+        store[str(d["case_id"])] = label
+        drawn.append(float((own != IGNORE_INDEX).float().mean()))
+        grown.append(float((label != IGNORE_INDEX).float().mean()))
+    logger.info(f"stroke transfer: {len(grown)} of {len(sparse)} sparse cases given the strokes of {max(k, 0)} others "
+                f"in {time.perf_counter() - start:.1f} s ({100 * sum(drawn) / max(1, len(drawn)):.1f}% -> "
+                f"{100 * sum(grown) / max(1, len(grown)):.1f}% of their voxels labelled)")
 
 
 def coerce_tracking(request: dict[str, Any], model_dir: str) -> dict[str, Any]:
@@ -477,7 +503,17 @@ class CrossModalTrain(BasicTrainTask):
                 caps[source] = math.ceil(most / batch)
                 walked = len(items) > most  # read in turn over the epochs: caching the pool would only cost memory
             else:
+                cons = self.cfg.train.consistency
                 transforms = self.train_pre_transforms(context)
+                if source == SPARSE and self.hybrid and cons.atlas_sparse:
+                    start_from = self.load_path(context.output_dir, context.pretrained)
+                    if start_from and os.path.exists(start_from) and not cons.atlas_on_finetune:
+                        logger.info(f"stroke transfer off: fine-tuning {start_from} "
+                                    "(train.consistency.atlas_on_finetune)")
+                    else:
+                        store = {}
+                        stroke_transfer(self.cfg, items, store)
+                        transforms = self.train_pre_transforms(context, labels=store)
                 batch = max(1, int(context.train_batch_size) // max(1, len(labeled_sources)))
                 walked = False
             dataset = CacheDataset(items, transforms, progress=False) \
@@ -525,9 +561,11 @@ class CrossModalTrain(BasicTrainTask):
         optimizer = self.optimizer(context)
         return torch.nn.parallel.DistributedDataParallel(network, find_unused_parameters=True), optimizer
 
-    def train_pre_transforms(self, context: Context):
-        # the grown scribbles persist across epochs (Dataset reads every case anew) and across training runs
-        return preprocessing(self.cfg, "train", cache_dir=os.path.join(self._model_dir, "propagated"))
+    def train_pre_transforms(self, context: Context, labels: dict[str, torch.Tensor] | None = None):
+        # the grown scribbles persist across epochs (Dataset reads every case anew) and across training runs;
+        # ``labels``: labels that replace the saved ones of the cases they hold (stroke transfer)
+        return preprocessing(self.cfg, "train", cache_dir=os.path.join(self._model_dir, "propagated"),
+                             pseudo_labels=labels)
 
     def train_post_transforms(self, context: Context):
         return [PartialOneHotd(self.cfg.labels.num_classes)]
