@@ -1,4 +1,4 @@
-"""Atlas pseudo-labels: a dense label carried onto another case by affine + demons registration."""
+"""Atlas pseudo-labels and stroke transfer: labels carried onto another case by affine + demons registration."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import dice
-from crossmodal.atlas import atlas_pseudo_label
+from crossmodal.atlas import atlas_pseudo_label, transfer_strokes
 from crossmodal.data.brain import make_brain_case
-from crossmodal.labels import IGNORE_INDEX
+from crossmodal.data.sparse import sparsify
+from crossmodal.labels import IGNORE_INDEX, SPARSE, to_training
 
 
 def _case(brain_cfg, templates, i: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -45,3 +46,24 @@ def test_atlases_vote_and_disagreement_stays_unlabelled(brain_cfg, templates):
     assert float((strict[0][agreed] == truth[0][agreed]).float().mean()) > 0.97  # itself: (nearly) the identity
     with pytest.raises(ValueError, match="at least one atlas"):
         atlas_pseudo_label(image, affine, [], num_classes=4)
+
+
+def test_strokes_of_other_cases_are_carried_onto_a_case(brain_cfg, templates):
+    image, truth, affine = _case(brain_cfg, templates, 1)
+    others = [_case(brain_cfg, templates, i) for i in (0, 2)]
+    rng = np.random.default_rng(0)
+
+    def strokes(label: torch.Tensor) -> torch.Tensor:  # scribbles as the benchmark draws them, as a training map
+        drawn = sparsify(label[0].numpy().astype(np.int64), brain_cfg.labels, "scribbles", rng)
+        return torch.from_numpy(to_training(drawn, SPARSE, brain_cfg.labels)[None].astype(np.float32))
+
+    own = strokes(truth)
+    out = transfer_strokes(image, affine, own, [(im, strokes(lab), af) for im, lab, af in others])
+    drawn, labelled = own[0] != IGNORE_INDEX, out[0] != IGNORE_INDEX
+    assert out.shape == own.shape and torch.equal(out[0][drawn], own[0][drawn])  # what was drawn stays
+    added = labelled & ~drawn
+    assert float(added.float().mean()) > float(drawn.float().mean())  # 2 cases' strokes: more than its own again
+    right = float((out[0][added] == truth[0][added]).float().mean())
+    assert right > 0.93, right  # strokes keep off the edges, so carried ones mostly land inside the same tissue
+    alone = transfer_strokes(image, affine, own, [])
+    assert torch.equal(alone, own)

@@ -404,6 +404,29 @@ def test_atlas_pseudo_labels_supervise_the_unlabelled_cases(tmp_path: Path, phan
         load_config("phantom", overrides={"train": {"consistency": {"atlas_min_agreement": 0}}})
 
 
+def test_stroke_transfer_adds_other_cases_strokes_to_each_sparse_case(tmp_path: Path, phantom_cfg, caplog):
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=3, dense=0, sparse=3, seed=37)
+    cfg = method_config("phantom", "ours", {"train": {
+        "patch_size": [32, 32, 32], "patches_per_case": 1, "batch_size": 2, "val_fraction": 0.0,
+        "propagate": {"method": "none"}, "consistency": {"copy_paste": False, "atlas_sparse": 2}}})
+    save_config(cfg, tmp_path / "ours.yaml")
+    with caplog.at_level("INFO", logger="crossmodal.serving.train"):
+        stats = train_offline(str(studies), str(tmp_path / "ours.yaml"), str(tmp_path / "m"), epochs=1,
+                              device="cpu", network="crossmodal")
+    logs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stroke transfer")]
+    assert len(logs) == 1 and logs[0].startswith("stroke transfer: 3 of 3 sparse cases given the strokes of 2 others")
+    before, after = (float(v.split("%")[0]) for v in logs[0].split("(")[-1].split(" -> "))
+    assert 0 < before < after <= 100  # more voxels labelled than were drawn
+    caplog.clear()
+    with caplog.at_level("INFO", logger="crossmodal.serving.train"):  # the next run fine-tunes: off, as the atlas
+        train_offline(str(studies), str(tmp_path / "ours.yaml"), str(tmp_path / "m"), epochs=1, device="cpu",
+                      network="crossmodal")
+    logs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stroke transfer")]
+    assert logs == [f"stroke transfer off: fine-tuning {stats['published']} (train.consistency.atlas_on_finetune)"]
+    with pytest.raises(ConfigError, match="atlas_sparse"):
+        load_config("phantom", overrides={"train": {"consistency": {"atlas_sparse": -1}}})
+
+
 def test_baseline_trains_on_labels_only(tmp_path: Path, phantom_cfg):
     studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=5, dense=1, sparse=1, seed=32)
     stats = train_offline(str(studies), _bench_config(tmp_path, "baseline_unet"), str(tmp_path / "m"), epochs=1,
