@@ -29,6 +29,7 @@ from crossmodal.nets import CrossModalNet, InputSelect, build_network
 from crossmodal.serving.app import AppParts
 from crossmodal.serving.offline import method_config, train_offline
 from crossmodal.serving.train import CrossModalTrain, PseudoLabelRounds, atlas_labels
+from crossmodal.transforms import PseudoLabeld
 from ignite.metrics import Metric
 from monai.handlers.utils import from_engine
 from monai.utils.enums import CommonKeys as Keys
@@ -404,8 +405,17 @@ def test_atlas_pseudo_labels_supervise_the_unlabelled_cases(tmp_path: Path, phan
         load_config("phantom", overrides={"train": {"consistency": {"atlas_min_agreement": 0}}})
 
 
-def test_stroke_transfer_adds_other_cases_strokes_to_each_sparse_case(tmp_path: Path, phantom_cfg, caplog):
+def test_stroke_transfer_adds_other_cases_strokes_to_each_sparse_case(tmp_path: Path, phantom_cfg, caplog,
+                                                                       monkeypatch):
     studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=3, dense=0, sparse=3, seed=37)
+    stores: list[dict[str, torch.Tensor] | None] = []  # what the sparse loader's transforms are given
+    original = CrossModalTrain.train_pre_transforms
+
+    def spy(self, context, labels=None):
+        stores.append(labels)
+        return original(self, context, labels=labels)
+
+    monkeypatch.setattr(CrossModalTrain, "train_pre_transforms", spy)
     cfg = method_config("phantom", "ours", {"train": {
         "patch_size": [32, 32, 32], "patches_per_case": 1, "batch_size": 2, "val_fraction": 0.0,
         "propagate": {"method": "none"}, "consistency": {"copy_paste": False, "atlas_sparse": 2}}})
@@ -417,6 +427,8 @@ def test_stroke_transfer_adds_other_cases_strokes_to_each_sparse_case(tmp_path: 
     assert len(logs) == 1 and logs[0].startswith("stroke transfer: 3 of 3 sparse cases given the strokes of 2 others")
     before, after = (float(v.split("%")[0]) for v in logs[0].split("(")[-1].split(" -> "))
     assert 0 < before < after <= 100  # more voxels labelled than were drawn
+    given = [st for st in stores if st]
+    assert len(given) == 1 and len(given[0]) == 3  # the sparse loader trains on the 3 cases' transferred labels
     caplog.clear()
     with caplog.at_level("INFO", logger="crossmodal.serving.train"):  # the next run fine-tunes: off, as the atlas
         train_offline(str(studies), str(tmp_path / "ours.yaml"), str(tmp_path / "m"), epochs=1, device="cpu",
@@ -425,6 +437,16 @@ def test_stroke_transfer_adds_other_cases_strokes_to_each_sparse_case(tmp_path: 
     assert logs == [f"stroke transfer off: fine-tuning {stats['published']} (train.consistency.atlas_on_finetune)"]
     with pytest.raises(ConfigError, match="atlas_sparse"):
         load_config("phantom", overrides={"train": {"consistency": {"atlas_sparse": -1}}})
+
+
+def test_stored_labels_replace_only_the_cases_they_hold():
+    store = {"a": torch.ones(1, 4, 4, 4)}
+    image, own = torch.zeros(2, 4, 4, 4), torch.zeros(1, 4, 4, 4)
+    train = PseudoLabeld(store, keep_missing=True)  # the train stage's: stroke transfer
+    assert torch.equal(train({"image": image, "label": own, "case_id": "a"})["label"], store["a"])
+    assert train({"image": image, "label": own, "case_id": "b"})["label"] is own
+    unlabelled = PseudoLabeld(store)({"image": image, "case_id": "b"})["label"]  # nothing yet: all ignored
+    assert unlabelled.shape == (1, 4, 4, 4) and bool((unlabelled == IGNORE_INDEX).all())
 
 
 def test_baseline_trains_on_labels_only(tmp_path: Path, phantom_cfg):
