@@ -337,9 +337,9 @@ class PseudoLabeld(MapTransform, RandomizableTrait):
         d = dict(data)
         image = d[self.image_key]
         label = self.store.get(str(d.get("case_id")))
-        if self.keep_missing and label is None:
-            return d
         if label is None or tuple(label.shape[1:]) != tuple(image.shape[1:]):
+            if self.keep_missing:
+                return d
             label = torch.full((1, *image.shape[1:]), float(IGNORE_INDEX))
         d[self.label_key] = MetaTensor(label.float(), affine=image.affine) if isinstance(image, MetaTensor) else label
         return d

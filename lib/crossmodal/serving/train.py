@@ -393,6 +393,11 @@ class CrossModalTrain(BasicTrainTask):
         t = self.cfg.train
         return HybridLoss(SupervisedLoss(t.dice_weight, t.ce_weight, t.aux_weight), t.consistency)
 
+    def finetuning(self, context: Context) -> str | None:
+        """The model this run fine-tunes (:meth:`load_path`), or None for a run from scratch."""
+        start_from = self.load_path(context.output_dir, context.pretrained)
+        return start_from if start_from and os.path.exists(start_from) else None
+
     def load_path(self, output_dir: str, pretrained: bool = True) -> str | None:
         """Fine-tune from the published model when there is one, else this run folder's best, else pretrained."""
         if pretrained and self._publish_path and os.path.exists(self._publish_path):
@@ -484,8 +489,8 @@ class CrossModalTrain(BasicTrainTask):
                 store = None
                 cons = self.cfg.train.consistency
                 dense = self.hybrid and DENSE in labeled_sources  # pseudo-labels need dense labels
-                start_from = self.load_path(context.output_dir, context.pretrained) if dense else None
-                finetune = bool(start_from and os.path.exists(start_from))
+                start_from = self.finetuning(context)
+                finetune = start_from is not None
                 atlas = cons.atlas_runs(dense, finetune)
                 if dense and cons.atlas_pseudo and not atlas:
                     logger.info(f"atlas pseudo-labels off: fine-tuning {start_from}, which segments better than "
@@ -503,17 +508,17 @@ class CrossModalTrain(BasicTrainTask):
                 caps[source] = math.ceil(most / batch)
                 walked = len(items) > most  # read in turn over the epochs: caching the pool would only cost memory
             else:
+                store = None
                 cons = self.cfg.train.consistency
-                transforms = self.train_pre_transforms(context)
                 if source == SPARSE and self.hybrid and cons.atlas_sparse:
-                    start_from = self.load_path(context.output_dir, context.pretrained)
-                    if start_from and os.path.exists(start_from) and not cons.atlas_on_finetune:
+                    start_from = self.finetuning(context)
+                    if start_from is not None and not cons.atlas_on_finetune:
                         logger.info(f"stroke transfer off: fine-tuning {start_from} "
                                     "(train.consistency.atlas_on_finetune)")
                     else:
                         store = {}
                         stroke_transfer(self.cfg, items, store)
-                        transforms = self.train_pre_transforms(context, labels=store)
+                transforms = self.train_pre_transforms(context, labels=store)
                 batch = max(1, int(context.train_batch_size) // max(1, len(labeled_sources)))
                 walked = False
             dataset = CacheDataset(items, transforms, progress=False) \
