@@ -61,6 +61,16 @@ def warp_label(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, 
     return out.astype(np.int64) + IGNORE_INDEX
 
 
+def _carried(fixed: np.ndarray, affine: np.ndarray, case: tuple[torch.Tensor, torch.Tensor, np.ndarray],
+             iterations: int, sigma: float) -> np.ndarray:
+    """``case``'s (image (M, H', W', D'), label (1, H', W', D'), affine) label on ``fixed``'s (H, W, D) grid, registered
+    on the primary channel (:func:`warp_label`)."""
+    image, label, case_affine = case
+    return warp_label(fixed, np.asarray(affine, dtype=np.float64), image[0].float().cpu().numpy(),
+                      np.asarray(case_affine, dtype=np.float64), label[0].cpu().numpy().round().astype(np.int64),
+                      iterations, sigma)
+
+
 def atlas_pseudo_label(image: torch.Tensor, affine: np.ndarray,
                        atlases: list[tuple[torch.Tensor, torch.Tensor, np.ndarray]], num_classes: int,
                        min_agreement: float = 0.5, iterations: int = 100, sigma: float = 2.5) -> torch.Tensor:
@@ -79,10 +89,8 @@ def atlas_pseudo_label(image: torch.Tensor, affine: np.ndarray,
         raise ValueError("atlas_pseudo_label needs at least one atlas (a case with a dense label)")
     fixed = image[0].float().cpu().numpy()
     votes = np.zeros((num_classes, *fixed.shape), dtype=np.int32)
-    for a_image, a_label, a_affine in atlases:
-        warped = warp_label(fixed, np.asarray(affine, dtype=np.float64), a_image[0].float().cpu().numpy(),
-                            np.asarray(a_affine, dtype=np.float64), a_label[0].cpu().numpy().round().astype(np.int64),
-                            iterations, sigma)
+    for atlas in atlases:
+        warped = _carried(fixed, affine, atlas, iterations, sigma)
         for c in range(num_classes):
             votes[c] += warped == c
     best, count = votes.argmax(0), votes.max(0)
@@ -111,10 +119,8 @@ def transfer_strokes(image: torch.Tensor, affine: np.ndarray, label: torch.Tenso
     own = label[0].cpu().numpy().round().astype(np.int64)
     first = np.full(own.shape, IGNORE_INDEX, dtype=np.int64)  # the class carried there first
     agree = np.ones(own.shape, dtype=bool)
-    for o_image, o_label, o_affine in others:
-        warped = warp_label(fixed, np.asarray(affine, dtype=np.float64), o_image[0].float().cpu().numpy(),
-                            np.asarray(o_affine, dtype=np.float64), o_label[0].cpu().numpy().round().astype(np.int64),
-                            iterations, sigma)
+    for other in others:
+        warped = _carried(fixed, affine, other, iterations, sigma)
         drawn = warped != IGNORE_INDEX
         agree &= ~drawn | (first == IGNORE_INDEX) | (first == warped)
         first = np.where((first == IGNORE_INDEX) & drawn, warped, first)

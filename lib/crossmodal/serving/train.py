@@ -17,6 +17,7 @@ processes (torch.distributed: gloo on CPU, NCCL on GPUs).
 
 from __future__ import annotations
 
+import functools
 import gc
 import io
 import json
@@ -283,13 +284,17 @@ def stroke_transfer(cfg: CrossModalConfig, sparse: list[dict[str, Any]], store: 
     load = preprocessing(cfg, "val")
     start = time.perf_counter()
     k = min(cc.atlas_sparse, len(sparse) - 1)
+
+    @functools.lru_cache(maxsize=k + 1)  # case i reads cases i..i+k: each is read once (the last k wrap round)
+    def case(j: int) -> tuple[str, tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
+        d = load(dict(sparse[j]))
+        return str(d["case_id"]), labelled_case(d)
+
     drawn, grown = [], []
-    for i, item in enumerate(sparse[: cc.atlas_max_cases] if k > 0 else []):
-        d = load(dict(item))
-        others = [load(dict(sparse[(i + j) % len(sparse)])) for j in range(1, k + 1)]
-        image, own, affine = labelled_case(d)
-        label = transfer_strokes(image, affine, own, [labelled_case(o) for o in others])
-        store[str(d["case_id"])] = label
+    for i in range(min(len(sparse), cc.atlas_max_cases) if k > 0 else 0):
+        case_id, (image, own, affine) = case(i)
+        label = transfer_strokes(image, affine, own, [case((i + j) % len(sparse))[1] for j in range(1, k + 1)])
+        store[case_id] = label
         drawn.append(float((own != IGNORE_INDEX).float().mean()))
         grown.append(float((label != IGNORE_INDEX).float().mean()))
     logger.info(f"stroke transfer: {len(grown)} of {len(sparse)} sparse cases given the strokes of {max(k, 0)} others "
