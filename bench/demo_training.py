@@ -85,7 +85,9 @@ def main() -> int:
             stats = client.info()["train_stats"]["crossmodal"]
         finally:
             stop_server(server)
-        after = evaluate(str(studies), "brain", str(Path(tmp) / "model" / "brain_crossmodal.pt"), "cpu",
+        published = Path(tmp) / "model" / "brain_crossmodal.pt"
+        was_published = published.is_file()  # False: no epoch beat the committed model, which stays
+        after = evaluate(str(studies), "brain", str(published if was_published else PRETRAINED), "cpu",
                          network="crossmodal")
         run = max((Path(tmp) / "model").glob("train_*"), key=lambda p: p.stat().st_mtime)
         curve = json.loads((run / "learning_curve.json").read_text())
@@ -94,6 +96,7 @@ def main() -> int:
         "train_seconds": round(seconds, 1), "peak_rss_gb": round(rss, 3), "epochs": stats.get("epoch"),
         "iterations_per_epoch": stats.get("total_iterations"), "max_epochs": defaults.get("max_epochs"),
         "train_metrics": stats.get("train", {}).get("metrics"), "best_val_metric": stats.get("best_metric"),
+        "start_val_metric": stats.get("start_metric"), "published": was_published,
         "unlabeled_cases_scored": after["cases"], "dice_before": round(before["dice_mean"], 4),
         "dice_after": round(after["dice_mean"], 4), "dice_per_class_before": before["dice_per_class"],
         "dice_per_class_after": after["dice_per_class"], "hd95_before": round(before["hd95_mean"], 2),
@@ -103,7 +106,9 @@ def main() -> int:
     print(json.dumps({k: v for k, v in record.items() if k != "learning_curve"}, indent=2))
     print(f"\ndemo training: {seconds / 60:.1f} min ({record['epochs']} epochs x {record['iterations_per_epoch']} "
           f"steps), peak RSS {rss:.2f} GB; Dice on the {after['cases']} unlabelled cases "
-          f"{record['dice_before']:.3f} -> {record['dice_after']:.3f}")
+          f"{record['dice_before']:.3f} -> {record['dice_after']:.3f}; held-out validation "
+          f"{record['start_val_metric'] or float('nan'):.3f} (committed model) -> {record['best_val_metric']:.3f} "
+          f"(this run's best: {'published' if record['published'] else 'not published, the committed model stays'})")
     return 0
 
 

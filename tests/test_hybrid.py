@@ -1,6 +1,8 @@
 """Hybrid supervision: consistency losses (hand-computed values), one-forward steps, multi-source loading, the
 train task on dense + sparse + unlabelled cases, data-parallel training in two CPU processes."""
 
+import json
+import logging
 import math
 from pathlib import Path
 
@@ -467,3 +469,61 @@ def test_data_parallel_training_in_two_cpu_processes(tmp_path: Path, phantom_cfg
     weights = torch.load(stats["published"], map_location="cpu")
     net = build_network(load_config(str(tmp_path / "ours.yaml")))
     net.load_state_dict(weights)  # strict: saved unwrapped from DistributedDataParallel
+    # fine-tuning it with a dense case held out: both processes validate the starting model (the metric is reduced
+    # across them) before the first step
+    save_config(load_config(str(tmp_path / "ours.yaml"), overrides={"train": {"val_fraction": 0.5}}),
+                tmp_path / "held_out.yaml")
+    again = train_offline(str(studies), str(tmp_path / "held_out.yaml"), str(tmp_path / "m2"), epochs=1,
+                          device="cpu", network="crossmodal", processes=2, pretrained=stats["published"])
+    assert 0 <= again["start_metric"] <= 1 and again["epoch"] == 1
+    assert again["published"] == (str(tmp_path / "m2" / "phantom_crossmodal.pt")
+                                  if again["best_metric"] > again["start_metric"] else stats["published"])
+
+
+def test_a_fine_tuning_publishes_only_an_epoch_that_beats_the_model_it_started_from(tmp_path: Path, phantom_cfg,
+                                                                                   caplog):
+    """Held-out labels and a model to fine-tune: the starting model is validated first (an epoch-0 score); a run
+    none of whose epochs beats it publishes nothing and the starting model stays the one to use; a run that beats it
+    publishes its best; ``publish=best_of_run`` (train request) publishes the run's best whatever it scores."""
+    from conftest import PRETRAINED_PHANTOM
+    from crossmodal.serving.train import check_train_request
+
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=3, dense=2, sparse=0, seed=5)  # 1 validates
+
+    def run(name: str, lr: float, start: str, epochs: int) -> tuple[dict, Path]:
+        cfg = method_config("phantom", "baseline_unet", {"train": {"learning_rate": lr, "patch_size": [32, 32, 32],
+                                                                   "patches_per_case": 1}})
+        save_config(cfg, tmp_path / f"{name}.yaml")
+        model_dir = tmp_path / name
+        stats = train_offline(str(studies), str(tmp_path / f"{name}.yaml"), str(model_dir), epochs=epochs,
+                              device="cpu", pretrained=start, network="baseline_unet")
+        return stats, model_dir
+
+    # AdamW steps of 1.0 wreck the committed model: nothing is published, the committed model stays
+    with caplog.at_level(logging.INFO, logger="crossmodal.serving.train"):
+        wrecked, model_dir = run("wrecked", 1.0, str(PRETRAINED_PHANTOM), 1)
+    assert (f"no epoch beat the starting model (held-out val_mean_dice {wrecked['start_metric']:.4f}, this run's "
+            f"best {wrecked['best_metric']:.4f} at epoch 1): the model in service stays") in caplog.text
+    assert wrecked["start_metric"] > 0.8 and wrecked["best_metric"] < wrecked["start_metric"] - 0.3, wrecked
+    assert not (model_dir / "phantom_baseline_unet.pt").exists() and wrecked["published"] == str(PRETRAINED_PHANTOM)
+    curve = json.loads(next(model_dir.glob("train_*/learning_curve.json")).read_text())
+    assert [r["epoch"] for r in curve] == [0, 1]
+    assert curve[0]["val_mean_dice"] == pytest.approx(wrecked["start_metric"], abs=1e-5)
+    assert json.loads((model_dir / "train_stats.json").read_text())["start_metric"] == wrecked["start_metric"]
+
+    # from a network that has learnt nothing (random weights) the first epochs beat it: published
+    blank = tmp_path / "blank.pt"
+    torch.manual_seed(0)
+    torch.save(build_network(load_config("phantom", overrides={"model": {"name": "baseline_unet"}})).state_dict(),
+               blank)
+    learnt, model_dir = run("learnt", 1e-2, str(blank), 3)
+    assert learnt["best_metric"] > learnt["start_metric"] + 0.03, learnt
+    published = model_dir / "phantom_baseline_unet.pt"
+    assert learnt["published"] == str(published) and published.is_file()
+    best = torch.load(next(model_dir.glob("train_*/model.pt")), map_location="cpu")
+    assert all(torch.equal(v, torch.load(published, map_location="cpu")[k]) for k, v in best.items())
+
+    assert check_train_request({"publish": ["best_of_run", "if_better"]})["publish"] == "best_of_run"
+    with pytest.raises(ConfigError, match=r"train request: publish='always' must be one of \['if_better', "
+                                          r"'best_of_run'\]"):
+        check_train_request({"publish": "always"})

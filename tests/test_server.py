@@ -15,6 +15,7 @@ from crossmodal.config import load_config
 from crossmodal.data.sparse import scribbles
 from crossmodal.io import load_volume, save_volume
 from crossmodal.nets import check_weights
+from crossmodal.serving.app import AppParts
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
@@ -46,6 +47,7 @@ def test_info_lists_model_trainer_strategy_scoring(client):
     assert info["models"]["baseline_unet"]["labels"] == {"organ": 1, "lesion": 2, "vessel": 3, "marked_background": 255}
     assert info["models"]["baseline_unet"]["type"] == "segmentation"
     assert "baseline_unet" in info["trainers"] and {"crossmodal", "random"} <= set(info["strategies"])
+    assert info["trainers"]["baseline_unet"]["config"]["publish"] == ["if_better", "best_of_run"]  # Slicer's options
     assert "crossmodal" in info["scoring"]
     assert "config" not in info  # 3D Slicer aborts on a top-level config key
     assert info["datastore"]["total"] == 6 and info["datastore"]["completed"] == 3
@@ -264,18 +266,33 @@ def test_unknown_names_and_bad_train_numbers_are_4xx_that_say_what_is_served(cli
     assert snapshot(phantom_server.studies) == before
 
 
-def test_train_publishes_a_model_that_infer_reloads(client, phantom_server):
-    published = phantom_server.model_dir / "phantom_baseline_unet.pt"
-    assert not published.exists()
-    client.infer("baseline_unet", "phantom005", {})  # the committed model in the server's cache, to be replaced
-    started = time.time()
-    client.train_start("baseline_unet", {"max_epochs": 2, "tracking": "mlflow"})  # as Slicer asks
-    deadline = time.time() + 400
+def wait_for_training(client, seconds: float = 400) -> None:
+    deadline = time.time() + seconds
     time.sleep(3)
     while client.train_status(check_if_running=True) and time.time() < deadline:
         time.sleep(2)
+
+
+def test_train_publishes_a_model_that_infer_reloads(client, phantom_server):
+    """The default run (publish=if_better) validates the committed model first and publishes an epoch only when it
+    beats it; publish=best_of_run publishes the run's best, which infer then reloads."""
+    published = phantom_server.model_dir / "phantom_baseline_unet.pt"
+    assert not published.exists()
+    client.infer("baseline_unet", "phantom005", {})  # the committed model in the server's cache, to be replaced
+    client.train_start("baseline_unet", {"max_epochs": 2})
+    wait_for_training(client)
+    stats = client.info()["train_stats"]["baseline_unet"]
+    assert 0.5 < stats["start_metric"] <= 1 and stats["epoch"] == 2
+    assert published.is_file() == (stats["best_metric"] > stats["start_metric"]), stats
+    assert "held-out val_mean_dice of the starting model" in phantom_server.log.read_text()
+    published.unlink(missing_ok=True)  # the committed model in service again
+
+    started = time.time()
+    client.train_start("baseline_unet", {"max_epochs": 2, "tracking": "mlflow", "publish": "best_of_run"})
+    wait_for_training(client)
     assert published.is_file() and published.stat().st_mtime > started
     stats = client.info()["train_stats"]["baseline_unet"]
+    assert "start_metric" not in stats
     assert stats["total_epochs"] == 2 and stats["epoch"] == 2
     assert 0.0 < stats["best_metric"] <= 1.0
     assert (phantom_server.model_dir / "mlflow.db").is_file()  # MLflow on sqlite, not the rejected file:// URI
@@ -298,7 +315,7 @@ def test_train_publishes_a_model_that_infer_reloads(client, phantom_server):
     assert dice(load_volume(out)[0].numpy(), truth(phantom_server, "phantom005"), 1) > 0.5
 
 
-def test_a_training_stopped_mid_run_leaves_a_whole_model_in_service(client, phantom_server):
+def test_a_training_stopped_mid_run_leaves_a_whole_model_in_service(client, phantom_server, tmp_path):
     """The viewers' Stop (MONAI Label SIGKILLs the training process) during a run that publishes: every read of the
     published file meanwhile is a whole checkpoint (temp file + os.replace), and afterwards infer serves it.
     Runs after test_train_publishes..., whose model is the one in service at the start."""
@@ -306,7 +323,7 @@ def test_a_training_stopped_mid_run_leaves_a_whole_model_in_service(client, phan
 
     published = phantom_server.model_dir / "phantom_baseline_unet.pt"
     start = published.read_bytes()
-    client.train_start("baseline_unet", {"max_epochs": 50})
+    client.train_start("baseline_unet", {"max_epochs": 50, "publish": "best_of_run"})  # publishes its first epoch
     reads, changed_at, deadline = 0, None, time.time() + 180
     while time.time() < deadline and (changed_at is None or time.time() < changed_at + 4):
         data = published.read_bytes()
@@ -323,14 +340,26 @@ def test_a_training_stopped_mid_run_leaves_a_whole_model_in_service(client, phan
     assert not client.train_status(check_if_running=True)
     check_weights(CFG_BASELINE, str(published))  # whole and fitting the network
     assert reads > 20
+    reloads = phantom_server.log.read_text().count("Reload model from cache")
     out, _ = client.infer("baseline_unet", "phantom003", {})
-    assert dice(load_volume(out)[0].numpy(), truth(phantom_server, "phantom003"), 1) > 0.5
+    assert phantom_server.log.read_text().count("Reload model from cache") == reloads + 1
+    # what infer serves is the published file's segmentation (this process, same code; a stopped run's model and so
+    # its Dice depend on the machine's speed)
+    parts = AppParts.from_conf(str(tmp_path), {"preset": "phantom", "pretrained": str(published),
+                                               "models": "baseline_unet"})
+    _, mine = parts.infer()({"image": str(phantom_server.studies / "phantom003.nii.gz"), "skip_writer": True,
+                             "device": "cpu"})
+    served = load_volume(out)[0].numpy()
+    assert served.shape == mine["pred"].shape and np.mean(served == mine["pred"].numpy()) > 0.999
 
 
 def test_train_on_an_unreadable_case_says_which_and_keeps_the_published_model(client, phantom_server):
     """Sync train (run_sync): 422 naming the case and the file, not a bare 500; async (the viewers' Train): the
-    task ends in ERROR with that line last; either way the model in service stays byte for byte."""
+    task ends in ERROR with that line last; either way the model in service stays byte for byte and segments the
+    case voxel for voxel as before."""
     models = {p: p.read_bytes() for p in phantom_server.model_dir.glob("*.pt")}
+    before, _ = client.infer("baseline_unet", "phantom001", {})
+    before = load_volume(before)[0].numpy()
     mr = phantom_server.studies / "modalities" / "phantom001" / "mr.nii.gz"  # a dense case: every network reads it
     saved = mr.read_bytes()
     mr.write_bytes(saved[: len(saved) // 2])
@@ -353,7 +382,8 @@ def test_train_on_an_unreadable_case_says_which_and_keeps_the_published_model(cl
         mr.write_bytes(saved)
     assert {p: p.read_bytes() for p in phantom_server.model_dir.glob("*.pt")} == models
     out, _ = client.infer("baseline_unet", "phantom001", {})
-    assert dice(load_volume(out)[0].numpy(), truth(phantom_server, "phantom001"), 1) > 0.5
+    # the model in service comes from a run stopped at a machine-dependent epoch: its Dice is not this test's point
+    assert np.array_equal(load_volume(out)[0].numpy(), before) and set(np.unique(before)) > {0}
 
 
 def test_brain_demo_is_segmented_usefully_by_the_committed_model(tmp_path):

@@ -413,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--epochs", type=int, default=None)
     q.add_argument("--device", default="auto")
     q.add_argument("--publish", help="also copy the published model here (the best by validation; the last one "
-                                     "when no label is held out)")
+                                     "when no label is held out; fine-tuning --pretrained with held-out labels: "
+                                     "that model when no epoch beats it)")
     q.add_argument("--pretrained", help="weights to start from")
     q.add_argument("--network", help="network name (default: the preset's model.name)")
     q.add_argument("--method", help="ours | baseline_unet | single_<modality> (applied to the preset)")

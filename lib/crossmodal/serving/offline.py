@@ -53,7 +53,9 @@ def train_offline(studies: str, preset: str, model_dir: str, epochs: int | None 
                   publish: str | None = None, pretrained: str | None = None, network: str | None = None,
                   use_unlabeled: bool = True, processes: int = 1, dataset: str = "CacheDataset") -> dict[str, Any]:
     """Train on every final label of ``studies`` (and its unlabelled cases, for a cross-modal network unless
-    ``use_unlabeled`` is false); the best model is published to ``<model_dir>/…`` (and copied to ``publish``).
+    ``use_unlabeled`` is false); the best model is published to ``<model_dir>/…`` (and copied to ``publish``); a
+    fine-tuning (of ``pretrained`` or of the model already published there) with held-out labels publishes only an
+    epoch that validates better than the model it started from (``stats["published"]``: the model to use).
 
     ``preset`` is a preset name or a YAML path; ``processes`` > 1 trains data-parallel (torch.distributed);
     ``dataset``: ``CacheDataset`` (every preprocessed case in memory) or ``Dataset`` (read as it comes)."""
@@ -66,10 +68,12 @@ def train_offline(studies: str, preset: str, model_dir: str, epochs: int | None 
     stats = parts.trainer()({"device": pick_device(device), "tracking": "None", "dataset": dataset,
                              "dataloader": "DataLoader", "use_unlabeled": use_unlabeled, "processes": processes},
                             parts.datastore(studies))
+    # a fine-tuning of ``pretrained`` that no epoch improved on held-out labels publishes nothing: that model stays
+    published = parts.published if os.path.exists(parts.published) or not pretrained else pretrained
     if publish:
-        atomic_copy(parts.published, publish)
+        atomic_copy(published, publish)
     curves = sorted(Path(model_dir).glob("train_*/learning_curve.png"), key=lambda p: p.stat().st_mtime)
-    return {**stats, "published": parts.published, "learning_curve": str(curves[-1]) if curves else None}
+    return {**stats, "published": published, "learning_curve": str(curves[-1]) if curves else None}
 
 
 def epoch_length(counts: dict[str, int], unlabeled: bool, batch: int, unlabeled_batch: int,

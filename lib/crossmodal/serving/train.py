@@ -11,7 +11,9 @@ supervise them and their mixes. Training starts from the published model when
 there is one. Validation uses dense labels when there are any (Dice), held-out sparse labels otherwise
 (partial Dice); the best model by validation (without held-out labels: the latest, :class:`LatestModel`) is
 published atomically: an infer request never reads a half-written file,
-and a killed training leaves the previous model in service. ``processes=N`` trains data-parallel in N
+and a killed training leaves the previous model in service. A fine-tuning publishes only an epoch that validates
+better than the model it started from (:class:`StartingScore`; train option ``publish=best_of_run``: the run's
+best, as MONAI Label). ``processes=N`` trains data-parallel in N
 processes (torch.distributed: gloo on CPU, NCCL on GPUs).
 """
 
@@ -51,7 +53,7 @@ from crossmodal.propagate import refine_segmentation
 from crossmodal.transforms import preprocessing
 from ignite.engine import Engine, Events
 from monai.data import CacheDataset, Dataset, partition_dataset
-from monai.engines import SupervisedTrainer
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.handlers import CheckpointSaver, TensorBoardStatsHandler
 from monai.transforms import MapTransform
@@ -87,16 +89,52 @@ class PartialOneHotd(MapTransform):
         return d
 
 
+class StartingScore:
+    """The held-out score of the model a run fine-tunes, measured before its first step (an ignite handler on the
+    trainer's ``STARTED``, after MONAI's ``CheckpointLoader`` has loaded the weights).
+
+    ``evaluator`` is a bare one (the run's loader, inferer, post-transforms and key metric, none of its handlers: no
+    checkpoint, no publish). MONAI Label's publisher takes the best epoch of the run, so a fine-tuning whose every
+    epoch validated worse than the model in service replaced it anyway; with this score the publisher
+    (:class:`AtomicPublish`) only takes an epoch that beats it. Runs on every process (the metric is reduced
+    across them).
+    """
+
+    def __init__(self, evaluator: Engine, key: str, start_from: str) -> None:
+        self.evaluator, self.key, self.start_from = evaluator, key, start_from
+        self.score: float | None = None
+
+    def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.evaluator.run()
+        self.score = float(self.evaluator.state.metrics[self.key])
+        logger.info(f"fine-tuning {self.start_from}: held-out {self.key} of the starting model {self.score:.4f}; "
+                    "an epoch of this run is published only when it beats it (train request publish=best_of_run: "
+                    "the run's best epoch whatever it scores)")
+
+
 class AtomicPublish(PublishStatsAndModel):
-    """MONAI Label's publisher, with stats and model replaced through temp files (``os.replace``)."""
+    """MONAI Label's publisher, with stats and model replaced through temp files (``os.replace``); with a
+    :class:`StartingScore`, only a best epoch that validates above the starting model's score is published."""
+
+    def __init__(self, *args: Any, start: StartingScore | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.start = start
 
     def iteration_completed(self) -> dict[str, Any]:
         stats = prepare_stats(self.start_ts, self.trainer, self.evaluator)
+        start = self.start.score if self.start is not None else None
+        if start is not None:
+            stats["start_metric"] = start
         text = json.dumps(stats, indent=2, default=str)
         atomic_write_text(Path(self.output_dir) / f"stats_{self.run_id}.json", text)
         if self._stats_path:
             atomic_write_text(Path(self._stats_path), text)
         best = os.path.join(self.output_dir, self._key_metric_filename)
+        if start is not None and self.evaluator is not None and not self.evaluator.state.best_metric > start:
+            return stats  # the run's best so far validates no better than the model it started from
         if self._publish_path and os.path.exists(best):
             if not os.path.exists(self._publish_path) or os.path.getmtime(best) > os.path.getmtime(self._publish_path):
                 atomic_copy(best, self._publish_path)
@@ -128,16 +166,19 @@ class LatestModel:
 class LearningCurve:
     """A run's learning curve, on rank 0: per epoch the train metrics (epoch means of the loss parts, train Dice)
     and, on validation epochs, the evaluator's -> ``learning_curve.json`` every epoch (a killed run keeps the
-    epochs it finished), ``learning_curve.png`` when the run completes (:func:`plot_learning_curve`)."""
+    epochs it finished), ``learning_curve.png`` when the run completes (:func:`plot_learning_curve`). With a
+    :class:`StartingScore`, the starting model's score is an epoch-0 row."""
 
-    def __init__(self, output_dir: str, evaluator: Engine | None = None) -> None:
-        self.dir, self.evaluator, self.history = Path(output_dir), evaluator, []
+    def __init__(self, output_dir: str, evaluator: Engine | None = None, start: StartingScore | None = None) -> None:
+        self.dir, self.evaluator, self.start, self.history = Path(output_dir), evaluator, start, []
 
     def attach(self, trainer: Engine) -> None:  # after MONAI's ValidationHandler: this epoch's validation is in
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
         trainer.add_event_handler(Events.COMPLETED, self.completed)
 
     def epoch_completed(self, engine: Engine) -> None:
+        if not self.history and self.start is not None and self.start.score is not None:
+            self.history.append({"epoch": 0, "iteration": 0, self.start.key: round(self.start.score, 5)})
         row: dict[str, Any] = {"epoch": engine.state.epoch, "iteration": engine.state.iteration}
         row.update({k: round(float(v), 5) for k, v in engine.state.metrics.items() if isinstance(v, int | float)})
         ev = self.evaluator
@@ -174,8 +215,9 @@ def plot_learning_curve(history: list[dict[str, Any]], path: Path) -> None:
             right.plot(*zip(*pts, strict=True), style, marker="o", label=k.replace("_mean_dice", "") + " Dice")
     val = [r for r in history if "val_mean_dice" in r]
     published = max(val, key=lambda r: r["val_mean_dice"])["epoch"] if val else history[-1]["epoch"]
-    right.axvline(published, color="tab:gray", lw=0.8,
-                  label=f"published: epoch {published} ({'best validation' if val else 'last: no held-out label'})")
+    why = "best validation" if val else "last: no held-out label"
+    right.axvline(published, color="tab:gray", lw=0.8, label=f"published: epoch {published} ({why})" if published
+                  else "published: none (epoch 0, the model fine-tuned, validated best)")
     right.set(xlabel="epoch", ylabel="mean foreground Dice", title="Dice")
     right.legend(fontsize=8)
     for ax in (left, right):
@@ -324,7 +366,8 @@ def coerce_tracking(request: dict[str, Any], model_dir: str) -> dict[str, Any]:
 POSITIVE_INTS = ("max_epochs", "train_batch_size", "val_batch_size", "val_interval", "processes")
 # the train task's choices, the first the default: the viewers show each as a list and send the item chosen (a
 # request without the key reached MONAI Label's run as the whole list, which its loaders took for the plain ones)
-CHOICES = {"dataset": ("Dataset", "CacheDataset"), "dataloader": ("DataLoader", "ThreadDataLoader")}
+CHOICES = {"dataset": ("Dataset", "CacheDataset"), "dataloader": ("DataLoader", "ThreadDataLoader"),
+           "publish": ("if_better", "best_of_run")}
 
 
 def check_train_request(request: dict[str, Any]) -> dict[str, Any]:
@@ -381,6 +424,7 @@ class CrossModalTrain(BasicTrainTask):
                     "tracking": ["None", "mlflow"]},
         )
         self.cfg = cfg
+        self._start: StartingScore | None = None  # the running fine-tuning's (:meth:`finalize`)
 
     @property
     def hybrid(self) -> bool:
@@ -624,15 +668,40 @@ class CrossModalTrain(BasicTrainTask):
         train = [d for d in items if d not in val]
         return train + unlabeled, val
 
+    def _starting_score(self, context: Context) -> StartingScore | None:
+        """A :class:`StartingScore` when this run fine-tunes a model, holds labels out and the request's ``publish``
+        is ``if_better`` (the default); attached to the trainer on every process."""
+        start_from = self.finetuning(context)
+        if context.evaluator is None or start_from is None or context.request.get("publish") == "best_of_run":
+            return None
+        bare = SupervisedEvaluator(
+            device=context.device, val_data_loader=context.evaluator.data_loader, network=context.network,
+            inferer=self.val_inferer(context),
+            postprocessing=self._validate_transforms(self.val_post_transforms(context), "Validation", "post"),
+            key_val_metric=self.val_key_metric(context))
+        start = StartingScore(bare, context.evaluator.state.key_metric_name, start_from)
+        start.attach(context.trainer)
+        return start
+
+    def _report_kept(self, context: Context, start: StartingScore) -> None:
+        best = context.evaluator.state.best_metric
+        if start.score is not None and not best > start.score:
+            logger.info(f"no epoch beat the starting model (held-out {start.key} {start.score:.4f}, this run's best "
+                        f"{best:.4f} at epoch {context.evaluator.state.best_metric_epoch}): the model in service "
+                        "stays")
+
     def finalize(self, context: Context) -> None:
+        self._start = start = self._starting_score(context)
         if context.local_rank == 0:
             save_config(self.cfg, os.path.join(context.output_dir, "config.yaml"))
             publisher = AtomicPublish(self._stats_path, self._publish_path, self._key_metric_filename,
                                       context.start_ts, context.run_id, context.output_dir, context.trainer,
-                                      context.evaluator)
+                                      context.evaluator, start=start)
             engine = context.evaluator or context.trainer
             engine.add_event_handler(Events.EPOCH_COMPLETED, publisher)
-            LearningCurve(context.output_dir, context.evaluator).attach(context.trainer)
+            LearningCurve(context.output_dir, context.evaluator, start).attach(context.trainer)
+            if start is not None:
+                context.trainer.add_event_handler(Events.COMPLETED, lambda _: self._report_kept(context, start))
         if context.multi_gpu:
             # every process leaves training together (rank 0 publishes last), so MONAI Label's
             # destroy_process_group() never tears gloo down under a peer still running
@@ -643,7 +712,10 @@ class CrossModalTrain(BasicTrainTask):
         after ``destroy_process_group``: left to interpreter exit, gloo's threads were torn down mid-shutdown and
         one process in ~8 aborted (SIGABRT, "terminate called without an active exception")."""
         try:
-            return super().train(rank, world_size, request, datalist)
+            stats = super().train(rank, world_size, request, datalist)
+            if self._start is not None and self._start.score is not None:
+                stats["start_metric"] = self._start.score
+            return stats
         finally:
             if world_size > 1:
                 gc.collect()  # the engines hold reference cycles: only the collector frees them
