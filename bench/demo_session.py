@@ -51,6 +51,7 @@ time.sleep(3)
 while c.train_status(check_if_running=True):
     time.sleep(2)
 st = c.info()["train_stats"]["crossmodal"]
-print(f"train: {time.time() - t:.0f} s, epoch {st['epoch']}/{st['total_epochs']}, best_metric {st['best_metric']:.3f}")
+print(f"train: {time.time() - t:.0f} s, epoch {st['epoch']}/{st['total_epochs']}, best_metric {st['best_metric']:.3f} "
+      f"(the committed model validated {st.get('start_metric', float('nan')):.3f} first: published only if beaten)")
 out, params = c.infer("crossmodal", nxt["id"], {})
 print("infer after training:", params["latencies"]["total"], "s server-side")

@@ -211,16 +211,17 @@ def test_pacs_session_next_sample_infer_save_train_infer(pacs, server, client, t
     pick = client.next_sample("crossmodal", {})
     assert pick["id"] in {ids["phantom001"], ids["phantom003"]} and pick["cold_start"] is False
 
-    # train (fine-tune one epoch on the two SEG-labelled cases + unlabelled studies), then infer again
+    # train (fine-tune one epoch on the two SEG-labelled cases + unlabelled studies), then infer again: published
+    # only when the epoch validates better than the committed model did before the first step
     published = server.model_dir / "phantom_crossmodal.pt"
     client.train_start("crossmodal", {"max_epochs": 1})
     deadline = time.time() + 500
     time.sleep(3)
     while client.train_status(check_if_running=True) and time.time() < deadline:
         time.sleep(2)
-    assert published.is_file(), server.log.read_text()[-3000:]
     stats = client.info()["train_stats"]["crossmodal"]
-    assert stats["total_epochs"] == 1 and stats["epoch"] == 1
+    assert stats["total_epochs"] == 1 and stats["epoch"] == 1 and 0.5 < stats["start_metric"] <= 1, stats
+    assert published.is_file() == (stats["best_metric"] > stats["start_metric"]), server.log.read_text()[-3000:]
     out, result = client.infer("crossmodal", ids["phantom001"], {"result_extension": ".nrrd"})
     assert out.endswith(".nrrd")
     after = load_volume(out)[0].numpy()
