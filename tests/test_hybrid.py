@@ -484,7 +484,8 @@ def test_a_fine_tuning_publishes_only_an_epoch_that_beats_the_model_it_started_f
                                                                                    caplog):
     """Held-out labels and a model to fine-tune: the starting model is validated first (an epoch-0 score); a run
     none of whose epochs beats it publishes nothing and the starting model stays the one to use; a run that beats it
-    publishes its best; ``publish=best_of_run`` (train request) publishes the run's best whatever it scores."""
+    publishes its best; ``publish=best_of_run`` (train request, ``crossmodal train --publish-mode``) publishes the
+    run's best whatever it scores."""
     from conftest import PRETRAINED_PHANTOM
     from crossmodal.serving.train import check_train_request
 
@@ -510,6 +511,16 @@ def test_a_fine_tuning_publishes_only_an_epoch_that_beats_the_model_it_started_f
     assert [r["epoch"] for r in curve] == [0, 1]
     assert curve[0]["val_mean_dice"] == pytest.approx(wrecked["start_metric"], abs=1e-5)
     assert json.loads((model_dir / "train_stats.json").read_text())["start_metric"] == wrecked["start_metric"]
+    # the same run asked to publish its best whatever it scores (`crossmodal train --publish-mode best_of_run`)
+    from crossmodal.cli import main
+
+    always = tmp_path / "always"
+    assert main(["train", "--studies", str(studies), "--config", str(tmp_path / "wrecked.yaml"), "--model-dir",
+                 str(always), "--epochs", "1", "--device", "cpu", "--pretrained", str(PRETRAINED_PHANTOM),
+                 "--network", "baseline_unet", "--publish-mode", "best_of_run"]) == 0
+    best = torch.load(next(always.glob("train_*/model.pt")), map_location="cpu")
+    assert all(torch.equal(v, torch.load(always / "phantom_baseline_unet.pt", map_location="cpu")[k])
+               for k, v in best.items())
 
     # from a network that has learnt nothing (random weights) the first epochs beat it: published
     blank = tmp_path / "blank.pt"

@@ -267,6 +267,7 @@ def test_unknown_names_and_bad_train_numbers_are_4xx_that_say_what_is_served(cli
 
 
 def wait_for_training(client, seconds: float = 400) -> None:
+    """Until the running training ends (at most ``seconds``)."""
     deadline = time.time() + seconds
     time.sleep(3)
     while client.train_status(check_if_running=True) and time.time() < deadline:
@@ -371,10 +372,7 @@ def test_train_on_an_unreadable_case_says_which_and_keeps_the_published_model(cl
         assert detail.startswith("training stopped: case 'phantom001': file ") and str(mr) in detail, detail
         assert "cannot be read as NIfTI/NRRD" in detail
         client.train_start("baseline_unet", {"max_epochs": 1})
-        deadline = time.time() + 300
-        time.sleep(3)
-        while client.train_status(check_if_running=True) and time.time() < deadline:
-            time.sleep(1)
+        wait_for_training(client, 300)
         task = client.train_status()
         assert task["status"] == "ERROR", task
         assert "training stopped: case 'phantom001'" in task["details"][-1], task["details"][-3:]

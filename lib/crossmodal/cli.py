@@ -304,7 +304,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     network = args.network or (load_config(resolved).model.name if args.method else None)
     stats = train_offline(studies, resolved, args.model_dir, args.epochs, args.device, publish=args.publish,
                           pretrained=args.pretrained, network=network, use_unlabeled=not args.no_unlabeled,
-                          processes=args.processes, dataset=args.dataset)
+                          processes=args.processes, dataset=args.dataset, publish_mode=args.publish_mode)
     print(json.dumps(stats, indent=2, default=str))
     if held_out_cases(studies):  # held-out test cases (truth, no final label): Dice and HD95 per case
         out = str(Path(args.model_dir) / "evaluation.json")
@@ -416,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "when no label is held out; fine-tuning --pretrained with held-out labels: "
                                      "that model when no epoch beats it)")
     q.add_argument("--pretrained", help="weights to start from")
+    q.add_argument("--publish-mode", default="if_better", choices=("if_better", "best_of_run"),
+                   help="fine-tuning with held-out labels: publish an epoch only when it validates better than the "
+                        "model it started from (if_better), or the run's best whatever it scores (best_of_run)")
     q.add_argument("--network", help="network name (default: the preset's model.name)")
     q.add_argument("--method", help="ours | baseline_unet | single_<modality> (applied to the preset)")
     q.add_argument("--no-unlabeled", action="store_true", help="leave the unlabelled cases out")

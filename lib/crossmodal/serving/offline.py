@@ -51,11 +51,13 @@ def method_config(preset: str, method: str, overrides: dict[str, Any] | None = N
 
 def train_offline(studies: str, preset: str, model_dir: str, epochs: int | None = None, device: str = "auto",
                   publish: str | None = None, pretrained: str | None = None, network: str | None = None,
-                  use_unlabeled: bool = True, processes: int = 1, dataset: str = "CacheDataset") -> dict[str, Any]:
+                  use_unlabeled: bool = True, processes: int = 1, dataset: str = "CacheDataset",
+                  publish_mode: str = "if_better") -> dict[str, Any]:
     """Train on every final label of ``studies`` (and its unlabelled cases, for a cross-modal network unless
     ``use_unlabeled`` is false); the best model is published to ``<model_dir>/…`` (and copied to ``publish``); a
     fine-tuning (of ``pretrained`` or of the model already published there) with held-out labels publishes only an
-    epoch that validates better than the model it started from (``stats["published"]``: the model to use).
+    epoch that validates better than the model it started from (``publish_mode="best_of_run"``: its best epoch
+    whatever it scores; ``stats["published"]``: the model to use).
 
     ``preset`` is a preset name or a YAML path; ``processes`` > 1 trains data-parallel (torch.distributed);
     ``dataset``: ``CacheDataset`` (every preprocessed case in memory) or ``Dataset`` (read as it comes)."""
@@ -66,7 +68,8 @@ def train_offline(studies: str, preset: str, model_dir: str, epochs: int | None 
         conf["models"] = network
     parts = AppParts.from_conf(tempfile.mkdtemp(prefix="crossmodal-app-"), conf)
     stats = parts.trainer()({"device": pick_device(device), "tracking": "None", "dataset": dataset,
-                             "dataloader": "DataLoader", "use_unlabeled": use_unlabeled, "processes": processes},
+                             "dataloader": "DataLoader", "use_unlabeled": use_unlabeled, "processes": processes,
+                             "publish": publish_mode},
                             parts.datastore(studies))
     # a fine-tuning of ``pretrained`` that no epoch improved on held-out labels publishes nothing: that model stays
     published = parts.published if os.path.exists(parts.published) or not pretrained else pretrained
