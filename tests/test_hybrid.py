@@ -481,7 +481,7 @@ def test_data_parallel_training_in_two_cpu_processes(tmp_path: Path, phantom_cfg
 
 
 def test_a_fine_tuning_publishes_only_an_epoch_that_beats_the_model_it_started_from(tmp_path: Path, phantom_cfg,
-                                                                                   caplog):
+                                                                                   caplog, capsys):
     """Held-out labels and a model to fine-tune: the starting model is validated first (an epoch-0 score); a run
     none of whose epochs beats it publishes nothing and the starting model stays the one to use; a run that beats it
     publishes its best; ``publish=best_of_run`` (train request, ``crossmodal train --publish-mode``) publishes the
@@ -511,9 +511,17 @@ def test_a_fine_tuning_publishes_only_an_epoch_that_beats_the_model_it_started_f
     assert [r["epoch"] for r in curve] == [0, 1]
     assert curve[0]["val_mean_dice"] == pytest.approx(wrecked["start_metric"], abs=1e-5)
     assert json.loads((model_dir / "train_stats.json").read_text())["start_metric"] == wrecked["start_metric"]
-    # the same run asked to publish its best whatever it scores (`crossmodal train --publish-mode best_of_run`)
+    # the same runs from the command line: it says so; asked to publish the run's best whatever it scores
+    # (`--publish-mode best_of_run`), it does
     from crossmodal.cli import main
 
+    capsys.readouterr()
+    assert main(["train", "--studies", str(studies), "--config", str(tmp_path / "wrecked.yaml"), "--model-dir",
+                 str(tmp_path / "cli"), "--epochs", "1", "--device", "cpu", "--pretrained", str(PRETRAINED_PHANTOM),
+                 "--network", "baseline_unet"]) == 0
+    assert (f"fine-tuned {PRETRAINED_PHANTOM}: held-out Dice {wrecked['start_metric']:.4f} before, this run's best "
+            f"{wrecked['best_metric']:.4f}: no epoch beat it, so that model stays (published: {PRETRAINED_PHANTOM})"
+            ) in capsys.readouterr().out
     always = tmp_path / "always"
     assert main(["train", "--studies", str(studies), "--config", str(tmp_path / "wrecked.yaml"), "--model-dir",
                  str(always), "--epochs", "1", "--device", "cpu", "--pretrained", str(PRETRAINED_PHANTOM),

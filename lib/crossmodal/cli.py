@@ -306,6 +306,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                           pretrained=args.pretrained, network=network, use_unlabeled=not args.no_unlabeled,
                           processes=args.processes, dataset=args.dataset, publish_mode=args.publish_mode)
     print(json.dumps(stats, indent=2, default=str))
+    if stats.get("start_metric") is not None:  # a fine-tuning with held-out labels (--publish-mode if_better)
+        outcome = (f"no epoch beat it, so that model stays (published: {stats['published']})"
+                   if not stats["best_metric"] > stats["start_metric"] else f"published {stats['published']}")
+        print(f"fine-tuned {stats['start_model']}: held-out Dice {stats['start_metric']:.4f} before, this run's "
+              f"best {stats['best_metric']:.4f}: {outcome}")
     if held_out_cases(studies):  # held-out test cases (truth, no final label): Dice and HD95 per case
         out = str(Path(args.model_dir) / "evaluation.json")
         summary = evaluate(studies, resolved, stats["published"], args.device, out, network)

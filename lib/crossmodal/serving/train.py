@@ -108,9 +108,11 @@ class StartingScore:
         trainer.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
+        t0 = time.perf_counter()
         self.evaluator.run()
         self.score = float(self.evaluator.state.metrics[self.key])
-        logger.info(f"fine-tuning {self.start_from}: held-out {self.key} of the starting model {self.score:.4f}; "
+        logger.info(f"fine-tuning {self.start_from}: held-out {self.key} of the starting model {self.score:.4f} "
+                    f"({time.perf_counter() - t0:.1f} s); "
                     "an epoch of this run is published only when it beats it (train request publish=best_of_run: "
                     "the run's best epoch whatever it scores)")
 
@@ -714,7 +716,7 @@ class CrossModalTrain(BasicTrainTask):
         try:
             stats = super().train(rank, world_size, request, datalist)
             if self._start is not None and self._start.score is not None:
-                stats["start_metric"] = self._start.score
+                stats["start_metric"], stats["start_model"] = self._start.score, self._start.start_from
             return stats
         finally:
             if world_size > 1:
