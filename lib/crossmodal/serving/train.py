@@ -107,6 +107,10 @@ class StartingScore:
     def attach(self, trainer: Engine) -> None:
         trainer.add_event_handler(Events.STARTED, self)
 
+    def beaten_by(self, best: float) -> bool:
+        """Whether a run's best validation ``best`` may replace the starting model (True before it is scored)."""
+        return self.score is None or best > self.score
+
     def __call__(self, engine: Engine) -> None:
         t0 = time.perf_counter()
         self.evaluator.run()
@@ -135,7 +139,8 @@ class AtomicPublish(PublishStatsAndModel):
         if self._stats_path:
             atomic_write_text(Path(self._stats_path), text)
         best = os.path.join(self.output_dir, self._key_metric_filename)
-        if start is not None and self.evaluator is not None and not self.evaluator.state.best_metric > start:
+        if self.start is not None and self.evaluator is not None and not self.start.beaten_by(
+                self.evaluator.state.best_metric):
             return stats  # the run's best so far validates no better than the model it started from
         if self._publish_path and os.path.exists(best):
             if not os.path.exists(self._publish_path) or os.path.getmtime(best) > os.path.getmtime(self._publish_path):
@@ -687,7 +692,7 @@ class CrossModalTrain(BasicTrainTask):
 
     def _report_kept(self, context: Context, start: StartingScore) -> None:
         best = context.evaluator.state.best_metric
-        if start.score is not None and not best > start.score:
+        if start.score is not None and not start.beaten_by(best):
             logger.info(f"no epoch beat the starting model (held-out {start.key} {start.score:.4f}, this run's best "
                         f"{best:.4f} at epoch {context.evaluator.state.best_metric_epoch}): the model in service "
                         "stays")
