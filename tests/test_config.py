@@ -44,6 +44,8 @@ def test_viewer_labels_include_marked_background():
         ({"train": {"consistency": {"max_unlabeled_per_epoch": 0}}},
          "train.consistency.max_unlabeled_per_epoch: 0 must be >= 1"),
         ({"train": {"consistency": {"pseudo_batch_size": 0}}}, "train.consistency.pseudo_batch_size: 0 must be >= 1"),
+        ({"train": {"finetune_lr_scale": 0}}, "train.finetune_lr_scale: 0 must be in (0, 1]"),
+        ({"train": {"finetune_lr_scale": 2}}, "train.finetune_lr_scale: 2 must be in (0, 1]"),
     ],
 )
 def test_bad_values_name_the_key(raw, message):

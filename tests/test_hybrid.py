@@ -491,9 +491,9 @@ def test_a_fine_tuning_publishes_only_an_epoch_that_beats_the_model_it_started_f
 
     studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=3, dense=2, sparse=0, seed=5)  # 1 validates
 
-    def run(name: str, lr: float, start: str, epochs: int) -> tuple[dict, Path]:
+    def run(name: str, lr: float, start: str, epochs: int, scale: float = 1.0) -> tuple[dict, Path]:
         cfg = method_config("phantom", "baseline_unet", {"train": {"learning_rate": lr, "patch_size": [32, 32, 32],
-                                                                   "patches_per_case": 1}})
+                                                                   "patches_per_case": 1, "finetune_lr_scale": scale}})
         save_config(cfg, tmp_path / f"{name}.yaml")
         model_dir = tmp_path / name
         stats = train_offline(str(studies), str(tmp_path / f"{name}.yaml"), str(model_dir), epochs=epochs,
@@ -508,7 +508,7 @@ def test_a_fine_tuning_publishes_only_an_epoch_that_beats_the_model_it_started_f
     assert wrecked["start_metric"] > 0.8 and wrecked["best_metric"] < wrecked["start_metric"] - 0.3, wrecked
     assert not (model_dir / "phantom_baseline_unet.pt").exists() and wrecked["published"] == str(PRETRAINED_PHANTOM)
     curve = json.loads(next(model_dir.glob("train_*/learning_curve.json")).read_text())
-    assert [r["epoch"] for r in curve] == [0, 1]
+    assert [r["epoch"] for r in curve] == [0, 1] and curve[1]["learning_rate"] == 1.0
     assert curve[0]["val_mean_dice"] == pytest.approx(wrecked["start_metric"], abs=1e-5)
     assert json.loads((model_dir / "train_stats.json").read_text())["start_metric"] == wrecked["start_metric"]
     # the same runs from the command line: it says so; asked to publish the run's best whatever it scores
@@ -535,8 +535,13 @@ def test_a_fine_tuning_publishes_only_an_epoch_that_beats_the_model_it_started_f
     torch.manual_seed(0)
     torch.save(build_network(load_config("phantom", overrides={"model": {"name": "baseline_unet"}})).state_dict(),
                blank)
-    learnt, model_dir = run("learnt", 1e-2, str(blank), 3)
+    # (at half the learning rate: train.finetune_lr_scale, which the learning curve shows)
+    with caplog.at_level(logging.INFO, logger="crossmodal.serving.train"):
+        learnt, model_dir = run("learnt", 2e-2, str(blank), 3, scale=0.5)
+    assert f"fine-tuning {blank}: learning rate 0.02 x train.finetune_lr_scale 0.5 = 0.01" in caplog.text
     assert learnt["best_metric"] > learnt["start_metric"] + 0.03, learnt
+    curve = json.loads(next(model_dir.glob("train_*/learning_curve.json")).read_text())
+    assert [r.get("learning_rate") for r in curve] == [None, 0.01, 0.01, 0.01]
     published = model_dir / "phantom_baseline_unet.pt"
     assert learnt["published"] == str(published) and published.is_file()
     best = torch.load(next(model_dir.glob("train_*/model.pt")), map_location="cpu")

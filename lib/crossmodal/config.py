@@ -353,6 +353,8 @@ class TrainConfig:
     """Training hyper-parameters; the losses read their weights from here.
 
     ``learning_rate_by_model`` overrides ``learning_rate`` per network name (AdamW step sizes differ by network).
+    ``finetune_lr_scale`` multiplies the learning rate of a run that fine-tunes a model (the published one or
+    ``--pretrained``): a fresh AdamW at the from-scratch rate first unlearns part of what that model knows.
     """
 
     def lr_for(self, model: str) -> float:
@@ -361,6 +363,7 @@ class TrainConfig:
     max_epochs: int = 50
     learning_rate: float = 1e-3
     learning_rate_by_model: dict[str, float] = field(default_factory=dict)
+    finetune_lr_scale: float = 1.0
     weight_decay: float = 1e-5
     batch_size: int = 2
     patch_size: tuple[int, int, int] = (64, 64, 64)
@@ -383,6 +386,8 @@ class TrainConfig:
         self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
         if self.max_epochs < 1 or self.batch_size < 1 or self.patches_per_case < 1:
             raise ConfigError("train: max_epochs, batch_size and patches_per_case must be >= 1")
+        if not 0.0 < self.finetune_lr_scale <= 1.0:
+            raise ConfigError(f"train.finetune_lr_scale: {self.finetune_lr_scale} must be in (0, 1]")
 
 
 @dataclass

@@ -171,10 +171,10 @@ class LatestModel:
 
 
 class LearningCurve:
-    """A run's learning curve, on rank 0: per epoch the train metrics (epoch means of the loss parts, train Dice)
-    and, on validation epochs, the evaluator's -> ``learning_curve.json`` every epoch (a killed run keeps the
-    epochs it finished), ``learning_curve.png`` when the run completes (:func:`plot_learning_curve`). With a
-    :class:`StartingScore`, the starting model's score is an epoch-0 row."""
+    """A run's learning curve, on rank 0: per epoch the learning rate, the train metrics (epoch means of the loss
+    parts, train Dice) and, on validation epochs, the evaluator's -> ``learning_curve.json`` every epoch (a killed
+    run keeps the epochs it finished), ``learning_curve.png`` when the run completes (:func:`plot_learning_curve`).
+    With a :class:`StartingScore`, the starting model's score is an epoch-0 row."""
 
     def __init__(self, output_dir: str, evaluator: Engine | None = None, start: StartingScore | None = None) -> None:
         self.dir, self.evaluator, self.start, self.history = Path(output_dir), evaluator, start, []
@@ -186,7 +186,8 @@ class LearningCurve:
     def epoch_completed(self, engine: Engine) -> None:
         if not self.history and self.start is not None and self.start.score is not None:
             self.history.append({"epoch": 0, "iteration": 0, self.start.key: round(self.start.score, 5)})
-        row: dict[str, Any] = {"epoch": engine.state.epoch, "iteration": engine.state.iteration}
+        row: dict[str, Any] = {"epoch": engine.state.epoch, "iteration": engine.state.iteration,
+                               "learning_rate": engine.optimizer.param_groups[0]["lr"]}
         row.update({k: round(float(v), 5) for k, v in engine.state.metrics.items() if isinstance(v, int | float)})
         ev = self.evaluator
         if ev is not None and ev.state.epoch == engine.state.epoch:
@@ -442,8 +443,16 @@ class CrossModalTrain(BasicTrainTask):
         return build_network(self.cfg)
 
     def optimizer(self, context: Context) -> torch.optim.Optimizer:
-        lr = float(context.request.get("learning_rate", self.cfg.train.lr_for(self.cfg.model.name)))
-        return torch.optim.AdamW(context.network.parameters(), lr=lr, weight_decay=self.cfg.train.weight_decay)
+        """AdamW at the request's (else the preset's) learning rate, times ``train.finetune_lr_scale`` when the run
+        fine-tunes a model."""
+        t = self.cfg.train
+        lr = float(context.request.get("learning_rate", t.lr_for(self.cfg.model.name)))
+        start_from = self.finetuning(context)
+        if start_from is not None and t.finetune_lr_scale != 1.0:
+            logger.info(f"fine-tuning {start_from}: learning rate {lr:g} x train.finetune_lr_scale "
+                        f"{t.finetune_lr_scale:g} = {lr * t.finetune_lr_scale:g}")
+            lr *= t.finetune_lr_scale
+        return torch.optim.AdamW(context.network.parameters(), lr=lr, weight_decay=t.weight_decay)
 
     def loss_function(self, context: Context) -> HybridLoss:
         t = self.cfg.train
