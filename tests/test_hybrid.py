@@ -491,7 +491,7 @@ def test_a_fine_tuning_publishes_only_an_epoch_that_beats_the_model_it_started_f
 
     studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=3, dense=2, sparse=0, seed=5)  # 1 validates
 
-    def run(name: str, lr: float, start: str, epochs: int, scale: float = 1.0) -> tuple[dict, Path]:
+    def run(name: str, lr: float, start: str | None, epochs: int, scale: float = 1.0) -> tuple[dict, Path]:
         cfg = method_config("phantom", "baseline_unet", {"train": {"learning_rate": lr, "patch_size": [32, 32, 32],
                                                                    "patches_per_case": 1, "finetune_lr_scale": scale}})
         save_config(cfg, tmp_path / f"{name}.yaml")
@@ -542,6 +542,9 @@ def test_a_fine_tuning_publishes_only_an_epoch_that_beats_the_model_it_started_f
     assert learnt["best_metric"] > learnt["start_metric"] + 0.03, learnt
     curve = json.loads(next(model_dir.glob("train_*/learning_curve.json")).read_text())
     assert [r.get("learning_rate") for r in curve] == [None, 0.01, 0.01, 0.01]
+    _, scratch = run("scratch", 2e-2, None, 1, scale=0.5)  # a run from scratch: the full rate
+    assert [r["learning_rate"] for r in json.loads(next(scratch.glob("train_*/learning_curve.json")).read_text())
+            ] == [0.02]
     published = model_dir / "phantom_baseline_unet.pt"
     assert learnt["published"] == str(published) and published.is_file()
     best = torch.load(next(model_dir.glob("train_*/model.pt")), map_location="cpu")
