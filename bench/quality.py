@@ -7,8 +7,9 @@ dense truth, for several seeds, it trains through the app's own train task (``tr
 * methods: ``ours`` (CrossModalNet + hybrid losses), ``baseline_unet`` (early-fusion UNet with the partial loss,
   the nnU-Net ignore-label recipe) and ``single_<modality>`` (that UNet on one modality; every modality under
   dense labels, the best of them under the other regimes); for comparison only, ``baseline_unet+registration``
-  (given our co-registration; dense, 0 and 4 mm) and ``baseline_unet+propagation`` (given our random-walker
-  propagation of scribbles; the scribble regimes): how much of our gains those two parts explain;
+  (given our co-registration; dense, 0 and 4 mm), ``baseline_unet+propagation`` (given our random-walker
+  propagation of scribbles; the scribble regimes) and ``baseline_unet+transfer`` (given our stroke transfer, where
+  the preset has it: the brain's scribble regimes): how much of our gains those parts explain;
 * regimes: ``dense`` (all training cases), ``scribbles`` (all), ``dense10`` (10 % dense, nothing else),
   ``dense10_unlabeled`` (the same + the rest unlabelled), ``scribbles30_unlabeled`` (30 % scribbles + the rest
   unlabelled);
@@ -123,6 +124,8 @@ def regime_studies(pool: Path, out: Path, regime: str, cfg: CrossModalConfig, se
 
 REGISTERED = "+registration"  # suffix of a baseline run given our co-registration (for comparison only)
 PROPAGATED = "+propagation"  # suffix of a baseline run given our scribble propagation (for comparison only)
+TRANSFERRED = "+transfer"  # suffix of a baseline run given our stroke transfer (for comparison only)
+VARIANTS = {REGISTERED: "_reg", PROPAGATED: "_prop", TRANSFERRED: "_xfer"}  # suffix -> its runs' folder tag
 
 
 def run(root: Path, dataset: str, spec: dict, method: str, regime: str, mm: float, seed: int, pool: Path, test: Path,
@@ -134,13 +137,16 @@ def run(root: Path, dataset: str, spec: dict, method: str, regime: str, mm: floa
     overrides = {"train": {"patch_size": [spec["patch"]] * 3, "patches_per_case": 1, "batch_size": 2,
                            "val_fraction": 0.0, "seed": seed},
                  "infer": {"roi_size": [spec["patch"]] * 3}}  # windows = training patches (instance norm)
-    base_method = method.removesuffix(REGISTERED).removesuffix(PROPAGATED)
-    if base_method != "ours" and not method.endswith(REGISTERED):
+    variant = next((v for v in VARIANTS if method.endswith(v)), "")
+    base_method = method.removesuffix(variant)
+    if base_method != "ours" and variant != REGISTERED:
         overrides["data"] = {"register": "none"}
-    if method.endswith(PROPAGATED):
+    if variant == PROPAGATED:
         overrides["train"]["propagate"] = {"method": "random_walker"}
+    if variant == TRANSFERRED:  # as many other cases' strokes as ours gets
+        overrides["train"]["consistency"] = {"atlas_sparse": load_config(spec["preset"]).train.consistency.atlas_sparse}
     cfg = method_config(spec["preset"], base_method, overrides)
-    suffix = {REGISTERED: "_reg", PROPAGATED: "_prop"}.get(method[len(base_method):], "")
+    suffix = VARIANTS.get(variant, "")
     tag = f"{dataset}_{base_method}{suffix}_{regime}_{mm:g}mm_s{seed}"
     preset = root / "configs" / f"{tag}.yaml"
     save_config(cfg, preset)
@@ -193,6 +199,9 @@ def experiments(dataset: str, quick: bool) -> list[tuple[str, str, float, tuple]
     out += [(f"baseline_unet{REGISTERED}", "dense", mm, (None,)) for mm in (0.0, 4.0)]
     # the baseline given our scribble propagation: how much of the gain from scribbles is the propagation
     out += [(f"baseline_unet{PROPAGATED}", r, 0.0, (None,)) for r in regimes if r.startswith("scribbles")]
+    # the baseline given our stroke transfer (presets that have it): how much of the scribbles' lead is the transfer
+    if cfg.train.consistency.atlas_sparse:
+        out += [(f"baseline_unet{TRANSFERRED}", r, 0.0, (None,)) for r in regimes if r.startswith("scribbles")]
     return out
 
 
@@ -303,11 +312,12 @@ def plot(rows: list[dict], path: Path) -> None:
     datasets = sorted({r["dataset"] for r in rows})
     fig, axes = plt.subplots(len(datasets), 2, figsize=(14, 4.2 * len(datasets)), squeeze=False)
     colors = {"ours": "#d62728", "baseline_unet": "#1f77b4", f"baseline_unet{REGISTERED}": "#2ca02c",
-              f"baseline_unet{PROPAGATED}": "#9467bd"}
+              f"baseline_unet{PROPAGATED}": "#9467bd", f"baseline_unet{TRANSFERRED}": "#8c564b"}
     for i, ds in enumerate(datasets):
         ax = axes[i][0]
         regimes = [g for g in REGIMES if any(r["regime"] == g and r["dataset"] == ds for r in rows)]
-        methods = ["ours", "baseline_unet", f"baseline_unet{PROPAGATED}", "single"]
+        methods = ["ours", "baseline_unet", f"baseline_unet{PROPAGATED}", f"baseline_unet{TRANSFERRED}", "single"]
+        methods = [m for m in methods if m == "single" or any(r["method"] == m and r["dataset"] == ds for r in rows)]
         width = 0.8 / len(methods)
         for j, m in enumerate(methods):
             vals, errs, names = [], [], []

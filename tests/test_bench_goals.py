@@ -82,6 +82,16 @@ def test_goals_are_the_issues_margins_with_their_per_seed_values():
     assert [g for g in goals if "ceiling" in goals[g]] == [semi["goal"], gain["goal"]]
 
 
+def test_the_baseline_is_given_each_of_our_label_steps_for_comparison():
+    brain = {(m, r) for m, r, mm, _ in quality.experiments("brain", quick=False) if "+" in m}
+    phantom = {(m, r) for m, r, mm, _ in quality.experiments("phantom", quick=False) if "+" in m}
+    scribbles = ("scribbles", "scribbles30_unlabeled")
+    assert {("baseline_unet+transfer", r) for r in scribbles} <= brain  # the brain preset transfers strokes
+    assert not any(m.endswith("+transfer") for m, _ in phantom)  # the phantom's does not
+    assert {("baseline_unet+propagation", r) for r in scribbles} <= phantom & brain
+    assert ("baseline_unet+registration", "dense") in phantom & brain
+
+
 def test_goals_pair_only_the_seeds_every_run_has():
     recs = [r for r in records() if not (r["method"] == "baseline_unet" and r["seed"] == 2)]
     goals = {g["goal"]: g for g in quality.summarize(recs)["goals"]}

@@ -437,6 +437,18 @@ def test_stroke_transfer_adds_other_cases_strokes_to_each_sparse_case(tmp_path: 
                       network="crossmodal")
     logs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stroke transfer")]
     assert logs == [f"stroke transfer off: fine-tuning {stats['published']} (train.consistency.atlas_on_finetune)"]
+    caplog.clear()
+    stores.clear()
+    base = method_config("phantom", "baseline_unet", {"train": {  # any network the config gives it to (bench's
+        "patch_size": [32, 32, 32], "patches_per_case": 1, "batch_size": 2, "val_fraction": 0.0,  # +transfer)
+        "consistency": {"atlas_sparse": 1}}})
+    save_config(base, tmp_path / "base.yaml")
+    with caplog.at_level("INFO", logger="crossmodal.serving.train"):
+        train_offline(str(studies), str(tmp_path / "base.yaml"), str(tmp_path / "b"), epochs=1, device="cpu",
+                      network="baseline_unet")
+    logs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stroke transfer")]
+    assert len(logs) == 1 and logs[0].startswith("stroke transfer: 3 of 3 sparse cases given the strokes of 1 other ")
+    assert [len(st) for st in stores if st] == [3]
     with pytest.raises(ConfigError, match="atlas_sparse"):
         load_config("phantom", overrides={"train": {"consistency": {"atlas_sparse": -1}}})
 

@@ -94,6 +94,12 @@ def test_propagation_config_and_the_baselines():
     given = method_config("phantom", "baseline_unet", {"train": {"propagate": {"method": "random_walker"}}})
     assert given.train.propagate.method == "random_walker"  # overrides win (bench: baseline_unet+propagation)
     assert load_config("brain").train.propagate.method == "none"  # measured: the walker's brain labels hurt
+    # stroke transfer likewise: the preset's for ours, the drawn strokes alone for the baselines unless overridden
+    assert method_config("brain", "ours").train.consistency.atlas_sparse == 6
+    assert method_config("brain", "baseline_unet").train.consistency.atlas_sparse == 0
+    assert method_config("brain", "single_t2").train.consistency.atlas_sparse == 0
+    transfer = {"train": {"consistency": {"atlas_sparse": 6}}}  # bench: baseline_unet+transfer
+    assert method_config("brain", "baseline_unet", transfer).train.consistency.atlas_sparse == 6
     with pytest.raises(ConfigError, match=r"train.propagate.method: 'graphcut' is not one of"):
         CrossModalConfig.from_dict({"train": {"propagate": {"method": "graphcut"}}})
     with pytest.raises(ConfigError, match=r"train.propagate.threshold: 0.4 must be in \[0.5, 1\]"):

@@ -238,7 +238,8 @@ class ConsistencyConfig:
     ``atlas_on_finetune``: a published model that is fine-tuned already segments better than one atlas registers.
     ``atlas_sparse``: before training, the strokes of this many other sparse cases (the next ones in the datalist,
     :func:`crossmodal.atlas.transfer_strokes`) are registered onto each of the first ``atlas_max_cases`` sparse
-    cases and added where nothing was drawn and they agree (0: off); only from scratch, as ``atlas_pseudo``.
+    cases and added where nothing was drawn and they agree (0: off); only from scratch, as ``atlas_pseudo``; for
+    any network (a step on the labels, as ``train.propagate``).
     ``pseudo_batch_size``: unlabelled cases a step (instead of ``unlabeled_batch_size``) in a run where they carry
     pseudo-labels (atlas or self-training rounds): there they supervise like dense labels, and one a step beside
     the dense batch under-weights them.

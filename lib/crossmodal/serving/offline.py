@@ -32,7 +32,8 @@ METHODS = ("ours", "baseline_unet", "single_<modality>")
 
 def method_config(preset: str, method: str, overrides: dict[str, Any] | None = None) -> CrossModalConfig:
     """The config of a method on a preset's data: ``ours`` (CrossModalNet, hybrid losses), ``baseline_unet``
-    (early-fusion UNet, partial loss on the drawn voxels: nnU-Net's ignore-label recipe, no label propagation) or
+    (early-fusion UNet, partial loss on the drawn voxels: nnU-Net's ignore-label recipe, no label propagation or
+    stroke transfer) or
     ``single_<modality>`` (that UNet on one modality). ``overrides`` are merged last."""
     cfg = load_config(preset, overrides=overrides)
     if method == "ours":
@@ -45,7 +46,8 @@ def method_config(preset: str, method: str, overrides: dict[str, Any] | None = N
         raise ValueError(f"method {method!r} is not one of ours, baseline_unet, "
                          f"{', '.join('single_' + m for m in cfg.modality_names)}")
     # the baselines train on the drawn voxels only (nnU-Net's ignore label) unless the overrides say otherwise
-    defaults = {} if method == "ours" else {"train": {"propagate": {"method": "none"}}}
+    defaults = {} if method == "ours" else {"train": {"propagate": {"method": "none"},
+                                                      "consistency": {"atlas_sparse": 0}}}
     return load_config(preset, overrides=merge_dicts(merge_dicts(defaults, overrides or {}), {"model": model}))
 
 

@@ -347,7 +347,8 @@ def stroke_transfer(cfg: CrossModalConfig, sparse: list[dict[str, Any]], store: 
         store[case_id] = label
         drawn.append(float((own != IGNORE_INDEX).float().mean()))
         grown.append(float((label != IGNORE_INDEX).float().mean()))
-    logger.info(f"stroke transfer: {len(grown)} of {len(sparse)} sparse cases given the strokes of {max(k, 0)} others "
+    others = f"{max(k, 0)} other{'s' * (k != 1)}"
+    logger.info(f"stroke transfer: {len(grown)} of {len(sparse)} sparse cases given the strokes of {others} "
                 f"in {time.perf_counter() - start:.1f} s ({100 * sum(drawn) / max(1, len(drawn)):.1f}% -> "
                 f"{100 * sum(grown) / max(1, len(grown)):.1f}% of their voxels labelled)")
 
@@ -575,7 +576,7 @@ class CrossModalTrain(BasicTrainTask):
             else:
                 store = None
                 cons = self.cfg.train.consistency
-                if source == SPARSE and self.hybrid and cons.atlas_sparse:
+                if source == SPARSE and cons.atlas_sparse:  # any network: the labels, not the losses
                     start_from = self.finetuning(context)
                     if start_from is not None and not cons.atlas_on_finetune:
                         logger.info(f"stroke transfer off: fine-tuning {start_from} "
