@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from conftest import dice
-from crossmodal.atlas import atlas_pseudo_label, transfer_strokes
+from crossmodal import atlas as atlas_module
+from crossmodal.atlas import atlas_pseudo_label, single_threaded, transfer_strokes, warp_label
 from crossmodal.data.brain import make_brain_case
 from crossmodal.data.sparse import sparsify
 from crossmodal.labels import IGNORE_INDEX, SPARSE, to_training
@@ -67,3 +69,31 @@ def test_strokes_of_other_cases_are_carried_onto_a_case(brain_cfg, templates):
     assert right > 0.93, right  # strokes keep off the edges, so carried ones mostly land inside the same tissue
     alone = transfer_strokes(image, affine, own, [])
     assert torch.equal(alone, own)
+
+
+def test_a_registration_runs_its_filters_on_one_thread_and_repeats_exactly(brain_cfg, templates, monkeypatch):
+    image, _, affine = _case(brain_cfg, templates, 1)
+    atlas_image, atlas_label, atlas_affine = _case(brain_cfg, templates, 0)
+    threads = []  # the global default when the moments, the histogram matching and the resampling run
+    for name in ("CenteredTransformInitializer", "HistogramMatching", "Resample"):
+        original = getattr(sitk, name)
+
+        def spy(*args, _original=original, **kwargs):
+            threads.append(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(atlas_module.sitk, name, spy)
+    default = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(2)  # as on 2 cores (a 1-core default would hide the check)
+    try:
+        args = (image[0].numpy(), affine, atlas_image[0].numpy(), atlas_affine,
+                atlas_label[0].numpy().astype(np.int64))
+        first, second = warp_label(*args), warp_label(*args)
+        assert len(threads) == 8 and set(threads) == {1}  # threaded sums split anew each run changed the result
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 2  # and the default is given back
+        assert np.array_equal(first, second)
+        with pytest.raises(RuntimeError, match="inside"), single_threaded():
+            raise RuntimeError("inside")
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 2  # even when what runs inside fails
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(default)

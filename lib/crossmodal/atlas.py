@@ -11,6 +11,9 @@ are in another.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import SimpleITK as sitk
 import torch
@@ -20,7 +23,8 @@ from crossmodal.register import sitk_image
 
 
 def _affine(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
-    """Affine transform (fixed point -> moving point) maximising Mattes mutual information, from the moments."""
+    """Affine transform (fixed point -> moving point) maximising Mattes mutual information, from the moments (on one
+    thread, inside :func:`single_threaded`)."""
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
@@ -28,7 +32,6 @@ def _affine(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, 200)
     reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetNumberOfThreads(1)  # reproducible: the metric's sums are threaded
     reg.SetShrinkFactorsPerLevel([2, 1])
     reg.SetSmoothingSigmasPerLevel([1, 0])
     init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
@@ -37,14 +40,35 @@ def _affine(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
     return reg.Execute(fixed, moving)
 
 
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Every SimpleITK filter made inside on one thread (the global default restored after). ITK splits its threaded
+    sums (image moments, histograms, means) differently from run to run, and an affine + demons registration carries
+    those last-digit differences into its result: a warped label changed from one call to the next (seen in the
+    brain simulation's round 0); on one thread it does not."""
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+
+
 def warp_label(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray,
                moving_label: np.ndarray, iterations: int = 100, sigma: float = 2.5) -> np.ndarray:
     """``moving_label`` (on ``moving``'s grid) carried onto ``fixed``'s grid; arrays (H, W, D), affines voxel -> mm.
 
     The moving image is aligned by an affine, histogram-matched to the fixed one, then deformed by symmetric-forces
     demons (``iterations``, displacement smoothing ``sigma`` voxels); its label follows by nearest neighbour.
-    Returns an int64 (H, W, D) label on ``fixed``'s grid, ``IGNORE_INDEX`` where the moving image does not reach.
+    Returns an int64 (H, W, D) label on ``fixed``'s grid, ``IGNORE_INDEX`` where the moving image does not reach;
+    the same on every call (:func:`single_threaded`).
     """
+    with single_threaded():
+        return _warp_label(fixed, fixed_affine, moving, moving_affine, moving_label, iterations, sigma)
+
+
+def _warp_label(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray,
+                moving_label: np.ndarray, iterations: int, sigma: float) -> np.ndarray:
     # intensities from 0 up (normalised images go negative): the moments that start the affine are of mass
     f, m = sitk_image(fixed - fixed.min(), fixed_affine), sitk_image(moving - moving.min(), moving_affine)
     # shifted so that 0 means "outside the moving image" after resampling
@@ -54,7 +78,6 @@ def warp_label(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, 
     demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
     demons.SetNumberOfIterations(iterations)
     demons.SetStandardDeviations(sigma)
-    demons.SetNumberOfThreads(1)
     field = demons.Execute(f, matched)
     warp = sitk.CompositeTransform([aff, sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))])
     out = sitk.GetArrayFromImage(sitk.Resample(lab, f, warp, sitk.sitkNearestNeighbor, 0)).transpose(2, 1, 0)
