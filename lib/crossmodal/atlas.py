@@ -42,10 +42,10 @@ def _affine(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
 
 @contextlib.contextmanager
 def single_threaded() -> Iterator[None]:
-    """Every SimpleITK filter made inside on one thread (the global default restored after). ITK splits its threaded
-    sums (image moments, histograms, means) differently from run to run, and an affine + demons registration carries
-    those last-digit differences into its result: a warped label changed from one call to the next (seen in the
-    brain simulation's round 0); on one thread it does not."""
+    """Every SimpleITK filter made inside on one thread (the global default restored after). ITK splits the affine
+    registration's threaded sums differently from run to run, and the demons carry those last-digit differences into
+    the result: a warped label changed from one call to the next (seen in the brain simulation's round 0); on one
+    thread it does not, at twice the time."""
     before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     try:
