@@ -8,10 +8,11 @@ import SimpleITK as sitk
 import torch
 from conftest import dice
 from crossmodal import atlas as atlas_module
-from crossmodal.atlas import atlas_pseudo_label, single_threaded, transfer_strokes, warp_label
+from crossmodal.atlas import atlas_pseudo_label, transfer_strokes, warp_label
 from crossmodal.data.brain import make_brain_case
 from crossmodal.data.sparse import sparsify
 from crossmodal.labels import IGNORE_INDEX, SPARSE, to_training
+from crossmodal.register import single_threaded
 
 
 def _case(brain_cfg, templates, i: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:

@@ -4,7 +4,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
+from crossmodal import register
 from crossmodal.config import ConfigError, load_config
 from crossmodal.io import find_case, load_volume, save_volume
 from crossmodal.register import register_rigid
@@ -54,6 +56,30 @@ def test_translation_matrix_points_from_fixed_to_moving():
     assert r.accepted and r.metric_after < r.metric_before
     np.testing.assert_allclose(r.matrix[:3, 3], [4.0, 0.0, -1.5], atol=0.3)  # voxels x spacing
     np.testing.assert_allclose(r.matrix[:3, :3], np.eye(3))
+
+
+def test_a_registration_runs_on_one_thread_and_repeats_to_the_last_digit(monkeypatch):
+    g = torch.zeros(40, 40, 40)
+    g[12:28, 10:26, 14:30] = 1.0
+    g[16:20, 14:18, 18:22] = 2.0
+    made = []  # the global default thread count when each registration method is made
+    original = sitk.ImageRegistrationMethod
+
+    def spy():
+        made.append(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())
+        return original()
+
+    monkeypatch.setattr(register.sitk, "ImageRegistrationMethod", spy)
+    default = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(2)  # as on 2 cores (a 1-core default would hide the check)
+    try:
+        found = [register_rigid(g, torch.roll(g, 2, 0), np.diag([2.0, 2.0, 2.0, 1.0]), mode).matrix
+                 for mode in ("rigid", "rigid", "translation")]
+        assert len(made) > 3 and set(made) == {1}  # threaded, the translation differed by ~1e-15 mm between calls
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 2  # the default is given back
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(default)
+    assert np.array_equal(found[0], found[1])
 
 
 def test_aligned_modalities_are_left_alone(phantom_studies: Path):

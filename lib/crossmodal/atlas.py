@@ -11,15 +11,12 @@ are in another.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import numpy as np
 import SimpleITK as sitk
 import torch
 
 from crossmodal.labels import IGNORE_INDEX
-from crossmodal.register import sitk_image
+from crossmodal.register import single_threaded, sitk_image
 
 
 def _affine(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
@@ -38,20 +35,6 @@ def _affine(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
                                              sitk.CenteredTransformInitializerFilter.MOMENTS)
     reg.SetInitialTransform(init, inPlace=False)
     return reg.Execute(fixed, moving)
-
-
-@contextlib.contextmanager
-def single_threaded() -> Iterator[None]:
-    """Every SimpleITK filter made inside on one thread (the global default restored after). ITK splits the affine
-    registration's threaded sums differently from run to run, and the demons carry those last-digit differences into
-    the result: a warped label changed from one call to the next (seen in the brain simulation's round 0); on one
-    thread it does not, at twice the time."""
-    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-    try:
-        yield
-    finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
 
 
 def warp_label(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray,

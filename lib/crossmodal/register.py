@@ -11,6 +11,8 @@ anisotropic images it can still take a spurious degree or two, hence translation
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +59,20 @@ def _matrix(tx: sitk.Transform) -> np.ndarray:
     return out
 
 
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Every SimpleITK filter made inside on one thread (the global default restored after). ITK splits a
+    registration's threaded sums differently from run to run: the translation found here differed in its last digits
+    (1e-15 mm) from call to call, and an atlas's affine + demons registration carried such differences into a warped
+    label (seen in the brain simulation's round 0); on one thread neither does (the atlas's at twice the time)."""
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+
+
 def register_rigid(fixed: torch.Tensor, moving: torch.Tensor, affine: np.ndarray, mode: str = "rigid",
                    max_shift_mm: float = 20.0, samples: int = 20000, seed: int = 1) -> Registration:
     """Find the rigid transform aligning ``moving`` to ``fixed``, both (H, W, D) on one grid with ``affine``.
@@ -67,7 +83,8 @@ def register_rigid(fixed: torch.Tensor, moving: torch.Tensor, affine: np.ndarray
         mode: ``rigid`` (rotation + translation) or ``translation``.
         max_shift_mm: larger motions are rejected as failures (the identity stays).
         samples: voxels sampled for the metric per level (cost is independent of the volume size).
-        seed: the sampling seed, >= 1 (the result is reproducible; SimpleITK reads 0 as the wall clock).
+        seed: the sampling seed, >= 1 (the result is reproducible, on one thread: :func:`single_threaded`; SimpleITK
+            reads 0 as the wall clock).
 
     Returns:
         :class:`Registration`; ``matrix`` is the identity unless ``accepted``.
@@ -80,6 +97,13 @@ def register_rigid(fixed: torch.Tensor, moving: torch.Tensor, affine: np.ndarray
     """
     if mode not in ("translation", "rigid"):
         raise ValueError(f"registration mode {mode!r} is not one of ('translation', 'rigid')")
+    with single_threaded():
+        return _register(fixed, moving, affine, mode, max_shift_mm, samples, seed)
+
+
+def _register(fixed: torch.Tensor, moving: torch.Tensor, affine: np.ndarray, mode: str, max_shift_mm: float,
+              samples: int, seed: int) -> Registration:
+    """:func:`register_rigid`'s search (on one thread)."""
     affine = np.asarray(affine, dtype=np.float64)
     f = sitk_image(fixed.detach().cpu().float().numpy(), affine)
     m = sitk_image(moving.detach().cpu().float().numpy(), affine)
@@ -93,7 +117,6 @@ def register_rigid(fixed: torch.Tensor, moving: torch.Tensor, affine: np.ndarray
         reg.SetMetricSamplingStrategy(reg.RANDOM)
         reg.SetMetricSamplingPercentage(min(1.0, samples / n), seed)
         reg.SetInterpolator(sitk.sitkLinear)
-        reg.SetNumberOfThreads(1)  # reproducible (the metric's sums are threaded); 0.1 s on a 3 mm head
         return reg
 
     def metric(tx: sitk.Transform) -> float:
