@@ -1,5 +1,6 @@
 """Co-registration of secondary modalities (``crossmodal.register``) and its place in ``load_case``."""
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 from crossmodal import register
 from crossmodal.config import ConfigError, load_config
 from crossmodal.io import find_case, load_volume, save_volume
-from crossmodal.register import register_rigid
+from crossmodal.register import register_rigid, single_threaded
 from crossmodal.transforms import load_case
 
 SHIFT = np.array([4.0, -3.0, 2.0])  # mm, |SHIFT| = 5.39
@@ -77,6 +78,26 @@ def test_a_registration_runs_on_one_thread_and_repeats_to_the_last_digit(monkeyp
                  for mode in ("rigid", "rigid", "translation")]
         assert len(made) > 3 and set(made) == {1}  # threaded, the translation differed by ~1e-15 mm between calls
         assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 2  # the default is given back
+        inside, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+
+        def first():  # inside when the second comes, out before it leaves (unless the second waits its turn)
+            with single_threaded(), single_threaded():  # re-entrant
+                inside.set()
+                second_in.wait(timeout=1.0)
+            first_out.set()
+
+        def second():
+            inside.wait()
+            with single_threaded():
+                second_in.set()
+                first_out.wait(timeout=1.0)
+
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 2  # neither left the other's 1 behind
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(default)
     assert np.array_equal(found[0], found[1])

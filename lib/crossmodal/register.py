@@ -12,6 +12,7 @@ anisotropic images it can still take a spurious degree or two, hence translation
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -59,18 +60,24 @@ def _matrix(tx: sitk.Transform) -> np.ndarray:
     return out
 
 
+_ONE_THREAD = threading.RLock()  # one caller at a time sets and restores the process-wide default
+
+
 @contextlib.contextmanager
 def single_threaded() -> Iterator[None]:
     """Every SimpleITK filter made inside on one thread (the global default restored after). ITK splits a
     registration's threaded sums differently from run to run: the translation found here differed in its last digits
     (1e-15 mm) from call to call, and an atlas's affine + demons registration carried such differences into a warped
-    label (seen in the brain simulation's round 0); on one thread neither does (the atlas's at twice the time)."""
-    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-    try:
-        yield
-    finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+    label (seen in the brain simulation's round 0); on one thread neither does (the atlas's at twice the time).
+    The default is the process's: callers in other threads (the server's requests) wait their turn, so none restores
+    another's 1; re-entrant."""
+    with _ONE_THREAD:
+        before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        try:
+            yield
+        finally:
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
 
 
 def register_rigid(fixed: torch.Tensor, moving: torch.Tensor, affine: np.ndarray, mode: str = "rigid",
