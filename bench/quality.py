@@ -128,12 +128,12 @@ TRANSFERRED = "+transfer"  # suffix of a baseline run given our stroke transfer 
 VARIANTS = {REGISTERED: "_reg", PROPAGATED: "_prop", TRANSFERRED: "_xfer"}  # suffix -> its runs' folder tag
 
 
-def run(root: Path, dataset: str, spec: dict, method: str, regime: str, mm: float, seed: int, pool: Path, test: Path,
-        drops: tuple[str | None, ...] = (None,)) -> list[dict]:
-    """Train one method on one regime, evaluate it on the test split (once per entry of ``drops``).
+def run_config(spec: dict, method: str, seed: int) -> tuple[CrossModalConfig, str]:
+    """The config of one run of ``method`` (a comparison suffix included) and its folder tag's method part.
 
     Ours co-registers the modalities (``data.register``, the preset's default); the baselines follow the nnU-Net
-    recipe, which takes the modalities as they are, unless ``method`` ends with ``+registration``."""
+    recipe, which takes the modalities as they are, unless ``method`` ends with ``+registration``; ``+propagation``
+    and ``+transfer`` give them our scribble propagation / ours' stroke transfer."""
     overrides = {"train": {"patch_size": [spec["patch"]] * 3, "patches_per_case": 1, "batch_size": 2,
                            "val_fraction": 0.0, "seed": seed},
                  "infer": {"roi_size": [spec["patch"]] * 3}}  # windows = training patches (instance norm)
@@ -145,9 +145,15 @@ def run(root: Path, dataset: str, spec: dict, method: str, regime: str, mm: floa
         overrides["train"]["propagate"] = {"method": "random_walker"}
     if variant == TRANSFERRED:  # as many other cases' strokes as ours gets
         overrides["train"]["consistency"] = {"atlas_sparse": load_config(spec["preset"]).train.consistency.atlas_sparse}
-    cfg = method_config(spec["preset"], base_method, overrides)
-    suffix = VARIANTS.get(variant, "")
-    tag = f"{dataset}_{base_method}{suffix}_{regime}_{mm:g}mm_s{seed}"
+    return method_config(spec["preset"], base_method, overrides), base_method + VARIANTS.get(variant, "")
+
+
+def run(root: Path, dataset: str, spec: dict, method: str, regime: str, mm: float, seed: int, pool: Path, test: Path,
+        drops: tuple[str | None, ...] = (None,)) -> list[dict]:
+    """Train one method on one regime (:func:`run_config`), evaluate it on the test split (once per entry of
+    ``drops``)."""
+    cfg, name = run_config(spec, method, seed)
+    tag = f"{dataset}_{name}_{regime}_{mm:g}mm_s{seed}"
     preset = root / "configs" / f"{tag}.yaml"
     save_config(cfg, preset)
     studies = root / "studies" / tag

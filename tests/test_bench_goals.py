@@ -90,6 +90,20 @@ def test_the_baseline_is_given_each_of_our_label_steps_for_comparison():
     assert not any(m.endswith("+transfer") for m, _ in phantom)  # the phantom's does not
     assert {("baseline_unet+propagation", r) for r in scribbles} <= phantom & brain
     assert ("baseline_unet+registration", "dense") in phantom & brain
+    spec = quality.DATASETS["brain"]
+    methods = ("ours", "baseline_unet", "baseline_unet+transfer", "baseline_unet+propagation",
+               "baseline_unet+registration")
+    runs = {m: quality.run_config(spec, m, seed=3) for m in methods}
+    assert {m: name for m, (_, name) in runs.items()} == {
+        "ours": "ours", "baseline_unet": "baseline_unet", "baseline_unet+transfer": "baseline_unet_xfer",
+        "baseline_unet+propagation": "baseline_unet_prop", "baseline_unet+registration": "baseline_unet_reg"}
+    given = {m: (c.model.name, c.data.register, c.train.propagate.method, c.train.consistency.atlas_sparse,
+                 c.train.seed) for m, (c, _) in runs.items()}
+    assert given == {"ours": ("crossmodal", "translation", "none", 6, 3),  # the brain preset's own
+                     "baseline_unet": ("baseline_unet", "none", "none", 0, 3),  # nnU-Net: the strokes as drawn
+                     "baseline_unet+transfer": ("baseline_unet", "none", "none", 6, 3),  # as many as ours gets
+                     "baseline_unet+propagation": ("baseline_unet", "none", "random_walker", 0, 3),
+                     "baseline_unet+registration": ("baseline_unet", "translation", "none", 0, 3)}
 
 
 def test_goals_pair_only_the_seeds_every_run_has():
