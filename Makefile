@@ -12,7 +12,7 @@ PRE := apps/crossmodal/pretrained
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: install install-system data run pacs test lint bench-infer bench-quality bench-mirror bench-propagate bench-refine bench-pool bench-demo-train bench-ohif simulate weights weights-phantom weights-brain clean
+.PHONY: install install-system data run pacs test lint bench-infer bench-quality bench-mirror bench-propagate bench-refine bench-pool bench-transfer bench-demo-train bench-ohif simulate weights weights-phantom weights-brain clean
 
 install: install-system $(STAMP)
 
@@ -91,6 +91,10 @@ bench-mirror: install $(SPM)
 # Scribble propagation vs case size (48^3 to 160^3): seconds, peak memory, label quality, full vs coarse grid, cache.
 bench-propagate: install
 	$(BIN)/python bench/propagate.py $(if $(QUICK),--quick,)
+
+# Registrations before training (stroke transfer, atlas pseudo-labels) on the brain: one at a time vs side by side.
+bench-transfer: install $(SPM)
+	$(BIN)/python bench/transfer.py $(if $(QUICK),--quick,)
 
 # Scoring pools of 100-800 unlabelled phantom cases: scores stored per case (before) vs batched, one run.
 bench-pool: install

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -98,3 +100,38 @@ def test_a_registration_runs_its_filters_on_one_thread_and_repeats_exactly(brain
         assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 2  # even when what runs inside fails
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(default)
+
+
+def test_registrations_run_side_by_side_and_give_what_one_at_a_time_gives(brain_cfg, templates, monkeypatch):
+    image, truth, affine = _case(brain_cfg, templates, 1)
+    others = [_case(brain_cfg, templates, i) for i in (0, 2)]
+    rng = np.random.default_rng(1)
+    strokes = [(im, torch.from_numpy(to_training(sparsify(lab[0].numpy().astype(np.int64), brain_cfg.labels,
+                                                          "scribbles", rng), SPARSE, brain_cfg.labels)[None]
+                                     .astype(np.float32)), af) for im, lab, af in others]
+    own = torch.full_like(truth, float(IGNORE_INDEX))
+    running, most, lock = [0], [0], threading.Lock()  # registrations running at once
+    original = atlas_module._warp_label
+
+    def counted(*args):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            return original(*args)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(atlas_module, "_warp_label", counted)
+    alone = transfer_strokes(image, affine, own, strokes, workers=1)
+    assert most[0] == 1
+    together = transfer_strokes(image, affine, own, strokes, workers=2)
+    assert most[0] == 2  # two registrations of a few seconds each, on two threads
+    assert torch.equal(alone, together)  # each on one thread: the same label to the last voxel
+    carried = int((together != IGNORE_INDEX).sum())  # the other cases' strokes, less what falls outside or disagrees
+    assert 0.5 * sum(int((s != IGNORE_INDEX).sum()) for _, s, _ in strokes) < carried
+    most[0] = 0
+    voted = atlas_pseudo_label(image, affine, others, num_classes=4, workers=2)
+    assert most[0] == 2
+    assert np.mean([dice(voted[0].numpy(), truth[0].numpy(), c) for c in (1, 2, 3)]) > 0.7

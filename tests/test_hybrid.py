@@ -30,8 +30,8 @@ from crossmodal.losses import (
 from crossmodal.nets import CrossModalNet, InputSelect, build_network
 from crossmodal.serving.app import AppParts
 from crossmodal.serving.offline import method_config, train_offline
-from crossmodal.serving.train import CrossModalTrain, PseudoLabelRounds, atlas_labels
-from crossmodal.transforms import PseudoLabeld
+from crossmodal.serving.train import CrossModalTrain, PseudoLabelRounds, atlas_labels, stroke_transfer
+from crossmodal.transforms import PseudoLabeld, preprocessing
 from ignite.metrics import Metric
 from monai.handlers.utils import from_engine
 from monai.utils.enums import CommonKeys as Keys
@@ -403,8 +403,20 @@ def test_atlas_pseudo_labels_supervise_the_unlabelled_cases(tmp_path: Path, phan
     first = Path(unlabelled[0]["image"]).name[: -len(".nii.gz")]
     assert list(store) == [first] and store[first].shape == (1, 48, 48, 48)  # the first case only
     assert set(torch.unique(store[first]).tolist()) <= {IGNORE_INDEX, 0, 1, 2, 3}
+    stores = []  # cases side by side (atlas_workers 2) or one at a time: the same labels, in the same order
+    for workers in (1, 2):
+        stores.append({})
+        caplog.clear()
+        with caplog.at_level("INFO", logger="crossmodal.serving.train"):
+            atlas_labels(load_config("phantom", overrides={"train": {"consistency": {
+                "atlas_max_cases": 2, "atlas_workers": workers}}}), unlabelled, dense, stores[-1])
+        assert f"s, {workers} case{'s' * (workers > 1)} x 1 at once (" in caplog.records[-1].getMessage()
+    assert list(stores[0]) == list(stores[1]) == [first, Path(unlabelled[1]["image"]).name[: -len(".nii.gz")]]
+    assert all(torch.equal(stores[0][c], stores[1][c]) for c in stores[0])
     with pytest.raises(ConfigError, match="atlas_min_agreement"):
         load_config("phantom", overrides={"train": {"consistency": {"atlas_min_agreement": 0}}})
+    with pytest.raises(ConfigError, match="atlas_workers"):
+        load_config("phantom", overrides={"train": {"consistency": {"atlas_workers": -1}}})
 
 
 def test_stroke_transfer_adds_other_cases_strokes_to_each_sparse_case(tmp_path: Path, phantom_cfg, caplog,
@@ -449,6 +461,21 @@ def test_stroke_transfer_adds_other_cases_strokes_to_each_sparse_case(tmp_path: 
     logs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stroke transfer")]
     assert len(logs) == 1 and logs[0].startswith("stroke transfer: 3 of 3 sparse cases given the strokes of 1 other ")
     assert [len(st) for st in stores if st] == [3]
+    sparse = [{"image": str(p), "label": str(studies / "labels" / "final" / p.name), "label_kind": "sparse"}
+              for p in sorted(studies.glob("*.nii.gz"))]
+    by_workers = {}  # one registration at a time, or the 3 cases side by side and each case's 2 others too
+    for workers, at_once in ((1, "1 case x 1"), (6, "3 cases x 2")):
+        by_workers[workers] = {}
+        caplog.clear()
+        with caplog.at_level("INFO", logger="crossmodal.serving.train"):
+            stroke_transfer(load_config("phantom", overrides={"train": {"consistency": {
+                "atlas_sparse": 2, "atlas_workers": workers}}}), sparse, by_workers[workers])
+        assert f"s, {at_once} at once (" in caplog.records[-1].getMessage()
+    alone, together = by_workers[1], by_workers[6]
+    assert list(alone) == [p.name[: -len(".nii.gz")] for p in sorted(studies.glob("*.nii.gz"))] == list(together)
+    assert all(torch.equal(alone[c], together[c]) for c in alone)
+    drawn = [float((t["label"] != IGNORE_INDEX).float().mean()) for t in map(preprocessing(cfg, "val"), sparse)]
+    assert all(float((together[c] != IGNORE_INDEX).float().mean()) > d for c, d in zip(together, drawn, strict=True))
     with pytest.raises(ConfigError, match="atlas_sparse"):
         load_config("phantom", overrides={"train": {"consistency": {"atlas_sparse": -1}}})
 

@@ -79,25 +79,29 @@ def test_a_registration_runs_on_one_thread_and_repeats_to_the_last_digit(monkeyp
         assert len(made) > 3 and set(made) == {1}  # threaded, the translation differed by ~1e-15 mm between calls
         assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 2  # the default is given back
         inside, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+        seen = {}
 
-        def first():  # inside when the second comes, out before it leaves (unless the second waits its turn)
+        def first():  # inside when the second comes; leaves first
             with single_threaded(), single_threaded():  # re-entrant
                 inside.set()
-                second_in.wait(timeout=1.0)
+                seen["both_inside"] = second_in.wait(timeout=5.0)  # callers share it: none waits for another
+                seen["default_both_inside"] = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
             first_out.set()
 
         def second():
-            inside.wait()
+            inside.wait(timeout=5.0)
             with single_threaded():
                 second_in.set()
-                first_out.wait(timeout=1.0)
+                first_out.wait(timeout=5.0)
+                seen["default_after_first_left"] = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
 
         threads = [threading.Thread(target=first), threading.Thread(target=second)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 2  # neither left the other's 1 behind
+        assert seen == {"both_inside": True, "default_both_inside": 1, "default_after_first_left": 1}
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 2  # the last one out gave it back
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(default)
     assert np.array_equal(found[0], found[1])

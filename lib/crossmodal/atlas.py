@@ -6,10 +6,16 @@ information, then symmetric-forces demons on the histogram-matched images) and w
 pseudo-label that knows the label's convention, which the network's own predictions from a few cases do not. With
 several atlases the warped labels vote; a voxel whose winning class has less than ``min_agreement`` of the votes
 stays unlabelled. Not for structures that differ from case to case (lesions): nothing in one case says where they
-are in another.
+are in another. Registrations run on one thread each (so they repeat exactly) and side by side on ``workers``
+threads (:func:`in_parallel`).
 """
 
 from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 import SimpleITK as sitk
@@ -17,6 +23,46 @@ import torch
 
 from crossmodal.labels import IGNORE_INDEX
 from crossmodal.register import single_threaded, sitk_image
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def in_parallel(fn: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[R]:
+    """``fn(item)`` for each item, in order, on up to ``workers`` threads (one: in this thread, one at a time).
+
+    For registrations: SimpleITK lets go of the GIL while a filter runs and :func:`single_threaded` keeps each on
+    one thread, so ``workers`` of them fill ``workers`` cores and give what one at a time gives. A result is handed
+    on (and can be dropped) before the later ones are done.
+
+    Example:
+        >>> list(in_parallel(lambda x: x * x, [1, 2, 3], workers=2))
+        [1, 4, 9]
+    """
+    if workers <= 1 or len(items) <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(min(workers, len(items))) as pool:
+        yield from pool.map(fn, items)
+
+
+def split_workers(workers: int, tasks: int) -> tuple[int, int]:
+    """``workers`` threads shared by ``tasks`` tasks that each run parts: (tasks at once, threads per task).
+
+    Example:
+        >>> split_workers(16, 2), split_workers(2, 10), split_workers(8, 3)
+        ((2, 8), (2, 1), (3, 2))
+    """
+    outer = max(1, min(workers, tasks))
+    return outer, max(1, workers // outer)
 
 
 def _affine(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
@@ -79,10 +125,12 @@ def _carried(fixed: np.ndarray, affine: np.ndarray, case: tuple[torch.Tensor, to
 
 def atlas_pseudo_label(image: torch.Tensor, affine: np.ndarray,
                        atlases: list[tuple[torch.Tensor, torch.Tensor, np.ndarray]], num_classes: int,
-                       min_agreement: float = 0.5, iterations: int = 100, sigma: float = 2.5) -> torch.Tensor:
+                       min_agreement: float = 0.5, iterations: int = 100, sigma: float = 2.5,
+                       workers: int = 1) -> torch.Tensor:
     """A pseudo-label (1, H, W, D) for ``image`` (M, H, W, D, grid ``affine``) from ``atlases`` [(image
-    (M, H', W', D'), label (1, H', W', D'), affine)], registered on the primary channel: the majority vote of the
-    warped labels, ``IGNORE_INDEX`` where the winning class has less than ``min_agreement`` of the atlases' votes.
+    (M, H', W', D'), label (1, H', W', D'), affine)], registered on the primary channel (``workers`` at once): the
+    majority vote of the warped labels, ``IGNORE_INDEX`` where the winning class has less than ``min_agreement`` of
+    the atlases' votes.
 
     Example:
         >>> x = torch.zeros(1, 24, 24, 24); x[:, 6:18, 6:18, 6:18] = 1.0; x[:, 9:15, 9:15, 9:15] = 2.0
@@ -95,8 +143,7 @@ def atlas_pseudo_label(image: torch.Tensor, affine: np.ndarray,
         raise ValueError("atlas_pseudo_label needs at least one atlas (a case with a dense label)")
     fixed = image[0].float().cpu().numpy()
     votes = np.zeros((num_classes, *fixed.shape), dtype=np.int32)
-    for atlas in atlases:
-        warped = _carried(fixed, affine, atlas, iterations, sigma)
+    for warped in in_parallel(lambda atlas: _carried(fixed, affine, atlas, iterations, sigma), atlases, workers):
         for c in range(num_classes):
             votes[c] += warped == c
     best, count = votes.argmax(0), votes.max(0)
@@ -106,12 +153,12 @@ def atlas_pseudo_label(image: torch.Tensor, affine: np.ndarray,
 
 def transfer_strokes(image: torch.Tensor, affine: np.ndarray, label: torch.Tensor,
                      others: list[tuple[torch.Tensor, torch.Tensor, np.ndarray]], iterations: int = 100,
-                     sigma: float = 2.5) -> torch.Tensor:
+                     sigma: float = 2.5, workers: int = 1) -> torch.Tensor:
     """A sparse training label (1, H, W, D; ``IGNORE_INDEX`` where nothing was drawn) of ``image`` (M, H, W, D,
     grid ``affine``) with the strokes of ``others`` [(image (M, H', W', D'), sparse label (1, H', W', D'), affine)]
-    added: each other case is registered onto this one on the primary channel (:func:`warp_label`) and its strokes
-    follow; a voxel nothing was drawn on takes the class the carried strokes give it where they all agree. The
-    drawn voxels stay as drawn.
+    added: each other case is registered onto this one on the primary channel (:func:`warp_label`, ``workers`` at
+    once) and its strokes follow; a voxel nothing was drawn on takes the class the carried strokes give it where
+    they all agree. The drawn voxels stay as drawn.
 
     Example:
         >>> x = torch.zeros(1, 24, 24, 24); x[:, 6:18, 6:18, 6:18] = 1.0
@@ -125,8 +172,7 @@ def transfer_strokes(image: torch.Tensor, affine: np.ndarray, label: torch.Tenso
     own = label[0].cpu().numpy().round().astype(np.int64)
     first = np.full(own.shape, IGNORE_INDEX, dtype=np.int64)  # the class carried there first
     agree = np.ones(own.shape, dtype=bool)
-    for other in others:
-        warped = _carried(fixed, affine, other, iterations, sigma)
+    for warped in in_parallel(lambda other: _carried(fixed, affine, other, iterations, sigma), others, workers):
         drawn = warped != IGNORE_INDEX
         agree &= ~drawn | (first == IGNORE_INDEX) | (first == warped)
         first = np.where((first == IGNORE_INDEX) & drawn, warped, first)

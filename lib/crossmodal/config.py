@@ -240,6 +240,8 @@ class ConsistencyConfig:
     :func:`crossmodal.atlas.transfer_strokes`) are registered onto each of the first ``atlas_max_cases`` sparse
     cases and added where nothing was drawn and they agree (0: off); only from scratch, as ``atlas_pseudo``; for
     any network (a step on the labels, as ``train.propagate``).
+    ``atlas_workers``: registrations of the atlas and of stroke transfer that run at once, each on one thread
+    (0: one per CPU core the process may use; cases side by side, and a case's atlases or other cases).
     ``pseudo_batch_size``: unlabelled cases a step (instead of ``unlabeled_batch_size``) in a run where they carry
     pseudo-labels (atlas or self-training rounds): there they supervise like dense labels, and one a step beside
     the dense batch under-weights them.
@@ -270,6 +272,7 @@ class ConsistencyConfig:
     atlas_max_cases: int = 64
     atlas_on_finetune: bool = False
     atlas_sparse: int = 0
+    atlas_workers: int = 0
     pseudo_batch_size: int = 1
 
     def __post_init__(self) -> None:
@@ -278,7 +281,7 @@ class ConsistencyConfig:
                 raise ConfigError(f"train.consistency.{k}: {getattr(self, k)} must be >= 1")
         if not 0.0 < self.atlas_min_agreement <= 1.0:
             raise ConfigError(f"train.consistency.atlas_min_agreement: {self.atlas_min_agreement} must be in (0, 1]")
-        for k in ("refine_start", "refine_erode", "atlas_sparse"):
+        for k in ("refine_start", "refine_erode", "atlas_sparse", "atlas_workers"):
             if int(getattr(self, k)) < 0:
                 raise ConfigError(f"train.consistency.{k}: {getattr(self, k)} must be >= 0")
         if not 0.0 < self.refine_keep_confident <= 1.0:

@@ -60,7 +60,12 @@ def _matrix(tx: sitk.Transform) -> np.ndarray:
     return out
 
 
-_ONE_THREAD = threading.RLock()  # one caller at a time sets and restores the process-wide default
+class _OneThread:
+    """Callers inside :func:`single_threaded`, in any thread; the default they replaced."""
+
+    lock = threading.Lock()
+    inside = 0
+    before = 1
 
 
 @contextlib.contextmanager
@@ -69,15 +74,22 @@ def single_threaded() -> Iterator[None]:
     registration's threaded sums differently from run to run: the translation found here differed in its last digits
     (1e-15 mm) from call to call, and an atlas's affine + demons registration carried such differences into a warped
     label (seen in the brain simulation's round 0); on one thread neither does (the atlas's at twice the time).
-    The default is the process's: callers in other threads (the server's requests) wait their turn, so none restores
-    another's 1; re-entrant."""
-    with _ONE_THREAD:
-        before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-        try:
-            yield
-        finally:
-            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+    The default is the process's, so callers share it: the first one in sets 1 and the last one out restores what
+    was there; threads inside at once run their registrations side by side (SimpleITK lets go of the GIL while a
+    filter runs: :func:`crossmodal.atlas.in_parallel`). A filter made meanwhile outside it (another request's) runs on
+    one thread too. Re-entrant."""
+    with _OneThread.lock:
+        if _OneThread.inside == 0:
+            _OneThread.before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        _OneThread.inside += 1
+    try:
+        yield
+    finally:
+        with _OneThread.lock:
+            _OneThread.inside -= 1
+            if _OneThread.inside == 0:
+                sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(_OneThread.before)
 
 
 def register_rigid(fixed: torch.Tensor, moving: torch.Tensor, affine: np.ndarray, mode: str = "rigid",

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from crossmodal.atlas import atlas_pseudo_label, transfer_strokes
+from crossmodal.atlas import atlas_pseudo_label, in_parallel, split_workers, transfer_strokes, usable_cores
 from crossmodal.config import (
     ConfigError,
     CrossModalConfig,
@@ -307,49 +307,61 @@ def atlas_labels(cfg: CrossModalConfig, unlabeled: list[dict[str, Any]], dense: 
                  store: dict[str, torch.Tensor]) -> None:
     """Fill ``store`` (``{case_id: (1, H, W, D)}`` on the working grid) with atlas pseudo-labels of the first
     ``atlas_max_cases`` ``unlabeled`` items from the first ``atlas_count`` ``dense`` ones
-    (:func:`crossmodal.atlas.atlas_pseudo_label`, ``train.consistency.atlas_*``)."""
+    (:func:`crossmodal.atlas.atlas_pseudo_label`, ``train.consistency.atlas_*``; cases side by side)."""
     cc = cfg.train.consistency
     load = preprocessing(cfg, "val")
     start = time.perf_counter()
-    atlases = []
-    for item in dense[: cc.atlas_count]:
-        atlases.append(labelled_case(load(dict(item))))
-    labelled = []
-    for item in unlabeled[: cc.atlas_max_cases]:
+    atlases = [labelled_case(load(dict(item))) for item in dense[: cc.atlas_count]]
+    items = unlabeled[: cc.atlas_max_cases]
+    at_once, each = split_workers(cc.atlas_workers or usable_cores(), len(items))
+
+    def pseudo(item: dict[str, Any]) -> tuple[str, torch.Tensor]:
         d = load(dict(item))
-        label = atlas_pseudo_label(plain(d["image"]), np.asarray(d["image"].affine, dtype=np.float64), atlases,
-                                   cfg.labels.num_classes, cc.atlas_min_agreement)
-        store[str(d["case_id"])] = label
+        return str(d["case_id"]), atlas_pseudo_label(plain(d["image"]), np.asarray(d["image"].affine, np.float64),
+                                                     atlases, cfg.labels.num_classes, cc.atlas_min_agreement,
+                                                     workers=each)
+
+    labelled = []
+    for case_id, label in in_parallel(pseudo, items, at_once):
+        store[case_id] = label
         labelled.append(float((label != IGNORE_INDEX).float().mean()))
     logger.info(f"atlas pseudo-labels of {len(labelled)} of {len(unlabeled)} unlabelled cases from {len(atlases)} "
-                f"atlas{'es' if len(atlases) != 1 else ''} (dense cases) in {time.perf_counter() - start:.1f} s "
+                f"atlas{'es' if len(atlases) != 1 else ''} (dense cases) in {time.perf_counter() - start:.1f} s, "
+                f"{at_once} case{'s' * (at_once != 1)} x {min(each, len(atlases))} at once "
                 f"({100 * sum(labelled) / max(1, len(labelled)):.1f}% of their voxels labelled)")
 
 
 def stroke_transfer(cfg: CrossModalConfig, sparse: list[dict[str, Any]], store: dict[str, torch.Tensor]) -> None:
     """Fill ``store`` (``{case_id: (1, H, W, D)}`` on the working grid) with the sparse labels of the first
     ``atlas_max_cases`` ``sparse`` items, each with the strokes of the next ``atlas_sparse`` items added
-    (:func:`crossmodal.atlas.transfer_strokes`)."""
+    (:func:`crossmodal.atlas.transfer_strokes`; cases side by side)."""
     cc = cfg.train.consistency
     load = preprocessing(cfg, "val")
     start = time.perf_counter()
     k = min(cc.atlas_sparse, len(sparse) - 1)
+    targets = list(range(min(len(sparse), cc.atlas_max_cases) if k > 0 else 0))
+    at_once, each = split_workers(cc.atlas_workers or usable_cores(), len(targets))
 
-    @functools.lru_cache(maxsize=k + 1)  # case i reads cases i..i+k: each is read once (the last k wrap round)
+    # case i reads cases i..i+k: each is read once (the last k wrap round) while at most at_once cases run
+    @functools.lru_cache(maxsize=k + at_once)
     def case(j: int) -> tuple[str, tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
         d = load(dict(sparse[j]))
         return str(d["case_id"]), labelled_case(d)
 
-    drawn, grown = [], []
-    for i in range(min(len(sparse), cc.atlas_max_cases) if k > 0 else 0):
+    def transferred(i: int) -> tuple[str, torch.Tensor, torch.Tensor]:
         case_id, (image, own, affine) = case(i)
-        label = transfer_strokes(image, affine, own, [case((i + j) % len(sparse))[1] for j in range(1, k + 1)])
+        others = [case((i + j) % len(sparse))[1] for j in range(1, k + 1)]
+        return case_id, own, transfer_strokes(image, affine, own, others, workers=each)
+
+    drawn, grown = [], []
+    for case_id, own, label in in_parallel(transferred, targets, at_once):
         store[case_id] = label
         drawn.append(float((own != IGNORE_INDEX).float().mean()))
         grown.append(float((label != IGNORE_INDEX).float().mean()))
     others = f"{max(k, 0)} other{'s' * (k != 1)}"
     logger.info(f"stroke transfer: {len(grown)} of {len(sparse)} sparse cases given the strokes of {others} "
-                f"in {time.perf_counter() - start:.1f} s ({100 * sum(drawn) / max(1, len(drawn)):.1f}% -> "
+                f"in {time.perf_counter() - start:.1f} s, {at_once} case{'s' * (at_once != 1)} "
+                f"x {min(each, k)} at once ({100 * sum(drawn) / max(1, len(drawn)):.1f}% -> "
                 f"{100 * sum(grown) / max(1, len(grown)):.1f}% of their voxels labelled)")
 
 
