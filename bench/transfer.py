@@ -9,7 +9,10 @@ made three ways:
   2026-12-02: its warped labels changed from run to run, so this row also says whether they matched the others);
 - ``one thread, one at a time`` (the baseline: 2026-12-02, every registration on one thread so that it repeats,
   ``train.consistency.atlas_workers: 1``);
-- ``one thread each, side by side`` (``atlas_workers: 0``: as many at once as the process has cores).
+- ``one thread each, side by side`` (``atlas_workers: 0``: as many at once as the process has cores), as the train
+  task runs them: each registration also written to a fresh :class:`crossmodal.atlas.WarpCache`;
+- ``read back from the cache``: the same again over that cache (what the next run from scratch on the same labels
+  pays, ``<model_dir>/registrations``).
 
 Seconds, the ratio to the baseline, and whether the labels are the baseline's to the last voxel.
 
@@ -41,7 +44,8 @@ from crossmodal.data.studies import FINAL_LABELS, write_case  # noqa: E402
 from crossmodal.io import save_volume  # noqa: E402
 from crossmodal.serving.train import atlas_labels, stroke_transfer  # noqa: E402
 
-WAYS = ("threaded ITK, one at a time", "one thread, one at a time", "one thread each, side by side")
+WAYS = ("threaded ITK, one at a time", "one thread, one at a time", "one thread each, side by side",
+        "read back from the cache")
 BASELINE = WAYS[1]
 
 
@@ -70,9 +74,10 @@ def make_cases(root: Path, n: int, seed: int = 0) -> tuple[list[dict], list[dict
     return scribbled, dense, unlabelled
 
 
-def measure(work: Callable[[object, dict], None], others: int, way: str) -> tuple[float, dict]:
-    """Seconds of ``work(cfg, store)`` made ``way``, and the labels it stored."""
-    workers = 0 if way == WAYS[2] else 1
+def measure(work: Callable[[object, dict, Path | None], None], others: int, way: str, cache: Path
+            ) -> tuple[float, dict]:
+    """Seconds of ``work(cfg, store, cache_dir)`` made ``way``, and the labels it stored."""
+    workers = 0 if way in WAYS[2:] else 1
     cfg = load_config("brain", overrides={"train": {"consistency": {"atlas_sparse": others,
                                                                      "atlas_workers": workers}}})
     store: dict = {}
@@ -83,7 +88,7 @@ def measure(work: Callable[[object, dict], None], others: int, way: str) -> tupl
             atlas_module.single_threaded = contextlib.nullcontext
             stack.callback(setattr, atlas_module, "single_threaded", original)
         start = time.perf_counter()
-        work(cfg, store)
+        work(cfg, store, cache if way in WAYS[2:] else None)
         return time.perf_counter() - start, store
 
 
@@ -99,19 +104,21 @@ def main() -> int:
         scribbled, dense, unlabelled = make_cases(Path(tmp), n)
         tasks = {
             f"stroke transfer ({n} cases x {others} others)":
-                (lambda cfg, store: stroke_transfer(cfg, scribbled, store), n * others),
+                (lambda cfg, store, cache: stroke_transfer(cfg, scribbled, store, cache), n * others),
             f"atlas pseudo-labels ({len(unlabelled)} cases x 1 atlas)":
-                (lambda cfg, store: atlas_labels(cfg, unlabelled, dense, store), len(unlabelled)),
+                (lambda cfg, store, cache: atlas_labels(cfg, unlabelled, dense, store, cache), len(unlabelled)),
         }
-        for task, (work, registrations) in tasks.items():
-            measure(work, others, BASELINE)  # warm: the cases' reading and co-registration are remembered
-            done = {way: measure(work, others, way) for way in (WAYS[1], WAYS[2], WAYS[0])}
+        for i, (task, (work, registrations)) in enumerate(tasks.items()):
+            cache = Path(tmp) / f"registrations{i}"
+            measure(work, others, BASELINE, cache)  # warm: the cases' reading and co-registration are remembered
+            done = {way: measure(work, others, way, cache) for way in (WAYS[1], WAYS[2], WAYS[3], WAYS[0])}
             base_s, base_labels = done[BASELINE]
             for way in WAYS:
                 seconds, labels = done[way]
                 same = list(labels) == list(base_labels) and all(torch.equal(labels[c], base_labels[c])
                                                                  for c in labels)
                 rows.append({"task": task, "way": way, "registrations": registrations, "cores": cores,
+                             "cached_files": len(list(cache.glob("*.npz"))) if way in WAYS[2:] else None,
                              "seconds": round(seconds, 1),
                              "seconds_per_registration": round(seconds / registrations, 2),
                              "ratio_to_baseline": round(seconds / base_s, 3), "labels_as_baseline": same})

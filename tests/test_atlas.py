@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import SimpleITK as sitk
 import torch
 from conftest import dice
 from crossmodal import atlas as atlas_module
-from crossmodal.atlas import atlas_pseudo_label, transfer_strokes, warp_label
+from crossmodal.atlas import WarpCache, atlas_pseudo_label, transfer_strokes, warp_label
 from crossmodal.data.brain import make_brain_case
 from crossmodal.data.sparse import sparsify
 from crossmodal.labels import IGNORE_INDEX, SPARSE, to_training
@@ -135,3 +137,34 @@ def test_registrations_run_side_by_side_and_give_what_one_at_a_time_gives(brain_
     voted = atlas_pseudo_label(image, affine, others, num_classes=4, workers=2)
     assert most[0] == 2
     assert np.mean([dice(voted[0].numpy(), truth[0].numpy(), c) for c in (1, 2, 3)]) > 0.7
+
+
+def test_warped_labels_are_kept_read_back_and_the_least_used_removed(tmp_path, caplog):
+    x = np.zeros((20, 20, 20), np.float32)
+    x[5:15, 4:16, 6:14] = 1.0
+    moved = np.roll(x, 2, axis=0)
+    label = np.where(moved > 0, 1, IGNORE_INDEX)
+    cache = WarpCache(tmp_path, max_files=2)
+    first, hit = cache.warp(x, np.eye(4), moved, np.eye(4), label, 20)
+    fresh = warp_label(x, np.eye(4), moved, np.eye(4), label, 20)
+    assert not hit and np.array_equal(first, fresh) and first.dtype == np.int64
+    again, hit = cache.warp(x, np.eye(4), moved, np.eye(4), label, 20)
+    assert hit and np.array_equal(again, fresh) and cache.counts == {"read": 1, "registered": 1}
+    (first_file,) = tmp_path.glob("*.npz")
+    other = np.where(label == 1, 2, IGNORE_INDEX)  # another label of the same images: another registration
+    assert not cache.warp(x, np.eye(4), moved, np.eye(4), other, 20)[1]
+    (other_file,) = set(tmp_path.glob("*.npz")) - {first_file}
+    past = time.time() - 100
+    os.utime(first_file, (past, past))
+    os.utime(other_file, (past + 1, past + 1))
+    assert cache.warp(x, np.eye(4), moved, np.eye(4), label, 20)[1]  # used again: now the most recent
+    assert not cache.warp(x, np.eye(4), moved, np.eye(4), label, 10)[1]  # other settings: another registration
+    assert first_file.exists() and not other_file.exists()  # at most 2: the least recently used went
+    assert len(list(tmp_path.glob("*.npz"))) == 2
+    newest = max(tmp_path.glob("*.npz"), key=lambda f: f.stat().st_mtime_ns)
+    newest.write_bytes(b"cut short by a kill")
+    with caplog.at_level("WARNING", logger="crossmodal.atlas"):
+        redone, hit = cache.warp(x, np.eye(4), moved, np.eye(4), label, 10)
+    assert not hit and f"warped label {newest} is unreadable" in caplog.text
+    assert np.array_equal(redone, warp_label(x, np.eye(4), moved, np.eye(4), label, 10))
+    assert cache.warp(x, np.eye(4), moved, np.eye(4), label, 10)[1]  # written again, whole

@@ -439,6 +439,8 @@ def test_stroke_transfer_adds_other_cases_strokes_to_each_sparse_case(tmp_path: 
                               device="cpu", network="crossmodal")
     logs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stroke transfer")]
     assert len(logs) == 1 and logs[0].startswith("stroke transfer: 3 of 3 sparse cases given the strokes of 2 others")
+    assert "at once, 0 of 6 read back (" in logs[0]  # kept for the next run from scratch
+    assert len(list((tmp_path / "m" / "registrations").glob("*.npz"))) == 6
     before, after = (float(v.split("%")[0]) for v in logs[0].split("(")[-1].split(" -> "))
     assert 0 < before < after <= 100  # more voxels labelled than were drawn
     given = [st for st in stores if st]
@@ -463,17 +465,21 @@ def test_stroke_transfer_adds_other_cases_strokes_to_each_sparse_case(tmp_path: 
     assert [len(st) for st in stores if st] == [3]
     sparse = [{"image": str(p), "label": str(studies / "labels" / "final" / p.name), "label_kind": "sparse"}
               for p in sorted(studies.glob("*.nii.gz"))]
-    by_workers = {}  # one registration at a time, or the 3 cases side by side and each case's 2 others too
-    for workers, at_once in ((1, "1 case x 1"), (6, "3 cases x 2")):
-        by_workers[workers] = {}
+    by_workers = {}  # one registration at a time, or the 3 cases side by side and each case's 2 others too; then
+    runs = ((1, None, "1 case x 1 at once ("), (6, "c", "3 cases x 2 at once, 0 of 6 read back ("),  # from the
+            (6, "c", "3 cases x 2 at once, 6 of 6 read back ("))  # cache, as the next run from scratch
+    for i, (workers, cache, at_once) in enumerate(runs):
+        by_workers[i] = {}
         caplog.clear()
         with caplog.at_level("INFO", logger="crossmodal.serving.train"):
             stroke_transfer(load_config("phantom", overrides={"train": {"consistency": {
-                "atlas_sparse": 2, "atlas_workers": workers}}}), sparse, by_workers[workers])
-        assert f"s, {at_once} at once (" in caplog.records[-1].getMessage()
-    alone, together = by_workers[1], by_workers[6]
-    assert list(alone) == [p.name[: -len(".nii.gz")] for p in sorted(studies.glob("*.nii.gz"))] == list(together)
-    assert all(torch.equal(alone[c], together[c]) for c in alone)
+                "atlas_sparse": 2, "atlas_workers": workers}}}), sparse, by_workers[i],
+                cache_dir=cache and tmp_path / cache)
+        assert f"s, {at_once}" in caplog.records[-1].getMessage()
+    cases = [p.name[: -len(".nii.gz")] for p in sorted(studies.glob("*.nii.gz"))]
+    assert all(list(by_workers[i]) == cases for i in range(3)) and len(list((tmp_path / "c").glob("*.npz"))) == 6
+    assert all(torch.equal(by_workers[0][c], by_workers[i][c]) for c in cases for i in (1, 2))
+    together = by_workers[1]
     drawn = [float((t["label"] != IGNORE_INDEX).float().mean()) for t in map(preprocessing(cfg, "val"), sparse)]
     assert all(float((together[c] != IGNORE_INDEX).float().mean()) > d for c, d in zip(together, drawn, strict=True))
     with pytest.raises(ConfigError, match="atlas_sparse"):

@@ -7,25 +7,33 @@ pseudo-label that knows the label's convention, which the network's own predicti
 several atlases the warped labels vote; a voxel whose winning class has less than ``min_agreement`` of the votes
 stays unlabelled. Not for structures that differ from case to case (lesions): nothing in one case says where they
 are in another. Registrations run on one thread each (so they repeat exactly) and side by side on ``workers``
-threads (:func:`in_parallel`).
+threads (:func:`in_parallel`). With a :class:`WarpCache` a pair registered before is read back instead.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import logging
 import os
+import threading
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
+from crossmodal.config import atomic_write_bytes
 from crossmodal.labels import IGNORE_INDEX
 from crossmodal.register import single_threaded, sitk_image
 
 T = TypeVar("T")
 R = TypeVar("R")
+logger = logging.getLogger(__name__)
 
 
 def usable_cores() -> int:
@@ -113,24 +121,99 @@ def _warp_label(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray,
     return out.astype(np.int64) + IGNORE_INDEX
 
 
+class WarpCache:
+    """Warped labels on disk: ``<folder>/<key>.npz`` (int16, compressed), ``key`` a digest of everything
+    :func:`warp_label` reads (both images, their affines, the label, the settings), written atomically; at most
+    ``max_files`` of them, the least recently used removed first. A registration repeats to the last voxel
+    (:func:`single_threaded`), so a label read back is the one a new registration would give.
+
+    Example:
+        >>> import tempfile
+        >>> x = np.zeros((16, 16, 16), np.float32); x[4:12, 4:12, 4:12] = 1.0
+        >>> y = np.where(x > 0, 1, -1)
+        >>> cache = WarpCache(tempfile.mkdtemp())
+        >>> (first, hit), (again, hit_again) = [cache.warp(x, np.eye(4), x, np.eye(4), y, 10, 2.5) for _ in "ab"]
+        >>> hit, hit_again, bool((first == again).all())
+        (False, True, True)
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], max_files: int = 4096) -> None:
+        self.folder, self.max_files = Path(folder), max_files
+        self.counts = {"read": 0, "registered": 0}  # this object's calls (thread-safe: ``_lock``)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(*arrays: np.ndarray, iterations: int, sigma: float) -> str:
+        """A digest of ``arrays`` (values, shapes and types) and the settings."""
+        h = hashlib.blake2b(repr(("warp_label", 1, iterations, float(sigma))).encode(), digest_size=16)
+        for a in arrays:
+            a = np.ascontiguousarray(a)
+            h.update(repr((a.shape, a.dtype.str)).encode())
+            h.update(a.tobytes())
+        return h.hexdigest()
+
+    def warp(self, fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray,
+             moving_label: np.ndarray, iterations: int = 100, sigma: float = 2.5) -> tuple[np.ndarray, bool]:
+        """:func:`warp_label` through the cache: the (H, W, D) int64 label and whether it was read back."""
+        key = self.key(fixed, fixed_affine, moving, moving_affine, moving_label, iterations=iterations, sigma=sigma)
+        path = self.folder / f"{key}.npz"
+        if path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as stored:
+                    arr = stored["label"]
+                if arr.shape == fixed.shape:
+                    os.utime(path)  # recently used
+                    self._count("read")
+                    return arr.astype(np.int64), True
+                logger.warning(f"warped label {path} has shape {arr.shape}, not {fixed.shape}; registering again")
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+                logger.warning(f"warped label {path} is unreadable ({e}); registering again")
+        label = warp_label(fixed, fixed_affine, moving, moving_affine, moving_label, iterations, sigma)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, label=label.astype(np.int16))
+        atomic_write_bytes(path, buf.getvalue())
+        self._prune()
+        self._count("registered")
+        return label, False
+
+    def _count(self, what: str) -> None:
+        with self._lock:
+            self.counts[what] += 1
+
+    def _prune(self) -> None:
+        files = list(self.folder.glob("*.npz"))
+        if len(files) <= self.max_files:
+            return
+
+        def used(f: Path) -> float:
+            try:
+                return f.stat().st_mtime
+            except FileNotFoundError:  # removed by another thread meanwhile
+                return float("inf")
+        for old in sorted(files, key=used)[: len(files) - self.max_files]:
+            old.unlink(missing_ok=True)
+
+
 def _carried(fixed: np.ndarray, affine: np.ndarray, case: tuple[torch.Tensor, torch.Tensor, np.ndarray],
-             iterations: int, sigma: float) -> np.ndarray:
+             iterations: int, sigma: float, cache: WarpCache | None = None) -> np.ndarray:
     """``case``'s (image (M, H', W', D'), label (1, H', W', D'), affine) label on ``fixed``'s (H, W, D) grid, registered
-    on the primary channel (:func:`warp_label`)."""
+    on the primary channel (:func:`warp_label`, through ``cache`` if given)."""
     image, label, case_affine = case
-    return warp_label(fixed, np.asarray(affine, dtype=np.float64), image[0].float().cpu().numpy(),
-                      np.asarray(case_affine, dtype=np.float64), label[0].cpu().numpy().round().astype(np.int64),
-                      iterations, sigma)
+    args = (fixed, np.asarray(affine, dtype=np.float64), image[0].float().cpu().numpy(),
+            np.asarray(case_affine, dtype=np.float64), label[0].cpu().numpy().round().astype(np.int64))
+    if cache is None:
+        return warp_label(*args, iterations, sigma)
+    return cache.warp(*args, iterations, sigma)[0]
 
 
 def atlas_pseudo_label(image: torch.Tensor, affine: np.ndarray,
                        atlases: list[tuple[torch.Tensor, torch.Tensor, np.ndarray]], num_classes: int,
                        min_agreement: float = 0.5, iterations: int = 100, sigma: float = 2.5,
-                       workers: int = 1) -> torch.Tensor:
+                       workers: int = 1, cache: WarpCache | None = None) -> torch.Tensor:
     """A pseudo-label (1, H, W, D) for ``image`` (M, H, W, D, grid ``affine``) from ``atlases`` [(image
-    (M, H', W', D'), label (1, H', W', D'), affine)], registered on the primary channel (``workers`` at once): the
-    majority vote of the warped labels, ``IGNORE_INDEX`` where the winning class has less than ``min_agreement`` of
-    the atlases' votes.
+    (M, H', W', D'), label (1, H', W', D'), affine)], registered on the primary channel (``workers`` at once, through
+    ``cache`` if given): the majority vote of the warped labels, ``IGNORE_INDEX`` where the winning class has less
+    than ``min_agreement`` of the atlases' votes.
 
     Example:
         >>> x = torch.zeros(1, 24, 24, 24); x[:, 6:18, 6:18, 6:18] = 1.0; x[:, 9:15, 9:15, 9:15] = 2.0
@@ -143,7 +226,8 @@ def atlas_pseudo_label(image: torch.Tensor, affine: np.ndarray,
         raise ValueError("atlas_pseudo_label needs at least one atlas (a case with a dense label)")
     fixed = image[0].float().cpu().numpy()
     votes = np.zeros((num_classes, *fixed.shape), dtype=np.int32)
-    for warped in in_parallel(lambda atlas: _carried(fixed, affine, atlas, iterations, sigma), atlases, workers):
+    for warped in in_parallel(lambda atlas: _carried(fixed, affine, atlas, iterations, sigma, cache), atlases,
+                              workers):
         for c in range(num_classes):
             votes[c] += warped == c
     best, count = votes.argmax(0), votes.max(0)
@@ -153,12 +237,12 @@ def atlas_pseudo_label(image: torch.Tensor, affine: np.ndarray,
 
 def transfer_strokes(image: torch.Tensor, affine: np.ndarray, label: torch.Tensor,
                      others: list[tuple[torch.Tensor, torch.Tensor, np.ndarray]], iterations: int = 100,
-                     sigma: float = 2.5, workers: int = 1) -> torch.Tensor:
+                     sigma: float = 2.5, workers: int = 1, cache: WarpCache | None = None) -> torch.Tensor:
     """A sparse training label (1, H, W, D; ``IGNORE_INDEX`` where nothing was drawn) of ``image`` (M, H, W, D,
     grid ``affine``) with the strokes of ``others`` [(image (M, H', W', D'), sparse label (1, H', W', D'), affine)]
     added: each other case is registered onto this one on the primary channel (:func:`warp_label`, ``workers`` at
-    once) and its strokes follow; a voxel nothing was drawn on takes the class the carried strokes give it where
-    they all agree. The drawn voxels stay as drawn.
+    once, through ``cache`` if given) and its strokes follow; a voxel nothing was drawn on takes the class the
+    carried strokes give it where they all agree. The drawn voxels stay as drawn.
 
     Example:
         >>> x = torch.zeros(1, 24, 24, 24); x[:, 6:18, 6:18, 6:18] = 1.0
@@ -172,7 +256,8 @@ def transfer_strokes(image: torch.Tensor, affine: np.ndarray, label: torch.Tenso
     own = label[0].cpu().numpy().round().astype(np.int64)
     first = np.full(own.shape, IGNORE_INDEX, dtype=np.int64)  # the class carried there first
     agree = np.ones(own.shape, dtype=bool)
-    for warped in in_parallel(lambda other: _carried(fixed, affine, other, iterations, sigma), others, workers):
+    for warped in in_parallel(lambda other: _carried(fixed, affine, other, iterations, sigma, cache), others,
+                              workers):
         drawn = warped != IGNORE_INDEX
         agree &= ~drawn | (first == IGNORE_INDEX) | (first == warped)
         first = np.where((first == IGNORE_INDEX) & drawn, warped, first)

@@ -34,7 +34,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from crossmodal.atlas import atlas_pseudo_label, in_parallel, split_workers, transfer_strokes, usable_cores
+from crossmodal.atlas import (
+    WarpCache,
+    atlas_pseudo_label,
+    in_parallel,
+    split_workers,
+    transfer_strokes,
+    usable_cores,
+)
 from crossmodal.config import (
     ConfigError,
     CrossModalConfig,
@@ -304,11 +311,13 @@ def labelled_case(d: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, np.nda
 
 
 def atlas_labels(cfg: CrossModalConfig, unlabeled: list[dict[str, Any]], dense: list[dict[str, Any]],
-                 store: dict[str, torch.Tensor]) -> None:
+                 store: dict[str, torch.Tensor], cache_dir: str | os.PathLike[str] | None = None) -> None:
     """Fill ``store`` (``{case_id: (1, H, W, D)}`` on the working grid) with atlas pseudo-labels of the first
     ``atlas_max_cases`` ``unlabeled`` items from the first ``atlas_count`` ``dense`` ones
-    (:func:`crossmodal.atlas.atlas_pseudo_label`, ``train.consistency.atlas_*``; cases side by side)."""
+    (:func:`crossmodal.atlas.atlas_pseudo_label`, ``train.consistency.atlas_*``; cases side by side; registrations
+    kept in ``cache_dir``, :class:`crossmodal.atlas.WarpCache`)."""
     cc = cfg.train.consistency
+    cache = WarpCache(cache_dir) if cache_dir is not None else None
     load = preprocessing(cfg, "val")
     start = time.perf_counter()
     atlases = [labelled_case(load(dict(item))) for item in dense[: cc.atlas_count]]
@@ -319,7 +328,7 @@ def atlas_labels(cfg: CrossModalConfig, unlabeled: list[dict[str, Any]], dense: 
         d = load(dict(item))
         return str(d["case_id"]), atlas_pseudo_label(plain(d["image"]), np.asarray(d["image"].affine, np.float64),
                                                      atlases, cfg.labels.num_classes, cc.atlas_min_agreement,
-                                                     workers=each)
+                                                     workers=each, cache=cache)
 
     labelled = []
     for case_id, label in in_parallel(pseudo, items, at_once):
@@ -327,15 +336,18 @@ def atlas_labels(cfg: CrossModalConfig, unlabeled: list[dict[str, Any]], dense: 
         labelled.append(float((label != IGNORE_INDEX).float().mean()))
     logger.info(f"atlas pseudo-labels of {len(labelled)} of {len(unlabeled)} unlabelled cases from {len(atlases)} "
                 f"atlas{'es' if len(atlases) != 1 else ''} (dense cases) in {time.perf_counter() - start:.1f} s, "
-                f"{at_once} case{'s' * (at_once != 1)} x {min(each, len(atlases))} at once "
+                f"{at_once} case{'s' * (at_once != 1)} x {min(each, len(atlases))} at once{read_back(cache)} "
                 f"({100 * sum(labelled) / max(1, len(labelled)):.1f}% of their voxels labelled)")
 
 
-def stroke_transfer(cfg: CrossModalConfig, sparse: list[dict[str, Any]], store: dict[str, torch.Tensor]) -> None:
+def stroke_transfer(cfg: CrossModalConfig, sparse: list[dict[str, Any]], store: dict[str, torch.Tensor],
+                    cache_dir: str | os.PathLike[str] | None = None) -> None:
     """Fill ``store`` (``{case_id: (1, H, W, D)}`` on the working grid) with the sparse labels of the first
     ``atlas_max_cases`` ``sparse`` items, each with the strokes of the next ``atlas_sparse`` items added
-    (:func:`crossmodal.atlas.transfer_strokes`; cases side by side)."""
+    (:func:`crossmodal.atlas.transfer_strokes`; cases side by side; registrations kept in ``cache_dir``,
+    :class:`crossmodal.atlas.WarpCache`)."""
     cc = cfg.train.consistency
+    cache = WarpCache(cache_dir) if cache_dir is not None else None
     load = preprocessing(cfg, "val")
     start = time.perf_counter()
     k = min(cc.atlas_sparse, len(sparse) - 1)
@@ -351,7 +363,7 @@ def stroke_transfer(cfg: CrossModalConfig, sparse: list[dict[str, Any]], store: 
     def transferred(i: int) -> tuple[str, torch.Tensor, torch.Tensor]:
         case_id, (image, own, affine) = case(i)
         others = [case((i + j) % len(sparse))[1] for j in range(1, k + 1)]
-        return case_id, own, transfer_strokes(image, affine, own, others, workers=each)
+        return case_id, own, transfer_strokes(image, affine, own, others, workers=each, cache=cache)
 
     drawn, grown = [], []
     for case_id, own, label in in_parallel(transferred, targets, at_once):
@@ -361,8 +373,16 @@ def stroke_transfer(cfg: CrossModalConfig, sparse: list[dict[str, Any]], store: 
     others = f"{max(k, 0)} other{'s' * (k != 1)}"
     logger.info(f"stroke transfer: {len(grown)} of {len(sparse)} sparse cases given the strokes of {others} "
                 f"in {time.perf_counter() - start:.1f} s, {at_once} case{'s' * (at_once != 1)} "
-                f"x {min(each, k)} at once ({100 * sum(drawn) / max(1, len(drawn)):.1f}% -> "
+                f"x {min(each, k)} at once{read_back(cache)} ({100 * sum(drawn) / max(1, len(drawn)):.1f}% -> "
                 f"{100 * sum(grown) / max(1, len(grown)):.1f}% of their voxels labelled)")
+
+
+def read_back(cache: WarpCache | None) -> str:
+    """``", 4 of 6 read back"``: the registrations a run found in its cache (nothing without one)."""
+    if cache is None:
+        return ""
+    done = cache.counts["read"] + cache.counts["registered"]
+    return f", {cache.counts['read']} of {done} read back"
 
 
 def coerce_tracking(request: dict[str, Any], model_dir: str) -> dict[str, Any]:
@@ -577,7 +597,7 @@ class CrossModalTrain(BasicTrainTask):
                     store = {}
                     if atlas:
                         atlas_labels(self.cfg, items, [d for d in context.train_datalist if d["label_kind"] == DENSE],
-                                     store)
+                                     store, os.path.join(self._model_dir, "registrations"))
                     if cons.refine_pseudo:
                         self._pseudo_rounds = PseudoLabelRounds(self.cfg, items, store)
                 transforms = preprocessing(self.cfg, "unlabeled", pseudo_labels=store)
@@ -595,7 +615,7 @@ class CrossModalTrain(BasicTrainTask):
                                     "(train.consistency.atlas_on_finetune)")
                     else:
                         store = {}
-                        stroke_transfer(self.cfg, items, store)
+                        stroke_transfer(self.cfg, items, store, os.path.join(self._model_dir, "registrations"))
                 transforms = self.train_pre_transforms(context, labels=store)
                 batch = max(1, int(context.train_batch_size) // max(1, len(labeled_sources)))
                 walked = False
