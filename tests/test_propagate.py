@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import SPM_DIR, make_phantom_studies
 from crossmodal.config import ConfigError, CrossModalConfig, load_config
+from crossmodal.io import write_cached_label
 from crossmodal.labels import IGNORE_INDEX
 from crossmodal.propagate import PropagationCache, heldout_accuracy, propagate_labels, refine_segmentation
 from crossmodal.serving.offline import method_config
@@ -109,7 +110,7 @@ def test_propagation_config_and_the_baselines():
     assert np.isclose(CrossModalConfig.from_dict({"train": {"propagate": {"beta": 50}}}).train.propagate.beta, 50)
 
 
-def test_cache_walks_each_label_once_and_replaces_a_changed_one(tmp_path: Path, monkeypatch):
+def test_cache_walks_each_label_once_and_replaces_a_changed_one(tmp_path: Path, monkeypatch, caplog):
     calls: list[int] = []
     real = propagate_mod.propagate_labels
     monkeypatch.setattr(propagate_mod, "propagate_labels", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -128,8 +129,16 @@ def test_cache_walks_each_label_once_and_replaces_a_changed_one(tmp_path: Path, 
     assert not hit and len(calls) == 3
     stored = next((tmp_path / "cache").iterdir())
     stored.write_bytes(stored.read_bytes()[:40])  # a damaged (truncated) cache file is walked again, not trusted
-    out, hit = cache.propagate("case/7", image, edited, threshold=0.9)
+    with caplog.at_level("WARNING", logger="crossmodal.propagate"):
+        out, hit = cache.propagate("case/7", image, edited, threshold=0.9)
     assert not hit and len(calls) == 4 and torch.equal(out, propagate_labels(image, edited, threshold=0.9))
+    assert f"case/7: cached propagation {stored} is unreadable (" in caplog.text
+    write_cached_label(stored, np.zeros((1, 8, 8, 8), np.int8))  # whole, but of another grid
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="crossmodal.propagate"):
+        out, hit = cache.propagate("case/7", image, edited, threshold=0.9)
+    assert not hit and len(calls) == 5 and torch.equal(out, propagate_labels(image, edited, threshold=0.9))
+    assert f"cached propagation {stored} has shape (1, 8, 8, 8), not (1, 24, 24, 24); propagating again" in caplog.text
 
 
 def test_training_pipeline_reads_the_cached_label_on_the_next_epoch(tmp_path: Path, phantom_cfg: CrossModalConfig,

@@ -13,11 +13,9 @@ threads (:func:`in_parallel`). With a :class:`WarpCache` a pair registered befor
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import threading
-import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from crossmodal.config import atomic_write_bytes
+from crossmodal.io import read_cached_label, write_cached_label
 from crossmodal.labels import IGNORE_INDEX
 from crossmodal.register import single_threaded, sitk_image
 
@@ -159,19 +157,14 @@ class WarpCache:
         path = self.folder / f"{key}.npz"
         if path.is_file():
             try:
-                with np.load(path, allow_pickle=False) as stored:
-                    arr = stored["label"]
-                if arr.shape == fixed.shape:
-                    os.utime(path)  # recently used
-                    self._count("read")
-                    return arr.astype(np.int64), True
-                logger.warning(f"warped label {path} has shape {arr.shape}, not {fixed.shape}; registering again")
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-                logger.warning(f"warped label {path} is unreadable ({e}); registering again")
+                arr = read_cached_label(path, fixed.shape)
+                os.utime(path)  # recently used
+                self._count("read")
+                return arr.astype(np.int64), True
+            except (OSError, ValueError) as e:  # OSError: removed meanwhile by another thread's pruning
+                logger.warning(f"warped label {path} {e}; registering again")
         label = warp_label(fixed, fixed_affine, moving, moving_affine, moving_label, iterations, sigma)
-        buf = io.BytesIO()
-        np.savez_compressed(buf, label=label.astype(np.int16))
-        atomic_write_bytes(path, buf.getvalue())
+        write_cached_label(path, label.astype(np.int16))
         self._prune()
         self._count("registered")
         return label, False

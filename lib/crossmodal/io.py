@@ -14,8 +14,10 @@ Every modality is resampled onto the primary grid in physical (RAS) space.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, ResampleToMatch
 from nibabel.openers import ImageOpener
 
-from crossmodal.config import ConfigError
+from crossmodal.config import ConfigError, atomic_write_bytes
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd")
 _UMASK = os.umask(0)
@@ -232,6 +234,26 @@ def save_volume(path: str | os.PathLike[str], array: np.ndarray, affine: np.ndar
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_cached_label(path: Path, label: np.ndarray) -> None:
+    """A label map (a small integer type: they shrink ~100x) to ``path`` as a compressed ``.npz``, atomically."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, label=label)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_cached_label(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """The label map :func:`write_cached_label` wrote to ``path``; ValueError saying what is wrong with the file
+    ("is unreadable (...)", "has shape ..., not ...")."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            arr = stored["label"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(f"is unreadable ({e})") from e
+    if arr.shape != tuple(shape):
+        raise ValueError(f"has shape {arr.shape}, not {tuple(shape)}")
+    return arr
 
 
 def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:

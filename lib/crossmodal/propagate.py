@@ -15,12 +15,10 @@ the next training of the annotate-retrain loop, walk only the labels that change
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import math
 import os
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from skimage.segmentation import random_walker
 
-from crossmodal.config import atomic_write_bytes
+from crossmodal.io import read_cached_label, write_cached_label
 from crossmodal.labels import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -226,23 +224,17 @@ class PropagationCache:
         path = self.path(case_id, key)
         if path.is_file():
             try:
-                with np.load(path, allow_pickle=False) as stored:
-                    arr = stored["label"]
-                if arr.shape == tuple(target.shape):
-                    return torch.from_numpy(arr.astype(np.float32)).to(device=target.device, dtype=target.dtype), True
-                logger.warning(f"{case_id}: cached propagation {path} has shape {arr.shape}, not "
-                               f"{tuple(target.shape)}; propagating again")
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-                logger.warning(f"{case_id}: cached propagation {path} is unreadable ({e}); propagating again")
+                arr = read_cached_label(path, tuple(target.shape))
+                return torch.from_numpy(arr.astype(np.float32)).to(device=target.device, dtype=target.dtype), True
+            except ValueError as e:
+                logger.warning(f"{case_id}: cached propagation {path} {e}; propagating again")
         grown, _ = grow_checked(image, target, beta, threshold, max_voxels, min_heldout_accuracy, case_id)
         small = torch.int8 if int(grown.max()) < 128 else torch.int16  # IGNORE_INDEX -1 and the classes
         self._store(path, grown.detach().cpu().to(small).numpy())
         return grown, False
 
     def _store(self, path: Path, arr: np.ndarray) -> None:
-        buf = io.BytesIO()
-        np.savez_compressed(buf, label=arr)
-        atomic_write_bytes(path, buf.getvalue())
+        write_cached_label(path, arr)
         stem = path.name.split(".")[0]
         for old in self.folder.glob(f"{stem}.*.npz"):
             if old != path and len(old.name.split(".")) == 3:
