@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_phantom_studies
+from crossmodal.atlas import usable_cores
 from crossmodal.config import ConfigError, ConsistencyConfig, load_config, save_config
 from crossmodal.hybrid import (
     Augmentation,
@@ -30,7 +31,13 @@ from crossmodal.losses import (
 from crossmodal.nets import CrossModalNet, InputSelect, build_network
 from crossmodal.serving.app import AppParts
 from crossmodal.serving.offline import method_config, train_offline
-from crossmodal.serving.train import CrossModalTrain, PseudoLabelRounds, atlas_labels, stroke_transfer
+from crossmodal.serving.train import (
+    CrossModalTrain,
+    PseudoLabelRounds,
+    atlas_labels,
+    registration_workers,
+    stroke_transfer,
+)
 from crossmodal.transforms import PseudoLabeld, preprocessing
 from ignite.metrics import Metric
 from monai.handlers.utils import from_engine
@@ -368,7 +375,7 @@ def test_self_training_rounds_refine_and_supervise_every_unlabelled_case(tmp_pat
         load_config("phantom", overrides={"train": {"consistency": {"refine_interval": 0}}})
 
 
-def test_atlas_pseudo_labels_supervise_the_unlabelled_cases(tmp_path: Path, phantom_cfg, caplog):
+def test_atlas_pseudo_labels_supervise_the_unlabelled_cases(tmp_path: Path, phantom_cfg, caplog, monkeypatch):
     studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=5, dense=1, sparse=0, seed=34)
     cfg = method_config("phantom", "ours", {"train": {
         "patch_size": [32, 32, 32], "patches_per_case": 1, "batch_size": 2, "val_fraction": 0.0,
@@ -413,6 +420,16 @@ def test_atlas_pseudo_labels_supervise_the_unlabelled_cases(tmp_path: Path, phan
         assert f"s, {workers} case{'s' * (workers > 1)} x 1 at once (" in caplog.records[-1].getMessage()
     assert list(stores[0]) == list(stores[1]) == [first, Path(unlabelled[1]["image"]).name[: -len(".nii.gz")]]
     assert all(torch.equal(stores[0][c], stores[1][c]) for c in stores[0])
+    # data-parallel ranks on one machine share its cores: 4 cores, 2 ranks -> 2 registrations at once each
+    monkeypatch.setattr("crossmodal.serving.train.usable_cores", lambda: 4)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="crossmodal.serving.train"):
+        atlas_labels(load_config("phantom", overrides={"train": {"consistency": {"atlas_max_cases": 3}}}),
+                     unlabelled, dense, {}, processes=2)
+    assert "s, 2 cases x 1 at once (" in caplog.records[-1].getMessage()
+    assert [registration_workers(phantom_cfg, n) for n in (1, 2, 3, 8)] == [4, 2, 1, 1]
+    assert registration_workers(load_config("phantom", overrides={"train": {"consistency": {"atlas_workers": 3}}}),
+                                2) == 3  # set explicitly: per process
     with pytest.raises(ConfigError, match="atlas_min_agreement"):
         load_config("phantom", overrides={"train": {"consistency": {"atlas_min_agreement": 0}}})
     with pytest.raises(ConfigError, match="atlas_workers"):
@@ -505,12 +522,19 @@ def test_baseline_trains_on_labels_only(tmp_path: Path, phantom_cfg):
 
 
 @pytest.mark.timeout(600)
-def test_data_parallel_training_in_two_cpu_processes(tmp_path: Path, phantom_cfg):
+def test_data_parallel_training_in_two_cpu_processes(tmp_path: Path, phantom_cfg, capfd):
     studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=5, dense=2, sparse=0, seed=33)
-    stats = train_offline(str(studies), _bench_config(tmp_path, "ours"), str(tmp_path / "m"), epochs=1, device="cpu",
+    preset = load_config(_bench_config(tmp_path, "ours"), overrides={"train": {"consistency": {
+        "atlas_pseudo": True, "atlas_count": 1}}})
+    save_config(preset, tmp_path / "ours.yaml")
+    stats = train_offline(str(studies), str(tmp_path / "ours.yaml"), str(tmp_path / "m"), epochs=1, device="cpu",
                           network="crossmodal", processes=2)
     # each process gets half of every source: 3 unlabelled -> partitioned 2 + 2 (even), dense 1 + 1
     assert stats["epoch"] == 1 and stats["total_iterations"] == 2 and stats["rank"] == 0
+    # and half of this machine's cores for its atlas registrations (its 2 cases side by side only with 4 or more)
+    at_once = min(2, max(1, usable_cores() // 2))
+    logs = [line for line in capfd.readouterr().err.splitlines() if "atlas pseudo-labels of 2 of 2" in line]
+    assert len(logs) == 2 and all(f"{at_once} case{'s' * (at_once > 1)} x 1 at once" in line for line in logs), logs
     weights = torch.load(stats["published"], map_location="cpu")
     net = build_network(load_config(str(tmp_path / "ours.yaml")))
     net.load_state_dict(weights)  # strict: saved unwrapped from DistributedDataParallel

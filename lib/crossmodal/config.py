@@ -241,7 +241,8 @@ class ConsistencyConfig:
     cases and added where nothing was drawn and they agree (0: off); only from scratch, as ``atlas_pseudo``; for
     any network (a step on the labels, as ``train.propagate``).
     ``atlas_workers``: registrations of the atlas and of stroke transfer that run at once, each on one thread
-    (0: one per CPU core the process may use; cases side by side, and a case's atlases or other cases). The train
+    (0: one per CPU core the process may use, 1/N of them in each of N data-parallel processes; cases side by
+    side, and a case's atlases or other cases; a value set is per process). The train
     task keeps every warped label in ``<model_dir>/registrations`` (:class:`crossmodal.atlas.WarpCache`), so a later
     run from scratch registers only the pairs whose images or labels changed.
     ``pseudo_batch_size``: unlabelled cases a step (instead of ``unlabeled_batch_size``) in a run where they carry

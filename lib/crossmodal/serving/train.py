@@ -310,19 +310,26 @@ def labelled_case(d: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, np.nda
     return plain(d["image"]), plain(d["label"]), np.asarray(d["image"].affine, dtype=np.float64)
 
 
+def registration_workers(cfg: CrossModalConfig, processes: int = 1) -> int:
+    """Registrations one training process runs at once: ``train.consistency.atlas_workers``, or (0) its share of
+    the usable cores when ``processes`` train side by side on this machine (data-parallel ranks), at least 1."""
+    return cfg.train.consistency.atlas_workers or max(1, usable_cores() // max(1, processes))
+
+
 def atlas_labels(cfg: CrossModalConfig, unlabeled: list[dict[str, Any]], dense: list[dict[str, Any]],
-                 store: dict[str, torch.Tensor], cache_dir: str | os.PathLike[str] | None = None) -> None:
+                 store: dict[str, torch.Tensor], cache_dir: str | os.PathLike[str] | None = None,
+                 processes: int = 1) -> None:
     """Fill ``store`` (``{case_id: (1, H, W, D)}`` on the working grid) with atlas pseudo-labels of the first
     ``atlas_max_cases`` ``unlabeled`` items from the first ``atlas_count`` ``dense`` ones
     (:func:`crossmodal.atlas.atlas_pseudo_label`, ``train.consistency.atlas_*``; cases side by side; registrations
-    kept in ``cache_dir``, :class:`crossmodal.atlas.WarpCache`)."""
+    kept in ``cache_dir``, :class:`crossmodal.atlas.WarpCache`; :func:`registration_workers` at once)."""
     cc = cfg.train.consistency
     cache = WarpCache(cache_dir) if cache_dir is not None else None
     load = preprocessing(cfg, "val")
     start = time.perf_counter()
     atlases = [labelled_case(load(dict(item))) for item in dense[: cc.atlas_count]]
     items = unlabeled[: cc.atlas_max_cases]
-    at_once, each = split_workers(cc.atlas_workers or usable_cores(), len(items))
+    at_once, each = split_workers(registration_workers(cfg, processes), len(items))
 
     def pseudo(item: dict[str, Any]) -> tuple[str, torch.Tensor]:
         d = load(dict(item))
@@ -341,18 +348,18 @@ def atlas_labels(cfg: CrossModalConfig, unlabeled: list[dict[str, Any]], dense: 
 
 
 def stroke_transfer(cfg: CrossModalConfig, sparse: list[dict[str, Any]], store: dict[str, torch.Tensor],
-                    cache_dir: str | os.PathLike[str] | None = None) -> None:
+                    cache_dir: str | os.PathLike[str] | None = None, processes: int = 1) -> None:
     """Fill ``store`` (``{case_id: (1, H, W, D)}`` on the working grid) with the sparse labels of the first
     ``atlas_max_cases`` ``sparse`` items, each with the strokes of the next ``atlas_sparse`` items added
     (:func:`crossmodal.atlas.transfer_strokes`; cases side by side; registrations kept in ``cache_dir``,
-    :class:`crossmodal.atlas.WarpCache`)."""
+    :class:`crossmodal.atlas.WarpCache`; :func:`registration_workers` at once)."""
     cc = cfg.train.consistency
     cache = WarpCache(cache_dir) if cache_dir is not None else None
     load = preprocessing(cfg, "val")
     start = time.perf_counter()
     k = min(cc.atlas_sparse, len(sparse) - 1)
     targets = list(range(min(len(sparse), cc.atlas_max_cases) if k > 0 else 0))
-    at_once, each = split_workers(cc.atlas_workers or usable_cores(), len(targets))
+    at_once, each = split_workers(registration_workers(cfg, processes), len(targets))
 
     # case i reads cases i..i+k: each is read once (the last k wrap round) while at most at_once cases run
     @functools.lru_cache(maxsize=k + at_once)
@@ -576,6 +583,7 @@ class CrossModalTrain(BasicTrainTask):
         """One shuffling loader per source present (dense, sparse, unlabelled), stepped together."""
         loaders, caps = {}, {}
         labeled_sources = [k for k in (DENSE, SPARSE) if any(d["label_kind"] == k for d in context.train_datalist)]
+        ranks = context.world_size if context.multi_gpu else 1  # processes registering side by side here
         for source in SOURCES:
             items = [d for d in context.train_datalist if d["label_kind"] == source]
             if not items:
@@ -597,7 +605,7 @@ class CrossModalTrain(BasicTrainTask):
                     store = {}
                     if atlas:
                         atlas_labels(self.cfg, items, [d for d in context.train_datalist if d["label_kind"] == DENSE],
-                                     store, os.path.join(self._model_dir, "registrations"))
+                                     store, os.path.join(self._model_dir, "registrations"), ranks)
                     if cons.refine_pseudo:
                         self._pseudo_rounds = PseudoLabelRounds(self.cfg, items, store)
                 transforms = preprocessing(self.cfg, "unlabeled", pseudo_labels=store)
@@ -615,7 +623,8 @@ class CrossModalTrain(BasicTrainTask):
                                     "(train.consistency.atlas_on_finetune)")
                     else:
                         store = {}
-                        stroke_transfer(self.cfg, items, store, os.path.join(self._model_dir, "registrations"))
+                        stroke_transfer(self.cfg, items, store, os.path.join(self._model_dir, "registrations"),
+                                        ranks)
                 transforms = self.train_pre_transforms(context, labels=store)
                 batch = max(1, int(context.train_batch_size) // max(1, len(labeled_sources)))
                 walked = False
