@@ -12,7 +12,7 @@ PRE := apps/crossmodal/pretrained
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: install install-system data run pacs test lint bench-infer bench-quality bench-mirror bench-propagate bench-refine bench-pool bench-transfer bench-demo-train bench-ohif simulate weights weights-phantom weights-brain clean
+.PHONY: install install-system data run pacs test lint bench-infer bench-quality bench-mirror bench-propagate bench-refine bench-pool bench-transfer bench-scribble-gap bench-demo-train bench-ohif simulate weights weights-phantom weights-brain clean
 
 install: install-system $(STAMP)
 
@@ -95,6 +95,11 @@ bench-propagate: install
 # Registrations before training (stroke transfer, atlas pseudo-labels) on the brain: one at a time vs side by side.
 bench-transfer: install $(SPM)
 	$(BIN)/python bench/transfer.py $(if $(QUICK),--quick,)
+
+# Where ours from scribbles loses to ours from dense (brain, seed 0): accuracy on / off class edges, volumes, and the
+# most per-class logit offsets could give back.
+bench-scribble-gap: install $(SPM)
+	$(BIN)/python bench/scribble_gap.py
 
 # Scoring pools of 100-800 unlabelled phantom cases: scores stored per case (before) vs batched, one run.
 bench-pool: install
