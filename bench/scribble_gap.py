@@ -34,6 +34,7 @@ from benchutil import results_dir  # noqa: E402
 from crossmodal.config import CrossModalConfig, atomic_write_text, load_config  # noqa: E402
 from crossmodal.inference import NetworkInferer  # noqa: E402
 from crossmodal.nets import build_network  # noqa: E402
+from crossmodal.serving.offline import dice_per_class  # noqa: E402
 from crossmodal.transforms import preprocessing  # noqa: E402
 
 REGIMES = ("dense", "scribbles")
@@ -66,13 +67,9 @@ def boundary(truth: np.ndarray) -> np.ndarray:
 
 
 def mean_dice(cases: list[tuple[np.ndarray, np.ndarray]], offsets: np.ndarray) -> float:
-    """Mean foreground Dice over the cases of argmax(logits + offsets)."""
-    per_case = []
-    for logits, truth in cases:
-        pred = (logits + offsets[:, None, None, None]).argmax(0)
-        per_case.append(np.mean([2 * np.sum((pred == c) & (truth == c)) / max(1, np.sum(pred == c) + np.sum(truth == c))
-                                 for c in range(1, len(offsets))]))
-    return float(np.mean(per_case))
+    """Mean over the cases of the mean foreground Dice of argmax(logits + offsets), as ``crossmodal evaluate``."""
+    return float(np.mean([np.nanmean(dice_per_class((logits + offsets[:, None, None, None]).argmax(0), truth,
+                                                    len(offsets))) for logits, truth in cases]))
 
 
 def analyse(cases: list[tuple[np.ndarray, np.ndarray]], names: list[str]) -> dict:
