@@ -40,7 +40,7 @@ from crossmodal.transforms import preprocessing  # noqa: E402
 REGIMES = ("dense", "scribbles")
 
 
-def test_logits(cfg: CrossModalConfig, model: Path, test: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+def logits_of_test_cases(cfg: CrossModalConfig, model: Path, test: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     """(fused logits (C, H, W, D), truth (H, W, D)) of every test case, on the working grid."""
     net = build_network(cfg)
     ckpt = torch.load(model, map_location="cpu", weights_only=True)
@@ -123,7 +123,7 @@ def main() -> None:
                 quality.run(root, args.dataset, spec, "ours", regime, 0.0, seed, pool, test)
                 tag = f"{args.dataset}_ours_{regime}_0mm_s{seed}"
                 run_cfg = load_config(str(root / "configs" / f"{tag}.yaml"))
-                cases = test_logits(run_cfg, root / "models" / tag / f"{run_cfg.name}_crossmodal.pt", test)
+                cases = logits_of_test_cases(run_cfg, root / "models" / tag / f"{run_cfg.name}_crossmodal.pt", test)
                 row[regime] = analyse(cases, names)
                 if regime == "scribbles":
                     offsets, dice = best_offsets(cases, len(names))
