@@ -12,7 +12,7 @@ PRE := apps/crossmodal/pretrained
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: install install-system data run pacs test lint bench-infer bench-quality bench-mirror bench-propagate bench-refine bench-pool bench-transfer bench-scribble-gap bench-demo-train bench-ohif simulate weights weights-phantom weights-brain clean
+.PHONY: install install-system data run pacs test lint bench-infer bench-quality bench-mirror bench-propagate bench-refine bench-pool bench-transfer bench-scribble-gap bench-incomplete bench-demo-train bench-ohif simulate weights weights-phantom weights-brain clean
 
 install: install-system $(STAMP)
 
@@ -100,6 +100,11 @@ bench-transfer: install $(SPM)
 # most per-class logit offsets could give back.
 bench-scribble-gap: install $(SPM)
 	$(BIN)/python bench/scribble_gap.py
+
+# Training on cases without a secondary modality's file: left out of their fusion vs zeros read as an image (the
+# baseline) vs those cases left out of training; phantom (PET) and brain (PD), 5 seeds.
+bench-incomplete: install $(SPM)
+	$(BIN)/python bench/incomplete.py $(if $(QUICK),--quick,)
 
 # Scoring pools of 100-800 unlabelled phantom cases: scores stored per case (before) vs batched, one run.
 bench-pool: install

@@ -205,6 +205,32 @@ def test_phantom_cli_cycles_variants_by_case_index_and_rejects_unknown_ones(tmp_
     assert "other_mr_weighting" in bad.stderr and not (tmp_path / "q").exists()
 
 
+def test_offline_commands_on_cases_without_a_modality(tmp_path: Path, phantom_cfg, capsys):
+    """A held-out case whose PET file is gone: `evaluate` stops naming it and what to do; with `--missing-modality
+    zero_fill` it is segmented as the same case with its PET left out (`--drop pet`), and `train` with the option
+    trains and evaluates."""
+    from conftest import PRETRAINED_PHANTOM
+    from crossmodal.cli import main
+
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=4, dense=1, sparse=1, seed=21)
+    model = PRETRAINED_PHANTOM.with_name("phantom_crossmodal.pt")
+    base = ["evaluate", "--studies", str(studies), "--config", "phantom", "--model", str(model)]
+    assert main([*base, "--drop", "pet", "--out", str(tmp_path / "dropped.json")]) == 0
+    (studies / "modalities" / "phantom003" / "pet.nii.gz").unlink()
+    capsys.readouterr()
+    assert main(base) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "crossmodal: error: case 'phantom003': modality 'pet' is missing: expected <studies>/modalities/phantom003/"
+        "pet.nii.gz (or .nii/.nrrd); add it, or use the case without it (missing_modality zero_fill)")
+    assert main([*base, "--missing-modality", "zero_fill", "--out", str(tmp_path / "filled.json")]) == 0
+    dropped, filled = (json.loads((tmp_path / f).read_text())["per_case"] for f in ("dropped.json", "filled.json"))
+    assert [r["case"] for r in filled] == ["phantom002", "phantom003"]
+    assert filled[1]["dice"] == dropped[1]["dice"] and filled[1]["dice_mean"] > 0.5
+    assert main(["train", "--studies", str(studies), "--config", "phantom", "--model-dir", str(tmp_path / "m"),
+                 "--epochs", "1", "--network", "crossmodal", "--missing-modality", "zero_fill"]) == 0
+    assert "test cases: 2, mean Dice" in capsys.readouterr().out
+
+
 def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg):
     """`crossmodal evaluate` and `crossmodal train` on an nnU-Net v2 raw dataset, with the committed weights."""
     from conftest import PRETRAINED_PHANTOM

@@ -18,6 +18,7 @@ from crossmodal.hybrid import (
     MultiSourceLoader,
     copy_paste,
     hybrid_batch,
+    sample_available,
     sample_present,
 )
 from crossmodal.labels import IGNORE_INDEX
@@ -27,8 +28,9 @@ from crossmodal.losses import (
     InterModalConsistencyLoss,
     SupervisedLoss,
     sigmoid_rampup,
+    soft_dice_distance,
 )
-from crossmodal.nets import CrossModalNet, InputSelect, build_network
+from crossmodal.nets import CrossModalNet, CrossModalOutput, InputSelect, build_network
 from crossmodal.serving.app import AppParts
 from crossmodal.serving.offline import method_config, train_offline
 from crossmodal.serving.train import (
@@ -161,6 +163,64 @@ def test_copies_lose_modalities_and_learn_from_the_full_prediction():
     assert float(out.fused.grad[:2].abs().max()) == 0.0 and float(out.fused.grad[2:].abs().max()) > 0
 
 
+def test_an_absent_modality_takes_no_part_in_its_samples_terms():
+    """A sample whose case has no PET file: its PET head and descriptors are left out of the supervised, the
+    inter-modal (both modes) and the channel terms; what its (zero-filled) PET head says changes nothing."""
+    torch.manual_seed(1)
+    fused = torch.randn(2, 3, 4, 4, 4)
+    heads = {"ct": torch.randn(2, 3, 4, 4, 4), "pet": torch.randn(2, 3, 4, 4, 4)}
+    other = {"ct": heads["ct"], "pet": heads["pet"].clone()}
+    other["pet"][1] = -50 * torch.randn(3, 4, 4, 4)  # sample 1 has no PET: its head may say anything
+    present = {"ct": torch.tensor([True, True]), "pet": torch.tensor([True, False])}
+    target = torch.randint(0, 3, (2, 1, 4, 4, 4))
+    for mode in ("dice", "pseudo"):
+        loss = InterModalConsistencyLoss(mode, threshold=0.0)
+        a, b = loss(fused, heads, present), loss(fused, other, present)
+        assert torch.allclose(a, b) and not torch.allclose(loss(fused, heads), loss(fused, other))
+    # by hand, dice mode: the PET head's term on sample 0 alone, the CT head's on both
+    soft = InterModalConsistencyLoss("dice")(fused, heads, present)
+    pf = torch.softmax(fused, 1)
+    want = (soft_dice_distance(torch.softmax(heads["ct"], 1), pf)
+            + soft_dice_distance(torch.softmax(heads["pet"][:1], 1), pf[:1])) / 2
+    assert torch.allclose(soft, want)
+    out = CrossModalOutput(fused=fused, per_modality=heads, independent={})
+    sup = SupervisedLoss(aux_weight=1.0)
+    assert torch.allclose(sup(out, target, present), sup(CrossModalOutput(fused, other, {}), target, present))
+    base = sup.base
+    assert torch.allclose(sup(out, target, present), base(fused, target) + (
+        base(heads["ct"], target) + base(heads["pet"][:1], target[:1])) / 2)
+    desc = {"ct": [torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])],
+            "pet": [torch.tensor([[2.0, 4.0, 6.0], [3.0, 2.0, 1.0]])]}  # sample 1's PET reversed: ignored
+    assert ChannelConsistencyLoss()(desc, present).item() == pytest.approx(0.0, abs=1e-6)
+    assert ChannelConsistencyLoss()(desc).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_copies_keep_only_what_their_case_has_and_fall_back_to_it():
+    """Consistency copies of a case without PET never get PET back; the network's per-batch modality dropout
+    never leaves a sample with only an absent modality: the fused output ignores what the absent channel holds."""
+    gen = torch.Generator().manual_seed(2)
+    has = torch.tensor([[True, True, True], [True, False, True]])
+    x, y, n_lab, n_plain, aug = hybrid_batch([], [torch.randn(2, 3, 16, 16, 16)], gen, modality_dropout=1.0,
+                                             present=has)
+    for _ in range(20):
+        _, _, _, _, aug = hybrid_batch([], [x[:2]], gen, modality_dropout=1.0, present=has)
+        assert aug.present.any(1).all() and not aug.present[1, 1] and not aug.present[0].all()
+    mask, avail = sample_present(n_plain, aug, has), sample_available(n_plain, aug, has)
+    assert mask[:2].tolist() == has.tolist() and avail.tolist() == torch.cat([has, has]).tolist()
+    assert sample_present(2, None, torch.ones(2, 3, dtype=torch.bool)) is None
+    net = CrossModalNet(["ct", "pet", "mr"], num_classes=3, channels=(8, 16), strides=(2,), dropout=0.0,
+                        modality_dropout=0.9).train()
+    row = torch.tensor([[True, False, False]])  # a copy of the PET-less case that kept CT alone
+    noisy = x[1:2].clone()
+    noisy[:, 1] = 40 * torch.randn(16, 16, 16)
+    for seed in range(12):  # the batch drops CT (and so all the copy had) now and then: never PET instead
+        torch.manual_seed(seed)
+        a = net(x[1:2], sample_present=row, available=has[1:]).fused
+        torch.manual_seed(seed)
+        b = net(noisy, sample_present=row, available=has[1:]).fused
+        assert torch.equal(a, b), seed
+
+
 def test_copy_paste_swaps_one_cuboid_both_ways_with_its_targets():
     """BCP: a cuboid of 2/3 of each side (here 4 of 6) moves between the dense and the unlabelled case, image and
     target together; the pseudo-label's unconfident voxels stay ignored in the mixed targets."""
@@ -277,6 +337,55 @@ def test_train_task_learns_from_dense_sparse_and_unlabelled_cases(tmp_path: Path
     walked = train_offline(str(studies), str(tmp_path / "capped.yaml"), str(tmp_path / "m"), epochs=2, device="cpu",
                            network="crossmodal")
     assert walked["total_iterations"] == 3 and walked["current_iteration"] == 6  # 3 of the 4 unlabelled an epoch
+
+
+def test_cases_without_a_modality_train_with_it_left_out(tmp_path: Path, phantom_cfg, monkeypatch, caplog):
+    """Under missing_modality zero_fill, training cases (dense, held out, unlabelled) without their PET file train
+    and validate with PET left out of their fusion, heads and consistency terms: the run is the same, weights and
+    validation, whatever their absent channel holds (zeros, or noise). By default such a case stops the run."""
+    import crossmodal.transforms as transforms
+    from crossmodal.io import user_error_in
+    from monai.utils import set_determinism
+
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=6, dense=2, sparse=1, seed=31)
+    for case in ("phantom000", "phantom001", "phantom003"):  # both dense cases (one is held out), one unlabelled
+        for f in (studies / "modalities" / case).glob("pet.*"):
+            f.unlink()
+    cfg = method_config("phantom", "ours", {"train": {
+        "patch_size": [32, 32, 32], "patches_per_case": 1, "batch_size": 2, "val_fraction": 0.5,
+        "consistency": {"copy_paste_start": 2, "pseudo_threshold": 0.3}}})
+    save_config(cfg, tmp_path / "ours.yaml")
+
+    def run(name: str) -> dict:
+        set_determinism(0)
+        return train_offline(str(studies), str(tmp_path / "ours.yaml"), str(tmp_path / name), epochs=3,
+                             device="cpu", network="crossmodal", missing_modality="zero_fill")
+
+    with caplog.at_level(logging.INFO):
+        zeros = run("zeros")
+    assert ("3 of 6 training cases lack a modality (phantom000: pet; phantom001: pet; phantom003: pet)"
+            in caplog.text)
+    load_case, noise = transforms.load_case, torch.Generator().manual_seed(9)
+
+    def noisy(case, cfg, missing=None, drop=()):
+        image, used = load_case(case, cfg, missing, drop)
+        for i, name in enumerate(cfg.modality_names):
+            if name not in used:
+                image.as_tensor()[i] = 3 * torch.randn(image.shape[1:], generator=noise)
+        return image, used
+
+    monkeypatch.setattr(transforms, "load_case", noisy)
+    noised = run("noise")
+    assert zeros["best_metric"] == noised["best_metric"] and zeros["best_metric"] > 0  # validated without PET
+    assert zeros["train"]["metrics"] == noised["train"]["metrics"] and zeros["train"]["metrics"]["loss_channel"] > 0
+    a, b = (torch.load(r["published"], map_location="cpu") for r in (zeros, noised))
+    assert a.keys() == b.keys() and all(torch.equal(v, b[k]) for k, v in a.items())
+    monkeypatch.setattr(transforms, "load_case", load_case)
+    with pytest.raises(Exception) as e:
+        train_offline(str(studies), str(tmp_path / "ours.yaml"), str(tmp_path / "error"), epochs=1, device="cpu",
+                      network="crossmodal")
+    found = str(user_error_in(e.value))
+    assert "modality 'pet' is missing" in found and "(missing_modality zero_fill)" in found, found
 
 
 class _FallingScore(Metric):

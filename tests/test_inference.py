@@ -64,6 +64,28 @@ def test_predict_and_inferer_for_both_networks():
             assert sorted(out) == ["fused"]
 
 
+def test_inferer_takes_each_cases_modalities_per_call():
+    """A training run's validation batch carries each case's modalities: the same output as an inferer made for
+    them, case by case when they differ; a modality absent from a case is never read."""
+    cfg = load_config("phantom")
+    torch.manual_seed(0)
+    net = build_network(cfg).eval()
+    x = torch.randn(2, 3, 32, 32, 32)
+    rows = torch.tensor([[True, False, True], [True, True, True]])
+    with torch.no_grad():
+        both = NetworkInferer(cfg.infer, fused_only=True)(x, net, present=rows)
+        first = NetworkInferer(cfg.infer, fused_only=True, present=[True, False, True])(x[:1], net)
+        second = NetworkInferer(cfg.infer, fused_only=True)(x[1:], net)
+        assert torch.equal(both, torch.cat([first, second]))
+        noisy = x.clone()
+        noisy[0, 1] = torch.randn(32, 32, 32) * 5  # the absent PET of case 0: whatever it holds
+        assert torch.equal(NetworkInferer(cfg.infer, fused_only=True)(noisy, net, present=rows), both)
+        heads = NetworkInferer(cfg.infer)(x[:1], net, present=rows[:1])
+        assert sorted(heads) == ["ct", "fused", "mr"] and torch.equal(heads["fused"], first)
+        same = NetworkInferer(cfg.infer, fused_only=True)(x, net, present=torch.ones(2, 3, dtype=torch.bool))
+        assert torch.equal(same, NetworkInferer(cfg.infer, fused_only=True)(x, net))
+
+
 @pytest.mark.parametrize("fused_only", [True, False])
 def test_single_window_matches_monai_sliding_window(fused_only: bool):
     from monai.inferers import SlidingWindowInferer

@@ -78,8 +78,33 @@ def test_missing_modality_policy(phantom_studies: Path, phantom_cfg):
     with pytest.raises(CaseError) as e:
         load_case(case, phantom_cfg)
     assert "case 'phantom001'" in str(e.value) and "modality 'pet' is missing" in str(e.value)
+    assert str(e.value).endswith("add it, or use the case without it (missing_modality zero_fill)")
     image, used = load_case(case, phantom_cfg, missing="zero_fill")
     assert used == ["ct", "mr"] and float(image[1].abs().max()) == 0.0
+    d = LoadCased(phantom_cfg, missing="zero_fill")({"image": str(phantom_studies / "phantom001.nii.gz")})
+    assert d["present"].tolist() == [True, False, True] and d["modalities_used"] == ["ct", "mr"]
+
+
+def test_cases_with_and_without_a_modality_share_a_training_batch(phantom_studies: Path):
+    """A training or validation batch may hold a case without its PET beside complete ones: it collates, and its
+    ``present`` rows say which case has what (what only an infer response reports is dropped)."""
+    from crossmodal.config import load_config
+    from crossmodal.transforms import preprocessing
+    from monai.data import DataLoader, Dataset
+
+    (phantom_studies / "modalities" / "phantom001" / "pet.nii.gz").unlink()
+    cfg = load_config("phantom", overrides={"infer": {"missing_modality": "zero_fill"},
+                                            "train": {"patches_per_case": 1}})
+    items = [{"image": str(phantom_studies / f"phantom00{i}.nii.gz")} for i in (0, 1, 2)]
+    for stage in ("unlabeled", "val"):
+        batch = next(iter(DataLoader(Dataset(items, preprocessing(cfg, stage)), batch_size=3)))
+        assert batch["present"].tolist() == [[True, True, True], [True, False, True], [True, True, True]], stage
+        assert list(batch["case_id"]) == ["phantom000", "phantom001", "phantom002"]
+        assert "modalities_used" not in batch and "registered_mm" not in batch["image"].meta
+        pet = batch["image"][1, 1]  # zeros (augmented: one shifted value), marked absent
+        assert float(pet.max() - pet.min()) == 0.0 and (stage != "val" or float(pet.abs().max()) == 0.0)
+    infer = preprocessing(cfg, "infer")(dict(items[1]))
+    assert infer["modalities_used"] == ["ct", "mr"] and set(infer["image"].meta["registered_mm"]) == {"mr"}
 
 
 def test_bad_files_name_case_file_and_problem(tmp_path: Path):

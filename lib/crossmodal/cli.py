@@ -304,7 +304,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     network = args.network or (load_config(resolved).model.name if args.method else None)
     stats = train_offline(studies, resolved, args.model_dir, args.epochs, args.device, publish=args.publish,
                           pretrained=args.pretrained, network=network, use_unlabeled=not args.no_unlabeled,
-                          processes=args.processes, dataset=args.dataset, publish_mode=args.publish_mode)
+                          processes=args.processes, dataset=args.dataset, publish_mode=args.publish_mode,
+                          missing_modality=args.missing_modality)
     print(json.dumps(stats, indent=2, default=str))
     if stats.get("start_metric") is not None:  # a fine-tuning with held-out labels (--publish-mode if_better)
         outcome = (f"no epoch beat it, so that model stays (published: {stats['published']})"
@@ -313,7 +314,8 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"best {stats['best_metric']:.4f}: {outcome}")
     if held_out_cases(studies):  # held-out test cases (truth, no final label): Dice and HD95 per case
         out = str(Path(args.model_dir) / "evaluation.json")
-        summary = evaluate(studies, resolved, stats["published"], args.device, out, network)
+        summary = evaluate(studies, resolved, stats["published"], args.device, out, network,
+                           missing_modality=args.missing_modality)
         print(f"test cases: {summary['cases']}, mean Dice {summary['dice_mean']:.4f}, "
               f"mean HD95 {summary['hd95_mean']:.2f} mm -> {out}")
     return 0
@@ -331,7 +333,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         resolved = _method_preset(preset, args.method, tempfile.mkdtemp(prefix="crossmodal-method-"))
     network = args.network or (load_config(resolved).model.name if args.method else None)
     mirror = None if args.mirror_axes is None else parse_mirror_axes(args.mirror_axes, "--mirror-axes")
-    summary = evaluate(studies, resolved, args.model, args.device, args.out, network, tuple(args.drop), mirror)
+    summary = evaluate(studies, resolved, args.model, args.device, args.out, network, tuple(args.drop), mirror,
+                       args.missing_modality)
     for r in summary["per_case"]:
         print(json.dumps(r))
     print(json.dumps({k: v for k, v in summary.items() if k != "per_case"}, indent=2))
@@ -427,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--network", help="network name (default: the preset's model.name)")
     q.add_argument("--method", help="ours | baseline_unet | single_<modality> (applied to the preset)")
     q.add_argument("--no-unlabeled", action="store_true", help="leave the unlabelled cases out")
+    q.add_argument("--missing-modality", choices=("error", "zero_fill"),
+                   help="a case without a secondary modality's file: stop with an error naming it (the preset's "
+                        "default), or train on it (and evaluate it) with that modality left out (zero_fill)")
     q.add_argument("--processes", type=int, default=1, help="data-parallel processes (gloo on CPU, NCCL on GPUs)")
     q.add_argument("--dataset", default="CacheDataset", choices=("CacheDataset", "Dataset"),
                    help="CacheDataset keeps every preprocessed labelled case in memory (faster epochs); Dataset "
@@ -473,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--network", help="network name (default: the preset's model.name)")
     q.add_argument("--method", help="ours | baseline_unet | single_<modality>, as the model was trained")
     q.add_argument("--drop", nargs="*", default=[], help="modalities to segment without (missing at test time)")
+    q.add_argument("--missing-modality", choices=("error", "zero_fill"),
+                   help="a case without a secondary modality's file: an error naming it (the preset's default), or "
+                        "segment it with what it has (zero_fill)")
     q.add_argument("--mirror-axes", help="test-time mirroring along these spatial axes, e.g. 0,1,2 (8 passes); "
                                          "none: one pass (default: the preset's infer.mirror_axes)")
     q.set_defaults(func=cmd_evaluate)

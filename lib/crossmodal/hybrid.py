@@ -8,6 +8,9 @@ copy that may also have lost modalities, flipped back, vs the plain prediction a
 semantic consistency (pooled modality-independent channels). With dense and unlabelled cases in a step, the
 two also swap a cuboid (:func:`copy_paste`; targets from the truth and an :class:`EMATeacher`'s pseudo-labels),
 and the mixes join the labelled part.
+A case whose file of a secondary modality is absent (``infer.missing_modality: zero_fill``) trains with that
+modality left out of its fusion (``present`` masks, (B, M) bool): its zero-filled channel is never read as an image,
+and the terms of that modality's head and descriptors skip it.
 One forward and one backward per step also keeps DistributedDataParallel happy.
 """
 
@@ -26,6 +29,7 @@ from crossmodal.losses import (
     AugmentationConsistencyLoss,
     ChannelConsistencyLoss,
     InterModalConsistencyLoss,
+    Presence,
     SupervisedLoss,
     sigmoid_rampup,
 )
@@ -93,21 +97,28 @@ class HybridLoss(nn.Module):
         self.channel = ChannelConsistencyLoss()
 
     def forward(self, out: CrossModalOutput | torch.Tensor, target: torch.Tensor | None, n_labeled: int,
-                n_plain: int, aug: Augmentation | None, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+                n_plain: int, aug: Augmentation | None, step: int, present: Presence | None = None
+                ) -> tuple[torch.Tensor, dict[str, float]]:
         """``out`` covers ``[labelled (n_labeled), unlabelled (n_plain - n_labeled), augmented copies of the
-        unlabelled part (the rest)]``; ``target`` (n_labeled, 1, H, W, D) with ``IGNORE_INDEX`` off the annotation."""
+        unlabelled part (the rest)]``; ``target`` (n_labeled, 1, H, W, D) with ``IGNORE_INDEX`` off the annotation;
+        ``present`` {modality: (>= n_plain,) bool}: the samples that have it (None: all have every modality)."""
         fused = out if isinstance(out, torch.Tensor) else out.fused
         parts: dict[str, torch.Tensor] = {}
         zero = fused.sum() * 0.0
-        parts["supervised"] = self.supervised(take(out, 0, n_labeled), target) if n_labeled and target is not None \
-            else zero
+
+        def first(n: int) -> Presence | None:
+            return None if present is None else {k: v[:n] for k, v in present.items()}
+
+        parts["supervised"] = self.supervised(take(out, 0, n_labeled), target, first(n_labeled)) \
+            if n_labeled and target is not None else zero
         ramp = sigmoid_rampup(step, self.cfg.rampup_iterations)
         total = parts["supervised"]
         if isinstance(out, CrossModalOutput) and self.cfg.active:
             plain = take(out, 0, n_plain)
             assert isinstance(plain, CrossModalOutput)
-            parts["inter"] = self.inter(plain.fused, plain.per_modality) if self.cfg.inter_weight else zero
-            parts["channel"] = self.channel(plain.independent) if self.cfg.channel_weight else zero
+            parts["inter"] = self.inter(plain.fused, plain.per_modality, first(n_plain)) if self.cfg.inter_weight \
+                else zero
+            parts["channel"] = self.channel(plain.independent, first(n_plain)) if self.cfg.channel_weight else zero
             n_aug = fused.shape[0] - n_plain
             if aug is not None and n_aug > 0 and self.cfg.intra_weight:  # the plain prediction is the target
                 parts["intra"] = self.intra(fused[n_plain - n_aug : n_plain].detach(), aug.invert(fused[n_plain:]))
@@ -121,7 +132,8 @@ class HybridLoss(nn.Module):
 
 
 def hybrid_batch(labeled: list[tuple[torch.Tensor, torch.Tensor]], unlabeled: list[torch.Tensor],
-                 generator: torch.Generator | None = None, augment: bool = True, modality_dropout: float = 0.0
+                 generator: torch.Generator | None = None, augment: bool = True, modality_dropout: float = 0.0,
+                 present: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None, int, int, Augmentation | None]:
     """Stack one step's inputs: ``(x, target, n_labeled, n_plain, aug)`` for :class:`HybridLoss`.
 
@@ -129,6 +141,8 @@ def hybrid_batch(labeled: list[tuple[torch.Tensor, torch.Tensor]], unlabeled: li
     unlabelled batch the last labelled sample is the one augmented (intra-modal consistency still applies).
     ``augment=False`` (a plain network, supervised only): no augmented copies, ``aug`` is None.
     ``modality_dropout``: see :meth:`Augmentation.sample`; the network then takes :func:`sample_present`.
+    ``present`` (n_plain, M) bool: the modalities the plain samples have; a copy keeps only what its case has
+    (a dropout that would leave it nothing leaves it its case's own).
     """
     xs = [x for x, _ in labeled]
     ys = [y for _, y in labeled]
@@ -143,17 +157,51 @@ def hybrid_batch(labeled: list[tuple[torch.Tensor, torch.Tensor]], unlabeled: li
     source = plain[len(plain) - n_source :]
     aug = Augmentation.sample(len(source), plain.device, generator, modalities=plain.shape[1],
                               modality_dropout=modality_dropout)
+    if present is not None:
+        own = present[len(plain) - n_source :].to(torch.bool).cpu()
+        kept = own & aug.present
+        aug.present = torch.where(kept.any(1, keepdim=True), kept, own)
     x = torch.cat([plain, aug.apply(source)])
     return x, target, n_labeled, len(plain), aug
 
 
-def sample_present(n_plain: int, aug: Augmentation | None) -> torch.Tensor | None:
-    """(B, M) modality mask of a :func:`hybrid_batch` batch (plain samples: every modality), or None when no copy
-    lost a modality (the network's ordinary fusion)."""
-    if aug is None or aug.present is None or bool(aug.present.all()):
+def sample_present(n_plain: int, aug: Augmentation | None, present: torch.Tensor | None = None
+                   ) -> torch.Tensor | None:
+    """(B, M) modality mask of a :func:`hybrid_batch` batch: ``present`` (n_plain, M) for the plain samples (None:
+    every modality), ``aug.present`` for the copies; None when every sample has every modality (the network's
+    ordinary fusion).
+
+    Example:
+        >>> sample_present(2, None, torch.tensor([[True, True], [True, False]])).tolist()
+        [[True, True], [True, False]]
+        >>> sample_present(2, None, torch.ones(2, 2, dtype=torch.bool)) is None
+        True
+    """
+    parts = []
+    if present is not None:
+        parts.append(present.to(torch.bool).cpu())
+    if aug is not None and aug.present is not None:
+        parts = parts or [torch.ones(n_plain, aug.present.shape[1], dtype=torch.bool)]
+        parts.append(aug.present)
+    if not parts or bool(torch.cat(parts).all()):
         return None
-    full = torch.ones(n_plain, aug.present.shape[1], dtype=torch.bool)
-    return torch.cat([full, aug.present])
+    return torch.cat(parts)
+
+
+def sample_available(n_plain: int, aug: Augmentation | None, present: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, M) bool: the modalities the case of each sample of a :func:`hybrid_batch` batch has (a copy: its
+    source's), for the network's ``available``; None when ``present`` is (every case has every modality).
+
+    Example:
+        >>> aug = Augmentation((2,), torch.ones(1, 1, 1, 1, 1), torch.zeros(1, 1, 1, 1, 1), None)
+        >>> sample_available(2, aug, torch.tensor([[True, True], [True, False]])).tolist()
+        [[True, True], [True, False], [True, False]]
+    """
+    if present is None:
+        return None
+    present = present.to(torch.bool).cpu()
+    n_aug = len(aug.scale) if aug is not None else 0
+    return torch.cat([present, present[n_plain - n_aug :]]) if n_aug else present
 
 
 def copy_paste(x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor, pseudo: torch.Tensor,
@@ -204,9 +252,10 @@ class EMATeacher:
             t.copy_(s)
 
     @torch.no_grad()
-    def pseudo_label(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
-        """(n, M, ...) images -> (n, 1, ...) argmax of the fused softmax, ``IGNORE_INDEX`` below ``threshold``."""
-        out = self.model(x)
+    def pseudo_label(self, x: torch.Tensor, threshold: float, present: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, M, ...) images -> (n, 1, ...) argmax of the fused softmax, ``IGNORE_INDEX`` below ``threshold``;
+        ``present`` (n, M) bool: each sample's modalities (None: all)."""
+        out = self.model(x) if present is None or bool(present.all()) else self.model(x, sample_present=present)
         fused = out if isinstance(out, torch.Tensor) else out.fused
         conf, label = torch.softmax(fused, 1).max(1, keepdim=True)
         return label.masked_fill(conf < threshold, IGNORE_INDEX)

@@ -51,28 +51,45 @@ class NetworkInferer(Inferer):
         self.window = SlidingWindowInferer(roi_size=tuple(roi_size or cfg.roi_size), sw_batch_size=cfg.sw_batch_size,
                                            overlap=cfg.overlap, mode="gaussian")
 
-    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs):  # type: ignore[override]
-        """inputs (B, M, H, W, D) -> {"fused": (B, N, H, W, D), ...} or, with ``fused_only``, the fused logits."""
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args,  # type: ignore[override]
+                 present: torch.Tensor | None = None, **kwargs):
+        """inputs (B, M, H, W, D) -> {"fused": (B, N, H, W, D), ...} or, with ``fused_only``, the fused logits.
+
+        ``present`` (B, M) bool: each case's modalities for this call (a training run's validation cases), instead
+        of the inferer's own; cases with different ones run one at a time."""
+        if present is None:
+            return self._run(inputs, network, self.present)
+        rows = present.to(torch.bool).cpu()
+        if bool((rows == rows[0]).all()):
+            return self._run(inputs, network, None if bool(rows[0].all()) else rows[0].tolist())
+        outs = [self._run(inputs[i : i + 1], network, rows[i].tolist()) for i in range(len(rows))]
+        if isinstance(outs[0], dict):
+            return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+        return torch.cat(outs)
+
+    def _run(self, inputs: torch.Tensor, network: nn.Module, present: Sequence[bool] | None
+             ) -> dict[str, torch.Tensor] | torch.Tensor:
         if not self.mirror_axes:
-            return self._once(inputs, network)
+            return self._once(inputs, network, present)
         total: dict[str, torch.Tensor] = {}
         combos = [c for n in range(len(self.mirror_axes) + 1) for c in itertools.combinations(self.mirror_axes, n)]
         for combo in combos:
             dims = [2 + a for a in combo]
-            out = self._once(torch.flip(inputs, dims) if dims else inputs, network)
+            out = self._once(torch.flip(inputs, dims) if dims else inputs, network, present)
             for key, logits in (out.items() if isinstance(out, dict) else [("fused", out)]):
                 prob = torch.softmax(torch.flip(logits, dims) if dims else logits, 1)
                 total[key] = prob if key not in total else total[key] + prob
         mean = {k: (v / len(combos)).clamp_min(1e-8).log() for k, v in total.items()}
         return mean["fused"] if self.fused_only else mean
 
-    def _once(self, inputs: torch.Tensor, network: nn.Module) -> dict[str, torch.Tensor] | torch.Tensor:
+    def _once(self, inputs: torch.Tensor, network: nn.Module, present: Sequence[bool] | None
+              ) -> dict[str, torch.Tensor] | torch.Tensor:
         if self.fused_only:
             def run(x: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
-                return predict(network, x, self.present, False, self.mc_dropout)["fused"]
+                return predict(network, x, present, False, self.mc_dropout)["fused"]
         else:
             def run(x: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
-                return predict(network, x, self.present, self.heads, self.mc_dropout)
+                return predict(network, x, present, self.heads, self.mc_dropout)
         roi = self.window.roi_size
         if all(n <= r for n, r in zip(inputs.shape[2:], roi, strict=True)):
             return single_window(inputs, roi, run)

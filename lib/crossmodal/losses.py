@@ -1,6 +1,12 @@
-"""Partial (masked) losses: supervision on annotated voxels only (nnU-Net's ignore-label recipe)."""
+"""Partial (masked) losses: supervision on annotated voxels only (nnU-Net's ignore-label recipe).
+
+The per-modality terms take an optional ``present`` mask, ``{modality: (B,) bool}``: a sample whose file of that
+modality is absent (trained with it left out of the fusion) has no head or descriptor of it to supervise.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -82,10 +88,38 @@ class PartialDiceCELoss(nn.Module):
         return self.dice_weight * self.dice(logits, target) + self.ce_weight * self.ce(logits, target)
 
 
+Presence = Mapping[str, torch.Tensor]  # {modality: (B,) bool}: which samples have that modality
+
+
+def present_rows(present: Presence | None, name: str, batch: int) -> torch.Tensor | None:
+    """The (B,) bool rows of ``present`` for modality ``name``; None when every sample has it.
+
+    Example:
+        >>> present_rows({"pet": torch.tensor([True, False])}, "pet", 2).tolist(), present_rows(None, "pet", 2)
+        ([True, False], None)
+    """
+    if present is None or name not in present:
+        return None
+    rows = present[name].to(torch.bool).reshape(-1)
+    if rows.numel() != batch:
+        raise ValueError(f"present[{name!r}] has {rows.numel()} samples, the batch {batch}")
+    return None if bool(rows.all()) else rows
+
+
 class SupervisedLoss(nn.Module):
     """Partial Dice + CE on the fused logits, plus ``aux_weight`` x its mean over the per-modality heads.
 
-    Accepts a plain logits tensor (early-fusion networks) or a ``CrossModalOutput``.
+    Accepts a plain logits tensor (early-fusion networks) or a ``CrossModalOutput``. ``present``: a head is
+    supervised on the samples that have its modality only (none: left out of the mean).
+
+    Example:
+        >>> from crossmodal.nets.crossmodal_net import CrossModalOutput
+        >>> right = torch.tensor([[[[[9.0]]], [[[-9.0]]]]])  # (1, 2 classes, 1, 1, 1): class 0, confident
+        >>> out = CrossModalOutput(fused=right, per_modality={"ct": right, "pet": -right}, independent={})
+        >>> t = torch.zeros(1, 1, 1, 1, 1)
+        >>> loss = SupervisedLoss(aux_weight=1.0)
+        >>> round(loss(out, t).item(), 2), round(loss(out, t, {"pet": torch.tensor([False])}).item(), 2)
+        (9.5, 0.0)
     """
 
     def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0, aux_weight: float = 0.5) -> None:
@@ -93,13 +127,21 @@ class SupervisedLoss(nn.Module):
         self.base = PartialDiceCELoss(dice_weight, ce_weight)
         self.aux_weight = aux_weight
 
-    def forward(self, pred: torch.Tensor | CrossModalOutput, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, pred: torch.Tensor | CrossModalOutput, target: torch.Tensor,
+                present: Presence | None = None) -> torch.Tensor:
         if isinstance(pred, torch.Tensor):
             return self.base(pred, target)
         loss = self.base(pred.fused, target)
         if self.aux_weight > 0 and pred.per_modality:
-            aux = torch.stack([self.base(v, target) for v in pred.per_modality.values()]).mean()
-            loss = loss + self.aux_weight * aux
+            terms = []
+            for name, head in pred.per_modality.items():
+                rows = present_rows(present, name, len(head))
+                if rows is None:
+                    terms.append(self.base(head, target))
+                elif rows.any():
+                    terms.append(self.base(head[rows], target[rows]))
+            if terms:
+                loss = loss + self.aux_weight * torch.stack(terms).mean()
         return loss
 
 
@@ -140,6 +182,7 @@ class InterModalConsistencyLoss(nn.Module):
 
     Args (forward):
         fused: (B, C, ...) logits. per_modality: {name: (B, C, ...)} logits of the present modalities.
+        present: a head takes part on the samples that have its modality only.
 
     Example:
         >>> f = torch.tensor([[[4.0, -4.0], [-4.0, 4.0]]])  # (1, 2 classes, 2 voxels)
@@ -147,6 +190,8 @@ class InterModalConsistencyLoss(nn.Module):
         0.0007
         >>> round(InterModalConsistencyLoss()(f, {"ct": -f}).item(), 4)  # full disagreement
         0.9993
+        >>> round(InterModalConsistencyLoss()(f, {"ct": f, "pet": -f}, {"pet": torch.tensor([False])}).item(), 4)
+        0.0007
     """
 
     def __init__(self, mode: str = "dice", threshold: float = 0.8) -> None:
@@ -155,19 +200,32 @@ class InterModalConsistencyLoss(nn.Module):
             raise ValueError(f"consistency mode {mode!r} is not one of ('dice', 'pseudo')")
         self.mode, self.threshold = mode, threshold
 
-    def forward(self, fused: torch.Tensor, per_modality: dict[str, torch.Tensor]) -> torch.Tensor:
-        if not per_modality:
+    def forward(self, fused: torch.Tensor, per_modality: dict[str, torch.Tensor],
+                present: Presence | None = None) -> torch.Tensor:
+        rows = {name: present_rows(present, name, len(fused)) for name in per_modality}
+        heads = {name: h for name, h in per_modality.items() if rows[name] is None or bool(rows[name].any())}
+        if not heads:
             return fused.sum() * 0.0
-        heads = list(per_modality.values())
         if self.mode == "dice":
             pf = torch.softmax(fused, 1)
-            return torch.stack([soft_dice_distance(torch.softmax(h, 1), pf) for h in heads]).mean()
+            return torch.stack([soft_dice_distance(torch.softmax(h, 1), pf) if rows[n] is None else
+                                soft_dice_distance(torch.softmax(h[rows[n]], 1), pf[rows[n]])
+                                for n, h in heads.items()]).mean()
+        shape = (len(fused),) + (1,) * (fused.ndim - 1)
+        weights = [torch.ones(shape, device=fused.device)] + [
+            torch.ones(shape, device=fused.device) if rows[n] is None else rows[n].to(fused.dtype).view(shape)
+            for n in heads]
         with torch.no_grad():
-            mean = torch.stack([torch.softmax(t, 1) for t in (fused, *heads)]).mean(0)
+            probs = [torch.softmax(t, 1) for t in (fused, *heads.values())]
+            mean = sum(w * p for w, p in zip(weights, probs, strict=True)) / sum(weights)
             conf, pseudo = mean.max(1)
             pseudo = pseudo.masked_fill(conf < self.threshold, IGNORE_INDEX)
         ce = PartialCrossEntropyLoss()
-        return torch.stack([ce(t, pseudo) for t in (fused, *heads)]).mean()
+        terms = [ce(fused, pseudo)]
+        for n, h in heads.items():  # a head is scored on its modality's samples only
+            terms.append(ce(h, pseudo) if rows[n] is None else
+                         ce(h, pseudo.masked_fill(~rows[n].view(shape[:1] + shape[2:]), IGNORE_INDEX)))
+        return torch.stack(terms).mean()
 
 
 class AugmentationConsistencyLoss(nn.Module):
@@ -196,6 +254,7 @@ class ChannelConsistencyLoss(nn.Module):
 
     Args (forward):
         independent: {name: [(B, K_level), ...]} as in ``CrossModalOutput.independent``.
+        present: a pair of modalities is compared on the samples that have both only.
 
     Example:
         >>> d = {"ct": [torch.tensor([[1.0, 2.0, 3.0]])], "mr": [torch.tensor([[2.0, 4.0, 6.0]])]}
@@ -204,18 +263,30 @@ class ChannelConsistencyLoss(nn.Module):
         >>> d["mr"] = [torch.tensor([[3.0, 2.0, 1.0]])]
         >>> round(ChannelConsistencyLoss()(d).item(), 4)  # reversed pattern
         2.0
+        >>> round(ChannelConsistencyLoss()(d, {"mr": torch.tensor([False])}).item(), 4)  # no MR: no pair
+        0.0
     """
 
-    def forward(self, independent: dict[str, list[torch.Tensor]]) -> torch.Tensor:
-        mods = list(independent.values())
-        if len(mods) < 2:
-            first = mods[0][0] if mods else torch.zeros(())
+    def forward(self, independent: dict[str, list[torch.Tensor]], present: Presence | None = None) -> torch.Tensor:
+        names = list(independent)
+        if len(names) < 2:
+            first = independent[names[0]][0] if names else torch.zeros(())
             return first.sum() * 0.0
+        batch = len(independent[names[0]][0])
+        rows = {n: present_rows(present, n, batch) for n in names}
         terms = []
-        for i in range(len(mods)):
-            for j in range(i + 1, len(mods)):
-                for a, b in zip(mods[i], mods[j], strict=True):
+        for i in range(len(names)):
+            for j in range(i + 1, len(names)):
+                both = rows[names[i]] if rows[names[j]] is None else \
+                    rows[names[j]] if rows[names[i]] is None else rows[names[i]] & rows[names[j]]
+                if both is not None and not bool(both.any()):
+                    continue
+                for a, b in zip(independent[names[i]], independent[names[j]], strict=True):
+                    if both is not None:
+                        a, b = a[both], b[both]
                     a = a - a.mean(1, keepdim=True)
                     b = b - b.mean(1, keepdim=True)
                     terms.append(1.0 - F.cosine_similarity(a, b, dim=1, eps=1e-6).mean())
+        if not terms:
+            return independent[names[0]][0].sum() * 0.0
         return torch.stack(terms).mean()

@@ -183,7 +183,8 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
         if path is None and m.name not in drop and policy == "error":
             raise CaseError(case.case_id, None,
                             f"modality {m.name!r} is missing: expected <studies>/{cfg.data.sidecar_dir}/"
-                            f"{case.case_id}/{m.name}.nii.gz (or .nii/.nrrd)")
+                            f"{case.case_id}/{m.name}.nii.gz (or .nii/.nrrd); add it, or use the case without it "
+                            "(missing_modality zero_fill)")
         if path is None or m.name in drop:
             chans[m.name] = zeros
         else:
@@ -246,7 +247,8 @@ class LoadCased(MapTransform):
     """``data["image"]`` (primary path) -> (M, H, W, D) tensor; optional ``data["label"]`` path -> (1, H, W, D).
 
     The label becomes a training map (classes, ``IGNORE_INDEX`` on unannotated voxels) according to
-    ``data["label_kind"]`` (default dense). Adds ``data["case_id"]`` and ``data["modalities_used"]``.
+    ``data["label_kind"]`` (default dense). Adds ``data["case_id"]``, ``data["modalities_used"]`` and
+    ``data["present"]`` ((M,) bool, configured order: the modalities read; a batch of them collates to (B, M)).
     """
 
     def __init__(self, cfg: CrossModalConfig, image_key: str = "image", label_key: str = "label",
@@ -261,11 +263,28 @@ class LoadCased(MapTransform):
         image, used = load_case(case, self.cfg, self.missing, self.drop)
         d[self.image_key] = image
         d["case_id"], d["modalities_used"] = case.case_id, used
+        d["present"] = torch.tensor([name in used for name in self.cfg.modality_names])
         if isinstance(d.get(self.label_key), str):
             shape, affine = image.meta["primary_shape"], image.meta["primary_affine"]
             primary = MetaTensor(torch.empty(1, *shape), affine=affine)  # the primary grid, no data needed
             label = load_training_label(d[self.label_key], primary, case.case_id, self.cfg, d.get("label_kind", DENSE))
             d[self.label_key] = resample_to(label, image, mode="nearest") if not same_grid(label, image) else label
+        return d
+
+
+class Batchabled(MapTransform):
+    """Drop what only an infer response reports and differs in form between cases of one batch (a case without a
+    modality: shorter ``modalities_used``, fewer ``registered_mm`` keys in the image's meta), which would not
+    collate; ``present`` says which modalities each case has."""
+
+    def __init__(self) -> None:
+        super().__init__(["image"], allow_missing_keys=True)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        d.pop("modalities_used", None)
+        if isinstance(d.get("image"), MetaTensor):
+            d["image"].meta.pop("registered_mm", None)
         return d
 
 
@@ -356,6 +375,8 @@ def preprocessing(cfg: CrossModalConfig, stage: str, missing: str | None = None,
     if stage not in ("train", "unlabeled", "val", "infer"):
         raise ValueError(f"stage {stage!r} is not one of ('train', 'unlabeled', 'val', 'infer')")
     steps: list[Transform] = [LoadCased(cfg, missing=missing, drop=drop)]
+    if stage != "infer":
+        steps.append(Batchabled())
     if pseudo_labels is not None and stage in ("train", "unlabeled"):
         steps.append(PseudoLabeld(pseudo_labels, keep_missing=stage == "train"))
     if stage == "train":  # after the stored labels: strokes carried from other cases grow too

@@ -165,8 +165,8 @@ class CrossModalNet(nn.Module):
         self.stem = nn.ModuleDict({m: nn.Conv3d(1, channels[0], 3, stride=s0, padding=1, bias=False)
                                    for m in self.modalities}) if joint_stem else None
 
-    def _split(self, x: torch.Tensor | Mapping[str, torch.Tensor],
-               present: Sequence[bool] | None) -> dict[str, torch.Tensor]:
+    def _split(self, x: torch.Tensor | Mapping[str, torch.Tensor], present: Sequence[bool] | None,
+               available: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if isinstance(x, Mapping):
             unknown = sorted(set(x) - set(self.modalities))
             if unknown:
@@ -186,6 +186,11 @@ class CrossModalNet(nn.Module):
             keep = torch.rand(len(inputs)) >= self.modality_dropout
             if not keep.any():
                 keep[torch.randint(len(inputs), (1,))] = True
+            if available is not None:  # every sample keeps one of the modalities its case has (its first)
+                has = available[:, [self.modalities.index(m) for m in inputs]].cpu()
+                for row in has:
+                    if row.any() and not (row & keep).any():
+                        keep[int(row.nonzero()[0])] = True
             inputs = {m: t for (m, t), k in zip(inputs.items(), keep.tolist(), strict=True) if k}
         if not inputs:
             raise ValueError("at least one modality must be present")
@@ -193,7 +198,8 @@ class CrossModalNet(nn.Module):
 
     def forward(self, x: torch.Tensor | Mapping[str, torch.Tensor], present: Sequence[bool] | None = None,
                 heads: bool = True, mc_dropout: bool | None = None, mc_samples: int = 0,
-                sample_present: torch.Tensor | None = None) -> CrossModalOutput:
+                sample_present: torch.Tensor | None = None, available: torch.Tensor | None = None
+                ) -> CrossModalOutput:
         """x: (B, M, H, W, D) in ``modalities`` order, or {name: (B, 1, H, W, D)} for any subset.
 
         H, W, D must be divisible by the product of the strides. ``heads=False`` skips the per-modality heads
@@ -203,9 +209,11 @@ class CrossModalNet(nn.Module):
         (dropout sits in the decoder only), for uncertainty at a fraction of T full forwards.
         ``sample_present`` (B, M) bool, M in ``modalities`` order: per-sample modality subsets in one batch (each
         sample's fused output sees only its marked modalities; training's per-sample modality dropout). The
-        per-modality heads are computed for every sample regardless.
+        per-modality heads are computed for every sample regardless. ``available`` (B, M) bool: the modalities each
+        sample's case has (default: all); a sample whose marked ones the batch's ``modality_dropout`` left out falls
+        back to those of the rest it has, never to a zero-filled absent one.
         """
-        inputs = self._split(x, present)
+        inputs = self._split(x, present, available)
         feats = {m: self.encoders[m](t) for m, t in inputs.items()}
         weights = None
         if sample_present is not None:
@@ -213,7 +221,8 @@ class CrossModalNet(nn.Module):
                 raise ValueError("sample_present leaves a sample without any modality")
             idx = [self.modalities.index(m) for m in inputs]
             weights = sample_present[:, idx].T.to(next(iter(inputs.values())).device)  # (n, B)
-            weights[:, ~weights.any(0)] = True  # its modalities were all left out of this batch: keep the rest
+            empty = ~weights.any(0)  # its modalities were all left out of this batch: keep the rest (it has)
+            weights[:, empty] = True if available is None else available[empty.cpu()][:, idx].T.to(weights.device)
         levels = len(self.fusion)
         joint = {m: self.stem[m](t) for m, t in inputs.items()} if self.stem is not None else None
         fused = [self.fusion[i]({m: f[i] for m, f in feats.items()}, weights, joint if i == 0 else None)

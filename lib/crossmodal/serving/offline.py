@@ -54,7 +54,7 @@ def method_config(preset: str, method: str, overrides: dict[str, Any] | None = N
 def train_offline(studies: str, preset: str, model_dir: str, epochs: int | None = None, device: str = "auto",
                   publish: str | None = None, pretrained: str | None = None, network: str | None = None,
                   use_unlabeled: bool = True, processes: int = 1, dataset: str = "CacheDataset",
-                  publish_mode: str = "if_better") -> dict[str, Any]:
+                  publish_mode: str = "if_better", missing_modality: str | None = None) -> dict[str, Any]:
     """Train on every final label of ``studies`` (and its unlabelled cases, for a cross-modal network unless
     ``use_unlabeled`` is false); the best model is published to ``<model_dir>/…`` (and copied to ``publish``); a
     fine-tuning (of ``pretrained`` or of the model already published there) with held-out labels publishes only an
@@ -62,8 +62,12 @@ def train_offline(studies: str, preset: str, model_dir: str, epochs: int | None 
     whatever it scores; ``stats["published"]``: the model to use).
 
     ``preset`` is a preset name or a YAML path; ``processes`` > 1 trains data-parallel (torch.distributed);
-    ``dataset``: ``CacheDataset`` (every preprocessed case in memory) or ``Dataset`` (read as it comes)."""
+    ``dataset``: ``CacheDataset`` (every preprocessed case in memory) or ``Dataset`` (read as it comes);
+    ``missing_modality``: ``zero_fill`` trains on a case without a secondary modality's file with that modality
+    left out of its fusion (default: the preset's ``infer.missing_modality``, ``error``)."""
     conf = {"preset": preset, "model_dir": model_dir, **({"max_epochs": str(epochs)} if epochs else {})}
+    if missing_modality:
+        conf["missing_modality"] = missing_modality
     if pretrained:
         conf["pretrained"] = pretrained
     if network:
@@ -162,10 +166,11 @@ def held_out_cases(studies: str) -> list[Path]:
 
 def evaluate(studies: str, preset: str, model: str, device: str = "auto", out: str | None = None,
              network: str | None = None, drop: tuple[str, ...] = (),
-             mirror_axes: Sequence[int] | None = None) -> dict[str, Any]:
+             mirror_axes: Sequence[int] | None = None, missing_modality: str | None = None) -> dict[str, Any]:
     """Segment every case that has truth (``<studies>/truth``) but no final label; Dice and HD95 (mm) per class
     and their means. ``drop``: modalities to segment without (a missing modality at test time); ``mirror_axes``:
-    test-time mirroring (None: the preset's ``infer.mirror_axes``)."""
+    test-time mirroring (None: the preset's ``infer.mirror_axes``); ``missing_modality``: ``zero_fill`` segments a
+    case without a secondary modality's file with what it has (None: the preset's, ``error``)."""
     cfg = load_config(preset)
     conf = {"preset": preset, "pretrained": model, **({"models": network} if network else {})}
     parts = AppParts.from_conf(tempfile.mkdtemp(prefix="crossmodal-app-"), conf)
@@ -181,6 +186,8 @@ def evaluate(studies: str, preset: str, model: str, device: str = "auto", out: s
                    "drop_modalities": list(drop)}
         if mirror_axes is not None:
             request["mirror_axes"] = list(mirror_axes)
+        if missing_modality:
+            request["missing_modality"] = missing_modality
         t0 = time.perf_counter()
         _, data = task(request)
         seconds = time.perf_counter() - t0

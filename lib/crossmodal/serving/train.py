@@ -50,9 +50,17 @@ from crossmodal.config import (
     atomic_write_text,
     save_config,
 )
-from crossmodal.hybrid import EMATeacher, HybridLoss, MultiSourceLoader, copy_paste, hybrid_batch, sample_present
+from crossmodal.hybrid import (
+    EMATeacher,
+    HybridLoss,
+    MultiSourceLoader,
+    copy_paste,
+    hybrid_batch,
+    sample_available,
+    sample_present,
+)
 from crossmodal.inference import NetworkInferer
-from crossmodal.io import atomic_copy, case_id_of
+from crossmodal.io import atomic_copy, case_id_of, find_case
 from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE
 from crossmodal.losses import SupervisedLoss
 from crossmodal.nets import CrossModalOutput, build_network
@@ -61,7 +69,7 @@ from crossmodal.transforms import preprocessing
 from ignite.engine import Engine, Events
 from monai.data import CacheDataset, Dataset, partition_dataset
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
-from monai.engines.utils import IterationEvents
+from monai.engines.utils import IterationEvents, default_prepare_batch
 from monai.handlers import CheckpointSaver, TensorBoardStatsHandler
 from monai.transforms import MapTransform
 from monai.utils.enums import CommonKeys as Keys
@@ -287,7 +295,8 @@ class PseudoLabelRounds:
         for item in self.take():
             d = self.load(dict(item))
             image = d["image"].as_tensor() if hasattr(d["image"], "as_tensor") else d["image"]
-            conf, seg = torch.softmax(self.inferer(image[None].to(engine.state.device), model), 1).max(1)
+            logits = self.inferer(image[None].to(engine.state.device), model, present=d["present"][None])
+            conf, seg = torch.softmax(logits, 1).max(1)
             label = refine_segmentation(image, seg, self.cfg.labels.num_classes, cc.refine_erode, p.beta,
                                         p.threshold, p.max_voxels, conf[0], cc.refine_keep_confident)
             self.store[str(d["case_id"])] = label.cpu()
@@ -303,6 +312,36 @@ class PseudoLabelRounds:
 def plain(t: Any) -> torch.Tensor:
     """A MetaTensor's plain tensor (anything else as it is)."""
     return t.as_tensor() if hasattr(t, "as_tensor") else t
+
+
+def report_incomplete(cfg: CrossModalConfig, items: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Log (and return, ``{case: [modality, ...]}``) the training cases without some secondary modality's file:
+    under ``missing_modality: zero_fill`` they train with it left out of their fusion."""
+    lacking = {}
+    for d in items:
+        case = find_case(d["image"], cfg.modality_names, cfg.data.sidecar_dir)
+        gone = [m for m in cfg.modality_names[1:] if case.modalities.get(m) is None]
+        if gone:
+            lacking[case.case_id] = gone
+    if lacking:
+        shown = "; ".join(f"{c}: {', '.join(m)}" for c, m in sorted(lacking.items())[:10])
+        more = f"; {len(lacking) - 10} more" if len(lacking) > 10 else ""
+        logger.info(f"{len(lacking)} of {len(items)} training cases lack a modality ({shown}{more}): each trains "
+                    "with it left out of its fusion, heads and consistency terms (missing_modality zero_fill)")
+    return lacking
+
+
+def batch_present(batch: dict[str, Any]) -> torch.Tensor:
+    """(B, M) bool: the modalities each case of a collated batch has (``present``, from ``LoadCased``)."""
+    return plain(batch["present"]).to(torch.bool).cpu()
+
+
+def prepare_with_present(batch: dict[str, Any], device: str | torch.device | None = None,
+                         non_blocking: bool = False, **kwargs: Any) -> tuple:
+    """MONAI's ``default_prepare_batch`` plus each case's modalities for the inferer (:class:`NetworkInferer`'s
+    ``present``): a validation case without a secondary modality is segmented without it, as the infer task does."""
+    image, label = default_prepare_batch(batch, device, non_blocking, **kwargs)
+    return image, label, (), {"present": batch_present(batch)}
 
 
 def labelled_case(d: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -519,12 +558,17 @@ class CrossModalTrain(BasicTrainTask):
         cc = self.cfg.train.consistency
         teacher: EMATeacher | None = None
 
+        crossmodal = self.cfg.model.name == "crossmodal"  # an early-fusion network reads zero-filled channels
+
         def step(engine: Any, batch: dict[str, Any]) -> dict[str, Any]:
             nonlocal teacher
             dev = engine.state.device
             labeled = [(plain(batch[k]["image"]).to(dev), plain(batch[k]["label"]).to(dev))
                        for k in (DENSE, SPARSE) if k in batch]
             unlabeled = [plain(batch[UNLABELED]["image"]).to(dev)] if UNLABELED in batch else []
+            # the modalities each sample's case has (B, M), in the order of the stacked batch below
+            has = [batch_present(batch[k]) for k in (DENSE, SPARSE) if k in batch]
+            has_u = batch_present(batch[UNLABELED]) if unlabeled else None
             n_real = sum(len(t[0]) for t in labeled)
             # the unlabelled cases' refined pseudo-labels (self-training rounds), when the loader carries them
             refined = plain(batch[UNLABELED]["label"]).to(dev) if unlabeled and "label" in batch[UNLABELED] else None
@@ -536,16 +580,21 @@ class CrossModalTrain(BasicTrainTask):
                 if engine.state.iteration > cc.copy_paste_start:
                     xl, yl = labeled[0]
                     n = min(len(xl), len(unlabeled[0]))
-                    pseudo = teacher.pseudo_label(unlabeled[0][:n], cc.pseudo_threshold)
+                    pseudo = teacher.pseudo_label(unlabeled[0][:n], cc.pseudo_threshold, has_u[:n])
                     if refined is not None:  # refined pseudo-labels where a round has made them
                         pseudo = torch.where(refined[:n] != IGNORE_INDEX, refined[:n].to(pseudo.dtype), pseudo)
                     labeled.append(copy_paste(xl[:n], yl[:n], unlabeled[0][:n], pseudo, gen))
+                    both = has[0][:n] & has_u[:n]  # a mix lacks what either of its two cases lacks
+                    has.append(torch.cat([both, both]))
                     engine.state.metrics["pseudo_confident"] = round(float((pseudo != IGNORE_INDEX).float().mean()), 4)
             n_mixed = sum(len(t[0]) for t in labeled) - n_real
             if refined is not None and bool((refined != IGNORE_INDEX).any()):  # self-training: they supervise
                 labeled.append((unlabeled[0], refined))
+                has.append(has_u)
+            present = torch.cat(has + ([has_u] if unlabeled else [])) if crossmodal else None
+            present = None if present is None or bool(present.all()) else present
             x, y, n_lab, n_plain, aug = hybrid_batch(labeled, unlabeled, gen, augment=self.hybrid,
-                                                     modality_dropout=cc.modality_dropout)
+                                                     modality_dropout=cc.modality_dropout, present=present)
             engine.state.output = {Keys.IMAGE: x[:n_real], Keys.LABEL: None if y is None else y[:n_real]}
             # MONAI post-processes zip(decollated batch, decollated output): the {source: batch} dict decollates
             # to fewer items than the n_real outputs, and the rest reached the train Dice as raw logits
@@ -554,12 +603,14 @@ class CrossModalTrain(BasicTrainTask):
             engine.state.metrics["pseudo_labelled_samples"] = n_lab - n_real - n_mixed  # refined pseudo-labels
             engine.network.train()
             engine.optimizer.zero_grad(set_to_none=True)
-            mask = sample_present(n_plain, aug)
-            out = engine.network(x) if mask is None else engine.network(x, sample_present=mask)
+            mask = sample_present(n_plain, aug, present)
+            out = engine.network(x) if mask is None else \
+                engine.network(x, sample_present=mask, available=sample_available(n_plain, aug, present))
             fused = out.fused if isinstance(out, CrossModalOutput) else out
             engine.state.output[Keys.PRED] = fused[:n_real].detach()
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            loss, parts = loss_fn(out, y, n_lab, n_plain, aug, engine.state.iteration - 1)
+            by_name = None if present is None else dict(zip(self.cfg.modality_names, present.T, strict=True))
+            loss, parts = loss_fn(out, y, n_lab, n_plain, aug, engine.state.iteration - 1, by_name)
             engine.state.output[Keys.LOSS] = loss.detach()
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
             loss.backward()
@@ -708,6 +759,8 @@ class CrossModalTrain(BasicTrainTask):
         if self.hybrid and use:
             for image_id in datastore.get_unlabeled_images():
                 items.append({"image": datastore.get_image_uri(image_id), "label_kind": UNLABELED})
+        if self.cfg.infer.missing_modality == "zero_fill":
+            report_incomplete(self.cfg, items)
         return items
 
     def partition_datalist(self, context: Context, shuffle: bool = False) -> tuple[list, list]:
@@ -734,7 +787,7 @@ class CrossModalTrain(BasicTrainTask):
             return None
         bare = SupervisedEvaluator(
             device=context.device, val_data_loader=context.evaluator.data_loader, network=context.network,
-            inferer=self.val_inferer(context),
+            inferer=self.val_inferer(context), prepare_batch=prepare_with_present,
             postprocessing=self._validate_transforms(self.val_post_transforms(context), "Validation", "post"),
             key_val_metric=self.val_key_metric(context))
         start = StartingScore(bare, context.evaluator.state.key_metric_name, start_from)
@@ -749,6 +802,8 @@ class CrossModalTrain(BasicTrainTask):
                         "stays")
 
     def finalize(self, context: Context) -> None:
+        if context.evaluator is not None:  # MONAI Label builds it with the default, which drops ``present``
+            context.evaluator.prepare_batch = prepare_with_present
         self._start = start = self._starting_score(context)
         if context.local_rank == 0:
             save_config(self.cfg, os.path.join(context.output_dir, "config.yaml"))
