@@ -191,7 +191,10 @@ class InferConfig:
     absent.
 
     ``mirror_axes``: spatial axes (0-2 of the working grid) to mirror the input along at test time; the softmax of
-    every combination (2^n passes, nnU-Net's mirroring) is averaged. Empty: one pass.
+    every combination (2^n passes, nnU-Net's mirroring) is averaged. Empty: one pass. ``missing_modality``:
+    ``error`` (a case without a secondary modality's file is refused, naming it) or ``zero_fill`` (it is segmented
+    with what it has; training reads it too, with that modality left out of its fusion, heads and consistency
+    terms).
     """
 
     roi_size: tuple[int, int, int] = (96, 96, 96)
