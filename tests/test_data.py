@@ -228,7 +228,9 @@ def test_offline_commands_on_cases_without_a_modality(tmp_path: Path, phantom_cf
     assert filled[1]["dice"] == dropped[1]["dice"] and filled[1]["dice_mean"] > 0.5
     assert main(["train", "--studies", str(studies), "--config", "phantom", "--model-dir", str(tmp_path / "m"),
                  "--epochs", "1", "--network", "crossmodal", "--missing-modality", "zero_fill"]) == 0
-    assert "test cases: 2, mean Dice" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "test cases: 2, mean Dice" in out.out
+    assert "crossmodal - 1 of 4 training cases lack a modality (phantom003: pet): each trains" in out.err
 
 
 def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg):

@@ -17,8 +17,10 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import logging
 import subprocess
 import sys
 import tempfile
@@ -291,6 +293,23 @@ def _device(name: str) -> str:
     return name
 
 
+@contextlib.contextmanager
+def training_log() -> Iterator[None]:
+    """The train task's own log lines (cases without a modality, stroke transfer, atlas pseudo-labels, fine-tuning
+    decisions) on stderr while a command trains, as the server's log shows them."""
+    log = logging.getLogger("crossmodal")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s - crossmodal - %(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(min(level or logging.INFO, logging.INFO))
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from crossmodal.serving.offline import evaluate, held_out_cases, train_offline
 
@@ -302,10 +321,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     studies = as_studies(args.studies, preset)
     resolved = _method_preset(preset, args.method, args.model_dir)
     network = args.network or (load_config(resolved).model.name if args.method else None)
-    stats = train_offline(studies, resolved, args.model_dir, args.epochs, args.device, publish=args.publish,
-                          pretrained=args.pretrained, network=network, use_unlabeled=not args.no_unlabeled,
-                          processes=args.processes, dataset=args.dataset, publish_mode=args.publish_mode,
-                          missing_modality=args.missing_modality)
+    with training_log():
+        stats = train_offline(studies, resolved, args.model_dir, args.epochs, args.device, publish=args.publish,
+                              pretrained=args.pretrained, network=network, use_unlabeled=not args.no_unlabeled,
+                              processes=args.processes, dataset=args.dataset, publish_mode=args.publish_mode,
+                              missing_modality=args.missing_modality)
     print(json.dumps(stats, indent=2, default=str))
     if stats.get("start_metric") is not None:  # a fine-tuning with held-out labels (--publish-mode if_better)
         outcome = (f"no epoch beat it, so that model stays (published: {stats['published']})"

@@ -100,7 +100,7 @@ def present_rows(present: Presence | None, name: str, batch: int) -> torch.Tenso
     """
     if present is None or name not in present:
         return None
-    rows = present[name].to(torch.bool).reshape(-1)
+    rows = present[name].to(torch.bool).reshape(-1)  # on the batch's device (masks and indexes it)
     if rows.numel() != batch:
         raise ValueError(f"present[{name!r}] has {rows.numel()} samples, the batch {batch}")
     return None if bool(rows.all()) else rows
@@ -212,12 +212,15 @@ class InterModalConsistencyLoss(nn.Module):
                                 soft_dice_distance(torch.softmax(h[rows[n]], 1), pf[rows[n]])
                                 for n, h in heads.items()]).mean()
         shape = (len(fused),) + (1,) * (fused.ndim - 1)
-        weights = [torch.ones(shape, device=fused.device)] + [
-            torch.ones(shape, device=fused.device) if rows[n] is None else rows[n].to(fused.dtype).view(shape)
-            for n in heads]
         with torch.no_grad():
-            probs = [torch.softmax(t, 1) for t in (fused, *heads.values())]
-            mean = sum(w * p for w, p in zip(weights, probs, strict=True)) / sum(weights)
+            probs = torch.stack([torch.softmax(t, 1) for t in (fused, *heads.values())])
+            if all(rows[n] is None for n in heads):
+                mean = probs.mean(0)
+            else:  # each sample's mean over the fused output and the heads of the modalities it has
+                every = torch.ones(len(fused), dtype=torch.bool, device=fused.device)
+                w = torch.stack([every] + [every if rows[n] is None else rows[n].to(fused.device) for n in heads])
+                w = w.to(fused.dtype).view(len(w), *shape)
+                mean = (probs * w).sum(0) / w.sum(0)
             conf, pseudo = mean.max(1)
             pseudo = pseudo.masked_fill(conf < self.threshold, IGNORE_INDEX)
         ce = PartialCrossEntropyLoss()

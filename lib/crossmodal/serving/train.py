@@ -609,7 +609,7 @@ class CrossModalTrain(BasicTrainTask):
             fused = out.fused if isinstance(out, CrossModalOutput) else out
             engine.state.output[Keys.PRED] = fused[:n_real].detach()
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            by_name = None if present is None else dict(zip(self.cfg.modality_names, present.T, strict=True))
+            by_name = None if present is None else dict(zip(self.cfg.modality_names, present.T.to(dev), strict=True))
             loss, parts = loss_fn(out, y, n_lab, n_plain, aug, engine.state.iteration - 1, by_name)
             engine.state.output[Keys.LOSS] = loss.detach()
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
