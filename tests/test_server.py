@@ -162,6 +162,14 @@ def test_missing_modality_is_reported_or_zero_filled(client, phantom_server):
         assert params["modalities_used"] == ["ct", "mr"]
         # early fusion sees zeros for PET and degrades (organ Dice 0.44 measured); crossmodal is tested below
         assert load_volume(out)[0].numpy().shape == (48, 48, 48)
+        models = {f: f.read_bytes() for f in phantom_server.model_dir.glob("*.pt")}
+        r = requests.post(f"{phantom_server.url}/train/crossmodal?run_sync=true", json={"max_epochs": 1},
+                          timeout=300)  # an unlabelled case without its PET: refused, saying what to do
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"] == (
+            "training stopped: case 'phantom005': modality 'pet' is missing: expected <studies>/modalities/phantom005/"
+            "pet.nii.gz (or .nii/.nrrd); add it, or use the case without it (missing_modality zero_fill)")
+        assert {f: f.read_bytes() for f in phantom_server.model_dir.glob("*.pt")} == models
     finally:
         pet.write_bytes(saved)
 
