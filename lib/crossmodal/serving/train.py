@@ -314,9 +314,9 @@ def plain(t: Any) -> torch.Tensor:
     return t.as_tensor() if hasattr(t, "as_tensor") else t
 
 
-def report_incomplete(cfg: CrossModalConfig, items: list[dict[str, Any]]) -> dict[str, list[str]]:
-    """Log (and return, ``{case: [modality, ...]}``) the training cases without some secondary modality's file:
-    under ``missing_modality: zero_fill`` they train with it left out of their fusion."""
+def report_incomplete(cfg: CrossModalConfig, items: list[dict[str, Any]]) -> None:
+    """Log the training cases without some secondary modality's file: under ``missing_modality: zero_fill`` they
+    train with it left out of their fusion."""
     lacking = {}
     for d in items:
         case = find_case(d["image"], cfg.modality_names, cfg.data.sidecar_dir)
@@ -328,7 +328,6 @@ def report_incomplete(cfg: CrossModalConfig, items: list[dict[str, Any]]) -> dic
         more = f"; {len(lacking) - 10} more" if len(lacking) > 10 else ""
         logger.info(f"{len(lacking)} of {len(items)} training cases lack a modality ({shown}{more}): each trains "
                     "with it left out of its fusion, heads and consistency terms (missing_modality zero_fill)")
-    return lacking
 
 
 def batch_present(batch: dict[str, Any]) -> torch.Tensor:
