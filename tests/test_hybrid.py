@@ -665,7 +665,7 @@ def test_a_fine_tuning_publishes_only_an_epoch_that_beats_the_model_it_started_f
     publishes its best; ``publish=best_of_run`` (train request, ``crossmodal train --publish-mode``) publishes the
     run's best whatever it scores."""
     from conftest import PRETRAINED_PHANTOM
-    from crossmodal.serving.train import check_train_request
+    from crossmodal.serving.train import check_train_request, train_choices
 
     studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=3, dense=2, sparse=0, seed=5)  # 1 validates
 
@@ -732,3 +732,9 @@ def test_a_fine_tuning_publishes_only_an_epoch_that_beats_the_model_it_started_f
     with pytest.raises(ConfigError, match=r"train request: publish='always' must be one of \['if_better', "
                                           r"'best_of_run'\]"):
         check_train_request({"publish": "always"})
+    # missing_modality: per run, the server's policy the default and first of the viewers' list
+    pacs = load_config("phantom", overrides={"infer": {"missing_modality": "zero_fill"}})
+    assert train_choices(pacs)["missing_modality"] == ("zero_fill", "error")
+    assert [check_train_request(r, train_choices(c))["missing_modality"] for c, r in
+            ((phantom_cfg, {}), (pacs, {}), (phantom_cfg, {"missing_modality": ["zero_fill", "error"]}))
+            ] == ["error", "zero_fill", "zero_fill"]

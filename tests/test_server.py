@@ -163,13 +163,39 @@ def test_missing_modality_is_reported_or_zero_filled(client, phantom_server):
         # early fusion sees zeros for PET and degrades (organ Dice 0.44 measured); crossmodal is tested below
         assert load_volume(out)[0].numpy().shape == (48, 48, 48)
         models = {f: f.read_bytes() for f in phantom_server.model_dir.glob("*.pt")}
-        r = requests.post(f"{phantom_server.url}/train/crossmodal?run_sync=true", json={"max_epochs": 1},
-                          timeout=300)  # an unlabelled case without its PET: refused, saying what to do
-        assert r.status_code == 422, r.text
-        assert r.json()["detail"] == (
+        refused = (
             "training stopped: case 'phantom005': modality 'pet' is missing: expected <studies>/modalities/phantom005/"
             "pet.nii.gz (or .nii/.nrrd); add it, or use the case without it (missing_modality zero_fill)")
+        r = requests.post(f"{phantom_server.url}/train/crossmodal?run_sync=true", json={"max_epochs": 1},
+                          timeout=300)  # an unlabelled case without its PET: refused, saying what to do
+        assert r.status_code == 422 and r.json()["detail"] == refused, r.text
         assert {f: f.read_bytes() for f in phantom_server.model_dir.glob("*.pt")} == models
+        # the viewers' train option (the server's policy first): this run trains the case with PET left out
+        assert client.info()["trainers"]["crossmodal"]["config"]["missing_modality"] == ["error", "zero_fill"]
+        r = requests.post(f"{phantom_server.url}/train/crossmodal?run_sync=true",
+                          json={"max_epochs": 1, "missing_modality": "leave_out"}, timeout=300)
+        assert r.status_code == 422 and r.json()["detail"] == (
+            "train request: missing_modality='leave_out' must be one of ['error', 'zero_fill']"), r.text
+        try:
+            r = requests.post(f"{phantom_server.url}/train/crossmodal?run_sync=true", timeout=300,
+                              json={"max_epochs": 1, "missing_modality": "zero_fill", "name": "train_missing"})
+            assert r.status_code == 200, r.text
+            stats = r.json()
+            assert stats["epoch"] == 1 and 0 < stats["best_metric"] <= 1, stats
+            assert ("1 of 6 training cases lack a modality (phantom005: pet): each trains with it left out"
+                    in phantom_server.log.read_text())
+            run_cfg = load_config(str(phantom_server.model_dir / "train_missing" / "config.yaml"))
+            assert run_cfg.infer.missing_modality == "zero_fill"
+            with pytest.raises(MONAILabelClientException) as e:  # the infer task keeps the server's policy
+                client.infer("crossmodal", "phantom005", {})
+            assert status_of(e.value) == 422 and "modality 'pet' is missing" in e.value.msg
+            r = requests.post(f"{phantom_server.url}/train/crossmodal?run_sync=true", json={"max_epochs": 1},
+                              timeout=300)  # and the next run without the option the server's again
+            assert r.status_code == 422 and r.json()["detail"] == refused, r.text
+        finally:  # the committed models in service again for the tests below
+            for f in phantom_server.model_dir.glob("*.pt"):
+                if f not in models:
+                    f.unlink()
     finally:
         pet.write_bytes(saved)
 

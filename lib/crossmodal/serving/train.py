@@ -19,6 +19,7 @@ processes (torch.distributed: gloo on CPU, NCCL on GPUs).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import io
@@ -43,6 +44,7 @@ from crossmodal.atlas import (
     usable_cores,
 )
 from crossmodal.config import (
+    MISSING_POLICIES,
     ConfigError,
     CrossModalConfig,
     as_number,
@@ -456,8 +458,17 @@ CHOICES = {"dataset": ("Dataset", "CacheDataset"), "dataloader": ("DataLoader", 
            "publish": ("if_better", "best_of_run")}
 
 
-def check_train_request(request: dict[str, Any]) -> dict[str, Any]:
-    """The request with its numbers as numbers; ConfigError naming the key and the value when one is out of range.
+def train_choices(cfg: CrossModalConfig) -> dict[str, tuple[str, ...]]:
+    """:data:`CHOICES` plus ``missing_modality``, the server's policy first: a case without a secondary modality's
+    file stops the run (``error``) or trains with that modality left out (``zero_fill``), per run."""
+    default = cfg.infer.missing_modality
+    return {**CHOICES, "missing_modality": (default, *(p for p in MISSING_POLICIES if p != default))}
+
+
+def check_train_request(request: dict[str, Any], choices: dict[str, tuple[str, ...]] | None = None
+                        ) -> dict[str, Any]:
+    """The request with its numbers as numbers and each choice (``choices``, default :data:`CHOICES`) one of its
+    options; ConfigError naming the key and the value when one is out of range.
 
     Example:
         >>> [check_train_request({"max_epochs": v})["max_epochs"] for v in ("3", 3, 3.0)]
@@ -475,7 +486,7 @@ def check_train_request(request: dict[str, Any]) -> dict[str, Any]:
 'CacheDataset']
     """
     req = dict(request)
-    for key, options in CHOICES.items():
+    for key, options in (CHOICES if choices is None else choices).items():
         value = req.get(key, options[0])
         value = value[0] if isinstance(value, list) and value else value  # a list: its first item, as the viewers
         if value not in options:
@@ -506,7 +517,7 @@ class CrossModalTrain(BasicTrainTask):
             config={"max_epochs": t.max_epochs, "train_batch_size": t.batch_size, "val_batch_size": 1,
                     "val_split": t.val_fraction, "learning_rate": t.lr_for(cfg.model.name), "multi_gpu": False,
                     "processes": 1, "use_unlabeled": t.consistency.unlabeled,
-                    **{key: list(options) for key, options in CHOICES.items()},
+                    **{key: list(options) for key, options in train_choices(cfg).items()},
                     "tracking": ["None", "mlflow"]},
         )
         self.cfg = cfg
@@ -833,7 +844,17 @@ class CrossModalTrain(BasicTrainTask):
                 gc.collect()  # the engines hold reference cycles: only the collector frees them
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
-        req = coerce_tracking(check_train_request(request), self._model_dir)
+        req = coerce_tracking(check_train_request(request, train_choices(self.cfg)), self._model_dir)
+        cfg = self.cfg
+        if req["missing_modality"] != cfg.infer.missing_modality:  # this run's policy (the infer task keeps its own)
+            self.cfg = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer,
+                                                                          missing_modality=req["missing_modality"]))
+        try:
+            return self._run(req, datastore)
+        finally:
+            self.cfg = cfg
+
+    def _run(self, req: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         processes = int(req.get("processes") or 1)
         if processes > 1:  # MONAI Label's multi-GPU path, also on CPU: N processes, gloo (CPU) or NCCL
             cuda = torch.cuda.is_available()
