@@ -689,6 +689,9 @@ def test_a_fine_tuning_publishes_only_an_epoch_that_beats_the_model_it_started_f
     assert [r["epoch"] for r in curve] == [0, 1] and curve[1]["learning_rate"] == 1.0
     assert curve[0]["val_mean_dice"] == pytest.approx(wrecked["start_metric"], abs=1e-5)
     assert json.loads((model_dir / "train_stats.json").read_text())["start_metric"] == wrecked["start_metric"]
+    # the next run fine-tunes the model in service again, not the wrecked run's best left in its run folder
+    again, _ = run("wrecked", 1.0, str(PRETRAINED_PHANTOM), 1)
+    assert again["start_metric"] == wrecked["start_metric"] and not (model_dir / "phantom_baseline_unet.pt").exists()
     # the same runs from the command line: it says so; asked to publish the run's best whatever it scores
     # (`--publish-mode best_of_run`), it does
     from crossmodal.cli import main

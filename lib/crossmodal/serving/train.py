@@ -553,9 +553,14 @@ class CrossModalTrain(BasicTrainTask):
         return start_from if start_from and os.path.exists(start_from) else None
 
     def load_path(self, output_dir: str, pretrained: bool = True) -> str | None:
-        """Fine-tune from the published model when there is one, else this run folder's best, else pretrained."""
-        if pretrained and self._publish_path and os.path.exists(self._publish_path):
-            return self._publish_path
+        """Fine-tune the model in service: the published one when there is one, else the pretrained one; this run
+        folder's best only when neither exists. (MONAI Label's order puts that best first: after a fine-tuning that
+        published nothing, the next run started from the epoch no better than the model in service, and its gate
+        compared against that.)"""
+        if pretrained:
+            for path in (self._publish_path, self._load_path):
+                if path and os.path.exists(path):
+                    return path
         return super().load_path(output_dir, pretrained)
 
     def train_iteration_update(self, context: Context):
