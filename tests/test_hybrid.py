@@ -4,6 +4,7 @@ train task on dense + sparse + unlabelled cases, data-parallel training in two C
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -692,10 +693,29 @@ def test_a_fine_tuning_publishes_only_an_epoch_that_beats_the_model_it_started_f
     # the next run fine-tunes the model in service again, not the wrecked run's best left in its run folder
     again, _ = run("wrecked", 1.0, str(PRETRAINED_PHANTOM), 1)
     assert again["start_metric"] == wrecked["start_metric"] and not (model_dir / "phantom_baseline_unet.pt").exists()
-    # the same runs from the command line: it says so; asked to publish the run's best whatever it scores
-    # (`--publish-mode best_of_run`), it does
+    # a run from scratch (request pretrained false; `crossmodal train --from-scratch`) starts from random weights
+    # (at a learning rate of 1e-9 it stays where it started), not from that run folder's best, and has to beat the
+    # model in service to replace it
+    save_config(method_config("phantom", "baseline_unet", {"train": {"learning_rate": 1e-9, "patch_size": [32] * 3,
+                                                                     "patches_per_case": 1}}), tmp_path / "still.yaml")
+    with caplog.at_level(logging.INFO, logger="crossmodal.serving.train"):
+        scratch = train_offline(str(studies), str(tmp_path / "still.yaml"), str(model_dir), epochs=1, device="cpu",
+                                pretrained=str(PRETRAINED_PHANTOM), network="baseline_unet", from_scratch=True)
+    assert scratch["start_metric"] == wrecked["start_metric"] and scratch["best_metric"] < 0.5, scratch
+    assert f"training from scratch beside {PRETRAINED_PHANTOM}: held-out val_mean_dice of the model in " in caplog.text
+    assert "no epoch beat the model in service (held-out val_mean_dice" in caplog.text
+    assert scratch["published"] == str(PRETRAINED_PHANTOM) and not (model_dir / "phantom_baseline_unet.pt").exists()
     from crossmodal.cli import main
 
+    capsys.readouterr()
+    assert main(["train", "--studies", str(studies), "--config", str(tmp_path / "still.yaml"), "--model-dir",
+                 str(model_dir), "--epochs", "1", "--device", "cpu", "--pretrained", str(PRETRAINED_PHANTOM),
+                 "--network", "baseline_unet", "--from-scratch"]) == 0
+    assert re.search(rf"trained from scratch beside {re.escape(str(PRETRAINED_PHANTOM))}: held-out Dice "
+                     rf"{wrecked['start_metric']:.4f} before, this run's best 0\.[0-4]\d+: no epoch beat it, so that "
+                     "model stays", capsys.readouterr().out)
+    # the same runs from the command line: it says so; asked to publish the run's best whatever it scores
+    # (`--publish-mode best_of_run`), it does
     capsys.readouterr()
     assert main(["train", "--studies", str(studies), "--config", str(tmp_path / "wrecked.yaml"), "--model-dir",
                  str(tmp_path / "cli"), "--epochs", "1", "--device", "cpu", "--pretrained", str(PRETRAINED_PHANTOM),

@@ -325,12 +325,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         stats = train_offline(studies, resolved, args.model_dir, args.epochs, args.device, publish=args.publish,
                               pretrained=args.pretrained, network=network, use_unlabeled=not args.no_unlabeled,
                               processes=args.processes, dataset=args.dataset, publish_mode=args.publish_mode,
-                              missing_modality=args.missing_modality)
+                              missing_modality=args.missing_modality, from_scratch=args.from_scratch)
     print(json.dumps(stats, indent=2, default=str))
-    if stats.get("start_metric") is not None:  # a fine-tuning with held-out labels (--publish-mode if_better)
+    if stats.get("start_metric") is not None:  # a model in service and held-out labels (--publish-mode if_better)
         outcome = (f"no epoch beat it, so that model stays (published: {stats['published']})"
                    if not stats["best_metric"] > stats["start_metric"] else f"published {stats['published']}")
-        print(f"fine-tuned {stats['start_model']}: held-out Dice {stats['start_metric']:.4f} before, this run's "
+        what = "trained from scratch beside" if args.from_scratch else "fine-tuned"
+        print(f"{what} {stats['start_model']}: held-out Dice {stats['start_metric']:.4f} before, this run's "
               f"best {stats['best_metric']:.4f}: {outcome}")
     if held_out_cases(studies):  # held-out test cases (truth, no final label): Dice and HD95 per case
         out = str(Path(args.model_dir) / "evaluation.json")
@@ -447,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--publish-mode", default="if_better", choices=("if_better", "best_of_run"),
                    help="fine-tuning with held-out labels: publish an epoch only when it validates better than the "
                         "model it started from (if_better), or the run's best whatever it scores (best_of_run)")
+    q.add_argument("--from-scratch", action="store_true",
+                   help="start from random weights even where a model is published in --model-dir (or "
+                        "--pretrained): with held-out labels it replaces that model only by beating it")
     q.add_argument("--network", help="network name (default: the preset's model.name)")
     q.add_argument("--method", help="ours | baseline_unet | single_<modality> (applied to the preset)")
     q.add_argument("--no-unlabeled", action="store_true", help="leave the unlabelled cases out")

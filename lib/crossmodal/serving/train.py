@@ -117,8 +117,8 @@ class StartingScore:
     across them).
     """
 
-    def __init__(self, evaluator: Engine, key: str, start_from: str) -> None:
-        self.evaluator, self.key, self.start_from = evaluator, key, start_from
+    def __init__(self, evaluator: Engine, key: str, start_from: str, scratch: bool = False) -> None:
+        self.evaluator, self.key, self.start_from, self.scratch = evaluator, key, start_from, scratch
         self.score: float | None = None
 
     def attach(self, trainer: Engine) -> None:
@@ -132,8 +132,9 @@ class StartingScore:
         t0 = time.perf_counter()
         self.evaluator.run()
         self.score = float(self.evaluator.state.metrics[self.key])
-        logger.info(f"fine-tuning {self.start_from}: held-out {self.key} of the starting model {self.score:.4f} "
-                    f"({time.perf_counter() - t0:.1f} s); "
+        what = f"training from scratch beside {self.start_from}: held-out {self.key} of the model in service" \
+            if self.scratch else f"fine-tuning {self.start_from}: held-out {self.key} of the starting model"
+        logger.info(f"{what} {self.score:.4f} ({time.perf_counter() - t0:.1f} s); "
                     "an epoch of this run is published only when it beats it (train request publish=best_of_run: "
                     "the run's best epoch whatever it scores)")
 
@@ -552,16 +553,21 @@ class CrossModalTrain(BasicTrainTask):
         start_from = self.load_path(context.output_dir, context.pretrained)
         return start_from if start_from and os.path.exists(start_from) else None
 
+    def in_service(self) -> str | None:
+        """The weights infer serves: the published model, else the pretrained one; None when neither exists."""
+        for path in (self._publish_path, self._load_path):
+            if path and os.path.exists(path):
+                return path
+        return None
+
     def load_path(self, output_dir: str, pretrained: bool = True) -> str | None:
-        """Fine-tune the model in service: the published one when there is one, else the pretrained one; this run
-        folder's best only when neither exists. (MONAI Label's order puts that best first: after a fine-tuning that
-        published nothing, the next run started from the epoch no better than the model in service, and its gate
-        compared against that.)"""
-        if pretrained:
-            for path in (self._publish_path, self._load_path):
-                if path and os.path.exists(path):
-                    return path
-        return super().load_path(output_dir, pretrained)
+        """Fine-tune the model in service (:meth:`in_service`); this run folder's best only when there is none;
+        request ``pretrained`` false: a run from scratch (None). MONAI Label's order puts the run folder's best first,
+        also for ``pretrained`` false: after a fine-tuning that published nothing, the next run started from the
+        epoch no better than the model in service, and its gate compared against that."""
+        if not pretrained:
+            return None
+        return self.in_service() or super().load_path(output_dir, pretrained)
 
     def train_iteration_update(self, context: Context):
         """One step on a ``{source: batch}`` dict; the loss sees the whole network output, metrics the labelled
@@ -795,24 +801,32 @@ class CrossModalTrain(BasicTrainTask):
         return train + unlabeled, val
 
     def _starting_score(self, context: Context) -> StartingScore | None:
-        """A :class:`StartingScore` when this run fine-tunes a model, holds labels out and the request's ``publish``
-        is ``if_better`` (the default); attached to the trainer on every process."""
+        """A :class:`StartingScore` when a model is in service (the one this run fine-tunes, or beside a run from
+        scratch), labels are held out and the request's ``publish`` is ``if_better`` (the default); attached to the
+        trainer on every process."""
         start_from = self.finetuning(context)
-        if context.evaluator is None or start_from is None or context.request.get("publish") == "best_of_run":
+        against = start_from or self.in_service()
+        if context.evaluator is None or against is None or context.request.get("publish") == "best_of_run":
             return None
+        network = context.network
+        if start_from is None:  # a run from scratch: the model in service, loaded beside it, sets the bar
+            network = self.network(context).to(context.device)
+            ckpt = torch.load(against, map_location=context.device, weights_only=True)
+            network.load_state_dict(ckpt.get(self._model_dict_key, ckpt))
         bare = SupervisedEvaluator(
-            device=context.device, val_data_loader=context.evaluator.data_loader, network=context.network,
+            device=context.device, val_data_loader=context.evaluator.data_loader, network=network,
             inferer=self.val_inferer(context), prepare_batch=prepare_with_present,
             postprocessing=self._validate_transforms(self.val_post_transforms(context), "Validation", "post"),
             key_val_metric=self.val_key_metric(context))
-        start = StartingScore(bare, context.evaluator.state.key_metric_name, start_from)
+        start = StartingScore(bare, context.evaluator.state.key_metric_name, against, scratch=start_from is None)
         start.attach(context.trainer)
         return start
 
     def _report_kept(self, context: Context, start: StartingScore) -> None:
         best = context.evaluator.state.best_metric
         if start.score is not None and not start.beaten_by(best):
-            logger.info(f"no epoch beat the starting model (held-out {start.key} {start.score:.4f}, this run's best "
+            what = "the model in service" if start.scratch else "the starting model"
+            logger.info(f"no epoch beat {what} (held-out {start.key} {start.score:.4f}, this run's best "
                         f"{best:.4f} at epoch {context.evaluator.state.best_metric_epoch}): the model in service "
                         "stays")
 
