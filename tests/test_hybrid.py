@@ -657,6 +657,11 @@ def test_data_parallel_training_in_two_cpu_processes(tmp_path: Path, phantom_cfg
     assert 0 <= again["start_metric"] <= 1 and again["epoch"] == 1
     assert again["published"] == (str(tmp_path / "m2" / "phantom_crossmodal.pt")
                                   if again["best_metric"] > again["start_metric"] else stats["published"])
+    # from scratch beside it: both processes validate that model, loaded beside their random weights
+    scratch = train_offline(str(studies), str(tmp_path / "held_out.yaml"), str(tmp_path / "m3"), epochs=1,
+                            device="cpu", network="crossmodal", processes=2, pretrained=stats["published"],
+                            from_scratch=True)
+    assert scratch["start_metric"] == pytest.approx(again["start_metric"], abs=1e-6) and scratch["epoch"] == 1
 
 
 def test_a_fine_tuning_publishes_only_an_epoch_that_beats_the_model_it_started_from(tmp_path: Path, phantom_cfg,
