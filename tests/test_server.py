@@ -293,7 +293,8 @@ def test_unknown_names_and_bad_train_numbers_are_4xx_that_say_what_is_served(cli
     for params, detail in (({"max_epochs": -3}, "train request: max_epochs=-3 must be a positive integer"),
                            ({"learning_rate": "fast"}, "train request: learning_rate='fast' must be a number > 0"),
                            ({"dataset": "PersistentDataset"},  # was: read as Dataset, silently
-                            "train request: dataset='PersistentDataset' must be one of ['Dataset', 'CacheDataset']")):
+                            "train request: dataset='PersistentDataset' must be one of ['Dataset', 'CacheDataset']"),
+                           ({"pretrained": "maybe"}, "train request: pretrained='maybe' must be true or false")):
         r = requests.post(f"{url}/train/baseline_unet?run_sync=true", json=params, timeout=120)
         assert r.status_code == 422 and r.json()["detail"] == detail, r.text
     assert not list(phantom_server.model_dir.glob("*.pt"))  # nothing trained or published

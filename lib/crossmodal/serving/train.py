@@ -485,6 +485,8 @@ def check_train_request(request: dict[str, Any], choices: dict[str, tuple[str, .
         ...
         crossmodal.config.ConfigError: train request: dataset='PersistentDataset' must be one of ['Dataset', \
 'CacheDataset']
+        >>> [check_train_request({"pretrained": v})["pretrained"] for v in (False, "false", "True")]
+        [False, False, True]
     """
     req = dict(request)
     for key, options in (CHOICES if choices is None else choices).items():
@@ -493,6 +495,11 @@ def check_train_request(request: dict[str, Any], choices: dict[str, tuple[str, .
         if value not in options:
             raise ConfigError(f"train request: {key}={req[key]!r} must be one of {list(options)}")
         req[key] = value
+    flag = req.get("pretrained")  # false: a run from scratch (:meth:`CrossModalTrain.load_path`)
+    if isinstance(flag, str):
+        if flag.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"train request: pretrained={flag!r} must be true or false")
+        req["pretrained"] = flag.strip().lower() in ("true", "1", "yes")
     checks = [(key, int, lambda x: x >= 1, "a positive integer") for key in POSITIVE_INTS]
     checks += [("learning_rate", float, lambda x: x > 0, "a number > 0"),
                ("val_split", float, lambda x: 0 <= x < 1, "a number in [0, 1)")]
