@@ -710,6 +710,11 @@ def test_a_fine_tuning_publishes_only_an_epoch_that_beats_the_model_it_started_f
     assert f"training from scratch beside {PRETRAINED_PHANTOM}: held-out val_mean_dice of the model in " in caplog.text
     assert "no epoch beat the model in service (held-out val_mean_dice" in caplog.text
     assert scratch["published"] == str(PRETRAINED_PHANTOM) and not (model_dir / "phantom_baseline_unet.pt").exists()
+    # a tie keeps the model in service (at a learning rate of 1e-9 the fine-tuned model segments the held-out case
+    # as the one it started from): held-out scribbles saturate, and there publishing ties served a worse model
+    tie, tie_dir = run("tie", 1e-9, str(PRETRAINED_PHANTOM), 1)
+    assert tie["best_metric"] == tie["start_metric"] > 0.8, tie
+    assert tie["published"] == str(PRETRAINED_PHANTOM) and not (tie_dir / "phantom_baseline_unet.pt").exists()
     from crossmodal.cli import main
 
     capsys.readouterr()
