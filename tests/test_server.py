@@ -294,7 +294,10 @@ def test_unknown_names_and_bad_train_numbers_are_4xx_that_say_what_is_served(cli
                            ({"learning_rate": "fast"}, "train request: learning_rate='fast' must be a number > 0"),
                            ({"dataset": "PersistentDataset"},  # was: read as Dataset, silently
                             "train request: dataset='PersistentDataset' must be one of ['Dataset', 'CacheDataset']"),
-                           ({"pretrained": "maybe"}, "train request: pretrained='maybe' must be true or false")):
+                           ({"pretrained": "maybe"}, "train request: pretrained='maybe' must be true or false"),
+                           ({"name": "../../outside"},  # was: the run folder written outside the model dir
+                            "train request: name='../../outside' must be a folder name (letters, digits, '_', '.', "
+                            "'-')")):
         r = requests.post(f"{url}/train/baseline_unet?run_sync=true", json=params, timeout=120)
         assert r.status_code == 422 and r.json()["detail"] == detail, r.text
     assert not list(phantom_server.model_dir.glob("*.pt"))  # nothing trained or published

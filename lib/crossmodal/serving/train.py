@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import random
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -495,6 +496,9 @@ def check_train_request(request: dict[str, Any], choices: dict[str, tuple[str, .
         if value not in options:
             raise ConfigError(f"train request: {key}={req[key]!r} must be one of {list(options)}")
         req[key] = value
+    name = req.get("name")  # the run folder under the model dir (MONAI Label joins it to that path as it comes)
+    if name is not None and (not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name)):
+        raise ConfigError(f"train request: name={name!r} must be a folder name (letters, digits, '_', '.', '-')")
     flag = req.get("pretrained")  # false: a run from scratch (:meth:`CrossModalTrain.load_path`)
     if isinstance(flag, str):
         if flag.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
