@@ -11,6 +11,7 @@ import pytest
 import requests
 import torch
 from conftest import dice, snapshot
+from crossmodal.atlas import usable_cores
 from crossmodal.config import load_config
 from crossmodal.data.sparse import scribbles
 from crossmodal.io import load_volume, save_volume
@@ -295,6 +296,9 @@ def test_unknown_names_and_bad_train_numbers_are_4xx_that_say_what_is_served(cli
                            ({"dataset": "PersistentDataset"},  # was: read as Dataset, silently
                             "train request: dataset='PersistentDataset' must be one of ['Dataset', 'CacheDataset']"),
                            ({"pretrained": "maybe"}, "train request: pretrained='maybe' must be true or false"),
+                           ({"processes": 4096},  # was: 4096 trainers spawned, the server killed for memory
+                            f"train request: processes=4096 but this machine has {usable_cores()} usable CPU core(s): "
+                            "at most one process a core"),
                            ({"name": "../../outside"},  # was: the run folder written outside the model dir
                             "train request: name='../../outside' must be a folder name (letters, digits, '_', '.', "
                             "'-')")):

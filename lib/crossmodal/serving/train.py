@@ -889,7 +889,11 @@ class CrossModalTrain(BasicTrainTask):
         if processes > 1:  # MONAI Label's multi-GPU path, also on CPU: N processes, gloo (CPU) or NCCL
             cuda = torch.cuda.is_available()
             if cuda and torch.cuda.device_count() < processes:
-                raise ValueError(f"processes={processes} but only {torch.cuda.device_count()} GPU(s) are visible")
+                raise ConfigError(f"train request: processes={processes} but only {torch.cuda.device_count()} GPU(s) "
+                                  "are visible")
+            if not cuda and processes > usable_cores():  # more spawned trainers than cores: memory runs out first
+                raise ConfigError(f"train request: processes={processes} but this machine has {usable_cores()} "
+                                  "usable CPU core(s): at most one process a core")
             fd, init_file = tempfile.mkstemp(prefix="crossmodal-dist-")
             os.close(fd)
             os.unlink(init_file)  # torch's FileStore creates it
