@@ -488,6 +488,14 @@ def test_crossmodal_optional_outputs_and_missing_modality(client, phantom_server
     with pytest.raises(MONAILabelClientException) as e:
         client.infer("crossmodal", "phantom005", {"prediction": "xray"})
     assert status_of(e.value) == 422 and "prediction 'xray' is not available" in e.value.msg
+    # before anything runs (5000 samples held the server for minutes; "abc" and device "tpu" were a bare 500)
+    for params, detail in (({"prediction": "uncertainty", "mc_samples": 5000},
+                            "mc_samples=5000 must be an integer from 1 to 64"),
+                           ({"mc_samples": "abc"}, "mc_samples='abc' must be an integer from 1 to 64"),
+                           ({"device": "tpu"}, "device 'tpu' must be cpu, cuda or cuda:<index>")):
+        with pytest.raises(MONAILabelClientException) as e:
+            client.infer("crossmodal", "phantom005", params)
+        assert status_of(e.value) == 422 and f"case 'phantom005': {detail}" in e.value.msg, e.value.msg
 
     pet = phantom_server.studies / "modalities" / "phantom005" / "pet.nii.gz"
     saved = pet.read_bytes()

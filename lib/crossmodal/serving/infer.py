@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from crossmodal.config import ConfigError, CrossModalConfig, parse_mirror_axes
+from crossmodal.config import ConfigError, CrossModalConfig, as_number, parse_mirror_axes
 from crossmodal.inference import NetworkInferer
 from crossmodal.io import IMAGE_EXTENSIONS, CaseError, case_id_of, cause_of_type, save_volume
 from crossmodal.nets import CrossModalNet, unwrap
@@ -20,6 +21,8 @@ from monai.inferers import Inferer
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from torch import nn
+
+MAX_MC_SAMPLES = 64  # Monte-Carlo dropout passes one uncertainty request may ask for
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
@@ -160,6 +163,15 @@ class CrossModalInfer(BasicInferTask):
             # one 2D slice: only the 3D formats the datastore takes back as a label
             raise http_error(ValueError(f"result_extension {ext!r} must be one of {list(IMAGE_EXTENSIONS)}"),
                              prefix=f"case {case_id_of(str(req.get('image', '')))!r}: ")
+        case = f"case {case_id_of(str(req.get('image', '')))!r}: "
+        samples = as_number(req.get("mc_samples", 8), int)
+        if samples is None or not 1 <= samples <= MAX_MC_SAMPLES:  # 5000 held the server for minutes
+            raise http_error(ValueError(f"mc_samples={req.get('mc_samples')!r} must be an integer from 1 to "
+                                        f"{MAX_MC_SAMPLES}"), prefix=case)
+        req["mc_samples"] = samples
+        device = req.get("device")
+        if device is not None and not (isinstance(device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", device)):
+            raise http_error(ValueError(f"device {device!r} must be cpu, cuda or cuda:<index>"), prefix=case)
         if "mirror_axes" in req:  # checked (and parsed) before anything is read
             try:
                 req["mirror_axes"] = parse_mirror_axes(req["mirror_axes"])
