@@ -170,6 +170,7 @@ class CrossModalInfer(BasicInferTask):
                                         f"{MAX_MC_SAMPLES}"), prefix=case)
         req["mc_samples"] = samples
         device = req.get("device")
+        device = device[0] if isinstance(device, list) and device else device  # a list: its first, as upstream
         if device is not None and not (isinstance(device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", device)):
             raise http_error(ValueError(f"device {device!r} must be cpu, cuda or cuda:<index>"), prefix=case)
         if "mirror_axes" in req:  # checked (and parsed) before anything is read
