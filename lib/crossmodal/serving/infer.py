@@ -159,11 +159,11 @@ class CrossModalInfer(BasicInferTask):
             req.pop("result_extension", None)
         req.setdefault("result_dtype", "uint8")
         ext = req.get("result_extension", ".nii.gz")
+        case = f"case {case_id_of(str(req.get('image', '')))!r}: "
         if ext not in IMAGE_EXTENSIONS:  # MONAI Label's writer would fail after inference (500) or, for .png, write
             # one 2D slice: only the 3D formats the datastore takes back as a label
             raise http_error(ValueError(f"result_extension {ext!r} must be one of {list(IMAGE_EXTENSIONS)}"),
-                             prefix=f"case {case_id_of(str(req.get('image', '')))!r}: ")
-        case = f"case {case_id_of(str(req.get('image', '')))!r}: "
+                             prefix=case)
         samples = as_number(req.get("mc_samples", 8), int)
         if samples is None or not 1 <= samples <= MAX_MC_SAMPLES:  # 5000 held the server for minutes
             raise http_error(ValueError(f"mc_samples={req.get('mc_samples')!r} must be an integer from 1 to "
@@ -177,7 +177,7 @@ class CrossModalInfer(BasicInferTask):
             try:
                 req["mirror_axes"] = parse_mirror_axes(req["mirror_axes"])
             except ConfigError as e:
-                raise http_error(e, prefix=f"case {case_id_of(str(req.get('image', '')))!r}: ") from None
+                raise http_error(e, prefix=case) from None
         try:
             return super().__call__(req, callbacks)
         except Exception as e:  # a CaseError, or one that MONAI's transforms wrapped: 422 naming case and file
