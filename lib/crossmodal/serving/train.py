@@ -454,6 +454,7 @@ def coerce_tracking(request: dict[str, Any], model_dir: str) -> dict[str, Any]:
 
 
 POSITIVE_INTS = ("max_epochs", "train_batch_size", "val_batch_size", "val_interval", "processes")
+FLAGS = ("pretrained", "use_unlabeled")  # true / false, also as the strings a form or a URL sends
 # the train task's choices, the first the default: the viewers show each as a list and send the item chosen (a
 # request without the key reached MONAI Label's run as the whole list, which its loaders took for the plain ones)
 CHOICES = {"dataset": ("Dataset", "CacheDataset"), "dataloader": ("DataLoader", "ThreadDataLoader"),
@@ -488,6 +489,8 @@ def check_train_request(request: dict[str, Any], choices: dict[str, tuple[str, .
 'CacheDataset']
         >>> [check_train_request({"pretrained": v})["pretrained"] for v in (False, "false", "True")]
         [False, False, True]
+        >>> check_train_request({"use_unlabeled": "no"})["use_unlabeled"]
+        False
     """
     req = dict(request)
     for key, options in (CHOICES if choices is None else choices).items():
@@ -499,11 +502,12 @@ def check_train_request(request: dict[str, Any], choices: dict[str, tuple[str, .
     name = req.get("name")  # the run folder under the model dir (MONAI Label joins it to that path as it comes)
     if name is not None and (not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name)):
         raise ConfigError(f"train request: name={name!r} must be a folder name (letters, digits, '_', '.', '-')")
-    flag = req.get("pretrained")  # false: a run from scratch (:meth:`CrossModalTrain.load_path`)
-    if isinstance(flag, str):
-        if flag.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ConfigError(f"train request: pretrained={flag!r} must be true or false")
-        req["pretrained"] = flag.strip().lower() in ("true", "1", "yes")
+    for key in FLAGS:  # pretrained false: a run from scratch (:meth:`CrossModalTrain.load_path`)
+        flag = req.get(key)
+        if isinstance(flag, str):
+            if flag.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ConfigError(f"train request: {key}={flag!r} must be true or false")
+            req[key] = flag.strip().lower() in ("true", "1", "yes")
     checks = [(key, int, lambda x: x >= 1, "a positive integer") for key in POSITIVE_INTS]
     checks += [("learning_rate", float, lambda x: x > 0, "a number > 0"),
                ("val_split", float, lambda x: 0 <= x < 1, "a number in [0, 1)")]
@@ -787,7 +791,7 @@ class CrossModalTrain(BasicTrainTask):
             items.append({"image": d["image"], "label": d["label"], "label_kind": kind})
         if not items:
             raise ValueError("no case has a final label yet: save at least one label before training")
-        use = str(request.get("use_unlabeled", self.cfg.train.consistency.unlabeled)).lower() in ("true", "1", "yes")
+        use = bool(request.get("use_unlabeled", self.cfg.train.consistency.unlabeled))  # check_train_request read it
         if self.hybrid and use:
             for image_id in datastore.get_unlabeled_images():
                 items.append({"image": datastore.get_image_uri(image_id), "label_kind": UNLABELED})
