@@ -205,6 +205,10 @@ def test_strategy_hands_each_case_to_one_client_and_cold_starts_on_diversity(app
     # cold start: no model, so the scoring stores image descriptors only; picks are diverse, not random
     cold = CrossModalScoring(CFG, type("NoModel", (), {"get_path": lambda self: None})(), str(tmp_path / "c"))
     assert cold({}, store)["model"] is False
+    with pytest.raises(HTTPException) as bad:  # checked before a case is read (was torch's own error, a 500)
+        cold({"device": "tpu"}, store)
+    assert (bad.value.status_code, bad.value.detail) == (422, "scoring request: device 'tpu' must be cpu, cuda or "
+                                                              "cuda:<index>")
     first = strategy({"client_id": "A"}, store)
     assert first["cold_start"] is True and first["id"] in store.get_unlabeled_images()
     # hand-out lock: client B never gets A's case within the window; every case goes to one client only
@@ -214,6 +218,14 @@ def test_strategy_hands_each_case_to_one_client_and_cold_starts_on_diversity(app
         assert pick["id"] not in given
         given[pick["id"]] = client
     assert strategy({"client_id": "E"}, store) is None  # all 4 unlabelled cases held by others
+    # per request, refine_sparse as a form or URL sends it: "false" is false (bool("false") handed the sparse case out)
+    sparse_case = next(i for i in store.get_labeled_images() if store.label_kind(i) == "sparse")
+    assert strategy({"client_id": "E", "refine_sparse": "false"}, store) is None
+    assert strategy({"client_id": "E", "refine_sparse": "True"}, store)["id"] == sparse_case
+    with pytest.raises(HTTPException) as bad:
+        strategy({"client_id": "F", "refine_sparse": "maybe"}, store)
+    assert bad.value.status_code == 422
+    assert bad.value.detail == "activelearning request: refine_sparse='maybe' must be true or false"
     assert strategy({"client_id": "A"}, store)["id"] == first["id"]  # A still gets its own case back
     info = store.get_image_info(first["id"])[HANDOUT_KEY]
     assert info["client"] == "A" and time.time() - info["ts"] < 60

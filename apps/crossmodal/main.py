@@ -8,7 +8,7 @@ import crossmodal
 from crossmodal.inference import configure_threads
 from crossmodal.io import CaseError, user_error_in
 from crossmodal.serving.activelearning import RandomStrategy
-from crossmodal.serving.app import AppParts, check_infer_request, not_served
+from crossmodal.serving.app import AppParts, check_infer_request, conf_flag, not_served
 from crossmodal.serving.datastore import http_error
 from crossmodal.serving.dicomweb import labels_onto_grid
 from monailabel.interfaces.app import MONAILabelApp
@@ -22,7 +22,7 @@ class MyApp(MONAILabelApp):
         configure_threads()
         self.parts = AppParts.from_conf(app_dir, conf, pacs=studies.startswith(("http://", "https://")))
         self._infer_tasks = {m.name: self.parts.infer(m) for m in self.parts.models}
-        self._epistemic = self.parts.epistemic() if conf.get("epistemic", "false").lower() == "true" else None
+        self._epistemic = self.parts.epistemic() if conf_flag(conf, "epistemic") else None
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="crossmodal",
                          description="Label-efficient multimodal segmentation", version=crossmodal.__version__)
 
@@ -72,7 +72,7 @@ class MyApp(MONAILabelApp):
 
     def init_infers(self):
         infers = {**self._infer_tasks, "grow_scribbles": self.parts.grow()}
-        if self.conf.get("benchmark_pipelines", "false").lower() == "true":
+        if conf_flag(self.conf, "benchmark_pipelines"):
             from crossmodal.serving.radiology import RadiologyInfer
 
             infers["radiology_unet"] = RadiologyInfer(self.parts.cfg)

@@ -54,6 +54,40 @@ def as_number(value: Any, kind: type = int) -> int | float | None:
     return int(number) if kind is int else number
 
 
+def as_flag(value: Any) -> bool | None:
+    """``value`` (a bool or its text: true / false, 1 / 0, yes / no, any case, as forms, URLs and ``--conf`` send
+    it) as a bool; None when it is neither (a bare ``bool("false")`` is True). Callers name the key.
+
+    Example:
+        >>> [as_flag(v) for v in (True, "false", " Yes", "0", 1, "maybe", None)]
+        [True, False, True, False, True, None, None]
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower() if isinstance(value, str) else None
+    return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text or "")
+
+
+def as_device(value: Any) -> str | None:
+    """A request's ``device`` (``cpu``, ``cuda``, ``cuda:<index>``; a list: its first item, as MONAI Label reads
+    it) or None when absent; ConfigError otherwise.
+
+    Example:
+        >>> [as_device(v) for v in (None, "cpu", ["cuda:1", "cpu"])]
+        [None, 'cpu', 'cuda:1']
+        >>> as_device("tpu")
+        Traceback (most recent call last):
+        ...
+        crossmodal.config.ConfigError: device 'tpu' must be cpu, cuda or cuda:<index>
+    """
+    device = value[0] if isinstance(value, list) and value else value
+    if device is not None and not (isinstance(device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", device)):
+        raise ConfigError(f"device {device!r} must be cpu, cuda or cuda:<index>")
+    return device
+
+
 @dataclass
 class ModalityConfig:
     """One imaging modality. ``kind`` picks the normalisation: CT windowing, MR/PET z-score."""

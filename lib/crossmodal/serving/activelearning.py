@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 from crossmodal.active import combine, image_descriptor, score_image, scoring_input, select
-from crossmodal.config import CrossModalConfig
+from crossmodal.config import ConfigError, CrossModalConfig, as_device, as_flag
 from crossmodal.io import CaseError, case_id_of, cause_of_type, find_case
-from crossmodal.serving.datastore import CrossModalDatastore
+from crossmodal.serving.datastore import CrossModalDatastore, http_error
 from crossmodal.transforms import preprocessing
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
@@ -120,7 +120,10 @@ class CrossModalScoring(ScoringMethod):
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         path = self.infer_task.get_path()
-        device = request.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = as_device(request.get("device")) or ("cuda" if torch.cuda.is_available() else "cpu")
+        except ConfigError as e:  # before any case is read
+            raise http_error(e, prefix="scoring request: ") from None
         network = self.infer_task._get_network(device, {}) if path else None  # MONAI Label's cached loader
         model_ts = os.path.getmtime(path) if path else 0.0
         if network is not None:
@@ -161,7 +164,11 @@ class CrossModalStrategy(Strategy):
         a = self.cfg.active
         client = str(request.get("client_id") or "anonymous")
         now = time.time()
-        pool = candidates(datastore, bool(request.get("refine_sparse", a.refine_sparse)))
+        refine = as_flag(request.get("refine_sparse", a.refine_sparse))  # bool("false") would be True
+        if refine is None:
+            raise http_error(ValueError(f"refine_sparse={request['refine_sparse']!r} must be true or false"),
+                             prefix="activelearning request: ")
+        pool = candidates(datastore, refine)
         infos = {i: datastore.get_image_info(i) for i in pool}
         held = {i: info.get(HANDOUT_KEY) or {} for i, info in infos.items()}
         recent = {i for i, h in held.items() if now - float(h.get("ts", 0)) < a.handout_window_s}

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from crossmodal.config import ConfigError, CrossModalConfig, as_number, load_config, parse_mirror_axes
+from crossmodal.config import ConfigError, CrossModalConfig, as_flag, as_number, load_config, parse_mirror_axes
 from crossmodal.nets import build_network, check_weights
 from crossmodal.serving.activelearning import CrossModalScoring, CrossModalStrategy
 from crossmodal.serving.datastore import CrossModalDatastore
@@ -54,6 +54,25 @@ def conf_number(conf: dict[str, str], key: str, kind: type = int, default: float
     if value is None or not (value > 0 or (zero and value == 0)):
         raise ConfigError(f"--conf {key} {raw!r}: must be a {'non-negative' if zero else 'positive'} {kind.__name__}")
     return value
+
+
+def conf_flag(conf: dict[str, str], key: str) -> bool:
+    """``--conf key true|false`` (absent: false); ConfigError naming the key for anything else (``yes``-like
+    spellings as :func:`crossmodal.config.as_flag` reads them).
+
+    Example:
+        >>> conf_flag({"epistemic": "True"}, "epistemic"), conf_flag({}, "epistemic")
+        (True, False)
+        >>> conf_flag({"epistemic": "on"}, "epistemic")
+        Traceback (most recent call last):
+        ...
+        crossmodal.config.ConfigError: --conf epistemic 'on': must be true or false
+    """
+    raw = conf.get(key)
+    flag = False if raw in (None, "") else as_flag(raw)
+    if flag is None:
+        raise ConfigError(f"--conf {key} {raw!r}: must be true or false")
+    return flag
 
 
 def not_served(kind: str, name: object, served: Iterable[str]) -> HTTPException:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from crossmodal.config import ConfigError, CrossModalConfig, as_number, parse_mirror_axes
+from crossmodal.config import ConfigError, CrossModalConfig, as_device, as_number, parse_mirror_axes
 from crossmodal.inference import NetworkInferer
 from crossmodal.io import IMAGE_EXTENSIONS, CaseError, case_id_of, cause_of_type, save_volume
 from crossmodal.nets import CrossModalNet, unwrap
@@ -169,15 +168,12 @@ class CrossModalInfer(BasicInferTask):
             raise http_error(ValueError(f"mc_samples={req.get('mc_samples')!r} must be an integer from 1 to "
                                         f"{MAX_MC_SAMPLES}"), prefix=case)
         req["mc_samples"] = samples
-        device = req.get("device")
-        device = device[0] if isinstance(device, list) and device else device  # a list: its first, as upstream
-        if device is not None and not (isinstance(device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", device)):
-            raise http_error(ValueError(f"device {device!r} must be cpu, cuda or cuda:<index>"), prefix=case)
-        if "mirror_axes" in req:  # checked (and parsed) before anything is read
-            try:
+        try:
+            as_device(req.get("device"))
+            if "mirror_axes" in req:  # checked (and parsed) before anything is read
                 req["mirror_axes"] = parse_mirror_axes(req["mirror_axes"])
-            except ConfigError as e:
-                raise http_error(e, prefix=case) from None
+        except ConfigError as e:
+            raise http_error(e, prefix=case) from None
         try:
             return super().__call__(req, callbacks)
         except Exception as e:  # a CaseError, or one that MONAI's transforms wrapped: 422 naming case and file

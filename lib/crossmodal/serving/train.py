@@ -48,6 +48,7 @@ from crossmodal.config import (
     MISSING_POLICIES,
     ConfigError,
     CrossModalConfig,
+    as_flag,
     as_number,
     atomic_write_bytes,
     atomic_write_text,
@@ -503,11 +504,11 @@ def check_train_request(request: dict[str, Any], choices: dict[str, tuple[str, .
     if name is not None and (not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name)):
         raise ConfigError(f"train request: name={name!r} must be a folder name (letters, digits, '_', '.', '-')")
     for key in FLAGS:  # pretrained false: a run from scratch (:meth:`CrossModalTrain.load_path`)
-        flag = req.get(key)
-        if isinstance(flag, str):
-            if flag.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ConfigError(f"train request: {key}={flag!r} must be true or false")
-            req[key] = flag.strip().lower() in ("true", "1", "yes")
+        if req.get(key) is not None:
+            flag = as_flag(req[key])
+            if flag is None:
+                raise ConfigError(f"train request: {key}={req[key]!r} must be true or false")
+            req[key] = flag
     checks = [(key, int, lambda x: x >= 1, "a positive integer") for key in POSITIVE_INTS]
     checks += [("learning_rate", float, lambda x: x > 0, "a number > 0"),
                ("val_split", float, lambda x: 0 <= x < 1, "a number in [0, 1)")]
