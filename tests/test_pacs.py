@@ -83,6 +83,33 @@ def test_label_seg_round_trip_keeps_values_kind_and_marked_background(tmp_path):
         seg_to_label(seg, CFG.labels, affine @ np.diag([1.0, 1.0, 0.5, 1.0]), (16, 12, 4))
 
 
+def test_to_dicom_writes_nrrd_cases_as_it_writes_nifti_ones(tmp_path):
+    """``crossmodal data to-dicom`` on the same case saved as NRRD and as NIfTI: the same series, slice by slice
+    (nibabel alone read no NRRD: the command stopped on its first case with "Cannot work out file type")."""
+    def dicom_of(ext: str) -> dict[tuple[str, int], pydicom.Dataset]:
+        studies = tmp_path / ext.split(".")[1]
+        generate(studies, CFG, lambda rng: make_phantom(CFG, rng, size=24), 1, 5, "phantom", dense=1, ext=ext)
+        out = subprocess.run([sys.executable, "-m", "crossmodal.cli", "data", "to-dicom", "--studies", str(studies),
+                              "--config", "phantom", "--out", str(studies / "dcm")], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert [json.loads(line)["series"] for line in out.stdout.splitlines()] == [["ct", "mr", "pet"]]
+        files = (studies / "dcm" / "phantom000").glob("*/*.dcm")
+        return {(f.parent.name, int(ds.InstanceNumber)): ds for f in files if (ds := pydicom.dcmread(str(f)))}
+
+    nifti, nrrd_ = dicom_of(".nii.gz"), dicom_of(".nrrd")
+    assert sorted(nifti) == sorted(nrrd_) and {k[0] for k in nifti} == {"ct", "pet", "mr"}
+    for key, a in nifti.items():
+        b = nrrd_[key]
+        np.testing.assert_array_equal(a.pixel_array, b.pixel_array, err_msg=str(key))
+        assert (a.RescaleSlope, a.RescaleIntercept) == (b.RescaleSlope, b.RescaleIntercept)
+        np.testing.assert_allclose([*a.ImagePositionPatient, *a.ImageOrientationPatient, *a.PixelSpacing],
+                                   [*b.ImagePositionPatient, *b.ImageOrientationPatient, *b.PixelSpacing], atol=1e-4)
+    assert nifti["ct", 1].RescaleSlope == 1  # CT in whole HU stays exact
+    seg_nifti = pydicom.dcmread(str(tmp_path / "nii" / "dcm" / "phantom000" / "seg.dcm"))
+    seg_nrrd = pydicom.dcmread(str(tmp_path / "nrrd" / "dcm" / "phantom000" / "seg.dcm"))
+    np.testing.assert_array_equal(seg_nifti.pixel_array, seg_nrrd.pixel_array)
+
+
 def test_studies_map_series_to_modalities_by_modality_and_description():
     mods = [ModalityConfig("ct", "ct"), ModalityConfig("pet", "pet"), ModalityConfig("mr", "mr")]
     series = [Series("s1", "A", "CT", "ct", 1), Series("s2", "A", "PT", "pet", 2), Series("s3", "A", "SEG", "x", 9),

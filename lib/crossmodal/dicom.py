@@ -246,7 +246,7 @@ def temp_path(suffix: str) -> str:
     return path
 
 
-def case_to_dicom(case_id: str, files: dict[str, str], cfg: CrossModalConfig, out: str | os.PathLike[str],
+def case_to_dicom(case_id: str, files: dict[str, str | None], cfg: CrossModalConfig, out: str | os.PathLike[str],
                   label: str | None = None, label_kind: str = "dense") -> dict[str, Path]:
     """Write one case as one study: a series per modality present in ``files`` (name -> NIfTI/NRRD path, config
     order, the primary first) under ``<out>/<case>/<name>/``, and its label as SEG at ``<out>/<case>/seg.dcm``.
@@ -254,7 +254,7 @@ def case_to_dicom(case_id: str, files: dict[str, str], cfg: CrossModalConfig, ou
     Series get SeriesNumber = modality position + 1 and SeriesDescription = the modality name, which the
     config's default matching rules find again. Returns the written folders (and ``seg``) by name.
     """
-    import nibabel as nib
+    from crossmodal.io import CaseError, load_volume
 
     study = new_study(case_id)
     root = Path(out) / case_id
@@ -262,12 +262,17 @@ def case_to_dicom(case_id: str, files: dict[str, str], cfg: CrossModalConfig, ou
     for n, m in enumerate(cfg.modalities):
         if files.get(m.name) is None:
             continue
-        img = nib.load(str(files[m.name]))
-        arr = np.asarray(img.dataobj)
-        if arr.ndim != 3:
-            raise ValueError(f"case {case_id!r}: {files[m.name]}: expected a 3D volume, got shape {arr.shape}")
+        path = files[m.name]
+        img = load_volume(path, case_id)  # MONAI's readers: NIfTI and NRRD (nibabel alone read no NRRD)
+        if img.shape[0] != 1:
+            raise CaseError(case_id, path, f"expected a 3D volume, got shape {tuple(img.shape[1:])} with "
+                                           f"{img.shape[0]} channels")
+        arr = img[0].numpy()
+        if np.array_equal(arr, np.rint(arr)):  # whole numbers (CT in HU, a scanner's MR) stay exact, slope 1
+            arr = arr.astype(np.int32)
         window = m.window if m.kind == "ct" else None
-        write_series(volume_to_series(arr, img.affine, m.dicom_modality, study, n + 1, m.name, window), root / m.name)
+        series = volume_to_series(arr, img.affine.double().numpy(), m.dicom_modality, study, n + 1, m.name, window)
+        write_series(series, root / m.name)
         written[m.name] = root / m.name
     if label is not None:
         primary = cfg.modality_names[0]

@@ -31,6 +31,7 @@ import random
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -197,13 +198,14 @@ class LearningCurve:
     With a :class:`StartingScore`, the starting model's score is an epoch-0 row."""
 
     def __init__(self, output_dir: str, evaluator: Engine | None = None, start: StartingScore | None = None) -> None:
-        self.dir, self.evaluator, self.start, self.history = Path(output_dir), evaluator, start, []
+        self.dir, self.evaluator, self.start = Path(output_dir), evaluator, start
+        self.history: list[dict[str, Any]] = []
 
     def attach(self, trainer: Engine) -> None:  # after MONAI's ValidationHandler: this epoch's validation is in
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
         trainer.add_event_handler(Events.COMPLETED, self.completed)
 
-    def epoch_completed(self, engine: Engine) -> None:
+    def epoch_completed(self, engine: SupervisedTrainer) -> None:
         if not self.history and self.start is not None and self.start.score is not None:
             self.history.append({"epoch": 0, "iteration": 0, self.start.key: round(self.start.score, 5)})
         row: dict[str, Any] = {"epoch": engine.state.epoch, "iteration": engine.state.iteration,
@@ -286,7 +288,7 @@ class PseudoLabelRounds:
         return chosen
 
     @torch.no_grad()
-    def __call__(self, engine: Engine) -> None:
+    def __call__(self, engine: SupervisedTrainer) -> None:
         if not self.due(engine.state.iteration):
             return
         self.last = engine.state.iteration
@@ -509,7 +511,8 @@ def check_train_request(request: dict[str, Any], choices: dict[str, tuple[str, .
             if flag is None:
                 raise ConfigError(f"train request: {key}={req[key]!r} must be true or false")
             req[key] = flag
-    checks = [(key, int, lambda x: x >= 1, "a positive integer") for key in POSITIVE_INTS]
+    checks: list[tuple[str, type, Callable[[Any], bool], str]] = [
+        (key, int, lambda x: x >= 1, "a positive integer") for key in POSITIVE_INTS]
     checks += [("learning_rate", float, lambda x: x > 0, "a number > 0"),
                ("val_split", float, lambda x: 0 <= x < 1, "a number in [0, 1)")]
     for key, kind, inside, want in checks:
@@ -539,6 +542,7 @@ class CrossModalTrain(BasicTrainTask):
         )
         self.cfg = cfg
         self._start: StartingScore | None = None  # the running fine-tuning's (:meth:`finalize`)
+        self._pseudo_rounds: PseudoLabelRounds | None = None  # the running run's self-training rounds
 
     @property
     def hybrid(self) -> bool:
@@ -615,6 +619,7 @@ class CrossModalTrain(BasicTrainTask):
                 if teacher is None:
                     teacher = engine.state.teacher = EMATeacher(engine.network, cc.teacher_decay)
                 if engine.state.iteration > cc.copy_paste_start:
+                    assert has_u is not None  # unlabeled is not empty
                     xl, yl = labeled[0]
                     n = min(len(xl), len(unlabeled[0]))
                     pseudo = teacher.pseudo_label(unlabeled[0][:n], cc.pseudo_threshold, has_u[:n])
@@ -625,10 +630,10 @@ class CrossModalTrain(BasicTrainTask):
                     has.append(torch.cat([both, both]))
                     engine.state.metrics["pseudo_confident"] = round(float((pseudo != IGNORE_INDEX).float().mean()), 4)
             n_mixed = sum(len(t[0]) for t in labeled) - n_real
-            if refined is not None and bool((refined != IGNORE_INDEX).any()):  # self-training: they supervise
-                labeled.append((unlabeled[0], refined))
+            if refined is not None and has_u is not None and bool((refined != IGNORE_INDEX).any()):  # self-training
+                labeled.append((unlabeled[0], refined))  # they supervise
                 has.append(has_u)
-            present = torch.cat(has + ([has_u] if unlabeled else [])) if crossmodal else None
+            present = torch.cat(has + ([has_u] if has_u is not None else [])) if crossmodal else None
             present = None if present is None or bool(present.all()) else present
             x, y, n_lab, n_plain, aug = hybrid_batch(labeled, unlabeled, gen, augment=self.hybrid,
                                                      modality_dropout=cc.modality_dropout, present=present)
@@ -679,8 +684,8 @@ class CrossModalTrain(BasicTrainTask):
             if context.multi_gpu and len(items) >= context.world_size:
                 items = partition_dataset(items, num_partitions=context.world_size, even_divisible=True,
                                           shuffle=False)[context.local_rank]
+            store: dict[str, torch.Tensor] | None = None  # labels made before training (atlas, stroke transfer)
             if source == UNLABELED:
-                store = None
                 cons = self.cfg.train.consistency
                 dense = self.hybrid and DENSE in labeled_sources  # pseudo-labels need dense labels
                 start_from = self.finetuning(context)
@@ -702,7 +707,6 @@ class CrossModalTrain(BasicTrainTask):
                 caps[source] = math.ceil(most / batch)
                 walked = len(items) > most  # read in turn over the epochs: caching the pool would only cost memory
             else:
-                store = None
                 cons = self.cfg.train.consistency
                 if source == SPARSE and cons.atlas_sparse:  # any network: the labels, not the losses
                     start_from = self.finetuning(context)
@@ -734,7 +738,7 @@ class CrossModalTrain(BasicTrainTask):
                 handlers.append(LatestModel(context.network, os.path.join(context.output_dir,
                                                                            self._key_metric_filename)))
         self._load_checkpoint(context, handlers)
-        self._pseudo_rounds: PseudoLabelRounds | None = None
+        self._pseudo_rounds = None
         loader = self.train_data_loader(context)
         trainer = SupervisedTrainer(
             device=context.device, max_epochs=context.max_epochs, train_data_loader=loader,
