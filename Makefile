@@ -66,9 +66,11 @@ pacs: install data
 
 lint: install
 	$(BIN)/ruff check lib apps tests bench
+	$(BIN)/mypy
 
 test: install $(SPM)
 	$(BIN)/ruff check lib apps tests bench
+	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Benchmarks (bench/README.md) write to bench/results, QUICK=1 checks to bench/results/quick (the full runs' figures

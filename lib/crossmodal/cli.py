@@ -127,7 +127,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     for case in args.cases or []:
         if case not in found:
             raise CaseError(case, studies / FINAL_LABELS, "has no final label to propagate")
-    load, out, summary = LoadCased(cfg), Path(args.out), {"grown": [], "kept_as_drawn": [], "dense": []}
+    load, out = LoadCased(cfg), Path(args.out)
+    summary: dict[str, list[str]] = {"grown": [], "kept_as_drawn": [], "dense": []}
     for case in tqdm(args.cases or sorted(found), desc="propagate", unit="case"):
         label_file = found[case]
         image_file = next((f for f in sorted(studies.glob(f"{case}.*")) if f.name.lower().endswith(IMAGE_EXTENSIONS)
@@ -371,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crossmodal", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     data = sub.add_parser("data", help="make, convert and sparsify data sets")
-    data = data.add_subparsers(dest="what", required=True)
+    data_sub = data.add_subparsers(dest="what", required=True)
 
     def gen_args(q: argparse.ArgumentParser, prefix: str) -> None:
         q.add_argument("--out", required=True, help="studies folder to write")
@@ -388,22 +389,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated cycle of case variants by case index; phantom: typical, cold_lesion (no"
                             " tracer uptake in the lesion), other_mr_weighting; brain: typical, t2_flair")
 
-    q = data.add_parser("phantom", help="synthetic CT/PET/MR phantoms")
+    q = data_sub.add_parser("phantom", help="synthetic CT/PET/MR phantoms")
     gen_args(q, "phantom")
     q.add_argument("--size", type=int, default=48, help="primary grid size per axis")
     q.set_defaults(func=cmd_phantom)
 
-    q = data.add_parser("fetch-spm", help="download the SPM12 wheel (set-up time), check sha256, extract templates")
+    q = data_sub.add_parser("fetch-spm", help="download the SPM12 wheel (set-up time), check sha256, extract templates")
     q.add_argument("--out", required=True)
     q.add_argument("--wheel", help="an already downloaded wheel")
     q.set_defaults(func=cmd_fetch_spm)
 
-    q = data.add_parser("brain", help="real SPM12 T1/T2/PD brain cases")
+    q = data_sub.add_parser("brain", help="real SPM12 T1/T2/PD brain cases")
     gen_args(q, "brain")
     q.add_argument("--templates", required=True, help="folder written by fetch-spm")
     q.set_defaults(func=cmd_brain)
 
-    q = data.add_parser("sparsify", help="simulate scribbles or painted slices from a dense label")
+    q = data_sub.add_parser("sparsify", help="simulate scribbles or painted slices from a dense label")
     q.add_argument("--label", required=True)
     q.add_argument("--out", required=True)
     q.add_argument("--mode", default="scribbles", choices=("scribbles", "slices"))
@@ -413,20 +414,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config")
     q.set_defaults(func=cmd_sparsify)
 
-    q = data.add_parser("import-nnunet", help="nnU-Net v2 raw dataset -> studies folder")
+    q = data_sub.add_parser("import-nnunet", help="nnU-Net v2 raw dataset -> studies folder")
     q.add_argument("--dataset", required=True)
     q.add_argument("--out", required=True)
     q.add_argument("--config")
     q.set_defaults(func=cmd_import)
 
-    q = data.add_parser("export-nnunet", help="studies folder -> nnU-Net v2 raw dataset")
+    q = data_sub.add_parser("export-nnunet", help="studies folder -> nnU-Net v2 raw dataset")
     q.add_argument("--studies", required=True)
     q.add_argument("--out", required=True)
     q.add_argument("--test", nargs="*", default=[], help="case ids for imagesTs/labelsTs")
     q.add_argument("--config")
     q.set_defaults(func=cmd_export)
 
-    q = data.add_parser("to-dicom", help="studies folder -> DICOM: one study per case, one series per modality, "
+    q = data_sub.add_parser("to-dicom", help="studies folder -> DICOM: one study per case, one series per modality, "
                                          "labels as SEG; optionally stored in a DICOMweb server")
     q.add_argument("--studies", required=True)
     q.add_argument("--out", help="folder for <case>/<modality>/*.dcm and <case>/seg.dcm (default: temp, removed)")

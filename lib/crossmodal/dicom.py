@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from crossmodal.config import CrossModalConfig, LabelConfig
 
@@ -75,7 +75,7 @@ def volume_to_series(array: np.ndarray, affine: np.ndarray, modality: str, study
     out = []
     for k in range(array.shape[2]):
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = SOP_CLASS[modality]
+        meta.MediaStorageSOPClassUID = UID(SOP_CLASS[modality])
         meta.MediaStorageSOPInstanceUID = generate_uid()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = Dataset()
@@ -84,7 +84,7 @@ def volume_to_series(array: np.ndarray, affine: np.ndarray, modality: str, study
         for key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID",
                     "StudyDate", "StudyTime", "StudyDescription", "AccessionNumber", "ReferringPhysicianName"):
             if key in study:
-                setattr(ds, key, study.data_element(key).value)
+                setattr(ds, key, study[key].value)
         ds.SOPClassUID, ds.SOPInstanceUID = SOP_CLASS[modality], meta.MediaStorageSOPInstanceUID
         ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = modality, series_uid, series_number
         ds.SeriesDescription, ds.FrameOfReferenceUID = description, frame_uid
@@ -260,9 +260,9 @@ def case_to_dicom(case_id: str, files: dict[str, str | None], cfg: CrossModalCon
     root = Path(out) / case_id
     written: dict[str, Path] = {}
     for n, m in enumerate(cfg.modalities):
-        if files.get(m.name) is None:
+        path = files.get(m.name)
+        if path is None:
             continue
-        path = files[m.name]
         img = load_volume(path, case_id)  # MONAI's readers: NIfTI and NRRD (nibabel alone read no NRRD)
         if img.shape[0] != 1:
             raise CaseError(case_id, path, f"expected a 3D volume, got shape {tuple(img.shape[1:])} with "

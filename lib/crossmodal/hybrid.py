@@ -157,7 +157,7 @@ def hybrid_batch(labeled: list[tuple[torch.Tensor, torch.Tensor]], unlabeled: li
     source = plain[len(plain) - n_source :]
     aug = Augmentation.sample(len(source), plain.device, generator, modalities=plain.shape[1],
                               modality_dropout=modality_dropout)
-    if present is not None:
+    if present is not None and aug.present is not None:  # sample() sets aug.present
         own = present[len(plain) - n_source :].to(torch.bool).cpu()
         kept = own & aug.present
         aug.present = torch.where(kept.any(1, keepdim=True), kept, own)
@@ -283,7 +283,7 @@ class MultiSourceLoader:
 
     def __iter__(self) -> Iterator[dict[str, object]]:
         steps = len(self)
-        iters = {k: self._carried.pop(k, None) or iter(v) for k, v in self.loaders.items()}
+        iters = {k: self._carried.pop(k) if k in self._carried else iter(v) for k, v in self.loaders.items()}
         for _ in range(steps):
             batch = {}
             for k, loader in self.loaders.items():

@@ -5,11 +5,12 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer, SlidingWindowInferer
+from monai.utils import ensure_tuple_rep
 from torch import nn
 
 from crossmodal.config import InferConfig
@@ -63,9 +64,10 @@ class NetworkInferer(Inferer):
         if bool((rows == rows[0]).all()):
             return self._run(inputs, network, None if bool(rows[0].all()) else rows[0].tolist())
         outs = [self._run(inputs[i : i + 1], network, rows[i].tolist()) for i in range(len(rows))]
-        if isinstance(outs[0], dict):
-            return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
-        return torch.cat(outs)
+        dicts = [o for o in outs if isinstance(o, dict)]
+        if dicts:
+            return {k: torch.cat([o[k] for o in dicts]) for k in dicts[0]}
+        return torch.cat([o for o in outs if isinstance(o, torch.Tensor)])
 
     def _run(self, inputs: torch.Tensor, network: nn.Module, present: Sequence[bool] | None
              ) -> dict[str, torch.Tensor] | torch.Tensor:
@@ -90,14 +92,14 @@ class NetworkInferer(Inferer):
         else:
             def run(x: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
                 return predict(network, x, present, self.heads, self.mc_dropout)
-        roi = self.window.roi_size
+        roi = ensure_tuple_rep(self.window.roi_size, inputs.ndim - 2)
         if all(n <= r for n, r in zip(inputs.shape[2:], roi, strict=True)):
             return single_window(inputs, roi, run)
         # MONAI 1.5's sliding window indexes with a list, which torch warns about (the tests check its output
         # against the truth with the pinned torch): kept out of the server's log
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
-            return self.window(inputs, run)
+            return cast("dict[str, torch.Tensor] | torch.Tensor", self.window(inputs, run))
 
 
 def single_window(inputs: torch.Tensor, roi: Sequence[int], run: Callable[[torch.Tensor], Any]) -> Any:

@@ -171,7 +171,7 @@ def resample_to(img: MetaTensor, ref: MetaTensor, mode: str = "bilinear") -> Met
     if img.shape[1:] == ref.shape[1:] and torch.allclose(img.affine.double(), ref.affine.double(), atol=1e-4):
         return img
     # align_corners=False is MONAI's voxel-centre convention: exact in physical space (tests/test_io.py)
-    out = ResampleToMatch(mode=mode, padding_mode="zeros", align_corners=False, dtype=torch.float32)(img, img_dst=ref)
+    out = ResampleToMatch(mode=mode, padding_mode="zeros", align_corners=False, dtype=np.float32)(img, img_dst=ref)
     return out  # type: ignore[return-value]
 
 

@@ -203,13 +203,13 @@ class InterModalConsistencyLoss(nn.Module):
     def forward(self, fused: torch.Tensor, per_modality: dict[str, torch.Tensor],
                 present: Presence | None = None) -> torch.Tensor:
         rows = {name: present_rows(present, name, len(fused)) for name in per_modality}
-        heads = {name: h for name, h in per_modality.items() if rows[name] is None or bool(rows[name].any())}
+        heads = {name: h for name, h in per_modality.items() if (r := rows[name]) is None or bool(r.any())}
         if not heads:
             return fused.sum() * 0.0
         if self.mode == "dice":
             pf = torch.softmax(fused, 1)
-            return torch.stack([soft_dice_distance(torch.softmax(h, 1), pf) if rows[n] is None else
-                                soft_dice_distance(torch.softmax(h[rows[n]], 1), pf[rows[n]])
+            return torch.stack([soft_dice_distance(torch.softmax(h, 1), pf) if (r := rows[n]) is None else
+                                soft_dice_distance(torch.softmax(h[r], 1), pf[r])
                                 for n, h in heads.items()]).mean()
         shape = (len(fused),) + (1,) * (fused.ndim - 1)
         with torch.no_grad():
@@ -218,7 +218,7 @@ class InterModalConsistencyLoss(nn.Module):
                 mean = probs.mean(0)
             else:  # each sample's mean over the fused output and the heads of the modalities it has
                 every = torch.ones(len(fused), dtype=torch.bool, device=fused.device)
-                w = torch.stack([every] + [every if rows[n] is None else rows[n].to(fused.device) for n in heads])
+                w = torch.stack([every] + [every if (r := rows[n]) is None else r.to(fused.device) for n in heads])
                 w = w.to(fused.dtype).view(len(w), *shape)
                 mean = (probs * w).sum(0) / w.sum(0)
             conf, pseudo = mean.max(1)
@@ -226,8 +226,8 @@ class InterModalConsistencyLoss(nn.Module):
         ce = PartialCrossEntropyLoss()
         terms = [ce(fused, pseudo)]
         for n, h in heads.items():  # a head is scored on its modality's samples only
-            terms.append(ce(h, pseudo) if rows[n] is None else
-                         ce(h, pseudo.masked_fill(~rows[n].view(shape[:1] + shape[2:]), IGNORE_INDEX)))
+            terms.append(ce(h, pseudo) if (r := rows[n]) is None else
+                         ce(h, pseudo.masked_fill(~r.view(shape[:1] + shape[2:]), IGNORE_INDEX)))
         return torch.stack(terms).mean()
 
 
@@ -280,8 +280,8 @@ class ChannelConsistencyLoss(nn.Module):
         terms = []
         for i in range(len(names)):
             for j in range(i + 1, len(names)):
-                both = rows[names[i]] if rows[names[j]] is None else \
-                    rows[names[j]] if rows[names[i]] is None else rows[names[i]] & rows[names[j]]
+                ri, rj = rows[names[i]], rows[names[j]]
+                both = ri if rj is None else rj if ri is None else ri & rj
                 if both is not None and not bool(both.any()):
                     continue
                 for a, b in zip(independent[names[i]], independent[names[j]], strict=True):

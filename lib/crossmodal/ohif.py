@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +20,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--no-first-run", "--disable-quic", "--disable-sync"]
 
 
-def coloured_pixels(png: bytes, boxes: list[dict]) -> int:
+def coloured_pixels(png: bytes, boxes: Sequence[Mapping[str, Any]]) -> int:
     """Clearly coloured pixels (max - min channel > 80) inside ``boxes`` (x, y, width, height) of a screenshot.
 
     Grey-scale images leave this near 0; a segmentation overlay adds its area.

@@ -124,7 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     server = Orthanc(args.storage, args.port).start()
     print(f"Orthanc on {server.url}, DICOMweb at {server.dicomweb}, storage {server.storage}", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: (server.stop(), sys.exit(0)))
+
+    def stop(*_: object) -> None:
+        server.stop()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         assert server.proc is not None
         server.proc.wait()

@@ -47,7 +47,7 @@ def sitk_image(values: np.ndarray, affine: np.ndarray) -> sitk.Image:
     return img
 
 
-def _matrix(tx: sitk.Transform) -> np.ndarray:
+def _matrix(tx: sitk.Euler3DTransform | sitk.TranslationTransform) -> np.ndarray:
     """A SimpleITK Euler3D / translation transform -> its 4 x 4 matrix (fixed point -> moving point)."""
     out = np.eye(4)
     if isinstance(tx, sitk.Euler3DTransform):

@@ -23,8 +23,8 @@ def axis_map(src_affine: np.ndarray, dst_affine: np.ndarray,
     return np.diag(lin).copy(), m[:3, 3].copy()
 
 
-def separable_resample(values: torch.Tensor, dst_shape: Sequence[int], scale: Sequence[float],
-                       offset: Sequence[float]) -> torch.Tensor:
+def separable_resample(values: torch.Tensor, dst_shape: Sequence[int], scale: Sequence[float] | np.ndarray,
+                       offset: Sequence[float] | np.ndarray) -> torch.Tensor:
     """Trilinear resampling of (C, h, w, d) to (C, *dst_shape); source index = scale * dst index + offset.
 
     Outside the source the border value is repeated.
@@ -59,8 +59,8 @@ def _taps(n_src: int, n_dst: int, s: float, o: float) -> tuple[torch.Tensor, tor
     return i0, i1, coords - i0
 
 
-def resample_argmax(values: torch.Tensor, dst_shape: Sequence[int], scale: Sequence[float],
-                    offset: Sequence[float], mixed_limit: float = 0.8) -> torch.Tensor:
+def resample_argmax(values: torch.Tensor, dst_shape: Sequence[int], scale: Sequence[float] | np.ndarray,
+                    offset: Sequence[float] | np.ndarray, mixed_limit: float = 0.8) -> torch.Tensor:
     """``argmax_channels(separable_resample(values, ...))`` without building the (C, *dst_shape) volume.
 
     Where all 8 source voxels around an output voxel share one argmax, the interpolated logits (a convex

@@ -222,10 +222,10 @@ def area_under_curve(xs: Sequence[float], ys: Sequence[float]) -> float:
         >>> area_under_curve([2, 4, 6], [0.5, 0.7, 0.7])
         0.65
     """
-    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
-    if len(xs) < 2 or xs[-1] == xs[0]:
-        return float(ys.mean()) if len(ys) else float("nan")
-    return round(float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2) / (xs[-1] - xs[0])), 6)
+    x, y = np.asarray(xs, float), np.asarray(ys, float)
+    if len(x) < 2 or x[-1] == x[0]:
+        return float(y.mean()) if len(y) else float("nan")
+    return round(float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2) / (x[-1] - x[0])), 6)
 
 
 def cases_to_reach(records: Sequence[dict], target: float) -> int | None:

@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -59,8 +59,9 @@ def working_grid(primary: MetaTensor, cfg: CrossModalConfig) -> MetaTensor:
     if np.allclose(current, cfg.data.spacing, atol=1e-3):
         return primary
     dst, shape = working_geometry(src, primary.shape[1:], cfg.data.spacing)
-    scale, offset = axis_map(src, dst)  # same axes by construction
-    values = separable_resample(primary.as_tensor().float(), shape, scale, offset)
+    mapping = axis_map(src, dst)
+    assert mapping is not None  # same axes by construction
+    values = separable_resample(primary.as_tensor().float(), shape, *mapping)
     out = MetaTensor(values, meta=primary.meta)
     out.affine = torch.as_tensor(dst)
     return out
@@ -100,8 +101,8 @@ def align_to_primary(source: MetaTensor, ref: MetaTensor, cfg: CrossModalConfig,
     if key is not None:
         key = (*key, cfg.data.register, cfg.data.register_max_mm, shape, affine.round(4).tobytes())
         with _MOTIONS_LOCK:
-            known = _MOTIONS.get(key, False)
-        if known is not False:
+            seen, known = key in _MOTIONS, _MOTIONS.get(key)
+        if seen:
             if known is None:
                 return resample_to(source, ref).as_tensor(), 0.0
             target = MetaTensor(torch.empty(1, *shape), affine=torch.as_tensor(known[0] @ affine))
@@ -110,7 +111,9 @@ def align_to_primary(source: MetaTensor, ref: MetaTensor, cfg: CrossModalConfig,
     if n > REGISTRATION_VOXELS:
         spacing = np.sqrt((affine[:3, :3] ** 2).sum(0)) * (n / REGISTRATION_VOXELS) ** (1 / 3)
         coarse_affine, coarse_shape = working_geometry(affine, shape, spacing)
-        fixed = separable_resample(ref.as_tensor()[:1].float(), coarse_shape, *axis_map(affine, coarse_affine))[0]
+        mapping = axis_map(affine, coarse_affine)
+        assert mapping is not None  # same axes by construction
+        fixed = separable_resample(ref.as_tensor()[:1].float(), coarse_shape, *mapping)[0]
     else:
         coarse_affine, coarse_shape, fixed = affine, shape, ref.as_tensor()[0]
     grid = MetaTensor(torch.empty(1, *coarse_shape), affine=torch.as_tensor(coarse_affine))
@@ -174,9 +177,9 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
                     out.as_tensor()[i : i + 1], shifts[m.name] = align_to_primary(chan, out, cfg)
         out.meta.update(grid, registered_mm=shifts)
         return out, [n for n in cfg.modality_names if n not in drop]
-    ref = working_grid(MetaTensor(normalize(primary, mods[0]).as_tensor(), meta=primary.meta), cfg)
+    ref = working_grid(MetaTensor(normalize(primary.as_tensor(), mods[0]), meta=primary.meta), cfg)
     zeros = torch.zeros_like(ref.as_tensor())
-    chans = {mods[0].name: ref.as_tensor() if mods[0].name not in drop else zeros}
+    by_name = {mods[0].name: ref.as_tensor() if mods[0].name not in drop else zeros}
     todo = []
     for m in mods[1:]:
         path = case.modalities.get(m.name)
@@ -186,7 +189,7 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
                             f"{case.case_id}/{m.name}.nii.gz (or .nii/.nrrd); add it, or use the case without it "
                             "(missing_modality zero_fill)")
         if path is None or m.name in drop:
-            chans[m.name] = zeros
+            by_name[m.name] = zeros
         else:
             todo.append((m, path))
 
@@ -195,7 +198,7 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
         vol = load_volume(path, case.case_id)
         if vol.shape[0] != 1:
             raise CaseError(case.case_id, path, f"expected one channel, got {vol.shape[0]}")
-        vol = MetaTensor(normalize(vol, m).as_tensor(), meta=vol.meta)
+        vol = MetaTensor(normalize(vol.as_tensor(), m), meta=vol.meta)
         if mods[0].name in drop:  # nothing to register to
             return resample_to(vol, ref).as_tensor(), 0.0
         return align_to_primary(vol, ref, cfg, key=(_file_key(case.primary), _file_key(path)))
@@ -205,12 +208,11 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
         done = list(pool.map(secondary, todo))
     shifts = {}
     for (m, _), (values, shift) in zip(todo, done, strict=True):
-        chans[m.name] = values
+        by_name[m.name] = values
         if mods[0].name not in drop:
             shifts[m.name] = shift
     used = ([mods[0].name] if mods[0].name not in drop else []) + [m.name for m, _ in todo]
-    chans = [chans[m.name] for m in mods]
-    image = MetaTensor(torch.cat(chans), meta=ref.meta)
+    image = MetaTensor(torch.cat([by_name[m.name] for m in mods]), meta=ref.meta)
     image.meta.update(grid, registered_mm=shifts)
     return image, used
 
@@ -218,16 +220,16 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
 def to_primary_grid(values: torch.Tensor, image: MetaTensor, mode: str = "bilinear") -> torch.Tensor:
     """Resample (C, h, w, d) values on ``image``'s working grid back onto its primary grid (C, H, W, D)."""
     dst_affine, dst_shape = image.meta.get("primary_affine"), image.meta.get("primary_shape")
-    if dst_affine is None or (tuple(dst_shape) == tuple(values.shape[1:])
+    if dst_affine is None or dst_shape is None or (tuple(dst_shape) == tuple(values.shape[1:])
                               and torch.allclose(image.affine.double(), dst_affine.double(), atol=1e-4)):
         return values
     mapping = axis_map(image.affine.double().numpy(), dst_affine.double().numpy())
     if mapping is not None and mode == "bilinear":
         return separable_resample(values.float(), tuple(int(v) for v in dst_shape), *mapping)
     src = MetaTensor(values.float(), affine=image.affine)
-    out = SpatialResample(mode=mode, padding_mode="border", align_corners=False, dtype=torch.float32)(
+    out = SpatialResample(mode=mode, padding_mode="border", align_corners=False, dtype=np.float32)(
         src, dst_affine=dst_affine, spatial_size=tuple(int(v) for v in dst_shape))
-    return out.as_tensor()
+    return cast(MetaTensor, out).as_tensor()
 
 
 def to_primary_labels(values: torch.Tensor, image: MetaTensor) -> torch.Tensor:
@@ -238,7 +240,7 @@ def to_primary_labels(values: torch.Tensor, image: MetaTensor) -> torch.Tensor:
     """
     dst_affine, dst_shape = image.meta.get("primary_affine"), image.meta.get("primary_shape")
     mapping = None if dst_affine is None else axis_map(image.affine.double().numpy(), dst_affine.double().numpy())
-    if mapping is None:
+    if mapping is None or dst_shape is None:
         return argmax_channels(to_primary_grid(values, image))
     return resample_argmax(values.float(), tuple(int(v) for v in dst_shape), *mapping)
 

@@ -76,7 +76,7 @@ def load_templates(template_dir: str | os.PathLike[str]) -> dict[str, Volume]:
         p = d / Path(rel).name
         if not p.is_file():
             raise FileNotFoundError(f"{p} is missing; run `make data` (it fetches {SPM_REQUIREMENT})")
-        img = nib.load(str(p))
+        img = nib.Nifti1Image.from_filename(str(p))
         vols[key] = Volume(np.asarray(img.dataobj, dtype=np.float32), img.affine)
     return vols
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from scipy.ndimage import map_coordinates, zoom
 
 
-def grid_affine(spacing: tuple[float, float, float], shape: tuple[int, int, int],
+def grid_affine(spacing: Sequence[float], shape: Sequence[int],
                 center: np.ndarray | None = None, rotation: np.ndarray | None = None) -> np.ndarray:
     """4x4 voxel-to-RAS affine of a grid with ``spacing`` (mm), centred on ``center``, axes ``rotation``."""
     rot = np.eye(3) if rotation is None else rotation
@@ -17,7 +19,7 @@ def grid_affine(spacing: tuple[float, float, float], shape: tuple[int, int, int]
     return a
 
 
-def world_points(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
+def world_points(shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
     """RAS coordinates (3, H, W, D) of every voxel centre of a grid."""
     ijk = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"))
     return np.einsum("ij,j...->i...", affine[:3, :3].astype(np.float32), ijk) + affine[:3, 3, None, None, None]

@@ -47,7 +47,7 @@ def generate(studies: str | os.PathLike[str], cfg: CrossModalConfig, make: Calla
     """
     if dense + sparse > cases:
         raise ValueError(f"dense ({dense}) + sparse ({sparse}) labels exceed the number of cases ({cases})")
-    records = []
+    records: list[dict[str, object]] = []
     for i in tqdm(range(cases), desc=f"{prefix} cases", unit="case"):
         rng = np.random.default_rng([seed, i])
         case_id = f"{prefix}{i:03d}"

@@ -32,6 +32,8 @@ class InputSelect(nn.Module):
     ``present`` (one flag per configured modality), when passed, is narrowed to the selected channels.
     """
 
+    index: torch.Tensor  # (len(index),) long, a buffer
+
     def __init__(self, net: nn.Module, index: Sequence[int]) -> None:
         super().__init__()
         self.net = net

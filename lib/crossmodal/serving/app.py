@@ -22,6 +22,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 from crossmodal.config import ConfigError, CrossModalConfig, as_flag, as_number, load_config, parse_mirror_axes
 from crossmodal.nets import build_network, check_weights
@@ -32,6 +33,13 @@ from crossmodal.serving.infer import CrossModalInfer
 from crossmodal.serving.train import CrossModalTrain
 from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore
+
+
+@overload
+def conf_number(conf: dict[str, str], key: str, kind: type = int, default: None = None,
+                zero: bool = False) -> float | None: ...
+@overload
+def conf_number(conf: dict[str, str], key: str, kind: type, default: float, zero: bool = False) -> float: ...
 
 
 def conf_number(conf: dict[str, str], key: str, kind: type = int, default: float | None = None,

@@ -120,11 +120,10 @@ class CrossModalInfer(BasicInferTask):
         used = set(data.get("modalities_used") or self.cfg.modality_names)
         inferer = NetworkInferer(self.cfg.infer, present=[m in used for m in self.cfg.modality_names],
                                  fused_only=True, mc_dropout=True)
-        probs = None
         with torch.no_grad():
-            for _ in range(samples):
-                p = torch.softmax(inferer(inputs, network)[0].float(), 0)
-                probs = p if probs is None else probs + p
+            probs = torch.softmax(inferer(inputs, network)[0].float(), 0)
+            for _ in range(samples - 1):
+                probs += torch.softmax(inferer(inputs, network)[0].float(), 0)
         data["mc_probs"] = (probs / samples).cpu()
         data[self.output_label_key] = {"fused": data["mc_probs"].clamp_min(1e-8).log()}
         return data

@@ -37,7 +37,7 @@ def method_config(preset: str, method: str, overrides: dict[str, Any] | None = N
     ``single_<modality>`` (that UNet on one modality). ``overrides`` are merged last."""
     cfg = load_config(preset, overrides=overrides)
     if method == "ours":
-        model = {"name": "crossmodal"}
+        model: dict[str, Any] = {"name": "crossmodal"}
     elif method == "baseline_unet":
         model = {"name": "baseline_unet"}
     elif method.startswith("single_") and method[len("single_"):] in cfg.modality_names:
@@ -180,7 +180,7 @@ def evaluate(studies: str, preset: str, model: str, device: str = "auto", out: s
     root = Path(studies)
     cases = held_out_cases(studies)
     names = list(cfg.labels.foreground)
-    records = []
+    records: list[dict[str, Any]] = []
     for truth_path in tqdm(cases, desc="evaluate", unit="case"):
         cid = case_id_of(truth_path)
         image = next(p for p in root.iterdir() if p.is_file() and case_id_of(p) == cid)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from crossmodal.config import CrossModalConfig
 from monai.data import MetaTensor
@@ -43,7 +44,7 @@ class RestoreToInput:
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         image = data["image"]
         label = MetaTensor(data["pred"].float(), affine=image.affine)
-        out = SpatialResample(mode="nearest", dtype=torch.float32)(
+        out = SpatialResample(mode="nearest", dtype=np.float32)(
             label, dst_affine=image.meta["original_affine"], spatial_size=tuple(image.meta["spatial_shape"]))
         data["pred"] = MetaTensor(out[0].to(torch.uint8), affine=image.meta["original_affine"])
         return data
