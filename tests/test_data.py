@@ -12,9 +12,10 @@ from conftest import make_phantom_studies
 from crossmodal.config import load_config
 from crossmodal.data.brain import SPM_SHA256, extract_templates, make_brain_case
 from crossmodal.data.brain import VARIANTS as BRAIN_VARIANTS
+from crossmodal.data.nnunet import export_nnunet, import_nnunet
 from crossmodal.data.phantom import VARIANTS, make_phantom
 from crossmodal.data.sparse import annotated_fraction, painted_slices, scribbles
-from crossmodal.io import find_case, load_volume
+from crossmodal.io import CaseError, find_case, load_volume, save_volume
 from crossmodal.labels import SPARSE, classify
 from crossmodal.transforms import load_case
 
@@ -170,6 +171,45 @@ def test_nnunet_export_import_roundtrip(tmp_path: Path, phantom_cfg):
         bad = subprocess.run([*CLI, "data", "import-nnunet", "--dataset", str(out), "--out", str(tmp_path / "x"),
                               "--config", "phantom"], capture_output=True, text=True)
         assert bad.returncode == 2 and bad.stderr.startswith(f"crossmodal: error: {out / 'dataset.json'}: {problem}")
+
+
+def test_nnunet_dataset_in_its_file_ending(tmp_path: Path, phantom_cfg):
+    """dataset.json's ``file_ending`` decides which files are cases (only .nii.gz were: an NRRD dataset imported
+    no case, silently); an ending our readers cannot take, a channel beyond channel_names and no case at all are
+    errors that name the file."""
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=3, dense=1, sparse=1)
+    nii = tmp_path / "nii"
+    export_nnunet(studies, nii, phantom_cfg, test_cases=("phantom002",))
+    ds = tmp_path / "nrrd"
+    for f in nii.rglob("*.nii.gz"):
+        vol = load_volume(f)
+        save_volume(ds / f.relative_to(nii).with_name(f.name.replace(".nii.gz", ".nrrd")), vol[0].numpy(),
+                    vol.affine.numpy())
+    meta = {**json.loads((nii / "dataset.json").read_text()), "file_ending": ".nrrd"}
+    (ds / "dataset.json").write_text(json.dumps(meta))
+    a = import_nnunet(nii, tmp_path / "a", phantom_cfg)
+    b = import_nnunet(ds, tmp_path / "b", phantom_cfg)
+    assert a == b == [{"case": "phantom000", "split": "train", "label": "dense"},
+                      {"case": "phantom001", "split": "train", "label": "sparse"},
+                      {"case": "phantom002", "split": "test", "label": None}]
+    for rel in ("labels/final/phantom001.nii.gz", "truth/phantom002.nii.gz", "modalities/phantom000/pet.nii.gz"):
+        np.testing.assert_array_equal(load_volume(tmp_path / "a" / rel).numpy(),
+                                      load_volume(tmp_path / "b" / rel).numpy())
+
+    (ds / "dataset.json").write_text(json.dumps({**meta, "file_ending": ".png"}))
+    with pytest.raises(ValueError, match=r"file_ending '.png' is not one of \['.nii.gz', '.nii', '.nrrd', '.mha'\]"):
+        import_nnunet(ds, tmp_path / "c", phantom_cfg)
+    (ds / "dataset.json").write_text(json.dumps(meta))
+    extra = ds / "imagesTr" / "phantom000_0003.nrrd"
+    extra.write_bytes((ds / "imagesTr" / "phantom000_0002.nrrd").read_bytes())
+    with pytest.raises(CaseError, match=r"case 'phantom000': .*phantom000_0003.nrrd: channel 0003 is not one of "
+                                        r"dataset.json's 3 channel_names \['ct', 'pet', 'mr'\]"):
+        import_nnunet(ds, tmp_path / "c", phantom_cfg)
+    for f in [*(ds / "imagesTr").iterdir(), *(ds / "imagesTs").iterdir()]:
+        f.unlink()
+    with pytest.raises(ValueError, match=r"no case in imagesTr or imagesTs \(files <case>_<XXXX>.nrrd"):
+        import_nnunet(ds, tmp_path / "c", phantom_cfg)
+    assert not (tmp_path / "c").exists()
 
 
 def test_cli_sparsify_reports_fraction_and_errors_name_the_file(tmp_path: Path, phantom_cfg):

@@ -22,7 +22,8 @@ from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR
 from crossmodal.io import CaseError, case_id_of, find_case, load_volume, resample_to, save_volume
 from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE, classify, from_training, to_training
 
-_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})\.nii\.gz$")
+# the ``file_ending`` values of dataset.json whose 3D volumes MONAI's readers open (nnU-Net also knows 2D .png / .tif)
+FILE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
 @dataclass
@@ -51,10 +52,27 @@ def read_dataset_json(dataset: str | os.PathLike[str]) -> dict:
     return meta
 
 
+def file_ending(dataset: str | os.PathLike[str], meta: dict) -> str:
+    """The dataset's ``file_ending`` (default ``.nii.gz``); ValueError naming it when our readers do not take it."""
+    ending = meta.get("file_ending", ".nii.gz")
+    if ending not in FILE_ENDINGS:
+        raise ValueError(f"{Path(dataset) / 'dataset.json'}: file_ending {ending!r} is not one of {list(FILE_ENDINGS)}"
+                         " (3D volumes); convert the images, e.g. with SimpleITK, to one of them")
+    return ending
+
+
 def list_cases(dataset: str | os.PathLike[str], cfg: CrossModalConfig) -> list[NnunetCase]:
-    """All cases of an nnU-Net dataset; channel names in ``dataset.json`` must match ``cfg``'s modalities."""
+    """All cases of an nnU-Net dataset (files ending in its ``file_ending``); channel names in ``dataset.json``
+    must match ``cfg``'s modalities.
+
+    Raises:
+        ValueError: other channel names, an unreadable ``file_ending``, or no case at all.
+        CaseError: a case lacks a channel file or has one beyond the channels named.
+    """
     root = Path(dataset)
     meta = read_dataset_json(root)
+    ending = file_ending(root, meta)
+    channel = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})" + re.escape(ending) + "$")
     names = [str(meta["channel_names"][k]).lower() for k in sorted(meta["channel_names"], key=int)]
     if names != [n.lower() for n in cfg.modality_names]:
         raise ValueError(f"{root / 'dataset.json'}: channel_names {names} differ from the config's modalities "
@@ -62,16 +80,22 @@ def list_cases(dataset: str | os.PathLike[str], cfg: CrossModalConfig) -> list[N
     cases = []
     for split, img_dir, lab_dir in (("train", "imagesTr", "labelsTr"), ("test", "imagesTs", "labelsTs")):
         found: dict[str, dict[str, str]] = {}
-        for p in sorted((root / img_dir).glob("*.nii.gz")):
-            m = _CHANNEL.match(p.name)
+        for p in sorted((root / img_dir).glob(f"*{ending}")):
+            m = channel.match(p.name)
             if m:
+                if int(m["ch"]) >= len(names):
+                    raise CaseError(m["case"], p, f"channel {m['ch']} is not one of dataset.json's "
+                                                  f"{len(names)} channel_names {names}")
                 found.setdefault(m["case"], {})[cfg.modality_names[int(m["ch"])]] = str(p)
         for cid, chans in found.items():
             missing = [n for n in cfg.modality_names if n not in chans]
             if missing:
                 raise CaseError(cid, root / img_dir, f"channel files for {missing} are missing")
-            lab = root / lab_dir / f"{cid}.nii.gz"
+            lab = root / lab_dir / f"{cid}{ending}"
             cases.append(NnunetCase(cid, chans, str(lab) if lab.is_file() else None, split))
+    if not cases:
+        raise ValueError(f"{root}: no case in imagesTr or imagesTs (files <case>_<XXXX>{ending}, as dataset.json's "
+                         f"file_ending says)")
     return cases
 
 
