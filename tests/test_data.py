@@ -1,6 +1,7 @@
 """Data sets: phantom, real SPM12 brain cases, the sparse-annotation simulator, nnU-Net conversion, the CLI."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from crossmodal.data.phantom import VARIANTS, make_phantom
 from crossmodal.data.sparse import annotated_fraction, painted_slices, scribbles
 from crossmodal.io import CaseError, find_case, load_volume, save_volume
 from crossmodal.labels import SPARSE, classify
+from crossmodal.serving.offline import held_out_cases
 from crossmodal.transforms import load_case
 
 CLI = [sys.executable, "-m", "crossmodal.cli"]
@@ -378,6 +380,13 @@ def test_offline_commands_refuse_a_missing_folder_zero_epochs_and_an_absent_gpu(
              (["train", "--studies", str(studies), "--epochs", "0"], "--epochs 0: must be at least 1"),
              (["evaluate", "--studies", str(studies), "--model", "m.pt", "--device", "gpu"],
               "--device 'gpu': use auto, cpu, cuda or cuda:N")]
+    # no held-out truth: an error, not a NaN summary with exit status 0 (checked before the model is read)
+    no_truth = tmp_path / "no_truth"
+    shutil.copytree(studies, no_truth)
+    shutil.rmtree(no_truth / "truth")
+    cases.append((["evaluate", "--studies", str(no_truth), "--model", "m.pt"],
+                  f"{no_truth}: no held-out case to evaluate: {no_truth / 'truth'} holds no truth (NIfTI / NRRD) of "
+                  "a case without a final label"))
     if not torch.cuda.is_available():
         cases.append((["train", "--studies", str(studies), "--device", "cuda"],
                       "--device cuda: no CUDA device is visible here"))
@@ -387,3 +396,12 @@ def test_offline_commands_refuse_a_missing_folder_zero_epochs_and_an_absent_gpu(
         err = capsys.readouterr().err
         assert code == 2 and err.startswith(f"crossmodal: error: {message}"), (argv, err[-500:])
     assert not missing.exists() and not (tmp_path / "m").exists()  # nothing created, nothing trained
+    # truth as NRRD counts as NIfTI does (only .nii.gz did: such a case was never evaluated); two files for one
+    # case are an error naming both
+    truth = load_volume(studies / "truth" / "phantom001.nii.gz")
+    save_volume(studies / "truth" / "phantom001.nrrd", truth[0].numpy().astype(np.uint8), truth.affine.numpy())
+    with pytest.raises(CaseError, match="case 'phantom001': file .*phantom001.nrrd: a second truth file beside "
+                                        "phantom001.nii.gz; keep one"):
+        held_out_cases(str(studies))
+    (studies / "truth" / "phantom001.nii.gz").unlink()
+    assert held_out_cases(str(studies)) == [studies / "truth" / "phantom001.nrrd"]

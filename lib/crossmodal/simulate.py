@@ -26,7 +26,7 @@ import torch
 
 from crossmodal.config import atomic_write_text, save_config
 from crossmodal.data.sparse import sparsify
-from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR
+from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR, truth_files
 from crossmodal.io import IMAGE_EXTENSIONS, case_id_of, load_volume, save_volume, split_ext
 from crossmodal.serving.offline import dice_per_case, epoch_length, evaluate, method_config, train_offline
 
@@ -75,7 +75,7 @@ class SimSpec:
 
 def split_cases(studies: Path, n_test: int) -> tuple[list[str], list[str]]:
     """(pool, test): case ids with truth, the last ``n_test`` (sorted) held out."""
-    cases = sorted(case_id_of(p) for p in (studies / TRUTH_DIR).glob("*.nii.gz"))
+    cases = list(truth_files(studies))
     if len(cases) < n_test + 2:
         raise ValueError(f"{studies}: {len(cases)} cases with truth; need at least {n_test + 2}")
     return cases[:-n_test], cases[-n_test:]
@@ -90,13 +90,14 @@ def _link_case(src: Path, dst: Path, cid: str, truth: bool) -> None:
         (dst / "modalities" / cid).symlink_to((src / "modalities" / cid).resolve(), target_is_directory=True)
     if truth:
         (dst / TRUTH_DIR).mkdir(exist_ok=True)
-        (dst / TRUTH_DIR / f"{cid}.nii.gz").symlink_to((src / TRUTH_DIR / f"{cid}.nii.gz").resolve())
+        file = truth_files(src)[cid]
+        (dst / TRUTH_DIR / file.name).symlink_to(file.resolve())
 
 
 def annotate(src: Path, pool: Path, cid: str, cfg: Any, mode: str, rng: np.random.Generator) -> int:
     """The simulated annotator: writes scribbles (or the dense truth) as the case's final label; returns the number
     of annotated voxels."""
-    truth = load_volume(src / TRUTH_DIR / f"{cid}.nii.gz", cid)
+    truth = load_volume(truth_files(src)[cid], cid)
     lab = np.rint(truth[0].numpy()).astype(np.int64)
     if mode == "scribbles":
         lab = sparsify(lab, cfg.labels, "scribbles", rng)

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from crossmodal.config import CrossModalConfig, atomic_write_text
-from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR
+from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR, truth_files
 from crossmodal.io import CaseError, case_id_of, find_case, load_volume, resample_to, save_volume
 from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE, classify, from_training, to_training
 
@@ -155,8 +155,8 @@ def export_nnunet(studies: str | os.PathLike[str], dataset: str | os.PathLike[st
             vol = resample_to(load_volume(path, cid), primary)
             save_volume(dst / f"images{split}" / f"{cid}_{k:04d}.nii.gz", vol[0].numpy(), affine)
         if split == "Ts":
-            truth = src / TRUTH_DIR / f"{cid}.nii.gz"
-            if truth.is_file():
+            truth = truth_files(src).get(cid)
+            if truth is not None:
                 save_volume(dst / "labelsTs" / f"{cid}.nii.gz", load_volume(truth, cid)[0].numpy().astype(np.uint8),
                             affine)
             continue

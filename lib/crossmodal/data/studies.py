@@ -16,10 +16,28 @@ from tqdm import tqdm
 from crossmodal.config import CrossModalConfig
 from crossmodal.data.phantom import SyntheticCase
 from crossmodal.data.sparse import annotated_fraction, sparsify
-from crossmodal.io import save_volume
+from crossmodal.io import IMAGE_EXTENSIONS, CaseError, case_id_of, save_volume, split_ext
 
 TRUTH_DIR = "truth"
 FINAL_LABELS = os.path.join("labels", "final")
+
+
+def truth_files(studies: str | os.PathLike[str]) -> dict[str, Path]:
+    """``{case_id: file}`` of ``<studies>/truth`` (NIfTI or NRRD, as labels; sorted by case id); empty when
+    there is no such folder.
+
+    Raises:
+        CaseError: two truth files for one case.
+    """
+    folder = Path(studies) / TRUTH_DIR
+    found: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if p.is_file() and split_ext(p)[1] in IMAGE_EXTENSIONS:
+            cid = case_id_of(p)
+            if cid in found:
+                raise CaseError(cid, p, f"a second truth file beside {found[cid].name}; keep one")
+            found[cid] = p
+    return dict(sorted(found.items()))
 
 
 def write_case(studies: str | os.PathLike[str], case_id: str, case: SyntheticCase, cfg: CrossModalConfig,

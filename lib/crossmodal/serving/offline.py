@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from crossmodal.config import ConsistencyConfig, CrossModalConfig, atomic_write_text, load_config, merge_dicts
-from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR
+from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR, truth_files
 from crossmodal.io import atomic_copy, case_id_of, load_volume
 from crossmodal.serving.app import AppParts
 from monai.metrics import compute_dice, compute_hausdorff_distance
@@ -163,7 +163,7 @@ def held_out_cases(studies: str) -> list[Path]:
     """The truth files (``<studies>/truth``) of the cases without a final label: the held-out test cases."""
     root = Path(studies)
     labeled = {case_id_of(p) for p in (root / FINAL_LABELS).glob("*")} if (root / FINAL_LABELS).is_dir() else set()
-    return [p for p in sorted((root / TRUTH_DIR).glob("*.nii.gz")) if case_id_of(p) not in labeled]
+    return [p for cid, p in truth_files(root).items() if cid not in labeled]
 
 
 def evaluate(studies: str, preset: str, model: str, device: str = "auto", out: str | None = None,
@@ -173,12 +173,15 @@ def evaluate(studies: str, preset: str, model: str, device: str = "auto", out: s
     and their means. ``drop``: modalities to segment without (a missing modality at test time); ``mirror_axes``:
     test-time mirroring (None: the preset's ``infer.mirror_axes``); ``missing_modality``: ``zero_fill`` segments a
     case without a secondary modality's file with what it has (None: the preset's, ``error``)."""
+    root = Path(studies)
+    cases = held_out_cases(studies)
+    if not cases:  # the summary would be NaN, exit status 0
+        raise ValueError(f"{root}: no held-out case to evaluate: {root / TRUTH_DIR} holds no truth (NIfTI / NRRD) "
+                         f"of a case without a final label (an nnU-Net dataset: labelsTs of the imagesTs cases)")
     cfg = load_config(preset)
     conf = {"preset": preset, "pretrained": model, **({"models": network} if network else {})}
     parts = AppParts.from_conf(tempfile.mkdtemp(prefix="crossmodal-app-"), conf)
     task = parts.infer()
-    root = Path(studies)
-    cases = held_out_cases(studies)
     names = list(cfg.labels.foreground)
     records: list[dict[str, Any]] = []
     for truth_path in tqdm(cases, desc="evaluate", unit="case"):
