@@ -221,6 +221,7 @@ def test_strategy_hands_each_case_to_one_client_and_cold_starts_on_diversity(app
     # per request, refine_sparse as a form or URL sends it: "false" is false (bool("false") handed the sparse case out)
     sparse_case = next(i for i in store.get_labeled_images() if store.label_kind(i) == "sparse")
     assert strategy({"client_id": "E", "refine_sparse": "false"}, store) is None
+    assert strategy({"client_id": "E", "refine_sparse": None}, store) is None  # null: the config's (false)
     assert strategy({"client_id": "E", "refine_sparse": "True"}, store)["id"] == sparse_case
     with pytest.raises(HTTPException) as bad:
         strategy({"client_id": "F", "refine_sparse": "maybe"}, store)

@@ -164,7 +164,8 @@ class CrossModalStrategy(Strategy):
         a = self.cfg.active
         client = str(request.get("client_id") or "anonymous")
         now = time.time()
-        refine = as_flag(request.get("refine_sparse", a.refine_sparse))  # bool("false") would be True
+        asked = request.get("refine_sparse")
+        refine = a.refine_sparse if asked is None else as_flag(asked)  # bool("false") would be True
         if refine is None:
             raise http_error(ValueError(f"refine_sparse={request['refine_sparse']!r} must be true or false"),
                              prefix="activelearning request: ")
