@@ -13,7 +13,9 @@ import torch
 from conftest import dice, snapshot
 from crossmodal.atlas import usable_cores
 from crossmodal.config import load_config
+from crossmodal.data.phantom import make_phantom
 from crossmodal.data.sparse import scribbles
+from crossmodal.data.studies import write_case
 from crossmodal.io import load_volume, save_volume
 from crossmodal.nets import check_weights
 from crossmodal.serving.app import AppParts
@@ -513,3 +515,48 @@ def test_crossmodal_optional_outputs_and_missing_modality(client, phantom_server
     with pytest.raises(MONAILabelClientException) as e:
         client.infer("crossmodal", "phantom005", {"drop_modalities": "xray"})
     assert status_of(e.value) == 422 and "cannot drop ['xray']" in e.value.msg
+
+
+def test_a_multimodal_case_uploads_through_the_datastore_api(client, phantom_server, tmp_path):
+    """``PUT /datastore/image`` (MONAILabelClient.upload_image) takes a case's primary image, then each secondary
+    modality with ``{"modality": name}`` in its params (before, an upload could only add a primary, whose case then
+    had no PET or MR); removing the case removes its modalities too."""
+    case = make_phantom(CFG, np.random.default_rng(1234), size=48)
+    files = write_case(tmp_path / "new", "upl001", case, CFG)
+    sidecars = phantom_server.studies / "modalities" / "upl001"
+    try:
+        with pytest.raises(MONAILabelClientException) as e:  # a modality needs its case
+            client.upload_image(str(files["pet"]), "upl001", {"modality": "pet"})
+        assert status_of(e.value) == 404 and ("case 'upl001': no such image in the datastore; upload its primary "
+                                              "image (ct) first") in e.value.msg
+        assert client.upload_image(str(files["ct"]), "upl001")["image"] == "upl001"
+        with pytest.raises(MONAILabelClientException) as e:
+            client.infer("crossmodal", "upl001", {})
+        assert status_of(e.value) == 422 and "case 'upl001': modality 'pet' is missing" in e.value.msg
+        with pytest.raises(MONAILabelClientException) as e:
+            client.upload_image(str(files["pet"]), "upl001", {"modality": "xray"})
+        assert status_of(e.value) == 422 and ("case 'upl001': modality 'xray' is not one of the secondary modalities "
+                                              "['pet', 'mr'] (the primary, 'ct', is the case's image itself)"
+                                              ) in e.value.msg, e.value.msg
+        (tmp_path / "bad.nii.gz").write_bytes(files["pet"].read_bytes()[:200])  # truncated: nothing stored
+        with pytest.raises(MONAILabelClientException) as e:
+            client.upload_image(str(tmp_path / "bad.nii.gz"), "upl001", {"modality": "pet"})
+        assert status_of(e.value) == 422 and "case 'upl001': uploaded pet image: cannot be read" in e.value.msg
+        assert not sidecars.exists()
+        for name in ("pet", "mr"):
+            assert client.upload_image(str(files[name]), "upl001", {"modality": name})["image"] == "upl001"
+        assert sorted(p.name for p in sidecars.iterdir()) == ["mr.nii.gz", "pet.nii.gz"]
+        # the case's primary stays the CT (upstream would have written the PET over it under the same image id)
+        assert (phantom_server.studies / "upl001.nii.gz").read_bytes() == files["ct"].read_bytes()
+        assert sorted(set(client.datastore()["objects"]) - UNLABELED - {f"phantom00{i}" for i in range(3)}) == [
+            "upl001"]
+        out, params = client.infer("crossmodal", "upl001", {})
+        assert params["modalities_used"] == ["ct", "pet", "mr"]
+        gt = case.label.array
+        scores = [dice(load_volume(out)[0].numpy(), gt, v) for v in (1, 2, 3)]
+        assert min(scores) > 0.6 and np.mean(scores) > 0.8, scores  # segmented from all three modalities
+        r = requests.delete(f"{phantom_server.url}/datastore/image", params={"id": "upl001"}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert "upl001" not in client.datastore()["objects"] and not sidecars.exists()
+    finally:  # the shared studies as the other tests know them
+        requests.delete(f"{phantom_server.url}/datastore/image", params={"id": "upl001"}, timeout=30)

@@ -173,7 +173,7 @@ class AppParts:
             ttl = conf_number(conf, "pacs_list_ttl", float, 30.0, zero=True)
             return PacsDatastore(studies, self.cfg, cache, list_ttl=ttl,
                                  timeout=conf_number(conf, "pacs_timeout", float, 30.0))
-        return CrossModalDatastore(studies, self.cfg.labels)
+        return CrossModalDatastore(studies, self.cfg.labels, self.cfg.modality_names, self.cfg.data.sidecar_dir)
 
     def infer(self, model: ModelParts | None = None, epistemic: bool = False) -> CrossModalInfer:
         """The infer task of ``model`` (default the first); ``epistemic``: dropout on, probabilities out, no writer

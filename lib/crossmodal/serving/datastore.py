@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -61,10 +62,17 @@ def validate_label(label_file: str, image_file: str, case_id: str, cfg: LabelCon
 
 
 class CrossModalDatastore(LocalDatastore):
-    """Local studies folder with validated, atomic label saves and the label kind in the label info."""
+    """Local studies folder with validated, atomic label saves and the label kind in the label info.
 
-    def __init__(self, datastore_path: str, labels: LabelConfig, **kwargs: Any) -> None:
+    ``modalities`` (config order, the primary first) and ``sidecar_dir``: where a case's secondary modalities live
+    (``<studies>/<sidecar_dir>/<case>/<name>.<ext>``); an image upload whose params name a secondary ``modality``
+    goes there (:meth:`add_image`), and removing a case removes its folder.
+    """
+
+    def __init__(self, datastore_path: str, labels: LabelConfig, modalities: Sequence[str] = (),
+                 sidecar_dir: str = "modalities", **kwargs: Any) -> None:
         self.label_config = labels
+        self.modality_names, self.sidecar_dir = list(modalities), sidecar_dir
         self._config_sig: tuple[int, ...] | None = None
         super().__init__(datastore_path, extensions=EXTENSIONS, **kwargs)
         self._record_missing_kinds()
@@ -118,11 +126,61 @@ class CrossModalDatastore(LocalDatastore):
         return image_id
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        """A new case from its primary image; with ``modality`` (a secondary's name) in ``image_info`` (the
+        upload's params), that modality of the existing case ``image_id`` instead (added, or replaced)."""
+        info = dict(image_info or {})
+        modality = info.pop("modality", None)
+        if modality is not None and (not self.modality_names or modality != self.modality_names[0]):
+            return self._add_modality(image_id, image_filename, modality)
         try:
             load_volume(image_filename, image_id)
         except CaseError as e:
             raise http_error(CaseError(image_id, None, f"uploaded image: {e.problem}")) from e
-        return super().add_image(image_id, image_filename, image_info)
+        return super().add_image(image_id, image_filename, info)
+
+    def sidecar_folder(self, image_id: str) -> str:
+        """``<studies>/<sidecar_dir>/<image_id>``: the case's secondary modalities."""
+        return os.path.join(self._datastore_path, self.sidecar_dir, image_id)
+
+    def _add_modality(self, image_id: str, image_filename: str, modality: object) -> str:
+        case = f"case {image_id!r}: "
+        secondary = self.modality_names[1:]
+        if modality not in secondary:
+            primary = f" (the primary, {self.modality_names[0]!r}, is the case's image itself)" if secondary else ""
+            raise HTTPException(status_code=422, detail=f"{case}modality {modality!r} is not one of the secondary "
+                                                        f"modalities {secondary}{primary}")
+        self._fresh()
+        if image_id not in self._datastore.objects:
+            raise HTTPException(status_code=404, detail=f"{case}no such image in the datastore; upload its primary "
+                                                        f"image ({self.modality_names[0]}) first")
+        _, ext = split_ext(image_filename)
+        if ext not in (".nii.gz", ".nii", ".nrrd"):
+            raise HTTPException(status_code=422, detail=f"{case}uploaded {modality} image: extension {ext!r} is not "
+                                                        "one of ['.nii.gz', '.nii', '.nrrd']")
+        try:
+            vol = load_volume(image_filename, image_id)
+        except CaseError as e:
+            raise http_error(CaseError(image_id, None, f"uploaded {modality} image: {e.problem}")) from e
+        if vol.shape[0] != 1:
+            raise HTTPException(status_code=422, detail=f"{case}uploaded {modality} image: expected one channel, got "
+                                                        f"{vol.shape[0]}")
+        folder = self.sidecar_folder(image_id)
+        os.makedirs(folder, exist_ok=True)
+        dest = os.path.join(folder, f"{modality}{ext}")
+        with FileLock(self._lock_file):
+            atomic_copy(image_filename, dest)
+            for other in (".nii.gz", ".nii", ".nrrd"):  # one file a modality: the upload replaces another format's
+                if other != ext and os.path.exists(os.path.join(folder, f"{modality}{other}")):
+                    os.remove(os.path.join(folder, f"{modality}{other}"))
+        logger.info(f"Added {modality} of {image_id} -> {dest}")
+        return image_id
+
+    def remove_image(self, image_id: str) -> None:
+        """As upstream, and the case's secondary modalities with it (a case added again under the same id would
+        have found the old ones)."""
+        super().remove_image(image_id)
+        if self.modality_names:
+            shutil.rmtree(self.sidecar_folder(image_id), ignore_errors=True)
 
     def label_kind(self, image_id: str, tag: str = "final") -> str:
         """The recorded kind, or the rule applied to the file (labels placed on disk by hand)."""
