@@ -329,6 +329,18 @@ def test_bad_labels_on_a_pacs_are_422_and_store_nothing(pacs, server, client, tm
         client.infer("crossmodal", "1.2.3.4.5.6.7", {})
     assert "404" in e.value.msg and "no study on" in e.value.msg
     assert len(segs(orthanc)) == n_segs
+    # images come from the PACS: an image upload or removal through the datastore API says where to do it instead
+    cache = server.model_dir.parent / "cache"
+    objects, cached = set(client.datastore()["objects"]), sorted(p.name for p in cache.rglob("*"))
+    with pytest.raises(MONAILabelClientException) as e:
+        client.upload_image(str(studies / "phantom001.nii.gz"), "uploaded001")
+    assert "422" in e.value.msg and (f"case 'uploaded001': this server's cases are the studies on the PACS at "
+                                     f"{orthanc.dicomweb}; store the study there") in e.value.msg, e.value.msg
+    r = requests.delete(f"{server.url}/datastore/image", params={"id": ct}, timeout=30)
+    assert r.status_code == 422 and r.json()["detail"] == (f"case '{ct}': this server's cases are the studies on "
+                                                           f"the PACS at {orthanc.dicomweb}; remove the study there")
+    assert set(client.datastore()["objects"]) == objects and ct in client.datastore()["objects"]
+    assert sorted(p.name for p in cache.rglob("*")) == cached  # nothing written or removed
 
 
 # ---- OHIF in a real browser ------------------------------------------------------------------------------------

@@ -423,6 +423,21 @@ class PacsDatastore(CrossModalDatastore):
     def label_kind(self, image_id: str, tag: str = FINAL) -> str:
         return super().label_kind(self.resolve(image_id), tag)
 
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        """Refused (422): the cases are the PACS's studies. The local add answered 200, wrote the upload into this
+        server's cache folder and listed it as a case the PACS never got."""
+        raise HTTPException(status_code=422, detail=(
+            f"case {image_id!r}: this server's cases are the studies on the PACS at {self.url}; store the study there "
+            f"(e.g. `crossmodal data to-dicom --studies DIR --upload {self.url}`): it is listed within "
+            f"{self.list_ttl:g} s"))
+
+    def remove_image(self, image_id: str) -> None:
+        """Refused (422): a study is removed on the PACS. The local remove answered 500 after dropping the case from
+        the datastore's listing."""
+        raise HTTPException(status_code=422, detail=(
+            f"case {image_id!r}: this server's cases are the studies on the PACS at {self.url}; remove the study "
+            "there"))
+
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         """Validate and cache the label (HTTP 422 on a bad one, nothing written); a ``final`` one goes to the PACS
         as DICOM SEG (HTTP 503 when unreachable: the label is kept and stored later)."""
