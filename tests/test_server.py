@@ -530,6 +530,15 @@ def test_a_multimodal_case_uploads_through_the_datastore_api(client, phantom_ser
         assert status_of(e.value) == 404 and ("case 'upl001': no such image in the datastore; upload its primary "
                                               "image (ct) first") in e.value.msg
         assert client.upload_image(str(files["ct"]), "upl001")["image"] == "upl001"
+        # an image under an existing case's id: refused (upstream replaced the image and dropped the case's labels)
+        labelled = phantom_server.studies / "phantom000.nii.gz"
+        kept = labelled.read_bytes()
+        with pytest.raises(MONAILabelClientException) as e:
+            client.upload_image(str(files["ct"]), "phantom000")
+        assert status_of(e.value) == 409 and ("case 'phantom000' already exists (labels: ['final']); remove it first "
+                                              "(DELETE /datastore/image?id=phantom000) or upload under another id"
+                                              ) in e.value.msg, e.value.msg
+        assert labelled.read_bytes() == kept and label_info(client, "phantom000")["label_kind"] == "dense"
         with pytest.raises(MONAILabelClientException) as e:
             client.infer("crossmodal", "upl001", {})
         assert status_of(e.value) == 422 and "case 'upl001': modality 'pet' is missing" in e.value.msg

@@ -126,12 +126,20 @@ class CrossModalDatastore(LocalDatastore):
         return image_id
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
-        """A new case from its primary image; with ``modality`` (a secondary's name) in ``image_info`` (the
-        upload's params), that modality of the existing case ``image_id`` instead (added, or replaced)."""
+        """A new case from its primary image (409 for an id that exists); with ``modality`` (a secondary's name) in
+        ``image_info`` (the upload's params), that modality of the existing case ``image_id`` instead (added, or
+        replaced)."""
         info = dict(image_info or {})
         modality = info.pop("modality", None)
         if modality is not None and (not self.modality_names or modality != self.modality_names[0]):
             return self._add_modality(image_id, image_filename, modality)
+        self._fresh()
+        if image_id in self._datastore.objects:  # upstream replaced the image and dropped the case's labels
+            labels = sorted(self._datastore.objects[image_id].labels)
+            held = f" (labels: {labels})" if labels else ""
+            raise HTTPException(status_code=409, detail=(
+                f"case {image_id!r} already exists{held}; remove it first (DELETE /datastore/image?id={image_id}) or "
+                "upload under another id"))
         try:
             load_volume(image_filename, image_id)
         except CaseError as e:
