@@ -263,6 +263,14 @@ def test_bad_input_is_4xx_names_the_problem_and_changes_nothing(client, phantom_
              "case 'nan_case'", "uploaded image", "holds 1 non-finite voxels")
     rejected(lambda: client.infer("baseline_unet", "uploaded", {}, file=str(tmp_path / "nan_image.nii.gz")),
              "non-finite")
+    # ids and tags are joined to the studies folder: '../x' was written outside it (upload 200, label 200)
+    rejected(lambda: client.upload_image(str(studies / "phantom005.nii.gz"), "../outside"),
+             "case '../outside': an image id must be a file name (no '/' or ",  # the backslash comes JSON-escaped
+             "not starting with '.'), got '../outside'")
+    rejected(lambda: client.save_label("phantom000", str(studies / "labels" / "final" / "phantom000.nii.gz"),
+                                       tag="../../escaped"),
+             "case 'phantom000': a label tag must be a file name", "got '../../escaped'")
+    assert not (studies.parent / "outside.nii.gz").exists() and not (studies.parent / "escaped").exists()
     (tmp_path / "trunc_image.nii.gz").write_bytes((studies / "phantom000.nii.gz").read_bytes()[:5000])
     rejected(lambda: client.upload_image(str(tmp_path / "trunc_image.nii.gz"), "trunc_case"),
              "case 'trunc_case'", "cannot be read")

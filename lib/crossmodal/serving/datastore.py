@@ -40,6 +40,23 @@ def http_error(e: BaseException, status: int = 422, prefix: str = "") -> HTTPExc
     return HTTPException(status_code=status, detail=f"{prefix}{e}")
 
 
+def check_name(name: str, what: str, case_id: str) -> None:
+    """422 unless ``name`` is a plain file name (no '/' or '\\', not starting with '.'): MONAI Label joins image ids
+    and label tags to the studies folder as they come, so ``../x`` was written outside it.
+
+    Example:
+        >>> check_name("final", "a label tag", "case1")
+        >>> check_name("../x", "a label tag", "case1")
+        Traceback (most recent call last):
+        ...
+        fastapi.exceptions.HTTPException: 422: case 'case1': a label tag must be a file name (no '/' or '\\', not \
+starting with '.'), got '../x'
+    """
+    if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise HTTPException(status_code=422, detail=f"case {case_id!r}: {what} must be a file name (no '/' or '\\', "
+                                                    f"not starting with '.'), got {name!r}")
+
+
 def validate_label(label_file: str, image_file: str, case_id: str, cfg: LabelConfig,
                    override: str | None = None) -> tuple[str, float]:
     """Check ``label_file`` against the primary image; returns ``(kind, annotated_fraction)``.
@@ -100,6 +117,7 @@ class CrossModalDatastore(LocalDatastore):
         obj = self._datastore.objects.get(image_id)
         if not obj:
             raise HTTPException(status_code=404, detail=f"case {image_id!r}: no such image in the datastore")
+        check_name(label_tag, "a label tag", image_id)
         info = dict(label_info or {})
         override = info.pop("label_kind", None)
         try:
@@ -133,6 +151,7 @@ class CrossModalDatastore(LocalDatastore):
         modality = info.pop("modality", None)
         if modality is not None and (not self.modality_names or modality != self.modality_names[0]):
             return self._add_modality(image_id, image_filename, modality)
+        check_name(image_id, "an image id", image_id)
         self._fresh()
         if image_id in self._datastore.objects:  # upstream replaced the image and dropped the case's labels
             labels = sorted(self._datastore.objects[image_id].labels)
