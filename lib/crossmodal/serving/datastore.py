@@ -27,6 +27,7 @@ from monailabel.datastore.local import DataModel, LocalDatastore, LocalDatastore
 logger = logging.getLogger(__name__)
 
 EXTENSIONS = ("*.nii.gz", "*.nii", "*.nrrd", "*.seg.nrrd")
+VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")  # an uploaded modality's file
 
 
 def file_signature(st: os.stat_result) -> tuple[int, ...]:
@@ -181,9 +182,9 @@ class CrossModalDatastore(LocalDatastore):
             raise HTTPException(status_code=404, detail=f"{case}no such image in the datastore; upload its primary "
                                                         f"image ({self.modality_names[0]}) first")
         _, ext = split_ext(image_filename)
-        if ext not in (".nii.gz", ".nii", ".nrrd"):
+        if ext not in VOLUME_EXTENSIONS:
             raise HTTPException(status_code=422, detail=f"{case}uploaded {modality} image: extension {ext!r} is not "
-                                                        "one of ['.nii.gz', '.nii', '.nrrd']")
+                                                        f"one of {list(VOLUME_EXTENSIONS)}")
         try:
             vol = load_volume(image_filename, image_id)
         except CaseError as e:
@@ -196,7 +197,7 @@ class CrossModalDatastore(LocalDatastore):
         dest = os.path.join(folder, f"{modality}{ext}")
         with FileLock(self._lock_file):
             atomic_copy(image_filename, dest)
-            for other in (".nii.gz", ".nii", ".nrrd"):  # one file a modality: the upload replaces another format's
+            for other in VOLUME_EXTENSIONS:  # one file a modality: the upload replaces another format's
                 if other != ext and os.path.exists(os.path.join(folder, f"{modality}{other}")):
                     os.remove(os.path.join(folder, f"{modality}{other}"))
         logger.info(f"Added {modality} of {image_id} -> {dest}")
