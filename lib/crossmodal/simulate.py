@@ -81,23 +81,22 @@ def split_cases(studies: Path, n_test: int) -> tuple[list[str], list[str]]:
     return cases[:-n_test], cases[-n_test:]
 
 
-def _link_case(src: Path, dst: Path, cid: str, truth: bool) -> None:
+def _link_case(src: Path, dst: Path, cid: str, truth: Path | None = None) -> None:
     image = next(p for p in src.iterdir() if p.is_file() and case_id_of(p) == cid and split_ext(p)[1]
                  in IMAGE_EXTENSIONS)
     (dst / "modalities").mkdir(parents=True, exist_ok=True)
     (dst / image.name).symlink_to(image.resolve())
     if (src / "modalities" / cid).is_dir():
         (dst / "modalities" / cid).symlink_to((src / "modalities" / cid).resolve(), target_is_directory=True)
-    if truth:
+    if truth is not None:  # the case's truth file, linked for the test split
         (dst / TRUTH_DIR).mkdir(exist_ok=True)
-        file = truth_files(src)[cid]
-        (dst / TRUTH_DIR / file.name).symlink_to(file.resolve())
+        (dst / TRUTH_DIR / truth.name).symlink_to(truth.resolve())
 
 
-def annotate(src: Path, pool: Path, cid: str, cfg: Any, mode: str, rng: np.random.Generator) -> int:
-    """The simulated annotator: writes scribbles (or the dense truth) as the case's final label; returns the number
-    of annotated voxels."""
-    truth = load_volume(truth_files(src)[cid], cid)
+def annotate(truth_file: Path, pool: Path, cid: str, cfg: Any, mode: str, rng: np.random.Generator) -> int:
+    """The simulated annotator: writes scribbles (or the dense truth, ``truth_file``) as the case's final label;
+    returns the number of annotated voxels."""
+    truth = load_volume(truth_file, cid)
     lab = np.rint(truth[0].numpy()).astype(np.int64)
     if mode == "scribbles":
         lab = sparsify(lab, cfg.labels, "scribbles", rng)
@@ -157,10 +156,11 @@ def _setup(src: Path, work: Path, spec: SimSpec, seed: int) -> tuple[Any, Path, 
         "infer": {"roi_size": [spec.patch] * 3, "missing_modality": "zero_fill"}})
     shutil.rmtree(work, ignore_errors=True)
     pool_cases, test_cases = split_cases(src, spec.test)
+    truths = truth_files(src)
     for c in pool_cases:
-        _link_case(src, work / "pool", c, truth=False)
+        _link_case(src, work / "pool", c)
     for c in test_cases:
-        _link_case(src, work / "test", c, truth=True)
+        _link_case(src, work / "test", c, truths[c])
     preset = work / "config.yaml"
     save_config(cfg, preset)
     return cfg, preset, pool_cases
@@ -171,7 +171,7 @@ def run_strategy(src: Path, root: Path, dataset: str, spec: SimSpec, strategy: s
     """One learning curve: ``spec.rounds`` rounds of one strategy from the seed's seed set."""
     work = root / dataset / strategy / f"seed{seed}"
     cfg, preset, pool_cases = _setup(src, work, spec, seed)
-    pool, test = work / "pool", work / "test"
+    pool, test, truths = work / "pool", work / "test", truth_files(src)
     rng = np.random.default_rng([seed, 7])
     seed_set = [str(c) for c in np.random.default_rng([seed, 1]).choice(pool_cases, spec.initial, replace=False)]
     annotated: list[str] = []
@@ -179,7 +179,7 @@ def run_strategy(src: Path, root: Path, dataset: str, spec: SimSpec, strategy: s
     picks = seed_set
     for r in range(spec.rounds):
         for c in picks:
-            voxels += annotate(src, pool, c, cfg, spec.annotation, rng)
+            voxels += annotate(truths[c], pool, c, cfg, spec.annotation, rng)
         annotated += picks
         torch.manual_seed(seed * 100 + r)
         t = time.perf_counter()
@@ -206,7 +206,8 @@ def full_reference(src: Path, root: Path, dataset: str, spec: SimSpec, seed: int
     work = root / dataset / "full" / f"seed{seed}"
     cfg, preset, pool_cases = _setup(src, work, spec, seed)
     rng = np.random.default_rng([seed, 7])
-    voxels = sum(annotate(src, work / "pool", c, cfg, spec.annotation, rng) for c in pool_cases)
+    truths = truth_files(src)
+    voxels = sum(annotate(truths[c], work / "pool", c, cfg, spec.annotation, rng) for c in pool_cases)
     torch.manual_seed(seed)
     model = _train(work / "pool", preset, work / "model", cfg, len(pool_cases), 0, spec.steps * (spec.rounds + 1),
                    None, spec.annotation == "scribbles")
@@ -356,7 +357,7 @@ def scoring_cost(src: Path, root: Path, dataset: str, spec: SimSpec, model: str,
     work = root / dataset / "scoring_cost"
     shutil.rmtree(work, ignore_errors=True)
     case = split_cases(src, spec.test)[0][0]
-    _link_case(src, work / "pool", case, truth=False)
+    _link_case(src, work / "pool", case)
     cfg = method_config(spec.preset, "ours", {"infer": {"roi_size": [spec.patch] * 3, "missing_modality": "zero_fill"}})
     preset = work / "config.yaml"
     save_config(cfg, preset)

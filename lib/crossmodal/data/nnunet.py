@@ -141,6 +141,7 @@ def export_nnunet(studies: str | os.PathLike[str], dataset: str | os.PathLike[st
     any_sparse = False
     n_train = 0
     primaries = sorted(p for p in src.iterdir() if p.is_file() and p.name.endswith((".nii.gz", ".nii", ".nrrd")))
+    truths = truth_files(src)
     for p in tqdm(primaries, desc="export", unit="case"):
         cid = case_id_of(p)
         split = "Ts" if cid in test_cases else "Tr"
@@ -155,7 +156,7 @@ def export_nnunet(studies: str | os.PathLike[str], dataset: str | os.PathLike[st
             vol = resample_to(load_volume(path, cid), primary)
             save_volume(dst / f"images{split}" / f"{cid}_{k:04d}.nii.gz", vol[0].numpy(), affine)
         if split == "Ts":
-            truth = truth_files(src).get(cid)
+            truth = truths.get(cid)
             if truth is not None:
                 save_volume(dst / "labelsTs" / f"{cid}.nii.gz", load_volume(truth, cid)[0].numpy().astype(np.uint8),
                             affine)
