@@ -1,5 +1,6 @@
 """Serving pieces without a server: datastore rules, tracking coercion, validation split, active learning."""
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,42 @@ def test_datastore_rejects_before_writing(phantom_studies: Path, phantom_cfg, tm
     with pytest.raises(HTTPException) as e:
         ds.save_label("nope", str(tmp_path / "bad.nii.gz"), "final", {})
     assert e.value.status_code == 404
+
+
+def test_two_uploads_of_one_new_id_store_one_case(phantom_studies: Path, phantom_cfg):
+    """Uploads run on the server's thread pool: two of one new id at once both passed the 409 check before either
+    was stored, and the second replaced the first's image while both were told it was stored. The check, the copy
+    and the entry are one step under the datastore's lock now: one is stored, whole, and the other is a 409. (Ten
+    ids raced in turn: before, some pairs ran one after the other and passed, most did not.)"""
+    ds = CrossModalDatastore(str(phantom_studies), phantom_cfg.labels)
+    uploads = [str(phantom_studies / f"phantom00{i}.nii.gz") for i in (2, 3)]  # two different images
+    ids = [f"new{i:03d}" for i in range(10)]
+
+    def upload(image_id: str, path: str, barrier: threading.Barrier, results: dict) -> None:
+        barrier.wait()
+        try:
+            results[path] = ds.add_image(image_id, path, {})
+        except HTTPException as e:
+            results[path] = e
+
+    for image_id in ids:
+        barrier, results = threading.Barrier(2), {}
+        threads = [threading.Thread(target=upload, args=(image_id, u, barrier, results)) for u in uploads]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stored = [u for u in uploads if results[u] == image_id]
+        refused = [results[u] for u in uploads if isinstance(results[u], HTTPException)]
+        assert len(stored) == 1 and len(refused) == 1, (image_id, results)
+        assert refused[0].status_code == 409 and refused[0].detail == (
+            f"case {image_id!r} already exists; remove it first (DELETE /datastore/image?id={image_id}) or upload "
+            "under another id")
+        assert (phantom_studies / f"{image_id}.nii.gz").read_bytes() == Path(stored[0]).read_bytes()
+    other = CrossModalDatastore(str(phantom_studies), phantom_cfg.labels)  # what the file says, read afresh
+    assert [other.get_image_info(i)["name"] for i in ids] == [f"{i}.nii.gz" for i in ids]
+    assert sorted(other.get_unlabeled_images()) == sorted(ids + ["phantom002", "phantom003"])
+    assert not list(phantom_studies.glob(".*.tmp"))
 
 
 def test_tracking_goes_to_sqlite_or_off(tmp_path: Path):

@@ -22,7 +22,7 @@ from crossmodal.io import CaseError, atomic_copy, load_volume, read_label, split
 from crossmodal.labels import annotated_fraction, classify, invalid_values
 from fastapi import HTTPException
 from filelock import FileLock
-from monailabel.datastore.local import DataModel, LocalDatastore, LocalDatastoreModel
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 
 logger = logging.getLogger(__name__)
 
@@ -154,17 +154,36 @@ class CrossModalDatastore(LocalDatastore):
             return self._add_modality(image_id, image_filename, modality)
         check_name(image_id, "an image id", image_id)
         self._fresh()
-        if image_id in self._datastore.objects:  # upstream replaced the image and dropped the case's labels
-            labels = sorted(self._datastore.objects[image_id].labels)
-            held = f" (labels: {labels})" if labels else ""
-            raise HTTPException(status_code=409, detail=(
-                f"case {image_id!r} already exists{held}; remove it first (DELETE /datastore/image?id={image_id}) or "
-                "upload under another id"))
+        self._refuse_existing(image_id)  # before reading the upload; again under the lock below
         try:
             load_volume(image_filename, image_id)
         except CaseError as e:
             raise http_error(CaseError(image_id, None, f"uploaded image: {e.problem}")) from e
-        return super().add_image(image_id, image_filename, info)
+        _, image_ext = self._to_id(os.path.basename(image_filename))
+        name = self._filename(image_id, image_ext)
+        dest = os.path.join(self._datastore.image_path(), name)
+        # the check, the copy and the entry under one lock, after what another process wrote: two uploads of one
+        # new id at once both passed the check before either was stored (the second replaced the first's image)
+        with FileLock(self._lock_file):
+            self._reload_unlocked(force=True)
+            self._refuse_existing(image_id, dest)
+            atomic_copy(image_filename, dest)  # upstream copied in place: a crash left a half-written case
+            info.update({"ts": int(time.time()), "name": name})
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=image_ext))
+            self._update_datastore_file(lock=False)
+        logger.info(f"Added image {image_id} -> {dest}")
+        return image_id
+
+    def _refuse_existing(self, image_id: str, dest: str | None = None) -> None:
+        """409 for a case that exists (upstream replaced its image and dropped its labels) or whose image file is
+        there (the next refresh would make it one)."""
+        obj = self._datastore.objects.get(image_id)
+        if obj is None and not (dest and os.path.exists(dest)):
+            return
+        held = f" (labels: {sorted(obj.labels)})" if obj and obj.labels else ""
+        raise HTTPException(status_code=409, detail=(
+            f"case {image_id!r} already exists{held}; remove it first (DELETE /datastore/image?id={image_id}) or "
+            "upload under another id"))
 
     def sidecar_folder(self, image_id: str) -> str:
         """``<studies>/<sidecar_dir>/<image_id>``: the case's secondary modalities."""
@@ -177,10 +196,6 @@ class CrossModalDatastore(LocalDatastore):
             primary = f" (the primary, {self.modality_names[0]!r}, is the case's image itself)" if secondary else ""
             raise HTTPException(status_code=422, detail=f"{case}modality {modality!r} is not one of the secondary "
                                                         f"modalities {secondary}{primary}")
-        self._fresh()
-        if image_id not in self._datastore.objects:
-            raise HTTPException(status_code=404, detail=f"{case}no such image in the datastore; upload its primary "
-                                                        f"image ({self.modality_names[0]}) first")
         _, ext = split_ext(image_filename)
         if ext not in VOLUME_EXTENSIONS:
             raise HTTPException(status_code=422, detail=f"{case}uploaded {modality} image: extension {ext!r} is not "
@@ -193,9 +208,12 @@ class CrossModalDatastore(LocalDatastore):
             raise HTTPException(status_code=422, detail=f"{case}uploaded {modality} image: expected one channel, got "
                                                         f"{vol.shape[0]}")
         folder = self.sidecar_folder(image_id)
-        os.makedirs(folder, exist_ok=True)
         dest = os.path.join(folder, f"{modality}{ext}")
-        with FileLock(self._lock_file):
+        with FileLock(self._lock_file):  # the case must still be there (a DELETE between would orphan the file)
+            self._reload_unlocked(force=True)
+            if image_id not in self._datastore.objects:
+                raise HTTPException(status_code=404, detail=f"{case}no such image in the datastore; upload its "
+                                                            f"primary image ({self.modality_names[0]}) first")
             atomic_copy(image_filename, dest)
             for other in VOLUME_EXTENSIONS:  # one file a modality: the upload replaces another format's
                 if other != ext and os.path.exists(os.path.join(folder, f"{modality}{other}")):
