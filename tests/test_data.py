@@ -263,7 +263,8 @@ def test_offline_commands_on_cases_without_a_modality(tmp_path: Path, phantom_cf
     assert main(base) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "crossmodal: error: case 'phantom003': modality 'pet' is missing: expected <studies>/modalities/phantom003/"
-        "pet.nii.gz (or .nii/.nrrd); add it, or use the case without it (missing_modality zero_fill)")
+        "pet.nii.gz (or .nii/.nrrd); add it (a running server takes it as PUT /datastore/image?image=phantom003 "
+        'with params {"modality": "pet"}), or use the case without it (missing_modality zero_fill)')
     assert main([*base, "--missing-modality", "zero_fill", "--out", str(tmp_path / "filled.json")]) == 0
     dropped, filled = (json.loads((tmp_path / f).read_text())["per_case"] for f in ("dropped.json", "filled.json"))
     assert [r["case"] for r in filled] == ["phantom002", "phantom003"]

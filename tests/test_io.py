@@ -78,7 +78,9 @@ def test_missing_modality_policy(phantom_studies: Path, phantom_cfg):
     with pytest.raises(CaseError) as e:
         load_case(case, phantom_cfg)
     assert "case 'phantom001'" in str(e.value) and "modality 'pet' is missing" in str(e.value)
-    assert str(e.value).endswith("add it, or use the case without it (missing_modality zero_fill)")
+    assert str(e.value).endswith('add it (a running server takes it as PUT /datastore/image?image=phantom001 with '
+                                  'params {"modality": "pet"}), or use the case without it (missing_modality '
+                                  'zero_fill)')
     image, used = load_case(case, phantom_cfg, missing="zero_fill")
     assert used == ["ct", "mr"] and float(image[1].abs().max()) == 0.0
     d = LoadCased(phantom_cfg, missing="zero_fill")({"image": str(phantom_studies / "phantom001.nii.gz")})

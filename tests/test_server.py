@@ -168,7 +168,8 @@ def test_missing_modality_is_reported_or_zero_filled(client, phantom_server):
         models = {f: f.read_bytes() for f in phantom_server.model_dir.glob("*.pt")}
         refused = (
             "training stopped: case 'phantom005': modality 'pet' is missing: expected <studies>/modalities/phantom005/"
-            "pet.nii.gz (or .nii/.nrrd); add it, or use the case without it (missing_modality zero_fill)")
+            "pet.nii.gz (or .nii/.nrrd); add it (a running server takes it as PUT /datastore/image?image=phantom005 "
+            'with params {"modality": "pet"}), or use the case without it (missing_modality zero_fill)')
         r = requests.post(f"{phantom_server.url}/train/crossmodal?run_sync=true", json={"max_epochs": 1},
                           timeout=300)  # an unlabelled case without its PET: refused, saying what to do
         assert r.status_code == 422 and r.json()["detail"] == refused, r.text

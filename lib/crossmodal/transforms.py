@@ -186,8 +186,9 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
         if path is None and m.name not in drop and policy == "error":
             raise CaseError(case.case_id, None,
                             f"modality {m.name!r} is missing: expected <studies>/{cfg.data.sidecar_dir}/"
-                            f"{case.case_id}/{m.name}.nii.gz (or .nii/.nrrd); add it, or use the case without it "
-                            "(missing_modality zero_fill)")
+                            f"{case.case_id}/{m.name}.nii.gz (or .nii/.nrrd); add it (a running server takes it as "
+                            f"PUT /datastore/image?image={case.case_id} with params "
+                            f"{{\"modality\": \"{m.name}\"}}), or use the case without it (missing_modality zero_fill)")
         if path is None or m.name in drop:
             by_name[m.name] = zeros
         else:
