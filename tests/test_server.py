@@ -302,6 +302,15 @@ def test_unknown_names_and_bad_train_numbers_are_4xx_that_say_what_is_served(cli
     r = requests.post(f"{url}/activelearning/nostrategy", json={}, timeout=60)
     assert r.status_code == 404 and r.json()["detail"] == (
         "strategy 'nostrategy' is not served here; served: ['crossmodal', 'random']")
+    r = requests.post(f"{url}/scoring/nomethod?run_sync=true", timeout=60)  # was a bare 500
+    assert r.status_code == 404 and r.json()["detail"] == (
+        "scoring method 'nomethod' is not served here; served: ['crossmodal']")
+    r = requests.delete(f"{url}/datastore/image", params={"id": "nope"}, timeout=60)  # was a bare 500
+    assert r.status_code == 404 and r.json()["detail"] == "case 'nope': no such image in the datastore"
+    r = requests.delete(f"{url}/datastore/label", params={"id": "nope", "tag": "final"}, timeout=60)  # was 200
+    assert r.status_code == 404 and r.json()["detail"] == "case 'nope': no such image in the datastore"
+    r = requests.delete(f"{url}/datastore/label", params={"id": "phantom000", "tag": "finale"}, timeout=60)  # was 200
+    assert r.status_code == 404 and r.json()["detail"] == "case 'phantom000': no 'finale' label (its labels: ['final'])"
     for params, detail in (({"max_epochs": -3}, "train request: max_epochs=-3 must be a positive integer"),
                            ({"learning_rate": "fast"}, "train request: learning_rate='fast' must be a number > 0"),
                            ({"dataset": "PersistentDataset"},  # was: read as Dataset, silently

@@ -37,6 +37,25 @@ def test_datastore_rejects_before_writing(phantom_studies: Path, phantom_cfg, tm
     assert e.value.status_code == 404
 
 
+def test_datastore_removes_what_is_there_and_404s_what_is_not(phantom_studies: Path, phantom_cfg):
+    ds = CrossModalDatastore(str(phantom_studies), phantom_cfg.labels, phantom_cfg.modality_names)
+    for call, detail in ((lambda: ds.remove_label("phantom000", "finale"),
+                          "case 'phantom000': no 'finale' label (its labels: ['final'])"),
+                         (lambda: ds.remove_label("nope", "final"), "case 'nope': no such image in the datastore"),
+                         (lambda: ds.remove_image("nope"), "case 'nope': no such image in the datastore")):
+        with pytest.raises(HTTPException) as e:
+            call()
+        assert (e.value.status_code, e.value.detail) == (404, detail)
+    ds.remove_label("phantom001", "final")
+    assert not (phantom_studies / "labels" / "final" / "phantom001.nii.gz").exists()
+    other = CrossModalDatastore(str(phantom_studies), phantom_cfg.labels)
+    assert other.get_label_info("phantom000", "final")["label_kind"] == "dense"  # the other labels keep their kind
+    assert sorted(other.get_unlabeled_images()) == ["phantom001", "phantom002", "phantom003"]
+    ds.remove_image("phantom002")
+    assert not (phantom_studies / "phantom002.nii.gz").exists() and not (phantom_studies / "modalities" /
+                                                                          "phantom002").exists()
+
+
 def test_two_uploads_of_one_new_id_store_one_case(phantom_studies: Path, phantom_cfg):
     """Uploads run on the server's thread pool: two of one new id at once both passed the 409 check before either
     was stored, and the second replaced the first's image while both were told it was stored. The check, the copy

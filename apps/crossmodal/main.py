@@ -70,6 +70,15 @@ class MyApp(MONAILabelApp):
             raise not_served("strategy", strategy, self._strategies)
         return super().next_sample(request)
 
+    def scoring(self, request, datastore=None):
+        """As upstream; an unknown method is a 404 listing the served ones (upstream: a bare 500 for a synchronous
+        request; an asynchronous one is queued and fails in its background process, which MONAI Label starts before
+        the app sees the request)."""
+        method = request.get("method")
+        if method not in self._scoring_methods:
+            raise not_served("scoring method", method, self._scoring_methods)
+        return super().scoring(request, datastore)
+
     def init_infers(self):
         infers = {**self._infer_tasks, "grow_scribbles": self.parts.grow()}
         if conf_flag(self.conf, "benchmark_pipelines"):

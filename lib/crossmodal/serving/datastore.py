@@ -223,10 +223,24 @@ class CrossModalDatastore(LocalDatastore):
 
     def remove_image(self, image_id: str) -> None:
         """As upstream, and the case's secondary modalities with it (a case added again under the same id would
-        have found the old ones)."""
+        have found the old ones); an unknown case is a 404 (upstream: a bare 500)."""
+        self._fresh()
+        if image_id not in self._datastore.objects:
+            raise HTTPException(status_code=404, detail=f"case {image_id!r}: no such image in the datastore")
         super().remove_image(image_id)
         if self.modality_names:
             shutil.rmtree(self.sidecar_folder(image_id), ignore_errors=True)
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        """As upstream; a case or a label that is not there is a 404 (upstream answered 200 and removed nothing)."""
+        self._fresh()
+        obj = self._datastore.objects.get(label_id)
+        if obj is None:
+            raise HTTPException(status_code=404, detail=f"case {label_id!r}: no such image in the datastore")
+        if label_tag not in obj.labels:
+            raise HTTPException(status_code=404, detail=f"case {label_id!r}: no {label_tag!r} label (its labels: "
+                                                        f"{sorted(obj.labels)})")
+        super().remove_label(label_id, label_tag)
 
     def label_kind(self, image_id: str, tag: str = "final") -> str:
         """The recorded kind, or the rule applied to the file (labels placed on disk by hand)."""
