@@ -28,8 +28,9 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,16 +73,16 @@ def zeros_read_as_image(active: bool) -> Iterator[None]:
         return
     original = transforms.LoadCased.__call__
 
-    def claim_all(self, data):  # type: ignore[no-untyped-def]
+    def claim_all(self: transforms.LoadCased, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = original(self, data)
         d["present"] = torch.ones_like(d["present"])
         return d
 
-    transforms.LoadCased.__call__ = claim_all
+    transforms.LoadCased.__call__ = claim_all  # type: ignore[method-assign]
     try:
         yield
     finally:
-        transforms.LoadCased.__call__ = original
+        transforms.LoadCased.__call__ = original  # type: ignore[method-assign]
 
 
 def run(root: Path, dataset: str, spec: dict, way: str, seed: int, pool: Path, test: Path,

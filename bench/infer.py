@@ -79,7 +79,8 @@ def time_forward(pipeline: str, preset: str, image_path: Path, repeats: int) -> 
         from monai.transforms import Compose
 
         data = Compose(task.pre_transforms())({"image": str(image_path)})
-        net, x = radiology_unet(cfg).eval(), data["image"].as_tensor()[None]
+        net: torch.nn.Module = radiology_unet(cfg).eval()
+        x = data["image"].as_tensor()[None]
         window = task.inferer()
 
         def run() -> object:

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -102,18 +103,19 @@ def main() -> int:
             for seed in range(seeds):
                 records += measure(Path(tmp), ds, seed, methods, regimes)
     rows = summarize(records)
-    ratios = {}
+    ratios: dict[str, dict[bool, float]] = {}
     for ds in datasets:
-        get = {(r["regime"], bool(r["mirror_axes"])): [] for r in records}
+        get: dict[tuple[str, bool], list[float]] = {(r["regime"], bool(r["mirror_axes"])): [] for r in records}
         for r in records:
             if r["dataset"] == ds and r["method"] == "ours":
                 get[(r["regime"], bool(r["mirror_axes"]))].append(r["dice_mean"])
         if get.get(("scribbles", False)) and get.get(("dense", False)):
             ratios[ds] = {m: round(statistics.mean(get[("scribbles", m)]) / statistics.mean(get[("dense", m)]), 4)
                           for m in (False, True)}
-    summary = {"rows": rows, "ours_scribbles_over_dense": {ds: {"one_pass": v[False], "mirrored": v[True]}
-                                                           for ds, v in ratios.items()},
-               "seconds": round(time.perf_counter() - t, 1), "records": records}
+    summary: dict[str, Any] = {
+        "rows": rows, "ours_scribbles_over_dense": {ds: {"one_pass": v[False], "mirrored": v[True]}
+                                                    for ds, v in ratios.items()},
+        "seconds": round(time.perf_counter() - t, 1), "records": records}
     atomic_write_text(results / "mirror.json", json.dumps(summary, indent=1))
     print(f"\n{'dataset':8} {'method':14} {'regime':10} {'n':>2} {'Dice 1 pass':>11} {'mirrored':>9} "
           f"{'gain (points, 95% CI)':>26} {'s/case 1':>8} {'mirrored':>8} {'ratio':>6}")

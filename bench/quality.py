@@ -38,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -134,7 +135,7 @@ def run_config(spec: dict, method: str, seed: int) -> tuple[CrossModalConfig, st
     Ours co-registers the modalities (``data.register``, the preset's default); the baselines follow the nnU-Net
     recipe, which takes the modalities as they are, unless ``method`` ends with ``+registration``; ``+propagation``
     and ``+transfer`` give them our scribble propagation / ours' stroke transfer."""
-    overrides = {"train": {"patch_size": [spec["patch"]] * 3, "patches_per_case": 1, "batch_size": 2,
+    overrides: dict[str, Any] = {"train": {"patch_size": [spec["patch"]] * 3, "patches_per_case": 1, "batch_size": 2,
                            "val_fraction": 0.0, "seed": seed},
                  "infer": {"roi_size": [spec["patch"]] * 3}}  # windows = training patches (instance norm)
     variant = next((v for v in VARIANTS if method.endswith(v)), "")
@@ -291,7 +292,7 @@ def goals(rows: list[dict], records: list[dict]) -> list[dict]:
                 ceiling=dense_ceiling(("ours", "dense10")))
         o0, o4 = get(ds, "ours", "dense"), get(ds, "ours", "dense", 4.0)
         b0, b4 = get(ds, "baseline_unet", "dense"), get(ds, "baseline_unet", "dense", 4.0)
-        if None not in (o0, o4, b0, b4):
+        if o0 is not None and o4 is not None and b0 is not None and b4 is not None:
             cost_o, cost_b = points(o0, o4), points(b0, b4)
             add("4 mm misregistration cost, ours (points)", cost_o, "<= 2 and < baseline's "
                 f"{cost_b:.2f}", cost_o <= 2 and cost_o < cost_b,

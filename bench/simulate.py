@@ -69,11 +69,13 @@ def goals(summary: dict, cost: dict) -> list[dict]:
             continue
         ours, rnd = st["ours"]["cases_to_95pct_full"], st["random"]["cases_to_95pct_full"]
         mean = [sum(v) / len(v) if v and None not in v else None for v in (ours, rnd)]
-        ratio = mean[0] / mean[1] if None not in mean else None
+        ratio = mean[0] / mean[1] if mean[0] is not None and mean[1] else None
         # the lowest ratio the protocol allows any strategy, given Random's curve (round 0 is shared)
         cases = [c["annotated_cases"] for c in st["random"]["curve"]]
         floor = fewest_cases_possible(rnd, int(cases[0]), int(cases[1] - cases[0])) if len(cases) > 1 else [None]
-        lowest = round(sum(floor) / sum(rnd), 4) if None not in floor and None not in rnd and rnd else None
+        known, seen = [f for f in floor if f is not None], [r for r in rnd if r is not None]
+        lowest = round(sum(known) / sum(seen), 4) if len(known) == len(floor) and len(seen) == len(rnd) and seen \
+            else None
         rows.append({"dataset": ds, "goal": "cases to 95% of full: ours / random (<= 0.6)",
                      "measured": ratio, "detail": f"ours {ours}, random {rnd} (per seed); the lowest ratio any "
                      f"strategy can reach here {lowest} (fewest cases possible {floor})",

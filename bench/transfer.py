@@ -85,7 +85,7 @@ def measure(work: Callable[[object, dict, Path | None], None], others: int, way:
     with contextlib.ExitStack() as stack:
         if threaded:  # the registrations' own SimpleITK default threads, as before 2026-12-02
             original = atlas_module.single_threaded
-            atlas_module.single_threaded = contextlib.nullcontext
+            atlas_module.single_threaded = contextlib.nullcontext  # type: ignore[assignment]
             stack.callback(setattr, atlas_module, "single_threaded", original)
         start = time.perf_counter()
         work(cfg, store, cache if way in WAYS[2:] else None)
