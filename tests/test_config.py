@@ -46,6 +46,13 @@ def test_viewer_labels_include_marked_background():
         ({"train": {"consistency": {"pseudo_batch_size": 0}}}, "train.consistency.pseudo_batch_size: 0 must be >= 1"),
         ({"train": {"finetune_lr_scale": 0}}, "train.finetune_lr_scale: 0 must be in (0, 1]"),
         ({"train": {"finetune_lr_scale": 2}}, "train.finetune_lr_scale: 2 must be in (0, 1]"),
+        ({"train": {"patch_size": [32, 32, 30]}},  # was a tensor-size RuntimeError in the decoder
+         "train.patch_size: [32, 32, 30] must be three multiples of 8 (the product of model.strides [2, 2, 2]), each "
+         "at least 16"),
+        ({"infer": {"roi_size": [8, 8, 8]}}, "infer.roi_size: [8, 8, 8] must be three multiples of 8"),
+        ({"model": {"channels": [8, 16, 32], "strides": [2, 3]}, "train": {"patch_size": [18, 18, 10]}},
+         "train.patch_size: [18, 18, 10] must be three multiples of 6 (the product of model.strides [2, 3]), each "
+         "at least 12"),
     ],
 )
 def test_bad_values_name_the_key(raw, message):

@@ -503,6 +503,14 @@ class CrossModalConfig:
         unknown = [n for n in self.model.inputs if n not in names]
         if unknown:
             raise ConfigError(f"model.inputs: {unknown} are not configured modalities {names}")
+        # the network halves a window per stride: a side that is not a multiple of their product stopped training
+        # with a tensor-size RuntimeError deep in the decoder, one of a single voxel at the deepest level with
+        # instance norm's "Expected more than 1 spatial element"
+        step = math.prod(self.model.strides)
+        for key, size in (("train.patch_size", self.train.patch_size), ("infer.roi_size", self.infer.roi_size)):
+            if len(size) != 3 or any(v < 2 * step or v % step for v in size):
+                raise ConfigError(f"{key}: {list(size)} must be three multiples of {step} (the product of "
+                                  f"model.strides {list(self.model.strides)}), each at least {2 * step}")
 
     @property
     def modality_names(self) -> list[str]:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crossmodal.config import atomic_write_text, save_config
+from crossmodal.config import ConfigError, atomic_write_text, load_config, save_config
 from crossmodal.data.sparse import sparsify
 from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR, truth_files
 from crossmodal.io import IMAGE_EXTENSIONS, case_id_of, load_volume, save_volume, split_ext
@@ -62,6 +62,11 @@ class SimSpec:
                 raise ValueError(f"--{name} {getattr(self, name)}: must be at least 1")
         if self.annotation not in ("scribbles", "dense"):
             raise ValueError(f"--annotation {self.annotation!r} is not one of ('scribbles', 'dense')")
+        try:  # the preset's network must take patches of this side (a traceback after minutes of work before)
+            load_config(self.preset, overrides={"train": {"patch_size": [self.patch] * 3},
+                                                "infer": {"roi_size": [self.patch] * 3}})
+        except ConfigError as e:
+            raise ConfigError(f"--patch {self.patch}: {e}") from None
         pool = n_cases - self.test
         held = f"({n_cases} cases with truth, --test {self.test} held out)"
         if pool < self.initial:
@@ -395,6 +400,8 @@ def simulate_dataset(src: Path, work: Path, dataset: str, spec: SimSpec, seeds: 
     the first ``ours`` curve's last model. ``emit(kind, item)`` gets each ``reference``, ``record`` and ``cost`` as it
     comes."""
     spec.check(sum(len(c) for c in split_cases(src, spec.test)))  # before minutes of training, not after
+    if any(s < 0 for s in seeds):
+        raise ValueError(f"--seeds {' '.join(map(str, seeds))}: a seed must be 0 or more")
     cost_done = not cost
     for seed in seeds:
         emit("reference", full_reference(src, work, dataset, spec, seed))
