@@ -406,3 +406,42 @@ def test_offline_commands_refuse_a_missing_folder_zero_epochs_and_an_absent_gpu(
         held_out_cases(str(studies))
     (studies / "truth" / "phantom001.nii.gz").unlink()
     assert held_out_cases(str(studies)) == [studies / "truth" / "phantom001.nrrd"]
+
+
+def test_data_commands_refuse_counts_sizes_and_folders_they_cannot_use(tmp_path: Path, capsys):
+    """Each of these exited 0 having written nothing (``--cases 0``, an empty studies folder exported as an nnU-Net
+    dataset of no case), read 0 as the default (``--size 0``, ``--step 0``), or stopped on ``[Errno 2]`` without
+    naming the option; now each is exit 2 naming the option and what it must be, and writes nothing."""
+    from crossmodal.cli import main
+
+    out, empty = tmp_path / "out", tmp_path / "empty"
+    empty.mkdir()
+    label = tmp_path / "label.nii.gz"
+    save_volume(label, np.ones((8, 8, 8), np.uint8), np.eye(4))
+    parser_errors = [
+        (["data", "phantom", "--out", str(out), "--cases", "0"],
+         "crossmodal data phantom: error: argument --cases: must be at least 1, got 0"),
+        (["data", "phantom", "--out", str(out), "--cases", "two"],
+         "crossmodal data phantom: error: argument --cases: must be an integer, got 'two'"),
+        (["data", "phantom", "--out", str(out), "--size", "0"],
+         "crossmodal data phantom: error: argument --size: must be at least 16, got 0"),
+        (["data", "phantom", "--out", str(out), "--dense", "-1"],
+         "crossmodal data phantom: error: argument --dense: must be at least 0, got -1"),
+        (["data", "sparsify", "--label", str(label), "--out", str(out / "s.nii.gz"), "--mode", "slices", "--step", "0"],
+         "crossmodal data sparsify: error: argument --step: must be at least 1, got 0"),
+        (["simulate", "--studies", str(empty), "--seeds", "0", "-1"],
+         "crossmodal simulate: error: argument --seeds: must be at least 0, got -1")]
+    for argv, message in parser_errors:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == message, argv
+    for argv, message in (
+            (["data", "to-dicom", "--studies", str(tmp_path / "typo"), "--out", str(out)],
+             f"--studies {tmp_path / 'typo'}: no such folder (a studies folder or an nnU-Net v2 raw dataset)"),
+            (["data", "export-nnunet", "--studies", str(tmp_path / "typo"), "--out", str(out)],
+             f"--studies {tmp_path / 'typo'}: no such folder (a studies folder or an nnU-Net v2 raw dataset)"),
+            (["data", "export-nnunet", "--studies", str(empty), "--out", str(out)],
+             f"{empty}: no primary images (*.nii.gz, *.nii, *.nrrd) in this studies folder: nothing to export")):
+        assert main([*argv, "--config", "phantom"]) == 2, argv
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"crossmodal: error: {message}", argv
+    assert not out.exists()

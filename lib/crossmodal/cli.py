@@ -24,7 +24,7 @@ import logging
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -171,7 +171,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from crossmodal.data.nnunet import export_nnunet
 
-    meta = export_nnunet(args.studies, args.out, _config(args, "brain"), tuple(args.test))
+    meta = export_nnunet(studies_folder(args.studies), args.out, _config(args, "brain"), tuple(args.test))
     print(json.dumps(meta, indent=2))
     return 0
 
@@ -187,7 +187,7 @@ def cmd_to_dicom(args: argparse.Namespace) -> int:
     from crossmodal.labels import classify
 
     cfg = _config(args, "brain")
-    studies = Path(args.studies)
+    studies = Path(studies_folder(args.studies))
     images = sorted(p for p in studies.iterdir() if p.is_file() and split_ext(p)[1] in IMAGE_EXTENSIONS)
     if not images:
         raise FileNotFoundError(f"{studies}: no primary images (*.nii.gz, *.nii, *.nrrd) in this studies folder")
@@ -252,10 +252,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def as_studies(path: str, preset: str, oracle: bool = False) -> str:
-    """A studies folder as is; an nnU-Net v2 raw dataset (it has a dataset.json) imported into a temp one."""
+def studies_folder(path: str) -> str:
+    """``path`` if it is a folder, else the error naming ``--studies`` (was ``[Errno 2] No such file or directory``
+    for to-dicom and export-nnunet)."""
     if not Path(path).is_dir():  # MONAI Label's datastore would create it, empty, at a mistyped path
         raise FileNotFoundError(f"--studies {path}: no such folder (a studies folder or an nnU-Net v2 raw dataset)")
+    return path
+
+
+def as_studies(path: str, preset: str, oracle: bool = False) -> str:
+    """A studies folder as is; an nnU-Net v2 raw dataset (it has a dataset.json) imported into a temp one."""
+    studies_folder(path)
     if not (Path(path) / "dataset.json").is_file():
         return path
     from crossmodal.data.nnunet import import_nnunet
@@ -368,6 +375,29 @@ def _report(records: Sequence[dict]) -> None:
         print(json.dumps(r))
 
 
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low`` (``--cases 0`` made an empty folder and exited 0).
+
+    Example:
+        >>> at_least(1)("3")
+        3
+        >>> at_least(1)("0")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: must be at least 1, got 0
+    """
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crossmodal", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -376,11 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def gen_args(q: argparse.ArgumentParser, prefix: str) -> None:
         q.add_argument("--out", required=True, help="studies folder to write")
-        q.add_argument("--cases", type=int, default=8)
-        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--cases", type=at_least(1), default=8)
+        q.add_argument("--seed", type=at_least(0), default=0)
         q.add_argument("--prefix", default=prefix, help="case id prefix")
-        q.add_argument("--dense", type=int, default=0, help="cases given a dense final label")
-        q.add_argument("--sparse", type=int, default=0, help="cases given a sparse final label")
+        q.add_argument("--dense", type=at_least(0), default=0, help="cases given a dense final label")
+        q.add_argument("--sparse", type=at_least(0), default=0, help="cases given a sparse final label")
         q.add_argument("--sparse-mode", default="scribbles", choices=("scribbles", "slices"))
         q.add_argument("--misregistration-mm", type=float, default=0.0)
         q.add_argument("--ext", default=".nii.gz", choices=(".nii.gz", ".nii", ".nrrd"))
@@ -391,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = data_sub.add_parser("phantom", help="synthetic CT/PET/MR phantoms")
     gen_args(q, "phantom")
-    q.add_argument("--size", type=int, default=48, help="primary grid size per axis")
+    q.add_argument("--size", type=at_least(16), default=48, help="primary grid size per axis (at least 16)")
     q.set_defaults(func=cmd_phantom)
 
     q = data_sub.add_parser("fetch-spm", help="download the SPM12 wheel (set-up time), check sha256, extract templates")
@@ -408,9 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--label", required=True)
     q.add_argument("--out", required=True)
     q.add_argument("--mode", default="scribbles", choices=("scribbles", "slices"))
-    q.add_argument("--axis", type=int, default=2)
-    q.add_argument("--step", type=int, default=None)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--axis", type=int, default=2, choices=(0, 1, 2))
+    q.add_argument("--step", type=at_least(1), default=None, help="scribbles: every step-th slice (default 1); "
+                   "slices: every step-th slice painted (default 5)")
+    q.add_argument("--seed", type=at_least(0), default=0)
     q.add_argument("--config")
     q.set_defaults(func=cmd_sparsify)
 
@@ -471,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--name", help="dataset name in the results (default: the folder name)")
     q.add_argument("--strategies", nargs="+", default=["ours", "random", "epistemic"],
                    choices=["ours", "random", "epistemic"])
-    q.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    q.add_argument("--seeds", nargs="+", type=at_least(0), default=[0, 1, 2])
     q.add_argument("--test", type=int, default=4, help="held-out test cases (the last ones, sorted)")
     q.add_argument("--initial", type=int, default=2, help="seed set size (the same for every strategy)")
     q.add_argument("--k", type=int, default=2, help="cases picked per round")

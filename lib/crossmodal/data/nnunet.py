@@ -141,6 +141,9 @@ def export_nnunet(studies: str | os.PathLike[str], dataset: str | os.PathLike[st
     any_sparse = False
     n_train = 0
     primaries = sorted(p for p in src.iterdir() if p.is_file() and p.name.endswith((".nii.gz", ".nii", ".nrrd")))
+    if not primaries:  # was an nnU-Net dataset of no case (numTraining 0), exit 0
+        raise ValueError(f"{src}: no primary images (*.nii.gz, *.nii, *.nrrd) in this studies folder: nothing to "
+                         "export")
     truths = truth_files(src)
     for p in tqdm(primaries, desc="export", unit="case"):
         cid = case_id_of(p)
