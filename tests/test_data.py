@@ -430,7 +430,9 @@ def test_data_commands_refuse_counts_sizes_and_folders_they_cannot_use(tmp_path:
         (["data", "sparsify", "--label", str(label), "--out", str(out / "s.nii.gz"), "--mode", "slices", "--step", "0"],
          "crossmodal data sparsify: error: argument --step: must be at least 1, got 0"),
         (["simulate", "--studies", str(empty), "--seeds", "0", "-1"],
-         "crossmodal simulate: error: argument --seeds: must be at least 0, got -1")]
+         "crossmodal simulate: error: argument --seeds: must be at least 0, got -1"),
+        (["train", "--studies", str(empty), "--model-dir", str(out), "--processes", "0"],
+         "crossmodal train: error: argument --processes: must be at least 1, got 0")]
     for argv, message in parser_errors:
         with pytest.raises(SystemExit) as exit_:
             main(argv)
