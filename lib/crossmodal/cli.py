@@ -489,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--missing-modality", choices=("error", "zero_fill"),
                    help="a case without a secondary modality's file: stop with an error naming it (the preset's "
                         "default), or train on it (and evaluate it) with that modality left out (zero_fill)")
-    q.add_argument("--processes", type=at_least(1), default=1, help="data-parallel processes (gloo on CPU, NCCL on GPUs)")
+    q.add_argument("--processes", type=at_least(1), default=1,
+                   help="data-parallel processes (gloo on CPU, NCCL on GPUs)")
     q.add_argument("--dataset", default="CacheDataset", choices=("CacheDataset", "Dataset"),
                    help="CacheDataset keeps every preprocessed labelled case in memory (faster epochs); Dataset "
                         "reads each case as it comes (memory for many large cases)")
