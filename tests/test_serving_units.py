@@ -57,10 +57,12 @@ def test_datastore_removes_what_is_there_and_404s_what_is_not(phantom_studies: P
 
 
 def test_two_uploads_of_one_new_id_store_one_case(phantom_studies: Path, phantom_cfg):
-    """Uploads run on the server's thread pool: two of one new id at once both passed the 409 check before either
+    """Two writers of one studies folder at once (two servers on it, a server and ``crossmodal`` on it; inside one
+    server MONAI Label's async upload endpoint runs uploads one at a time): both passed the 409 check before either
     was stored, and the second replaced the first's image while both were told it was stored. The check, the copy
     and the entry are one step under the datastore's lock now: one is stored, whole, and the other is a 409. (Ten
-    ids raced in turn: before, some pairs ran one after the other and passed, most did not.)"""
+    ids raced in turn on threads, each lock an OS file lock as between processes: before, some pairs ran one after
+    the other and passed, most did not.)"""
     ds = CrossModalDatastore(str(phantom_studies), phantom_cfg.labels)
     uploads = [str(phantom_studies / f"phantom00{i}.nii.gz") for i in (2, 3)]  # two different images
     ids = [f"new{i:03d}" for i in range(10)]
@@ -90,6 +92,37 @@ def test_two_uploads_of_one_new_id_store_one_case(phantom_studies: Path, phantom
     assert [other.get_image_info(i)["name"] for i in ids] == [f"{i}.nii.gz" for i in ids]
     assert sorted(other.get_unlabeled_images()) == sorted(ids + ["phantom002", "phantom003"])
     assert not list(phantom_studies.glob(".*.tmp"))
+
+
+def test_an_upload_keeps_what_another_process_wrote_meanwhile(phantom_studies: Path, phantom_cfg):
+    """The server's datastore and a scoring or training child (its own datastore on the same folder) write the one
+    JSON file. An upload read the file, then the upload, then wrote the file from what it had read: image infos the
+    child stored meanwhile (scores, hand-outs) were lost. Now the entry is added to the file as it is under the lock.
+    """
+    server = CrossModalDatastore(str(phantom_studies), phantom_cfg.labels)
+    child = CrossModalDatastore(str(phantom_studies), phantom_cfg.labels)
+    upload = str(phantom_studies / "phantom002.nii.gz")
+    done, written = threading.Event(), []
+
+    def child_writes() -> None:
+        n = 0
+        while not done.is_set() or n < 5:
+            child.update_image_info("phantom003", {f"score{n}": n})
+            written.append(f"score{n}")
+            n += 1
+
+    thread = threading.Thread(target=child_writes)
+    thread.start()
+    try:
+        for i in range(30):
+            assert server.add_image(f"up{i:03d}", upload, {}) == f"up{i:03d}"
+    finally:
+        done.set()
+        thread.join()
+    info = CrossModalDatastore(str(phantom_studies), phantom_cfg.labels).get_image_info("phantom003")
+    lost = [k for k in written if k not in info]
+    assert not lost, f"{len(lost)} of {len(written)} infos the other process wrote were lost: {lost[:5]}"
+    assert all(f"up{i:03d}" in server.get_unlabeled_images() for i in range(30))
 
 
 def test_tracking_goes_to_sqlite_or_off(tmp_path: Path):

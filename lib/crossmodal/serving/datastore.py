@@ -162,8 +162,9 @@ class CrossModalDatastore(LocalDatastore):
         _, image_ext = self._to_id(os.path.basename(image_filename))
         name = self._filename(image_id, image_ext)
         dest = os.path.join(self._datastore.image_path(), name)
-        # the check, the copy and the entry under one lock, after what another process wrote: two uploads of one
-        # new id at once both passed the check before either was stored (the second replaced the first's image)
+        # the check, the copy and the entry under one lock, on the file as another process left it: upstream wrote
+        # the JSON it had read before the upload, dropping what a scoring / training child stored meanwhile, and two
+        # writers of one folder adding one new id both passed the check (the second replaced the first's image)
         with FileLock(self._lock_file):
             self._reload_unlocked(force=True)
             self._refuse_existing(image_id, dest)
