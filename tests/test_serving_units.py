@@ -94,12 +94,12 @@ def test_two_uploads_of_one_new_id_store_one_case(phantom_studies: Path, phantom
     assert not list(phantom_studies.glob(".*.tmp"))
 
 
-def test_an_upload_keeps_what_another_process_wrote_meanwhile(phantom_studies: Path, phantom_cfg):
+def test_uploads_and_removals_keep_what_another_process_wrote_meanwhile(phantom_studies: Path, phantom_cfg):
     """The server's datastore and a scoring or training child (its own datastore on the same folder) write the one
-    JSON file. An upload read the file, then the upload, then wrote the file from what it had read: image infos the
-    child stored meanwhile (scores, hand-outs) were lost. Now the entry is added to the file as it is under the lock.
-    """
-    server = CrossModalDatastore(str(phantom_studies), phantom_cfg.labels)
+    JSON file. An upload read the file, then the upload, then wrote the file from what it had read, and a removal
+    rewrote it from what it had read before: image infos the child stored meanwhile (scores, hand-outs) were lost.
+    Now each changes the file as it is under the lock."""
+    server = CrossModalDatastore(str(phantom_studies), phantom_cfg.labels, phantom_cfg.modality_names)
     child = CrossModalDatastore(str(phantom_studies), phantom_cfg.labels)
     upload = str(phantom_studies / "phantom002.nii.gz")
     done, written = threading.Event(), []
@@ -114,15 +114,21 @@ def test_an_upload_keeps_what_another_process_wrote_meanwhile(phantom_studies: P
     thread = threading.Thread(target=child_writes)
     thread.start()
     try:
-        for i in range(30):
+        for i in range(60):
             assert server.add_image(f"up{i:03d}", upload, {}) == f"up{i:03d}"
+        assert all(f"up{i:03d}" in server.get_unlabeled_images() for i in range(60))
+        for i in range(60):
+            server.remove_image(f"up{i:03d}")
+        server.remove_label("phantom001", "final")
     finally:
         done.set()
         thread.join()
     info = CrossModalDatastore(str(phantom_studies), phantom_cfg.labels).get_image_info("phantom003")
     lost = [k for k in written if k not in info]
     assert not lost, f"{len(lost)} of {len(written)} infos the other process wrote were lost: {lost[:5]}"
-    assert all(f"up{i:03d}" in server.get_unlabeled_images() for i in range(30))
+    assert sorted(server.get_unlabeled_images()) == ["phantom001", "phantom002", "phantom003"]
+    assert not list(phantom_studies.glob("up*")) and not (phantom_studies / "labels" / "final" /
+                                                          "phantom001.nii.gz").exists()
 
 
 def test_tracking_goes_to_sqlite_or_off(tmp_path: Path):

@@ -23,6 +23,7 @@ from crossmodal.labels import annotated_fraction, classify, invalid_values
 from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
+from monailabel.utils.others.generic import remove_file
 
 logger = logging.getLogger(__name__)
 
@@ -223,25 +224,40 @@ class CrossModalDatastore(LocalDatastore):
         return image_id
 
     def remove_image(self, image_id: str) -> None:
-        """As upstream, and the case's secondary modalities with it (a case added again under the same id would
-        have found the old ones); an unknown case is a 404 (upstream: a bare 500)."""
-        self._fresh()
-        if image_id not in self._datastore.objects:
-            raise HTTPException(status_code=404, detail=f"case {image_id!r}: no such image in the datastore")
-        super().remove_image(image_id)
-        if self.modality_names:
-            shutil.rmtree(self.sidecar_folder(image_id), ignore_errors=True)
+        """The case's labels, image and secondary modalities (a case added again under the same id found the old
+        ones), and its entry, under the lock on the file as another process left it (upstream rewrote the JSON it
+        had read, dropping what a child process stored meanwhile); an unknown case is a 404 (upstream: a bare 500).
+        Files go before the entry: a crash between leaves an entry the next refresh drops, not a case that comes
+        back."""
+        with FileLock(self._lock_file):
+            self._reload_unlocked(force=True)
+            obj = self._datastore.objects.get(image_id)
+            if obj is None:
+                raise HTTPException(status_code=404, detail=f"case {image_id!r}: no such image in the datastore")
+            logger.info(f"Removing image {image_id} (labels: {sorted(obj.labels)})")
+            for tag in list(obj.labels):
+                remove_file(self.get_label_uri(image_id, tag))
+            remove_file(self.get_image_uri(image_id))
+            if self.modality_names:
+                shutil.rmtree(self.sidecar_folder(image_id), ignore_errors=True)
+            del self._datastore.objects[image_id]
+            self._update_datastore_file(lock=False)
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
-        """As upstream; a case or a label that is not there is a 404 (upstream answered 200 and removed nothing)."""
-        self._fresh()
-        obj = self._datastore.objects.get(label_id)
-        if obj is None:
-            raise HTTPException(status_code=404, detail=f"case {label_id!r}: no such image in the datastore")
-        if label_tag not in obj.labels:
-            raise HTTPException(status_code=404, detail=f"case {label_id!r}: no {label_tag!r} label (its labels: "
-                                                        f"{sorted(obj.labels)})")
-        super().remove_label(label_id, label_tag)
+        """The label file and its entry, under the lock as :meth:`remove_image`; a case or a label that is not there
+        is a 404 (upstream answered 200 and removed nothing)."""
+        with FileLock(self._lock_file):
+            self._reload_unlocked(force=True)
+            obj = self._datastore.objects.get(label_id)
+            if obj is None:
+                raise HTTPException(status_code=404, detail=f"case {label_id!r}: no such image in the datastore")
+            if label_tag not in obj.labels:
+                raise HTTPException(status_code=404, detail=f"case {label_id!r}: no {label_tag!r} label (its "
+                                                            f"labels: {sorted(obj.labels)})")
+            logger.info(f"Removing label {label_id} => {label_tag}")
+            remove_file(self.get_label_uri(label_id, label_tag))
+            del obj.labels[label_tag]
+            self._update_datastore_file(lock=False)
 
     def label_kind(self, image_id: str, tag: str = "final") -> str:
         """The recorded kind, or the rule applied to the file (labels placed on disk by hand)."""
