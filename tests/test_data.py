@@ -447,3 +447,23 @@ def test_data_commands_refuse_counts_sizes_and_folders_they_cannot_use(tmp_path:
         assert main([*argv, "--config", "phantom"]) == 2, argv
         assert capsys.readouterr().err.strip().splitlines()[-1] == f"crossmodal: error: {message}", argv
     assert not out.exists()
+    # outputs that cannot be written are refused before any work: a folder option on a file was a FileExistsError
+    # traceback, and `evaluate --out` under a file one after the whole evaluation
+    a_file, model = tmp_path / "a_file", tmp_path / "model.pt"
+    a_file.write_text("x")
+    for argv, message in (
+            (["train", "--studies", str(empty), "--model-dir", str(a_file)], f"--model-dir {a_file}: is a file; give a "
+                                                                             "folder"),
+            (["train", "--studies", str(empty), "--model-dir", str(out), "--publish", str(empty)],
+             f"--publish {empty}: is a folder; give a file name"),
+            (["evaluate", "--studies", str(empty), "--model", str(model), "--out", str(a_file / "x.json")],
+             f"--out {a_file / 'x.json'}: {a_file} is a file, not a folder"),
+            (["data", "phantom", "--out", str(a_file / "deeper" / "studies")],
+             f"--out {a_file / 'deeper' / 'studies'}: {a_file} is a file, not a folder"),
+            (["data", "sparsify", "--label", str(label), "--out", str(empty)], f"--out {empty}: is a folder; give a "
+                                                                               "file name"),
+            (["simulate", "--studies", str(empty), "--work", str(a_file)], f"--work {a_file}: is a file; give a "
+                                                                           "folder")):
+        assert main([*argv, "--config", "phantom"]) == 2, argv
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"crossmodal: error: {message}", argv
+    assert not out.exists() and a_file.read_text() == "x" and not list(empty.iterdir())

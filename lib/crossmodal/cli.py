@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -220,8 +221,6 @@ def cmd_to_dicom(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    import os
-
     from crossmodal.simulate import SimSpec, plot, simulate_dataset, summarize, write_json
 
     preset = args.config or "brain"
@@ -548,9 +547,41 @@ def build_parser() -> argparse.ArgumentParser:
 USER_ERRORS = (CaseError, ConfigError, FileNotFoundError, ValueError, ConnectionError)
 
 
+FILE_OUTPUTS = {("evaluate", "out"), ("sparsify", "out"), ("train", "publish")}  # the rest: folders
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before any work, an output path that cannot be written: a folder option naming a file, a file option
+    naming a folder, or a path under a file or an unwritable folder (``--model-dir`` on a file was a
+    ``FileExistsError`` traceback; ``evaluate --out`` under a file one after the whole evaluation).
+
+    Raises:
+        ValueError: naming the option, the path and what is wrong.
+    """
+    command = args.what if args.command == "data" else args.command
+    for attr in ("out", "model_dir", "work", "publish"):
+        value = getattr(args, attr, None)
+        if not value:
+            continue
+        option, path = f"--{attr.replace('_', '-')} {value}", Path(value)
+        is_file = (command, attr) in FILE_OUTPUTS
+        if is_file and path.is_dir():
+            raise ValueError(f"{option}: is a folder; give a file name")
+        if not is_file and path.exists() and not path.is_dir():
+            raise ValueError(f"{option}: is a file; give a folder")
+        above = path.parent if is_file or not path.exists() else path
+        while not above.exists():
+            above = above.parent
+        if not above.is_dir():
+            raise ValueError(f"{option}: {above} is a file, not a folder")
+        if not os.access(above, os.W_OK | os.X_OK):
+            raise ValueError(f"{option}: {above} is not writable")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_outputs(args)
         return int(args.func(args))
     except Exception as e:  # a case / config error, also one MONAI or ignite wrapped, is a message; the rest a bug
         shown = user_error_in(e) or (e if isinstance(e, USER_ERRORS) else None)
