@@ -27,7 +27,7 @@ from typing import overload
 from crossmodal.config import ConfigError, CrossModalConfig, as_flag, as_number, load_config, parse_mirror_axes
 from crossmodal.nets import build_network, check_weights
 from crossmodal.serving.activelearning import CrossModalScoring, CrossModalStrategy
-from crossmodal.serving.datastore import CrossModalDatastore
+from crossmodal.serving.datastore import CrossModalDatastore, no_such_case
 from crossmodal.serving.grow import CrossModalGrow
 from crossmodal.serving.infer import CrossModalInfer
 from crossmodal.serving.train import CrossModalTrain
@@ -96,7 +96,7 @@ def check_infer_request(request: dict, infers: Iterable[str], datastore: Datasto
     image = request.get("image")
     local = type(datastore) is CrossModalDatastore  # not PacsDatastore: get_image_uri would fetch the series
     if isinstance(image, str) and local and not os.path.exists(image) and not datastore.get_image_uri(image):
-        raise HTTPException(status_code=404, detail=f"case {image!r}: no such image in the datastore")
+        raise no_such_case(image)
 
 
 @dataclass

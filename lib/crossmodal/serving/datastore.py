@@ -42,6 +42,12 @@ def http_error(e: BaseException, status: int = 422, prefix: str = "") -> HTTPExc
     return HTTPException(status_code=status, detail=f"{prefix}{e}")
 
 
+def no_such_case(image_id: object, hint: str = "") -> HTTPException:
+    """The 404 for a case id the datastore does not hold (``hint``: what to do, after a '; ')."""
+    return HTTPException(status_code=404, detail=f"case {image_id!r}: no such image in the datastore"
+                                                 + (f"; {hint}" if hint else ""))
+
+
 def check_name(name: str, what: str, case_id: str) -> None:
     """422 unless ``name`` is a plain file name (no '/' or '\\', not starting with '.'): MONAI Label joins image ids
     and label tags to the studies folder as they come, so ``../x`` was written outside it.
@@ -118,7 +124,7 @@ class CrossModalDatastore(LocalDatastore):
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         obj = self._datastore.objects.get(image_id)
         if not obj:
-            raise HTTPException(status_code=404, detail=f"case {image_id!r}: no such image in the datastore")
+            raise no_such_case(image_id)
         check_name(label_tag, "a label tag", image_id)
         info = dict(label_info or {})
         override = info.pop("label_kind", None)
@@ -214,8 +220,7 @@ class CrossModalDatastore(LocalDatastore):
         with FileLock(self._lock_file):  # the case must still be there (a DELETE between would orphan the file)
             self._reload_unlocked(force=True)
             if image_id not in self._datastore.objects:
-                raise HTTPException(status_code=404, detail=f"{case}no such image in the datastore; upload its "
-                                                            f"primary image ({self.modality_names[0]}) first")
+                raise no_such_case(image_id, f"upload its primary image ({self.modality_names[0]}) first")
             atomic_copy(image_filename, dest)
             for other in VOLUME_EXTENSIONS:  # one file a modality: the upload replaces another format's
                 if other != ext and os.path.exists(os.path.join(folder, f"{modality}{other}")):
@@ -233,7 +238,7 @@ class CrossModalDatastore(LocalDatastore):
             self._reload_unlocked(force=True)
             obj = self._datastore.objects.get(image_id)
             if obj is None:
-                raise HTTPException(status_code=404, detail=f"case {image_id!r}: no such image in the datastore")
+                raise no_such_case(image_id)
             logger.info(f"Removing image {image_id} (labels: {sorted(obj.labels)})")
             for tag in list(obj.labels):
                 remove_file(self.get_label_uri(image_id, tag))
@@ -250,7 +255,7 @@ class CrossModalDatastore(LocalDatastore):
             self._reload_unlocked(force=True)
             obj = self._datastore.objects.get(label_id)
             if obj is None:
-                raise HTTPException(status_code=404, detail=f"case {label_id!r}: no such image in the datastore")
+                raise no_such_case(label_id)
             if label_tag not in obj.labels:
                 raise HTTPException(status_code=404, detail=f"case {label_id!r}: no {label_tag!r} label (its "
                                                             f"labels: {sorted(obj.labels)})")
@@ -307,7 +312,7 @@ class CrossModalDatastore(LocalDatastore):
 
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
         if self.update_image_infos({image_id: info}):
-            raise HTTPException(status_code=404, detail=f"case {image_id!r}: no such image in the datastore")
+            raise no_such_case(image_id)
 
     def update_image_infos(self, infos: Mapping[str, dict[str, Any]]) -> list[str]:
         """:meth:`update_image_info` for many cases with one read and one write of the datastore file (under the
