@@ -65,18 +65,22 @@ class Server:
     model_dir: Path
     log: Path
     proc: subprocess.Popen
+    tmp: Path  # the server's TMPDIR (MONAI Label's upload endpoints copy each upload there)
 
 
 def start_server(studies: Path, model_dir: Path, log: Path, conf: dict[str, str], timeout: float = 180) -> Server:
-    """``monailabel start_server`` with our app on 127.0.0.1:<free port>; waits until ``/info/`` answers."""
+    """``monailabel start_server`` with our app on 127.0.0.1:<free port>, its temp folder ``<log>.tmp``; waits until
+    ``/info/`` answers."""
     port = free_port()
+    tmp = log.with_suffix(".tmp")
+    tmp.mkdir(exist_ok=True)
     cmd = [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(APP), "--studies",
            str(studies), "-i", "127.0.0.1", "-p", str(port), "--conf", "model_dir", str(model_dir)]
     for k, v in conf.items():
         cmd += ["--conf", k, v]
     venv_bin = str(Path(sys.executable).parent)  # the `monailabel` launcher runs `$MONAILABEL_PYEXE -m monailabel.main`
     env = {**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAILABEL_PYEXE": sys.executable,
-           "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
+           "TMPDIR": str(tmp), "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
     url = f"http://127.0.0.1:{port}"
@@ -86,7 +90,7 @@ def start_server(studies: Path, model_dir: Path, log: Path, conf: dict[str, str]
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
             if requests.get(f"{url}/info/", timeout=2).status_code == 200:
-                return Server(url, studies, model_dir, log, proc)
+                return Server(url, studies, model_dir, log, proc, tmp)
         except requests.RequestException:
             pass
         time.sleep(1)

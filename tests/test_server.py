@@ -285,8 +285,19 @@ def test_bad_input_is_4xx_names_the_problem_and_changes_nothing(client, phantom_
     finally:
         mr.write_bytes(saved)
 
+    rejected(lambda: client.upload_image(str(studies / "phantom005.nii.gz"), "phantom000"),
+             "case 'phantom000' already exists")
+    rejected(lambda: client.upload_image(str(mr), "phantom000", params={"modality": "spect"}),
+             "case 'phantom000': modality 'spect' is not one of the secondary modalities ['pet', 'mr']")
+
     assert snapshot(studies) == before
     assert requests.get(f"{phantom_server.url}/info/", timeout=10).status_code == 200
+    # no copy of a refused upload stays in the server's temp folder (each one did, mode 0644, for good)
+    refused = {p.read_bytes() for p in (tmp_path / "grid.nii.gz", tmp_path / "values.nii.gz", tmp_path / "trunc.nii.gz",
+                                        tmp_path / "nan_image.nii.gz", tmp_path / "trunc_image.nii.gz", mr,
+                                        studies / "phantom005.nii.gz", studies / "labels/final/phantom000.nii.gz")}
+    kept = [p.name for p in phantom_server.tmp.rglob("*") if p.is_file() and p.read_bytes() in refused]
+    assert kept == []
 
 
 def test_unknown_names_and_bad_train_numbers_are_4xx_that_say_what_is_served(client, phantom_server):
