@@ -148,7 +148,8 @@ def main() -> int:
     args = ap.parse_args()
     datasets = ["phantom"] if args.quick else [d.strip() for d in args.datasets.split(",") if d.strip()]
     seeds = 1 if args.quick else args.seeds
-    root = Path(tempfile.mkdtemp(prefix="crossmodal-incomplete-"))
+    scratch = tempfile.TemporaryDirectory(prefix="crossmodal-incomplete-")  # removed when the run ends
+    root = Path(scratch.name)
     records: list[dict] = []
     start = time.perf_counter()
     for dataset in datasets:

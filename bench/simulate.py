@@ -115,7 +115,8 @@ def main() -> int:
     results = results_dir(args.quick)
     if (args.summarize or args.cost_only) and not (results / "simulate.json").is_file():
         ap.error(f"--summarize / --cost-only read {results / 'simulate.json'}, which does not exist; run it first")
-    work = Path(tempfile.mkdtemp(prefix="simulate-"))
+    scratch = tempfile.TemporaryDirectory(prefix="simulate-")  # removed when the run ends
+    work = Path(scratch.name)
     # pool + test cases: 16 + 12 and 12 + 12 (the test split was 4 until 2026-11-30; the pools are unchanged);
     # *_mixed: the same cases (seeds) as a clinical pool with sub-populations, in the pool and the test split alike:
     # phantom, a quarter with a lesion that takes up no tracer and a quarter on an MR of another weighting; brain, a

@@ -1,6 +1,7 @@
 """Data sets: phantom, real SPM12 brain cases, the sparse-annotation simulator, nnU-Net conversion, the CLI."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -277,16 +278,21 @@ def test_offline_commands_on_cases_without_a_modality(tmp_path: Path, phantom_cf
 
 
 def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg):
-    """`crossmodal evaluate` and `crossmodal train` on an nnU-Net v2 raw dataset, with the committed weights."""
+    """`crossmodal evaluate` and `crossmodal train` on an nnU-Net v2 raw dataset, with the committed weights; what
+    they import or make for themselves leaves the temp folder with them (each run left a copy of the dataset)."""
     from conftest import PRETRAINED_PHANTOM
 
     studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=3, dense=1, sparse=1, seed=21)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp)}
     ds = tmp_path / "Dataset002_Phantom"
     subprocess.run([*CLI, "data", "export-nnunet", "--studies", str(studies), "--out", str(ds), "--config", "phantom",
                     "--test", "phantom002"], check=True, capture_output=True)
     r = subprocess.run([*CLI, "evaluate", "--studies", str(ds), "--config", "phantom", "--model",
                         str(PRETRAINED_PHANTOM), "--network", "baseline_unet", "--out", str(tmp_path / "e.json")],
-                       capture_output=True, text=True, check=True)
+                       capture_output=True, text=True, check=True, env=env)
+    assert list(temp.iterdir()) == [] and "(for this command only)" in r.stderr
     summary = json.loads((tmp_path / "e.json").read_text())
     assert summary["cases"] == 1 and summary["per_case"][0]["case"] == "phantom002"  # the imagesTs case
     assert summary["dice_mean"] > 0.8, r.stdout
@@ -305,8 +311,10 @@ def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg):
     # a method preset: ours on dense + sparse (nnU-Net ignore label) + unlabelled (no label file) training cases
     (ds / "labelsTr" / "phantom001.nii.gz").unlink()
     r = subprocess.run([*CLI, "train", "--studies", str(ds), "--config", "phantom", "--model-dir",
-                        str(tmp_path / "o"), "--epochs", "1", "--method", "ours"], capture_output=True, text=True)
+                        str(tmp_path / "o"), "--epochs", "1", "--method", "ours"], capture_output=True, text=True,
+                       env=env)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert [p.name for p in temp.iterdir() if not p.name.startswith("torchinductor_")] == []  # torch's own cache
     assert load_config(str(tmp_path / "o" / "method_config.yaml")).model.name == "crossmodal"
     ev = json.loads((tmp_path / "o" / "evaluation.json").read_text())
     assert [c["case"] for c in ev["per_case"]] == ["phantom002"] and set(ev["per_case"][0]["hd95"]) == \

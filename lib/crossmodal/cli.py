@@ -122,7 +122,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
                                "min_heldout_accuracy": args.min_heldout_accuracy}.items() if v is not None}
     cfg = load_config(preset, overrides={"train": {"propagate": given}} if given else None)
     p = cfg.train.propagate
-    studies = Path(as_studies(args.studies, preset))
+    studies = Path(as_studies(args.studies, preset, scratch=args.scratch))
     found = {case_id_of(f): f for f in sorted((studies / FINAL_LABELS).glob("*"))
              if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS)}
     for case in args.cases or []:
@@ -224,12 +224,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from crossmodal.simulate import SimSpec, plot, simulate_dataset, summarize, write_json
 
     preset = args.config or "brain"
-    studies = Path(as_studies(args.studies, preset, oracle=True))
+    studies = Path(as_studies(args.studies, preset, oracle=True, scratch=args.scratch))
     dataset = args.name or Path(args.studies).name
     spec = SimSpec(preset, args.test, args.initial, args.k, args.rounds, args.steps, args.patch, args.annotation)
     out = Path(args.out or os.environ.get("RESULTS_DIR", "bench/results"))
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(args.work or tempfile.mkdtemp(prefix="crossmodal-simulate-"))
+    work = Path(args.work or tempfile.mkdtemp(prefix="simulate-", dir=args.scratch))
     json_path = out / f"simulate_{dataset}.json"
     found: dict[str, list[dict]] = {"record": [], "reference": [], "cost": []}
 
@@ -259,21 +259,22 @@ def studies_folder(path: str) -> str:
     return path
 
 
-def as_studies(path: str, preset: str, oracle: bool = False) -> str:
-    """A studies folder as is; an nnU-Net v2 raw dataset (it has a dataset.json) imported into a temp one."""
+def as_studies(path: str, preset: str, oracle: bool = False, scratch: str | None = None) -> str:
+    """A studies folder as is; an nnU-Net v2 raw dataset (it has a dataset.json) imported into a temp one (under
+    ``scratch``: the command's temp folder, removed when it ends)."""
     studies_folder(path)
     if not (Path(path) / "dataset.json").is_file():
         return path
     from crossmodal.data.nnunet import import_nnunet
 
-    out = tempfile.mkdtemp(prefix="crossmodal-nnunet-")
+    out = tempfile.mkdtemp(prefix="nnunet-", dir=scratch)
     import_nnunet(path, out, load_config(preset))
     if oracle:  # the simulator's annotator: every dense label becomes ground truth, no case starts labelled
         labels = Path(out) / "labels" / "final"
         (Path(out) / "truth").mkdir(exist_ok=True)
         for p in labels.glob("*.nii.gz") if labels.is_dir() else []:
             p.replace(Path(out) / "truth" / p.name)
-    print(f"imported nnU-Net dataset {path} -> {out}", file=sys.stderr)
+    print(f"imported nnU-Net dataset {path} -> {out} (for this command only)", file=sys.stderr)
     return out
 
 
@@ -325,7 +326,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _device(args.device)
 
     preset = args.config or "brain"
-    studies = as_studies(args.studies, preset)
+    studies = as_studies(args.studies, preset, scratch=args.scratch)
     resolved = _method_preset(preset, args.method, args.model_dir)
     network = args.network or (load_config(resolved).model.name if args.method else None)
     with training_log():
@@ -355,10 +356,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _device(args.device)
 
     preset = args.config or "brain"
-    studies = as_studies(args.studies, preset)
+    studies = as_studies(args.studies, preset, scratch=args.scratch)
     resolved = preset
     if args.method:
-        resolved = _method_preset(preset, args.method, tempfile.mkdtemp(prefix="crossmodal-method-"))
+        resolved = _method_preset(preset, args.method, tempfile.mkdtemp(prefix="method-", dir=args.scratch))
     network = args.network or (load_config(resolved).model.name if args.method else None)
     mirror = None if args.mirror_axes is None else parse_mirror_axes(args.mirror_axes, "--mirror-axes")
     summary = evaluate(studies, resolved, args.model, args.device, args.out, network, tuple(args.drop), mirror,
@@ -511,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--patch", type=int, default=32)
     q.add_argument("--annotation", default="scribbles", choices=["scribbles", "dense"])
     q.add_argument("--out", help="results folder (default RESULTS_DIR or bench/results)")
-    q.add_argument("--work", help="working folder (default: temp)")
+    q.add_argument("--work", help="working folder, kept (default: a temp one, removed at the end)")
     q.set_defaults(func=cmd_simulate)
 
     q = sub.add_parser("propagate", help="grow the sparse final labels as training would (random walker over every "
@@ -582,7 +583,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_outputs(args)
-        return int(args.func(args))
+        # what a command makes for itself (an nnU-Net dataset imported, simulate's rounds without --work) goes when it
+        # ends: each run left a copy of the dataset in the temp folder
+        with tempfile.TemporaryDirectory(prefix="crossmodal-") as scratch:
+            args.scratch = scratch
+            return int(args.func(args))
     except Exception as e:  # a case / config error, also one MONAI or ignite wrapped, is a message; the rest a bug
         shown = user_error_in(e) or (e if isinstance(e, USER_ERRORS) else None)
         if shown is None:

@@ -74,7 +74,8 @@ def train_offline(studies: str, preset: str, model_dir: str, epochs: int | None 
         conf["pretrained"] = pretrained
     if network:
         conf["models"] = network
-    parts = AppParts.from_conf(tempfile.mkdtemp(prefix="crossmodal-app-"), conf)
+    with tempfile.TemporaryDirectory(prefix="crossmodal-app-") as app_dir:  # model_dir is given: nothing is kept there
+        parts = AppParts.from_conf(app_dir, conf)
     stats = parts.trainer()({"device": pick_device(device), "tracking": "None", "dataset": dataset,
                              "dataloader": "DataLoader", "use_unlabeled": use_unlabeled, "processes": processes,
                              "publish": publish_mode, "pretrained": not from_scratch},
@@ -180,31 +181,32 @@ def evaluate(studies: str, preset: str, model: str, device: str = "auto", out: s
                          f"of a case without a final label (an nnU-Net dataset: labelsTs of the imagesTs cases)")
     cfg = load_config(preset)
     conf = {"preset": preset, "pretrained": model, **({"models": network} if network else {})}
-    parts = AppParts.from_conf(tempfile.mkdtemp(prefix="crossmodal-app-"), conf)
-    task = parts.infer()
-    names = list(cfg.labels.foreground)
-    records: list[dict[str, Any]] = []
-    for truth_path in tqdm(cases, desc="evaluate", unit="case"):
-        cid = case_id_of(truth_path)
-        image = next(p for p in root.iterdir() if p.is_file() and case_id_of(p) == cid)
-        request = {"image": str(image), "skip_writer": True, "device": pick_device(device),
-                   "drop_modalities": list(drop)}
-        if mirror_axes is not None:
-            request["mirror_axes"] = list(mirror_axes)
-        if missing_modality:
-            request["missing_modality"] = missing_modality
-        t0 = time.perf_counter()
-        _, data = task(request)
-        seconds = time.perf_counter() - t0
-        pred = data["pred"].numpy()
-        truth_img = load_volume(truth_path, cid)
-        truth = np.rint(truth_img[0].numpy())
-        spacing = tuple(float(v) for v in np.sqrt((truth_img.affine[:3, :3].numpy() ** 2).sum(0)))
-        dice = dice_per_class(pred, truth, cfg.labels.num_classes)
-        hd = hd95_per_class(pred, truth, cfg.labels.num_classes, spacing)
-        records.append({"case": cid, "seconds": round(seconds, 3), "dice": dict(zip(names, dice, strict=True)),
-                        "dice_mean": float(np.nanmean(dice)),
-                        "hd95": dict(zip(names, hd, strict=True)), "hd95_mean": float(np.nanmean(hd))})
+    with tempfile.TemporaryDirectory(prefix="crossmodal-app-") as app_dir:  # its model folder: the published path
+        parts = AppParts.from_conf(app_dir, conf)
+        task = parts.infer()
+        names = list(cfg.labels.foreground)
+        records: list[dict[str, Any]] = []
+        for truth_path in tqdm(cases, desc="evaluate", unit="case"):
+            cid = case_id_of(truth_path)
+            image = next(p for p in root.iterdir() if p.is_file() and case_id_of(p) == cid)
+            request = {"image": str(image), "skip_writer": True, "device": pick_device(device),
+                       "drop_modalities": list(drop)}
+            if mirror_axes is not None:
+                request["mirror_axes"] = list(mirror_axes)
+            if missing_modality:
+                request["missing_modality"] = missing_modality
+            t0 = time.perf_counter()
+            _, data = task(request)
+            seconds = time.perf_counter() - t0
+            pred = data["pred"].numpy()
+            truth_img = load_volume(truth_path, cid)
+            truth = np.rint(truth_img[0].numpy())
+            spacing = tuple(float(v) for v in np.sqrt((truth_img.affine[:3, :3].numpy() ** 2).sum(0)))
+            dice = dice_per_class(pred, truth, cfg.labels.num_classes)
+            hd = hd95_per_class(pred, truth, cfg.labels.num_classes, spacing)
+            records.append({"case": cid, "seconds": round(seconds, 3), "dice": dict(zip(names, dice, strict=True)),
+                            "dice_mean": float(np.nanmean(dice)),
+                            "hd95": dict(zip(names, hd, strict=True)), "hd95_mean": float(np.nanmean(hd))})
 
     def mean_of(key: str) -> float:
         return float(np.mean([r[key] for r in records])) if records else float("nan")
