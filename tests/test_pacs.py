@@ -207,6 +207,8 @@ def test_pacs_session_next_sample_infer_save_train_infer(pacs, server, client, t
     assert on_pet.shape == pet.shape and np.allclose(on_pet.affine, pet.affine, atol=1e-3)
     truth_on_pet = resample_to(load_volume(studies / "truth" / "phantom001.nii.gz"), pet, mode="nearest")
     assert dice(on_pet[0].numpy(), truth_on_pet[0].numpy(), 1) > 0.6
+    time.sleep(1)  # MONAI Label removes the file it sent once the response is out
+    assert [p.name for p in server.tmp.glob("crossmodal-*")] == []  # the CT-grid label it was made from stayed
 
     # a study without its PET series still segments (zero-fill on a PACS), with what it has
     out3, result3 = client.infer("crossmodal", ids["phantom003"], {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import crossmodal
 from crossmodal.inference import configure_threads
@@ -42,8 +43,11 @@ class MyApp(MONAILabelApp):
             grid = store.viewer_grid(image_id)
             if grid is not None:
                 primary = store.get_image_uri(image_id)
-                result["file"] = result["label"] = labels_onto_grid(result["file"], primary, grid[1], image_id,
+                on_primary = result["file"]
+                result["file"] = result["label"] = labels_onto_grid(on_primary, primary, grid[1], image_id,
                                                                     keep_ext=True)
+                if result["file"] != on_primary:  # MONAI Label removes the file it sends, not the one it replaced
+                    os.remove(on_primary)
                 result["params"] = {**(result.get("params") or {}), "grid": grid[0]}
         return result
 
