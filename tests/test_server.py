@@ -598,3 +598,56 @@ def test_a_multimodal_case_uploads_through_the_datastore_api(client, phantom_ser
         assert "upl001" not in client.datastore()["objects"] and not sidecars.exists()
     finally:  # the shared studies as the other tests know them
         requests.delete(f"{phantom_server.url}/datastore/image", params={"id": "upl001"}, timeout=30)
+
+
+def test_a_model_upload_replaces_the_model_in_service_only_with_weights_that_load(tmp_path):
+    """`PUT /model/<name>` (a model trained elsewhere put in service): upstream copied any file over the model in
+    place (200 for a truncated or foreign file, then a 500 on every infer, the model it replaced gone)."""
+    from conftest import PRETRAINED_PHANTOM, make_phantom_studies, start_server, stop_server
+
+    cfg = load_config("phantom")
+    studies = make_phantom_studies(tmp_path / "studies", cfg, cases=3, dense=1, sparse=0, seed=5)
+    server = start_server(studies, tmp_path / "model", tmp_path / "server.log", {"preset": "phantom"})
+    try:
+        def put(model: str, path: Path) -> requests.Response:
+            with open(path, "rb") as f:
+                return requests.put(f"{server.url}/model/{model}", files={"file": (path.name, f)}, timeout=60)
+
+        def infer() -> np.ndarray:
+            r = requests.post(f"{server.url}/infer/crossmodal", params={"image": "phantom002", "output": "image"},
+                              timeout=120)
+            assert r.status_code == 200, r.text
+            (tmp_path / "pred.nii.gz").write_bytes(r.content)
+            return load_volume(tmp_path / "pred.nii.gz")[0].numpy()
+
+        assert (infer() == 1).sum() > 1000  # the committed weights find the organ
+        published = tmp_path / "model" / "phantom_crossmodal.pt"
+        good = PRETRAINED_PHANTOM.parent / "phantom_crossmodal.pt"
+        (tmp_path / "trunc.pt").write_bytes(good.read_bytes()[:100_000])
+        r = put("crossmodal", tmp_path / "trunc.pt")
+        assert r.status_code == 422 and r.json()["detail"].startswith(
+            "model 'crossmodal': the uploaded file cannot be read as a PyTorch checkpoint (truncated or corrupt?)")
+        assert r.json()["detail"].endswith("; the model in service stays")
+        r = put("crossmodal", PRETRAINED_PHANTOM)  # baseline_unet's weights
+        assert r.status_code == 422 and "the uploaded file does not fit crossmodal on ['ct', 'pet', 'mr'] (preset " \
+            "'phantom'): weights 83 missing" in r.json()["detail"]
+        r = put("grow_scribbles", good)
+        assert r.status_code == 404 and r.json()["detail"] == (
+            "model with weights 'grow_scribbles' is not served here; served: ['baseline_unet', 'crossmodal']")
+        assert not published.exists() and (infer() == 1).sum() > 1000
+
+        # weights that load, and say background everywhere: in service at once
+        state = torch.load(good, map_location="cpu", weights_only=True)
+        state["head.weight"].zero_()
+        state["head.bias"].copy_(torch.tensor([10.0, 0.0, 0.0, 0.0]))
+        torch.save(state, tmp_path / "background.pt")
+        r = put("crossmodal", tmp_path / "background.pt")
+        assert r.status_code == 200 and published.read_bytes() == (tmp_path / "background.pt").read_bytes()
+        assert (infer() == 0).all()
+        r = put("crossmodal", tmp_path / "trunc.pt")  # refused: the model just put in service stays
+        assert r.status_code == 422 and published.read_bytes() == (tmp_path / "background.pt").read_bytes()
+        assert (infer() == 0).all()
+        time.sleep(1)  # the accepted upload's copy goes once its response is out
+        assert [p.name for p in server.tmp.glob("*.pt")] == []
+    finally:
+        stop_server(server)

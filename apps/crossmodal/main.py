@@ -69,6 +69,10 @@ class MyApp(MONAILabelApp):
             raise not_served("model", model, {*self._trainers, *self._infers})
         return super().bundle_path(model)
 
+    def replace_weights(self, model: str, path: str) -> str:
+        """``PUT /model/<model>`` (see :func:`crossmodal.serving.uploads.checked_update_model`): checked, atomic."""
+        return self.parts.replace_weights(model, path)
+
     def next_sample(self, request):
         """As upstream; an unknown strategy is a 404 listing the served ones (upstream: a bare 500)."""
         strategy = request.get("strategy") or "random"

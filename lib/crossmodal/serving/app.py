@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import overload
 
 from crossmodal.config import ConfigError, CrossModalConfig, as_flag, as_number, load_config, parse_mirror_axes
-from crossmodal.nets import build_network, check_weights
+from crossmodal.io import atomic_copy
+from crossmodal.nets import ModelFileError, build_network, check_weights
 from crossmodal.serving.activelearning import CrossModalScoring, CrossModalStrategy
 from crossmodal.serving.datastore import CrossModalDatastore, no_such_case
 from crossmodal.serving.grow import CrossModalGrow
@@ -161,6 +162,22 @@ class AppParts:
     @property
     def published(self) -> str:
         return self.models[0].published
+
+    def replace_weights(self, model: str, path: str) -> str:
+        """``PUT /model/<model>``: the weights file ``path`` (the upload) replaces the model in service, atomically,
+        if it loads into that model's network; returns the published path. 404 for a model that is not served, 422
+        naming the problem for weights that do not load (upstream copied any file over the model in place: a
+        truncated or foreign one turned every infer into a 500, and the model it replaced was gone)."""
+        served = {m.name: m for m in self.models}
+        if model not in served:
+            raise not_served("model with weights", model, served)
+        try:
+            check_weights(served[model].cfg, path)
+        except ModelFileError as e:
+            detail = str(e).replace(f"model {path}:", f"model {model!r}: the uploaded file")
+            raise HTTPException(status_code=422, detail=f"{detail}; the model in service stays") from e
+        atomic_copy(path, served[model].published)
+        return served[model].published
 
     def datastore(self, studies: str, conf: dict[str, str] | None = None) -> Datastore:
         """The local studies folder, or a PACS when ``studies`` is a DICOMweb URL."""

@@ -6,17 +6,24 @@ runs only after a successful response. Every upload the app refuses (an unreadab
 that exists, an image that cannot be segmented) stayed in the temp folder for good: a patient's volume, readable by
 every user of the machine (mode 0644). :func:`clean_up_refused_uploads` wraps those endpoint functions so that a
 request that raises runs its removals before the error goes out.
+
+``PUT /model/<name>`` also copied any file over the model in service, in place; :func:`checked_update_model` hands
+the upload to the app's ``replace_weights`` (checked, atomic) instead.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from fastapi import BackgroundTasks
-from monailabel.utils.others.generic import remove_file
+from fastapi import BackgroundTasks, UploadFile
+from monailabel.utils.others.generic import file_checksum, remove_file
 
 ENDPOINTS = (("monailabel.endpoints.datastore", "add_image"), ("monailabel.endpoints.datastore", "save_label"),
              ("monailabel.endpoints.infer", "run_inference"), ("monailabel.endpoints.model", "update_model"))
@@ -42,9 +49,27 @@ def removing_uploads_on_error(endpoint: Callable[..., Any]) -> Callable[..., Any
     return wrapper
 
 
+def checked_update_model(background_tasks: BackgroundTasks, model: str, file: UploadFile) -> dict[str, Any]:
+    """``PUT /model/<model>`` as upstream answers it (checksum and time of the model file), the upload handed to
+    the app's ``replace_weights(model, path) -> published path`` (which checks it and copies it atomically)."""
+    from monailabel.interfaces.app import MONAILabelApp
+    from monailabel.interfaces.utils.app import app_instance
+
+    ext = "".join(Path(file.filename).suffixes) if file.filename else ".pt"
+    fd, upload = tempfile.mkstemp(suffix=ext)
+    with os.fdopen(fd, "wb") as buffer:
+        shutil.copyfileobj(file.file, buffer)
+    background_tasks.add_task(remove_file, upload)
+    instance: MONAILabelApp = app_instance()
+    published = instance.replace_weights(model, upload)
+    return {"checksum": file_checksum(published), "modified_time": int(os.stat(published).st_mtime)}
+
+
 def clean_up_refused_uploads() -> None:
-    """Wrap MONAI Label's upload endpoints (:data:`ENDPOINTS`) in :func:`removing_uploads_on_error`; idempotent. The
-    routes look the functions up by name when a request comes, so this works once the server has started."""
+    """Wrap MONAI Label's upload endpoints (:data:`ENDPOINTS`) in :func:`removing_uploads_on_error`, ``PUT /model``'s
+    replaced by :func:`checked_update_model`; idempotent. The routes look the functions up by name when a request
+    comes, so this works once the server has started."""
     for module_name, name in ENDPOINTS:
         module = importlib.import_module(module_name)
-        setattr(module, name, removing_uploads_on_error(getattr(module, name)))
+        endpoint = checked_update_model if name == "update_model" else getattr(module, name)
+        setattr(module, name, removing_uploads_on_error(endpoint))
