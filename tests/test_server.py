@@ -600,6 +600,21 @@ def test_a_multimodal_case_uploads_through_the_datastore_api(client, phantom_ser
         requests.delete(f"{phantom_server.url}/datastore/image", params={"id": "upl001"}, timeout=30)
 
 
+def test_the_dataset_download_holds_every_modality_of_the_labelled_cases(phantom_server):
+    """``GET /datastore/dataset`` (MONAI Label's archive of the labelled cases): it held the CT and the label only."""
+    import io
+    import zipfile
+
+    r = requests.get(f"{phantom_server.url}/datastore/dataset", params={"limit_cases": 1}, timeout=60)
+    assert r.status_code == 200
+    with zipfile.ZipFile(io.BytesIO(r.content)) as z:
+        assert sorted(z.namelist()) == ["image/phantom000.nii.gz", "label/phantom000.nii.gz", "metadata.json",
+                                        "modalities/phantom000/mr.nii.gz", "modalities/phantom000/pet.nii.gz"]
+        assert z.read("modalities/phantom000/pet.nii.gz") == \
+            (phantom_server.studies / "modalities" / "phantom000" / "pet.nii.gz").read_bytes()
+    assert len(list(phantom_server.tmp.glob("*.zip"))) == 1
+
+
 def test_a_model_upload_replaces_the_model_in_service_only_with_weights_that_load(tmp_path):
     """`PUT /model/<name>` (a model trained elsewhere put in service): upstream copied any file over the model in
     place (200 for a truncated or foreign file, then a 500 on every infer, the model it replaced gone)."""

@@ -1,6 +1,9 @@
 """Serving pieces without a server: datastore rules, tracking coercion, validation split, active learning."""
 
+import json
+import tempfile
 import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +57,41 @@ def test_datastore_removes_what_is_there_and_404s_what_is_not(phantom_studies: P
     ds.remove_image("phantom002")
     assert not (phantom_studies / "phantom002.nii.gz").exists() and not (phantom_studies / "modalities" /
                                                                           "phantom002").exists()
+
+
+def test_dataset_archive_holds_every_modality_of_the_labelled_cases_and_replaces_itself(
+        phantom_studies: Path, phantom_cfg, tmp_path: Path, monkeypatch):
+    """``GET /datastore/dataset``: upstream's archive held the primary image and the label only (a CT-only copy of a
+    CT + PET + MR data set), and each request left its ZIP in the temp folder."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+    (tmp_path / "temp").mkdir()
+    ds = CrossModalDatastore(str(phantom_studies), phantom_cfg.labels, phantom_cfg.modality_names)
+    labelled = sorted(p.name.removesuffix(".nii.gz") for p in (phantom_studies / "labels" / "final").glob("*.nii.gz"))
+    assert len(labelled) >= 2
+    expected = {"metadata.json"}
+    for cid in labelled:
+        expected |= {f"image/{cid}.nii.gz", f"label/{cid}.nii.gz", f"modalities/{cid}/pet.nii.gz",
+                     f"modalities/{cid}/mr.nii.gz"}
+    with zipfile.ZipFile(ds.get_dataset_archive(None)) as z:
+        assert set(z.namelist()) == expected
+        assert z.read(f"modalities/{labelled[0]}/pet.nii.gz") == \
+            (phantom_studies / "modalities" / labelled[0] / "pet.nii.gz").read_bytes()
+        assert z.read(f"label/{labelled[0]}.nii.gz") == (phantom_studies / "labels/final" / f"{labelled[0]}.nii.gz"
+                                                          ).read_bytes()
+        kinds = {k: v["labels"]["final"]["info"]["label_kind"]
+                 for k, v in json.loads(z.read("metadata.json"))["objects"].items() if v["labels"]}
+        assert set(kinds) == set(labelled) and set(kinds.values()) <= {"dense", "sparse"}
+    with zipfile.ZipFile(ds.get_dataset_archive(1)) as z:
+        first = labelled[0]
+        assert sorted(z.namelist()) == ["image/" + first + ".nii.gz", "label/" + first + ".nii.gz", "metadata.json",
+                                        f"modalities/{first}/mr.nii.gz", f"modalities/{first}/pet.nii.gz"]
+    assert [p.name for p in (tmp_path / "temp").iterdir()] == [Path(ds.get_dataset_archive(None)).name]
+    for cid in labelled:
+        ds.remove_label(cid, "final")
+    with pytest.raises(HTTPException) as e:
+        ds.get_dataset_archive(None)
+    assert (e.value.status_code, e.value.detail) == (404, "no case has a final label: the dataset archive holds the "
+                                                          "labelled cases; save a label first")
 
 
 def test_two_uploads_of_one_new_id_store_one_case(phantom_studies: Path, phantom_cfg):
