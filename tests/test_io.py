@@ -1,6 +1,7 @@
 """Case loading: MONAI readers for NIfTI/NRRD, resampling in physical space, 4D input, bad files."""
 
 import gzip
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,6 +86,43 @@ def test_missing_modality_policy(phantom_studies: Path, phantom_cfg):
     assert used == ["ct", "mr"] and float(image[1].abs().max()) == 0.0
     d = LoadCased(phantom_cfg, missing="zero_fill")({"image": str(phantom_studies / "phantom001.nii.gz")})
     assert d["present"].tolist() == [True, False, True] and d["modalities_used"] == ["ct", "mr"]
+
+
+def test_a_folder_of_one_cases_files_named_by_modality_is_a_case(phantom_studies: Path, phantom_cfg, tmp_path: Path):
+    """What a MONAI Label session of several files (or of a zip) holds: the case's files side by side, each named by
+    its modality; and a primary sent alone says how to send the rest."""
+    src = phantom_studies / "modalities" / "phantom001"
+    folder = tmp_path / "session"
+    folder.mkdir()
+    shutil.copy(phantom_studies / "phantom001.nii.gz", folder / "ct.nii.gz")
+    shutil.copy(src / "pet.nii.gz", folder / "pet.nii.gz")
+    case = find_case(folder, phantom_cfg.modality_names)
+    assert (case.case_id, case.primary, case.folder) == ("session", str(folder / "ct.nii.gz"), str(folder))
+    assert case.modalities == {"pet": str(folder / "pet.nii.gz"), "mr": None}
+    with pytest.raises(CaseError) as e:
+        load_case(case, phantom_cfg)
+    assert str(e.value) == (f"case 'session': modality 'mr' is missing: no mr.nii.gz (or .nii/.nrrd) in the case's "
+                            f"folder {folder}; send it with the others, each named by its modality (ct, pet, mr), or "
+                            "use the case without it (missing_modality zero_fill)")
+    shutil.copy(src / "mr.nii.gz", folder / "mr.nii.gz")
+    image, used = load_case(find_case(folder, phantom_cfg.modality_names), phantom_cfg)
+    reference, _ = load_case(find_case(phantom_studies / "phantom001.nii.gz", phantom_cfg.modality_names), phantom_cfg)
+    assert used == ["ct", "pet", "mr"] and torch.equal(image.as_tensor(), reference.as_tensor())
+
+    (folder / "ct.nii.gz").rename(folder / "scan.nii.gz")
+    with pytest.raises(CaseError) as e:
+        find_case(folder, phantom_cfg.modality_names)
+    assert str(e.value).endswith("a folder of one case needs its ct image as ct.nii.gz (or .nii/.nrrd) and each other "
+                                 "modality named by it (pet, mr); it holds ['mr.nii.gz', 'pet.nii.gz', 'scan.nii.gz']")
+    alone = tmp_path / "upload"
+    alone.mkdir()
+    shutil.copy(phantom_studies / "phantom001.nii.gz", alone / "tmpab12cd34.nii.gz")
+    with pytest.raises(CaseError) as e:
+        load_case(find_case(alone / "tmpab12cd34.nii.gz", phantom_cfg.modality_names), phantom_cfg)
+    assert str(e.value) == ("case 'tmpab12cd34': modality 'pet' is missing: tmpab12cd34.nii.gz came alone (no "
+                            "modalities/ folder beside it); send the case's files together, each named by its modality "
+                            "(a session of ct.nii.gz, pet.nii.gz, mr.nii.gz), or add the case to the datastore with "
+                            "each modality, or use the case without it (missing_modality zero_fill)")
 
 
 def test_cases_with_and_without_a_modality_share_a_training_batch(phantom_studies: Path):

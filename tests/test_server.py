@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -598,6 +599,38 @@ def test_a_multimodal_case_uploads_through_the_datastore_api(client, phantom_ser
         assert "upl001" not in client.datastore()["objects"] and not sidecars.exists()
     finally:  # the shared studies as the other tests know them
         requests.delete(f"{phantom_server.url}/datastore/image", params={"id": "upl001"}, timeout=30)
+
+
+def test_a_session_of_a_cases_files_is_segmented_from_all_of_them(client, phantom_server, tmp_path):
+    """A case that is not in the datastore, sent as a MONAI Label session of its files named by modality (the
+    session's folder was read as one image: "file does not exist"); one file alone says how to send the rest."""
+    studies = phantom_server.studies
+    files = {"ct": studies / "phantom004.nii.gz", "pet": studies / "modalities/phantom004/pet.nii.gz",
+             "mr": studies / "modalities/phantom004/mr.nii.gz"}
+    opened = [open(p, "rb") for p in files.values()]
+    try:
+        r = requests.put(f"{phantom_server.url}/session/", timeout=60,
+                         files=[("files", (f"{m}.nii.gz", f)) for m, f in zip(files, opened, strict=True)])
+    finally:
+        for f in opened:
+            f.close()
+    assert r.status_code == 200, r.text
+    out, result = client.infer("crossmodal", "", {}, session_id=r.json()["session_id"])
+    assert result["modalities_used"] == ["ct", "pet", "mr"]
+    pred, truth = load_volume(out)[0].numpy(), load_volume(studies / "truth" / "phantom004.nii.gz")[0].numpy()
+    assert pred.shape == truth.shape and dice(pred, truth, 1) > 0.9, dice(pred, truth, 1)
+
+    shutil.copy(files["ct"], tmp_path / "ct.nii.gz")
+    alone = client.create_session(str(tmp_path / "ct.nii.gz"))["session_id"]
+    with pytest.raises(MONAILabelClientException) as e:
+        client.infer("crossmodal", "", {}, session_id=alone)
+    assert status_of(e.value) == 422, e.value.msg
+    assert ("case 'ct': modality 'pet' is missing: ct.nii.gz came alone (no modalities/ folder beside it); send the "
+            "case's files together") in e.value.msg
+    r = requests.post(f"{phantom_server.url}/infer/crossmodal", params={"session_id": "nope"}, timeout=60)
+    assert r.status_code == 404 and r.json()["detail"] == (
+        "no image to segment: name a case (image=<id>), send a file, or give a session_id that exists (sessions "
+        "expire; PUT /session/ makes one)")
 
 
 def test_the_dataset_download_holds_every_modality_of_the_labelled_cases(phantom_server):

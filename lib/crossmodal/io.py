@@ -109,25 +109,42 @@ def case_id_of(path: str | os.PathLike[str]) -> str:
 
 @dataclass
 class Case:
-    """One multimodal case: the primary image path, other modalities by name (None: absent), a label path."""
+    """One multimodal case: the primary image path, other modalities by name (None: absent), a label path;
+    ``folder``: the case's own folder, when its files came in one (see :func:`find_case`)."""
 
     case_id: str
     primary: str
     modalities: dict[str, str | None] = field(default_factory=dict)
     label: str | None = None
+    folder: str | None = None
 
 
 def find_case(image_path: str | os.PathLike[str], modality_names: Sequence[str], sidecar_dir: str = "modalities",
               studies_dir: str | os.PathLike[str] | None = None) -> Case:
-    """Find the other modalities of the primary image ``image_path`` in the studies layout.
+    """Find the other modalities of the primary image ``image_path`` in the studies layout; or, for a folder, one
+    case's files in it, each named by its modality (``ct.nii.gz``, ``pet.nii.gz``, ...: a MONAI Label session of
+    several files), the case id the folder's name.
 
     Args:
-        image_path: the primary image (a file directly in the studies folder).
+        image_path: the primary image (a file directly in the studies folder), or one case's folder.
         modality_names: all modality names in config order; the first is the primary.
         sidecar_dir: folder (relative to ``studies_dir``) holding ``<case id>/<modality>.<ext>``.
         studies_dir: defaults to the folder of ``image_path``.
+
+    Raises:
+        CaseError: a folder without a file named by the primary modality.
     """
     image_path = Path(image_path)
+    if image_path.is_dir():
+        named = {name: next((str(p) for ext in IMAGE_EXTENSIONS if (p := image_path / f"{name}{ext}").is_file()), None)
+                 for name in modality_names}
+        if named[modality_names[0]] is None:
+            raise CaseError(image_path.name, image_path,
+                            f"a folder of one case needs its {modality_names[0]} image as {modality_names[0]}.nii.gz "
+                            f"(or .nii/.nrrd) and each other modality named by it ({', '.join(modality_names[1:])}); "
+                            f"it holds {sorted(p.name for p in image_path.iterdir())}")
+        return Case(case_id=image_path.name, primary=str(named[modality_names[0]]),
+                    modalities={n: named[n] for n in modality_names[1:]}, folder=str(image_path))
     cid = case_id_of(image_path)
     folder = Path(studies_dir) if studies_dir else image_path.parent
     found: dict[str, str | None] = {}

@@ -131,6 +131,25 @@ def align_to_primary(source: MetaTensor, ref: MetaTensor, cfg: CrossModalConfig,
     return resample_to(source, target).as_tensor(), shift
 
 
+def missing_modality_message(case: Case, name: str, cfg: CrossModalConfig) -> str:
+    """What a case lacking modality ``name`` is told, by where its files are: a case folder, an image sent alone (an
+    upload, a one-file session: no sidecar folder beside it), or a studies folder."""
+    names = cfg.modality_names
+    if case.folder:
+        where = (f"no {name}.nii.gz (or .nii/.nrrd) in the case's folder {case.folder}; send it with the others, "
+                 f"each named by its modality ({', '.join(names)})")
+    elif not os.path.isdir(os.path.join(os.path.dirname(case.primary), cfg.data.sidecar_dir)):
+        files = ", ".join(f"{n}.nii.gz" for n in names)
+        where = (f"{os.path.basename(case.primary)} came alone (no {cfg.data.sidecar_dir}/ folder beside it); send "
+                 f"the case's files together, each named by its modality (a session of {files}), or add the case to "
+                 "the datastore with each modality")
+    else:
+        where = (f"expected <studies>/{cfg.data.sidecar_dir}/{case.case_id}/{name}.nii.gz (or .nii/.nrrd); add it (a "
+                 f"running server takes it as PUT /datastore/image?image={case.case_id} with params "
+                 f"{{\"modality\": \"{name}\"}})")
+    return f"modality {name!r} is missing: {where}, or use the case without it (missing_modality zero_fill)"
+
+
 def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
               drop: Sequence[str] = ()) -> tuple[MetaTensor, list[str]]:
     """Load and normalise every modality of ``case`` and resample it onto the working grid.
@@ -184,11 +203,7 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
     for m in mods[1:]:
         path = case.modalities.get(m.name)
         if path is None and m.name not in drop and policy == "error":
-            raise CaseError(case.case_id, None,
-                            f"modality {m.name!r} is missing: expected <studies>/{cfg.data.sidecar_dir}/"
-                            f"{case.case_id}/{m.name}.nii.gz (or .nii/.nrrd); add it (a running server takes it as "
-                            f"PUT /datastore/image?image={case.case_id} with params "
-                            f"{{\"modality\": \"{m.name}\"}}), or use the case without it (missing_modality zero_fill)")
+            raise CaseError(case.case_id, None, missing_modality_message(case, m.name, cfg))
         if path is None or m.name in drop:
             by_name[m.name] = zeros
         else:

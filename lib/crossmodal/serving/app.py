@@ -95,6 +95,10 @@ def check_infer_request(request: dict, infers: Iterable[str], datastore: Datasto
     if request.get("model") not in set(infers):
         raise not_served("model", request.get("model"), infers)
     image = request.get("image")
+    if image == "":  # what MONAI Label leaves for a session id it does not know (an expired session, say)
+        raise HTTPException(status_code=404, detail="no image to segment: name a case (image=<id>), send a file, or "
+                                                    "give a session_id that exists (sessions expire; PUT /session/ "
+                                                    "makes one)")
     local = type(datastore) is CrossModalDatastore  # not PacsDatastore: get_image_uri would fetch the series
     if isinstance(image, str) and local and not os.path.exists(image) and not datastore.get_image_uri(image):
         raise no_such_case(image)
