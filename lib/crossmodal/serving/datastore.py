@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 from crossmodal.config import LabelConfig
-from crossmodal.io import CaseError, atomic_copy, load_volume, read_label, split_ext
+from crossmodal.io import CaseError, atomic_copy, find_case, load_volume, read_label, split_ext
 from crossmodal.labels import annotated_fraction, classify, invalid_values
 from fastapi import HTTPException
 from filelock import FileLock
@@ -201,8 +201,6 @@ class CrossModalDatastore(LocalDatastore):
         case's other modalities under ``modalities/<case>/``, which upstream left out. One archive a datastore in the
         temp folder, replaced atomically by the next request (upstream left one behind per request); 404 when no case
         has a final label (upstream: a 500 from an assert)."""
-        from crossmodal.io import find_case
-
         pairs = sorted(self.datalist(), key=lambda pair: os.path.basename(pair["image"]))
         if not pairs:
             raise HTTPException(status_code=404, detail="no case has a final label: the dataset archive holds the "
