@@ -633,6 +633,38 @@ def test_a_session_of_a_cases_files_is_segmented_from_all_of_them(client, phanto
         "expire; PUT /session/ makes one)")
 
 
+def test_batch_infer_runs_without_a_gpu_and_goes_on_past_a_case_it_cannot_segment(phantom_server):
+    """``POST /batch/infer/<model>``: without CUDA MONAI Label's batch task stopped at once (``ZeroDivisionError:
+    integer modulo by zero``, no label); one case at a time, a case it could not segment stopped the rest."""
+    url, studies = phantom_server.url, phantom_server.studies
+    pet = studies / "modalities" / "phantom004" / "pet.nii.gz"
+    kept = pet.read_bytes()
+    pet.unlink()
+    try:
+        r = requests.post(f"{url}/batch/infer/crossmodal", params={"images": "unlabeled", "run_sync": "true"},
+                          json={}, timeout=300)
+    finally:
+        pet.write_bytes(kept)
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert sorted(result) == ["phantom003", "phantom004", "phantom005"]
+    assert result["phantom004"] == {"error": "case 'phantom004': modality 'pet' is missing: expected <studies>/"
+                                             "modalities/phantom004/pet.nii.gz (or .nii/.nrrd); add it (a running "
+                                             "server takes it as PUT /datastore/image?image=phantom004 with params "
+                                             "{\"modality\": \"pet\"}), or use the case without it (missing_modality "
+                                             "zero_fill)"}
+    try:
+        for cid in ("phantom003", "phantom005"):
+            assert result[cid]["tag"] == "original" and result[cid]["params"]["modalities_used"] == ["ct", "pet", "mr"]
+            pred = load_volume(studies / "labels" / "original" / f"{cid}.nii.gz")[0].numpy()
+            truth = load_volume(studies / "truth" / f"{cid}.nii.gz")[0].numpy()
+            assert dice(pred, truth, 1) > 0.9, (cid, dice(pred, truth, 1))
+        assert not (studies / "labels" / "original" / "phantom004.nii.gz").exists()
+    finally:
+        for cid in ("phantom003", "phantom005"):
+            requests.delete(f"{url}/datastore/label", params={"id": cid, "tag": "original"}, timeout=60)
+
+
 def test_the_dataset_download_holds_every_modality_of_the_labelled_cases(phantom_server):
     """``GET /datastore/dataset`` (MONAI Label's archive of the labelled cases): it held the CT and the label only."""
     import io

@@ -12,6 +12,7 @@ from crossmodal.serving.activelearning import RandomStrategy
 from crossmodal.serving.app import AppParts, check_infer_request, conf_flag, not_served
 from crossmodal.serving.datastore import http_error
 from crossmodal.serving.dicomweb import labels_onto_grid
+from crossmodal.serving.infer import CrossModalBatchInfer
 from crossmodal.serving.uploads import clean_up_refused_uploads
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
@@ -28,6 +29,9 @@ class MyApp(MONAILabelApp):
         self._epistemic = self.parts.epistemic() if conf_flag(conf, "epistemic") else None
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="crossmodal",
                          description="Label-efficient multimodal segmentation", version=crossmodal.__version__)
+
+    def init_batch_infer(self) -> CrossModalBatchInfer:
+        return CrossModalBatchInfer()
 
     def init_datastore(self) -> Datastore:
         return self.parts.datastore(self.studies.rstrip("/"), self.conf)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -17,9 +18,12 @@ from crossmodal.serving.datastore import http_error
 from crossmodal.transforms import preprocessing, to_primary_grid, to_primary_labels
 from monai.data import MetaTensor
 from monai.inferers import Inferer
+from monailabel.interfaces.tasks.batch_infer import BatchInferTask
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 MAX_MC_SAMPLES = 64  # Monte-Carlo dropout passes one uncertainty request may ask for
 
@@ -180,3 +184,37 @@ class CrossModalInfer(BasicInferTask):
             if found is None:
                 raise
             raise http_error(found) from e
+
+
+class CrossModalBatchInfer(BatchInferTask):
+    """``POST /batch/infer/<model>``: MONAI Label's batch task, made to run where there is no GPU and to go on past a
+    case it cannot segment.
+
+    Upstream spread the cases over ``range(torch.cuda.device_count())``, so without CUDA every batch stopped at once
+    (``ZeroDivisionError: integer modulo by zero``); and, one case at a time, the first case that failed (a missing
+    modality, say) stopped the rest. Each case's outcome is logged by name; the result maps each failed case to
+    ``{"error": <why>}``.
+    """
+
+    def __call__(self, request: dict, datastore: Any, infer: Callable) -> dict:
+        req = dict(request)
+        if not torch.cuda.is_available():
+            req["multi_gpu"] = False  # one device: MONAI Label's name_to_device turns "cuda" into "cpu"
+        failed: dict[str, str] = {}
+
+        def infer_one(r: dict, store: Any) -> dict:
+            try:
+                return infer(r, store)
+            except Exception as e:
+                found = cause_of_type(e, (CaseError,))
+                why = str(getattr(e, "detail", None) or found or e)
+                failed[str(r.get("image"))] = why
+                logger.warning(f"batch infer: {why}")
+                return {}
+
+        result = super().__call__(req, datastore, infer_one)
+        for image_id, why in failed.items():
+            result[image_id] = {"error": why}
+        logger.info(f"batch infer: {len(result) - len(failed)} of {len(result)} cases segmented"
+                    + (f"; failed: {sorted(failed)}" if failed else ""))
+        return result
