@@ -23,6 +23,7 @@ from crossmodal.serving.activelearning import (
     CrossModalScoring,
     CrossModalStrategy,
     candidates,
+    stored_scores,
 )
 from crossmodal.serving.app import AppParts
 from crossmodal.simulate import (
@@ -197,6 +198,29 @@ def test_scoring_cache_follows_every_modality_file_and_a_broken_case_is_reported
     assert out["failed"][case].startswith(f"case {case!r}: file {pet}: cannot be read"), out["failed"]
     pet.write_bytes(saved)
     assert scoring({}, store)["scored"] == 1 and torch.equal(scoring.case_input(path)[0], x0)
+
+
+def test_image_infos_written_over_rest_do_not_break_selection(app_parts, caplog):
+    """Image infos are writable by any client (``PUT /datastore/image/info``): a score, hand-out or descriptor that
+    is not what the scoring stores failed every ``/activelearning/crossmodal`` (a 500: 'str' object has no attribute
+    'get'); it counts as not scored now, logged."""
+    parts, store, _ = app_parts
+    parts.scoring(parts.infer())({}, store)
+    ids = sorted(store.get_unlabeled_images())
+    good = store.get_image_info(ids[0])[SCORES_KEY]
+    store.update_image_info(ids[1], {SCORES_KEY: "high", HANDOUT_KEY: "mine"})
+    store.update_image_info(ids[2], {SCORES_KEY: {**good, "disagreement": "lots", "descriptor": [1.0, "x"]},
+                                     HANDOUT_KEY: {"ts": "yesterday", "client": "Z"}})
+    store.update_image_info(ids[3], {SCORES_KEY: {**good, "mc_uncertainty": float("nan"), "descriptor": [0.5] * 3}})
+    infos = {i: store.get_image_info(i) for i in ids}
+    with caplog.at_level("WARNING"):
+        scores, combined, desc = stored_scores(infos, CFG.active.weights)
+    assert set(scores["disagreement"]) == {ids[0], ids[3]} and set(scores["mc_uncertainty"]) == {ids[0], ids[2]}
+    assert set(desc) == {ids[0], ids[3]} and ids[1] not in combined
+    assert f"case {ids[1]!r}: image info 'crossmodal_scores' = 'high' is not what the scoring stores" in caplog.text
+    assert f"case {ids[2]!r}: stored descriptor is not a vector of numbers; ignored" in caplog.text
+    picked = {CrossModalStrategy(CFG)({"client_id": c}, store)["id"] for c in "ABCD"}
+    assert picked == set(ids)  # every case handed out once, the tampered ones too
 
 
 def test_strategy_hands_each_case_to_one_client_and_cold_starts_on_diversity(app_parts, tmp_path):

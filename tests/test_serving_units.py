@@ -94,6 +94,27 @@ def test_dataset_archive_holds_every_modality_of_the_labelled_cases_and_replaces
                                                           "labelled cases; save a label first")
 
 
+def test_label_info_keys_training_reads_are_checked(phantom_studies: Path, phantom_cfg):
+    """``PUT /datastore/label/info`` wrote any ``label_kind`` (another than dense / sparse stopped the next training
+    in its data loader) and any ``annotated_fraction``."""
+    ds = CrossModalDatastore(str(phantom_studies), phantom_cfg.labels, phantom_cfg.modality_names)
+    for info, detail in (({"label_kind": "weird"}, "case 'phantom000': 'final' label info: label_kind 'weird' must be "
+                                                  "one of ['dense', 'sparse']"),
+                         ({"annotated_fraction": 0.5}, "case 'phantom000': 'final' label info: annotated_fraction is "
+                                                       "measured from the label, not set; set label_kind (dense or "
+                                                       "sparse) instead")):
+        with pytest.raises(HTTPException) as e:
+            ds.update_label_info("phantom000", "final", info)
+        assert (e.value.status_code, e.value.detail) == (422, detail)
+    assert ds.get_label_info("phantom000", "final")["label_kind"] == "dense"
+    ds.update_label_info("phantom000", "final", {"label_kind": "sparse", "note": "only the organ is drawn"})
+    arr = load_volume(phantom_studies / "labels" / "final" / "phantom000.nii.gz")[0].numpy()
+    info = CrossModalDatastore(str(phantom_studies), phantom_cfg.labels).get_label_info("phantom000", "final")
+    assert info["label_kind"] == "sparse" and info["note"] == "only the organ is drawn"
+    assert info["annotated_fraction"] == pytest.approx(float((arr != 0).mean()), abs=1e-6) and info[
+        "annotated_fraction"] < 1
+
+
 def test_two_uploads_of_one_new_id_store_one_case(phantom_studies: Path, phantom_cfg):
     """Two writers of one studies folder at once (two servers on it, a server and ``crossmodal`` on it; inside one
     server MONAI Label's async upload endpoint runs uploads one at a time): both passed the 409 check before either

@@ -184,7 +184,8 @@ def select(candidates: Sequence[str], scores: Mapping[str, float], descriptors: 
 
     ``novelty`` is the distance of a candidate's descriptor to the nearest of ``avoid`` (labelled, handed-out)
     and of the cases already picked, divided by the largest such distance. Candidates without a descriptor have
-    novelty 0. With no scores at all (cold start) the picks are pure farthest-point sampling.
+    novelty 0. With no scores at all (cold start) the picks are pure farthest-point sampling. Descriptors of
+    another length than most (another scoring's, or a hand-written image info) count as none.
 
     Example:
         >>> d = {"a": np.array([1.0, 0]), "b": np.array([0.99, 0.14]), "c": np.array([0.0, 1])}
@@ -192,12 +193,19 @@ def select(candidates: Sequence[str], scores: Mapping[str, float], descriptors: 
         ['a', 'c']
         >>> select(["a", "b", "c"], {}, d, 1, avoid=[np.array([1.0, 0])])  # cold start: farthest from a labelled a
         ['c']
+        >>> select(["a", "b", "c"], {}, {**d, "c": np.ones(3)}, 1, avoid=[np.array([1.0, 0])])  # c's is not comparable
+        ['b']
     """
     pool = list(dict.fromkeys(candidates))
     if not scores:
         diversity = 1.0
     chosen: list[str] = []
     refs = [np.asarray(a, dtype=np.float32) for a in avoid]
+    sizes = [np.size(v) for v in descriptors.values()] + [r.size for r in refs]
+    if len(set(sizes)) > 1:
+        size = max(set(sizes), key=sizes.count)
+        descriptors = {c: v for c, v in descriptors.items() if np.size(v) == size}
+        refs = [r for r in refs if r.size == size]
     while pool and len(chosen) < k:
         dist = {}
         for c in pool:

@@ -11,6 +11,7 @@ clients within ``active.handout_window_s``, and falls back to diversity alone be
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import tempfile
@@ -46,12 +47,45 @@ def candidates(datastore: Datastore, refine_sparse: bool) -> list[str]:
 
 def stored_scores(infos: dict[str, dict[str, Any]], weights: dict[str, float]
                   ) -> tuple[dict[str, dict[str, float]], dict[str, float], dict[str, np.ndarray]]:
-    """From image infos {case: info}: (raw scores by name, combined score by case, descriptor by case)."""
-    stored = {i: info.get(SCORES_KEY) or {} for i, info in infos.items()}
-    scores = {n: {i: float(v[n]) for i, v in stored.items() if n in v} for n in SCORE_NAMES}
+    """From image infos {case: info}: (raw scores by name, combined score by case, descriptor by case). A value that
+    is not what the scoring stores (image infos are writable over REST: ``PUT /datastore/image/info``) counts as not
+    scored, logged, instead of failing every selection."""
+    stored = {i: _stored(info, SCORES_KEY, i) for i, info in infos.items()}
+    scores: dict[str, dict[str, float]] = {n: {} for n in SCORE_NAMES}
+    desc: dict[str, np.ndarray] = {}
+    for i, v in stored.items():
+        for n in SCORE_NAMES:
+            if n in v and (x := _finite(v[n])) is not None:
+                scores[n][i] = x
+        if "descriptor" in v:
+            try:
+                d = np.asarray(v["descriptor"], dtype=np.float32)
+            except (TypeError, ValueError):
+                d = np.empty(0, dtype=np.float32)
+            if d.ndim == 1 and d.size and np.isfinite(d).all():
+                desc[i] = d
+            else:
+                logger.warning(f"case {i!r}: stored descriptor is not a vector of numbers; ignored")
     scores = {n: v for n, v in scores.items() if v}
-    desc = {i: np.asarray(v["descriptor"], dtype=np.float32) for i, v in stored.items() if "descriptor" in v}
     return scores, combine(scores, weights), desc
+
+
+def _stored(info: dict[str, Any], key: str, case: str) -> dict[str, Any]:
+    """``info[key]`` when it is a dict (what the scoring / strategy write), else {} (logged when present)."""
+    value = info.get(key)
+    if value is None or isinstance(value, dict):
+        return value or {}
+    logger.warning(f"case {case!r}: image info {key!r} = {value!r} is not what the scoring stores; ignored")
+    return {}
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float, or None."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
 
 
 def labelled_descriptors(datastore: Datastore) -> list[np.ndarray]:
@@ -171,8 +205,8 @@ class CrossModalStrategy(Strategy):
                              prefix="activelearning request: ")
         pool = candidates(datastore, refine)
         infos = {i: datastore.get_image_info(i) for i in pool}
-        held = {i: info.get(HANDOUT_KEY) or {} for i, info in infos.items()}
-        recent = {i for i, h in held.items() if now - float(h.get("ts", 0)) < a.handout_window_s}
+        held = {i: _stored(info, HANDOUT_KEY, i) for i, info in infos.items()}
+        recent = {i for i, h in held.items() if now - (_finite(h.get("ts")) or 0.0) < a.handout_window_s}
         others = {i for i in recent if held[i].get("client") != client}
         free = [i for i in pool if i not in recent]
         mine = [i for i in pool if i in recent and i not in others]

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from crossmodal.config import LabelConfig
 from crossmodal.io import CaseError, atomic_copy, find_case, load_volume, read_label, split_ext
-from crossmodal.labels import annotated_fraction, classify, invalid_values
+from crossmodal.labels import LABEL_KINDS, annotated_fraction, classify, invalid_values
 from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
@@ -363,11 +363,29 @@ class CrossModalDatastore(LocalDatastore):
         return missing
 
     def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
+        """As upstream (``PUT /datastore/label/info``), for the keys training reads: ``label_kind`` must be
+        ``dense`` or ``sparse`` (its ``annotated_fraction`` follows; another kind stopped the next training in its
+        data loader), and ``annotated_fraction`` is not set by hand (422 naming the case)."""
+        info = dict(info)
+        case = f"case {label_id!r}: {label_tag!r} label info: "
+        if "annotated_fraction" in info:
+            raise HTTPException(status_code=422, detail=f"{case}annotated_fraction is measured from the label, not "
+                                                        "set; set label_kind (dense or sparse) instead")
+        kind = info.get("label_kind")
+        if "label_kind" in info and kind not in LABEL_KINDS:
+            raise HTTPException(status_code=422, detail=f"{case}label_kind {kind!r} must be one of {list(LABEL_KINDS)}")
         with FileLock(self._lock_file):
             self._reload_unlocked(force=True)
             label = self._datastore.label(label_id, label_tag)
             if label is None:
                 raise HTTPException(status_code=404, detail=f"case {label_id!r}: no {label_tag!r} label")
+            if kind is not None:
+                path = os.path.join(self._datastore.label_path(label_tag), label_id + label.ext)
+                try:
+                    arr = np.rint(load_volume(path, label_id)[0].numpy())
+                except CaseError as e:
+                    raise http_error(e) from e
+                info["annotated_fraction"] = round(annotated_fraction(arr, kind), 6)
             label.info.update(info)
             self._update_datastore_file(lock=False)
 
