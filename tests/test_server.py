@@ -308,6 +308,10 @@ def test_unknown_names_and_bad_train_numbers_are_4xx_that_say_what_is_served(cli
         "model 'nomodel' is not served here; served: ['baseline_unet', 'crossmodal', 'grow_scribbles']")
     r = requests.post(f"{url}/infer/crossmodal?image=nope", timeout=60)
     assert r.status_code == 404 and r.json()["detail"] == "case 'nope': no such image in the datastore"
+    r = requests.post(f"{url}/infer/crossmodal", params={"image": "phantom003", "output": "dicom_seg"}, timeout=60)
+    assert r.status_code == 422 and r.json()["detail"].startswith(  # was a 500 after the inference, its file left
+        "output=dicom_seg: this server writes no DICOM SEG in an infer response; ask for output=image")
+    assert list(phantom_server.tmp.glob("crossmodal-*")) == []
     r = requests.post(f"{url}/train/nomodel", json={}, timeout=60)  # was 200 SUBMITTED, then a failed task
     assert r.status_code == 404 and r.json()["detail"] == (
         "model 'nomodel' is not served here; served: ['baseline_unet', 'crossmodal', 'grow_scribbles']")

@@ -8,13 +8,15 @@ every user of the machine (mode 0644). :func:`clean_up_refused_uploads` wraps th
 request that raises runs its removals before the error goes out.
 
 ``PUT /model/<name>`` also copied any file over the model in service, in place; :func:`checked_update_model` hands
-the upload to the app's ``replace_weights`` (checked, atomic) instead.
+the upload to the app's ``replace_weights`` (checked, atomic) instead. ``POST /infer/<model>?output=dicom_seg`` is
+refused before the inference runs (:func:`refusing_dicom_seg_output`).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import os
 import shutil
 import tempfile
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import BackgroundTasks, UploadFile
+from fastapi import BackgroundTasks, HTTPException, UploadFile
 from monailabel.utils.others.generic import file_checksum, remove_file
 
 ENDPOINTS = (("monailabel.endpoints.datastore", "add_image"), ("monailabel.endpoints.datastore", "save_label"),
@@ -49,6 +51,32 @@ def removing_uploads_on_error(endpoint: Callable[..., Any]) -> Callable[..., Any
     return wrapper
 
 
+def refusing_dicom_seg_output(run_inference: Callable[..., Any]) -> Callable[..., Any]:
+    """``POST /infer/<model>?output=dicom_seg``: MONAI Label writes a DICOM SEG only for its own DICOMweb datastore,
+    and said so after the inference had run, with a 500 (the result file left in the temp folder); a 422 saying
+    what to ask for instead comes before it."""
+    if getattr(run_inference, "refuses_dicom_seg", False):
+        return run_inference
+    signature = inspect.signature(run_inference)
+
+    @functools.wraps(run_inference)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from monailabel.datastore.dicom import DICOMWebDatastore
+        from monailabel.interfaces.utils.app import app_instance
+
+        output = signature.bind_partial(*args, **kwargs).arguments.get("output")
+        if getattr(output, "value", output) == "dicom_seg" and \
+                not isinstance(app_instance().datastore(), DICOMWebDatastore):
+            raise HTTPException(status_code=422, detail=(
+                "output=dicom_seg: this server writes no DICOM SEG in an infer response; ask for output=image (the "
+                "label on the image's grid, NIfTI or NRRD) or output=all; a label saved with PUT /datastore/label "
+                "goes to the PACS as DICOM SEG when the server runs on one"))
+        return run_inference(*args, **kwargs)
+
+    wrapper.refuses_dicom_seg = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 def checked_update_model(background_tasks: BackgroundTasks, model: str, file: UploadFile) -> dict[str, Any]:
     """``PUT /model/<model>`` as upstream answers it (checksum and time of the model file), the upload handed to
     the app's ``replace_weights(model, path) -> published path`` (which checks it and copies it atomically)."""
@@ -72,4 +100,6 @@ def clean_up_refused_uploads() -> None:
     for module_name, name in ENDPOINTS:
         module = importlib.import_module(module_name)
         endpoint = checked_update_model if name == "update_model" else getattr(module, name)
+        if name == "run_inference":
+            endpoint = refusing_dicom_seg_output(endpoint)
         setattr(module, name, removing_uploads_on_error(endpoint))
