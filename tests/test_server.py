@@ -288,6 +288,12 @@ def test_bad_input_is_4xx_names_the_problem_and_changes_nothing(client, phantom_
 
     rejected(lambda: client.upload_image(str(studies / "phantom005.nii.gz"), "phantom000"),
              "case 'phantom000' already exists")
+    (tmp_path / "noext").write_bytes((studies / "phantom005.nii.gz").read_bytes())  # was: "cannot be read ... <temp>"
+    rejected(lambda: client.upload_image(str(tmp_path / "noext"), "noext"),
+             "case 'noext': uploaded image: extension '' is not one of ['.nii.gz', '.nii', '.nrrd']")
+    (tmp_path / "drawn.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    rejected(lambda: client.save_label("phantom000", str(tmp_path / "drawn.png")),
+             "case 'phantom000': label extension '.png' unsupported; send it as .nii.gz, .nii, .nrrd or .seg.nrrd")
     rejected(lambda: client.upload_image(str(mr), "phantom000", params={"modality": "spect"}),
              "case 'phantom000': modality 'spect' is not one of the secondary modalities ['pet', 'mr']")
 
@@ -296,7 +302,8 @@ def test_bad_input_is_4xx_names_the_problem_and_changes_nothing(client, phantom_
     # no copy of a refused upload stays in the server's temp folder (each one did, mode 0644, for good)
     refused = {p.read_bytes() for p in (tmp_path / "grid.nii.gz", tmp_path / "values.nii.gz", tmp_path / "trunc.nii.gz",
                                         tmp_path / "nan_image.nii.gz", tmp_path / "trunc_image.nii.gz", mr,
-                                        studies / "phantom005.nii.gz", studies / "labels/final/phantom000.nii.gz")}
+                                        studies / "phantom005.nii.gz", studies / "labels/final/phantom000.nii.gz",
+                                        tmp_path / "drawn.png")}
     kept = [p.name for p in phantom_server.tmp.rglob("*") if p.is_file() and p.read_bytes() in refused]
     assert kept == []
 

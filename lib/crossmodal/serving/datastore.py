@@ -130,6 +130,10 @@ class CrossModalDatastore(LocalDatastore):
         check_name(label_tag, "a label tag", image_id)
         info = dict(label_info or {})
         override = info.pop("label_kind", None)
+        _, ext = split_ext(label_filename)
+        if ext not in (".nii.gz", ".nii", ".nrrd", ".seg.nrrd"):  # before reading: MONAI's readers take a PNG too
+            raise HTTPException(status_code=422, detail=f"case {image_id!r}: label extension {ext!r} unsupported; "
+                                                        "send it as .nii.gz, .nii, .nrrd or .seg.nrrd")
         try:
             kind, frac = validate_label(label_filename, self.get_image_uri(image_id), image_id, self.label_config,
                                         override)
@@ -137,9 +141,6 @@ class CrossModalDatastore(LocalDatastore):
             if e.path == str(label_filename):  # the upload's temp name means nothing to the user
                 e = CaseError(image_id, None, f"uploaded {label_tag!r} label: {e.problem}")
             raise http_error(e) from e
-        _, ext = split_ext(label_filename)
-        if ext not in (".nii.gz", ".nii", ".nrrd", ".seg.nrrd"):
-            raise HTTPException(status_code=422, detail=f"case {image_id!r}: label extension {ext!r} unsupported")
         name = image_id + ext
         dest = os.path.join(self._datastore.label_path(label_tag), name)
         info.update({"label_kind": kind, "annotated_fraction": round(frac, 6)})
@@ -162,6 +163,11 @@ class CrossModalDatastore(LocalDatastore):
         if modality is not None and (not self.modality_names or modality != self.modality_names[0]):
             return self._add_modality(image_id, image_filename, modality)
         check_name(image_id, "an image id", image_id)
+        ext = split_ext(image_filename)[1]
+        if ext not in VOLUME_EXTENSIONS:
+            raise HTTPException(status_code=422, detail=f"case {image_id!r}: uploaded image: extension {ext!r} is not "
+                                                        f"one of {list(VOLUME_EXTENSIONS)} (the upload's file name "
+                                                        "gives it)")
         self._fresh()
         self._refuse_existing(image_id)  # before reading the upload; again under the lock below
         try:
