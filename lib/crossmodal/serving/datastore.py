@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 from crossmodal.config import LabelConfig
-from crossmodal.io import CaseError, atomic_copy, find_case, load_volume, read_label, split_ext
+from crossmodal.io import IMAGE_EXTENSIONS, CaseError, atomic_copy, find_case, load_volume, read_label, split_ext
 from crossmodal.labels import LABEL_KINDS, annotated_fraction, classify, invalid_values
 from fastapi import HTTPException
 from filelock import FileLock
@@ -48,6 +48,16 @@ def no_such_case(image_id: object, hint: str = "") -> HTTPException:
     """The 404 for a case id the datastore does not hold (``hint``: what to do, after a '; ')."""
     return HTTPException(status_code=404, detail=f"case {image_id!r}: no such image in the datastore"
                                                  + (f"; {hint}" if hint else ""))
+
+
+def volume_extension(case_id: str, filename: str, what: str) -> str:
+    """The extension of an uploaded volume (one of :data:`VOLUME_EXTENSIONS`), checked before it is read; 422
+    naming the case and ``what`` was uploaded otherwise."""
+    ext = split_ext(filename)[1]
+    if ext not in VOLUME_EXTENSIONS:
+        raise HTTPException(status_code=422, detail=f"case {case_id!r}: uploaded {what}: extension {ext!r} is not one "
+                                                    f"of {list(VOLUME_EXTENSIONS)} (the upload's file name gives it)")
+    return ext
 
 
 def check_name(name: str, what: str, case_id: str) -> None:
@@ -131,7 +141,7 @@ class CrossModalDatastore(LocalDatastore):
         info = dict(label_info or {})
         override = info.pop("label_kind", None)
         _, ext = split_ext(label_filename)
-        if ext not in (".nii.gz", ".nii", ".nrrd", ".seg.nrrd"):  # before reading: MONAI's readers take a PNG too
+        if ext not in IMAGE_EXTENSIONS:  # before reading: MONAI's readers take a PNG too
             raise HTTPException(status_code=422, detail=f"case {image_id!r}: label extension {ext!r} unsupported; "
                                                         "send it as .nii.gz, .nii, .nrrd or .seg.nrrd")
         try:
@@ -163,11 +173,7 @@ class CrossModalDatastore(LocalDatastore):
         if modality is not None and (not self.modality_names or modality != self.modality_names[0]):
             return self._add_modality(image_id, image_filename, modality)
         check_name(image_id, "an image id", image_id)
-        ext = split_ext(image_filename)[1]
-        if ext not in VOLUME_EXTENSIONS:
-            raise HTTPException(status_code=422, detail=f"case {image_id!r}: uploaded image: extension {ext!r} is not "
-                                                        f"one of {list(VOLUME_EXTENSIONS)} (the upload's file name "
-                                                        "gives it)")
+        volume_extension(image_id, image_filename, "image")
         self._fresh()
         self._refuse_existing(image_id)  # before reading the upload; again under the lock below
         try:
@@ -243,10 +249,7 @@ class CrossModalDatastore(LocalDatastore):
             primary = f" (the primary, {self.modality_names[0]!r}, is the case's image itself)" if secondary else ""
             raise HTTPException(status_code=422, detail=f"{case}modality {modality!r} is not one of the secondary "
                                                         f"modalities {secondary}{primary}")
-        _, ext = split_ext(image_filename)
-        if ext not in VOLUME_EXTENSIONS:
-            raise HTTPException(status_code=422, detail=f"{case}uploaded {modality} image: extension {ext!r} is not "
-                                                        f"one of {list(VOLUME_EXTENSIONS)}")
+        ext = volume_extension(image_id, image_filename, f"{modality} image")
         try:
             vol = load_volume(image_filename, image_id)
         except CaseError as e:
