@@ -150,6 +150,30 @@ def test_grow_scribbles_grows_uploaded_strokes_and_saves_nothing(client, phantom
     with pytest.raises(MONAILabelClientException) as e:
         client.infer("grow_scribbles", case, {})
     assert status_of(e.value) == 422 and "no strokes" in e.value.msg
+    assert params["modalities_used"] == ["ct", "pet", "mr"]  # was [] (the grow task's loader dropped it)
+
+    # OHIF sends strokes as raw uint8 on the image's grid in Fortran order (`.bin`): the same result, and no copy of
+    # them stays in the server's temp folder (MONAI Label's conversion did, on every request)
+    temp_files = {p for p in phantom_server.tmp.rglob("*") if p.is_file()}
+    strokes.astype(np.uint8).ravel(order="F").tofile(tmp_path / "strokes.bin")
+    out_bin, params_bin = client.infer("grow_scribbles", case, {}, label_in=str(tmp_path / "strokes.bin"))
+    np.testing.assert_array_equal(load_volume(out_bin).numpy(), pred.numpy())
+    assert params_bin["drawn"] == params["drawn"]
+    (tmp_path / "short.bin").write_bytes((tmp_path / "strokes.bin").read_bytes()[:1000])
+    with pytest.raises(MONAILabelClientException) as e:
+        client.infer("grow_scribbles", case, {}, label_in=str(tmp_path / "short.bin"))
+    assert status_of(e.value) == 422 and f"case '{case}': the label short.bin (1000 bytes) is not one uint8 a voxel " \
+        "of the image's grid (cannot reshape array of size 1000 into shape (48,48,48))" in e.value.msg  # was a 500
+    with pytest.raises(MONAILabelClientException) as e:
+        client.infer("grow_scribbles", "", {}, label_in=str(tmp_path / "strokes.bin"),
+                     file=str(studies / f"{case}.nii.gz"))
+    assert status_of(e.value) == 422 and "label strokes.bin: a .bin label takes its grid from a datastore image; " \
+        "name it with `image`" in e.value.msg
+    for _ in range(50):  # the endpoints' removals run as background tasks, after the response
+        if {p for p in phantom_server.tmp.rglob("*") if p.is_file()} == temp_files:
+            break
+        time.sleep(0.1)
+    assert {p for p in phantom_server.tmp.rglob("*") if p.is_file()} == temp_files
     assert snapshot(studies) == before  # growing shows a label; only saving one writes to the datastore
 
 
@@ -296,6 +320,21 @@ def test_bad_input_is_4xx_names_the_problem_and_changes_nothing(client, phantom_
              "case 'phantom000': label extension '.png' unsupported; send it as .nii.gz, .nii, .nrrd or .seg.nrrd")
     rejected(lambda: client.upload_image(str(mr), "phantom000", params={"modality": "spect"}),
              "case 'phantom000': modality 'spect' is not one of the secondary modalities ['pet', 'mr']")
+
+    # a `params` / `info` form field that is not a JSON object (each was a 500 from MONAI Label's json.loads)
+    url, final = phantom_server.url, studies / "labels" / "final" / "phantom000.nii.gz"
+    for method, path, field, value, files in (
+            ("post", "/infer/baseline_unet?image=phantom000", "params", "{bad", None),
+            ("put", "/datastore/label?image=phantom000&tag=final", "params", "[1]", {"label": final}),
+            ("put", "/datastore/?image=phantom000", "params", "{bad", {"file": studies / "phantom000.nii.gz"}),
+            ("put", "/datastore/image/info?image=phantom000", "info", "{bad", None),
+            ("put", "/datastore/label/info?label=phantom000&tag=final", "info", '"final"', None)):
+        opened = {k: (f.name, f.read_bytes()) for k, f in (files or {}).items()}
+        r = getattr(requests, method)(url + path, data={field: value}, files=opened or None, timeout=60)
+        problem = "is not JSON (Expecting" if value == "{bad" else "is JSON but not an object"
+        assert r.status_code == 422 and r.json()["detail"].startswith(
+            f"image 'phantom000': the form field `{field}` {problem}"), (path, r.status_code, r.text)
+        assert f"send a JSON object, e.g. {field}=" in r.json()["detail"]
 
     assert snapshot(studies) == before
     assert requests.get(f"{phantom_server.url}/info/", timeout=10).status_code == 200

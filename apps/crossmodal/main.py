@@ -13,7 +13,7 @@ from crossmodal.serving.app import AppParts, check_infer_request, conf_flag, not
 from crossmodal.serving.datastore import http_error
 from crossmodal.serving.dicomweb import labels_onto_grid
 from crossmodal.serving.infer import CrossModalBatchInfer
-from crossmodal.serving.uploads import clean_up_refused_uploads
+from crossmodal.serving.uploads import check_requests
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 class MyApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         configure_threads()
-        clean_up_refused_uploads()  # MONAI Label's endpoints left every refused upload in the temp folder
+        check_requests()  # refused uploads left in the temp folder, malformed params a 500, .bin scribbles kept
         self.parts = AppParts.from_conf(app_dir, conf, pacs=studies.startswith(("http://", "https://")))
         self._infer_tasks = {m.name: self.parts.infer(m) for m in self.parts.models}
         self._epistemic = self.parts.epistemic() if conf_flag(conf, "epistemic") else None

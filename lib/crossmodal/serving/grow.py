@@ -42,7 +42,7 @@ class CrossModalGrow(CrossModalInfer):
         self.cfg, self.probabilities = cfg, False
 
     def pre_transforms(self, data: dict[str, Any] | None = None) -> Sequence[Callable]:
-        return list(preprocessing(self.cfg, "val").transforms)
+        return list(preprocessing(self.cfg, "infer").transforms)  # one case: it keeps modalities_used
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda"):
         """``data["label"]`` (1, H, W, D) training map of the strokes -> ``data["pred"]`` grown (1, H, W, D)."""

@@ -1,15 +1,18 @@
-"""A refused upload leaves no copy behind.
+"""A refused upload leaves no copy behind; a malformed request is a 4xx that says what is wrong.
 
 MONAI Label's upload endpoints (``PUT /datastore/image``, ``PUT /datastore/label``, ``POST /infer/<model>`` with a
 file, ``PUT /model/<name>``) copy the upload to a temp file and hand its removal to a FastAPI background task, which
 runs only after a successful response. Every upload the app refuses (an unreadable or off-grid label, an image id
 that exists, an image that cannot be segmented) stayed in the temp folder for good: a patient's volume, readable by
-every user of the machine (mode 0644). :func:`clean_up_refused_uploads` wraps those endpoint functions so that a
+every user of the machine (mode 0644). :func:`check_requests` wraps those endpoint functions so that a
 request that raises runs its removals before the error goes out.
 
 ``PUT /model/<name>`` also copied any file over the model in service, in place; :func:`checked_update_model` hands
 the upload to the app's ``replace_weights`` (checked, atomic) instead. ``POST /infer/<model>?output=dicom_seg`` is
-refused before the inference runs (:func:`refusing_dicom_seg_output`).
+refused before the inference runs (:func:`refusing_dicom_seg_output`). A ``params`` / ``info`` form field that is not
+a JSON object was a 500 from MONAI Label's ``json.loads`` (:func:`checking_json_form`). Scribbles sent as OHIF's
+``.bin`` (raw uint8 on the image's grid) left their converted NIfTI in the temp folder on every request, and a
+``.bin`` of another size was a 500 (:func:`converting_bin_labels`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import json
 import os
 import shutil
 import tempfile
@@ -25,11 +29,19 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import BackgroundTasks, HTTPException, UploadFile
+from monailabel.datastore.utils.convert import binary_to_image
 from monailabel.utils.others.generic import file_checksum, remove_file
 
 ENDPOINTS = (("monailabel.endpoints.datastore", "add_image"), ("monailabel.endpoints.datastore", "save_label"),
              ("monailabel.endpoints.infer", "run_inference"), ("monailabel.endpoints.model", "update_model"))
 """(module, function): each takes the request's ``BackgroundTasks`` first; its ``api_*`` route calls it by name."""
+
+JSON_FORMS = (("monailabel.endpoints.datastore", "add_image", "params"),
+              ("monailabel.endpoints.datastore", "save_label", "params"),
+              ("monailabel.endpoints.datastore", "update_image_info", "info"),
+              ("monailabel.endpoints.datastore", "update_label_info", "info"),
+              ("monailabel.endpoints.infer", "run_inference", "params"))
+"""(module, function, form field): the endpoints that ``json.loads`` a form field and use it as a dict."""
 
 
 def removing_uploads_on_error(endpoint: Callable[..., Any]) -> Callable[..., Any]:
@@ -77,6 +89,84 @@ def refusing_dicom_seg_output(run_inference: Callable[..., Any]) -> Callable[...
     return wrapper
 
 
+def checking_json_form(endpoint: Callable[..., Any], field: str) -> Callable[..., Any]:
+    """``endpoint`` whose form field ``field`` (``params`` or ``info``) must be a JSON object: a 422 naming the image
+    and what came, before the endpoint reads anything (MONAI Label's ``json.loads`` made ``{bad`` or ``[1]`` a 500)."""
+    if field in getattr(endpoint, "checked_json_forms", ()):
+        return endpoint
+    signature = inspect.signature(endpoint)
+
+    @functools.wraps(endpoint)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        arguments = signature.bind_partial(*args, **kwargs).arguments
+        value = arguments.get(field)
+        if isinstance(value, str) and value:
+            try:
+                problem = None if isinstance(json.loads(value), dict) else "is JSON but not an object"
+            except json.JSONDecodeError as e:
+                problem = f"is not JSON ({e})"
+            if problem:
+                image = next((v for k in ("image", "label") if isinstance(v := arguments.get(k), str) and v), None)
+                subject = f"image {image!r}" if image else "the request"
+                raise HTTPException(status_code=422, detail=(
+                    f"{subject}: the form field `{field}` {problem}: {value[:80]!r}; send a JSON object, e.g. "
+                    f"{field}={{\"key\": \"value\"}} (or {{}})"))
+        return endpoint(*args, **kwargs)
+
+    wrapper.checked_json_forms = (*getattr(endpoint, "checked_json_forms", ()), field)  # type: ignore[attr-defined]
+    return wrapper
+
+
+def converting_bin_labels(run_inference: Callable[..., Any]) -> Callable[..., Any]:
+    """``POST /infer/<model>`` with a ``label`` upload named ``*.bin`` (OHIF's scribbles: one uint8 a voxel of the
+    datastore image's grid, Fortran order): converted here with MONAI Label's ``binary_to_image`` and passed on as a
+    NIfTI upload, the conversion removed after the request (upstream's stayed in the temp folder on every request).
+    A ``.bin`` without an image id or of another size than the image is a 422 saying so (was a 500)."""
+    if getattr(run_inference, "converts_bin_labels", False):
+        return run_inference
+    signature = inspect.signature(run_inference)
+
+    @functools.wraps(run_inference)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from monailabel.interfaces.utils.app import app_instance
+
+        bound = signature.bind(*args, **kwargs)
+        label, image = bound.arguments.get("label"), bound.arguments.get("image")
+        if label is None or not isinstance(getattr(label, "filename", None), str) or \
+                not label.filename.endswith(".bin"):
+            return run_inference(*bound.args, **bound.kwargs)
+        name = Path(label.filename).name
+        if not image:
+            raise HTTPException(status_code=422, detail=(
+                f"label {name}: a .bin label takes its grid from a datastore image; name it with `image` "
+                "(or send the label as NIfTI / NRRD)"))
+        uri = app_instance().datastore().get_image_uri(image)
+        if not uri:
+            raise HTTPException(status_code=404, detail=f"case {image!r}: no such image in the datastore")
+        fd, raw = tempfile.mkstemp(suffix=".bin")
+        converted = None
+        try:
+            with os.fdopen(fd, "wb") as buffer:
+                shutil.copyfileobj(label.file, buffer)
+            try:
+                converted = binary_to_image(uri, raw)
+            except ValueError as e:
+                raise HTTPException(status_code=422, detail=(
+                    f"case {image!r}: the label {name} ({os.path.getsize(raw)} bytes) is not one uint8 a "
+                    f"voxel of the image's grid ({e}); send it on the grid of the image the viewer shows, or as "
+                    "NIfTI / NRRD")) from e
+            with open(converted, "rb") as nifti:
+                bound.arguments["label"] = UploadFile(nifti, filename=Path(name).stem + ".nii.gz")
+                return run_inference(*bound.args, **bound.kwargs)
+        finally:
+            for path in (raw, converted):
+                if path:
+                    remove_file(path)
+
+    wrapper.converts_bin_labels = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 def checked_update_model(background_tasks: BackgroundTasks, model: str, file: UploadFile) -> dict[str, Any]:
     """``PUT /model/<model>`` as upstream answers it (checksum and time of the model file), the upload handed to
     the app's ``replace_weights(model, path) -> published path`` (which checks it and copies it atomically)."""
@@ -93,13 +183,17 @@ def checked_update_model(background_tasks: BackgroundTasks, model: str, file: Up
     return {"checksum": file_checksum(published), "modified_time": int(os.stat(published).st_mtime)}
 
 
-def clean_up_refused_uploads() -> None:
-    """Wrap MONAI Label's upload endpoints (:data:`ENDPOINTS`) in :func:`removing_uploads_on_error`, ``PUT /model``'s
-    replaced by :func:`checked_update_model`; idempotent. The routes look the functions up by name when a request
-    comes, so this works once the server has started."""
+def check_requests() -> None:
+    """Wrap MONAI Label's endpoints: the form fields of :data:`JSON_FORMS` checked (:func:`checking_json_form`),
+    ``.bin`` labels converted (:func:`converting_bin_labels`), the upload endpoints (:data:`ENDPOINTS`) in
+    :func:`removing_uploads_on_error`, ``PUT /model``'s replaced by :func:`checked_update_model`; idempotent. The
+    routes look the functions up by name when a request comes, so this works once the server has started."""
+    for module_name, name, field in JSON_FORMS:
+        module = importlib.import_module(module_name)
+        setattr(module, name, checking_json_form(getattr(module, name), field))
     for module_name, name in ENDPOINTS:
         module = importlib.import_module(module_name)
         endpoint = checked_update_model if name == "update_model" else getattr(module, name)
         if name == "run_inference":
-            endpoint = refusing_dicom_seg_output(endpoint)
+            endpoint = refusing_dicom_seg_output(converting_bin_labels(endpoint))
         setattr(module, name, removing_uploads_on_error(endpoint))
