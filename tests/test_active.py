@@ -200,6 +200,29 @@ def test_scoring_cache_follows_every_modality_file_and_a_broken_case_is_reported
     assert scoring({}, store)["scored"] == 1 and torch.equal(scoring.case_input(path)[0], x0)
 
 
+def test_a_deleted_cases_cached_scoring_input_goes_with_it(app_parts):
+    """The scoring cache holds each case's images, downsampled: a case deleted from the datastore left them for
+    good. The datastore's ``on_remove`` hook removes them at once; a case deleted by a process without the hook
+    (another server on the folder) loses them at the next scoring, with temp files a killed scoring left."""
+    parts, store, studies = app_parts
+    scoring = parts.scoring(parts.infer())
+    store.on_remove.append(scoring.forget)
+    scoring({}, store)
+    unlabeled = sorted(store.get_unlabeled_images())
+    assert sorted(p.stem for p in scoring.cache_dir.glob("*.pt")) == unlabeled
+    store.remove_image(unlabeled[0])
+    assert sorted(p.stem for p in scoring.cache_dir.glob("*.pt")) == unlabeled[1:]
+    parts.datastore(str(studies)).remove_image(unlabeled[1])  # no hook there
+    assert (scoring.cache_dir / f"{unlabeled[1]}.pt").is_file()
+    stale, fresh = scoring.cache_dir / "tmpkilled.tmp", scoring.cache_dir / "tmpwriting.tmp"
+    for f in (stale, fresh):
+        f.write_bytes(b"partial")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    out = scoring({}, store)
+    assert out["scored"] == 0 and not out["failed"]
+    assert sorted(p.name for p in scoring.cache_dir.iterdir()) == [f"{c}.pt" for c in unlabeled[2:]] + [fresh.name]
+
+
 def test_image_infos_written_over_rest_do_not_break_selection(app_parts, caplog):
     """Image infos are writable by any client (``PUT /datastore/image/info``): a score, hand-out or descriptor that
     is not what the scoring stores failed every ``/activelearning/crossmodal`` (a 500: 'str' object has no attribute

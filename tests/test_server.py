@@ -364,9 +364,10 @@ def test_unknown_names_and_bad_train_numbers_are_4xx_that_say_what_is_served(cli
     r = requests.post(f"{url}/activelearning/nostrategy", json={}, timeout=60)
     assert r.status_code == 404 and r.json()["detail"] == (
         "strategy 'nostrategy' is not served here; served: ['crossmodal', 'random']")
-    r = requests.post(f"{url}/scoring/nomethod?run_sync=true", timeout=60)  # was a bare 500
-    assert r.status_code == 404 and r.json()["detail"] == (
-        "scoring method 'nomethod' is not served here; served: ['crossmodal']")
+    for sync in ("true", "false"):  # was a bare 500; asynchronous: 200, then a task that failed out of sight
+        r = requests.post(f"{url}/scoring/nomethod?run_sync={sync}", timeout=60)
+        assert r.status_code == 404 and r.json()["detail"] == (
+            "scoring method 'nomethod' is not served here; served: ['crossmodal']")
     r = requests.delete(f"{url}/datastore/image", params={"id": "nope"}, timeout=60)  # was a bare 500
     assert r.status_code == 404 and r.json()["detail"] == "case 'nope': no such image in the datastore"
     r = requests.delete(f"{url}/datastore/label", params={"id": "nope", "tag": "final"}, timeout=60)  # was 200
@@ -644,9 +645,14 @@ def test_a_multimodal_case_uploads_through_the_datastore_api(client, phantom_ser
         gt = case.label.array
         scores = [dice(load_volume(out)[0].numpy(), gt, v) for v in (1, 2, 3)]
         assert min(scores) > 0.6 and np.mean(scores) > 0.8, scores  # segmented from all three modalities
+        r = requests.post(f"{phantom_server.url}/scoring/crossmodal?run_sync=true", timeout=300)
+        assert r.status_code == 200 and "upl001" in r.json()["scores"], r.text
+        cached = phantom_server.model_dir / "scoring_cache" / "upl001.pt"  # its images, downsampled for scoring
+        assert cached.is_file()
         r = requests.delete(f"{phantom_server.url}/datastore/image", params={"id": "upl001"}, timeout=30)
         assert r.status_code == 200, r.text
         assert "upl001" not in client.datastore()["objects"] and not sidecars.exists()
+        assert not cached.exists()  # stayed for good
     finally:  # the shared studies as the other tests know them
         requests.delete(f"{phantom_server.url}/datastore/image", params={"id": "upl001"}, timeout=30)
 

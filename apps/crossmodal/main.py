@@ -111,7 +111,10 @@ class MyApp(MONAILabelApp):
         return strategies
 
     def init_scoring_methods(self):
-        methods = {"crossmodal": self.parts.scoring(self._infer_tasks[self.parts.model_name])}
+        scoring = self.parts.scoring(self._infer_tasks[self.parts.model_name])
+        if isinstance(hooks := getattr(self.datastore(), "on_remove", None), list):
+            hooks.append(scoring.forget)  # a deleted case's cached input (its images, downsampled) goes with it
+        methods = {"crossmodal": scoring}
         if self._epistemic:
             methods["epistemic"] = self._epistemic[0]
         return methods

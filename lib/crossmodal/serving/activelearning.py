@@ -16,7 +16,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from crossmodal.transforms import preprocessing
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.utils.others.generic import remove_file
 
 logger = logging.getLogger(__name__)
 SCORES_KEY = "crossmodal_scores"
@@ -141,6 +142,27 @@ class CrossModalScoring(ScoringMethod):
         os.replace(tmp, file)
         return x, present
 
+    def forget(self, image_id: str) -> None:
+        """Remove the case's cached input (its images, downsampled): the datastore calls this when the case is
+        deleted."""
+        remove_file(str(self.cache_dir / f"{image_id}.pt"))
+
+    def prune_cache(self, live: Iterable[str], stale_s: float = 3600.0) -> list[str]:
+        """Remove the cached inputs of cases not in ``live`` (deleted while no server held this cache) and the temp
+        files of a scoring killed more than ``stale_s`` seconds ago; returns the ids removed."""
+        if not self.cache_dir.is_dir():
+            return []
+        keep, gone = set(live), []
+        for file in self.cache_dir.iterdir():
+            if file.suffix == ".pt" and file.stem not in keep:
+                gone.append(file.stem)
+                remove_file(str(file))
+            elif file.suffix == ".tmp" and time.time() - file.stat().st_mtime > stale_s:
+                remove_file(str(file))
+        if gone:
+            logger.info(f"scoring cache: removed the inputs of {len(gone)} case(s) no longer in the datastore")
+        return sorted(gone)
+
     def score_case(self, path: str, network: torch.nn.Module | None, device: str = "cpu") -> dict[str, Any]:
         """{disagreement, mc_uncertainty, entropy, descriptor, seconds} of one case (only the descriptor without
         a network)."""
@@ -182,6 +204,7 @@ class CrossModalScoring(ScoringMethod):
                 pending, flushed = {}, time.monotonic()
         if pending:
             store_infos(datastore, pending)
+        self.prune_cache(datastore.list_images())
         return {"scored": len(scored), "scores": scored, "failed": failed, "model": bool(path),
                 "seconds_per_case": round(float(np.mean(seconds)), 4) if seconds else None}
 

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -110,6 +110,7 @@ class CrossModalDatastore(LocalDatastore):
                  sidecar_dir: str = "modalities", **kwargs: Any) -> None:
         self.label_config = labels
         self.modality_names, self.sidecar_dir = list(modalities), sidecar_dir
+        self.on_remove: list[Callable[[str], None]] = []  # called with a removed case's id (its derived files)
         self._config_sig: tuple[int, ...] | None = None
         super().__init__(datastore_path, extensions=EXTENSIONS, **kwargs)
         self._record_missing_kinds()
@@ -275,7 +276,7 @@ class CrossModalDatastore(LocalDatastore):
         ones), and its entry, under the lock on the file as another process left it (upstream rewrote the JSON it
         had read, dropping what a child process stored meanwhile); an unknown case is a 404 (upstream: a bare 500).
         Files go before the entry: a crash between leaves an entry the next refresh drops, not a case that comes
-        back."""
+        back. Then each of :attr:`on_remove` forgets what it derived from the case (the scoring's cached input)."""
         with FileLock(self._lock_file):
             self._reload_unlocked(force=True)
             obj = self._datastore.objects.get(image_id)
@@ -289,6 +290,8 @@ class CrossModalDatastore(LocalDatastore):
                 shutil.rmtree(self.sidecar_folder(image_id), ignore_errors=True)
             del self._datastore.objects[image_id]
             self._update_datastore_file(lock=False)
+        for forget in self.on_remove:
+            forget(image_id)
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         """The label file and its entry, under the lock as :meth:`remove_image`; a case or a label that is not there

@@ -12,7 +12,8 @@ the upload to the app's ``replace_weights`` (checked, atomic) instead. ``POST /i
 refused before the inference runs (:func:`refusing_dicom_seg_output`). A ``params`` / ``info`` form field that is not
 a JSON object was a 500 from MONAI Label's ``json.loads`` (:func:`checking_json_form`). Scribbles sent as OHIF's
 ``.bin`` (raw uint8 on the image's grid) left their converted NIfTI in the temp folder on every request, and a
-``.bin`` of another size was a 500 (:func:`converting_bin_labels`).
+``.bin`` of another size was a 500 (:func:`converting_bin_labels`). An asynchronous ``POST /scoring/<method>`` of
+an unknown method was queued and failed out of sight (:func:`checking_scoring_method`).
 """
 
 from __future__ import annotations
@@ -167,6 +168,26 @@ def converting_bin_labels(run_inference: Callable[..., Any]) -> Callable[..., An
     return wrapper
 
 
+def checking_scoring_method(run_method: Callable[..., Any]) -> Callable[..., Any]:
+    """``POST /scoring/<method>``: an unknown method is a 404 listing the served ones before MONAI Label queues it
+    (an asynchronous request was answered 200 and its background task failed out of sight)."""
+    if getattr(run_method, "checks_scoring_method", False):
+        return run_method
+
+    @functools.wraps(run_method)
+    def wrapper(method: str, *args: Any, **kwargs: Any) -> Any:
+        from crossmodal.serving.app import not_served
+        from monailabel.interfaces.utils.app import app_instance
+
+        served = app_instance().info().get("scoring", {})
+        if method not in served:
+            raise not_served("scoring method", method, served)
+        return run_method(method, *args, **kwargs)
+
+    wrapper.checks_scoring_method = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 def checked_update_model(background_tasks: BackgroundTasks, model: str, file: UploadFile) -> dict[str, Any]:
     """``PUT /model/<model>`` as upstream answers it (checksum and time of the model file), the upload handed to
     the app's ``replace_weights(model, path) -> published path`` (which checks it and copies it atomically)."""
@@ -185,12 +206,15 @@ def checked_update_model(background_tasks: BackgroundTasks, model: str, file: Up
 
 def check_requests() -> None:
     """Wrap MONAI Label's endpoints: the form fields of :data:`JSON_FORMS` checked (:func:`checking_json_form`),
-    ``.bin`` labels converted (:func:`converting_bin_labels`), the upload endpoints (:data:`ENDPOINTS`) in
+    ``.bin`` labels converted (:func:`converting_bin_labels`), scoring methods checked before they are queued
+    (:func:`checking_scoring_method`), the upload endpoints (:data:`ENDPOINTS`) in
     :func:`removing_uploads_on_error`, ``PUT /model``'s replaced by :func:`checked_update_model`; idempotent. The
     routes look the functions up by name when a request comes, so this works once the server has started."""
     for module_name, name, field in JSON_FORMS:
         module = importlib.import_module(module_name)
         setattr(module, name, checking_json_form(getattr(module, name), field))
+    scoring = importlib.import_module("monailabel.endpoints.scoring")
+    scoring.run_method = checking_scoring_method(scoring.run_method)
     for module_name, name in ENDPOINTS:
         module = importlib.import_module(module_name)
         endpoint = checked_update_model if name == "update_model" else getattr(module, name)
