@@ -214,7 +214,7 @@ def check_requests() -> None:
         module = importlib.import_module(module_name)
         setattr(module, name, checking_json_form(getattr(module, name), field))
     scoring = importlib.import_module("monailabel.endpoints.scoring")
-    scoring.run_method = checking_scoring_method(scoring.run_method)
+    scoring.run_method = checking_scoring_method(scoring.run_method)  # type: ignore[attr-defined]
     for module_name, name in ENDPOINTS:
         module = importlib.import_module(module_name)
         endpoint = checked_update_model if name == "update_model" else getattr(module, name)
