@@ -435,6 +435,12 @@ def test_data_commands_refuse_counts_sizes_and_folders_they_cannot_use(tmp_path:
          "crossmodal data phantom: error: argument --size: must be at least 16, got 0"),
         (["data", "phantom", "--out", str(out), "--dense", "-1"],
          "crossmodal data phantom: error: argument --dense: must be at least 0, got -1"),
+        (["data", "phantom", "--out", str(out), "--misregistration-mm", "-4"],  # made cases recorded as -4 mm
+         "crossmodal data phantom: error: argument --misregistration-mm: must be a finite number of at least 0.0, got "
+         "'-4'"),
+        (["data", "brain", "--out", str(out), "--templates", str(empty), "--misregistration-mm", "nan"],
+         "crossmodal data brain: error: argument --misregistration-mm: must be a finite number of at least 0.0, got "
+         "'nan'"),
         (["data", "sparsify", "--label", str(label), "--out", str(out / "s.nii.gz"), "--mode", "slices", "--step", "0"],
          "crossmodal data sparsify: error: argument --step: must be at least 1, got 0"),
         (["simulate", "--studies", str(empty), "--seeds", "0", "-1"],

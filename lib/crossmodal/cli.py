@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -398,6 +399,30 @@ def at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def finite_at_least(low: float) -> Callable[[str], float]:
+    """argparse type: a finite float >= ``low`` (``--misregistration-mm -4`` or ``nan`` made cases whose records
+    said so).
+
+    Example:
+        >>> finite_at_least(0.0)("2.5")
+        2.5
+        >>> finite_at_least(0.0)("-4")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: must be a finite number of at least 0.0, got '-4'
+    """
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"must be a finite number of at least {low}, got {text!r}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crossmodal", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -412,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--dense", type=at_least(0), default=0, help="cases given a dense final label")
         q.add_argument("--sparse", type=at_least(0), default=0, help="cases given a sparse final label")
         q.add_argument("--sparse-mode", default="scribbles", choices=("scribbles", "slices"))
-        q.add_argument("--misregistration-mm", type=float, default=0.0)
+        q.add_argument("--misregistration-mm", type=finite_at_least(0.0), default=0.0,
+                       help="shift of the secondary modalities against the primary, in mm")
         q.add_argument("--ext", default=".nii.gz", choices=(".nii.gz", ".nii", ".nrrd"))
         q.add_argument("--config", help="preset name or YAML path")
         q.add_argument("--variants", default="typical",
