@@ -744,7 +744,12 @@ def test_a_model_upload_replaces_the_model_in_service_only_with_weights_that_loa
 
     cfg = load_config("phantom")
     studies = make_phantom_studies(tmp_path / "studies", cfg, cases=3, dense=1, sparse=0, seed=5)
-    server = start_server(studies, tmp_path / "model", tmp_path / "server.log", {"preset": "phantom"})
+    good = PRETRAINED_PHANTOM.parent / "phantom_crossmodal.pt"
+    shipped = tmp_path / "shipped" / good.name  # a copy: upstream's DELETE /model moved the committed file away
+    shipped.parent.mkdir()
+    shutil.copy(good, shipped)
+    server = start_server(studies, tmp_path / "model", tmp_path / "server.log",
+                          {"preset": "phantom", "pretrained_crossmodal": str(shipped)})
     try:
         def put(model: str, path: Path) -> requests.Response:
             with open(path, "rb") as f:
@@ -759,7 +764,11 @@ def test_a_model_upload_replaces_the_model_in_service_only_with_weights_that_loa
 
         assert (infer() == 1).sum() > 1000  # the committed weights find the organ
         published = tmp_path / "model" / "phantom_crossmodal.pt"
-        good = PRETRAINED_PHANTOM.parent / "phantom_crossmodal.pt"
+        r = requests.delete(f"{server.url}/model/crossmodal", timeout=60)  # nothing trained: the shipped weights stay
+        assert r.status_code == 404 and r.json()["detail"] == (
+            "model 'crossmodal': no trained weights to delete (the shipped weights phantom_crossmodal.pt serve; they "
+            "are never deleted)")
+        assert shipped.read_bytes() == good.read_bytes() and list(shipped.parent.iterdir()) == [shipped]
         (tmp_path / "trunc.pt").write_bytes(good.read_bytes()[:100_000])
         r = put("crossmodal", tmp_path / "trunc.pt")
         assert r.status_code == 422 and r.json()["detail"].startswith(
@@ -784,6 +793,16 @@ def test_a_model_upload_replaces_the_model_in_service_only_with_weights_that_loa
         r = put("crossmodal", tmp_path / "trunc.pt")  # refused: the model just put in service stays
         assert r.status_code == 422 and published.read_bytes() == (tmp_path / "background.pt").read_bytes()
         assert (infer() == 0).all()
+        # deleting it puts the shipped weights back in service; the deleted ones are kept aside, as upstream does
+        r = requests.delete(f"{server.url}/model/crossmodal", timeout=60)
+        assert r.status_code == 200 and r.json()["in_service"] == "phantom_crossmodal.pt", r.text
+        backup = tmp_path / "model" / r.json()["deleted"]
+        assert not published.exists() and backup.read_bytes() == (tmp_path / "background.pt").read_bytes()
+        assert (infer() == 1).sum() > 1000 and shipped.read_bytes() == good.read_bytes()
+        r = requests.delete(f"{server.url}/model/crossmodal", timeout=60)
+        assert r.status_code == 404 and shipped.read_bytes() == good.read_bytes()
+        r = requests.delete(f"{server.url}/model/grow_scribbles", timeout=60)
+        assert r.status_code == 404 and "'grow_scribbles' is not served here" in r.json()["detail"]
         time.sleep(1)  # the accepted upload's copy goes once its response is out
         assert [p.name for p in server.tmp.glob("*.pt")] == []
     finally:

@@ -77,6 +77,11 @@ class MyApp(MONAILabelApp):
         """``PUT /model/<model>`` (see :func:`crossmodal.serving.uploads.checked_update_model`): checked, atomic."""
         return self.parts.replace_weights(model, path)
 
+    def delete_weights(self, model: str) -> dict:
+        """``DELETE /model/<model>`` (see :func:`crossmodal.serving.uploads.checked_delete_model`): the trained
+        weights aside, the shipped ones back in service."""
+        return self.parts.delete_weights(model)
+
     def next_sample(self, request):
         """As upstream; an unknown strategy is a 404 listing the served ones (upstream: a bare 500)."""
         strategy = request.get("strategy") or "random"

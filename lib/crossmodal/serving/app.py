@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,6 +183,23 @@ class AppParts:
             raise HTTPException(status_code=422, detail=f"{detail}; the model in service stays") from e
         atomic_copy(path, served[model].published)
         return served[model].published
+
+    def delete_weights(self, model: str) -> dict[str, str | None]:
+        """``DELETE /model/<model>``: the trained (published) weights go out of service, moved aside as
+        ``<file>.<time>.deleted``; the model's shipped weights (``pretrained``) serve again. Upstream moved whichever
+        file was in service, the app's committed weights too when nothing had been trained. 404 for a model that is
+        not served or has no trained weights. Returns the backup's and the weights' now in service file names."""
+        served = {m.name: m for m in self.models}
+        if model not in served:
+            raise not_served("model with weights", model, served)
+        m = served[model]
+        shipped = f"the shipped weights {Path(m.pretrained).name} serve" if m.pretrained else "no weights serve"
+        if not os.path.isfile(m.published):
+            raise HTTPException(status_code=404, detail=f"model {model!r}: no trained weights to delete ({shipped}; "
+                                                        "they are never deleted)")
+        backup = f"{m.published}.{time.strftime('%Y%m%d_%H%M%S')}.deleted"
+        os.replace(m.published, backup)
+        return {"deleted": Path(backup).name, "in_service": Path(m.pretrained).name if m.pretrained else None}
 
     def datastore(self, studies: str, conf: dict[str, str] | None = None) -> Datastore:
         """The local studies folder, or a PACS when ``studies`` is a DICOMweb URL."""

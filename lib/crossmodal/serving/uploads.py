@@ -8,12 +8,13 @@ every user of the machine (mode 0644). :func:`check_requests` wraps those endpoi
 request that raises runs its removals before the error goes out.
 
 ``PUT /model/<name>`` also copied any file over the model in service, in place; :func:`checked_update_model` hands
-the upload to the app's ``replace_weights`` (checked, atomic) instead. ``POST /infer/<model>?output=dicom_seg`` is
-refused before the inference runs (:func:`refusing_dicom_seg_output`). A ``params`` / ``info`` form field that is not
-a JSON object was a 500 from MONAI Label's ``json.loads`` (:func:`checking_json_form`). Scribbles sent as OHIF's
-``.bin`` (raw uint8 on the image's grid) left their converted NIfTI in the temp folder on every request, and a
-``.bin`` of another size was a 500 (:func:`converting_bin_labels`). An asynchronous ``POST /scoring/<method>`` of
-an unknown method was queued and failed out of sight (:func:`checking_scoring_method`).
+the upload to the app's ``replace_weights`` (checked, atomic) instead. ``DELETE /model/<name>`` moved the app's
+committed weights away when nothing had been trained (:func:`checked_delete_model`). ``POST /infer/<model>`` with
+``output=dicom_seg`` is refused before the inference runs (:func:`refusing_dicom_seg_output`). A ``params`` /
+``info`` form field that is not a JSON object was a 500 from MONAI Label's ``json.loads`` (:func:`checking_json_form`).
+Scribbles sent as OHIF's ``.bin`` (raw uint8 on the image's grid) left their converted NIfTI in the temp folder on
+every request, and a ``.bin`` of another size was a 500 (:func:`converting_bin_labels`). An asynchronous
+``POST /scoring/<method>`` of an unknown method was queued and failed out of sight (:func:`checking_scoring_method`).
 """
 
 from __future__ import annotations
@@ -204,15 +205,27 @@ def checked_update_model(background_tasks: BackgroundTasks, model: str, file: Up
     return {"checksum": file_checksum(published), "modified_time": int(os.stat(published).st_mtime)}
 
 
+def checked_delete_model(model: str) -> dict[str, Any]:
+    """``DELETE /model/<model>`` handed to the app's ``delete_weights(model)``: the trained weights aside, the shipped
+    ones never (upstream moved the app's committed weights away when nothing had been trained)."""
+    from monailabel.interfaces.app import MONAILabelApp
+    from monailabel.interfaces.utils.app import app_instance
+
+    instance: MONAILabelApp = app_instance()
+    return instance.delete_weights(model)
+
+
 def check_requests() -> None:
     """Wrap MONAI Label's endpoints: the form fields of :data:`JSON_FORMS` checked (:func:`checking_json_form`),
     ``.bin`` labels converted (:func:`converting_bin_labels`), scoring methods checked before they are queued
-    (:func:`checking_scoring_method`), the upload endpoints (:data:`ENDPOINTS`) in
-    :func:`removing_uploads_on_error`, ``PUT /model``'s replaced by :func:`checked_update_model`; idempotent. The
-    routes look the functions up by name when a request comes, so this works once the server has started."""
+    (:func:`checking_scoring_method`), the upload endpoints (:data:`ENDPOINTS`) in :func:`removing_uploads_on_error`,
+    ``PUT /model``'s replaced by :func:`checked_update_model` and ``DELETE /model``'s by :func:`checked_delete_model`;
+    idempotent. The routes look the functions up by name when a request comes, so this works once the server has
+    started."""
     for module_name, name, field in JSON_FORMS:
         module = importlib.import_module(module_name)
         setattr(module, name, checking_json_form(getattr(module, name), field))
+    importlib.import_module("monailabel.endpoints.model").delete_model = checked_delete_model  # type: ignore
     scoring = importlib.import_module("monailabel.endpoints.scoring")
     scoring.run_method = checking_scoring_method(scoring.run_method)  # type: ignore[attr-defined]
     for module_name, name in ENDPOINTS:
