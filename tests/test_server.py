@@ -281,6 +281,10 @@ def test_bad_input_is_4xx_names_the_problem_and_changes_nothing(client, phantom_
              "case 'phantom000'", "uploaded 'final' label", "cannot be read")
     rejected(lambda: client.save_label("phantom000", str(tmp_path / "values.nii.gz"), params={"label_kind": "x"}),
              "label values [7]")
+    save_volume(tmp_path / "empty.nii.gz", np.zeros(shape, np.uint8), aff)  # Slicer's submit before painting
+    rejected(lambda: client.save_label("phantom000", str(tmp_path / "empty.nii.gz")),
+             "case 'phantom000': uploaded 'final' label: the label is empty",
+             'save it with params {\\"allow_empty\\": true}')  # JSON-escaped
 
     nan = ref[0].numpy().copy()
     nan[3, 3, 3] = np.nan
@@ -342,7 +346,7 @@ def test_bad_input_is_4xx_names_the_problem_and_changes_nothing(client, phantom_
     refused = {p.read_bytes() for p in (tmp_path / "grid.nii.gz", tmp_path / "values.nii.gz", tmp_path / "trunc.nii.gz",
                                         tmp_path / "nan_image.nii.gz", tmp_path / "trunc_image.nii.gz", mr,
                                         studies / "phantom005.nii.gz", studies / "labels/final/phantom000.nii.gz",
-                                        tmp_path / "drawn.png")}
+                                        tmp_path / "drawn.png", tmp_path / "empty.nii.gz")}
     kept = [p.name for p in phantom_server.tmp.rglob("*") if p.is_file() and p.read_bytes() in refused]
     assert kept == []
 

@@ -1,5 +1,6 @@
 """Serving pieces without a server: datastore rules, tracking coercion, validation split, active learning."""
 
+import dataclasses
 import json
 import tempfile
 import threading
@@ -38,6 +39,37 @@ def test_datastore_rejects_before_writing(phantom_studies: Path, phantom_cfg, tm
     with pytest.raises(HTTPException) as e:
         ds.save_label("nope", str(tmp_path / "bad.nii.gz"), "final", {})
     assert e.value.status_code == 404
+
+
+def test_an_empty_final_label_is_refused_unless_the_case_has_none_of_the_classes(phantom_studies: Path, phantom_cfg,
+                                                                                 tmp_path: Path):
+    """A final label with nothing drawn (Slicer's "submit" before painting) was stored as a dense label, the case
+    taken out of the pool and trained as background everywhere; now a 422 that says how to save a case that truly
+    has none of the classes. A model's label (tag ``original``) may be empty."""
+    ds = CrossModalDatastore(str(phantom_studies), phantom_cfg.labels)
+    json_before = (phantom_studies / "datastore_v2.json").read_bytes()
+    img = load_volume(phantom_studies / "phantom002.nii.gz")
+    save_volume(tmp_path / "empty.nii.gz", np.zeros(img.shape[1:], np.uint8), img.affine.numpy())
+    with pytest.raises(HTTPException) as e:
+        ds.save_label("phantom002", str(tmp_path / "empty.nii.gz"), "final", {})
+    assert e.value.status_code == 422 and e.value.detail == (
+        "case 'phantom002': uploaded 'final' label: the label is empty (no voxel of ['organ', 'lesion', 'vessel'] or "
+        "'marked_background'): saved before drawing? Training would learn background everywhere on this case. Draw "
+        'it, or, if the case has none of these, save it with params {"allow_empty": true}')
+    with pytest.raises(HTTPException) as e:
+        ds.save_label("phantom002", str(tmp_path / "empty.nii.gz"), "final", {"allow_empty": "maybe"})
+    assert e.value.status_code == 422 and e.value.detail == (
+        "case 'phantom002': allow_empty='maybe' must be true or false")
+    assert (phantom_studies / "datastore_v2.json").read_bytes() == json_before
+    assert not (phantom_studies / "labels" / "final" / "phantom002.nii.gz").exists()
+    ds.save_label("phantom002", str(tmp_path / "empty.nii.gz"), "original", {})
+    ds.save_label("phantom002", str(tmp_path / "empty.nii.gz"), "final", {"allow_empty": "true"})
+    assert ds.get_label_info("phantom002", "final")["label_kind"] == "dense" and "allow_empty" not in \
+        ds.get_label_info("phantom002", "final")
+    lesions = dataclasses.replace(phantom_cfg.labels, empty_final=True)  # a preset where a case may have none
+    ds = CrossModalDatastore(str(phantom_studies), lesions)
+    ds.save_label("phantom001", str(tmp_path / "empty.nii.gz"), "final", {})
+    assert ds.label_kind("phantom001") == "dense"
 
 
 def test_datastore_removes_what_is_there_and_404s_what_is_not(phantom_studies: Path, phantom_cfg):

@@ -122,12 +122,16 @@ class LabelConfig:
 
     ``classes`` maps every class the model predicts to its value, background 0 included, values 0..N-1.
     ``marked_background`` is the value of the segment an annotator paints to mark background explicitly in a
-    sparse label (see ``crossmodal.labels``).
+    sparse label (see ``crossmodal.labels``). ``empty_final``: a final label with no voxel drawn is taken as a dense
+    "none of the classes here" label (true for a preset where a case may lack every class, e.g. lesions only); false
+    (the presets: every case has an organ, or brain tissue) refuses it as a save before drawing, unless the request
+    says ``allow_empty``.
     """
 
     classes: dict[str, int] = field(default_factory=lambda: {"background": 0, "foreground": 1})
     marked_background_name: str = "marked_background"
     marked_background: int = 255
+    empty_final: bool = False
 
     def __post_init__(self) -> None:
         values = sorted(self.classes.values())

@@ -19,12 +19,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from crossmodal.config import LabelConfig
+from crossmodal.config import LabelConfig, as_flag
 from crossmodal.io import IMAGE_EXTENSIONS, CaseError, atomic_copy, find_case, load_volume, read_label, split_ext
 from crossmodal.labels import LABEL_KINDS, annotated_fraction, classify, invalid_values
 from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
+from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.utils.others.generic import remove_file
 
 logger = logging.getLogger(__name__)
@@ -78,11 +79,12 @@ starting with '.'), got '../x'
 
 
 def validate_label(label_file: str, image_file: str, case_id: str, cfg: LabelConfig,
-                   override: str | None = None) -> tuple[str, float]:
-    """Check ``label_file`` against the primary image; returns ``(kind, annotated_fraction)``.
+                   override: str | None = None, empty_ok: bool = True) -> tuple[str, float]:
+    """Check ``label_file`` against the primary image; returns ``(kind, annotated_fraction)``. ``empty_ok=False``:
+    a label with no voxel drawn (all 0) is refused.
 
     Raises:
-        CaseError: unreadable, non-finite, other grid, non-integer or unconfigured values, bad override.
+        CaseError: unreadable, non-finite, other grid, non-integer or unconfigured values, bad override, empty.
     """
     image = load_volume(image_file, case_id)
     arr = read_label(label_file, image, case_id)
@@ -91,6 +93,12 @@ def validate_label(label_file: str, image_file: str, case_id: str, cfg: LabelCon
         raise CaseError(case_id, label_file,
                         f"label values {bad} are not configured: classes {cfg.classes}, "
                         f"{cfg.marked_background_name}={cfg.marked_background}")
+    if not empty_ok and not arr.any():
+        classes = [n for n, v in cfg.classes.items() if v]
+        raise CaseError(case_id, label_file, (
+            f"the label is empty (no voxel of {classes} or {cfg.marked_background_name!r}): saved before drawing? "
+            "Training would learn background everywhere on this case. Draw it, or, if the case has none of these, "
+            'save it with params {"allow_empty": true}'))
     try:
         kind = classify(arr, cfg, override)
     except ValueError as e:
@@ -141,13 +149,18 @@ class CrossModalDatastore(LocalDatastore):
         check_name(label_tag, "a label tag", image_id)
         info = dict(label_info or {})
         override = info.pop("label_kind", None)
+        allow_empty = as_flag(info.pop("allow_empty", False))
+        if allow_empty is None:
+            raise HTTPException(status_code=422, detail=f"case {image_id!r}: allow_empty="
+                                                        f"{label_info['allow_empty']!r} must be true or false")
         _, ext = split_ext(label_filename)
         if ext not in IMAGE_EXTENSIONS:  # before reading: MONAI's readers take a PNG too
             raise HTTPException(status_code=422, detail=f"case {image_id!r}: label extension {ext!r} unsupported; "
                                                         "send it as .nii.gz, .nii, .nrrd or .seg.nrrd")
         try:
             kind, frac = validate_label(label_filename, self.get_image_uri(image_id), image_id, self.label_config,
-                                        override)
+                                        override, empty_ok=allow_empty or self.label_config.empty_final or
+                                        label_tag != DefaultLabelTag.FINAL.value)  # a model's 'original' may be
         except CaseError as e:
             if e.path == str(label_filename):  # the upload's temp name means nothing to the user
                 e = CaseError(image_id, None, f"uploaded {label_tag!r} label: {e.problem}")

@@ -406,9 +406,9 @@ class PacsDatastore(CrossModalDatastore):
             arr = seg_to_label(next(tmp_dir.glob("*.dcm")), self.label_config, ref.affine.numpy(), ref.shape[1:])
             nii = tmp_dir / f"{cid}.nii.gz"
             save_volume(nii, arr, ref.affine.numpy())
+            stored = {"SegSeriesInstanceUID": seg_uid, "pacs": "stored", "allow_empty": True}  # the PACS's, as is
             CrossModalDatastore.save_label(self, cid, str(nii), FINAL,
-                                           {"label_kind": kind, "SegSeriesInstanceUID": seg_uid, "pacs": "stored"}
-                                           if kind else {"SegSeriesInstanceUID": seg_uid, "pacs": "stored"})
+                                           {"label_kind": kind, **stored} if kind else stored)
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
 
