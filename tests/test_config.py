@@ -39,6 +39,9 @@ def test_viewer_labels_include_marked_background():
         ({"model": {"strides": [2, 2]}}, "needs len(channels) - 1 = 3"),
         ({"trainer": {}}, "unknown config keys ['trainer']"),
         ({"infer": {"roi": 3}}, "infer: unknown keys ['roi']"),
+        ({"model": {"joint_stem": "maybe"}}, "model.joint_stem: 'maybe' must be true or false"),  # was taken as on
+        ({"labels": {"empty_final": "false"}}, "labels.empty_final: 'false' must be true or false"),
+        ({"train": {"consistency": {"copy_paste": 1}}}, "train.consistency.copy_paste: 1 must be true or false"),
         ({"train": {"consistency": {"teacher_decay": 1.0}}}, "teacher_decay: 1.0 must be in [0, 1)"),
         ({"train": {"consistency": {"copy_paste_start": -1}}}, "copy_paste_start: -1 must be >= 0"),
         ({"train": {"consistency": {"max_unlabeled_per_epoch": 0}}},

@@ -552,6 +552,9 @@ def _build(typ: type, raw: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown keys {unknown}; valid keys are {sorted(known)}")
+    for f in dataclasses.fields(typ):  # a YAML `maybe` or "false" (a string) was taken as true
+        if f.type in ("bool", bool) and f.name in raw and not isinstance(raw[f.name], bool):
+            raise ConfigError(f"{where}.{f.name}: {raw[f.name]!r} must be true or false")
     try:
         return typ(**raw)
     except TypeError as e:
