@@ -1,7 +1,10 @@
 from pathlib import Path
 
 import pytest
+from conftest import APP
 from crossmodal.config import ConfigError, CrossModalConfig, load_config, save_config
+from crossmodal.nets import ModelFileError
+from crossmodal.serving.app import AppParts
 
 
 def test_presets_resolve_with_inheritance():
@@ -42,6 +45,9 @@ def test_viewer_labels_include_marked_background():
         ({"model": {"joint_stem": "maybe"}}, "model.joint_stem: 'maybe' must be true or false"),  # was taken as on
         ({"labels": {"empty_final": "false"}}, "labels.empty_final: 'false' must be true or false"),
         ({"train": {"consistency": {"copy_paste": 1}}}, "train.consistency.copy_paste: 1 must be true or false"),
+        ({"train": {"max_epochs": "x"}}, "train.max_epochs: 'x' must be a whole number"),  # was "'<' not supported"
+        ({"train": {"learning_rate": "fast"}}, "train.learning_rate: 'fast' must be a finite number"),
+        ({"data": {"register": 3}}, "data.register: 3 must be text"),
         ({"train": {"consistency": {"teacher_decay": 1.0}}}, "teacher_decay: 1.0 must be in [0, 1)"),
         ({"train": {"consistency": {"copy_paste_start": -1}}}, "copy_paste_start: -1 must be >= 0"),
         ({"train": {"consistency": {"max_unlabeled_per_epoch": 0}}},
@@ -62,6 +68,33 @@ def test_bad_values_name_the_key(raw, message):
     with pytest.raises(ConfigError, match=None) as e:
         CrossModalConfig.from_dict(raw)
     assert message in str(e.value)
+
+
+def test_a_users_own_yaml_extends_a_shipped_preset(tmp_path):
+    """A config outside ``configs/`` saying ``extends: phantom`` was refused ("unknown config preset 'phantom'; valid
+    presets in <its folder>"); ``1e-3`` (a string to PyYAML, which wants ``1.0e-3``) is taken as the number."""
+    (tmp_path / "mine.yaml").write_text("extends: phantom\ntrain:\n  learning_rate: 1e-3\n")
+    cfg = load_config(str(tmp_path / "mine.yaml"))
+    assert cfg.train.learning_rate == 0.001 and cfg.labels.classes == load_config("phantom").labels.classes
+    # label classes are replaced whole (merged, the phantom's vessel class stayed); the shipped weights then do not
+    # fit, and the error says why they were picked and what to do
+    (tmp_path / "two.yaml").write_text("extends: phantom\nlabels:\n  classes: {background: 0, organ: 1, lesion: 2}\n")
+    assert load_config(str(tmp_path / "two.yaml")).labels.classes == {"background": 0, "organ": 1, "lesion": 2}
+    with pytest.raises(ModelFileError) as e:
+        AppParts.from_conf(str(APP), {"preset": str(tmp_path / "two.yaml"), "model_dir": str(tmp_path / "m")})
+    assert "weights 8 of another shape (e.g. 'head.weight')" in str(e.value) and str(e.value).endswith(
+        f"Your config {tmp_path / 'two.yaml'} is named 'phantom' (from the preset it extends), so the weights shipped "
+        "for 'phantom' were picked; give it its own `name:` to start untrained, or name weights that fit with --conf "
+        "pretrained_<model>")
+    (tmp_path / "own.yaml").write_text("name: own\n" + (tmp_path / "two.yaml").read_text())
+    parts = AppParts.from_conf(str(APP), {"preset": str(tmp_path / "own.yaml"), "model_dir": str(tmp_path / "m")})
+    assert [(Path(m.published).name, m.pretrained) for m in parts.models] == [
+        ("own_crossmodal.pt", None), ("own_baseline_unet.pt", None)]
+    (tmp_path / "typo.yaml").write_text("extends: phantomm\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(tmp_path / "typo.yaml"))
+    assert str(e.value).startswith(f"{tmp_path / 'typo.yaml'}: extends 'phantomm': no phantomm.yaml beside it, nor a "
+                                   "shipped preset of that name (['base', 'brain', 'phantom', 'phantom_large'] in ")
 
 
 def test_unknown_preset_lists_valid_names():

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -552,13 +553,43 @@ def _build(typ: type, raw: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown keys {unknown}; valid keys are {sorted(known)}")
-    for f in dataclasses.fields(typ):  # a YAML `maybe` or "false" (a string) was taken as true
-        if f.type in ("bool", bool) and f.name in raw and not isinstance(raw[f.name], bool):
-            raise ConfigError(f"{where}.{f.name}: {raw[f.name]!r} must be true or false")
+    raw = dict(raw)
+    for f in dataclasses.fields(typ):
+        if f.name in raw:
+            raw[f.name] = _scalar(raw[f.name], str(f.type), f"{where}.{f.name}")
     try:
         return typ(**raw)
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from e
+
+
+def _scalar(value: Any, annotation: str, key: str) -> Any:
+    """``value`` of a ``bool`` / ``int`` / ``float`` / ``str`` config key checked (others as they are); a float
+    written as YAML reads it as a string (``1e-4``: PyYAML wants ``1.0e-4``) is taken as the number.
+
+    Example:
+        >>> _scalar("1e-4", "float", "train.lr"), _scalar(2, "float", "train.lr")
+        (0.0001, 2)
+        >>> _scalar("maybe", "bool", "model.joint_stem")
+        Traceback (most recent call last):
+        ...
+        crossmodal.config.ConfigError: model.joint_stem: 'maybe' must be true or false
+    """
+    if annotation == "bool" and not isinstance(value, bool):  # `maybe` or "false" was taken as true
+        raise ConfigError(f"{key}: {value!r} must be true or false")
+    if annotation == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: {value!r} must be a whole number")
+    if annotation == "float":
+        number = value
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
+            raise ConfigError(f"{key}: {value!r} must be a finite number")
+        return number
+    if annotation == "str" and not isinstance(value, str):
+        raise ConfigError(f"{key}: {value!r} must be text")
+    return value
 
 
 def _plain(obj: Any) -> Any:
@@ -569,11 +600,23 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def merge_dicts(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """``over`` merged into ``base``: dicts recursively, everything else replaced."""
+WHOLE_VALUES = {("labels", "classes")}
+"""Mappings an ``extends`` or an override replaces whole: a preset's label classes are a set (merged, a config
+extending ``phantom`` could not drop its ``vessel`` class)."""
+
+
+def merge_dicts(base: dict[str, Any], over: dict[str, Any], at: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``over`` merged into ``base``: dicts recursively (except :data:`WHOLE_VALUES`), everything else replaced.
+
+    Example:
+        >>> merge_dicts({"labels": {"classes": {"a": 1, "b": 2}, "x": 1}}, {"labels": {"classes": {"a": 1}}})
+        {'labels': {'classes': {'a': 1}, 'x': 1}}
+    """
     out = dict(base)
     for k, v in over.items():
-        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        whole = (*at, k) in WHOLE_VALUES
+        out[k] = merge_dicts(out[k], v, (*at, k)) if isinstance(v, dict) and isinstance(out.get(k), dict) and \
+            not whole else v
     return out
 
 
@@ -587,8 +630,23 @@ def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: top level must be a mapping")
     parent = raw.pop("extends", None)
     if parent:
-        raw = merge_dicts(_read_raw(resolve_preset(str(parent), path.parent), (*seen, path)), raw)
+        raw = merge_dicts(_read_raw(_parent_of(path, str(parent)), (*seen, path)), raw)
     return raw
+
+
+def _parent_of(path: Path, parent: str) -> Path:
+    """What ``extends: <parent>`` in ``path`` names: a YAML beside it, else one of the shipped presets (a user's own
+    config outside ``configs/`` that extends ``phantom`` was refused: "valid presets in <its folder>")."""
+    try:
+        return resolve_preset(parent, path.parent)
+    except ConfigError:
+        pass
+    try:
+        return resolve_preset(parent)
+    except ConfigError:
+        shipped = sorted(p.stem for p in default_configs_dir().glob("*.yaml"))
+        raise ConfigError(f"{path}: extends {parent!r}: no {parent}.yaml beside it, nor a shipped preset of that "
+                          f"name ({shipped} in {default_configs_dir()})") from None
 
 
 def resolve_preset(name_or_path: str, configs_dir: str | os.PathLike[str] | None = None) -> Path:

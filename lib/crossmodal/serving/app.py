@@ -25,7 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import overload
 
-from crossmodal.config import ConfigError, CrossModalConfig, as_flag, as_number, load_config, parse_mirror_axes
+from crossmodal.config import (
+    ConfigError,
+    CrossModalConfig,
+    as_flag,
+    as_number,
+    load_config,
+    parse_mirror_axes,
+    resolve_preset,
+)
 from crossmodal.io import atomic_copy
 from crossmodal.nets import ModelFileError, build_network, check_weights
 from crossmodal.serving.activelearning import CrossModalScoring, CrossModalStrategy
@@ -156,7 +164,16 @@ class AppParts:
             published = os.path.join(model_dir, file)
             for weights in (pre, published):  # a broken or foreign file says so now, not as a 500 on each request
                 if weights and os.path.isfile(weights):
-                    check_weights(mcfg, weights)
+                    try:
+                        check_weights(mcfg, weights)
+                    except ModelFileError as e:
+                        if weights != str(default_pre) or pre != str(default_pre) or \
+                                resolve_preset(preset, conf.get("configs_dir")).stem == cfg.name:
+                            raise
+                        raise ModelFileError(  # a user's YAML extending a preset inherits its name and weights
+                            f"{e}. Your config {preset} is named {cfg.name!r} (from the preset it extends), so the "
+                            f"weights shipped for {cfg.name!r} were picked; give it its own `name:` to start "
+                            "untrained, or name weights that fit with --conf pretrained_<model>") from e
             models.append(ModelParts(mcfg, published, pre))
         return cls(cfg, preset, model_dir, models)
 
