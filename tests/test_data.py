@@ -457,7 +457,9 @@ def test_data_commands_refuse_counts_sizes_and_folders_they_cannot_use(tmp_path:
             (["data", "export-nnunet", "--studies", str(tmp_path / "typo"), "--out", str(out)],
              f"--studies {tmp_path / 'typo'}: no such folder (a studies folder or an nnU-Net v2 raw dataset)"),
             (["data", "export-nnunet", "--studies", str(empty), "--out", str(out)],
-             f"{empty}: no primary images (*.nii.gz, *.nii, *.nrrd) in this studies folder: nothing to export")):
+             f"{empty}: no primary images (*.nii.gz, *.nii, *.nrrd) in this studies folder: nothing to export"),
+            (["evaluate", "--studies", str(empty), "--model", str(tmp_path / "nope.pt")],  # said "conf pretrained"
+             f"--model {tmp_path / 'nope.pt'}: no such weights file")):
         assert main([*argv, "--config", "phantom"]) == 2, argv
         assert capsys.readouterr().err.strip().splitlines()[-1] == f"crossmodal: error: {message}", argv
     assert not out.exists()

@@ -356,6 +356,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     _device(args.device)
 
+    if not Path(args.model).is_file():  # before reading the data set; was "conf pretrained for crossmodal: ..."
+        raise FileNotFoundError(f"--model {args.model}: no such weights file")
     preset = args.config or "brain"
     studies = as_studies(args.studies, preset, scratch=args.scratch)
     resolved = preset
