@@ -372,6 +372,17 @@ def test_unknown_names_and_bad_train_numbers_are_4xx_that_say_what_is_served(cli
         r = requests.post(f"{url}/scoring/nomethod?run_sync={sync}", timeout=60)
         assert r.status_code == 404 and r.json()["detail"] == (
             "scoring method 'nomethod' is not served here; served: ['crossmodal']")
+    for path, params, detail in (  # each was {} 200, as for a case without infos
+            ("image/info", {"image": "nope"}, "case 'nope': no such image in the datastore"),
+            ("label/info", {"label": "nope", "tag": "final"}, "case 'nope': no such image in the datastore"),
+            ("label/info", {"label": "phantom000", "tag": "finale"},
+             "case 'phantom000': no 'finale' label (its labels: ['final'])")):
+        r = requests.get(f"{url}/datastore/{path}", params=params, timeout=60)
+        assert r.status_code == 404 and r.json()["detail"] == detail, (path, params, r.text)
+    r = requests.get(f"{url}/datastore/label/info", params={"label": "phantom000", "tag": "final"}, timeout=60)
+    assert r.status_code == 200 and r.json()["label_kind"] == "dense"
+    r = requests.get(f"{url}/datastore/image/info", params={"image": "phantom000"}, timeout=60)
+    assert r.status_code == 200 and r.json()["name"] == "phantom000.nii.gz"
     r = requests.delete(f"{url}/datastore/image", params={"id": "nope"}, timeout=60)  # was a bare 500
     assert r.status_code == 404 and r.json()["detail"] == "case 'nope': no such image in the datastore"
     r = requests.delete(f"{url}/datastore/label", params={"id": "nope", "tag": "final"}, timeout=60)  # was 200

@@ -215,17 +215,50 @@ def checked_delete_model(model: str) -> dict[str, Any]:
     return instance.delete_weights(model)
 
 
+def checked_get_image_info(image: str) -> dict[str, Any]:
+    """``GET /datastore/image/info``: a case the datastore does not hold is a 404 naming it, as ``PUT`` answers
+    (MONAI Label answered ``{}`` 200, the same as a case without infos)."""
+    from crossmodal.serving.datastore import no_such_case
+    from monailabel.interfaces.utils.app import app_instance
+
+    datastore = app_instance().datastore()
+    info = datastore.get_image_info(image)
+    if not info and image not in datastore.list_images():
+        raise no_such_case(image)
+    return info
+
+
+def checked_get_label_info(label: str, tag: str) -> dict[str, Any]:
+    """``GET /datastore/label/info``: a case, or a label tag of a case, that is not there is a 404 naming it
+    (MONAI Label answered ``{}`` 200)."""
+    from crossmodal.serving.datastore import no_such_case
+    from monailabel.interfaces.utils.app import app_instance
+
+    datastore = app_instance().datastore()
+    info = datastore.get_label_info(label, tag)
+    if not info:
+        if label not in datastore.list_images():
+            raise no_such_case(label)
+        tags = sorted(datastore.get_labels_by_image_id(label))
+        if tag not in tags:
+            raise HTTPException(status_code=404, detail=f"case {label!r}: no {tag!r} label (its labels: {tags})")
+    return info
+
+
 def check_requests() -> None:
     """Wrap MONAI Label's endpoints: the form fields of :data:`JSON_FORMS` checked (:func:`checking_json_form`),
     ``.bin`` labels converted (:func:`converting_bin_labels`), scoring methods checked before they are queued
     (:func:`checking_scoring_method`), the upload endpoints (:data:`ENDPOINTS`) in :func:`removing_uploads_on_error`,
-    ``PUT /model``'s replaced by :func:`checked_update_model` and ``DELETE /model``'s by :func:`checked_delete_model`;
-    idempotent. The routes look the functions up by name when a request comes, so this works once the server has
-    started."""
+    ``PUT /model``'s replaced by :func:`checked_update_model` and ``DELETE /model``'s by :func:`checked_delete_model`,
+    the info reads by :func:`checked_get_image_info` and :func:`checked_get_label_info`; idempotent. The routes look
+    the functions up by name when a request comes, so this works once the server has started."""
     for module_name, name, field in JSON_FORMS:
         module = importlib.import_module(module_name)
         setattr(module, name, checking_json_form(getattr(module, name), field))
     importlib.import_module("monailabel.endpoints.model").delete_model = checked_delete_model  # type: ignore
+    datastore = importlib.import_module("monailabel.endpoints.datastore")
+    for name, checked in (("get_image_info", checked_get_image_info), ("get_label_info", checked_get_label_info)):
+        setattr(datastore, name, checked)
     scoring = importlib.import_module("monailabel.endpoints.scoring")
     scoring.run_method = checking_scoring_method(scoring.run_method)  # type: ignore[attr-defined]
     for module_name, name in ENDPOINTS:
