@@ -204,7 +204,10 @@ class CrossModalScoring(ScoringMethod):
                 pending, flushed = {}, time.monotonic()
         if pending:
             store_infos(datastore, pending)
-        self.prune_cache(datastore.list_images())
+        try:
+            self.prune_cache(datastore.list_images())
+        except Exception as e:  # a PACS gone since: the scores are stored, the cache is pruned next time
+            logger.warning(f"scoring cache: not pruned ({e})")
         return {"scored": len(scored), "scores": scored, "failed": failed, "model": bool(path),
                 "seconds_per_case": round(float(np.mean(seconds)), 4) if seconds else None}
 

@@ -157,10 +157,10 @@ class CrossModalDatastore(LocalDatastore):
         if ext not in IMAGE_EXTENSIONS:  # before reading: MONAI's readers take a PNG too
             raise HTTPException(status_code=422, detail=f"case {image_id!r}: label extension {ext!r} unsupported; "
                                                         "send it as .nii.gz, .nii, .nrrd or .seg.nrrd")
-        try:
+        empty_ok = allow_empty or self.label_config.empty_final or label_tag != DefaultLabelTag.FINAL.value
+        try:  # (a model's 'original' label may be empty; a final one is what training learns from)
             kind, frac = validate_label(label_filename, self.get_image_uri(image_id), image_id, self.label_config,
-                                        override, empty_ok=allow_empty or self.label_config.empty_final or
-                                        label_tag != DefaultLabelTag.FINAL.value)  # a model's 'original' may be
+                                        override, empty_ok=empty_ok)
         except CaseError as e:
             if e.path == str(label_filename):  # the upload's temp name means nothing to the user
                 e = CaseError(image_id, None, f"uploaded {label_tag!r} label: {e.problem}")

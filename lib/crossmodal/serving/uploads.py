@@ -15,6 +15,7 @@ committed weights away when nothing had been trained (:func:`checked_delete_mode
 Scribbles sent as OHIF's ``.bin`` (raw uint8 on the image's grid) left their converted NIfTI in the temp folder on
 every request, and a ``.bin`` of another size was a 500 (:func:`converting_bin_labels`). An asynchronous
 ``POST /scoring/<method>`` of an unknown method was queued and failed out of sight (:func:`checking_scoring_method`).
+Reading the infos of a case or label that is not there answered ``{}`` 200 (:func:`checked_get_image_info`).
 """
 
 from __future__ import annotations
