@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_phantom_studies
+from conftest import PRETRAINED_PHANTOM, make_phantom_studies
 from crossmodal.config import load_config
 from crossmodal.data.brain import SPM_SHA256, extract_templates, make_brain_case
 from crossmodal.data.brain import VARIANTS as BRAIN_VARIANTS
@@ -393,7 +393,8 @@ def test_offline_commands_refuse_a_missing_folder_zero_epochs_and_an_absent_gpu(
     no_truth = tmp_path / "no_truth"
     shutil.copytree(studies, no_truth)
     shutil.rmtree(no_truth / "truth")
-    cases.append((["evaluate", "--studies", str(no_truth), "--model", "m.pt"],
+    weights = str(PRETRAINED_PHANTOM.parent / "phantom_crossmodal.pt")  # a model that exists: the data set is wrong
+    cases.append((["evaluate", "--studies", str(no_truth), "--model", weights],
                   f"{no_truth}: no held-out case to evaluate: {no_truth / 'truth'} holds no truth (NIfTI / NRRD) of "
                   "a case without a final label"))
     if not torch.cuda.is_available():
