@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -174,6 +175,11 @@ def test_label_on_other_grid_is_rejected(tmp_path: Path):
     save_volume(tmp_path / "lab.nii.gz", np.zeros((8, 8, 8), np.uint8), aff @ np.diag([1.0, 1.0, 1.5, 1.0]))
     with pytest.raises(CaseError, match="differs from the image grid"):
         read_label(tmp_path / "lab.nii.gz", load_volume(tmp_path / "img.nii.gz"), "c")
+    nib.save(nib.Nifti1Image(np.zeros((2, 8, 8, 8), np.uint8), aff), tmp_path / "two.nii.gz")  # two maps stacked
+    with pytest.raises(CaseError) as e:
+        read_label(tmp_path / "two.nii.gz", load_volume(tmp_path / "img.nii.gz"), "c")
+    assert e.value.problem == ("a label must be one 3D label map, got 8 channels on a (2, 8, 8) grid (a file's 4th "
+                               "axis is read as channels)")  # said "got 8 channels" only
 
 
 def test_resampling_is_exact_in_physical_space_across_rotation_and_spacing():

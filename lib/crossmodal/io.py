@@ -203,7 +203,8 @@ def read_label(path: str | os.PathLike[str], ref: MetaTensor, case_id: str) -> n
     """Read a label map and check it lies on the grid of ``ref``; returns int64 (H, W, D)."""
     lab = load_volume(path, case_id)
     if lab.shape[0] != 1:
-        raise CaseError(case_id, path, f"a label must be one 3D label map, got {lab.shape[0]} channels")
+        raise CaseError(case_id, path, f"a label must be one 3D label map, got {lab.shape[0]} channels on a "
+                                       f"{tuple(lab.shape[1:])} grid (a file's 4th axis is read as channels)")
     if not same_grid(lab, ref):
         raise CaseError(
             case_id, path,
