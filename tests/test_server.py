@@ -321,7 +321,7 @@ def test_bad_input_is_4xx_names_the_problem_and_changes_nothing(client, phantom_
              "case 'noext': uploaded image: extension '' is not one of ['.nii.gz', '.nii', '.nrrd']")
     (tmp_path / "drawn.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     rejected(lambda: client.save_label("phantom000", str(tmp_path / "drawn.png")),
-             "case 'phantom000': label extension '.png' unsupported; send it as .nii.gz, .nii, .nrrd or .seg.nrrd")
+             "case 'phantom000': label extension '.png' unsupported; send it as .nii.gz, .nii, .seg.nrrd or .nrrd")
     rejected(lambda: client.upload_image(str(mr), "phantom000", params={"modality": "spect"}),
              "case 'phantom000': modality 'spect' is not one of the secondary modalities ['pet', 'mr']")
 

@@ -51,6 +51,16 @@ def no_such_case(image_id: object, hint: str = "") -> HTTPException:
                                                  + (f"; {hint}" if hint else ""))
 
 
+def no_such_label(image_id: object, tag: object, tags: list[str]) -> HTTPException:
+    """The 404 for a label tag a case does not hold (``tags``: the ones it holds)."""
+    return HTTPException(status_code=404, detail=f"case {image_id!r}: no {tag!r} label (its labels: {sorted(tags)})")
+
+
+def one_of(extensions: tuple[str, ...]) -> str:
+    """``('.a', '.b', '.c')`` -> ``'.a, .b or .c'``, for messages."""
+    return ", ".join(extensions[:-1]) + f" or {extensions[-1]}" if len(extensions) > 1 else extensions[0]
+
+
 def volume_extension(case_id: str, filename: str, what: str) -> str:
     """The extension of an uploaded volume (one of :data:`VOLUME_EXTENSIONS`), checked before it is read; 422
     naming the case and ``what`` was uploaded otherwise."""
@@ -156,7 +166,7 @@ class CrossModalDatastore(LocalDatastore):
         _, ext = split_ext(label_filename)
         if ext not in IMAGE_EXTENSIONS:  # before reading: MONAI's readers take a PNG too
             raise HTTPException(status_code=422, detail=f"case {image_id!r}: label extension {ext!r} unsupported; "
-                                                        "send it as .nii.gz, .nii, .nrrd or .seg.nrrd")
+                                                        f"send it as {one_of(IMAGE_EXTENSIONS)}")
         empty_ok = allow_empty or self.label_config.empty_final or label_tag != DefaultLabelTag.FINAL.value
         try:  # (a model's 'original' label may be empty; a final one is what training learns from)
             kind, frac = validate_label(label_filename, self.get_image_uri(image_id), image_id, self.label_config,
@@ -315,8 +325,7 @@ class CrossModalDatastore(LocalDatastore):
             if obj is None:
                 raise no_such_case(label_id)
             if label_tag not in obj.labels:
-                raise HTTPException(status_code=404, detail=f"case {label_id!r}: no {label_tag!r} label (its "
-                                                            f"labels: {sorted(obj.labels)})")
+                raise no_such_label(label_id, label_tag, list(obj.labels))
             logger.info(f"Removing label {label_id} => {label_tag}")
             remove_file(self.get_label_uri(label_id, label_tag))
             del obj.labels[label_tag]

@@ -232,7 +232,7 @@ def checked_get_image_info(image: str) -> dict[str, Any]:
 def checked_get_label_info(label: str, tag: str) -> dict[str, Any]:
     """``GET /datastore/label/info``: a case, or a label tag of a case, that is not there is a 404 naming it
     (MONAI Label answered ``{}`` 200)."""
-    from crossmodal.serving.datastore import no_such_case
+    from crossmodal.serving.datastore import no_such_case, no_such_label
     from monailabel.interfaces.utils.app import app_instance
 
     datastore = app_instance().datastore()
@@ -240,9 +240,9 @@ def checked_get_label_info(label: str, tag: str) -> dict[str, Any]:
     if not info:
         if label not in datastore.list_images():
             raise no_such_case(label)
-        tags = sorted(datastore.get_labels_by_image_id(label))
+        tags = list(datastore.get_labels_by_image_id(label))
         if tag not in tags:
-            raise HTTPException(status_code=404, detail=f"case {label!r}: no {tag!r} label (its labels: {tags})")
+            raise no_such_label(label, tag, tags)
     return info
 
 
