@@ -19,7 +19,7 @@ from crossmodal.data.phantom import VARIANTS, make_phantom
 from crossmodal.data.sparse import annotated_fraction, painted_slices, scribbles
 from crossmodal.io import CaseError, find_case, load_volume, save_volume
 from crossmodal.labels import SPARSE, classify
-from crossmodal.serving.offline import held_out_cases
+from crossmodal.serving.offline import dice_per_class, held_out_cases
 from crossmodal.transforms import load_case
 
 CLI = [sys.executable, "-m", "crossmodal.cli"]
@@ -277,6 +277,74 @@ def test_offline_commands_on_cases_without_a_modality(tmp_path: Path, phantom_cf
     assert "crossmodal - 1 of 4 training cases lack a modality (phantom003: pet): each trains" in out.err
 
 
+def test_predict_writes_each_case_as_the_infer_task_segments_it(tmp_path: Path, phantom_cfg, capsys):
+    """`crossmodal predict`: one uint8 label map per case on its primary image's grid, scored by `evaluate` to the
+    same Dice; volumes in predictions.json that the files hold; a case it cannot segment is named, exit 2, and the
+    others are written; an unknown `--cases` id stops it before anything is written."""
+    from conftest import PRETRAINED_PHANTOM
+    from crossmodal.cli import main
+
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=4, dense=1, sparse=1, seed=21)
+    model = str(PRETRAINED_PHANTOM.with_name("phantom_crossmodal.pt"))
+    base = ["predict", "--studies", str(studies), "--config", "phantom", "--model", model]
+    out = tmp_path / "out"
+    assert main([*base, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"4 cases segmented -> {out}" in printed
+    summary = json.loads((out / "predictions.json").read_text())
+    assert summary["segmented"] == 4 and summary["failed"] == [] and summary["network"] == "crossmodal"
+    assert main(["evaluate", "--studies", str(studies), "--config", "phantom", "--model", model,
+                 "--out", str(tmp_path / "e.json")]) == 0
+    scored = {r["case"]: r["dice"] for r in json.loads((tmp_path / "e.json").read_text())["per_case"]}
+    assert sorted(scored) == ["phantom002", "phantom003"]  # the held-out ones
+    for record in summary["per_case"]:
+        cid = record["case"]
+        image, pred = load_volume(studies / f"{cid}.nii.gz", cid), load_volume(out / f"{cid}.nii.gz", cid)
+        assert pred.shape[1:] == image.shape[1:] and np.allclose(pred.affine, image.affine, atol=1e-5)
+        labels = pred[0].numpy()
+        assert nib_dtype(out / f"{cid}.nii.gz") == np.uint8 and set(np.unique(labels)) == {0, 1, 2, 3}
+        assert record["modalities_used"] == ["ct", "pet", "mr"] and set(record["registered_mm"]) == {"pet", "mr"}
+        ml = abs(np.linalg.det(pred.affine[:3, :3].numpy())) / 1000
+        assert record["volume_ml"] == pytest.approx({n: float((labels == i).sum() * ml) for i, n in
+                                                     enumerate(["organ", "lesion", "vessel"], 1)}, abs=1e-3)
+        assert f"{cid}: organ {record['volume_ml']['organ']:.1f} ml" in printed
+        if cid in scored:  # the written map is what evaluate scores
+            truth = np.rint(load_volume(studies / "truth" / f"{cid}.nii.gz", cid)[0].numpy())
+            assert dice_per_class(labels, truth, 4) == pytest.approx(list(scored[cid].values()), abs=1e-6)
+            assert min(scored[cid].values()) > 0.5
+
+    (studies / "modalities" / "phantom003" / "pet.nii.gz").unlink()
+    assert main([*base, "--out", str(tmp_path / "out2")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines()[-1] == (
+        "crossmodal: error: 1 of 4 cases not segmented (['phantom003']; why: above and in "
+        f"{tmp_path / 'out2' / 'predictions.json'}); the others were written")
+    assert "phantom003: not segmented: case 'phantom003': modality 'pet' is missing" in captured.out
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == [
+        "phantom000.nii.gz", "phantom001.nii.gz", "phantom002.nii.gz", "predictions.json"]
+    for cid in ("phantom000", "phantom001", "phantom002"):  # the same maps as before
+        assert (load_volume(tmp_path / "out2" / f"{cid}.nii.gz", cid)[0] == load_volume(out / f"{cid}.nii.gz",
+                                                                                          cid)[0]).all()
+    failed = json.loads((tmp_path / "out2" / "predictions.json").read_text())
+    assert failed["failed"] == ["phantom003"] and "modality 'pet' is missing" in failed["per_case"][3]["error"]
+    assert main([*base, "--out", str(tmp_path / "out3"), "--cases", "phantom003", "--missing-modality",
+                 "zero_fill"]) == 0
+    assert json.loads((tmp_path / "out3" / "predictions.json").read_text())["per_case"][0]["modalities_used"] == [
+        "ct", "mr"]
+
+    assert main([*base, "--out", str(tmp_path / "out4"), "--cases", "phantom001", "nope"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"crossmodal: error: case 'nope': no primary image in {studies} (its cases: ['phantom000', 'phantom001', "
+        "'phantom002', 'phantom003'])")
+    assert not (tmp_path / "out4").exists()
+
+
+def nib_dtype(path: Path) -> np.dtype:
+    import nibabel as nib
+
+    return nib.load(str(path)).get_data_dtype()
+
+
 def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg):
     """`crossmodal evaluate` and `crossmodal train` on an nnU-Net v2 raw dataset, with the committed weights; what
     they import or make for themselves leaves the temp folder with them (each run left a copy of the dataset)."""
@@ -298,6 +366,16 @@ def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg):
     assert summary["dice_mean"] > 0.8, r.stdout
     assert summary["mirror_axes"] == [] and summary["per_case"][0]["seconds"] > 0  # one pass, its infer seconds
     assert summary["seconds_mean"] == pytest.approx(summary["per_case"][0]["seconds"])
+    # predict: the dataset's imagesTs cases, as nnU-Net predicts them; the map evaluate scored
+    r = subprocess.run([*CLI, "predict", "--studies", str(ds), "--config", "phantom", "--model",
+                        str(PRETRAINED_PHANTOM), "--network", "baseline_unet", "--out", str(tmp_path / "p")],
+                       capture_output=True, text=True, check=True, env=env)
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["phantom002.nii.gz", "predictions.json"]
+    assert list(temp.iterdir()) == [] and r.stdout.strip().endswith(f"1 cases segmented -> {tmp_path / 'p'} "
+                                                                     f"({tmp_path / 'p' / 'predictions.json'})")
+    pred = np.rint(load_volume(tmp_path / "p" / "phantom002.nii.gz", "phantom002")[0].numpy())
+    truth = np.rint(load_volume(ds / "labelsTs" / "phantom002.nii.gz", "phantom002")[0].numpy())
+    assert np.mean(dice_per_class(pred, truth, 4)) == pytest.approx(summary["dice_mean"], abs=1e-6)
     r = subprocess.run([*CLI, "evaluate", "--studies", str(ds), "--config", "phantom", "--model",
                         str(PRETRAINED_PHANTOM), "--network", "baseline_unet", "--mirror-axes", "0,3"],
                        capture_output=True, text=True)

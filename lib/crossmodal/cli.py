@@ -12,6 +12,7 @@ Examples::
     crossmodal data import-nnunet --dataset data/Dataset001_Brain --out data/brain2 --config brain
     crossmodal train --studies data/brain --config brain --model-dir apps/crossmodal/model
     crossmodal propagate --studies data/phantom --config phantom --out grown/
+    crossmodal predict --studies data/Dataset001_Brain --config brain --model brain_crossmodal.pt --out preds/
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from crossmodal.config import ConfigError, load_config, parse_mirror_axes
-from crossmodal.io import CaseError, user_error_in
+from crossmodal.io import IMAGE_EXTENSIONS, CaseError, user_error_in
 
 
 def _config(args: argparse.Namespace, default: str):
@@ -113,7 +114,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from crossmodal.data.studies import FINAL_LABELS
-    from crossmodal.io import IMAGE_EXTENSIONS, case_id_of, load_volume, save_volume
+    from crossmodal.io import case_id_of, load_volume, save_volume
     from crossmodal.labels import IGNORE_INDEX, SPARSE, classify, from_training
     from crossmodal.propagate import grow_checked, heldout_accuracy
     from crossmodal.transforms import LoadCased
@@ -185,7 +186,7 @@ def cmd_to_dicom(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from crossmodal.dicom import case_to_dicom, upload
-    from crossmodal.io import IMAGE_EXTENSIONS, find_case, load_volume, split_ext
+    from crossmodal.io import find_case, load_volume, split_ext
     from crossmodal.labels import classify
 
     cfg = _config(args, "brain")
@@ -370,6 +371,44 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for r in summary["per_case"]:
         print(json.dumps(r))
     print(json.dumps({k: v for k, v in summary.items() if k != "per_case"}, indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Segment the cases of a studies folder (an nnU-Net dataset: its imagesTs cases) into ``--out``; exit 2 naming
+    the cases that could not be segmented, after segmenting the others."""
+    from crossmodal.serving.offline import PREDICTIONS_JSON, predict
+
+    _device(args.device)
+    if not Path(args.model).is_file():
+        raise FileNotFoundError(f"--model {args.model}: no such weights file")
+    preset = args.config or "brain"
+    cases = args.cases
+    if not cases and (Path(args.studies) / "dataset.json").is_file():  # nnU-Net: its test images, as nnU-Net predicts
+        from crossmodal.data.nnunet import list_cases
+
+        cases = [c.case_id for c in list_cases(args.studies, load_config(preset)) if c.split == "test"] or None
+    studies = as_studies(args.studies, preset, scratch=args.scratch)
+    resolved = preset
+    if args.method:
+        resolved = _method_preset(preset, args.method, tempfile.mkdtemp(prefix="method-", dir=args.scratch))
+    network = args.network or (load_config(resolved).model.name if args.method else None)
+    mirror = None if args.mirror_axes is None else parse_mirror_axes(args.mirror_axes, "--mirror-axes")
+    summary = predict(studies, resolved, args.model, args.out, cases, args.device, network, tuple(args.drop), mirror,
+                      args.missing_modality, args.extension)
+    for r in summary["per_case"]:
+        if "error" in r:
+            print(f"{r['case']}: not segmented: {r['error']}")
+        else:
+            volumes = ", ".join(f"{n} {v:.1f} ml" for n, v in r["volume_ml"].items())
+            print(f"{r['case']}: {volumes} ({r['seconds']:.1f} s) -> {r['file']}")
+    report = Path(args.out) / PREDICTIONS_JSON
+    failed = summary["failed"]
+    if failed:
+        print(f"crossmodal: error: {len(failed)} of {len(summary['per_case'])} cases not segmented ({failed}; why: "
+              f"above and in {report}); the others were written", file=sys.stderr)
+        return 2
+    print(f"{summary['segmented']} cases segmented -> {args.out} ({report})")
     return 0
 
 
@@ -570,6 +609,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--mirror-axes", help="test-time mirroring along these spatial axes, e.g. 0,1,2 (8 passes); "
                                          "none: one pass (default: the preset's infer.mirror_axes)")
     q.set_defaults(func=cmd_evaluate)
+
+    q = sub.add_parser("predict", help="segment cases with a model, as the server's infer does: one label map per "
+                                       "case on its primary image's grid, and predictions.json (volumes, timings)")
+    q.add_argument("--studies", required=True,
+                   help="studies folder (every case) or nnU-Net v2 raw dataset (its imagesTs cases)")
+    q.add_argument("--config")
+    q.add_argument("--model", required=True)
+    q.add_argument("--out", required=True, help="folder for <case><extension> and predictions.json")
+    q.add_argument("--cases", nargs="+", help="only these case ids")
+    q.add_argument("--extension", default=".nii.gz", choices=IMAGE_EXTENSIONS)
+    q.add_argument("--device", default="auto")
+    q.add_argument("--network", help="network name (default: the preset's model.name)")
+    q.add_argument("--method", help="ours | baseline_unet | single_<modality>, as the model was trained")
+    q.add_argument("--drop", nargs="*", default=[], help="modalities to segment without")
+    q.add_argument("--missing-modality", choices=("error", "zero_fill"),
+                   help="a case without a secondary modality's file: recorded as not segmented, naming it (the "
+                        "preset's default), or segmented with what it has (zero_fill)")
+    q.add_argument("--mirror-axes", help="test-time mirroring along these spatial axes, e.g. 0,1,2; none: one pass "
+                                         "(default: the preset's infer.mirror_axes)")
+    q.set_defaults(func=cmd_predict)
     return p
 
 

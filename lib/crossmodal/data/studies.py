@@ -22,6 +22,22 @@ TRUTH_DIR = "truth"
 FINAL_LABELS = os.path.join("labels", "final")
 
 
+def _by_case(folder: Path, what: str) -> dict[str, Path]:
+    """``{case_id: file}`` of the NIfTI / NRRD files in ``folder`` (sorted; empty when there is no such folder).
+
+    Raises:
+        CaseError: two files for one case (``a.nii.gz`` and ``a.nrrd``), ``what`` names them.
+    """
+    found: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if p.is_file() and split_ext(p)[1] in IMAGE_EXTENSIONS:
+            cid = case_id_of(p)
+            if cid in found:
+                raise CaseError(cid, p, f"a second {what} beside {found[cid].name}; keep one")
+            found[cid] = p
+    return dict(sorted(found.items()))
+
+
 def truth_files(studies: str | os.PathLike[str]) -> dict[str, Path]:
     """``{case_id: file}`` of ``<studies>/truth`` (NIfTI or NRRD, as labels; sorted by case id); empty when
     there is no such folder.
@@ -29,15 +45,16 @@ def truth_files(studies: str | os.PathLike[str]) -> dict[str, Path]:
     Raises:
         CaseError: two truth files for one case.
     """
-    folder = Path(studies) / TRUTH_DIR
-    found: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if p.is_file() and split_ext(p)[1] in IMAGE_EXTENSIONS:
-            cid = case_id_of(p)
-            if cid in found:
-                raise CaseError(cid, p, f"a second truth file beside {found[cid].name}; keep one")
-            found[cid] = p
-    return dict(sorted(found.items()))
+    return _by_case(Path(studies) / TRUTH_DIR, "truth file")
+
+
+def primary_images(studies: str | os.PathLike[str]) -> dict[str, Path]:
+    """``{case_id: primary image}`` of a studies folder (its top-level NIfTI / NRRD files; sorted by case id).
+
+    Raises:
+        CaseError: two primary images for one case.
+    """
+    return _by_case(Path(studies), "primary image")
 
 
 def write_case(studies: str | os.PathLike[str], case_id: str, case: SyntheticCase, cfg: CrossModalConfig,

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 from crossmodal.config import ConsistencyConfig, CrossModalConfig, atomic_write_text, load_config, merge_dicts
-from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR, truth_files
-from crossmodal.io import atomic_copy, case_id_of, load_volume
+from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR, primary_images, truth_files
+from crossmodal.io import atomic_copy, case_id_of, load_volume, save_volume
 from crossmodal.serving.app import AppParts
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from tqdm import tqdm
@@ -167,6 +167,19 @@ def held_out_cases(studies: str) -> list[Path]:
     return [p for cid, p in truth_files(root).items() if cid not in labeled]
 
 
+def infer_request(image: str | os.PathLike[str], device: str = "auto", drop: Sequence[str] = (),
+                  mirror_axes: Sequence[int] | None = None, missing_modality: str | None = None) -> dict[str, Any]:
+    """The infer task's request for one case of a studies folder, its label map returned, not written (as
+    :func:`evaluate` and :func:`predict` read it)."""
+    request: dict[str, Any] = {"image": str(image), "skip_writer": True, "device": pick_device(device),
+                               "drop_modalities": list(drop)}
+    if mirror_axes is not None:
+        request["mirror_axes"] = list(mirror_axes)
+    if missing_modality:
+        request["missing_modality"] = missing_modality
+    return request
+
+
 def evaluate(studies: str, preset: str, model: str, device: str = "auto", out: str | None = None,
              network: str | None = None, drop: tuple[str, ...] = (),
              mirror_axes: Sequence[int] | None = None, missing_modality: str | None = None) -> dict[str, Any]:
@@ -180,6 +193,7 @@ def evaluate(studies: str, preset: str, model: str, device: str = "auto", out: s
         raise ValueError(f"{root}: no held-out case to evaluate: {root / TRUTH_DIR} holds no truth (NIfTI / NRRD) "
                          f"of a case without a final label (an nnU-Net dataset: labelsTs of the imagesTs cases)")
     cfg = load_config(preset)
+    images = primary_images(root)
     conf = {"preset": preset, "pretrained": model, **({"models": network} if network else {})}
     with tempfile.TemporaryDirectory(prefix="crossmodal-app-") as app_dir:  # its model folder: the published path
         parts = AppParts.from_conf(app_dir, conf)
@@ -188,15 +202,9 @@ def evaluate(studies: str, preset: str, model: str, device: str = "auto", out: s
         records: list[dict[str, Any]] = []
         for truth_path in tqdm(cases, desc="evaluate", unit="case"):
             cid = case_id_of(truth_path)
-            image = next(p for p in root.iterdir() if p.is_file() and case_id_of(p) == cid)
-            request = {"image": str(image), "skip_writer": True, "device": pick_device(device),
-                       "drop_modalities": list(drop)}
-            if mirror_axes is not None:
-                request["mirror_axes"] = list(mirror_axes)
-            if missing_modality:
-                request["missing_modality"] = missing_modality
+            image = images[cid]
             t0 = time.perf_counter()
-            _, data = task(request)
+            _, data = task(infer_request(image, device, drop, mirror_axes, missing_modality))
             seconds = time.perf_counter() - t0
             pred = data["pred"].numpy()
             truth_img = load_volume(truth_path, cid)
@@ -224,4 +232,68 @@ def evaluate(studies: str, preset: str, model: str, device: str = "auto", out: s
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         atomic_write_text(Path(out), json.dumps(summary, indent=2))
+    return summary
+
+
+PREDICTIONS_JSON = "predictions.json"
+
+
+def predict(studies: str, preset: str, model: str, out_dir: str, cases: Sequence[str] | None = None,
+            device: str = "auto", network: str | None = None, drop: tuple[str, ...] = (),
+            mirror_axes: Sequence[int] | None = None, missing_modality: str | None = None,
+            extension: str = ".nii.gz") -> dict[str, Any]:
+    """Segment ``cases`` of ``studies`` (default: every case) with ``model``, as the server's infer task does:
+    one label map per case, ``<out_dir>/<case><extension>`` (uint8 class indices, (H, W, D) on the primary image's
+    grid and affine), each written atomically; and ``<out_dir>/predictions.json``: per case the seconds, the
+    modalities used, the co-registration shifts (mm) and each class's volume (ml), or the error that stopped it.
+
+    A case that cannot be segmented (a modality missing under the ``error`` policy, a file that does not read) is
+    recorded with its error and the others go on; a bug (no case or config error in the chain) stops the run.
+    ``drop`` / ``mirror_axes`` / ``missing_modality`` as in :func:`evaluate`.
+
+    Raises:
+        ValueError: a case of ``cases`` that ``studies`` does not hold, before anything is segmented.
+    """
+    from crossmodal.io import user_error_in
+
+    root, out = Path(studies), Path(out_dir)
+    images = primary_images(root)
+    for cid in cases or ():
+        if cid not in images:
+            raise ValueError(f"case {cid!r}: no primary image in {root} (its cases: {list(images)})")
+    if not images:
+        raise ValueError(f"{root}: no primary image (NIfTI / NRRD) to segment in this studies folder")
+    cfg = load_config(preset)
+    names = ["background", *cfg.labels.foreground]
+    records: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="crossmodal-app-") as app_dir:
+        parts = AppParts.from_conf(app_dir, {"preset": preset, "pretrained": model,
+                                             **({"models": network} if network else {})})
+        task = parts.infer()
+        for cid in tqdm(list(cases or images), desc="predict", unit="case"):
+            t0 = time.perf_counter()
+            try:
+                _, data = task(infer_request(images[cid], device, drop, mirror_axes, missing_modality))
+            except Exception as e:  # noqa: BLE001 - a case error is recorded, the rest segmented; a bug stops the run
+                shown = user_error_in(e)
+                if shown is None:
+                    raise
+                records.append({"case": cid, "error": str(shown)})
+                continue
+            pred = data["pred"]
+            labels, affine = pred.numpy().astype(np.uint8), pred.affine.double().numpy()
+            path = out / f"{cid}{extension}"
+            save_volume(path, labels, affine)
+            ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+            counts = np.bincount(labels.ravel(), minlength=len(names))
+            result = data.get("result", {})
+            records.append({"case": cid, "file": str(path), "seconds": round(time.perf_counter() - t0, 3),
+                            "modalities_used": list(result.get("modalities_used", [])),
+                            "registered_mm": result.get("registered_mm", {}),
+                            "volume_ml": {n: round(float(counts[i]) * ml, 3) for i, n in enumerate(names) if i}})
+    summary = {"model": model, "network": parts.model_name, "preset": preset, "dropped_modalities": list(drop),
+               "mirror_axes": list(cfg.infer.mirror_axes if mirror_axes is None else mirror_axes),
+               "segmented": sum("error" not in r for r in records),
+               "failed": [r["case"] for r in records if "error" in r], "per_case": records}
+    atomic_write_text(out / PREDICTIONS_JSON, json.dumps(summary, indent=2))
     return summary
