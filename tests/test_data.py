@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PRETRAINED_PHANTOM, make_phantom_studies
+from conftest import PRETRAINED_PHANTOM, make_phantom_studies, snapshot
 from crossmodal.config import load_config
 from crossmodal.data.brain import SPM_SHA256, extract_templates, make_brain_case
 from crossmodal.data.brain import VARIANTS as BRAIN_VARIANTS
@@ -277,10 +277,11 @@ def test_offline_commands_on_cases_without_a_modality(tmp_path: Path, phantom_cf
     assert "crossmodal - 1 of 4 training cases lack a modality (phantom003: pet): each trains" in out.err
 
 
-def test_predict_writes_each_case_as_the_infer_task_segments_it(tmp_path: Path, phantom_cfg, capsys):
+def test_predict_writes_each_case_as_the_infer_task_segments_it(tmp_path: Path, phantom_cfg, capsys, monkeypatch):
     """`crossmodal predict`: one uint8 label map per case on its primary image's grid, scored by `evaluate` to the
     same Dice; volumes in predictions.json that the files hold; a case it cannot segment is named, exit 2, and the
-    others are written; an unknown `--cases` id stops it before anything is written."""
+    others are written; an unknown `--cases` id, or an `--out` where it would replace images or labels, stops it
+    before anything is written; a killed run leaves a folder the next run writes over."""
     from conftest import PRETRAINED_PHANTOM
     from crossmodal.cli import main
 
@@ -331,6 +332,36 @@ def test_predict_writes_each_case_as_the_infer_task_segments_it(tmp_path: Path, 
                  "zero_fill"]) == 0
     assert json.loads((tmp_path / "out3" / "predictions.json").read_text())["per_case"][0]["modalities_used"] == [
         "ct", "mr"]
+
+    # an --out where predictions would overwrite images or labels: refused, nothing replaced
+    before = snapshot(studies)
+    for folder in (studies, studies / "truth"):
+        assert main([*base, "--out", str(folder)]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"crossmodal: error: --out {folder}: a prediction would replace {folder / 'phantom000.nii.gz'}, which no "
+            "earlier predict wrote there (not in its predictions.json); give a new or empty folder")
+    assert snapshot(studies) == before
+    # a run killed after writing its second map: the folder is still predict's own, a rerun writes over it
+    import crossmodal.serving.offline as offline
+
+    calls = []
+
+    def dies_on_the_second(*a, **k):  # killed once the second map is written, before it is reported
+        calls.append(a[0])
+        save_volume(*a, **k)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(offline, "save_volume", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        main([*base, "--out", str(tmp_path / "out5"), "--cases", "phantom000", "phantom001"])
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "out5").iterdir()) == [
+        "phantom000.nii.gz", "phantom001.nii.gz", "predictions.json"]
+    assert main([*base, "--out", str(tmp_path / "out5"), "--cases", "phantom001", "phantom000"]) == 0
+    assert json.loads((tmp_path / "out5" / "predictions.json").read_text())["files"] == [
+        "phantom000.nii.gz", "phantom001.nii.gz"]
+    capsys.readouterr()
 
     assert main([*base, "--out", str(tmp_path / "out4"), "--cases", "phantom001", "nope"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -238,6 +239,31 @@ def evaluate(studies: str, preset: str, model: str, device: str = "auto", out: s
 PREDICTIONS_JSON = "predictions.json"
 
 
+def predicted_files(out: Path) -> set[str]:
+    """The names of the files that :func:`predict` wrote into ``out`` (its ``predictions.json``'s ``files``, over
+    every run into that folder); empty without a readable one."""
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        return {str(n) for n in json.loads((out / PREDICTIONS_JSON).read_text())["files"]}
+    return set()
+
+
+def check_prediction_folder(out: Path, names: Sequence[str]) -> None:
+    """Refuse an output folder where a prediction would replace a file that no earlier :func:`predict` wrote there
+    (:func:`predicted_files`): ``--out`` on the studies folder itself, its ``truth`` or ``labels/final``, or an
+    nnU-Net ``imagesTs`` / ``labelsTs`` would overwrite the images or labels with predictions.
+
+    Raises:
+        ValueError: naming the folder and the first such file.
+    """
+    if not out.is_dir():
+        return
+    ours = predicted_files(out)
+    clash = next((n for n in names if (out / n).exists() and n not in ours), None)
+    if clash:
+        raise ValueError(f"--out {out}: a prediction would replace {out / clash}, which no earlier predict wrote "
+                         f"there (not in its {PREDICTIONS_JSON}); give a new or empty folder")
+
+
 def predict(studies: str, preset: str, model: str, out_dir: str, cases: Sequence[str] | None = None,
             device: str = "auto", network: str | None = None, drop: tuple[str, ...] = (),
             mirror_axes: Sequence[int] | None = None, missing_modality: str | None = None,
@@ -245,14 +271,17 @@ def predict(studies: str, preset: str, model: str, out_dir: str, cases: Sequence
     """Segment ``cases`` of ``studies`` (default: every case) with ``model``, as the server's infer task does:
     one label map per case, ``<out_dir>/<case><extension>`` (uint8 class indices, (H, W, D) on the primary image's
     grid and affine), each written atomically; and ``<out_dir>/predictions.json``: per case the seconds, the
-    modalities used, the co-registration shifts (mm) and each class's volume (ml), or the error that stopped it.
+    modalities used, the co-registration shifts (mm) and each class's volume (ml), or the error that stopped it;
+    ``files``: every map predict wrote there, this run's and earlier ones' (another run may write over those only).
 
     A case that cannot be segmented (a modality missing under the ``error`` policy, a file that does not read) is
     recorded with its error and the others go on; a bug (no case or config error in the chain) stops the run.
     ``drop`` / ``mirror_axes`` / ``missing_modality`` as in :func:`evaluate`.
 
     Raises:
-        ValueError: a case of ``cases`` that ``studies`` does not hold, before anything is segmented.
+        ValueError: a case of ``cases`` that ``studies`` does not hold, or an ``out_dir`` where a prediction would
+            replace a file no earlier prediction wrote (:func:`check_prediction_folder`), before anything is
+            segmented.
     """
     from crossmodal.io import user_error_in
 
@@ -263,12 +292,23 @@ def predict(studies: str, preset: str, model: str, out_dir: str, cases: Sequence
             raise ValueError(f"case {cid!r}: no primary image in {root} (its cases: {list(images)})")
     if not images:
         raise ValueError(f"{root}: no primary image (NIfTI / NRRD) to segment in this studies folder")
+    check_prediction_folder(out, [f"{cid}{extension}" for cid in cases or images])
     cfg = load_config(preset)
     names = ["background", *cfg.labels.foreground]
     records: list[dict[str, Any]] = []
+    files = {n for n in predicted_files(out) if (out / n).exists()}  # earlier runs' maps still there
+    summary: dict[str, Any] = {"model": model, "preset": preset, "dropped_modalities": list(drop),
+                               "mirror_axes": list(cfg.infer.mirror_axes if mirror_axes is None else mirror_axes)}
+
+    def report() -> None:  # after each case, a file named before it is written: a killed run leaves it listed
+        summary.update(segmented=sum("error" not in r for r in records),
+                       failed=[r["case"] for r in records if "error" in r], per_case=records, files=sorted(files))
+        atomic_write_text(out / PREDICTIONS_JSON, json.dumps(summary, indent=2))
+
     with tempfile.TemporaryDirectory(prefix="crossmodal-app-") as app_dir:
         parts = AppParts.from_conf(app_dir, {"preset": preset, "pretrained": model,
                                              **({"models": network} if network else {})})
+        summary["network"] = parts.model_name
         task = parts.infer()
         for cid in tqdm(list(cases or images), desc="predict", unit="case"):
             t0 = time.perf_counter()
@@ -279,10 +319,13 @@ def predict(studies: str, preset: str, model: str, out_dir: str, cases: Sequence
                 if shown is None:
                     raise
                 records.append({"case": cid, "error": str(shown)})
+                report()
                 continue
             pred = data["pred"]
             labels, affine = pred.numpy().astype(np.uint8), pred.affine.double().numpy()
             path = out / f"{cid}{extension}"
+            files.add(path.name)
+            report()
             save_volume(path, labels, affine)
             ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
             counts = np.bincount(labels.ravel(), minlength=len(names))
@@ -291,9 +334,5 @@ def predict(studies: str, preset: str, model: str, out_dir: str, cases: Sequence
                             "modalities_used": list(result.get("modalities_used", [])),
                             "registered_mm": result.get("registered_mm", {}),
                             "volume_ml": {n: round(float(counts[i]) * ml, 3) for i, n in enumerate(names) if i}})
-    summary = {"model": model, "network": parts.model_name, "preset": preset, "dropped_modalities": list(drop),
-               "mirror_axes": list(cfg.infer.mirror_axes if mirror_axes is None else mirror_axes),
-               "segmented": sum("error" not in r for r in records),
-               "failed": [r["case"] for r in records if "error" in r], "per_case": records}
-    atomic_write_text(out / PREDICTIONS_JSON, json.dumps(summary, indent=2))
+            report()
     return summary
