@@ -338,8 +338,8 @@ def test_predict_writes_each_case_as_the_infer_task_segments_it(tmp_path: Path, 
     for folder in (studies, studies / "truth"):
         assert main([*base, "--out", str(folder)]) == 2
         assert capsys.readouterr().err.strip().splitlines()[-1] == (
-            f"crossmodal: error: --out {folder}: a prediction would replace {folder / 'phantom000.nii.gz'}, which no "
-            "earlier predict wrote there (not in its predictions.json); give a new or empty folder")
+            f"crossmodal: error: --out {folder}: a map would replace {folder / 'phantom000.nii.gz'}, which no "
+            "earlier run wrote there (not in its predictions.json); give a new or empty folder")
     assert snapshot(studies) == before
     # a run killed after writing its second map: the folder is still predict's own, a rerun writes over it
     import crossmodal.serving.offline as offline

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SPM_DIR, make_phantom_studies
+from conftest import SPM_DIR, make_phantom_studies, snapshot
 from crossmodal.config import ConfigError, CrossModalConfig, load_config
 from crossmodal.io import write_cached_label
 from crossmodal.labels import IGNORE_INDEX
@@ -238,6 +238,20 @@ def test_propagate_command_writes_grown_labels_and_names_bad_cases(tmp_path: Pat
     err = capsys.readouterr().err
     assert "case 'phantom009'" in err and "has no final label to propagate" in err
     assert not (tmp_path / "x").exists()
+    # its own folder again: the grown map replaced; the labels' folder (or the studies one): refused, nothing changed
+    assert json.loads((tmp_path / "h" / "propagated.json").read_text())["files"] == ["phantom001.nii.gz"]
+    assert main([*strict[:-2], "--min-heldout-accuracy", "0.99"]) == 0
+    assert np.rint(load_volume(tmp_path / "h" / "phantom001.nii.gz")[0].numpy()).astype(int).tolist() == \
+        grown.tolist()
+    before = snapshot(studies)
+    final = studies / "labels" / "final"
+    for folder in (final, studies):
+        capsys.readouterr()
+        assert main(["propagate", "--studies", str(studies), "--config", "phantom", "--out", str(folder)]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"crossmodal: error: --out {folder}: a map would replace {folder / 'phantom000.nii.gz'}, which no "
+            "earlier run wrote there (not in its propagated.json); give a new or empty folder")
+    assert snapshot(studies) == before
 
 
 def _dice(a: torch.Tensor, b: torch.Tensor) -> float:

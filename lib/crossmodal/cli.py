@@ -114,7 +114,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from crossmodal.data.studies import FINAL_LABELS
-    from crossmodal.io import case_id_of, load_volume, save_volume
+    from crossmodal.io import OutputFolder, case_id_of, load_volume, save_volume
     from crossmodal.labels import IGNORE_INDEX, SPARSE, classify, from_training
     from crossmodal.propagate import grow_checked, heldout_accuracy
     from crossmodal.transforms import LoadCased
@@ -130,7 +130,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     for case in args.cases or []:
         if case not in found:
             raise CaseError(case, studies / FINAL_LABELS, "has no final label to propagate")
-    load, out = LoadCased(cfg), Path(args.out)
+    load, out = LoadCased(cfg), OutputFolder(args.out, "propagated.json")
+    out.check([f"{case}.nii.gz" for case in args.cases or found])  # on <studies>/labels/final: the labels replaced
     summary: dict[str, list[str]] = {"grown": [], "kept_as_drawn": [], "dense": []}
     for case in tqdm(args.cases or sorted(found), desc="propagate", unit="case"):
         label_file = found[case]
@@ -149,13 +150,15 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             accuracy = heldout_accuracy(image, target, p.beta, p.threshold, p.max_voxels)
         kept = p.min_heldout_accuracy > 0 and accuracy is not None and accuracy < p.min_heldout_accuracy
         summary["kept_as_drawn" if kept else "grown"].append(case)
-        path = out / f"{case}.nii.gz"
+        path = out.writing(f"{case}.nii.gz")
         save_volume(path, from_training(grown[0].long().numpy(), cfg.labels), item["label"].affine.numpy())
+        out.save(**summary)
         print(json.dumps({"case": case, "label": str(label_file), "kind": SPARSE, "propagated": not kept,
                           "heldout_accuracy": None if accuracy is None else round(accuracy, 4),
                           "drawn_fraction": round(float((target != IGNORE_INDEX).float().mean()), 4),
                           "labelled_fraction": round(float((grown != IGNORE_INDEX).float().mean()), 4),
                           "out": str(path)}))
+    out.save(**summary)
     print(json.dumps(summary))
     if summary["kept_as_drawn"]:
         print(f"{len(summary['kept_as_drawn'])} case(s) failed the held-out stroke check "

@@ -14,7 +14,9 @@ Every modality is resampled onto the primary grid in physical (RAS) space.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import os
 import tempfile
 import zipfile
@@ -290,3 +292,42 @@ def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Non
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class OutputFolder:
+    """A folder a command writes one map per case into (``predict``, ``propagate``), with a JSON manifest beside
+    them whose ``files`` lists every map a command wrote there, over its runs. A map may replace only one of those:
+    an ``--out`` on a studies folder, its ``truth`` or ``labels/final``, or an nnU-Net ``labelsTs`` would have
+    overwritten images or labels.
+
+    Use: :meth:`check` the names before any work; :meth:`writing` a name before its file is written (a run killed
+    in between leaves it listed) and :meth:`save` the manifest after each case.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], manifest: str) -> None:
+        self.path, self.manifest = Path(path), Path(path) / manifest
+        self.files = {n for n in self._listed() if (self.path / n).exists()}  # earlier runs' maps still there
+        self.summary: dict[str, object] = {}
+
+    def _listed(self) -> set[str]:
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            return {str(n) for n in json.loads(self.manifest.read_text())["files"]}
+        return set()
+
+    def check(self, names: Sequence[str], option: str = "--out") -> None:
+        """Raises ValueError naming the first of ``names`` that would replace a file no run listed."""
+        clash = next((n for n in names if (self.path / n).exists() and n not in self.files), None)
+        if clash:
+            raise ValueError(f"{option} {self.path}: a map would replace {self.path / clash}, which no earlier run "
+                             f"wrote there (not in its {self.manifest.name}); give a new or empty folder")
+
+    def writing(self, name: str) -> Path:
+        """``name``'s path, listed in the manifest before the caller writes it."""
+        self.files.add(name)
+        self.save()
+        return self.path / name
+
+    def save(self, **summary: object) -> None:
+        """The manifest: ``summary`` (merged over earlier calls') and ``files``, written atomically."""
+        self.summary.update(summary)
+        atomic_write_bytes(self.manifest, json.dumps({**self.summary, "files": sorted(self.files)}, indent=2).encode())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from crossmodal.config import ConsistencyConfig, CrossModalConfig, atomic_write_text, load_config, merge_dicts
 from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR, primary_images, truth_files
-from crossmodal.io import atomic_copy, case_id_of, load_volume, save_volume
+from crossmodal.io import OutputFolder, atomic_copy, case_id_of, load_volume, save_volume
 from crossmodal.serving.app import AppParts
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from tqdm import tqdm
@@ -239,31 +238,6 @@ def evaluate(studies: str, preset: str, model: str, device: str = "auto", out: s
 PREDICTIONS_JSON = "predictions.json"
 
 
-def predicted_files(out: Path) -> set[str]:
-    """The names of the files that :func:`predict` wrote into ``out`` (its ``predictions.json``'s ``files``, over
-    every run into that folder); empty without a readable one."""
-    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-        return {str(n) for n in json.loads((out / PREDICTIONS_JSON).read_text())["files"]}
-    return set()
-
-
-def check_prediction_folder(out: Path, names: Sequence[str]) -> None:
-    """Refuse an output folder where a prediction would replace a file that no earlier :func:`predict` wrote there
-    (:func:`predicted_files`): ``--out`` on the studies folder itself, its ``truth`` or ``labels/final``, or an
-    nnU-Net ``imagesTs`` / ``labelsTs`` would overwrite the images or labels with predictions.
-
-    Raises:
-        ValueError: naming the folder and the first such file.
-    """
-    if not out.is_dir():
-        return
-    ours = predicted_files(out)
-    clash = next((n for n in names if (out / n).exists() and n not in ours), None)
-    if clash:
-        raise ValueError(f"--out {out}: a prediction would replace {out / clash}, which no earlier predict wrote "
-                         f"there (not in its {PREDICTIONS_JSON}); give a new or empty folder")
-
-
 def predict(studies: str, preset: str, model: str, out_dir: str, cases: Sequence[str] | None = None,
             device: str = "auto", network: str | None = None, drop: tuple[str, ...] = (),
             mirror_axes: Sequence[int] | None = None, missing_modality: str | None = None,
@@ -279,9 +253,8 @@ def predict(studies: str, preset: str, model: str, out_dir: str, cases: Sequence
     ``drop`` / ``mirror_axes`` / ``missing_modality`` as in :func:`evaluate`.
 
     Raises:
-        ValueError: a case of ``cases`` that ``studies`` does not hold, or an ``out_dir`` where a prediction would
-            replace a file no earlier prediction wrote (:func:`check_prediction_folder`), before anything is
-            segmented.
+        ValueError: a case of ``cases`` that ``studies`` does not hold, or an ``out_dir`` where a map would replace
+            a file no earlier run wrote (:class:`crossmodal.io.OutputFolder`), before anything is segmented.
     """
     from crossmodal.io import user_error_in
 
@@ -292,18 +265,18 @@ def predict(studies: str, preset: str, model: str, out_dir: str, cases: Sequence
             raise ValueError(f"case {cid!r}: no primary image in {root} (its cases: {list(images)})")
     if not images:
         raise ValueError(f"{root}: no primary image (NIfTI / NRRD) to segment in this studies folder")
-    check_prediction_folder(out, [f"{cid}{extension}" for cid in cases or images])
+    folder = OutputFolder(out, PREDICTIONS_JSON)
+    folder.check([f"{cid}{extension}" for cid in cases or images])
     cfg = load_config(preset)
     names = ["background", *cfg.labels.foreground]
     records: list[dict[str, Any]] = []
-    files = {n for n in predicted_files(out) if (out / n).exists()}  # earlier runs' maps still there
     summary: dict[str, Any] = {"model": model, "preset": preset, "dropped_modalities": list(drop),
                                "mirror_axes": list(cfg.infer.mirror_axes if mirror_axes is None else mirror_axes)}
 
-    def report() -> None:  # after each case, a file named before it is written: a killed run leaves it listed
+    def report() -> None:
         summary.update(segmented=sum("error" not in r for r in records),
-                       failed=[r["case"] for r in records if "error" in r], per_case=records, files=sorted(files))
-        atomic_write_text(out / PREDICTIONS_JSON, json.dumps(summary, indent=2))
+                       failed=[r["case"] for r in records if "error" in r], per_case=records)
+        folder.save(**summary)
 
     with tempfile.TemporaryDirectory(prefix="crossmodal-app-") as app_dir:
         parts = AppParts.from_conf(app_dir, {"preset": preset, "pretrained": model,
@@ -323,9 +296,7 @@ def predict(studies: str, preset: str, model: str, out_dir: str, cases: Sequence
                 continue
             pred = data["pred"]
             labels, affine = pred.numpy().astype(np.uint8), pred.affine.double().numpy()
-            path = out / f"{cid}{extension}"
-            files.add(path.name)
-            report()
+            path = folder.writing(f"{cid}{extension}")
             save_volume(path, labels, affine)
             ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
             counts = np.bincount(labels.ravel(), minlength=len(names))
@@ -335,4 +306,4 @@ def predict(studies: str, preset: str, model: str, out_dir: str, cases: Sequence
                             "registered_mm": result.get("registered_mm", {}),
                             "volume_ml": {n: round(float(counts[i]) * ml, 3) for i, n in enumerate(names) if i}})
             report()
-    return summary
+    return {**summary, "files": sorted(folder.files)}
