@@ -238,6 +238,35 @@ def test_phantom_cli_generates_in_seconds(tmp_path: Path):
         assert all(find_case(tmp_path / "p" / f"{cid}.nii.gz", cfg.modality_names).modalities.values())
 
 
+def test_data_commands_do_not_write_over_cases_a_folder_holds(tmp_path: Path, capsys):
+    """`data phantom` / `data brain` / `data import-nnunet` into a studies folder that holds the cases they would
+    write: refused, nothing changed (they replaced the images and the labels, an annotator's too); cases of another
+    prefix are added beside them."""
+    from crossmodal.cli import main
+
+    out = tmp_path / "p"
+    assert main(["data", "phantom", "--out", str(out), "--cases", "2", "--size", "24", "--dense", "1"]) == 0
+    save_volume(out / "labels" / "final" / "phantom001.nii.gz", np.ones((24, 24, 24), np.uint8), np.eye(4))  # drawn
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["data", "phantom", "--out", str(out), "--cases", "3", "--size", "24"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"crossmodal: error: --out {out}: already holds phantom000, phantom001: writing would replace their images and "
+        "labels (an annotator's too); give a new folder (or another --prefix), or remove it first")
+    assert snapshot(out) == before
+    assert main(["data", "phantom", "--out", str(out), "--cases", "1", "--size", "24", "--prefix", "extra"]) == 0
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["extra000.nii.gz", "phantom000.nii.gz",
+                                                            "phantom001.nii.gz"]
+    assert {k: v for k, v in snapshot(out).items() if "extra000" not in k} == before
+    ds = tmp_path / "Dataset003_P"
+    assert main(["data", "export-nnunet", "--studies", str(out), "--out", str(ds), "--config", "phantom"]) == 0
+    capsys.readouterr()
+    assert main(["data", "import-nnunet", "--dataset", str(ds), "--out", str(out), "--config", "phantom"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"crossmodal: error: --out {out}: already holds extra000, phantom000, phantom001: writing would replace their "
+        "images and labels (an annotator's too); give a new folder (or another --prefix), or remove it first")
+
+
 def test_phantom_cli_cycles_variants_by_case_index_and_rejects_unknown_ones(tmp_path: Path):
     r = subprocess.run([*CLI, "data", "phantom", "--out", str(tmp_path / "p"), "--cases", "3", "--size", "24",
                         "--variants", "cold_lesion,typical"], capture_output=True, text=True, check=True)

@@ -52,9 +52,10 @@ def _variant_cycle(args: argparse.Namespace, choices: Sequence[str]) -> Iterator
 
 def cmd_phantom(args: argparse.Namespace) -> int:
     from crossmodal.data.phantom import VARIANTS, make_phantom
-    from crossmodal.data.studies import generate
+    from crossmodal.data.studies import check_new_cases, generate
 
     cfg = _config(args, "phantom")
+    check_new_cases(args.out, [f"{args.prefix}{i:03d}" for i in range(args.cases)])
     cycle = _variant_cycle(args, list(VARIANTS))
     recs = generate(args.out, cfg, lambda rng: make_phantom(cfg, rng, size=args.size,
                                                             misregistration_mm=args.misregistration_mm,
@@ -80,9 +81,10 @@ def cmd_fetch_spm(args: argparse.Namespace) -> int:
 
 def cmd_brain(args: argparse.Namespace) -> int:
     from crossmodal.data.brain import VARIANTS, load_templates, make_brain_case
-    from crossmodal.data.studies import generate
+    from crossmodal.data.studies import check_new_cases, generate
 
     cfg = _config(args, "brain")
+    check_new_cases(args.out, [f"{args.prefix}{i:03d}" for i in range(args.cases)])
     cycle = _variant_cycle(args, VARIANTS)
     templates = load_templates(args.templates)
     recs = generate(args.out, cfg, lambda rng: make_brain_case(cfg, templates, rng,
@@ -168,9 +170,12 @@ def cmd_propagate(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from crossmodal.data.nnunet import import_nnunet
+    from crossmodal.data.nnunet import import_nnunet, list_cases
+    from crossmodal.data.studies import check_new_cases
 
-    _report(import_nnunet(args.dataset, args.out, _config(args, "brain")))
+    cfg = _config(args, "brain")
+    check_new_cases(args.out, [c.case_id for c in list_cases(args.dataset, cfg)])
+    _report(import_nnunet(args.dataset, args.out, cfg))
     return 0
 
 

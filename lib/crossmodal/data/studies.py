@@ -7,7 +7,7 @@ datastore; used by tests, benchmarks and the annotation simulator).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,24 @@ def primary_images(studies: str | os.PathLike[str]) -> dict[str, Path]:
         CaseError: two primary images for one case.
     """
     return _by_case(Path(studies), "primary image")
+
+
+def check_new_cases(studies: str | os.PathLike[str], case_ids: Sequence[str], option: str = "--out") -> None:
+    """Refuse to write ``case_ids`` into a studies folder that already holds one of them (its primary image or final
+    label): generating or importing there replaced the case's images and its labels, an annotator's too.
+
+    Raises:
+        ValueError: naming the folder and the cases it holds.
+    """
+    root = Path(studies)
+    if not root.is_dir():
+        return
+    held = set(primary_images(root)) | set(_by_case(root / FINAL_LABELS, "final label"))
+    clash = [c for c in case_ids if c in held]
+    if clash:
+        named = ", ".join(clash[:5]) + (f" and {len(clash) - 5} more" if len(clash) > 5 else "")
+        raise ValueError(f"{option} {root}: already holds {named}: writing would replace their images and labels "
+                         f"(an annotator's too); give a new folder (or another --prefix), or remove it first")
 
 
 def write_case(studies: str | os.PathLike[str], case_id: str, case: SyntheticCase, cfg: CrossModalConfig,
