@@ -156,6 +156,14 @@ def test_nnunet_export_import_roundtrip(tmp_path: Path, phantom_cfg):
     assert all(tuple(c.shape) == (1, 48, 48, 48) for c in ch)  # all channels on the primary grid
     sparse_tr = load_volume(out / "labelsTr" / "phantom001.nii.gz")[0].numpy()
     assert (sparse_tr == 4).mean() > 0.8  # mostly ignore
+    # again into that dataset: refused before writing (a label removed since would have stayed in labelsTr)
+    before = snapshot(out)
+    r = subprocess.run([*CLI, "data", "export-nnunet", "--studies", str(studies), "--out", str(out), "--config",
+                        "phantom"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"crossmodal: error: --out {out}: not empty (holds dataset.json, imagesTr, imagesTs ...); an export writes a "
+        "whole nnU-Net dataset: give a new folder, or remove this one first")
+    assert snapshot(out) == before
 
     back = tmp_path / "back"
     subprocess.run([*CLI, "data", "import-nnunet", "--dataset", str(out), "--out", str(back), "--config", "phantom"],

@@ -193,13 +193,14 @@ def cmd_to_dicom(args: argparse.Namespace) -> int:
     import requests
     from tqdm import tqdm
 
+    from crossmodal.data.studies import primary_images
     from crossmodal.dicom import case_to_dicom, upload
-    from crossmodal.io import find_case, load_volume, split_ext
+    from crossmodal.io import find_case, load_volume
     from crossmodal.labels import classify
 
     cfg = _config(args, "brain")
     studies = Path(studies_folder(args.studies))
-    images = sorted(p for p in studies.iterdir() if p.is_file() and split_ext(p)[1] in IMAGE_EXTENSIONS)
+    images = list(primary_images(studies).values())
     if not images:
         raise FileNotFoundError(f"{studies}: no primary images (*.nii.gz, *.nii, *.nrrd) in this studies folder")
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="crossmodal-dicom-"))

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from crossmodal.config import CrossModalConfig, atomic_write_text
-from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR, truth_files
+from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR, primary_images, truth_files
 from crossmodal.io import CaseError, case_id_of, find_case, load_volume, resample_to, save_volume
 from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE, classify, from_training, to_training
 
@@ -134,16 +134,21 @@ def export_nnunet(studies: str | os.PathLike[str], dataset: str | os.PathLike[st
     """Write a studies folder as an nnU-Net dataset; secondaries are resampled onto the primary grid.
 
     Training cases take their final label (sparse ones with the ``ignore`` label), or none (unlabeled);
-    ``test_cases`` go to imagesTs with their truth (``<studies>/truth``) in labelsTs.
+    ``test_cases`` go to imagesTs with their truth (``<studies>/truth``) in labelsTs. ``dataset`` must be new or
+    empty (ValueError otherwise, before anything is written).
     """
     src, dst = Path(studies), Path(dataset)
     ignore_value = cfg.labels.num_classes
     any_sparse = False
     n_train = 0
-    primaries = sorted(p for p in src.iterdir() if p.is_file() and p.name.endswith((".nii.gz", ".nii", ".nrrd")))
+    primaries = list(primary_images(src).values())
     if not primaries:  # was an nnU-Net dataset of no case (numTraining 0), exit 0
         raise ValueError(f"{src}: no primary images (*.nii.gz, *.nii, *.nrrd) in this studies folder: nothing to "
                          "export")
+    held = sorted(p.name for p in dst.iterdir()) if dst.is_dir() else []
+    if held:  # an earlier export's files left beside the new ones (a label since removed) would train as current
+        raise ValueError(f"--out {dst}: not empty (holds {', '.join(held[:3])}{' ...' if len(held) > 3 else ''}); an "
+                         f"export writes a whole nnU-Net dataset: give a new folder, or remove this one first")
     truths = truth_files(src)
     for p in tqdm(primaries, desc="export", unit="case"):
         cid = case_id_of(p)
