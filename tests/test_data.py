@@ -543,6 +543,12 @@ def test_offline_commands_refuse_a_missing_folder_zero_epochs_and_an_absent_gpu(
     cases.append((["evaluate", "--studies", str(no_truth), "--model", weights],
                   f"{no_truth}: no held-out case to evaluate: {no_truth / 'truth'} holds no truth (NIfTI / NRRD) of "
                   "a case without a final label"))
+    no_image = tmp_path / "no_image"  # truth of a case whose image is gone: named before anything is segmented
+    shutil.copytree(studies, no_image)
+    (no_image / "phantom001.nii.gz").unlink()
+    cases.append((["evaluate", "--studies", str(no_image), "--model", weights],
+                  f"case 'phantom001': file {no_image / 'truth' / 'phantom001.nii.gz'}: has truth but no primary image "
+                  f"in {no_image}"))
     if not torch.cuda.is_available():
         cases.append((["train", "--studies", str(studies), "--device", "cuda"],
                       "--device cuda: no CUDA device is visible here"))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from crossmodal.config import ConsistencyConfig, CrossModalConfig, atomic_write_text, load_config, merge_dicts
 from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR, primary_images, truth_files
-from crossmodal.io import OutputFolder, atomic_copy, case_id_of, load_volume, save_volume
+from crossmodal.io import CaseError, OutputFolder, atomic_copy, case_id_of, load_volume, save_volume, user_error_in
 from crossmodal.serving.app import AppParts
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from tqdm import tqdm
@@ -194,6 +194,9 @@ def evaluate(studies: str, preset: str, model: str, device: str = "auto", out: s
                          f"of a case without a final label (an nnU-Net dataset: labelsTs of the imagesTs cases)")
     cfg = load_config(preset)
     images = primary_images(root)
+    for truth_path in cases:  # before any case is segmented (was a StopIteration traceback after the others)
+        if case_id_of(truth_path) not in images:
+            raise CaseError(case_id_of(truth_path), truth_path, f"has truth but no primary image in {root}")
     conf = {"preset": preset, "pretrained": model, **({"models": network} if network else {})}
     with tempfile.TemporaryDirectory(prefix="crossmodal-app-") as app_dir:  # its model folder: the published path
         parts = AppParts.from_conf(app_dir, conf)
@@ -256,8 +259,6 @@ def predict(studies: str, preset: str, model: str, out_dir: str, cases: Sequence
         ValueError: a case of ``cases`` that ``studies`` does not hold, or an ``out_dir`` where a map would replace
             a file no earlier run wrote (:class:`crossmodal.io.OutputFolder`), before anything is segmented.
     """
-    from crossmodal.io import user_error_in
-
     root, out = Path(studies), Path(out_dir)
     images = primary_images(root)
     for cid in cases or ():
