@@ -351,6 +351,34 @@ def test_predict_writes_each_case_as_the_infer_task_segments_it(tmp_path: Path, 
             assert dice_per_class(labels, truth, 4) == pytest.approx(list(scored[cid].values()), abs=1e-6)
             assert min(scored[cid].values()) > 0.5
 
+    # evaluate --predictions: the maps written, scored alike (as another tool's would be), checked before scoring
+    ev = ["evaluate", "--studies", str(studies), "--config", "phantom"]
+    assert main([*ev, "--predictions", str(out), "--out", str(tmp_path / "p.json")]) == 0
+    from_files = json.loads((tmp_path / "p.json").read_text())
+    assert {r["case"]: r["dice"] for r in from_files["per_case"]} == scored
+    assert from_files["model"] is None and from_files["predictions"] == str(out) and from_files["seconds_mean"] is None
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(out / "phantom002.nii.gz", other / "phantom002.nii.gz")
+    capsys.readouterr()
+    for problem, message in (
+            (None, f"case 'phantom003': file {other}: no prediction of this held-out case (phantom003.nii.gz, .nii "
+                   "or .nrrd; the folder has 1)"),
+            (np.zeros((24, 24, 24), np.uint8), f"case 'phantom003': file {other / 'phantom003.nii.gz'}: the "
+                                               "prediction's grid (24, 24, 24) (affine [[1.0, 0.0, 0.0, 0.0]"),
+            (np.full((48, 48, 48), 7, np.uint8), f"case 'phantom003': file {other / 'phantom003.nii.gz'}: values "
+                                                 "[7.0] are not class indices 0..3")):
+        if problem is not None:
+            affine = np.eye(4) if problem.shape[0] == 24 else load_volume(out / "phantom003.nii.gz").affine.numpy()
+            save_volume(other / "phantom003.nii.gz", problem, affine)
+        assert main([*ev, "--predictions", str(other)]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"crossmodal: error: {message}")
+    for argv in ([], ["--model", model, "--predictions", str(out)]):
+        assert main([*ev, *argv]) == 2
+        assert capsys.readouterr().err.strip() == (
+            "crossmodal: error: give --model (segment the held-out cases with it) or --predictions (score label maps "
+            "made before), one of them")
+
     (studies / "modalities" / "phantom003" / "pet.nii.gz").unlink()
     assert main([*base, "--out", str(tmp_path / "out2")]) == 2
     captured = capsys.readouterr()

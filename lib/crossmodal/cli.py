@@ -366,8 +366,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     _device(args.device)
 
-    if not Path(args.model).is_file():  # before reading the data set; was "conf pretrained for crossmodal: ..."
+    if (args.model is None) == (args.predictions is None):
+        raise ValueError("give --model (segment the held-out cases with it) or --predictions (score label maps "
+                         "made before), one of them")
+    if args.model and not Path(args.model).is_file():  # before reading the data set; was "conf pretrained for ..."
         raise FileNotFoundError(f"--model {args.model}: no such weights file")
+    if args.predictions and not Path(args.predictions).is_dir():
+        raise FileNotFoundError(f"--predictions {args.predictions}: no such folder")
     preset = args.config or "brain"
     studies = as_studies(args.studies, preset, scratch=args.scratch)
     resolved = preset
@@ -376,7 +381,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     network = args.network or (load_config(resolved).model.name if args.method else None)
     mirror = None if args.mirror_axes is None else parse_mirror_axes(args.mirror_axes, "--mirror-axes")
     summary = evaluate(studies, resolved, args.model, args.device, args.out, network, tuple(args.drop), mirror,
-                       args.missing_modality)
+                       args.missing_modality, args.predictions)
     for r in summary["per_case"]:
         print(json.dumps(r))
     print(json.dumps({k: v for k, v in summary.items() if k != "per_case"}, indent=2))
@@ -606,7 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("evaluate", help="Dice of a model on the held-out cases of a studies folder (truth, no label)")
     q.add_argument("--studies", required=True, help="studies folder or nnU-Net v2 raw dataset (its imagesTs/labelsTs)")
     q.add_argument("--config")
-    q.add_argument("--model", required=True)
+    q.add_argument("--model", help="weights to segment the held-out cases with")
+    q.add_argument("--predictions", help="instead of --model: a folder of label maps <case>.nii.gz made before "
+                                         "(crossmodal predict, nnUNetv2_predict, ...) on each case's grid")
     q.add_argument("--device", default="auto")
     q.add_argument("--out", help="write the JSON summary here")
     q.add_argument("--network", help="network name (default: the preset's model.name)")

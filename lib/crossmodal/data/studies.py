@@ -22,7 +22,7 @@ TRUTH_DIR = "truth"
 FINAL_LABELS = os.path.join("labels", "final")
 
 
-def _by_case(folder: Path, what: str) -> dict[str, Path]:
+def files_by_case(folder: Path, what: str) -> dict[str, Path]:
     """``{case_id: file}`` of the NIfTI / NRRD files in ``folder`` (sorted; empty when there is no such folder).
 
     Raises:
@@ -45,7 +45,7 @@ def truth_files(studies: str | os.PathLike[str]) -> dict[str, Path]:
     Raises:
         CaseError: two truth files for one case.
     """
-    return _by_case(Path(studies) / TRUTH_DIR, "truth file")
+    return files_by_case(Path(studies) / TRUTH_DIR, "truth file")
 
 
 def primary_images(studies: str | os.PathLike[str]) -> dict[str, Path]:
@@ -54,7 +54,7 @@ def primary_images(studies: str | os.PathLike[str]) -> dict[str, Path]:
     Raises:
         CaseError: two primary images for one case.
     """
-    return _by_case(Path(studies), "primary image")
+    return files_by_case(Path(studies), "primary image")
 
 
 def check_new_cases(studies: str | os.PathLike[str], case_ids: Sequence[str], option: str = "--out") -> None:
@@ -67,7 +67,7 @@ def check_new_cases(studies: str | os.PathLike[str], case_ids: Sequence[str], op
     root = Path(studies)
     if not root.is_dir():
         return
-    held = set(primary_images(root)) | set(_by_case(root / FINAL_LABELS, "final label"))
+    held = set(primary_images(root)) | set(files_by_case(root / FINAL_LABELS, "final label"))
     clash = [c for c in case_ids if c in held]
     if clash:
         named = ", ".join(clash[:5]) + (f" and {len(clash) - 5} more" if len(clash) > 5 else "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -15,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 from crossmodal.config import ConsistencyConfig, CrossModalConfig, atomic_write_text, load_config, merge_dicts
-from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR, primary_images, truth_files
+from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR, files_by_case, primary_images, truth_files
 from crossmodal.io import CaseError, OutputFolder, atomic_copy, case_id_of, load_volume, save_volume, user_error_in
 from crossmodal.serving.app import AppParts
+from monai.data import MetaTensor
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from tqdm import tqdm
 
@@ -180,55 +182,77 @@ def infer_request(image: str | os.PathLike[str], device: str = "auto", drop: Seq
     return request
 
 
-def evaluate(studies: str, preset: str, model: str, device: str = "auto", out: str | None = None,
+def evaluate(studies: str, preset: str, model: str | None, device: str = "auto", out: str | None = None,
              network: str | None = None, drop: tuple[str, ...] = (),
-             mirror_axes: Sequence[int] | None = None, missing_modality: str | None = None) -> dict[str, Any]:
+             mirror_axes: Sequence[int] | None = None, missing_modality: str | None = None,
+             predictions: str | None = None) -> dict[str, Any]:
     """Segment every case that has truth (``<studies>/truth``) but no final label; Dice and HD95 (mm) per class
     and their means. ``drop``: modalities to segment without (a missing modality at test time); ``mirror_axes``:
     test-time mirroring (None: the preset's ``infer.mirror_axes``); ``missing_modality``: ``zero_fill`` segments a
-    case without a secondary modality's file with what it has (None: the preset's, ``error``)."""
+    case without a secondary modality's file with what it has (None: the preset's, ``error``).
+
+    ``predictions`` instead of ``model``: a folder of label maps, ``<case>.nii.gz`` (or ``.nii`` / ``.nrrd``) of
+    class indices on each case's grid (``crossmodal predict``'s, or another tool's, e.g. ``nnUNetv2_predict``), scored
+    with the same metrics; every held-out case must have one (checked, with its grid and values, before scoring).
+    """
+    if (model is None) == (predictions is None):
+        raise ValueError("evaluate: give a model or a folder of predictions (one of them)")
     root = Path(studies)
     cases = held_out_cases(studies)
     if not cases:  # the summary would be NaN, exit status 0
         raise ValueError(f"{root}: no held-out case to evaluate: {root / TRUTH_DIR} holds no truth (NIfTI / NRRD) "
                          f"of a case without a final label (an nnU-Net dataset: labelsTs of the imagesTs cases)")
     cfg = load_config(preset)
-    images = primary_images(root)
+    images = primary_images(root) if model else {}
+    given = files_by_case(Path(predictions), "prediction") if predictions else {}
     for truth_path in cases:  # before any case is segmented (was a StopIteration traceback after the others)
-        if case_id_of(truth_path) not in images:
-            raise CaseError(case_id_of(truth_path), truth_path, f"has truth but no primary image in {root}")
-    conf = {"preset": preset, "pretrained": model, **({"models": network} if network else {})}
-    with tempfile.TemporaryDirectory(prefix="crossmodal-app-") as app_dir:  # its model folder: the published path
-        parts = AppParts.from_conf(app_dir, conf)
-        task = parts.infer()
-        names = list(cfg.labels.foreground)
-        records: list[dict[str, Any]] = []
+        cid = case_id_of(truth_path)
+        if model and cid not in images:
+            raise CaseError(cid, truth_path, f"has truth but no primary image in {root}")
+        if predictions and cid not in given:
+            raise CaseError(cid, predictions, f"no prediction of this held-out case ({cid}.nii.gz, .nii or .nrrd; "
+                                              f"the folder has {len(given)})")
+    names = list(cfg.labels.foreground)
+    records: list[dict[str, Any]] = []
+    network_name = None
+    with contextlib.ExitStack() as stack:
+        task = None
+        if model:
+            app_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="crossmodal-app-"))  # the model folder
+            parts = AppParts.from_conf(app_dir, {"preset": preset, "pretrained": model,
+                                                 **({"models": network} if network else {})})
+            task, network_name = parts.infer(), parts.model_name
         for truth_path in tqdm(cases, desc="evaluate", unit="case"):
             cid = case_id_of(truth_path)
-            image = images[cid]
-            t0 = time.perf_counter()
-            _, data = task(infer_request(image, device, drop, mirror_axes, missing_modality))
-            seconds = time.perf_counter() - t0
-            pred = data["pred"].numpy()
             truth_img = load_volume(truth_path, cid)
             truth = np.rint(truth_img[0].numpy())
+            seconds: float | None = None
+            if task is not None:
+                t0 = time.perf_counter()
+                _, data = task(infer_request(images[cid], device, drop, mirror_axes, missing_modality))
+                seconds = round(time.perf_counter() - t0, 3)
+                pred = data["pred"].numpy()
+            else:
+                pred = read_prediction(given[cid], cid, truth_img, cfg.labels.num_classes)
             spacing = tuple(float(v) for v in np.sqrt((truth_img.affine[:3, :3].numpy() ** 2).sum(0)))
             dice = dice_per_class(pred, truth, cfg.labels.num_classes)
             hd = hd95_per_class(pred, truth, cfg.labels.num_classes, spacing)
-            records.append({"case": cid, "seconds": round(seconds, 3), "dice": dict(zip(names, dice, strict=True)),
+            records.append({"case": cid, "seconds": seconds, "dice": dict(zip(names, dice, strict=True)),
                             "dice_mean": float(np.nanmean(dice)),
                             "hd95": dict(zip(names, hd, strict=True)), "hd95_mean": float(np.nanmean(hd))})
 
-    def mean_of(key: str) -> float:
-        return float(np.mean([r[key] for r in records])) if records else float("nan")
+    def mean_of(key: str) -> float | None:
+        values = [r[key] for r in records if r[key] is not None]
+        return float(np.mean(values)) if values else None
 
     def per_class(key: str) -> dict[str, float]:
         return {n: float(np.nanmean([r[key][n] for r in records])) for n in names} if records else {}
 
     summary = {
-        "model": model, "network": parts.model_name, "preset": preset, "cases": len(records),
+        "model": model, "network": network_name, "preset": preset, "cases": len(records),
+        **({"predictions": str(predictions)} if predictions else {}),
         "dropped_modalities": list(drop),
-        "mirror_axes": list(cfg.infer.mirror_axes if mirror_axes is None else mirror_axes),
+        "mirror_axes": list(cfg.infer.mirror_axes if mirror_axes is None else mirror_axes) if model else [],
         "dice_mean": mean_of("dice_mean"), "hd95_mean": mean_of("hd95_mean"), "seconds_mean": mean_of("seconds"),
         "dice_per_class": per_class("dice"), "hd95_per_class": per_class("hd95"), "per_case": records,
     }
@@ -236,6 +260,28 @@ def evaluate(studies: str, preset: str, model: str, device: str = "auto", out: s
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         atomic_write_text(Path(out), json.dumps(summary, indent=2))
     return summary
+
+
+def read_prediction(path: Path, case_id: str, truth: MetaTensor, num_classes: int) -> np.ndarray:
+    """A label map of class indices (H, W, D) from ``path``, checked against the truth's grid (shape and affine,
+    to 0.01 mm) and the classes.
+
+    Raises:
+        CaseError: naming the case and the file: another grid, or values that are not class indices.
+    """
+    img = load_volume(path, case_id)
+    if tuple(img.shape[1:]) != tuple(truth.shape[1:]) or not np.allclose(img.affine.numpy(), truth.affine.numpy(),
+                                                                        atol=1e-2):
+        raise CaseError(case_id, path, f"the prediction's grid {tuple(img.shape[1:])} (affine "
+                                       f"{np.round(img.affine.numpy()[:3], 3).tolist()}) is not the truth's "
+                                       f"{tuple(truth.shape[1:])} ({np.round(truth.affine.numpy()[:3], 3).tolist()}); "
+                                       f"predict on the case's primary grid (crossmodal predict writes it so)")
+    pred = img[0].numpy()
+    values = np.unique(pred)
+    bad = [float(v) for v in values if v != np.rint(v) or not 0 <= v < num_classes]
+    if bad:
+        raise CaseError(case_id, path, f"values {bad[:5]} are not class indices 0..{num_classes - 1}")
+    return np.rint(pred)
 
 
 PREDICTIONS_JSON = "predictions.json"
