@@ -361,6 +361,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _segmenting(args: argparse.Namespace, preset: str) -> tuple[str, str | None, tuple[int, ...] | None]:
+    """(the preset, with ``--method`` applied in the command's temp folder; the network; the mirror axes) of a
+    command that segments cases (:func:`segmenting_args`)."""
+    resolved = preset
+    if args.method:
+        resolved = _method_preset(preset, args.method, tempfile.mkdtemp(prefix="method-", dir=args.scratch))
+    network = args.network or (load_config(resolved).model.name if args.method else None)
+    mirror = None if args.mirror_axes is None else parse_mirror_axes(args.mirror_axes, "--mirror-axes")
+    return resolved, network, mirror
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from crossmodal.serving.offline import evaluate
 
@@ -375,11 +386,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--predictions {args.predictions}: no such folder")
     preset = args.config or "brain"
     studies = as_studies(args.studies, preset, scratch=args.scratch)
-    resolved = preset
-    if args.method:
-        resolved = _method_preset(preset, args.method, tempfile.mkdtemp(prefix="method-", dir=args.scratch))
-    network = args.network or (load_config(resolved).model.name if args.method else None)
-    mirror = None if args.mirror_axes is None else parse_mirror_axes(args.mirror_axes, "--mirror-axes")
+    resolved, network, mirror = _segmenting(args, preset)
     summary = evaluate(studies, resolved, args.model, args.device, args.out, network, tuple(args.drop), mirror,
                        args.missing_modality, args.predictions)
     for r in summary["per_case"]:
@@ -403,11 +410,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         cases = [c.case_id for c in list_cases(args.studies, load_config(preset)) if c.split == "test"] or None
     studies = as_studies(args.studies, preset, scratch=args.scratch)
-    resolved = preset
-    if args.method:
-        resolved = _method_preset(preset, args.method, tempfile.mkdtemp(prefix="method-", dir=args.scratch))
-    network = args.network or (load_config(resolved).model.name if args.method else None)
-    mirror = None if args.mirror_axes is None else parse_mirror_axes(args.mirror_axes, "--mirror-axes")
+    resolved, network, mirror = _segmenting(args, preset)
     summary = predict(studies, resolved, args.model, args.out, cases, args.device, network, tuple(args.drop), mirror,
                       args.missing_modality, args.extension)
     for r in summary["per_case"]:
@@ -476,6 +479,20 @@ def finite_at_least(low: float) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def segmenting_args(q: argparse.ArgumentParser, missing_error: str) -> None:
+    """The options of the commands that segment cases with a model (``evaluate``, ``predict``); ``missing_error``:
+    what becomes of a case without a secondary modality's file under the preset's ``error`` policy."""
+    q.add_argument("--device", default="auto")
+    q.add_argument("--network", help="network name (default: the preset's model.name)")
+    q.add_argument("--method", help="ours | baseline_unet | single_<modality>, as the model was trained")
+    q.add_argument("--drop", nargs="*", default=[], help="modalities to segment without (missing at test time)")
+    q.add_argument("--missing-modality", choices=("error", "zero_fill"),
+                   help=f"a case without a secondary modality's file: {missing_error}, or segment it with what it "
+                        "has (zero_fill)")
+    q.add_argument("--mirror-axes", help="test-time mirroring along these spatial axes, e.g. 0,1,2 (8 passes); "
+                                         "none: one pass (default: the preset's infer.mirror_axes)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -614,16 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", help="weights to segment the held-out cases with")
     q.add_argument("--predictions", help="instead of --model: a folder of label maps <case>.nii.gz made before "
                                          "(crossmodal predict, nnUNetv2_predict, ...) on each case's grid")
-    q.add_argument("--device", default="auto")
     q.add_argument("--out", help="write the JSON summary here")
-    q.add_argument("--network", help="network name (default: the preset's model.name)")
-    q.add_argument("--method", help="ours | baseline_unet | single_<modality>, as the model was trained")
-    q.add_argument("--drop", nargs="*", default=[], help="modalities to segment without (missing at test time)")
-    q.add_argument("--missing-modality", choices=("error", "zero_fill"),
-                   help="a case without a secondary modality's file: an error naming it (the preset's default), or "
-                        "segment it with what it has (zero_fill)")
-    q.add_argument("--mirror-axes", help="test-time mirroring along these spatial axes, e.g. 0,1,2 (8 passes); "
-                                         "none: one pass (default: the preset's infer.mirror_axes)")
+    segmenting_args(q, "an error naming it (the preset's default)")
     q.set_defaults(func=cmd_evaluate)
 
     q = sub.add_parser("predict", help="segment cases with a model, as the server's infer does: one label map per "
@@ -635,15 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="folder for <case><extension> and predictions.json")
     q.add_argument("--cases", nargs="+", help="only these case ids")
     q.add_argument("--extension", default=".nii.gz", choices=IMAGE_EXTENSIONS)
-    q.add_argument("--device", default="auto")
-    q.add_argument("--network", help="network name (default: the preset's model.name)")
-    q.add_argument("--method", help="ours | baseline_unet | single_<modality>, as the model was trained")
-    q.add_argument("--drop", nargs="*", default=[], help="modalities to segment without")
-    q.add_argument("--missing-modality", choices=("error", "zero_fill"),
-                   help="a case without a secondary modality's file: recorded as not segmented, naming it (the "
-                        "preset's default), or segmented with what it has (zero_fill)")
-    q.add_argument("--mirror-axes", help="test-time mirroring along these spatial axes, e.g. 0,1,2; none: one pass "
-                                         "(default: the preset's infer.mirror_axes)")
+    segmenting_args(q, "recorded as not segmented, naming it (the preset's default)")
     q.set_defaults(func=cmd_predict)
     return p
 
