@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +142,7 @@ def load_case_from_synthetic(case, cfg, tmp=None):
     return load_case(find_case(root / "c0.nii.gz", cfg.modality_names), cfg)
 
 
-def test_nnunet_export_import_roundtrip(tmp_path: Path, phantom_cfg):
+def test_nnunet_export_import_roundtrip(tmp_path: Path, phantom_cfg, capsys):
     studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=4, dense=1, sparse=1)
     out = tmp_path / "Dataset001_Phantom"
     r = subprocess.run([*CLI, "data", "export-nnunet", "--studies", str(studies), "--out", str(out), "--config",
@@ -157,10 +158,11 @@ def test_nnunet_export_import_roundtrip(tmp_path: Path, phantom_cfg):
     sparse_tr = load_volume(out / "labelsTr" / "phantom001.nii.gz")[0].numpy()
     assert (sparse_tr == 4).mean() > 0.8  # mostly ignore
     # again into that dataset: refused before writing (a label removed since would have stayed in labelsTr)
+    from crossmodal.cli import main
+
     before = snapshot(out)
-    r = subprocess.run([*CLI, "data", "export-nnunet", "--studies", str(studies), "--out", str(out), "--config",
-                        "phantom"], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+    assert main(["data", "export-nnunet", "--studies", str(studies), "--out", str(out), "--config", "phantom"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"crossmodal: error: --out {out}: not empty (holds dataset.json, imagesTr, imagesTs ...); an export writes a "
         "whole nnU-Net dataset: give a new folder, or remove this one first")
     assert snapshot(out) == before
@@ -441,7 +443,7 @@ def nib_dtype(path: Path) -> np.dtype:
     return nib.load(str(path)).get_data_dtype()
 
 
-def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg):
+def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg, monkeypatch, capsys):
     """`crossmodal evaluate` and `crossmodal train` on an nnU-Net v2 raw dataset, with the committed weights; what
     they import or make for themselves leaves the temp folder with them (each run left a copy of the dataset)."""
     from conftest import PRETRAINED_PHANTOM
@@ -463,12 +465,15 @@ def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg):
     assert summary["mirror_axes"] == [] and summary["per_case"][0]["seconds"] > 0  # one pass, its infer seconds
     assert summary["seconds_mean"] == pytest.approx(summary["per_case"][0]["seconds"])
     # predict: the dataset's imagesTs cases, as nnU-Net predicts them; the map evaluate scored
-    r = subprocess.run([*CLI, "predict", "--studies", str(ds), "--config", "phantom", "--model",
-                        str(PRETRAINED_PHANTOM), "--network", "baseline_unet", "--out", str(tmp_path / "p")],
-                       capture_output=True, text=True, check=True, env=env)
+    from crossmodal.cli import main  # in this process (an interpreter's start saved), its temp folder the same
+
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    assert main(["predict", "--studies", str(ds), "--config", "phantom", "--model", str(PRETRAINED_PHANTOM),
+                 "--network", "baseline_unet", "--out", str(tmp_path / "p")]) == 0
+    monkeypatch.undo()
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["phantom002.nii.gz", "predictions.json"]
-    assert list(temp.iterdir()) == [] and r.stdout.strip().endswith(f"1 cases segmented -> {tmp_path / 'p'} "
-                                                                     f"({tmp_path / 'p' / 'predictions.json'})")
+    assert list(temp.iterdir()) == [] and capsys.readouterr().out.strip().endswith(
+        f"1 cases segmented -> {tmp_path / 'p'} ({tmp_path / 'p' / 'predictions.json'})")
     pred = np.rint(load_volume(tmp_path / "p" / "phantom002.nii.gz", "phantom002")[0].numpy())
     truth = np.rint(load_volume(ds / "labelsTs" / "phantom002.nii.gz", "phantom002")[0].numpy())
     assert np.mean(dice_per_class(pred, truth, 4)) == pytest.approx(summary["dice_mean"], abs=1e-6)
