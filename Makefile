@@ -12,7 +12,7 @@ PRE := apps/crossmodal/pretrained
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: install install-system data run pacs test lint bench-infer bench-quality bench-mirror bench-propagate bench-refine bench-pool bench-transfer bench-scribble-gap bench-incomplete bench-demo-train bench-ohif simulate weights weights-phantom weights-brain clean
+.PHONY: install install-system data run pacs test lint bench-infer bench-quality bench-mirror bench-uncertainty bench-propagate bench-refine bench-pool bench-transfer bench-scribble-gap bench-incomplete bench-demo-train bench-ohif simulate weights weights-phantom weights-brain clean
 
 install: install-system $(STAMP)
 
@@ -89,6 +89,10 @@ bench-quality: install $(SPM)
 # phantom + brain, 5 seeds (about 30 min); QUICK=1: phantom, one seed, ours dense. RESULTS_DIR=... to redirect.
 bench-mirror: install $(SPM)
 	$(BIN)/python bench/mirror.py $(if $(QUICK),--quick,)
+
+# crossmodal predict's per-case uncertainty against Dice on the demo's cases, whole and without T2 / PD (~1 min).
+bench-uncertainty: install data
+	$(BIN)/python bench/uncertainty.py $(if $(QUICK),--quick,)
 
 # Scribble propagation vs case size (48^3 to 160^3): seconds, peak memory, label quality, full vs coarse grid, cache.
 bench-propagate: install

@@ -330,7 +330,7 @@ def test_predict_writes_each_case_as_the_infer_task_segments_it(tmp_path: Path, 
     out = tmp_path / "out"
     assert main([*base, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert f"4 cases segmented -> {out}" in printed
+    assert f"4 cases segmented -> {out} ({out / 'predictions.json'}); most uncertain first: " in printed
     summary = json.loads((out / "predictions.json").read_text())
     assert summary["segmented"] == 4 and summary["failed"] == [] and summary["network"] == "crossmodal"
     assert main(["evaluate", "--studies", str(studies), "--config", "phantom", "--model", model,
@@ -347,12 +347,17 @@ def test_predict_writes_each_case_as_the_infer_task_segments_it(tmp_path: Path, 
         ml = abs(np.linalg.det(pred.affine[:3, :3].numpy())) / 1000
         assert record["volume_ml"] == pytest.approx({n: float((labels == i).sum() * ml) for i, n in
                                                      enumerate(["organ", "lesion", "vessel"], 1)}, abs=1e-3)
-        assert f"{cid}: organ {record['volume_ml']['organ']:.1f} ml" in printed
+        assert f"{cid}: organ {record['volume_ml']['organ']:.1f} ml" in printed and 0 < record["uncertainty"] < 0.2
         if cid in scored:  # the written map is what evaluate scores
             truth = np.rint(load_volume(studies / "truth" / f"{cid}.nii.gz", cid)[0].numpy())
             assert dice_per_class(labels, truth, 4) == pytest.approx(list(scored[cid].values()), abs=1e-6)
             assert min(scored[cid].values()) > 0.5
 
+    uncertainty = {r["case"]: r["uncertainty"] for r in summary["per_case"]}
+    assert summary["review_order"] == sorted(uncertainty, key=lambda c: -uncertainty[c])
+    assert main([*base, "--out", str(tmp_path / "nopet"), "--drop", "pet"]) == 0  # the lesion's modality gone
+    without_pet = json.loads((tmp_path / "nopet" / "predictions.json").read_text())["per_case"]
+    assert all(r["uncertainty"] > uncertainty[r["case"]] for r in without_pet), (without_pet, uncertainty)
     # evaluate --predictions: the maps written, scored alike (as another tool's would be), checked before scoring
     ev = ["evaluate", "--studies", str(studies), "--config", "phantom"]
     assert main([*ev, "--predictions", str(out), "--out", str(tmp_path / "p.json")]) == 0

@@ -418,14 +418,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"{r['case']}: not segmented: {r['error']}")
         else:
             volumes = ", ".join(f"{n} {v:.1f} ml" for n, v in r["volume_ml"].items())
-            print(f"{r['case']}: {volumes} ({r['seconds']:.1f} s) -> {r['file']}")
+            print(f"{r['case']}: {volumes} ({r['seconds']:.1f} s, uncertainty {r['uncertainty']:.3f}) -> {r['file']}")
     report = Path(args.out) / PREDICTIONS_JSON
     failed = summary["failed"]
     if failed:
         print(f"crossmodal: error: {len(failed)} of {len(summary['per_case'])} cases not segmented ({failed}; why: "
               f"above and in {report}); the others were written", file=sys.stderr)
         return 2
-    print(f"{summary['segmented']} cases segmented -> {args.out} ({report})")
+    print(f"{summary['segmented']} cases segmented -> {args.out} ({report}); most uncertain first: "
+          f"{', '.join(summary['review_order'][:5])}")
     return 0
 
 
