@@ -478,7 +478,8 @@ def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg, 
     monkeypatch.undo()
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["phantom002.nii.gz", "predictions.json"]
     assert list(temp.iterdir()) == [] and capsys.readouterr().out.strip().endswith(
-        f"1 cases segmented -> {tmp_path / 'p'} ({tmp_path / 'p' / 'predictions.json'})")
+        f"1 cases segmented -> {tmp_path / 'p'} ({tmp_path / 'p' / 'predictions.json'}); most uncertain first: "
+        "phantom002")
     pred = np.rint(load_volume(tmp_path / "p" / "phantom002.nii.gz", "phantom002")[0].numpy())
     truth = np.rint(load_volume(ds / "labelsTs" / "phantom002.nii.gz", "phantom002")[0].numpy())
     assert np.mean(dice_per_class(pred, truth, 4)) == pytest.approx(summary["dice_mean"], abs=1e-6)
