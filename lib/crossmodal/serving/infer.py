@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from crossmodal.active import predictive_entropy
 from crossmodal.config import ConfigError, CrossModalConfig, as_device, as_number, parse_mirror_axes
 from crossmodal.inference import NetworkInferer
 from crossmodal.io import IMAGE_EXTENSIONS, CaseError, case_id_of, cause_of_type, save_volume
@@ -48,7 +49,7 @@ class ArgmaxLabel:
         image = data["image"]
         if which == "uncertainty":
             probs = to_primary_grid(data.get("mc_probs", torch.softmax(_plain(fused).float(), 0)), image)
-            ent = -(probs.clamp_min(1e-8).log() * probs).sum(0) / torch.log(torch.tensor(float(probs.shape[0])))
+            ent = predictive_entropy(probs[None])
             out = torch.round(ent * 100).clamp(0, 100).to(torch.uint8)
         else:
             if which not in outputs:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from crossmodal.active import predictive_entropy
 from crossmodal.config import ConsistencyConfig, CrossModalConfig, atomic_write_text, load_config, merge_dicts
 from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR, files_by_case, primary_images, truth_files
 from crossmodal.io import CaseError, OutputFolder, atomic_copy, case_id_of, load_volume, save_volume, user_error_in
@@ -374,6 +375,6 @@ def foreground_uncertainty(logits: torch.Tensor) -> float:
         0.0018
     """
     probs = torch.softmax(logits.float(), 0)
-    entropy = -(probs.clamp_min(1e-8).log() * probs).sum(0) / math.log(probs.shape[0])
+    entropy = predictive_entropy(probs[None])
     foreground = probs.argmax(0) > 0
     return float(entropy[foreground].mean()) if foreground.any() else 0.0
