@@ -483,10 +483,9 @@ def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg, 
     pred = np.rint(load_volume(tmp_path / "p" / "phantom002.nii.gz", "phantom002")[0].numpy())
     truth = np.rint(load_volume(ds / "labelsTs" / "phantom002.nii.gz", "phantom002")[0].numpy())
     assert np.mean(dice_per_class(pred, truth, 4)) == pytest.approx(summary["dice_mean"], abs=1e-6)
-    r = subprocess.run([*CLI, "evaluate", "--studies", str(ds), "--config", "phantom", "--model",
-                        str(PRETRAINED_PHANTOM), "--network", "baseline_unet", "--mirror-axes", "0,3"],
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+    assert main(["evaluate", "--studies", str(ds), "--config", "phantom", "--model", str(PRETRAINED_PHANTOM),
+                 "--network", "baseline_unet", "--mirror-axes", "0,3"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "crossmodal: error: --mirror-axes: '0,3' must name spatial axes 0, 1 or 2, each once")
     r = subprocess.run([*CLI, "train", "--studies", str(ds), "--config", "phantom", "--model-dir",
                         str(tmp_path / "m"), "--epochs", "1", "--network", "baseline_unet"],
@@ -507,9 +506,9 @@ def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg, 
     assert "mean HD95" in r.stdout
     curve = next((tmp_path / "o").glob("train_*/learning_curve.png"))
     assert f'"learning_curve": "{curve}"' in r.stdout and curve.stat().st_size > 10_000
-    r = subprocess.run([*CLI, "train", "--studies", str(ds), "--config", "phantom", "--model-dir",
-                        str(tmp_path / "x"), "--method", "single_xray"], capture_output=True, text=True)
-    assert r.returncode == 2 and "single_ct, single_pet, single_mr" in r.stderr
+    assert main(["train", "--studies", str(ds), "--config", "phantom", "--model-dir", str(tmp_path / "x"),
+                 "--method", "single_xray"]) == 2
+    assert "single_ct, single_pet, single_mr" in capsys.readouterr().err
 
 
 def test_offline_train_on_a_bad_case_names_case_file_and_problem_without_a_traceback(tmp_path: Path, phantom_cfg):
