@@ -274,7 +274,7 @@ def test_data_commands_do_not_write_over_cases_a_folder_holds(tmp_path: Path, ca
     assert main(["data", "import-nnunet", "--dataset", str(ds), "--out", str(out), "--config", "phantom"]) == 2
     assert capsys.readouterr().err.strip() == (
         f"crossmodal: error: --out {out}: already holds extra000, phantom000, phantom001: writing would replace their "
-        "images and labels (an annotator's too); give a new folder (or another --prefix), or remove it first")
+        "images and labels (an annotator's too); give a new folder, or remove it first")
 
 
 def test_phantom_cli_cycles_variants_by_case_index_and_rejects_unknown_ones(tmp_path: Path):

@@ -174,7 +174,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from crossmodal.data.studies import check_new_cases
 
     cfg = _config(args, "brain")
-    check_new_cases(args.out, [c.case_id for c in list_cases(args.dataset, cfg)])
+    check_new_cases(args.out, [c.case_id for c in list_cases(args.dataset, cfg)], instead="give a new folder")
     _report(import_nnunet(args.dataset, args.out, cfg))
     return 0
 

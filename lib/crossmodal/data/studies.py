@@ -57,9 +57,11 @@ def primary_images(studies: str | os.PathLike[str]) -> dict[str, Path]:
     return files_by_case(Path(studies), "primary image")
 
 
-def check_new_cases(studies: str | os.PathLike[str], case_ids: Sequence[str], option: str = "--out") -> None:
+def check_new_cases(studies: str | os.PathLike[str], case_ids: Sequence[str], option: str = "--out",
+                    instead: str = "give a new folder (or another --prefix)") -> None:
     """Refuse to write ``case_ids`` into a studies folder that already holds one of them (its primary image or final
     label): generating or importing there replaced the case's images and its labels, an annotator's too.
+    ``instead``: what the message tells the user to do.
 
     Raises:
         ValueError: naming the folder and the cases it holds.
@@ -72,7 +74,7 @@ def check_new_cases(studies: str | os.PathLike[str], case_ids: Sequence[str], op
     if clash:
         named = ", ".join(clash[:5]) + (f" and {len(clash) - 5} more" if len(clash) > 5 else "")
         raise ValueError(f"{option} {root}: already holds {named}: writing would replace their images and labels "
-                         f"(an annotator's too); give a new folder (or another --prefix), or remove it first")
+                         f"(an annotator's too); {instead}, or remove it first")
 
 
 def write_case(studies: str | os.PathLike[str], case_id: str, case: SyntheticCase, cfg: CrossModalConfig,
