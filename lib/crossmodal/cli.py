@@ -115,8 +115,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     """Grow the sparse final labels of a studies folder as training would, write them as viewer label maps."""
     from tqdm import tqdm
 
-    from crossmodal.data.studies import FINAL_LABELS
-    from crossmodal.io import OutputFolder, case_id_of, load_volume, save_volume
+    from crossmodal.data.studies import FINAL_LABELS, files_by_case, primary_images
+    from crossmodal.io import OutputFolder, load_volume, save_volume
     from crossmodal.labels import IGNORE_INDEX, SPARSE, classify, from_training
     from crossmodal.propagate import grow_checked, heldout_accuracy
     from crossmodal.transforms import LoadCased
@@ -127,8 +127,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     cfg = load_config(preset, overrides={"train": {"propagate": given}} if given else None)
     p = cfg.train.propagate
     studies = Path(as_studies(args.studies, preset, scratch=args.scratch))
-    found = {case_id_of(f): f for f in sorted((studies / FINAL_LABELS).glob("*"))
-             if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS)}
+    found, images = files_by_case(studies / FINAL_LABELS, "final label"), primary_images(studies)
     for case in args.cases or []:
         if case not in found:
             raise CaseError(case, studies / FINAL_LABELS, "has no final label to propagate")
@@ -137,8 +136,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     summary: dict[str, list[str]] = {"grown": [], "kept_as_drawn": [], "dense": []}
     for case in tqdm(args.cases or sorted(found), desc="propagate", unit="case"):
         label_file = found[case]
-        image_file = next((f for f in sorted(studies.glob(f"{case}.*")) if f.name.lower().endswith(IMAGE_EXTENSIONS)
-                           and case_id_of(f) == case), None)
+        image_file = images.get(case)
         if image_file is None:
             raise CaseError(case, studies, "has a final label but no primary image")
         if classify(np.rint(load_volume(label_file, case)[0].numpy()), cfg.labels) != SPARSE:
@@ -361,6 +359,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights_file(path: str) -> None:
+    """``--model`` checked before the data set is read (was ``conf pretrained for crossmodal: ...`` after it)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--model {path}: no such weights file")
+
+
 def _segmenting(args: argparse.Namespace, preset: str) -> tuple[str, str | None, tuple[int, ...] | None]:
     """(the preset, with ``--method`` applied in the command's temp folder; the network; the mirror axes) of a
     command that segments cases (:func:`segmenting_args`)."""
@@ -380,8 +384,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if (args.model is None) == (args.predictions is None):
         raise ValueError("give --model (segment the held-out cases with it) or --predictions (score label maps "
                          "made before), one of them")
-    if args.model and not Path(args.model).is_file():  # before reading the data set; was "conf pretrained for ..."
-        raise FileNotFoundError(f"--model {args.model}: no such weights file")
+    if args.model:
+        _weights_file(args.model)
     if args.predictions and not Path(args.predictions).is_dir():
         raise FileNotFoundError(f"--predictions {args.predictions}: no such folder")
     preset = args.config or "brain"
@@ -401,8 +405,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from crossmodal.serving.offline import PREDICTIONS_JSON, predict
 
     _device(args.device)
-    if not Path(args.model).is_file():
-        raise FileNotFoundError(f"--model {args.model}: no such weights file")
+    _weights_file(args.model)
     preset = args.config or "brain"
     cases = args.cases
     if not cases and (Path(args.studies) / "dataset.json").is_file():  # nnU-Net: its test images, as nnU-Net predicts
