@@ -275,6 +275,13 @@ def test_data_commands_do_not_write_over_cases_a_folder_holds(tmp_path: Path, ca
     assert capsys.readouterr().err.strip() == (
         f"crossmodal: error: --out {out}: already holds extra000, phantom000, phantom001: writing would replace their "
         "images and labels (an annotator's too); give a new folder, or remove it first")
+    # a case only half there (a killed generation's sidecar folder, a truth file kept for scoring) is held too
+    (out / "modalities" / "more000").mkdir()
+    save_volume(out / "truth" / "late000.nii.gz", np.zeros((24, 24, 24), np.uint8), np.eye(4))
+    for prefix in ("more", "late"):
+        assert main(["data", "phantom", "--out", str(out), "--cases", "1", "--size", "24", "--prefix", prefix]) == 2
+        assert f"already holds {prefix}000: writing would replace" in capsys.readouterr().err
+        assert not (out / f"{prefix}000.nii.gz").exists()
 
 
 def test_phantom_cli_cycles_variants_by_case_index_and_rejects_unknown_ones(tmp_path: Path):
@@ -430,6 +437,8 @@ def test_predict_writes_each_case_as_the_infer_task_segments_it(tmp_path: Path, 
     monkeypatch.undo()
     assert sorted(p.name for p in (tmp_path / "out5").iterdir()) == [
         "phantom000.nii.gz", "phantom001.nii.gz", "predictions.json"]
+    killed = json.loads((tmp_path / "out5" / "predictions.json").read_text())  # the case done, ready to review
+    assert [r["case"] for r in killed["per_case"]] == killed["review_order"] == ["phantom000"]
     assert main([*base, "--out", str(tmp_path / "out5"), "--cases", "phantom001", "phantom000"]) == 0
     assert json.loads((tmp_path / "out5" / "predictions.json").read_text())["files"] == [
         "phantom000.nii.gz", "phantom001.nii.gz"]

@@ -55,7 +55,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     from crossmodal.data.studies import check_new_cases, generate
 
     cfg = _config(args, "phantom")
-    check_new_cases(args.out, [f"{args.prefix}{i:03d}" for i in range(args.cases)])
+    check_new_cases(args.out, [f"{args.prefix}{i:03d}" for i in range(args.cases)], sidecar_dir=cfg.data.sidecar_dir)
     cycle = _variant_cycle(args, list(VARIANTS))
     recs = generate(args.out, cfg, lambda rng: make_phantom(cfg, rng, size=args.size,
                                                             misregistration_mm=args.misregistration_mm,
@@ -84,7 +84,7 @@ def cmd_brain(args: argparse.Namespace) -> int:
     from crossmodal.data.studies import check_new_cases, generate
 
     cfg = _config(args, "brain")
-    check_new_cases(args.out, [f"{args.prefix}{i:03d}" for i in range(args.cases)])
+    check_new_cases(args.out, [f"{args.prefix}{i:03d}" for i in range(args.cases)], sidecar_dir=cfg.data.sidecar_dir)
     cycle = _variant_cycle(args, VARIANTS)
     templates = load_templates(args.templates)
     recs = generate(args.out, cfg, lambda rng: make_brain_case(cfg, templates, rng,
@@ -172,7 +172,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     from crossmodal.data.studies import check_new_cases
 
     cfg = _config(args, "brain")
-    check_new_cases(args.out, [c.case_id for c in list_cases(args.dataset, cfg)], instead="give a new folder")
+    check_new_cases(args.out, [c.case_id for c in list_cases(args.dataset, cfg)], instead="give a new folder",
+                    sidecar_dir=cfg.data.sidecar_dir)
     _report(import_nnunet(args.dataset, args.out, cfg))
     return 0
 

@@ -58,10 +58,10 @@ def primary_images(studies: str | os.PathLike[str]) -> dict[str, Path]:
 
 
 def check_new_cases(studies: str | os.PathLike[str], case_ids: Sequence[str], option: str = "--out",
-                    instead: str = "give a new folder (or another --prefix)") -> None:
-    """Refuse to write ``case_ids`` into a studies folder that already holds one of them (its primary image or final
-    label): generating or importing there replaced the case's images and its labels, an annotator's too.
-    ``instead``: what the message tells the user to do.
+                    instead: str = "give a new folder (or another --prefix)", sidecar_dir: str = "modalities") -> None:
+    """Refuse to write ``case_ids`` into a studies folder that already holds one of them (its primary image, final
+    label, truth or ``sidecar_dir`` folder: a half-written case too): generating or importing there replaced the
+    case's images and its labels, an annotator's too. ``instead``: what the message tells the user to do.
 
     Raises:
         ValueError: naming the folder and the cases it holds.
@@ -69,7 +69,8 @@ def check_new_cases(studies: str | os.PathLike[str], case_ids: Sequence[str], op
     root = Path(studies)
     if not root.is_dir():
         return
-    held = set(primary_images(root)) | set(files_by_case(root / FINAL_LABELS, "final label"))
+    held = (set(primary_images(root)) | set(files_by_case(root / FINAL_LABELS, "final label")) | set(truth_files(root))
+            | {p.name for p in (root / sidecar_dir).glob("*/") if p.is_dir()})
     clash = [c for c in case_ids if c in held]
     if clash:
         named = ", ".join(clash[:5]) + (f" and {len(clash) - 5} more" if len(clash) > 5 else "")

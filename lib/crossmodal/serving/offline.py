@@ -323,9 +323,10 @@ def predict(studies: str, preset: str, model: str, out_dir: str, cases: Sequence
     summary: dict[str, Any] = {"model": model, "preset": preset, "dropped_modalities": list(drop),
                                "mirror_axes": list(cfg.infer.mirror_axes if mirror_axes is None else mirror_axes)}
 
-    def report() -> None:
-        summary.update(segmented=sum("error" not in r for r in records),
-                       failed=[r["case"] for r in records if "error" in r], per_case=records)
+    def report() -> None:  # after each case: a killed run's manifest holds its cases, and their review order
+        done = sorted((r for r in records if "error" not in r), key=lambda r: (-r["uncertainty"], r["case"]))
+        summary.update(segmented=len(done), failed=[r["case"] for r in records if "error" in r], per_case=records,
+                       review_order=[r["case"] for r in done])
         folder.save(**summary)
 
     with tempfile.TemporaryDirectory(prefix="crossmodal-app-") as app_dir:
@@ -358,9 +359,6 @@ def predict(studies: str, preset: str, model: str, out_dir: str, cases: Sequence
                             "volume_ml": {n: round(float(counts[i]) * ml, 3) for i, n in enumerate(names) if i},
                             "uncertainty": round(foreground_uncertainty(data["logits"]), 4)})
             report()
-    summary["review_order"] = [r["case"] for r in sorted((r for r in records if "error" not in r),
-                                                         key=lambda r: (-r["uncertainty"], r["case"]))]
-    report()
     return {**summary, "files": sorted(folder.files)}
 
 
