@@ -21,6 +21,7 @@ import SimpleITK as sitk
 from conftest import PRETRAINED_PHANTOM, dice, make_phantom_studies, start_server, stop_server
 from crossmodal.config import ModalityConfig, load_config
 from crossmodal.data.phantom import make_phantom
+from crossmodal.data.sparse import scribbles
 from crossmodal.data.studies import generate
 from crossmodal.dicom import label_to_seg, new_study, seg_kind, seg_to_label, volume_to_series, write_series
 from crossmodal.io import load_volume, resample_to
@@ -365,7 +366,8 @@ def test_ohif_in_chromium_runs_our_model_and_shows_a_segmentation(pacs, server):
 
 def test_label_drawn_on_a_secondary_series_reaches_the_pacs_on_the_primary_grid(pacs, server, client, tmp_path):
     """A viewer showing the MR series sends an MR-grid label for the MR series id: the SEG in Orthanc is on the CT
-    (primary) grid, references the CT series, and matches the truth there."""
+    (primary) grid, references the CT series, and matches the truth there; the CT-grid copy does not stay in the
+    server's temp folder."""
     orthanc, studies = pacs
     ct_uid, mr_uid = uid_of(orthanc, "phantom003"), uid_of(orthanc, "phantom003", "MR")
     mr = load_volume(studies / "modalities" / "phantom003" / "mr.nii.gz")
@@ -385,3 +387,32 @@ def test_label_drawn_on_a_secondary_series_reaches_the_pacs_on_the_primary_grid(
     assert dice(back, ref, 1) > 0.85  # MR is coarser (3 mm vs 2 mm) and rotated: a round trip through it
     info = client.datastore()["objects"][ct_uid]["labels"]["final"]["info"]
     assert info["pacs"] == "stored" and info["label_kind"] == "dense"
+    assert [p.name for p in server.tmp.glob("crossmodal-*")] == []  # the CT-grid copy it stored (it stayed)
+
+
+def test_strokes_drawn_on_a_secondary_series_grow_on_the_case(pacs, server, client, tmp_path):
+    """`grow_scribbles` from a viewport showing the MR series: the strokes (NIfTI, or OHIF's raw `.bin`), drawn on the
+    MR grid, are moved onto the CT grid before the walk and the grown map comes back on the MR grid, matching the
+    truth there (both were refused with a 422: not on the CT grid)."""
+    import nibabel as nib
+
+    orthanc, studies = pacs
+    mr_uid = uid_of(orthanc, "phantom001", "MR")
+    mr = load_volume(studies / "modalities" / "phantom001" / "mr.nii.gz")
+    truth_mr = np.rint(resample_to(load_volume(studies / "truth" / "phantom001.nii.gz"), mr, mode="nearest")[0].numpy())
+    strokes = scribbles(truth_mr.astype(np.int64), CFG.labels, np.random.default_rng(3)).astype(np.uint8)
+    nib.save(nib.Nifti1Image(strokes, mr.affine.numpy()), tmp_path / "strokes.nii.gz")
+    out, params = client.infer("grow_scribbles", mr_uid, {}, label_in=str(tmp_path / "strokes.nii.gz"))
+    grown = load_volume(out)
+    assert params["grid"] == "mr" and params["modalities_used"] == ["ct", "pet", "mr"]
+    assert grown.shape == mr.shape and np.allclose(grown.affine, mr.affine, atol=1e-3)
+    scores = [dice(grown[0].numpy(), truth_mr, v) for v in (1, 2, 3)]
+    drawn = [dice(strokes, truth_mr, v) for v in (1, 2, 3)]
+    assert scores[0] > 0.9 and scores[1] > 0.45 and scores[2] > 0.65, scores  # measured 0.955 / 0.585 / 0.766
+    assert all(g > d + 0.2 for g, d in zip(scores, drawn, strict=True)), (scores, drawn)
+    assert params["drawn"] < 0.08 and params["labelled"] > 0.95, params
+    strokes.ravel(order="F").tofile(tmp_path / "strokes.bin")
+    out_bin, _ = client.infer("grow_scribbles", mr_uid, {}, label_in=str(tmp_path / "strokes.bin"))
+    np.testing.assert_array_equal(load_volume(out_bin).numpy(), grown.numpy())
+    time.sleep(1)  # MONAI Label removes the file it sent once the response is out
+    assert [p.name for p in server.tmp.glob("crossmodal-*")] == []

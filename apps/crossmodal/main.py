@@ -38,21 +38,31 @@ class MyApp(MONAILabelApp):
 
     def infer(self, request, datastore=None):
         """As upstream; on a PACS, a request for a secondary series (OHIF's active viewport showing PET, say) gets
-        the label on that series' grid."""
+        the label on that series' grid, and strokes sent with it (``grow_scribbles``), drawn on that grid, are moved
+        onto the primary's before the task reads them."""
         image_id = request.get("image")
         store = datastore or self.datastore()
         check_infer_request(request, self._infers, store)  # 404 naming an unknown model or case, not a 500 / 422
-        result = super().infer(request, datastore)
-        if isinstance(image_id, str) and hasattr(store, "viewer_grid") and result.get("file"):
-            grid = store.viewer_grid(image_id)
-            if grid is not None:
-                primary = store.get_image_uri(image_id)
-                on_primary = result["file"]
-                result["file"] = result["label"] = labels_onto_grid(on_primary, primary, grid[1], image_id,
-                                                                    keep_ext=True)
-                if result["file"] != on_primary:  # MONAI Label removes the file it sends, not the one it replaced
-                    os.remove(on_primary)
-                result["params"] = {**(result.get("params") or {}), "grid": grid[0]}
+        grid = store.viewer_grid(image_id) if isinstance(image_id, str) and hasattr(store, "viewer_grid") else None
+        strokes = request.get("label")
+        if grid is not None and isinstance(strokes, str) and os.path.isfile(strokes):  # drawn on that series' grid
+            try:
+                moved = labels_onto_grid(strokes, grid[1], store.get_image_uri(image_id), image_id)
+            except CaseError as e:
+                raise http_error(CaseError(image_id, None, f"uploaded strokes: {e.problem}")) from e
+            request = {**request, "label": moved}
+        try:
+            result = super().infer(request, datastore)
+        finally:
+            if grid is not None and isinstance(strokes, str) and request["label"] != strokes:
+                os.remove(request["label"])
+        if grid is not None and result.get("file"):
+            on_primary = result["file"]
+            result["file"] = result["label"] = labels_onto_grid(on_primary, store.get_image_uri(image_id), grid[1],
+                                                                image_id, keep_ext=True)
+            if result["file"] != on_primary:  # MONAI Label removes the file it sends, not the one it replaced
+                os.remove(on_primary)
+            result["params"] = {**(result.get("params") or {}), "grid": grid[0]}
         return result
 
     def train(self, request):

@@ -443,7 +443,7 @@ class PacsDatastore(CrossModalDatastore):
         as DICOM SEG (HTTP 503 when unreachable: the label is kept and stored later)."""
         cid = self.resolve(image_id, flush=False)  # this save replaces a pending label of the case: no double upload
         primary = self.get_image_uri(cid)
-        grid = self.viewer_grid(image_id)
+        grid, upload = self.viewer_grid(image_id), label_filename
         if grid is not None:  # drawn on a secondary series (OHIF's active viewport): onto the primary grid
             try:
                 label_filename = labels_onto_grid(label_filename, grid[1], primary, cid)
@@ -452,7 +452,11 @@ class PacsDatastore(CrossModalDatastore):
         info = dict(label_info or {})
         if label_tag == FINAL:
             info["pacs"] = "pending"
-        super().save_label(cid, label_filename, label_tag, info)
+        try:
+            super().save_label(cid, label_filename, label_tag, info)
+        finally:
+            if label_filename != upload:  # our regridded copy (it stayed in the temp folder on every such save)
+                os.remove(label_filename)
         if label_tag == FINAL:
             self._upload(cid)
         return cid

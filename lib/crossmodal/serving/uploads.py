@@ -122,8 +122,9 @@ def checking_json_form(endpoint: Callable[..., Any], field: str) -> Callable[...
 
 def converting_bin_labels(run_inference: Callable[..., Any]) -> Callable[..., Any]:
     """``POST /infer/<model>`` with a ``label`` upload named ``*.bin`` (OHIF's scribbles: one uint8 a voxel of the
-    datastore image's grid, Fortran order): converted here with MONAI Label's ``binary_to_image`` and passed on as a
-    NIfTI upload, the conversion removed after the request (upstream's stayed in the temp folder on every request).
+    datastore image's grid, Fortran order; on a PACS, of the series ``image`` names): converted here with MONAI
+    Label's ``binary_to_image`` and passed on as a NIfTI upload, the conversion removed after the request (upstream's
+    stayed in the temp folder on every request).
     A ``.bin`` without an image id or of another size than the image is a 422 saying so (was a 500)."""
     if getattr(run_inference, "converts_bin_labels", False):
         return run_inference
@@ -143,9 +144,13 @@ def converting_bin_labels(run_inference: Callable[..., Any]) -> Callable[..., An
             raise HTTPException(status_code=422, detail=(
                 f"label {name}: a .bin label takes its grid from a datastore image; name it with `image` "
                 "(or send the label as NIfTI / NRRD)"))
-        uri = app_instance().datastore().get_image_uri(image)
+        store = app_instance().datastore()
+        uri = store.get_image_uri(image)
         if not uri:
             raise HTTPException(status_code=404, detail=f"case {image!r}: no such image in the datastore")
+        grid = store.viewer_grid(image) if hasattr(store, "viewer_grid") else None
+        if grid is not None:  # drawn in a viewport showing a secondary series (PACS): on that series' grid
+            uri = grid[1]
         fd, raw = tempfile.mkstemp(suffix=".bin")
         converted = None
         try:
