@@ -111,6 +111,89 @@ def test_to_dicom_writes_nrrd_cases_as_it_writes_nifti_ones(tmp_path):
     np.testing.assert_array_equal(seg_nifti.pixel_array, seg_nrrd.pixel_array)
 
 
+def test_from_dicom_makes_a_studies_folder_of_a_dicom_export(tmp_path, capsys):
+    """``crossmodal data from-dicom`` on what ``to-dicom`` wrote, laid out as a CD export (nested folders, a
+    non-DICOM file): the same cases - images on their grids with their values (MR to a scale: written as a scanner
+    does), labels from their SEG, dense and sparse alike, a study without PET imported without it; a patient's second
+    study gets its own case; a series that does not read fails its case only (named, exit 2); an ``--out`` holding
+    the cases and a folder with no study are refused."""
+    from crossmodal.cli import main
+    from crossmodal.io import find_case
+
+    studies = make_phantom_studies(tmp_path / "s", CFG, cases=3, dense=1, sparse=1, seed=11)
+    (studies / "modalities" / "phantom002" / "pet.nii.gz").unlink()
+    export = tmp_path / "cd"
+    assert main(["data", "to-dicom", "--studies", str(studies), "--config", "phantom", "--out",
+                 str(export / "DICOM")]) == 0
+    (export / "README.TXT").write_text("patient CD\n")
+    capsys.readouterr()
+    out = tmp_path / "back"
+    assert main(["data", "from-dicom", "--dicom", str(export), "--out", str(out), "--config", "phantom"]) == 0
+    records = {r["case"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert sorted(records) == ["phantom000", "phantom001", "phantom002"]
+    assert [records[c]["label"] for c in sorted(records)] == ["dense", "sparse", None]
+    assert records["phantom002"]["series"]["pet"] is None and records["phantom002"]["series"]["mr"]
+    for cid in records:
+        case = find_case(out / f"{cid}.nii.gz", CFG.modality_names)
+        assert sorted(n for n, p in case.modalities.items() if p) == (["mr"] if cid == "phantom002" else ["mr", "pet"])
+        pairs = [(studies / f"{cid}.nii.gz", out / f"{cid}.nii.gz")] + [
+            (studies / "modalities" / cid / f"{n}.nii.gz", out / "modalities" / cid / f"{n}.nii.gz")
+            for n in ("pet", "mr") if case.modalities[n]] + (
+            [(studies / "labels" / "final" / f"{cid}.nii.gz", out / "labels" / "final" / f"{cid}.nii.gz")]
+            if records[cid]["label"] else [])
+        for before, after in pairs:
+            a, b = load_volume(before), load_volume(after)
+            assert a.shape == b.shape and np.allclose(a.affine, b.affine, atol=1e-4), after
+            x, y = a[0].numpy().ravel(), b[0].numpy().ravel()
+            if "mr" in after.name:
+                assert np.corrcoef(x, y)[0, 1] > 0.99999, after
+            else:  # CT in whole HU and labels exact, PET to its 16-bit steps
+                np.testing.assert_allclose(y, x, atol=1e-3 * np.abs(x).max(), err_msg=str(after))
+    np.testing.assert_array_equal(load_volume(out / "labels" / "final" / "phantom001.nii.gz").numpy(),
+                                  load_volume(studies / "labels" / "final" / "phantom001.nii.gz").numpy())
+    capsys.readouterr()
+    assert main(["data", "from-dicom", "--dicom", str(export), "--out", str(out), "--config", "phantom"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"crossmodal: error: --out {out}: already holds phantom000, phantom001, phantom002: writing would replace "
+        "their images and labels (an annotator's too); give a new folder, or remove it first")
+    assert main(["data", "from-dicom", "--dicom", str(studies), "--out", str(tmp_path / "none"), "--config",
+                 "phantom"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"crossmodal: error: {studies}: no study with a CT series for 'ct' among 0 DICOM series ([]) and 13 other "
+        "files; the config's modalities name the series they take (dicom_modality, series_description)")
+    assert not (tmp_path / "none").exists()
+
+    # phantom001's study as the second of phantom000's patient; a PET slice of phantom000 cut short
+    for f in (export / "DICOM" / "phantom001").rglob("*.dcm"):
+        ds = pydicom.dcmread(str(f))
+        ds.PatientID = "phantom000"
+        ds.save_as(str(f))
+    broken = sorted((export / "DICOM" / "phantom000" / "pet").glob("*.dcm"))[3]
+    broken.write_bytes(broken.read_bytes()[:-200])  # its header reads; ITK leaves the slice out and goes on
+    mr = sorted((export / "DICOM" / "phantom002" / "mr").glob("*.dcm"), key=lambda f: pydicom.dcmread(
+        str(f), stop_before_pixels=True).InstanceNumber)
+    mr[5].unlink()  # a slice missing from the export: ITK reads the rest with the wrong spacing
+    again = tmp_path / "again"
+    assert main(["data", "from-dicom", "--dicom", str(export), "--out", str(again), "--config", "phantom"]) == 2
+    captured = capsys.readouterr()
+    records = {r["case"]: r for r in map(json.loads, captured.out.splitlines())}
+    assert sorted(records) == ["phantom000", "phantom000_2", "phantom002"]
+    failed = sorted(c for c, r in records.items() if "error" in r)
+    assert captured.err.strip().splitlines()[-1] == (
+        f"crossmodal: error: 2 of 3 cases not imported ({failed}; why: in their records above); the others were "
+        "written")
+    cut = records["phantom002"]["error"]
+    assert cut.startswith(f"case 'phantom002': file {export / 'DICOM' / 'phantom002' / 'mr'}: slices at ") and \
+        cut.endswith("a slice is missing from the export (or two series share this UID)"), cut
+    short = next(r["error"] for c, r in records.items() if c != "phantom002" and "error" in r)
+    assert f"file {export / 'DICOM' / 'phantom000' / 'pet'}: series of 31 files (43 x 43) read as (43, 43, 30) " \
+           "voxels: a file's pixel data is cut short or unreadable; export the series again" in short, short
+    (ok,) = [c for c in records if c not in failed]  # phantom001's study; the failed cases left nothing behind
+    assert records[ok]["label"] == "sparse" and sorted(str(p.relative_to(again)) for p in again.rglob("*") if
+                                                       p.is_file()) == [
+        f"labels/final/{ok}.nii.gz", f"modalities/{ok}/mr.nii.gz", f"modalities/{ok}/pet.nii.gz", f"{ok}.nii.gz"]
+
+
 def test_studies_map_series_to_modalities_by_modality_and_description():
     mods = [ModalityConfig("ct", "ct"), ModalityConfig("pet", "pet"), ModalityConfig("mr", "mr")]
     series = [Series("s1", "A", "CT", "ct", 1), Series("s2", "A", "PT", "pet", 2), Series("s3", "A", "SEG", "x", 9),

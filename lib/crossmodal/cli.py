@@ -10,6 +10,7 @@ Examples::
     crossmodal data export-nnunet --studies data/brain --out data/Dataset001_Brain --test brain011
     crossmodal data to-dicom --studies data/brain --config brain --upload http://127.0.0.1:8042/dicom-web
     crossmodal data import-nnunet --dataset data/Dataset001_Brain --out data/brain2 --config brain
+    crossmodal data from-dicom --dicom /media/cd/DICOM --out data/petct --config phantom
     crossmodal train --studies data/brain --config brain --model-dir apps/crossmodal/model
     crossmodal propagate --studies data/phantom --config phantom --out grown/
     crossmodal predict --studies data/Dataset001_Brain --config brain --model brain_crossmodal.pt --out preds/
@@ -227,6 +228,21 @@ def cmd_to_dicom(args: argparse.Namespace) -> int:
             shutil.rmtree(out, ignore_errors=True)
     if args.upload:
         print(f"stored {stored} DICOM instances of {len(images)} cases in {args.upload}", file=sys.stderr)
+    return 0
+
+
+def cmd_from_dicom(args: argparse.Namespace) -> int:
+    from crossmodal.dicom import import_dicom
+
+    cfg = _config(args, "brain")
+    records = import_dicom(args.dicom, args.out, cfg)
+    _report(records)
+    failed = [r["case"] for r in records if "error" in r]
+    print(f"{len(records) - len(failed)} of {len(records)} cases -> {args.out}", file=sys.stderr)
+    if failed:
+        print(f"crossmodal: error: {len(failed)} of {len(records)} cases not imported ({failed}; why: in their "
+              "records above); the others were written", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -569,6 +585,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-labels", dest="labels", action="store_false", help="leave the final labels out")
     q.add_argument("--config")
     q.set_defaults(func=cmd_to_dicom)
+
+    q = data_sub.add_parser("from-dicom", help="DICOM files (a PACS export, any layout) -> studies folder: a case per "
+                                           "study, its series matched to the config's modalities, SEG as labels")
+    q.add_argument("--dicom", required=True, help="folder searched for DICOM files (subfolders too)")
+    q.add_argument("--out", required=True)
+    q.add_argument("--config")
+    q.set_defaults(func=cmd_from_dicom)
 
     q = sub.add_parser("train", help="train the app's model on a studies folder (same code as the server)")
     q.add_argument("--studies", required=True, help="studies folder or nnU-Net v2 raw dataset")

@@ -291,3 +291,186 @@ def upload(paths: Iterable[str | os.PathLike[str]], url: str, batch: int = 64) -
     for i in range(0, len(files), batch):
         client.store_instances([pydicom.dcmread(str(p)) for p in files[i : i + batch]])
     return len(files)
+
+
+def _series_date(ds: Dataset) -> str:
+    return f"{ds.get('SeriesDate', '')}{ds.get('SeriesTime', '')}"
+
+
+def scan_dicom(folder: str | os.PathLike[str]) -> tuple[dict[str, list[Path]], dict[str, Dataset], int]:
+    """Every DICOM file under ``folder`` by series: ``({series uid: files}, {series uid: one header}, files that
+    are not DICOM)``; headers are read without pixel data."""
+    from pydicom.errors import InvalidDicomError
+
+    files: dict[str, list[Path]] = {}
+    headers: dict[str, Dataset] = {}
+    other = 0
+    for p in sorted(Path(folder).rglob("*")):
+        if not p.is_file():
+            continue
+        try:
+            ds = pydicom.dcmread(str(p), stop_before_pixels=True)
+        except (InvalidDicomError, OSError):
+            ds = None
+        if ds is None or not all(k in ds for k in ("SeriesInstanceUID", "StudyInstanceUID", "Modality")):
+            other += 1  # not DICOM, or no image / SEG instance (a DICOMDIR)
+            continue
+        files.setdefault(str(ds.SeriesInstanceUID), []).append(p)
+        headers.setdefault(str(ds.SeriesInstanceUID), ds)
+    return files, headers, other
+
+
+def _referenced_series(seg: Dataset) -> str | None:
+    refs = seg.get("ReferencedSeriesSequence") or []
+    return str(refs[0].SeriesInstanceUID) if refs and "SeriesInstanceUID" in refs[0] else None
+
+
+def _case_ids(cases: Iterable[str], headers: dict[str, Dataset]) -> dict[str, str]:
+    """``{primary series uid: case id}``: the PatientID as a file name (``[A-Za-z0-9._-]``), ``_2``, ``_3`` ... for a
+    patient's later studies (by StudyDate) or a name already taken, ``case_1``, ``case_2`` ... where there is none."""
+    import re
+
+    by_patient: dict[str, list[str]] = {}
+    for uid in cases:
+        pid = re.sub(r"[^A-Za-z0-9._-]+", "_", str(headers[uid].get("PatientID", ""))).strip("._")
+        by_patient.setdefault(pid, []).append(uid)
+    ids: dict[str, str] = {}
+    for pid, uids in sorted(by_patient.items()):
+        uids.sort(key=lambda u: (str(headers[u].get("StudyDate", "")), str(headers[u].StudyInstanceUID)))
+        for uid in uids:
+            n, taken = 1, set(ids.values())
+            while (cid := (pid or "case") + (f"_{n}" if n > 1 or not pid else "")) in taken:
+                n += 1
+            ids[uid] = cid
+    return ids
+
+
+def series_to_nifti(files: Sequence[Path], dest: Path, case_id: str) -> None:
+    """One series' files -> NIfTI at ``dest`` (MONAI Label's ``dicom_to_nifti``; atomic), checked whole.
+
+    Raises:
+        CaseError: naming ``case_id`` and the series' folder: slices unevenly spaced (one missing), fewer voxels
+            read than the files hold (ITK leaves out a slice it cannot decode, with a warning only), or no volume.
+    """
+    from monailabel.datastore.utils.convert import dicom_to_nifti
+
+    from crossmodal.io import CaseError, atomic_copy, load_volume
+
+    where = files[0].parent
+    _check_slices(files, case_id)
+    with tempfile.TemporaryDirectory(prefix="crossmodal-series-") as tmp:
+        for n, f in enumerate(files):
+            os.symlink(f.resolve(), Path(tmp) / f"{n:05d}.dcm")
+        try:
+            nii = dicom_to_nifti(tmp)
+        except Exception as e:  # noqa: BLE001 - the reader's error, named with the series
+            raise CaseError(case_id, where, f"series of {len(files)} files does not read as one volume "
+                                            f"({type(e).__name__}: {e})") from e
+        try:
+            vol = load_volume(nii, case_id)  # finite, 3D: or a CaseError
+            header = pydicom.dcmread(str(files[0]), stop_before_pixels=True)
+            frames = int(header.get("NumberOfFrames", 1) or 1)
+            expected = int(header.Rows) * int(header.Columns) * frames * len(files)
+            if int(np.prod(vol.shape[1:])) != expected:  # ITK leaves out a slice it cannot decode, and goes on
+                raise CaseError(case_id, where, f"series of {len(files)} files ({header.Rows} x {header.Columns}) read "
+                                                f"as {tuple(vol.shape[1:])} voxels: a file's pixel data is cut short "
+                                                "or unreadable; export the series again")
+            atomic_copy(nii, dest)
+        finally:
+            Path(nii).unlink(missing_ok=True)
+
+
+def _check_slices(files: Sequence[Path], case_id: str) -> None:
+    """A single-frame series' slices evenly spaced along their normal, or a CaseError naming the gap (a slice left
+    out of the export: the volume would be read with the wrong spacing)."""
+    from crossmodal.io import CaseError
+
+    heads = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
+    if len(heads) < 3 or any("ImagePositionPatient" not in h or "ImageOrientationPatient" not in h for h in heads):
+        return
+    row, col = (np.asarray(heads[0].ImageOrientationPatient, float).reshape(2, 3))
+    depth = sorted(float(np.dot(np.asarray(h.ImagePositionPatient, float), np.cross(row, col))) for h in heads)
+    gaps = np.diff(depth)
+    step = float(np.median(gaps))
+    worst = int(np.argmax(np.abs(gaps - step)))
+    if abs(gaps[worst] - step) > 0.01 * abs(step) + 1e-3:
+        raise CaseError(case_id, files[0].parent, f"slices at {depth[worst]:.2f} and {depth[worst + 1]:.2f} mm are "
+                                                  f"{gaps[worst]:.2f} mm apart, the others {step:.2f} mm: a slice "
+                                                  "is missing from the export (or two series share this UID)")
+
+
+def import_dicom(folder: str | os.PathLike[str], out: str | os.PathLike[str], cfg: CrossModalConfig,
+                 progress: bool = True) -> list[dict]:
+    """A folder of DICOM files (any layout, as a PACS export or a CD gives them) -> a studies folder.
+
+    Each study whose series include one the config's primary modality takes (DICOM Modality, SeriesDescription
+    regex; :func:`crossmodal.serving.dicomweb.match_studies`, as the PACS datastore matches them) becomes a case:
+    ``<out>/<case>.nii.gz``, ``<out>/<sidecar>/<case>/<modality>.nii.gz`` for the secondary series found, and the
+    newest DICOM SEG on the primary series (ours or another writer's whose segments name configured classes) as
+    ``<out>/labels/final/<case>.nii.gz``. The case id is the PatientID (``_2`` ... for a patient's later studies).
+    The primary image is written last, so a case killed half-way is not listed as a case.
+
+    Returns one record per case: ``case``, ``study``, ``series`` (modality -> SeriesInstanceUID or None),
+    ``label`` (``dense`` / ``sparse`` / None) or ``error`` (that case not imported; the others are).
+
+    Raises:
+        ValueError: no DICOM study with a primary series under ``folder``, or ``out`` holding one of the cases
+            (:func:`crossmodal.data.studies.check_new_cases`), before anything is written.
+    """
+    from tqdm import tqdm
+
+    from crossmodal.data.studies import FINAL_LABELS, check_new_cases
+    from crossmodal.io import CaseError, atomic_copy, load_volume, save_volume
+    from crossmodal.labels import classify
+    from crossmodal.serving.dicomweb import Series, match_studies
+
+    files, headers, other = scan_dicom(folder)
+    series = [Series(uid, str(h.StudyInstanceUID), str(h.Modality), str(h.get("SeriesDescription", "")),
+                     int(h.get("SeriesNumber", 0) or 0), _series_date(h)) for uid, h in headers.items()]
+    cases = match_studies(series, cfg.modalities)
+    if not cases:
+        found = sorted({f"{s.modality} {s.description!r}" for s in series})
+        primary = cfg.modalities[0]
+        rule = f" whose description matches {primary.series_description!r}" if primary.series_description else ""
+        raise ValueError(f"{folder}: no study with a {primary.dicom_modality} series{rule} for {primary.name!r} among "
+                         f"{len(files)} DICOM series ({found[:8]}) and {other} other files; the config's "
+                         "modalities name the series they take (dicom_modality, series_description)")
+    ids = _case_ids(cases, headers)
+    root = Path(out)
+    check_new_cases(root, list(ids.values()), sidecar_dir=cfg.data.sidecar_dir, instead="give a new folder")
+    segs = sorted((s for s in series if s.modality == "SEG"), key=lambda s: s.when)
+    records = []
+    for uid, case in tqdm(sorted(cases.items(), key=lambda kv: ids[kv[0]]), desc="DICOM -> studies", unit="case",
+                          disable=not progress):
+        cid = ids[uid]
+        record: dict = {"case": cid, "study": case.study, "series": {
+            cfg.modality_names[0]: uid, **{n: s.uid if s else None for n, s in case.siblings.items()}}}
+        try:
+            with tempfile.TemporaryDirectory(prefix="crossmodal-import-") as tmp:  # the case whole, then moved in
+                made = {cfg.modality_names[0]: Path(tmp) / "primary.nii.gz"}
+                series_to_nifti(files[uid], made[cfg.modality_names[0]], cid)
+                for name, s in case.siblings.items():
+                    if s is not None:
+                        made[name] = Path(tmp) / f"{name}.nii.gz"
+                        series_to_nifti(files[s.uid], made[name], cid)
+                on_it = [s for s in segs if _referenced_series(headers[s.uid]) == uid]
+                record["label"] = None
+                if on_it:
+                    ref = load_volume(made[cfg.modality_names[0]], cid)
+                    seg_file = files[on_it[-1].uid][0]
+                    try:
+                        arr = seg_to_label(seg_file, cfg.labels, ref.affine.double().numpy(), ref.shape[1:])
+                    except ValueError as e:
+                        raise CaseError(cid, seg_file, f"DICOM SEG: {e}") from e
+                    save_volume(Path(tmp) / "label.nii.gz", arr, ref.affine.double().numpy())
+                    record["label"] = classify(arr, cfg.labels)
+                    atomic_copy(Path(tmp) / "label.nii.gz", root / FINAL_LABELS / f"{cid}.nii.gz")
+                for name, path in made.items():  # the primary last: a case killed before it is no case
+                    if name != cfg.modality_names[0]:
+                        atomic_copy(path, root / cfg.data.sidecar_dir / cid / f"{name}.nii.gz")
+                atomic_copy(made[cfg.modality_names[0]], root / f"{cid}.nii.gz")
+        except CaseError as e:
+            record["error"] = str(e)
+        records.append(record)
+    return records
+

@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import requests
 from crossmodal.config import CrossModalConfig, ModalityConfig
-from crossmodal.dicom import SEG_SOP_CLASS, label_to_seg, seg_kind, seg_to_label
-from crossmodal.io import CaseError, atomic_copy, load_volume, save_volume
+from crossmodal.dicom import SEG_SOP_CLASS, label_to_seg, seg_kind, seg_to_label, series_to_nifti
+from crossmodal.io import CaseError, load_volume, save_volume
 from crossmodal.serving.datastore import CrossModalDatastore, http_error
 from dicomweb_client import DICOMwebClient
 from fastapi import HTTPException
@@ -265,7 +265,6 @@ class PacsDatastore(CrossModalDatastore):
 
     def _fetch_series(self, series: Series, dest: Path) -> None:
         """Download one series and write it as NIfTI at ``dest`` (atomically); keep the DICOM files (for SEG)."""
-        from monailabel.datastore.utils.convert import dicom_to_nifti
         from monailabel.datastore.utils.dicom import dicom_web_download_series
 
         dicom_dir = Path(self.dicom_dir(series.uid))
@@ -275,12 +274,8 @@ class PacsDatastore(CrossModalDatastore):
                 dicom_web_download_series(series.study, series.uid, str(tmp_dir), self.client)
             except requests.RequestException as e:
                 raise PacsUnavailable(self.url, f"fetching series {series.uid}", e) from e
-            nii = dicom_to_nifti(str(tmp_dir))
-            try:
-                load_volume(nii, series.uid)  # readable and finite, or a CaseError naming the series
-                atomic_copy(nii, dest)
-            finally:
-                Path(nii).unlink(missing_ok=True)
+            # whole (no slice missing or cut short), readable and finite, or a CaseError naming the series
+            series_to_nifti(sorted(p for p in tmp_dir.iterdir() if p.is_file()), dest, series.uid)
             if not dicom_dir.is_dir():
                 dicom_dir.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(tmp_dir, dicom_dir)
