@@ -6,6 +6,7 @@ Studies are uploaded with the real ``crossmodal data to-dicom --upload``; labels
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,6 +193,17 @@ def test_from_dicom_makes_a_studies_folder_of_a_dicom_export(tmp_path, capsys):
     assert records[ok]["label"] == "sparse" and sorted(str(p.relative_to(again)) for p in again.rglob("*") if
                                                        p.is_file()) == [
         f"labels/final/{ok}.nii.gz", f"modalities/{ok}/mr.nii.gz", f"modalities/{ok}/pet.nii.gz", f"{ok}.nii.gz"]
+    # a SEG another writer made without its per-frame positions: that case fails, named with the SEG's file
+    alone = tmp_path / "alone"
+    shutil.copytree(export / "DICOM" / "phantom001", alone)
+    seg = pydicom.dcmread(str(alone / "seg.dcm"))
+    del seg.PerFrameFunctionalGroupsSequence
+    seg.save_as(str(alone / "seg.dcm"))
+    capsys.readouterr()
+    assert main(["data", "from-dicom", "--dicom", str(alone), "--out", str(tmp_path / "alone_out"), "--config",
+                 "phantom"]) == 2
+    (record,) = map(json.loads, capsys.readouterr().out.splitlines())
+    assert record["error"].startswith(f"case 'phantom000': file {alone / 'seg.dcm'}: DICOM SEG: "), record
 
 
 def test_studies_map_series_to_modalities_by_modality_and_description():

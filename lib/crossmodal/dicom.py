@@ -460,7 +460,7 @@ def import_dicom(folder: str | os.PathLike[str], out: str | os.PathLike[str], cf
                     seg_file = files[on_it[-1].uid][0]
                     try:
                         arr = seg_to_label(seg_file, cfg.labels, ref.affine.double().numpy(), ref.shape[1:])
-                    except ValueError as e:
+                    except (ValueError, AttributeError, KeyError, IndexError) as e:  # another writer's SEG, too
                         raise CaseError(cid, seg_file, f"DICOM SEG: {e}") from e
                     save_volume(Path(tmp) / "label.nii.gz", arr, ref.affine.double().numpy())
                     record["label"] = classify(arr, cfg.labels)
