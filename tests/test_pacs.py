@@ -185,7 +185,7 @@ def test_from_dicom_makes_a_studies_folder_of_a_dicom_export(tmp_path, capsys):
         "written")
     cut = records["phantom002"]["error"]
     assert cut.startswith(f"case 'phantom002': file {export / 'DICOM' / 'phantom002' / 'mr'}: slices at ") and \
-        cut.endswith("a slice is missing from the export (or two series share this UID)"), cut
+        cut.endswith("a slice is missing (or two series share this UID)"), cut
     short = next(r["error"] for c, r in records.items() if c != "phantom002" and "error" in r)
     assert f"file {export / 'DICOM' / 'phantom000' / 'pet'}: series of 31 files (43 x 43) read as (43, 43, 30) " \
            "voxels: a file's pixel data is cut short or unreadable; export the series again" in short, short
@@ -511,3 +511,34 @@ def test_strokes_drawn_on_a_secondary_series_grow_on_the_case(pacs, server, clie
     np.testing.assert_array_equal(load_volume(out_bin).numpy(), grown.numpy())
     time.sleep(1)  # MONAI Label removes the file it sent once the response is out
     assert [p.name for p in server.tmp.glob("crossmodal-*")] == []
+
+
+def test_a_pacs_series_with_a_slice_missing_is_a_422_naming_it_and_caches_nothing(pacs, server, client, tmp_path):
+    """A study stored without one of its CT slices (an interrupted send): infer on it is a 422 naming the case and
+    the gap, not a volume read with the wrong spacing (ITK's series reader warns and goes on); nothing of the case is
+    cached, so the study, once complete, is read whole."""
+    from crossmodal.dicom import case_to_dicom, upload
+
+    orthanc, _ = pacs
+    studies = tmp_path / "s"
+    generate(studies, CFG, lambda rng: make_phantom(CFG, rng, size=48), 1, 8, "gap")
+    written = case_to_dicom("gap000", {"ct": str(studies / "gap000.nii.gz")}, CFG, tmp_path / "dcm")
+    slices = sorted(written["ct"].glob("*.dcm"), key=lambda f: pydicom.dcmread(str(f)).InstanceNumber)
+    upload([f for f in slices if f != slices[10]], orthanc.dicomweb)
+    ct_uid = uid_of(orthanc, "gap000")
+    with pytest.raises(MONAILabelClientException) as e:
+        client.infer("crossmodal", ct_uid, {})
+    assert e.value.msg.startswith("Status: 422; ") and f"case '{ct_uid}': CT series on {orthanc.dicomweb}: slices " \
+        "at -29.00 and -25.00 mm are 4.00 mm apart, the others 2.00 mm: a slice is missing (or two series share this " \
+        "UID); store the series there again" in e.value.msg, e.value.msg
+    n_segs = len(segs(orthanc))
+    with pytest.raises(MONAILabelClientException) as e:  # a label for it: the same 422, nothing stored
+        client.save_label(ct_uid, str(studies / "truth" / "gap000.nii.gz"))
+    assert e.value.msg.startswith("Status: 422; ") and "a slice is missing" in e.value.msg, e.value.msg
+    assert len(segs(orthanc)) == n_segs
+    assert ct_uid not in client.datastore()["objects"]
+    assert not list((server.model_dir.parent / "cache").glob(f"{ct_uid}*"))
+    upload([slices[10]], orthanc.dicomweb)  # the slice sent again: the case reads whole
+    out, result = client.infer("crossmodal", ct_uid, {})
+    assert result["modalities_used"] == ["ct"] and load_volume(out).shape[1:] == load_volume(
+        studies / "gap000.nii.gz").shape[1:]

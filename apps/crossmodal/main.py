@@ -14,6 +14,7 @@ from crossmodal.serving.datastore import http_error
 from crossmodal.serving.dicomweb import labels_onto_grid
 from crossmodal.serving.infer import CrossModalBatchInfer
 from crossmodal.serving.uploads import check_requests
+from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 
@@ -53,6 +54,13 @@ class MyApp(MONAILabelApp):
             request = {**request, "label": moved}
         try:
             result = super().infer(request, datastore)
+        except HTTPException:
+            raise
+        except Exception as e:
+            found = user_error_in(e)  # a case whose files (a PACS's series) do not read: 422 naming it, not a 500
+            if found is None:
+                raise
+            raise http_error(found) from e
         finally:
             if grid is not None and isinstance(strokes, str) and request["label"] != strokes:
                 os.remove(request["label"])

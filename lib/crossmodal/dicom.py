@@ -382,7 +382,7 @@ def series_to_nifti(files: Sequence[Path], dest: Path, case_id: str) -> None:
 
 def _check_slices(files: Sequence[Path], case_id: str) -> None:
     """A single-frame series' slices evenly spaced along their normal, or a CaseError naming the gap (a slice left
-    out of the export: the volume would be read with the wrong spacing)."""
+    out of an export or a send: the volume would be read with the wrong spacing)."""
     from crossmodal.io import CaseError
 
     heads = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
@@ -396,7 +396,7 @@ def _check_slices(files: Sequence[Path], case_id: str) -> None:
     if abs(gaps[worst] - step) > 0.01 * abs(step) + 1e-3:
         raise CaseError(case_id, files[0].parent, f"slices at {depth[worst]:.2f} and {depth[worst + 1]:.2f} mm are "
                                                   f"{gaps[worst]:.2f} mm apart, the others {step:.2f} mm: a slice "
-                                                  "is missing from the export (or two series share this UID)")
+                                                  "is missing (or two series share this UID)")
 
 
 def import_dicom(folder: str | os.PathLike[str], out: str | os.PathLike[str], cfg: CrossModalConfig,

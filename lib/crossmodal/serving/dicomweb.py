@@ -274,8 +274,11 @@ class PacsDatastore(CrossModalDatastore):
                 dicom_web_download_series(series.study, series.uid, str(tmp_dir), self.client)
             except requests.RequestException as e:
                 raise PacsUnavailable(self.url, f"fetching series {series.uid}", e) from e
-            # whole (no slice missing or cut short), readable and finite, or a CaseError naming the series
-            series_to_nifti(sorted(p for p in tmp_dir.iterdir() if p.is_file()), dest, series.uid)
+            try:  # whole (no slice missing or cut short), readable and finite
+                series_to_nifti(sorted(p for p in tmp_dir.iterdir() if p.is_file()), dest, series.uid)
+            except CaseError as e:  # named by the series on the PACS, not by the download's temp folder
+                raise CaseError(series.uid, None, f"{series.modality} series on {self.url}: {e.problem}; store "
+                                                  "the series there again") from e
             if not dicom_dir.is_dir():
                 dicom_dir.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(tmp_dir, dicom_dir)
@@ -437,7 +440,10 @@ class PacsDatastore(CrossModalDatastore):
         """Validate and cache the label (HTTP 422 on a bad one, nothing written); a ``final`` one goes to the PACS
         as DICOM SEG (HTTP 503 when unreachable: the label is kept and stored later)."""
         cid = self.resolve(image_id, flush=False)  # this save replaces a pending label of the case: no double upload
-        primary = self.get_image_uri(cid)
+        try:
+            primary = self.get_image_uri(cid)
+        except CaseError as e:  # its series do not read: a 422 naming it (was a 500)
+            raise http_error(e) from e
         grid, upload = self.viewer_grid(image_id), label_filename
         if grid is not None:  # drawn on a secondary series (OHIF's active viewport): onto the primary grid
             try:
