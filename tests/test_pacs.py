@@ -535,6 +535,10 @@ def test_a_pacs_series_with_a_slice_missing_is_a_422_naming_it_and_caches_nothin
     with pytest.raises(MONAILabelClientException) as e:  # a label for it: the same 422, nothing stored
         client.save_label(ct_uid, str(studies / "truth" / "gap000.nii.gz"))
     assert e.value.msg.startswith("Status: 422; ") and "a slice is missing" in e.value.msg, e.value.msg
+    (tmp_path / "strokes.bin").write_bytes(bytes(48 ** 3))  # OHIF's strokes: the grid comes from the case
+    with pytest.raises(MONAILabelClientException) as e:
+        client.infer("grow_scribbles", ct_uid, {}, label_in=str(tmp_path / "strokes.bin"))
+    assert e.value.msg.startswith("Status: 422; ") and "a slice is missing" in e.value.msg, e.value.msg
     assert len(segs(orthanc)) == n_segs
     assert ct_uid not in client.datastore()["objects"]
     assert not list((server.model_dir.parent / "cache").glob(f"{ct_uid}*"))

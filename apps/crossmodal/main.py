@@ -48,7 +48,11 @@ class MyApp(MONAILabelApp):
         strokes = request.get("label")
         if grid is not None and isinstance(strokes, str) and os.path.isfile(strokes):  # drawn on that series' grid
             try:
-                moved = labels_onto_grid(strokes, grid[1], store.get_image_uri(image_id), image_id)
+                primary = store.get_image_uri(image_id)
+            except CaseError as e:  # the case's own series do not read
+                raise http_error(e) from e
+            try:
+                moved = labels_onto_grid(strokes, grid[1], primary, image_id)
             except CaseError as e:
                 raise http_error(CaseError(image_id, None, f"uploaded strokes: {e.problem}")) from e
             request = {**request, "label": moved}

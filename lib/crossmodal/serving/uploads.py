@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from crossmodal.io import CaseError
 from fastapi import BackgroundTasks, HTTPException, UploadFile
 from monailabel.datastore.utils.convert import binary_to_image
 from monailabel.utils.others.generic import file_checksum, remove_file
@@ -145,7 +146,10 @@ def converting_bin_labels(run_inference: Callable[..., Any]) -> Callable[..., An
                 f"label {name}: a .bin label takes its grid from a datastore image; name it with `image` "
                 "(or send the label as NIfTI / NRRD)"))
         store = app_instance().datastore()
-        uri = store.get_image_uri(image)
+        try:
+            uri = store.get_image_uri(image)
+        except CaseError as e:  # the case's own files (a PACS's series) do not read
+            raise HTTPException(status_code=422, detail=str(e)) from e
         if not uri:
             raise HTTPException(status_code=404, detail=f"case {image!r}: no such image in the datastore")
         grid = store.viewer_grid(image) if hasattr(store, "viewer_grid") else None
