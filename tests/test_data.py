@@ -237,6 +237,30 @@ def test_cli_sparsify_reports_fraction_and_errors_name_the_file(tmp_path: Path, 
     assert bad.returncode == 2 and "none.nii.gz" in bad.stderr and "file does not exist" in bad.stderr
 
 
+
+def test_cli_help_and_argument_errors_load_neither_torch_nor_monai():
+    """``crossmodal --help``, a subcommand's help and a mistyped option answer without importing torch or MONAI
+    (which took the help 9 s); what they print is the parser's."""
+    probe = ("import contextlib, io, sys\n"
+             "from crossmodal.cli import main\n"
+             "for argv in (['--help'], ['train', '--help'], ['data', 'from-dicom', '--dicom']):\n"
+             "    out = io.StringIO()\n"
+             "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):\n"
+             "        try:\n"
+             "            main(argv)\n"
+             "        except SystemExit as e:\n"
+             "            print('exit', e.code)\n"
+             "    print(repr(out.getvalue().splitlines()[:1] + out.getvalue().splitlines()[-2:]))\n"
+             "print(sorted(m for m in ('torch', 'monai', 'monailabel', 'SimpleITK') if m in sys.modules))\n")
+    lines = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert lines[-1] == "[]", lines
+    top, train, typo = (eval(x) for x in lines[:3])  # noqa: S307 - reprs of lists of str, printed above
+    assert top[0].startswith("usage: crossmodal [-h] {data,train,simulate,propagate,evaluate,predict}") and \
+        top[-1] == "exit 0"
+    assert train[0].startswith("usage: crossmodal train [-h] --studies STUDIES") and train[-1] == "exit 0"
+    assert typo == ["usage: crossmodal data from-dicom [-h] --dicom DICOM --out OUT",
+                    "crossmodal data from-dicom: error: argument --dicom: expected one argument", "exit 2"]
+
 def test_phantom_cli_generates_in_seconds(tmp_path: Path):
     r = subprocess.run([*CLI, "data", "phantom", "--out", str(tmp_path / "p"), "--cases", "2", "--dense", "1",
                         "--sparse", "1", "--misregistration-mm", "4"], capture_output=True, text=True, check=True)

@@ -345,7 +345,7 @@ def test_cases_without_a_modality_train_with_it_left_out(tmp_path: Path, phantom
     and validate with PET left out of their fusion, heads and consistency terms: the run is the same, weights and
     validation, whatever their absent channel holds (zeros, or noise). By default such a case stops the run."""
     import crossmodal.transforms as transforms
-    from crossmodal.io import user_error_in
+    from crossmodal.errors import user_error_in
     from monai.utils import set_determinism
 
     studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=6, dense=2, sparse=1, seed=31)

@@ -6,8 +6,8 @@ import logging
 import os
 
 import crossmodal
+from crossmodal.errors import CaseError, user_error_in
 from crossmodal.inference import configure_threads
-from crossmodal.io import CaseError, user_error_in
 from crossmodal.serving.activelearning import RandomStrategy
 from crossmodal.serving.app import AppParts, check_infer_request, conf_flag, not_served
 from crossmodal.serving.datastore import http_error

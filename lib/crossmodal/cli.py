@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from crossmodal.config import ConfigError, load_config, parse_mirror_axes
-from crossmodal.io import IMAGE_EXTENSIONS, CaseError, user_error_in
+from crossmodal.config import IMAGE_EXTENSIONS, ConfigError, load_config, parse_mirror_axes
+from crossmodal.errors import CaseError, user_error_in  # not crossmodal.io: --help without torch and MONAI
 
 
 def _config(args: argparse.Namespace, default: str):

@@ -28,6 +28,7 @@ import yaml
 MODALITY_KINDS = ("ct", "mr", "pet")
 DICOM_MODALITY = {"ct": "CT", "mr": "MR", "pet": "PT"}
 MISSING_POLICIES = ("error", "zero_fill")
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd")  # the image and label files read and written
 # Names 3D Slicer drops on save: none of our label names may use them.
 SLICER_RESERVED_NAMES = ("background", "foreground_scribbles", "background_scribbles")
 

@@ -33,9 +33,9 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, ResampleToMatch
 from nibabel.openers import ImageOpener
 
-from crossmodal.config import ConfigError, atomic_write_bytes
+from crossmodal.config import IMAGE_EXTENSIONS, atomic_write_bytes
+from crossmodal.errors import CaseError
 
-IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -54,46 +54,6 @@ ImageOpener.compress_ext_map[".gz"] = (_isal_gzip_open, ("mode", "compresslevel"
 def publish_mode(tmp: str | os.PathLike[str]) -> None:
     """Give a temp file (``mkstemp`` makes it 0600) the mode a plain ``open`` would have."""
     os.chmod(tmp, 0o666 & ~_UMASK)
-
-
-class CaseError(ValueError):
-    """Bad input for one case: names the case, the file and what is wrong."""
-
-    def __init__(self, case_id: str, path: str | os.PathLike[str] | None, problem: str) -> None:
-        self.case_id, self.path, self.problem = case_id, str(path) if path else None, problem
-        where = f" file {self.path}:" if self.path else ""
-        super().__init__(f"case {case_id!r}:{where} {problem}")
-
-
-def cause_of_type(e: BaseException | None, types: tuple[type[BaseException], ...]) -> BaseException | None:
-    """``e`` or the first of its causes (``raise ... from``, else the exception being handled) that is one of
-    ``types``; None when the chain holds none.
-
-    MONAI's transforms and ignite's engine wrap what a loader raised (``RuntimeError: applying transform ...``),
-    so the :class:`CaseError` that names the case and the file lies further down the chain.
-
-    Example:
-        >>> try:
-        ...     try:
-        ...         raise CaseError("brain003", None, "is empty")
-        ...     except CaseError as inner:
-        ...         raise RuntimeError("applying transform") from inner
-        ... except RuntimeError as outer:
-        ...     print(cause_of_type(outer, (CaseError,)), cause_of_type(outer, (KeyError,)))
-        case 'brain003': is empty None
-    """
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, types):
-            return e
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def user_error_in(e: BaseException) -> BaseException | None:
-    """The :class:`CaseError` or ``ConfigError`` in ``e``'s chain - what to show the user -, or None (a bug)."""
-    return cause_of_type(e, (CaseError, ConfigError))
 
 
 def split_ext(path: str | os.PathLike[str]) -> tuple[str, str]:

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from crossmodal.active import combine, image_descriptor, score_image, scoring_input, select
 from crossmodal.config import ConfigError, CrossModalConfig, as_device, as_flag
-from crossmodal.io import CaseError, case_id_of, cause_of_type, find_case
+from crossmodal.errors import CaseError, cause_of_type
+from crossmodal.io import case_id_of, find_case
 from crossmodal.serving.datastore import CrossModalDatastore, http_error
 from crossmodal.transforms import preprocessing
 from monailabel.interfaces.datastore import Datastore

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from crossmodal.active import predictive_entropy
 from crossmodal.config import ConfigError, CrossModalConfig, as_device, as_number, parse_mirror_axes
+from crossmodal.errors import CaseError, cause_of_type
 from crossmodal.inference import NetworkInferer
-from crossmodal.io import IMAGE_EXTENSIONS, CaseError, case_id_of, cause_of_type, save_volume
+from crossmodal.io import IMAGE_EXTENSIONS, case_id_of, save_volume
 from crossmodal.nets import CrossModalNet, unwrap
 from crossmodal.serving.datastore import http_error
 from crossmodal.transforms import preprocessing, to_primary_grid, to_primary_labels

@@ -18,7 +18,8 @@ import torch
 from crossmodal.active import predictive_entropy
 from crossmodal.config import ConsistencyConfig, CrossModalConfig, atomic_write_text, load_config, merge_dicts
 from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR, files_by_case, primary_images, truth_files
-from crossmodal.io import CaseError, OutputFolder, atomic_copy, case_id_of, load_volume, save_volume, user_error_in
+from crossmodal.errors import CaseError, user_error_in
+from crossmodal.io import OutputFolder, atomic_copy, case_id_of, load_volume, save_volume
 from crossmodal.serving.app import AppParts
 from monai.data import MetaTensor
 from monai.metrics import compute_dice, compute_hausdorff_distance
