@@ -252,7 +252,8 @@ def test_cli_help_and_argument_errors_load_neither_torch_nor_monai():
              "            print('exit', e.code)\n"
              "    print(repr(out.getvalue().splitlines()[:1] + out.getvalue().splitlines()[-2:]))\n"
              "print(sorted(m for m in ('torch', 'monai', 'monailabel', 'SimpleITK') if m in sys.modules))\n")
-    lines = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.splitlines()
+    lines = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
     assert lines[-1] == "[]", lines
     top, train, typo = (eval(x) for x in lines[:3])  # noqa: S307 - reprs of lists of str, printed above
     assert top[0].startswith("usage: crossmodal [-h] {data,train,simulate,propagate,evaluate,predict}") and \

@@ -6,6 +6,7 @@ Studies are uploaded with the real ``crossmodal data to-dicom --upload``; labels
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import signal
 import subprocess
@@ -112,12 +113,13 @@ def test_to_dicom_writes_nrrd_cases_as_it_writes_nifti_ones(tmp_path):
     np.testing.assert_array_equal(seg_nifti.pixel_array, seg_nrrd.pixel_array)
 
 
-def test_from_dicom_makes_a_studies_folder_of_a_dicom_export(tmp_path, capsys):
+def test_from_dicom_makes_a_studies_folder_of_a_dicom_export(tmp_path, capsys, caplog):
     """``crossmodal data from-dicom`` on what ``to-dicom`` wrote, laid out as a CD export (nested folders, a
     non-DICOM file): the same cases - images on their grids with their values (MR to a scale: written as a scanner
     does), labels from their SEG, dense and sparse alike, a study without PET imported without it; a patient's second
     study gets its own case; a series that does not read fails its case only (named, exit 2); an ``--out`` holding
-    the cases and a folder with no study are refused."""
+    the cases and a folder with no study are refused; series left out are listed with their case, a study without
+    a CT series in a warning."""
     from crossmodal.cli import main
     from crossmodal.io import find_case
 
@@ -127,11 +129,26 @@ def test_from_dicom_makes_a_studies_folder_of_a_dicom_export(tmp_path, capsys):
     assert main(["data", "to-dicom", "--studies", str(studies), "--config", "phantom", "--out",
                  str(export / "DICOM")]) == 0
     (export / "README.TXT").write_text("patient CD\n")
+    # a localizer in phantom000's study (a CT series numbered after the volume's), a study with no CT
+    ct0 = sorted((export / "DICOM" / "phantom000" / "ct").glob("*.dcm"))[0]
+    for folder, changes in (("phantom000/loc", {"SeriesDescription": "localizer", "SeriesNumber": 99}),
+                            ("other", {"StudyInstanceUID": "1.2.3.4", "PatientID": "other", "Modality": "MR",
+                                       "SeriesDescription": "survey"})):
+        ds = pydicom.dcmread(str(ct0))
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+        for k, v in changes.items():
+            setattr(ds, k, v)
+        (export / "DICOM" / folder).mkdir(parents=True)
+        ds.save_as(str(export / "DICOM" / folder / "1.dcm"))
     capsys.readouterr()
     out = tmp_path / "back"
-    assert main(["data", "from-dicom", "--dicom", str(export), "--out", str(out), "--config", "phantom"]) == 0
+    with caplog.at_level(logging.WARNING, logger="crossmodal.dicom"):
+        assert main(["data", "from-dicom", "--dicom", str(export), "--out", str(out), "--config", "phantom"]) == 0
     records = {r["case"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
     assert sorted(records) == ["phantom000", "phantom001", "phantom002"]
+    assert [records[c]["skipped"] for c in sorted(records)] == [["CT 'localizer' #99"], [], []]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{export}: study 1.2.3.4 (patient other) has no series for 'ct' among [\"MR 'survey' #1\"]; not imported"]
     assert [records[c]["label"] for c in sorted(records)] == ["dense", "sparse", None]
     assert records["phantom002"]["series"]["pet"] is None and records["phantom002"]["series"]["mr"]
     for cid in records:

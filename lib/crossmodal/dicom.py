@@ -12,12 +12,14 @@ SEG maps segment numbers back to label values by name, whatever numbering the wr
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pydicom
@@ -25,6 +27,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from crossmodal.config import CrossModalConfig, LabelConfig
+
+if TYPE_CHECKING:
+    from crossmodal.serving.dicomweb import Series
+
+logger = logging.getLogger(__name__)
 
 SOP_CLASS = {  # DICOM Modality -> image storage SOP class
     "CT": "1.2.840.10008.5.1.4.1.1.2",
@@ -297,13 +304,13 @@ def _series_date(ds: Dataset) -> str:
     return f"{ds.get('SeriesDate', '')}{ds.get('SeriesTime', '')}"
 
 
-def scan_dicom(folder: str | os.PathLike[str]) -> tuple[dict[str, list[Path]], dict[str, Dataset], int]:
-    """Every DICOM file under ``folder`` by series: ``({series uid: files}, {series uid: one header}, files that
-    are not DICOM)``; headers are read without pixel data."""
+def scan_dicom(folder: str | os.PathLike[str]) -> tuple[dict[str, list[Path]], dict[str, list[Dataset]], int]:
+    """Every DICOM file under ``folder`` by series: ``({series uid: files}, {series uid: their headers, in the same
+    order}, files that are not DICOM)``; headers are read once, without pixel data."""
     from pydicom.errors import InvalidDicomError
 
     files: dict[str, list[Path]] = {}
-    headers: dict[str, Dataset] = {}
+    headers: dict[str, list[Dataset]] = {}
     other = 0
     for p in sorted(Path(folder).rglob("*")):
         if not p.is_file():
@@ -316,8 +323,13 @@ def scan_dicom(folder: str | os.PathLike[str]) -> tuple[dict[str, list[Path]], d
             other += 1  # not DICOM, or no image / SEG instance (a DICOMDIR)
             continue
         files.setdefault(str(ds.SeriesInstanceUID), []).append(p)
-        headers.setdefault(str(ds.SeriesInstanceUID), ds)
+        headers.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
     return files, headers, other
+
+
+def _describe(s: Series) -> str:
+    """A series as a user finds it in a viewer: ``MR 'T1 localizer' #1``."""
+    return f"{s.modality} {s.description!r} #{s.number}"
 
 
 def _referenced_series(seg: Dataset) -> str | None:
@@ -345,8 +357,9 @@ def _case_ids(cases: Iterable[str], headers: dict[str, Dataset]) -> dict[str, st
     return ids
 
 
-def series_to_nifti(files: Sequence[Path], dest: Path, case_id: str) -> None:
-    """One series' files -> NIfTI at ``dest`` (MONAI Label's ``dicom_to_nifti``; atomic), checked whole.
+def series_to_nifti(files: Sequence[Path], dest: Path, case_id: str, headers: Sequence[Dataset] | None = None) -> None:
+    """One series' files -> NIfTI at ``dest`` (MONAI Label's ``dicom_to_nifti``; atomic), checked whole; ``headers``:
+    the files' headers when already read (:func:`scan_dicom`), else read here.
 
     Raises:
         CaseError: naming ``case_id`` and the series' folder: slices unevenly spaced (one missing), fewer voxels
@@ -357,7 +370,8 @@ def series_to_nifti(files: Sequence[Path], dest: Path, case_id: str) -> None:
     from crossmodal.io import CaseError, atomic_copy, load_volume
 
     where = files[0].parent
-    _check_slices(files, case_id)
+    heads = list(headers) if headers is not None else [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
+    _check_slices(heads, where, case_id)
     with tempfile.TemporaryDirectory(prefix="crossmodal-series-") as tmp:
         for n, f in enumerate(files):
             os.symlink(f.resolve(), Path(tmp) / f"{n:05d}.dcm")
@@ -368,7 +382,7 @@ def series_to_nifti(files: Sequence[Path], dest: Path, case_id: str) -> None:
                                             f"({type(e).__name__}: {e})") from e
         try:
             vol = load_volume(nii, case_id)  # finite, 3D: or a CaseError
-            header = pydicom.dcmread(str(files[0]), stop_before_pixels=True)
+            header = heads[0]
             frames = int(header.get("NumberOfFrames", 1) or 1)
             expected = int(header.Rows) * int(header.Columns) * frames * len(files)
             if int(np.prod(vol.shape[1:])) != expected:  # ITK leaves out a slice it cannot decode, and goes on
@@ -380,12 +394,11 @@ def series_to_nifti(files: Sequence[Path], dest: Path, case_id: str) -> None:
             Path(nii).unlink(missing_ok=True)
 
 
-def _check_slices(files: Sequence[Path], case_id: str) -> None:
-    """A single-frame series' slices evenly spaced along their normal, or a CaseError naming the gap (a slice left
-    out of an export or a send: the volume would be read with the wrong spacing)."""
+def _check_slices(heads: Sequence[Dataset], where: Path, case_id: str) -> None:
+    """A single-frame series' slices (their headers) evenly spaced along their normal, or a CaseError naming the gap
+    (a slice left out of an export or a send: the volume would be read with the wrong spacing) and ``where``."""
     from crossmodal.io import CaseError
 
-    heads = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
     if len(heads) < 3 or any("ImagePositionPatient" not in h or "ImageOrientationPatient" not in h for h in heads):
         return
     row, col = (np.asarray(heads[0].ImageOrientationPatient, float).reshape(2, 3))
@@ -394,7 +407,7 @@ def _check_slices(files: Sequence[Path], case_id: str) -> None:
     step = float(np.median(gaps))
     worst = int(np.argmax(np.abs(gaps - step)))
     if abs(gaps[worst] - step) > 0.01 * abs(step) + 1e-3:
-        raise CaseError(case_id, files[0].parent, f"slices at {depth[worst]:.2f} and {depth[worst + 1]:.2f} mm are "
+        raise CaseError(case_id, where, f"slices at {depth[worst]:.2f} and {depth[worst + 1]:.2f} mm are "
                                                   f"{gaps[worst]:.2f} mm apart, the others {step:.2f} mm: a slice "
                                                   "is missing (or two series share this UID)")
 
@@ -411,7 +424,9 @@ def import_dicom(folder: str | os.PathLike[str], out: str | os.PathLike[str], cf
     The primary image is written last, so a case killed half-way is not listed as a case.
 
     Returns one record per case: ``case``, ``study``, ``series`` (modality -> SeriesInstanceUID or None),
-    ``label`` (``dense`` / ``sparse`` / None) or ``error`` (that case not imported; the others are).
+    ``skipped`` (the study's series not imported: ``MR 'localizer' #1``, older SEGs, SEGs on another series),
+    ``label`` (``dense`` / ``sparse`` / None) or ``error`` (that case not imported; the others are). A study without
+    a primary series is a warning naming its series.
 
     Raises:
         ValueError: no DICOM study with a primary series under ``folder``, or ``out`` holding one of the cases
@@ -425,8 +440,9 @@ def import_dicom(folder: str | os.PathLike[str], out: str | os.PathLike[str], cf
     from crossmodal.serving.dicomweb import Series, match_studies
 
     files, headers, other = scan_dicom(folder)
+    first = {uid: heads[0] for uid, heads in headers.items()}
     series = [Series(uid, str(h.StudyInstanceUID), str(h.Modality), str(h.get("SeriesDescription", "")),
-                     int(h.get("SeriesNumber", 0) or 0), _series_date(h)) for uid, h in headers.items()]
+                     int(h.get("SeriesNumber", 0) or 0), _series_date(h)) for uid, h in first.items()]
     cases = match_studies(series, cfg.modalities)
     if not cases:
         found = sorted({f"{s.modality} {s.description!r}" for s in series})
@@ -435,7 +451,11 @@ def import_dicom(folder: str | os.PathLike[str], out: str | os.PathLike[str], cf
         raise ValueError(f"{folder}: no study with a {primary.dicom_modality} series{rule} for {primary.name!r} among "
                          f"{len(files)} DICOM series ({found[:8]}) and {other} other files; the config's "
                          "modalities name the series they take (dicom_modality, series_description)")
-    ids = _case_ids(cases, headers)
+    ids = _case_ids(cases, first)
+    for study in sorted({s.study for s in series} - {c.study for c in cases.values()}):
+        in_it = sorted((s for s in series if s.study == study), key=lambda s: (s.number, s.uid))
+        logger.warning(f"{folder}: study {study} (patient {first[in_it[0].uid].get('PatientID', '')}) has no series "
+                       f"for {cfg.modality_names[0]!r} among {[_describe(s) for s in in_it]}; not imported")
     root = Path(out)
     check_new_cases(root, list(ids.values()), sidecar_dir=cfg.data.sidecar_dir, instead="give a new folder")
     segs = sorted((s for s in series if s.modality == "SEG"), key=lambda s: s.when)
@@ -445,15 +465,20 @@ def import_dicom(folder: str | os.PathLike[str], out: str | os.PathLike[str], cf
         cid = ids[uid]
         record: dict = {"case": cid, "study": case.study, "series": {
             cfg.modality_names[0]: uid, **{n: s.uid if s else None for n, s in case.siblings.items()}}}
+        taken = {uid, *(s.uid for s in case.siblings.values() if s)}
+        on_it = [s for s in segs if _referenced_series(first[s.uid]) == uid]
+        record["skipped"] = [_describe(s) + ("" if s.modality != "SEG" else " (older SEG)" if s in on_it[:-1] else
+                                             " (SEG on another series)")
+                             for s in sorted(series, key=lambda s: (s.number, s.uid))
+                             if s.study == case.study and s.uid not in taken and (not on_it or s != on_it[-1])]
         try:
             with tempfile.TemporaryDirectory(prefix="crossmodal-import-") as tmp:  # the case whole, then moved in
                 made = {cfg.modality_names[0]: Path(tmp) / "primary.nii.gz"}
-                series_to_nifti(files[uid], made[cfg.modality_names[0]], cid)
+                series_to_nifti(files[uid], made[cfg.modality_names[0]], cid, headers[uid])
                 for name, s in case.siblings.items():
                     if s is not None:
                         made[name] = Path(tmp) / f"{name}.nii.gz"
-                        series_to_nifti(files[s.uid], made[name], cid)
-                on_it = [s for s in segs if _referenced_series(headers[s.uid]) == uid]
+                        series_to_nifti(files[s.uid], made[name], cid, headers[s.uid])
                 record["label"] = None
                 if on_it:
                     ref = load_volume(made[cfg.modality_names[0]], cid)
