@@ -129,12 +129,15 @@ def test_from_dicom_makes_a_studies_folder_of_a_dicom_export(tmp_path, capsys, c
     assert main(["data", "to-dicom", "--studies", str(studies), "--config", "phantom", "--out",
                  str(export / "DICOM")]) == 0
     (export / "README.TXT").write_text("patient CD\n")
-    # a localizer in phantom000's study (a CT series numbered after the volume's), a study with no CT
+    # a localizer in phantom000's study (a CT series numbered after the volume's), a study with no CT, an older SEG
     ct0 = sorted((export / "DICOM" / "phantom000" / "ct").glob("*.dcm"))[0]
-    for folder, changes in (("phantom000/loc", {"SeriesDescription": "localizer", "SeriesNumber": 99}),
-                            ("other", {"StudyInstanceUID": "1.2.3.4", "PatientID": "other", "Modality": "MR",
-                                       "SeriesDescription": "survey"})):
-        ds = pydicom.dcmread(str(ct0))
+    for folder, source, changes in (
+            ("phantom000/loc", ct0, {"SeriesDescription": "localizer", "SeriesNumber": 99}),
+            ("other", ct0, {"StudyInstanceUID": "1.2.3.4", "PatientID": "other", "Modality": "MR",
+                            "SeriesDescription": "survey"}),
+            ("phantom001/old", export / "DICOM" / "phantom001" / "seg.dcm", {"SeriesDate": "20000101",
+                                                                             "SeriesDescription": "draft"})):
+        ds = pydicom.dcmread(str(source))
         ds.SeriesInstanceUID, ds.SOPInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
         for k, v in changes.items():
             setattr(ds, k, v)
@@ -146,7 +149,8 @@ def test_from_dicom_makes_a_studies_folder_of_a_dicom_export(tmp_path, capsys, c
         assert main(["data", "from-dicom", "--dicom", str(export), "--out", str(out), "--config", "phantom"]) == 0
     records = {r["case"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
     assert sorted(records) == ["phantom000", "phantom001", "phantom002"]
-    assert [records[c]["skipped"] for c in sorted(records)] == [["CT 'localizer' #99"], [], []]
+    assert [records[c]["skipped"] for c in sorted(records)] == [["CT 'localizer' #99"],
+                                                                ["SEG 'draft' #300 (older SEG)"], []]
     assert [r.getMessage() for r in caplog.records] == [
         f"{export}: study 1.2.3.4 (patient other) has no series for 'ct' among [\"MR 'survey' #1\"]; not imported"]
     assert [records[c]["label"] for c in sorted(records)] == ["dense", "sparse", None]
