@@ -408,8 +408,8 @@ def _check_slices(heads: Sequence[Dataset], where: Path, case_id: str) -> None:
     worst = int(np.argmax(np.abs(gaps - step)))
     if abs(gaps[worst] - step) > 0.01 * abs(step) + 1e-3:
         raise CaseError(case_id, where, f"slices at {depth[worst]:.2f} and {depth[worst + 1]:.2f} mm are "
-                                                  f"{gaps[worst]:.2f} mm apart, the others {step:.2f} mm: a slice "
-                                                  "is missing (or two series share this UID)")
+                                        f"{gaps[worst]:.2f} mm apart, the others {step:.2f} mm: a slice is missing "
+                                        "(or two series share this UID)")
 
 
 def import_dicom(folder: str | os.PathLike[str], out: str | os.PathLike[str], cfg: CrossModalConfig,
