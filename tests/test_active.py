@@ -400,23 +400,22 @@ def test_a_child_write_in_the_same_mtime_tick_is_neither_missed_nor_overwritten(
     assert fresh.get_image_info("phantom001")[HANDOUT_KEY]["client"] == "B"
 
 
-def test_simulate_cli_rejects_a_pool_too_small_for_its_rounds_before_training(tmp_path):
+def test_simulate_cli_rejects_a_pool_too_small_for_its_rounds_before_training(tmp_path, capsys):
+    from crossmodal.cli import main  # in-process: a subprocess spends ~8 s importing MONAI
+
     studies = make_phantom_studies(tmp_path / "s", CFG, cases=5, dense=0, sparse=0, seed=6)
     out = tmp_path / "results"
-    r = subprocess.run([sys.executable, "-m", "crossmodal.cli", "simulate", "--studies", str(studies), "--config",
-                        "phantom", "--seeds", "0", "--test", "2", "--initial", "1", "--k", "2", "--rounds", "3",
-                        "--out", str(out), "--work", str(tmp_path / "work")], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == (
+    assert main(["simulate", "--studies", str(studies), "--config", "phantom", "--seeds", "0", "--test", "2",
+                 "--initial", "1", "--k", "2", "--rounds", "3", "--out", str(out), "--work",
+                 str(tmp_path / "work")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "crossmodal: error: --initial 1 + --k 2 x 2 more rounds = 5 cases to annotate, but the pool holds 3 "
         "(5 cases with truth, --test 2 held out); use --rounds 2 or fewer")
     assert not list(out.glob("*.json")) and not (tmp_path / "work").exists()  # no reference model trained first
-    r = subprocess.run([sys.executable, "-m", "crossmodal.cli", "simulate", "--studies", str(studies), "--config",
-                        "phantom", "--test", "2", "--initial", "1", "--k", "1", "--rounds", "2", "--steps", "1",
-                        "--patch", "30", "--out", str(out), "--work", str(tmp_path / "work")], capture_output=True,
-                       text=True, timeout=120)  # was a tensor-size RuntimeError traceback once training began
-    assert (r.returncode, r.stderr.strip().splitlines()[-1]) == (2, (
+    rc = main(["simulate", "--studies", str(studies), "--config", "phantom", "--test", "2", "--initial", "1", "--k",
+               "1", "--rounds", "2", "--steps", "1", "--patch", "30", "--out", str(out), "--work",
+               str(tmp_path / "work")])  # was a tensor-size RuntimeError traceback once training began
+    assert (rc, capsys.readouterr().err.strip().splitlines()[-1]) == (2, (
         "crossmodal: error: --patch 30: train.patch_size: [30, 30, 30] must be three multiples of 8 (the product of "
         "model.strides [2, 2, 2]), each at least 16"))
     assert not list(out.glob("*.json")) and not (tmp_path / "work").exists()

@@ -145,10 +145,12 @@ def load_case_from_synthetic(case, cfg, tmp=None):
 def test_nnunet_export_import_roundtrip(tmp_path: Path, phantom_cfg, capsys):
     studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=4, dense=1, sparse=1)
     out = tmp_path / "Dataset001_Phantom"
-    r = subprocess.run([*CLI, "data", "export-nnunet", "--studies", str(studies), "--out", str(out), "--config",
-                        "phantom", "--test", "phantom003"], capture_output=True, text=True, check=True)
+    from crossmodal.cli import main  # in-process: a subprocess would spend ~8 s importing MONAI for each command
+
+    assert main(["data", "export-nnunet", "--studies", str(studies), "--out", str(out), "--config", "phantom",
+                 "--test", "phantom003"]) == 0
     meta = json.loads((out / "dataset.json").read_text())
-    assert json.loads(r.stdout)["labels"]["ignore"] == 4 == meta["labels"]["ignore"]
+    assert json.loads(capsys.readouterr().out)["labels"]["ignore"] == 4 == meta["labels"]["ignore"]
     assert meta["channel_names"] == {"0": "ct", "1": "pet", "2": "mr"} and meta["numTraining"] == 3
     assert sorted(p.name for p in (out / "labelsTr").iterdir()) == ["phantom000.nii.gz", "phantom001.nii.gz"]
     assert (out / "imagesTr" / "phantom002_0002.nii.gz").is_file()  # unlabeled training case
@@ -158,8 +160,6 @@ def test_nnunet_export_import_roundtrip(tmp_path: Path, phantom_cfg, capsys):
     sparse_tr = load_volume(out / "labelsTr" / "phantom001.nii.gz")[0].numpy()
     assert (sparse_tr == 4).mean() > 0.8  # mostly ignore
     # again into that dataset: refused before writing (a label removed since would have stayed in labelsTr)
-    from crossmodal.cli import main
-
     before = snapshot(out)
     assert main(["data", "export-nnunet", "--studies", str(studies), "--out", str(out), "--config", "phantom"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
@@ -168,8 +168,7 @@ def test_nnunet_export_import_roundtrip(tmp_path: Path, phantom_cfg, capsys):
     assert snapshot(out) == before
 
     back = tmp_path / "back"
-    subprocess.run([*CLI, "data", "import-nnunet", "--dataset", str(out), "--out", str(back), "--config", "phantom"],
-                   check=True, capture_output=True)
+    assert main(["data", "import-nnunet", "--dataset", str(out), "--out", str(back), "--config", "phantom"]) == 0
     orig = load_volume(studies / "labels" / "final" / "phantom001.nii.gz")[0].numpy()
     again = load_volume(back / "labels" / "final" / "phantom001.nii.gz")[0].numpy()
     assert np.array_equal(orig, again)  # sparse label survives the round trip exactly
@@ -181,9 +180,10 @@ def test_nnunet_export_import_roundtrip(tmp_path: Path, phantom_cfg, capsys):
     for text, problem in (("{bad json", "not valid JSON (Expecting property name"),
                           ('{"labels": {}}', "key 'channel_names' is missing")):
         (out / "dataset.json").write_text(text)
-        bad = subprocess.run([*CLI, "data", "import-nnunet", "--dataset", str(out), "--out", str(tmp_path / "x"),
-                              "--config", "phantom"], capture_output=True, text=True)
-        assert bad.returncode == 2 and bad.stderr.startswith(f"crossmodal: error: {out / 'dataset.json'}: {problem}")
+        capsys.readouterr()
+        assert main(["data", "import-nnunet", "--dataset", str(out), "--out", str(tmp_path / "x"), "--config",
+                     "phantom"]) == 2
+        assert capsys.readouterr().err.startswith(f"crossmodal: error: {out / 'dataset.json'}: {problem}")
 
 
 def test_nnunet_dataset_in_its_file_ending(tmp_path: Path, phantom_cfg):
@@ -225,16 +225,18 @@ def test_nnunet_dataset_in_its_file_ending(tmp_path: Path, phantom_cfg):
     assert not (tmp_path / "c").exists()
 
 
-def test_cli_sparsify_reports_fraction_and_errors_name_the_file(tmp_path: Path, phantom_cfg):
+def test_cli_sparsify_reports_fraction_and_errors_name_the_file(tmp_path: Path, phantom_cfg, capsys):
+    from crossmodal.cli import main
+
     studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=1, dense=0, sparse=0)
-    r = subprocess.run([*CLI, "data", "sparsify", "--label", str(studies / "truth" / "phantom000.nii.gz"),
-                        "--out", str(tmp_path / "sl.nii.gz"), "--mode", "slices", "--step", "8", "--config",
-                        "phantom"], capture_output=True, text=True, check=True)
-    rep = json.loads(r.stdout)
+    assert main(["data", "sparsify", "--label", str(studies / "truth" / "phantom000.nii.gz"), "--out",
+                 str(tmp_path / "sl.nii.gz"), "--mode", "slices", "--step", "8", "--config", "phantom"]) == 0
+    rep = json.loads(capsys.readouterr().out)
     assert rep["annotated_fraction"] == pytest.approx(6 / 48, abs=1e-4)
-    bad = subprocess.run([*CLI, "data", "sparsify", "--label", str(tmp_path / "none.nii.gz"), "--out",
-                          str(tmp_path / "x.nii.gz")], capture_output=True, text=True)
-    assert bad.returncode == 2 and "none.nii.gz" in bad.stderr and "file does not exist" in bad.stderr
+    assert main(["data", "sparsify", "--label", str(tmp_path / "none.nii.gz"), "--out",
+                 str(tmp_path / "x.nii.gz")]) == 2
+    err = capsys.readouterr().err
+    assert "none.nii.gz" in err and "file does not exist" in err
 
 
 
@@ -309,14 +311,17 @@ def test_data_commands_do_not_write_over_cases_a_folder_holds(tmp_path: Path, ca
         assert not (out / f"{prefix}000.nii.gz").exists()
 
 
-def test_phantom_cli_cycles_variants_by_case_index_and_rejects_unknown_ones(tmp_path: Path):
-    r = subprocess.run([*CLI, "data", "phantom", "--out", str(tmp_path / "p"), "--cases", "3", "--size", "24",
-                        "--variants", "cold_lesion,typical"], capture_output=True, text=True, check=True)
-    assert [json.loads(line)["variant"] for line in r.stdout.splitlines()] == ["cold_lesion", "typical", "cold_lesion"]
-    bad = subprocess.run([*CLI, "data", "phantom", "--out", str(tmp_path / "q"), "--cases", "1", "--variants",
-                          "typical,hot"], capture_output=True, text=True)
-    assert bad.returncode != 0 and "--variants 'typical,hot': unknown ['hot']" in bad.stderr
-    assert "other_mr_weighting" in bad.stderr and not (tmp_path / "q").exists()
+def test_phantom_cli_cycles_variants_by_case_index_and_rejects_unknown_ones(tmp_path: Path, capsys):
+    from crossmodal.cli import main
+
+    assert main(["data", "phantom", "--out", str(tmp_path / "p"), "--cases", "3", "--size", "24", "--variants",
+                 "cold_lesion,typical"]) == 0
+    out = capsys.readouterr().out
+    assert [json.loads(line)["variant"] for line in out.splitlines()] == ["cold_lesion", "typical", "cold_lesion"]
+    with pytest.raises(SystemExit) as bad:
+        main(["data", "phantom", "--out", str(tmp_path / "q"), "--cases", "1", "--variants", "typical,hot"])
+    assert "--variants 'typical,hot': unknown ['hot']" in str(bad.value.code)
+    assert "other_mr_weighting" in str(bad.value.code) and not (tmp_path / "q").exists()
 
 
 def test_offline_commands_on_cases_without_a_modality(tmp_path: Path, phantom_cfg, capsys):
@@ -492,8 +497,10 @@ def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg, 
     temp.mkdir()
     env = {**os.environ, "TMPDIR": str(temp)}
     ds = tmp_path / "Dataset002_Phantom"
-    subprocess.run([*CLI, "data", "export-nnunet", "--studies", str(studies), "--out", str(ds), "--config", "phantom",
-                    "--test", "phantom002"], check=True, capture_output=True)
+    from crossmodal.cli import main  # in this process (an interpreter's start saved), its temp folder the same
+
+    assert main(["data", "export-nnunet", "--studies", str(studies), "--out", str(ds), "--config", "phantom",
+                 "--test", "phantom002"]) == 0
     r = subprocess.run([*CLI, "evaluate", "--studies", str(ds), "--config", "phantom", "--model",
                         str(PRETRAINED_PHANTOM), "--network", "baseline_unet", "--out", str(tmp_path / "e.json")],
                        capture_output=True, text=True, check=True, env=env)
@@ -504,8 +511,7 @@ def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg, 
     assert summary["mirror_axes"] == [] and summary["per_case"][0]["seconds"] > 0  # one pass, its infer seconds
     assert summary["seconds_mean"] == pytest.approx(summary["per_case"][0]["seconds"])
     # predict: the dataset's imagesTs cases, as nnU-Net predicts them; the map evaluate scored
-    from crossmodal.cli import main  # in this process (an interpreter's start saved), its temp folder the same
-
+    capsys.readouterr()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     assert main(["predict", "--studies", str(ds), "--config", "phantom", "--model", str(PRETRAINED_PHANTOM),
                  "--network", "baseline_unet", "--out", str(tmp_path / "p")]) == 0

@@ -5,12 +5,12 @@ Studies are uploaded with the real ``crossmodal data to-dicom --upload``; labels
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import pytest
 import requests
 import SimpleITK as sitk
 from conftest import PRETRAINED_PHANTOM, dice, make_phantom_studies, start_server, stop_server
+from crossmodal.cli import main
 from crossmodal.config import ModalityConfig, load_config
 from crossmodal.data.phantom import make_phantom
 from crossmodal.data.sparse import scribbles
@@ -86,16 +87,16 @@ def test_label_seg_round_trip_keeps_values_kind_and_marked_background(tmp_path):
         seg_to_label(seg, CFG.labels, affine @ np.diag([1.0, 1.0, 0.5, 1.0]), (16, 12, 4))
 
 
-def test_to_dicom_writes_nrrd_cases_as_it_writes_nifti_ones(tmp_path):
+def test_to_dicom_writes_nrrd_cases_as_it_writes_nifti_ones(tmp_path, capsys):
     """``crossmodal data to-dicom`` on the same case saved as NRRD and as NIfTI: the same series, slice by slice
     (nibabel alone read no NRRD: the command stopped on its first case with "Cannot work out file type")."""
     def dicom_of(ext: str) -> dict[tuple[str, int], pydicom.Dataset]:
         studies = tmp_path / ext.split(".")[1]
         generate(studies, CFG, lambda rng: make_phantom(CFG, rng, size=24), 1, 5, "phantom", dense=1, ext=ext)
-        out = subprocess.run([sys.executable, "-m", "crossmodal.cli", "data", "to-dicom", "--studies", str(studies),
-                              "--config", "phantom", "--out", str(studies / "dcm")], capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr
-        assert [json.loads(line)["series"] for line in out.stdout.splitlines()] == [["ct", "mr", "pet"]]
+        capsys.readouterr()
+        assert main(["data", "to-dicom", "--studies", str(studies), "--config", "phantom", "--out",
+                     str(studies / "dcm")]) == 0
+        assert [json.loads(line)["series"] for line in capsys.readouterr().out.splitlines()] == [["ct", "mr", "pet"]]
         files = (studies / "dcm" / "phantom000").glob("*/*.dcm")
         return {(f.parent.name, int(ds.InstanceNumber)): ds for f in files if (ds := pydicom.dcmread(str(f)))}
 
@@ -120,7 +121,6 @@ def test_from_dicom_makes_a_studies_folder_of_a_dicom_export(tmp_path, capsys, c
     study gets its own case; a series that does not read fails its case only (named, exit 2); an ``--out`` holding
     the cases and a folder with no study are refused; series left out are listed with their case, a study without
     a CT series in a warning."""
-    from crossmodal.cli import main
     from crossmodal.io import find_case
 
     studies = make_phantom_studies(tmp_path / "s", CFG, cases=3, dense=1, sparse=1, seed=11)
@@ -252,10 +252,10 @@ def pacs(tmp_path_factory):
     studies = make_phantom_studies(root / "studies", CFG, cases=4, dense=1, sparse=0, seed=21)
     (studies / "modalities" / "phantom003" / "pet.nii.gz").unlink()
     orthanc = Orthanc(root / "orthanc").start()
-    out = subprocess.run([sys.executable, "-m", "crossmodal.cli", "data", "to-dicom", "--studies", str(studies),
-                          "--config", "phantom", "--upload", orthanc.dicomweb], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    records = [json.loads(line) for line in out.stdout.splitlines()]
+    with contextlib.redirect_stdout(io.StringIO()) as out:  # in-process: a subprocess spends ~8 s importing MONAI
+        assert main(["data", "to-dicom", "--studies", str(studies), "--config", "phantom", "--upload",
+                     orthanc.dicomweb]) == 0
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [r["label"] for r in records] == ["dense", None, None, None]
     assert records[3]["series"] == ["ct", "mr"]
     yield orthanc, studies
@@ -404,9 +404,8 @@ def test_pacs_down_or_slow_gives_503_and_keeps_the_label(pacs, server, client, t
     # down: Orthanc stopped -> a clear 503 again; restarted on the same port and storage -> the label is stored
     extra = tmp_path / "extra"
     generate(extra, CFG, lambda rng: make_phantom(CFG, rng, size=32), 1, 99, "extra")
-    out = subprocess.run([sys.executable, "-m", "crossmodal.cli", "data", "to-dicom", "--studies", str(extra),
-                          "--config", "phantom", "--upload", orthanc.dicomweb], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    assert main(["data", "to-dicom", "--studies", str(extra), "--config", "phantom", "--upload",
+                 orthanc.dicomweb]) == 0
     new_study = uid_of(orthanc, "extra000")
     orthanc.stop()
     with pytest.raises(MONAILabelClientException) as e:
