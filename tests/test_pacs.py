@@ -143,14 +143,21 @@ def test_from_dicom_makes_a_studies_folder_of_a_dicom_export(tmp_path, capsys, c
             setattr(ds, k, v)
         (export / "DICOM" / folder).mkdir(parents=True)
         ds.save_as(str(export / "DICOM" / folder / "1.dcm"))
+    # the newest SEG of phantom001, drawn on its PET series: not its label (labels live on the primary grid)
+    on_pet = pydicom.dcmread(str(export / "DICOM" / "phantom001" / "seg.dcm"))
+    on_pet.SeriesInstanceUID, on_pet.SOPInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    on_pet.SeriesDate, on_pet.SeriesDescription, on_pet.SeriesNumber = "29990101", "on pet", 301
+    on_pet.ReferencedSeriesSequence[0].SeriesInstanceUID = pydicom.dcmread(str(next(
+        (export / "DICOM" / "phantom001" / "pet").glob("*.dcm"))), stop_before_pixels=True).SeriesInstanceUID
+    on_pet.save_as(str(export / "DICOM" / "phantom001" / "old" / "2.dcm"))
     capsys.readouterr()
     out = tmp_path / "back"
     with caplog.at_level(logging.WARNING, logger="crossmodal.dicom"):
         assert main(["data", "from-dicom", "--dicom", str(export), "--out", str(out), "--config", "phantom"]) == 0
     records = {r["case"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
     assert sorted(records) == ["phantom000", "phantom001", "phantom002"]
-    assert [records[c]["skipped"] for c in sorted(records)] == [["CT 'localizer' #99"],
-                                                                ["SEG 'draft' #300 (older SEG)"], []]
+    assert [records[c]["skipped"] for c in sorted(records)] == [
+        ["CT 'localizer' #99"], ["SEG 'draft' #300 (older SEG)", "SEG 'on pet' #301 (SEG on another series)"], []]
     assert [r.getMessage() for r in caplog.records] == [
         f"{export}: study 1.2.3.4 (patient other) has no series for 'ct' among [\"MR 'survey' #1\"]; not imported"]
     assert [records[c]["label"] for c in sorted(records)] == ["dense", "sparse", None]
