@@ -340,6 +340,42 @@ def test_train_task_learns_from_dense_sparse_and_unlabelled_cases(tmp_path: Path
     assert walked["total_iterations"] == 3 and walked["current_iteration"] == 6  # 3 of the 4 unlabelled an epoch
 
 
+def test_loader_workers_train_and_a_case_error_in_one_names_its_case(tmp_path: Path):
+    """``train.num_workers`` > 0: the cases load in worker processes (training and validation) and the run trains;
+    a case that cannot be read there stops the run with its own ``CaseError`` (case, file, problem), raised in the
+    training process, as it is without workers - not a worker's ``RuntimeError`` holding a traceback's text."""
+    import shutil
+
+    from crossmodal.errors import CaseError
+
+    studies = make_phantom_studies(tmp_path / "s", load_config("phantom"), cases=6, dense=2, sparse=1, seed=31)
+    cfg = method_config("phantom", "ours", {"train": {
+        "patch_size": [32, 32, 32], "patches_per_case": 1, "batch_size": 2, "val_fraction": 0.5, "num_workers": 2,
+        "consistency": {"copy_paste_start": 2, "pseudo_threshold": 0.3}}})
+    save_config(cfg, tmp_path / "workers.yaml")
+
+    def train(folder: Path, name: str) -> dict:
+        return train_offline(str(folder), str(tmp_path / "workers.yaml"), str(tmp_path / name), epochs=1,
+                             device="cpu", network="crossmodal", dataset="Dataset")
+
+    stats = train(studies, "good")
+    assert stats["best_metric"] > 0 and Path(stats["published"]).is_file()
+    assert stats["train"]["metrics"]["copy_paste_samples"] == 2 and stats["train"]["metrics"]["loss_channel"] > 0
+    # phantom002 (sparse) loads in a training loader's worker, phantom001 (the held-out dense case) in validation's
+    for case in ("phantom002", "phantom001"):
+        broken = tmp_path / case
+        shutil.copytree(studies, broken)
+        pet = broken / "modalities" / case / "pet.nii.gz"
+        pet.write_bytes(b"not a volume")
+        with pytest.raises(CaseError) as e:
+            train(broken, f"m{case}")
+        assert type(e.value) is CaseError and str(e.value) == (
+            f"case '{case}': file {pet}: cannot be read as NIfTI/NRRD (truncated or corrupt?): File {pet} is not a "
+            "gzip file")
+    with pytest.raises(ConfigError, match=r"train.num_workers: -1 must be >= 0"):
+        load_config("phantom", overrides={"train": {"num_workers": -1}})
+
+
 def test_cases_without_a_modality_train_with_it_left_out(tmp_path: Path, phantom_cfg, monkeypatch, caplog):
     """Under missing_modality zero_fill, training cases (dense, held out, unlabelled) without their PET file train
     and validate with PET left out of their fusion, heads and consistency terms: the run is the same, weights and
@@ -385,8 +421,12 @@ def test_cases_without_a_modality_train_with_it_left_out(tmp_path: Path, phantom
     with pytest.raises(Exception) as e:
         train_offline(str(studies), str(tmp_path / "ours.yaml"), str(tmp_path / "error"), epochs=1, device="cpu",
                       network="crossmodal")
-    found = str(user_error_in(e.value))
-    assert "modality 'pet' is missing" in found and "(missing_modality zero_fill)" in found, found
+    # every case lacking a modality named at once, before any case loads
+    assert str(user_error_in(e.value)) == (
+        "case 'phantom000': modality 'pet' is missing: expected <studies>/modalities/phantom000/pet.nii.gz (or "
+        ".nii/.nrrd); add it (a running server takes it as PUT /datastore/image?image=phantom000 with params "
+        '{"modality": "pet"}), or use the case without it (missing_modality zero_fill); 2 more training cases of 6 '
+        "lack a modality (phantom001: pet; phantom003: pet)")
 
 
 class _FallingScore(Metric):

@@ -72,6 +72,20 @@ def test_four_d_multichannel_primary(tmp_path: Path, phantom_cfg):
     save_volume(tmp_path / "two.nii.gz", chans[..., :2], aff)
     with pytest.raises(CaseError, match="has 2 channels but the config names 3 modalities"):
         LoadCased(phantom_cfg)({"image": str(tmp_path / "two.nii.gz")})
+    # the channels from the header alone, as the reader counts them; such a case lacks no modality file
+    from crossmodal.io import volume_channels
+    from crossmodal.serving.train import lacking_modalities
+
+    save_volume(tmp_path / "one.nrrd", chans[..., 0], aff)
+    save_volume(tmp_path / "one.nii.gz", chans[..., 0], aff)
+    (tmp_path / "bad.nii.gz").write_bytes(b"not a volume")
+    names = ("multi.nii.gz", "two.nii.gz", "one.nii.gz", "one.nrrd", "bad.nii.gz", "absent.nii.gz")
+    assert [volume_channels(tmp_path / n) for n in names] == [3, 2, 1, 1, None, None]
+    lacking = lacking_modalities(phantom_cfg, [{"image": str(tmp_path / n)} for n in names[:3] + names[4:]])
+    assert {c: m for c, (_, m) in lacking.items()} == {c: ["pet", "mr"] for c in ("two", "one", "bad", "absent")}
+    with pytest.raises(ValueError, match=r"multi.nrrd: a 3-channel volume is written as NIfTI \(.nii.gz\); NRRD "):
+        save_volume(tmp_path / "multi.nrrd", chans, aff)
+    assert not list(tmp_path.glob("*multi.nrrd*"))
 
 
 def test_missing_modality_policy(phantom_studies: Path, phantom_cfg):
@@ -273,3 +287,17 @@ def test_atomic_write_killed_mid_write_leaves_the_old_file_whole(tmp_path: Path)
     failed = subprocess.run([sys.executable, "-c", code, str(dst), "ignore"], capture_output=True, text=True)
     assert failed.returncode == 1 and "File too large" in failed.stderr
     assert dst.read_bytes() == b"old model" * 1000 and not list(tmp_path.glob(".model.pt.*.tmp"))
+
+
+def test_case_error_survives_pickling():
+    """A ``CaseError`` sent between processes (a loader's worker, a data-parallel rank) keeps its case, file and
+    message: ``args`` holds only the message, which its three-argument constructor does not take."""
+    import pickle
+
+    from crossmodal.errors import CaseError
+
+    back = pickle.loads(pickle.dumps(CaseError("brain003", "/d/brain003.nii.gz", "is empty")))
+    assert type(back) is CaseError and (back.case_id, back.path, back.problem) == (
+        "brain003", "/d/brain003.nii.gz", "is empty")
+    assert str(back) == "case 'brain003': file /d/brain003.nii.gz: is empty"
+

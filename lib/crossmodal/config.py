@@ -405,6 +405,8 @@ class TrainConfig:
     ``learning_rate_by_model`` overrides ``learning_rate`` per network name (AdamW step sizes differ by network).
     ``finetune_lr_scale`` multiplies the learning rate of a run that fine-tunes a model (the published one or
     ``--pretrained``): a fresh AdamW at the from-scratch rate first unlearns part of what that model knows.
+    ``num_workers``: loader worker processes per source (dense, sparse, unlabelled) and for validation; 0 loads
+    the cases in the training process.
     """
 
     def lr_for(self, model: str) -> float:
@@ -436,6 +438,9 @@ class TrainConfig:
         self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
         if self.max_epochs < 1 or self.batch_size < 1 or self.patches_per_case < 1:
             raise ConfigError("train: max_epochs, batch_size and patches_per_case must be >= 1")
+        if self.num_workers < 0:
+            raise ConfigError(f"train.num_workers: {self.num_workers} must be >= 0 (0: cases load in the training "
+                              "process)")
         if not 0.0 < self.finetune_lr_scale <= 1.0:
             raise ConfigError(f"train.finetune_lr_scale: {self.finetune_lr_scale} must be in (0, 1]")
 

@@ -18,6 +18,10 @@ class CaseError(ValueError):
         where = f" file {self.path}:" if self.path else ""
         super().__init__(f"case {case_id!r}:{where} {problem}")
 
+    def __reduce__(self) -> tuple[type[CaseError], tuple[str, str | None, str]]:
+        """Pickled with its three arguments (a loader's worker process sends it back; ``args`` holds the message)."""
+        return type(self), (self.case_id, self.path, self.problem)
+
 
 def cause_of_type(e: BaseException | None, types: tuple[type[BaseException], ...]) -> BaseException | None:
     """``e`` or the first of its causes (``raise ... from``, else the exception being handled) that is one of

@@ -19,11 +19,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+from monai.data import Dataset, list_data_collate
 from torch import nn
 
 from crossmodal.config import ConsistencyConfig
+from crossmodal.errors import user_error_in
 from crossmodal.labels import IGNORE_INDEX
 from crossmodal.losses import (
     AugmentationConsistencyLoss,
@@ -34,6 +37,8 @@ from crossmodal.losses import (
     sigmoid_rampup,
 )
 from crossmodal.nets import CrossModalOutput
+
+B = TypeVar("B")
 
 
 def take(out: CrossModalOutput | torch.Tensor, start: int, stop: int) -> CrossModalOutput | torch.Tensor:
@@ -288,9 +293,47 @@ class MultiSourceLoader:
             batch = {}
             for k, loader in self.loaders.items():
                 try:
-                    batch[k] = next(iters[k])
+                    batch[k] = raise_carried(next(iters[k]))
                 except StopIteration:
                     iters[k] = iter(loader)
-                    batch[k] = next(iters[k])
+                    batch[k] = raise_carried(next(iters[k]))
             yield batch
         self._carried = {k: iters[k] for k, v in self.loaders.items() if len(v) > steps}
+
+
+class CarriedError:
+    """A user error (:class:`~crossmodal.errors.CaseError`, ``ConfigError``) met in a loader's worker process,
+    sent back as the batch: the worker's own exception reaches this process only as traceback text in a
+    ``RuntimeError``, so the case and the file it names would be lost to :func:`crossmodal.errors.user_error_in`."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class CarryUserErrors(Dataset):
+    """``dataset`` whose items are a :class:`CarriedError` where loading one raised a user error (anything else,
+    a bug, raises as it did)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        super().__init__(dataset)  # type: ignore[arg-type]  # MONAI's Dataset indexes any sequence-like data
+
+    def __getitem__(self, index: int) -> object:  # type: ignore[override]
+        try:
+            return self.data[index]
+        except Exception as e:
+            found = user_error_in(e)
+            if found is None:
+                raise
+            return CarriedError(found)
+
+
+def collate_carrying(items: list[object]) -> object:
+    """MONAI's ``list_data_collate``, or the first :class:`CarriedError` among ``items``."""
+    return next((i for i in items if isinstance(i, CarriedError)), None) or list_data_collate(items)
+
+
+def raise_carried(batch: B) -> B:
+    """``batch`` as it is, or the user error a worker carried in it, raised here."""
+    if isinstance(batch, CarriedError):
+        raise batch.error
+    return batch

@@ -145,6 +145,17 @@ def load_volume(path: str | os.PathLike[str], case_id: str | None = None) -> Met
     return img
 
 
+def volume_channels(path: str | os.PathLike[str]) -> int | None:
+    """The channels :func:`load_volume` would give the NIfTI or NRRD file at ``path``, from its header alone (1 for a
+    3D volume, C for a 4D one holding every modality); None when the header does not read (loading says why)."""
+    try:
+        if str(path).endswith(".nrrd"):
+            return int(np.prod([int(n) for n in nrrd.read_header(str(path))["sizes"]][3:]))
+        return int(np.prod(nib.load(str(path)).header.get_data_shape()[3:]))  # type: ignore[attr-defined]
+    except Exception:  # absent, truncated or not an image: load_volume's error names the problem
+        return None
+
+
 def resample_to(img: MetaTensor, ref: MetaTensor, mode: str = "bilinear") -> MetaTensor:
     """Resample ``img`` (C, ...) onto the grid of ``ref`` in physical space; outside its field of view -> 0."""
     if img.shape[1:] == ref.shape[1:] and torch.allclose(img.affine.double(), ref.affine.double(), atol=1e-4):
@@ -182,10 +193,13 @@ def read_label(path: str | os.PathLike[str], ref: MetaTensor, case_id: str) -> n
 
 
 def save_volume(path: str | os.PathLike[str], array: np.ndarray, affine: np.ndarray) -> None:
-    """Write a (H, W, D) or (H, W, D, C) array with a RAS ``affine`` as NIfTI or NRRD, atomically."""
+    """Write a (H, W, D) array with a RAS ``affine`` as NIfTI or NRRD, or a (H, W, D, C) one as NIfTI, atomically."""
     path = Path(path)
     _, ext = split_ext(path)
     array = np.asarray(array)
+    if array.ndim == 4 and ext in (".nrrd", ".seg.nrrd"):  # pynrrd wrote it, MONAI's NrrdReader cannot read it back
+        raise ValueError(f"{path}: a {array.shape[-1]}-channel volume is written as NIfTI (.nii.gz); NRRD holds one 3D "
+                         "volume here")
     if array.dtype in (np.int64, np.uint64):  # NIfTI tools dislike 64-bit integers: use the smallest type that fits
         lo, hi = (int(array.min()), int(array.max())) if array.size else (0, 0)
         array = array.astype(next(t for t in (np.uint8, np.int16, np.int32) if np.iinfo(t).min <= lo
@@ -203,9 +217,6 @@ def save_volume(path: str | os.PathLike[str], array: np.ndarray, affine: np.ndar
             lps = np.diag([-1.0, -1.0, 1.0]) @ np.asarray(affine, dtype=np.float64)[:3]
             header = {"space": "left-posterior-superior", "space directions": lps[:, :3].T.tolist(),
                       "space origin": lps[:, 3].tolist(), "encoding": "gzip"}
-            if array.ndim == 4:
-                header["space directions"] = [*header["space directions"], None]
-                header["kinds"] = ["domain", "domain", "domain", "vector"]
             nrrd.write(tmp, np.asarray(array), header=header)
         else:
             raise ValueError(f"{path}: unsupported extension {ext!r}; use one of {IMAGE_EXTENSIONS}")

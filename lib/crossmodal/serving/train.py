@@ -55,24 +55,28 @@ from crossmodal.config import (
     atomic_write_text,
     save_config,
 )
+from crossmodal.errors import CaseError
 from crossmodal.hybrid import (
+    CarryUserErrors,
     EMATeacher,
     HybridLoss,
     MultiSourceLoader,
+    collate_carrying,
     copy_paste,
     hybrid_batch,
+    raise_carried,
     sample_available,
     sample_present,
 )
 from crossmodal.inference import NetworkInferer
-from crossmodal.io import atomic_copy, case_id_of, find_case
+from crossmodal.io import Case, atomic_copy, case_id_of, find_case, volume_channels
 from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE
 from crossmodal.losses import SupervisedLoss
 from crossmodal.nets import CrossModalOutput, build_network
 from crossmodal.propagate import refine_segmentation
-from crossmodal.transforms import preprocessing
+from crossmodal.transforms import missing_modality_message, preprocessing
 from ignite.engine import Engine, Events
-from monai.data import CacheDataset, Dataset, partition_dataset
+from monai.data import CacheDataset, DataLoader, Dataset, ThreadDataLoader, partition_dataset
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents, default_prepare_batch
 from monai.handlers import CheckpointSaver, TensorBoardStatsHandler
@@ -321,20 +325,43 @@ def plain(t: Any) -> torch.Tensor:
     return t.as_tensor() if hasattr(t, "as_tensor") else t
 
 
-def report_incomplete(cfg: CrossModalConfig, items: list[dict[str, Any]]) -> None:
-    """Log the training cases without some secondary modality's file: under ``missing_modality: zero_fill`` they
-    train with it left out of their fusion."""
+def lacking_modalities(cfg: CrossModalConfig, items: list[dict[str, Any]]) -> dict[str, tuple[Case, list[str]]]:
+    """``{case id: (case, the secondary modalities it has no file for)}`` over the cases of ``items`` lacking one (a
+    4D primary file holding every modality lacks none)."""
     lacking = {}
     for d in items:
         case = find_case(d["image"], cfg.modality_names, cfg.data.sidecar_dir)
         gone = [m for m in cfg.modality_names[1:] if case.modalities.get(m) is None]
-        if gone:
-            lacking[case.case_id] = gone
-    if lacking:
-        shown = "; ".join(f"{c}: {', '.join(m)}" for c, m in sorted(lacking.items())[:10])
-        more = f"; {len(lacking) - 10} more" if len(lacking) > 10 else ""
-        logger.info(f"{len(lacking)} of {len(items)} training cases lack a modality ({shown}{more}): each trains "
+        if gone and volume_channels(case.primary) != len(cfg.modality_names):
+            lacking[case.case_id] = (case, gone)
+    return lacking
+
+
+def _listed(lacking: dict[str, tuple[Case, list[str]]], most: int = 10) -> str:
+    shown = "; ".join(f"{c}: {', '.join(m)}" for c, (_, m) in sorted(lacking.items())[:most])
+    return shown + (f"; {len(lacking) - most} more" if len(lacking) > most else "")
+
+
+def check_modalities(cfg: CrossModalConfig, items: list[dict[str, Any]]) -> None:
+    """Before any case loads: under ``missing_modality: zero_fill``, log the training cases without some secondary
+    modality's file (each trains with it left out of its fusion); under ``error``, stop the run naming them all.
+
+    Raises:
+        CaseError: ``error`` policy and a case lacks a modality: the first one's message (where its file belongs,
+            what to do) and the others' ids and modalities.
+    """
+    lacking = lacking_modalities(cfg, items)
+    if not lacking:
+        return
+    if cfg.infer.missing_modality == "zero_fill":
+        logger.info(f"{len(lacking)} of {len(items)} training cases lack a modality ({_listed(lacking)}): each trains "
                     "with it left out of its fusion, heads and consistency terms (missing_modality zero_fill)")
+        return
+    first, (case, gone) = sorted(lacking.items())[0]
+    others = {k: v for k, v in lacking.items() if k != first}
+    n = len(others)
+    also = f"; {n} more training case{'s' * (n > 1)} of {len(items)} lack a modality ({_listed(others)})" if n else ""
+    raise CaseError(first, None, missing_modality_message(case, gone[0], cfg) + also)
 
 
 def batch_present(batch: dict[str, Any]) -> torch.Tensor:
@@ -346,7 +373,7 @@ def prepare_with_present(batch: dict[str, Any], device: str | torch.device | Non
                          non_blocking: bool = False, **kwargs: Any) -> tuple:
     """MONAI's ``default_prepare_batch`` plus each case's modalities for the inferer (:class:`NetworkInferer`'s
     ``present``): a validation case without a secondary modality is segmented without it, as the infer task does."""
-    image, label = default_prepare_batch(batch, device, non_blocking, **kwargs)
+    image, label = default_prepare_batch(raise_carried(batch), device, non_blocking, **kwargs)
     return image, label, (), {"present": batch_present(batch)}
 
 
@@ -672,8 +699,28 @@ class CrossModalTrain(BasicTrainTask):
 
         return step
 
-    def train_data_loader(self, context: Context, num_workers: int = 0, shuffle: bool = True) -> MultiSourceLoader:
-        """One shuffling loader per source present (dense, sparse, unlabelled), stepped together."""
+    def _dataloader(self, context: Context, dataset: Any, batch_size: int, num_workers: int,
+                    shuffle: bool = False) -> DataLoader:
+        """MONAI Label's loader (``DataLoader`` or ``ThreadDataLoader``, by the request); with worker processes, a case
+        error met in one comes back as the batch (:class:`~crossmodal.hybrid.CarryUserErrors`) and is raised here,
+        naming its case and file as it does without workers."""
+        if num_workers == 0:
+            return super()._dataloader(context, dataset, batch_size, num_workers, shuffle)
+        kind = ThreadDataLoader if context.dataloader_type == "ThreadDataLoader" else DataLoader
+        return kind(CarryUserErrors(dataset), batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                    collate_fn=collate_carrying)
+
+    def val_data_loader(self, context: Context, num_workers: int | None = None) -> DataLoader:
+        """MONAI Label's validation loader, with ``train.num_workers`` worker processes."""
+        workers = self.cfg.train.num_workers if num_workers is None else num_workers
+        return super().val_data_loader(context, workers)
+
+    def train_data_loader(self, context: Context, num_workers: int | None = None,
+                          shuffle: bool = True) -> MultiSourceLoader:
+        """One shuffling loader per source present (dense, sparse, unlabelled), stepped together, each with
+        ``num_workers`` (default ``train.num_workers``) worker processes; the unlabelled cases load in this process
+        under self-training rounds (the rounds' pseudo-labels, made here, must reach the next batch)."""
+        workers = self.cfg.train.num_workers if num_workers is None else num_workers
         loaders, caps = {}, {}
         labeled_sources = [k for k in (DENSE, SPARSE) if any(d["label_kind"] == k for d in context.train_datalist)]
         ranks = context.world_size if context.multi_gpu else 1  # processes registering side by side here
@@ -722,7 +769,8 @@ class CrossModalTrain(BasicTrainTask):
                 walked = False
             dataset = CacheDataset(items, transforms, progress=False) \
                 if context.dataset_type == "CacheDataset" and not walked else Dataset(items, transforms)
-            loaders[source] = self._dataloader(context, dataset, batch, num_workers, shuffle=shuffle)
+            rounds = source == UNLABELED and self._pseudo_rounds is not None
+            loaders[source] = self._dataloader(context, dataset, batch, 0 if rounds else workers, shuffle=shuffle)
             logger.info(f"{context.local_rank} - {source}: {len(items)} cases, batch {batch}")
         return MultiSourceLoader(loaders, caps)
 
@@ -800,8 +848,7 @@ class CrossModalTrain(BasicTrainTask):
         if self.hybrid and use:
             for image_id in datastore.get_unlabeled_images():
                 items.append({"image": datastore.get_image_uri(image_id), "label_kind": UNLABELED})
-        if self.cfg.infer.missing_modality == "zero_fill":
-            report_incomplete(self.cfg, items)
+        check_modalities(self.cfg, items)
         return items
 
     def partition_datalist(self, context: Context, shuffle: bool = False) -> tuple[list, list]:
