@@ -343,7 +343,8 @@ def test_train_task_learns_from_dense_sparse_and_unlabelled_cases(tmp_path: Path
 def test_loader_workers_train_and_a_case_error_in_one_names_its_case(tmp_path: Path):
     """``train.num_workers`` > 0: the cases load in worker processes (training and validation) and the run trains;
     a case that cannot be read there stops the run with its own ``CaseError`` (case, file, problem), raised in the
-    training process, as it is without workers - not a worker's ``RuntimeError`` holding a traceback's text."""
+    training process, as it is without workers - not a worker's ``RuntimeError`` holding a traceback's text. The
+    preset's ``train.val_interval`` sets the epochs that validate (both were read nowhere)."""
     import shutil
 
     from crossmodal.errors import CaseError
@@ -351,16 +352,21 @@ def test_loader_workers_train_and_a_case_error_in_one_names_its_case(tmp_path: P
     studies = make_phantom_studies(tmp_path / "s", load_config("phantom"), cases=6, dense=2, sparse=1, seed=31)
     cfg = method_config("phantom", "ours", {"train": {
         "patch_size": [32, 32, 32], "patches_per_case": 1, "batch_size": 2, "val_fraction": 0.5, "num_workers": 2,
-        "consistency": {"copy_paste_start": 2, "pseudo_threshold": 0.3}}})
+        "val_interval": 2, "consistency": {"copy_paste_start": 2, "pseudo_threshold": 0.3}}})
     save_config(cfg, tmp_path / "workers.yaml")
 
-    def train(folder: Path, name: str) -> dict:
-        return train_offline(str(folder), str(tmp_path / "workers.yaml"), str(tmp_path / name), epochs=1,
+    def train(folder: Path, name: str, epochs: int = 2) -> dict:
+        return train_offline(str(folder), str(tmp_path / "workers.yaml"), str(tmp_path / name), epochs=epochs,
                              device="cpu", network="crossmodal", dataset="Dataset")
 
     stats = train(studies, "good")
     assert stats["best_metric"] > 0 and Path(stats["published"]).is_file()
     assert stats["train"]["metrics"]["copy_paste_samples"] == 2 and stats["train"]["metrics"]["loss_channel"] > 0
+    curve = json.loads(next((tmp_path / "good").glob("train_*/learning_curve.json")).read_text())
+    assert [r["epoch"] for r in curve] == [1, 2] and "val_mean_dice" not in curve[0]
+    assert curve[1]["val_mean_dice"] == pytest.approx(stats["best_metric"], abs=1e-5)
+    with pytest.raises(ConfigError, match=r"^train request: val_interval=2 is more than max_epochs=1: no epoch would "):
+        train(studies, "never", epochs=1)
     # phantom002 (sparse) loads in a training loader's worker, phantom001 (the held-out dense case) in validation's
     for case in ("phantom002", "phantom001"):
         broken = tmp_path / case
@@ -374,6 +380,8 @@ def test_loader_workers_train_and_a_case_error_in_one_names_its_case(tmp_path: P
             "gzip file")
     with pytest.raises(ConfigError, match=r"train.num_workers: -1 must be >= 0"):
         load_config("phantom", overrides={"train": {"num_workers": -1}})
+    with pytest.raises(ConfigError, match=r"val_interval must be >= 1"):
+        load_config("phantom", overrides={"train": {"val_interval": 0}})
 
 
 def test_cases_without_a_modality_train_with_it_left_out(tmp_path: Path, phantom_cfg, monkeypatch, caplog):

@@ -436,8 +436,8 @@ class TrainConfig:
         if isinstance(self.propagate, dict):
             self.propagate = _build(PropagationConfig, self.propagate, "train.propagate")
         self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
-        if self.max_epochs < 1 or self.batch_size < 1 or self.patches_per_case < 1:
-            raise ConfigError("train: max_epochs, batch_size and patches_per_case must be >= 1")
+        if min(self.max_epochs, self.batch_size, self.patches_per_case, self.val_interval) < 1:
+            raise ConfigError("train: max_epochs, batch_size, patches_per_case and val_interval must be >= 1")
         if self.num_workers < 0:
             raise ConfigError(f"train.num_workers: {self.num_workers} must be >= 0 (0: cases load in the training "
                               "process)")

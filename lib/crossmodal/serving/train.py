@@ -562,7 +562,8 @@ class CrossModalTrain(BasicTrainTask):
             publish_path=publish_path, labels=cfg.labels.classes, load_strict=True, tracking=None,
             find_unused_parameters=True,  # modality dropout leaves encoders out of some steps
             config={"max_epochs": t.max_epochs, "train_batch_size": t.batch_size, "val_batch_size": 1,
-                    "val_split": t.val_fraction, "learning_rate": t.lr_for(cfg.model.name), "multi_gpu": False,
+                    "val_split": t.val_fraction, "val_interval": t.val_interval,
+                    "learning_rate": t.lr_for(cfg.model.name), "multi_gpu": False,
                     "processes": 1, "use_unlabeled": t.consistency.unlabeled,
                     **{key: list(options) for key, options in train_choices(cfg).items()},
                     "tracking": ["None", "mlflow"]},
@@ -931,14 +932,19 @@ class CrossModalTrain(BasicTrainTask):
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         req = coerce_tracking(check_train_request(request, train_choices(self.cfg)), self._model_dir)
-        cfg = self.cfg
+        every, epochs = (int(req.get(k, self._config[k])) for k in ("val_interval", "max_epochs"))
+        if every > epochs:  # MONAI's ValidationHandler would never run: no epoch validated, none published
+            raise ConfigError(f"train request: val_interval={every} is more than max_epochs={epochs}: no epoch would "
+                              "validate, so none would be published; lower val_interval or raise max_epochs")
+        cfg, interval = self.cfg, int(self._val_interval)  # type: ignore[has-type]
         if req["missing_modality"] != cfg.infer.missing_modality:  # this run's policy (the infer task keeps its own)
             self.cfg = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer,
                                                                           missing_modality=req["missing_modality"]))
+        self._val_interval = every  # MONAI Label's ValidationHandler reads the task's, not the request's
         try:
             return self._run(req, datastore)
         finally:
-            self.cfg = cfg
+            self.cfg, self._val_interval = cfg, interval
 
     def _run(self, req: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         processes = int(req.get("processes") or 1)
