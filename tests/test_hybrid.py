@@ -710,6 +710,23 @@ def test_data_parallel_training_in_two_cpu_processes(tmp_path: Path, phantom_cfg
                             device="cpu", network="crossmodal", processes=2, pretrained=stats["published"],
                             from_scratch=True)
     assert scratch["start_metric"] == pytest.approx(again["start_metric"], abs=1e-6) and scratch["epoch"] == 1
+    # a case that does not read in one of the processes: its CaseError in this one, as without processes (it was
+    # spawn's ProcessRaisedException, whose text the CLI and the server took for a bug), and no temp file left
+    import shutil
+    import tempfile
+
+    from crossmodal.errors import CaseError
+
+    shutil.copytree(studies, tmp_path / "broken")
+    pet = tmp_path / "broken" / "modalities" / "phantom000" / "pet.nii.gz"
+    pet.write_bytes(b"not a volume")
+    temps = set(Path(tempfile.gettempdir()).glob("crossmodal-dist-*"))
+    with pytest.raises(CaseError) as e:
+        train_offline(str(tmp_path / "broken"), str(tmp_path / "ours.yaml"), str(tmp_path / "m4"), epochs=1,
+                      device="cpu", network="crossmodal", processes=2)
+    assert str(e.value) == (f"case 'phantom000': file {pet}: cannot be read as NIfTI/NRRD (truncated or corrupt?): "
+                            f"File {pet} is not a gzip file")
+    assert set(Path(tempfile.gettempdir()).glob("crossmodal-dist-*")) == temps
 
 
 def test_a_fine_tuning_publishes_only_an_epoch_that_beats_the_model_it_started_from(tmp_path: Path, phantom_cfg,

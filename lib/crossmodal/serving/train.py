@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import re
 import tempfile
@@ -55,7 +56,7 @@ from crossmodal.config import (
     atomic_write_text,
     save_config,
 )
-from crossmodal.errors import CaseError
+from crossmodal.errors import CaseError, user_error_in
 from crossmodal.hybrid import (
     CarryUserErrors,
     EMATeacher,
@@ -920,12 +921,20 @@ class CrossModalTrain(BasicTrainTask):
     def train(self, rank: int, world_size: int, request: dict[str, Any], datalist: Any) -> dict[str, Any]:
         """MONAI Label's run, then (data-parallel) the run's engines and DistributedDataParallel wrapper freed here,
         after ``destroy_process_group``: left to interpreter exit, gloo's threads were torn down mid-shutdown and
-        one process in ~8 aborted (SIGABRT, "terminate called without an active exception")."""
+        one process in ~8 aborted (SIGABRT, "terminate called without an active exception").
+
+        A data-parallel process's user error (a case that does not read, ...) is also pickled to the request's
+        ``user_error_file``: ``torch.multiprocessing.spawn`` hands the parent its traceback's text only."""
         try:
             stats = super().train(rank, world_size, request, datalist)
             if self._start is not None and self._start.score is not None:
                 stats["start_metric"], stats["start_model"] = self._start.score, self._start.start_from
             return stats
+        except Exception as e:
+            found = user_error_in(e)
+            if found is not None and request.get("user_error_file"):
+                atomic_write_bytes(Path(request["user_error_file"]), pickle.dumps(found))
+            raise
         finally:
             if world_size > 1:
                 gc.collect()  # the engines hold reference cycles: only the collector frees them
@@ -959,10 +968,17 @@ class CrossModalTrain(BasicTrainTask):
             fd, init_file = tempfile.mkstemp(prefix="crossmodal-dist-")
             os.close(fd)
             os.unlink(init_file)  # torch's FileStore creates it
+            carried = Path(f"{init_file}.user-error")
             req.update({"multi_gpu": True, "gpus": ",".join(str(i) for i in range(processes)),
-                        "distributed_backend": "nccl" if cuda else "gloo", "distributed_url": f"file://{init_file}"})
+                        "distributed_backend": "nccl" if cuda else "gloo", "distributed_url": f"file://{init_file}",
+                        "user_error_file": str(carried)})
             try:
                 return super().__call__(req, datastore)
+            except Exception as e:  # spawn's ProcessRaisedException: a process's traceback as text
+                if carried.is_file():  # the case and file it names, for the CLI's message and the server's 4xx
+                    raise pickle.loads(carried.read_bytes()) from e
+                raise
             finally:
                 Path(init_file).unlink(missing_ok=True)
+                carried.unlink(missing_ok=True)
         return super().__call__(req, datastore)
