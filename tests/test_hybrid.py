@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import re
+import traceback
 from pathlib import Path
 
 import pytest
@@ -258,6 +259,46 @@ def test_ema_teacher_follows_the_student_slowly_and_masks_unsure_voxels():
     assert label.shape == (1, 1, 16, 16, 16)
     assert torch.equal(label, top.masked_fill(conf < 0.5, IGNORE_INDEX))
     assert bool((teacher.pseudo_label(x, threshold=1.01) == IGNORE_INDEX).all())
+
+
+@pytest.mark.parametrize("kind,workers", [("DataLoader", 1), ("ThreadDataLoader", 0), ("ThreadDataLoader", 1)])
+def test_a_loading_error_ends_the_epoch_loudly_and_a_case_error_comes_back_whole(kind: str, workers: int):
+    """The train task's loaders (MONAI's ``DataLoader``; ``ThreadDataLoader`` as
+    :class:`RaisingThreadDataLoader`): a ``CaseError`` raised loading an item is raised in this process and names its
+    case and file - as itself from a worker process, by :class:`MultiSourceLoader` as by a plain iteration; a bug
+    (any other exception) fails the iteration too; MONAI's ``ThreadDataLoader`` ended the epoch there, silently."""
+    import monai.data
+    from crossmodal.errors import CaseError, user_error_in
+    from crossmodal.hybrid import CarryUserErrors, RaisingThreadDataLoader, collate_carrying, raise_carried
+
+    def load(d: dict) -> dict:
+        if d["x"] == 3:
+            raise CaseError("case003", "/d/case003.nii.gz", "is empty")
+        if d["x"] == 5:
+            raise KeyError("a bug")
+        return {"x": torch.full((2,), float(d["x"]))}
+
+    def loader(values: list[int]) -> torch.utils.data.DataLoader:
+        data = monai.data.Dataset([{"x": v} for v in values], load)
+        cls = RaisingThreadDataLoader if kind == "ThreadDataLoader" else monai.data.DataLoader
+        if workers == 0:
+            return cls(data, batch_size=2)
+        return cls(CarryUserErrors(data), batch_size=2, num_workers=workers, collate_fn=collate_carrying)
+
+    assert [raise_carried(b)["x"].tolist() for b in loader([0, 1, 2])] == [[[0.0, 0.0], [1.0, 1.0]], [[2.0, 2.0]]]
+    seen = []
+    with pytest.raises(Exception) as e:
+        for b in loader([0, 1, 2, 3, 4]):
+            seen.append(raise_carried(b)["x"][:, 0].tolist())
+    assert seen == [[0.0, 1.0]]  # the batches before the failing one, then the error
+    assert type(e.value) is (CaseError if workers else RuntimeError)  # in this process: MONAI's "applying transform"
+    assert str(user_error_in(e.value)) == "case 'case003': file /d/case003.nii.gz: is empty"
+    with pytest.raises(Exception) as e:
+        list(MultiSourceLoader({"dense": loader([0, 1]), "unlabeled": loader([2, 3])}))
+    assert str(user_error_in(e.value)) == "case 'case003': file /d/case003.nii.gz: is empty"
+    with pytest.raises(RuntimeError) as e:
+        [raise_carried(b) for b in loader([4, 5])]
+    assert user_error_in(e.value) is None and "KeyError: 'a bug'" in "".join(traceback.format_exception(e.value))
 
 
 def test_multi_source_loader_sees_every_case_of_every_source():

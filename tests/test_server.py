@@ -500,9 +500,9 @@ def test_a_training_stopped_mid_run_leaves_a_whole_model_in_service(client, phan
 
 
 def test_train_on_an_unreadable_case_says_which_and_keeps_the_published_model(client, phantom_server):
-    """Sync train (run_sync): 422 naming the case and the file, not a bare 500; async (the viewers' Train): the
-    task ends in ERROR with that line last; either way the model in service stays byte for byte and segments the
-    case voxel for voxel as before."""
+    """Sync train (run_sync, either loader): 422 naming the case and the file, not a bare 500; async (the viewers'
+    Train): the task ends in ERROR with that line last; either way the model in service stays byte for byte and
+    segments the case voxel for voxel as before."""
     models = {p: p.read_bytes() for p in phantom_server.model_dir.glob("*.pt")}
     before, _ = client.infer("baseline_unet", "phantom001", {})
     before = load_volume(before)[0].numpy()
@@ -516,6 +516,11 @@ def test_train_on_an_unreadable_case_says_which_and_keeps_the_published_model(cl
         detail = r.json()["detail"]
         assert detail.startswith("training stopped: case 'phantom001': file ") and str(mr) in detail, detail
         assert "cannot be read as NIfTI/NRRD" in detail
+        # MONAI's ThreadDataLoader ended the epoch at that case, silently: here the held-out one, so validation
+        # aggregated nothing and the request was a 500 ("the data to aggregate must be PyTorch Tensor, got NoneType")
+        r = requests.post(f"{phantom_server.url}/train/baseline_unet?run_sync=true", timeout=300,
+                          json={"max_epochs": 1, "dataloader": "ThreadDataLoader"})
+        assert r.status_code == 422 and r.json()["detail"] == detail, r.text
         client.train_start("baseline_unet", {"max_epochs": 1})
         wait_for_training(client, 300)
         task = client.train_status()

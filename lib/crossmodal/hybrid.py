@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
-from monai.data import Dataset, list_data_collate
+from monai.data import DataLoader, Dataset, ThreadDataLoader, list_data_collate
+from monai.data.thread_buffer import ThreadBuffer
 from torch import nn
 
 from crossmodal.config import ConsistencyConfig
@@ -337,3 +338,33 @@ def raise_carried(batch: B) -> B:
     if isinstance(batch, CarriedError):
         raise batch.error
     return batch
+
+
+class _RaisingBuffer(ThreadBuffer):
+    """MONAI's ``ThreadBuffer``, raising in the consumer what its thread raised once the items before it are out."""
+
+    error: BaseException | None = None
+
+    def enqueue_values(self) -> None:
+        try:
+            super().enqueue_values()
+        except BaseException as e:  # handed to __iter__; a thread's exception otherwise only reaches stderr
+            self.error = e
+
+    def __iter__(self) -> Iterator[object]:
+        self.error = None
+        yield from super().__iter__()
+        if self.error is not None:
+            raise self.error
+
+
+class RaisingThreadDataLoader(ThreadDataLoader):
+    """MONAI's ``ThreadDataLoader`` whose epoch fails where a batch fails to load: MONAI's ends the epoch there,
+    silently (its buffer thread dies, the iteration stops): a training case that does not read went untrained, a
+    held-out one emptied validation (a 500: "the data to aggregate must be PyTorch Tensor, got NoneType")."""
+
+    def __iter__(self) -> Iterator[object]:  # type: ignore[override]  # as MONAI's: a generator of batches
+        for batch in _RaisingBuffer(DataLoader.__iter__(self), self.buffer_size, self.buffer_timeout):
+            for _ in range(self.repeats):
+                yield batch
+

@@ -62,6 +62,7 @@ from crossmodal.hybrid import (
     EMATeacher,
     HybridLoss,
     MultiSourceLoader,
+    RaisingThreadDataLoader,
     collate_carrying,
     copy_paste,
     hybrid_batch,
@@ -77,7 +78,7 @@ from crossmodal.nets import CrossModalOutput, build_network
 from crossmodal.propagate import refine_segmentation
 from crossmodal.transforms import missing_modality_message, preprocessing
 from ignite.engine import Engine, Events
-from monai.data import CacheDataset, DataLoader, Dataset, ThreadDataLoader, partition_dataset
+from monai.data import CacheDataset, DataLoader, Dataset, partition_dataset
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents, default_prepare_batch
 from monai.handlers import CheckpointSaver, TensorBoardStatsHandler
@@ -703,12 +704,13 @@ class CrossModalTrain(BasicTrainTask):
 
     def _dataloader(self, context: Context, dataset: Any, batch_size: int, num_workers: int,
                     shuffle: bool = False) -> DataLoader:
-        """MONAI Label's loader (``DataLoader`` or ``ThreadDataLoader``, by the request); with worker processes, a case
+        """MONAI Label's loader, ``DataLoader`` or ``ThreadDataLoader`` by the request (the latter one that raises
+        what its thread met: :class:`~crossmodal.hybrid.RaisingThreadDataLoader`); with worker processes, a case
         error met in one comes back as the batch (:class:`~crossmodal.hybrid.CarryUserErrors`) and is raised here,
         naming its case and file as it does without workers."""
+        kind = RaisingThreadDataLoader if context.dataloader_type == "ThreadDataLoader" else DataLoader
         if num_workers == 0:
-            return super()._dataloader(context, dataset, batch_size, num_workers, shuffle)
-        kind = ThreadDataLoader if context.dataloader_type == "ThreadDataLoader" else DataLoader
+            return kind(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=0)
         return kind(CarryUserErrors(dataset), batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                     collate_fn=collate_carrying)
 
