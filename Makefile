@@ -12,7 +12,7 @@ PRE := apps/crossmodal/pretrained
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: install install-system data run pacs test lint bench-infer bench-quality bench-mirror bench-uncertainty bench-propagate bench-refine bench-pool bench-transfer bench-scribble-gap bench-incomplete bench-demo-train bench-ohif simulate weights weights-phantom weights-brain clean
+.PHONY: install install-system data run pacs test lint bench-infer bench-quality bench-mirror bench-uncertainty bench-propagate bench-refine bench-pool bench-transfer bench-scribble-gap bench-incomplete bench-workers bench-demo-train bench-ohif simulate weights weights-phantom weights-brain clean
 
 install: install-system $(STAMP)
 
@@ -111,6 +111,10 @@ bench-scribble-gap: install $(SPM)
 # baseline) vs those cases left out of training; phantom (PET) and brain (PD), 5 seeds.
 bench-incomplete: install $(SPM)
 	$(BIN)/python bench/incomplete.py $(if $(QUICK),--quick,)
+
+# Loader worker processes (train.num_workers 0 vs 2) on the brain demo's training, interleaved, 2 repeats (~15 min).
+bench-workers: install data
+	$(BIN)/python bench/workers.py
 
 # Scoring pools of 100-800 unlabelled phantom cases: scores stored per case (before) vs batched, one run.
 bench-pool: install
