@@ -943,7 +943,7 @@ class CrossModalTrain(BasicTrainTask):
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         req = coerce_tracking(check_train_request(request, train_choices(self.cfg)), self._model_dir)
-        every, epochs = (int(req.get(k, self._config[k])) for k in ("val_interval", "max_epochs"))
+        every, epochs = (int(self._config[k] if req.get(k) is None else req[k]) for k in ("val_interval", "max_epochs"))
         if every > epochs:  # MONAI's ValidationHandler would never run: no epoch validated, none published
             raise ConfigError(f"train request: val_interval={every} is more than max_epochs={epochs}: no epoch would "
                               "validate, so none would be published; lower val_interval or raise max_epochs")
