@@ -394,6 +394,10 @@ def test_unknown_names_and_bad_train_numbers_are_4xx_that_say_what_is_served(cli
                            ({"dataset": "PersistentDataset"},  # was: read as Dataset, silently
                             "train request: dataset='PersistentDataset' must be one of ['Dataset', 'CacheDataset']"),
                            ({"pretrained": "maybe"}, "train request: pretrained='maybe' must be true or false"),
+                           ({"val_batch_size": 2},  # MONAI's collate: "Collate error on the key 'image'" for two sizes
+                            "train request: val_batch_size=2 must be 1: validation segments each held-out case whole, "
+                            "and cases of different sizes do not stack into one batch (the sliding window batches "
+                            "within a case: infer.sw_batch_size)"),
                            ({"val_interval": 5, "max_epochs": 3},  # was: trained, validated never, published nothing
                             "train request: val_interval=5 is more than max_epochs=3: no epoch would validate, so none "
                             "would be published; lower val_interval or raise max_epochs"),

@@ -550,6 +550,10 @@ def check_train_request(request: dict[str, Any], choices: dict[str, tuple[str, .
             if value is None or not inside(value):
                 raise ConfigError(f"train request: {key}={req[key]!r} must be {want}")
             req[key] = value
+    if req.get("val_batch_size", 1) != 1:  # MONAI's collate stacks whole cases, which differ in size
+        raise ConfigError(f"train request: val_batch_size={req['val_batch_size']} must be 1: validation segments each "
+                          "held-out case whole, and cases of different sizes do not stack into one batch (the "
+                          "sliding window batches within a case: infer.sw_batch_size)")
     return req
 
 
