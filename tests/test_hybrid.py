@@ -37,8 +37,10 @@ from crossmodal.serving.app import AppParts
 from crossmodal.serving.offline import method_config, train_offline
 from crossmodal.serving.train import (
     CrossModalTrain,
+    LatestModel,
     PseudoLabelRounds,
     atlas_labels,
+    finite_on_every_rank,
     registration_workers,
     stroke_transfer,
 )
@@ -511,6 +513,74 @@ def test_without_held_out_labels_the_last_model_is_published_not_the_best_traini
     assert not all(torch.equal(v, best_train[k]) for k, v in published.items())
 
 
+def test_a_diverging_run_stops_before_publishing_and_the_model_in_service_stays(tmp_path, phantom_cfg):
+    from crossmodal.errors import TrainingDiverged
+
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=2, dense=2, sparse=0, seed=35)
+    train_offline(str(studies), _bench_config(tmp_path, "ours"), str(tmp_path / "m"), epochs=1, device="cpu",
+                  network="crossmodal")
+    files = ("phantom_crossmodal.pt", "phantom_crossmodal_train_stats.json")  # the model in service, its stats
+    in_service = [(tmp_path / "m" / n).read_bytes() for n in files]
+    # a learning rate no network survives: the first step's update makes every activation overflow, so the next
+    # step's loss is NaN (it was published: a model that segments nothing replaced the one in service). One step an
+    # epoch here, so the run had published its first epoch's ruined, finite model before the NaN
+    save_config(load_config(_bench_config(tmp_path, "ours"), overrides={"train": {
+        "learning_rate_by_model": {"crossmodal": 1e30}, "finetune_lr_scale": 1.0}}), tmp_path / "hot.yaml")
+    with pytest.raises(TrainingDiverged) as e:
+        train_offline(str(studies), str(tmp_path / "hot.yaml"), str(tmp_path / "m"), epochs=2, device="cpu",
+                      network="crossmodal")
+    assert str(e.value) == (
+        "training stopped: the loss is not finite (NaN / Inf) at epoch 2, step 2 (supervised nan, inter nan, channel "
+        "nan, intra nan); that step was not applied and the model in service is the one from before this run. "
+        "Lower the learning rate (this run's: 1e+30; the train request's `learning_rate`, or the config's "
+        "`train.learning_rate`) and train again")
+    assert isinstance(e.value, ConfigError)  # the CLI's message and the server's 422, not a traceback / 500
+    assert [(tmp_path / "m" / n).read_bytes() for n in files] == in_service
+    # the first training of a model dir: what it published goes, the committed / pretrained weights serve on
+    with pytest.raises(TrainingDiverged):
+        train_offline(str(studies), str(tmp_path / "hot.yaml"), str(tmp_path / "first"), epochs=2, device="cpu",
+                      network="crossmodal")
+    assert not (tmp_path / "first" / "phantom_crossmodal.pt").exists()
+    assert not (tmp_path / "first" / "phantom_crossmodal_train_stats.json").exists()
+
+
+def test_the_latest_model_is_not_written_when_its_weights_are_not_finite(tmp_path: Path):
+    from crossmodal.errors import TrainingDiverged
+    from ignite.engine import Engine
+
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 1), torch.nn.InstanceNorm3d(2))
+    engine = Engine(lambda e, b: None)
+    engine.optimizer = torch.optim.AdamW(net.parameters(), lr=0.5)  # type: ignore[attr-defined]
+    engine.state.epoch = 3
+    LatestModel(net, str(tmp_path / "model.pt"))(engine)
+    kept = (tmp_path / "model.pt").read_bytes()
+    with torch.no_grad():
+        net[0].weight[0, 0, 0, 0, 0] = float("inf")
+    with pytest.raises(TrainingDiverged) as e:
+        LatestModel(net, str(tmp_path / "model.pt"))(engine)
+    assert str(e.value).startswith("training stopped: after epoch 3 1 weight tensor(s) are not finite (NaN / Inf), "
+                                   "first '0.weight'; they were not published and the model in service is "
+                                   "the one from before this run. Lower the learning rate (this run's: 0.5;")
+    assert (tmp_path / "model.pt").read_bytes() == kept and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def _finite_here(rank: int, init: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    try:
+        loss = torch.tensor(float("nan") if rank == 0 else 1.5)
+        Path(f"{out}.{rank}").write_text(str(finite_on_every_rank(loss)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_a_loss_that_is_not_finite_on_one_process_stops_every_process(tmp_path: Path):
+    assert finite_on_every_rank(torch.tensor(0.25)) and not finite_on_every_rank(torch.tensor(float("inf")))
+    torch.multiprocessing.spawn(_finite_here, args=(str(tmp_path / "init"), str(tmp_path / "ok")), nprocs=2)
+    # rank 1's own loss is finite: it stops too, instead of waiting for rank 0's gradients
+    assert [(tmp_path / f"ok.{r}").read_text() for r in (0, 1)] == ["False", "False"]
+
+
 class _Recorder(Metric):
     """Records the (pred, label) items the train key metric is given."""
 
@@ -800,7 +870,8 @@ def test_a_fine_tuning_publishes_only_an_epoch_that_beats_the_model_it_started_f
     curve = json.loads(next(model_dir.glob("train_*/learning_curve.json")).read_text())
     assert [r["epoch"] for r in curve] == [0, 1] and curve[1]["learning_rate"] == 1.0
     assert curve[0]["val_mean_dice"] == pytest.approx(wrecked["start_metric"], abs=1e-5)
-    assert json.loads((model_dir / "train_stats.json").read_text())["start_metric"] == wrecked["start_metric"]
+    published_stats = json.loads((model_dir / "phantom_baseline_unet_train_stats.json").read_text())
+    assert published_stats["start_metric"] == wrecked["start_metric"]
     # the next run fine-tunes the model in service again, not the wrecked run's best left in its run folder
     again, _ = run("wrecked", 1.0, str(PRETRAINED_PHANTOM), 1)
     assert again["start_metric"] == wrecked["start_metric"] and not (model_dir / "phantom_baseline_unet.pt").exists()

@@ -429,8 +429,12 @@ def test_train_publishes_a_model_that_infer_reloads(client, phantom_server):
     client.infer("baseline_unet", "phantom005", {})  # the committed model in the server's cache, to be replaced
     client.train_start("baseline_unet", {"max_epochs": 2})
     wait_for_training(client)
-    stats = client.info()["train_stats"]["baseline_unet"]
+    info = client.info()["train_stats"]
+    stats = info["baseline_unet"]
     assert 0.5 < stats["start_metric"] <= 1 and stats["epoch"] == 2
+    # each model's own stats (one train_stats.json for both showed this run as the cross-modal model's too)
+    assert json.loads((phantom_server.model_dir / "phantom_baseline_unet_train_stats.json").read_text()) == stats
+    assert info["crossmodal"] != stats
     assert published.is_file() == (stats["best_metric"] > stats["start_metric"]), stats
     assert "held-out val_mean_dice of the starting model" in phantom_server.log.read_text()
     published.unlink(missing_ok=True)  # the committed model in service again
@@ -536,6 +540,36 @@ def test_train_on_an_unreadable_case_says_which_and_keeps_the_published_model(cl
     out, _ = client.infer("baseline_unet", "phantom001", {})
     # the model in service comes from a run stopped at a machine-dependent epoch: its Dice is not this test's point
     assert np.array_equal(load_volume(out)[0].numpy(), before) and set(np.unique(before)) > {0}
+
+
+def test_a_diverging_training_is_a_422_and_leaves_the_model_in_service_as_it_was(client, phantom_server):
+    """A learning rate no network survives: the loss turns NaN; the run stops before that step's update, says what to
+    lower, and the published model and its stats are those of before the run (NaN weights were published)."""
+    kept = {p: p.read_bytes() for p in phantom_server.model_dir.glob("*") if p.suffix in (".pt", ".json")}
+    before, _ = client.infer("crossmodal", "phantom001", {})
+    before = load_volume(before)[0].numpy()
+    r = requests.post(f"{phantom_server.url}/train/crossmodal?run_sync=true", timeout=300,
+                      json={"max_epochs": 2, "learning_rate": 1e30})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert detail.startswith("training stopped: the loss is not finite (NaN / Inf) at epoch "), detail
+    assert detail.endswith("; that step was not applied and the model in service is the one from before this run. "
+                           "Lower the learning rate (this run's: 1e+30; the train request's `learning_rate`, or the "
+                           "config's `train.learning_rate`) and train again"), detail
+    assert {p: p.read_bytes() for p in phantom_server.model_dir.glob("*") if p.suffix in (".pt", ".json")} == kept
+    out, _ = client.infer("crossmodal", "phantom001", {})
+    assert np.array_equal(load_volume(out)[0].numpy(), before) and set(np.unique(before)) > {0}
+    # such a run used to publish stats holding NaN, and every GET /info/ (the viewers' connect) was then a 500
+    stats_file = phantom_server.model_dir / "phantom_crossmodal_train_stats.json"
+    stats_file.write_text('{"epoch": 2, "train": {"metrics": {"loss_supervised": NaN, "train_mean_dice": 0.0}}}')
+    try:
+        assert client.info()["train_stats"]["crossmodal"] == {"epoch": 2, "train": {"metrics": {
+            "loss_supervised": None, "train_mean_dice": 0.0}}}
+    finally:
+        if stats_file in kept:
+            stats_file.write_bytes(kept[stats_file])
+        else:
+            stats_file.unlink()
 
 
 def test_brain_demo_is_segmented_usefully_by_the_committed_model(tmp_path):

@@ -262,6 +262,24 @@ def test_foreign_or_broken_weights_stop_the_app_at_start_naming_the_file(tmp_pat
     (tmp_path / "m" / "phantom_baseline_unet.pt").write_bytes(PRETRAINED_PHANTOM.read_bytes())  # fits: fine
     parts = AppParts.from_conf(str(APP), {**conf, "models": "baseline_unet"})
     assert parts.published.endswith("phantom_baseline_unet.pt")
+    # a diverged training's weights (published before 2026-12-03): they load and fit, and segment nothing
+    import torch
+    from fastapi import HTTPException
+
+    state = torch.load(PRETRAINED_PHANTOM, map_location="cpu")
+    state = state.get("model", state)
+    first = next(iter(state))
+    state[first] = torch.full_like(state[first], float("nan"))
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(HTTPException) as h:  # PUT /model/baseline_unet
+        parts.replace_weights("baseline_unet", str(tmp_path / "nan.pt"))
+    assert h.value.status_code == 422 and h.value.detail == (
+        f"model 'baseline_unet': the uploaded file 1 of its {len(state)} weight tensors hold NaN / Inf (e.g. "
+        f"{first!r}): a training that diverged? Train again with a lower learning rate; the model in service stays")
+    assert (tmp_path / "m" / "phantom_baseline_unet.pt").read_bytes() == PRETRAINED_PHANTOM.read_bytes()
+    (tmp_path / "m" / "phantom_baseline_unet.pt").write_bytes((tmp_path / "nan.pt").read_bytes())
+    with pytest.raises(ModelFileError, match=r"phantom_baseline_unet\.pt: 1 of its \d+ weight tensors hold NaN / Inf"):
+        AppParts.from_conf(str(APP), {**conf, "models": "baseline_unet"})
     (tmp_path / "m" / "phantom_crossmodal.pt").write_bytes(brain.read_bytes())  # published under another preset
     with pytest.raises(ModelFileError, match=r"phantom_crossmodal\.pt: does not fit crossmodal"):
         AppParts.from_conf(str(APP), conf)

@@ -23,6 +23,12 @@ class CaseError(ValueError):
         return type(self), (self.case_id, self.path, self.problem)
 
 
+class TrainingDiverged(ConfigError):
+    """A training run's loss or weights stopped being finite (NaN / Inf): the run stops before publishing them.
+
+    A ``ConfigError``: the usual cause is a learning rate too large for the network (the message says which)."""
+
+
 def cause_of_type(e: BaseException | None, types: tuple[type[BaseException], ...]) -> BaseException | None:
     """``e`` or the first of its causes (``raise ... from``, else the exception being handled) that is one of
     ``types``; None when the chain holds none.

@@ -93,3 +93,13 @@ def check_weights(cfg: CrossModalConfig, path: str, state_key: str = "model") ->
             f"model {path}: does not fit {cfg.model.name} on {list(cfg.model.inputs) or cfg.modality_names} "
             f"(preset {cfg.name!r}): weights {', '.join(parts)}; was it trained with another preset or network? "
             "Pick the matching --config / --network (server: preset, pretrained_<model>), or train a new one")
+    bad = non_finite_weights(state)
+    if bad:  # loads and fits, and segments nothing: every output NaN, every voxel background
+        raise ModelFileError(f"model {path}: {len(bad)} of its {len(state)} weight tensors hold NaN / Inf (e.g. "
+                             f"{bad[0]!r}): a training that diverged? Train again with a lower learning rate")
+
+
+def non_finite_weights(state: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold NaN or Inf."""
+    return [k for k, v in state.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]

@@ -13,12 +13,15 @@ there is one. Validation uses dense labels when there are any (Dice), held-out s
 published atomically: an infer request never reads a half-written file,
 and a killed training leaves the previous model in service. A fine-tuning publishes only an epoch that validates
 better than the model it started from (:class:`StartingScore`; train option ``publish=best_of_run``: the run's
-best, as MONAI Label). ``processes=N`` trains data-parallel in N
+best, as MONAI Label). A run whose loss turns NaN / Inf stops before that step's update with a
+:class:`crossmodal.errors.TrainingDiverged` (the server's 422) and puts the published model and its train stats back
+as they were before it. ``processes=N`` trains data-parallel in N
 processes (torch.distributed: gloo on CPU, NCCL on GPUs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -30,9 +33,10 @@ import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +60,7 @@ from crossmodal.config import (
     atomic_write_text,
     save_config,
 )
-from crossmodal.errors import CaseError, user_error_in
+from crossmodal.errors import CaseError, TrainingDiverged, user_error_in
 from crossmodal.hybrid import (
     CarryUserErrors,
     EMATeacher,
@@ -74,7 +78,7 @@ from crossmodal.inference import NetworkInferer
 from crossmodal.io import Case, atomic_copy, case_id_of, find_case, volume_channels
 from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE
 from crossmodal.losses import SupervisedLoss
-from crossmodal.nets import CrossModalOutput, build_network
+from crossmodal.nets import CrossModalOutput, build_network, non_finite_weights
 from crossmodal.propagate import refine_segmentation
 from crossmodal.transforms import missing_modality_message, preprocessing
 from ignite.engine import Engine, Events
@@ -148,6 +152,34 @@ class StartingScore:
                     "the run's best epoch whatever it scores)")
 
 
+def stats_path_of(publish_path: str) -> str:
+    """The train stats file published beside a model's weights.
+
+    Example:
+        >>> stats_path_of("/app/model/phantom_crossmodal.pt")
+        '/app/model/phantom_crossmodal_train_stats.json'
+    """
+    return f"{os.path.splitext(publish_path)[0]}_train_stats.json"
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN / Inf float (a metric of an empty class, a loss) as None: JSON has no NaN, and MONAI
+    Label serves the published train stats in ``GET /info/``, which failed on one with a 500 ("Out of range float
+    values are not JSON compliant") until the file was removed.
+
+    Example:
+        >>> json_safe({"loss": float("nan"), "dice": [0.5, float("inf")], "epoch": 2})
+        {'loss': None, 'dice': [0.5, None], 'epoch': 2}
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 class AtomicPublish(PublishStatsAndModel):
     """MONAI Label's publisher, with stats and model replaced through temp files (``os.replace``); with a
     :class:`StartingScore`, only a best epoch that validates above the starting model's score is published."""
@@ -161,7 +193,7 @@ class AtomicPublish(PublishStatsAndModel):
         start = self.start.score if self.start is not None else None
         if start is not None:
             stats["start_metric"] = start
-        text = json.dumps(stats, indent=2, default=str)
+        text = json.dumps(json_safe(stats), indent=2, default=str)  # NaN in it made every GET /info/ a 500
         atomic_write_text(Path(self.output_dir) / f"stats_{self.run_id}.json", text)
         if self._stats_path:
             atomic_write_text(Path(self._stats_path), text)
@@ -192,9 +224,68 @@ class LatestModel:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
+        state = getattr(self.network, "module", self.network).state_dict()
+        bad = non_finite_weights(state)
+        if bad:  # a finite loss with non-finite gradients: the next step's loss check would come too late
+            raise TrainingDiverged(f"training stopped: after epoch {engine.state.epoch} {len(bad)} weight tensor(s) "
+                                   f"are not finite (NaN / Inf), first {bad[0]!r}; they were not published and the "
+                                   "model in service is the one from before this run. "
+                                   f"{LOWER_LR.format(lr=learning_rate(engine))}")
         buffer = io.BytesIO()
-        torch.save(getattr(self.network, "module", self.network).state_dict(), buffer)
+        torch.save(state, buffer)
         atomic_write_bytes(self.path, buffer.getvalue())
+
+
+LOWER_LR = ("Lower the learning rate (this run's: {lr:g}; the train request's `learning_rate`, or the config's "
+            "`train.learning_rate`) and train again")
+
+
+def learning_rate(engine: Engine) -> float:
+    """The first parameter group's learning rate of ``engine``'s optimizer (what the run steps with now)."""
+    return float(engine.optimizer.param_groups[0]["lr"])  # type: ignore[attr-defined]
+
+
+def finite_on_every_rank(loss: torch.Tensor) -> bool:
+    """Whether the scalar ``loss`` is finite here and, in a data-parallel run, on every process: all of them must
+    stop together, or the others would wait for this one's gradients until the process group times out."""
+    ok = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+@contextlib.contextmanager
+def restored_if_diverged(*paths: str | None) -> Iterator[None]:
+    """The files at ``paths`` (the published model, its stats) put back as they were before the block when it raises
+    :class:`TrainingDiverged` (a file that was not there is removed): a diverged run's earlier epochs may have been
+    published, every one of them when no label is held out, and the last ones may be finite but ruined."""
+    with tempfile.TemporaryDirectory(prefix="crossmodal-before-run-") as keep:
+        saved: dict[str, Path | None] = {}
+        for i, path in enumerate(p for p in paths if p):
+            saved[path] = Path(keep) / str(i) if os.path.exists(path) else None
+            if saved[path] is not None:
+                shutil.copyfile(path, Path(keep) / str(i))
+        try:
+            yield
+        except Exception as e:
+            if isinstance(user_error_in(e), TrainingDiverged):
+                for path, copy in saved.items():
+                    if copy is None:
+                        Path(path).unlink(missing_ok=True)
+                    else:
+                        atomic_copy(copy, path)
+                logger.info(f"training diverged: {', '.join(saved)} put back as they were before the run")
+            raise
+
+
+def diverged(engine: Engine, parts: dict[str, float]) -> TrainingDiverged:
+    """The error that stops a run whose loss is not finite at this step (``parts``: the loss's parts here)."""
+    bad = ", ".join(f"{k} {v}" for k, v in parts.items() if not math.isfinite(v)) or "on another process"
+    return TrainingDiverged(
+        f"training stopped: the loss is not finite (NaN / Inf) at epoch {engine.state.epoch}, step "
+        f"{engine.state.iteration} ({bad}); that step was not applied and the model in service is the one from "
+        f"before this run. {LOWER_LR.format(lr=learning_rate(engine))}")
 
 
 class LearningCurve:
@@ -221,7 +312,7 @@ class LearningCurve:
         if ev is not None and ev.state.epoch == engine.state.epoch:
             row.update({k: round(float(v), 5) for k, v in ev.state.metrics.items() if isinstance(v, int | float)})
         self.history.append(row)
-        atomic_write_text(self.dir / "learning_curve.json", json.dumps(self.history, indent=1))
+        atomic_write_text(self.dir / "learning_curve.json", json.dumps(json_safe(self.history), indent=1))
 
     def completed(self, engine: Engine) -> None:
         if self.history:
@@ -566,6 +657,9 @@ class CrossModalTrain(BasicTrainTask):
         super().__init__(
             model_dir=model_dir, description=description, amp=False, load_path=pretrained_path,
             publish_path=publish_path, labels=cfg.labels.classes, load_strict=True, tracking=None,
+            # one stats file a model (MONAI Label's default, <model_dir>/train_stats.json, is one for all: the
+            # viewers saw the last run of either model as both models' train stats)
+            stats_path=stats_path_of(publish_path),
             find_unused_parameters=True,  # modality dropout leaves encoders out of some steps
             config={"max_epochs": t.max_epochs, "train_batch_size": t.batch_size, "val_batch_size": 1,
                     "val_split": t.val_fraction, "val_interval": t.val_interval,
@@ -606,6 +700,11 @@ class CrossModalTrain(BasicTrainTask):
         """The model this run fine-tunes (:meth:`load_path`), or None for a run from scratch."""
         start_from = self.load_path(context.output_dir, context.pretrained)
         return start_from if start_from and os.path.exists(start_from) else None
+
+    def stats(self) -> dict[str, Any]:
+        """The published train stats (``GET /info/``'s ``train_stats``), NaN / Inf as null: a file written with
+        them before 2026-12-03 made every ``GET /info/`` a 500, the viewers' connect included."""
+        return json_safe(super().stats())
 
     def in_service(self) -> str | None:
         """The weights infer serves: the published model, else the pretrained one; None when neither exists."""
@@ -687,6 +786,8 @@ class CrossModalTrain(BasicTrainTask):
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             by_name = None if present is None else dict(zip(self.cfg.modality_names, present.T.to(dev), strict=True))
             loss, parts = loss_fn(out, y, n_lab, n_plain, aug, engine.state.iteration - 1, by_name)
+            if not finite_on_every_rank(loss):  # before its update: the weights stay as the last step left them
+                raise diverged(engine, parts)
             engine.state.output[Keys.LOSS] = loss.detach()
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
             loss.backward()
@@ -935,7 +1036,7 @@ class CrossModalTrain(BasicTrainTask):
             stats = super().train(rank, world_size, request, datalist)
             if self._start is not None and self._start.score is not None:
                 stats["start_metric"], stats["start_model"] = self._start.score, self._start.start_from
-            return stats
+            return json_safe(stats)  # a synchronous train request answers with it
         except Exception as e:
             found = user_error_in(e)
             if found is not None and request.get("user_error_file"):
@@ -957,7 +1058,8 @@ class CrossModalTrain(BasicTrainTask):
                                                                           missing_modality=req["missing_modality"]))
         self._val_interval = every  # MONAI Label's ValidationHandler reads the task's, not the request's
         try:
-            return self._run(req, datastore)
+            with restored_if_diverged(self._publish_path, self._stats_path):
+                return self._run(req, datastore)
         finally:
             self.cfg, self._val_interval = cfg, interval
 
