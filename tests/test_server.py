@@ -339,6 +339,21 @@ def test_bad_input_is_4xx_names_the_problem_and_changes_nothing(client, phantom_
         assert r.status_code == 422 and r.json()["detail"].startswith(
             f"image 'phantom000': the form field `{field}` {problem}"), (path, r.status_code, r.text)
         assert f"send a JSON object, e.g. {field}=" in r.json()["detail"]
+    # NaN / Infinity, which Python's json reads and JSON has not: a next-sample request's client_id NaN was recorded
+    # in the case's info (200), and the listing, that case's info and every next-sample request were 500s for good
+    r = requests.put(f"{url}/datastore/image/info?image=phantom000", data={"info": '{"note": NaN}'}, timeout=60)
+    assert r.status_code == 422 and r.json()["detail"] == (
+        "image 'phantom000': the form field `info` holds NaN, which JSON does not have: '{\"note\": NaN}'; send a "
+        "number or null")
+    for path, body, what in (("/activelearning/random", '{"client_id": NaN}', "next-sample request: `client_id`"),
+                             ("/activelearning/crossmodal", '{"client_id": "a", "x": [1, -Infinity]}',
+                              "next-sample request: `x[1]`"),
+                             ("/train/baseline_unet?run_sync=true", '{"max_epochs": 1, "x": {"y": Infinity}}',
+                              "train request: `x.y`")):
+        r = requests.post(url + path, data=body, headers={"Content-Type": "application/json"}, timeout=60)
+        assert r.status_code == 422 and r.json()["detail"] == (
+            f"{what} is NaN or Infinity, which JSON does not have; send a number or null"), r.text
+    assert requests.get(f"{url}/datastore/?output=all", timeout=60).status_code == 200
 
     assert snapshot(studies) == before
     assert requests.get(f"{phantom_server.url}/info/", timeout=10).status_code == 200

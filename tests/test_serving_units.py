@@ -41,6 +41,32 @@ def test_datastore_rejects_before_writing(phantom_studies: Path, phantom_cfg, tm
     assert e.value.status_code == 404
 
 
+def test_infos_hold_no_nan_that_would_make_the_listing_a_500(phantom_studies: Path, phantom_cfg):
+    """A datastore file with a NaN in an info (as MONAI Label recorded a next-sample request's client_id NaN before
+    2026-12-03) loads with null there, and an info updated with NaN / Inf is stored and written with null."""
+    import json
+
+    CrossModalDatastore(str(phantom_studies), phantom_cfg.labels)  # writes the file
+    path = phantom_studies / "datastore_v2.json"
+    stored = json.loads(path.read_text())
+    stored["objects"]["phantom003"]["image"]["info"]["strategy"] = {"random": {"ts": 1, "client_id": float("nan")}}
+    path.write_text(json.dumps(stored))
+    ds = CrossModalDatastore(str(phantom_studies), phantom_cfg.labels)
+    assert ds.get_image_info("phantom003")["strategy"] == {"random": {"ts": 1, "client_id": None}}
+    json.dumps(ds.json(), allow_nan=False)  # what GET /datastore/ answers with: it raised ValueError
+    ds.update_image_info("phantom001", {"score": float("inf"), "scores": [0.5, float("nan")]})
+    info = ds.get_image_info("phantom001")
+    assert info["score"] is None and info["scores"] == [0.5, None]
+    written = path.read_text()
+    assert "NaN" not in written and "Infinity" not in written
+    assert json.loads(written)["objects"]["phantom003"]["image"]["info"]["strategy"]["random"]["client_id"] is None
+    # another process's write with a NaN (a file of an older version): read back with null
+    stored = json.loads(written)
+    stored["objects"]["phantom002"]["image"]["info"]["x"] = float("-inf")
+    path.write_text(json.dumps(stored))
+    assert ds.get_image_info("phantom002")["x"] is None
+
+
 def test_an_empty_final_label_is_refused_unless_the_case_has_none_of_the_classes(phantom_studies: Path, phantom_cfg,
                                                                                  tmp_path: Path):
     """A final label with nothing drawn (Slicer's "submit" before painting) was stored as a dense label, the case

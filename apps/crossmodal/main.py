@@ -9,7 +9,7 @@ import crossmodal
 from crossmodal.errors import CaseError, user_error_in
 from crossmodal.inference import configure_threads
 from crossmodal.serving.activelearning import RandomStrategy
-from crossmodal.serving.app import AppParts, check_infer_request, conf_flag, not_served
+from crossmodal.serving.app import AppParts, check_infer_request, conf_flag, not_served, refuse_non_finite
 from crossmodal.serving.datastore import http_error
 from crossmodal.serving.dicomweb import labels_onto_grid
 from crossmodal.serving.infer import CrossModalBatchInfer
@@ -44,6 +44,7 @@ class MyApp(MONAILabelApp):
         image_id = request.get("image")
         store = datastore or self.datastore()
         check_infer_request(request, self._infers, store)  # 404 naming an unknown model or case, not a 500 / 422
+        refuse_non_finite(request, f"image {image_id!r}: infer request")
         grid = store.viewer_grid(image_id) if isinstance(image_id, str) and hasattr(store, "viewer_grid") else None
         strokes = request.get("label")
         if grid is not None and isinstance(strokes, str) and os.path.isfile(strokes):  # drawn on that series' grid
@@ -80,6 +81,7 @@ class MyApp(MONAILabelApp):
     def train(self, request):
         """As upstream; a case that cannot be read stops the run with a 422 naming the case and the file (the
         viewers' synchronous train) instead of a bare 500."""
+        refuse_non_finite(request, "train request")
         try:
             return super().train(request)
         except Exception as e:
@@ -109,6 +111,7 @@ class MyApp(MONAILabelApp):
         strategy = request.get("strategy") or "random"
         if strategy not in self._strategies:
             raise not_served("strategy", strategy, self._strategies)
+        refuse_non_finite(request, "next-sample request")  # MONAI Label records its client_id in the case's info
         return super().next_sample(request)
 
     def scoring(self, request, datastore=None):
@@ -118,6 +121,7 @@ class MyApp(MONAILabelApp):
         method = request.get("method")
         if method not in self._scoring_methods:
             raise not_served("scoring method", method, self._scoring_methods)
+        refuse_non_finite(request, "scoring request")
         return super().scoring(request, datastore)
 
     def init_infers(self):

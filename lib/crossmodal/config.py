@@ -688,6 +688,41 @@ def save_config(cfg: CrossModalConfig, path: str | os.PathLike[str]) -> None:
     atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN / Inf float (a metric of an empty class, a loss, a client's value) as None: JSON has no
+    NaN, and what MONAI Label serves (the train stats in ``GET /info/``, the datastore's infos) failed on one with a
+    500 ("Out of range float values are not JSON compliant") as long as it was stored.
+
+    Example:
+        >>> json_safe({"loss": float("nan"), "dice": [0.5, float("inf")], "epoch": 2})
+        {'loss': None, 'dice': [0.5, None], 'epoch': 2}
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def non_finite_at(obj: Any, where: str = "") -> str | None:
+    """The first key path in ``obj`` (dicts and lists) whose value is a NaN / Inf float, or None.
+
+    Example:
+        >>> non_finite_at({"a": 1, "b": [0.5, {"c": float("nan")}]}), non_finite_at({"a": [1.0]})
+        ('b[1].c', None)
+    """
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else where
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list | tuple) else ()
+    for k, v in items:
+        found = non_finite_at(v, f"{where}[{k}]" if isinstance(k, int) else f"{where}.{k}" if where else str(k))
+        if found is not None:
+            return found
+    return None
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temp file in the same folder and ``os.replace``."""
     atomic_write_bytes(path, text.encode())

@@ -31,6 +31,7 @@ from crossmodal.config import (
     as_flag,
     as_number,
     load_config,
+    non_finite_at,
     parse_mirror_axes,
     resolve_preset,
 )
@@ -96,6 +97,22 @@ def conf_flag(conf: dict[str, str], key: str) -> bool:
 def not_served(kind: str, name: object, served: Iterable[str]) -> HTTPException:
     """404 for a model / strategy name the app does not serve, listing those it does."""
     return HTTPException(status_code=404, detail=f"{kind} {name!r} is not served here; served: {sorted(served)}")
+
+
+def refuse_non_finite(request: dict, what: str) -> None:
+    """422 for a request holding NaN or Infinity (Python's ``json`` reads them; JSON has neither): a next-sample
+    request's ``client_id`` NaN was recorded in the case's info, and the listing and that case's info were 500s.
+
+    Example:
+        >>> refuse_non_finite({"client_id": float("nan")}, "next-sample request")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        fastapi.exceptions.HTTPException: 422: next-sample request: `client_id` is NaN or Infinity, which JSON does ...
+    """
+    where = non_finite_at(request)
+    if where is not None:
+        raise HTTPException(status_code=422, detail=f"{what}: `{where}` is NaN or Infinity, which JSON does not have; "
+                                                    "send a number or null")
 
 
 def check_infer_request(request: dict, infers: Iterable[str], datastore: Datastore) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from crossmodal.config import LabelConfig, as_flag
+from crossmodal.config import LabelConfig, as_flag, json_safe, non_finite_at
 from crossmodal.io import IMAGE_EXTENSIONS, CaseError, atomic_copy, find_case, load_volume, read_label, split_ext
 from crossmodal.labels import LABEL_KINDS, annotated_fraction, classify, invalid_values
 from fastapi import HTTPException
@@ -131,7 +131,19 @@ class CrossModalDatastore(LocalDatastore):
         self.on_remove: list[Callable[[str], None]] = []  # called with a removed case's id (its derived files)
         self._config_sig: tuple[int, ...] | None = None
         super().__init__(datastore_path, extensions=EXTENSIONS, **kwargs)
+        self._drop_non_finite()
         self._record_missing_kinds()
+
+    def _drop_non_finite(self) -> None:
+        """NaN / Inf in any image or label info become null: JSON has neither, and while one was stored (a client's
+        ``client_id`` NaN in ``POST /activelearning``, which MONAI Label records in the case's info) the listing,
+        that case's info and every next-sample request were 500s, the file keeping it over restarts."""
+        for obj in self._datastore.objects.values():
+            if non_finite_at(obj.image.info) is not None:
+                obj.image.info = json_safe(obj.image.info)
+            for label in obj.labels.values():
+                if non_finite_at(label.info) is not None:
+                    label.info = json_safe(label.info)
 
     def _record_missing_kinds(self) -> None:
         """Labels put on disk by hand (or by ``crossmodal data``) get their kind recorded once, by the rule."""
@@ -351,6 +363,7 @@ class CrossModalDatastore(LocalDatastore):
             st = os.fstat(fp.fileno())  # the signature of what is read, whatever replaces the file meanwhile
             self._datastore = LocalDatastoreModel.model_validate_json(fp.read())
         self._datastore.base_path = self._datastore_path
+        self._drop_non_finite()  # a file written before 2026-12-03
         self._config_sig, self._config_ts = file_signature(st), st.st_mtime
 
     def _fresh(self) -> None:
@@ -426,6 +439,7 @@ class CrossModalDatastore(LocalDatastore):
     def _update_datastore_file(self, lock: bool = True) -> None:
         def write() -> None:
             self._ignore_event_config = True
+            self._drop_non_finite()
             text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
             folder = os.path.dirname(self._datastore_config_path)
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=".datastore.", suffix=".tmp")

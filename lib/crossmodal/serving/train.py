@@ -58,6 +58,7 @@ from crossmodal.config import (
     as_number,
     atomic_write_bytes,
     atomic_write_text,
+    json_safe,
     save_config,
 )
 from crossmodal.errors import CaseError, TrainingDiverged, user_error_in
@@ -160,24 +161,6 @@ def stats_path_of(publish_path: str) -> str:
         '/app/model/phantom_crossmodal_train_stats.json'
     """
     return f"{os.path.splitext(publish_path)[0]}_train_stats.json"
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with every NaN / Inf float (a metric of an empty class, a loss) as None: JSON has no NaN, and MONAI
-    Label serves the published train stats in ``GET /info/``, which failed on one with a 500 ("Out of range float
-    values are not JSON compliant") until the file was removed.
-
-    Example:
-        >>> json_safe({"loss": float("nan"), "dice": [0.5, float("inf")], "epoch": 2})
-        {'loss': None, 'dice': [0.5, None], 'epoch': 2}
-    """
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 class AtomicPublish(PublishStatsAndModel):

@@ -93,6 +93,14 @@ def refusing_dicom_seg_output(run_inference: Callable[..., Any]) -> Callable[...
     return wrapper
 
 
+class _NotJSON(ValueError):
+    """A NaN / Infinity constant, which Python's ``json`` reads and JSON does not have."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotJSON(name)
+
+
 def checking_json_form(endpoint: Callable[..., Any], field: str) -> Callable[..., Any]:
     """``endpoint`` whose form field ``field`` (``params`` or ``info``) must be a JSON object: a 422 naming the image
     and what came, before the endpoint reads anything (MONAI Label's ``json.loads`` made ``{bad`` or ``[1]`` a 500)."""
@@ -105,16 +113,19 @@ def checking_json_form(endpoint: Callable[..., Any], field: str) -> Callable[...
         arguments = signature.bind_partial(*args, **kwargs).arguments
         value = arguments.get(field)
         if isinstance(value, str) and value:
+            fix = f"send a JSON object, e.g. {field}={{\"key\": \"value\"}} (or {{}})"
             try:
-                problem = None if isinstance(json.loads(value), dict) else "is JSON but not an object"
+                problem = None if isinstance(json.loads(value, parse_constant=_refuse_constant), dict) \
+                    else "is JSON but not an object"
+            except _NotJSON as e:  # stored in an info, it made the datastore's listing a 500
+                problem, fix = f"holds {e}, which JSON does not have", "send a number or null"
             except json.JSONDecodeError as e:
                 problem = f"is not JSON ({e})"
             if problem:
                 image = next((v for k in ("image", "label") if isinstance(v := arguments.get(k), str) and v), None)
                 subject = f"image {image!r}" if image else "the request"
                 raise HTTPException(status_code=422, detail=(
-                    f"{subject}: the form field `{field}` {problem}: {value[:80]!r}; send a JSON object, e.g. "
-                    f"{field}={{\"key\": \"value\"}} (or {{}})"))
+                    f"{subject}: the form field `{field}` {problem}: {value[:80]!r}; {fix}"))
         return endpoint(*args, **kwargs)
 
     wrapper.checked_json_forms = (*getattr(endpoint, "checked_json_forms", ()), field)  # type: ignore[attr-defined]
