@@ -16,6 +16,7 @@ import torch
 from conftest import APP, make_phantom_studies
 from crossmodal.active import combine, mutual_information, score_image, score_network_outputs, scoring_input, select
 from crossmodal.config import load_config
+from crossmodal.io import load_volume, save_volume
 from crossmodal.nets import CrossModalNet, build_network
 from crossmodal.serving.activelearning import (
     HANDOUT_KEY,
@@ -198,6 +199,27 @@ def test_scoring_cache_follows_every_modality_file_and_a_broken_case_is_reported
     assert out["failed"][case].startswith(f"case {case!r}: file {pet}: cannot be read"), out["failed"]
     pet.write_bytes(saved)
     assert scoring({}, store)["scored"] == 1 and torch.equal(scoring.case_input(path)[0], x0)
+
+
+def test_a_case_whose_modality_is_replaced_is_scored_again(app_parts, tmp_path):
+    """Scores were recomputed for a new model only: a case whose PET was replaced through the datastore API (or on
+    disk) kept the scores of its old images, and the strategy ranked it by them."""
+    parts, store, studies = app_parts
+    scoring = parts.scoring(parts.infer())
+    assert scoring({}, store)["scored"] == 4
+    case = sorted(store.get_unlabeled_images())[0]
+    before = store.get_image_info(case)[SCORES_KEY]
+    assert scoring({}, store)["scored"] == 0  # nothing changed
+    pet = studies / "modalities" / case / "pet.nii.gz"
+    img = load_volume(pet)
+    save_volume(tmp_path / "pet.nii.gz", np.roll(img[0].numpy(), 6, axis=0), img.affine.numpy())  # 12 mm off
+    store.add_image(case, str(tmp_path / "pet.nii.gz"), {"modality": "pet"})  # PUT /datastore/image, modality pet
+    out = scoring({}, store)
+    assert out["scored"] == 1 and list(out["scores"]) == [case]
+    after = store.get_image_info(case)[SCORES_KEY]
+    assert after["disagreement"] != before["disagreement"] and after["descriptor"] != before["descriptor"]
+    assert after["files"] == scoring.files_stamp(store.get_image_uri(case))
+    assert scoring({}, store)["scored"] == 0
 
 
 def test_a_deleted_cases_cached_scoring_input_goes_with_it(app_parts):

@@ -2,7 +2,8 @@
 
 ``CrossModalScoring`` scores every candidate case with the current model in one forward at a reduced scale (per-
 modality heads, MC-dropout decoder samples, pooled descriptors) and stores the scores in the case's image info
-(key :data:`SCORES_KEY`, with the model's mtime, so a score is recomputed after each training run). The case's
+(key :data:`SCORES_KEY`, with the model's mtime, so a score is recomputed after each training run, and on a local
+datastore the sizes and mtimes of the case's files, so a replaced or added modality is scored again). The case's
 preprocessed input is cached on disk, so re-scoring after training costs one small forward per case.
 ``CrossModalStrategy`` hands out the best case by combined score and diversity, never the same case to two
 clients within ``active.handout_window_s``, and falls back to diversity alone before the first model exists.
@@ -122,8 +123,7 @@ class CrossModalScoring(ScoringMethod):
         the source files' mtimes (the primary's and every secondary modality's: a re-exported or added modality
         is read again)."""
         cid = case_id_of(path)
-        case = find_case(path, self.cfg.modality_names, self.cfg.data.sidecar_dir)
-        stamp = [os.path.getmtime(p) if p else None for p in (path, *case.modalities.values())]
+        stamp = self.files_stamp(path)
         file = self.cache_dir / f"{cid}.pt"
         if file.is_file():
             try:
@@ -142,6 +142,12 @@ class CrossModalScoring(ScoringMethod):
         torch.save({"stamp": stamp, "x": x, "present": present}, tmp)
         os.replace(tmp, file)
         return x, present
+
+    def files_stamp(self, path: str) -> list[list[int] | None]:
+        """[size, mtime in ns] of the case's primary file ``path`` and of each secondary modality's (None where it
+        has none): what its scores and its cached input were computed from."""
+        case = find_case(path, self.cfg.modality_names, self.cfg.data.sidecar_dir)
+        return [[(st := os.stat(p)).st_size, st.st_mtime_ns] if p else None for p in (path, *case.modalities.values())]
 
     def forget(self, image_id: str) -> None:
         """Remove the case's cached input (its images, downsampled): the datastore calls this when the case is
@@ -188,17 +194,26 @@ class CrossModalScoring(ScoringMethod):
         scored, failed, seconds = {}, {}, []
         pending: dict[str, dict[str, Any]] = {}
         flushed = time.monotonic()
+        # a local case's scores also hold the sizes and mtimes of its files: a modality replaced or added (PUT
+        # /datastore/image with params {"modality": ...}, or on disk) is scored again (its old scores stayed); a
+        # PACS case's files are fetched once, and asking for them here would fetch every unscored case
+        local = getattr(datastore, "files_are_local", False)
         for image_id in candidates(datastore, self.cfg.active.refine_sparse):
             info = datastore.get_image_info(image_id).get(SCORES_KEY) or {}
-            if info.get("model_ts") == model_ts and "descriptor" in info:
+            current = info.get("model_ts") == model_ts and "descriptor" in info
+            if current and not local:
                 continue
             try:
-                s = self.score_case(datastore.get_image_uri(image_id), network, device)
+                image = datastore.get_image_uri(image_id)
+                stamp = self.files_stamp(image) if local else None
+                if current and info.get("files") == stamp:
+                    continue
+                s = self.score_case(image, network, device)
             except Exception as e:  # one broken case must not stop the others from being scored
                 failed[image_id] = str(cause_of_type(e, (CaseError,)) or getattr(e, "detail", e))
                 continue
             seconds.append(s.pop("seconds"))
-            pending[image_id] = {SCORES_KEY: {**s, "model_ts": model_ts}}
+            pending[image_id] = {SCORES_KEY: {**s, "model_ts": model_ts, **({"files": stamp} if local else {})}}
             scored[image_id] = {k: round(v, 6) for k, v in s.items() if k != "descriptor"}
             if time.monotonic() - flushed >= self.flush_s:
                 store_infos(datastore, pending)

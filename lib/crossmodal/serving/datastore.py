@@ -124,6 +124,8 @@ class CrossModalDatastore(LocalDatastore):
     goes there (:meth:`add_image`), and removing a case removes its folder.
     """
 
+    files_are_local = True  # a case's files are on this machine, to be stat-ed (a PACS's are fetched first)
+
     def __init__(self, datastore_path: str, labels: LabelConfig, modalities: Sequence[str] = (),
                  sidecar_dir: str = "modalities", **kwargs: Any) -> None:
         self.label_config = labels

@@ -160,6 +160,8 @@ def labels_onto_grid(label: str, label_grid: str, target: str, case_id: str, kee
 class PacsDatastore(CrossModalDatastore):
     """Cases are studies on a DICOMweb server; see the module docstring."""
 
+    files_are_local = False  # get_image_uri fetches a case's series: scoring does not stat every case's files
+
     def __init__(self, url: str, cfg: CrossModalConfig, cache_path: str | None = None, list_ttl: float = 30.0,
                  timeout: float = 30.0, client: DICOMwebClient | None = None) -> None:
         self.url = url.rstrip("/")
