@@ -150,6 +150,16 @@ def test_grow_scribbles_grows_uploaded_strokes_and_saves_nothing(client, phantom
     with pytest.raises(MONAILabelClientException) as e:
         client.infer("grow_scribbles", case, {})
     assert status_of(e.value) == 422 and "no strokes" in e.value.msg
+    # the walker's settings: text that is a number is taken; other text was a 500 after the case had been read
+    _, params_text = client.infer("grow_scribbles", case, {"threshold": "0.5", "beta": "130"},
+                                  label_in=str(tmp_path / "strokes.nii.gz"))
+    assert (params_text["threshold"], params_text["beta"], params_text["drawn"]) == (0.5, 130.0, params["drawn"])
+    for bad in ({"threshold": "x"}, {"threshold": 2}, {"beta": 0}, {"beta": None, "threshold": "0.4"}):
+        with pytest.raises(MONAILabelClientException) as e:
+            client.infer("grow_scribbles", case, bad, label_in=str(tmp_path / "strokes.nii.gz"))
+        t, b = bad.get("threshold", 0.5), bad.get("beta") if bad.get("beta") is not None else 130.0
+        assert status_of(e.value) == 422 and (f"case '{case}': threshold {t!r} must be a number in [0.5, 1] and beta "
+                                              f"{b!r} a number > 0") in e.value.msg, e.value.msg
     assert params["modalities_used"] == ["ct", "pet", "mr"]  # was [] (the grow task's loader dropped it)
 
     # OHIF sends strokes as raw uint8 on the image's grid in Fortran order (`.bin`): the same result, and no copy of

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from crossmodal.config import CrossModalConfig
+from crossmodal.config import CrossModalConfig, as_number
+from crossmodal.io import case_id_of
 from crossmodal.labels import IGNORE_INDEX, SPARSE
 from crossmodal.propagate import heldout_accuracy, propagate_labels
 from crossmodal.serving.datastore import http_error
@@ -22,6 +23,22 @@ from crossmodal.transforms import preprocessing, to_primary_labels
 from monai.data import MetaTensor
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
+
+
+def walker_params(data: dict[str, Any], threshold: float, beta: float) -> tuple[float, float]:
+    """The request's ``threshold`` (in [0.5, 1]) and ``beta`` (> 0), numbers or their text, else the defaults given;
+    a 422 naming the case (``data["case_id"]``) and both values otherwise.
+
+    Example:
+        >>> walker_params({"threshold": "0.7"}, 0.5, 130.0)
+        (0.7, 130.0)
+    """
+    t, b = (data.get(k) if data.get(k) is not None else float(d) for k, d in (("threshold", threshold), ("beta", beta)))
+    nt, nb = as_number(t, float), as_number(b, float)
+    if nt is None or nb is None or not 0.5 <= nt <= 1.0 or nb <= 0:
+        raise http_error(ValueError(f"case {data.get('case_id')!r}: threshold {t!r} must be a number in [0.5, 1] and "
+                                    f"beta {b!r} a number > 0"))
+    return nt, nb
 
 
 class CrossModalGrow(CrossModalInfer):
@@ -47,10 +64,7 @@ class CrossModalGrow(CrossModalInfer):
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda"):
         """``data["label"]`` (1, H, W, D) training map of the strokes -> ``data["pred"]`` grown (1, H, W, D)."""
         p, case = self.cfg.train.propagate, data.get("case_id")
-        threshold, beta = float(data.get("threshold", p.threshold)), float(data.get("beta", p.beta))
-        if not 0.5 <= threshold <= 1.0 or beta <= 0:
-            raise http_error(ValueError(f"case {case!r}: threshold {threshold} must be in [0.5, 1] and beta {beta} "
-                                        "> 0"))
+        threshold, beta = walker_params(data, p.threshold, p.beta)
         image, strokes = data["image"].as_tensor(), data["label"].as_tensor()
         classes = torch.unique(strokes[strokes != IGNORE_INDEX]).long().tolist()
         if len(classes) < 2:
@@ -87,4 +101,8 @@ class CrossModalGrow(CrossModalInfer):
         if not isinstance(request.get("label"), str):
             raise http_error(ValueError(f"case {request.get('image')!r}: no strokes: send the drawn label file as "
                                         "`label` (POST /infer/<model> with a `label` upload)"))
+        p = self.cfg.train.propagate  # checked before the case is read (a text threshold was a 500 after it)
+        image = request.get("image")  # MONAI Label's: the case's path
+        walker_params({**request, "case_id": case_id_of(image) if isinstance(image, str) else image}, p.threshold,
+                      p.beta)
         return super().__call__({**request, "label_kind": SPARSE, "label_path": request["label"]}, callbacks)
