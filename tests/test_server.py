@@ -7,6 +7,7 @@ import shutil
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import requests
@@ -123,6 +124,14 @@ def test_infer_nrrd_output_for_slicer_and_no_format_that_cannot_hold_the_label(c
         assert status_of(e.value) == 422
         assert f"case 'phantom003': result_extension {ext!r} must be one of ['.nii.gz', '.nii', '.seg.nrrd', " \
                "'.nrrd']" in e.value.msg
+    # the label's numpy type: int16 as asked; a name numpy does not know was a 500 after inference
+    out, _ = client.infer("baseline_unet", "phantom003", {"result_dtype": "int16"})
+    assert nib.load(out).get_data_dtype() == np.int16 and np.array_equal(load_volume(out).numpy(), a.numpy())
+    for dtype in ("foo", "bool", 3):
+        with pytest.raises(MONAILabelClientException) as e:
+            client.infer("baseline_unet", "phantom003", {"result_dtype": dtype})
+        assert status_of(e.value) == 422 and f"case 'phantom003': result_dtype {dtype!r} must be a numpy integer or " \
+            "float type name, e.g. uint8 (the default), int16 or float32" in e.value.msg, e.value.msg
 
 
 def test_grow_scribbles_grows_uploaded_strokes_and_saves_nothing(client, phantom_server, tmp_path):

@@ -168,6 +168,13 @@ class CrossModalInfer(BasicInferTask):
             # one 2D slice: only the 3D formats the datastore takes back as a label
             raise http_error(ValueError(f"result_extension {ext!r} must be one of {list(IMAGE_EXTENSIONS)}"),
                              prefix=case)
+        try:  # MONAI Label's numpy cast came after the inference: 'foo' was a 500 ("data type 'foo' not understood")
+            kind = np.dtype(req["result_dtype"]).kind
+        except (TypeError, ValueError):
+            kind = ""
+        if kind not in ("u", "i", "f"):
+            raise http_error(ValueError(f"result_dtype {req['result_dtype']!r} must be a numpy integer or float type "
+                                        "name, e.g. uint8 (the default), int16 or float32"), prefix=case)
         samples = as_number(req.get("mc_samples", 8), int)
         if samples is None or not 1 <= samples <= MAX_MC_SAMPLES:  # 5000 held the server for minutes
             raise http_error(ValueError(f"mc_samples={req.get('mc_samples')!r} must be an integer from 1 to "
