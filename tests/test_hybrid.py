@@ -840,6 +840,48 @@ def test_data_parallel_training_in_two_cpu_processes(tmp_path: Path, phantom_cfg
     assert set(Path(tempfile.gettempdir()).glob("crossmodal-dist-*")) == temps
 
 
+def test_early_stop_patience_stops_a_run_whose_held_out_score_stops_improving(tmp_path: Path, phantom_cfg, caplog):
+    """The train request's ``early_stop_patience`` (the viewers show it) was read by MONAI Label's ``finalize``, which
+    this task replaces: every run trained its max_epochs. At a learning rate of 1e-9 the held-out score never
+    improves after the first validation, so patience 2 stops the run after its third epoch of 6."""
+    from crossmodal.serving.train import check_train_request
+
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=3, dense=2, sparse=0, seed=5)  # 1 validates
+    save_config(method_config("phantom", "baseline_unet", {"train": {"learning_rate": 1e-9, "patch_size": [32] * 3,
+                                                                     "patches_per_case": 1}}), tmp_path / "still.yaml")
+
+    def run(name: str, patience: int) -> dict:
+        return train_offline(str(studies), str(tmp_path / "still.yaml"), str(tmp_path / name), epochs=6, device="cpu",
+                             network="baseline_unet", from_scratch=True, early_stop_patience=patience)
+
+    stopped, full = run("stopped", 2), run("full", -1)
+    assert (stopped["epoch"], full["epoch"]) == (3, 6)
+    curve = json.loads(next((tmp_path / "stopped").glob("train_*/learning_curve.json")).read_text())
+    assert [r["epoch"] for r in curve] == [1, 2, 3]
+    assert stopped["eval"]["best_metric_epoch"] == 1  # the later ones scored the same, not better
+    # without held-out labels there is nothing to stop on: said, and every epoch trains
+    save_config(load_config(str(tmp_path / "still.yaml"), overrides={"train": {"val_fraction": 0.0}}),
+                tmp_path / "none_held.yaml")
+    with caplog.at_level(logging.INFO, logger="crossmodal.serving.train"):
+        alone = train_offline(str(studies), str(tmp_path / "none_held.yaml"), str(tmp_path / "alone"), epochs=2,
+                              device="cpu", network="baseline_unet", early_stop_patience=1)
+    assert alone["epoch"] == 2 and ("early_stop_patience 1: no label is held out, so no validation to stop on: the "
+                                    "run trains its max_epochs") in caplog.text
+    for bad in ("x", 1.5, -2):
+        with pytest.raises(ConfigError) as e:
+            check_train_request({"early_stop_patience": bad})
+        assert str(e.value) == (f"train request: early_stop_patience={bad!r} must be an integer: validations without "
+                                "a better held-out score before the run stops (-1 or 0: never)")
+    assert check_train_request({"early_stop_patience": "3"})["early_stop_patience"] == 3
+    with pytest.raises(ConfigError, match=r"^train request: tracking='mlfow' must be mlflow or None$"):
+        check_train_request({"tracking": "mlfow"})
+    assert check_train_request({"tracking": ["None"]})["tracking"] == ["None"]
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"multi_gpu=true trains on GPUs and this server has none; processes=N"):
+            check_train_request({"multi_gpu": "true"})
+    assert check_train_request({"multi_gpu": "false"})["multi_gpu"] is False
+
+
 def test_a_fine_tuning_publishes_only_an_epoch_that_beats_the_model_it_started_from(tmp_path: Path, phantom_cfg,
                                                                                    caplog, capsys):
     """Held-out labels and a model to fine-tune: the starting model is validated first (an epoch-0 score); a run

@@ -359,7 +359,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         stats = train_offline(studies, resolved, args.model_dir, args.epochs, args.device, publish=args.publish,
                               pretrained=args.pretrained, network=network, use_unlabeled=not args.no_unlabeled,
                               processes=args.processes, dataset=args.dataset, publish_mode=args.publish_mode,
-                              missing_modality=args.missing_modality, from_scratch=args.from_scratch)
+                              missing_modality=args.missing_modality, from_scratch=args.from_scratch,
+                              early_stop_patience=args.early_stop_patience)
     print(json.dumps(stats, indent=2, default=str))
     if stats.get("start_metric") is not None:  # a model in service and held-out labels (--publish-mode if_better)
         outcome = (f"no epoch beat it, so that model stays (published: {stats['published']})"
@@ -620,6 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dataset", default="CacheDataset", choices=("CacheDataset", "Dataset"),
                    help="CacheDataset keeps every preprocessed labelled case in memory (faster epochs); Dataset "
                         "reads each case as it comes (memory for many large cases)")
+    q.add_argument("--early-stop-patience", type=int, default=-1, metavar="N",
+                   help="stop after N validations without a better held-out score (default -1: train every epoch)")
     q.set_defaults(func=cmd_train)
 
     q = sub.add_parser("simulate", help="annotate-retrain loop without people: strategies x seeds x rounds -> "

@@ -83,10 +83,11 @@ from crossmodal.nets import CrossModalOutput, build_network, non_finite_weights
 from crossmodal.propagate import refine_segmentation
 from crossmodal.transforms import missing_modality_message, preprocessing
 from ignite.engine import Engine, Events
+from ignite.handlers import EarlyStopping
 from monai.data import CacheDataset, DataLoader, Dataset, partition_dataset
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents, default_prepare_batch
-from monai.handlers import CheckpointSaver, TensorBoardStatsHandler
+from monai.handlers import CheckpointSaver, TensorBoardStatsHandler, stopping_fn_from_metric
 from monai.transforms import MapTransform
 from monai.utils.enums import CommonKeys as Keys
 from monailabel.interfaces.datastore import Datastore
@@ -544,7 +545,7 @@ def coerce_tracking(request: dict[str, Any], model_dir: str) -> dict[str, Any]:
     """MLflow only on a ``sqlite:///`` URI (MLflow >= 3.13 rejects MONAI Label's ``file://`` default).
 
     Slicer asks for ``tracking=mlflow``; then the URI becomes ``sqlite:///<model_dir>/mlflow.db`` unless a sqlite
-    URI was given. Any other tracking value turns tracking off.
+    URI was given. None, ``""`` or ``"None"`` turns tracking off (:func:`check_train_request` refuses any other).
     """
     req = dict(request)
     tracking = req.get("tracking")
@@ -560,7 +561,7 @@ def coerce_tracking(request: dict[str, Any], model_dir: str) -> dict[str, Any]:
 
 
 POSITIVE_INTS = ("max_epochs", "train_batch_size", "val_batch_size", "val_interval", "processes")
-FLAGS = ("pretrained", "use_unlabeled")  # true / false, also as the strings a form or a URL sends
+FLAGS = ("pretrained", "use_unlabeled", "multi_gpu")  # true / false, also as the strings a form or a URL sends
 # the train task's choices, the first the default: the viewers show each as a list and send the item chosen (a
 # request without the key reached MONAI Label's run as the whole list, which its loaders took for the plain ones)
 CHOICES = {"dataset": ("Dataset", "CacheDataset"), "dataloader": ("DataLoader", "ThreadDataLoader"),
@@ -614,6 +615,9 @@ def check_train_request(request: dict[str, Any], choices: dict[str, tuple[str, .
             if flag is None:
                 raise ConfigError(f"train request: {key}={req[key]!r} must be true or false")
             req[key] = flag
+    if req.get("multi_gpu") and not torch.cuda.is_available():  # MONAI Label spawned its GPU workers all the same
+        raise ConfigError("train request: multi_gpu=true trains on GPUs and this server has none; processes=N trains "
+                          "data-parallel in N CPU processes")
     checks: list[tuple[str, type, Callable[[Any], bool], str]] = [
         (key, int, lambda x: x >= 1, "a positive integer") for key in POSITIVE_INTS]
     checks += [("learning_rate", float, lambda x: x > 0, "a number > 0"),
@@ -624,6 +628,16 @@ def check_train_request(request: dict[str, Any], choices: dict[str, tuple[str, .
             if value is None or not inside(value):
                 raise ConfigError(f"train request: {key}={req[key]!r} must be {want}")
             req[key] = value
+    if req.get("early_stop_patience") is not None:  # MONAI Label's int() of it came after the cases were read
+        patience = as_number(req["early_stop_patience"], int)
+        if patience is None or patience < -1:
+            raise ConfigError(f"train request: early_stop_patience={req['early_stop_patience']!r} must be an integer: "
+                              "validations without a better held-out score before the run stops (-1 or 0: never)")
+        req["early_stop_patience"] = patience
+    tracking = req.get("tracking")
+    tracking = tracking[0] if isinstance(tracking, list) and tracking else tracking
+    if tracking is not None and str(tracking).lower() not in ("", "none", "mlflow"):  # turned tracking off silently
+        raise ConfigError(f"train request: tracking={req['tracking']!r} must be mlflow or None")
     if req.get("val_batch_size", 1) != 1:  # MONAI's collate stacks whole cases, which differ in size
         raise ConfigError(f"train request: val_batch_size={req['val_batch_size']} must be 1: validation segments each "
                           "held-out case whole, and cases of different sizes do not stack into one batch (the "
@@ -1003,10 +1017,28 @@ class CrossModalTrain(BasicTrainTask):
             LearningCurve(context.output_dir, context.evaluator, start).attach(context.trainer)
             if start is not None:
                 context.trainer.add_event_handler(Events.COMPLETED, lambda _: self._report_kept(context, start))
+        self._early_stopping(context)
         if context.multi_gpu:
             # every process leaves training together (rank 0 publishes last), so MONAI Label's
             # destroy_process_group() never tears gloo down under a peer still running
             context.trainer.add_event_handler(Events.COMPLETED, lambda _: torch.distributed.barrier())
+
+    def _early_stopping(self, context: Context) -> None:
+        """The train request's ``early_stop_patience`` (validations without a better held-out score before the run
+        stops; -1 / 0: off), as MONAI Label's ``finalize`` has it: this task's own ``finalize`` replaced that one, and
+        the option the viewers show did nothing until 2026-12-03."""
+        patience = int(context.request.get("early_stop_patience") or -1)
+        if patience < 1:
+            return
+        if context.evaluator is None:
+            if context.local_rank == 0:
+                logger.info(f"early_stop_patience {patience}: no label is held out, so no validation to stop on: the "
+                            "run trains its max_epochs")
+            return
+        key = next(iter(self.val_key_metric(context)))
+        stopper = EarlyStopping(patience=patience, score_function=stopping_fn_from_metric(key),
+                                trainer=context.trainer)
+        context.evaluator.add_event_handler(Events.EPOCH_COMPLETED, stopper)
 
     def train(self, rank: int, world_size: int, request: dict[str, Any], datalist: Any) -> dict[str, Any]:
         """MONAI Label's run, then (data-parallel) the run's engines and DistributedDataParallel wrapper freed here,
