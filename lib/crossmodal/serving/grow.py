@@ -64,7 +64,7 @@ class CrossModalGrow(CrossModalInfer):
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda"):
         """``data["label"]`` (1, H, W, D) training map of the strokes -> ``data["pred"]`` grown (1, H, W, D)."""
         p, case = self.cfg.train.propagate, data.get("case_id")
-        threshold, beta = walker_params(data, p.threshold, p.beta)
+        threshold, beta = float(data["threshold"]), float(data["beta"])  # checked by __call__
         image, strokes = data["image"].as_tensor(), data["label"].as_tensor()
         classes = torch.unique(strokes[strokes != IGNORE_INDEX]).long().tolist()
         if len(classes) < 2:
@@ -103,6 +103,7 @@ class CrossModalGrow(CrossModalInfer):
                                         "`label` (POST /infer/<model> with a `label` upload)"))
         p = self.cfg.train.propagate  # checked before the case is read (a text threshold was a 500 after it)
         image = request.get("image")  # MONAI Label's: the case's path
-        walker_params({**request, "case_id": case_id_of(image) if isinstance(image, str) else image}, p.threshold,
-                      p.beta)
-        return super().__call__({**request, "label_kind": SPARSE, "label_path": request["label"]}, callbacks)
+        threshold, beta = walker_params({**request, "case_id": case_id_of(image) if isinstance(image, str) else image},
+                                        p.threshold, p.beta)
+        return super().__call__({**request, "threshold": threshold, "beta": beta, "label_kind": SPARSE,
+                                 "label_path": request["label"]}, callbacks)

@@ -628,7 +628,7 @@ def check_train_request(request: dict[str, Any], choices: dict[str, tuple[str, .
             if value is None or not inside(value):
                 raise ConfigError(f"train request: {key}={req[key]!r} must be {want}")
             req[key] = value
-    if req.get("early_stop_patience") is not None:  # MONAI Label's int() of it came after the cases were read
+    if req.get("early_stop_patience") is not None:  # "x" was taken, and the run trained every epoch
         patience = as_number(req["early_stop_patience"], int)
         if patience is None or patience < -1:
             raise ConfigError(f"train request: early_stop_patience={req['early_stop_patience']!r} must be an integer: "
