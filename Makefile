@@ -12,7 +12,7 @@ PRE := apps/crossmodal/pretrained
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: install install-system data run pacs test lint bench-infer bench-quality bench-mirror bench-uncertainty bench-propagate bench-refine bench-pool bench-transfer bench-scribble-gap bench-incomplete bench-workers bench-demo-train bench-ohif simulate weights weights-phantom weights-brain clean
+.PHONY: install install-system data run pacs test lint bench-infer bench-quality bench-mirror bench-overlap bench-uncertainty bench-propagate bench-refine bench-pool bench-transfer bench-scribble-gap bench-incomplete bench-workers bench-demo-train bench-ohif simulate weights weights-phantom weights-brain clean
 
 install: install-system $(STAMP)
 
@@ -91,6 +91,10 @@ bench-mirror: install $(SPM)
 	$(BIN)/python bench/mirror.py $(if $(QUICK),--quick,)
 
 # crossmodal predict's per-case uncertainty against Dice on the demo's cases, whole and without T2 / PD (~1 min).
+# Sliding-window overlap / windows per pass on the brain demo through the server: Dice and request seconds (~2 min).
+bench-overlap: install data
+	$(BIN)/python bench/overlap.py
+
 bench-uncertainty: install data
 	$(BIN)/python bench/uncertainty.py $(if $(QUICK),--quick,)
 

@@ -59,6 +59,9 @@ def test_viewer_labels_include_marked_background():
          "train.patch_size: [32, 32, 30] must be three multiples of 8 (the product of model.strides [2, 2, 2]), each "
          "at least 16"),
         ({"infer": {"roi_size": [8, 8, 8]}}, "infer.roi_size: [8, 8, 8] must be three multiples of 8"),
+        # MONAI refused these only once a case larger than a window was segmented
+        ({"infer": {"overlap": 1.0}}, "infer.overlap: 1.0 must be a number from 0 up to, not including, 1"),
+        ({"infer": {"sw_batch_size": 0}}, "infer.sw_batch_size: 0 must be an integer from 1 to 64"),
         ({"model": {"channels": [8, 16, 32], "strides": [2, 3]}, "train": {"patch_size": [18, 18, 10]}},
          "train.patch_size: [18, 18, 10] must be three multiples of 6 (the product of model.strides [2, 3]), each "
          "at least 12"),

@@ -131,3 +131,24 @@ def test_mirroring_averages_the_softmax_of_every_mirrored_pass_mapped_back(fused
     single = plain(x, net)
     single = single if isinstance(single, dict) else {"fused": single}
     assert (torch.softmax(single["fused"], 1) - expected["fused"]).abs().max() > 1e-3
+
+
+def test_infer_requests_set_the_sliding_windows_overlap_and_batch():
+    """``overlap`` / ``sw_batch_size`` of an infer request reach the sliding window (the preset's were used whatever
+    the request said); on a case larger than one window more overlap gives other, smoother logits."""
+    from crossmodal.serving.infer import CrossModalInfer
+
+    cfg = load_config("phantom", overrides={"infer": {"roi_size": [16, 16, 16]}})
+    net = build_network(cfg).eval()
+    task = CrossModalInfer(cfg, net, [], "test")
+    assert task.config()["overlap"] == 0.25 and task.config()["sw_batch_size"] == 1  # the viewers' options
+    default = task.inferer({})
+    asked = task.inferer({"overlap": 0.75, "sw_batch_size": 4})
+    assert (default.window.overlap, default.window.sw_batch_size) == (0.25, 1)
+    assert (asked.window.overlap, asked.window.sw_batch_size) == (0.75, 4)
+    x = torch.randn(1, 3, 40, 24, 16)  # 3 x 2 x 1 windows at 0.25, 7 x 3 x 1 at 0.75
+    with torch.no_grad():
+        a, b = default(x, net)["fused"], asked(x, net)["fused"]
+        same = task.inferer({"overlap": None, "sw_batch_size": None})(x, net)["fused"]
+    assert a.shape == b.shape == (1, 4, 40, 24, 16) and not torch.allclose(a, b, atol=1e-4)
+    assert torch.equal(same, a)  # null: the preset's

@@ -672,7 +672,9 @@ def test_crossmodal_optional_outputs_and_missing_modality(client, phantom_server
     for params, detail in (({"prediction": "uncertainty", "mc_samples": 5000},
                             "mc_samples=5000 must be an integer from 1 to 64"),
                            ({"mc_samples": "abc"}, "mc_samples='abc' must be an integer from 1 to 64"),
-                           ({"device": "tpu"}, "device 'tpu' must be cpu, cuda or cuda:<index>")):
+                           ({"device": "tpu"}, "device 'tpu' must be cpu, cuda or cuda:<index>"),
+                           ({"overlap": 1.5}, "overlap: 1.5 must be a number from 0 up to, not including, 1"),
+                           ({"sw_batch_size": "x"}, "sw_batch_size: 'x' must be an integer from 1 to 64")):
         with pytest.raises(MONAILabelClientException) as e:
             client.infer("crossmodal", "phantom005", params)
         assert status_of(e.value) == 422 and f"case 'phantom005': {detail}" in e.value.msg, e.value.msg
@@ -688,6 +690,10 @@ def test_crossmodal_optional_outputs_and_missing_modality(client, phantom_server
         assert ours > 0.7 and ours > dice(load_volume(base)[0].numpy(), gt, 1)  # organ from CT + MR alone
     finally:
         pet.write_bytes(saved)
+    # the sliding window's settings, as text too (one window holds the phantom: the same label)
+    plain, _ = client.infer("crossmodal", "phantom005", {})
+    windowed, _ = client.infer("crossmodal", "phantom005", {"overlap": "0.5", "sw_batch_size": 2})
+    assert np.array_equal(load_volume(windowed).numpy(), load_volume(plain).numpy())
     dropped, params = client.infer("crossmodal", "phantom005", {"drop_modalities": "pet"})  # present, left out
     assert params["modalities_used"] == ["ct", "mr"] and dice(load_volume(dropped)[0].numpy(), gt, 1) == ours
     with pytest.raises(MONAILabelClientException) as e:

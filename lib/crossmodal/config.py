@@ -225,6 +225,38 @@ def parse_mirror_axes(value: object, what: str = "mirror_axes") -> tuple[int, ..
     return tuple(sorted(axes))
 
 
+MAX_SW_BATCH = 64  # windows one sliding-window step may run at once
+
+
+def parse_overlap(value: object, what: str = "overlap") -> float:
+    """The sliding window's overlap of neighbouring windows, a fraction in [0, 1), from a number or its text
+    (MONAI's ``SlidingWindowInferer`` refuses 1 and above only when it runs, after the case is read).
+
+    Example:
+        >>> parse_overlap("0.5"), parse_overlap(0)
+        (0.5, 0.0)
+    """
+    number = as_number(value, float)
+    if number is None or not 0 <= number < 1:
+        raise ConfigError(f"{what}: {value!r} must be a number from 0 up to, not including, 1 (the fraction of a "
+                          "window its neighbours overlap; more overlap, more windows: slower, smoother)")
+    return float(number)
+
+
+def parse_sw_batch_size(value: object, what: str = "sw_batch_size") -> int:
+    """Windows the sliding window runs in one forward pass, an integer from 1 to ``MAX_SW_BATCH``.
+
+    Example:
+        >>> parse_sw_batch_size("4")
+        4
+    """
+    number = as_number(value, int)
+    if number is None or not 1 <= number <= MAX_SW_BATCH:
+        raise ConfigError(f"{what}: {value!r} must be an integer from 1 to {MAX_SW_BATCH} (windows per forward pass; "
+                          "more use more memory)")
+    return int(number)
+
+
 @dataclass
 class InferConfig:
     """Sliding-window inference, test-time mirroring and the policy for a case whose secondary modality file is
@@ -234,7 +266,8 @@ class InferConfig:
     every combination (2^n passes, nnU-Net's mirroring) is averaged. Empty: one pass. ``missing_modality``:
     ``error`` (a case without a secondary modality's file is refused, naming it) or ``zero_fill`` (it is segmented
     with what it has; training reads it too, with that modality left out of its fusion, heads and consistency
-    terms).
+    terms). ``overlap`` in [0, 1) and ``sw_batch_size`` (1-64 windows a forward pass): MONAI's sliding window, for a
+    case larger than ``roi_size``; an infer request may set either.
     """
 
     roi_size: tuple[int, int, int] = (96, 96, 96)
@@ -246,6 +279,8 @@ class InferConfig:
     def __post_init__(self) -> None:
         self.roi_size = tuple(int(r) for r in self.roi_size)  # type: ignore[assignment]
         self.mirror_axes = parse_mirror_axes(self.mirror_axes, "infer.mirror_axes")
+        self.sw_batch_size = parse_sw_batch_size(self.sw_batch_size, "infer.sw_batch_size")
+        self.overlap = parse_overlap(self.overlap, "infer.overlap")
         if self.missing_modality not in MISSING_POLICIES:
             raise ConfigError(f"infer.missing_modality: {self.missing_modality!r} is not one of {MISSING_POLICIES}")
 

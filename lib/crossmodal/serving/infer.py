@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -11,7 +12,16 @@ from typing import Any
 import numpy as np
 import torch
 from crossmodal.active import predictive_entropy
-from crossmodal.config import ConfigError, CrossModalConfig, as_device, as_number, parse_mirror_axes
+from crossmodal.config import (
+    ConfigError,
+    CrossModalConfig,
+    InferConfig,
+    as_device,
+    as_number,
+    parse_mirror_axes,
+    parse_overlap,
+    parse_sw_batch_size,
+)
 from crossmodal.errors import CaseError, cause_of_type
 from crossmodal.inference import NetworkInferer
 from crossmodal.io import IMAGE_EXTENSIONS, case_id_of, save_volume
@@ -79,7 +89,8 @@ class CrossModalInfer(BasicInferTask):
     ``prediction`` (``fused``, a modality name for that modality's own head, or ``uncertainty``, a 0-100 map),
     ``mc_samples`` (Monte-Carlo dropout samples for ``uncertainty``), ``drop_modalities`` (names, or a comma-
     separated string, to segment without although present), ``mirror_axes`` (test-time mirroring: spatial axes as
-    a list or ``"0,1,2"``, ``"none"``; default ``infer.mirror_axes``), ``device``, ``result_extension``
+    a list or ``"0,1,2"``, ``"none"``; default ``infer.mirror_axes``), ``overlap`` / ``sw_batch_size`` (the sliding
+    window's, for a case larger than one window; default ``infer.*``), ``device``, ``result_extension``
     (``.nii.gz`` / ``.nii`` / ``.seg.nrrd`` / ``.nrrd``; anything else is a 422), and the usual MONAI Label ones.
     The result's params name the case, the modalities used, the motion (mm) by which each secondary modality was
     co-registered, and the prediction.
@@ -93,7 +104,8 @@ class CrossModalInfer(BasicInferTask):
             path=list(path), network=network, type=InferType.SEGMENTATION, labels=cfg.labels.viewer_labels,
             dimension=3, description=description, roi_size=cfg.infer.roi_size, load_strict=True,
             config={"missing_modality": cfg.infer.missing_modality, "prediction": "fused",
-                    "mirror_axes": ",".join(map(str, cfg.infer.mirror_axes)) or "none"}, train_mode=train_mode,
+                    "mirror_axes": ",".join(map(str, cfg.infer.mirror_axes)) or "none",
+                    "overlap": cfg.infer.overlap, "sw_batch_size": cfg.infer.sw_batch_size}, train_mode=train_mode,
             skip_writer=probabilities,
         )
         self.cfg = cfg
@@ -113,8 +125,15 @@ class CrossModalInfer(BasicInferTask):
         heads = data.get("prediction", "fused") in self.cfg.modality_names  # a modality's own head was asked for
         # MONAI Label's Epistemic samples (``probabilities``) stay one pass each, as upstream
         mirror = () if self.probabilities else parse_mirror_axes(data.get("mirror_axes", self.cfg.infer.mirror_axes))
-        return NetworkInferer(self.cfg.infer, present=[m in used for m in self.cfg.modality_names], heads=heads,
-                              mirror_axes=mirror)
+        return NetworkInferer(self.window_config(data), present=[m in used for m in self.cfg.modality_names],
+                              heads=heads, mirror_axes=mirror)
+
+    def window_config(self, data: dict[str, Any]) -> InferConfig:
+        """The preset's ``infer`` settings with the request's ``overlap`` / ``sw_batch_size``, when it has them."""
+        overlap, batch = data.get("overlap"), data.get("sw_batch_size")
+        return dataclasses.replace(
+            self.cfg.infer, overlap=self.cfg.infer.overlap if overlap is None else parse_overlap(overlap),
+            sw_batch_size=self.cfg.infer.sw_batch_size if batch is None else parse_sw_batch_size(batch))
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda"):
         """The usual sliding window, or for ``prediction=uncertainty`` only the Monte-Carlo dropout passes."""
@@ -124,7 +143,7 @@ class CrossModalInfer(BasicInferTask):
             return super().run_inferer(data, convert_to_batch, device)
         inputs = data["image"].as_tensor()[None].to(torch.device(device))
         used = set(data.get("modalities_used") or self.cfg.modality_names)
-        inferer = NetworkInferer(self.cfg.infer, present=[m in used for m in self.cfg.modality_names],
+        inferer = NetworkInferer(self.window_config(data), present=[m in used for m in self.cfg.modality_names],
                                  fused_only=True, mc_dropout=True)
         with torch.no_grad():
             probs = torch.softmax(inferer(inputs, network)[0].float(), 0)
@@ -184,6 +203,11 @@ class CrossModalInfer(BasicInferTask):
             as_device(req.get("device"))
             if "mirror_axes" in req:  # checked (and parsed) before anything is read
                 req["mirror_axes"] = parse_mirror_axes(req["mirror_axes"])
+            # ignored until 2026-12-04: the preset's were used whatever the request said
+            if req.get("overlap") is not None:
+                req["overlap"] = parse_overlap(req["overlap"])
+            if req.get("sw_batch_size") is not None:
+                req["sw_batch_size"] = parse_sw_batch_size(req["sw_batch_size"])
         except ConfigError as e:
             raise http_error(e, prefix=case) from None
         try:
