@@ -26,11 +26,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
 from benchutil import results_dir  # noqa: E402
-from crossmodal.config import atomic_write_text, load_config  # noqa: E402
+from crossmodal.config import CrossModalConfig, atomic_write_text, load_config  # noqa: E402
 from crossmodal.data.phantom import make_phantom  # noqa: E402
 from crossmodal.data.studies import generate  # noqa: E402
 from crossmodal.serving.activelearning import SCORES_KEY  # noqa: E402
@@ -133,7 +134,7 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def scoring_part(sizes: list[int], work: Path, cfg) -> list[dict]:
+def scoring_part(sizes: list[int], work: Path, cfg: CrossModalConfig) -> list[dict]:
     src = work / "cases"
     t = time.perf_counter()
     generate(src, cfg, lambda rng: make_phantom(cfg, rng, size=48), sizes[-1], seed=7, prefix="pool")
@@ -166,15 +167,15 @@ def scoring_part(sizes: list[int], work: Path, cfg) -> list[dict]:
     return rows
 
 
-def training_part(sizes: list[int], work: Path, cfg) -> list[dict]:
+def training_part(sizes: list[int], work: Path, cfg: CrossModalConfig) -> list[dict]:
     """One training epoch on 2 dense labels + each pool of unlabelled cases: every unlabelled case an epoch (before,
     ``max_unlabeled_per_epoch`` unbounded) vs the default 32."""
     default = cfg.train.consistency.max_unlabeled_per_epoch
-    rows = []
+    rows: list[dict[str, Any]] = []
     for n in sizes:
         studies = work / f"train_{n}"
         generate(studies, cfg, lambda rng: make_phantom(cfg, rng, size=48), n + 2, seed=8, prefix="pool", dense=2)
-        row = {"unlabeled": n, "dense": 2, "every_case": train_epoch(studies, work, 10**9),
+        row: dict[str, Any] = {"unlabeled": n, "dense": 2, "every_case": train_epoch(studies, work, 10**9),
                "capped": train_epoch(studies, work, default), "cap": default}
         row["speedup"] = round(row["every_case"]["seconds"] / row["capped"]["seconds"], 2)
         rows.append(row)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import crossmodal
 from crossmodal.errors import CaseError, user_error_in
@@ -17,11 +18,17 @@ from crossmodal.serving.uploads import check_requests
 from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
 
 logger = logging.getLogger(__name__)
 
 
 class MyApp(MONAILabelApp):
+    """The app MONAI Label serves: every task built by :class:`crossmodal.serving.app.AppParts` from the ``--conf``."""
+
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         configure_threads()
         check_requests()  # refused uploads left in the temp folder, malformed params a 500, .bin scribbles kept
@@ -37,11 +44,12 @@ class MyApp(MONAILabelApp):
     def init_datastore(self) -> Datastore:
         return self.parts.datastore(self.studies.rstrip("/"), self.conf)
 
-    def infer(self, request, datastore=None):
+    def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
         """As upstream; on a PACS, a request for a secondary series (OHIF's active viewport showing PET, say) gets
         the label on that series' grid, and strokes sent with it (``grow_scribbles``), drawn on that grid, are moved
         onto the primary's before the task reads them."""
         image_id = request.get("image")
+        case = str(image_id)  # a case id wherever a viewer grid is looked up (it is one then)
         store = datastore or self.datastore()
         check_infer_request(request, self._infers, store)  # 404 naming an unknown model or case, not a 500 / 422
         refuse_non_finite(request, f"image {image_id!r}: infer request")
@@ -53,9 +61,9 @@ class MyApp(MONAILabelApp):
             except CaseError as e:  # the case's own series do not read
                 raise http_error(e) from e
             try:
-                moved = labels_onto_grid(strokes, grid[1], primary, image_id)
+                moved = labels_onto_grid(strokes, grid[1], primary, case)
             except CaseError as e:
-                raise http_error(CaseError(image_id, None, f"uploaded strokes: {e.problem}")) from e
+                raise http_error(CaseError(case, None, f"uploaded strokes: {e.problem}")) from e
             request = {**request, "label": moved}
         try:
             result = super().infer(request, datastore)
@@ -72,13 +80,13 @@ class MyApp(MONAILabelApp):
         if grid is not None and result.get("file"):
             on_primary = result["file"]
             result["file"] = result["label"] = labels_onto_grid(on_primary, store.get_image_uri(image_id), grid[1],
-                                                                image_id, keep_ext=True)
+                                                                case, keep_ext=True)
             if result["file"] != on_primary:  # MONAI Label removes the file it sends, not the one it replaced
                 os.remove(on_primary)
             result["params"] = {**(result.get("params") or {}), "grid": grid[0]}
         return result
 
-    def train(self, request):
+    def train(self, request: dict[str, Any]) -> Any:
         """As upstream; a case that cannot be read stops the run with a 422 naming the case and the file (the
         viewers' synchronous train) instead of a bare 500."""
         refuse_non_finite(request, "train request")
@@ -90,7 +98,7 @@ class MyApp(MONAILabelApp):
                 raise
             raise http_error(found, prefix="training stopped: " if isinstance(found, CaseError) else "") from e
 
-    def bundle_path(self, model):
+    def bundle_path(self, model: str | None) -> str | None:
         """As upstream; MONAI Label asks this of every train / batch-infer request before it queues the background
         process that runs it, so an unknown model is a 404 here, not a task that fails out of sight."""
         if model is not None and model not in self._trainers and model not in self._infers:
@@ -106,7 +114,7 @@ class MyApp(MONAILabelApp):
         weights aside, the shipped ones back in service."""
         return self.parts.delete_weights(model)
 
-    def next_sample(self, request):
+    def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
         """As upstream; an unknown strategy is a 404 listing the served ones (upstream: a bare 500)."""
         strategy = request.get("strategy") or "random"
         if strategy not in self._strategies:
@@ -114,7 +122,7 @@ class MyApp(MONAILabelApp):
         refuse_non_finite(request, "next-sample request")  # MONAI Label records its client_id in the case's info
         return super().next_sample(request)
 
-    def scoring(self, request, datastore=None):
+    def scoring(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
         """As upstream; an unknown method is a 404 listing the served ones (upstream: a bare 500 for a synchronous
         request; an asynchronous one is queued and fails in its background process, which MONAI Label starts before
         the app sees the request)."""
@@ -124,7 +132,7 @@ class MyApp(MONAILabelApp):
         refuse_non_finite(request, "scoring request")
         return super().scoring(request, datastore)
 
-    def init_infers(self):
+    def init_infers(self) -> dict[str, InferTask]:
         infers = {**self._infer_tasks, "grow_scribbles": self.parts.grow()}
         if conf_flag(self.conf, "benchmark_pipelines"):
             from crossmodal.serving.radiology import RadiologyInfer
@@ -132,16 +140,16 @@ class MyApp(MONAILabelApp):
             infers["radiology_unet"] = RadiologyInfer(self.parts.cfg)
         return infers
 
-    def init_trainers(self):
+    def init_trainers(self) -> dict[str, TrainTask]:
         return {m.name: self.parts.trainer(m) for m in self.parts.models}
 
-    def init_strategies(self):
+    def init_strategies(self) -> dict[str, Strategy]:
         strategies = {"crossmodal": self.parts.strategy(), "random": RandomStrategy()}
         if self._epistemic:
             strategies["epistemic"] = self._epistemic[1]
         return strategies
 
-    def init_scoring_methods(self):
+    def init_scoring_methods(self) -> dict[str, ScoringMethod]:
         scoring = self.parts.scoring(self._infer_tasks[self.parts.model_name])
         if isinstance(hooks := getattr(self.datastore(), "on_remove", None), list):
             hooks.append(scoring.forget)  # a deleted case's cached input (its images, downsampled) goes with it

@@ -33,11 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
-from crossmodal.config import IMAGE_EXTENSIONS, ConfigError, load_config, parse_mirror_axes
+from crossmodal.config import IMAGE_EXTENSIONS, ConfigError, CrossModalConfig, load_config, parse_mirror_axes
 from crossmodal.errors import CaseError, user_error_in  # not crossmodal.io: --help without torch and MONAI
 
 
-def _config(args: argparse.Namespace, default: str):
+def _config(args: argparse.Namespace, default: str) -> CrossModalConfig:
     return load_config(args.config or default)
 
 
@@ -52,6 +52,7 @@ def _variant_cycle(args: argparse.Namespace, choices: Sequence[str]) -> Iterator
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
+    """`crossmodal data phantom`: a synthetic CT + PET + MR studies folder."""
     from crossmodal.data.phantom import VARIANTS, make_phantom
     from crossmodal.data.studies import check_new_cases, generate
 
@@ -67,6 +68,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch_spm(args: argparse.Namespace) -> int:
+    """`crossmodal data fetch-spm`: the SPM12 tissue templates the brain cases are made from."""
     from crossmodal.data.brain import SPM_REQUIREMENT, SPM_WHEEL, extract_templates
 
     out = Path(args.out)
@@ -81,6 +83,7 @@ def cmd_fetch_spm(args: argparse.Namespace) -> int:
 
 
 def cmd_brain(args: argparse.Namespace) -> int:
+    """`crossmodal data brain`: T1 / T2 / PD brain cases from the SPM12 templates."""
     from crossmodal.data.brain import VARIANTS, load_templates, make_brain_case
     from crossmodal.data.studies import check_new_cases, generate
 
@@ -97,6 +100,7 @@ def cmd_brain(args: argparse.Namespace) -> int:
 
 
 def cmd_sparsify(args: argparse.Namespace) -> int:
+    """`crossmodal data sparsify`: scribbles or a few painted slices from a dense label."""
     from crossmodal.data.sparse import annotated_fraction, sparsify
     from crossmodal.io import load_volume, save_volume
 
@@ -169,6 +173,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    """`crossmodal data import-nnunet`: an nnU-Net v2 dataset as a studies folder."""
     from crossmodal.data.nnunet import import_nnunet, list_cases
     from crossmodal.data.studies import check_new_cases
 
@@ -180,6 +185,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """`crossmodal data export-nnunet`: a studies folder as an nnU-Net v2 dataset."""
     from crossmodal.data.nnunet import export_nnunet
 
     meta = export_nnunet(studies_folder(args.studies), args.out, _config(args, "brain"), tuple(args.test))
@@ -188,6 +194,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_to_dicom(args: argparse.Namespace) -> int:
+    """`crossmodal data to-dicom`: a studies folder as DICOM series, optionally stored to a DICOMweb server."""
     import shutil
 
     import requests
@@ -232,6 +239,7 @@ def cmd_to_dicom(args: argparse.Namespace) -> int:
 
 
 def cmd_from_dicom(args: argparse.Namespace) -> int:
+    """`crossmodal data from-dicom`: DICOM series (a CD, a folder) as a studies folder."""
     from crossmodal.dicom import import_dicom
 
     cfg = _config(args, "brain")
@@ -247,6 +255,7 @@ def cmd_from_dicom(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    """`crossmodal simulate`: the annotate-retrain loop without people; JSON + learning-curve PNG."""
     from crossmodal.simulate import SimSpec, plot, simulate_dataset, summarize, write_json
 
     preset = args.config or "brain"
@@ -345,6 +354,7 @@ def training_log() -> Iterator[None]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """`crossmodal train`: the app's train task on a studies folder or nnU-Net dataset, then evaluation."""
     from crossmodal.serving.offline import evaluate, held_out_cases, train_offline
 
     if args.epochs is not None and args.epochs < 1:
@@ -395,6 +405,7 @@ def _segmenting(args: argparse.Namespace, preset: str) -> tuple[str, str | None,
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """`crossmodal evaluate`: Dice / HD95 of a model (or of given predictions) on the held-out cases."""
     from crossmodal.serving.offline import evaluate
 
     _device(args.device)
@@ -518,6 +529,7 @@ def segmenting_args(q: argparse.ArgumentParser, missing_error: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``crossmodal`` argument parser, every subcommand with its options."""
     p = argparse.ArgumentParser(prog="crossmodal", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     data = sub.add_parser("data", help="make, convert and sparsify data sets")
@@ -715,6 +727,7 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run the subcommand; a user error prints its message and exits 2."""
     args = build_parser().parse_args(argv)
     try:
         check_outputs(args)

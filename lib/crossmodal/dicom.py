@@ -248,6 +248,7 @@ def seg_to_label(seg_file: str | os.PathLike[str], cfg: LabelConfig, affine: np.
 
 
 def temp_path(suffix: str) -> str:
+    """A new empty temp file's path ending in ``suffix``; the caller removes it."""
     fd, path = tempfile.mkstemp(suffix=suffix, prefix="crossmodal-")
     os.close(fd)
     return path

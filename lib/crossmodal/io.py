@@ -66,6 +66,7 @@ def split_ext(path: str | os.PathLike[str]) -> tuple[str, str]:
 
 
 def case_id_of(path: str | os.PathLike[str]) -> str:
+    """A case's id from one of its files' paths: the file name without its image extension."""
     return split_ext(path)[0]
 
 

@@ -25,6 +25,7 @@ PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 free at the time of the call."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -107,6 +108,7 @@ class Orthanc:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m crossmodal.orthanc`: a local Orthanc with DICOMweb until interrupted."""
     p = argparse.ArgumentParser(description="run a local Orthanc with DICOMweb until interrupted")
     p.add_argument("--port", type=int, default=8042)
     p.add_argument("--storage", default="data/orthanc")

@@ -83,6 +83,8 @@ def make_client(url: str, timeout: float = 30.0, attempts: int = 2) -> DICOMwebC
 
 @dataclass
 class Series:
+    """One DICOM series of a study as the PACS lists it (its SeriesInstanceUID, StudyInstanceUID, Modality, ...)."""
+
     uid: str
     study: str
     modality: str

@@ -61,7 +61,7 @@ class CrossModalGrow(CrossModalInfer):
     def pre_transforms(self, data: dict[str, Any] | None = None) -> Sequence[Callable]:
         return list(preprocessing(self.cfg, "infer").transforms)  # one case: it keeps modalities_used
 
-    def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda"):
+    def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda") -> dict[str, Any]:
         """``data["label"]`` (1, H, W, D) training map of the strokes -> ``data["pred"]`` grown (1, H, W, D)."""
         p, case = self.cfg.train.propagate, data.get("case_id")
         threshold, beta = float(data["threshold"]), float(data["beta"])  # checked by __call__

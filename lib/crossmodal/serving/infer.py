@@ -135,7 +135,7 @@ class CrossModalInfer(BasicInferTask):
             self.cfg.infer, overlap=self.cfg.infer.overlap if overlap is None else parse_overlap(overlap),
             sw_batch_size=self.cfg.infer.sw_batch_size if batch is None else parse_sw_batch_size(batch))
 
-    def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda"):
+    def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda") -> dict[str, Any]:
         """The usual sliding window, or for ``prediction=uncertainty`` only the Monte-Carlo dropout passes."""
         samples = int(data.get("mc_samples", 8))
         network = self._get_network(device, data)

@@ -88,7 +88,7 @@ from monai.data import CacheDataset, DataLoader, Dataset, partition_dataset
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents, default_prepare_batch
 from monai.handlers import CheckpointSaver, TensorBoardStatsHandler, stopping_fn_from_metric
-from monai.transforms import MapTransform
+from monai.transforms import Compose, MapTransform
 from monai.utils.enums import CommonKeys as Keys
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
@@ -719,7 +719,7 @@ class CrossModalTrain(BasicTrainTask):
             return None
         return self.in_service() or super().load_path(output_dir, pretrained)
 
-    def train_iteration_update(self, context: Context):
+    def train_iteration_update(self, context: Context) -> Callable[[Engine, Any], dict[str, Any]]:
         """One step on a ``{source: batch}`` dict; the loss sees the whole network output, metrics the labelled
         fused logits. The loss parts go to ``engine.state.metrics`` (train stats for the viewers)."""
         loss_fn = self.loss_function(context)
@@ -919,22 +919,22 @@ class CrossModalTrain(BasicTrainTask):
         optimizer = self.optimizer(context)
         return torch.nn.parallel.DistributedDataParallel(network, find_unused_parameters=True), optimizer
 
-    def train_pre_transforms(self, context: Context, labels: dict[str, torch.Tensor] | None = None):
+    def train_pre_transforms(self, context: Context, labels: dict[str, torch.Tensor] | None = None) -> Compose:
         # the grown scribbles persist across epochs (Dataset reads every case anew) and across training runs;
         # ``labels``: labels that replace the saved ones of the cases they hold (stroke transfer)
         return preprocessing(self.cfg, "train", cache_dir=os.path.join(self._model_dir, "propagated"),
                              pseudo_labels=labels)
 
-    def train_post_transforms(self, context: Context):
+    def train_post_transforms(self, context: Context) -> list[MapTransform]:
         return [PartialOneHotd(self.cfg.labels.num_classes)]
 
-    def val_pre_transforms(self, context: Context):
+    def val_pre_transforms(self, context: Context) -> Compose:
         return preprocessing(self.cfg, "val")
 
-    def val_post_transforms(self, context: Context):
+    def val_post_transforms(self, context: Context) -> list[MapTransform]:
         return [PartialOneHotd(self.cfg.labels.num_classes)]
 
-    def val_inferer(self, context: Context):
+    def val_inferer(self, context: Context) -> NetworkInferer:
         return NetworkInferer(self.cfg.infer, fused_only=True)
 
     def train_handlers(self, context: Context) -> list[Any]:
