@@ -509,6 +509,7 @@ def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg, 
     assert summary["cases"] == 1 and summary["per_case"][0]["case"] == "phantom002"  # the imagesTs case
     assert summary["dice_mean"] > 0.8, r.stdout
     assert summary["mirror_axes"] == [] and summary["per_case"][0]["seconds"] > 0  # one pass, its infer seconds
+    assert summary["overlap"] == 0.25  # the preset's sliding window
     assert summary["seconds_mean"] == pytest.approx(summary["per_case"][0]["seconds"])
     # predict: the dataset's imagesTs cases, as nnU-Net predicts them; the map evaluate scored
     capsys.readouterr()
@@ -527,6 +528,20 @@ def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg, 
                  "--network", "baseline_unet", "--mirror-axes", "0,3"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "crossmodal: error: --mirror-axes: '0,3' must name spatial axes 0, 1 or 2, each once")
+    assert main(["evaluate", "--studies", str(ds), "--config", "phantom", "--model", str(PRETRAINED_PHANTOM),
+                 "--network", "baseline_unet", "--overlap", "1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "crossmodal: error: --overlap: '1' must be a number from 0 up to, not including, 1")
+    # a window smaller than the case: the overlap reaches the sliding window and changes the label
+    (tmp_path / "small.yaml").write_text("extends: phantom\ninfer:\n  roi_size: [16, 16, 16]\n")
+    small = {}
+    for overlap in ("0.25", "0.75"):
+        assert main(["evaluate", "--studies", str(ds), "--config", str(tmp_path / "small.yaml"), "--model",
+                     str(PRETRAINED_PHANTOM), "--network", "baseline_unet", "--overlap", overlap, "--out",
+                     str(tmp_path / f"e{overlap}.json")]) == 0
+        small[overlap] = json.loads((tmp_path / f"e{overlap}.json").read_text())
+        assert small[overlap]["overlap"] == float(overlap)
+    assert small["0.25"]["dice_mean"] != small["0.75"]["dice_mean"]
     r = subprocess.run([*CLI, "train", "--studies", str(ds), "--config", "phantom", "--model-dir",
                         str(tmp_path / "m"), "--epochs", "1", "--network", "baseline_unet"],
                        capture_output=True, text=True)

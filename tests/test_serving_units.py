@@ -326,6 +326,11 @@ def test_server_conf_numbers_are_checked_by_name(tmp_path: Path):
     assert mirrored.infer().inferer({}).mirror_axes == (0, 2)  # every infer request mirrored...
     assert mirrored.infer().inferer({"mirror_axes": "none"}).mirror_axes == ()  # ...unless it says otherwise
     assert mirrored.infer(epistemic=True).inferer({}).mirror_axes == ()  # MONAI Label's Epistemic: one pass each
+    overlapped = AppParts.from_conf(str(APP), {**conf, "overlap": "0.5"})
+    assert overlapped.infer().inferer({}).window.overlap == 0.5  # every infer request's...
+    assert overlapped.infer().inferer({"overlap": 0.75}).window.overlap == 0.75  # ...unless it says otherwise
+    with pytest.raises(ConfigError, match=r"^--conf overlap: '1.5' must be a number from 0 up to, not including, 1"):
+        AppParts.from_conf(str(APP), {**conf, "overlap": "1.5"})
     with pytest.raises(ConfigError, match=r"^--conf mirror_axes: '0,1,1' must name spatial axes 0, 1 or 2, each once$"):
         AppParts.from_conf(str(APP), {**conf, "mirror_axes": "0,1,1"})
     with pytest.raises(ConfigError, match=r"^--conf pacs_timeout 'x': must be a positive float$"):

@@ -33,7 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
-from crossmodal.config import IMAGE_EXTENSIONS, ConfigError, CrossModalConfig, load_config, parse_mirror_axes
+from crossmodal.config import (
+    IMAGE_EXTENSIONS,
+    ConfigError,
+    CrossModalConfig,
+    load_config,
+    parse_mirror_axes,
+    parse_overlap,
+)
 from crossmodal.errors import CaseError, user_error_in  # not crossmodal.io: --help without torch and MONAI
 
 
@@ -393,15 +400,18 @@ def _weights_file(path: str) -> None:
         raise FileNotFoundError(f"--model {path}: no such weights file")
 
 
-def _segmenting(args: argparse.Namespace, preset: str) -> tuple[str, str | None, tuple[int, ...] | None]:
-    """(the preset, with ``--method`` applied in the command's temp folder; the network; the mirror axes) of a
-    command that segments cases (:func:`segmenting_args`)."""
+def _segmenting(args: argparse.Namespace, preset: str
+                ) -> tuple[str, str | None, tuple[int, ...] | None, float | None]:
+    """(the preset, with ``--method`` applied in the command's temp folder; the network; the mirror axes; the
+    sliding window's overlap) of a command that segments cases (:func:`segmenting_args`), checked before any case
+    is read."""
     resolved = preset
     if args.method:
         resolved = _method_preset(preset, args.method, tempfile.mkdtemp(prefix="method-", dir=args.scratch))
     network = args.network or (load_config(resolved).model.name if args.method else None)
     mirror = None if args.mirror_axes is None else parse_mirror_axes(args.mirror_axes, "--mirror-axes")
-    return resolved, network, mirror
+    overlap = None if args.overlap is None else parse_overlap(args.overlap, "--overlap")
+    return resolved, network, mirror, overlap
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -419,9 +429,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--predictions {args.predictions}: no such folder")
     preset = args.config or "brain"
     studies = as_studies(args.studies, preset, scratch=args.scratch)
-    resolved, network, mirror = _segmenting(args, preset)
+    resolved, network, mirror, overlap = _segmenting(args, preset)
     summary = evaluate(studies, resolved, args.model, args.device, args.out, network, tuple(args.drop), mirror,
-                       args.missing_modality, args.predictions)
+                       args.missing_modality, args.predictions, overlap)
     for r in summary["per_case"]:
         print(json.dumps(r))
     print(json.dumps({k: v for k, v in summary.items() if k != "per_case"}, indent=2))
@@ -442,9 +452,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         cases = [c.case_id for c in list_cases(args.studies, load_config(preset)) if c.split == "test"] or None
     studies = as_studies(args.studies, preset, scratch=args.scratch)
-    resolved, network, mirror = _segmenting(args, preset)
+    resolved, network, mirror, overlap = _segmenting(args, preset)
     summary = predict(studies, resolved, args.model, args.out, cases, args.device, network, tuple(args.drop), mirror,
-                      args.missing_modality, args.extension)
+                      args.missing_modality, args.extension, overlap)
     for r in summary["per_case"]:
         if "error" in r:
             print(f"{r['case']}: not segmented: {r['error']}")
@@ -526,6 +536,8 @@ def segmenting_args(q: argparse.ArgumentParser, missing_error: str) -> None:
                         "has (zero_fill)")
     q.add_argument("--mirror-axes", help="test-time mirroring along these spatial axes, e.g. 0,1,2 (8 passes); "
                                          "none: one pass (default: the preset's infer.mirror_axes)")
+    q.add_argument("--overlap", help="the sliding window's overlap for a case larger than one window, in [0, 1) "
+                                     "(default: the preset's infer.overlap); more: more windows, slower")
 
 
 def build_parser() -> argparse.ArgumentParser:

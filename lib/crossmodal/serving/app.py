@@ -7,7 +7,8 @@ and ``baseline_unet``), ``pretrained_<model>`` (weights used until that model is
 ``max_epochs`` (overrides the preset), ``epistemic`` (``true`` adds MONAI Label's Epistemic scoring and strategy,
 for comparisons), ``missing_modality`` (``error`` / ``zero_fill``; default the preset's,
 ``zero_fill`` on a PACS where a study may lack a series), ``mirror_axes`` (test-time mirroring of every infer
-request, e.g. ``0,1,2``: 8 passes; default the preset's ``infer.mirror_axes``, none).
+request, e.g. ``0,1,2``: 8 passes; default the preset's ``infer.mirror_axes``, none), ``overlap`` (the sliding
+window's for every infer request that does not say; default the preset's ``infer.overlap``).
 
 With ``--studies http(s)://.../dicom-web`` the datastore is :class:`~crossmodal.serving.dicomweb.PacsDatastore`;
 keys ``pacs_cache`` (cache folder; default MONAI Label's DICOMweb cache path or ``~/.cache/crossmodal/dicomweb``),
@@ -33,6 +34,7 @@ from crossmodal.config import (
     load_config,
     non_finite_at,
     parse_mirror_axes,
+    parse_overlap,
     resolve_preset,
 )
 from crossmodal.io import atomic_copy
@@ -163,6 +165,8 @@ class AppParts:
         if conf.get("mirror_axes") is not None:
             overrides.setdefault("infer", {})["mirror_axes"] = parse_mirror_axes(conf["mirror_axes"],
                                                                                  "--conf mirror_axes")
+        if conf.get("overlap") is not None:
+            overrides.setdefault("infer", {})["overlap"] = parse_overlap(conf["overlap"], "--conf overlap")
         cfg = load_config(preset, conf.get("configs_dir"), overrides or None)
         model_dir = conf.get("model_dir") or os.path.join(app_dir, "model")
         os.makedirs(model_dir, exist_ok=True)

@@ -174,26 +174,30 @@ def held_out_cases(studies: str) -> list[Path]:
 
 
 def infer_request(image: str | os.PathLike[str], device: str = "auto", drop: Sequence[str] = (),
-                  mirror_axes: Sequence[int] | None = None, missing_modality: str | None = None) -> dict[str, Any]:
+                  mirror_axes: Sequence[int] | None = None, missing_modality: str | None = None,
+                  overlap: float | None = None) -> dict[str, Any]:
     """The infer task's request for one case of a studies folder, its label map returned, not written (as
-    :func:`evaluate` and :func:`predict` read it)."""
+    :func:`evaluate` and :func:`predict` read it); ``overlap``: the sliding window's (None: the preset's)."""
     request: dict[str, Any] = {"image": str(image), "skip_writer": True, "device": pick_device(device),
                                "drop_modalities": list(drop)}
     if mirror_axes is not None:
         request["mirror_axes"] = list(mirror_axes)
     if missing_modality:
         request["missing_modality"] = missing_modality
+    if overlap is not None:
+        request["overlap"] = overlap
     return request
 
 
 def evaluate(studies: str, preset: str, model: str | None, device: str = "auto", out: str | None = None,
              network: str | None = None, drop: tuple[str, ...] = (),
              mirror_axes: Sequence[int] | None = None, missing_modality: str | None = None,
-             predictions: str | None = None) -> dict[str, Any]:
+             predictions: str | None = None, overlap: float | None = None) -> dict[str, Any]:
     """Segment every case that has truth (``<studies>/truth``) but no final label; Dice and HD95 (mm) per class
     and their means. ``drop``: modalities to segment without (a missing modality at test time); ``mirror_axes``:
     test-time mirroring (None: the preset's ``infer.mirror_axes``); ``missing_modality``: ``zero_fill`` segments a
-    case without a secondary modality's file with what it has (None: the preset's, ``error``).
+    case without a secondary modality's file with what it has (None: the preset's, ``error``); ``overlap``: the
+    sliding window's for a case larger than one window (None: the preset's ``infer.overlap``).
 
     ``predictions`` instead of ``model``: a folder of label maps, ``<case>.nii.gz`` (or ``.nii`` / ``.nrrd``) of
     class indices on each case's grid (``crossmodal predict``'s, or another tool's, e.g. ``nnUNetv2_predict``), scored
@@ -233,7 +237,7 @@ def evaluate(studies: str, preset: str, model: str | None, device: str = "auto",
             seconds: float | None = None
             if task is not None:
                 t0 = time.perf_counter()
-                _, data = task(infer_request(images[cid], device, drop, mirror_axes, missing_modality))
+                _, data = task(infer_request(images[cid], device, drop, mirror_axes, missing_modality, overlap))
                 seconds = round(time.perf_counter() - t0, 3)
                 pred = data["pred"].numpy()
             else:
@@ -257,6 +261,7 @@ def evaluate(studies: str, preset: str, model: str | None, device: str = "auto",
         **({"predictions": str(predictions)} if predictions else {}),
         "dropped_modalities": list(drop),
         "mirror_axes": list(cfg.infer.mirror_axes if mirror_axes is None else mirror_axes) if model else [],
+        "overlap": (cfg.infer.overlap if overlap is None else overlap) if model else None,
         "dice_mean": mean_of("dice_mean"), "hd95_mean": mean_of("hd95_mean"), "seconds_mean": mean_of("seconds"),
         "dice_per_class": per_class("dice"), "hd95_per_class": per_class("hd95"), "per_case": records,
     }
@@ -294,7 +299,7 @@ PREDICTIONS_JSON = "predictions.json"
 def predict(studies: str, preset: str, model: str, out_dir: str, cases: Sequence[str] | None = None,
             device: str = "auto", network: str | None = None, drop: tuple[str, ...] = (),
             mirror_axes: Sequence[int] | None = None, missing_modality: str | None = None,
-            extension: str = ".nii.gz") -> dict[str, Any]:
+            extension: str = ".nii.gz", overlap: float | None = None) -> dict[str, Any]:
     """Segment ``cases`` of ``studies`` (default: every case) with ``model``, as the server's infer task does:
     one label map per case, ``<out_dir>/<case><extension>`` (uint8 class indices, (H, W, D) on the primary image's
     grid and affine), each written atomically; and ``<out_dir>/predictions.json``: per case the seconds, the
@@ -305,7 +310,7 @@ def predict(studies: str, preset: str, model: str, out_dir: str, cases: Sequence
 
     A case that cannot be segmented (a modality missing under the ``error`` policy, a file that does not read) is
     recorded with its error and the others go on; a bug (no case or config error in the chain) stops the run.
-    ``drop`` / ``mirror_axes`` / ``missing_modality`` as in :func:`evaluate`.
+    ``drop`` / ``mirror_axes`` / ``missing_modality`` / ``overlap`` as in :func:`evaluate`.
 
     Raises:
         ValueError: a case of ``cases`` that ``studies`` does not hold, or an ``out_dir`` where a map would replace
@@ -324,7 +329,8 @@ def predict(studies: str, preset: str, model: str, out_dir: str, cases: Sequence
     names = ["background", *cfg.labels.foreground]
     records: list[dict[str, Any]] = []
     summary: dict[str, Any] = {"model": model, "preset": preset, "dropped_modalities": list(drop),
-                               "mirror_axes": list(cfg.infer.mirror_axes if mirror_axes is None else mirror_axes)}
+                               "mirror_axes": list(cfg.infer.mirror_axes if mirror_axes is None else mirror_axes),
+                               "overlap": cfg.infer.overlap if overlap is None else overlap}
 
     def report() -> None:  # after each case: a killed run's manifest holds its cases, and their review order
         done = sorted((r for r in records if "error" not in r), key=lambda r: (-r["uncertainty"], r["case"]))
@@ -340,7 +346,7 @@ def predict(studies: str, preset: str, model: str, out_dir: str, cases: Sequence
         for cid in tqdm(list(cases or images), desc="predict", unit="case"):
             t0 = time.perf_counter()
             try:
-                _, data = task({**infer_request(images[cid], device, drop, mirror_axes, missing_modality),
+                _, data = task({**infer_request(images[cid], device, drop, mirror_axes, missing_modality, overlap),
                                 "keep_probs": True})
             except Exception as e:  # noqa: BLE001 - a case error is recorded, the rest segmented; a bug stops the run
                 shown = user_error_in(e)
