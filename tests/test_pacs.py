@@ -191,6 +191,12 @@ def test_from_dicom_makes_a_studies_folder_of_a_dicom_export(tmp_path, capsys, c
         f"crossmodal: error: {studies}: no study with a CT series for 'ct' among 0 DICOM series ([]) and 13 other "
         "files; the config's modalities name the series they take (dicom_modality, series_description)")
     assert not (tmp_path / "none").exists()
+    assert main(["data", "from-dicom", "--dicom", str(export / "DICOM" / "other"), "--out", str(tmp_path / "none"),
+                 "--config", "phantom"]) == 2  # series named as a viewer shows them, their numbers too
+    assert capsys.readouterr().err.strip() == (
+        f"crossmodal: error: {export / 'DICOM' / 'other'}: no study with a CT series for 'ct' among 1 DICOM series "
+        "([\"MR 'survey' #1\"]) and 0 other files; the config's modalities name the series they take (dicom_modality, "
+        "series_description)")
 
     # phantom001's study as the second of phantom000's patient; a PET slice of phantom000 cut short
     for f in (export / "DICOM" / "phantom001").rglob("*.dcm"):

@@ -446,7 +446,8 @@ def import_dicom(folder: str | os.PathLike[str], out: str | os.PathLike[str], cf
                      int(h.get("SeriesNumber", 0) or 0), _series_date(h)) for uid, h in first.items()]
     cases = match_studies(series, cfg.modalities)
     if not cases:
-        found = sorted({f"{s.modality} {s.description!r}" for s in series})
+        # as a viewer lists them (two series of one modality and description were one entry, without numbers)
+        found = [_describe(s) for s in sorted(series, key=lambda s: (s.number, s.modality, s.uid))]
         primary = cfg.modalities[0]
         rule = f" whose description matches {primary.series_description!r}" if primary.series_description else ""
         raise ValueError(f"{folder}: no study with a {primary.dicom_modality} series{rule} for {primary.name!r} among "
