@@ -91,7 +91,7 @@ bench-mirror: install $(SPM)
 	$(BIN)/python bench/mirror.py $(if $(QUICK),--quick,)
 
 # crossmodal predict's per-case uncertainty against Dice on the demo's cases, whole and without T2 / PD (~1 min).
-# Sliding-window overlap / windows per pass on the brain demo through the server: Dice and request seconds (~2 min).
+# Sliding-window overlap / windows per pass on the brain demo through the server: Dice, seconds, peak RSS (~3 min).
 bench-overlap: install data
 	$(BIN)/python bench/overlap.py
 

@@ -2,12 +2,13 @@
 
 Starts `monailabel start_server` with the app on a copy of the demo data (`make data`), the committed brain weights,
 and segments the 8 unlabelled demo cases (72-80 x 80-96 x 64-72 voxels on the working grid, larger than the 64^3
-window) once per setting with ``POST /infer/crossmodal``: the preset's overlap 0.25 and one window a pass (the
-baseline, every benchmark's setting), then other ``overlap`` / ``sw_batch_size`` request params. Dice (mean
-foreground, against the cases' truth) and the median request seconds per setting, their ratio to the baseline's,
-the windows each case takes; writes ``overlap.json`` to RESULTS_DIR (default bench/results).
+window) once per setting with ``POST /infer/crossmodal``: overlap 0.25 and one window a pass (the baseline, the
+presets' setting until 2026-12-04), then other ``overlap`` / ``sw_batch_size`` request params. Dice (mean
+foreground, against the cases' truth), the voxels whose label differs from the baseline's, the median request
+seconds per setting and their ratio to the baseline's, the server's peak RSS while it ran that setting, the windows
+each case takes; writes ``overlap.json`` to RESULTS_DIR (default bench/results).
 
-    python bench/overlap.py [--repeats 2]
+    python bench/overlap.py [--repeats 3]
 """
 
 from __future__ import annotations
@@ -36,9 +37,19 @@ from monai.data.utils import dense_patch_slices  # noqa: E402
 from monai.inferers.utils import _get_scan_interval  # noqa: E402
 from monailabel.client import MONAILabelClient  # noqa: E402
 
-SETTINGS: tuple[dict[str, float], ...] = ({}, {"overlap": 0.5}, {"overlap": 0.75},
-                                          {"overlap": 0.75, "sw_batch_size": 4})
-"""Request params per setting; the first (the preset's) is the baseline."""
+SETTINGS: tuple[dict[str, float], ...] = (
+    {"overlap": 0.25, "sw_batch_size": 1}, {"overlap": 0.25, "sw_batch_size": 2}, {"overlap": 0.25, "sw_batch_size": 4},
+    {"overlap": 0.25, "sw_batch_size": 8}, {"overlap": 0.5, "sw_batch_size": 2}, {"overlap": 0.75, "sw_batch_size": 2},
+    {"overlap": 0.75, "sw_batch_size": 4})
+"""Request params per setting; the first (one window a pass, the presets' default until 2026-12-04) is the baseline."""
+
+
+def peak_rss_gb(pid: int) -> float:
+    """The process's peak resident memory (VmHWM, GB) since its last ``clear_refs`` reset."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024**2
+    return 0.0
 
 
 def windows(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> int:
@@ -49,7 +60,7 @@ def windows(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> int
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=2, help="passes over the cases per setting, interleaved")
+    ap.add_argument("--repeats", type=int, default=3, help="passes over the cases per setting, interleaved")
     args = ap.parse_args()
     demo = REPO / "data" / "brain"
     if not (demo / "truth").is_dir():
@@ -69,37 +80,47 @@ def main() -> int:
                               {"preset": "brain", "models": "crossmodal"})
         seconds: dict[int, list[float]] = {i: [] for i in range(len(SETTINGS))}
         dice: dict[int, dict[str, float]] = {i: {} for i in range(len(SETTINGS))}
+        changed: dict[int, int] = {i: 0 for i in range(len(SETTINGS))}  # voxels labelled unlike the baseline
+        peak: dict[int, float] = {i: 0.0 for i in range(len(SETTINGS))}
+        first: dict[str, np.ndarray] = {}
         try:
             client = MONAILabelClient(server.url, tmpdir=tmp)
             client.infer("crossmodal", cases[0], {})  # warm-up: the model loads on the first request
             for _ in range(args.repeats):
                 for i, params in enumerate(SETTINGS):  # interleaved, so a slow spell hits every setting alike
+                    Path(f"/proc/{server.proc.pid}/clear_refs").write_text("5")  # peak RSS from here
                     for case in cases:
                         t = time.perf_counter()
                         out, _ = client.infer("crossmodal", case, dict(params))
                         seconds[i].append(time.perf_counter() - t)
                         label = load_volume(out)[0].numpy().astype(np.int64)
                         dice[i][case] = float(np.nanmean(dice_per_class(label, truth[case], cfg.labels.num_classes)))
+                        first.setdefault(case, label)
+                        changed[i] += int(np.sum(label != first[case]))
+                    peak[i] = max(peak[i], peak_rss_gb(server.proc.pid))
         finally:
             stop_server(server)
     base_s = statistics.median(seconds[0])
     rows: list[dict[str, Any]] = []
     for i, params in enumerate(SETTINGS):
         overlap = float(params.get("overlap", cfg.infer.overlap))
-        rows.append({"params": params, "overlap": overlap, "sw_batch_size": params.get("sw_batch_size", 1),
+        rows.append({"params": params, "overlap": overlap,
+                     "sw_batch_size": params.get("sw_batch_size", cfg.infer.sw_batch_size),
                      "windows_per_case": {c: windows(grids[c], cfg.infer.roi_size, overlap) for c in cases},
                      "dice_mean": round(float(np.mean(list(dice[i].values()))), 4), "dice_per_case": dice[i],
                      "request_s_median": round(statistics.median(seconds[i]), 3),
+                     "voxels_unlike_baseline": changed[i] // args.repeats, "server_peak_rss_gb": round(peak[i], 3),
                      "ratio_to_baseline": round(statistics.median(seconds[i]) / base_s, 2)})
     out = results_dir() / "overlap.json"
     atomic_write_text(out, json.dumps({"cases": cases, "grids": grids, "roi_size": list(cfg.infer.roi_size),
                                        "repeats": args.repeats, "rows": rows}, indent=1) + "\n")
-    print(f"{'request params':40} {'windows/case':>12} {'Dice':>7} {'request s':>10} {'vs baseline':>12}")
+    print(f"{'request params':50} {'windows/case':>12} {'Dice':>7} {'voxels unlike':>14} {'request s':>10} "
+          f"{'vs baseline':>12} {'peak GB':>8}")
     for r in rows:
         w = statistics.mean(r["windows_per_case"].values())
-        name = json.dumps(r["params"]) + ("  (baseline)" if not r["params"] else "")
-        print(f"{name:40} {w:12.1f} {r['dice_mean']:7.4f} {r['request_s_median']:10.3f} "
-              f"{r['ratio_to_baseline']:11.2f}x")
+        name = json.dumps(r["params"]) + ("  (baseline)" if r is rows[0] else "")
+        print(f"{name:50} {w:12.1f} {r['dice_mean']:7.4f} {r['voxels_unlike_baseline']:14d} "
+              f"{r['request_s_median']:10.3f} {r['ratio_to_baseline']:11.2f}x {r['server_peak_rss_gb']:8.2f}")
     print(f"{len(cases)} cases x {args.repeats} repeats per setting -> {out}")
     return 0
 

@@ -141,10 +141,10 @@ def test_infer_requests_set_the_sliding_windows_overlap_and_batch():
     cfg = load_config("phantom", overrides={"infer": {"roi_size": [16, 16, 16]}})
     net = build_network(cfg).eval()
     task = CrossModalInfer(cfg, net, [], "test")
-    assert task.config()["overlap"] == 0.25 and task.config()["sw_batch_size"] == 1  # the viewers' options
+    assert task.config()["overlap"] == 0.25 and task.config()["sw_batch_size"] == 2  # the viewers' options
     default = task.inferer({})
     asked = task.inferer({"overlap": 0.75, "sw_batch_size": 4})
-    assert (default.window.overlap, default.window.sw_batch_size) == (0.25, 1)
+    assert (default.window.overlap, default.window.sw_batch_size) == (0.25, 2)
     assert (asked.window.overlap, asked.window.sw_batch_size) == (0.75, 4)
     x = torch.randn(1, 3, 40, 24, 16)  # 3 x 2 x 1 windows at 0.25, 7 x 3 x 1 at 0.75
     with torch.no_grad():
@@ -152,3 +152,5 @@ def test_infer_requests_set_the_sliding_windows_overlap_and_batch():
         same = task.inferer({"overlap": None, "sw_batch_size": None})(x, net)["fused"]
     assert a.shape == b.shape == (1, 4, 40, 24, 16) and not torch.allclose(a, b, atol=1e-4)
     assert torch.equal(same, a)  # null: the preset's
+    one = task.inferer({"sw_batch_size": 1})(x, net)["fused"]  # a window a pass: the same logits, to rounding
+    torch.testing.assert_close(one, a, rtol=1e-4, atol=1e-4)
