@@ -129,11 +129,10 @@ class CrossModalInfer(BasicInferTask):
                               heads=heads, mirror_axes=mirror)
 
     def window_config(self, data: dict[str, Any]) -> InferConfig:
-        """The preset's ``infer`` settings with the request's ``overlap`` / ``sw_batch_size``, when it has them."""
-        overlap, batch = data.get("overlap"), data.get("sw_batch_size")
-        return dataclasses.replace(
-            self.cfg.infer, overlap=self.cfg.infer.overlap if overlap is None else parse_overlap(overlap),
-            sw_batch_size=self.cfg.infer.sw_batch_size if batch is None else parse_sw_batch_size(batch))
+        """The preset's ``infer`` settings with the request's ``overlap`` / ``sw_batch_size``, when it has them
+        (:class:`InferConfig` checks them again; :meth:`__call__` did, naming the case)."""
+        asked = {k: data[k] for k in ("overlap", "sw_batch_size") if data.get(k) is not None}
+        return dataclasses.replace(self.cfg.infer, **asked) if asked else self.cfg.infer
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda") -> dict[str, Any]:
         """The usual sliding window, or for ``prediction=uncertainty`` only the Monte-Carlo dropout passes."""
