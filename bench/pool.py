@@ -83,13 +83,13 @@ def score_pool(pool: Path, work: Path, cache: Path, flush_s: float, weights: Pat
 
 TRAIN_CHILD = """
 import json, sys, time
-from pathlib import Path
 from crossmodal.serving.offline import train_offline
+from crossmodal.serving.train import run_folders
 t = time.perf_counter()
 train_offline(sys.argv[1], sys.argv[2], sys.argv[3], epochs=1, device="cpu", network="crossmodal")
 seconds = time.perf_counter() - t
 rss = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:")) / 1024**2
-curve = json.loads(max(Path(sys.argv[3]).glob("train_*/learning_curve.json")).read_text())
+curve = json.loads((run_folders(sys.argv[3])[-1] / "learning_curve.json").read_text())
 print("RESULT " + json.dumps({"seconds": round(seconds, 1), "steps": curve[-1]["iteration"],
                               "peak_rss_gb": round(rss, 2)}))
 """

@@ -21,6 +21,8 @@ from crossmodal.data.studies import write_case
 from crossmodal.io import load_volume, save_volume
 from crossmodal.nets import check_weights
 from crossmodal.serving.app import AppParts
+from crossmodal.serving.runs import list_runs, publish_run
+from crossmodal.serving.train import run_folders
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
@@ -440,10 +442,11 @@ def test_unknown_names_and_bad_train_numbers_are_4xx_that_say_what_is_served(cli
                             "at most one process a core"),
                            ({"name": "../../outside"},  # was: the run folder written outside the model dir
                             "train request: name='../../outside' must be a folder name (letters, digits, '_', '.', "
-                            "'-')")):
+                            "'-'), or empty for the next train_NN")):
         r = requests.post(f"{url}/train/baseline_unet?run_sync=true", json=params, timeout=120)
         assert r.status_code == 422 and r.json()["detail"] == detail, r.text
     assert not list(phantom_server.model_dir.glob("*.pt"))  # nothing trained or published
+    assert not run_folders(phantom_server.model_dir)  # and no run folder left by a refused request
     assert snapshot(phantom_server.studies) == before
 
 
@@ -483,12 +486,16 @@ def test_train_publishes_a_model_that_infer_reloads(client, phantom_server):
     assert stats["total_epochs"] == 2 and stats["epoch"] == 2
     assert 0.0 < stats["best_metric"] <= 1.0
     assert (phantom_server.model_dir / "mlflow.db").is_file()  # MLflow on sqlite, not the rejected file:// URI
-    assert (phantom_server.model_dir / "train_01" / "config.yaml").is_file()
-    curve = json.loads((phantom_server.model_dir / "train_01" / "learning_curve.json").read_text())
+    # each run in its own folder (MONAI Label's train_01 was both's): the first's model is kept, out of service
+    runs = list_runs(phantom_server.model_dir)
+    assert [(r.name, r.network, r.in_service, r.epoch) for r in runs] == [("train_01", "baseline_unet", False, 2),
+                                                                        ("train_02", "baseline_unet", True, 2)]
+    assert runs[0].start is not None and runs[1].start is None and runs[1].best == pytest.approx(stats["best_metric"])
+    curve = json.loads((phantom_server.model_dir / "train_02" / "learning_curve.json").read_text())
     assert [r["epoch"] for r in curve] == [1, 2] and all(r["loss_supervised"] > 0 for r in curve)
     assert "val_mean_dice" not in curve[0] and curve[1]["val_mean_dice"] == pytest.approx(stats["best_metric"],
                                                                                          abs=1e-5)
-    assert (phantom_server.model_dir / "train_01" / "learning_curve.png").stat().st_size > 10_000
+    assert (phantom_server.model_dir / "train_02" / "learning_curve.png").stat().st_size > 10_000
     # the sparse labels were grown by the random walker once, then read from the cache in the second epoch
     objects = client.datastore()["objects"]
     kinds = {c: o["labels"].get("final", {}).get("info", {}).get("label_kind") for c, o in objects.items()}
@@ -499,8 +506,15 @@ def test_train_publishes_a_model_that_infer_reloads(client, phantom_server):
     assert "sparse label grown by the random walker" in log and "of the voxels in" in log and "(cached)" in log
 
     out, params = client.infer("baseline_unet", "phantom005", {})
-    assert "Reload model from cache" in phantom_server.log.read_text()
+    reloads = phantom_server.log.read_text().count("Reload model from cache")
+    assert reloads >= 1
     assert dice(load_volume(out)[0].numpy(), truth(phantom_server, "phantom005"), 1) > 0.5
+    # `crossmodal models --publish train_01` while the server runs: the next infer request reloads that model
+    publish_run(phantom_server.model_dir, "train_01")
+    assert [r.in_service for r in list_runs(phantom_server.model_dir)] == [True, False]
+    again, _ = client.infer("baseline_unet", "phantom005", {})
+    assert phantom_server.log.read_text().count("Reload model from cache") == reloads + 1
+    assert dice(load_volume(again)[0].numpy(), truth(phantom_server, "phantom005"), 1) > 0.5
 
 
 def test_a_training_stopped_mid_run_leaves_a_whole_model_in_service(client, phantom_server, tmp_path):

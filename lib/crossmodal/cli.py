@@ -12,6 +12,7 @@ Examples::
     crossmodal data import-nnunet --dataset data/Dataset001_Brain --out data/brain2 --config brain
     crossmodal data from-dicom --dicom /media/cd/DICOM --out data/petct --config phantom
     crossmodal train --studies data/brain --config brain --model-dir apps/crossmodal/model
+    crossmodal models --model-dir apps/crossmodal/model --publish train_03
     crossmodal propagate --studies data/phantom --config phantom --out grown/
     crossmodal predict --studies data/Dataset001_Brain --config brain --model brain_crossmodal.pt --out preds/
 """
@@ -394,6 +395,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """`crossmodal models`: the training runs of a model folder and which is in service; ``--publish`` puts an
+    earlier run's model back in service."""
+    from crossmodal.serving.runs import format_runs, list_runs, publish_run
+
+    if args.publish:
+        run = publish_run(args.model_dir, args.publish)
+        score = f" ({run.metric} {run.best:.4f})" if run.best is not None and run.metric else ""
+        print(f"published {run.model}{score} as {run.published}; a running server segments with it from its next "
+              "infer request")
+    runs = list_runs(args.model_dir)
+    if not runs:
+        print(f"no training runs under {args.model_dir}")
+        return 0
+    print(format_runs(runs))
+    return 0
+
+
 def _weights_file(path: str) -> None:
     """``--model`` checked before the data set is read (was ``conf pretrained for crossmodal: ...`` after it)."""
     if not Path(path).is_file():
@@ -648,6 +667,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--early-stop-patience", type=int, default=-1, metavar="N",
                    help="stop after N validations without a better held-out score (default -1: train every epoch)")
     q.set_defaults(func=cmd_train)
+
+    q = sub.add_parser("models", help="list the training runs of a model folder (scores, the one in service) and put "
+                                      "an earlier run's model back in service")
+    q.add_argument("--model-dir", required=True, help="the server's <app>/model (or --conf model_dir), or crossmodal "
+                                                      "train's --model-dir")
+    q.add_argument("--publish", metavar="RUN", help="put this run's model (train_NN) in service, with its train stats")
+    q.set_defaults(func=cmd_models)
 
     q = sub.add_parser("simulate", help="annotate-retrain loop without people: strategies x seeds x rounds -> "
                                         "learning curves (JSON + PNG)")

@@ -441,7 +441,8 @@ class TrainConfig:
     ``finetune_lr_scale`` multiplies the learning rate of a run that fine-tunes a model (the published one or
     ``--pretrained``): a fresh AdamW at the from-scratch rate first unlearns part of what that model knows.
     ``num_workers``: loader worker processes per source (dense, sparse, unlabelled) and for validation; 0 loads
-    the cases in the training process.
+    the cases in the training process. ``keep_runs``: the newest run folders (``train_NN``) a model folder keeps
+    (each holds that run's model; the one in service is always kept; 0: keep all).
     """
 
     def lr_for(self, model: str) -> float:
@@ -462,6 +463,7 @@ class TrainConfig:
     aux_weight: float = 0.5
     num_workers: int = 0
     seed: int = 0
+    keep_runs: int = 10
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     propagate: PropagationConfig = field(default_factory=PropagationConfig)
 
@@ -476,6 +478,8 @@ class TrainConfig:
         if self.num_workers < 0:
             raise ConfigError(f"train.num_workers: {self.num_workers} must be >= 0 (0: cases load in the training "
                               "process)")
+        if self.keep_runs < 0:
+            raise ConfigError(f"train.keep_runs: {self.keep_runs} must be >= 0 (0: keep every run's folder)")
         if not 0.0 < self.finetune_lr_scale <= 1.0:
             raise ConfigError(f"train.finetune_lr_scale: {self.finetune_lr_scale} must be in (0, 1]")
 

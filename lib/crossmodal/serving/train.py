@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import filecmp
 import functools
 import gc
 import io
@@ -152,6 +153,63 @@ class StartingScore:
         logger.info(f"{what} {self.score:.4f} ({time.perf_counter() - t0:.1f} s); "
                     "an epoch of this run is published only when it beats it (train request publish=best_of_run: "
                     "the run's best epoch whatever it scores)")
+
+
+RUN_FOLDER = re.compile(r"^train_(\d+)$")
+
+
+def run_folders(model_dir: str | os.PathLike[str]) -> list[Path]:
+    """The ``train_NN`` run folders under ``model_dir``, oldest first (by number: ``train_100`` after ``train_99``)."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), d) for d in root.iterdir() if (m := RUN_FOLDER.match(d.name)) and d.is_dir()]
+    return [d for _, d in sorted(found)]
+
+
+def claim_run_folder(model_dir: str | os.PathLike[str]) -> str:
+    """Create and return the name of the next run folder, ``train_NN`` (one above the highest there; two digits at
+    least, MONAI Label's ``train_01`` style).
+
+    Example:
+        >>> import tempfile; d = tempfile.mkdtemp(); [claim_run_folder(d) for _ in range(2)]
+        ['train_01', 'train_02']
+    """
+    os.makedirs(model_dir, exist_ok=True)
+    folders = run_folders(model_dir)
+    n = int(RUN_FOLDER.match(folders[-1].name).group(1)) if folders else 0  # type: ignore[union-attr]
+    while True:
+        n += 1
+        name = f"train_{n:02d}"
+        try:
+            os.mkdir(os.path.join(model_dir, name))  # atomic: two runs never share a folder
+            return name
+        except FileExistsError:
+            continue
+
+
+def prune_runs(model_dir: str | os.PathLike[str], keep_runs: int, keep: str | None = None) -> list[str]:
+    """Remove the oldest run folders beyond the newest ``keep_runs``, never ``keep`` (the run just made) nor a run
+    whose model is the one in service (any ``<model_dir>/*.pt`` byte for byte: an earlier run put back with
+    ``crossmodal models --publish``); returns the names removed. A folder that cannot be removed is logged and left."""
+    folders = run_folders(model_dir)
+    if len(folders) <= keep_runs:
+        return []
+    published = [p for p in Path(model_dir).glob("*.pt") if p.is_file()]
+    removed = []
+    for folder in folders[: len(folders) - keep_runs]:
+        model = folder / "model.pt"
+        if folder.name == keep or (model.is_file() and any(
+                model.stat().st_size == p.stat().st_size and filecmp.cmp(model, p, shallow=False) for p in published)):
+            continue
+        try:
+            shutil.rmtree(folder)
+            removed.append(folder.name)
+        except OSError as e:
+            logger.warning(f"run folder {folder} not removed (train.keep_runs {keep_runs}): {e}")
+    if removed:
+        logger.info(f"removed the oldest run folders {removed} (train.keep_runs {keep_runs})")
+    return removed
 
 
 def stats_path_of(publish_path: str) -> str:
@@ -607,8 +665,9 @@ def check_train_request(request: dict[str, Any], choices: dict[str, tuple[str, .
             raise ConfigError(f"train request: {key}={req[key]!r} must be one of {list(options)}")
         req[key] = value
     name = req.get("name")  # the run folder under the model dir (MONAI Label joins it to that path as it comes)
-    if name is not None and (not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name)):
-        raise ConfigError(f"train request: name={name!r} must be a folder name (letters, digits, '_', '.', '-')")
+    if name and (not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name)):
+        raise ConfigError(f"train request: name={name!r} must be a folder name (letters, digits, '_', '.', '-'), or "
+                          "empty for the next train_NN")
     for key in FLAGS:  # pretrained false: a run from scratch (:meth:`CrossModalTrain.load_path`)
         if req.get(key) is not None:
             flag = as_flag(req[key])
@@ -661,6 +720,8 @@ class CrossModalTrain(BasicTrainTask):
             config={"max_epochs": t.max_epochs, "train_batch_size": t.batch_size, "val_batch_size": 1,
                     "val_split": t.val_fraction, "val_interval": t.val_interval,
                     "learning_rate": t.lr_for(cfg.model.name), "multi_gpu": False,
+                    # MONAI Label's default, train_01, was every run's folder: each run replaced the last one's model
+                    "name": "",
                     "processes": 1, "use_unlabeled": t.consistency.unlabeled,
                     **{key: list(options) for key, options in train_choices(cfg).items()},
                     "tracking": ["None", "mlflow"]},
@@ -1072,11 +1133,22 @@ class CrossModalTrain(BasicTrainTask):
             self.cfg = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer,
                                                                           missing_modality=req["missing_modality"]))
         self._val_interval = every  # MONAI Label's ValidationHandler reads the task's, not the request's
+        claimed = None
+        if not req.get("name"):  # a folder of its own, so that an earlier run's model can be put back in service
+            req["name"] = claimed = claim_run_folder(self._model_dir)
         try:
             with restored_if_diverged(self._publish_path, self._stats_path):
                 return self._run(req, datastore)
         finally:
             self.cfg, self._val_interval = cfg, interval
+            folder = Path(self._model_dir) / req["name"]
+            try:  # housekeeping: never the run's outcome
+                if claimed and folder.is_dir() and not any(folder.iterdir()):  # refused before it began: no trace
+                    folder.rmdir()
+                if cfg.train.keep_runs:
+                    prune_runs(self._model_dir, cfg.train.keep_runs, keep=req["name"])
+            except OSError as e:
+                logger.warning(f"run folders under {self._model_dir} not tidied: {e}")
 
     def _run(self, req: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         processes = int(req.get("processes") or 1)

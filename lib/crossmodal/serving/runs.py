@@ -1,0 +1,152 @@
+"""The training runs kept in a model folder, and putting an earlier run's model back in service.
+
+Every training run (the viewers' Train, ``crossmodal train``) writes ``<model_dir>/train_NN/``: the run's model
+(``model.pt``: its best epoch by held-out validation, or its last one when no label is held out), its resolved
+``config.yaml``, ``stats_<run>.json`` and ``learning_curve.json``. The model in service is
+``<model_dir>/<preset>_<network>.pt`` with its stats beside it. :func:`list_runs` reads the runs and which one is
+in service; :func:`publish_run` puts a run's model back in service (a fine-tuning that made the cases the
+annotators care about worse, with no held-out label to have stopped it), atomically, after checking that its
+weights load into the network its config describes. A running server loads it at its next infer request (MONAI
+Label reloads a model whose file changed) and re-scores the unlabelled cases for active learning (the scores are
+kept per model file version).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from crossmodal.config import load_config
+from crossmodal.io import atomic_copy
+from crossmodal.nets import check_weights
+from crossmodal.serving.train import run_folders, stats_path_of
+
+
+@dataclass
+class TrainRun:
+    """One ``train_NN`` folder: what it trained and how it scored.
+
+    ``epoch`` / ``total_epochs``: the last epoch it finished of those it was asked for (a killed or stopped run has
+    fewer); ``metric``, ``best``: the held-out validation metric and the run's best value (the train Dice when no
+    label was held out: then ``metric`` is ``train_mean_dice``); ``start``: the held-out score of the model it
+    started from (fine-tuning, or training beside a model in service); ``model``: its weights (None: the run ended
+    before its first epoch did); ``in_service``: its weights are the model in service, byte for byte.
+    """
+
+    name: str
+    folder: Path
+    preset: str
+    network: str
+    published: Path
+    finished: datetime.datetime | None
+    epoch: int | None
+    total_epochs: int | None
+    metric: str | None
+    best: float | None
+    start: float | None
+    model: Path | None
+    in_service: bool
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _stats(folder: Path) -> tuple[Path | None, dict]:
+    """The run's newest ``stats_*.json`` and its content ({} if none or unreadable: a run killed at its start)."""
+    files = sorted(folder.glob("stats_*.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return None, {}
+    try:
+        return files[-1], json.loads(files[-1].read_text())
+    except (OSError, ValueError):
+        return files[-1], {}
+
+
+def list_runs(model_dir: str | Path) -> list[TrainRun]:
+    """The training runs under ``model_dir``, oldest first (by folder number); a folder without a ``config.yaml``
+    (a run that stopped before it began) is left out.
+
+    Raises:
+        FileNotFoundError: ``model_dir`` is not a folder.
+    """
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"model folder {root}: no such folder (the server's is <app>/model, or its "
+                                "--conf model_dir; crossmodal train's is its --model-dir)")
+    digests: dict[Path, str | None] = {}
+
+    def digest(path: Path) -> str | None:
+        if path not in digests:
+            digests[path] = _digest(path) if path.is_file() else None
+        return digests[path]
+
+    runs = []
+    for folder in run_folders(root):
+        config = folder / "config.yaml"
+        if not config.is_file():  # MONAI Label made the folder; the run stopped before it began
+            continue
+        cfg = load_config(str(config))
+        published = root / f"{cfg.name}_{cfg.model.name}.pt"
+        stats_file, stats = _stats(folder)
+        model = folder / "model.pt"
+        model_ok = model.is_file()
+        evals = stats.get("eval") or {}
+        train = stats.get("train") or {}
+        metric = evals.get("key_metric_name") or train.get("key_metric_name")
+        best = stats.get("best_metric")
+        when = (model if model_ok else stats_file) if (model_ok or stats_file) else None
+        runs.append(TrainRun(
+            name=folder.name, folder=folder, preset=cfg.name, network=cfg.model.name, published=published,
+            finished=datetime.datetime.fromtimestamp(when.stat().st_mtime) if when else None,
+            epoch=stats.get("epoch"), total_epochs=stats.get("total_epochs"), metric=metric,
+            best=float(best) if isinstance(best, (int, float)) else None,
+            start=float(stats["start_metric"]) if isinstance(stats.get("start_metric"), (int, float)) else None,
+            model=model if model_ok else None,
+            in_service=model_ok and digest(published) is not None and digest(published) == digest(model)))
+    return runs
+
+
+def publish_run(model_dir: str | Path, name: str) -> TrainRun:
+    """Put run ``name``'s model (``train_NN``) in service: its weights replace ``<preset>_<network>.pt`` and its
+    stats the published ones, each through a temp file and ``os.replace``; returns the run.
+
+    Raises:
+        ValueError: no such run (the runs are listed), or it has no model (it ended before its first epoch did).
+        ModelFileError: its weights do not load into the network its config describes (nothing is replaced).
+    """
+    runs = list_runs(model_dir)
+    run = next((r for r in runs if r.name == name), None)
+    if run is None:
+        have = ", ".join(r.name for r in runs) or "none"
+        raise ValueError(f"--publish {name}: no training run of that name under {model_dir} (runs: {have})")
+    if run.model is None:
+        raise ValueError(f"--publish {name}: {run.folder} has no model.pt: the run ended before its first epoch did, "
+                         "so it has no model to publish")
+    check_weights(load_config(str(run.folder / "config.yaml")), str(run.model))
+    stats_file, _ = _stats(run.folder)
+    atomic_copy(run.model, run.published)
+    if stats_file is not None:  # the viewers' train stats then describe the model in service
+        atomic_copy(stats_file, stats_path_of(str(run.published)))
+    run.in_service = True
+    return run
+
+
+def format_runs(runs: list[TrainRun]) -> str:
+    """``runs`` as the table ``crossmodal models`` prints (one line a run; ``*`` marks the model in service)."""
+    rows = [("run", "network", "preset", "finished", "epochs", "metric", "best", "start", "in service")]
+    for r in runs:
+        epochs = f"{r.epoch}/{r.total_epochs}" if r.epoch is not None else "-"
+        rows.append((r.name, r.network, r.preset, r.finished.strftime("%Y-%m-%d %H:%M") if r.finished else "-",
+                     epochs, r.metric or "-", f"{r.best:.4f}" if r.best is not None else "-",
+                     f"{r.start:.4f}" if r.start is not None else "-",
+                     "*" if r.in_service else ("no model" if r.model is None else "")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)

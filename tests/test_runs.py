@@ -1,0 +1,126 @@
+"""Run folders: each training run keeps its own ``train_NN`` (the oldest pruned past ``train.keep_runs``), and
+``crossmodal models`` lists them and puts an earlier run's model back in service."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_phantom_studies
+from crossmodal.cli import main
+from crossmodal.config import ConfigError, load_config, save_config
+from crossmodal.nets import ModelFileError
+from crossmodal.serving.offline import method_config, train_offline
+from crossmodal.serving.runs import list_runs, publish_run
+from crossmodal.serving.train import check_train_request, claim_run_folder, prune_runs, run_folders
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(v, b[k]) for k, v in a.items())
+
+
+def test_each_run_keeps_its_folder_and_an_earlier_model_goes_back_in_service(tmp_path: Path, phantom_cfg, capsys):
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=4, dense=1, sparse=1, seed=41)
+    cfg = method_config("phantom", "ours", {"train": {"patch_size": [32, 32, 32], "patches_per_case": 1,
+                                                      "batch_size": 2, "val_fraction": 0.0, "keep_runs": 2,
+                                                      "propagate": {"method": "none"}}})
+    save_config(cfg, tmp_path / "ours.yaml")
+    model_dir = tmp_path / "m"
+    stats = [train_offline(str(studies), str(tmp_path / "ours.yaml"), str(model_dir), epochs=1, device="cpu",
+                           network="crossmodal") for _ in range(2)]
+    published = Path(stats[-1]["published"])
+    assert published == model_dir / "phantom_crossmodal.pt"
+    assert [d.name for d in run_folders(model_dir)] == ["train_01", "train_02"]  # MONAI Label's: train_01 twice
+    first, second = (_weights(model_dir / f"train_0{i}" / "model.pt") for i in (1, 2))
+    assert not _same(first, second) and _same(second, _weights(published))  # the second fine-tuned the first
+
+    runs = list_runs(model_dir)
+    assert [(r.name, r.network, r.preset, r.epoch, r.total_epochs, r.in_service) for r in runs] == [
+        ("train_01", "crossmodal", "phantom", 1, 1, False), ("train_02", "crossmodal", "phantom", 1, 1, True)]
+    assert runs[0].metric == "train_mean_dice" and 0 < runs[0].best <= 1  # no label held out: the train Dice
+    stats_file = model_dir / "phantom_crossmodal_train_stats.json"
+    run_stats = [next((model_dir / f"train_0{i}").glob("stats_*.json")).read_bytes() for i in (1, 2)]
+    assert run_stats[0] != run_stats[1] and stats_file.read_bytes() == run_stats[1]  # the viewers' stats: run 2's
+
+    assert main(["models", "--model-dir", str(model_dir), "--publish", "train_01"]) == 0
+    out = capsys.readouterr().out
+    assert f"published {model_dir / 'train_01' / 'model.pt'} (train_mean_dice " in out
+    rows = {line.split()[0]: line for line in out.splitlines()[1:] if line.startswith("train_")}
+    assert rows["train_01"].endswith("*") and not rows["train_02"].endswith("*")
+    assert _same(_weights(published), first)  # byte for byte the first run's model, with its stats
+    assert stats_file.read_bytes() == run_stats[0]
+    assert [r.in_service for r in list_runs(model_dir)] == [True, False]
+
+    # a third run fine-tunes train_01's model (in service) and replaces it; keep_runs 2 then removes train_01
+    third = train_offline(str(studies), str(tmp_path / "ours.yaml"), str(model_dir), epochs=1, device="cpu",
+                          network="crossmodal")
+    assert third["current_iteration"] == 2
+    assert [d.name for d in run_folders(model_dir)] == ["train_02", "train_03"]
+    assert [r.in_service for r in list_runs(model_dir)] == [False, True]
+
+    # put train_02 back, then prune to 1: the run in service survives beside the newest
+    publish_run(model_dir, "train_02")
+    (model_dir / "train_04").mkdir()
+    assert prune_runs(model_dir, 1, keep="train_04") == ["train_03"]
+    assert [d.name for d in run_folders(model_dir)] == ["train_02", "train_04"]
+
+
+def test_publishing_a_run_refuses_what_cannot_serve_and_replaces_nothing(tmp_path: Path, phantom_cfg, capsys):
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=3, dense=1, sparse=0, seed=42)
+    cfg = method_config("phantom", "ours", {"train": {"patch_size": [32, 32, 32], "patches_per_case": 1,
+                                                      "batch_size": 2, "val_fraction": 0.0}})
+    save_config(cfg, tmp_path / "ours.yaml")
+    model_dir = tmp_path / "m"
+    stats = train_offline(str(studies), str(tmp_path / "ours.yaml"), str(model_dir), epochs=1, device="cpu",
+                          network="crossmodal")
+    before = Path(stats["published"]).read_bytes()
+    stats_before = (model_dir / "phantom_crossmodal_train_stats.json").read_bytes()
+
+    broken = model_dir / "train_02"  # a run whose model file was cut short
+    broken.mkdir()
+    (broken / "config.yaml").write_bytes((model_dir / "train_01" / "config.yaml").read_bytes())
+    (broken / "model.pt").write_bytes(before[: len(before) // 2])
+    with pytest.raises(ModelFileError, match="cannot be read as a PyTorch checkpoint"):
+        publish_run(model_dir, "train_02")
+    foreign = model_dir / "train_03"  # weights of another network (the phantom's early-fusion baseline)
+    foreign.mkdir()
+    (foreign / "config.yaml").write_bytes((model_dir / "train_01" / "config.yaml").read_bytes())
+    torch.save(torch.nn.Conv3d(3, 4, 3).state_dict(), foreign / "model.pt")
+    with pytest.raises(ModelFileError, match="does not fit crossmodal"):
+        publish_run(model_dir, "train_03")
+    killed = model_dir / "train_04"  # ended before its first epoch did: no model
+    killed.mkdir()
+    (killed / "config.yaml").write_bytes((model_dir / "train_01" / "config.yaml").read_bytes())
+    assert main(["models", "--model-dir", str(model_dir), "--publish", "train_04"]) == 2
+    assert "train_04 has no model.pt: the run ended before its first epoch did" in capsys.readouterr().err
+    assert main(["models", "--model-dir", str(model_dir), "--publish", "train_09"]) == 2
+    err = capsys.readouterr().err
+    assert "--publish train_09: no training run of that name under" in err
+    assert "(runs: train_01, train_02, train_03, train_04)" in err
+    assert Path(stats["published"]).read_bytes() == before  # nothing replaced by the refused ones
+    assert (model_dir / "phantom_crossmodal_train_stats.json").read_bytes() == stats_before
+
+    assert main(["models", "--model-dir", str(model_dir)]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["train_01"].endswith("*") and rows["train_04"].endswith("no model")
+    assert main(["models", "--model-dir", str(tmp_path / "nowhere")]) == 2
+    assert f"model folder {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
+
+
+def test_run_folder_names():
+    assert check_train_request({"name": ""})["name"] == ""  # empty: the next train_NN
+    with pytest.raises(ConfigError, match="must be a folder name"):
+        check_train_request({"name": "../x"})
+    with pytest.raises(ConfigError, match="train.keep_runs: -1 must be >= 0"):
+        load_config("phantom", overrides={"train": {"keep_runs": -1}})
+
+
+def test_claim_run_folder_numbers_past_99(tmp_path: Path):
+    (tmp_path / "train_99").mkdir()
+    (tmp_path / "train_7").mkdir()
+    (tmp_path / "train_x").mkdir()
+    assert claim_run_folder(tmp_path) == "train_100"
+    assert [d.name for d in run_folders(tmp_path)] == ["train_7", "train_99", "train_100"]
