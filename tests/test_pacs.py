@@ -87,6 +87,98 @@ def test_label_seg_round_trip_keeps_values_kind_and_marked_background(tmp_path):
         seg_to_label(seg, CFG.labels, affine @ np.diag([1.0, 1.0, 0.5, 1.0]), (16, 12, 4))
 
 
+def enhanced_mr(vol: np.ndarray, spacing: tuple[float, float, float], origin: tuple[float, float, float],
+                study: pydicom.Dataset, number: int, description: str, order: list[int] | None = None
+                ) -> pydicom.Dataset:
+    """``vol`` (I, J, K; int16) as one Enhanced MR Image file, as an enhanced scanner exports a series: one frame per
+    k in ``order`` (default all, ascending), axial, i along patient left and j posterior; orientation, pixel spacing
+    and rescale in the shared functional groups, each frame's position in its own."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    order = list(range(vol.shape[2])) if order is None else order
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.4.1", generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta, ds.is_little_endian, ds.is_implicit_VR = meta, True, False
+    for key in ("PatientName", "PatientID", "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID"):
+        setattr(ds, key, study[key].value)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = "MR", generate_uid(), number, description
+    ds.InstanceNumber, ds.FrameOfReferenceUID, ds.ImageType = 1, generate_uid(), ["ORIGINAL", "PRIMARY", "M"]
+    ds.NumberOfFrames, ds.Rows, ds.Columns = len(order), vol.shape[1], vol.shape[0]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    measures, plane, rescale = Dataset(), Dataset(), Dataset()
+    measures.PixelSpacing, measures.SliceThickness = [spacing[1], spacing[0]], spacing[2]
+    plane.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    rescale.RescaleIntercept, rescale.RescaleSlope, rescale.RescaleType = "0", "1", "US"
+    shared = Dataset()
+    shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = Sequence([measures]), Sequence([plane])
+    shared.PixelValueTransformationSequence = Sequence([rescale])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    frames = []
+    for k in order:
+        position, frame = Dataset(), Dataset()
+        position.ImagePositionPatient = [origin[0], origin[1], origin[2] + k * spacing[2]]
+        frame.PlanePositionSequence = Sequence([position])
+        frames.append(frame)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    ds.PixelData = np.ascontiguousarray(np.stack([vol[:, :, k].T for k in order]).astype(np.int16)).tobytes()
+    return ds
+
+
+def test_enhanced_multi_frame_series_import_and_a_lost_frame_is_named(tmp_path, capsys):
+    """``data from-dicom`` on a study of Enhanced MR files (one multi-frame file a series, as enhanced scanners
+    export): each volume on its grid (anisotropic spacing, LPS -> RAS) with its values. A file with a frame left out
+    was read with a wrong spacing (1 x 1 x 1 mm instead of 1 x 1.2 x 2.5) and imported; now its case fails, naming
+    the gap; frames stored out of order (read so, without geometry) fail on the spacing the headers give."""
+    from crossmodal.dicom import series_to_nifti
+    from crossmodal.errors import CaseError
+
+    rng = np.random.default_rng(3)
+    vols = {name: rng.integers(0, 3000, (20, 24, 12)).astype(np.int16) for name in ("t1", "t2", "pd")}
+    spacing, origin = (1.0, 1.2, 2.5), (-10.0, -20.0, 30.0)
+    export = tmp_path / "cd"
+    for patient in ("mf001", "mf002"):
+        study = new_study(patient)
+        for n, (name, vol) in enumerate(vols.items()):
+            order = [k for k in range(12) if k != 6] if patient == "mf002" and name == "t2" else None
+            (export / patient).mkdir(parents=True, exist_ok=True)
+            enhanced_mr(vol, spacing, origin, study, n + 1, name, order).save_as(
+                str(export / patient / f"{name}.dcm"), write_like_original=False)
+    out = tmp_path / "studies"
+    assert main(["data", "from-dicom", "--dicom", str(export), "--out", str(out), "--config", "brain"]) == 2
+    captured = capsys.readouterr()
+    records = {r["case"]: r for r in map(json.loads, captured.out.splitlines())}
+    assert "error" not in records["mf001"]
+    assert records["mf002"]["error"] == (
+        f"case 'mf002': file {export / 'mf002'}: frames at 42.50 and 47.50 mm are 5.00 mm apart, the others 2.50 mm: "
+        "a frame is missing (or two series share this UID)")
+    assert not list(out.glob("mf002*")) and not (out / "modalities" / "mf002").exists()
+    want = np.diag([-1.0, -1.2, 2.5, 1.0])
+    want[:3, 3] = [10.0, 20.0, 30.0]  # LPS (-10, -20, 30) in RAS
+    for name, path in (("t1", out / "mf001.nii.gz"), ("t2", out / "modalities" / "mf001" / "t2.nii.gz"),
+                       ("pd", out / "modalities" / "mf001" / "pd.nii.gz")):
+        back = load_volume(path)
+        np.testing.assert_allclose(back.affine.numpy(), want, atol=1e-4)
+        np.testing.assert_array_equal(back[0].numpy(), vols[name])
+
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    order = [0, 2, 1, *range(3, 12)]
+    enhanced_mr(vols["t1"], spacing, origin, new_study("mf003"), 1, "t1", order).save_as(str(shuffled / "t1.dcm"),
+                                                                                      write_like_original=False)
+    with pytest.raises(CaseError) as e:
+        series_to_nifti([shuffled / "t1.dcm"], tmp_path / "t1.nii.gz", "mf003")
+    assert str(e.value) == (f"case 'mf003': file {shuffled}: multi-frame file of 12 frames read with voxels of "
+                            "1 x 1 x 1 mm where its headers say 1 x 1.2 x 2.5 mm: the reader lost its geometry; "
+                            "export the series again (as single-frame images if it stays so)")
+    assert not (tmp_path / "t1.nii.gz").exists()
+
+
 def test_to_dicom_writes_nrrd_cases_as_it_writes_nifti_ones(tmp_path, capsys):
     """``crossmodal data to-dicom`` on the same case saved as NRRD and as NIfTI: the same series, slice by slice
     (nibabel alone read no NRRD: the command stopped on its first case with "Cannot work out file type")."""

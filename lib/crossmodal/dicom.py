@@ -19,7 +19,7 @@ import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pydicom
@@ -372,7 +372,7 @@ def series_to_nifti(files: Sequence[Path], dest: Path, case_id: str, headers: Se
 
     where = files[0].parent
     heads = list(headers) if headers is not None else [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
-    _check_slices(heads, where, case_id)
+    expected_mm = _check_slices(heads, where, case_id)
     with tempfile.TemporaryDirectory(prefix="crossmodal-series-") as tmp:
         for n, f in enumerate(files):
             os.symlink(f.resolve(), Path(tmp) / f"{n:05d}.dcm")
@@ -390,27 +390,88 @@ def series_to_nifti(files: Sequence[Path], dest: Path, case_id: str, headers: Se
                 raise CaseError(case_id, where, f"series of {len(files)} files ({header.Rows} x {header.Columns}) read "
                                                 f"as {tuple(vol.shape[1:])} voxels: a file's pixel data is cut short "
                                                 "or unreadable; export the series again")
+            read_mm = np.sqrt((np.asarray(vol.affine, dtype=np.float64)[:3, :3] ** 2).sum(0))
+            if expected_mm is not None and not np.allclose(sorted(read_mm), sorted(expected_mm), rtol=0.01,
+                                                           atol=1e-3):
+                kind = f"multi-frame file of {frames} frames" if frames > 1 else f"series of {len(files)} files"
+                raise CaseError(case_id, where, f"{kind} read with voxels of {_mm(read_mm)} mm where its headers "
+                                                f"say {_mm(expected_mm)} mm: the reader lost its geometry; export "
+                                                "the series again (as single-frame images if it stays so)")
             atomic_copy(nii, dest)
         finally:
             Path(nii).unlink(missing_ok=True)
 
 
-def _check_slices(heads: Sequence[Dataset], where: Path, case_id: str) -> None:
-    """A single-frame series' slices (their headers) evenly spaced along their normal, or a CaseError naming the gap
-    (a slice left out of an export or a send: the volume would be read with the wrong spacing) and ``where``."""
+def _mm(spacing: Sequence[float]) -> str:
+    return " x ".join(f"{v:.3g}" for v in spacing)
+
+
+def _functional(group: Dataset, shared: Dataset, sequence: str, name: str) -> Any:
+    """Attribute ``name`` of a multi-frame file's frame from its functional group ``sequence``: the frame's own
+    (``group``), else the shared one; None where neither has it."""
+    for where in (group, shared):
+        items = where.get(sequence)
+        if items is not None and len(items) and name in items[0]:
+            return items[0][name].value
+    return None
+
+
+def _geometry(heads: Sequence[Dataset]) -> tuple[np.ndarray, list[np.ndarray], tuple[float, float] | None] | None:
+    """A series' plane geometry from its headers: (row and column direction cosines (2, 3), the position of every
+    slice, (row spacing, column spacing) in mm or None) - single-frame files' own attributes, or a multi-frame
+    file's per-frame functional groups (else its shared ones, as an enhanced CT / MR / PET scanner writes them);
+    None where a slice or frame lacks its position or orientation."""
+    orientation, positions, spacing = None, [], None
+    for h in heads:
+        frames = int(h.get("NumberOfFrames", 1) or 1)
+        per_frame = h.get("PerFrameFunctionalGroupsSequence")
+        if frames > 1 and per_frame is not None:
+            shared = (h.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+            for group in per_frame:
+                iop = _functional(group, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
+                ipp = _functional(group, shared, "PlanePositionSequence", "ImagePositionPatient")
+                if iop is None or ipp is None:
+                    return None
+                orientation = orientation if orientation is not None else np.asarray(iop, float).reshape(2, 3)
+                positions.append(np.asarray(ipp, float))
+                pixel = _functional(group, shared, "PixelMeasuresSequence", "PixelSpacing")
+                spacing = spacing or (tuple(float(v) for v in pixel) if pixel is not None else None)
+        else:
+            if "ImagePositionPatient" not in h or "ImageOrientationPatient" not in h:
+                return None
+            orientation = orientation if orientation is not None else \
+                np.asarray(h.ImageOrientationPatient, float).reshape(2, 3)
+            positions.append(np.asarray(h.ImagePositionPatient, float))
+            spacing = spacing or (tuple(float(v) for v in h.PixelSpacing) if "PixelSpacing" in h else None)
+    if orientation is None:
+        return None
+    return orientation, positions, spacing  # type: ignore[return-value]
+
+
+def _check_slices(heads: Sequence[Dataset], where: Path, case_id: str) -> tuple[float, float, float] | None:
+    """A series' slices (single-frame files, or the frames of a multi-frame one) evenly spaced along their normal, or
+    a CaseError naming the gap (a slice left out of an export or a send, a frame left out of an enhanced file: the
+    volume would be read with the wrong spacing) and ``where``. Returns the voxel spacing the headers give
+    (column, row, slice step; mm), or None where they do not say."""
     from crossmodal.io import CaseError
 
-    if len(heads) < 3 or any("ImagePositionPatient" not in h or "ImageOrientationPatient" not in h for h in heads):
-        return
-    row, col = (np.asarray(heads[0].ImageOrientationPatient, float).reshape(2, 3))
-    depth = sorted(float(np.dot(np.asarray(h.ImagePositionPatient, float), np.cross(row, col))) for h in heads)
+    geometry = _geometry(heads)
+    if geometry is None:
+        return None
+    (row, col), positions, spacing = geometry
+    what = "frames" if len(heads) == 1 else "slices"
+    depth = sorted(float(np.dot(p, np.cross(row, col))) for p in positions)
+    if len(depth) < 2:
+        return None
     gaps = np.diff(depth)
     step = float(np.median(gaps))
     worst = int(np.argmax(np.abs(gaps - step)))
-    if abs(gaps[worst] - step) > 0.01 * abs(step) + 1e-3:
-        raise CaseError(case_id, where, f"slices at {depth[worst]:.2f} and {depth[worst + 1]:.2f} mm are "
-                                        f"{gaps[worst]:.2f} mm apart, the others {step:.2f} mm: a slice is missing "
+    if len(depth) >= 3 and abs(gaps[worst] - step) > 0.01 * abs(step) + 1e-3:
+        one = "a frame" if what == "frames" else "a slice"
+        raise CaseError(case_id, where, f"{what} at {depth[worst]:.2f} and {depth[worst + 1]:.2f} mm are "
+                                        f"{gaps[worst]:.2f} mm apart, the others {step:.2f} mm: {one} is missing "
                                         "(or two series share this UID)")
+    return (spacing[1], spacing[0], abs(step)) if spacing is not None else None
 
 
 def import_dicom(folder: str | os.PathLike[str], out: str | os.PathLike[str], cfg: CrossModalConfig,
