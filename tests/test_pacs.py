@@ -134,7 +134,8 @@ def test_enhanced_multi_frame_series_import_and_a_lost_frame_is_named(tmp_path, 
     """``data from-dicom`` on a study of Enhanced MR files (one multi-frame file a series, as enhanced scanners
     export): each volume on its grid (anisotropic spacing, LPS -> RAS) with its values. A file with a frame left out
     was read with a wrong spacing (1 x 1 x 1 mm instead of 1 x 1.2 x 2.5) and imported; now its case fails, naming
-    the gap; frames stored out of order (read so, without geometry) fail on the spacing the headers give."""
+    the gap; frames stored out of order (read so, without geometry) fail on the spacing the headers give, which a
+    gantry-tilted CT meets (slice to slice along the positions, as ITK reads it)."""
     from crossmodal.dicom import series_to_nifti
     from crossmodal.errors import CaseError
 
@@ -177,6 +178,19 @@ def test_enhanced_multi_frame_series_import_and_a_lost_frame_is_named(tmp_path, 
                             "1 x 1 x 1 mm where its headers say 1 x 1.2 x 2.5 mm: the reader lost its geometry; "
                             "export the series again (as single-frame images if it stays so)")
     assert not (tmp_path / "t1.nii.gz").exists()
+
+    # a gantry-tilted CT (planes tilted 20 degrees, the table moving 2.5 mm along z): ITK spaces its slices 2.5 mm
+    # apart, 2.35 along their normal; what it reads is what the headers say, so it imports
+    import math
+
+    ct = volume_to_series(vols["t1"], np.diag([0.8, 0.8, 2.5, 1.0]), "CT", new_study("tilt"), 1, "ct")
+    for k, ds in enumerate(ct):
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, math.cos(math.radians(20)), math.sin(math.radians(20))]
+        ds.ImagePositionPatient = [0.0, 0.0, 2.5 * k]
+    series_to_nifti(write_series(ct, tmp_path / "tilt"), tmp_path / "tilt.nii.gz", "tilt")
+    back = load_volume(tmp_path / "tilt.nii.gz")
+    np.testing.assert_allclose(np.sqrt((back.affine.numpy()[:3, :3] ** 2).sum(0)), [0.8, 0.8, 2.5], atol=1e-4)
+    np.testing.assert_array_equal(back[0].numpy(), vols["t1"])
 
 
 def test_to_dicom_writes_nrrd_cases_as_it_writes_nifti_ones(tmp_path, capsys):

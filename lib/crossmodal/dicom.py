@@ -452,7 +452,7 @@ def _check_slices(heads: Sequence[Dataset], where: Path, case_id: str) -> tuple[
     """A series' slices (single-frame files, or the frames of a multi-frame one) evenly spaced along their normal, or
     a CaseError naming the gap (a slice left out of an export or a send, a frame left out of an enhanced file: the
     volume would be read with the wrong spacing) and ``where``. Returns the voxel spacing the headers give
-    (column, row, slice step; mm), or None where they do not say."""
+    (column, row, slice to slice; mm), or None where they do not say."""
     from crossmodal.io import CaseError
 
     geometry = _geometry(heads)
@@ -471,7 +471,10 @@ def _check_slices(heads: Sequence[Dataset], where: Path, case_id: str) -> tuple[
         raise CaseError(case_id, where, f"{what} at {depth[worst]:.2f} and {depth[worst + 1]:.2f} mm are "
                                         f"{gaps[worst]:.2f} mm apart, the others {step:.2f} mm: {one} is missing "
                                         "(or two series share this UID)")
-    return (spacing[1], spacing[0], abs(step)) if spacing is not None else None
+    # slice to slice along the positions, as ITK spaces a series (a gantry tilt makes it longer than along the normal)
+    stacked = sorted(positions, key=lambda p: float(np.dot(p, np.cross(row, col))))
+    along = float(np.median(np.linalg.norm(np.diff(np.asarray(stacked), axis=0), axis=1)))
+    return (spacing[1], spacing[0], along) if spacing is not None else None
 
 
 def import_dicom(folder: str | os.PathLike[str], out: str | os.PathLike[str], cfg: CrossModalConfig,
