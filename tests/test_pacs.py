@@ -193,6 +193,30 @@ def test_enhanced_multi_frame_series_import_and_a_lost_frame_is_named(tmp_path, 
     np.testing.assert_array_equal(back[0].numpy(), vols["t1"])
 
 
+def test_a_series_of_several_volumes_says_so(tmp_path):
+    """A dynamic PET (two frames of the same slices under one series UID; diffusion, multi-echo and cardiac series
+    alike): its case fails saying the series holds more than one volume - it said a slice was missing, "the others
+    0.00 mm" apart."""
+    from crossmodal.dicom import series_to_nifti
+    from crossmodal.errors import CaseError
+
+    vol = np.random.default_rng(5).integers(0, 1000, (16, 14, 10)).astype(np.int16)
+    study, grid = new_study("dyn"), np.diag([2.0, 2.0, 3.0, 1.0])
+    first, second = (volume_to_series(v, grid, "PT", study, 1, "pet") for v in (vol, vol * 2))
+    for ds in second:
+        ds.SeriesInstanceUID, ds.InstanceNumber = first[0].SeriesInstanceUID, ds.InstanceNumber + 10
+    files = write_series(first + second, tmp_path / "pet")
+    with pytest.raises(CaseError) as e:
+        series_to_nifti(files, tmp_path / "pet.nii.gz", "dyn")
+    assert str(e.value) == (
+        f"case 'dyn': file {tmp_path / 'pet'}: 10 of 20 slices lie where another does (the first at 0.00 mm): the "
+        "series holds more than one volume (diffusion directions, echoes, dynamic frames or phases, or two series "
+        "under one UID); export the volume to segment as a series of its own")
+    assert not (tmp_path / "pet.nii.gz").exists()
+    series_to_nifti(files[:10], tmp_path / "pet.nii.gz", "dyn")  # one frame of it: a volume
+    np.testing.assert_allclose(load_volume(tmp_path / "pet.nii.gz")[0].numpy(), vol, atol=np.ptp(vol) / 60000)
+
+
 def test_to_dicom_writes_nrrd_cases_as_it_writes_nifti_ones(tmp_path, capsys):
     """``crossmodal data to-dicom`` on the same case saved as NRRD and as NIfTI: the same series, slice by slice
     (nibabel alone read no NRRD: the command stopped on its first case with "Cannot work out file type")."""

@@ -464,6 +464,13 @@ def _check_slices(heads: Sequence[Dataset], where: Path, case_id: str) -> tuple[
     if len(depth) < 2:
         return None
     gaps = np.diff(depth)
+    shared = int((np.abs(gaps) < 1e-3).sum())
+    if shared:  # a 4D series: diffusion directions, echoes, dynamic (PET) frames, cardiac phases ... under one UID
+        at = depth[int(np.argmax(np.abs(gaps) < 1e-3))]
+        raise CaseError(case_id, where, f"{shared} of {len(depth)} {what} lie where another does (the first at "
+                                        f"{at:.2f} mm): the series holds more than one volume (diffusion directions, "
+                                        "echoes, dynamic frames or phases, or two series under one UID); export the "
+                                        "volume to segment as a series of its own")
     step = float(np.median(gaps))
     worst = int(np.argmax(np.abs(gaps - step)))
     if len(depth) >= 3 and abs(gaps[worst] - step) > 0.01 * abs(step) + 1e-3:
