@@ -103,9 +103,18 @@ def test_publishing_a_run_refuses_what_cannot_serve_and_replaces_nothing(tmp_pat
     assert Path(stats["published"]).read_bytes() == before  # nothing replaced by the refused ones
     assert (model_dir / "phantom_crossmodal_train_stats.json").read_bytes() == stats_before
 
+    other = model_dir / "train_05"  # a run of another version of the app, whose config names a key gone since
+    other.mkdir()
+    (other / "config.yaml").write_text((model_dir / "train_01" / "config.yaml").read_text()
+                                       + "retired_option: 1\n")
+    (other / "model.pt").write_bytes(before)
     assert main(["models", "--model-dir", str(model_dir)]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
     assert rows["train_01"].endswith("*") and rows["train_04"].endswith("no model")
+    assert rows["train_05"].endswith("config unreadable")  # listed; the others still are
+    assert main(["models", "--model-dir", str(model_dir), "--publish", "train_05"]) == 2
+    assert f"--publish train_05: its config does not load here, so neither does its model: {other / 'config.yaml'}: " \
+        in capsys.readouterr().err
     assert main(["models", "--model-dir", str(tmp_path / "nowhere")]) == 2
     assert f"model folder {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
 

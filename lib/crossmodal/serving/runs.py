@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from crossmodal.config import load_config
+from crossmodal.config import ConfigError, load_config
 from crossmodal.io import atomic_copy
 from crossmodal.nets import check_weights
 from crossmodal.serving.train import run_folders, stats_path_of
@@ -33,7 +33,8 @@ class TrainRun:
     fewer); ``metric``, ``best``: the held-out validation metric and the run's best value (the train Dice when no
     label was held out: then ``metric`` is ``train_mean_dice``); ``start``: the held-out score of the model it
     started from (fine-tuning, or training beside a model in service); ``model``: its weights (None: the run ended
-    before its first epoch did); ``in_service``: its weights are the model in service, byte for byte.
+    before its first epoch did); ``in_service``: its weights are the model in service, byte for byte; ``problem``:
+    why its config does not load here (a config of another version of the app), which keeps it out of service.
     """
 
     name: str
@@ -49,6 +50,7 @@ class TrainRun:
     start: float | None
     model: Path | None
     in_service: bool
+    problem: str | None = None
 
 
 def _digest(path: Path) -> str:
@@ -93,7 +95,12 @@ def list_runs(model_dir: str | Path) -> list[TrainRun]:
         config = folder / "config.yaml"
         if not config.is_file():  # MONAI Label made the folder; the run stopped before it began
             continue
-        cfg = load_config(str(config))
+        try:
+            cfg = load_config(str(config))
+        except (ConfigError, OSError, ValueError) as e:
+            runs.append(TrainRun(folder.name, folder, "?", "?", root / "?", None, None, None, None, None, None, None,
+                                 False, problem=f"{config}: {e}"))
+            continue
         published = root / f"{cfg.name}_{cfg.model.name}.pt"
         stats_file, stats = _stats(folder)
         model = folder / "model.pt"
@@ -127,6 +134,8 @@ def publish_run(model_dir: str | Path, name: str) -> TrainRun:
     if run is None:
         have = ", ".join(r.name for r in runs) or "none"
         raise ValueError(f"--publish {name}: no training run of that name under {model_dir} (runs: {have})")
+    if run.problem is not None:
+        raise ValueError(f"--publish {name}: its config does not load here, so neither does its model: {run.problem}")
     if run.model is None:
         raise ValueError(f"--publish {name}: {run.folder} has no model.pt: the run ended before its first epoch did, "
                          "so it has no model to publish")
@@ -147,6 +156,7 @@ def format_runs(runs: list[TrainRun]) -> str:
         rows.append((r.name, r.network, r.preset, r.finished.strftime("%Y-%m-%d %H:%M") if r.finished else "-",
                      epochs, r.metric or "-", f"{r.best:.4f}" if r.best is not None else "-",
                      f"{r.start:.4f}" if r.start is not None else "-",
-                     "*" if r.in_service else ("no model" if r.model is None else "")))
+                     "*" if r.in_service else ("config unreadable" if r.problem else
+                                               "no model" if r.model is None else "")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
