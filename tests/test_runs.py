@@ -34,6 +34,8 @@ def test_each_run_keeps_its_folder_and_an_earlier_model_goes_back_in_service(tmp
     published = Path(stats[-1]["published"])
     assert published == model_dir / "phantom_crossmodal.pt"
     assert [d.name for d in run_folders(model_dir)] == ["train_01", "train_02"]  # MONAI Label's: train_01 twice
+    assert [s["run"] for s in stats] == ["train_01", "train_02"]  # the train request's answer names its folder
+    assert stats[1]["learning_curve"] == str(model_dir / "train_02" / "learning_curve.png")
     first, second = (_weights(model_dir / f"train_0{i}" / "model.pt") for i in (1, 2))
     assert not _same(first, second) and _same(second, _weights(published))  # the second fine-tuned the first
 

@@ -90,8 +90,8 @@ def train_offline(studies: str, preset: str, model_dir: str, epochs: int | None 
     published = parts.published if os.path.exists(parts.published) or not pretrained else pretrained
     if publish:
         atomic_copy(published, publish)
-    curves = sorted(Path(model_dir).glob("train_*/learning_curve.png"), key=lambda p: p.stat().st_mtime)
-    return {**stats, "published": published, "learning_curve": str(curves[-1]) if curves else None}
+    curve = Path(model_dir) / str(stats.get("run")) / "learning_curve.png"  # this run's, not a run's before
+    return {**stats, "published": published, "learning_curve": str(curve) if curve.is_file() else None}
 
 
 def epoch_length(counts: dict[str, int], unlabeled: bool, batch: int, unlabeled_batch: int,

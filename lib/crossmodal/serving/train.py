@@ -1138,7 +1138,8 @@ class CrossModalTrain(BasicTrainTask):
             req["name"] = claimed = claim_run_folder(self._model_dir)
         try:
             with restored_if_diverged(self._publish_path, self._stats_path):
-                return self._run(req, datastore)
+                result = self._run(req, datastore)
+            return {**result, "run": req["name"]} if isinstance(result, dict) else result  # its folder
         finally:
             self.cfg, self._val_interval = cfg, interval
             folder = Path(self._model_dir) / req["name"]
