@@ -27,14 +27,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from benchutil import results_dir  # noqa: E402
 from conftest import start_server, stop_server  # noqa: E402
 from crossmodal.config import atomic_write_text, load_config  # noqa: E402
 from crossmodal.io import load_volume  # noqa: E402
 from crossmodal.serving.offline import dice_per_class  # noqa: E402
 from crossmodal.transforms import preprocessing  # noqa: E402
-from monai.data.utils import dense_patch_slices  # noqa: E402
-from monai.inferers.utils import _get_scan_interval  # noqa: E402
+from monai.inferers import sliding_window_inference  # noqa: E402
 from monailabel.client import MONAILabelClient  # noqa: E402
 
 SETTINGS: tuple[dict[str, float], ...] = (
@@ -53,9 +53,16 @@ def peak_rss_gb(pid: int) -> float:
 
 
 def windows(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> int:
-    """Windows MONAI's sliding window runs over a working grid of ``shape`` (H, W, D)."""
-    interval = _get_scan_interval(shape, roi, 3, (overlap,) * 3)
-    return len(dense_patch_slices(shape, roi, interval))
+    """Windows MONAI's sliding window runs over a working grid of ``shape`` (H, W, D): counted as it runs them on an
+    empty grid (its public API; no private scan-interval helper)."""
+    seen: list[int] = []
+
+    def count(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.shape[0])
+        return x[:, :1]
+
+    sliding_window_inference(torch.zeros((1, 1, *shape)), roi, 1, count, overlap=overlap)
+    return sum(seen)
 
 
 def main() -> int:
