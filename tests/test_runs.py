@@ -135,3 +135,50 @@ def test_claim_run_folder_numbers_past_99(tmp_path: Path):
     (tmp_path / "train_x").mkdir()
     assert claim_run_folder(tmp_path) == "train_100"
     assert [d.name for d in run_folders(tmp_path)] == ["train_7", "train_99", "train_100"]
+
+
+def test_a_diverged_run_names_its_better_validated_model(tmp_path: Path, phantom_cfg, monkeypatch):
+    """A fine-tuning whose first epoch beat the model in service on held-out labels, then diverged (the loss NaN from
+    its second epoch on): the model in service is put back as before, and the error names the run's validated best,
+    which `crossmodal models --publish` puts in service."""
+    from crossmodal.errors import TrainingDiverged
+    from crossmodal.hybrid import HybridLoss
+    from crossmodal.nets import build_network
+    from crossmodal.serving.train import diverged_run_hint
+
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=5, dense=4, sparse=0, seed=43)
+    cfg = method_config("phantom", "baseline_unet", {"train": {"learning_rate": 2e-2, "patch_size": [32, 32, 32],
+                                                               "patches_per_case": 1, "val_fraction": 0.25}})
+    save_config(cfg, tmp_path / "b.yaml")
+    blank = tmp_path / "blank.pt"  # a network that has learnt nothing: the first epoch beats it
+    torch.manual_seed(0)
+    torch.save(build_network(load_config(str(tmp_path / "b.yaml"))).state_dict(), blank)
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    published = model_dir / "phantom_baseline_unet.pt"
+    published.write_bytes(blank.read_bytes())  # the model in service
+    forward = HybridLoss.forward
+
+    def nan_from_step_3(self, out, target, n_labeled, n_plain, aug, step, present=None):  # noqa: ANN001, ANN202
+        loss, parts = forward(self, out, target, n_labeled, n_plain, aug, step, present)
+        if step < 2:  # 3 training cases, batch 2: the second epoch's first step on
+            return loss, parts
+        return loss * float("nan"), {**parts, "supervised": float("nan")}
+
+    monkeypatch.setattr(HybridLoss, "forward", nan_from_step_3)
+    with pytest.raises(TrainingDiverged) as e:
+        train_offline(str(studies), str(tmp_path / "b.yaml"), str(model_dir), epochs=3, device="cpu",
+                      network="baseline_unet")
+    message = str(e.value)
+    assert message.startswith("training stopped: the loss is not finite (NaN / Inf) at epoch 2, step 3 (supervised "
+                              "nan); that step was not applied"), message
+    assert published.read_bytes() == blank.read_bytes()  # put back as it was
+    (run,) = list_runs(model_dir)
+    assert run.name == "train_01" and run.model is not None and run.best > run.start
+    assert message.endswith(
+        f"and train again. This run's best epoch before it diverged validated {run.best:.4f} (the model in service: "
+        f"{run.start:.4f}) and is kept in {model_dir / 'train_01' / 'model.pt'}: `crossmodal models --model-dir "
+        f"{model_dir} --publish train_01` puts it in service."), message
+    publish_run(model_dir, "train_01")
+    assert published.read_bytes() == (model_dir / "train_01" / "model.pt").read_bytes()
+    assert diverged_run_hint(model_dir, "train_09") == ""  # no such run: nothing to name

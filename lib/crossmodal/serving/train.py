@@ -321,6 +321,28 @@ def restored_if_diverged(*paths: str | None) -> Iterator[None]:
             raise
 
 
+def diverged_run_hint(model_dir: str | os.PathLike[str], run: str) -> str:
+    """What a diverged run left that is worth having: its best epoch by held-out validation (``<run>/model.pt``) when
+    that beat the model in service (or none was), as a sentence naming the command that puts it in service; "" when
+    there is none (no label held out: its model is the latest, not a validated one; or it validated no better)."""
+    folder = Path(model_dir) / run
+    model = folder / "model.pt"
+    files = sorted(folder.glob("stats_*.json"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    if not model.is_file() or not files:
+        return ""
+    try:
+        stats = json.loads(files[-1].read_text())
+    except (OSError, ValueError):
+        return ""
+    best, start = stats.get("best_metric"), stats.get("start_metric")
+    if not (stats.get("eval") or {}).get("key_metric_name") or not isinstance(best, (int, float)) or \
+            not math.isfinite(best) or (isinstance(start, (int, float)) and best <= start):
+        return ""
+    than = f" (the model in service: {start:.4f})" if isinstance(start, (int, float)) else ""
+    return (f" This run's best epoch before it diverged validated {best:.4f}{than} and is kept in {model}: "
+            f"`crossmodal models --model-dir {model_dir} --publish {run}` puts it in service.")
+
+
 def diverged(engine: Engine, parts: dict[str, float]) -> TrainingDiverged:
     """The error that stops a run whose loss is not finite at this step (``parts``: the loss's parts here)."""
     bad = ", ".join(f"{k} {v}" for k, v in parts.items() if not math.isfinite(v)) or "on another process"
@@ -1140,6 +1162,13 @@ class CrossModalTrain(BasicTrainTask):
             with restored_if_diverged(self._publish_path, self._stats_path):
                 result = self._run(req, datastore)
             return {**result, "run": req["name"]} if isinstance(result, dict) else result  # its folder
+        except Exception as e:
+            found = user_error_in(e)
+            hint = diverged_run_hint(self._model_dir, req["name"]) if isinstance(found, TrainingDiverged) else ""
+            if hint:
+                text = str(found)
+                raise TrainingDiverged(f"{text}{'' if text.endswith('.') else '.'}{hint}") from e
+            raise
         finally:
             self.cfg, self._val_interval = cfg, interval
             folder = Path(self._model_dir) / req["name"]
