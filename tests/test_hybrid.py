@@ -544,6 +544,22 @@ def test_a_diverging_run_stops_before_publishing_and_the_model_in_service_stays(
     assert not (tmp_path / "first" / "phantom_crossmodal_train_stats.json").exists()
 
 
+def test_a_non_finite_loss_names_its_parts_or_says_they_were_finite():
+    """The divergence error names the loss parts that are not finite; a single process whose parts are all finite
+    (their weighted sum overflowed) says so, where it said "on another process"."""
+    from crossmodal.serving.train import diverged
+    from ignite.engine import Engine
+
+    engine = Engine(lambda e, b: None)
+    engine.optimizer = torch.optim.AdamW(torch.nn.Linear(1, 1).parameters(), lr=3.0)  # type: ignore[attr-defined]
+    engine.state.epoch, engine.state.iteration = 4, 17
+    assert str(diverged(engine, {"supervised": 1.0, "inter": float("inf")})).startswith(
+        "training stopped: the loss is not finite (NaN / Inf) at epoch 4, step 17 (inter inf); that step was not "
+        "applied")
+    assert "at epoch 4, step 17 (its parts finite, their weighted sum overflowed); " in str(
+        diverged(engine, {"supervised": 3e38, "inter": 3e38}))
+
+
 def test_the_latest_model_is_not_written_when_its_weights_are_not_finite(tmp_path: Path):
     from crossmodal.errors import TrainingDiverged
     from ignite.engine import Engine

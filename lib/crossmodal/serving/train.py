@@ -345,7 +345,10 @@ def diverged_run_hint(model_dir: str | os.PathLike[str], run: str) -> str:
 
 def diverged(engine: Engine, parts: dict[str, float]) -> TrainingDiverged:
     """The error that stops a run whose loss is not finite at this step (``parts``: the loss's parts here)."""
-    bad = ", ".join(f"{k} {v}" for k, v in parts.items() if not math.isfinite(v)) or "on another process"
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
+    bad = ", ".join(f"{k} {v}" for k, v in parts.items() if not math.isfinite(v)) or \
+        ("on another process" if dist else "its parts finite, their weighted sum overflowed")
     return TrainingDiverged(
         f"training stopped: the loss is not finite (NaN / Inf) at epoch {engine.state.epoch}, step "
         f"{engine.state.iteration} ({bad}); that step was not applied and the model in service is the one from "
