@@ -87,26 +87,30 @@ def test_label_seg_round_trip_keeps_values_kind_and_marked_background(tmp_path):
         seg_to_label(seg, CFG.labels, affine @ np.diag([1.0, 1.0, 0.5, 1.0]), (16, 12, 4))
 
 
+ENHANCED_SOP = {"MR": "1.2.840.10008.5.1.4.1.1.4.1", "CT": "1.2.840.10008.5.1.4.1.1.2.1"}
+
+
 def enhanced_mr(vol: np.ndarray, spacing: tuple[float, float, float], origin: tuple[float, float, float],
-                study: pydicom.Dataset, number: int, description: str, order: list[int] | None = None
-                ) -> pydicom.Dataset:
-    """``vol`` (I, J, K; int16) as one Enhanced MR Image file, as an enhanced scanner exports a series: one frame per
-    k in ``order`` (default all, ascending), axial, i along patient left and j posterior; orientation, pixel spacing
-    and rescale in the shared functional groups, each frame's position in its own."""
+                study: pydicom.Dataset, number: int, description: str, order: list[int] | None = None,
+                modality: str = "MR") -> pydicom.Dataset:
+    """``vol`` (I, J, K; int16) as one Enhanced MR (or CT) Image file, as an enhanced scanner exports a series: one
+    frame per k in ``order`` (default all, ascending), axial, i along patient left and j posterior; orientation,
+    pixel spacing and rescale in the shared functional groups, each frame's position in its own."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     order = list(range(vol.shape[2])) if order is None else order
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.4.1", generate_uid()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ENHANCED_SOP[modality], generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta, ds.is_little_endian, ds.is_implicit_VR = meta, True, False
     for key in ("PatientName", "PatientID", "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID"):
         setattr(ds, key, study[key].value)
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = "MR", generate_uid(), number, description
+    ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = modality, generate_uid(), number, \
+        description
     ds.InstanceNumber, ds.FrameOfReferenceUID, ds.ImageType = 1, generate_uid(), ["ORIGINAL", "PRIMARY", "M"]
     ds.NumberOfFrames, ds.Rows, ds.Columns = len(order), vol.shape[1], vol.shape[0]
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
@@ -114,7 +118,7 @@ def enhanced_mr(vol: np.ndarray, spacing: tuple[float, float, float], origin: tu
     measures, plane, rescale = Dataset(), Dataset(), Dataset()
     measures.PixelSpacing, measures.SliceThickness = [spacing[1], spacing[0]], spacing[2]
     plane.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    rescale.RescaleIntercept, rescale.RescaleSlope, rescale.RescaleType = "0", "1", "US"
+    rescale.RescaleIntercept, rescale.RescaleSlope, rescale.RescaleType = "0", "1", "HU" if modality == "CT" else "US"
     shared = Dataset()
     shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = Sequence([measures]), Sequence([plane])
     shared.PixelValueTransformationSequence = Sequence([rescale])
@@ -674,6 +678,45 @@ def test_strokes_drawn_on_a_secondary_series_grow_on_the_case(pacs, server, clie
     np.testing.assert_array_equal(load_volume(out_bin).numpy(), grown.numpy())
     time.sleep(1)  # MONAI Label removes the file it sent once the response is out
     assert [p.name for p in server.tmp.glob("crossmodal-*")] == []
+
+
+def test_a_label_on_an_enhanced_image_is_kept_and_trains_but_the_pacs_gets_no_seg(pacs, server, client, tmp_path):
+    """A study whose CT is one Enhanced CT file: it segments; its saved label is a 422 saying it is kept on the server
+    and trains but cannot go to the PACS as DICOM SEG (dcmqi writes SEG on single-frame series only), not a 500 that
+    left it pending, retried - and failing - on every later request; the server goes on answering."""
+    from crossmodal.dicom import upload
+
+    orthanc, _ = pacs
+    studies = tmp_path / "s"
+    generate(studies, CFG, lambda rng: make_phantom(CFG, rng, size=48), 1, 9, "enh")
+    ct = load_volume(studies / "enh000.nii.gz")[0].numpy().astype(np.int16)
+    (tmp_path / "dcm").mkdir()
+    enhanced_mr(ct, (2.0, 2.0, 2.0), (-48.0, -48.0, 0.0), new_study("enh000"), 1, "ct", modality="CT").save_as(
+        str(tmp_path / "dcm" / "ct.dcm"), write_like_original=False)
+    n_segs = len(segs(orthanc))
+    upload([tmp_path / "dcm" / "ct.dcm"], orthanc.dicomweb)
+    uid = uid_of(orthanc, "enh000")
+    out, params = client.infer("crossmodal", uid, {})
+    predicted = load_volume(out)
+    assert predicted.shape[1:] == ct.shape and params["modalities_used"] == ["ct"]  # PET / MR absent: zero-filled
+    assert dice(predicted[0].numpy(), truth(studies, "enh000"), 1) > 0.8  # the organ, from CT alone
+    with pytest.raises(MONAILabelClientException) as e:
+        client.save_label(uid, out)
+    assert e.value.msg.startswith("Status: 422; ") and f"case '{uid}': the label is saved on this server (" in \
+        e.value.msg and ") and trains, but it cannot be stored in the PACS as DICOM SEG: its CT series is an " \
+        "enhanced (multi-frame) image, which dcmqi's itkimage2segimage cannot reference (it writes SEG on " \
+        "single-frame series only)" in e.value.msg, e.value.msg
+    objects = client.datastore()["objects"]  # the server answers (each request retried the upload and failed)
+    info = objects[uid]["labels"]["final"]["info"]
+    assert info["pacs"] == "not stored" and "enhanced (multi-frame)" in info["pacs_error"]
+    status = requests.get(f"{server.url}/datastore/?output=stats", timeout=30).json()
+    assert uid in status["not_in_pacs"] and uid not in status["pending_upload"]
+    train = requests.get(f"{server.url}/datastore/?output=train", timeout=30).json()
+    (item,) = [d for d in train if Path(d["image"]).name.startswith(uid)]  # the training list holds it
+    np.testing.assert_array_equal(load_volume(item["label"])[0].numpy(), predicted[0].numpy())
+    assert len(segs(orthanc)) == n_segs  # nothing half-stored
+    time.sleep(31)  # past the list's 30 s: the next request re-lists the PACS and stores pending labels
+    assert client.next_sample("random", {})["id"]  # a 500 before: the label, left pending, failed it again
 
 
 def test_a_pacs_series_with_a_slice_missing_is_a_422_naming_it_and_caches_nothing(pacs, server, client, tmp_path):

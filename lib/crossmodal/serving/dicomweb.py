@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 import requests
 from crossmodal.config import CrossModalConfig, ModalityConfig
 from crossmodal.dicom import SEG_SOP_CLASS, label_to_seg, seg_kind, seg_to_label, series_to_nifti
@@ -471,7 +472,19 @@ class PacsDatastore(CrossModalDatastore):
         info = self.get_label_info(cid, FINAL)
         label = CrossModalDatastore.get_label_uri(self, cid, FINAL)
         case = self._index[cid]
-        seg = label_to_seg(label, self.dicom_dir(case.primary.uid), self.label_config, info.get("label_kind", "dense"))
+        series_dir = self.dicom_dir(case.primary.uid)
+        try:
+            if any(int(pydicom.dcmread(str(f), stop_before_pixels=True).get("NumberOfFrames", 1) or 1) > 1
+                   for f in sorted(Path(series_dir).glob("*"))[:1]):
+                raise RuntimeError(f"its {case.primary.modality} series is an enhanced (multi-frame) image, which "
+                                   "dcmqi's itkimage2segimage cannot reference (it writes SEG on single-frame series "
+                                   "only)")
+            seg = label_to_seg(label, series_dir, self.label_config, info.get("label_kind", "dense"))
+        except RuntimeError as e:  # never stored, so not retried on each request as a pending one is
+            self.update_label_info(cid, FINAL, {"pacs": "not stored", "pacs_error": str(e)})
+            raise HTTPException(status_code=422, detail=(
+                f"case {cid!r}: the label is saved on this server ({label}) and trains, but it cannot be stored in "
+                f"the PACS as DICOM SEG: {e}")) from e
         try:
             from pydicom import dcmread
 
@@ -526,6 +539,9 @@ class PacsDatastore(CrossModalDatastore):
         labelled = len(self.get_labeled_images())
         return {"total": len(self.list_images()), "completed": labelled, "label_tags": {FINAL: labelled},
                 "pending_upload": self.pending_labels(),
+                "not_in_pacs": sorted(c for c, o in self._datastore.objects.items()
+                                      if (lab := o.labels.get(FINAL)) is not None
+                                      and lab.info.get("pacs") == "not stored"),
                 "pacs": self.url, "pacs_answering": self.pacs_ok}
 
     def _record_missing_kinds(self) -> None:
