@@ -460,7 +460,9 @@ def _check_slices(heads: Sequence[Dataset], where: Path, case_id: str) -> tuple[
         return None
     (row, col), positions, spacing = geometry
     what = "frames" if len(heads) == 1 else "slices"
-    depth = sorted(float(np.dot(p, np.cross(row, col))) for p in positions)
+    normal = np.cross(row, col)
+    stacked = sorted(positions, key=lambda p: float(np.dot(p, normal)))
+    depth = [float(np.dot(p, normal)) for p in stacked]
     if len(depth) < 2:
         return None
     gaps = np.diff(depth)
@@ -479,7 +481,6 @@ def _check_slices(heads: Sequence[Dataset], where: Path, case_id: str) -> tuple[
                                         f"{gaps[worst]:.2f} mm apart, the others {step:.2f} mm: {one} is missing "
                                         "(or two series share this UID)")
     # slice to slice along the positions, as ITK spaces a series (a gantry tilt makes it longer than along the normal)
-    stacked = sorted(positions, key=lambda p: float(np.dot(p, np.cross(row, col))))
     along = float(np.median(np.linalg.norm(np.diff(np.asarray(stacked), axis=0), axis=1)))
     return (spacing[1], spacing[0], along) if spacing is not None else None
 

@@ -14,15 +14,13 @@ kept per model file version).
 from __future__ import annotations
 
 import datetime
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from crossmodal.config import ConfigError, load_config
 from crossmodal.io import atomic_copy
 from crossmodal.nets import check_weights
-from crossmodal.serving.train import run_folders, stats_path_of
+from crossmodal.serving.train import run_folders, run_stats, same_bytes, stats_path_of
 
 
 @dataclass
@@ -53,25 +51,6 @@ class TrainRun:
     problem: str | None = None
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _stats(folder: Path) -> tuple[Path | None, dict]:
-    """The run's newest ``stats_*.json`` and its content ({} if none or unreadable: a run killed at its start)."""
-    files = sorted(folder.glob("stats_*.json"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        return None, {}
-    try:
-        return files[-1], json.loads(files[-1].read_text())
-    except (OSError, ValueError):
-        return files[-1], {}
-
-
 def list_runs(model_dir: str | Path) -> list[TrainRun]:
     """The training runs under ``model_dir``, oldest first (by folder number); a folder without a ``config.yaml``
     (a run that stopped before it began) is left out.
@@ -83,13 +62,6 @@ def list_runs(model_dir: str | Path) -> list[TrainRun]:
     if not root.is_dir():
         raise FileNotFoundError(f"model folder {root}: no such folder (the server's is <app>/model, or its "
                                 "--conf model_dir; crossmodal train's is its --model-dir)")
-    digests: dict[Path, str | None] = {}
-
-    def digest(path: Path) -> str | None:
-        if path not in digests:
-            digests[path] = _digest(path) if path.is_file() else None
-        return digests[path]
-
     runs = []
     for folder in run_folders(root):
         config = folder / "config.yaml"
@@ -102,7 +74,7 @@ def list_runs(model_dir: str | Path) -> list[TrainRun]:
                                  False, problem=f"{config}: {e}"))
             continue
         published = root / f"{cfg.name}_{cfg.model.name}.pt"
-        stats_file, stats = _stats(folder)
+        stats_file, stats = run_stats(folder)
         model = folder / "model.pt"
         model_ok = model.is_file()
         evals = stats.get("eval") or {}
@@ -117,7 +89,7 @@ def list_runs(model_dir: str | Path) -> list[TrainRun]:
             best=float(best) if isinstance(best, (int, float)) else None,
             start=float(stats["start_metric"]) if isinstance(stats.get("start_metric"), (int, float)) else None,
             model=model if model_ok else None,
-            in_service=model_ok and digest(published) is not None and digest(published) == digest(model)))
+            in_service=same_bytes(model, published)))
     return runs
 
 
@@ -140,7 +112,7 @@ def publish_run(model_dir: str | Path, name: str) -> TrainRun:
         raise ValueError(f"--publish {name}: {run.folder} has no model.pt: the run ended before its first epoch did, "
                          "so it has no model to publish")
     check_weights(load_config(str(run.folder / "config.yaml")), str(run.model))
-    stats_file, _ = _stats(run.folder)
+    stats_file, _ = run_stats(run.folder)
     atomic_copy(run.model, run.published)
     if stats_file is not None:  # the viewers' train stats then describe the model in service
         atomic_copy(stats_file, stats_path_of(str(run.published)))

@@ -188,6 +188,24 @@ def claim_run_folder(model_dir: str | os.PathLike[str]) -> str:
             continue
 
 
+def same_bytes(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether files ``a`` and ``b`` both exist with the same content (what "this run's model is in service" means)."""
+    return os.path.isfile(a) and os.path.isfile(b) and filecmp.cmp(a, b, shallow=False)
+
+
+def run_stats(folder: str | os.PathLike[str]) -> tuple[Path | None, dict]:
+    """A run folder's newest ``stats_*.json`` and its content ({} when there is none or it does not read: a run
+    killed at its start)."""
+    folder = Path(folder)
+    files = sorted(folder.glob("stats_*.json"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    if not files:
+        return None, {}
+    try:
+        return files[-1], json.loads(files[-1].read_text())
+    except (OSError, ValueError):
+        return files[-1], {}
+
+
 def prune_runs(model_dir: str | os.PathLike[str], keep_runs: int, keep: str | None = None) -> list[str]:
     """Remove the oldest run folders beyond the newest ``keep_runs``, never ``keep`` (the run just made) nor a run
     whose model is the one in service (any ``<model_dir>/*.pt`` byte for byte: an earlier run put back with
@@ -198,9 +216,7 @@ def prune_runs(model_dir: str | os.PathLike[str], keep_runs: int, keep: str | No
     published = [p for p in Path(model_dir).glob("*.pt") if p.is_file()]
     removed = []
     for folder in folders[: len(folders) - keep_runs]:
-        model = folder / "model.pt"
-        if folder.name == keep or (model.is_file() and any(
-                model.stat().st_size == p.stat().st_size and filecmp.cmp(model, p, shallow=False) for p in published)):
+        if folder.name == keep or any(same_bytes(folder / "model.pt", p) for p in published):
             continue
         try:
             shutil.rmtree(folder)
@@ -325,14 +341,9 @@ def diverged_run_hint(model_dir: str | os.PathLike[str], run: str) -> str:
     """What a diverged run left that is worth having: its best epoch by held-out validation (``<run>/model.pt``) when
     that beat the model in service (or none was), as a sentence naming the command that puts it in service; "" when
     there is none (no label held out: its model is the latest, not a validated one; or it validated no better)."""
-    folder = Path(model_dir) / run
-    model = folder / "model.pt"
-    files = sorted(folder.glob("stats_*.json"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
-    if not model.is_file() or not files:
-        return ""
-    try:
-        stats = json.loads(files[-1].read_text())
-    except (OSError, ValueError):
+    model = Path(model_dir) / run / "model.pt"
+    _, stats = run_stats(model.parent)
+    if not model.is_file():
         return ""
     best, start = stats.get("best_metric"), stats.get("start_metric")
     if not (stats.get("eval") or {}).get("key_metric_name") or not isinstance(best, (int, float)) or \
