@@ -173,3 +173,51 @@ def test_head_levels_give_each_modality_head_its_deeper_encoder_levels():
     with pytest.raises(ValueError, match="head_levels 5 must be in 1..3"):
         small(names, head_levels=5)
     assert build_network(load_config("phantom", overrides={"model": {"head_levels": 2}})).head_levels == 2
+
+
+def _saved_bytes(fn) -> tuple[object, int]:
+    """``fn()`` and the bytes of the tensors autograd keeps for its backward pass."""
+    saved: dict[tuple[int, tuple[int, ...]], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[(t.data_ptr(), tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(saved.values())
+
+
+def test_recomputed_training_step_gives_the_same_loss_and_gradients_with_less_kept():
+    """Activation checkpointing of the network's blocks and of the hybrid loss's terms: bit-identical loss and
+    gradients (dropout and per-sample modality subsets included), a fraction of the activations kept."""
+    from crossmodal.hybrid import HybridLoss, hybrid_batch, sample_present
+    from crossmodal.losses import SupervisedLoss
+
+    cfg = load_config("brain")
+    t = cfg.train
+    gen = torch.Generator().manual_seed(3)
+    labelled = [(torch.randn(2, 3, 32, 32, 32, generator=gen), torch.randint(-1, 4, (2, 1, 32, 32, 32), generator=gen))]
+    x, y, n_lab, n_plain, aug = hybrid_batch(labelled, [torch.randn(2, 3, 32, 32, 32, generator=gen)],
+                                             torch.Generator().manual_seed(4), modality_dropout=0.5)
+    assert x.shape[0] == 6 and aug is not None and aug.present is not None
+    results = []
+    for on in (False, True):
+        torch.manual_seed(5)  # the weights, and the decoder's dropout masks
+        net = CrossModalNet(cfg.modality_names, 4, channels=(8, 16, 32), strides=(2, 2), dropout=0.2,
+                            joint_stem=True, checkpointing=on).train()
+        loss_fn = HybridLoss(SupervisedLoss(t.dice_weight, t.ce_weight, t.aux_weight, checkpointing=on),
+                             t.consistency, checkpointing=on)
+
+        def forward_and_loss(net: CrossModalNet = net, loss_fn: HybridLoss = loss_fn) -> torch.Tensor:
+            out = net(x, sample_present=sample_present(n_plain, aug))
+            return loss_fn(out, y, n_lab, n_plain, aug, step=1000)[0]
+
+        loss, kept = _saved_bytes(forward_and_loss)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}, kept))
+    (loss_a, grads_a, kept_a), (loss_b, grads_b, kept_b) = results
+    assert torch.equal(loss_a, loss_b) and float(loss_a) > 0
+    assert grads_a.keys() == grads_b.keys() and all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+    assert sum(float(g.abs().sum()) for g in grads_a.values()) > 0
+    assert kept_b < 0.5 * kept_a, (kept_a, kept_b)

@@ -41,6 +41,7 @@ from crossmodal.serving.train import (
     PseudoLabelRounds,
     atlas_labels,
     finite_on_every_rank,
+    recompute,
     registration_workers,
     stroke_transfer,
 )
@@ -664,12 +665,27 @@ def test_atlas_pseudo_labels_supervise_the_unlabelled_cases(tmp_path: Path, phan
     studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=5, dense=1, sparse=0, seed=34)
     cfg = method_config("phantom", "ours", {"train": {
         "patch_size": [32, 32, 32], "patches_per_case": 1, "batch_size": 2, "val_fraction": 0.0,
+        "recompute_above_megavoxels": 0,  # every step recomputes its activations in the backward pass
         "consistency": {"copy_paste": False, "refine_pseudo": False, "atlas_pseudo": True,
                         "pseudo_batch_size": 2}}})
     save_config(cfg, tmp_path / "ours.yaml")
+    batches: list[int] = []  # the training forwards' batch sizes
+    forward = CrossModalNet.forward
+
+    def recording(self, x, *args, **kwargs):
+        if torch.is_grad_enabled():
+            batches.append(len(x))
+        return forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(CrossModalNet, "forward", recording)
     with caplog.at_level("INFO", logger="crossmodal.serving.train"):
         stats = train_offline(str(studies), str(tmp_path / "ours.yaml"), str(tmp_path / "m"), epochs=1,
                               device="cpu", network="crossmodal")
+    # a step: the dense patch, the 2 pseudo-labelled cases' patches and their augmented copies, each case once
+    # (until 2026-12-04 the pseudo-labelled cases came a second time as unlabelled: 7)
+    assert batches == [5, 5]
+    assert "steps of 5 patches (0.2 M voxels) recompute their activations in the backward pass " \
+           "(train.recompute_above_megavoxels 0)" in [r.getMessage() for r in caplog.records]
     logs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("atlas pseudo-labels")]
     assert len(logs) == 1
     assert logs[0].startswith("atlas pseudo-labels of 4 of 4 unlabelled cases from 1 atlas (dense cases)")
@@ -684,6 +700,7 @@ def test_atlas_pseudo_labels_supervise_the_unlabelled_cases(tmp_path: Path, phan
     assert len(logs) == 1 and logs[0].startswith(f"atlas pseudo-labels off: fine-tuning {stats['published']}")
     assert again["train"]["metrics"]["pseudo_labelled_samples"] == 0
     assert again["total_iterations"] == 4  # without pseudo-labels, unlabeled_batch_size: one a step
+    assert batches[2:] == [3] * 4  # the dense patch, the unlabelled one and its copy
 
     dense = [{"image": str(p), "label": str(studies / "labels" / "final" / p.name)}
              for p in sorted(studies.glob("*.nii.gz")) if (studies / "labels" / "final" / p.name).exists()]
@@ -1006,3 +1023,17 @@ def test_a_fine_tuning_publishes_only_an_epoch_that_beats_the_model_it_started_f
     assert [check_train_request(r, train_choices(c))["missing_modality"] for c, r in
             ((phantom_cfg, {}), (pacs, {}), (phantom_cfg, {"missing_modality": ["zero_fill", "error"]}))
             ] == ["error", "zero_fill", "zero_fill"]
+
+
+def test_recompute_turns_on_for_steps_above_its_threshold():
+    net, loss_fn = _net(), HybridLoss(SupervisedLoss(), ConsistencyConfig())
+    x = torch.zeros(2, 3, 8, 8, 8)  # 2 patches of 512 voxels: 0.001024 M
+    assert recompute(net, loss_fn, x, 0.001)
+    assert net.checkpointing and loss_fn.checkpointing and loss_fn.supervised.checkpointing
+    assert not recompute(net, loss_fn, x, 0.0011)
+    assert not (net.checkpointing or loss_fn.checkpointing or loss_fn.supervised.checkpointing)
+    assert recompute(net, loss_fn, x, 0) and not recompute(net, loss_fn, x, -1) and not net.checkpointing
+    assert load_config("brain").train.recompute_above_megavoxels == 5.0  # 24 patches of 64^3 (6.3 M) recompute
+    with pytest.raises(ConfigError, match=r"train.recompute_above_megavoxels: -2 must be >= 0 \(0: every step "
+                                          r"recomputes\) or -1 \(none does\)"):
+        load_config("brain", overrides={"train": {"recompute_above_megavoxels": -2}})

@@ -442,7 +442,10 @@ class TrainConfig:
     ``--pretrained``): a fresh AdamW at the from-scratch rate first unlearns part of what that model knows.
     ``num_workers``: loader worker processes per source (dense, sparse, unlabelled) and for validation; 0 loads
     the cases in the training process. ``keep_runs``: the newest run folders (``train_NN``) a model folder keeps
-    (each holds that run's model; the one in service is always kept; 0: keep all).
+    (each holds that run's model; the one in service is always kept; 0: keep all). ``recompute_above_megavoxels``:
+    a step whose input patches hold more than this many million voxels (per modality) recomputes the network's
+    blocks and the loss terms in its backward pass instead of keeping their activations (activation
+    checkpointing: the same weights, less memory, about a third more time a step); 0: every step, -1: none.
     """
 
     def lr_for(self, model: str) -> float:
@@ -464,6 +467,7 @@ class TrainConfig:
     num_workers: int = 0
     seed: int = 0
     keep_runs: int = 10
+    recompute_above_megavoxels: float = 5.0
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     propagate: PropagationConfig = field(default_factory=PropagationConfig)
 
@@ -478,6 +482,10 @@ class TrainConfig:
         if self.num_workers < 0:
             raise ConfigError(f"train.num_workers: {self.num_workers} must be >= 0 (0: cases load in the training "
                               "process)")
+        self.recompute_above_megavoxels = float(self.recompute_above_megavoxels)
+        if self.recompute_above_megavoxels < 0 and self.recompute_above_megavoxels != -1:
+            raise ConfigError(f"train.recompute_above_megavoxels: {self.recompute_above_megavoxels:g} must be >= 0 "
+                              "(0: every step recomputes) or -1 (none does)")
         if self.keep_runs < 0:
             raise ConfigError(f"train.keep_runs: {self.keep_runs} must be >= 0 (0: keep every run's folder)")
         if not 0.0 < self.finetune_lr_scale <= 1.0:

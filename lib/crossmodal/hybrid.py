@@ -38,6 +38,7 @@ from crossmodal.losses import (
     sigmoid_rampup,
 )
 from crossmodal.nets import CrossModalOutput
+from crossmodal.nets.crossmodal_net import recomputed
 
 B = TypeVar("B")
 
@@ -95,9 +96,9 @@ class HybridLoss(nn.Module):
     ``forward`` returns the total loss and its parts (detached floats, for the logs and the viewers' stats).
     """
 
-    def __init__(self, supervised: SupervisedLoss, cfg: ConsistencyConfig) -> None:
+    def __init__(self, supervised: SupervisedLoss, cfg: ConsistencyConfig, checkpointing: bool = False) -> None:
         super().__init__()
-        self.supervised, self.cfg = supervised, cfg
+        self.supervised, self.cfg, self.checkpointing = supervised, cfg, checkpointing  # see :func:`recomputed`
         self.inter = InterModalConsistencyLoss(cfg.inter_mode, cfg.pseudo_threshold)
         self.intra = AugmentationConsistencyLoss()
         self.channel = ChannelConsistencyLoss()
@@ -122,12 +123,13 @@ class HybridLoss(nn.Module):
         if isinstance(out, CrossModalOutput) and self.cfg.active:
             plain = take(out, 0, n_plain)
             assert isinstance(plain, CrossModalOutput)
-            parts["inter"] = self.inter(plain.fused, plain.per_modality, first(n_plain)) if self.cfg.inter_weight \
-                else zero
+            parts["inter"] = recomputed(self.checkpointing, self.inter, plain.fused, plain.per_modality,
+                                        first(n_plain)) if self.cfg.inter_weight else zero
             parts["channel"] = self.channel(plain.independent, first(n_plain)) if self.cfg.channel_weight else zero
             n_aug = fused.shape[0] - n_plain
             if aug is not None and n_aug > 0 and self.cfg.intra_weight:  # the plain prediction is the target
-                parts["intra"] = self.intra(fused[n_plain - n_aug : n_plain].detach(), aug.invert(fused[n_plain:]))
+                parts["intra"] = recomputed(self.checkpointing, self.intra, fused[n_plain - n_aug : n_plain].detach(),
+                                            aug.invert(fused[n_plain:]))
             else:
                 parts["intra"] = zero
             total = total + ramp * (self.cfg.inter_weight * parts["inter"] + self.cfg.intra_weight * parts["intra"]
@@ -139,7 +141,7 @@ class HybridLoss(nn.Module):
 
 def hybrid_batch(labeled: list[tuple[torch.Tensor, torch.Tensor]], unlabeled: list[torch.Tensor],
                  generator: torch.Generator | None = None, augment: bool = True, modality_dropout: float = 0.0,
-                 present: torch.Tensor | None = None
+                 present: torch.Tensor | None = None, n_augmented: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None, int, int, Augmentation | None]:
     """Stack one step's inputs: ``(x, target, n_labeled, n_plain, aug)`` for :class:`HybridLoss`.
 
@@ -148,7 +150,8 @@ def hybrid_batch(labeled: list[tuple[torch.Tensor, torch.Tensor]], unlabeled: li
     ``augment=False`` (a plain network, supervised only): no augmented copies, ``aug`` is None.
     ``modality_dropout``: see :meth:`Augmentation.sample`; the network then takes :func:`sample_present`.
     ``present`` (n_plain, M) bool: the modalities the plain samples have; a copy keeps only what its case has
-    (a dropout that would leave it nothing leaves it its case's own).
+    (a dropout that would leave it nothing leaves it its case's own). ``n_augmented``: copies of the last that
+    many samples instead (pseudo-labelled unlabelled cases passed as labelled ones).
     """
     xs = [x for x, _ in labeled]
     ys = [y for _, y in labeled]
@@ -159,7 +162,7 @@ def hybrid_batch(labeled: list[tuple[torch.Tensor, torch.Tensor]], unlabeled: li
     target = torch.cat(ys) if ys else None
     if not augment:
         return plain, target, n_labeled, len(plain), None
-    n_source = sum(len(u) for u in unlabeled) or 1  # the augmented copies are of the last n_source samples
+    n_source = n_augmented or sum(len(u) for u in unlabeled) or 1  # copies of the last n_source samples
     source = plain[len(plain) - n_source :]
     aug = Augmentation.sample(len(source), plain.device, generator, modalities=plain.shape[1],
                               modality_dropout=modality_dropout)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crossmodal.labels import IGNORE_INDEX
-from crossmodal.nets.crossmodal_net import CrossModalOutput
+from crossmodal.nets.crossmodal_net import CrossModalOutput, recomputed
 
 
 def _target_index(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -113,7 +113,7 @@ class SupervisedLoss(nn.Module):
     supervised on the samples that have its modality only (none: left out of the mean).
 
     Example:
-        >>> from crossmodal.nets.crossmodal_net import CrossModalOutput
+        >>> from crossmodal.nets.crossmodal_net import CrossModalOutput, recomputed
         >>> right = torch.tensor([[[[[9.0]]], [[[-9.0]]]]])  # (1, 2 classes, 1, 1, 1): class 0, confident
         >>> out = CrossModalOutput(fused=right, per_modality={"ct": right, "pet": -right}, independent={})
         >>> t = torch.zeros(1, 1, 1, 1, 1)
@@ -122,24 +122,29 @@ class SupervisedLoss(nn.Module):
         (9.5, 0.0)
     """
 
-    def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0, aux_weight: float = 0.5) -> None:
+    def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0, aux_weight: float = 0.5,
+                 checkpointing: bool = False) -> None:
         super().__init__()
         self.base = PartialDiceCELoss(dice_weight, ce_weight)
         self.aux_weight = aux_weight
+        self.checkpointing = checkpointing  # each output's loss recomputed in the backward pass (:func:`recomputed`)
+
+    def _base(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return recomputed(self.checkpointing, self.base, logits, target)
 
     def forward(self, pred: torch.Tensor | CrossModalOutput, target: torch.Tensor,
                 present: Presence | None = None) -> torch.Tensor:
         if isinstance(pred, torch.Tensor):
-            return self.base(pred, target)
-        loss = self.base(pred.fused, target)
+            return self._base(pred, target)
+        loss = self._base(pred.fused, target)
         if self.aux_weight > 0 and pred.per_modality:
             terms = []
             for name, head in pred.per_modality.items():
                 rows = present_rows(present, name, len(head))
                 if rows is None:
-                    terms.append(self.base(head, target))
+                    terms.append(self._base(head, target))
                 elif rows.any():
-                    terms.append(self.base(head[rows], target[rows]))
+                    terms.append(self._base(head[rows], target[rows]))
             if terms:
                 loss = loss + self.aux_weight * torch.stack(terms).mean()
         return loss

@@ -15,14 +15,25 @@ level gives its own logits (for consistency losses and active learning).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from crossmodal.config import CrossModalConfig
+
+
+def recomputed(enabled: bool, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``; when ``enabled`` and gradients are recorded, its intermediate tensors are not kept for the
+    backward pass but recomputed there (activation checkpointing: the same values and gradients, less memory, one
+    more forward of ``fn``)."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 @dataclass
@@ -109,6 +120,8 @@ class CrossModalNet(nn.Module):
         joint_stem: add each raw modality's strided convolution to the first fusion level (see ``stem``).
         head_levels: encoder levels a per-modality head reads: 1, a 1x1 convolution on the first level; L > 1,
             the first L levels (deeper ones upsampled) concatenated, a 3x3x3 block, then the 1x1 convolution.
+        checkpointing: in a forward that records gradients, recompute each encoder, fusion level and decoder
+            level in the backward pass instead of keeping its activations (:func:`recomputed`).
 
     Example:
         >>> net = CrossModalNet(["ct", "pet"], num_classes=3, channels=(8, 16), strides=(2,)).eval()
@@ -122,7 +135,7 @@ class CrossModalNet(nn.Module):
     def __init__(self, modalities: Sequence[str], num_classes: int, channels: Sequence[int] = (16, 32, 64, 128),
                  strides: Sequence[int] = (2, 2, 2), encoder_channels: Sequence[int] | None = None,
                  independent_fraction: float = 0.5, dropout: float = 0.1, modality_dropout: float = 0.0,
-                 joint_stem: bool = False, head_levels: int = 1) -> None:
+                 joint_stem: bool = False, head_levels: int = 1, checkpointing: bool = False) -> None:
         super().__init__()
         if not modalities or len(set(modalities)) != len(modalities):
             raise ValueError(f"modalities {list(modalities)} must be unique and non-empty")
@@ -135,6 +148,7 @@ class CrossModalNet(nn.Module):
             raise ValueError(f"independent_fraction {independent_fraction} must be in (0, 1)")
         self.modalities = list(modalities)
         self.modality_dropout = modality_dropout
+        self.checkpointing = checkpointing
         self.mc_dropout = False
         level_strides = [*strides, 1]
         self.encoders = nn.ModuleDict({m: ModalityEncoder(enc, level_strides) for m in self.modalities})
@@ -214,7 +228,7 @@ class CrossModalNet(nn.Module):
         back to those of the rest it has, never to a zero-filled absent one.
         """
         inputs = self._split(x, present, available)
-        feats = {m: self.encoders[m](t) for m, t in inputs.items()}
+        feats = {m: self._run(self.encoders[m], t) for m, t in inputs.items()}
         weights = None
         if sample_present is not None:
             if not bool(sample_present.any(1).all()):
@@ -224,8 +238,8 @@ class CrossModalNet(nn.Module):
             empty = ~weights.any(0)  # its modalities were all left out of this batch: keep the rest (it has)
             weights[:, empty] = True if available is None else available[empty.cpu()][:, idx].T.to(weights.device)
         levels = len(self.fusion)
-        joint = {m: self.stem[m](t) for m, t in inputs.items()} if self.stem is not None else None
-        fused = [self.fusion[i]({m: f[i] for m, f in feats.items()}, weights, joint if i == 0 else None)
+        joint = {m: self._run(self.stem[m], t) for m, t in inputs.items()} if self.stem is not None else None
+        fused = [self._run(self.fusion[i], {m: f[i] for m, f in feats.items()}, weights, joint if i == 0 else None)
                  for i in range(levels)]
         mc = self.mc_dropout if mc_dropout is None else mc_dropout
         logits = self._decode(fused, self.dropout > 0 and (self.training or mc))
@@ -236,6 +250,9 @@ class CrossModalNet(nn.Module):
         independent = {m: [lvl[:, : self.fusion[i].k].mean(dim=(2, 3, 4)) for i, lvl in enumerate(f)]
                        for m, f in feats.items()}
         return CrossModalOutput(fused=logits, per_modality=per_mod, independent=independent, mc_samples=samples)
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return recomputed(self.checkpointing, fn, *args)
 
     def _head_input(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """A modality's first ``head_levels`` encoder levels on the first level's grid, concatenated (B, sum E_i,
@@ -251,9 +268,14 @@ class CrossModalNet(nn.Module):
         y = fused[-1]
         for j, (up, dec) in enumerate(zip(self.up, self.dec, strict=True)):
             i = len(fused) - 2 - j
-            y = F.dropout3d(y, self.dropout, training=True) if drop else y
-            y = dec(torch.cat([up(y), fused[i]], dim=1))
+            y = self._run(_up_level, up, dec, y, fused[i], self.dropout if drop else 0.0)
         return self.head(y)
+
+
+def _up_level(up: nn.Module, dec: nn.Module, y: torch.Tensor, skip: torch.Tensor, dropout: float) -> torch.Tensor:
+    """One decoder level: dropout (if > 0), upsample ``y``, concatenate the skip, convolve."""
+    y = F.dropout3d(y, dropout, training=True) if dropout > 0 else y
+    return dec(torch.cat([up(y), skip], dim=1))
 
 
 def crossmodal_net(cfg: CrossModalConfig) -> CrossModalNet:

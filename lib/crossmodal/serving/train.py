@@ -80,7 +80,7 @@ from crossmodal.inference import NetworkInferer
 from crossmodal.io import Case, atomic_copy, case_id_of, find_case, volume_channels
 from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE
 from crossmodal.losses import SupervisedLoss
-from crossmodal.nets import CrossModalOutput, build_network, non_finite_weights
+from crossmodal.nets import CrossModalNet, CrossModalOutput, build_network, non_finite_weights
 from crossmodal.propagate import refine_segmentation
 from crossmodal.transforms import missing_modality_message, preprocessing
 from ignite.engine import Engine, Events
@@ -204,6 +204,18 @@ def run_stats(folder: str | os.PathLike[str]) -> tuple[Path | None, dict]:
         return files[-1], json.loads(files[-1].read_text())
     except (OSError, ValueError):
         return files[-1], {}
+
+
+def recompute(network: torch.nn.Module, loss_fn: HybridLoss, x: torch.Tensor, above_megavoxels: float) -> bool:
+    """Turn activation checkpointing of ``network`` (a cross-modal one, or its data-parallel wrapper) and
+    ``loss_fn`` on for a step whose input ``x`` (B, M, H, W, D) holds more than ``above_megavoxels`` million
+    voxels per modality (0: every step, -1: none), off otherwise; returns whether it is on."""
+    on = above_megavoxels >= 0 and x.shape[0] * x[0, 0].numel() / 1e6 > above_megavoxels
+    net = network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
+    if isinstance(net, CrossModalNet):
+        net.checkpointing = on
+    loss_fn.checkpointing = loss_fn.supervised.checkpointing = on
+    return on
 
 
 def prune_runs(model_dir: str | os.PathLike[str], keep_runs: int, keep: str | None = None) -> list[str]:
@@ -828,8 +840,10 @@ class CrossModalTrain(BasicTrainTask):
 
         crossmodal = self.cfg.model.name == "crossmodal"  # an early-fusion network reads zero-filled channels
 
+        told = False  # the log has said that steps recompute
+
         def step(engine: Any, batch: dict[str, Any]) -> dict[str, Any]:
-            nonlocal teacher
+            nonlocal teacher, told
             dev = engine.state.device
             labeled = [(plain(batch[k]["image"]).to(dev), plain(batch[k]["label"]).to(dev))
                        for k in (DENSE, SPARSE) if k in batch]
@@ -857,19 +871,30 @@ class CrossModalTrain(BasicTrainTask):
                     has.append(torch.cat([both, both]))
                     engine.state.metrics["pseudo_confident"] = round(float((pseudo != IGNORE_INDEX).float().mean()), 4)
             n_mixed = sum(len(t[0]) for t in labeled) - n_real
+            n_augmented = None
             if refined is not None and has_u is not None and bool((refined != IGNORE_INDEX).any()):  # self-training
-                labeled.append((unlabeled[0], refined))  # they supervise
+                # they supervise, and are the consistency terms' plain samples too (their augmented copies are
+                # of them): in the batch once (until 2026-12-04 a second time as unlabelled, a quarter of the
+                # brain's atlas-labelled steps)
+                labeled.append((unlabeled.pop(), refined))
                 has.append(has_u)
+                has_u, n_augmented = None, len(refined)
             present = torch.cat(has + ([has_u] if has_u is not None else [])) if crossmodal else None
             present = None if present is None or bool(present.all()) else present
             x, y, n_lab, n_plain, aug = hybrid_batch(labeled, unlabeled, gen, augment=self.hybrid,
-                                                     modality_dropout=cc.modality_dropout, present=present)
+                                                     modality_dropout=cc.modality_dropout, present=present,
+                                                     n_augmented=n_augmented)
             engine.state.output = {Keys.IMAGE: x[:n_real], Keys.LABEL: None if y is None else y[:n_real]}
             # MONAI post-processes zip(decollated batch, decollated output): the {source: batch} dict decollates
             # to fewer items than the n_real outputs, and the rest reached the train Dice as raw logits
             engine.state.batch = dict(engine.state.output)
             engine.state.metrics["copy_paste_samples"] = n_mixed  # mixes in this step's supervised part
             engine.state.metrics["pseudo_labelled_samples"] = n_lab - n_real - n_mixed  # refined pseudo-labels
+            if recompute(engine.network, loss_fn, x, self.cfg.train.recompute_above_megavoxels) and not told:
+                told = True
+                logger.info(f"steps of {len(x)} patches ({x.shape[0] * x[0, 0].numel() / 1e6:.1f} M voxels) recompute "
+                            "their activations in the backward pass (train.recompute_above_megavoxels "
+                            f"{self.cfg.train.recompute_above_megavoxels:g})")
             engine.network.train()
             engine.optimizer.zero_grad(set_to_none=True)
             mask = sample_present(n_plain, aug, present)
