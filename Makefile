@@ -130,7 +130,7 @@ bench-refine: install
 
 # The demo's full training as the viewers start it (time, peak memory, Dice on the unlabelled demo cases).
 bench-demo-train: install data
-	$(BIN)/python bench/demo_training.py
+	$(BIN)/python bench/demo_training.py $(if $(SCRATCH),--from-scratch)
 
 # Active learning in a simulated annotate-retrain loop: ours vs random vs MONAI Label Epistemic, phantom + brain,
 # each drawn alike and as a mixed pool, 5 seeds (about 2 h on 2 cores); QUICK=1: phantom, one seed, 3 short rounds. RESULTS_DIR=... to redirect.

@@ -826,8 +826,9 @@ def test_baseline_trains_on_labels_only(tmp_path: Path, phantom_cfg):
 @pytest.mark.timeout(600)
 def test_data_parallel_training_in_two_cpu_processes(tmp_path: Path, phantom_cfg, capfd):
     studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=5, dense=2, sparse=0, seed=33)
-    preset = load_config(_bench_config(tmp_path, "ours"), overrides={"train": {"consistency": {
-        "atlas_pseudo": True, "atlas_count": 1}}})
+    preset = load_config(_bench_config(tmp_path, "ours"), overrides={"train": {
+        "recompute_above_megavoxels": 0,  # activation checkpointing under DistributedDataParallel
+        "consistency": {"atlas_pseudo": True, "atlas_count": 1}}})
     save_config(preset, tmp_path / "ours.yaml")
     stats = train_offline(str(studies), str(tmp_path / "ours.yaml"), str(tmp_path / "m"), epochs=1, device="cpu",
                           network="crossmodal", processes=2)
@@ -835,8 +836,10 @@ def test_data_parallel_training_in_two_cpu_processes(tmp_path: Path, phantom_cfg
     assert stats["epoch"] == 1 and stats["total_iterations"] == 2 and stats["rank"] == 0
     # and half of this machine's cores for its atlas registrations (its 2 cases side by side only with 4 or more)
     at_once = min(2, max(1, usable_cores() // 2))
-    logs = [line for line in capfd.readouterr().err.splitlines() if "atlas pseudo-labels of 2 of 2" in line]
+    err = capfd.readouterr().err.splitlines()
+    logs = [line for line in err if "atlas pseudo-labels of 2 of 2" in line]
     assert len(logs) == 2 and all(f"{at_once} case{'s' * (at_once > 1)} x 1 at once" in line for line in logs), logs
+    assert sum("recompute their activations in the backward pass" in line for line in err) == 2  # each process
     weights = torch.load(stats["published"], map_location="cpu")
     net = build_network(load_config(str(tmp_path / "ours.yaml")))
     net.load_state_dict(weights)  # strict: saved unwrapped from DistributedDataParallel

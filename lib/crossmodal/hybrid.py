@@ -106,9 +106,10 @@ class HybridLoss(nn.Module):
     def forward(self, out: CrossModalOutput | torch.Tensor, target: torch.Tensor | None, n_labeled: int,
                 n_plain: int, aug: Augmentation | None, step: int, present: Presence | None = None
                 ) -> tuple[torch.Tensor, dict[str, float]]:
-        """``out`` covers ``[labelled (n_labeled), unlabelled (n_plain - n_labeled), augmented copies of the
-        unlabelled part (the rest)]``; ``target`` (n_labeled, 1, H, W, D) with ``IGNORE_INDEX`` off the annotation;
-        ``present`` {modality: (>= n_plain,) bool}: the samples that have it (None: all have every modality)."""
+        """``out`` covers ``[labelled (n_labeled), unlabelled (n_plain - n_labeled), augmented copies of the last
+        plain samples (the rest): the unlabelled part, or the pseudo-labelled cases ending the labelled one]``;
+        ``target`` (n_labeled, 1, H, W, D) with ``IGNORE_INDEX`` off the annotation; ``present`` {modality:
+        (>= n_plain,) bool}: the samples that have it (None: all have every modality)."""
         fused = out if isinstance(out, torch.Tensor) else out.fused
         parts: dict[str, torch.Tensor] = {}
         zero = fused.sum() * 0.0

@@ -113,7 +113,7 @@ class SupervisedLoss(nn.Module):
     supervised on the samples that have its modality only (none: left out of the mean).
 
     Example:
-        >>> from crossmodal.nets.crossmodal_net import CrossModalOutput, recomputed
+        >>> from crossmodal.nets.crossmodal_net import CrossModalOutput
         >>> right = torch.tensor([[[[[9.0]]], [[[-9.0]]]]])  # (1, 2 classes, 1, 1, 1): class 0, confident
         >>> out = CrossModalOutput(fused=right, per_modality={"ct": right, "pet": -right}, independent={})
         >>> t = torch.zeros(1, 1, 1, 1, 1)
