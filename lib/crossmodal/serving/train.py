@@ -874,8 +874,8 @@ class CrossModalTrain(BasicTrainTask):
             n_augmented = None
             if refined is not None and has_u is not None and bool((refined != IGNORE_INDEX).any()):  # self-training
                 # they supervise, and are the consistency terms' plain samples too (their augmented copies are
-                # of them): in the batch once (until 2026-12-04 a second time as unlabelled, a quarter of the
-                # brain's atlas-labelled steps)
+                # of them): in the batch once (until 2026-12-04 a second time as unlabelled: 8 of the 32 patches
+                # of a brain demo step from scratch)
                 labeled.append((unlabeled.pop(), refined))
                 has.append(has_u)
                 has_u, n_augmented = None, len(refined)
