@@ -207,7 +207,8 @@ def test_recomputed_training_step_gives_the_same_loss_and_gradients_with_less_ke
         net = CrossModalNet(cfg.modality_names, 4, channels=(8, 16, 32), strides=(2, 2), dropout=0.2,
                             joint_stem=True, checkpointing=on).train()
         loss_fn = HybridLoss(SupervisedLoss(t.dice_weight, t.ce_weight, t.aux_weight, checkpointing=on),
-                             t.consistency, checkpointing=on)
+                             t.consistency)
+        assert loss_fn.checkpointing is on
 
         def forward_and_loss(net: CrossModalNet = net, loss_fn: HybridLoss = loss_fn) -> torch.Tensor:
             out = net(x, sample_present=sample_present(n_plain, aug))

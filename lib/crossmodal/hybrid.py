@@ -96,12 +96,22 @@ class HybridLoss(nn.Module):
     ``forward`` returns the total loss and its parts (detached floats, for the logs and the viewers' stats).
     """
 
-    def __init__(self, supervised: SupervisedLoss, cfg: ConsistencyConfig, checkpointing: bool = False) -> None:
+    def __init__(self, supervised: SupervisedLoss, cfg: ConsistencyConfig) -> None:
         super().__init__()
-        self.supervised, self.cfg, self.checkpointing = supervised, cfg, checkpointing  # see :func:`recomputed`
+        self.supervised, self.cfg = supervised, cfg
         self.inter = InterModalConsistencyLoss(cfg.inter_mode, cfg.pseudo_threshold)
         self.intra = AugmentationConsistencyLoss()
         self.channel = ChannelConsistencyLoss()
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether every loss term is recomputed in the backward pass (:func:`recomputed`); the supervised loss's
+        flag, so the two cannot disagree."""
+        return self.supervised.checkpointing
+
+    @checkpointing.setter
+    def checkpointing(self, on: bool) -> None:
+        self.supervised.checkpointing = on
 
     def forward(self, out: CrossModalOutput | torch.Tensor, target: torch.Tensor | None, n_labeled: int,
                 n_plain: int, aug: Augmentation | None, step: int, present: Presence | None = None

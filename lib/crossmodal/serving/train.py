@@ -214,7 +214,7 @@ def recompute(network: torch.nn.Module, loss_fn: HybridLoss, x: torch.Tensor, ab
     net = network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
     if isinstance(net, CrossModalNet):
         net.checkpointing = on
-    loss_fn.checkpointing = loss_fn.supervised.checkpointing = on
+    loss_fn.checkpointing = on
     return on
 
 
