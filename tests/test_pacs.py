@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import shutil
 import signal
 import time
@@ -27,7 +28,7 @@ from crossmodal.data.phantom import make_phantom
 from crossmodal.data.sparse import scribbles
 from crossmodal.data.studies import generate
 from crossmodal.dicom import label_to_seg, new_study, seg_kind, seg_to_label, volume_to_series, write_series
-from crossmodal.io import load_volume, resample_to
+from crossmodal.io import load_volume, resample_to, save_volume
 from crossmodal.ohif import run_model_in_ohif
 from crossmodal.orthanc import Orthanc
 from crossmodal.serving.dicomweb import Series, make_client, match_studies
@@ -195,6 +196,52 @@ def test_enhanced_multi_frame_series_import_and_a_lost_frame_is_named(tmp_path, 
     back = load_volume(tmp_path / "tilt.nii.gz")
     np.testing.assert_allclose(np.sqrt((back.affine.numpy()[:3, :3] ** 2).sum(0)), [0.8, 0.8, 2.5], atol=1e-4)
     np.testing.assert_array_equal(back[0].numpy(), vols["t1"])
+
+
+def test_label_seg_on_an_enhanced_image_references_its_frames_and_round_trips(tmp_path):
+    """A label on an Enhanced CT (one multi-frame file, frames stored head to feet, as many scanners write them)
+    becomes a DICOM SEG (highdicom; dcmqi references single-frame series only) that references the file's series
+    and, frame by frame, the image frame at the same position; it reads back onto the image's grid voxel for voxel,
+    keeps the label's kind and marked background, and ``data from-dicom`` imports it as the case's label."""
+    from crossmodal.dicom import import_dicom
+
+    rng = np.random.default_rng(5)
+    vol = rng.integers(0, 1000, (16, 12, 6)).astype(np.int16)
+    (tmp_path / "cd").mkdir()
+    source = enhanced_mr(vol, (2.0, 1.5, 3.0), (-10.0, -5.0, 7.0), new_study("enh"), 1, "ct", [5, 4, 3, 2, 1, 0],
+                         modality="CT")
+    source.save_as(str(tmp_path / "cd" / "ct.dcm"), write_like_original=False)
+    (record,) = import_dicom(tmp_path / "cd", tmp_path / "studies", CFG, progress=False)
+    assert "error" not in record and record["label"] is None
+    image = load_volume(tmp_path / "studies" / "enh.nii.gz")
+    np.testing.assert_array_equal(image[0].numpy()[:, :, ::-1], vol)  # frames head to feet: k runs the other way
+    label = np.zeros(vol.shape, np.uint8)
+    label[2:8, 3:9, 1:4], label[10:14, 1:5, 4], label[0, 0, 0] = 1, 2, CFG.labels.marked_background
+    save_volume(tmp_path / "label.nii.gz", label, image.affine.numpy())
+    seg_file = label_to_seg(tmp_path / "label.nii.gz", tmp_path / "cd", CFG.labels, "sparse")
+    seg = pydicom.dcmread(str(seg_file))
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and seg_kind(seg) == "sparse"
+    assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == ["organ", "lesion", "marked_background"]
+    assert str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID) == str(source.SeriesInstanceUID)
+    assert len(seg.SeriesDate) == 8 and seg.SeriesTime  # the datastores take the newest SEG of a case by them
+    assert int(seg.NumberOfFrames) == 5  # (frames with a segment on them: k 0 (marked), 1-3 (organ), 4 (lesion))
+    z_of_frame = {n + 1: float(g.PlanePositionSequence[0].ImagePositionPatient[2])
+                  for n, g in enumerate(source.PerFrameFunctionalGroupsSequence)}
+    for group in seg.PerFrameFunctionalGroupsSequence:
+        ref = group.DerivationImageSequence[0].SourceImageSequence[0]
+        assert str(ref.ReferencedSOPInstanceUID) == str(source.SOPInstanceUID)
+        z = float(group.PlanePositionSequence[0].ImagePositionPatient[2])
+        assert z_of_frame[int(ref.ReferencedFrameNumber)] == z
+    np.testing.assert_array_equal(seg_to_label(seg_file, CFG.labels, image.affine.numpy(), label.shape), label)
+    save_volume(tmp_path / "short.nii.gz", label[:, :, :4], image.affine.numpy())  # 4 of 6 slices: frames 1-4
+    with pytest.raises(RuntimeError, match=r"^frame 5 of the image at \[-10.0, -5.0, 10.0\] mm is not on the "
+                                           r"label's grid \(16, 12, 4\)$"):
+        label_to_seg(tmp_path / "short.nii.gz", tmp_path / "cd", CFG.labels, "sparse")
+    os.replace(seg_file, tmp_path / "cd" / "seg.dcm")
+    (record,) = import_dicom(tmp_path / "cd", tmp_path / "again", CFG, progress=False)
+    assert record["label"] == "sparse"
+    np.testing.assert_array_equal(load_volume(tmp_path / "again" / "labels" / "final" / "enh.nii.gz")[0].numpy(),
+                                  label)
 
 
 def test_a_series_of_several_volumes_says_so(tmp_path):
@@ -680,10 +727,11 @@ def test_strokes_drawn_on_a_secondary_series_grow_on_the_case(pacs, server, clie
     assert [p.name for p in server.tmp.glob("crossmodal-*")] == []
 
 
-def test_a_label_on_an_enhanced_image_is_kept_and_trains_but_the_pacs_gets_no_seg(pacs, server, client, tmp_path):
-    """A study whose CT is one Enhanced CT file: it segments; its saved label is a 422 saying it is kept on the server
-    and trains but cannot go to the PACS as DICOM SEG (dcmqi writes SEG on single-frame series only), not a 500 that
-    left it pending, retried - and failing - on every later request; the server goes on answering."""
+def test_a_label_on_an_enhanced_image_reaches_the_pacs_as_seg_on_its_frames(pacs, server, client, tmp_path):
+    """A study whose CT is one Enhanced CT file segments, and its saved label is stored in the PACS as DICOM SEG on
+    that file's frames (highdicom; this was a 422 'not stored' while dcmqi wrote every SEG, as it references
+    single-frame series only): the SEG read back from Orthanc is the saved label voxel for voxel, the case trains
+    with it, and a save of the same label again stores no second copy."""
     from crossmodal.dicom import upload
 
     orthanc, _ = pacs
@@ -700,23 +748,23 @@ def test_a_label_on_an_enhanced_image_is_kept_and_trains_but_the_pacs_gets_no_se
     predicted = load_volume(out)
     assert predicted.shape[1:] == ct.shape and params["modalities_used"] == ["ct"]  # PET / MR absent: zero-filled
     assert dice(predicted[0].numpy(), truth(studies, "enh000"), 1) > 0.8  # the organ, from CT alone
-    with pytest.raises(MONAILabelClientException) as e:
-        client.save_label(uid, out)
-    assert e.value.msg.startswith("Status: 422; ") and f"case '{uid}': the label is saved on this server (" in \
-        e.value.msg and ") and trains, but it cannot be stored in the PACS as DICOM SEG: its CT series is an " \
-        "enhanced (multi-frame) image, which dcmqi's itkimage2segimage cannot reference (it writes SEG on " \
-        "single-frame series only)" in e.value.msg, e.value.msg
-    objects = client.datastore()["objects"]  # the server answers (each request retried the upload and failed)
-    info = objects[uid]["labels"]["final"]["info"]
-    assert info["pacs"] == "not stored" and "enhanced (multi-frame)" in info["pacs_error"]
+    client.save_label(uid, out)
+    info = client.datastore()["objects"][uid]["labels"]["final"]["info"]
+    assert info["pacs"] == "stored" and "pacs_error" not in info, info
+    (seg,) = [s for s in segs(orthanc) if str(s.ReferencedSeriesSequence[0].SeriesInstanceUID) == uid]
+    assert len(segs(orthanc)) == n_segs + 1 and str(seg.SeriesInstanceUID) == info["SegSeriesInstanceUID"]
+    files = make_client(orthanc.dicomweb).retrieve_series(str(seg.StudyInstanceUID), str(seg.SeriesInstanceUID))
+    files[0].save_as(tmp_path / "seg.dcm")
+    assert seg_kind(files[0]) == "dense"
+    back = seg_to_label(tmp_path / "seg.dcm", CFG.labels, predicted.affine.numpy(), predicted.shape[1:])
+    np.testing.assert_array_equal(back, predicted[0].numpy())
     status = requests.get(f"{server.url}/datastore/?output=stats", timeout=30).json()
-    assert uid in status["not_in_pacs"] and uid not in status["pending_upload"]
+    assert uid not in status["not_in_pacs"] and uid not in status["pending_upload"]
     train = requests.get(f"{server.url}/datastore/?output=train", timeout=30).json()
     (item,) = [d for d in train if Path(d["image"]).name.startswith(uid)]  # the training list holds it
     np.testing.assert_array_equal(load_volume(item["label"])[0].numpy(), predicted[0].numpy())
-    assert len(segs(orthanc)) == n_segs  # nothing half-stored
-    time.sleep(31)  # past the list's 30 s: the next request re-lists the PACS and stores pending labels
-    assert client.next_sample("random", {})["id"]  # a 500 before: the label, left pending, failed it again
+    client.save_label(uid, out)  # the same label again: the same SEG UIDs, so the PACS keeps one copy
+    assert len(segs(orthanc)) == n_segs + 1
 
 
 def test_a_pacs_series_with_a_slice_missing_is_a_422_naming_it_and_caches_nothing(pacs, server, client, tmp_path):

@@ -5,7 +5,8 @@ Volumes here are NIfTI-style: ``array[i, j, k]`` with a RAS ``affine`` (voxel ->
 SimpleITK's/GDCM's series reader gives back the same grid (tested by a round trip).
 
 SEG files are made by dcmqi's ``itkimage2segimage`` through MONAI Label's converter (the ``dcmqi`` wheel puts it
-on PATH; nothing is downloaded at run time). Segments carry the class names of the label config, so reading a
+on PATH; nothing is downloaded at run time), and by highdicom on an enhanced (multi-frame) image, which dcmqi
+cannot reference. Segments carry the class names of the label config, so reading a
 SEG maps segment numbers back to label values by name, whatever numbering the writer chose.
 """
 
@@ -162,11 +163,12 @@ def _color(v: int) -> tuple[int, int, int]:
 
 def label_to_seg(label_file: str | os.PathLike[str], series_dir: str | os.PathLike[str], cfg: LabelConfig,
                  kind: str) -> Path:
-    """A DICOM SEG file (temp path) of a NIfTI/NRRD label map on the grid of the image series in ``series_dir``.
+    """A DICOM SEG file (temp path) of a NIfTI/NRRD label map on the grid of the image series in ``series_dir``:
+    written by dcmqi's itkimage2segimage on single-frame series, by highdicom on one multi-frame (enhanced) file.
 
     Raises:
         ValueError: the label has no non-zero voxel (DICOM SEG cannot hold an empty segmentation).
-        RuntimeError: dcmqi failed (its message is included).
+        RuntimeError: dcmqi or highdicom failed (its message is included).
     """
     from monailabel.datastore.utils.convert import nifti_to_dicom_seg
 
@@ -177,6 +179,11 @@ def label_to_seg(label_file: str | os.PathLike[str], series_dir: str | os.PathLi
     values = [int(v) for v in np.unique(arr) if v != 0]
     if not values:
         raise ValueError("the label is empty (all 0): DICOM SEG needs at least one segment")
+    files = sorted(f for f in Path(series_dir).iterdir() if f.is_file())
+    if len(files) == 1 and int(pydicom.dcmread(str(files[0]), stop_before_pixels=True).get("NumberOfFrames", 1)
+                                or 1) > 1:
+        source = pydicom.dcmread(str(files[0]), stop_before_pixels=True)  # its geometry and references
+        return _multiframe_seg(arr, vol.affine.double().numpy(), source, cfg, values, kind)
     _dcmqi_on_path()
     info = segment_info(cfg, values)
     info[0]["model_name"] = SEG_DESCRIPTION.format(kind=kind)
@@ -191,6 +198,69 @@ def label_to_seg(label_file: str | os.PathLike[str], series_dir: str | os.PathLi
     if not out or not os.path.isfile(out) or os.path.getsize(out) == 0:
         raise RuntimeError("dcmqi itkimage2segimage wrote no DICOM SEG")
     return Path(out)
+
+
+def _multiframe_seg(arr: np.ndarray, affine: np.ndarray, source: Dataset, cfg: LabelConfig, values: Sequence[int],
+                    kind: str) -> Path:
+    """DICOM SEG (temp path) of label map ``arr`` (I, J, K; RAS ``affine``) on the frames of one multi-frame image
+    ``source`` (an Enhanced CT / MR / PET file), written with highdicom: dcmqi's itkimage2segimage references
+    single-frame series only. Each frame's pixels take the label of the voxel at their position (the frame's own
+    plane position, orientation and pixel spacing, else the shared ones); one segment per value in ``values``.
+
+    Raises:
+        RuntimeError: a frame lies off the label's grid, or highdicom refused the SEG (its message is included).
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes  # noqa: F401 (registers the SCT codes pydicom's Code checks)
+    from pydicom.sr.coding import Code
+
+    for key in ("PatientBirthDate", "PatientSex", "ReferringPhysicianName", "AccessionNumber", "StudyID",
+                "StudyDate", "StudyTime"):
+        if key not in source:  # type 2 attributes a SEG copies: present, maybe empty, as a scanner leaves them
+            setattr(source, key, "")
+    shared = (source.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+    rows, cols = int(source.Rows), int(source.Columns)
+    to_index = np.linalg.inv(LPS @ np.asarray(affine, dtype=np.float64))
+    number = {v: n + 1 for n, v in enumerate(values)}  # segment numbers 1..n in the order of the label values
+    lut = np.zeros(int(arr.max()) + 1, dtype=np.uint16)
+    for v, n in number.items():
+        lut[v] = n
+    r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    frames = np.zeros((int(source.NumberOfFrames), rows, cols), dtype=np.uint16)
+    for f, group in enumerate(source.PerFrameFunctionalGroupsSequence):
+        iop = _functional(group, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
+        ipp = _functional(group, shared, "PlanePositionSequence", "ImagePositionPatient")
+        spacing = _functional(group, shared, "PixelMeasuresSequence", "PixelSpacing")
+        if iop is None or ipp is None or spacing is None:
+            raise RuntimeError(f"frame {f + 1} of the image has no plane position, orientation or pixel spacing")
+        along_row, along_col = np.asarray(iop, float).reshape(2, 3)
+        world = (np.asarray(ipp, float)[:, None, None] + along_row[:, None, None] * (c * float(spacing[1]))
+                 + along_col[:, None, None] * (r * float(spacing[0])))
+        ijk = np.rint(np.einsum("ab,bxy->axy", to_index[:3, :3], world) + to_index[:3, 3, None, None]).astype(int)
+        inside = [(0 <= ijk[a]) & (ijk[a] < arr.shape[a]) for a in range(3)]
+        if not (inside[0] & inside[1] & inside[2]).all():
+            raise RuntimeError(f"frame {f + 1} of the image at {[float(v) for v in ipp]} mm is not on the label's "
+                               f"grid {tuple(arr.shape)}")
+        frames[f] = lut[arr[ijk[0], ijk[1], ijk[2]]]
+    names = {v: k for k, v in cfg.classes.items()}
+    names[cfg.marked_background] = cfg.marked_background_name
+    anatomy, tissue = Code("91723000", "SCT", "Anatomical Structure"), Code("85756007", "SCT", "Tissue")
+    segments = [hd.seg.SegmentDescription(segment_number=n, segment_label=names[v], segmented_property_category=anatomy,
+                                          segmented_property_type=tissue, algorithm_type="MANUAL")
+                for v, n in number.items()]
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=[source], pixel_array=frames, segmentation_type="BINARY", segment_descriptions=segments,
+            series_instance_uid=hd.UID(), series_number=300,
+            sop_instance_uid=hd.UID(), instance_number=1, manufacturer="crossmodal",
+            manufacturer_model_name="crossmodal", software_versions=f"highdicom {hd.__version__}",
+            device_serial_number="0", series_description=SEG_DESCRIPTION.format(kind=kind))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise RuntimeError(f"highdicom could not write DICOM SEG on the multi-frame image: {e}") from e
+    seg.SeriesDate, seg.SeriesTime = seg.ContentDate, seg.ContentTime  # the newest SEG of a case is the label
+    out = Path(temp_path(".dcm"))
+    seg.save_as(str(out))
+    return out
 
 
 def _dcmqi_on_path() -> None:

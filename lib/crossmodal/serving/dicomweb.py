@@ -11,9 +11,10 @@ reader of the local layout works unchanged) and the labels in ``<cache>/labels/<
 DICOM, so a cached series is never fetched twice; the study listing is re-read after ``list_ttl`` seconds and at
 once after our own saves.
 
-Saving a ``final`` label validates it, keeps it in the cache, writes it as DICOM SEG (dcmqi) and stores it in the
-PACS. When the PACS is down or too slow the label stays in the cache marked ``pacs: pending``, the request gets
-HTTP 503 saying so, and pending labels are stored on the next request that reaches the PACS.
+Saving a ``final`` label validates it, keeps it in the cache, writes it as DICOM SEG (dcmqi; highdicom on an
+enhanced image) and stores it in the PACS. When the PACS is down or too slow the label stays in the cache marked
+``pacs: pending``, the request gets HTTP 503 saying so, and pending labels are stored on the next request that
+reaches the PACS.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 import requests
 from crossmodal.config import CrossModalConfig, ModalityConfig
 from crossmodal.dicom import SEG_SOP_CLASS, label_to_seg, seg_kind, seg_to_label, series_to_nifti
@@ -473,12 +473,7 @@ class PacsDatastore(CrossModalDatastore):
         label = CrossModalDatastore.get_label_uri(self, cid, FINAL)
         case = self._index[cid]
         series_dir = self.dicom_dir(case.primary.uid)
-        try:
-            if any(int(pydicom.dcmread(str(f), stop_before_pixels=True).get("NumberOfFrames", 1) or 1) > 1
-                   for f in sorted(Path(series_dir).glob("*"))[:1]):
-                raise RuntimeError(f"its {case.primary.modality} series is an enhanced (multi-frame) image, which "
-                                   "dcmqi's itkimage2segimage cannot reference (it writes SEG on single-frame series "
-                                   "only)")
+        try:  # dcmqi on single-frame series, highdicom on an enhanced (multi-frame) one
             seg = label_to_seg(label, series_dir, self.label_config, info.get("label_kind", "dense"))
         except RuntimeError as e:  # never stored, so not retried on each request as a pending one is
             self.update_label_info(cid, FINAL, {"pacs": "not stored", "pacs_error": str(e)})
@@ -490,7 +485,7 @@ class PacsDatastore(CrossModalDatastore):
 
             ds = dcmread(str(seg))
             if ds.SOPClassUID != SEG_SOP_CLASS:
-                raise RuntimeError(f"dcmqi wrote SOP class {ds.SOPClassUID}, not DICOM SEG")
+                raise RuntimeError(f"the SEG writer wrote SOP class {ds.SOPClassUID}, not DICOM SEG")
             # UIDs from the label's content: a retry after a timeout the PACS did serve stores no second copy
             digest = hashlib.sha256(Path(label).read_bytes()).hexdigest()
             ds.SeriesInstanceUID = generate_uid(entropy_srcs=["series", cid, digest])
