@@ -6,8 +6,8 @@ SimpleITK's/GDCM's series reader gives back the same grid (tested by a round tri
 
 SEG files are made by dcmqi's ``itkimage2segimage`` through MONAI Label's converter (the ``dcmqi`` wheel puts it
 on PATH; nothing is downloaded at run time), and by highdicom on an enhanced (multi-frame) image, which dcmqi
-cannot reference. Segments carry the class names of the label config, so reading a
-SEG maps segment numbers back to label values by name, whatever numbering the writer chose.
+cannot reference. Segments carry the class names of the label config, so reading a SEG maps segment numbers back
+to label values by name, whatever numbering the writer chose.
 """
 
 from __future__ import annotations
@@ -180,10 +180,10 @@ def label_to_seg(label_file: str | os.PathLike[str], series_dir: str | os.PathLi
     if not values:
         raise ValueError("the label is empty (all 0): DICOM SEG needs at least one segment")
     files = sorted(f for f in Path(series_dir).iterdir() if f.is_file())
-    if len(files) == 1 and int(pydicom.dcmread(str(files[0]), stop_before_pixels=True).get("NumberOfFrames", 1)
-                                or 1) > 1:
+    if len(files) == 1:
         source = pydicom.dcmread(str(files[0]), stop_before_pixels=True)  # its geometry and references
-        return _multiframe_seg(arr, vol.affine.double().numpy(), source, cfg, values, kind)
+        if int(source.get("NumberOfFrames", 1) or 1) > 1:
+            return _multiframe_seg(arr, vol.affine.double().numpy(), source, cfg, values, kind)
     _dcmqi_on_path()
     info = segment_info(cfg, values)
     info[0]["model_name"] = SEG_DESCRIPTION.format(kind=kind)
@@ -211,7 +211,6 @@ def _multiframe_seg(arr: np.ndarray, affine: np.ndarray, source: Dataset, cfg: L
         RuntimeError: a frame lies off the label's grid, or highdicom refused the SEG (its message is included).
     """
     import highdicom as hd
-    from pydicom.sr.codedict import codes  # noqa: F401 (registers the SCT codes pydicom's Code checks)
     from pydicom.sr.coding import Code
 
     for key in ("PatientBirthDate", "PatientSex", "ReferringPhysicianName", "AccessionNumber", "StudyID",
