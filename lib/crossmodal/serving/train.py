@@ -354,9 +354,9 @@ def diverged_run_hint(model_dir: str | os.PathLike[str], run: str) -> str:
     that beat the model in service (or none was), as a sentence naming the command that puts it in service; "" when
     there is none (no label held out: its model is the latest, not a validated one; or it validated no better)."""
     model = Path(model_dir) / run / "model.pt"
-    _, stats = run_stats(model.parent)
     if not model.is_file():
         return ""
+    _, stats = run_stats(model.parent)
     best, start = stats.get("best_metric"), stats.get("start_metric")
     if not (stats.get("eval") or {}).get("key_metric_name") or not isinstance(best, (int, float)) or \
             not math.isfinite(best) or (isinstance(start, (int, float)) and best <= start):
