@@ -244,6 +244,103 @@ def test_label_seg_on_an_enhanced_image_references_its_frames_and_round_trips(tm
                                   label)
 
 
+def split_enhanced(vol: np.ndarray, spacing: tuple[float, float, float], origin: tuple[float, float, float],
+                   study: pydicom.Dataset, chunks: list[list[int]], modality: str = "CT") -> list[pydicom.Dataset]:
+    """``vol`` as one series of Enhanced CT (or MR) files, the frames ``chunks[n]`` in file ``n`` (in that order), as
+    an enhanced scanner splits a long series (or a DICOM concatenation): one series and frame of reference UID,
+    each file its own SOP instance."""
+    files = [enhanced_mr(vol, spacing, origin, study, 1, modality.lower(), chunk, modality) for chunk in chunks]
+    for n, ds in enumerate(files):
+        ds.SeriesInstanceUID, ds.FrameOfReferenceUID = files[0].SeriesInstanceUID, files[0].FrameOfReferenceUID
+        ds.InstanceNumber = n + 1
+    return files
+
+
+def test_an_enhanced_series_split_over_files_imports_and_its_label_round_trips_as_seg(tmp_path):
+    """A series split over several Enhanced CT files (as an enhanced scanner splits a long series, or a DICOM
+    concatenation: each file's frames head to feet, the files in no order by name, one of a single frame with its
+    position in its shared groups, one with its pixel spacing in each frame's groups) imports as one volume, voxel
+    for voxel. A label on it becomes one DICOM SEG whose frames each reference the file and the frame at their
+    position, which reads back and imports as the label. ITK's series reader takes each file for one slice: such a
+    series failed its case (`series of 3 files does not read as one volume (... Size mismatch! ...)`). A file on
+    another pixel grid than the others, a frame left out, and files that do not continue each other are named."""
+    from crossmodal.dicom import _stack_multiframe, import_dicom, series_to_nifti
+    from crossmodal.errors import CaseError
+
+    rng = np.random.default_rng(8)
+    vol = rng.integers(0, 1000, (16, 12, 10)).astype(np.int16)
+    spacing, origin = (2.0, 1.5, 3.0), (-10.0, -5.0, 7.0)
+    parts = split_enhanced(vol, spacing, origin, new_study("split"), [[9, 8, 7, 6], [5, 4, 3, 2, 1], [0]])
+    last = parts[2].PerFrameFunctionalGroupsSequence[0]  # a file of one frame: its position in its shared groups
+    parts[2].SharedFunctionalGroupsSequence[0].PlanePositionSequence = last.PlanePositionSequence
+    del last.PlanePositionSequence
+    shared = parts[1].SharedFunctionalGroupsSequence[0]  # a.dcm's pixel spacing in each frame's own groups
+    for group in parts[1].PerFrameFunctionalGroupsSequence:
+        group.PixelMeasuresSequence = shared.PixelMeasuresSequence
+    del shared.PixelMeasuresSequence
+    (tmp_path / "cd").mkdir()
+    for name, ds in zip(("c.dcm", "a.dcm", "b.dcm"), parts, strict=True):  # the files in no order by name
+        ds.save_as(str(tmp_path / "cd" / name), write_like_original=False)
+    (record,) = import_dicom(tmp_path / "cd", tmp_path / "studies", CFG, progress=False)
+    assert "error" not in record and record["label"] is None, record
+    image = load_volume(tmp_path / "studies" / "split.nii.gz")
+    want = np.diag([-2.0, -1.5, -3.0, 1.0])
+    want[:3, 3] = [10.0, 5.0, 7.0 + 9 * 3.0]  # LPS (-10, -5, 34) in RAS: k runs head to feet, as the frames
+    np.testing.assert_allclose(image.affine.numpy(), want, atol=1e-4)
+    np.testing.assert_array_equal(image[0].numpy()[:, :, ::-1], vol)
+
+    label = np.zeros(vol.shape, np.uint8)
+    label[2:8, 3:9, 2:7], label[10:14, 1:5, 8:] = 1, 2  # k 2-6, 8, 9: frames 7-3, 1, 0 of the volume, in 3 files
+    save_volume(tmp_path / "label.nii.gz", label, image.affine.numpy())
+    seg_file = label_to_seg(tmp_path / "label.nii.gz", tmp_path / "cd", CFG.labels, "dense")
+    seg = pydicom.dcmread(str(seg_file))
+    assert seg_kind(seg) == "dense" and int(seg.NumberOfFrames) == 7
+    uids = [str(ds.SOPInstanceUID) for ds in parts]
+    for refs in (seg.SourceImageSequence, seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence):
+        assert sorted(str(r.ReferencedSOPInstanceUID) for r in refs) == sorted(uids)
+    assert str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID) == str(parts[0].SeriesInstanceUID)
+    where = {}  # z of each frame of each file
+    for ds in parts:
+        for n, group in enumerate(ds.PerFrameFunctionalGroupsSequence):
+            plane = group.get("PlanePositionSequence") or ds.SharedFunctionalGroupsSequence[0].PlanePositionSequence
+            where[str(ds.SOPInstanceUID), n + 1] = float(plane[0].ImagePositionPatient[2])
+    referenced = []
+    for group in seg.PerFrameFunctionalGroupsSequence:
+        ref = group.DerivationImageSequence[0].SourceImageSequence[0]
+        z = float(group.PlanePositionSequence[0].ImagePositionPatient[2])
+        assert where[str(ref.ReferencedSOPInstanceUID), int(ref.ReferencedFrameNumber)] == z
+        referenced.append(uids.index(str(ref.ReferencedSOPInstanceUID)))
+    assert sorted(set(referenced)) == [0, 1, 2]  # the label crosses from file to file
+    np.testing.assert_array_equal(seg_to_label(seg_file, CFG.labels, image.affine.numpy(), label.shape), label)
+    os.replace(seg_file, tmp_path / "cd" / "seg.dcm")
+    (record,) = import_dicom(tmp_path / "cd", tmp_path / "again", CFG, progress=False)
+    assert record["label"] == "dense"
+    np.testing.assert_array_equal(load_volume(tmp_path / "again" / "labels" / "final" / "split.nii.gz")[0].numpy(),
+                                  label)
+
+    other = split_enhanced(vol, spacing, origin, new_study("grid"), [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
+    other[1].SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing = [1.5, 2.5]
+    files = write_series(other, tmp_path / "grid")
+    with pytest.raises(CaseError) as e:
+        series_to_nifti(files, tmp_path / "grid.nii.gz", "grid")
+    second = next(f for f in files if pydicom.dcmread(str(f)).InstanceNumber == 2)
+    assert str(e.value) == (f"case 'grid': file {second}: its 5 frame(s) (16 x 12, 2.5 x 1.5 x 3 mm) do not share the "
+                            f"grid of {files[0].name} (16 x 12, 2 x 1.5 x 3 mm), whose series it is part of; export "
+                            "the series again")
+    assert not (tmp_path / "grid.nii.gz").exists()
+    apart = split_enhanced(vol, spacing, origin, new_study("gap"), [[0, 1, 2, 3], [5, 6, 7, 8], [9]])
+    files = write_series(apart, tmp_path / "gap")  # frame 4 left out: named, with a file of one frame in the series
+    with pytest.raises(CaseError) as e:
+        series_to_nifti(files, tmp_path / "gap.nii.gz", "gap")
+    assert str(e.value) == (f"case 'gap': file {tmp_path / 'gap'}: slices at 16.00 and 22.00 mm are 6.00 mm apart, the "
+                            "others 3.00 mm: a slice is missing (or two series share this UID)")
+    with pytest.raises(CaseError) as e:  # the stacking itself refuses files that do not continue each other too
+        _stack_multiframe(files[:2], files[:2], "gap")
+    assert str(e.value) == (f"case 'gap': file {files[1]}: its frames start at (-10.00, -5.00, 22.00) mm where the "
+                            f"frames of {files[0].name} end at (-10.00, -5.00, 19.00) mm: the files do not continue "
+                            "each other; export the series again")
+
+
 def test_a_series_of_several_volumes_says_so(tmp_path):
     """A dynamic PET (two frames of the same slices under one series UID; diffusion, multi-echo and cardiac series
     alike): its case fails saying the series holds more than one volume - it said a slice was missing, "the others
@@ -727,23 +824,26 @@ def test_strokes_drawn_on_a_secondary_series_grow_on_the_case(pacs, server, clie
     assert [p.name for p in server.tmp.glob("crossmodal-*")] == []
 
 
-def test_a_label_on_an_enhanced_image_reaches_the_pacs_as_seg_on_its_frames(pacs, server, client, tmp_path):
-    """A study whose CT is one Enhanced CT file segments, and its saved label is stored in the PACS as DICOM SEG on
-    that file's frames (highdicom; this was a 422 'not stored' while dcmqi wrote every SEG, as it references
-    single-frame series only): the SEG read back from Orthanc is the saved label voxel for voxel, the case trains
-    with it, and a save of the same label again stores no second copy."""
+@pytest.mark.parametrize("files", [1, 2])
+def test_a_label_on_an_enhanced_image_reaches_the_pacs_as_seg_on_its_frames(pacs, server, client, tmp_path, files):
+    """A study whose CT is one Enhanced CT file, or a series of two, segments, and its saved label is stored in the
+    PACS as DICOM SEG on the files' frames (highdicom; this was a 422 'not stored' while dcmqi wrote every SEG, as it
+    references single-frame series only, and a series of two files did not read): the SEG read back from Orthanc is
+    the saved label voxel for voxel, referencing every file, the case trains with it, and a save of the same label
+    again stores no second copy."""
     from crossmodal.dicom import upload
 
     orthanc, _ = pacs
     studies = tmp_path / "s"
     generate(studies, CFG, lambda rng: make_phantom(CFG, rng, size=48), 1, 9, "enh")
     ct = load_volume(studies / "enh000.nii.gz")[0].numpy().astype(np.int16)
-    (tmp_path / "dcm").mkdir()
-    enhanced_mr(ct, (2.0, 2.0, 2.0), (-48.0, -48.0, 0.0), new_study("enh000"), 1, "ct", modality="CT").save_as(
-        str(tmp_path / "dcm" / "ct.dcm"), write_like_original=False)
+    patient = f"enhanced{files}"
+    chunks = np.array_split(np.arange(ct.shape[2]), files)
+    parts = split_enhanced(ct, (2.0, 2.0, 2.0), (-48.0, -48.0, 0.0), new_study(patient), [list(c) for c in chunks])
+    written = write_series(parts, tmp_path / "dcm")
     n_segs = len(segs(orthanc))
-    upload([tmp_path / "dcm" / "ct.dcm"], orthanc.dicomweb)
-    uid = uid_of(orthanc, "enh000")
+    upload(written, orthanc.dicomweb)
+    uid = uid_of(orthanc, patient)
     out, params = client.infer("crossmodal", uid, {})
     predicted = load_volume(out)
     assert predicted.shape[1:] == ct.shape and params["modalities_used"] == ["ct"]  # PET / MR absent: zero-filled
@@ -753,6 +853,8 @@ def test_a_label_on_an_enhanced_image_reaches_the_pacs_as_seg_on_its_frames(pacs
     assert info["pacs"] == "stored" and "pacs_error" not in info, info
     (seg,) = [s for s in segs(orthanc) if str(s.ReferencedSeriesSequence[0].SeriesInstanceUID) == uid]
     assert len(segs(orthanc)) == n_segs + 1 and str(seg.SeriesInstanceUID) == info["SegSeriesInstanceUID"]
+    assert sorted(str(r.ReferencedSOPInstanceUID) for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) \
+        == sorted(str(ds.SOPInstanceUID) for ds in parts)
     files = make_client(orthanc.dicomweb).retrieve_series(str(seg.StudyInstanceUID), str(seg.SeriesInstanceUID))
     files[0].save_as(tmp_path / "seg.dcm")
     assert seg_kind(files[0]) == "dense"

@@ -164,7 +164,8 @@ def _color(v: int) -> tuple[int, int, int]:
 def label_to_seg(label_file: str | os.PathLike[str], series_dir: str | os.PathLike[str], cfg: LabelConfig,
                  kind: str) -> Path:
     """A DICOM SEG file (temp path) of a NIfTI/NRRD label map on the grid of the image series in ``series_dir``:
-    written by dcmqi's itkimage2segimage on single-frame series, by highdicom on one multi-frame (enhanced) file.
+    written by dcmqi's itkimage2segimage on single-frame series, by highdicom on an enhanced (multi-frame) one, in
+    one file or split over several.
 
     Raises:
         ValueError: the label has no non-zero voxel (DICOM SEG cannot hold an empty segmentation).
@@ -180,10 +181,11 @@ def label_to_seg(label_file: str | os.PathLike[str], series_dir: str | os.PathLi
     if not values:
         raise ValueError("the label is empty (all 0): DICOM SEG needs at least one segment")
     files = sorted(f for f in Path(series_dir).iterdir() if f.is_file())
-    if len(files) == 1:
-        source = pydicom.dcmread(str(files[0]), stop_before_pixels=True)  # its geometry and references
-        if int(source.get("NumberOfFrames", 1) or 1) > 1:
-            return _multiframe_seg(arr, vol.affine.double().numpy(), source, cfg, values, kind)
+    heads = [pydicom.dcmread(str(files[0]), stop_before_pixels=True)] if files else []
+    if heads and "PerFrameFunctionalGroupsSequence" in heads[0]:  # enhanced: one multi-frame file, or several
+        heads += [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files[1:]]
+        source, frames_of = _merged_source(heads) if len(heads) > 1 else (heads[0], None)
+        return _multiframe_seg(arr, vol.affine.double().numpy(), source, cfg, values, kind, frames_of)
     _dcmqi_on_path()
     info = segment_info(cfg, values)
     info[0]["model_name"] = SEG_DESCRIPTION.format(kind=kind)
@@ -200,12 +202,36 @@ def label_to_seg(label_file: str | os.PathLike[str], series_dir: str | os.PathLi
     return Path(out)
 
 
+def _merged_source(heads: Sequence[Dataset]) -> tuple[Dataset, list[tuple[Dataset, int]]]:
+    """The headers of a series split over several multi-frame files as one multi-frame header (highdicom references
+    one multi-frame source image): the files' frames one after the other, each frame's plane position, orientation
+    and pixel spacing its own. Returns it and, per frame of it, (the file's header, the frame's number there)."""
+    import copy
+
+    merged = copy.deepcopy(heads[0])
+    groups, frames_of = [], []
+    for head in heads:
+        shared = (head.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+        for n, group in enumerate(head.get("PerFrameFunctionalGroupsSequence") or [Dataset()] * _frames(head)):
+            own = copy.deepcopy(group)
+            for key in ("PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence"):
+                if key not in own and key in shared:
+                    own[key] = copy.deepcopy(shared[key])
+            groups.append(own)
+            frames_of.append((head, n + 1))
+    merged.PerFrameFunctionalGroupsSequence = groups
+    merged.NumberOfFrames = len(groups)
+    return merged, frames_of
+
+
 def _multiframe_seg(arr: np.ndarray, affine: np.ndarray, source: Dataset, cfg: LabelConfig, values: Sequence[int],
-                    kind: str) -> Path:
+                    kind: str, frames_of: Sequence[tuple[Dataset, int]] | None = None) -> Path:
     """DICOM SEG (temp path) of label map ``arr`` (I, J, K; RAS ``affine``) on the frames of one multi-frame image
     ``source`` (an Enhanced CT / MR / PET file), written with highdicom: dcmqi's itkimage2segimage references
     single-frame series only. Each frame's pixels take the label of the voxel at their position (the frame's own
     plane position, orientation and pixel spacing, else the shared ones); one segment per value in ``values``.
+    ``frames_of``: for a series split over several files (:func:`_merged_source`), the file and frame each frame
+    of ``source`` comes from; the SEG's references then name those.
 
     Raises:
         RuntimeError: a frame lies off the label's grid, or highdicom refused the SEG (its message is included).
@@ -241,6 +267,12 @@ def _multiframe_seg(arr: np.ndarray, affine: np.ndarray, source: Dataset, cfg: L
             raise RuntimeError(f"frame {f + 1} of the image at {[float(v) for v in ipp]} mm is not on the label's "
                                f"grid {tuple(arr.shape)}")
         frames[f] = lut[arr[ijk[0], ijk[1], ijk[2]]]
+    if "SharedFunctionalGroupsSequence" not in source:
+        source.SharedFunctionalGroupsSequence = [shared]
+    for key in ("PixelMeasuresSequence", "PlaneOrientationSequence"):  # highdicom reads the SEG's plane geometry
+        first = source.PerFrameFunctionalGroupsSequence[0]              # from the shared group only
+        if key not in shared and key in first:  # (the first frame's: a volume's frames share them)
+            shared[key] = first[key]
     names = {v: k for k, v in cfg.classes.items()}
     names[cfg.marked_background] = cfg.marked_background_name
     anatomy, tissue = Code("91723000", "SCT", "Anatomical Structure"), Code("85756007", "SCT", "Tissue")
@@ -256,6 +288,20 @@ def _multiframe_seg(arr: np.ndarray, affine: np.ndarray, source: Dataset, cfg: L
             device_serial_number="0", series_description=SEG_DESCRIPTION.format(kind=kind))
     except (ValueError, TypeError, AttributeError) as e:
         raise RuntimeError(f"highdicom could not write DICOM SEG on the multi-frame image: {e}") from e
+    if frames_of is not None:  # references to the merged header -> to the file and frame each frame came from
+        for group in seg.PerFrameFunctionalGroupsSequence:
+            for derivation in group.get("DerivationImageSequence") or []:
+                for ref in derivation.get("SourceImageSequence") or []:
+                    head, frame = frames_of[int(ref.ReferencedFrameNumber) - 1]
+                    ref.ReferencedSOPInstanceUID, ref.ReferencedFrameNumber = head.SOPInstanceUID, frame
+        def instances() -> list[Dataset]:
+            items = [Dataset() for _ in heads]
+            for item, head in zip(items, heads, strict=True):
+                item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = head.SOPClassUID, head.SOPInstanceUID
+            return items
+
+        heads = list({str(h.SOPInstanceUID): h for h, _ in frames_of}.values())
+        seg.SourceImageSequence, seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence = instances(), instances()
     seg.SeriesDate, seg.SeriesTime = seg.ContentDate, seg.ContentTime  # the newest SEG of a case is the label
     out = Path(temp_path(".dcm"))
     seg.save_as(str(out))
@@ -442,19 +488,25 @@ def series_to_nifti(files: Sequence[Path], dest: Path, case_id: str, headers: Se
     where = files[0].parent
     heads = list(headers) if headers is not None else [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
     expected_mm = _check_slices(heads, where, case_id)
+    frame_counts = [_frames(h) for h in heads]
     with tempfile.TemporaryDirectory(prefix="crossmodal-series-") as tmp:
         for n, f in enumerate(files):
             os.symlink(f.resolve(), Path(tmp) / f"{n:05d}.dcm")
         try:
-            nii = dicom_to_nifti(tmp)
+            if len(files) > 1 and max(frame_counts) > 1:  # ITK's series reader takes each file for one slice
+                nii = _stack_multiframe(sorted(Path(tmp).iterdir()), files, case_id)
+            else:
+                nii = dicom_to_nifti(tmp)
+        except CaseError:
+            raise
         except Exception as e:  # noqa: BLE001 - the reader's error, named with the series
             raise CaseError(case_id, where, f"series of {len(files)} files does not read as one volume "
                                             f"({type(e).__name__}: {e})") from e
         try:
             vol = load_volume(nii, case_id)  # finite, 3D: or a CaseError
             header = heads[0]
-            frames = int(header.get("NumberOfFrames", 1) or 1)
-            expected = int(header.Rows) * int(header.Columns) * frames * len(files)
+            frames = sum(frame_counts)
+            expected = int(header.Rows) * int(header.Columns) * frames
             if int(np.prod(vol.shape[1:])) != expected:  # ITK leaves out a slice it cannot decode, and goes on
                 raise CaseError(case_id, where, f"series of {len(files)} files ({header.Rows} x {header.Columns}) read "
                                                 f"as {tuple(vol.shape[1:])} voxels: a file's pixel data is cut short "
@@ -462,7 +514,8 @@ def series_to_nifti(files: Sequence[Path], dest: Path, case_id: str, headers: Se
             read_mm = np.sqrt((np.asarray(vol.affine, dtype=np.float64)[:3, :3] ** 2).sum(0))
             if expected_mm is not None and not np.allclose(sorted(read_mm), sorted(expected_mm), rtol=0.01,
                                                            atol=1e-3):
-                kind = f"multi-frame file of {frames} frames" if frames > 1 else f"series of {len(files)} files"
+                kind = (f"multi-frame file of {frames} frames" if len(files) == 1 and frames > 1
+                        else f"series of {len(files)} files")
                 raise CaseError(case_id, where, f"{kind} read with voxels of {_mm(read_mm)} mm where its headers "
                                                 f"say {_mm(expected_mm)} mm: the reader lost its geometry; export "
                                                 "the series again (as single-frame images if it stays so)")
@@ -471,7 +524,62 @@ def series_to_nifti(files: Sequence[Path], dest: Path, case_id: str, headers: Se
             Path(nii).unlink(missing_ok=True)
 
 
-def _mm(spacing: Sequence[float]) -> str:
+def _frames(header: Dataset) -> int:
+    return int(header.get("NumberOfFrames", 1) or 1)
+
+
+def _stack_multiframe(links: Sequence[Path], files: Sequence[Path], case_id: str) -> str:
+    """A series split over several multi-frame files (an enhanced scanner's export of a long series, a DICOM
+    concatenation) -> one NIfTI (temp path; the caller removes it): each file read as a volume by ITK (GDCM), the
+    volumes stacked along their slice axis in the order of their positions. ``links``: the files to read, in the
+    order of ``files`` (their names in messages).
+
+    Raises:
+        CaseError: naming the file whose orientation, pixel grid or slice step differs from the first file's, or
+            whose frames do not continue the previous file's.
+    """
+    import SimpleITK as sitk
+
+    from crossmodal.io import CaseError
+
+    parts = []
+    for link, name in zip(links, files, strict=True):
+        reader = sitk.ImageFileReader()
+        reader.SetImageIO("GDCMImageIO")
+        reader.SetFileName(str(link))
+        parts.append((reader.Execute(), name))
+    # the grid of the first file of several frames (ITK gives a file of one frame no slice step of its own)
+    first, first_name = next((p for p in parts if p[0].GetSize()[2] > 1), parts[0])
+    direction = np.asarray(first.GetDirection(), dtype=np.float64).reshape(3, 3)
+    spacing = np.asarray(first.GetSpacing(), dtype=np.float64)
+    for part, name in parts:
+        own, step, size = np.asarray(part.GetDirection()).reshape(3, 3), np.asarray(part.GetSpacing()), part.GetSize()
+        along = slice(None) if size[2] > 1 else slice(0, 2)  # a single frame: its rows and columns only
+        if size[:2] != first.GetSize()[:2] or not np.allclose(own[:, along], direction[:, along], atol=1e-4) \
+                or not np.allclose(step[along], spacing[along], rtol=1e-3):
+            raise CaseError(case_id, name, f"its {size[2]} frame(s) ({size[0]} x {size[1]}, {_mm(step)} mm) do not "
+                                           f"share the grid of {first_name.name} ({first.GetSize()[0]} x "
+                                           f"{first.GetSize()[1]}, {_mm(spacing)} mm), whose series it is part of; "
+                                           "export the series again")
+    slice_step = direction[:, 2] * spacing[2]
+    parts.sort(key=lambda p: float(np.dot(p[0].GetOrigin(), slice_step)))
+    for (before, before_name), (after, name) in zip(parts, parts[1:], strict=False):
+        expected = np.asarray(before.GetOrigin()) + slice_step * before.GetSize()[2]
+        if not np.allclose(after.GetOrigin(), expected, atol=0.01 * spacing[2] + 1e-3):
+            at, end = (", ".join(f"{v:.2f}" for v in xyz) for xyz in (after.GetOrigin(), expected))
+            raise CaseError(case_id, name, f"its frames start at ({at}) mm where the frames of {before_name.name} "
+                                           f"end at ({end}) mm: the files do not continue each other; export the "
+                                           "series again")
+    volume = sitk.GetImageFromArray(np.concatenate([sitk.GetArrayFromImage(p) for p, _ in parts], axis=0))
+    volume.SetOrigin(parts[0][0].GetOrigin())
+    volume.SetSpacing(tuple(float(v) for v in spacing))
+    volume.SetDirection(first.GetDirection())
+    out = temp_path(".nii.gz")
+    sitk.WriteImage(volume, out)
+    return out
+
+
+def _mm(spacing: Sequence[float] | np.ndarray) -> str:
     return " x ".join(f"{v:.3g}" for v in spacing)
 
 
@@ -492,9 +600,8 @@ def _geometry(heads: Sequence[Dataset]) -> tuple[np.ndarray, list[np.ndarray], t
     None where a slice or frame lacks its position or orientation."""
     orientation, positions, spacing = None, [], None
     for h in heads:
-        frames = int(h.get("NumberOfFrames", 1) or 1)
         per_frame = h.get("PerFrameFunctionalGroupsSequence")
-        if frames > 1 and per_frame is not None:
+        if per_frame is not None:  # an enhanced file, of one frame or more
             shared = (h.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
             for group in per_frame:
                 iop = _functional(group, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
