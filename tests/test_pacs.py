@@ -264,7 +264,7 @@ def test_an_enhanced_series_split_over_files_imports_and_its_label_round_trips_a
     position, which reads back and imports as the label. ITK's series reader takes each file for one slice: such a
     series failed its case (`series of 3 files does not read as one volume (... Size mismatch! ...)`). A file on
     another pixel grid than the others, a frame left out, and files that do not continue each other are named."""
-    from crossmodal.dicom import _stack_multiframe, import_dicom, series_to_nifti
+    from crossmodal.dicom import _read_multiframe, import_dicom, series_to_nifti
     from crossmodal.errors import CaseError
 
     rng = np.random.default_rng(8)
@@ -335,10 +335,51 @@ def test_an_enhanced_series_split_over_files_imports_and_its_label_round_trips_a
     assert str(e.value) == (f"case 'gap': file {tmp_path / 'gap'}: slices at 16.00 and 22.00 mm are 6.00 mm apart, the "
                             "others 3.00 mm: a slice is missing (or two series share this UID)")
     with pytest.raises(CaseError) as e:  # the stacking itself refuses files that do not continue each other too
-        _stack_multiframe(files[:2], files[:2], "gap")
+        _read_multiframe(files[:2], files[:2], "gap")
     assert str(e.value) == (f"case 'gap': file {files[1]}: its frames start at (-10.00, -5.00, 22.00) mm where the "
                             f"frames of {files[0].name} end at (-10.00, -5.00, 19.00) mm: the files do not continue "
                             "each other; export the series again")
+
+
+def test_a_rescale_of_each_slice_or_frame_is_applied_to_it(tmp_path):
+    """PET scanners scale each slice to its own range (RescaleSlope per file; per frame in an enhanced file). ITK
+    types a series by its first file: where that one's rescale is whole (slope 1, as on an empty end slice) the
+    volume was int16, every other slice's fractions cut and a hot slice clipped (here its maximum, 223428 Bq/ml,
+    read as 32489); GDCM applied an enhanced file's first frame's rescale to all its frames (here every frame's
+    maximum came out as the first frame's, 13783, but one). Now each slice and frame reads with its own rescale."""
+    from crossmodal.dicom import series_to_nifti
+
+    rng = np.random.default_rng(11)
+    vol = rng.gamma(2.0, 1500.0, (16, 14, 10)).astype(np.float32)  # Bq/ml
+    vol[:, :, 3] *= 20  # a hot slice
+    slopes = [1.0] + [float(vol[:, :, k].max()) / 32767 for k in range(1, 10)]  # the first slice's rescale whole
+    stored = np.stack([np.clip(np.rint(vol[:, :, k] / slopes[k]), -32768, 32767) for k in range(10)], -1)
+    series = volume_to_series(vol, np.diag([2.0, 2.0, 3.0, 1.0]), "PT", new_study("pet"), 1, "pet")
+    for k, ds in enumerate(series):
+        ds.RescaleSlope, ds.RescaleIntercept = f"{slopes[k]:.10g}", "0"
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].astype(np.int16).T).tobytes()
+    series_to_nifti(write_series(series, tmp_path / "pet"), tmp_path / "pet.nii.gz", "pet")
+    classic = load_volume(tmp_path / "pet.nii.gz")[0].numpy()
+
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    order = list(range(9, -1, -1))  # frames head to feet, each with its own rescale
+    enhanced = enhanced_mr(stored.astype(np.int16), (2.0, 2.0, 3.0), (0.0, 0.0, 0.0), new_study("enh"), 1, "pet",
+                           order)
+    del enhanced.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence
+    for k, group in zip(order, enhanced.PerFrameFunctionalGroupsSequence, strict=True):
+        rescale = Dataset()
+        rescale.RescaleIntercept, rescale.RescaleSlope, rescale.RescaleType = "0", f"{slopes[k]:.10g}", "US"
+        group.PixelValueTransformationSequence = Sequence([rescale])
+    (tmp_path / "enh").mkdir()
+    enhanced.save_as(str(tmp_path / "enh" / "pet.dcm"), write_like_original=False)
+    series_to_nifti([tmp_path / "enh" / "pet.dcm"], tmp_path / "enh.nii.gz", "enh")
+    multi = load_volume(tmp_path / "enh.nii.gz")[0].numpy()[:, :, ::-1]  # k runs head to feet, as the frames
+    for back in (classic, multi):
+        assert float(back[:, :, 3].max()) == pytest.approx(float(vol[:, :, 3].max()), rel=1e-4)  # not 32489
+        for k in range(10):  # every slice to within its own quantisation
+            assert float(np.abs(back[:, :, k] - vol[:, :, k]).max()) <= slopes[k] / 2 + 1e-2 * max(slopes[k], 1), k
 
 
 def test_a_series_of_several_volumes_says_so(tmp_path):

@@ -493,8 +493,11 @@ def series_to_nifti(files: Sequence[Path], dest: Path, case_id: str, headers: Se
         for n, f in enumerate(files):
             os.symlink(f.resolve(), Path(tmp) / f"{n:05d}.dcm")
         try:
-            if len(files) > 1 and max(frame_counts) > 1:  # ITK's series reader takes each file for one slice
-                nii = _stack_multiframe(sorted(Path(tmp).iterdir()), files, case_id)
+            links = sorted(Path(tmp).iterdir())
+            if max(frame_counts) > 1 and (len(files) > 1 or len(set(_rescales(heads[0]))) > 1):
+                nii = _read_multiframe(links, files, case_id)  # ITK's series reader takes a file for one slice,
+            elif len({r for h in heads for r in _rescales(h)}) > 1:  # and GDCM rescales every frame as the first
+                nii = _read_series(Path(tmp))
             else:
                 nii = dicom_to_nifti(tmp)
         except CaseError:
@@ -528,15 +531,48 @@ def _frames(header: Dataset) -> int:
     return int(header.get("NumberOfFrames", 1) or 1)
 
 
-def _stack_multiframe(links: Sequence[Path], files: Sequence[Path], case_id: str) -> str:
-    """A series split over several multi-frame files (an enhanced scanner's export of a long series, a DICOM
+def _rescales(header: Dataset) -> list[tuple[float, float]]:
+    """(slope, intercept) of each frame of a file (a single-frame file's one; an enhanced file's per frame, from
+    each frame's pixel value transformation, else the shared one): ``value = stored * slope + intercept``."""
+    def pair(where: Dataset) -> tuple[float, float]:
+        return float(where.get("RescaleSlope", 1) or 1), float(where.get("RescaleIntercept", 0) or 0)
+
+    per_frame = header.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is None:
+        return [pair(header)]
+    shared = (header.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+    out = []
+    for group in per_frame:
+        items = group.get("PixelValueTransformationSequence") or shared.get("PixelValueTransformationSequence")
+        out.append(pair(items[0] if items else header))
+    return out
+
+
+def _read_series(folder: Path) -> str:
+    """A series of single-frame files whose rescale differs from file to file (a PET scanner scales each slice to
+    its own range) -> NIfTI (temp path; the caller removes it) of float32 values. ITK types the volume by the first
+    file: where that one's rescale is whole numbers (slope 1, as on an empty end slice), every slice was read into
+    int16, the others' fractions cut and a hot slice clipped at 32767."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    reader.SetOutputPixelType(sitk.sitkFloat32)
+    out = temp_path(".nii.gz")
+    sitk.WriteImage(reader.Execute(), out)
+    return out
+
+
+def _read_multiframe(links: Sequence[Path], files: Sequence[Path], case_id: str) -> str:
+    """An enhanced series (one or several multi-frame files: an enhanced scanner's export of a long series, a DICOM
     concatenation) -> one NIfTI (temp path; the caller removes it): each file read as a volume by ITK (GDCM), the
-    volumes stacked along their slice axis in the order of their positions. ``links``: the files to read, in the
-    order of ``files`` (their names in messages).
+    volumes stacked along their slice axis in the order of their positions. A file whose frames carry rescales of
+    their own gets its values from its stored pixels and each frame's rescale (GDCM applies the first frame's to
+    every frame). ``links``: the files to read, in the order of ``files`` (their names in messages).
 
     Raises:
-        CaseError: naming the file whose orientation, pixel grid or slice step differs from the first file's, or
-            whose frames do not continue the previous file's.
+        CaseError: naming the file whose orientation, pixel grid or slice step differs from the first file's, whose
+            frames do not continue the previous file's, or whose per-frame rescaled pixels cannot be decoded.
     """
     import SimpleITK as sitk
 
@@ -547,7 +583,21 @@ def _stack_multiframe(links: Sequence[Path], files: Sequence[Path], case_id: str
         reader = sitk.ImageFileReader()
         reader.SetImageIO("GDCMImageIO")
         reader.SetFileName(str(link))
-        parts.append((reader.Execute(), name))
+        image = reader.Execute()
+        header = pydicom.dcmread(str(link), stop_before_pixels=True)
+        rescale = np.asarray(_rescales(header), dtype=np.float64)
+        if len(np.unique(rescale, axis=0)) > 1:
+            try:
+                stored = pydicom.dcmread(str(link)).pixel_array.reshape(len(rescale), *image.GetSize()[1::-1])
+            except Exception as e:  # noqa: BLE001 - pydicom's decoders raise many types
+                raise CaseError(case_id, name, f"its frames carry rescales of their own, and its pixel data cannot be "
+                                               f"decoded to apply them ({type(e).__name__}: {e}); export the series "
+                                               "uncompressed") from e
+            values = stored * rescale[:, :1, None] + rescale[:, 1:, None]  # ITK's slice k is frame k of the file
+            fixed = sitk.GetImageFromArray(values.astype(np.float32))
+            fixed.CopyInformation(image)
+            image = fixed
+        parts.append((image, name))
     # the grid of the first file of several frames (ITK gives a file of one frame no slice step of its own)
     first, first_name = next((p for p in parts if p[0].GetSize()[2] > 1), parts[0])
     direction = np.asarray(first.GetDirection(), dtype=np.float64).reshape(3, 3)
