@@ -382,6 +382,34 @@ def test_a_rescale_of_each_slice_or_frame_is_applied_to_it(tmp_path):
             assert float(np.abs(back[:, :, k] - vol[:, :, k]).max()) <= slopes[k] / 2 + 1e-2 * max(slopes[k], 1), k
 
 
+def test_a_fractional_seg_of_another_tool_holds_the_voxels_at_least_half_in(tmp_path):
+    """A FRACTIONAL DICOM SEG (an AI tool's probabilities, written with highdicom here) reads as the voxels whose
+    value is at least half the maximum; any value above 0 counted, so a 0.2-probability blob became organ (40
+    voxels labelled for these 36)."""
+    import highdicom as hd
+    from pydicom.sr.coding import Code
+
+    vol = np.random.default_rng(0).integers(0, 1000, (16, 14, 6)).astype(np.int16)
+    series = volume_to_series(vol, np.diag([2.0, 2.0, 3.0, 1.0]), "CT", new_study("frac"), 1, "ct")
+    write_series(series, tmp_path / "ct")
+    prob = np.zeros((6, 14, 16), np.float32)  # (slices from feet to head, rows j, columns i)
+    prob[2, 3:9, 4:10], prob[2, 10:12, 1:3], prob[4, 0:2, 0:2] = 0.9, 0.2, 0.5
+    organ = hd.seg.SegmentDescription(
+        1, "organ", Code("91723000", "SCT", "Anatomical Structure"), Code("85756007", "SCT", "Tissue"),
+        "AUTOMATIC", algorithm_identification=hd.AlgorithmIdentificationSequence(
+            "some model", Code("123109", "DCM", "Manual Processing"), "1"))
+    seg = hd.seg.Segmentation(
+        source_images=sorted(series, key=lambda ds: float(ds.ImagePositionPatient[2])), pixel_array=prob,
+        segmentation_type="FRACTIONAL", segment_descriptions=[organ], series_instance_uid=hd.UID(), series_number=5,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="other", manufacturer_model_name="other",
+        software_versions="1", device_serial_number="1")
+    seg.save_as(tmp_path / "seg.dcm")
+    label = seg_to_label(tmp_path / "seg.dcm", CFG.labels, np.diag([2.0, 2.0, 3.0, 1.0]), vol.shape)
+    want = np.zeros(vol.shape, np.uint8)
+    want[4:10, 3:9, 2], want[0:2, 0:2, 4] = 1, 1  # the 0.9 square and the 0.5 corner; not the 0.2 blob
+    np.testing.assert_array_equal(label, want)
+
+
 def test_a_series_of_several_volumes_says_so(tmp_path):
     """A dynamic PET (two frames of the same slices under one series UID; diffusion, multi-echo and cardiac series
     alike): its case fails saying the series holds more than one volume - it said a slice was missing, "the others

@@ -333,7 +333,8 @@ def seg_to_label(seg_file: str | os.PathLike[str], cfg: LabelConfig, affine: np.
     """A DICOM SEG as a label map (I, J, K) on the grid (RAS ``affine``, ``shape``) of its referenced image.
 
     Segment numbers map to label values by SegmentLabel (class names, ``marked_background_name``); frames are
-    placed by their ImagePositionPatient, so a SEG that skips empty slices lands on the right slices.
+    placed by their ImagePositionPatient, so a SEG that skips empty slices lands on the right slices; a FRACTIONAL
+    SEG's voxel belongs to a segment where its value is at least half the maximum.
 
     Raises:
         ValueError: a segment names no configured class, or a frame lies off the grid.
@@ -349,6 +350,8 @@ def seg_to_label(seg_file: str | os.PathLike[str], cfg: LabelConfig, affine: np.
                              f"{sorted(by_name)}")
         values[int(seg.SegmentNumber)] = by_name[name]
     frames = ds.pixel_array.reshape(int(ds.NumberOfFrames), int(ds.Rows), int(ds.Columns))
+    # a FRACTIONAL SEG (an AI tool's probabilities or occupancy) holds a voxel where it is at least half in
+    cut = float(ds.get("MaximumFractionalValue", 255)) / 2 if ds.get("SegmentationType") == "FRACTIONAL" else 0.5
     inv = np.linalg.inv(LPS @ np.asarray(affine, dtype=np.float64))
     out = np.zeros(tuple(int(s) for s in shape), dtype=np.uint8 if cfg.marked_background < 256 else np.uint16)
     for f, group in enumerate(ds.PerFrameFunctionalGroupsSequence):
@@ -358,7 +361,7 @@ def seg_to_label(seg_file: str | os.PathLike[str], cfg: LabelConfig, affine: np.
         if i != 0 or j != 0 or not 0 <= k < out.shape[2] or frames[f].shape != (out.shape[1], out.shape[0]):
             raise ValueError(f"frame {f + 1} at {pos} (grid index {(i, j, k)}) is not a slice of the image grid "
                              f"{tuple(out.shape)}")
-        out[:, :, k][frames[f].T > 0] = values[number]
+        out[:, :, k][frames[f].T >= cut] = values[number]
     return out
 
 
