@@ -596,8 +596,10 @@ def _read_multiframe(links: Sequence[Path], files: Sequence[Path], case_id: str)
                 raise CaseError(case_id, name, f"its frames carry rescales of their own, and its pixel data cannot be "
                                                f"decoded to apply them ({type(e).__name__}: {e}); export the series "
                                                "uncompressed") from e
-            values = stored * rescale[:, :1, None] + rescale[:, 1:, None]  # ITK's slice k is frame k of the file
-            fixed = sitk.GetImageFromArray(values.astype(np.float32))
+            values = stored.astype(np.float32)  # ITK's slice k is frame k of the file; float32 (a CT of 500 frames:
+            values *= rescale[:, :1, None].astype(np.float32)                       # 0.5 GB, float64 twice that)
+            values += rescale[:, 1:, None].astype(np.float32)
+            fixed = sitk.GetImageFromArray(values)
             fixed.CopyInformation(image)
             image = fixed
         parts.append((image, name))
