@@ -335,7 +335,7 @@ def test_an_enhanced_series_split_over_files_imports_and_its_label_round_trips_a
     assert str(e.value) == (f"case 'gap': file {tmp_path / 'gap'}: slices at 16.00 and 22.00 mm are 6.00 mm apart, the "
                             "others 3.00 mm: a slice is missing (or two series share this UID)")
     with pytest.raises(CaseError) as e:  # the stacking itself refuses files that do not continue each other too
-        _read_multiframe(files[:2], files[:2], "gap")
+        _read_multiframe(files[:2], files[:2], [pydicom.dcmread(str(f)) for f in files[:2]], "gap")
     assert str(e.value) == (f"case 'gap': file {files[1]}: its frames start at (-10.00, -5.00, 22.00) mm where the "
                             f"frames of {files[0].name} end at (-10.00, -5.00, 19.00) mm: the files do not continue "
                             "each other; export the series again")

@@ -224,6 +224,13 @@ def _merged_source(heads: Sequence[Dataset]) -> tuple[Dataset, list[tuple[Datase
     return merged, frames_of
 
 
+def _instance(head: Dataset) -> Dataset:
+    """A reference to the SOP instance ``head`` (class and instance UID)."""
+    item = Dataset()
+    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = head.SOPClassUID, head.SOPInstanceUID
+    return item
+
+
 def _multiframe_seg(arr: np.ndarray, affine: np.ndarray, source: Dataset, cfg: LabelConfig, values: Sequence[int],
                     kind: str, frames_of: Sequence[tuple[Dataset, int]] | None = None) -> Path:
     """DICOM SEG (temp path) of label map ``arr`` (I, J, K; RAS ``affine``) on the frames of one multi-frame image
@@ -294,14 +301,9 @@ def _multiframe_seg(arr: np.ndarray, affine: np.ndarray, source: Dataset, cfg: L
                 for ref in derivation.get("SourceImageSequence") or []:
                     head, frame = frames_of[int(ref.ReferencedFrameNumber) - 1]
                     ref.ReferencedSOPInstanceUID, ref.ReferencedFrameNumber = head.SOPInstanceUID, frame
-        def instances() -> list[Dataset]:
-            items = [Dataset() for _ in heads]
-            for item, head in zip(items, heads, strict=True):
-                item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = head.SOPClassUID, head.SOPInstanceUID
-            return items
-
         heads = list({str(h.SOPInstanceUID): h for h, _ in frames_of}.values())
-        seg.SourceImageSequence, seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence = instances(), instances()
+        seg.SourceImageSequence = [_instance(h) for h in heads]
+        seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence = [_instance(h) for h in heads]
     seg.SeriesDate, seg.SeriesTime = seg.ContentDate, seg.ContentTime  # the newest SEG of a case is the label
     out = Path(temp_path(".dcm"))
     seg.save_as(str(out))
@@ -497,9 +499,11 @@ def series_to_nifti(files: Sequence[Path], dest: Path, case_id: str, headers: Se
             os.symlink(f.resolve(), Path(tmp) / f"{n:05d}.dcm")
         try:
             links = sorted(Path(tmp).iterdir())
+            # ITK's series reader takes each file for one slice, GDCM gives every frame of a file the first one's
+            # rescale, and ITK types a series by its first file's rescale: those cases are read as each needs
             if max(frame_counts) > 1 and (len(files) > 1 or len(set(_rescales(heads[0]))) > 1):
-                nii = _read_multiframe(links, files, case_id)  # ITK's series reader takes a file for one slice,
-            elif len({r for h in heads for r in _rescales(h)}) > 1:  # and GDCM rescales every frame as the first
+                nii = _read_multiframe(links, files, heads, case_id)
+            elif len({r for h in heads for r in _rescales(h)}) > 1:
                 nii = _read_series(Path(tmp))
             else:
                 nii = dicom_to_nifti(tmp)
@@ -566,12 +570,13 @@ def _read_series(folder: Path) -> str:
     return out
 
 
-def _read_multiframe(links: Sequence[Path], files: Sequence[Path], case_id: str) -> str:
+def _read_multiframe(links: Sequence[Path], files: Sequence[Path], heads: Sequence[Dataset], case_id: str) -> str:
     """An enhanced series (one or several multi-frame files: an enhanced scanner's export of a long series, a DICOM
     concatenation) -> one NIfTI (temp path; the caller removes it): each file read as a volume by ITK (GDCM), the
     volumes stacked along their slice axis in the order of their positions. A file whose frames carry rescales of
     their own gets its values from its stored pixels and each frame's rescale (GDCM applies the first frame's to
-    every frame). ``links``: the files to read, in the order of ``files`` (their names in messages).
+    every frame). ``links``: the files to read, in the order of ``files`` (their names in messages) and of
+    ``heads`` (their headers).
 
     Raises:
         CaseError: naming the file whose orientation, pixel grid or slice step differs from the first file's, whose
@@ -582,12 +587,11 @@ def _read_multiframe(links: Sequence[Path], files: Sequence[Path], case_id: str)
     from crossmodal.io import CaseError
 
     parts = []
-    for link, name in zip(links, files, strict=True):
+    for link, name, header in zip(links, files, heads, strict=True):
         reader = sitk.ImageFileReader()
         reader.SetImageIO("GDCMImageIO")
         reader.SetFileName(str(link))
         image = reader.Execute()
-        header = pydicom.dcmread(str(link), stop_before_pixels=True)
         rescale = np.asarray(_rescales(header), dtype=np.float64)
         if len(np.unique(rescale, axis=0)) > 1:
             try:
