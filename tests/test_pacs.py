@@ -385,7 +385,8 @@ def test_a_rescale_of_each_slice_or_frame_is_applied_to_it(tmp_path):
 def test_a_fractional_seg_of_another_tool_holds_the_voxels_at_least_half_in(tmp_path):
     """A FRACTIONAL DICOM SEG (an AI tool's probabilities, written with highdicom here) reads as the voxels whose
     value is at least half the maximum; any value above 0 counted, so a 0.2-probability blob became organ (40
-    voxels labelled for these 36)."""
+    voxels labelled for these 36). Its segment named as another tool names it ("Organ") is the class `organ`; it
+    was `segment 1 'Organ' is not a configured class` and the case did not import."""
     import highdicom as hd
     from pydicom.sr.coding import Code
 
@@ -395,7 +396,7 @@ def test_a_fractional_seg_of_another_tool_holds_the_voxels_at_least_half_in(tmp_
     prob = np.zeros((6, 14, 16), np.float32)  # (slices from feet to head, rows j, columns i)
     prob[2, 3:9, 4:10], prob[2, 10:12, 1:3], prob[4, 0:2, 0:2] = 0.9, 0.2, 0.5
     organ = hd.seg.SegmentDescription(
-        1, "organ", Code("91723000", "SCT", "Anatomical Structure"), Code("85756007", "SCT", "Tissue"),
+        1, "Organ", Code("91723000", "SCT", "Anatomical Structure"), Code("85756007", "SCT", "Tissue"),
         "AUTOMATIC", algorithm_identification=hd.AlgorithmIdentificationSequence(
             "some model", Code("123109", "DCM", "Manual Processing"), "1"))
     seg = hd.seg.Segmentation(
@@ -408,6 +409,12 @@ def test_a_fractional_seg_of_another_tool_holds_the_voxels_at_least_half_in(tmp_
     want = np.zeros(vol.shape, np.uint8)
     want[4:10, 3:9, 2], want[0:2, 0:2, 4] = 1, 1  # the 0.9 square and the 0.5 corner; not the 0.2 blob
     np.testing.assert_array_equal(label, want)
+    seg.SegmentSequence[0].SegmentLabel = "Liver"
+    seg.save_as(tmp_path / "other.dcm")
+    with pytest.raises(ValueError, match=r"^segment 1 'Liver' is not a configured class \['background', "
+                                         r"'lesion', 'marked_background', 'organ', 'vessel'\] \(case, spaces and "
+                                         r"punctuation aside\)$"):
+        seg_to_label(tmp_path / "other.dcm", CFG.labels, np.diag([2.0, 2.0, 3.0, 1.0]), vol.shape)
 
 
 def test_a_series_of_several_volumes_says_so(tmp_path):

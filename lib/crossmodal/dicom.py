@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -330,27 +331,33 @@ def seg_kind(ds: Dataset) -> str | None:
     return None
 
 
+def _name_key(name: str) -> str:
+    """A segment or class name without case, spaces and punctuation: ``"Grey Matter"``, ``grey_matter`` and
+    ``grey-matter`` are one name."""
+    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
+
+
 def seg_to_label(seg_file: str | os.PathLike[str], cfg: LabelConfig, affine: np.ndarray,
                  shape: Sequence[int]) -> np.ndarray:
     """A DICOM SEG as a label map (I, J, K) on the grid (RAS ``affine``, ``shape``) of its referenced image.
 
-    Segment numbers map to label values by SegmentLabel (class names, ``marked_background_name``); frames are
-    placed by their ImagePositionPatient, so a SEG that skips empty slices lands on the right slices; a FRACTIONAL
-    SEG's voxel belongs to a segment where its value is at least half the maximum.
+    Segment numbers map to label values by SegmentLabel (class names, ``marked_background_name``; case, spaces and
+    punctuation aside); frames are placed by their ImagePositionPatient, so a SEG that skips empty slices lands on
+    the right slices; a FRACTIONAL SEG's voxel belongs to a segment where its value is at least half the maximum.
 
     Raises:
         ValueError: a segment names no configured class, or a frame lies off the grid.
     """
     ds = pydicom.dcmread(str(seg_file))
-    by_name = dict(cfg.classes)
-    by_name[cfg.marked_background_name] = cfg.marked_background
+    names = {**cfg.classes, cfg.marked_background_name: cfg.marked_background}
+    by_key = {_name_key(n): v for n, v in names.items()}  # another tool's "Grey Matter" is our grey_matter
     values = {}
     for seg in ds.SegmentSequence:
         name = str(seg.SegmentLabel)
-        if name not in by_name:
+        if _name_key(name) not in by_key:
             raise ValueError(f"segment {int(seg.SegmentNumber)} {name!r} is not a configured class "
-                             f"{sorted(by_name)}")
-        values[int(seg.SegmentNumber)] = by_name[name]
+                             f"{sorted(names)} (case, spaces and punctuation aside)")
+        values[int(seg.SegmentNumber)] = by_key[_name_key(name)]
     frames = ds.pixel_array.reshape(int(ds.NumberOfFrames), int(ds.Rows), int(ds.Columns))
     # a FRACTIONAL SEG (an AI tool's probabilities or occupancy) holds a voxel where it is at least half in
     cut = float(ds.get("MaximumFractionalValue", 255)) / 2 if ds.get("SegmentationType") == "FRACTIONAL" else 0.5
