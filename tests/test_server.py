@@ -275,6 +275,68 @@ def test_saved_labels_record_their_kind(client, phantom_server, tmp_path):
     assert {client.next_sample("crossmodal", {})["id"] for _ in range(3)} == {"phantom005"}
 
 
+def test_labels_as_slicer_exports_them_are_renumbered_to_the_classes(client, phantom_server, tmp_path):
+    """3D Slicer numbers the segments it exports 1, 2, ... in their order, whatever their names, and its MONAI Label
+    module sends the names in that order as ``label_info`` (its ``idx`` counts a left-out 'background' segment
+    too); a ``.seg.nrrd`` names them in its header. Scribbles of a lesion with marked background came as 1 / 2 and
+    were stored as organ / lesion, a dense label (in the brain app, marked background as Slicer's fourth segment,
+    4, was refused as not configured). Now each segment gets its class's value by name; a segment that is no class,
+    or overlapping segments, is a 422 naming it, and nothing is stored. A label saved in another format than the
+    one before replaces it (the earlier file stayed in the labels folder)."""
+    import nrrd
+
+    studies: Path = phantom_server.studies
+    ref = load_volume(studies / "phantom003.nii.gz")
+    aff = ref.affine.numpy()
+    exported = np.zeros(ref.shape[1:], np.uint8)
+    exported[20:24, 20:24, 20:22], exported[2:6, 2:6, 2:4] = 1, 2  # Slicer's segments: lesion, marked_background
+    save_volume(tmp_path / "slicer.nrrd", exported, aff)
+    slicer_info = [{"name": "lesion", "idx": 2}, {"name": "marked_background", "idx": 3}]  # 'background' left out
+    client.save_label("phantom003", str(tmp_path / "slicer.nrrd"), params={"label_info": slicer_info})
+    stored = load_volume(studies / "labels" / "final" / "phantom003.nrrd")[0].numpy()
+    want = np.zeros_like(exported)
+    want[exported == 1], want[exported == 2] = CFG.labels.classes["lesion"], CFG.labels.marked_background
+    np.testing.assert_array_equal(stored, want)
+    info = label_info(client, "phantom003")
+    assert info["label_kind"] == "sparse" and info["label_info"] == slicer_info
+
+    segmentation = np.zeros(ref.shape[1:], np.uint8)  # a .seg.nrrd: 'background' painted (value 1), 'Organ' 2
+    segmentation[10:30, 10:30, 10:30], segmentation[15:25, 15:25, 15:25] = 1, 2
+    save_volume(tmp_path / "plain.seg.nrrd", segmentation, aff)
+    data, header = nrrd.read(str(tmp_path / "plain.seg.nrrd"))
+    fields = {"Segment0_Name": "background", "Segment0_LabelValue": "1", "Segment0_Layer": "0",
+              "Segment1_Name": "Organ", "Segment1_LabelValue": "2", "Segment1_Layer": "0"}
+    nrrd.write(str(tmp_path / "slicer.seg.nrrd"), data, {**header, **fields})
+    client.save_label("phantom003", str(tmp_path / "slicer.seg.nrrd"))
+    stored = load_volume(studies / "labels" / "final" / "phantom003.nrrd")[0].numpy()
+    np.testing.assert_array_equal(stored, (segmentation == 2).astype(np.uint8) * CFG.labels.classes["organ"])
+    assert label_info(client, "phantom003")["label_kind"] == "dense"
+    # the label saved before as NIfTI goes: the datastore's entry names the .nrrd, and no stale file is left
+    assert sorted(p.name for p in (studies / "labels" / "final").glob("phantom003*")) == ["phantom003.nrrd"]
+
+    before = snapshot(studies)
+    with pytest.raises(MONAILabelClientException) as e:
+        client.save_label("phantom003", str(tmp_path / "slicer.nrrd"),
+                          params={"label_info": [{"name": "tumour", "idx": 1}, {"name": "organ", "idx": 2}]})
+    assert status_of(e.value) == 422 and "case 'phantom003': uploaded 'final' label: segment 'tumour' (value 1 in " \
+        "the file) is not a class of this app: ['organ', 'lesion', 'vessel', 'marked_background']; rename the " \
+        "segment to one of them, or delete it, and save again" in e.value.msg, e.value.msg
+    fields["Segment1_Layer"] = "1"
+    nrrd.write(str(tmp_path / "overlap.seg.nrrd"), data, {**header, **fields})
+    with pytest.raises(MONAILabelClientException) as e:
+        client.save_label("phantom003", str(tmp_path / "overlap.seg.nrrd"))
+    assert status_of(e.value) == 422 and "its 2 segments overlap (they lie on 2 layers)" in e.value.msg, e.value.msg
+    with pytest.raises(MONAILabelClientException) as e:  # a value no segment of the save numbers
+        client.save_label("phantom003", str(tmp_path / "slicer.nrrd"), params={"label_info": slicer_info[:1]})
+    assert status_of(e.value) == 422 and "label values [2] in the file are none of the 1 segments the save names" \
+        in e.value.msg, e.value.msg
+    assert snapshot(studies) == before
+
+    gt = truth(phantom_server, "phantom003")  # the label of the tests before, back
+    save_volume(tmp_path / "scribbles.nii.gz", scribbles(gt, CFG.labels, np.random.default_rng(0)), aff)
+    client.save_label("phantom003", str(tmp_path / "scribbles.nii.gz"))
+
+
 def test_bad_input_is_4xx_names_the_problem_and_changes_nothing(client, phantom_server, tmp_path):
     studies: Path = phantom_server.studies
     ref = load_volume(studies / "phantom000.nii.gz")

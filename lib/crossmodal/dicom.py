@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from crossmodal.config import CrossModalConfig, LabelConfig
+from crossmodal.labels import name_key
 
 if TYPE_CHECKING:
     from crossmodal.serving.dicomweb import Series
@@ -331,12 +331,6 @@ def seg_kind(ds: Dataset) -> str | None:
     return None
 
 
-def _name_key(name: str) -> str:
-    """A segment or class name without case, spaces and punctuation: ``"Grey Matter"``, ``grey_matter`` and
-    ``grey-matter`` are one name."""
-    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
-
-
 def seg_to_label(seg_file: str | os.PathLike[str], cfg: LabelConfig, affine: np.ndarray,
                  shape: Sequence[int]) -> np.ndarray:
     """A DICOM SEG as a label map (I, J, K) on the grid (RAS ``affine``, ``shape``) of its referenced image.
@@ -350,14 +344,14 @@ def seg_to_label(seg_file: str | os.PathLike[str], cfg: LabelConfig, affine: np.
     """
     ds = pydicom.dcmread(str(seg_file))
     names = {**cfg.classes, cfg.marked_background_name: cfg.marked_background}
-    by_key = {_name_key(n): v for n, v in names.items()}  # another tool's "Grey Matter" is our grey_matter
+    by_key = {name_key(n): v for n, v in names.items()}  # another tool's "Grey Matter" is our grey_matter
     values = {}
     for seg in ds.SegmentSequence:
         name = str(seg.SegmentLabel)
-        if _name_key(name) not in by_key:
+        if name_key(name) not in by_key:
             raise ValueError(f"segment {int(seg.SegmentNumber)} {name!r} is not a configured class "
                              f"{sorted(names)} (case, spaces and punctuation aside)")
-        values[int(seg.SegmentNumber)] = by_key[_name_key(name)]
+        values[int(seg.SegmentNumber)] = by_key[name_key(name)]
     frames = ds.pixel_array.reshape(int(ds.NumberOfFrames), int(ds.Rows), int(ds.Columns))
     # a FRACTIONAL SEG (an AI tool's probabilities or occupancy) holds a voxel where it is at least half in
     cut = float(ds.get("MaximumFractionalValue", 255)) / 2 if ds.get("SegmentationType") == "FRACTIONAL" else 0.5

@@ -18,10 +18,20 @@ import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import nrrd
 import numpy as np
 from crossmodal.config import LabelConfig, as_flag, json_safe, non_finite_at
-from crossmodal.io import IMAGE_EXTENSIONS, CaseError, atomic_copy, find_case, load_volume, read_label, split_ext
-from crossmodal.labels import LABEL_KINDS, annotated_fraction, classify, invalid_values
+from crossmodal.io import (
+    IMAGE_EXTENSIONS,
+    CaseError,
+    atomic_copy,
+    find_case,
+    load_volume,
+    read_label,
+    save_volume,
+    split_ext,
+)
+from crossmodal.labels import LABEL_KINDS, annotated_fraction, classify, invalid_values, seg_nrrd_values, slicer_values
 from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
@@ -86,6 +96,49 @@ starting with '.'), got '../x'
     if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
         raise HTTPException(status_code=422, detail=f"case {case_id!r}: {what} must be a file name (no '/' or '\\', "
                                                     f"not starting with '.'), got {name!r}")
+
+
+def slicer_label(label_file: str, label_info: Any, case_id: str, cfg: LabelConfig) -> str:
+    """``label_file`` with 3D Slicer's segment numbers turned into the configured values (a temp file, NIfTI or
+    NRRD as it came; a ``.seg.nrrd`` becomes a plain ``.nrrd`` label map), or ``label_file`` itself where there is
+    nothing to renumber. Slicer numbers the segments it exports 1, 2, ... in their order (a label drawn from
+    scratch, or with ``marked_background`` painted: 4 in the brain app, not 255); the order comes from the
+    ``label_info`` its MONAI Label module sends, or from a ``.seg.nrrd``'s header.
+
+    Raises:
+        CaseError: a segment that is no configured class, overlapping segments, or a value in the file that no
+            segment of ``label_info`` numbers.
+    """
+    _, ext = split_ext(label_file)
+    try:
+        mapping = seg_nrrd_values(nrrd.read_header(label_file), cfg) if ext == ".seg.nrrd" else None
+        mapping = mapping or slicer_values(label_info, cfg)
+    except ValueError as e:
+        raise CaseError(case_id, label_file, str(e)) from e
+    except Exception as e:  # noqa: BLE001 - an unreadable header: reading the label says why
+        logger.debug(f"{label_file}: no segment header ({e})")
+        mapping = slicer_values(label_info, cfg) if ext != ".seg.nrrd" else None
+    if not mapping or all(k == v for k, v in mapping.items()):
+        return label_file
+    vol = load_volume(label_file, case_id)
+    if vol.shape[0] != 1:  # not one label map: reading it as a label says so
+        return label_file
+    arr = np.rint(vol[0].numpy()).astype(np.int64)
+    present = [int(v) for v in np.unique(arr)]
+    unknown = [v for v in present if v not in mapping]
+    if unknown:
+        raise CaseError(case_id, label_file, f"label values {unknown} in the file are none of the {len(mapping) - 1} "
+                                             f"segments the save names (values 1-{len(mapping) - 1}, in their "
+                                             "order); save the label again from Slicer")
+    lut = np.zeros(max(present) + 1, dtype=np.int64)
+    for k, v in mapping.items():
+        if k <= max(present):
+            lut[k] = v
+    fd, out = tempfile.mkstemp(suffix=".nrrd" if ext == ".seg.nrrd" else ext, prefix="crossmodal-label-")
+    os.close(fd)
+    save_volume(out, lut[arr].astype(np.uint8 if cfg.marked_background < 256 else np.uint16),
+                vol.affine.double().numpy())
+    return out
 
 
 def validate_label(label_file: str, image_file: str, case_id: str, cfg: LabelConfig,
@@ -182,23 +235,35 @@ class CrossModalDatastore(LocalDatastore):
             raise HTTPException(status_code=422, detail=f"case {image_id!r}: label extension {ext!r} unsupported; "
                                                         f"send it as {one_of(IMAGE_EXTENSIONS)}")
         empty_ok = allow_empty or self.label_config.empty_final or label_tag != DefaultLabelTag.FINAL.value
+        upload = label_filename
         try:  # (a model's 'original' label may be empty; a final one is what training learns from)
+            label_filename = slicer_label(upload, info.get("label_info"), image_id, self.label_config)
+            ext = split_ext(label_filename)[1]
             kind, frac = validate_label(label_filename, self.get_image_uri(image_id), image_id, self.label_config,
                                         override, empty_ok=empty_ok)
         except CaseError as e:
-            if e.path == str(label_filename):  # the upload's temp name means nothing to the user
+            if label_filename != upload:
+                os.remove(label_filename)
+            if e.path in (str(upload), str(label_filename)):  # the upload's temp name means nothing to the user
                 e = CaseError(image_id, None, f"uploaded {label_tag!r} label: {e.problem}")
             raise http_error(e) from e
         name = image_id + ext
         dest = os.path.join(self._datastore.label_path(label_tag), name)
         info.update({"label_kind": kind, "annotated_fraction": round(frac, 6)})
-        with FileLock(self._lock_file):
-            self._reload_unlocked(force=True)
-            obj = self._datastore.objects.get(image_id) or obj
-            atomic_copy(label_filename, dest)
-            info["ts"], info["name"] = int(time.time()), name
-            obj.labels[label_tag] = DataModel(info=info, ext=ext)
-            self._update_datastore_file(lock=False)
+        try:
+            with FileLock(self._lock_file):
+                self._reload_unlocked(force=True)
+                obj = self._datastore.objects.get(image_id) or obj
+                atomic_copy(label_filename, dest)
+                for other in IMAGE_EXTENSIONS:  # the case's label of this tag saved before in another format
+                    if other != ext and os.path.isfile(stale := os.path.join(os.path.dirname(dest), image_id + other)):
+                        os.remove(stale)
+                info["ts"], info["name"] = int(time.time()), name
+                obj.labels[label_tag] = DataModel(info=info, ext=ext)
+                self._update_datastore_file(lock=False)
+        finally:
+            if label_filename != upload:  # our renumbered copy
+                os.remove(label_filename)
         logger.info(f"Saved {kind} label for {image_id} ({frac:.4f} annotated) -> {dest}")
         return image_id
 
