@@ -59,7 +59,7 @@ def slicer_values(label_info: Any, cfg: LabelConfig) -> dict[int, int] | None:
     holds). None when ``label_info`` is not such a list (another client: the values are taken as they are).
 
     Example:
-        >>> from crossmodal.config import SLICER_RESERVED_NAMES, LabelConfig
+        >>> from crossmodal.config import LabelConfig
         >>> cfg = LabelConfig(classes={"background": 0, "gm": 1, "wm": 2, "csf": 3})
         >>> slicer_values([{"name": "csf", "idx": 2}, {"name": "marked_background", "idx": 3}], cfg)
         {0: 0, 1: 3, 2: 255}

@@ -136,8 +136,12 @@ def slicer_label(label_file: str, label_info: Any, case_id: str, cfg: LabelConfi
             lut[k] = v
     fd, out = tempfile.mkstemp(suffix=".nrrd" if ext == ".seg.nrrd" else ext, prefix="crossmodal-label-")
     os.close(fd)
-    save_volume(out, lut[arr].astype(np.uint8 if cfg.marked_background < 256 else np.uint16),
-                vol.affine.double().numpy())
+    try:
+        save_volume(out, lut[arr].astype(np.uint8 if cfg.marked_background < 256 else np.uint16),
+                    vol.affine.double().numpy())
+    except BaseException:
+        os.remove(out)
+        raise
     return out
 
 
