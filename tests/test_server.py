@@ -173,6 +173,29 @@ def test_grow_scribbles_grows_uploaded_strokes_and_saves_nothing(client, phantom
                                               f"{b!r} a number > 0") in e.value.msg, e.value.msg
     assert params["modalities_used"] == ["ct", "pet", "mr"]  # was [] (the grow task's loader dropped it)
 
+    # 3D Slicer's scribbles panel sends every segment numbered 1, 2, ... in its order (the app's labels, then its
+    # foreground / background scribbles), their names as label_info, and the label to grow; it fills that one
+    # segment with the result's 1s. The same strokes so sent grow to the same organ (was a 422: `label values [5, 6]
+    # are not configured classes`)
+    order = ["organ", "lesion", "vessel", "marked_background", "foreground_scribbles", "background_scribbles"]
+    as_drawn = {"lesion": 2, "vessel": 3, "foreground_scribbles": 1,
+                "background_scribbles": CFG.labels.marked_background}
+    exported = np.zeros_like(strokes, dtype=np.uint8)
+    for n, name in enumerate(order):
+        if name in as_drawn:
+            exported[strokes == as_drawn[name]] = n + 1
+    save_volume(tmp_path / "slicer.nrrd", exported, image.affine.numpy())
+    slicer = {"label_info": [{"name": name, "id": n + 1} for n, name in enumerate(order)],
+              "selected_label_name": "organ"}
+    out_slicer, params_slicer = client.infer("grow_scribbles", case, slicer, label_in=str(tmp_path / "slicer.nrrd"))
+    np.testing.assert_array_equal(load_volume(out_slicer)[0].numpy(), (pred[0].numpy() == 1).astype(np.float32))
+    assert params_slicer["drawn"] == params["drawn"]
+    with pytest.raises(MONAILabelClientException) as e:
+        client.infer("grow_scribbles", case, {**slicer, "selected_label_name": "liver"},
+                     label_in=str(tmp_path / "slicer.nrrd"))
+    assert status_of(e.value) == 422 and f"case '{case}': selected_label_name 'liver' is not a class of this app: " \
+        "['organ', 'lesion', 'vessel']; pick the label to grow" in e.value.msg, e.value.msg
+
     # OHIF sends strokes as raw uint8 on the image's grid in Fortran order (`.bin`): the same result, and no copy of
     # them stays in the server's temp folder (MONAI Label's conversion did, on every request)
     temp_files = {p for p in phantom_server.tmp.rglob("*") if p.is_file()}

@@ -52,11 +52,14 @@ def _configured(name: str, cfg: LabelConfig, where: str) -> int:
     return values[name_key(name)]
 
 
-def slicer_values(label_info: Any, cfg: LabelConfig) -> dict[int, int] | None:
+def slicer_values(label_info: Any, cfg: LabelConfig, scribbled: str | None = None) -> dict[int, int] | None:
     """{value in the file: configured value} of a labelmap 3D Slicer exported, from the ``label_info`` list its
     MONAI Label module sends with the save (``[{"name": "csf", "idx": 1}, ...]``, one entry a saved segment, in
     the order Slicer numbered them 1, 2, ...; its ``idx`` counts the segments left out too, so the order is what
     holds). None when ``label_info`` is not such a list (another client: the values are taken as they are).
+    ``scribbled``: the class a scribbles request is for (Slicer's scribbles panel sends every segment, its
+    ``foreground_scribbles`` meaning that class and its ``background_scribbles`` and a ``background`` segment
+    marked background).
 
     Example:
         >>> from crossmodal.config import LabelConfig
@@ -72,7 +75,13 @@ def slicer_values(label_info: Any, cfg: LabelConfig) -> dict[int, int] | None:
         return None
     out = {0: 0}
     for n, entry in enumerate(label_info):
-        out[n + 1] = _configured(entry["name"], cfg, f"value {n + 1} in the file")
+        key = name_key(entry["name"])
+        if scribbled is not None and key == "foreground_scribbles":
+            out[n + 1] = _configured(scribbled, cfg, "the label the scribbles are for")
+        elif scribbled is not None and key in ("background_scribbles", "background"):
+            out[n + 1] = cfg.marked_background
+        else:
+            out[n + 1] = _configured(entry["name"], cfg, f"value {n + 1} in the file")
     return out
 
 

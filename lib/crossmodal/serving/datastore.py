@@ -98,12 +98,14 @@ starting with '.'), got '../x'
                                                     f"not starting with '.'), got {name!r}")
 
 
-def slicer_label(label_file: str, label_info: Any, case_id: str, cfg: LabelConfig) -> str:
+def slicer_label(label_file: str, label_info: Any, case_id: str, cfg: LabelConfig,
+                 scribbled: str | None = None) -> str:
     """``label_file`` with 3D Slicer's segment numbers turned into the configured values (a temp file, NIfTI or
     NRRD as it came; a ``.seg.nrrd`` becomes a plain ``.nrrd`` label map), or ``label_file`` itself where there is
     nothing to renumber. Slicer numbers the segments it exports 1, 2, ... in their order (a label drawn from
     scratch, or with ``marked_background`` painted: 4 in the brain app, not 255); the order comes from the
-    ``label_info`` its MONAI Label module sends, or from a ``.seg.nrrd``'s header.
+    ``label_info`` its MONAI Label module sends, or from a ``.seg.nrrd``'s header. ``scribbled``: the class a
+    request of Slicer's scribbles panel is for (see :func:`crossmodal.labels.slicer_values`).
 
     Raises:
         CaseError: a segment that is no configured class, overlapping segments, or a value in the file that no
@@ -112,12 +114,12 @@ def slicer_label(label_file: str, label_info: Any, case_id: str, cfg: LabelConfi
     _, ext = split_ext(label_file)
     try:
         mapping = seg_nrrd_values(nrrd.read_header(label_file), cfg) if ext == ".seg.nrrd" else None
-        mapping = mapping or slicer_values(label_info, cfg)
+        mapping = mapping or slicer_values(label_info, cfg, scribbled)
     except ValueError as e:
         raise CaseError(case_id, label_file, str(e)) from e
     except Exception as e:  # noqa: BLE001 - an unreadable header: reading the label says why
         logger.debug(f"{label_file}: no segment header ({e})")
-        mapping = slicer_values(label_info, cfg) if ext != ".seg.nrrd" else None
+        mapping = slicer_values(label_info, cfg, scribbled) if ext != ".seg.nrrd" else None
     if not mapping or all(k == v for k, v in mapping.items()):
         return label_file
     vol = load_volume(label_file, case_id)

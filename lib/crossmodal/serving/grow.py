@@ -7,6 +7,7 @@ sees it and corrects it before saving: the strokes come in as ``label`` (the vie
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,10 +15,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from crossmodal.config import CrossModalConfig, as_number
-from crossmodal.io import case_id_of
-from crossmodal.labels import IGNORE_INDEX, SPARSE
+from crossmodal.io import IMAGE_EXTENSIONS, CaseError, case_id_of, split_ext
+from crossmodal.labels import IGNORE_INDEX, SPARSE, name_key
 from crossmodal.propagate import heldout_accuracy, propagate_labels
-from crossmodal.serving.datastore import http_error
+from crossmodal.serving.datastore import http_error, slicer_label
 from crossmodal.serving.infer import CrossModalInfer
 from crossmodal.transforms import preprocessing, to_primary_labels
 from monai.data import MetaTensor
@@ -87,11 +88,14 @@ class CrossModalGrow(CrossModalInfer):
         return [self._to_viewer]
 
     def _to_viewer(self, data: dict[str, Any]) -> dict[str, Any]:
-        """Grown classes (IGNORE_INDEX -> 0) as a uint8 map on the primary grid, and the result params."""
+        """Grown classes (IGNORE_INDEX -> 0) as a uint8 map on the primary grid, and the result params; for Slicer's
+        scribbles panel (``selected_label_name``), the class it asked for as 1, the rest 0 (the segment it fills)."""
         image, grown = data["image"], data["pred"][0].long()
         onehot = F.one_hot(grown.clamp_min(0), self.cfg.labels.num_classes).movedim(-1, 0).float()
         onehot[0] = torch.maximum(onehot[0], (grown == IGNORE_INDEX).float())  # unlabelled: shown as background
         out = to_primary_labels(onehot, image)
+        if data.get("scribbled") is not None:
+            out = (out == self.cfg.labels.classes[data["scribbled"]]).to(out.dtype)
         data["pred"] = MetaTensor(out, affine=image.meta.get("primary_affine", image.affine))
         data["result"] = {"case": data.get("case_id"), "modalities_used": data.get("modalities_used", []),
                           **data["grow"]}
@@ -103,7 +107,25 @@ class CrossModalGrow(CrossModalInfer):
                                         "`label` (POST /infer/<model> with a `label` upload)"))
         p = self.cfg.train.propagate  # checked before the case is read (a text threshold was a 500 after it)
         image = request.get("image")  # MONAI Label's: the case's path
-        threshold, beta = walker_params({**request, "case_id": case_id_of(image) if isinstance(image, str) else image},
-                                        p.threshold, p.beta)
-        return super().__call__({**request, "threshold": threshold, "beta": beta, "label_kind": SPARSE,
-                                 "label_path": request["label"]}, callbacks)
+        case = case_id_of(image) if isinstance(image, str) else image
+        threshold, beta = walker_params({**request, "case_id": case}, p.threshold, p.beta)
+        strokes, scribbled = request["label"], None
+        if isinstance(request.get("label_info"), list) and split_ext(strokes)[1] in IMAGE_EXTENSIONS:
+            # Slicer's scribbles panel: every segment, numbered 1, 2, ... in its order, and the one it asks for
+            selected = request.get("selected_label_name")
+            by_key = {name_key(n): n for n in self.cfg.labels.foreground}
+            scribbled = by_key.get(name_key(selected)) if isinstance(selected, str) else None
+            if scribbled is None:
+                raise http_error(ValueError(f"case {case!r}: selected_label_name {selected!r} is not a class of "
+                                            f"this app: {list(by_key.values())}; pick the label to grow"))
+            try:
+                strokes = slicer_label(request["label"], request["label_info"], str(case), self.cfg.labels, scribbled)
+            except CaseError as e:
+                raise http_error(CaseError(str(case), None, f"strokes: {e.problem}")) from e
+        try:
+            return super().__call__({**request, "label": strokes, "threshold": threshold, "beta": beta,
+                                     "label_kind": SPARSE, "label_path": request["label"], "scribbled": scribbled},
+                                    callbacks)
+        finally:
+            if strokes != request["label"]:
+                os.remove(strokes)
