@@ -157,7 +157,8 @@ def test_grow_scribbles_grows_uploaded_strokes_and_saves_nothing(client, phantom
     save_volume(tmp_path / "one.nii.gz", one_class, image.affine.numpy())
     with pytest.raises(MONAILabelClientException) as e:
         client.infer("grow_scribbles", case, {}, label_in=str(tmp_path / "one.nii.gz"))
-    assert status_of(e.value) == 422 and f"case '{case}'" in e.value.msg and "draw at least two" in e.value.msg
+    assert status_of(e.value) == 422 and f"case '{case}': strokes of 1 class(es) ['organ'] in the uploaded strokes; " \
+        "draw at least two" in e.value.msg, e.value.msg  # was the server's temp file's path
     with pytest.raises(MONAILabelClientException) as e:
         client.infer("grow_scribbles", case, {})
     assert status_of(e.value) == 422 and "no strokes" in e.value.msg
@@ -190,6 +191,11 @@ def test_grow_scribbles_grows_uploaded_strokes_and_saves_nothing(client, phantom
     out_slicer, params_slicer = client.infer("grow_scribbles", case, slicer, label_in=str(tmp_path / "slicer.nrrd"))
     np.testing.assert_array_equal(load_volume(out_slicer)[0].numpy(), (pred[0].numpy() == 1).astype(np.float32))
     assert params_slicer["drawn"] == params["drawn"]
+    save_volume(tmp_path / "stray.nrrd", np.full_like(exported, 9), image.affine.numpy())
+    with pytest.raises(MONAILabelClientException) as e:  # a value no configured class has: named, not its temp file
+        client.infer("grow_scribbles", case, {}, label_in=str(tmp_path / "stray.nrrd"))
+    assert status_of(e.value) == 422 and f"case '{case}': uploaded strokes: label values [9] are not configured " \
+        "classes" in e.value.msg and "tmp" not in e.value.msg, e.value.msg
     with pytest.raises(MONAILabelClientException) as e:
         client.infer("grow_scribbles", case, {**slicer, "selected_label_name": "liver"},
                      label_in=str(tmp_path / "slicer.nrrd"))

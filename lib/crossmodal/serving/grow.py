@@ -21,6 +21,7 @@ from crossmodal.propagate import heldout_accuracy, propagate_labels
 from crossmodal.serving.datastore import http_error, slicer_label
 from crossmodal.serving.infer import CrossModalInfer
 from crossmodal.transforms import preprocessing, to_primary_labels
+from fastapi import HTTPException
 from monai.data import MetaTensor
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
@@ -126,6 +127,11 @@ class CrossModalGrow(CrossModalInfer):
             return super().__call__({**request, "label": strokes, "threshold": threshold, "beta": beta,
                                      "label_kind": SPARSE, "label_path": request["label"], "scribbled": scribbled},
                                     callbacks)
+        except HTTPException as e:  # the upload's temp name in the server's folder means nothing to the user
+            for path in {strokes, request["label"]}:
+                e.detail = str(e.detail).replace(f"file {path}: ", "uploaded strokes: ").replace(
+                    f" in {path}", " in the uploaded strokes")
+            raise
         finally:
             if strokes != request["label"]:
                 os.remove(strokes)
