@@ -21,7 +21,6 @@ from crossmodal.propagate import heldout_accuracy, propagate_labels
 from crossmodal.serving.datastore import http_error, slicer_label
 from crossmodal.serving.infer import CrossModalInfer
 from crossmodal.transforms import preprocessing, to_primary_labels
-from fastapi import HTTPException
 from monai.data import MetaTensor
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
@@ -53,6 +52,8 @@ class CrossModalGrow(CrossModalInfer):
     Voxels the walker leaves below ``threshold`` come back as 0.
     """
 
+    uploaded = "uploaded strokes"
+
     def __init__(self, cfg: CrossModalConfig, description: str) -> None:
         p = cfg.train.propagate
         BasicInferTask.__init__(  # no network: CrossModalInfer's writer and error mapping, not its model
@@ -72,7 +73,7 @@ class CrossModalGrow(CrossModalInfer):
         if len(classes) < 2:
             names = [n for n, v in self.cfg.labels.classes.items() if v in classes]
             raise http_error(ValueError(
-                f"case {case!r}: strokes of {len(classes)} class(es) {names} in {data.get('label_path')}; draw at "
+                f"case {case!r}: strokes of {len(classes)} class(es) {names} in the {self.uploaded}; draw at "
                 f"least two, e.g. a structure and '{self.cfg.labels.marked_background_name}' around it"))
         start = time.perf_counter()
         grown = propagate_labels(image, strokes, beta, threshold, p.max_voxels)
@@ -127,11 +128,6 @@ class CrossModalGrow(CrossModalInfer):
             return super().__call__({**request, "label": strokes, "threshold": threshold, "beta": beta,
                                      "label_kind": SPARSE, "label_path": request["label"], "scribbled": scribbled},
                                     callbacks)
-        except HTTPException as e:  # the upload's temp name in the server's folder means nothing to the user
-            for path in {strokes, request["label"]}:
-                e.detail = str(e.detail).replace(f"file {path}: ", "uploaded strokes: ").replace(
-                    f" in {path}", " in the uploaded strokes")
-            raise
         finally:
             if strokes != request["label"]:
                 os.remove(strokes)

@@ -96,6 +96,8 @@ class CrossModalInfer(BasicInferTask):
     co-registered, and the prediction.
     """
 
+    uploaded = "uploaded label"  # a request's `label` upload in messages (its temp path means nothing to the user)
+
     def __init__(self, cfg: CrossModalConfig, network: nn.Module, path: Sequence[str], description: str,
                  train_mode: bool = False, probabilities: bool = False) -> None:
         """``train_mode`` + ``probabilities``: the task MONAI Label's Epistemic scoring samples (dropout on, no
@@ -215,6 +217,9 @@ class CrossModalInfer(BasicInferTask):
             found = cause_of_type(e, (CaseError,))
             if found is None:
                 raise
+            if isinstance(found, CaseError) and found.path is not None \
+                    and found.path in {str(req.get(k)) for k in ("label", "label_path")}:
+                found = CaseError(found.case_id, None, f"{self.uploaded}: {found.problem}")  # not its temp name
             raise http_error(found) from e
 
 
