@@ -12,7 +12,7 @@ PRE := apps/crossmodal/pretrained
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: install install-system data run pacs test lint bench-infer bench-quality bench-mirror bench-overlap bench-uncertainty bench-propagate bench-refine bench-pool bench-transfer bench-scribble-gap bench-incomplete bench-workers bench-demo-train bench-ohif simulate weights weights-phantom weights-brain clean
+.PHONY: install install-system data run pacs test lint bench-infer bench-quality bench-mirror bench-overlap bench-uncertainty bench-propagate bench-refine bench-pool bench-transfer bench-scribble-gap bench-incomplete bench-workers bench-demo-train bench-gpu bench-ohif simulate weights weights-phantom weights-brain clean
 
 install: install-system $(STAMP)
 
@@ -129,6 +129,10 @@ bench-refine: install
 	$(BIN)/python bench/refine.py
 
 # The demo's full training as the viewers start it (time, peak memory, Dice on the unlabelled demo cases).
+# The CUDA path against the CPU on one machine (needs a GPU): train seconds, peak GPU memory, Dice of one model on both.
+bench-gpu: install
+	$(BIN)/python bench/gpu.py
+
 bench-demo-train: install data
 	$(BIN)/python bench/demo_training.py $(if $(SCRATCH),--from-scratch)
 

@@ -36,6 +36,7 @@ from crossmodal.simulate import (
 )
 from crossmodal.transforms import preprocessing
 from fastapi import HTTPException
+from monailabel.utils.others.generic import device_map
 
 CFG = load_config("phantom")
 WEIGHTS = APP / "pretrained" / "phantom_crossmodal.pt"
@@ -276,8 +277,9 @@ def test_strategy_hands_each_case_to_one_client_and_cold_starts_on_diversity(app
     assert cold({}, store)["model"] is False
     with pytest.raises(HTTPException) as bad:  # checked before a case is read (was torch's own error, a 500)
         cold({"device": "tpu"}, store)
-    assert (bad.value.status_code, bad.value.detail) == (422, "scoring request: device 'tpu' must be cpu, cuda or "
-                                                              "cuda:<index>")
+    gpus = sorted(name for name, device in device_map().items() if name != device)  # a GPU machine's, by name
+    assert (bad.value.status_code, bad.value.detail) == (422, "scoring request: device 'tpu' must be cpu, cuda" + (
+        f", cuda:<index> or one of {gpus}" if gpus else " or cuda:<index>"))
     first = strategy({"client_id": "A"}, store)
     assert first["cold_start"] is True and first["id"] in store.get_unlabeled_images()
     # hand-out lock: client B never gets A's case within the window; every case goes to one client only

@@ -337,3 +337,22 @@ def test_server_conf_numbers_are_checked_by_name(tmp_path: Path):
         parts.datastore("http://127.0.0.1:9/dicom-web", {"pacs_timeout": "x"})
     with pytest.raises(ConfigError, match=r"^--conf pacs_list_ttl '-1': must be a non-negative float$"):
         parts.datastore("http://127.0.0.1:9/dicom-web", {"pacs_list_ttl": "-1"})
+
+
+def test_a_request_device_is_read_as_monai_label_reads_it_on_a_gpu_machine(monkeypatch):
+    """On a GPU machine (its answers stood in for here: CI has none) /info lists the GPU by its name, which a
+    viewer's device option sends back: that name is the GPU; ``cpu`` stays the CPU, also for data-parallel
+    training (on 2026-12-04 a `processes=2` request for the CPU was refused there for want of a second GPU)."""
+    from crossmodal.config import ConfigError
+    from crossmodal.serving.datastore import request_device
+    from crossmodal.serving.train import on_cuda
+
+    assert request_device("cuda") == "cpu" and not on_cuda({})  # no GPU here: as MONAI Label's name_to_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H200")
+    assert [request_device(v) for v in ("NVIDIA H200", ["NVIDIA H200"], "cuda:0", "cpu", None)] == \
+        ["cuda", "cuda", "cuda:0", "cpu", None]
+    assert on_cuda({}) and on_cuda({"device": "NVIDIA H200"}) and not on_cuda({"device": "cpu"})
+    with pytest.raises(ConfigError, match=r"device 'tpu' must be cpu, cuda, cuda:<index> or one of \['NVIDIA H200'\]"):
+        request_device("tpu")

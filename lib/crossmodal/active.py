@@ -117,7 +117,7 @@ def score_network_outputs(fused: torch.Tensor, heads: Mapping[str, torch.Tensor]
         uncertainty = 0.0
     entropy = float(predictive_entropy(samples).mean())
     parts = [fractions, *[t.float().flatten() for t in independent]]
-    return CaseScores(disagreement, uncertainty, _unit(torch.cat(parts).numpy()), entropy)
+    return CaseScores(disagreement, uncertainty, _unit(torch.cat(parts).cpu().numpy()), entropy)
 
 
 def _coarse(probs: torch.Tensor, max_voxels: int = 32**3) -> torch.Tensor:
@@ -134,7 +134,7 @@ def image_descriptor(image: torch.Tensor, bins: int = 16, grid: int = 4) -> np.n
     x = image.float()
     hists = [torch.histc(x[m].clamp(-3, 3), bins=bins, min=-3, max=3) / x[m].numel() for m in range(x.shape[0])]
     thumb = F.adaptive_avg_pool3d(x[None], grid)[0].flatten()
-    return _unit(torch.cat([*hists, 0.25 * thumb]).numpy())
+    return _unit(torch.cat([*hists, 0.25 * thumb]).cpu().numpy())
 
 
 def _unit(v: np.ndarray) -> np.ndarray:

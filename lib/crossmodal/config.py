@@ -19,6 +19,7 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,21 +73,27 @@ def as_flag(value: Any) -> bool | None:
     return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text or "")
 
 
-def as_device(value: Any) -> str | None:
-    """A request's ``device`` (``cpu``, ``cuda``, ``cuda:<index>``; a list: its first item, as MONAI Label reads
-    it) or None when absent; ConfigError otherwise.
+def as_device(value: Any, names: Mapping[str, str] | None = None) -> str | None:
+    """A request's ``device`` (``cpu``, ``cuda``, ``cuda:<index>``, or a key of ``names``: its device; a list: its
+    first item, as MONAI Label reads it) or None when absent; ConfigError otherwise.
 
     Example:
         >>> [as_device(v) for v in (None, "cpu", ["cuda:1", "cpu"])]
         [None, 'cpu', 'cuda:1']
-        >>> as_device("tpu")
+        >>> as_device("NVIDIA H200", {"NVIDIA H200": "cuda"})  # a GPU as MONAI Label's /info names it
+        'cuda'
+        >>> as_device("tpu", {"NVIDIA H200": "cuda"})
         Traceback (most recent call last):
         ...
-        crossmodal.config.ConfigError: device 'tpu' must be cpu, cuda or cuda:<index>
+        crossmodal.config.ConfigError: device 'tpu' must be cpu, cuda, cuda:<index> or one of ['NVIDIA H200']
     """
     device = value[0] if isinstance(value, list) and value else value
+    names = names or {}
+    if isinstance(device, str) and device in names:
+        device = names[device]
     if device is not None and not (isinstance(device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", device)):
-        raise ConfigError(f"device {device!r} must be cpu, cuda or cuda:<index>")
+        known = f", cuda:<index> or one of {sorted(names)}" if names else " or cuda:<index>"
+        raise ConfigError(f"device {device!r} must be cpu, cuda{known}")
     return device
 
 

@@ -36,7 +36,7 @@ def separable_resample(values: torch.Tensor, dst_shape: Sequence[int], scale: Se
     """
     out = values
     for axis in range(3):
-        taps = _taps(out.shape[axis + 1], int(dst_shape[axis]), float(scale[axis]), float(offset[axis]))
+        taps = _taps(out.shape[axis + 1], int(dst_shape[axis]), float(scale[axis]), float(offset[axis]), out.device)
         if taps is None:
             continue
         i0, i1, w = taps
@@ -49,11 +49,12 @@ def separable_resample(values: torch.Tensor, dst_shape: Sequence[int], scale: Se
     return out
 
 
-def _taps(n_src: int, n_dst: int, s: float, o: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Linear-interpolation taps of one axis: (i0, i1, w), each (n_dst,); None for the identity."""
+def _taps(n_src: int, n_dst: int, s: float, o: float, device: torch.device | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Linear-interpolation taps of one axis: (i0, i1, w), each (n_dst,) on ``device``; None for the identity."""
     if n_src == n_dst and abs(s - 1) < 1e-9 and abs(o) < 1e-9:
         return None
-    coords = (torch.arange(n_dst, dtype=torch.float64) * s + o).clamp(0, n_src - 1)
+    coords = (torch.arange(n_dst, dtype=torch.float64, device=device) * s + o).clamp(0, n_src - 1)
     i0 = coords.floor().long().clamp(max=max(n_src - 2, 0))
     i1 = (i0 + 1).clamp(max=n_src - 1)
     return i0, i1, coords - i0
@@ -84,7 +85,7 @@ def resample_argmax(values: torch.Tensor, dst_shape: Sequence[int], scale: Seque
     labels = argmax_channels(values)
     hi, lo = labels.clone(), labels.clone()  # max / min label over each cell's 2 x 2 x 2 corners
     for axis in range(3):
-        nxt = (torch.arange(labels.shape[axis]) + 1).clamp(max=labels.shape[axis] - 1)
+        nxt = (torch.arange(labels.shape[axis], device=labels.device) + 1).clamp(max=labels.shape[axis] - 1)
         torch.maximum(hi, hi.index_select(axis, nxt), out=hi)
         torch.minimum(lo, lo.index_select(axis, nxt), out=lo)
     uniform = hi == lo
@@ -96,10 +97,10 @@ def resample_argmax(values: torch.Tensor, dst_shape: Sequence[int], scale: Seque
     out = (labels | (~uniform).to(torch.uint8) << 7).permute(2, 1, 0).contiguous()  # bit 7: the cell is mixed
     for axis in range(3):  # gather each output voxel's cell
         n_src = values.shape[axis + 1]
-        t = _taps(n_src, int(dst_shape[axis]), float(scale[axis]), float(offset[axis]))
+        t = _taps(n_src, int(dst_shape[axis]), float(scale[axis]), float(offset[axis]), values.device)
         if t is None:
-            idx = torch.arange(n_src)
-            t = (idx, idx, torch.zeros(n_src, dtype=torch.float64))
+            idx = torch.arange(n_src, device=values.device)
+            t = (idx, idx, torch.zeros(n_src, dtype=torch.float64, device=values.device))
         else:
             out = out.index_select(2 - axis, t[0])
         taps.append(t)
@@ -110,7 +111,7 @@ def resample_argmax(values: torch.Tensor, dst_shape: Sequence[int], scale: Seque
         c = values.shape[0]
         flat = values.reshape(c, -1)
         strides = (values.shape[2] * values.shape[3], values.shape[3], 1)
-        corners: list[torch.Tensor] = [torch.zeros(len(mixed), dtype=torch.long)]
+        corners: list[torch.Tensor] = [torch.zeros(len(mixed), dtype=torch.long, device=values.device)]
         weights = []
         for axis in range(3):
             i0, i1, w = taps[axis]

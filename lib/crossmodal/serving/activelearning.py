@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 from crossmodal.active import combine, image_descriptor, score_image, scoring_input, select
-from crossmodal.config import ConfigError, CrossModalConfig, as_device, as_flag
+from crossmodal.config import ConfigError, CrossModalConfig, as_flag
 from crossmodal.errors import CaseError, cause_of_type
 from crossmodal.io import case_id_of, find_case
-from crossmodal.serving.datastore import CrossModalDatastore, http_error
+from crossmodal.serving.datastore import CrossModalDatastore, http_error, request_device
 from crossmodal.transforms import preprocessing
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
@@ -184,7 +184,7 @@ class CrossModalScoring(ScoringMethod):
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         path = self.infer_task.get_path()
         try:
-            device = as_device(request.get("device")) or ("cuda" if torch.cuda.is_available() else "cpu")
+            device = request_device(request.get("device")) or ("cuda" if torch.cuda.is_available() else "cpu")
         except ConfigError as e:  # before any case is read
             raise http_error(e, prefix="scoring request: ") from None
         network = self.infer_task._get_network(device, {}) if path else None  # MONAI Label's cached loader

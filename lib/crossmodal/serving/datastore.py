@@ -20,7 +20,8 @@ from typing import Any
 
 import nrrd
 import numpy as np
-from crossmodal.config import LabelConfig, as_flag, json_safe, non_finite_at
+import torch
+from crossmodal.config import LabelConfig, as_device, as_flag, json_safe, non_finite_at
 from crossmodal.io import (
     IMAGE_EXTENSIONS,
     CaseError,
@@ -36,7 +37,7 @@ from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.datastore import DefaultLabelTag
-from monailabel.utils.others.generic import remove_file
+from monailabel.utils.others.generic import device_map, remove_file
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,20 @@ def file_signature(st: os.stat_result) -> tuple[int, ...]:
 def http_error(e: BaseException, status: int = 422, prefix: str = "") -> HTTPException:
     """A 4xx whose detail names the case, the file and the problem."""
     return HTTPException(status_code=status, detail=f"{prefix}{e}")
+
+
+def request_device(value: Any) -> str | None:
+    """A request's ``device``: ``cpu``, ``cuda``, ``cuda:<index>`` or a GPU by the name /info lists it under (MONAI
+    Label's ``device_list``, e.g. ``NVIDIA H200``: what a viewer's device option sends back), as a torch device
+    name; ``cuda`` is ``cpu`` where no GPU is visible, as in MONAI Label's own tasks. None when absent;
+    :class:`~crossmodal.config.ConfigError` otherwise.
+
+    Example:
+        >>> request_device("cpu"), request_device(None)
+        ('cpu', None)
+    """
+    device = as_device(value, {name: d for name, d in device_map().items() if name != d})  # GPU names
+    return "cpu" if device and device.startswith("cuda") and not torch.cuda.is_available() else device
 
 
 def no_such_case(image_id: object, hint: str = "") -> HTTPException:

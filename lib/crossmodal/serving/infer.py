@@ -16,7 +16,6 @@ from crossmodal.config import (
     ConfigError,
     CrossModalConfig,
     InferConfig,
-    as_device,
     as_number,
     parse_mirror_axes,
     parse_overlap,
@@ -26,7 +25,7 @@ from crossmodal.errors import CaseError, cause_of_type
 from crossmodal.inference import NetworkInferer
 from crossmodal.io import IMAGE_EXTENSIONS, case_id_of, save_volume
 from crossmodal.nets import CrossModalNet, unwrap
-from crossmodal.serving.datastore import http_error
+from crossmodal.serving.datastore import http_error, request_device
 from crossmodal.transforms import preprocessing, to_primary_grid, to_primary_labels
 from monai.data import MetaTensor
 from monai.inferers import Inferer
@@ -67,7 +66,8 @@ class ArgmaxLabel:
                 raise http_error(ValueError(f"case {data.get('case_id')!r}: prediction {which!r} is not available; "
                                             f"choose one of {[*outputs, 'uncertainty']}"))
             out = to_primary_labels(_plain(outputs[which]), image)
-        data["pred"] = MetaTensor(out, affine=image.meta.get("primary_affine", image.affine))
+        # computed where the network ran (a GPU too); the map comes back to the CPU for the writer (numpy)
+        data["pred"] = MetaTensor(out.cpu(), affine=image.meta.get("primary_affine", image.affine))
         data["result"] = {"case": data.get("case_id"), "modalities_used": data.get("modalities_used", []),
                           "registered_mm": dict(image.meta.get("registered_mm", {})), "prediction": which}
         return data
@@ -78,7 +78,8 @@ class FusedProbabilities:
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         # a MetaTensor: MONAI Label's Epistemic logs np.sum(pred), which a plain tensor rejects
-        data["pred"] = MetaTensor(torch.softmax(_plain(data["pred"]["fused"]).float(), 0))
+        # on the CPU: Epistemic logs np.sum(pred) and stacks the samples with numpy
+        data["pred"] = MetaTensor(torch.softmax(_plain(data["pred"]["fused"]).float(), 0).cpu())
         return data
 
 
@@ -201,7 +202,7 @@ class CrossModalInfer(BasicInferTask):
                                         f"{MAX_MC_SAMPLES}"), prefix=case)
         req["mc_samples"] = samples
         try:
-            as_device(req.get("device"))
+            request_device(req.get("device"))  # a GPU's name from /info too, as MONAI Label maps it
             if "mirror_axes" in req:  # checked (and parsed) before anything is read
                 req["mirror_axes"] = parse_mirror_axes(req["mirror_axes"])
             # ignored until 2026-12-04: the preset's were used whatever the request said

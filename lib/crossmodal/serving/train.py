@@ -82,6 +82,7 @@ from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE
 from crossmodal.losses import SupervisedLoss
 from crossmodal.nets import CrossModalNet, CrossModalOutput, build_network, non_finite_weights
 from crossmodal.propagate import refine_segmentation
+from crossmodal.serving.datastore import request_device
 from crossmodal.transforms import missing_modality_message, preprocessing
 from ignite.engine import Engine, Events
 from ignite.handlers import EarlyStopping
@@ -550,6 +551,17 @@ def check_modalities(cfg: CrossModalConfig, items: list[dict[str, Any]]) -> None
 def batch_present(batch: dict[str, Any]) -> torch.Tensor:
     """(B, M) bool: the modalities each case of a collated batch has (``present``, from ``LoadCased``)."""
     return plain(batch["present"]).to(torch.bool).cpu()
+
+
+def on_cuda(request: dict[str, Any]) -> bool:
+    """Whether a train request runs on a GPU: one is visible and the request's ``device`` (MONAI Label's default:
+    ``cuda``) is not the CPU.
+
+    Example:
+        >>> on_cuda({"device": "cpu"})
+        False
+    """
+    return (request_device(request.get("device")) or "cuda").startswith("cuda") and torch.cuda.is_available()
 
 
 def prepare_with_present(batch: dict[str, Any], device: str | torch.device | None = None,
@@ -1029,7 +1041,7 @@ class CrossModalTrain(BasicTrainTask):
         return trainer
 
     def _device(self, context: Context) -> torch.device:
-        if context.multi_gpu and not torch.cuda.is_available():
+        if context.multi_gpu and not on_cuda(context.request):
             return torch.device("cpu")  # data-parallel processes on CPU (gloo)
         return super()._device(context)
 
@@ -1222,7 +1234,7 @@ class CrossModalTrain(BasicTrainTask):
     def _run(self, req: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         processes = int(req.get("processes") or 1)
         if processes > 1:  # MONAI Label's multi-GPU path, also on CPU: N processes, gloo (CPU) or NCCL
-            cuda = torch.cuda.is_available()
+            cuda = on_cuda(req)  # a request for the CPU trains on it (gloo) on a GPU machine too
             if cuda and torch.cuda.device_count() < processes:
                 raise ConfigError(f"train request: processes={processes} but only {torch.cuda.device_count()} GPU(s) "
                                   "are visible")
