@@ -77,8 +77,8 @@ class FusedProbabilities:
     """``data["pred"]`` {name: logits (C, H, W, D)} -> softmax of the fused logits (C, H, W, D)."""
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-        # a MetaTensor: MONAI Label's Epistemic logs np.sum(pred), which a plain tensor rejects
-        # on the CPU: Epistemic logs np.sum(pred) and stacks the samples with numpy
+        # a MetaTensor on the CPU: MONAI Label's Epistemic logs np.sum(pred), which a plain tensor rejects and a CUDA
+        # one cannot give (a GPU's infer)
         data["pred"] = MetaTensor(torch.softmax(_plain(data["pred"]["fused"]).float(), 0).cpu())
         return data
 
