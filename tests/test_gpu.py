@@ -1,8 +1,8 @@
 """The CUDA path: the same request on a GPU gives what it gives on the CPU (skipped where no GPU is visible).
 
 Written after the first run on a GPU machine (2026-12-04): an infer request failed there in the label resampling
-(index tensors made on the CPU), scoring in its descriptor (``.numpy()`` of a CUDA tensor) and MONAI Label's
-Epistemic in its log line (``np.sum`` of a CUDA tensor). CI has no GPU; run these where one is (bench/README.md).
+(index tensors made on the CPU) and scoring in its descriptor (``.numpy()`` of a CUDA tensor); a GPU named as /info
+lists it was not a device. CI has no GPU; run these where one is (README, "On a GPU").
 """
 
 from __future__ import annotations

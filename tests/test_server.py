@@ -528,7 +528,7 @@ def test_unknown_names_and_bad_train_numbers_are_4xx_that_say_what_is_served(cli
                            ({"val_interval": 5, "max_epochs": 3},  # was: trained, validated never, published nothing
                             "train request: val_interval=5 is more than max_epochs=3: no epoch would validate, so none "
                             "would be published; lower val_interval or raise max_epochs"),
-                           ({"processes": 4096},  # was: 4096 trainers spawned, the server killed for memory
+                           ({"processes": 4096, "device": "cpu"},  # was: 4096 trainers spawned, killed for memory
                             f"train request: processes=4096 but this machine has {usable_cores()} usable CPU core(s): "
                             "at most one process a core"),
                            ({"name": "../../outside"},  # was: the run folder written outside the model dir

@@ -77,8 +77,8 @@ class FusedProbabilities:
     """``data["pred"]`` {name: logits (C, H, W, D)} -> softmax of the fused logits (C, H, W, D)."""
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-        # a MetaTensor on the CPU: MONAI Label's Epistemic logs np.sum(pred), which a plain tensor rejects and a CUDA
-        # one cannot give (a GPU's infer)
+        # a MetaTensor (MONAI Label's Epistemic logs np.sum(pred), which a plain tensor rejects), on the CPU, where
+        # Epistemic reduces the samples with numpy anyway
         data["pred"] = MetaTensor(torch.softmax(_plain(data["pred"]["fused"]).float(), 0).cpu())
         return data
 
