@@ -978,3 +978,37 @@ def test_a_pacs_series_with_a_slice_missing_is_a_422_naming_it_and_caches_nothin
     out, result = client.infer("crossmodal", ct_uid, {})
     assert result["modalities_used"] == ["ct"] and load_volume(out).shape[1:] == load_volume(
         studies / "gap000.nii.gz").shape[1:]
+
+
+def test_a_cache_converted_by_an_earlier_reader_is_converted_again_from_its_dicom_files(pacs, tmp_path, monkeypatch):
+    """A PACS cache made before a change to the DICOM reading (2026-12-04: a PET read with its first slice's
+    rescale) holds that reader's conversions: each is converted again from the DICOM files the cache kept, without a
+    download; a conversion of the current reader is kept as it is."""
+    import monailabel.datastore.utils.dicom as monailabel_dicom
+    from crossmodal.serving.dicomweb import READER_VERSION, PacsDatastore
+
+    orthanc, _ = pacs
+    store = PacsDatastore(orthanc.dicomweb, CFG, cache_path=str(tmp_path / "cache"))
+    ct_uid, pet_uid = uid_of(orthanc, "phantom001"), uid_of(orthanc, "phantom001", "PT")
+    primary = Path(store.get_image_uri(ct_uid))
+    pet = primary.parent / CFG.data.sidecar_dir / ct_uid / "pet.nii.gz"
+    stamps = [primary.parent / f".{ct_uid}.series", pet.parent / ".pet.series"]
+    assert [s.read_text() for s in stamps] == [f"{ct_uid} {READER_VERSION}", f"{pet_uid} {READER_VERSION}"]
+    fetched = {p: load_volume(p)[0].numpy() for p in (primary, pet)}
+    assert all(v.std() > 0 for v in fetched.values())
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a series was downloaded again")
+
+    monkeypatch.setattr(monailabel_dicom, "dicom_web_download_series", no_download)
+    for p, values in fetched.items():  # what an earlier reader left (other values), stamped as it stamped
+        save_volume(p, np.zeros_like(values), load_volume(p).affine.numpy())
+    stamps[0].unlink()  # the primary had none
+    stamps[1].write_text(pet_uid)  # a sibling's held its series UID alone
+    assert store.get_image_uri(ct_uid) == str(primary)
+    for p, values in fetched.items():
+        np.testing.assert_array_equal(load_volume(p)[0].numpy(), values)
+    assert [s.read_text() for s in stamps] == [f"{ct_uid} {READER_VERSION}", f"{pet_uid} {READER_VERSION}"]
+    save_volume(pet, np.zeros_like(fetched[pet]), load_volume(pet).affine.numpy())  # current stamp: not read again
+    store.get_image_uri(ct_uid)
+    assert not load_volume(pet)[0].numpy().any()

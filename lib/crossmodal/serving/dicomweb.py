@@ -9,7 +9,9 @@ A local cache (our validated :class:`~crossmodal.serving.datastore.CrossModalDat
 ``<cache>/<primary uid>.nii.gz``, the siblings as ``<cache>/modalities/<primary uid>/<name>.nii.gz`` (so every
 reader of the local layout works unchanged) and the labels in ``<cache>/labels/<tag>/``. Series are immutable in
 DICOM, so a cached series is never fetched twice; the study listing is re-read after ``list_ttl`` seconds and at
-once after our own saves.
+once after our own saves. Each cached NIfTI carries a stamp (``.<case id or modality>.series``: its series UID and
+:data:`READER_VERSION`); one converted by an earlier version of the reader is converted again from the DICOM files
+kept in the cache (``<cache>/dicom/<series uid>/``), without a download.
 
 Saving a ``final`` label validates it, keeps it in the cache, writes it as DICOM SEG (dcmqi; highdicom on an
 enhanced image) and stores it in the PACS. When the PACS is down or too slow the label stays in the cache marked
@@ -51,6 +53,9 @@ from pydicom.uid import generate_uid
 logger = logging.getLogger(__name__)
 
 FINAL = DefaultLabelTag.FINAL.value
+# What a cached NIfTI was converted by; raised whenever the reading of DICOM changes what a series reads as. 2: a
+# rescale per slice / frame applied to each (a PET read as int16 with its first slice's rescale before, 2026-12-04).
+READER_VERSION = "2"
 
 
 class PacsUnavailable(HTTPException):
@@ -293,6 +298,29 @@ class PacsDatastore(CrossModalDatastore):
     def dicom_dir(self, series_uid: str) -> str:
         return os.path.join(self._datastore.base_path, "dicom", series_uid)
 
+    def _cached(self, series: Series, dest: Path, stamp: Path) -> None:
+        """Make ``dest`` hold ``series`` as this version of the reader converts it (``stamp``: the series and
+        :data:`READER_VERSION` it holds): kept as it is when its stamp says so; else converted from the series' DICOM
+        files kept in the cache (a conversion by an earlier reader, or from before the stamps), else fetched."""
+        want = f"{series.uid} {READER_VERSION}"
+        if dest.is_file() and stamp.is_file() and stamp.read_text() == want:
+            return
+        files = sorted(p for p in Path(self.dicom_dir(series.uid)).glob("*") if p.is_file())
+        if files:  # the kept files are this series' whole (a download is moved there only once it converted)
+            logger.info(f"{dest.name}: series {series.uid} converted again from its {len(files)} cached DICOM files "
+                        f"(reader version {READER_VERSION})")
+            try:
+                series_to_nifti(files, dest, series.uid)
+            except CaseError as e:
+                raise CaseError(series.uid, None, f"{series.modality} series cached from {self.url}: {e.problem}; "
+                                                  f"delete {self.dicom_dir(series.uid)} to fetch it again") from e
+        else:
+            self._fetch_series(series, dest)
+        fd, tmp = tempfile.mkstemp(dir=stamp.parent, prefix=f".{stamp.name}.")
+        with os.fdopen(fd, "w") as f:
+            f.write(want)
+        os.replace(tmp, stamp)
+
     def get_image_uri(self, image_id: str) -> str:
         """Fetch the case's primary series and its sibling modalities (once); returns the primary NIfTI path."""
         cid = self.resolve(image_id)
@@ -300,16 +328,11 @@ class PacsDatastore(CrossModalDatastore):
         base = Path(self._datastore.base_path)
         primary = base / f"{cid}.nii.gz"
         with FileLock(str(base / f".{cid}.lock")):
-            if not primary.is_file():
-                self._fetch_series(case.primary, primary)
+            self._cached(case.primary, primary, base / f".{cid}.series")
             side = base / self.cfg.data.sidecar_dir / cid
             for name, s in case.siblings.items():
-                dest, stamp = side / f"{name}.nii.gz", side / f".{name}.series"
-                if s is None:
-                    continue
-                if not dest.is_file() or not stamp.is_file() or stamp.read_text() != s.uid:
-                    self._fetch_series(s, dest)
-                    stamp.write_text(s.uid)
+                if s is not None:
+                    self._cached(s, side / f"{name}.nii.gz", side / f".{name}.series")
             with FileLock(self._lock_file):
                 self._reload_unlocked()
                 if cid not in self._datastore.objects:
