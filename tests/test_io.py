@@ -301,3 +301,33 @@ def test_case_error_survives_pickling():
         "brain003", "/d/brain003.nii.gz", "is empty")
     assert str(back) == "case 'brain003': file /d/brain003.nii.gz: is empty"
 
+
+
+def test_a_seg_nrrd_names_its_segments_as_3d_slicer_reads_them(tmp_path: Path):
+    """A ``.seg.nrrd`` written with the classes carries Slicer's segment fields (read here by slicerio, Slicer's own
+    reader outside Slicer): one segment per class by name, value and colour on one layer; the values and the grid
+    are those written, and the datastore's reading of such a file maps each segment to its class. Without them it
+    is a plain NRRD label map, as before."""
+    import nrrd
+    import slicerio
+    from crossmodal.config import load_config
+    from crossmodal.io import load_volume, save_volume
+    from crossmodal.labels import seg_nrrd_values
+
+    cfg = load_config("phantom")
+    label = np.zeros((6, 5, 4), np.uint8)
+    label[1:3], label[3] = 1, 3
+    affine = np.diag([2.0, 1.5, 3.0, 1.0])
+    affine[:3, 3] = [10.0, -5.0, 7.0]
+    save_volume(tmp_path / "named.seg.nrrd", label, affine, segments=cfg.labels.foreground)
+    seg = slicerio.read_segmentation(str(tmp_path / "named.seg.nrrd"))
+    assert [(s["name"], s["labelValue"], s["layer"]) for s in seg["segments"]] == \
+        [("organ", 1, 0), ("lesion", 2, 0), ("vessel", 3, 0)]
+    assert len({tuple(s["color"]) for s in seg["segments"]}) == 3 and np.array_equal(seg["voxels"], label)
+    back = load_volume(tmp_path / "named.seg.nrrd")
+    assert np.array_equal(back[0].numpy(), label) and np.allclose(back.affine.numpy(), affine)
+    _, header = nrrd.read(str(tmp_path / "named.seg.nrrd"))
+    assert seg_nrrd_values(header, cfg.labels) == {0: 0, 1: 1, 2: 2, 3: 3}
+    save_volume(tmp_path / "plain.seg.nrrd", label, affine)
+    _, header = nrrd.read(str(tmp_path / "plain.seg.nrrd"))
+    assert not any(k.startswith("Segment") for k in header) and seg_nrrd_values(header, cfg.labels) is None

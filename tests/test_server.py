@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import nibabel as nib
+import nrrd
 import numpy as np
 import pytest
 import requests
@@ -119,6 +120,13 @@ def test_infer_nrrd_output_for_slicer_and_no_format_that_cannot_hold_the_label(c
         b = load_volume(out)
         np.testing.assert_array_equal(a.numpy(), b.numpy())
         np.testing.assert_allclose(a.affine.numpy(), b.affine.numpy(), atol=1e-4)
+        if ext == ".seg.nrrd":  # 3D Slicer shows the classes by name (it made up Segment_1, ... before)
+            _, header = nrrd.read(out)
+            assert [header[f"Segment{i}_Name"] for i in range(3)] == ["organ", "lesion", "vessel"]
+            assert [int(header[f"Segment{i}_LabelValue"]) for i in range(3)] == [1, 2, 3]
+    out, _ = client.infer("crossmodal", "phantom003", {"prediction": "uncertainty", "result_extension": ".seg.nrrd",
+                                                       "mc_samples": 2})
+    assert not any(k.startswith("Segment") for k in nrrd.read_header(out))  # a 0-100 map names no classes
     # MONAI Label's own writer answered .jpg / 'nii.gz' with a 500 after inference and .png with one 2D slice
     for ext in (".png", ".jpg", "nii.gz"):
         with pytest.raises(MONAILabelClientException) as e:

@@ -175,7 +175,9 @@ class CrossModalInfer(BasicInferTask):
             array = array.astype(np.dtype(out_dtype), copy=False)
         fd, path = tempfile.mkstemp(suffix=ext, prefix="crossmodal-")
         os.close(fd)
-        save_volume(path, array, pred.affine.double().numpy())
+        # a class map names its classes in a .seg.nrrd (Slicer shows them by name); the uncertainty map is no classes
+        classes = None if data.get("prediction") == "uncertainty" else self.cfg.labels.foreground
+        save_volume(path, array, pred.affine.double().numpy(), segments=classes)
         return path, data.get(self.output_json_key, {})
 
     def __call__(self, request: dict[str, Any], callbacks: Any = None) -> tuple[Any, dict]:
