@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchutil import results_dir  # noqa: E402
 from crossmodal.config import atomic_write_text, load_config, save_config  # noqa: E402
-from crossmodal.serving.offline import epoch_length, evaluate, train_offline  # noqa: E402
+from crossmodal.serving.offline import evaluate, train_offline  # noqa: E402
 from quality import (  # noqa: E402
     DATASETS,
     git_commit,
@@ -34,6 +34,7 @@ from quality import (  # noqa: E402
     regime_studies,
     reset_peak_rss,
     run_config,
+    run_length,
 )
 
 
@@ -47,10 +48,7 @@ def train_and_evaluate(root: Path, pool: Path, test: Path, regime: str, device: 
     save_config(cfg, preset)
     counts = regime_studies(pool, root / "studies" / tag, regime, cfg, seed)
     hybrid = regime.endswith("_unlabeled")
-    per_epoch = epoch_length(counts, hybrid, 2, cfg.train.consistency.unlabeled_per_step(hybrid and counts["dense"] > 0,
-                                                                                         False),
-                             cfg.train.consistency.max_unlabeled_per_epoch)
-    epochs = max(1, round(steps / per_epoch))
+    epochs, per_epoch = run_length(cfg, counts, hybrid, steps)
     torch.manual_seed(seed)
     reset_peak_rss()
     if device.startswith("cuda"):
@@ -97,6 +95,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    regimes = [r.strip() for r in args.regimes.split(",") if r.strip()]
+    if not devices or not regimes:
+        ap.error("--devices and --regimes each need at least one name")
     if any(d.startswith("cuda") for d in devices) and not torch.cuda.is_available():
         ap.error("no CUDA device is visible here: run it on a GPU machine (or --devices cpu to check the script)")
     results = results_dir()
@@ -105,7 +106,7 @@ def main() -> int:
         root = Path(tmp)
         cfg = load_config("phantom")
         pool, test = make_pool(root / "data", "phantom", cfg, DATASETS["phantom"], args.seed, 0.0)
-        for regime in [r.strip() for r in args.regimes.split(",") if r.strip()]:
+        for regime in regimes:
             for i, device in enumerate(devices):
                 # the device under test's model is evaluated on every device: the same weights, the same masks
                 rows.append(train_and_evaluate(root, pool, test, regime, device, args.steps, args.seed,

@@ -149,6 +149,16 @@ def run_config(spec: dict, method: str, seed: int) -> tuple[CrossModalConfig, st
     return method_config(spec["preset"], base_method, overrides), base_method + VARIANTS.get(variant, "")
 
 
+def run_length(cfg: CrossModalConfig, counts: dict, unlabeled: bool, steps: int) -> tuple[int, int]:
+    """(epochs, optimiser steps per epoch) of a run of about ``steps`` steps on a regime's label ``counts``
+    (:func:`regime_studies`), its unlabeled cases trained on when ``unlabeled`` (a cross-modal network only)."""
+    hybrid = unlabeled and cfg.model.name == "crossmodal"
+    per_epoch = epoch_length(counts, hybrid, 2, cfg.train.consistency.unlabeled_per_step(hybrid and counts["dense"] > 0,
+                                                                                        False),
+                             cfg.train.consistency.max_unlabeled_per_epoch)
+    return max(1, round(steps / per_epoch)), per_epoch
+
+
 def run(root: Path, dataset: str, spec: dict, method: str, regime: str, mm: float, seed: int, pool: Path, test: Path,
         drops: tuple[str | None, ...] = (None,)) -> list[dict]:
     """Train one method on one regime (:func:`run_config`), evaluate it on the test split (once per entry of
@@ -160,11 +170,7 @@ def run(root: Path, dataset: str, spec: dict, method: str, regime: str, mm: floa
     studies = root / "studies" / tag
     counts = regime_studies(pool, studies, regime, cfg, seed)
     unlabeled = regime.endswith("_unlabeled")
-    hybrid = unlabeled and cfg.model.name == "crossmodal"
-    steps_per_epoch = epoch_length(counts, hybrid, 2,
-                                   cfg.train.consistency.unlabeled_per_step(hybrid and counts["dense"] > 0, False),
-                                   cfg.train.consistency.max_unlabeled_per_epoch)
-    epochs = max(1, round(spec["steps"] / steps_per_epoch))
+    epochs, steps_per_epoch = run_length(cfg, counts, unlabeled, spec["steps"])
     torch.manual_seed(seed)
     reset_peak_rss()
     t = time.perf_counter()
