@@ -529,6 +529,7 @@ def test_unknown_names_and_bad_train_numbers_are_4xx_that_say_what_is_served(cli
                            ({"dataset": "PersistentDataset"},  # was: read as Dataset, silently
                             "train request: dataset='PersistentDataset' must be one of ['Dataset', 'CacheDataset']"),
                            ({"pretrained": "maybe"}, "train request: pretrained='maybe' must be true or false"),
+                           ({"seed": -1}, "train request: seed=-1 must be an integer from 0 to 2^32 - 1"),
                            ({"val_batch_size": 2},  # MONAI's collate: "Collate error on the key 'image'" for two sizes
                             "train request: val_batch_size=2 must be 1: validation segments each held-out case whole, "
                             "and cases of different sizes do not stack into one batch (the sliding window batches "
@@ -687,6 +688,37 @@ def test_train_on_an_unreadable_case_says_which_and_keeps_the_published_model(cl
     out, _ = client.infer("baseline_unet", "phantom001", {})
     # the model in service comes from a run stopped at a machine-dependent epoch: its Dice is not this test's point
     assert np.array_equal(load_volume(out)[0].numpy(), before) and set(np.unique(before)) > {0}
+
+
+def test_the_same_train_request_trains_the_same_model(client, phantom_server):
+    """A train request's ``seed`` (default the preset's ``train.seed``, listed in the trainer's config) seeds the run:
+    the same request trains the same weights, bit for bit, synchronously in the server and in MONAI Label's
+    background process (the viewers' Train); another seed trains others. Until 2026-12-04 every run drew its own
+    initial weights. From scratch, one epoch: none beats the model in service, so none is published."""
+    import shutil
+
+    assert client.info()["trainers"]["baseline_unet"]["config"]["seed"] == 0
+    models = {p: p.read_bytes() for p in phantom_server.model_dir.glob("*.pt")}
+    request = {"max_epochs": 1, "pretrained": False}
+    r = requests.post(f"{phantom_server.url}/train/baseline_unet?run_sync=true", json={**request, "name": "seeded_a"},
+                      timeout=300)
+    assert r.status_code == 200, r.text
+    client.train_start("baseline_unet", {**request, "name": "seeded_b"})
+    wait_for_training(client, 300)
+    assert client.train_status()["status"] == "DONE"
+    r = requests.post(f"{phantom_server.url}/train/baseline_unet?run_sync=true",
+                      json={**request, "name": "seeded_c", "seed": 7}, timeout=300)
+    assert r.status_code == 200, r.text
+    try:
+        a, b, c = (torch.load(phantom_server.model_dir / name / "checkpoint_final.pt", map_location="cpu")
+                   for name in ("seeded_a", "seeded_b", "seeded_c"))
+        assert a.keys() == b.keys() == c.keys()
+        assert all(torch.equal(v, b[k]) for k, v in a.items())
+        assert sum(not torch.equal(v, c[k]) for k, v in a.items()) > len(a) // 2
+        assert {p: p.read_bytes() for p in phantom_server.model_dir.glob("*.pt")} == models
+    finally:
+        for name in ("seeded_a", "seeded_b", "seeded_c"):
+            shutil.rmtree(phantom_server.model_dir / name, ignore_errors=True)
 
 
 def test_a_diverging_training_is_a_422_and_leaves_the_model_in_service_as_it_was(client, phantom_server):

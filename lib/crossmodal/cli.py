@@ -378,7 +378,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                               pretrained=args.pretrained, network=network, use_unlabeled=not args.no_unlabeled,
                               processes=args.processes, dataset=args.dataset, publish_mode=args.publish_mode,
                               missing_modality=args.missing_modality, from_scratch=args.from_scratch,
-                              early_stop_patience=args.early_stop_patience)
+                              early_stop_patience=args.early_stop_patience, seed=args.seed)
     print(json.dumps(stats, indent=2, default=str))
     if stats.get("start_metric") is not None:  # a model in service and held-out labels (--publish-mode if_better)
         outcome = (f"no epoch beat it, so that model stays (published: {stats['published']})"
@@ -666,6 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "reads each case as it comes (memory for many large cases)")
     q.add_argument("--early-stop-patience", type=int, default=-1, metavar="N",
                    help="stop after N validations without a better held-out score (default -1: train every epoch)")
+    q.add_argument("--seed", type=at_least(0), default=None,
+                   help="the run's random seed: initial weights, dropout, augmentation, patch sampling (default: the "
+                        "preset's train.seed; the same seed, data and settings train the same model)")
     q.set_defaults(func=cmd_train)
 
     q = sub.add_parser("models", help="list the training runs of a model folder (scores, the one in service) and put "

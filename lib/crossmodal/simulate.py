@@ -113,7 +113,7 @@ def annotate(truth_file: Path, pool: Path, cid: str, cfg: Any, mode: str, rng: n
 
 
 def _train(pool: Path, preset: Path, model_dir: Path, cfg: Any, n_labelled: int, n_unlabelled: int, steps: int,
-           pretrained: str | None, sparse: bool) -> str:
+           pretrained: str | None, sparse: bool, seed: int) -> str:
     counts = {"dense": 0 if sparse else n_labelled, "sparse": n_labelled if sparse else 0, "unlabeled": n_unlabelled}
     cc = cfg.train.consistency
     per_epoch = epoch_length(counts, True, cfg.train.batch_size,
@@ -122,7 +122,7 @@ def _train(pool: Path, preset: Path, model_dir: Path, cfg: Any, n_labelled: int,
                              cc.max_unlabeled_per_epoch)
     epochs = max(1, round(steps / per_epoch))
     stats = train_offline(str(pool), str(preset), str(model_dir), epochs=epochs, pretrained=pretrained,
-                          network=cfg.model.name)
+                          network=cfg.model.name, seed=seed)
     return stats["published"]
 
 
@@ -186,10 +186,9 @@ def run_strategy(src: Path, root: Path, dataset: str, spec: SimSpec, strategy: s
         for c in picks:
             voxels += annotate(truths[c], pool, c, cfg, spec.annotation, rng)
         annotated += picks
-        torch.manual_seed(seed * 100 + r)
         t = time.perf_counter()
         model = _train(pool, preset, work / f"model_r{r}", cfg, len(annotated), len(pool_cases) - len(annotated),
-                       spec.steps if r else 2 * spec.steps, model, spec.annotation == "scribbles")
+                       spec.steps if r else 2 * spec.steps, model, spec.annotation == "scribbles", seed * 100 + r)
         train_s = time.perf_counter() - t
         ev = evaluate(str(test), str(preset), model, network=cfg.model.name)
         rest = [c for c in pool_cases if c not in annotated]
@@ -213,9 +212,8 @@ def full_reference(src: Path, root: Path, dataset: str, spec: SimSpec, seed: int
     rng = np.random.default_rng([seed, 7])
     truths = truth_files(src)
     voxels = sum(annotate(truths[c], work / "pool", c, cfg, spec.annotation, rng) for c in pool_cases)
-    torch.manual_seed(seed)
     model = _train(work / "pool", preset, work / "model", cfg, len(pool_cases), 0, spec.steps * (spec.rounds + 1),
-                   None, spec.annotation == "scribbles")
+                   None, spec.annotation == "scribbles", seed)
     ev = evaluate(str(work / "test"), str(preset), model, network=cfg.model.name)
     return {"dataset": dataset, "strategy": "full", "seed": seed, "annotated_cases": len(pool_cases),
             "annotated_voxels": voxels, "dice_mean": round(ev["dice_mean"], 4),

@@ -311,6 +311,32 @@ LOWER_LR = ("Lower the learning rate (this run's: {lr:g}; the train request's `l
             "`train.learning_rate`) and train again")
 
 
+def seed_run(seed: int) -> None:
+    """Seeds torch's global generator at the start of a training run (the server's ``/train``, ``crossmodal train``,
+    each data-parallel process with ``seed + rank``): the network's initial weights, its dropout and per-batch
+    modality dropout, MONAI's random transforms and the loader workers' seeds (drawn from it) follow the request's
+    ``seed`` (default ``train.seed``), so a run repeats another of the same data and settings. The step's own
+    generator (augmented copies, copy-paste boxes) and the validation split follow ``train.seed``.
+
+    Example:
+        >>> seed_run(3); a = torch.rand(2); seed_run(3); bool((a == torch.rand(2)).all())
+        True
+    """
+    torch.manual_seed(seed)
+
+
+def request_seed(request: dict[str, Any], cfg: CrossModalConfig) -> int:
+    """The train request's ``seed`` (checked as :func:`check_train_request` does), else the preset's ``train.seed``.
+
+    Example:
+        >>> from crossmodal.config import load_config
+        >>> request_seed({"seed": "7"}, load_config("phantom")), request_seed({}, load_config("phantom"))
+        (7, 0)
+    """
+    seed = check_train_request({"seed": request["seed"]})["seed"] if request.get("seed") is not None else None
+    return cfg.train.seed if seed is None else int(seed)
+
+
 def learning_rate(engine: Engine) -> float:
     """The first parameter group's learning rate of ``engine``'s optimizer (what the run steps with now)."""
     return float(engine.optimizer.param_groups[0]["lr"])  # type: ignore[attr-defined]
@@ -679,6 +705,7 @@ def coerce_tracking(request: dict[str, Any], model_dir: str) -> dict[str, Any]:
 
 
 POSITIVE_INTS = ("max_epochs", "train_batch_size", "val_batch_size", "val_interval", "processes")
+NON_NEGATIVE_INTS = ("seed",)  # the run's generator (:func:`seed_run`)
 FLAGS = ("pretrained", "use_unlabeled", "multi_gpu")  # true / false, also as the strings a form or a URL sends
 # the train task's choices, the first the default: the viewers show each as a list and send the item chosen (a
 # request without the key reached MONAI Label's run as the whole list, which its loaders took for the plain ones)
@@ -739,6 +766,7 @@ def check_train_request(request: dict[str, Any], choices: dict[str, tuple[str, .
                           "data-parallel in N CPU processes")
     checks: list[tuple[str, type, Callable[[Any], bool], str]] = [
         (key, int, lambda x: x >= 1, "a positive integer") for key in POSITIVE_INTS]
+    checks += [(key, int, lambda x: 0 <= x < 2**32, "an integer from 0 to 2^32 - 1") for key in NON_NEGATIVE_INTS]
     checks += [("learning_rate", float, lambda x: x > 0, "a number > 0"),
                ("val_split", float, lambda x: 0 <= x < 1, "a number in [0, 1)")]
     for key, kind, inside, want in checks:
@@ -782,7 +810,7 @@ class CrossModalTrain(BasicTrainTask):
                     "learning_rate": t.lr_for(cfg.model.name), "multi_gpu": False,
                     # MONAI Label's default, train_01, was every run's folder: each run replaced the last one's model
                     "name": "",
-                    "processes": 1, "use_unlabeled": t.consistency.unlabeled,
+                    "processes": 1, "use_unlabeled": t.consistency.unlabeled, "seed": t.seed,
                     **{key: list(options) for key, options in train_choices(cfg).items()},
                     "tracking": ["None", "mlflow"]},
         )
@@ -1181,6 +1209,8 @@ class CrossModalTrain(BasicTrainTask):
 
         A data-parallel process's user error (a case that does not read, ...) is also pickled to the request's
         ``user_error_file``: ``torch.multiprocessing.spawn`` hands the parent its traceback's text only."""
+        if world_size > 1:  # a spawned process: its generator is the interpreter's own until seeded
+            seed_run(request_seed(request, self.cfg) + rank)
         try:
             stats = super().train(rank, world_size, request, datalist)
             if self._start is not None and self._start.score is not None:
