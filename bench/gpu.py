@@ -49,7 +49,6 @@ def train_and_evaluate(root: Path, pool: Path, test: Path, regime: str, device: 
     counts = regime_studies(pool, root / "studies" / tag, regime, cfg, seed)
     hybrid = regime.endswith("_unlabeled")
     epochs, per_epoch = run_length(cfg, counts, hybrid, steps)
-    torch.manual_seed(seed)
     reset_peak_rss()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

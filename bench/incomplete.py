@@ -95,7 +95,6 @@ def run(root: Path, dataset: str, spec: dict, way: str, seed: int, pool: Path, t
     n = studies_for(pool, studies, way, lacking)
     per_epoch = epoch_length({"dense": n, "sparse": 0, "unlabeled": 0}, False, cfg.train.batch_size, 1)
     epochs = max(1, round(spec["steps"] / per_epoch))
-    torch.manual_seed(seed)
     t = time.perf_counter()
     with zeros_read_as_image(way == "zeros_as_image"):
         stats = train_offline(str(studies), str(preset), str(root / "models" / tag), epochs=epochs, device="auto",

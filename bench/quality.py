@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -171,7 +170,6 @@ def run(root: Path, dataset: str, spec: dict, method: str, regime: str, mm: floa
     counts = regime_studies(pool, studies, regime, cfg, seed)
     unlabeled = regime.endswith("_unlabeled")
     epochs, steps_per_epoch = run_length(cfg, counts, unlabeled, spec["steps"])
-    torch.manual_seed(seed)
     reset_peak_rss()
     t = time.perf_counter()
     stats = train_offline(str(studies), str(preset), str(root / "models" / tag), epochs=epochs, device="auto",

@@ -47,7 +47,6 @@ def measure(seed: int, root: Path) -> list[dict]:
     save_config(cfg, preset)
     studies = root / "studies"
     regime_studies(pool, studies, "dense10", cfg, seed)
-    torch.manual_seed(seed)
     stats = train_offline(str(studies), str(preset), str(root / "model"), epochs=spec["steps"], device="cpu",
                           network="crossmodal", use_unlabeled=False)  # one dense case: one step an epoch
     net = build_network(cfg)

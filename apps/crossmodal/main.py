@@ -14,7 +14,6 @@ from crossmodal.serving.app import AppParts, check_infer_request, conf_flag, not
 from crossmodal.serving.datastore import http_error
 from crossmodal.serving.dicomweb import labels_onto_grid
 from crossmodal.serving.infer import CrossModalBatchInfer
-from crossmodal.serving.train import request_seed, seed_run
 from crossmodal.serving.uploads import check_requests
 from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
@@ -88,12 +87,10 @@ class MyApp(MONAILabelApp):
         return result
 
     def train(self, request: dict[str, Any]) -> Any:
-        """As upstream, from the request's ``seed`` (default the preset's ``train.seed``): the same request on the
-        same data trains the same model. A case that cannot be read stops the run with a 422 naming the case and
-        the file (the viewers' synchronous train) instead of a bare 500."""
+        """As upstream; a case that cannot be read stops the run with a 422 naming the case and the file (the
+        viewers' synchronous train) instead of a bare 500."""
         refuse_non_finite(request, "train request")
         try:
-            seed_run(request_seed(request, self.parts.cfg))
             return super().train(request)
         except Exception as e:
             found = user_error_in(e)

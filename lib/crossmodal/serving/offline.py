@@ -21,7 +21,6 @@ from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR, files_by_case, prim
 from crossmodal.errors import CaseError, user_error_in
 from crossmodal.io import OutputFolder, atomic_copy, case_id_of, load_volume, save_volume
 from crossmodal.serving.app import AppParts
-from crossmodal.serving.train import seed_run
 from monai.data import MetaTensor
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from tqdm import tqdm
@@ -74,8 +73,8 @@ def train_offline(studies: str, preset: str, model_dir: str, epochs: int | None 
     left out of its fusion (default: the preset's ``infer.missing_modality``, ``error``); ``from_scratch``: random
     weights even where a model is published (or ``pretrained``), which it must beat on held-out labels to replace;
     ``early_stop_patience``: stop after that many validations without a better held-out score (-1: never);
-    ``seed``: the run's generator (default the preset's ``train.seed``; :func:`~crossmodal.serving.train.seed_run`),
-    seeded before anything of the run is built, so two runs of the same data and settings train alike."""
+    ``seed``: the run's generator (default the preset's ``train.seed``; :func:`~crossmodal.serving.train.seed_run`):
+    two runs of the same data, settings and seed train alike."""
     conf = {"preset": preset, "model_dir": model_dir, **({"max_epochs": str(epochs)} if epochs else {})}
     if missing_modality:
         conf["missing_modality"] = missing_modality
@@ -83,15 +82,13 @@ def train_offline(studies: str, preset: str, model_dir: str, epochs: int | None 
         conf["pretrained"] = pretrained
     if network:
         conf["models"] = network
-    if seed is None:
-        seed = load_config(preset).train.seed
-    seed_run(seed)
     with tempfile.TemporaryDirectory(prefix="crossmodal-app-") as app_dir:  # model_dir is given: nothing is kept there
         parts = AppParts.from_conf(app_dir, conf)
     stats = parts.trainer()({"device": pick_device(device), "tracking": "None", "dataset": dataset,
                              "dataloader": "DataLoader", "use_unlabeled": use_unlabeled, "processes": processes,
                              "publish": publish_mode, "pretrained": not from_scratch,
-                             "early_stop_patience": early_stop_patience, "seed": seed},
+                             "early_stop_patience": early_stop_patience,
+                             **({} if seed is None else {"seed": seed})},
                             parts.datastore(studies))
     # a fine-tuning of ``pretrained`` that no epoch improved on held-out labels publishes nothing: that model stays
     published = parts.published if os.path.exists(parts.published) or not pretrained else pretrained

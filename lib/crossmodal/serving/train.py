@@ -312,11 +312,12 @@ LOWER_LR = ("Lower the learning rate (this run's: {lr:g}; the train request's `l
 
 
 def seed_run(seed: int) -> None:
-    """Seeds torch's global generator at the start of a training run (the server's ``/train``, ``crossmodal train``,
-    each data-parallel process with ``seed + rank``): the network's initial weights, its dropout and per-batch
-    modality dropout, MONAI's random transforms and the loader workers' seeds (drawn from it) follow the request's
-    ``seed`` (default ``train.seed``), so a run repeats another of the same data and settings. The step's own
-    generator (augmented copies, copy-paste boxes) and the validation split follow ``train.seed``.
+    """Seeds torch's global generator where a training process starts its run, before it builds the network (each
+    data-parallel process with ``seed + rank``): the network's initial weights, its dropout and per-batch modality
+    dropout, MONAI's random transforms and the loader workers' seeds (drawn from it) follow the request's ``seed``
+    (default ``train.seed``), whatever the process drew before (the app builds and checks networks at start-up), so a
+    run repeats another of the same data and settings. The step's own generator (augmented copies, copy-paste boxes)
+    and the validation split follow ``train.seed``.
 
     Example:
         >>> seed_run(3); a = torch.rand(2); seed_run(3); bool((a == torch.rand(2)).all())
@@ -1209,8 +1210,7 @@ class CrossModalTrain(BasicTrainTask):
 
         A data-parallel process's user error (a case that does not read, ...) is also pickled to the request's
         ``user_error_file``: ``torch.multiprocessing.spawn`` hands the parent its traceback's text only."""
-        if world_size > 1:  # a spawned process: its generator is the interpreter's own until seeded
-            seed_run(request_seed(request, self.cfg) + rank)
+        seed_run(request_seed(request, self.cfg) + rank)  # before the run builds its network: nothing before counts
         try:
             stats = super().train(rank, world_size, request, datalist)
             if self._start is not None and self._start.score is not None:
