@@ -83,7 +83,7 @@ bench-infer: install $(SPM)
 # Segmentation quality: methods x annotation regimes x misregistration x a missing modality, 5 seeds, phantom and
 # brain (about 2 h on 2 cores); QUICK=1: phantom, one seed, a few minutes. RESULTS_DIR=... to redirect.
 bench-quality: install $(SPM)
-	$(BIN)/python bench/quality.py $(if $(QUICK),--quick,)
+	$(BIN)/python bench/quality.py $(if $(QUICK),--quick,) $(if $(RESUME),--resume,)
 
 # Test-time mirroring (8 passes) vs one pass: Dice and infer seconds per case, ours + baseline_unet, dense + scribbles,
 # phantom + brain, 5 seeds (about 30 min); QUICK=1: phantom, one seed, ours dense. RESULTS_DIR=... to redirect.

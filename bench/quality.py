@@ -25,6 +25,7 @@ class) and writes ``quality.json`` (one record per run) and ``quality.png`` to `
     python bench/quality.py [--quick] [--seeds 5] [--datasets phantom,brain] [--only ours:dense10_unlabeled | ours]
     python bench/quality.py --first-seed 3     # seeds 3 and 4 added to an earlier 3-seed quality.json
     python bench/quality.py --summarize        # tables, goals (with their seeds' 95 % CI) and PNG of quality.json again
+    python bench/quality.py --resume           # go on with an interrupted run (same options, code unchanged)
 """
 
 from __future__ import annotations
@@ -388,6 +389,43 @@ def git_commit() -> str | None:
     return head + ("+" if dirty else "")
 
 
+CODE = ("lib", "configs", "apps", "bench", "requirements.txt", ":(exclude)bench/results")  # what a run's figures follow
+
+
+def code_changes(commit: str, repo: Path = REPO) -> list[str] | None:
+    """The files of :data:`CODE` that differ between ``commit`` and the working tree (committed or not); None when
+    that cannot be told (no git, an unknown commit, a commit stamped ``+``: written from uncommitted changes)."""
+    import subprocess
+
+    if not commit or commit.endswith("+"):
+        return None
+    try:
+        out = subprocess.run(["git", "diff", "--name-only", commit, "--", *CODE], cwd=repo, capture_output=True,
+                             text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return [line for line in out.splitlines() if line]
+
+
+def resumed(partial: Path, plan: dict, repo: Path = REPO) -> list[dict]:
+    """The records that an interrupted run of the same ``plan`` saved to ``partial`` (after each of its runs), if
+    the code that made them is the code of now (:func:`code_changes`); else a ``SystemExit`` that says why."""
+    if not partial.is_file():
+        raise SystemExit(f"--resume: {partial} does not exist: no interrupted run to resume")
+    saved = json.loads(partial.read_text())
+    if saved.get("plan") != plan:
+        raise SystemExit(f"--resume: {partial} is a run of {saved.get('plan')}, not of {plan}: give the same options "
+                         "or run without --resume")
+    changed = code_changes(saved.get("commit") or "", repo)
+    if changed is None:
+        raise SystemExit(f"--resume: {partial} was written by {saved.get('commit')!r}, which cannot be compared with "
+                         "the code of now (uncommitted changes or no such commit): run without --resume")
+    if changed:
+        raise SystemExit(f"--resume: the code changed since {partial} was written ({saved['commit']}): "
+                         f"{', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}; run without --resume")
+    return list(saved["records"])
+
+
 def report(records: list[dict], results: Path) -> None:
     """Write ``quality_summary.json`` and ``quality.png`` of ``records`` to ``results``; print the tables."""
     summary = summarize(records)
@@ -425,6 +463,10 @@ def main() -> int:
                                    "that method's runs: regimes, misregistrations, missing modality), to re-measure; "
                                    "their records replace the same runs in RESULTS_DIR/quality.json and the rest are "
                                    "kept (after a change that only those runs go through)")
+    ap.add_argument("--resume", action="store_true",
+                    help="go on with an interrupted run of the same options: its runs, saved after each one to "
+                         "RESULTS_DIR/quality.partial.json, are kept if lib / configs / apps / bench are unchanged "
+                         "since (a run of every data set takes about 2 h)")
     ap.add_argument("--summarize", action="store_true",
                     help="train nothing: summarise RESULTS_DIR/quality.json again (tables, goals, PNG)")
     args = ap.parse_args()
@@ -449,8 +491,22 @@ def main() -> int:
     merge = bool(only) or args.first_seed > 0
     if merge and not previous.is_file():
         ap.error(f"--only / --first-seed add to an earlier full run, but {previous} does not exist")
-    records: list[dict] = []
     commit = git_commit()  # the code that runs: taken before the first run
+    partial = results / "quality.partial.json"  # every run's records as they come: an interrupted run resumes
+    plan = {"datasets": datasets, "seeds": seeds, "first_seed": args.first_seed, "only": args.only or None,
+            "quick": args.quick}
+    records: list[dict] = resumed(partial, plan) if args.resume else []
+    done = {run_key(r)[:4] + (r["seed"],) for r in records}
+    if records:
+        print(f"resumed: {len(done)} runs of {partial} ({records[0].get('commit')}) kept", flush=True)
+
+    def measure(*run_args: Any, **kw: Any) -> None:
+        """One run; its records stamped and saved at once."""
+        new = run(*run_args, **kw)
+        for r in new:
+            r["commit"] = commit
+        records.extend(new)
+        atomic_write_text(partial, json.dumps({"plan": plan, "commit": commit, "records": records}))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         for ds in datasets:
@@ -467,18 +523,22 @@ def main() -> int:
                     todo = [e for e in todo if e[0] in whole] + [(x[0], x[1], 0.0, (None,)) for x in only
                                                                  if len(x) == 2 and x[0] not in whole]
                 for method, regime, mm, drops in todo:
+                    if (ds, method, regime, mm, seed) in done:
+                        continue
                     if mm not in pools:
                         pools[mm] = make_pool(Path(tmp) / f"{ds}_s{seed}_{mm:g}mm", ds, cfg, spec, seed, mm)
-                    records += run(Path(tmp), ds, spec, method, regime, mm, seed, *pools[mm], drops=drops)
+                    measure(Path(tmp), ds, spec, method, regime, mm, seed, *pools[mm], drops=drops)
                 if only:
                     continue
                 singles = [r for r in records if r["dataset"] == ds and r["seed"] == seed
                            and r["method"].startswith("single_") and r["method"] != f"single_{MISSING[ds]}"]
                 best = max(singles, key=lambda r: r["dice_mean"])["method"]  # best single modality, this seed
                 for regime in [g for g in (REGIMES[:4] if args.quick else REGIMES) if g != "dense"]:
-                    records += run(Path(tmp), ds, spec, best, regime, 0.0, seed, *pools[0.0])
-    for r in records:
-        r["commit"] = commit
+                    if (ds, best, regime, 0.0, seed) in done:
+                        continue
+                    if 0.0 not in pools:  # every run of this seed at 0 mm was resumed
+                        pools[0.0] = make_pool(Path(tmp) / f"{ds}_s{seed}_0mm", ds, cfg, spec, seed, 0.0)
+                    measure(Path(tmp), ds, spec, best, regime, 0.0, seed, *pools[0.0])
     fresh = {run_key(r) for r in records}
     subset = set(datasets) != set(DATASETS) and not args.quick and previous.is_file()
     if merge or subset:  # keep what was not re-measured (a subset of the datasets: the other datasets' records)
@@ -488,6 +548,7 @@ def main() -> int:
         records = kept + records
     atomic_write_text(results / "quality.json", json.dumps(records, indent=2))
     report(records, results)
+    partial.unlink(missing_ok=True)
     ran = f"{len(fresh)} of {len(records)} runs" if merge or subset else f"{len(records)} runs"
     print(f"\n{ran} in {time.perf_counter() - started:.0f} s; wrote {results / 'quality.json'}, "
           f"{results / 'quality.png'}")

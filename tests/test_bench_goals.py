@@ -144,3 +144,82 @@ def test_simulation_goals_from_hand_made_curves():
     assert goals["scoring one case <= 1/20 of Epistemic (5 samples), re-scoring"]["met"] is True
     cost["p"]["ratio_warm"] = 0.06
     assert simulate.goals(summarize(recs, refs), cost)[-1]["met"] is False
+
+
+def test_an_interrupted_benchmark_resumes_with_the_runs_it_saved(tmp_path, monkeypatch):
+    """Every run's records are saved as they come (``quality.partial.json``); ``--resume`` keeps them and trains only
+    the rest, so a 2-hour run cut off (a session's end, a kill) is not lost. The real training is stood in for by a
+    run that returns made-up records (its training is tested elsewhere); its calls are counted."""
+    import json
+
+    calls: list[tuple] = []
+
+    def fake_run(root, ds, spec, method, regime, mm, seed, pool, test, drops=(None,)):
+        calls.append((method, regime, mm, seed))
+        if fail_after is not None and len(calls) > fail_after:
+            raise KeyboardInterrupt  # killed mid-benchmark
+        value = 0.5 + 0.01 * len(calls)
+        return [{"dataset": ds, "method": method, "regime": regime, "misregistration_mm": mm,
+                 "missing_modality": drop, "seed": seed, "dice_mean": value, "hd95_mean": 3.0,
+                 "dice_per_class": {"organ": value}, "hd95_per_class": {"organ": 3.0}, "train_seconds": 1.0,
+                 "peak_rss_gb": 1.0} for drop in drops]
+
+    monkeypatch.setattr(quality, "run", fake_run)
+    monkeypatch.setattr(quality, "make_pool", lambda *a: (tmp_path / "pool", tmp_path / "test"))
+    monkeypatch.setattr(quality, "git_commit", lambda: "abc1234")
+    monkeypatch.setenv("RESULTS_DIR", str(tmp_path / "results"))
+    argv = ["quality.py", "--quick", "--datasets", "phantom"]
+    fail_after: int | None = 5
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(KeyboardInterrupt):
+        quality.main()
+    partial = tmp_path / "results" / "quality.partial.json"
+    saved = json.loads(partial.read_text())
+    assert saved["commit"] == "abc1234" and len({(r["method"], r["regime"]) for r in saved["records"]}) == 5
+    first = list(calls[:5])
+
+    calls.clear()
+    fail_after = None
+    monkeypatch.setattr(quality, "code_changes", lambda commit, repo=None: ["lib/crossmodal/losses.py"])
+    monkeypatch.setattr(sys, "argv", [*argv, "--resume"])
+    with pytest.raises(SystemExit, match=r"--resume: the code changed since .* \(abc1234\): "
+                                         r"lib/crossmodal/losses.py; run without --resume"):
+        quality.main()
+    with pytest.raises(SystemExit, match=r"is a run of \{'datasets': \['phantom'\], .*\}, not of \{'datasets': "
+                                         r"\['brain'\]"):  # other options: not the same run
+        quality.resumed(partial, {**saved["plan"], "datasets": ["brain"]})
+    assert not calls
+
+    monkeypatch.setattr(quality, "code_changes", lambda commit, repo=None: [])
+    monkeypatch.setattr(sys, "argv", [*argv, "--resume"])
+    assert quality.main() == 0
+    total = first + calls
+    assert not set(first) & set(calls) and len(total) == len(set(total))  # none trained twice, none left out
+    assert len(total) == len(quality.experiments("phantom", quick=True)) + 3  # + the best single model's 3 regimes
+    final = json.loads((tmp_path / "results" / "quality.json").read_text())
+    assert {(r["method"], r["regime"], r["misregistration_mm"]) for r in final} == \
+        {(m, g, mm) for m, g, mm, _ in total}
+    assert all(r["commit"] == "abc1234" for r in final) and not partial.exists()
+
+
+def test_code_changes_are_those_of_the_code_not_of_the_results(tmp_path):
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    for path in ("lib/a.py", "bench/results/quality.json", "README.md"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("1\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    commit = git("rev-parse", "--short", "HEAD").strip()
+    assert quality.code_changes(commit, tmp_path) == []
+    (tmp_path / "bench/results/quality.json").write_text("2\n")  # the benchmark's own output
+    (tmp_path / "README.md").write_text("2\n")
+    assert quality.code_changes(commit, tmp_path) == []
+    (tmp_path / "lib/a.py").write_text("2\n")  # uncommitted counts too
+    assert quality.code_changes(commit, tmp_path) == ["lib/a.py"]
+    assert quality.code_changes(commit + "+", tmp_path) is None  # made from uncommitted changes: unknown code
+    assert quality.code_changes("0000000", tmp_path) is None
