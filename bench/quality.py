@@ -389,7 +389,8 @@ def git_commit() -> str | None:
     return head + ("+" if dirty else "")
 
 
-CODE = ("lib", "configs", "apps", "bench", "requirements.txt", ":(exclude)bench/results")  # what a run's figures follow
+# what a run's figures follow (not the benchmark's own output or its documentation)
+CODE = ("lib", "configs", "apps", "bench", "requirements.txt", ":(exclude)bench/results", ":(exclude)bench/*.md")
 
 
 def code_changes(commit: str, repo: Path = REPO) -> list[str] | None:

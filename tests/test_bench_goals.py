@@ -209,7 +209,7 @@ def test_code_changes_are_those_of_the_code_not_of_the_results(tmp_path):
         return subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
 
     git("init", "-q")
-    for path in ("lib/a.py", "bench/results/quality.json", "README.md"):
+    for path in ("lib/a.py", "bench/results/quality.json", "bench/README.md", "README.md"):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text("1\n")
     git("add", "-A")
@@ -218,6 +218,7 @@ def test_code_changes_are_those_of_the_code_not_of_the_results(tmp_path):
     assert quality.code_changes(commit, tmp_path) == []
     (tmp_path / "bench/results/quality.json").write_text("2\n")  # the benchmark's own output
     (tmp_path / "README.md").write_text("2\n")
+    (tmp_path / "bench/README.md").write_text("2\n")
     assert quality.code_changes(commit, tmp_path) == []
     (tmp_path / "lib/a.py").write_text("2\n")  # uncommitted counts too
     assert quality.code_changes(commit, tmp_path) == ["lib/a.py"]
