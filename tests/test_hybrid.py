@@ -899,12 +899,12 @@ def test_data_parallel_training_in_two_cpu_processes(tmp_path: Path, phantom_cfg
 
 def test_early_stop_patience_stops_a_run_whose_held_out_score_stops_improving(tmp_path: Path, phantom_cfg, caplog):
     """The train request's ``early_stop_patience`` (the viewers show it) was read by MONAI Label's ``finalize``, which
-    this task replaces: every run trained its max_epochs. At a learning rate of 1e-9 the held-out score never
+    this task replaces: every run trained its max_epochs. At a learning rate of 1e-20 the held-out score never
     improves after the first validation, so patience 2 stops the run after its third epoch of 6."""
     from crossmodal.serving.train import check_train_request
 
     studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=3, dense=2, sparse=0, seed=5)  # 1 validates
-    save_config(method_config("phantom", "baseline_unet", {"train": {"learning_rate": 1e-9, "patch_size": [32] * 3,
+    save_config(method_config("phantom", "baseline_unet", {"train": {"learning_rate": 1e-20, "patch_size": [32] * 3,
                                                                      "patches_per_case": 1}}), tmp_path / "still.yaml")
 
     def run(name: str, patience: int) -> dict:

@@ -57,8 +57,9 @@ def test_each_run_keeps_its_folder_and_an_earlier_model_goes_back_in_service(tmp
     assert [r.in_service for r in list_runs(model_dir)] == [True, False]
 
     # a third run fine-tunes train_01's model (in service) and replaces it; keep_runs 2 then removes train_01
+    # (another seed: from train_01's model with the same seed it would train train_02's model again, byte for byte)
     third = train_offline(str(studies), str(tmp_path / "ours.yaml"), str(model_dir), epochs=1, device="cpu",
-                          network="crossmodal")
+                          network="crossmodal", seed=1)
     assert third["current_iteration"] == 2
     assert [d.name for d in run_folders(model_dir)] == ["train_02", "train_03"]
     assert [r.in_service for r in list_runs(model_dir)] == [False, True]
