@@ -444,8 +444,8 @@ def test_a_series_of_several_volumes_says_so(tmp_path):
 def test_a_slicer_segmentation_drawn_on_a_secondary_grid_keeps_its_segment_names(tmp_path):
     """A ``.seg.nrrd`` from 3D Slicer, drawn on the MR grid, numbers its segments in Slicer's order (here lesion 1,
     organ 2, not the configured organ 1, lesion 2): moved onto the CT grid it stays a ``.seg.nrrd`` with the same
-    segments, so the save maps its values to the configured ones (the NIfTI copy it was lost them: the lesion was
-    saved as organ)."""
+    segments, so the save maps its values to the configured ones (it was a NIfTI copy without them: saved without
+    ``label_info``, the lesion became organ)."""
     from crossmodal.serving.datastore import slicer_label
     from crossmodal.serving.dicomweb import labels_onto_grid
 
