@@ -427,6 +427,69 @@ def resumed(partial: Path, plan: dict, repo: Path = REPO) -> list[dict]:
     return list(saved["records"])
 
 
+REGIME_NAMES = {"dense": "dense", "scribbles": "scribbles", "dense10": "10% dense",
+                "dense10_unlabeled": "10% dense + unlabeled", "scribbles30_unlabeled": "30% scribbles + unlabeled"}
+GOAL_NAMES = {  # the goals of summarize(), as the README's table names them
+    "ours scribbles / ours dense": "ours from scribbles >= 95% of ours from dense",
+    "ours - baseline_unet, scribbles (Dice points)": "ours beats `baseline_unet` by >= 3 points under scribbles",
+    "ours - baseline_unet, dense10_unlabeled (Dice points)": "... under 10% dense + unlabeled",
+    "ours dense10_unlabeled - dense10 (points)": "10% dense + unlabeled beats 10% dense alone by >= 3 points",
+    "4 mm misregistration cost, ours (points)":
+        "4 mm misregistration costs ours <= 2 points and less than the baseline",
+    "ours without": "one modality missing: within 2 points of the remaining modality alone"}
+
+
+def markdown(summary: dict) -> str:
+    """The README's tables of a :func:`summarize` result: mean +- sd Dice (HD95 mm) of ours, ``baseline_unet`` and
+    the best single modality per data set and annotation regime (0 mm, every modality; the better of ours and the
+    baseline in bold), then the goals (value [95 % CI of the per-seed values]: met / missed) per data set."""
+    rows = summary["rows"]
+
+    def row(ds: str, method: str, regime: str) -> dict | None:
+        return next((r for r in rows if (r["dataset"], r["method"], r["regime"], r["misregistration_mm"],
+                                         r["missing_modality"]) == (ds, method, regime, 0.0, None)), None)
+
+    def cell(r: dict | None, bold: bool) -> str:
+        if r is None:
+            return "-"
+        return (f"**{r['dice']:.3f}**" if bold else f"{r['dice']:.3f}") + f" +- {r['dice_sd']:.3f} ({r['hd95']:.1f})"
+
+    out = ["| data | regime | ours | `baseline_unet` | best single modality |", "|---|---|---|---|---|"]
+    datasets = [d for d in DATASETS if any(r["dataset"] == d for r in rows)]
+    for ds in datasets:
+        for regime, name in REGIME_NAMES.items():
+            ours = row(ds, "ours", regime)
+            if ours is None:
+                continue
+            # the baseline and the single models have no unlabeled-data path: 10% dense + unlabeled is 10% dense
+            theirs = regime if regime != "dense10_unlabeled" else "dense10"
+            base = row(ds, "baseline_unet", regime) or row(ds, "baseline_unet", theirs)
+            singles = [r for r in rows if r["dataset"] == ds and r["method"].startswith("single_")
+                       and r["regime"] == theirs and r["misregistration_mm"] == 0 and r["missing_modality"] is None]
+            best = max(singles, key=lambda r: r["dice"]) if singles else None
+            lead = base is None or ours["dice"] >= base["dice"]
+            single = "-" if best is None else \
+                f"{best['dice']:.3f} {best['method'].removeprefix('single_').upper()} ({best['hd95']:.1f})"
+            out.append(f"| {ds} | {name} | {cell(ours, lead)} | {cell(base, not lead)} | {single} |")
+    out += ["", f"| goal | {' | '.join(datasets)} |", "|---|" + "---|" * len(datasets)]
+    for key, name in GOAL_NAMES.items():
+        cells = []
+        for ds in datasets:
+            g = next((g for g in summary["goals"] if g["dataset"] == ds and g["goal"].startswith(key)), None)
+            if g is None or g["value"] is None:
+                cells.append("-")
+                continue
+            fmt = (lambda v: f"{v:+.1f}") if "points" in g["goal"] else (lambda v: f"{v:.3f}")
+            ci = f" [{fmt(g['ci95'][0])}, {fmt(g['ci95'][1])}]" if g.get("ci95") else ""
+            if key == "ours without":  # "ours without pet - single_ct (points)": against which model
+                ci += f" vs {g['goal'].split(' - single_')[1].split(' ')[0].upper()}"
+            elif key.startswith("4 mm"):
+                ci += f" vs {float(g['threshold'].rsplit(' ', 1)[1]):.1f}"
+            cells.append(f"{fmt(g['value'])}{ci}: {'met' if g['met'] else 'missed'}")
+        out.append(f"| {name} | {' | '.join(cells)} |")
+    return "\n".join(out)
+
+
 def report(records: list[dict], results: Path) -> None:
     """Write ``quality_summary.json`` and ``quality.png`` of ``records`` to ``results``; print the tables."""
     summary = summarize(records)
@@ -470,12 +533,20 @@ def main() -> int:
                          "since (a run of every data set takes about 2 h)")
     ap.add_argument("--summarize", action="store_true",
                     help="train nothing: summarise RESULTS_DIR/quality.json again (tables, goals, PNG)")
+    ap.add_argument("--markdown", action="store_true",
+                    help="with --summarize: print the README's Markdown tables (results and goals) instead")
     args = ap.parse_args()
     results = results_dir(args.quick)
+    if args.markdown and not args.summarize:
+        ap.error("--markdown goes with --summarize")
     if args.summarize:
         if not (results / "quality.json").is_file():
             ap.error(f"--summarize reads {results / 'quality.json'}, which does not exist; run the benchmark first")
-        report(json.loads((results / "quality.json").read_text()), results)
+        saved = json.loads((results / "quality.json").read_text())
+        if args.markdown:
+            print(markdown(summarize(saved)))
+        else:
+            report(saved, results)
         return 0
     names = args.datasets or ("phantom" if args.quick else "phantom,brain")
     datasets = [d.strip() for d in names.split(",") if d.strip()]

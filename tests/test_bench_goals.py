@@ -82,6 +82,33 @@ def test_goals_are_the_issues_margins_with_their_per_seed_values():
     assert [g for g in goals if "ceiling" in goals[g]] == [semi["goal"], gain["goal"]]
 
 
+def test_the_readme_tables_come_from_the_summary():
+    """``--summarize --markdown``: the README's results table (the better of ours and the baseline in bold; a regime
+    ours did not run is left out, a model not run a dash; the baseline's 10% dense stands in for 10% dense +
+    unlabeled where it has no such run) and its goal table, from the same summary as the goals."""
+    recs = records() + [{**r, "regime": "dense10", "dice_mean": r["dice_mean"] - 0.01} for r in records()
+                        if (r["method"], r["regime"]) == ("baseline_unet", "dense10_unlabeled")]
+    table, goal_table = quality.markdown(quality.summarize(recs)).split("\n\n")
+    assert table.splitlines() == [
+        "| data | regime | ours | `baseline_unet` | best single modality |",
+        "|---|---|---|---|---|",
+        "| brain | dense | **0.800** +- 0.020 (5.0) | 0.800 +- 0.010 (5.0) | 0.800 PD (5.0) |",
+        "| brain | scribbles | **0.770** +- 0.026 (5.0) | 0.710 +- 0.010 (5.0) | - |",
+        "| brain | 10% dense | 0.717 +- 0.015 (5.0) | **0.720** +- 0.010 (5.0) | - |",
+        "| brain | 10% dense + unlabeled | **0.750** +- 0.010 (5.0) | 0.730 +- 0.010 (5.0) | - |",
+    ]
+    lines = goal_table.splitlines()
+    assert lines[:2] == ["| goal | brain |", "|---|---|"] and len(lines) == 8
+    assert "| ours beats `baseline_unet` by >= 3 points under scribbles | +6.0 [-1.5, +13.5]: met |" in lines
+    assert "| ... under 10% dense + unlabeled | +2.0 [-2.3, +6.3]: missed |" in lines
+    assert lines[-2].startswith("| 4 mm misregistration costs ours") and lines[-2].endswith(" vs 9.0: met |")
+    assert lines[-1] == ("| one modality missing: within 2 points of the remaining modality alone | "
+                         "-1.0 [-5.3, +3.3] vs T2: met |")
+    stand_in = [r for r in recs if (r["method"], r["regime"]) != ("baseline_unet", "dense10_unlabeled")]
+    assert "| brain | 10% dense + unlabeled | **0.750** +- 0.010 (5.0) | 0.720 +- 0.010 (5.0) | - |" in \
+        quality.markdown(quality.summarize(stand_in)).splitlines()
+
+
 def test_the_baseline_is_given_each_of_our_label_steps_for_comparison():
     brain = {(m, r) for m, r, mm, _ in quality.experiments("brain", quick=False) if "+" in m}
     phantom = {(m, r) for m, r, mm, _ in quality.experiments("phantom", quick=False) if "+" in m}

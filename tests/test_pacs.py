@@ -441,6 +441,43 @@ def test_a_series_of_several_volumes_says_so(tmp_path):
     np.testing.assert_allclose(load_volume(tmp_path / "pet.nii.gz")[0].numpy(), vol, atol=np.ptp(vol) / 60000)
 
 
+def test_a_slicer_segmentation_drawn_on_a_secondary_grid_keeps_its_segment_names(tmp_path):
+    """A ``.seg.nrrd`` from 3D Slicer, drawn on the MR grid, numbers its segments in Slicer's order (here lesion 1,
+    organ 2, not the configured organ 1, lesion 2): moved onto the CT grid it stays a ``.seg.nrrd`` with the same
+    segments, so the save maps its values to the configured ones (it was a NIfTI copy without them: saved without
+    ``label_info``, the lesion became organ)."""
+    from crossmodal.serving.datastore import slicer_label
+    from crossmodal.serving.dicomweb import labels_onto_grid
+
+    ct_affine, mr_affine = np.diag([2.0, 2.0, 2.0, 1.0]), np.diag([3.0, 3.0, 3.0, 1.0])
+    save_volume(tmp_path / "ct.nii.gz", np.zeros((30, 30, 30), np.float32), ct_affine)
+    save_volume(tmp_path / "mr.nii.gz", np.zeros((20, 20, 20), np.float32), mr_affine)
+    on_mr = np.zeros((20, 20, 20), np.uint8)
+    on_mr[4:16, 4:16, 4:16] = 2  # organ, Slicer's second segment
+    on_mr[8:12, 8:12, 8:12] = 1  # lesion, its first
+    save_volume(tmp_path / "drawn.seg.nrrd", on_mr, mr_affine, segments={"lesion": 1, "organ": 2})
+    moved = labels_onto_grid(str(tmp_path / "drawn.seg.nrrd"), str(tmp_path / "mr.nii.gz"),
+                             str(tmp_path / "ct.nii.gz"), "phantom001")
+    try:
+        assert moved.endswith(".seg.nrrd")
+        header = nrrd.read_header(moved)
+        assert [header[f"Segment{i}_Name"] for i in (0, 1)] == ["lesion", "organ"]
+        assert not any(k.endswith("_Extent") for k in header)  # the old grid's extents are not carried over
+        saved = slicer_label(moved, None, "phantom001", CFG.labels)
+        try:
+            out = load_volume(saved)[0].numpy()
+        finally:
+            if saved != moved:
+                os.remove(saved)
+    finally:
+        os.remove(moved)
+    assert out.shape == (30, 30, 30)
+    # MR voxel i spans [3i - 1.5, 3i + 1.5) mm; CT voxel j is at 2j mm
+    assert out[15, 15, 15] == CFG.labels.classes["lesion"] and out[8, 8, 8] == CFG.labels.classes["organ"]
+    assert sorted(np.unique(out).tolist()) == [0, 1, 2]
+    assert (out == 2).sum() == 6 ** 3  # lesion: MR 8..11 -> 22.5..34.5 mm -> CT 12..17
+
+
 def test_to_dicom_writes_nrrd_cases_as_it_writes_nifti_ones(tmp_path, capsys):
     """``crossmodal data to-dicom`` on the same case saved as NRRD and as NIfTI: the same series, slice by slice
     (nibabel alone read no NRRD: the command stopped on its first case with "Cannot work out file type")."""

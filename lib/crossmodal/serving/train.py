@@ -706,7 +706,7 @@ def coerce_tracking(request: dict[str, Any], model_dir: str) -> dict[str, Any]:
 
 
 POSITIVE_INTS = ("max_epochs", "train_batch_size", "val_batch_size", "val_interval", "processes")
-NON_NEGATIVE_INTS = ("seed",)  # the run's generator (:func:`seed_run`)
+SEED_KEYS = ("seed",)  # the run's generator (:func:`seed_run`), 0 .. 2^32 - 1
 FLAGS = ("pretrained", "use_unlabeled", "multi_gpu")  # true / false, also as the strings a form or a URL sends
 # the train task's choices, the first the default: the viewers show each as a list and send the item chosen (a
 # request without the key reached MONAI Label's run as the whole list, which its loaders took for the plain ones)
@@ -767,7 +767,7 @@ def check_train_request(request: dict[str, Any], choices: dict[str, tuple[str, .
                           "data-parallel in N CPU processes")
     checks: list[tuple[str, type, Callable[[Any], bool], str]] = [
         (key, int, lambda x: x >= 1, "a positive integer") for key in POSITIVE_INTS]
-    checks += [(key, int, lambda x: 0 <= x < 2**32, "an integer from 0 to 2^32 - 1") for key in NON_NEGATIVE_INTS]
+    checks += [(key, int, lambda x: 0 <= x < 2**32, "an integer from 0 to 2^32 - 1") for key in SEED_KEYS]
     checks += [("learning_rate", float, lambda x: x > 0, "a number > 0"),
                ("val_split", float, lambda x: 0 <= x < 1, "a number in [0, 1)")]
     for key, kind, inside, want in checks:
