@@ -25,6 +25,7 @@ class) and writes ``quality.json`` (one record per run) and ``quality.png`` to `
     python bench/quality.py [--quick] [--seeds 5] [--datasets phantom,brain] [--only ours:dense10_unlabeled | ours]
     python bench/quality.py --first-seed 3     # seeds 3 and 4 added to an earlier 3-seed quality.json
     python bench/quality.py --summarize        # tables, goals (with their seeds' 95 % CI) and PNG of quality.json again
+    python bench/quality.py --summarize --markdown  # the README's results and goal tables (Markdown)
     python bench/quality.py --resume           # go on with an interrupted run (same options, code unchanged)
 """
 
