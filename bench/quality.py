@@ -485,7 +485,7 @@ def markdown(summary: dict) -> str:
             if key == "ours without":  # "ours without pet - single_ct (points)": against which model
                 ci += f" vs {g['goal'].split(' - single_')[1].split(' ')[0].upper()}"
             elif key.startswith("4 mm"):
-                ci += f" vs {float(g['threshold'].rsplit(' ', 1)[1]):.1f}"
+                ci += f" vs the baseline's {float(g['threshold'].rsplit(' ', 1)[1]):.1f}"
             cells.append(f"{fmt(g['value'])}{ci}: {'met' if g['met'] else 'missed'}")
         out.append(f"| {name} | {' | '.join(cells)} |")
     return "\n".join(out)
