@@ -81,7 +81,7 @@ bench-infer: install $(SPM)
 	$(BIN)/python bench/infer.py $(if $(QUICK),--quick,)
 
 # Segmentation quality: methods x annotation regimes x misregistration x a missing modality, 5 seeds, phantom and
-# brain (about 2 h on 2 cores); QUICK=1: phantom, one seed, a few minutes. RESULTS_DIR=... to redirect.
+# brain (about 3 h on 2 cores); QUICK=1: phantom, one seed, a few minutes. RESULTS_DIR=... to redirect.
 bench-quality: install $(SPM)
 	$(BIN)/python bench/quality.py $(if $(QUICK),--quick,) $(if $(RESUME),--resume,)
 

@@ -531,7 +531,7 @@ def main() -> int:
     ap.add_argument("--resume", action="store_true",
                     help="go on with an interrupted run of the same options: its runs, saved after each one to "
                          "RESULTS_DIR/quality.partial.json, are kept if lib / configs / apps / bench are unchanged "
-                         "since (a run of every data set takes about 2 h)")
+                         "since (a run of every data set takes about 3 h on 2 cores)")
     ap.add_argument("--summarize", action="store_true",
                     help="train nothing: summarise RESULTS_DIR/quality.json again (tables, goals, PNG)")
     ap.add_argument("--markdown", action="store_true",
