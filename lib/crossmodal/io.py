@@ -23,6 +23,7 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import nrrd
@@ -195,11 +196,13 @@ def read_label(path: str | os.PathLike[str], ref: MetaTensor, case_id: str) -> n
 
 
 def save_volume(path: str | os.PathLike[str], array: np.ndarray, affine: np.ndarray,
-                segments: Mapping[str, int] | None = None) -> None:
+                segments: Mapping[str, int] | None = None, nrrd_fields: Mapping[str, Any] | None = None) -> None:
     """Write a (H, W, D) array with a RAS ``affine`` as NIfTI or NRRD, or a (H, W, D, C) one as NIfTI, atomically.
 
     ``segments`` {name: label value}: a ``.seg.nrrd`` names them in its header as 3D Slicer's segmentation files do
-    (slicerio, :func:`slicer_segmentation`), so Slicer shows the classes by name; other formats ignore them."""
+    (slicerio, :func:`slicer_segmentation`), so Slicer shows the classes by name; other formats ignore them.
+    ``nrrd_fields``: header fields of another file written as they are into an NRRD without ``segments`` (e.g. the
+    segment fields of a Slicer file moved onto another grid)."""
     path = Path(path)
     _, ext = split_ext(path)
     array = np.asarray(array)
@@ -225,8 +228,9 @@ def save_volume(path: str | os.PathLike[str], array: np.ndarray, affine: np.ndar
                 ijk_to_lps = np.vstack([lps, [0.0, 0.0, 0.0, 1.0]])
                 slicerio.write_segmentation(tmp, slicer_segmentation(np.asarray(array), ijk_to_lps, segments))
             else:
-                header = {"space": "left-posterior-superior", "space directions": lps[:, :3].T.tolist(),
-                          "space origin": lps[:, 3].tolist(), "encoding": "gzip"}
+                header = {**(nrrd_fields or {}), "space": "left-posterior-superior",
+                          "space directions": lps[:, :3].T.tolist(), "space origin": lps[:, 3].tolist(),
+                          "encoding": "gzip"}
                 nrrd.write(tmp, np.asarray(array), header=header)
         else:
             raise ValueError(f"{path}: unsupported extension {ext!r}; use one of {IMAGE_EXTENSIONS}")

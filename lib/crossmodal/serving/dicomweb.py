@@ -164,12 +164,12 @@ def labels_onto_grid(label: str, label_grid: str, target: str, case_id: str, kee
     ext = src_ext if keep_ext or src_ext == ".seg.nrrd" else ".nii.gz"
     fd, path = tempfile.mkstemp(suffix=ext, prefix="crossmodal-label-")
     os.close(fd)
+    # a .seg.nrrd: the segments' names and values (not their extents: those were on the old grid)
+    fields = {k: v for k, v in nrrd.read_header(label).items() if SEGMENT_FIELD.fullmatch(k)} \
+        if ext == ".seg.nrrd" else None
     try:
-        save_volume(path, arr.astype(np.uint8 if arr.max() < 256 else np.uint16), dst.affine.double().numpy())
-        if ext == ".seg.nrrd":  # the segments' names and values (not their extents: those were on the old grid)
-            fields = {k: v for k, v in nrrd.read_header(label).items() if SEGMENT_FIELD.fullmatch(k)}
-            data, header = nrrd.read(path)
-            nrrd.write(path, data, header={**header, **fields})  # our temp file: nobody reads it yet
+        save_volume(path, arr.astype(np.uint8 if arr.max() < 256 else np.uint16), dst.affine.double().numpy(),
+                    nrrd_fields=fields)
     except BaseException:
         os.remove(path)
         raise
