@@ -37,3 +37,32 @@ def seed_spread(per_seed: list[float]) -> dict:
     half = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
     return {"per_seed": [round(v, 4) for v in per_seed], "sd": round(sd, 4),
             "ci95": [round(mean - half, 4), round(mean + half, 4)]}
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with ``+`` when it has uncommitted changes), recorded with every run."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+" if dirty else "")
+
+
+def made_by(records: list[dict]) -> str:
+    """Which code made ``records``: ``"4a1b2c3 x75"`` per commit stamp, ``"unstamped"`` for records from before the
+    stamp (simulate.json before 2026-12-04).
+
+    Example:
+        >>> made_by([{"commit": "4a1b2c3"}, {"commit": "4a1b2c3"}, {}])
+        '4a1b2c3 x2, unstamped x1'
+    """
+    counts: dict[str, int] = {}
+    for r in records:
+        key = r.get("commit") or "unstamped"
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k} x{n}" for k, n in counts.items())

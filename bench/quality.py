@@ -46,7 +46,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
-from benchutil import results_dir, seed_spread  # noqa: E402
+from benchutil import git_commit, results_dir, seed_spread  # noqa: E402
 from crossmodal.config import CrossModalConfig, atomic_write_text, load_config, save_config  # noqa: E402
 from crossmodal.data.brain import load_templates, make_brain_case  # noqa: E402
 from crossmodal.data.phantom import SyntheticCase, make_phantom  # noqa: E402
@@ -374,20 +374,6 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def run_key(r: dict) -> tuple:
     return r["dataset"], r["method"], r["regime"], r["misregistration_mm"], r["missing_modality"], r["seed"]
-
-
-def git_commit() -> str | None:
-    """The checkout's commit (with ``+`` when it has uncommitted changes), recorded with every run."""
-    import subprocess
-
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+" if dirty else "")
 
 
 # what a run's figures follow (not the benchmark's own output or its documentation)

@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchutil import results_dir, seed_spread
+from benchutil import git_commit, made_by, results_dir, seed_spread
 from crossmodal.config import atomic_write_text
 from crossmodal.simulate import (
     SimSpec,
@@ -136,6 +136,7 @@ def main() -> int:
     records: list[dict] = []
     refs: list[dict] = []
     cost: dict = {}
+    commit = git_commit()  # the code that runs, stamped on every record and reference it makes
     earlier_variants: dict = {}  # by_variant of the simulate.json read again, for pools whose data is not here
 
     def by_variant() -> dict:
@@ -198,6 +199,7 @@ def main() -> int:
             if kind == "cost":
                 cost[ds] = item
             else:
+                item["commit"] = commit
                 (records if kind == "record" else refs).append(item)
             print(json.dumps({k: v for k, v in item.items() if k not in ("cases", "dice_per_case")}), flush=True)
             save()
@@ -211,7 +213,8 @@ def main() -> int:
         for st, v in entry["strategies"].items():
             print(f"{ds:14} {st:10} {v['auc_cases']:10.4f} {v['auc_voxels']:11.4f} {str(v['cases_to_95pct_full']):>18} "
                   f"{v['scoring_seconds_per_case']:13.4f}")
-        print(f"{ds:14} full-annotation Dice {entry['full_annotation_dice']:.4f}")
+        print(f"{ds:14} full-annotation Dice {entry['full_annotation_dice']:.4f}; records made by "
+              f"{made_by([r for r in records + refs if r['dataset'] == ds])}")
     for ds, report in by_variant().items():
         print(f"\n{ds}: share of the annotated cases by variant / test Dice by variant, per round (mean of seeds)")
         for st, rows in report.items():
