@@ -417,6 +417,43 @@ def test_a_fractional_seg_of_another_tool_holds_the_voxels_at_least_half_in(tmp_
         seg_to_label(tmp_path / "other.dcm", CFG.labels, np.diag([2.0, 2.0, 3.0, 1.0]), vol.shape)
 
 
+def test_a_lesion_drawn_inside_its_organ_in_another_tools_seg_keeps_its_voxels(tmp_path, caplog):
+    """A BINARY DICOM SEG whose segments overlap (a lesion drawn inside its organ, as OHIF and 3D Slicer allow), the
+    lesion numbered before the organ: the shared voxels are lesion, whatever the numbering. The later frame won, so
+    the organ's frames, written after the lesion's, erased the lesion (0 of its 8 voxels kept)."""
+    import highdicom as hd
+    from pydicom.sr.coding import Code
+
+    vol = np.random.default_rng(1).integers(0, 1000, (12, 10, 5)).astype(np.int16)
+    series = volume_to_series(vol, np.diag([2.0, 2.0, 3.0, 1.0]), "CT", new_study("nested"), 1, "ct")
+    write_series(series, tmp_path / "ct")
+    masks = np.zeros((5, 10, 12, 2), bool)  # (slices from feet to head, rows j, columns i, segments)
+    masks[1:4, 2:8, 2:10, 1] = True  # the organ: 3 x 6 x 8 voxels
+    masks[2, 4:6, 5:9, 0] = True  # the lesion inside it: 2 x 4 voxels on the middle slice
+
+    def segment(n: int, name: str) -> hd.seg.SegmentDescription:
+        return hd.seg.SegmentDescription(n, name, Code("91723000", "SCT", "Anatomical Structure"),
+                                         Code("85756007", "SCT", "Tissue"), "MANUAL")
+
+    want = np.zeros(vol.shape, np.uint8)
+    want[2:10, 2:8, 1:4] = 1
+    want[5:9, 4:6, 2] = 2
+    for order, name in (([0, 1], "lesion_first.dcm"), ([1, 0], "organ_first.dcm")):
+        names = ["Lesion", "Organ"]
+        seg = hd.seg.Segmentation(
+            source_images=sorted(series, key=lambda ds: float(ds.ImagePositionPatient[2])),
+            pixel_array=masks[..., order].astype(np.uint8), segmentation_type="BINARY",
+            segment_descriptions=[segment(n + 1, names[o]) for n, o in enumerate(order)],
+            series_instance_uid=hd.UID(), series_number=5, sop_instance_uid=hd.UID(), instance_number=1,
+            manufacturer="other", manufacturer_model_name="other", software_versions="1", device_serial_number="1")
+        seg.save_as(tmp_path / name)
+        with caplog.at_level(logging.INFO, logger="crossmodal.dicom"):
+            label = seg_to_label(tmp_path / name, CFG.labels, np.diag([2.0, 2.0, 3.0, 1.0]), vol.shape)
+        np.testing.assert_array_equal(label, want, err_msg=name)
+        assert f"{name}: 8 voxels lie in more than one segment; each went to the smallest of its segments" in \
+            caplog.text
+
+
 def test_a_series_of_several_volumes_says_so(tmp_path):
     """A dynamic PET (two frames of the same slices under one series UID; diffusion, multi-echo and cardiac series
     alike): its case fails saying the series holds more than one volume - it said a slice was missing, "the others

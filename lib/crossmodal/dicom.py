@@ -337,7 +337,8 @@ def seg_to_label(seg_file: str | os.PathLike[str], cfg: LabelConfig, affine: np.
 
     Segment numbers map to label values by SegmentLabel (class names, ``marked_background_name``; case, spaces and
     punctuation aside); frames are placed by their ImagePositionPatient, so a SEG that skips empty slices lands on
-    the right slices; a FRACTIONAL SEG's voxel belongs to a segment where its value is at least half the maximum.
+    the right slices; a FRACTIONAL SEG's voxel belongs to a segment where its value is at least half the maximum. A
+    voxel in several segments (a lesion drawn inside its organ) takes the value of the smallest of them.
 
     Raises:
         ValueError: a segment names no configured class, or a frame lies off the grid.
@@ -356,15 +357,26 @@ def seg_to_label(seg_file: str | os.PathLike[str], cfg: LabelConfig, affine: np.
     # a FRACTIONAL SEG (an AI tool's probabilities or occupancy) holds a voxel where it is at least half in
     cut = float(ds.get("MaximumFractionalValue", 255)) / 2 if ds.get("SegmentationType") == "FRACTIONAL" else 0.5
     inv = np.linalg.inv(LPS @ np.asarray(affine, dtype=np.float64))
-    out = np.zeros(tuple(int(s) for s in shape), dtype=np.uint8 if cfg.marked_background < 256 else np.uint16)
+    grid = tuple(int(s) for s in shape)
+    masks = {number: np.zeros(grid, dtype=bool) for number in values}  # each segment's voxels, (I, J, K)
     for f, group in enumerate(ds.PerFrameFunctionalGroupsSequence):
         number = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         pos = [float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient]
         i, j, k = np.rint(inv @ [*pos, 1.0])[:3].astype(int)
-        if i != 0 or j != 0 or not 0 <= k < out.shape[2] or frames[f].shape != (out.shape[1], out.shape[0]):
+        if i != 0 or j != 0 or not 0 <= k < grid[2] or frames[f].shape != (grid[1], grid[0]):
             raise ValueError(f"frame {f + 1} at {pos} (grid index {(i, j, k)}) is not a slice of the image grid "
-                             f"{tuple(out.shape)}")
-        out[:, :, k][frames[f].T >= cut] = values[number]
+                             f"{grid}")
+        masks[number][:, :, k] |= frames[f].T >= cut
+    # overlapping segments (a lesion drawn inside its organ, as viewers allow): the smaller segment keeps the shared
+    # voxels, whatever the segments' numbering or frame order (the nested structure is the smaller one)
+    out = np.zeros(grid, dtype=np.uint8 if cfg.marked_background < 256 else np.uint16)
+    covered = np.zeros(grid, dtype=np.int32)
+    for number in sorted(masks, key=lambda n: (-int(masks[n].sum()), n)):  # the largest first, the smallest last
+        out[masks[number]] = values[number]
+        covered += masks[number]
+    if (shared := int((covered > 1).sum())):
+        logger.info("%s: %d voxels lie in more than one segment; each went to the smallest of its segments", seg_file,
+                 shared)
     return out
 
 
