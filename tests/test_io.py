@@ -303,6 +303,46 @@ def test_case_error_survives_pickling():
 
 
 
+def test_a_seg_nrrd_with_overlapping_segments_on_layers_is_one_label_map_the_smallest_on_top(tmp_path: Path):
+    """3D Slicer saves overlapping segments (a lesion drawn inside its organ, "allow overlap") on several layers,
+    (L, I, J, K): the datastore reads them as one label map of the classes, each shared voxel the smallest segment's
+    (the lesion stays lesion), on the file's grid; marked background on the organ's layer keeps its value. It was a
+    422 (`its 3 segments overlap (they lie on 2 layers); save them without overlap`). A layer no voxels hold is an
+    error saying so."""
+    import nrrd
+    import slicerio
+    from crossmodal.config import load_config
+    from crossmodal.io import CaseError
+    from crossmodal.serving.datastore import slicer_label
+
+    cfg = load_config("phantom")
+    voxels = np.zeros((2, 12, 10, 8), np.uint8)
+    voxels[0, 2:10, 2:8, 1:7] = 1  # organ: layer 0, value 1
+    voxels[1, 4:7, 3:6, 3:5] = 1  # lesion inside it: layer 1, value 1
+    voxels[0, 0:2, 0:2, 0] = 2  # marked background: layer 0, value 2
+    ijk_to_lps = np.array([[-2.0, 0, 0, 10], [0, -2.0, 0, 20], [0, 0, 3.0, -5], [0, 0, 0, 1]])
+    segments = [{"id": "Segment_1", "name": "Organ", "labelValue": 1, "layer": 0},
+                {"id": "Segment_2", "name": "lesion", "labelValue": 1, "layer": 1},
+                {"id": "Segment_3", "name": "marked background", "labelValue": 2, "layer": 0}]
+    slicerio.write_segmentation(str(tmp_path / "overlap.seg.nrrd"), {
+        "voxels": voxels, "ijkToLPS": ijk_to_lps, "containedRepresentationNames": ["Binary labelmap"],
+        "segments": segments})
+    flat = slicer_label(str(tmp_path / "overlap.seg.nrrd"), None, "phantom001", cfg.labels)
+    want = np.zeros((12, 10, 8), np.uint8)
+    want[2:10, 2:8, 1:7], want[4:7, 3:6, 3:5], want[0:2, 0:2, 0] = 1, 2, 255
+    back = load_volume(flat)
+    np.testing.assert_array_equal(back[0].numpy(), want)
+    np.testing.assert_allclose(back.affine.numpy(), np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_lps)
+    Path(flat).unlink()
+
+    data, header = nrrd.read(str(tmp_path / "overlap.seg.nrrd"))
+    header["Segment1_Layer"] = "2"
+    nrrd.write(str(tmp_path / "layer2.seg.nrrd"), data, header)
+    with pytest.raises(CaseError, match=r"^case 'phantom001': file .*layer2\.seg\.nrrd: its segments lie on layers "
+                                        r"\[2\], but it holds 2; save it again from 3D Slicer$"):
+        slicer_label(str(tmp_path / "layer2.seg.nrrd"), None, "phantom001", cfg.labels)
+
+
 def test_a_seg_nrrd_names_its_segments_as_3d_slicer_reads_them(tmp_path: Path):
     """A ``.seg.nrrd`` written with the classes carries Slicer's segment fields (read here by slicerio, Slicer's own
     reader outside Slicer): one segment per class by name, value and colour on one layer; the values and the grid

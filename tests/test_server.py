@@ -358,11 +358,13 @@ def test_labels_as_slicer_exports_them_are_renumbered_to_the_classes(client, pha
     assert status_of(e.value) == 422 and "case 'phantom003': uploaded 'final' label: segment 'tumour' (value 1 in " \
         "the file) is not a class of this app: ['organ', 'lesion', 'vessel', 'marked_background']; rename the " \
         "segment to one of them, or delete it, and save again" in e.value.msg, e.value.msg
-    fields["Segment1_Layer"] = "1"
+    fields["Segment1_Layer"] = "1"  # a segment on a second layer of a file that holds one
     nrrd.write(str(tmp_path / "overlap.seg.nrrd"), data, {**header, **fields})
     with pytest.raises(MONAILabelClientException) as e:
         client.save_label("phantom003", str(tmp_path / "overlap.seg.nrrd"))
-    assert status_of(e.value) == 422 and "its 2 segments overlap (they lie on 2 layers)" in e.value.msg, e.value.msg
+    assert status_of(e.value) == 422 and "case 'phantom003': uploaded 'final' label: its segments name 2 layers, " \
+        "but it holds a 3D array (48, 48, 48), not one 3D layer per segment layer; save it again from 3D Slicer" \
+        in e.value.msg, e.value.msg
     with pytest.raises(MONAILabelClientException) as e:  # a value no segment of the save numbers
         client.save_label("phantom003", str(tmp_path / "slicer.nrrd"), params={"label_info": slicer_info[:1]})
     assert status_of(e.value) == 422 and "label values [2] in the file are none of the 1 segments the save names" \

@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from crossmodal.config import CrossModalConfig, LabelConfig
-from crossmodal.labels import name_key
+from crossmodal.labels import name_key, overlay
 
 if TYPE_CHECKING:
     from crossmodal.serving.dicomweb import Series
@@ -368,15 +368,12 @@ def seg_to_label(seg_file: str | os.PathLike[str], cfg: LabelConfig, affine: np.
                              f"{grid}")
         masks[number][:, :, k] |= frames[f].T >= cut
     # overlapping segments (a lesion drawn inside its organ, as viewers allow): the smaller segment keeps the shared
-    # voxels, whatever the segments' numbering or frame order (the nested structure is the smaller one)
-    out = np.zeros(grid, dtype=np.uint8 if cfg.marked_background < 256 else np.uint16)
-    covered = np.zeros(grid, dtype=np.int32)
-    for number in sorted(masks, key=lambda n: (-int(masks[n].sum()), n)):  # the largest first, the smallest last
-        out[masks[number]] = values[number]
-        covered += masks[number]
-    if (shared := int((covered > 1).sum())):
+    # voxels, whatever the segments' numbering or frame order
+    out, shared = overlay([(masks[n], values[n]) for n in masks], grid,
+                          np.uint8 if cfg.marked_background < 256 else np.uint16)
+    if shared:
         logger.info("%s: %d voxels lie in more than one segment; each went to the smallest of its segments", seg_file,
-                 shared)
+                    shared)
     return out
 
 

@@ -32,7 +32,16 @@ from crossmodal.io import (
     save_volume,
     split_ext,
 )
-from crossmodal.labels import LABEL_KINDS, annotated_fraction, classify, invalid_values, seg_nrrd_values, slicer_values
+from crossmodal.labels import (
+    LABEL_KINDS,
+    annotated_fraction,
+    classify,
+    invalid_values,
+    overlay,
+    seg_nrrd_segments,
+    seg_nrrd_values,
+    slicer_values,
+)
 from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
@@ -128,7 +137,10 @@ def slicer_label(label_file: str, label_info: Any, case_id: str, cfg: LabelConfi
     """
     _, ext = split_ext(label_file)
     try:
-        mapping = seg_nrrd_values(nrrd.read_header(label_file), cfg) if ext == ".seg.nrrd" else None
+        segments = seg_nrrd_segments(nrrd.read_header(label_file), cfg) if ext == ".seg.nrrd" else []
+        if len({layer for layer, _, _ in segments}) > 1:  # overlapping segments, saved on several layers
+            return flattened_layers(label_file, segments, case_id, cfg)
+        mapping = seg_nrrd_values(nrrd.read_header(label_file), cfg) if segments else None
         mapping = mapping or slicer_values(label_info, cfg, scribbled)
     except ValueError as e:
         raise CaseError(case_id, label_file, str(e)) from e
@@ -156,6 +168,42 @@ def slicer_label(label_file: str, label_info: Any, case_id: str, cfg: LabelConfi
     try:
         save_volume(out, lut[arr].astype(np.uint8 if cfg.marked_background < 256 else np.uint16),
                     vol.affine.double().numpy())
+    except BaseException:
+        os.remove(out)
+        raise
+    return out
+
+
+def flattened_layers(label_file: str, segments: Sequence[tuple[int, int, int]], case_id: str,
+                     cfg: LabelConfig) -> str:
+    """A 3D Slicer ``.seg.nrrd`` whose segments overlap (saved on several layers, (L, I, J, K)) as one label map of
+    the configured values (a temp ``.nrrd``): a voxel in several segments takes the smallest segment's class (a
+    lesion drawn inside its organ stays lesion). ``segments``: :func:`crossmodal.labels.seg_nrrd_segments`.
+
+    Raises:
+        ValueError: the voxels are not (layers, I, J, K), or a segment names a layer the file does not hold.
+    """
+    data, header = nrrd.read(label_file)
+    if data.ndim != 4:
+        raise ValueError(f"its segments name {len({s[0] for s in segments})} layers, but it holds a {data.ndim}D "
+                         f"array {data.shape}, not one 3D layer per segment layer; save it again from 3D Slicer")
+    missing = sorted({layer for layer, _, _ in segments if not 0 <= layer < data.shape[0]})
+    if missing:
+        raise ValueError(f"its segments lie on layers {missing}, but it holds {data.shape[0]}; save it again from "
+                         "3D Slicer")
+    masks = [(data[layer] == value, target) for layer, value, target in segments if target != 0]
+    label, shared = overlay(masks, data.shape[1:], np.uint8 if cfg.marked_background < 256 else np.uint16)
+    logger.info(f"case {case_id!r}: {label_file}: {len(segments)} segments on {data.shape[0]} layers, {shared} voxels "
+                "in more than one segment; each went to the smallest of its segments")
+    if header.get("space") not in ("left-posterior-superior", "LPS"):
+        raise ValueError(f"its space is {header.get('space')!r}; 3D Slicer writes 'left-posterior-superior'")
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = np.asarray(header["space directions"], dtype=np.float64)[-3:].T
+    ijk_to_lps[:3, 3] = np.asarray(header["space origin"], dtype=np.float64)
+    fd, out = tempfile.mkstemp(suffix=".nrrd", prefix="crossmodal-label-")
+    os.close(fd)
+    try:
+        save_volume(out, label, np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_lps)
     except BaseException:
         os.remove(out)
         raise
