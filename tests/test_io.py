@@ -330,6 +330,9 @@ def test_a_seg_nrrd_with_overlapping_segments_on_layers_is_one_label_map_the_sma
     flat = slicer_label(str(tmp_path / "overlap.seg.nrrd"), None, "phantom001", cfg.labels)
     want = np.zeros((12, 10, 8), np.uint8)
     want[2:10, 2:8, 1:7], want[4:7, 3:6, 3:5], want[0:2, 0:2, 0] = 1, 2, 255
+    layered = load_volume(tmp_path / "overlap.seg.nrrd")  # a channel per layer; MONAI's reader could not read it
+    assert layered.shape == (2, 12, 10, 8) and np.array_equal(layered.numpy(), voxels)
+    np.testing.assert_allclose(layered.affine.numpy(), np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_lps)
     back = load_volume(flat)
     np.testing.assert_array_equal(back[0].numpy(), want)
     np.testing.assert_allclose(back.affine.numpy(), np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_lps)

@@ -514,6 +514,30 @@ def test_a_slicer_segmentation_drawn_on_a_secondary_grid_keeps_its_segment_names
     assert sorted(np.unique(out).tolist()) == [0, 1, 2]
     assert (out == 2).sum() == 6 ** 3  # lesion: MR 8..11 -> 22.5..34.5 mm -> CT 12..17
 
+    # the same drawn with Slicer's "allow overlap": the organ whole on layer 0, the lesion inside it on layer 1, each
+    # value 1; moved, the file keeps both layers (it did not read: "cannot be read as NIfTI/NRRD (truncated or
+    # corrupt?)"), and the save is the same label map
+    import slicerio
+
+    layers = np.zeros((2, 20, 20, 20), np.uint8)
+    layers[0, 4:16, 4:16, 4:16], layers[1, 8:12, 8:12, 8:12] = 1, 1
+    slicerio.write_segmentation(str(tmp_path / "overlap.seg.nrrd"), {
+        "voxels": layers, "ijkToLPS": np.diag([-1.0, -1.0, 1.0, 1.0]) @ mr_affine,
+        "containedRepresentationNames": ["Binary labelmap"],
+        "segments": [{"id": "organ", "name": "organ", "labelValue": 1, "layer": 0},
+                     {"id": "lesion", "name": "lesion", "labelValue": 1, "layer": 1}]})
+    moved = labels_onto_grid(str(tmp_path / "overlap.seg.nrrd"), str(tmp_path / "mr.nii.gz"),
+                             str(tmp_path / "ct.nii.gz"), "phantom001")
+    try:
+        assert moved.endswith(".seg.nrrd") and load_volume(moved).shape == (2, 30, 30, 30)
+        saved = slicer_label(moved, None, "phantom001", CFG.labels)
+        try:
+            np.testing.assert_array_equal(load_volume(saved)[0].numpy(), out)
+        finally:
+            os.remove(saved)
+    finally:
+        os.remove(moved)
+
 
 def test_to_dicom_writes_nrrd_cases_as_it_writes_nifti_ones(tmp_path, capsys):
     """``crossmodal data to-dicom`` on the same case saved as NRRD and as NIfTI: the same series, slice by slice

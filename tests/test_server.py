@@ -363,7 +363,7 @@ def test_labels_as_slicer_exports_them_are_renumbered_to_the_classes(client, pha
     with pytest.raises(MONAILabelClientException) as e:
         client.save_label("phantom003", str(tmp_path / "overlap.seg.nrrd"))
     assert status_of(e.value) == 422 and "case 'phantom003': uploaded 'final' label: its segments name 2 layers, " \
-        "but it holds a 3D array (48, 48, 48), not one 3D layer per segment layer; save it again from 3D Slicer" \
+        "but it holds one 3D array (48, 48, 48), not one 3D layer per segment layer; save it again from 3D Slicer" \
         in e.value.msg, e.value.msg
     with pytest.raises(MONAILabelClientException) as e:  # a value no segment of the save numbers
         client.save_label("phantom003", str(tmp_path / "slicer.nrrd"), params={"label_info": slicer_info[:1]})

@@ -136,7 +136,8 @@ def load_volume(path: str | os.PathLike[str], case_id: str | None = None) -> Met
     if not os.path.isfile(path):
         raise CaseError(cid, path, "file does not exist")
     try:
-        img = _LOADER(str(path))
+        layers = slicer_layers(path)
+        img = _LOADER(str(path)) if layers is None else layers
     except Exception as e:  # readers raise many types for truncated / corrupt files
         reason = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
         raise CaseError(cid, path, f"cannot be read as NIfTI/NRRD (truncated or corrupt?): {reason}") from e
@@ -146,6 +147,30 @@ def load_volume(path: str | os.PathLike[str], case_id: str | None = None) -> Met
     if bad:
         raise CaseError(cid, path, f"holds {bad} non-finite voxels (NaN/Inf); fix or re-export the image")
     return img
+
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def slicer_layers(path: str | os.PathLike[str]) -> MetaTensor | None:
+    """A 3D Slicer ``.seg.nrrd`` whose segments lie on several layers (overlapping segments: an NRRD of kinds ``list
+    domain domain domain``, which MONAI's reader cannot read) as (L, H, W, D) in RAS, one channel per layer; None
+    for any other file."""
+    if not str(path).endswith(".seg.nrrd"):
+        return None
+    try:
+        header = nrrd.read_header(str(path))
+    except Exception:  # noqa: BLE001 - not NRRD, truncated: MONAI's reader says why
+        return None
+    if int(header.get("dimension", 0)) != 4 or list(header.get("kinds") or [])[:1] != ["list"]:
+        return None
+    data, header = nrrd.read(str(path))
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = np.asarray(header["space directions"], dtype=np.float64)[-3:].T
+    ijk_to_lps[:3, 3] = np.asarray(header["space origin"], dtype=np.float64)
+    to_ras = LPS_TO_RAS if header.get("space") in ("left-posterior-superior", "LPS") else np.eye(4)
+    return MetaTensor(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)),
+                      affine=torch.from_numpy(to_ras @ ijk_to_lps))
 
 
 def volume_channels(path: str | os.PathLike[str]) -> int | None:
@@ -202,11 +227,13 @@ def save_volume(path: str | os.PathLike[str], array: np.ndarray, affine: np.ndar
     ``segments`` {name: label value}: a ``.seg.nrrd`` names them in its header as 3D Slicer's segmentation files do
     (slicerio, :func:`slicer_segmentation`), so Slicer shows the classes by name; other formats ignore them.
     ``nrrd_fields``: header fields of another file written as they are into an NRRD without ``segments`` (e.g. the
-    segment fields of a Slicer file moved onto another grid)."""
+    segment fields of a Slicer file moved onto another grid); with them a (H, W, D, L) array is a ``.seg.nrrd`` of L
+    layers (overlapping segments, as :func:`slicer_layers` reads them)."""
     path = Path(path)
     _, ext = split_ext(path)
     array = np.asarray(array)
-    if array.ndim == 4 and ext in (".nrrd", ".seg.nrrd"):  # pynrrd wrote it, MONAI's NrrdReader cannot read it back
+    layered = array.ndim == 4 and ext == ".seg.nrrd" and bool(nrrd_fields)  # a Slicer file's layers, moved
+    if array.ndim == 4 and not layered and ext in (".nrrd", ".seg.nrrd"):  # MONAI's NrrdReader cannot read it back
         raise ValueError(f"{path}: a {array.shape[-1]}-channel volume is written as NIfTI (.nii.gz); NRRD holds one 3D "
                          "volume here")
     if array.dtype in (np.int64, np.uint64):  # NIfTI tools dislike 64-bit integers: use the smallest type that fits
@@ -231,6 +258,10 @@ def save_volume(path: str | os.PathLike[str], array: np.ndarray, affine: np.ndar
                 header = {**(nrrd_fields or {}), "space": "left-posterior-superior",
                           "space directions": lps[:, :3].T.tolist(), "space origin": lps[:, 3].tolist(),
                           "encoding": "gzip"}
+                if layered:  # (H, W, D, L) -> Slicer's (L, H, W, D), a layer per segment layer
+                    array = np.moveaxis(np.asarray(array), -1, 0)
+                    header.update({"kinds": ["list", "domain", "domain", "domain"],
+                                   "space directions": [[np.nan] * 3, *header["space directions"]]})
                 nrrd.write(tmp, np.asarray(array), header=header)
         else:
             raise ValueError(f"{path}: unsupported extension {ext!r}; use one of {IMAGE_EXTENSIONS}")

@@ -132,8 +132,8 @@ def slicer_label(label_file: str, label_info: Any, case_id: str, cfg: LabelConfi
     request of Slicer's scribbles panel is for (see :func:`crossmodal.labels.slicer_values`).
 
     Raises:
-        CaseError: a segment that is no configured class, overlapping segments, or a value in the file that no
-            segment of ``label_info`` numbers.
+        CaseError: a segment that is no configured class, a layered file whose layers do not match its segments, or a
+            value in the file that no segment of ``label_info`` numbers.
     """
     _, ext = split_ext(label_file)
     try:
@@ -142,6 +142,8 @@ def slicer_label(label_file: str, label_info: Any, case_id: str, cfg: LabelConfi
             return flattened_layers(label_file, segments, case_id, cfg)
         mapping = seg_nrrd_values(nrrd.read_header(label_file), cfg) if segments else None
         mapping = mapping or slicer_values(label_info, cfg, scribbled)
+    except CaseError:  # the file does not read: said with its case and file already
+        raise
     except ValueError as e:
         raise CaseError(case_id, label_file, str(e)) from e
     except Exception as e:  # noqa: BLE001 - an unreadable header: reading the label says why
@@ -181,29 +183,26 @@ def flattened_layers(label_file: str, segments: Sequence[tuple[int, int, int]], 
     lesion drawn inside its organ stays lesion). ``segments``: :func:`crossmodal.labels.seg_nrrd_segments`.
 
     Raises:
-        ValueError: the voxels are not (layers, I, J, K), or a segment names a layer the file does not hold.
+        ValueError: one 3D array, or a segment on a layer the file does not hold.
+        CaseError: the file does not read.
     """
-    data, header = nrrd.read(label_file)
-    if data.ndim != 4:
-        raise ValueError(f"its segments name {len({s[0] for s in segments})} layers, but it holds a {data.ndim}D "
-                         f"array {data.shape}, not one 3D layer per segment layer; save it again from 3D Slicer")
-    missing = sorted({layer for layer, _, _ in segments if not 0 <= layer < data.shape[0]})
+    vol = load_volume(label_file, case_id)  # (L, H, W, D): a channel per layer
+    if vol.shape[0] == 1:
+        raise ValueError(f"its segments name {len({s[0] for s in segments})} layers, but it holds one 3D array "
+                         f"{tuple(vol.shape[1:])}, not one 3D layer per segment layer; save it again from 3D Slicer")
+    missing = sorted({layer for layer, _, _ in segments if not 0 <= layer < vol.shape[0]})
     if missing:
-        raise ValueError(f"its segments lie on layers {missing}, but it holds {data.shape[0]}; save it again from "
+        raise ValueError(f"its segments lie on layers {missing}, but it holds {vol.shape[0]}; save it again from "
                          "3D Slicer")
+    data = np.rint(vol.numpy()).astype(np.int64)
     masks = [(data[layer] == value, target) for layer, value, target in segments if target != 0]
     label, shared = overlay(masks, data.shape[1:], np.uint8 if cfg.marked_background < 256 else np.uint16)
     logger.info(f"case {case_id!r}: {label_file}: {len(segments)} segments on {data.shape[0]} layers, {shared} voxels "
                 "in more than one segment; each went to the smallest of its segments")
-    if header.get("space") not in ("left-posterior-superior", "LPS"):
-        raise ValueError(f"its space is {header.get('space')!r}; 3D Slicer writes 'left-posterior-superior'")
-    ijk_to_lps = np.eye(4)
-    ijk_to_lps[:3, :3] = np.asarray(header["space directions"], dtype=np.float64)[-3:].T
-    ijk_to_lps[:3, 3] = np.asarray(header["space origin"], dtype=np.float64)
     fd, out = tempfile.mkstemp(suffix=".nrrd", prefix="crossmodal-label-")
     os.close(fd)
     try:
-        save_volume(out, label, np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_lps)
+        save_volume(out, label, vol.affine.double().numpy())
     except BaseException:
         os.remove(out)
         raise

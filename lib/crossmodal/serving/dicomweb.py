@@ -151,17 +151,18 @@ def match_studies(series: list[Series], modalities: list[ModalityConfig]) -> dic
 def labels_onto_grid(label: str, label_grid: str, target: str, case_id: str, keep_ext: bool = False) -> str:
     """A label map on the grid of ``label_grid`` moved (nearest neighbour) onto the grid of ``target``; returns a
     temp file (NIfTI, or ``label``'s own format with ``keep_ext``; a 3D Slicer ``.seg.nrrd`` stays one, with the
-    segments its header names, which say what its values are), or ``label`` unchanged when it is not on
-    ``label_grid``'s grid (validation then says why) or already on ``target``'s."""
+    segments its header names, which say what its values are, and its layers where segments overlap), or ``label``
+    unchanged when it is not on ``label_grid``'s grid (validation then says why) or already on ``target``'s."""
     import nrrd
     from crossmodal.io import resample_to, same_grid, split_ext
 
     lab, ref, dst = load_volume(label, case_id), load_volume(label_grid, case_id), load_volume(target, case_id)
     if not same_grid(lab, ref) or same_grid(lab, dst):
         return label
-    arr = np.rint(resample_to(lab, dst, mode="nearest")[0].numpy())
     src_ext = split_ext(label)[1]
     ext = src_ext if keep_ext or src_ext == ".seg.nrrd" else ".nii.gz"
+    moved = np.rint(resample_to(lab, dst, mode="nearest").numpy())  # (L, H, W, D): a .seg.nrrd's layers, or one map
+    arr = np.moveaxis(moved, 0, -1) if moved.shape[0] > 1 and ext == ".seg.nrrd" else moved[0]
     fd, path = tempfile.mkstemp(suffix=ext, prefix="crossmodal-label-")
     os.close(fd)
     # a .seg.nrrd: the segments' names and values (not their extents: those were on the old grid)
