@@ -308,7 +308,7 @@ def test_a_seg_nrrd_with_overlapping_segments_on_layers_is_one_label_map_the_sma
     (L, I, J, K): the datastore reads them as one label map of the classes, each shared voxel the smallest segment's
     (the lesion stays lesion), on the file's grid; marked background on the organ's layer keeps its value. It was a
     422 (`its 3 segments overlap (they lie on 2 layers); save them without overlap`). A layer no voxels hold is an
-    error saying so."""
+    error saying so, as is a value no segment of its layer names."""
     import nrrd
     import slicerio
     from crossmodal.config import load_config
@@ -339,6 +339,12 @@ def test_a_seg_nrrd_with_overlapping_segments_on_layers_is_one_label_map_the_sma
     Path(flat).unlink()
 
     data, header = nrrd.read(str(tmp_path / "overlap.seg.nrrd"))
+    data[1, 0, 0, 0] = 7  # a value no segment of layer 1 names
+    nrrd.write(str(tmp_path / "value7.seg.nrrd"), data, header)
+    with pytest.raises(CaseError, match=r"^case 'phantom001': file .*value7\.seg\.nrrd: values \[7\] on layer 1 "
+                                        r"are none of its segments'; save it again from 3D Slicer$"):
+        slicer_label(str(tmp_path / "value7.seg.nrrd"), None, "phantom001", cfg.labels)
+    data[1, 0, 0, 0] = 0
     header["Segment1_Layer"] = "2"
     nrrd.write(str(tmp_path / "layer2.seg.nrrd"), data, header)
     with pytest.raises(CaseError, match=r"^case 'phantom001': file .*layer2\.seg\.nrrd: its segments lie on layers "

@@ -13,6 +13,7 @@ to label values by name, whatever numbering the writer chose.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import logging
 import os
 import shutil
@@ -358,7 +359,7 @@ def seg_to_label(seg_file: str | os.PathLike[str], cfg: LabelConfig, affine: np.
     cut = float(ds.get("MaximumFractionalValue", 255)) / 2 if ds.get("SegmentationType") == "FRACTIONAL" else 0.5
     inv = np.linalg.inv(LPS @ np.asarray(affine, dtype=np.float64))
     grid = tuple(int(s) for s in shape)
-    masks = {number: np.zeros(grid, dtype=bool) for number in values}  # each segment's voxels, (I, J, K)
+    slices: dict[int, list[tuple[int, int]]] = {number: [] for number in values}  # segment -> [(frame, slice k)]
     for f, group in enumerate(ds.PerFrameFunctionalGroupsSequence):
         number = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         pos = [float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient]
@@ -366,10 +367,17 @@ def seg_to_label(seg_file: str | os.PathLike[str], cfg: LabelConfig, affine: np.
         if i != 0 or j != 0 or not 0 <= k < grid[2] or frames[f].shape != (grid[1], grid[0]):
             raise ValueError(f"frame {f + 1} at {pos} (grid index {(i, j, k)}) is not a slice of the image grid "
                              f"{grid}")
-        masks[number][:, :, k] |= frames[f].T >= cut
+        slices[number].append((f, int(k)))
+
+    def mask(number: int) -> np.ndarray:  # the segment's voxels (I, J, K)
+        out = np.zeros(grid, dtype=bool)
+        for f, k in slices[number]:
+            out[:, :, k] |= frames[f].T >= cut
+        return out
+
     # overlapping segments (a lesion drawn inside its organ, as viewers allow): the smaller segment keeps the shared
     # voxels, whatever the segments' numbering or frame order
-    out, shared = overlay([(masks[n], values[n]) for n in masks], grid,
+    out, shared = overlay([(functools.partial(mask, n), values[n]) for n in slices], grid,
                           np.uint8 if cfg.marked_background < 256 else np.uint16)
     if shared:
         logger.info("%s: %d voxels lie in more than one segment; each went to the smallest of its segments", seg_file,

@@ -22,7 +22,7 @@ segments in its header. :func:`slicer_values` and :func:`seg_nrrd_values` turn t
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -129,28 +129,31 @@ def seg_nrrd_values(header: dict[str, Any], cfg: LabelConfig) -> dict[int, int] 
     return {0: 0, **{value: target for _, value, target in segments}} if segments else None
 
 
-def overlay(masks: Sequence[tuple[np.ndarray, int]], shape: Sequence[int], dtype: Any = np.uint8
+def overlay(masks: Sequence[tuple[Callable[[], np.ndarray], int]], shape: Sequence[int], dtype: Any = np.uint8
             ) -> tuple[np.ndarray, int]:
     """One label map (``shape``) of segments that may overlap (a lesion drawn inside its organ: DICOM SEG, a
-    ``.seg.nrrd`` on several layers): ``masks`` [(bool mask of ``shape``, label value)]; a voxel in several
-    segments takes the value of the smallest of them (the nested structure), whatever their order. Returns the map
-    and the number of voxels in more than one segment.
+    ``.seg.nrrd`` on several layers): ``masks`` [(a function giving the segment's bool mask of ``shape``, its label
+    value)], each mask made when needed, so one is in memory at a time; a voxel in several segments takes the value
+    of the smallest of them (the nested structure), whatever their order. Returns the map and the number of voxels
+    in more than one segment.
 
     Example:
         >>> organ, lesion = np.zeros((4, 1, 1), bool), np.zeros((4, 1, 1), bool)
         >>> organ[:3], lesion[1] = True, True
-        >>> label, shared = overlay([(lesion, 2), (organ, 1)], (4, 1, 1))
+        >>> label, shared = overlay([(lambda: lesion, 2), (lambda: organ, 1)], (4, 1, 1))
         >>> label.ravel().tolist(), shared
         ([1, 2, 1, 0], 1)
     """
     out = np.zeros(tuple(int(s) for s in shape), dtype=dtype)
-    covered = np.zeros(out.shape, dtype=np.int32)
-    sizes = [int(mask.sum()) for mask, _ in masks]
+    seen, shared = np.zeros(out.shape, dtype=bool), np.zeros(out.shape, dtype=bool)
+    sizes = [int(make().sum()) for make, _ in masks]
     for n in sorted(range(len(masks)), key=lambda n: (-sizes[n], n)):  # the largest first, the smallest last
-        mask, value = masks[n]
+        make, value = masks[n]
+        mask = make()
         out[mask] = value
-        covered += mask
-    return out, int((covered > 1).sum())
+        shared |= seen & mask
+        seen |= mask
+    return out, int(shared.sum())
 
 
 def invalid_values(label: np.ndarray, cfg: LabelConfig) -> list[int]:

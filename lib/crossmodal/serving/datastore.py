@@ -7,6 +7,7 @@ datastore JSON through temp files. A rejected label raises HTTP 422 and changes 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -195,7 +196,15 @@ def flattened_layers(label_file: str, segments: Sequence[tuple[int, int, int]], 
         raise ValueError(f"its segments lie on layers {missing}, but it holds {vol.shape[0]}; save it again from "
                          "3D Slicer")
     data = np.rint(vol.numpy()).astype(np.int64)
-    masks = [(data[layer] == value, target) for layer, value, target in segments if target != 0]
+    for layer in sorted({s[0] for s in segments}):  # a value no segment of its layer names: the file is not Slicer's
+        unknown = sorted(set(np.unique(data[layer]).tolist()) - {0} - {v for ly, v, _ in segments if ly == layer})
+        if unknown:
+            raise ValueError(f"values {unknown} on layer {layer} are none of its segments'; save it again from "
+                             "3D Slicer")
+    def mask(layer: int, value: int) -> np.ndarray:
+        return data[layer] == value
+
+    masks = [(functools.partial(mask, layer, value), target) for layer, value, target in segments if target != 0]
     label, shared = overlay(masks, data.shape[1:], np.uint8 if cfg.marked_background < 256 else np.uint16)
     logger.info(f"case {case_id!r}: {label_file}: {len(segments)} segments on {data.shape[0]} layers, {shared} voxels "
                 "in more than one segment; each went to the smallest of its segments")
