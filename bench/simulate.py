@@ -14,6 +14,7 @@ steps, written to bench/results/quick unless RESULTS_DIR is set.
 
     python bench/simulate.py [--quick] [--datasets brain,brain_mixed] [--seeds 5]
     python bench/simulate.py --first-seed 3    # seeds 3 and 4 added to an earlier 3-seed simulate.json
+    python bench/simulate.py --summarize --markdown  # the README's tables (Markdown) from simulate.json
 """
 
 from __future__ import annotations
@@ -94,8 +95,46 @@ def goals(summary: dict, cost: dict) -> list[dict]:
             rows.append({"dataset": ds, "goal": "scoring one case <= 1/20 of Epistemic (5 samples), re-scoring",
                          "measured": c["ratio_warm"], "detail": f"{c['ours_warm_s']} s vs {c['epistemic_s']} s; "
                          f"first sight (read + preprocess too) {c['ours_cold_s']} s = {c['ratio_cold']}",
-                         "met": c["ratio_warm"] <= 0.05})
+                         "met": c["ratio_warm"] <= 0.05, "cost": c})
     return rows
+
+
+def markdown(summary: dict, goal_rows: list[dict]) -> str:
+    """The README's two tables of a :func:`crossmodal.simulate.summarize` result and its :func:`goals`: per pool and
+    strategy the Dice per round (mean of seeds), the areas under the curve, the cases to 95 % of full annotation per
+    seed and the scoring seconds per case, with the full-annotation Dice; then each goal (value, detail, 95 % CI of
+    the per-seed differences where paired: met / MISSED)."""
+    out = []
+    for ds, entry in summary.items():
+        strategies = entry["strategies"]
+        if not out:
+            cases = ", ".join(f"{c['annotated_cases']:g}" for c in next(iter(strategies.values()))["curve"])
+            out += [f"| data | strategy | Dice per round (annotated cases {cases}), mean of seeds | AUC vs cases | AUC "
+                    "vs voxels | cases to 95% of full (per seed) | scoring s / case |", "|---|---|---|---|---|---|---|"]
+        name = ds.replace("_", " ")
+        for st, v in strategies.items():
+            dice = " / ".join(f"{c['dice_mean']:.3f}" for c in v["curve"])
+            out.append(f"| {name} | {st} | {dice} | {v['auc_cases']:.4f} | {v['auc_voxels']:.4f} | "
+                       f"{v['cases_to_95pct_full']} | {v['scoring_seconds_per_case']:.3f} |")
+        out.append(f"| {name} | full annotation | {entry['full_annotation_dice']:.4f} | | | | |")
+    out += ["", "| data | goal | measured | |", "|---|---|---|---|"]
+    for g in goal_rows:
+        name = g["dataset"].replace("_", " ")
+        if g["goal"].startswith("cases to 95%"):
+            ratio = "-" if g["measured"] is None else f"{round(g['measured'], 2)}"
+            lowest = "-" if g["lowest_possible"] is None else f"{round(g['lowest_possible'], 3)}"
+            detail = g["detail"].split("; the lowest ratio")[0] + f"; lowest possible {lowest}"
+            cell = f"{ratio} ({detail})"
+        elif g["goal"].startswith("scoring"):
+            c = g["cost"]
+            cell = (f"{round(g['measured'], 4)} ({c['ours_warm_s']:.4f} s vs {c['epistemic_s']:.4f} s; first sight "
+                    f"(read + preprocess too) {c['ours_cold_s']:.4f} s = {c['ratio_cold']:.4f})")
+        else:
+            ci = "" if g.get("ci95") is None else \
+                f"; 95% CI of the per-seed differences [{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]"
+            cell = f"{g['measured']} ({g['detail']}{ci})"
+        out.append(f"| {name} | {g['goal']} | {cell} | {'met' if g['met'] else 'MISSED'} |")
+    return "\n".join(out)
 
 
 def main() -> int:
@@ -111,7 +150,11 @@ def main() -> int:
                          "of simulate.json (seeds added to an earlier run; training is deterministic)")
     ap.add_argument("--summarize", action="store_true",
                     help="train nothing: summarise RESULTS_DIR/simulate.json again (tables, goals, PNG)")
+    ap.add_argument("--markdown", action="store_true",
+                    help="with --summarize: print the README's Markdown tables (curves and goals) instead")
     args = ap.parse_args()
+    if args.markdown and not args.summarize:
+        ap.error("--markdown goes with --summarize")
     results = results_dir(args.quick)
     if (args.summarize or args.cost_only) and not (results / "simulate.json").is_file():
         ap.error(f"--summarize / --cost-only read {results / 'simulate.json'}, which does not exist; run it first")
@@ -206,6 +249,10 @@ def main() -> int:
 
         # adding seeds keeps the scoring cost measured in the run that made the first ones
         simulate_dataset(studies, work, ds, spec, seeds, emit=emit, cost=not (extend and ds in cost))
+    if args.markdown:  # the README's tables of the records read again; nothing written
+        summary = summarize(records, refs)
+        print(markdown(summary, goals(summary, cost)))
+        return 0
     summary = save()
     print(f"\n{'dataset':14} {'strategy':10} {'AUC cases':>10} {'AUC voxels':>11} {'cases to 95% full':>18} "
           f"{'score s/case':>13}")

@@ -145,16 +145,26 @@ def test_goals_pair_only_the_seeds_every_run_has():
     assert spread["sd"] is None and spread["ci95"] is None  # one seed: no spread
 
 
+CURVES = {("ours", 0): [0.90, 0.96, 0.97], ("ours", 1): [0.90, 0.96, 0.99],
+          ("random", 0): [0.90, 0.92, 0.96], ("random", 1): [0.90, 0.93, 0.96],
+          ("epistemic", 0): [0.90, 0.97, 0.98], ("epistemic", 1): [0.90, 0.96, 0.95]}
+
+
+def simulation(dataset: str = "p") -> tuple[list[dict], list[dict], dict]:
+    """Hand-made simulation records (2 seeds, 3 rounds of 2 cases), full-annotation references (Dice 1.0: 95 % is
+    0.95) and the scoring cost of ``dataset``."""
+    recs = [{"dataset": dataset, "strategy": st, "seed": seed, "round": k, "annotated_cases": 2 + 2 * k,
+             "annotated_voxels": 100 * (k + 1), "dice_mean": dice, "scoring_seconds_per_case": 0.05 if
+             st == "ours" else 0.0}
+            for (st, seed), values in CURVES.items() for k, dice in enumerate(values)]
+    refs = [{"dataset": dataset, "strategy": "full", "seed": s, "dice_mean": 1.0} for s in (0, 1)]
+    cost = {dataset: {"ours_warm_s": 0.01, "epistemic_s": 0.5, "ours_cold_s": 0.03, "ratio_warm": 0.02,
+                      "ratio_cold": 0.06}}
+    return recs, refs, cost
+
+
 def test_simulation_goals_from_hand_made_curves():
-    curves = {("ours", 0): [0.90, 0.96, 0.97], ("ours", 1): [0.90, 0.96, 0.99],
-              ("random", 0): [0.90, 0.92, 0.96], ("random", 1): [0.90, 0.93, 0.96],
-              ("epistemic", 0): [0.90, 0.97, 0.98], ("epistemic", 1): [0.90, 0.96, 0.95]}
-    recs = [{"dataset": "p", "strategy": st, "seed": seed, "round": k, "annotated_cases": 2 + 2 * k,
-                "annotated_voxels": 100 * (k + 1), "dice_mean": dice, "scoring_seconds_per_case": 0.0}
-               for (st, seed), values in curves.items() for k, dice in enumerate(values)]
-    refs = [{"dataset": "p", "strategy": "full", "seed": s, "dice_mean": 1.0} for s in (0, 1)]  # 95%: 0.95
-    cost = {"p": {"ours_warm_s": 0.01, "epistemic_s": 0.5, "ours_cold_s": 0.03, "ratio_warm": 0.02,
-                  "ratio_cold": 0.06}}
+    recs, refs, cost = simulation()
     goals = {g["goal"]: g for g in simulate.goals(summarize(recs, refs), cost)}
     reach = goals["cases to 95% of full: ours / random (<= 0.6)"]
     assert reach["measured"] == pytest.approx(4 / 6) and reach["met"] is False
@@ -172,6 +182,30 @@ def test_simulation_goals_from_hand_made_curves():
     assert goals["scoring one case <= 1/20 of Epistemic (5 samples), re-scoring"]["met"] is True
     cost["p"]["ratio_warm"] = 0.06
     assert simulate.goals(summarize(recs, refs), cost)[-1]["met"] is False
+
+
+def test_the_readme_simulation_tables_come_from_the_summary():
+    """`bench/simulate.py --summarize --markdown`: the README's curve and goal tables, every cell from the records."""
+    recs, refs, cost = simulation("phantom_mixed")
+    summary = summarize(recs, refs)
+    lines = simulate.markdown(summary, simulate.goals(summary, cost)).splitlines()
+    assert lines[0].startswith("| data | strategy | Dice per round (annotated cases 2, 4, 6), mean of seeds |")
+    # AUC over 2..6 cases = (y0 + 2 y1 + y2) / 4, mean of seeds; voxels 100..300 alike
+    assert lines[2:6] == [
+        "| phantom mixed | ours | 0.900 / 0.960 / 0.980 | 0.9500 | 0.9500 | [4, 4] | 0.050 |",
+        "| phantom mixed | random | 0.900 / 0.925 / 0.960 | 0.9275 | 0.9275 | [6, 6] | 0.000 |",
+        "| phantom mixed | epistemic | 0.900 / 0.965 / 0.965 | 0.9487 | 0.9487 | [4, 4] | 0.000 |",
+        "| phantom mixed | full annotation | 1.0000 | | | | |"]
+    assert lines[6:9] == ["", "| data | goal | measured | |", "|---|---|---|---|"]
+    assert lines[9:] == [
+        "| phantom mixed | cases to 95% of full: ours / random (<= 0.6) | 0.67 (ours [4, 4], random [6, 6] (per "
+        "seed); lowest possible 0.667) | MISSED |",
+        "| phantom mixed | AUC(cases) ours > random | 0.0225 (0.9500 vs 0.9275; 95% CI of the per-seed differences "
+        "[+0.0225, +0.0225]) | met |",
+        "| phantom mixed | AUC(cases) ours > epistemic | 0.0012 (0.9500 vs 0.9487; 95% CI of the per-seed "
+        "differences [-0.1099, +0.1124]) | met |",
+        "| phantom mixed | scoring one case <= 1/20 of Epistemic (5 samples), re-scoring | 0.02 (0.0100 s vs 0.5000 s; "
+        "first sight (read + preprocess too) 0.0300 s = 0.0600) | met |"]
 
 
 def test_an_interrupted_benchmark_resumes_with_the_runs_it_saved(tmp_path, monkeypatch):
