@@ -104,7 +104,7 @@ def markdown(summary: dict, goal_rows: list[dict]) -> str:
     strategy the Dice per round (mean of seeds), the areas under the curve, the cases to 95 % of full annotation per
     seed and the scoring seconds per case, with the full-annotation Dice; then each goal (value, detail, 95 % CI of
     the per-seed differences where paired: met / MISSED)."""
-    out = []
+    out: list[str] = []
     for ds, entry in summary.items():
         strategies = entry["strategies"]
         if not out:
