@@ -138,10 +138,11 @@ def slicer_label(label_file: str, label_info: Any, case_id: str, cfg: LabelConfi
     """
     _, ext = split_ext(label_file)
     try:
-        segments = seg_nrrd_segments(nrrd.read_header(label_file), cfg) if ext == ".seg.nrrd" else []
+        header = nrrd.read_header(label_file) if ext == ".seg.nrrd" else {}
+        segments = seg_nrrd_segments(header, cfg)
         if len({layer for layer, _, _ in segments}) > 1:  # overlapping segments, saved on several layers
             return flattened_layers(label_file, segments, case_id, cfg)
-        mapping = seg_nrrd_values(nrrd.read_header(label_file), cfg) if segments else None
+        mapping = seg_nrrd_values(header, cfg) if segments else None
         mapping = mapping or slicer_values(label_info, cfg, scribbled)
     except CaseError:  # the file does not read: said with its case and file already
         raise
