@@ -346,7 +346,8 @@ def test_a_rescale_of_each_slice_or_frame_is_applied_to_it(tmp_path):
     types a series by its first file: where that one's rescale is whole (slope 1, as on an empty end slice) the
     volume was int16, every other slice's fractions cut and a hot slice clipped (here its maximum, 223428 Bq/ml,
     read as 32489); GDCM applied an enhanced file's first frame's rescale to all its frames (here every frame's
-    maximum came out as the first frame's, 13783, but one). Now each slice and frame reads with its own rescale."""
+    maximum came out as the first frame's, 13783, but one). Now each slice and frame reads with its own rescale, on
+    the grid ITK reads (the enhanced file's pixels decoded once)."""
     from crossmodal.dicom import series_to_nifti
 
     rng = np.random.default_rng(11)
@@ -376,6 +377,10 @@ def test_a_rescale_of_each_slice_or_frame_is_applied_to_it(tmp_path):
     enhanced.save_as(str(tmp_path / "enh" / "pet.dcm"), write_like_original=False)
     series_to_nifti([tmp_path / "enh" / "pet.dcm"], tmp_path / "enh.nii.gz", "enh")
     multi = load_volume(tmp_path / "enh.nii.gz")[0].numpy()[:, :, ::-1]  # k runs head to feet, as the frames
+    # its grid as ITK reads the file: the first frame (slice 9) at z = 27 mm, the slices going down (the pixels are
+    # decoded by pydicom alone, the grid taken from ITK's header read, whose slice step is then -3 mm)
+    np.testing.assert_allclose(load_volume(tmp_path / "enh.nii.gz").affine.numpy(),
+                               [[-2, 0, 0, 0], [0, -2, 0, 0], [0, 0, -3, 27], [0, 0, 0, 1]], atol=1e-4)
     for back in (classic, multi):
         assert float(back[:, :, 3].max()) == pytest.approx(float(vol[:, :, 3].max()), rel=1e-4)  # not 32489
         for k in range(10):  # every slice to within its own quantisation

@@ -609,21 +609,28 @@ def _read_multiframe(links: Sequence[Path], files: Sequence[Path], heads: Sequen
         reader = sitk.ImageFileReader()
         reader.SetImageIO("GDCMImageIO")
         reader.SetFileName(str(link))
-        image = reader.Execute()
         rescale = np.asarray(_rescales(header), dtype=np.float64)
-        if len(np.unique(rescale, axis=0)) > 1:
-            try:
-                stored = pydicom.dcmread(str(link)).pixel_array.reshape(len(rescale), *image.GetSize()[1::-1])
-            except Exception as e:  # noqa: BLE001 - pydicom's decoders raise many types
-                raise CaseError(case_id, name, f"its frames carry rescales of their own, and its pixel data cannot be "
-                                               f"decoded to apply them ({type(e).__name__}: {e}); export the series "
-                                               "uncompressed") from e
-            values = stored.astype(np.float32)  # ITK's slice k is frame k of the file; float32 (a CT of 500 frames:
-            values *= rescale[:, :1, None].astype(np.float32)                       # 0.5 GB, float64 twice that)
-            values += rescale[:, 1:, None].astype(np.float32)
-            fixed = sitk.GetImageFromArray(values)
-            fixed.CopyInformation(image)
-            image = fixed
+        if len(np.unique(rescale, axis=0)) == 1:
+            parts.append((reader.Execute(), name))
+            continue
+        reader.ReadImageInformation()  # the grid only: the pixels are decoded once, by pydicom, below
+        try:
+            stored = pydicom.dcmread(str(link)).pixel_array.reshape(len(rescale), *reader.GetSize()[1::-1])
+        except Exception as e:  # noqa: BLE001 - pydicom's decoders raise many types
+            raise CaseError(case_id, name, f"its frames carry rescales of their own, and its pixel data cannot be "
+                                           f"decoded to apply them ({type(e).__name__}: {e}); export the series "
+                                           "uncompressed") from e
+        values = stored.astype(np.float32)  # ITK's slice k is frame k of the file; float32 (a CT of 500 frames:
+        del stored                          # 0.5 GB, float64 twice that)
+        values *= rescale[:, :1, None].astype(np.float32)
+        values += rescale[:, 1:, None].astype(np.float32)
+        image = sitk.GetImageFromArray(values)
+        image.SetOrigin(reader.GetOrigin())
+        step = np.asarray(reader.GetSpacing(), dtype=np.float64)  # frames head to feet: GDCM's step is negative,
+        axes = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(len(step), len(step))  # which ITK's
+        axes[:, step < 0] *= -1                                                # reader turns into a flipped axis
+        image.SetSpacing(tuple(float(v) for v in np.abs(step)))
+        image.SetDirection(tuple(float(v) for v in axes.ravel()))
         parts.append((image, name))
     # the grid of the first file of several frames (ITK gives a file of one frame no slice step of its own)
     first, first_name = next((p for p in parts if p[0].GetSize()[2] > 1), parts[0])
