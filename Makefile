@@ -12,7 +12,7 @@ PRE := apps/crossmodal/pretrained
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: install install-system data run pacs test lint bench-infer bench-quality bench-mirror bench-overlap bench-uncertainty bench-propagate bench-refine bench-pool bench-transfer bench-scribble-gap bench-incomplete bench-workers bench-demo-train bench-gpu bench-ohif simulate weights weights-phantom weights-brain clean
+.PHONY: install install-system data run pacs test lint bench-infer bench-quality bench-mirror bench-overlap bench-uncertainty bench-propagate bench-refine bench-pool bench-scoring bench-transfer bench-scribble-gap bench-incomplete bench-workers bench-demo-train bench-gpu bench-ohif simulate weights weights-phantom weights-brain clean
 
 install: install-system $(STAMP)
 
@@ -123,6 +123,10 @@ bench-workers: install data
 # Scoring pools of 100-800 unlabelled phantom cases: scores stored per case (before) vs batched, one run.
 bench-pool: install
 	$(BIN)/python bench/pool.py $(if $(QUICK),--quick,)
+
+# One case's scoring forward (committed phantom / brain weights): MC-dropout decodes in one batch vs one pass each.
+bench-scoring: install data
+	$(BIN)/python bench/scoring.py $(if $(QUICK),--quick,)
 
 # Pseudo-labels of unlabelled phantom cases from a one-case model: the network's segmentation vs walker-refined.
 bench-refine: install

@@ -96,6 +96,32 @@ def test_mc_samples_share_the_encoder_and_differ_in_the_decoder():
     torch.testing.assert_close(out.fused, net(x).fused)  # the plain output is the deterministic one
 
 
+def test_mc_samples_in_one_batched_decode_are_the_separate_dropout_decodes():
+    """The samples are decoded in one batch with the dropout masks drawn as separate decodes draw them: the same
+    samples as T forwards with MC dropout (up to float rounding), the generator left where they leave it; without
+    dropout every sample is the plain output."""
+    torch.manual_seed(0)
+    net = CrossModalNet(["ct", "pet", "mr"], 3, channels=(8, 16, 16), strides=(2, 2), dropout=0.3).eval()
+    x = torch.randn(2, 3, 16, 16, 16)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        out = net(x, mc_samples=3)
+        after = torch.rand(4)
+        torch.manual_seed(7)
+        separate = [net(x, heads=False, mc_dropout=True).fused for _ in range(3)]
+        torch.testing.assert_close(torch.rand(4), after, rtol=0, atol=0)
+        torch.testing.assert_close(out.mc_samples, torch.stack(separate), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out.fused, net(x).fused, rtol=1e-4, atol=1e-4)
+        assert (out.mc_samples[0] - out.mc_samples[1]).abs().max() > 1e-2  # different masks per sample
+        plain = CrossModalNet(["ct", "pet", "mr"], 3, channels=(8, 16, 16), strides=(2, 2), dropout=0.0).eval()
+        torch.manual_seed(7)
+        none, drawn = plain(x, mc_samples=2), torch.rand(4)
+        torch.manual_seed(7)
+        torch.testing.assert_close(drawn, torch.rand(4), rtol=0, atol=0)  # no mask drawn
+        for t in range(2):
+            torch.testing.assert_close(none.mc_samples[t], none.fused, rtol=1e-4, atol=1e-4)
+
+
 def test_misregistered_pet_raises_cross_modal_disagreement(tmp_path):
     """The signal nobody else has: shifting the PET by 8 mm makes the heads disagree more, on every case."""
     studies = make_phantom_studies(tmp_path / "s", CFG, cases=3, dense=0, sparse=0, seed=50)

@@ -220,7 +220,8 @@ class CrossModalNet(nn.Module):
         (``per_modality`` stays empty), for a fused-only inference. ``mc_dropout=True`` samples dropout in eval mode
         for this call only (thread-safe, unlike setting the ``mc_dropout`` attribute). ``mc_samples=T`` adds T
         Monte-Carlo dropout samples of the fused logits (T, B, N, H, W, D) that share one encoder and fusion pass
-        (dropout sits in the decoder only), for uncertainty at a fraction of T full forwards.
+        (dropout sits in the decoder only) and one decoder pass with the plain output (batch (T + 1) B: meant for
+        the scoring scale's small inputs), for uncertainty at a fraction of T full forwards.
         ``sample_present`` (B, M) bool, M in ``modalities`` order: per-sample modality subsets in one batch (each
         sample's fused output sees only its marked modalities; training's per-sample modality dropout). The
         per-modality heads are computed for every sample regardless. ``available`` (B, M) bool: the modalities each
@@ -242,8 +243,12 @@ class CrossModalNet(nn.Module):
         fused = [self._run(self.fusion[i], {m: f[i] for m, f in feats.items()}, weights, joint if i == 0 else None)
                  for i in range(levels)]
         mc = self.mc_dropout if mc_dropout is None else mc_dropout
-        logits = self._decode(fused, self.dropout > 0 and (self.training or mc))
-        samples = torch.stack([self._decode(fused, True) for _ in range(mc_samples)]) if mc_samples else None
+        drop = self.dropout > 0 and (self.training or mc)
+        if mc_samples:
+            decoded = self._decode_batched(fused, [drop, *[True] * mc_samples])
+            logits, samples = decoded[0], decoded[1:]
+        else:
+            logits, samples = self._decode(fused, drop), None
         size = logits.shape[2:]
         per_mod = {m: F.interpolate(self.aux[m](self._head_input(f)), size=size, mode="trilinear",
                                     align_corners=False) for m, f in feats.items()} if heads else {}
@@ -270,6 +275,31 @@ class CrossModalNet(nn.Module):
             i = len(fused) - 2 - j
             y = self._run(_up_level, up, dec, y, fused[i], self.dropout if drop else 0.0)
         return self.head(y)
+
+    def _decode_batched(self, fused: list[torch.Tensor], drops: Sequence[bool]) -> torch.Tensor:
+        """``len(drops)`` decodes of the fusion stream (B, ...) per level in one batched decoder pass -> (n, B, N,
+        ...); decode t samples dropout where ``drops[t]``. The dropout masks are drawn beforehand in the order that
+        ``n`` calls of :meth:`_decode` would draw them (decode by decode, level by level), so the result is theirs,
+        for a fraction of the calls on small inputs (the scoring scale's)."""
+        n, b, p = len(drops), fused[-1].shape[0], self.dropout
+        ref = fused[-1]
+        shapes = [(b, int(up.in_channels), 1, 1, 1) for up in self.up]  # type: ignore[arg-type]
+        masks = [[torch.empty(shape, dtype=ref.dtype, device=ref.device).bernoulli_(1 - p).div_(1 - p)
+                  if drop and p > 0 else torch.ones(shape, dtype=ref.dtype, device=ref.device)
+                  for shape in shapes] for drop in drops]  # F.dropout3d's feature noise, drawn as it draws it
+        y = ref.repeat(n, *[1] * (ref.ndim - 1))
+        for j, (up, dec) in enumerate(zip(self.up, self.dec, strict=True)):
+            skip = fused[len(fused) - 2 - j]
+            noise = torch.cat([m[j] for m in masks])
+            y = self._run(_up_level_masked, up, dec, y, skip.repeat(n, *[1] * (skip.ndim - 1)), noise)
+        out = self.head(y)
+        return out.view(n, b, *out.shape[1:])
+
+
+def _up_level_masked(up: nn.Module, dec: nn.Module, y: torch.Tensor, skip: torch.Tensor,
+                     noise: torch.Tensor) -> torch.Tensor:
+    """:func:`_up_level` with its dropout given as the feature noise (B, C, 1, 1, 1) that multiplies ``y``."""
+    return dec(torch.cat([up(y * noise), skip], dim=1))
 
 
 def _up_level(up: nn.Module, dec: nn.Module, y: torch.Tensor, skip: torch.Tensor, dropout: float) -> torch.Tensor:
