@@ -6,7 +6,9 @@ are one pass of batch 1 + T, with the dropout masks drawn beforehand in the orde
 (:meth:`CrossModalNet._decode_batched`). On the scoring scale's small inputs a decoder pass costs little compute and
 many calls, so fewer, larger calls pay. This times both on the committed phantom and brain weights, on real cases'
 scoring inputs (the scoring cache's: read, registered, normalised, halved per axis) of generated phantom cases and
-the demo's brain cases (``make data``), in one process, alternating, each after warm-up; checks that both give the
+the demo's brain cases (``make data``), in one process, in blocks of back-to-back calls (as a pool is scored; two
+blocks each, A B A B, 3 untimed warm-up calls a block: calls that alternate between the two ways run both about
+twice as slow, each one's kernels set up afresh, which is not how either is used); checks that both give the
 same scores (the same masks: logits equal to float rounding) and prints a table; writes ``scoring.json`` to
 ``RESULTS_DIR`` (default ``bench/results``; ``--quick``: fewer repeats, ``bench/results/quick``).
 
@@ -69,7 +71,7 @@ def time_one(net: CrossModalNet, x: torch.Tensor, present: list, samples: int, s
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeats", type=int, default=30, help="timed calls per case and way (default 30; quick 5)")
+    ap.add_argument("--repeats", type=int, default=30, help="timed calls per block, case and way (default 30; quick 5)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     repeats = 5 if args.quick else args.repeats
@@ -93,13 +95,14 @@ def main() -> int:
             for i, (x, present) in enumerate(cases):
                 times: dict[str, list[float]] = {"sequential": [], "batched": []}
                 scores: dict[str, CaseScores] = {}
-                for rep in range(3 + repeats):  # 3 untimed warm-up rounds
+                for _block in range(2):  # A B A B: blocks of back-to-back calls, as a pool is scored
                     for way in ("sequential", "batched"):
                         baseline = mock.patch.object(CrossModalNet, "_decode_batched", sequential)
                         with baseline if way == "sequential" else contextlib.nullcontext():
-                            sec, scores[way] = time_one(net, x, present, samples, seed=rep)
-                        if rep >= 3:
-                            times[way].append(sec)
+                            for rep in range(3 + repeats):  # 3 untimed warm-up calls
+                                sec, scores[way] = time_one(net, x, present, samples, seed=rep)
+                                if rep >= 3:
+                                    times[way].append(sec)
                 a, b = scores["sequential"], scores["batched"]
                 med = {k: float(np.median(v)) for k, v in times.items()}
                 rows.append({"preset": preset, "case": i, "shape": list(x.shape[2:]), "mc_samples": samples,
@@ -118,7 +121,7 @@ def main() -> int:
         for p in ("phantom", "brain")}
     for v in summary.values():
         v["ratio"] = round(v["batched_ms"] / v["sequential_ms"], 4)
-    print(f"score_image, {torch.get_num_threads()} threads, median of {repeats} calls per case (ms)")
+    print(f"score_image, {torch.get_num_threads()} threads, median of 2 x {repeats} calls per case (ms)")
     print(f"{'preset':8} {'case':>4} {'input':>12} {'sequential':>10} {'batched':>8} {'ratio':>6} {'max rel diff':>12}")
     for r in rows:
         shape = "x".join(map(str, r["shape"]))
