@@ -7,8 +7,7 @@ are one pass of batch 1 + T, with the dropout masks drawn beforehand in the orde
 many calls, so fewer, larger calls pay. This times both on the committed phantom and brain weights, on real cases'
 scoring inputs (the scoring cache's: read, registered, normalised, halved per axis) of generated phantom cases and
 the demo's brain cases (``make data``), in one process, in blocks of back-to-back calls (as a pool is scored; two
-blocks each, A B A B, 3 untimed warm-up calls a block: calls that alternate between the two ways run both about
-twice as slow, each one's kernels set up afresh, which is not how either is used); checks that both give the
+blocks each, A B A B, 3 untimed warm-up calls a block); checks that both give the
 same scores (the same masks: logits equal to float rounding) and prints a table; writes ``scoring.json`` to
 ``RESULTS_DIR`` (default ``bench/results``; ``--quick``: fewer repeats, ``bench/results/quick``).
 
