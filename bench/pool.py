@@ -6,10 +6,11 @@ re-scoring after a training run, twice per pool: storing each case's scores as i
 of the datastore JSON, which holds every case, per case - the behaviour until 2026-12-01) and batched (the default,
 at most every 5 s). It checks that every case's scores landed in the datastore either way, times a viewer's Next
 Sample on the scored pool (``CrossModalStrategy``) and the scoring MONAI Label runs after it (nothing left to
-score), prints a table. Then training: one epoch of the app's train task (phantom preset, ours, CPU, a fresh
-process each) on 2 dense labels + 100 and 400 unlabelled cases, every unlabelled case in the epoch (before,
-``train.consistency.max_unlabeled_per_epoch`` unbounded) vs the default 32 (the rest walked in turn over the
-epochs): steps, seconds, peak RSS. Writes ``pool.json`` and ``pool.png`` (ms per case vs pool size) to
+score), prints a table (with each way's forward per case and its seconds in Python's garbage collector, which the
+per-case JSON rewrites' allocations wake). Then training: one epoch of the app's train task (phantom preset, ours,
+CPU, a fresh process each) on 2 dense labels + 100 and 400 unlabelled cases, every unlabelled case in the epoch
+(before, ``train.consistency.max_unlabeled_per_epoch`` unbounded) vs the default 32 (the rest walked in turn over
+the epochs): steps, seconds, peak RSS. Writes ``pool.json`` and ``pool.png`` (ms per case vs pool size) to
 ``RESULTS_DIR`` (default ``bench/results``; ``--quick``: 20 and 40 cases, ``bench/results/quick``).
 
     python bench/pool.py [--quick] [--sizes 100,200,400,800] [--train-sizes 100,400] [--parts scoring,training]
@@ -18,6 +19,7 @@ epochs): steps, seconds, peak RSS. Writes ``pool.json`` and ``pool.png`` (ms per
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -25,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +53,26 @@ def sub_pool(src: Path, dest: Path, cases: list[str]) -> Path:
     return dest
 
 
+@contextmanager
+def gc_clock() -> Iterator[dict]:
+    """Seconds spent in Python's garbage collector inside the block, and its collections: ``{"seconds", "runs"}``
+    (filled in when the block ends)."""
+    out, start = {"seconds": 0.0, "runs": 0}, [0.0]
+
+    def clock(phase: str, info: dict) -> None:
+        if phase == "start":
+            start[0] = time.perf_counter()
+        else:
+            out["seconds"] += time.perf_counter() - start[0]
+            out["runs"] += 1
+
+    gc.callbacks.append(clock)
+    try:
+        yield out
+    finally:
+        gc.callbacks.remove(clock)
+
+
 def score_pool(pool: Path, work: Path, cache: Path, flush_s: float, weights: Path) -> dict:
     """Score every case of ``pool`` (a new datastore: none scored yet) with ``weights``, the preprocessed inputs
     cached in ``cache`` as after a training run; seconds, cases scored and cases whose scores the datastore holds."""
@@ -58,9 +82,10 @@ def score_pool(pool: Path, work: Path, cache: Path, flush_s: float, weights: Pat
     scoring = parts.scoring(parts.infer())
     scoring.cache_dir, scoring.flush_s = cache, flush_s
     model = Path(scoring.infer_task.get_path())
-    t = time.perf_counter()
-    out = scoring({}, store)
-    seconds = time.perf_counter() - t
+    with gc_clock() as collected:
+        t = time.perf_counter()
+        out = scoring({}, store)
+        seconds = time.perf_counter() - t
     infos = json.loads((pool / "datastore_v2.json").read_text())["objects"]
     fresh = sum((v["image"]["info"].get(SCORES_KEY) or {}).get("model_ts") == os.path.getmtime(model)
                 for v in infos.values())
@@ -77,7 +102,8 @@ def score_pool(pool: Path, work: Path, cache: Path, flush_s: float, weights: Pat
         raise SystemExit(f"pool of {len(infos)}: the strategy picked {pick!r}")
     return {"scored": out["scored"], "stored": fresh, "seconds": round(seconds, 3),
             "forward_seconds_per_case": out["seconds_per_case"], "next_sample_seconds": round(next_s, 3),
-            "recheck_seconds": round(recheck_s, 3),
+            "recheck_seconds": round(recheck_s, 3), "gc_seconds": round(collected["seconds"], 3),
+            "gc_runs": collected["runs"],
             "datastore_kb": (pool / "datastore_v2.json").stat().st_size // 1024}
 
 
@@ -157,12 +183,14 @@ def scoring_part(sizes: list[int], work: Path, cfg: CrossModalConfig) -> list[di
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"\n{'cases':>6} {'JSON kB':>8} {'before s':>11} {'now s':>10} {'before ms':>9} {'now ms':>8} "
-          f"{'forward ms':>11} {'before/now':>11} {'next sample s':>14} {'re-check s':>11}")
+          f"{'fwd ms before':>13} {'fwd ms now':>10} {'gc s before':>11} {'gc s now':>8} {'before/now':>11} "
+          f"{'next sample s':>14} {'re-check s':>11}")
     for r in rows:
         p, b = r["per_case"], r["batched"]
         print(f"{r['cases']:6d} {b['datastore_kb']:8d} {p['seconds']:11.2f} {b['seconds']:10.2f} "
               f"{p['seconds'] / r['cases'] * 1000:9.1f} {b['seconds'] / r['cases'] * 1000:8.1f} "
-              f"{b['forward_seconds_per_case'] * 1000:11.1f} {r['speedup']:10.2f}x {b['next_sample_seconds']:14.3f} "
+              f"{p['forward_seconds_per_case'] * 1000:13.1f} {b['forward_seconds_per_case'] * 1000:10.1f} "
+              f"{p['gc_seconds']:11.2f} {b['gc_seconds']:8.2f} {r['speedup']:10.2f}x {b['next_sample_seconds']:14.3f} "
               f"{b['recheck_seconds']:11.3f}")
     return rows
 

@@ -184,6 +184,37 @@ def test_simulation_goals_from_hand_made_curves():
     assert simulate.goals(summarize(recs, refs), cost)[-1]["met"] is False
 
 
+def test_a_curve_that_never_gets_to_95_percent_bounds_the_cases_ratio():
+    """A seed whose curve stays below 95 % of full annotation (None) needs more cases than the run's last round:
+    counted as that many, ours missing it bounds the ratio from below, Random missing it from above."""
+    recs, refs, cost = simulation()
+    for r in recs:
+        if (r["strategy"], r["seed"]) == ("ours", 1):
+            r["dice_mean"] = [0.90, 0.92, 0.93][r["round"]]
+    summary = summarize(recs, refs)
+    reach = simulate.goals(summary, cost)[0]
+    assert reach["measured"] is None and reach["at_least"] == pytest.approx(10 / 12, abs=1e-4)
+    assert reach["met"] is False and "at_most" not in reach
+    assert reach["detail"].startswith("ours [4, None], random [6, 6] (per seed; None: not reached with 6 cases);")
+    row = simulate.markdown(summary, simulate.goals(summary, cost)).splitlines()[9]
+    assert row == ("| p | cases to 95% of full: ours / random (<= 0.6) | > 0.83 (ours [4, None], random [6, 6] (per "
+                   "seed; None: not reached with 6 cases); lowest possible 0.667) | MISSED |")
+
+    recs, refs, cost = simulation()  # Random misses on seed 0, ours is there from round 0 on: at most (2 + 2) / 12
+    for r in recs:
+        if (r["strategy"], r["seed"]) == ("random", 0):
+            r["dice_mean"] = [0.90, 0.92, 0.93][r["round"]]
+        if r["strategy"] == "ours" and r["round"] == 0:
+            r["dice_mean"] = 0.96
+    reach = simulate.goals(summarize(recs, refs), cost)[0]
+    assert reach["measured"] is None and reach["at_most"] == pytest.approx(4 / 12, abs=1e-4) and reach["met"] is True
+    for r in recs:  # both miss somewhere: no bound, not met
+        if (r["strategy"], r["seed"]) == ("ours", 1):
+            r["dice_mean"] = 0.90
+    reach = simulate.goals(summarize(recs, refs), cost)[0]
+    assert reach["measured"] is None and not {"at_least", "at_most"} & set(reach) and reach["met"] is False
+
+
 def test_the_readme_simulation_tables_come_from_the_summary():
     """`bench/simulate.py --summarize --markdown`: the README's curve and goal tables, every cell from the records."""
     recs, refs, cost = simulation("phantom_mixed")
