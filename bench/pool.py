@@ -2,7 +2,8 @@
 
 The app's scoring (``CrossModalScoring``, the committed phantom weights, CPU) scores every unlabelled case of pools
 of 100 .. 800 generated phantom cases (sub-pools of one generated set) with the preprocessed inputs cached, as when
-re-scoring after a training run, twice per pool: storing each case's scores as it comes (``flush_s=0``: one rewrite
+re-scoring after a training run (each pool and way its own cache of its cases' inputs; the run exits if any is
+read and preprocessed again), twice per pool: storing each case's scores as it comes (``flush_s=0``: one rewrite
 of the datastore JSON, which holds every case, per case - the behaviour until 2026-12-01) and batched (the default,
 at most every 5 s). It checks that every case's scores landed in the datastore either way, times a viewer's Next
 Sample on the scored pool (``CrossModalStrategy``) and the scoring MONAI Label runs after it (nothing left to
@@ -53,6 +54,22 @@ def sub_pool(src: Path, dest: Path, cases: list[str]) -> Path:
     return dest
 
 
+def pool_cache(cache: Path, dest: Path, cases: list[str]) -> Path:
+    """A scoring cache for one pool: hard links to ``cache``'s inputs of its ``cases``. Each scoring prunes the
+    cached inputs of cases not in its datastore, so one cache shared by the pools (until 2026-12-05) lost the larger
+    pools' cases to a smaller pool's prune, and the next larger pool read and preprocessed them again inside its
+    timing (the per-case rows from 200 cases on)."""
+    dest.mkdir(parents=True)
+    for cid in cases:
+        os.link(cache / f"{cid}.pt", dest / f"{cid}.pt")
+    return dest
+
+
+def cache_state(cache: Path) -> dict[str, int]:
+    """Inode of every cached input in ``cache`` (a case preprocessed again is written to a new file)."""
+    return {f.name: f.stat().st_ino for f in cache.glob("*.pt")}
+
+
 @contextmanager
 def gc_clock() -> Iterator[dict]:
     """Seconds spent in Python's garbage collector inside the block, and its collections: ``{"seconds", "runs"}``
@@ -73,19 +90,25 @@ def gc_clock() -> Iterator[dict]:
         gc.callbacks.remove(clock)
 
 
-def score_pool(pool: Path, work: Path, cache: Path, flush_s: float, weights: Path) -> dict:
+def score_pool(pool: Path, work: Path, cache: Path, flush_s: float, weights: Path, rescoring: bool = True) -> dict:
     """Score every case of ``pool`` (a new datastore: none scored yet) with ``weights``, the preprocessed inputs
-    cached in ``cache`` as after a training run; seconds, cases scored and cases whose scores the datastore holds."""
+    cached in ``cache`` as after a training run; seconds, cases scored and cases whose scores the datastore holds.
+    ``rescoring``: exits if any case's input was not in ``cache`` (read and preprocessed inside the timing)."""
     parts = AppParts.from_conf(str(work / "app"), {"preset": "phantom", "pretrained": str(weights),
                                                    "model_dir": str(work / "model")})
     store = parts.datastore(str(pool))
     scoring = parts.scoring(parts.infer())
     scoring.cache_dir, scoring.flush_s = cache, flush_s
     model = Path(scoring.infer_task.get_path())
+    before = cache_state(cache)
     with gc_clock() as collected:
         t = time.perf_counter()
         out = scoring({}, store)
         seconds = time.perf_counter() - t
+    redone = sorted(k for k, v in cache_state(cache).items() if before.get(k) != v)
+    if rescoring and redone:
+        raise SystemExit(f"pool of {out['scored']} (flush_s {flush_s}): {len(redone)} cases were read and preprocessed "
+                         f"again (e.g. {redone[0]}), so the timing is not a re-scoring's")
     infos = json.loads((pool / "datastore_v2.json").read_text())["objects"]
     fresh = sum((v["image"]["info"].get(SCORES_KEY) or {}).get("model_ts") == os.path.getmtime(model)
                 for v in infos.values())
@@ -168,14 +191,16 @@ def scoring_part(sizes: list[int], work: Path, cfg: CrossModalConfig) -> list[di
     cases = sorted(p.name[: -len(".nii.gz")] for p in src.glob("*.nii.gz"))
     cache, weights = work / "cache", work / WEIGHTS.name
     shutil.copy(WEIGHTS, weights)
-    warm = score_pool(sub_pool(src, work / "warm", cases), work / "warm_app", cache, 5.0, weights)  # the cache
+    warm = score_pool(sub_pool(src, work / "warm", cases), work / "warm_app", cache, 5.0, weights,
+                      rescoring=False)  # the cache
     print(f"first sight (read + preprocess + score) {warm['seconds']:.0f} s for {warm['scored']} cases", flush=True)
     rows = []
     for n in sizes:
         row: dict = {"cases": n}
         for mode, flush_s in (("per_case", 0.0), ("batched", 5.0)):
             pool = sub_pool(src, work / f"{mode}_{n}", cases[:n])
-            row[mode] = score_pool(pool, work / f"{mode}_{n}_app", cache, flush_s, weights)
+            own = pool_cache(cache, work / f"{mode}_{n}_cache", cases[:n])
+            row[mode] = score_pool(pool, work / f"{mode}_{n}_app", own, flush_s, weights)
             if row[mode]["scored"] != n or row[mode]["stored"] != n:
                 raise SystemExit(f"pool of {n}, {mode}: scored {row[mode]['scored']}, stored "
                                  f"{row[mode]['stored']} of {n} cases")
