@@ -108,6 +108,14 @@ def goals(summary: dict, cost: dict) -> list[dict]:
     return rows
 
 
+def shown(goal: dict, digits: int | None = None) -> str:
+    """A goal row's measured value as text, a bound as "> x" / "< x" (``digits``: rounded to them), "-" if none."""
+    for key, sign in (("measured", ""), ("at_least", "> "), ("at_most", "< ")):
+        if goal.get(key) is not None:
+            return f"{sign}{goal[key] if digits is None else round(goal[key], digits)}"
+    return "-"
+
+
 def markdown(summary: dict, goal_rows: list[dict]) -> str:
     """The README's two tables of a :func:`crossmodal.simulate.summarize` result and its :func:`goals`: per pool and
     strategy the Dice per round (mean of seeds), the areas under the curve, the cases to 95 % of full annotation per
@@ -130,9 +138,7 @@ def markdown(summary: dict, goal_rows: list[dict]) -> str:
     for g in goal_rows:
         name = g["dataset"].replace("_", " ")
         if g["goal"].startswith("cases to 95%"):
-            ratio = f"{round(g['measured'], 2)}" if g["measured"] is not None else \
-                f"> {round(g['at_least'], 2)}" if "at_least" in g else \
-                f"< {round(g['at_most'], 2)}" if "at_most" in g else "-"
+            ratio = shown(g, 2)
             lowest = "-" if g["lowest_possible"] is None else f"{round(g['lowest_possible'], 3)}"
             detail = g["detail"].split("; the lowest ratio")[0] + f"; lowest possible {lowest}"
             cell = f"{ratio} ({detail})"
@@ -284,8 +290,7 @@ def main() -> int:
     for g in goals(summary, cost):
         verdict = "met" if g["met"] else "MISSED"
         ci = "" if g.get("ci95") is None else f"  95% CI of the per-seed differences [{g['ci95'][0]}, {g['ci95'][1]}]"
-        value = f"> {g['at_least']}" if "at_least" in g else f"< {g['at_most']}" if "at_most" in g else g["measured"]
-        print(f"{g['dataset']:14} {g['goal']:62} {value!s:>8}  {verdict}  ({g['detail']}){ci}")
+        print(f"{g['dataset']:14} {g['goal']:62} {shown(g)!s:>8}  {verdict}  ({g['detail']}){ci}")
     print(f"-> {results / 'simulate.json'}, {results / 'simulate.png'}")
     return 0
 
