@@ -273,6 +273,46 @@ def test_a_deleted_cases_cached_scoring_input_goes_with_it(app_parts):
     assert sorted(p.name for p in scoring.cache_dir.iterdir()) == [f"{c}.pt" for c in unlabeled[2:]] + [fresh.name]
 
 
+def test_servers_of_two_studies_sharing_a_model_dir_keep_their_scoring_caches_apart(app_parts, tmp_path):
+    """Each server's scoring prunes the cache to its datastore's cases: two servers of different studies on one
+    model dir removed each other's cached inputs (the cases read and preprocessed again at every scoring), and cases
+    of the same id in both shared one file. Given the server's studies, each datastore has its own folder there;
+    inputs an earlier version cached in the shared folder itself move into the first one made."""
+    parts, store, studies = app_parts
+    root = Path(parts.model_dir) / "scoring_cache"
+    root.mkdir(parents=True)
+    legacy = parts.scoring(parts.infer())  # the folder of before
+    assert legacy.cache_dir == root
+    legacy({}, store)
+    unlabeled = sorted(store.get_unlabeled_images())
+    assert sorted(p.stem for p in root.glob("*.pt")) == unlabeled
+    kept = {p.name: p.stat().st_ino for p in root.glob("*.pt")}
+    other = make_phantom_studies(tmp_path / "other" / "studies", CFG, cases=5, dense=1, sparse=0, seed=13)
+    other_store = parts.datastore(str(other))
+    a, b = parts.scoring(parts.infer(), str(studies)), parts.scoring(parts.infer(), str(other) + "/")
+    assert a.cache_dir.parent == b.cache_dir.parent == root and a.cache_dir != b.cache_dir
+    assert a.cache_dir.name.startswith("studies-") and b.cache_dir.name.startswith("studies-")
+    assert {p.name: p.stat().st_ino for p in a.cache_dir.glob("*.pt")} == kept  # moved, not read again
+    assert not list(root.glob("*.pt")) and not list(b.cache_dir.iterdir())
+    assert parts.scoring(parts.infer(), str(studies)).cache_dir == a.cache_dir  # the same folder next start
+    writes = []
+    save = torch.save
+    try:
+        torch.save = lambda obj, f, **kw: (writes.append(Path(f).parent), save(obj, f, **kw))[1]  # count inputs
+        out_b = b({}, other_store)
+        assert out_b["scored"] == len(other_store.get_unlabeled_images()) == 4 and not out_b["failed"]
+        assert writes == [b.cache_dir] * 4
+        writes.clear()
+        shutil.copyfile(parts.models[0].pretrained, parts.published)  # a new model: both score every case again
+        os.utime(parts.published, (time.time() + 5, time.time() + 5))
+        assert a({}, store)["scored"] == 4 and b({}, other_store)["scored"] == 4
+        assert writes == []  # each server's inputs were still cached: neither pruned the other's
+    finally:
+        torch.save = save
+    assert sorted(p.stem for p in a.cache_dir.glob("*.pt")) == unlabeled
+    assert sorted(p.stem for p in b.cache_dir.glob("*.pt")) == sorted(other_store.get_unlabeled_images())
+
+
 def test_image_infos_written_over_rest_do_not_break_selection(app_parts, caplog):
     """Image infos are writable by any client (``PUT /datastore/image/info``): a score, hand-out or descriptor that
     is not what the scoring stores failed every ``/activelearning/crossmodal`` (a 500: 'str' object has no attribute

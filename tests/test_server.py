@@ -897,8 +897,13 @@ def test_a_multimodal_case_uploads_through_the_datastore_api(client, phantom_ser
         assert min(scores) > 0.6 and np.mean(scores) > 0.8, scores  # segmented from all three modalities
         r = requests.post(f"{phantom_server.url}/scoring/crossmodal?run_sync=true", timeout=300)
         assert r.status_code == 200 and "upl001" in r.json()["scores"], r.text
-        cached = phantom_server.model_dir / "scoring_cache" / "upl001.pt"  # its images, downsampled for scoring
-        assert cached.is_file()
+        # its images, downsampled for scoring, in this datastore's own folder of the model dir's scoring cache
+        from crossmodal.serving.app import scoring_cache_dir
+
+        cache = Path(scoring_cache_dir(str(phantom_server.model_dir / "scoring_cache"), str(phantom_server.studies)))
+        assert cache.parent.name == "scoring_cache" and cache.name.startswith(f"{phantom_server.studies.name}-")
+        cached = cache / "upl001.pt"
+        assert cached.is_file() and sorted(p.name for p in cache.parent.iterdir()) == [cache.name]
         r = requests.delete(f"{phantom_server.url}/datastore/image", params={"id": "upl001"}, timeout=30)
         assert r.status_code == 200, r.text
         assert "upl001" not in client.datastore()["objects"] and not sidecars.exists()

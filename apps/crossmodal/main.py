@@ -150,7 +150,7 @@ class MyApp(MONAILabelApp):
         return strategies
 
     def init_scoring_methods(self) -> dict[str, ScoringMethod]:
-        scoring = self.parts.scoring(self._infer_tasks[self.parts.model_name])
+        scoring = self.parts.scoring(self._infer_tasks[self.parts.model_name], self.studies)
         if isinstance(hooks := getattr(self.datastore(), "on_remove", None), list):
             hooks.append(scoring.forget)  # a deleted case's cached input (its images, downsampled) goes with it
         methods = {"crossmodal": scoring}

@@ -18,7 +18,9 @@ default 30).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import os
 import time
 from collections.abc import Iterable
@@ -130,6 +132,31 @@ def check_infer_request(request: dict, infers: Iterable[str], datastore: Datasto
     local = type(datastore) is CrossModalDatastore  # not PacsDatastore: get_image_uri would fetch the series
     if isinstance(image, str) and local and not os.path.exists(image) and not datastore.get_image_uri(image):
         raise no_such_case(image)
+
+
+def scoring_cache_dir(root: str, studies: str) -> str:
+    """``<root>/<name>-<digest>``: the scoring cache of the datastore at ``studies`` (a folder, by its real path, or
+    a DICOMweb URL), ``name`` its last part for people to read. Inputs cached by an earlier version directly in
+    ``root`` move into the first such folder made (each is checked against its case's files before use, and the
+    datastore's scoring removes those of cases it does not hold).
+
+    Example:
+        >>> import tempfile; root = tempfile.mkdtemp()
+        >>> a = scoring_cache_dir(root, "http://pacs:8042/dicom-web/")
+        >>> Path(a).name.startswith("dicom-web-"), a == scoring_cache_dir(root, "http://pacs:8042/dicom-web")
+        (True, True)
+    """
+    where = studies.rstrip("/")
+    key = where if where.startswith(("http://", "https://")) else os.path.realpath(where)
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in os.path.basename(key))[:40] or "studies"
+    path = Path(root) / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if not path.is_dir():
+        old = sorted(Path(root).glob("*.pt")) if Path(root).is_dir() else []
+        path.mkdir(parents=True, exist_ok=True)
+        for file in old:
+            with contextlib.suppress(OSError):  # another server moved it first
+                os.replace(file, path / file.name)
+    return str(path)
 
 
 @dataclass
@@ -274,8 +301,13 @@ class AppParts:
     def strategy(self) -> CrossModalStrategy:
         return CrossModalStrategy(self.cfg)
 
-    def scoring(self, infer: CrossModalInfer) -> CrossModalScoring:
-        return CrossModalScoring(self.cfg, infer, os.path.join(self.model_dir, "scoring_cache"))
+    def scoring(self, infer: CrossModalInfer, studies: str | None = None) -> CrossModalScoring:
+        """The cross-modal scoring, its cached inputs in ``<model_dir>/scoring_cache`` or, given the server's
+        ``studies`` (a folder or a DICOMweb URL), in a folder of that datastore's there (:func:`scoring_cache_dir`):
+        servers of different studies that share a model dir then keep apart the inputs that each prunes to its
+        own cases."""
+        root = os.path.join(self.model_dir, "scoring_cache")
+        return CrossModalScoring(self.cfg, infer, scoring_cache_dir(root, studies) if studies else root)
 
     def epistemic(self) -> tuple:
         """MONAI Label's Epistemic scoring (5 dropout samples through the full infer task) and strategy."""
