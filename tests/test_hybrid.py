@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_phantom_studies
+from conftest import APP, make_phantom_studies
 from crossmodal.atlas import usable_cores
 from crossmodal.config import ConfigError, ConsistencyConfig, load_config, save_config
 from crossmodal.hybrid import (
@@ -566,6 +566,49 @@ def test_a_diverging_run_stops_before_publishing_and_the_model_in_service_stays(
     assert not (tmp_path / "first" / "phantom_crossmodal_train_stats.json").exists()
 
 
+def test_a_fine_tuning_with_no_held_out_label_publishes_only_a_model_that_still_fits_its_labels(tmp_path, phantom_cfg,
+                                                                                              caplog):
+    """One labelled case (nothing to hold out): the last model is published. AdamW steps of 1.0 wreck the committed
+    model with a finite loss (it segmented the other cases at Dice 0.008, was published and served); now a run
+    publishes its last model only if that fits the labels it trained on no more than ``train.fit_tolerance`` worse
+    than the starting model, else the model in service stays. A sound fine-tuning publishes, and trains exactly as
+    it would without the check (same weights)."""
+    committed = APP / "pretrained" / "phantom_crossmodal.pt"
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=4, dense=1, sparse=0, seed=5)
+    save_config(method_config("phantom", "ours", {"train": {"learning_rate_by_model": {"crossmodal": 1.0}}}),
+                tmp_path / "hot.yaml")
+    with caplog.at_level(logging.INFO, logger="crossmodal.serving.train"):
+        hot = train_offline(str(studies), str(tmp_path / "hot.yaml"), str(tmp_path / "m"), epochs=1, device="cpu",
+                            pretrained=str(committed))
+    fit = hot["training_fit"]
+    assert fit["key"] == "val_mean_dice" and fit["start"] > 0.9 and fit["end"] < 0.3 and not fit["published"], fit
+    assert hot["published"] == hot["start_model"] == str(committed)
+    assert not (tmp_path / "m" / "phantom_crossmodal.pt").exists()  # nothing published: the committed one serves
+    told = json.loads((tmp_path / "m" / "phantom_crossmodal_train_stats.json").read_text())  # the viewers' stats
+    assert told["training_fit"] == fit
+    assert (f"not published: after 1 epoch(s) the model fits the 1 labelled case(s) it was trained on at "
+            f"val_mean_dice {fit['end']:.4f}, the model it started from at {fit['start']:.4f} (train.fit_tolerance "
+            "0.05); the model in service stays. A learning rate too high for fine-tuning (this run's: 1) or too few "
+            "epochs to get over a fresh optimiser's first steps: train again with a lower `learning_rate` or more "
+            "`max_epochs`") in caplog.text
+    # the default learning rate, 2 epochs: published, with both fits in its stats
+    stats = train_offline(str(studies), "phantom", str(tmp_path / "m"), epochs=2, device="cpu",
+                          pretrained=str(committed))
+    published = tmp_path / "m" / "phantom_crossmodal.pt"
+    assert stats["published"] == str(published) and published.is_file()
+    fit = stats["training_fit"]
+    assert fit["start"] == pytest.approx(hot["training_fit"]["start"], abs=1e-6) and fit["published"], fit
+    assert fit["end"] >= fit["start"] - 0.05, fit
+    served = json.loads((tmp_path / "m" / "phantom_crossmodal_train_stats.json").read_text())
+    assert served["training_fit"] == fit
+    # the same run without the check (train.fit_tolerance 1: nothing is refused) gives the same weights: the two
+    # evaluations leave the generators alone
+    save_config(method_config("phantom", "ours", {"train": {"fit_tolerance": 1.0}}), tmp_path / "loose.yaml")
+    again = train_offline(str(studies), str(tmp_path / "loose.yaml"), str(tmp_path / "m2"), epochs=2, device="cpu",
+                          pretrained=str(committed))
+    assert Path(again["published"]).read_bytes() == published.read_bytes()
+
+
 def test_a_non_finite_loss_names_its_parts_or_says_they_were_finite():
     """The divergence error names the loss parts that are not finite; a single process whose parts are all finite
     (their weighted sum overflowed) says so, where it said "on another process"."""
@@ -873,6 +916,14 @@ def test_data_parallel_training_in_two_cpu_processes(tmp_path: Path, phantom_cfg
     assert 0 <= again["start_metric"] <= 1 and again["epoch"] == 1
     assert again["published"] == (str(tmp_path / "m2" / "phantom_crossmodal.pt")
                                   if again["best_metric"] > again["start_metric"] else stats["published"])
+    # fine-tuning it with no label held out: both processes score the run's 2 labelled cases before its first step
+    # and after its last (the metric reduced across them), and the model is published only if it still fits them
+    fit = train_offline(str(studies), str(tmp_path / "ours.yaml"), str(tmp_path / "m4"), epochs=1, device="cpu",
+                        network="crossmodal", processes=2, pretrained=stats["published"])
+    assert 0 < fit["training_fit"]["start"] < 1 and 0 < fit["training_fit"]["end"] < 1, fit
+    assert fit["training_fit"]["published"] == (fit["training_fit"]["end"] >= fit["training_fit"]["start"] - 0.05)
+    assert fit["published"] == (str(tmp_path / "m4" / "phantom_crossmodal.pt") if fit["training_fit"]["published"]
+                                else stats["published"])
     # from scratch beside it: both processes validate that model, loaded beside their random weights
     scratch = train_offline(str(studies), str(tmp_path / "held_out.yaml"), str(tmp_path / "m3"), epochs=1,
                             device="cpu", network="crossmodal", processes=2, pretrained=stats["published"],

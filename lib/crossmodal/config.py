@@ -447,6 +447,9 @@ class TrainConfig:
     ``learning_rate_by_model`` overrides ``learning_rate`` per network name (AdamW step sizes differ by network).
     ``finetune_lr_scale`` multiplies the learning rate of a run that fine-tunes a model (the published one or
     ``--pretrained``): a fresh AdamW at the from-scratch rate first unlearns part of what that model knows.
+    ``fit_tolerance``: a fine-tuning with no label held out publishes its last model only if that segments the run's
+    own labelled cases (partial Dice) no more than this worse than the model it started from (else the model in
+    service stays; :class:`crossmodal.serving.train.TrainingFit`).
     ``num_workers``: loader worker processes per source (dense, sparse, unlabelled) and for validation; 0 loads
     the cases in the training process. ``keep_runs``: the newest run folders (``train_NN``) a model folder keeps
     (each holds that run's model; the one in service is always kept; 0: keep all). ``recompute_above_megavoxels``:
@@ -462,6 +465,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     learning_rate_by_model: dict[str, float] = field(default_factory=dict)
     finetune_lr_scale: float = 1.0
+    fit_tolerance: float = 0.05
     weight_decay: float = 1e-5
     batch_size: int = 2
     patch_size: tuple[int, int, int] = (64, 64, 64)
@@ -497,6 +501,8 @@ class TrainConfig:
             raise ConfigError(f"train.keep_runs: {self.keep_runs} must be >= 0 (0: keep every run's folder)")
         if not 0.0 < self.finetune_lr_scale <= 1.0:
             raise ConfigError(f"train.finetune_lr_scale: {self.finetune_lr_scale} must be in (0, 1]")
+        if not 0.0 <= self.fit_tolerance <= 1.0:
+            raise ConfigError(f"train.fit_tolerance: {self.fit_tolerance} must be in [0, 1] (a drop in Dice)")
 
 
 @dataclass

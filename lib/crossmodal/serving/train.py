@@ -156,6 +156,66 @@ class StartingScore:
                     "the run's best epoch whatever it scores)")
 
 
+class TrainingFit:
+    """A fine-tuning with no label held out (one labelled case, or ``val_split`` 0): how well the starting model and
+    the run's last one segment the run's own labelled cases (partial Dice on what was drawn; an ignite handler on
+    the trainer's ``STARTED`` and ``COMPLETED``, every process).
+
+    Without held-out labels the last model is published (:class:`LatestModel`), so a learning rate that wrecked the
+    model while its loss stayed finite went into service (AdamW steps of 1.0: the committed phantom model, fine-tuned
+    one epoch on one case, segmented the others at Dice 0.008 instead of 0.94), as did a run too short to get over
+    the first steps of a fresh AdamW (one epoch on one phantom case: its own label 0.93 -> 0.86). Fitting the labels
+    it trained on is the least a fine-tuning does: a last model that fits them worse than the starting model by more
+    than ``tolerance`` (``train.fit_tolerance``) is not published and the model in service stays, as when no epoch
+    beats it on held-out labels (:class:`StartingScore`). :class:`AtomicPublish` publishes nothing until the check
+    has passed. Both evaluations leave torch's generators as they were: a run trains as it would without them.
+    """
+
+    def __init__(self, evaluator: Engine, key: str, start_from: str, cases: int, tolerance: float) -> None:
+        self.evaluator, self.key, self.start_from, self.cases, self.tolerance = \
+            evaluator, key, start_from, cases, tolerance
+        self.start: float | None = None
+        self.end: float | None = None
+
+    def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.STARTED, self.started)
+        trainer.add_event_handler(Events.COMPLETED, self.completed)
+
+    def score(self) -> float:
+        """The evaluator's key metric over the run's labelled cases, the generators left as they were."""
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            self.evaluator.run()
+        return float(self.evaluator.state.metrics[self.key])
+
+    def started(self, engine: Engine) -> None:
+        self.start = self.score()
+        logger.info(f"fine-tuning {self.start_from} with no label held out: it fits this run's {self.cases} "
+                    f"labelled case(s) at {self.key} {self.start:.4f}; the last model is published only if it fits "
+                    f"them at {self.start - self.tolerance:.4f} or better (train.fit_tolerance {self.tolerance:g})")
+
+    def completed(self, engine: Engine) -> None:
+        self.end = self.score()
+        if self.passed:
+            logger.info(f"the last model fits this run's labelled case(s) at {self.key} {self.end:.4f} (the starting "
+                        f"model: {self.start:.4f}): published")
+        else:
+            logger.warning(self.refusal(engine))
+
+    def refusal(self, engine: Engine) -> str:
+        """Why the last model was not published, and what to do."""
+        return (f"not published: after {engine.state.epoch} epoch(s) the model fits the {self.cases} labelled "
+                f"case(s) it was trained on at {self.key} {self.end:.4f}, the model it started from at "
+                f"{self.start:.4f} (train.fit_tolerance {self.tolerance:g}); the model in service stays. A learning "
+                f"rate too high for fine-tuning (this run's: {learning_rate(engine):g}) or too few epochs to get over "
+                "a fresh optimiser's first steps: train again with a lower `learning_rate` or more `max_epochs`")
+
+    @property
+    def passed(self) -> bool:
+        """Whether the run's last model may be published (False until the run has completed)."""
+        return self.start is not None and self.end is not None and self.end >= self.start - self.tolerance
+
+
 RUN_FOLDER = re.compile(r"^train_(\d+)$")
 
 
@@ -255,15 +315,19 @@ class AtomicPublish(PublishStatsAndModel):
     """MONAI Label's publisher, with stats and model replaced through temp files (``os.replace``); with a
     :class:`StartingScore`, only a best epoch that validates above the starting model's score is published."""
 
-    def __init__(self, *args: Any, start: StartingScore | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, start: StartingScore | None = None, fit: TrainingFit | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.start = start
+        self.start, self.fit = start, fit
 
     def iteration_completed(self) -> dict[str, Any]:
         stats = prepare_stats(self.start_ts, self.trainer, self.evaluator)
         start = self.start.score if self.start is not None else None
         if start is not None:
             stats["start_metric"] = start
+        if self.fit is not None and self.fit.start is not None:
+            stats["training_fit"] = {"key": self.fit.key, "start": self.fit.start, "end": self.fit.end,
+                                     "published": self.fit.passed}
         text = json.dumps(json_safe(stats), indent=2, default=str)  # NaN in it made every GET /info/ a 500
         atomic_write_text(Path(self.output_dir) / f"stats_{self.run_id}.json", text)
         if self._stats_path:
@@ -272,6 +336,8 @@ class AtomicPublish(PublishStatsAndModel):
         if self.start is not None and self.evaluator is not None and not self.start.beaten_by(
                 self.evaluator.state.best_metric):
             return stats  # the run's best so far validates no better than the model it started from
+        if self.fit is not None and not self.fit.passed:
+            return stats  # no label held out: the last model is published once it is known to fit its labels
         if self._publish_path and os.path.exists(best):
             if not os.path.exists(self._publish_path) or os.path.getmtime(best) > os.path.getmtime(self._publish_path):
                 atomic_copy(best, self._publish_path)
@@ -817,6 +883,7 @@ class CrossModalTrain(BasicTrainTask):
         )
         self.cfg = cfg
         self._start: StartingScore | None = None  # the running fine-tuning's (:meth:`finalize`)
+        self._fit: TrainingFit | None = None
         self._pseudo_rounds: PseudoLabelRounds | None = None  # the running run's self-training rounds
 
     @property
@@ -1158,6 +1225,27 @@ class CrossModalTrain(BasicTrainTask):
         start.attach(context.trainer)
         return start
 
+    def _training_fit(self, context: Context) -> TrainingFit | None:
+        """A :class:`TrainingFit` when the run fine-tunes a model with no label held out (and the request's
+        ``publish`` is ``if_better``, the default); attached to the trainer on every process, each of which scores
+        every labelled case of the run (the metric is reduced across them)."""
+        start_from = self.finetuning(context)
+        labelled = [d for d in context.train_datalist if d["label_kind"] in (DENSE, SPARSE)]
+        if context.evaluator is not None or start_from is None or not labelled or \
+                context.request.get("publish") == "best_of_run":
+            return None
+        loader = self._dataloader(context, Dataset(labelled, self._validate_transforms(
+            self.val_pre_transforms(context), "Validation", "pre")), 1, 0, shuffle=False)
+        bare = SupervisedEvaluator(
+            device=context.device, val_data_loader=loader, network=context.network,
+            inferer=self.val_inferer(context), prepare_batch=prepare_with_present,
+            postprocessing=self._validate_transforms(self.val_post_transforms(context), "Validation", "post"),
+            key_val_metric=self.val_key_metric(context))
+        fit = TrainingFit(bare, next(iter(self.val_key_metric(context))), start_from, len(labelled),
+                          self.cfg.train.fit_tolerance)
+        fit.attach(context.trainer)
+        return fit
+
     def _report_kept(self, context: Context, start: StartingScore) -> None:
         best = context.evaluator.state.best_metric
         if start.score is not None and not start.beaten_by(best):
@@ -1170,13 +1258,16 @@ class CrossModalTrain(BasicTrainTask):
         if context.evaluator is not None:  # MONAI Label builds it with the default, which drops ``present``
             context.evaluator.prepare_batch = prepare_with_present
         self._start = start = self._starting_score(context)
+        self._fit = fit = self._training_fit(context)
         if context.local_rank == 0:
             save_config(self.cfg, os.path.join(context.output_dir, "config.yaml"))
             publisher = AtomicPublish(self._stats_path, self._publish_path, self._key_metric_filename,
                                       context.start_ts, context.run_id, context.output_dir, context.trainer,
-                                      context.evaluator, start=start)
+                                      context.evaluator, start=start, fit=fit)
             engine = context.evaluator or context.trainer
             engine.add_event_handler(Events.EPOCH_COMPLETED, publisher)
+            if fit is not None:  # after the fit's own COMPLETED handler: the last model, now that it passed
+                context.trainer.add_event_handler(Events.COMPLETED, publisher)
             LearningCurve(context.output_dir, context.evaluator, start).attach(context.trainer)
             if start is not None:
                 context.trainer.add_event_handler(Events.COMPLETED, lambda _: self._report_kept(context, start))
@@ -1215,6 +1306,11 @@ class CrossModalTrain(BasicTrainTask):
             stats = super().train(rank, world_size, request, datalist)
             if self._start is not None and self._start.score is not None:
                 stats["start_metric"], stats["start_model"] = self._start.score, self._start.start_from
+            if self._fit is not None:
+                stats["start_model"] = self._fit.start_from
+            if self._fit is not None and self._fit.end is not None:
+                stats["training_fit"] = {"key": self._fit.key, "start": self._fit.start, "end": self._fit.end,
+                                         "published": self._fit.passed}
             return json_safe(stats)  # a synchronous train request answers with it
         except Exception as e:
             found = user_error_in(e)
