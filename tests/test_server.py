@@ -753,6 +753,32 @@ def test_a_diverging_training_is_a_422_and_leaves_the_model_in_service_as_it_was
             stats_file.unlink()
 
 
+def test_a_fine_tuning_that_wrecks_the_model_with_a_finite_loss_leaves_the_model_in_service(client, phantom_server):
+    """No label held out (``val_split`` 0) and AdamW steps of 1.0: the loss stays finite, the last model would be
+    published (it was, segmenting nothing). The run checks that its last model still fits the labels it trained
+    on; it does not, so the model in service stays and the viewers' train stats say why."""
+    kept = {p: p.read_bytes() for p in phantom_server.model_dir.glob("*.pt")}
+    stats_file = phantom_server.model_dir / "phantom_crossmodal_train_stats.json"
+    stats = stats_file.read_bytes() if stats_file.is_file() else None
+    before, _ = client.infer("crossmodal", "phantom001", {})
+    before = load_volume(before)[0].numpy()
+    try:
+        r = requests.post(f"{phantom_server.url}/train/crossmodal?run_sync=true", timeout=300,
+                          json={"max_epochs": 1, "learning_rate": 1.0, "val_split": 0})
+        assert r.status_code == 200, r.text
+        fit = client.info()["train_stats"]["crossmodal"]["training_fit"]
+        assert fit["key"] == "val_mean_dice" and not fit["published"], fit
+        assert fit["start"] > 0.5 and fit["end"] < fit["start"] - 0.05, fit
+        assert {p: p.read_bytes() for p in phantom_server.model_dir.glob("*.pt")} == kept
+        out, _ = client.infer("crossmodal", "phantom001", {})
+        assert np.array_equal(load_volume(out)[0].numpy(), before) and set(np.unique(before)) > {0}
+    finally:  # the other tests' server as they know it
+        if stats is None:
+            stats_file.unlink(missing_ok=True)
+        else:
+            stats_file.write_bytes(stats)
+
+
 def test_brain_demo_is_segmented_usefully_by_the_committed_model(tmp_path):
     """`make run`'s set-up: brain studies, preset brain, the committed weights; held-out Dice on real MR."""
     from conftest import PRETRAINED_BRAIN, SPM_DIR, start_server, stop_server
