@@ -215,6 +215,10 @@ class TrainingFit:
         """Whether the run's last model may be published (False until the run has completed)."""
         return self.start is not None and self.end is not None and self.end >= self.start - self.tolerance
 
+    def record(self) -> dict[str, Any]:
+        """``training_fit`` of the train stats: {key, start, end (None until the run completed), published}."""
+        return {"key": self.key, "start": self.start, "end": self.end, "published": self.passed}
+
 
 RUN_FOLDER = re.compile(r"^train_(\d+)$")
 
@@ -326,8 +330,7 @@ class AtomicPublish(PublishStatsAndModel):
         if start is not None:
             stats["start_metric"] = start
         if self.fit is not None and self.fit.start is not None:
-            stats["training_fit"] = {"key": self.fit.key, "start": self.fit.start, "end": self.fit.end,
-                                     "published": self.fit.passed}
+            stats["training_fit"] = self.fit.record()
         text = json.dumps(json_safe(stats), indent=2, default=str)  # NaN in it made every GET /info/ a 500
         atomic_write_text(Path(self.output_dir) / f"stats_{self.run_id}.json", text)
         if self._stats_path:
@@ -1308,9 +1311,8 @@ class CrossModalTrain(BasicTrainTask):
                 stats["start_metric"], stats["start_model"] = self._start.score, self._start.start_from
             if self._fit is not None:
                 stats["start_model"] = self._fit.start_from
-            if self._fit is not None and self._fit.end is not None:
-                stats["training_fit"] = {"key": self._fit.key, "start": self._fit.start, "end": self._fit.end,
-                                         "published": self._fit.passed}
+                if self._fit.end is not None:
+                    stats["training_fit"] = self._fit.record()
             return json_safe(stats)  # a synchronous train request answers with it
         except Exception as e:
             found = user_error_in(e)
