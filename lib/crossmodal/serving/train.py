@@ -13,9 +13,10 @@ there is one. Validation uses dense labels when there are any (Dice), held-out s
 published atomically: an infer request never reads a half-written file,
 and a killed training leaves the previous model in service. A fine-tuning publishes only an epoch that validates
 better than the model it started from (:class:`StartingScore`; train option ``publish=best_of_run``: the run's
-best, as MONAI Label). A run whose loss turns NaN / Inf stops before that step's update with a
-:class:`crossmodal.errors.TrainingDiverged` (the server's 422) and puts the published model and its train stats back
-as they were before it. ``processes=N`` trains data-parallel in N
+best, as MONAI Label); with no label held out, only a last model that still fits the run's own labels within
+``train.fit_tolerance`` of the model it started from (:class:`TrainingFit`). A run whose loss turns NaN / Inf
+stops before that step's update with a :class:`crossmodal.errors.TrainingDiverged` (the server's 422) and puts the
+published model and its train stats back as they were before it. ``processes=N`` trains data-parallel in N
 processes (torch.distributed: gloo on CPU, NCCL on GPUs).
 """
 
