@@ -598,6 +598,7 @@ def test_a_fine_tuning_with_no_held_out_label_publishes_only_a_model_that_still_
     assert stats["published"] == str(published) and published.is_file()
     fit = stats["training_fit"]
     assert fit["start"] == pytest.approx(hot["training_fit"]["start"], abs=1e-6) and fit["published"], fit
+    assert fit["seconds"] > 0, fit  # both evaluations' time
     assert fit["end"] >= fit["start"] - 0.05, fit
     served = json.loads((tmp_path / "m" / "phantom_crossmodal_train_stats.json").read_text())
     assert served["training_fit"] == fit

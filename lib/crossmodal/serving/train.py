@@ -177,6 +177,7 @@ class TrainingFit:
             evaluator, key, start_from, cases, tolerance
         self.start: float | None = None
         self.end: float | None = None
+        self.seconds: list[float] = []  # each evaluation's
 
     def attach(self, trainer: Engine) -> None:
         trainer.add_event_handler(Events.STARTED, self.started)
@@ -184,22 +185,25 @@ class TrainingFit:
 
     def score(self) -> float:
         """The evaluator's key metric over the run's labelled cases, the generators left as they were."""
+        t0 = time.perf_counter()
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=devices):
             self.evaluator.run()
+        self.seconds.append(time.perf_counter() - t0)
         return float(self.evaluator.state.metrics[self.key])
 
     def started(self, engine: Engine) -> None:
         self.start = self.score()
         logger.info(f"fine-tuning {self.start_from} with no label held out: it fits this run's {self.cases} "
-                    f"labelled case(s) at {self.key} {self.start:.4f}; the last model is published only if it fits "
-                    f"them at {self.start - self.tolerance:.4f} or better (train.fit_tolerance {self.tolerance:g})")
+                    f"labelled case(s) at {self.key} {self.start:.4f} ({self.seconds[-1]:.1f} s); the last model is "
+                    f"published only if it fits them at {self.start - self.tolerance:.4f} or better "
+                    f"(train.fit_tolerance {self.tolerance:g})")
 
     def completed(self, engine: Engine) -> None:
         self.end = self.score()
         if self.passed:
-            logger.info(f"the last model fits this run's labelled case(s) at {self.key} {self.end:.4f} (the starting "
-                        f"model: {self.start:.4f}): published")
+            logger.info(f"the last model fits this run's labelled case(s) at {self.key} {self.end:.4f} "
+                        f"({self.seconds[-1]:.1f} s; the starting model: {self.start:.4f}): published")
         else:
             logger.warning(self.refusal(engine))
 
@@ -217,8 +221,10 @@ class TrainingFit:
         return self.start is not None and self.end is not None and self.end >= self.start - self.tolerance
 
     def record(self) -> dict[str, Any]:
-        """``training_fit`` of the train stats: {key, start, end (None until the run completed), published}."""
-        return {"key": self.key, "start": self.start, "end": self.end, "published": self.passed}
+        """``training_fit`` of the train stats: {key, start, end (None until the run completed), published, seconds
+        (both evaluations')}."""
+        return {"key": self.key, "start": self.start, "end": self.end, "published": self.passed,
+                "seconds": round(sum(self.seconds), 2)}
 
 
 RUN_FOLDER = re.compile(r"^train_(\d+)$")
