@@ -602,6 +602,19 @@ def test_a_fine_tuning_with_no_held_out_label_publishes_only_a_model_that_still_
     assert fit["end"] >= fit["start"] - 0.05, fit
     served = json.loads((tmp_path / "m" / "phantom_crossmodal_train_stats.json").read_text())
     assert served["training_fit"] == fit
+    # from scratch beside it: held to the fit of the model in service; 3 steps from random weights learn too little,
+    # so that model stays
+    kept = published.read_bytes()
+    with caplog.at_level(logging.INFO, logger="crossmodal.serving.train"):
+        scratch = train_offline(str(studies), "phantom", str(tmp_path / "m"), epochs=1, device="cpu",
+                                pretrained=str(committed), from_scratch=True)
+    fit = scratch["training_fit"]
+    assert fit["from_scratch"] and not fit["published"] and scratch["start_model"] == str(published), scratch
+    assert fit["start"] == pytest.approx(stats["training_fit"]["end"], abs=1e-4) and fit["end"] < fit["start"] - 0.05
+    assert published.read_bytes() == kept and scratch["published"] == str(published)
+    assert (f"the model fits the 1 labelled case(s) it was trained on at val_mean_dice {fit['end']:.4f}, the model "
+            f"in service at {fit['start']:.4f} (train.fit_tolerance 0.05); the model in service stays. A learning "
+            "rate too high (this run's: 0.01) or too few epochs to learn them: train again") in caplog.text
     # the same run without the check (train.fit_tolerance 1: nothing is refused) gives the same weights: the two
     # evaluations leave the generators alone
     save_config(method_config("phantom", "ours", {"train": {"fit_tolerance": 1.0}}), tmp_path / "loose.yaml")

@@ -386,12 +386,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         what = "trained from scratch beside" if args.from_scratch else "fine-tuned"
         print(f"{what} {stats['start_model']}: held-out Dice {stats['start_metric']:.4f} before, this run's "
               f"best {stats['best_metric']:.4f}: {outcome}")
-    if fit := stats.get("training_fit"):  # a model fine-tuned with no label held out (--publish-mode if_better)
+    if fit := stats.get("training_fit"):  # no label held out, a model in service (--publish-mode if_better)
         outcome = f"published {stats['published']}" if fit["published"] else \
             f"more than train.fit_tolerance worse, so that model stays (published: {stats['published']}); train " \
             "again with a lower learning rate or more epochs"
-        print(f"fine-tuned {stats['start_model']} with no label held out: Dice on its own labelled cases "
-              f"{fit['start']:.4f} before, {fit['end']:.4f} after: {outcome}")
+        what, before, after = ("trained from scratch beside", "by the model in service", "by this run's") \
+            if fit["from_scratch"] else ("fine-tuned", "before", "after")
+        print(f"{what} {stats['start_model']} with no label held out: Dice on its own labelled cases "
+              f"{fit['start']:.4f} {before}, {fit['end']:.4f} {after}: {outcome}")
     if held_out_cases(studies):  # held-out test cases (truth, no final label): Dice and HD95 per case
         out = str(Path(args.model_dir) / "evaluation.json")
         summary = evaluate(studies, resolved, stats["published"], args.device, out, network,

@@ -448,8 +448,8 @@ class TrainConfig:
     ``finetune_lr_scale`` multiplies the learning rate of a run that fine-tunes a model (the published one or
     ``--pretrained``): a fresh AdamW at the from-scratch rate first unlearns part of what that model knows.
     ``fit_tolerance``: a fine-tuning with no label held out publishes its last model only if that segments the run's
-    own labelled cases (partial Dice) no more than this worse than the model it started from (else the model in
-    service stays; :class:`crossmodal.serving.train.TrainingFit`).
+    own labelled cases (partial Dice) no more than this worse than the model it started from (a run from scratch:
+    than the model in service; else that model stays; :class:`crossmodal.serving.train.TrainingFit`).
     ``num_workers``: loader worker processes per source (dense, sparse, unlabelled) and for validation; 0 loads
     the cases in the training process. ``keep_runs``: the newest run folders (``train_NN``) a model folder keeps
     (each holds that run's model; the one in service is always kept; 0: keep all). ``recompute_above_megavoxels``:

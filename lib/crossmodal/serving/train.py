@@ -14,7 +14,8 @@ published atomically: an infer request never reads a half-written file,
 and a killed training leaves the previous model in service. A fine-tuning publishes only an epoch that validates
 better than the model it started from (:class:`StartingScore`; train option ``publish=best_of_run``: the run's
 best, as MONAI Label); with no label held out, only a last model that still fits the run's own labels within
-``train.fit_tolerance`` of the model it started from (:class:`TrainingFit`). A run whose loss turns NaN / Inf
+``train.fit_tolerance`` of the model it started from (from scratch: of the model in service; :class:`TrainingFit`).
+A run whose loss turns NaN / Inf
 stops before that step's update with a :class:`crossmodal.errors.TrainingDiverged` (the server's 422) and puts the
 published model and its train stats back as they were before it. ``processes=N`` trains data-parallel in N
 processes (torch.distributed: gloo on CPU, NCCL on GPUs).
@@ -160,7 +161,8 @@ class StartingScore:
 class TrainingFit:
     """A fine-tuning with no label held out (one labelled case, or ``val_split`` 0): how well the starting model and
     the run's last one segment the run's own labelled cases (partial Dice on what was drawn; an ignite handler on
-    the trainer's ``STARTED`` and ``COMPLETED``, every process).
+    the trainer's ``STARTED`` and ``COMPLETED``, every process). A run from scratch beside a model in service
+    (``scratch``) is held to that model's fit, scored with ``start_network`` (the model in service, loaded beside).
 
     Without held-out labels the last model is published (:class:`LatestModel`), so a learning rate that wrecked the
     model while its loss stayed finite went into service (AdamW steps of 1.0: the committed phantom model, fine-tuned
@@ -172,9 +174,11 @@ class TrainingFit:
     has passed. Both evaluations leave torch's generators as they were: a run trains as it would without them.
     """
 
-    def __init__(self, evaluator: Engine, key: str, start_from: str, cases: int, tolerance: float) -> None:
+    def __init__(self, evaluator: SupervisedEvaluator, key: str, start_from: str, cases: int, tolerance: float,
+                 start_network: torch.nn.Module | None = None) -> None:
         self.evaluator, self.key, self.start_from, self.cases, self.tolerance = \
             evaluator, key, start_from, cases, tolerance
+        self.start_network, self.scratch = start_network, start_network is not None
         self.start: float | None = None
         self.end: float | None = None
         self.seconds: list[float] = []  # each evaluation's
@@ -193,8 +197,17 @@ class TrainingFit:
         return float(self.evaluator.state.metrics[self.key])
 
     def started(self, engine: Engine) -> None:
-        self.start = self.score()
-        logger.info(f"fine-tuning {self.start_from} with no label held out: it fits this run's {self.cases} "
+        if self.start_network is None:
+            self.start = self.score()
+        else:  # from scratch: the model in service, loaded beside the run's network, then let go
+            network, self.evaluator.network = self.evaluator.network, self.start_network
+            try:
+                self.start = self.score()
+            finally:
+                self.evaluator.network, self.start_network = network, None
+        what = f"training from scratch beside {self.start_from} with no label held out: the model in service" \
+            if self.scratch else f"fine-tuning {self.start_from} with no label held out: it"
+        logger.info(f"{what} fits this run's {self.cases} "
                     f"labelled case(s) at {self.key} {self.start:.4f} ({self.seconds[-1]:.1f} s); the last model is "
                     f"published only if it fits them at {self.start - self.tolerance:.4f} or better "
                     f"(train.fit_tolerance {self.tolerance:g})")
@@ -203,17 +216,25 @@ class TrainingFit:
         self.end = self.score()
         if self.passed:
             logger.info(f"the last model fits this run's labelled case(s) at {self.key} {self.end:.4f} "
-                        f"({self.seconds[-1]:.1f} s; the starting model: {self.start:.4f}): published")
+                        f"({self.seconds[-1]:.1f} s; {self.against}: {self.start:.4f}): published")
         else:
             logger.warning(self.refusal(engine))
 
     def refusal(self, engine: Engine) -> str:
         """Why the last model was not published, and what to do."""
+        why = "A learning rate too high (this run's: {lr:g}) or too few epochs to learn them" if self.scratch else \
+            "A learning rate too high for fine-tuning (this run's: {lr:g}) or too few epochs to get over a fresh " \
+            "optimiser's first steps"
         return (f"not published: after {engine.state.epoch} epoch(s) the model fits the {self.cases} labelled "
-                f"case(s) it was trained on at {self.key} {self.end:.4f}, the model it started from at "
-                f"{self.start:.4f} (train.fit_tolerance {self.tolerance:g}); the model in service stays. A learning "
-                f"rate too high for fine-tuning (this run's: {learning_rate(engine):g}) or too few epochs to get over "
-                "a fresh optimiser's first steps: train again with a lower `learning_rate` or more `max_epochs`")
+                f"case(s) it was trained on at {self.key} {self.end:.4f}, {self.against} at {self.start:.4f} "
+                f"(train.fit_tolerance {self.tolerance:g}); the model in service stays. "
+                f"{why.format(lr=learning_rate(engine))}: train again with a lower `learning_rate` or "
+                "more `max_epochs`")
+
+    @property
+    def against(self) -> str:
+        """What the run's fit is held to, in words."""
+        return "the model in service" if self.scratch else "the model it started from"
 
     @property
     def passed(self) -> bool:
@@ -224,7 +245,7 @@ class TrainingFit:
         """``training_fit`` of the train stats: {key, start, end (None until the run completed), published, seconds
         (both evaluations')}."""
         return {"key": self.key, "start": self.start, "end": self.end, "published": self.passed,
-                "seconds": round(sum(self.seconds), 2)}
+                "seconds": round(sum(self.seconds), 2), "from_scratch": self.scratch}
 
 
 RUN_FOLDER = re.compile(r"^train_(\d+)$")
@@ -1236,14 +1257,21 @@ class CrossModalTrain(BasicTrainTask):
         return start
 
     def _training_fit(self, context: Context) -> TrainingFit | None:
-        """A :class:`TrainingFit` when the run fine-tunes a model with no label held out (and the request's
-        ``publish`` is ``if_better``, the default); attached to the trainer on every process, each of which scores
-        every labelled case of the run (the metric is reduced across them)."""
+        """A :class:`TrainingFit` when the run fine-tunes a model, or trains from scratch beside one in service,
+        with no label held out (and the request's ``publish`` is ``if_better``, the default); attached to the
+        trainer on every process, each of which scores every labelled case of the run (the metric is reduced across
+        them)."""
         start_from = self.finetuning(context)
+        against = start_from or self.in_service()
         labelled = [d for d in context.train_datalist if d["label_kind"] in (DENSE, SPARSE)]
-        if context.evaluator is not None or start_from is None or not labelled or \
+        if context.evaluator is not None or against is None or not labelled or \
                 context.request.get("publish") == "best_of_run":
             return None
+        beside = None
+        if start_from is None:  # a run from scratch: the model in service, loaded beside it, sets the bar
+            beside = self.network(context).to(context.device)
+            ckpt = torch.load(against, map_location=context.device, weights_only=True)
+            beside.load_state_dict(ckpt.get(self._model_dict_key, ckpt))
         loader = self._dataloader(context, Dataset(labelled, self._validate_transforms(
             self.val_pre_transforms(context), "Validation", "pre")), 1, 0, shuffle=False)
         bare = SupervisedEvaluator(
@@ -1251,8 +1279,8 @@ class CrossModalTrain(BasicTrainTask):
             inferer=self.val_inferer(context), prepare_batch=prepare_with_present,
             postprocessing=self._validate_transforms(self.val_post_transforms(context), "Validation", "post"),
             key_val_metric=self.val_key_metric(context))
-        fit = TrainingFit(bare, next(iter(self.val_key_metric(context))), start_from, len(labelled),
-                          self.cfg.train.fit_tolerance)
+        fit = TrainingFit(bare, next(iter(self.val_key_metric(context))), against, len(labelled),
+                          self.cfg.train.fit_tolerance, start_network=beside)
         fit.attach(context.trainer)
         return fit
 
