@@ -1234,6 +1234,23 @@ class CrossModalTrain(BasicTrainTask):
         train = [d for d in items if d not in val]
         return train + unlabeled, val
 
+    def _loaded_beside(self, context: Context, path: str) -> torch.nn.Module:
+        """A fresh network on the run's device holding the weights of ``path`` (the model in service, the bar that a
+        run from scratch is held to)."""
+        network = self.network(context).to(context.device)
+        ckpt = torch.load(path, map_location=context.device, weights_only=True)
+        network.load_state_dict(ckpt.get(self._model_dict_key, ckpt))
+        return network
+
+    def _bare_evaluator(self, context: Context, loader: Any, network: torch.nn.Module) -> SupervisedEvaluator:
+        """An evaluator with the validation's inferer, post transforms and key metric and no handlers (nothing
+        saved, nothing published): scores ``network`` on ``loader``'s cases when run."""
+        return SupervisedEvaluator(
+            device=context.device, val_data_loader=loader, network=network,
+            inferer=self.val_inferer(context), prepare_batch=prepare_with_present,
+            postprocessing=self._validate_transforms(self.val_post_transforms(context), "Validation", "post"),
+            key_val_metric=self.val_key_metric(context))
+
     def _starting_score(self, context: Context) -> StartingScore | None:
         """A :class:`StartingScore` when a model is in service (the one this run fine-tunes, or beside a run from
         scratch), labels are held out and the request's ``publish`` is ``if_better`` (the default); attached to the
@@ -1242,16 +1259,9 @@ class CrossModalTrain(BasicTrainTask):
         against = start_from or self.in_service()
         if context.evaluator is None or against is None or context.request.get("publish") == "best_of_run":
             return None
-        network = context.network
-        if start_from is None:  # a run from scratch: the model in service, loaded beside it, sets the bar
-            network = self.network(context).to(context.device)
-            ckpt = torch.load(against, map_location=context.device, weights_only=True)
-            network.load_state_dict(ckpt.get(self._model_dict_key, ckpt))
-        bare = SupervisedEvaluator(
-            device=context.device, val_data_loader=context.evaluator.data_loader, network=network,
-            inferer=self.val_inferer(context), prepare_batch=prepare_with_present,
-            postprocessing=self._validate_transforms(self.val_post_transforms(context), "Validation", "post"),
-            key_val_metric=self.val_key_metric(context))
+        # a run from scratch: the model in service, loaded beside it, sets the bar
+        network = context.network if start_from is not None else self._loaded_beside(context, against)
+        bare = self._bare_evaluator(context, context.evaluator.data_loader, network)
         start = StartingScore(bare, context.evaluator.state.key_metric_name, against, scratch=start_from is None)
         start.attach(context.trainer)
         return start
@@ -1267,18 +1277,11 @@ class CrossModalTrain(BasicTrainTask):
         if context.evaluator is not None or against is None or not labelled or \
                 context.request.get("publish") == "best_of_run":
             return None
-        beside = None
-        if start_from is None:  # a run from scratch: the model in service, loaded beside it, sets the bar
-            beside = self.network(context).to(context.device)
-            ckpt = torch.load(against, map_location=context.device, weights_only=True)
-            beside.load_state_dict(ckpt.get(self._model_dict_key, ckpt))
+        # a run from scratch: the model in service, loaded beside it, sets the bar
+        beside = self._loaded_beside(context, against) if start_from is None else None
         loader = self._dataloader(context, Dataset(labelled, self._validate_transforms(
             self.val_pre_transforms(context), "Validation", "pre")), 1, 0, shuffle=False)
-        bare = SupervisedEvaluator(
-            device=context.device, val_data_loader=loader, network=context.network,
-            inferer=self.val_inferer(context), prepare_batch=prepare_with_present,
-            postprocessing=self._validate_transforms(self.val_post_transforms(context), "Validation", "post"),
-            key_val_metric=self.val_key_metric(context))
+        bare = self._bare_evaluator(context, loader, context.network)
         fit = TrainingFit(bare, next(iter(self.val_key_metric(context))), against, len(labelled),
                           self.cfg.train.fit_tolerance, start_network=beside)
         fit.attach(context.trainer)
