@@ -125,6 +125,18 @@ class PartialOneHotd(MapTransform):
         return d
 
 
+def run_sparing_generators(evaluator: Engine) -> float:
+    """Run ``evaluator`` and return its seconds, leaving torch's generators (the CPU's and the current CUDA device's)
+    as they were: an evaluation a run adds before its first step or after its last (:class:`StartingScore`,
+    :class:`TrainingFit`) draws from them (its loader's base seed), and the training loaders' shuffles and dropout
+    that follow would draw otherwise; the same request then trained another model by its ``publish`` mode."""
+    t0 = time.perf_counter()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        evaluator.run()
+    return time.perf_counter() - t0
+
+
 class StartingScore:
     """The held-out score of the model a run fine-tunes, measured before its first step (an ignite handler on the
     trainer's ``STARTED``, after MONAI's ``CheckpointLoader`` has loaded the weights).
@@ -133,7 +145,7 @@ class StartingScore:
     checkpoint, no publish). MONAI Label's publisher takes the best epoch of the run, so a fine-tuning whose every
     epoch validated worse than the model in service replaced it anyway; with this score the publisher
     (:class:`AtomicPublish`) only takes an epoch that beats it. Runs on every process (the metric is reduced
-    across them).
+    across them) and leaves torch's generators as they were (:func:`run_sparing_generators`).
     """
 
     def __init__(self, evaluator: Engine, key: str, start_from: str, scratch: bool = False) -> None:
@@ -148,12 +160,11 @@ class StartingScore:
         return self.score is None or best > self.score
 
     def __call__(self, engine: Engine) -> None:
-        t0 = time.perf_counter()
-        self.evaluator.run()
+        seconds = run_sparing_generators(self.evaluator)
         self.score = float(self.evaluator.state.metrics[self.key])
         what = f"training from scratch beside {self.start_from}: held-out {self.key} of the model in service" \
             if self.scratch else f"fine-tuning {self.start_from}: held-out {self.key} of the starting model"
-        logger.info(f"{what} {self.score:.4f} ({time.perf_counter() - t0:.1f} s); "
+        logger.info(f"{what} {self.score:.4f} ({seconds:.1f} s); "
                     "an epoch of this run is published only when it beats it (train request publish=best_of_run: "
                     "the run's best epoch whatever it scores)")
 
@@ -189,11 +200,7 @@ class TrainingFit:
 
     def score(self) -> float:
         """The evaluator's key metric over the run's labelled cases, the generators left as they were."""
-        t0 = time.perf_counter()
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-        with torch.random.fork_rng(devices=devices):
-            self.evaluator.run()
-        self.seconds.append(time.perf_counter() - t0)
+        self.seconds.append(run_sparing_generators(self.evaluator))
         return float(self.evaluator.state.metrics[self.key])
 
     def started(self, engine: Engine) -> None:
