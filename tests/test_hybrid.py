@@ -567,26 +567,39 @@ def test_a_diverging_run_stops_before_publishing_and_the_model_in_service_stays(
 
 
 @pytest.mark.parametrize("val_fraction", [0.2, 0.0])
-def test_the_starting_models_evaluation_leaves_the_run_training_the_model_it_would_without_it(tmp_path: Path,
-                                                                                             phantom_cfg,
-                                                                                             val_fraction: float):
+def test_a_runs_evaluations_leave_it_training_the_model_it_would_without_them(tmp_path: Path, phantom_cfg,
+                                                                               val_fraction: float):
     """A fine-tuning's evaluation of the model it starts from (``publish: if_better``, the default), before the
     first step: on the held-out labels (0.2; :class:`StartingScore`) or, with none held out, on the run's own (0.0;
-    :class:`TrainingFit`, which scores the last model too). It drew from torch's generator (its loader's base seed),
-    so the training loaders' shuffles after it differed and the same request trained another model than with
-    ``publish: best_of_run`` (the phantom preset, 8 cases, two epochs from the committed model: held-out Dice 0.9276
-    / 0.9200 after each epoch against 0.9239 / 0.9336)."""
+    :class:`TrainingFit`, which scores the last model too); and the validations between epochs. Each drew from
+    torch's generator (its loader's base seed), so the training loaders' shuffles after it differed: the same request
+    trained another model by its ``publish`` mode (the phantom preset, 8 cases, two epochs from the committed model:
+    held-out Dice 0.9276 / 0.9200 after each epoch against 0.9239 / 0.9336) and by its ``val_interval``."""
     studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=6, dense=5, sparse=0, seed=8)
-    save_config(load_config("phantom", overrides={"train": {"patch_size": [32] * 3, "patches_per_case": 1,
-                                                            "val_fraction": val_fraction}}), tmp_path / "p.yaml")
-    runs = {mode: train_offline(str(studies), str(tmp_path / "p.yaml"), str(tmp_path / mode), epochs=1, device="cpu",
-                                pretrained=str(APP / "pretrained" / "phantom_crossmodal.pt"), publish_mode=mode)
-            for mode in ("if_better", "best_of_run")}
-    checked = "start_metric" if val_fraction else "training_fit"  # what the default adds
-    assert checked in runs["if_better"] and checked not in runs["best_of_run"], runs
-    assert runs["if_better"]["best_metric"] == runs["best_of_run"]["best_metric"], runs
-    a, b = (torch.load(next((tmp_path / mode).glob("train_*/model.pt")), map_location="cpu") for mode in runs)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def run(mode: str, epochs: int = 1, val_interval: int = 1) -> tuple[dict, dict, dict]:
+        """The run's answer, its best model's weights and its last model's."""
+        name = f"{mode}_{epochs}_{val_interval}"
+        save_config(load_config("phantom", overrides={"train": {"patch_size": [32] * 3, "patches_per_case": 1,
+                                                                "val_fraction": val_fraction,
+                                                                "val_interval": val_interval}}),
+                    tmp_path / f"{name}.yaml")
+        stats = train_offline(str(studies), str(tmp_path / f"{name}.yaml"), str(tmp_path / name), epochs=epochs,
+                              device="cpu", pretrained=str(APP / "pretrained" / "phantom_crossmodal.pt"),
+                              publish_mode=mode)
+        folder = next((tmp_path / name).glob("train_*"))
+        return stats, *(torch.load(folder / f, map_location="cpu") for f in ("model.pt", "checkpoint_final.pt"))
+
+    def same(a: dict, b: dict) -> bool:
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    (checked, best_a, _), (plain, best_b, _) = run("if_better"), run("best_of_run")
+    what = "start_metric" if val_fraction else "training_fit"  # what the default adds
+    assert what in checked and what not in plain, (checked, plain)
+    assert checked["best_metric"] == plain["best_metric"] and same(best_a, best_b), (checked, plain)
+    if val_fraction:  # validated after each of 2 epochs or after the second only: the same last model
+        (every, _, last_a), (second, _, last_b) = run("best_of_run", 2, 1), run("best_of_run", 2, 2)
+        assert (every["epoch"], second["epoch"]) == (2, 2) and same(last_a, last_b)
 
 
 def test_a_fine_tuning_with_no_held_out_label_publishes_only_a_model_that_still_fits_its_labels(tmp_path, phantom_cfg,

@@ -125,16 +125,31 @@ class PartialOneHotd(MapTransform):
         return d
 
 
-def run_sparing_generators(evaluator: Engine) -> float:
-    """Run ``evaluator`` and return its seconds, leaving torch's generators (the CPU's and the current CUDA device's)
-    as they were: an evaluation a run adds before its first step or after its last (:class:`StartingScore`,
-    :class:`TrainingFit`) draws from them (its loader's base seed), and the training loaders' shuffles and dropout
-    that follow would draw otherwise; the same request then trained another model by its ``publish`` mode."""
-    t0 = time.perf_counter()
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        evaluator.run()
-    return time.perf_counter() - t0
+class SparedGenerators:
+    """Handlers on an evaluator that put torch's generators (the CPU's and the current CUDA device's) back as they
+    were when it started once it completes: an evaluation draws from them (its loader's base seed) and the training
+    that follows would draw otherwise (its loaders' shuffles, dropout), so a run's model depended on when it was
+    evaluated - its ``publish`` mode (the starting model's evaluation, :class:`StartingScore`, :class:`TrainingFit`)
+    and its ``val_interval``. On every evaluator of a run (:meth:`HybridTrainTask.finalize`)."""
+
+    def __init__(self) -> None:
+        self.saved: tuple[torch.Tensor, list[torch.Tensor], list[int]] | None = None
+
+    def attach(self, evaluator: Engine) -> None:
+        evaluator.add_event_handler(Events.STARTED, self.save)  # before ignite makes the loader's iterator
+        evaluator.add_event_handler(Events.COMPLETED, self.restore)
+
+    def save(self, _: Engine) -> None:
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        self.saved = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices], devices
+
+    def restore(self, _: Engine) -> None:
+        if self.saved is not None:
+            cpu, cuda, devices = self.saved
+            torch.set_rng_state(cpu)
+            for d, state in zip(devices, cuda, strict=True):
+                torch.cuda.set_rng_state(state, d)
+            self.saved = None
 
 
 class StartingScore:
@@ -145,7 +160,7 @@ class StartingScore:
     checkpoint, no publish). MONAI Label's publisher takes the best epoch of the run, so a fine-tuning whose every
     epoch validated worse than the model in service replaced it anyway; with this score the publisher
     (:class:`AtomicPublish`) only takes an epoch that beats it. Runs on every process (the metric is reduced
-    across them) and leaves torch's generators as they were (:func:`run_sparing_generators`).
+    across them).
     """
 
     def __init__(self, evaluator: Engine, key: str, start_from: str, scratch: bool = False) -> None:
@@ -160,7 +175,9 @@ class StartingScore:
         return self.score is None or best > self.score
 
     def __call__(self, engine: Engine) -> None:
-        seconds = run_sparing_generators(self.evaluator)
+        t0 = time.perf_counter()
+        self.evaluator.run()
+        seconds = time.perf_counter() - t0
         self.score = float(self.evaluator.state.metrics[self.key])
         what = f"training from scratch beside {self.start_from}: held-out {self.key} of the model in service" \
             if self.scratch else f"fine-tuning {self.start_from}: held-out {self.key} of the starting model"
@@ -182,7 +199,7 @@ class TrainingFit:
     it trained on is the least a fine-tuning does: a last model that fits them worse than the starting model by more
     than ``tolerance`` (``train.fit_tolerance``) is not published and the model in service stays, as when no epoch
     beats it on held-out labels (:class:`StartingScore`). :class:`AtomicPublish` publishes nothing until the check
-    has passed. Both evaluations leave torch's generators as they were: a run trains as it would without them.
+    has passed. Both evaluations leave torch's generators as they were (:class:`SparedGenerators`).
     """
 
     def __init__(self, evaluator: SupervisedEvaluator, key: str, start_from: str, cases: int, tolerance: float,
@@ -199,8 +216,10 @@ class TrainingFit:
         trainer.add_event_handler(Events.COMPLETED, self.completed)
 
     def score(self) -> float:
-        """The evaluator's key metric over the run's labelled cases, the generators left as they were."""
-        self.seconds.append(run_sparing_generators(self.evaluator))
+        """The evaluator's key metric over the run's labelled cases."""
+        t0 = time.perf_counter()
+        self.evaluator.run()
+        self.seconds.append(time.perf_counter() - t0)
         return float(self.evaluator.state.metrics[self.key])
 
     def started(self, engine: Engine) -> None:
@@ -1251,12 +1270,14 @@ class CrossModalTrain(BasicTrainTask):
 
     def _bare_evaluator(self, context: Context, loader: Any, network: torch.nn.Module) -> SupervisedEvaluator:
         """An evaluator with the validation's inferer, post transforms and key metric and no handlers (nothing
-        saved, nothing published): scores ``network`` on ``loader``'s cases when run."""
-        return SupervisedEvaluator(
+        saved, nothing published) but :class:`SparedGenerators`: scores ``network`` on ``loader``'s cases when run."""
+        bare = SupervisedEvaluator(
             device=context.device, val_data_loader=loader, network=network,
             inferer=self.val_inferer(context), prepare_batch=prepare_with_present,
             postprocessing=self._validate_transforms(self.val_post_transforms(context), "Validation", "post"),
             key_val_metric=self.val_key_metric(context))
+        SparedGenerators().attach(bare)
+        return bare
 
     def _starting_score(self, context: Context) -> StartingScore | None:
         """A :class:`StartingScore` when a model is in service (the one this run fine-tunes, or beside a run from
@@ -1305,6 +1326,7 @@ class CrossModalTrain(BasicTrainTask):
     def finalize(self, context: Context) -> None:
         if context.evaluator is not None:  # MONAI Label builds it with the default, which drops ``present``
             context.evaluator.prepare_batch = prepare_with_present
+            SparedGenerators().attach(context.evaluator)
         self._start = start = self._starting_score(context)
         self._fit = fit = self._training_fit(context)
         if context.local_rank == 0:
