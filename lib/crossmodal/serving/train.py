@@ -130,7 +130,7 @@ class SparedGenerators:
     were when it started once it completes: an evaluation draws from them (its loader's base seed) and the training
     that follows would draw otherwise (its loaders' shuffles, dropout), so a run's model depended on when it was
     evaluated - its ``publish`` mode (the starting model's evaluation, :class:`StartingScore`, :class:`TrainingFit`)
-    and its ``val_interval``. On every evaluator of a run (:meth:`HybridTrainTask.finalize`)."""
+    and its ``val_interval``. On every evaluator of a run (:meth:`CrossModalTrain.finalize`)."""
 
     def __init__(self) -> None:
         self.saved: tuple[torch.Tensor, list[torch.Tensor], list[int]] | None = None
