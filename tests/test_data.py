@@ -496,28 +496,27 @@ def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg, 
     studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=3, dense=1, sparse=1, seed=21)
     temp = tmp_path / "temp"
     temp.mkdir()
-    env = {**os.environ, "TMPDIR": str(temp)}
     ds = tmp_path / "Dataset002_Phantom"
-    from crossmodal.cli import main  # in this process (an interpreter's start saved), its temp folder the same
+    # every command in this process (a subprocess would spend ~7 s importing MONAI for each), its temp folder `temp`
+    from crossmodal.cli import main
 
     assert main(["data", "export-nnunet", "--studies", str(studies), "--out", str(ds), "--config", "phantom",
                  "--test", "phantom002"]) == 0
-    r = subprocess.run([*CLI, "evaluate", "--studies", str(ds), "--config", "phantom", "--model",
-                        str(PRETRAINED_PHANTOM), "--network", "baseline_unet", "--out", str(tmp_path / "e.json")],
-                       capture_output=True, text=True, check=True, env=env)
-    assert list(temp.iterdir()) == [] and "(for this command only)" in r.stderr
+    capsys.readouterr()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    assert main(["evaluate", "--studies", str(ds), "--config", "phantom", "--model", str(PRETRAINED_PHANTOM),
+                 "--network", "baseline_unet", "--out", str(tmp_path / "e.json")]) == 0
+    out, err = capsys.readouterr()
+    assert list(temp.iterdir()) == [] and "(for this command only)" in err
     summary = json.loads((tmp_path / "e.json").read_text())
     assert summary["cases"] == 1 and summary["per_case"][0]["case"] == "phantom002"  # the imagesTs case
-    assert summary["dice_mean"] > 0.8, r.stdout
+    assert summary["dice_mean"] > 0.8, out
     assert summary["mirror_axes"] == [] and summary["per_case"][0]["seconds"] > 0  # one pass, its infer seconds
     assert summary["overlap"] == 0.25  # the preset's sliding window
     assert summary["seconds_mean"] == pytest.approx(summary["per_case"][0]["seconds"])
     # predict: the dataset's imagesTs cases, as nnU-Net predicts them; the map evaluate scored
-    capsys.readouterr()
-    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     assert main(["predict", "--studies", str(ds), "--config", "phantom", "--model", str(PRETRAINED_PHANTOM),
                  "--network", "baseline_unet", "--out", str(tmp_path / "p")]) == 0
-    monkeypatch.undo()
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["phantom002.nii.gz", "predictions.json"]
     assert list(temp.iterdir()) == [] and capsys.readouterr().out.strip().endswith(
         f"1 cases segmented -> {tmp_path / 'p'} ({tmp_path / 'p' / 'predictions.json'}); most uncertain first: "
@@ -543,33 +542,36 @@ def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg, 
         small[overlap] = json.loads((tmp_path / f"e{overlap}.json").read_text())
         assert small[overlap]["overlap"] == float(overlap)
     assert small["0.25"]["dice_mean"] != small["0.75"]["dice_mean"]
-    r = subprocess.run([*CLI, "train", "--studies", str(ds), "--config", "phantom", "--model-dir",
-                        str(tmp_path / "m"), "--epochs", "1", "--network", "baseline_unet"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+    capsys.readouterr()
+    assert main(["train", "--studies", str(ds), "--config", "phantom", "--model-dir", str(tmp_path / "m"),
+                 "--epochs", "1", "--network", "baseline_unet"]) == 0, capsys.readouterr().err[-2000:]
     assert (tmp_path / "m" / "phantom_baseline_unet.pt").is_file()
     # a method preset: ours on dense + sparse (nnU-Net ignore label) + unlabelled (no label file) training cases
     (ds / "labelsTr" / "phantom001.nii.gz").unlink()
-    r = subprocess.run([*CLI, "train", "--studies", str(ds), "--config", "phantom", "--model-dir",
-                        str(tmp_path / "o"), "--epochs", "1", "--method", "ours"], capture_output=True, text=True,
-                       env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
+    code = main(["train", "--studies", str(ds), "--config", "phantom", "--model-dir", str(tmp_path / "o"),
+                 "--epochs", "1", "--method", "ours"])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-2000:]
+    monkeypatch.undo()
     assert [p.name for p in temp.iterdir() if not p.name.startswith("torchinductor_")] == []  # torch's own cache
     assert load_config(str(tmp_path / "o" / "method_config.yaml")).model.name == "crossmodal"
     ev = json.loads((tmp_path / "o" / "evaluation.json").read_text())
     assert [c["case"] for c in ev["per_case"]] == ["phantom002"] and set(ev["per_case"][0]["hd95"]) == \
         {"organ", "lesion", "vessel"} and ev["hd95_mean"] > 0 and 0 <= ev["dice_mean"] <= 1
-    assert "mean HD95" in r.stdout
+    assert "mean HD95" in out
     curve = next((tmp_path / "o").glob("train_*/learning_curve.png"))
-    assert f'"learning_curve": "{curve}"' in r.stdout and curve.stat().st_size > 10_000
+    assert f'"learning_curve": "{curve}"' in out and curve.stat().st_size > 10_000
     assert main(["train", "--studies", str(ds), "--config", "phantom", "--model-dir", str(tmp_path / "x"),
                  "--method", "single_xray"]) == 2
     assert "single_ct, single_pet, single_mr" in capsys.readouterr().err
 
 
-def test_offline_train_on_a_bad_case_names_case_file_and_problem_without_a_traceback(tmp_path: Path, phantom_cfg):
-    """A loader's CaseError arrives wrapped by MONAI (`RuntimeError: applying transform ...`): the CLI digs it out."""
+def test_offline_train_on_a_bad_case_names_case_file_and_problem_without_a_traceback(tmp_path: Path, phantom_cfg,
+                                                                                     capfd):
+    """A loader's CaseError arrives wrapped by MONAI (`RuntimeError: applying transform ...`): the CLI digs it out
+    (in this process, everything it writes to its stderr's file descriptor read: no interpreter's start spent)."""
     import nibabel as nib
+    from crossmodal.cli import main
 
     studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=3, dense=2, sparse=0, seed=5)
     label = studies / "labels" / "final" / "phantom001.nii.gz"
@@ -577,14 +579,15 @@ def test_offline_train_on_a_bad_case_names_case_file_and_problem_without_a_trace
     values = np.asarray(img.dataobj).copy()
     values[0, 0, 0] = 7
     nib.save(nib.Nifti1Image(values, img.affine), label)
-    r = subprocess.run([*CLI, "train", "--studies", str(studies), "--config", "phantom", "--model-dir",
-                        str(tmp_path / "m"), "--epochs", "1", "--network", "baseline_unet"],
-                       capture_output=True, text=True)
-    assert r.returncode == 2, r.stderr[-2000:]
-    err = r.stderr.strip().splitlines()[-1]
+    capfd.readouterr()
+    code = main(["train", "--studies", str(studies), "--config", "phantom", "--model-dir", str(tmp_path / "m"),
+                 "--epochs", "1", "--network", "baseline_unet"])
+    stderr = capfd.readouterr().err
+    assert code == 2, stderr[-2000:]
+    err = stderr.strip().splitlines()[-1]
     assert err.startswith("crossmodal: error: case 'phantom001': file ") and str(label) in err
     assert "label values [7] are not configured classes" in err
-    assert "Traceback" not in r.stderr and "applying transform" not in r.stderr
+    assert "Traceback" not in stderr and "applying transform" not in stderr
     assert not list((tmp_path / "m").rglob("*.pt"))  # no model written
 
 
