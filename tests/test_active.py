@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -425,14 +423,15 @@ def test_variant_report_counts_annotated_shares_and_test_dice_by_variant():
     assert rep["random"][0]["test_dice"] == {"typical": 0.7}  # no cold test case scored: no entry
 
 
-def test_simulate_cli_writes_learning_curves_for_three_strategies(tmp_path):
+def test_simulate_cli_writes_learning_curves_for_three_strategies(tmp_path, capsys):
+    from crossmodal.cli import main  # in-process: a subprocess spends ~7 s importing MONAI
+
     studies = make_phantom_studies(tmp_path / "s", CFG, cases=7, dense=0, sparse=0, seed=5)
     out = tmp_path / "results"
-    r = subprocess.run([sys.executable, "-m", "crossmodal.cli", "simulate", "--studies", str(studies), "--config",
-                        "phantom", "--name", "tiny", "--seeds", "0", "--test", "2", "--rounds", "2", "--steps", "4",
-                        "--patch", "32", "--out", str(out), "--work", str(tmp_path / "work")],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    code = main(["simulate", "--studies", str(studies), "--config", "phantom", "--name", "tiny", "--seeds", "0",
+                 "--test", "2", "--rounds", "2", "--steps", "4", "--patch", "32", "--out", str(out), "--work",
+                 str(tmp_path / "work")])
+    assert code == 0, capsys.readouterr().err[-3000:]
     data = json.loads((out / "simulate_tiny.json").read_text())
     recs = data["records"]
     assert {(x["strategy"], x["round"]) for x in recs} == {(s, k) for s in ("ours", "random", "epistemic")
@@ -447,6 +446,15 @@ def test_simulate_cli_writes_learning_curves_for_three_strategies(tmp_path):
         assert x["dice_mean"] == pytest.approx(sum(x["dice_per_case"].values()) / 2, abs=1e-3)
     seeds = {x["strategy"]: x["cases"][:2] for x in recs if x["round"] == 0}
     assert seeds["ours"] == seeds["random"] == seeds["epistemic"]  # the same seed set for every strategy
+    # round 1 read the seed set's grown scribbles that round 0 made (as the app's one model folder keeps them): the
+    # same files, not grown again (a file written again is a new one)
+    for strategy in ("ours", "random", "epistemic"):
+        grown = {p.name.split(".")[0]: p for p in (tmp_path / "work" / "tiny" / strategy / "seed0" / "model_r0" /
+                                                    "propagated").glob("*.npz")}
+        later = {p.name.split(".")[0]: p for p in (tmp_path / "work" / "tiny" / strategy / "seed0" / "model_r1" /
+                                                    "propagated").glob("*.npz")}
+        assert sorted(grown) == sorted(seeds[strategy]) and len(later) == 4
+        assert all(later[c].samefile(grown[c]) for c in grown)
     cost = data["scoring_cost"]
     assert cost["epistemic_s"] > 0 and cost["ours_warm_s"] > 0 and cost["ratio_warm"] == pytest.approx(
         cost["ours_warm_s"] / cost["epistemic_s"], rel=1e-2)

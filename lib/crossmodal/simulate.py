@@ -14,6 +14,7 @@ reference Dice.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -191,6 +192,9 @@ def run_strategy(src: Path, root: Path, dataset: str, spec: SimSpec, strategy: s
             voxels += annotate(truths[c], pool, c, cfg, spec.annotation, rng)
         annotated += picks
         t = time.perf_counter()
+        grown = work / f"model_r{r - 1}" / "propagated"
+        if r and grown.is_dir():  # the app keeps its grown scribbles across runs (one model folder): so do the rounds
+            shutil.copytree(grown, work / f"model_r{r}" / "propagated", copy_function=os.link, dirs_exist_ok=True)
         model = _train(pool, preset, work / f"model_r{r}", cfg, len(annotated), len(pool_cases) - len(annotated),
                        spec.steps if r else 2 * spec.steps, model, spec.annotation == "scribbles", seed * 100 + r)
         train_s = time.perf_counter() - t
