@@ -1370,7 +1370,16 @@ class CrossModalTrain(BasicTrainTask):
         one process in ~8 aborted (SIGABRT, "terminate called without an active exception").
 
         A data-parallel process's user error (a case that does not read, ...) is also pickled to the request's
-        ``user_error_file``: ``torch.multiprocessing.spawn`` hands the parent its traceback's text only."""
+        ``user_error_file``: ``torch.multiprocessing.spawn`` hands the parent its traceback's text only.
+
+        A data-parallel process computes on its share of the cores (``usable_cores() // world_size``, as torchrun
+        sets ``OMP_NUM_THREADS``): each took all of them, so on the CPU two processes ran four threads on two cores
+        and waited on each other at every all-reduce."""
+        if world_size > 1:
+            threads = max(1, usable_cores() // world_size)
+            torch.set_num_threads(threads)
+            logger.info(f"{rank} - {torch.get_num_threads()} compute thread(s): {usable_cores()} usable core(s), "
+                        f"{world_size} processes")
         seed_run(request_seed(request, self.cfg) + rank)  # before the run builds its network: nothing before counts
         try:
             stats = super().train(rank, world_size, request, datalist)
