@@ -4,6 +4,7 @@ train task on dense + sparse + unlabelled cases, data-parallel training in two C
 import json
 import logging
 import math
+import multiprocessing
 import re
 import shutil
 import traceback
@@ -298,12 +299,16 @@ def test_a_loading_error_ends_the_epoch_loudly_and_a_case_error_comes_back_whole
     assert seen == [[0.0, 1.0]]  # the batches before the failing one, then the error
     assert type(e.value) is (CaseError if workers else RuntimeError)  # in this process: MONAI's "applying transform"
     assert str(user_error_in(e.value)) == "case 'case003': file /d/case003.nii.gz: is empty"
+    before = set(multiprocessing.active_children())
     with pytest.raises(Exception) as e:
         list(MultiSourceLoader({"dense": loader([0, 1]), "unlabeled": loader([2, 3])}))
     assert str(user_error_in(e.value)) == "case 'case003': file /d/case003.nii.gz: is empty"
+    # its loaders' worker processes stopped there and then (left to the garbage collector, 5 s each)
+    assert set(multiprocessing.active_children()) <= before
     with pytest.raises(RuntimeError) as e:
         [raise_carried(b) for b in loader([4, 5])]
     assert user_error_in(e.value) is None and "KeyError: 'a bug'" in "".join(traceback.format_exception(e.value))
+    del e  # the traceback holds this frame, which held it: a cycle, whose loader's worker the collector stops in 5 s
 
 
 def test_multi_source_loader_sees_every_case_of_every_source():

@@ -302,18 +302,35 @@ class MultiSourceLoader:
         return max(min(len(v), self.caps.get(k, len(v))) for k, v in self.loaders.items())
 
     def __iter__(self) -> Iterator[dict[str, object]]:
+        """Batches ``{source: batch}``; where one fails (a case error, a bug) or the epoch is abandoned, every
+        source's worker processes are stopped there and then: left to the garbage collector (the error's traceback
+        and the engines hold reference cycles) each loader's took 5 s to stop, its queue's feeder gone first."""
         steps = len(self)
         iters = {k: self._carried.pop(k) if k in self._carried else iter(v) for k, v in self.loaders.items()}
-        for _ in range(steps):
-            batch = {}
-            for k, loader in self.loaders.items():
-                try:
-                    batch[k] = raise_carried(next(iters[k]))
-                except StopIteration:
-                    iters[k] = iter(loader)
-                    batch[k] = raise_carried(next(iters[k]))
-            yield batch
+        try:
+            for _ in range(steps):
+                batch = {}
+                for k, loader in self.loaders.items():
+                    try:
+                        batch[k] = raise_carried(next(iters[k]))
+                    except StopIteration:
+                        iters[k] = iter(loader)
+                        batch[k] = raise_carried(next(iters[k]))
+                yield batch
+        except BaseException:
+            for it in iters.values():
+                stop_workers(it)
+            raise
         self._carried = {k: iters[k] for k, v in self.loaders.items() if len(v) > steps}
+
+
+def stop_workers(iterator: Iterator) -> None:
+    """Stops the worker processes of a data loader's ``iterator`` now, not when the garbage collector gets to it:
+    torch's multiprocessing iterator shut down; a generator (:class:`RaisingThreadDataLoader`'s) closed, which lets its
+    buffer's thread and loader iterator go while nothing else holds them."""
+    stop = getattr(iterator, "_shutdown_workers", None) or getattr(iterator, "close", None)  # a generator: closed
+    if callable(stop):
+        stop()
 
 
 class CarriedError:
