@@ -192,8 +192,8 @@ def run_strategy(src: Path, root: Path, dataset: str, spec: SimSpec, strategy: s
             voxels += annotate(truths[c], pool, c, cfg, spec.annotation, rng)
         annotated += picks
         t = time.perf_counter()
-        grown = work / f"model_r{r - 1}" / "propagated"
-        if r and grown.is_dir():  # the app keeps its grown scribbles across runs (one model folder): so do the rounds
+        if r and (grown := work / f"model_r{r - 1}" / "propagated").is_dir():  # the app keeps its grown scribbles
+            # across runs (one model folder): so do the rounds, as hard links
             shutil.copytree(grown, work / f"model_r{r}" / "propagated", copy_function=os.link, dirs_exist_ok=True)
         model = _train(pool, preset, work / f"model_r{r}", cfg, len(annotated), len(pool_cases) - len(annotated),
                        spec.steps if r else 2 * spec.steps, model, spec.annotation == "scribbles", seed * 100 + r)

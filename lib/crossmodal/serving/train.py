@@ -449,6 +449,22 @@ def seed_run(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def process_threads(request: dict[str, Any], world_size: int, cores: int | None = None) -> int | None:
+    """The compute threads of each process of a data-parallel run (``multi_gpu`` and ``world_size`` > 1): its share
+    of the ``cores`` (default: :func:`usable_cores`); None for a run in one process, which keeps them all (MONAI
+    Label passes such a run the number of GPUs visible as its ``world_size``).
+
+    Example:
+        >>> process_threads({"multi_gpu": True}, 2, cores=2), process_threads({"multi_gpu": True}, 4, cores=2)
+        (1, 1)
+        >>> process_threads({"multi_gpu": True}, 8, cores=16), process_threads({"multi_gpu": False}, 8, cores=16)
+        (2, None)
+    """
+    if not request.get("multi_gpu") or world_size < 2:
+        return None
+    return max(1, (usable_cores() if cores is None else cores) // world_size)
+
+
 def request_seed(request: dict[str, Any], cfg: CrossModalConfig) -> int:
     """The train request's ``seed`` (checked as :func:`check_train_request` does), else the preset's ``train.seed``.
 
@@ -1375,8 +1391,8 @@ class CrossModalTrain(BasicTrainTask):
         A data-parallel process computes on its share of the cores (``usable_cores() // world_size``, as torchrun
         sets ``OMP_NUM_THREADS``): each took all of them, so on the CPU two processes ran four threads on two cores
         and waited on each other at every all-reduce."""
-        if world_size > 1:
-            threads = max(1, usable_cores() // world_size)
+        threads = process_threads(request, world_size)
+        if threads is not None:
             torch.set_num_threads(threads)
             logger.info(f"{rank} - {torch.get_num_threads()} compute thread(s): {usable_cores()} usable core(s), "
                         f"{world_size} processes")
