@@ -424,9 +424,11 @@ def test_loader_workers_train_and_a_case_error_in_one_names_its_case(tmp_path: P
         "patch_size": [32, 32, 32], "patches_per_case": 1, "batch_size": 2, "val_fraction": 0.5, "num_workers": 2,
         "val_interval": 2, "consistency": {"copy_paste_start": 2, "pseudo_threshold": 0.3}}})
     save_config(cfg, tmp_path / "workers.yaml")
+    save_config(load_config(str(tmp_path / "workers.yaml"), overrides={"train": {"val_interval": 1}}),
+                tmp_path / "every.yaml")  # the broken cases' runs: validating the first epoch
 
-    def train(folder: Path, name: str, epochs: int = 2) -> dict:
-        return train_offline(str(folder), str(tmp_path / "workers.yaml"), str(tmp_path / name), epochs=epochs,
+    def train(folder: Path, name: str, epochs: int = 2, preset: str = "workers") -> dict:
+        return train_offline(str(folder), str(tmp_path / f"{preset}.yaml"), str(tmp_path / name), epochs=epochs,
                              device="cpu", network="crossmodal", dataset="Dataset")
 
     stats = train(studies, "good")
@@ -444,7 +446,7 @@ def test_loader_workers_train_and_a_case_error_in_one_names_its_case(tmp_path: P
         pet = broken / "modalities" / case / "pet.nii.gz"
         pet.write_bytes(b"not a volume")
         with pytest.raises(CaseError) as e:
-            train(broken, f"m{case}")
+            train(broken, f"m{case}", epochs=1, preset="every")
         assert type(e.value) is CaseError and str(e.value) == (
             f"case '{case}': file {pet}: cannot be read as NIfTI/NRRD (truncated or corrupt?): File {pet} is not a "
             "gzip file")
