@@ -44,7 +44,7 @@ from monailabel.client import MONAILabelClient  # noqa: E402
 PIPELINES = ("ours", "ours+mirror", "baseline_unet", "radiology")
 MODEL_OF = {"ours": "crossmodal", "ours+mirror": "crossmodal", "baseline_unet": "baseline_unet",
             "radiology": "radiology_unet"}
-MIRROR = (0, 1, 2)  # ours+mirror: test-time mirroring, 8 passes (README: Test-time mirroring)
+MIRROR = (0, 1, 2)  # ours+mirror: test-time mirroring, 8 passes (docs/infer.md: Test-time mirroring)
 PRETRAINED = REPO / "apps" / "crossmodal" / "pretrained"
 
 

@@ -2,7 +2,7 @@
 
 Written after the first run on a GPU machine (2026-12-04): an infer request failed there in the label resampling
 (index tensors made on the CPU) and scoring in its descriptor (``.numpy()`` of a CUDA tensor); a GPU named as /info
-lists it was not a device. CI has no GPU; run these where one is (README, "On a GPU").
+lists it was not a device. CI has no GPU; run these where one is (docs/gpu.md).
 """
 
 from __future__ import annotations
