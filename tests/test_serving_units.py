@@ -339,6 +339,27 @@ def test_server_conf_numbers_are_checked_by_name(tmp_path: Path):
         parts.datastore("http://127.0.0.1:9/dicom-web", {"pacs_list_ttl": "-1"})
 
 
+def test_a_mistyped_server_conf_key_stops_the_app_naming_the_closest_key(tmp_path: Path):
+    from conftest import APP
+    from crossmodal.config import ConfigError
+    from crossmodal.serving.app import AppParts
+
+    conf = {"preset": "phantom", "model_dir": str(tmp_path / "m")}
+    with pytest.raises(ConfigError, match=r"^--conf pretrained_crossmodel: no model 'crossmodel' is served here; did "
+                                          r"you mean 'pretrained_crossmodal'\? Served: crossmodal, baseline_unet "
+                                          r"\(--conf models picks them\)$"):
+        AppParts.from_conf(str(APP), {**conf, "pretrained_crossmodel": "w.pt"})
+    with pytest.raises(ConfigError, match=r"^--conf presett: not a key of this app; did you mean 'preset'\?"):
+        AppParts.from_conf(str(APP), {**conf, "presett": "brain"})
+    with pytest.raises(ConfigError, match=r"^--conf colour: not a key of this app\. Its keys: benchmark_pipelines, "):
+        AppParts.from_conf(str(APP), {**conf, "colour": "red"})
+    with pytest.raises(ConfigError, match=r"^--conf pretrained_baseline_unet: no model 'baseline_unet' is served "
+                                          r"here\. Served: crossmodal \(--conf models picks them\)$"):
+        AppParts.from_conf(str(APP), {**conf, "models": "crossmodal", "pretrained_baseline_unet": "w.pt"})
+    served = AppParts.from_conf(str(APP), {**conf, "preload": "false", "server_mode": "false"})  # MONAI Label's own
+    assert [m.name for m in served.models] == ["crossmodal", "baseline_unet"]
+
+
 def test_a_request_device_is_read_as_monai_label_reads_it_on_a_gpu_machine(monkeypatch):
     """On a GPU machine (its answers stood in for here: CI has none) /info lists the GPU by its name, which a
     viewer's device option sends back: that name is the GPU; ``cpu`` stays the CPU, also for data-parallel

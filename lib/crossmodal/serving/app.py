@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import hashlib
 import os
 import time
@@ -48,6 +49,35 @@ from crossmodal.serving.infer import CrossModalInfer
 from crossmodal.serving.train import CrossModalTrain
 from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore
+
+CONF_KEYS = ("preset", "configs_dir", "model_dir", "models", "pretrained", "max_epochs", "missing_modality",
+             "mirror_axes", "overlap", "epistemic", "benchmark_pipelines", "pacs_cache", "pacs_list_ttl",
+             "pacs_timeout")
+MONAILABEL_CONF_KEYS = ("preload", "server_mode", "zoo_source", "zoo_repo", "auth_token")  # read by MONAI Label
+
+
+def check_conf_keys(conf: dict[str, str], models: Iterable[str]) -> None:
+    """ConfigError naming a ``--conf`` key that neither this app (with ``pretrained_<model>`` for each served model)
+    nor MONAI Label reads, with the closest key: a mistyped key was ignored without a word, so ``--conf presett
+    phantom`` served the default preset and ``--conf pretrained_crossmodel w.pt`` the shipped weights.
+
+    Example:
+        >>> check_conf_keys({"preset": "phantom", "pretrained_crossmodal": "w.pt", "preload": "true"}, ["crossmodal"])
+        >>> check_conf_keys({"presett": "phantom"}, ["crossmodal"])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        crossmodal.config.ConfigError: --conf presett: not a key of this app; did you mean 'preset'? Its keys: ...
+    """
+    models = list(models)
+    known = set(CONF_KEYS) | {f"pretrained_{m}" for m in models}
+    for key in sorted(conf):
+        if key not in known and key not in MONAILABEL_CONF_KEYS:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "."
+            if key.startswith("pretrained_"):
+                raise ConfigError(f"--conf {key}: no model {key[len('pretrained_'):]!r} is served here{hint} Served: "
+                                  f"{', '.join(models)} (--conf models picks them)")
+            raise ConfigError(f"--conf {key}: not a key of this app{hint} Its keys: {', '.join(sorted(known))}")
 
 
 @overload
@@ -199,6 +229,7 @@ class AppParts:
         os.makedirs(model_dir, exist_ok=True)
         names = [n.strip() for n in conf.get("models", "").split(",") if n.strip()] or \
             list(dict.fromkeys([cfg.model.name, "baseline_unet"]))
+        check_conf_keys(conf, names)
         models = []
         for i, name in enumerate(names):
             mcfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=name))
