@@ -30,7 +30,6 @@ from crossmodal.labels import IGNORE_INDEX
 from crossmodal.losses import (
     AugmentationConsistencyLoss,
     ChannelConsistencyLoss,
-    EdgeAwarePottsLoss,
     InterModalConsistencyLoss,
     SupervisedLoss,
     sigmoid_rampup,
@@ -147,34 +146,6 @@ def test_hybrid_loss_adds_ramped_terms_to_the_supervised_part():
     assert parts["ramp"] == pytest.approx(ramp) and total.item() == pytest.approx(expected, rel=1e-5)
     assert sup_only.item() == pytest.approx(parts["supervised"], rel=1e-6)
     assert parts["supervised"] == pytest.approx(SupervisedLoss()(net(x[:1]), target).item(), rel=1e-4)
-
-
-def test_the_edge_aware_term_weighs_the_sparsely_labelled_samples_only():
-    """``crf_weight``: the edge-aware Potts term of the samples whose target leaves voxels unannotated (a dense one
-    has nothing to regularise), from the images the network saw, ramped and weighted into the total."""
-    torch.manual_seed(0)
-    net = _net().eval()
-    x = torch.randn(2, 3, 16, 16, 16)
-    dense = torch.randint(0, 3, (1, 1, 16, 16, 16))
-    sparse = torch.full((1, 1, 16, 16, 16), IGNORE_INDEX)
-    sparse[0, 0, :3] = 1
-    cfg = ConsistencyConfig(inter_weight=0.0, intra_weight=0.0, channel_weight=0.0, crf_weight=2.0, crf_sigma=0.7,
-                            rampup_iterations=0)
-    assert cfg.active
-    with torch.no_grad():
-        out = net(x)
-        total, parts = HybridLoss(SupervisedLoss(), cfg)(out, torch.cat([dense, sparse]), 2, 2, None, step=0,
-                                                         images=x)
-        alone = EdgeAwarePottsLoss(0.7)(out.fused[1:], x[1:]).item()
-        assert alone > 0 and parts["crf"] == pytest.approx(alone, rel=1e-6)
-        assert total.item() == pytest.approx(parts["supervised"] + 2.0 * alone, rel=1e-5)
-        _, both_dense = HybridLoss(SupervisedLoss(), cfg)(out, torch.cat([dense, dense]), 2, 2, None, step=0, images=x)
-        _, no_images = HybridLoss(SupervisedLoss(), cfg)(out, torch.cat([dense, sparse]), 2, 2, None, step=0)
-    assert both_dense["crf"] == 0.0 and no_images["crf"] == 0.0
-    with pytest.raises(ConfigError, match=r"^train.consistency.crf_sigma: 0.0 must be > 0$"):
-        ConsistencyConfig(crf_sigma=0.0)
-    with pytest.raises(ConfigError, match=r"^train.consistency.crf_weight: -1.0 must be >= 0$"):
-        ConsistencyConfig(crf_weight=-1.0)
 
 
 def test_copies_lose_modalities_and_learn_from_the_full_prediction():

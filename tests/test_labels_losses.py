@@ -16,13 +16,7 @@ from crossmodal.labels import (
     slicer_values,
     to_training,
 )
-from crossmodal.losses import (
-    EdgeAwarePottsLoss,
-    PartialCrossEntropyLoss,
-    PartialDiceCELoss,
-    PartialDiceLoss,
-    neighbour_offsets,
-)
+from crossmodal.losses import PartialCrossEntropyLoss, PartialDiceCELoss, PartialDiceLoss
 
 CFG = LabelConfig(classes={"background": 0, "organ": 1, "lesion": 2})
 
@@ -111,24 +105,3 @@ def test_slicer_segment_numbers_map_to_the_classes_by_name():
     with pytest.raises(ValueError, match=r"^its 2 segments overlap \(they lie on 2 layers\)"):
         seg_nrrd_values({**header, "Segment1_Layer": "1"}, CFG)
     assert seg_nrrd_values({"space": "left-posterior-superior"}, CFG) is None  # a plain NRRD label map
-
-
-def test_edge_aware_potts_hand_value_and_where_it_pulls_the_boundary():
-    """Two classes split at a plane: on the image's edge (second modality) nothing is paid; a voxel off it pays
-    for its flat neighbours; the images get no gradient."""
-    img = torch.zeros(1, 2, 4, 4, 4)
-    img[:, 1, :, :, 2:] = 10.0  # an edge between x = 1 and x = 2, seen in one modality only
-    on_edge = torch.zeros(1, 2, 4, 4, 4)
-    on_edge[:, 0, :, :, :2], on_edge[:, 1, :, :, 2:] = 20.0, 20.0  # confident classes meeting at the edge
-    off_edge = torch.zeros(1, 2, 4, 4, 4)
-    off_edge[:, 0, :, :, :1], off_edge[:, 1, :, :, 1:] = 20.0, 20.0  # meeting one voxel short of it
-    one = [(0, 0, 1)]
-    loss = EdgeAwarePottsLoss(sigma=1.0, offsets=one)
-    assert loss(on_edge, img).item() == pytest.approx(0.0, abs=1e-6)
-    # x-pairs: 3 per row of 4, 16 rows; those across x = 0|1 (16) disagree on flat intensities: 16 / 48
-    assert loss(off_edge, img).item() == pytest.approx(16 / 48, rel=1e-5)
-    assert EdgeAwarePottsLoss(sigma=1.0)(off_edge, img) > EdgeAwarePottsLoss(sigma=1.0)(on_edge, img)
-    logits, images = off_edge.clone().requires_grad_(), img.clone().requires_grad_()
-    loss(logits, images).backward()
-    assert logits.grad.abs().sum() > 0 and images.grad is None
-    assert len(neighbour_offsets((1, 2))) == 26 and (0, 0, 2) in neighbour_offsets((1, 2))

@@ -333,9 +333,6 @@ class ConsistencyConfig:
     ``pseudo_batch_size``: unlabelled cases a step (instead of ``unlabeled_batch_size``) in a run where they carry
     pseudo-labels (atlas or self-training rounds): there they supervise like dense labels, and one a step beside
     the dense batch under-weights them.
-    ``crf_weight``: an edge-aware Potts term on the sparsely labelled samples
-    (:class:`~crossmodal.losses.EdgeAwarePottsLoss`): neighbours whose intensities agree in every modality (within
-    ``crf_sigma``, in the normalised images' units) get the same class; ramped like the others (0: off).
     """
 
     inter_weight: float = 0.3
@@ -365,8 +362,6 @@ class ConsistencyConfig:
     atlas_sparse: int = 0
     atlas_workers: int = 0
     pseudo_batch_size: int = 1
-    crf_weight: float = 0.0
-    crf_sigma: float = 0.5
 
     def __post_init__(self) -> None:
         for k in ("atlas_count", "atlas_max_cases"):
@@ -391,18 +386,16 @@ class ConsistencyConfig:
             raise ConfigError(f"train.consistency.modality_dropout: {self.modality_dropout} must be in [0, 1]")
         if self.inter_mode not in ("dice", "pseudo"):
             raise ConfigError(f"train.consistency.inter_mode: {self.inter_mode!r} is not one of ('dice', 'pseudo')")
-        for k in ("inter_weight", "intra_weight", "channel_weight", "crf_weight"):
+        for k in ("inter_weight", "intra_weight", "channel_weight"):
             if float(getattr(self, k)) < 0:
                 raise ConfigError(f"train.consistency.{k}: {getattr(self, k)} must be >= 0")
         for k in ("unlabeled_batch_size", "pseudo_batch_size", "max_unlabeled_per_epoch"):
             if int(getattr(self, k)) < 1:
                 raise ConfigError(f"train.consistency.{k}: {getattr(self, k)} must be >= 1")
-        if not self.crf_sigma > 0:
-            raise ConfigError(f"train.consistency.crf_sigma: {self.crf_sigma} must be > 0")
 
     @property
     def active(self) -> bool:
-        return max(self.inter_weight, self.intra_weight, self.channel_weight, self.crf_weight) > 0
+        return max(self.inter_weight, self.intra_weight, self.channel_weight) > 0
 
     def atlas_runs(self, dense: bool, finetune: bool) -> bool:
         """Whether a run with (``dense``) or without dense labels, fine-tuning a published model or not, makes

@@ -32,7 +32,6 @@ from crossmodal.labels import IGNORE_INDEX
 from crossmodal.losses import (
     AugmentationConsistencyLoss,
     ChannelConsistencyLoss,
-    EdgeAwarePottsLoss,
     InterModalConsistencyLoss,
     Presence,
     SupervisedLoss,
@@ -103,7 +102,6 @@ class HybridLoss(nn.Module):
         self.inter = InterModalConsistencyLoss(cfg.inter_mode, cfg.pseudo_threshold)
         self.intra = AugmentationConsistencyLoss()
         self.channel = ChannelConsistencyLoss()
-        self.crf = EdgeAwarePottsLoss(cfg.crf_sigma)
 
     @property
     def checkpointing(self) -> bool:
@@ -116,13 +114,12 @@ class HybridLoss(nn.Module):
         self.supervised.checkpointing = on
 
     def forward(self, out: CrossModalOutput | torch.Tensor, target: torch.Tensor | None, n_labeled: int,
-                n_plain: int, aug: Augmentation | None, step: int, present: Presence | None = None,
-                images: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                n_plain: int, aug: Augmentation | None, step: int, present: Presence | None = None
+                ) -> tuple[torch.Tensor, dict[str, float]]:
         """``out`` covers ``[labelled (n_labeled), unlabelled (n_plain - n_labeled), augmented copies of the last
         plain samples (the rest): the unlabelled part, or the pseudo-labelled cases ending the labelled one]``;
         ``target`` (n_labeled, 1, H, W, D) with ``IGNORE_INDEX`` off the annotation; ``present`` {modality:
-        (>= n_plain,) bool}: the samples that have it (None: all have every modality); ``images`` (B, M, H, W, D):
-        the batch the network saw, for the edge-aware term on the labelled samples that leave voxels unannotated."""
+        (>= n_plain,) bool}: the samples that have it (None: all have every modality)."""
         fused = out if isinstance(out, torch.Tensor) else out.fused
         parts: dict[str, torch.Tensor] = {}
         zero = fused.sum() * 0.0
@@ -148,14 +145,6 @@ class HybridLoss(nn.Module):
                 parts["intra"] = zero
             total = total + ramp * (self.cfg.inter_weight * parts["inter"] + self.cfg.intra_weight * parts["intra"]
                                     + self.cfg.channel_weight * parts["channel"])
-            if self.cfg.crf_weight:  # a part (and a stat) only where it is on
-                parts["crf"] = zero
-                if images is not None and n_labeled and target is not None:
-                    sparse = (target == IGNORE_INDEX).flatten(1).any(1)
-                    if bool(sparse.any()):
-                        parts["crf"] = recomputed(self.checkpointing, self.crf, fused[:n_labeled][sparse],
-                                                  images[:n_labeled][sparse])
-                total = total + ramp * self.cfg.crf_weight * parts["crf"]
         stats = {k: float(v.detach()) for k, v in parts.items()}
         stats["ramp"] = ramp
         return total, stats

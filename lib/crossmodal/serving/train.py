@@ -1085,7 +1085,7 @@ class CrossModalTrain(BasicTrainTask):
             engine.state.output[Keys.PRED] = fused[:n_real].detach()
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             by_name = None if present is None else dict(zip(self.cfg.modality_names, present.T.to(dev), strict=True))
-            loss, parts = loss_fn(out, y, n_lab, n_plain, aug, engine.state.iteration - 1, by_name, x)
+            loss, parts = loss_fn(out, y, n_lab, n_plain, aug, engine.state.iteration - 1, by_name)
             if not finite_on_every_rank(loss):  # before its update: the weights stay as the last step left them
                 raise diverged(engine, parts)
             engine.state.output[Keys.LOSS] = loss.detach()
