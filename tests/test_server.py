@@ -527,6 +527,8 @@ def test_unknown_names_and_bad_train_numbers_are_4xx_that_say_what_is_served(cli
     r = requests.delete(f"{url}/datastore/label", params={"id": "phantom000", "tag": "finale"}, timeout=60)  # was 200
     assert r.status_code == 404 and r.json()["detail"] == "case 'phantom000': no 'finale' label (its labels: ['final'])"
     for params, detail in (({"max_epochs": -3}, "train request: max_epochs=-3 must be a positive integer"),
+                           ({"max_epoch": 1},  # was: ignored, and the run trained the preset's epochs
+                            "train request: max_epoch is not an option of this task; did you mean max_epochs?"),
                            ({"learning_rate": "fast"}, "train request: learning_rate='fast' must be a number > 0"),
                            ({"dataset": "PersistentDataset"},  # was: read as Dataset, silently
                             "train request: dataset='PersistentDataset' must be one of ['Dataset', 'CacheDataset']"),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import filecmp
 import functools
 import gc
@@ -39,7 +40,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -860,10 +861,12 @@ def train_choices(cfg: CrossModalConfig) -> dict[str, tuple[str, ...]]:
     return {**CHOICES, "missing_modality": (default, *(p for p in MISSING_POLICIES if p != default))}
 
 
-def check_train_request(request: dict[str, Any], choices: dict[str, tuple[str, ...]] | None = None
-                        ) -> dict[str, Any]:
+def check_train_request(request: dict[str, Any], choices: dict[str, tuple[str, ...]] | None = None,
+                        options: Iterable[str] = ()) -> dict[str, Any]:
     """The request with its numbers as numbers and each choice (``choices``, default :data:`CHOICES`) one of its
-    options; ConfigError naming the key and the value when one is out of range.
+    options; ConfigError naming the key and the value when one is out of range, and naming a key that is not one of
+    the task's ``options`` but nearly is (a typo: ``max_epoch`` was ignored without a word and the run trained the
+    preset's epochs; keys far from every option, such as those MONAI Label adds, pass).
 
     Example:
         >>> [check_train_request({"max_epochs": v})["max_epochs"] for v in ("3", 3, 3.0)]
@@ -883,8 +886,16 @@ def check_train_request(request: dict[str, Any], choices: dict[str, tuple[str, .
         [False, False, True]
         >>> check_train_request({"use_unlabeled": "no"})["use_unlabeled"]
         False
+        >>> check_train_request({"max_epoch": 2, "client_id": "a"}, options=["max_epochs", "val_interval"])
+        Traceback (most recent call last):
+        ...
+        crossmodal.config.ConfigError: train request: max_epoch is not an option of this task; did you mean max_epochs?
     """
     req = dict(request)
+    for key in sorted(set(req) - set(options)) if options else ():
+        near = difflib.get_close_matches(key, sorted(options), n=1, cutoff=0.8)
+        if near:
+            raise ConfigError(f"train request: {key} is not an option of this task; did you mean {near[0]}?")
     for key, options in (CHOICES if choices is None else choices).items():
         value = req.get(key, options[0])
         value = value[0] if isinstance(value, list) and value else value  # a list: its first item, as the viewers
@@ -1416,7 +1427,7 @@ class CrossModalTrain(BasicTrainTask):
                 gc.collect()  # the engines hold reference cycles: only the collector frees them
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
-        req = coerce_tracking(check_train_request(request, train_choices(self.cfg)), self._model_dir)
+        req = coerce_tracking(check_train_request(request, train_choices(self.cfg), self._config), self._model_dir)
         every, epochs = (int(self._config[k] if req.get(k) is None else req[k]) for k in ("val_interval", "max_epochs"))
         if every > epochs:  # MONAI's ValidationHandler would never run: no epoch validated, none published
             raise ConfigError(f"train request: val_interval={every} is more than max_epochs={epochs}: no epoch would "
