@@ -109,6 +109,11 @@ def test_mirrored_infer_averages_eight_passes_and_refuses_other_axes(client, pha
         client.infer("crossmodal", case, {"mirror_axes": "0,3"})
     assert status_of(e.value) == 422
     assert f"case '{case}': mirror_axes: '0,3' must name spatial axes 0, 1 or 2, each once" in e.value.msg
+    with pytest.raises(MONAILabelClientException) as e:  # was: ignored, the case segmented unmirrored
+        client.infer("crossmodal", case, {"mirror_axis": "0,1,2"})
+    assert status_of(e.value) == 422
+    assert f"image '{case}': infer request: mirror_axis is not an option of model 'crossmodal'; did you mean " \
+        "mirror_axes?" in e.value.msg
 
 
 def test_infer_nrrd_output_for_slicer_and_no_format_that_cannot_hold_the_label(client, phantom_server):

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import math
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,22 @@ def as_number(value: Any, kind: type = int) -> int | float | None:
     if not math.isfinite(number) or (kind is int and not number.is_integer()):
         return None
     return int(number) if kind is int else number
+
+
+def near_miss(keys: Iterable[str], options: Iterable[str]) -> tuple[str, str] | None:
+    """The first of ``keys`` (sorted) that is not one of ``options`` but nearly is (a typo), with that option; None
+    when there is none. Keys far from every option (the ones a framework adds) pass.
+
+    Example:
+        >>> near_miss(["client_id", "max_epoch"], ["max_epochs", "seed"]), near_miss(["model", "seed"], ["seed"])
+        (('max_epoch', 'max_epochs'), None)
+    """
+    options = sorted(options)
+    for key in sorted(set(keys) - set(options)):
+        near = difflib.get_close_matches(key, options, n=1, cutoff=0.8)
+        if near:
+            return key, near[0]
+    return None
 
 
 def as_flag(value: Any) -> bool | None:

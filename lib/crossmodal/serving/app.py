@@ -24,7 +24,7 @@ import difflib
 import hashlib
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import overload
@@ -35,6 +35,7 @@ from crossmodal.config import (
     as_flag,
     as_number,
     load_config,
+    near_miss,
     non_finite_at,
     parse_mirror_axes,
     parse_overlap,
@@ -49,6 +50,7 @@ from crossmodal.serving.infer import CrossModalInfer
 from crossmodal.serving.train import CrossModalTrain
 from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 CONF_KEYS = ("preset", "configs_dir", "model_dir", "models", "pretrained", "max_epochs", "missing_modality",
              "mirror_axes", "overlap", "epistemic", "benchmark_pipelines", "pacs_cache", "pacs_list_ttl",
@@ -149,11 +151,21 @@ def refuse_non_finite(request: dict, what: str) -> None:
                                                     "send a number or null")
 
 
-def check_infer_request(request: dict, infers: Iterable[str], datastore: Datastore) -> None:
+INFER_REQUEST_KEYS = ("drop_modalities", "mc_samples", "result_extension", "result_dtype", "result_compress", "label",
+                      "label_info")  # read by the infer tasks beside their options (:meth:`config`)
+
+
+def check_infer_request(request: dict, infers: Mapping[str, InferTask], datastore: Datastore) -> None:
     """404 for an unknown model, or an image id that is neither a file (an upload) nor a case of a local datastore
-    (MONAI Label would hand the network an empty path; a PACS datastore answers 404 itself)."""
-    if request.get("model") not in set(infers):
-        raise not_served("model", request.get("model"), infers)
+    (MONAI Label would hand the network an empty path; a PACS datastore answers 404 itself); 422 for a key that is
+    not one of the model's options but nearly is (``mirror_axis``: it was ignored, the case segmented unmirrored)."""
+    model = request.get("model")
+    if model not in set(infers):
+        raise not_served("model", model, infers)
+    options = [*infers[model].config(), *INFER_REQUEST_KEYS]
+    if typo := near_miss(request, options):
+        raise HTTPException(status_code=422, detail=f"image {request.get('image')!r}: infer request: {typo[0]} is not "
+                                                    f"an option of model {model!r}; did you mean {typo[1]}?")
     image = request.get("image")
     if image == "":  # what MONAI Label leaves for a session id it does not know (an expired session, say)
         raise HTTPException(status_code=404, detail="no image to segment: name a case (image=<id>), send a file, or "

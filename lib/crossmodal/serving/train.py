@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import filecmp
 import functools
 import gc
@@ -63,6 +62,7 @@ from crossmodal.config import (
     atomic_write_bytes,
     atomic_write_text,
     json_safe,
+    near_miss,
     save_config,
 )
 from crossmodal.errors import CaseError, TrainingDiverged, user_error_in
@@ -892,10 +892,8 @@ def check_train_request(request: dict[str, Any], choices: dict[str, tuple[str, .
         crossmodal.config.ConfigError: train request: max_epoch is not an option of this task; did you mean max_epochs?
     """
     req = dict(request)
-    for key in sorted(set(req) - set(options)) if options else ():
-        near = difflib.get_close_matches(key, sorted(options), n=1, cutoff=0.8)
-        if near:
-            raise ConfigError(f"train request: {key} is not an option of this task; did you mean {near[0]}?")
+    if typo := near_miss(req, options):
+        raise ConfigError(f"train request: {typo[0]} is not an option of this task; did you mean {typo[1]}?")
     for key, options in (CHOICES if choices is None else choices).items():
         value = req.get(key, options[0])
         value = value[0] if isinstance(value, list) and value else value  # a list: its first item, as the viewers
