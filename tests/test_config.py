@@ -41,7 +41,10 @@ def test_viewer_labels_include_marked_background():
         ({"modalities": [{"name": "a"}, {"name": "a"}]}, "must be unique"),
         ({"model": {"strides": [2, 2]}}, "needs len(channels) - 1 = 3"),
         ({"trainer": {}}, "unknown config keys ['trainer']"),
-        ({"infer": {"roi": 3}}, "infer: unknown keys ['roi']"),
+        ({"infer": {"roi": 3}}, "infer: unknown keys ['roi']; valid keys are"),  # nothing near enough to suggest
+        ({"train": {"max_epoch": 3}}, "train: unknown keys ['max_epoch'] (did you mean 'max_epochs' for 'max_epoch'?); "
+                                      "valid keys are"),
+        ({"models": {}}, "unknown config keys ['models'] (did you mean 'model' for 'models'?); valid keys are"),
         ({"model": {"joint_stem": "maybe"}}, "model.joint_stem: 'maybe' must be true or false"),  # was taken as on
         ({"labels": {"empty_final": "false"}}, "labels.empty_final: 'false' must be true or false"),
         ({"train": {"consistency": {"copy_paste": 1}}}, "train.consistency.copy_paste: 1 must be true or false"),

@@ -613,7 +613,7 @@ class CrossModalConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - known - {"extends"})
         if unknown:
-            raise ConfigError(f"unknown config keys {unknown}; valid keys are {sorted(known)}")
+            raise ConfigError(f"unknown config keys {unknown}{_meant(unknown, known)}; valid keys are {sorted(known)}")
         kwargs: dict[str, Any] = {}
         if "name" in raw:
             kwargs["name"] = str(raw["name"])
@@ -629,13 +629,19 @@ class CrossModalConfig:
         return _plain(dataclasses.asdict(self))
 
 
+def _meant(unknown: list[str], known: Iterable[str]) -> str:
+    """`` (did you mean 'max_epochs' for 'max_epoch'?)`` where an unknown key nearly is a known one, else ""."""
+    typo = near_miss(unknown, known)
+    return f" (did you mean {typo[1]!r} for {typo[0]!r}?)" if typo else ""
+
+
 def _build(typ: type, raw: dict[str, Any], where: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
     known = {f.name for f in dataclasses.fields(typ)}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown}; valid keys are {sorted(known)}")
+        raise ConfigError(f"{where}: unknown keys {unknown}{_meant(unknown, known)}; valid keys are {sorted(known)}")
     raw = dict(raw)
     for f in dataclasses.fields(typ):
         if f.name in raw:
