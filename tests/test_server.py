@@ -510,6 +510,9 @@ def test_unknown_names_and_bad_train_numbers_are_4xx_that_say_what_is_served(cli
     r = requests.post(f"{url}/activelearning/nostrategy", json={}, timeout=60)
     assert r.status_code == 404 and r.json()["detail"] == (
         "strategy 'nostrategy' is not served here; served: ['crossmodal', 'random']")
+    r = requests.post(f"{url}/activelearning/crossmodal", json={"refine_spars": True}, timeout=60)  # was ignored
+    assert r.status_code == 422 and r.json()["detail"] == (
+        "next-sample request: refine_spars is not an option; did you mean refine_sparse?")
     for sync in ("true", "false"):  # was a bare 500; asynchronous: 200, then a task that failed out of sight
         r = requests.post(f"{url}/scoring/nomethod?run_sync={sync}", timeout=60)
         assert r.status_code == 404 and r.json()["detail"] == (

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 import crossmodal
+from crossmodal.config import near_miss
 from crossmodal.errors import CaseError, user_error_in
 from crossmodal.inference import configure_threads
 from crossmodal.serving.activelearning import RandomStrategy
@@ -120,6 +121,9 @@ class MyApp(MONAILabelApp):
         if strategy not in self._strategies:
             raise not_served("strategy", strategy, self._strategies)
         refuse_non_finite(request, "next-sample request")  # MONAI Label records its client_id in the case's info
+        if typo := near_miss(request, ("refine_sparse", "client_id", "strategy")):  # ignored, without a word
+            raise HTTPException(status_code=422, detail=f"next-sample request: {typo[0]} is not an option; did you "
+                                                        f"mean {typo[1]}?")
         return super().next_sample(request)
 
     def scoring(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
