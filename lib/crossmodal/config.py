@@ -58,9 +58,10 @@ def as_number(value: Any, kind: type = int) -> int | float | None:
     return int(number) if kind is int else number
 
 
-def near_miss(keys: Iterable[str], options: Iterable[str]) -> tuple[str, str] | None:
-    """The first of ``keys`` (sorted) that is not one of ``options`` but nearly is (a typo), with that option; None
-    when there is none. Keys far from every option (the ones a framework adds) pass.
+def near_miss(keys: Iterable[str], options: Iterable[str], cutoff: float = 0.8) -> tuple[str, str] | None:
+    """The first of ``keys`` (sorted) that is not one of ``options`` but nearly is (a typo: ``difflib``'s ratio at
+    least ``cutoff``), with that option; None when there is none. Keys far from every option (the ones a framework
+    adds) pass.
 
     Example:
         >>> near_miss(["client_id", "max_epoch"], ["max_epochs", "seed"]), near_miss(["model", "seed"], ["seed"])
@@ -68,7 +69,7 @@ def near_miss(keys: Iterable[str], options: Iterable[str]) -> tuple[str, str] | 
     """
     options = sorted(options)
     for key in sorted(set(keys) - set(options)):
-        near = difflib.get_close_matches(key, options, n=1, cutoff=0.8)
+        near = difflib.get_close_matches(key, options, n=1, cutoff=cutoff)
         if near:
             return key, near[0]
     return None

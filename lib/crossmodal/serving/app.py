@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import hashlib
 import os
 import time
@@ -74,8 +73,8 @@ def check_conf_keys(conf: dict[str, str], models: Iterable[str]) -> None:
     known = set(CONF_KEYS) | {f"pretrained_{m}" for m in models}
     for key in sorted(conf):
         if key not in known and key not in MONAILABEL_CONF_KEYS:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else "."
+            close = near_miss([key], known, cutoff=0.6)  # it is refused anyway: the closest key, if any is at all
+            hint = f"; did you mean {close[1]!r}?" if close else "."
             if key.startswith("pretrained_"):
                 raise ConfigError(f"--conf {key}: no model {key[len('pretrained_'):]!r} is served here{hint} Served: "
                                   f"{', '.join(models)} (--conf models picks them)")

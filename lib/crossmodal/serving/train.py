@@ -862,11 +862,11 @@ def train_choices(cfg: CrossModalConfig) -> dict[str, tuple[str, ...]]:
 
 
 def check_train_request(request: dict[str, Any], choices: dict[str, tuple[str, ...]] | None = None,
-                        options: Iterable[str] = ()) -> dict[str, Any]:
+                        known: Iterable[str] = ()) -> dict[str, Any]:
     """The request with its numbers as numbers and each choice (``choices``, default :data:`CHOICES`) one of its
     options; ConfigError naming the key and the value when one is out of range, and naming a key that is not one of
-    the task's ``options`` but nearly is (a typo: ``max_epoch`` was ignored without a word and the run trained the
-    preset's epochs; keys far from every option, such as those MONAI Label adds, pass).
+    the task's options (``known``) but nearly is (a typo: ``max_epoch`` was ignored without a word and the run
+    trained the preset's epochs; keys far from every option, such as those MONAI Label adds, pass).
 
     Example:
         >>> [check_train_request({"max_epochs": v})["max_epochs"] for v in ("3", 3, 3.0)]
@@ -886,13 +886,13 @@ def check_train_request(request: dict[str, Any], choices: dict[str, tuple[str, .
         [False, False, True]
         >>> check_train_request({"use_unlabeled": "no"})["use_unlabeled"]
         False
-        >>> check_train_request({"max_epoch": 2, "client_id": "a"}, options=["max_epochs", "val_interval"])
+        >>> check_train_request({"max_epoch": 2, "client_id": "a"}, known=["max_epochs", "val_interval"])
         Traceback (most recent call last):
         ...
         crossmodal.config.ConfigError: train request: max_epoch is not an option of this task; did you mean max_epochs?
     """
     req = dict(request)
-    if typo := near_miss(req, options):
+    if typo := near_miss(req, known):
         raise ConfigError(f"train request: {typo[0]} is not an option of this task; did you mean {typo[1]}?")
     for key, options in (CHOICES if choices is None else choices).items():
         value = req.get(key, options[0])
