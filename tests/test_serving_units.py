@@ -39,6 +39,17 @@ def test_datastore_rejects_before_writing(phantom_studies: Path, phantom_cfg, tm
     with pytest.raises(HTTPException) as e:
         ds.save_label("nope", str(tmp_path / "bad.nii.gz"), "final", {})
     assert e.value.status_code == 404
+    scribbles = np.zeros(img.shape[1:], np.uint8)
+    scribbles[10:12, 10:20, 20] = 1  # strokes without marked background: sparse only when the client says so
+    save_volume(tmp_path / "strokes.nii.gz", scribbles, img.affine.numpy())
+    with pytest.raises(HTTPException) as e:  # was: the typo stored as info, the strokes stored as a dense label
+        ds.save_label("phantom002", str(tmp_path / "strokes.nii.gz"), "final", {"label_knd": "sparse"})
+    assert e.value.status_code == 422 and e.value.detail == (
+        "case 'phantom002': label_knd is not a label option; did you mean label_kind? (nothing stored)")
+    assert (phantom_studies / "datastore_v2.json").read_bytes() == json_before
+    ds.save_label("phantom002", str(tmp_path / "strokes.nii.gz"), "final", {"label_kind": "sparse", "annotator": "a"})
+    assert ds.get_label_info("phantom002", "final")["label_kind"] == "sparse"
+    assert ds.get_label_info("phantom002", "final")["annotator"] == "a"  # a key of the user's own is kept
 
 
 def test_infos_hold_no_nan_that_would_make_the_listing_a_500(phantom_studies: Path, phantom_cfg):

@@ -22,7 +22,7 @@ from typing import Any
 import nrrd
 import numpy as np
 import torch
-from crossmodal.config import LabelConfig, as_device, as_flag, json_safe, non_finite_at
+from crossmodal.config import LabelConfig, as_device, as_flag, json_safe, near_miss, non_finite_at
 from crossmodal.io import (
     IMAGE_EXTENSIONS,
     CaseError,
@@ -303,6 +303,9 @@ class CrossModalDatastore(LocalDatastore):
             raise no_such_case(image_id)
         check_name(label_tag, "a label tag", image_id)
         info = dict(label_info or {})
+        if typo := near_miss(info, ("label_kind", "allow_empty", "label_info")):  # other keys: the label's own info
+            raise HTTPException(status_code=422, detail=f"case {image_id!r}: {typo[0]} is not a label option; did you "
+                                                        f"mean {typo[1]}? (nothing stored)")
         override = info.pop("label_kind", None)
         allow_empty = as_flag(info.pop("allow_empty", False))
         if allow_empty is None:
