@@ -23,7 +23,8 @@ info = c.info()
 print("models:", list(info["models"]), "trainers:", list(info["trainers"]), "strategies:", list(info["strategies"]),
       "scoring:", list(info["scoring"]), "datastore:", info["datastore"])
 nxt = c.next_sample("crossmodal", {})
-print("next sample:", nxt["id"])
+print("next sample:", nxt["id"], f"(score {nxt.get('score')}, cold start {nxt.get('cold_start')}, cases scored by this "
+      f"request {nxt.get('scored_now')})")
 t = time.time()
 out, params = c.infer("crossmodal", nxt["id"], {})
 dt = time.time() - t

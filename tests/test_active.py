@@ -334,6 +334,35 @@ def test_image_infos_written_over_rest_do_not_break_selection(app_parts, caplog)
     assert picked == set(ids)  # every case handed out once, the tampered ones too
 
 
+def test_a_next_sample_on_a_fresh_datastore_scores_candidates_first(app_parts):
+    """Nothing scored yet (a next-sample request before the start-up scoring stored anything): the strategy scores
+    candidates itself for up to ``active.cold_scoring_s`` (10 s) and picks by those scores (it picked at random)."""
+    parts, store, _ = app_parts
+    scoring = parts.scoring(parts.infer())
+    unlabeled = store.get_unlabeled_images()
+
+    def strategy(**active: float) -> CrossModalStrategy:  # no hand-out lock: every pick sees every case
+        cfg = load_config("phantom", overrides={"active": {"handout_window_s": 0, **active}})
+        return CrossModalStrategy(cfg, scoring=lambda: scoring)
+
+    assert load_config("phantom").active.cold_scoring_s == 10.0
+    pick = strategy(cold_scoring_s=0)({"client_id": "A"}, store)
+    assert pick["cold_start"] is True and pick["scored_now"] == 0 and pick["id"] in unlabeled
+    assert not any(SCORES_KEY in store.get_image_info(i) for i in unlabeled)
+    pick = strategy(cold_scoring_s=1e-9)({"client_id": "A"}, store)  # one case at least
+    assert pick["cold_start"] is False and pick["scored_now"] == 1
+    assert sum(SCORES_KEY in store.get_image_info(i) for i in unlabeled) == 1
+    assert strategy()({"client_id": "B"}, store)["scored_now"] == 0  # not cold now: a case has scores
+    for i in unlabeled:
+        store.update_image_info(i, {SCORES_KEY: None})
+    pick = strategy()({"client_id": "C"}, store)  # 10 s: all 4 cases
+    assert pick["cold_start"] is False and pick["scored_now"] == 4 and pick["id"] in unlabeled
+    assert all(0.0 <= store.get_image_info(i)[SCORES_KEY]["disagreement"] <= 1.0 for i in unlabeled)
+    for i in unlabeled:
+        store.update_image_info(i, {SCORES_KEY: None})
+    assert parts.strategy()({"client_id": "D"}, store)["scored_now"] == 0  # without a scoring: as before
+
+
 def test_strategy_hands_each_case_to_one_client_and_cold_starts_on_diversity(app_parts, tmp_path):
     parts, store, _ = app_parts
     strategy = parts.strategy()

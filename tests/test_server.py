@@ -62,14 +62,20 @@ def test_info_lists_model_trainer_strategy_scoring(client):
 
 
 def test_next_sample_is_unlabeled(client):
-    picks = {client.next_sample("crossmodal", {})["id"] for _ in range(3)}
-    assert picks <= UNLABELED
+    picks = [client.next_sample("crossmodal", {}) for _ in range(3)]
+    assert {p["id"] for p in picks} <= UNLABELED
+    # the server scores nothing at start here (MONAI_LABEL_AUTO_UPDATE_SCORING false), as a fresh datastore before
+    # its start-up scoring: the first request scores the candidates itself and picks by the scores (was: at random)
+    assert picks[0]["scored_now"] == 3 and picks[0]["cold_start"] is False  # the module's server: its first request
+    assert [p["scored_now"] for p in picks[1:]] == [0, 0]
 
 
 def test_crossmodal_scoring_stores_scores_and_the_strategy_uses_them(client, phantom_server):
+    infos = {case: client.datastore()["objects"][case]["image"]["info"] for case in UNLABELED}
+    unscored = sum("crossmodal_scores" not in info for info in infos.values())  # none after a next sample
     r = requests.post(f"{phantom_server.url}/scoring/crossmodal?run_sync=true", timeout=300)
     assert r.status_code == 200, r.text
-    assert r.json()["scored"] == 3 and not r.json()["failed"]
+    assert r.json()["scored"] == unscored and not r.json()["failed"]  # once per model: nothing scored twice
     objects = client.datastore()["objects"]
     for case in UNLABELED:
         scores = objects[case]["image"]["info"]["crossmodal_scores"]

@@ -10,7 +10,7 @@ import crossmodal
 from crossmodal.config import near_miss
 from crossmodal.errors import CaseError, user_error_in
 from crossmodal.inference import configure_threads
-from crossmodal.serving.activelearning import RandomStrategy
+from crossmodal.serving.activelearning import CrossModalScoring, RandomStrategy
 from crossmodal.serving.app import AppParts, check_infer_request, conf_flag, not_served, refuse_non_finite
 from crossmodal.serving.datastore import http_error
 from crossmodal.serving.dicomweb import labels_onto_grid
@@ -148,10 +148,15 @@ class MyApp(MONAILabelApp):
         return {m.name: self.parts.trainer(m) for m in self.parts.models}
 
     def init_strategies(self) -> dict[str, Strategy]:
-        strategies = {"crossmodal": self.parts.strategy(), "random": RandomStrategy()}
+        strategies = {"crossmodal": self.parts.strategy(self._crossmodal_scoring), "random": RandomStrategy()}
         if self._epistemic:
             strategies["epistemic"] = self._epistemic[1]
         return strategies
+
+    def _crossmodal_scoring(self) -> CrossModalScoring | None:
+        """The app's cross-modal scoring (made after the strategies), which the strategy runs on a fresh datastore."""
+        scoring = getattr(self, "_scoring_methods", {}).get("crossmodal")
+        return scoring if isinstance(scoring, CrossModalScoring) else None
 
     def init_scoring_methods(self) -> dict[str, ScoringMethod]:
         scoring = self.parts.scoring(self._infer_tasks[self.parts.model_name], self.studies)

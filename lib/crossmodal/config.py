@@ -549,7 +549,11 @@ class DataConfig:
 
 @dataclass
 class ActiveConfig:
-    """Active learning (``crossmodal.active``): score weights, diversity, the hand-out lock, scoring cost."""
+    """Active learning (``crossmodal.active``): score weights, diversity, the hand-out lock, scoring cost.
+
+    ``cold_scoring_s``: where nothing is scored yet (a fresh datastore, a next-sample request before the start-up
+    scoring has stored anything), the request first scores candidates for up to this long itself (0: a random pick).
+    """
 
     weights: dict[str, float] = field(default_factory=lambda: {"disagreement": 1.0, "mc_uncertainty": 0.5})
     diversity: float = 0.3
@@ -557,6 +561,7 @@ class ActiveConfig:
     scoring_scale: float = 0.5
     handout_window_s: float = 600.0
     refine_sparse: bool = False
+    cold_scoring_s: float = 10.0
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.weights) - {"disagreement", "mc_uncertainty", "entropy"})
@@ -567,6 +572,8 @@ class ActiveConfig:
             raise ConfigError(f"active.diversity: {self.diversity} must be in [0, 1]")
         if not 0.0 < self.scoring_scale <= 1.0:
             raise ConfigError(f"active.scoring_scale: {self.scoring_scale} must be in (0, 1]")
+        if not self.cold_scoring_s >= 0:
+            raise ConfigError(f"active.cold_scoring_s: {self.cold_scoring_s} must be >= 0")
         self.weights = {k: float(v) for k, v in self.weights.items()}
 
 

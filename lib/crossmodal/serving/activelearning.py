@@ -17,7 +17,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,11 +182,18 @@ class CrossModalScoring(ScoringMethod):
                 "descriptor": s.descriptor.tolist(), "seconds": time.perf_counter() - t}
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
-        path = self.infer_task.get_path()
         try:
             device = request_device(request.get("device")) or ("cuda" if torch.cuda.is_available() else "cpu")
         except ConfigError as e:  # before any case is read
             raise http_error(e, prefix="scoring request: ") from None
+        return self.score(datastore, device)
+
+    def score(self, datastore: Datastore, device: str, ids: Sequence[str] | None = None,
+              budget_s: float | None = None) -> dict[str, Any]:
+        """Scores ``ids`` (default: every candidate) that lack current scores, stored in their image infos; with
+        ``budget_s``, those it gets to in that time (each started case finishes; one case at least)."""
+        path = self.infer_task.get_path()
+        deadline = None if budget_s is None else time.monotonic() + budget_s
         network = self.infer_task._get_network(device, {}) if path else None  # MONAI Label's cached loader
         model_ts = os.path.getmtime(path) if path else 0.0
         if network is not None:
@@ -198,7 +205,9 @@ class CrossModalScoring(ScoringMethod):
         # /datastore/image with params {"modality": ...}, or on disk) is scored again (its old scores stayed); a
         # PACS case's files are fetched once, and asking for them here would fetch every unscored case
         local = getattr(datastore, "files_are_local", False)
-        for image_id in candidates(datastore, self.cfg.active.refine_sparse):
+        for image_id in candidates(datastore, self.cfg.active.refine_sparse) if ids is None else ids:
+            if deadline is not None and (scored or failed) and time.monotonic() > deadline:
+                break  # at least one case a request: a budget shorter than one case still picks by scores
             info = datastore.get_image_info(image_id).get(SCORES_KEY) or {}
             current = info.get("model_ts") == model_ts and "descriptor" in info
             if current and not local:
@@ -232,9 +241,12 @@ class CrossModalStrategy(Strategy):
     """The candidate with the best combined score and diversity; cold start: diversity alone (see module doc)."""
 
     def __init__(self, cfg: CrossModalConfig,
-                 description: str = "Cross-modal disagreement + uncertainty, diverse, one client per case") -> None:
+                 description: str = "Cross-modal disagreement + uncertainty, diverse, one client per case",
+                 scoring: Callable[[], CrossModalScoring | None] | None = None) -> None:
+        """``scoring``: gives the scoring (an app makes it after its strategies) that scores candidates where
+        nothing is scored yet (``active.cold_scoring_s``)."""
         super().__init__(description)
-        self.cfg = cfg
+        self.cfg, self._scoring = cfg, scoring
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
         a = self.cfg.active
@@ -256,6 +268,14 @@ class CrossModalStrategy(Strategy):
         if not choices:
             return None
         scores, combined, desc = stored_scores({i: infos[i] for i in choices}, a.weights)
+        scored_now = 0
+        scoring = self._scoring() if self._scoring is not None else None
+        if not desc and not combined and scoring is not None and a.cold_scoring_s > 0:  # a fresh datastore
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # a random subset where the time runs out
+            scored_now = scoring.score(datastore, device, random.sample(choices, len(choices)),
+                                       a.cold_scoring_s)["scored"]
+            infos.update({i: datastore.get_image_info(i) for i in choices})
+            scores, combined, desc = stored_scores({i: infos[i] for i in choices}, a.weights)
         avoid = labelled_descriptors(datastore) + list(stored_scores({i: infos[i] for i in others}, {})[2].values())
         if not desc and not combined:  # nothing scored yet: random, as MONAI Label's Random
             pick = random.choice(choices)
@@ -263,7 +283,7 @@ class CrossModalStrategy(Strategy):
             pick = select(choices, combined, desc, 1, a.diversity, avoid)[0]
         datastore.update_image_info(pick, {HANDOUT_KEY: {"ts": now, "client": client}})
         return {"id": pick, "score": combined.get(pick), "cold_start": not combined,
-                "scores": {n: scores[n].get(pick) for n in scores}}
+                "scores": {n: scores[n].get(pick) for n in scores}, "scored_now": scored_now}
 
 
 def select_batch(datastore: Datastore, cfg: CrossModalConfig, k: int, ids: Sequence[str]) -> list[str]:

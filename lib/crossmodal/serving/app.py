@@ -23,7 +23,7 @@ import dataclasses
 import hashlib
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import overload
@@ -340,8 +340,9 @@ class AppParts:
         return CrossModalTrain(m.cfg, self.model_dir, m.published, m.pretrained,
                                f"Train {m.name} from dense and sparse labels (partial loss)")
 
-    def strategy(self) -> CrossModalStrategy:
-        return CrossModalStrategy(self.cfg)
+    def strategy(self, scoring: Callable[[], CrossModalScoring | None] | None = None) -> CrossModalStrategy:
+        """The cross-modal strategy; ``scoring`` gives the scoring it runs where nothing is scored yet."""
+        return CrossModalStrategy(self.cfg, scoring=scoring)
 
     def scoring(self, infer: CrossModalInfer, studies: str | None = None) -> CrossModalScoring:
         """The cross-modal scoring, its cached inputs in ``<model_dir>/scoring_cache`` or, given the server's
