@@ -6,7 +6,9 @@ modality heads, MC-dropout decoder samples, pooled descriptors) and stores the s
 datastore the sizes and mtimes of the case's files, so a replaced or added modality is scored again). The case's
 preprocessed input is cached on disk, so re-scoring after training costs one small forward per case.
 ``CrossModalStrategy`` hands out the best case by combined score and diversity, never the same case to two
-clients within ``active.handout_window_s``, and falls back to diversity alone before the first model exists.
+clients within ``active.handout_window_s``, and falls back to diversity alone before the first model exists. On a
+fresh datastore (nothing scored yet: a request before MONAI Label's start-up scoring stored anything) a request scores
+candidates itself first, for at most ``active.cold_scoring_s``.
 """
 
 from __future__ import annotations
@@ -198,7 +200,9 @@ class CrossModalScoring(ScoringMethod):
         model_ts = os.path.getmtime(path) if path else 0.0
         if network is not None:
             network.eval()
-        scored, failed, seconds = {}, {}, []
+        scored: dict[str, dict[str, float]] = {}
+        failed: dict[str, str] = {}
+        seconds: list[float] = []
         pending: dict[str, dict[str, Any]] = {}
         flushed = time.monotonic()
         # a local case's scores also hold the sizes and mtimes of its files: a modality replaced or added (PUT
@@ -271,9 +275,9 @@ class CrossModalStrategy(Strategy):
         scored_now = 0
         scoring = self._scoring() if self._scoring is not None else None
         if not desc and not combined and scoring is not None and a.cold_scoring_s > 0:  # a fresh datastore
-            device = "cuda" if torch.cuda.is_available() else "cpu"  # a random subset where the time runs out
-            scored_now = scoring.score(datastore, device, random.sample(choices, len(choices)),
-                                       a.cold_scoring_s)["scored"]
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            scored_now = scoring.score(datastore, device, random.sample(choices, len(choices)),  # in a random order:
+                                       a.cold_scoring_s)["scored"]  # a random subset where the time runs out
             infos.update({i: datastore.get_image_info(i) for i in choices})
             scores, combined, desc = stored_scores({i: infos[i] for i in choices}, a.weights)
         avoid = labelled_descriptors(datastore) + list(stored_scores({i: infos[i] for i in others}, {})[2].values())
