@@ -733,3 +733,85 @@ def test_data_commands_refuse_counts_sizes_and_folders_they_cannot_use(tmp_path:
         assert main([*argv, "--config", "phantom"]) == 2, argv
         assert capsys.readouterr().err.strip().splitlines()[-1] == f"crossmodal: error: {message}", argv
     assert not out.exists() and a_file.read_text() == "x" and not list(empty.iterdir())
+
+
+def test_a_folder_without_config_gets_the_preset_naming_its_modalities(tmp_path: Path, phantom_cfg, capsys):
+    """Without ``--config`` (``--conf preset``) the commands took the brain preset on any folder: on a CT + PET + MR
+    one each case "lacked" its T2 (`crossmodal train`: "add it ... or use the case without it"), and export-nnunet
+    stopped there leaving a half dataset behind. Now the folder's modalities pick the preset, said on stderr; the
+    brain's folders keep the default without a word; modalities no preset names (or several do) are an error that
+    says what was found. An export stopped by a case leaves nothing at --out."""
+    from conftest import APP
+    from crossmodal.cli import main
+    from crossmodal.config import ConfigError, default_configs_dir
+    from crossmodal.data.studies import guess_preset
+    from crossmodal.serving.app import AppParts
+
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=3, dense=1, sparse=1)
+    said = (f"--config not given: preset 'phantom' (ct + pet, mr), the one whose secondary modalities are those of the "
+            f"cases under {studies} (the default, 'brain', takes t1 + t2, pd)")
+    assert guess_preset(studies, "brain") == ("phantom", said)  # phantom_large extends phantom: not counted apart
+    assert guess_preset(studies, "phantom") == ("phantom", None)
+
+    def folder(name: str, files: dict[str, list[str]]) -> Path:
+        for case, names in files.items():
+            (tmp_path / name / "modalities" / case).mkdir(parents=True)
+            for n in names:
+                (tmp_path / name / "modalities" / case / n).write_bytes(b"")  # only the names are read
+        (tmp_path / name).mkdir(exist_ok=True)
+        return tmp_path / name
+
+    brainlike = folder("b", {"c0": ["t2.nii.gz", "pd.nrrd"], "c1": ["t2.nii.gz"]})
+    assert guess_preset(brainlike, "brain") == ("brain", None)
+    assert guess_preset(brainlike, "phantom")[0] == "brain"
+    assert guess_preset(folder("empty", {}), "brain") == ("brain", None)  # nothing to go by
+    other = folder("o", {"c0": ["pet.nii.gz", "flair.nii.gz"]})
+    with pytest.raises(ConfigError) as e:
+        guess_preset(other, "brain")
+    assert str(e.value).startswith(f"the modality files under {other} (flair, pet) are not the modalities of any "
+                                   f"preset in {default_configs_dir()} (brain: t1 + t2, pd; phantom: ct + pet, mr; ")
+    assert str(e.value).endswith("write a preset naming them (see the README, On your own data) and pass it with "
+                                 "--config")
+    configs = tmp_path / "configs"  # two presets of their own with these modalities: the user says which
+    shutil.copytree(default_configs_dir(), configs)
+    (configs / "petct.yaml").write_text("extends: base\nname: petct\nmodalities:\n  - {name: ct, kind: ct}\n"
+                                        "  - {name: pet, kind: pet}\n  - {name: mr, kind: mr}\n")
+    with pytest.raises(ConfigError, match=r"^the modality files under .* \(mr, pet\) fit the presets \['petct', "
+                                          r"'phantom'\]; say which with --config$"):
+        guess_preset(studies, "brain", configs)
+    # the server: a local folder picks its preset; a PACS keeps the default
+    parts = AppParts.from_conf(str(APP), {"model_dir": str(tmp_path / "m")}, studies=str(studies))
+    assert (parts.preset, parts.cfg.name, parts.cfg.modality_names) == ("phantom", "phantom", ["ct", "pet", "mr"])
+    assert AppParts.from_conf(str(APP), {"model_dir": str(tmp_path / "m")}, pacs=True,
+                              studies="http://127.0.0.1:8042/dicom-web").preset == "brain"
+
+    out = tmp_path / "Dataset003_Phantom"
+    pet = studies / "modalities" / "phantom001" / "pet.nii.gz"
+    pet.rename(tmp_path / "pet.nii.gz")
+    capsys.readouterr()
+    assert main(["data", "export-nnunet", "--studies", str(studies), "--out", str(out), "--test", "phantom002"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == f"crossmodal: {said}"
+    assert err[-1] == "crossmodal: error: case 'phantom001': modality 'pet' is missing; nnU-Net needs every channel"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "configs", "empty", "m", "o", "pet.nii.gz", "s"]
+    (tmp_path / "pet.nii.gz").rename(pet)
+    out.mkdir()  # an empty folder is taken
+    assert main(["data", "export-nnunet", "--studies", str(studies), "--out", str(out), "--test", "phantom002"]) == 0
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "ct", "1": "pet", "2": "mr"} and meta["numTraining"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "imagesTr", "imagesTs", "labelsTr", "labelsTs"]
+    assert out.stat().st_mode & 0o777 == 0o777 & ~_umask()
+    assert guess_preset(out, "brain") == ("phantom", "--config not given: preset 'phantom' (ct + pet, mr), the one "
+                                                     f"whose modalities are {out / 'dataset.json'}'s channel_names "
+                                                     "(the default, 'brain', takes t1 + t2, pd)")
+    capsys.readouterr()
+    assert main(["data", "import-nnunet", "--dataset", str(out), "--out", str(tmp_path / "back")]) == 0
+    assert capsys.readouterr().err.splitlines()[0] == f"crossmodal: {guess_preset(out, 'brain')[1]}"
+    assert sorted(p.name for p in (tmp_path / "back" / "modalities" / "phantom000").iterdir()) == [
+        "mr.nii.gz", "pet.nii.gz"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -49,6 +49,24 @@ def _config(args: argparse.Namespace, default: str) -> CrossModalConfig:
     return load_config(args.config or default)
 
 
+GUESSED_CONFIG = ("preset name or YAML path; default: the preset whose modalities the folder's cases have (brain where "
+                  "they are its own or the folder does not say)")
+
+
+def _preset(args: argparse.Namespace, default: str, folder: str) -> str:
+    """``--config``, or where it is not given the preset that names ``folder``'s modalities (``default`` where it
+    does or the folder does not say), said on stderr when it is not ``default``: the brain's default on a CT + PET
+    folder failed on each case's missing T2."""
+    from crossmodal.data.studies import guess_preset
+
+    if args.config:
+        return args.config
+    preset, why = guess_preset(folder, default)
+    if why:
+        print(f"crossmodal: {why}", file=sys.stderr)
+    return preset
+
+
 def _variant_cycle(args: argparse.Namespace, choices: Sequence[str]) -> Iterator[str]:
     """``--variants`` as an endless cycle (generate() makes the cases in index order: case i gets variants[i % n])."""
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -134,7 +152,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     from crossmodal.propagate import grow_checked, heldout_accuracy
     from crossmodal.transforms import LoadCased
 
-    preset = args.config or "brain"
+    preset = _preset(args, "brain", studies_folder(args.studies))
     given = {k: v for k, v in {"beta": args.beta, "threshold": args.threshold,
                                "min_heldout_accuracy": args.min_heldout_accuracy}.items() if v is not None}
     cfg = load_config(preset, overrides={"train": {"propagate": given}} if given else None)
@@ -185,7 +203,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from crossmodal.data.nnunet import import_nnunet, list_cases
     from crossmodal.data.studies import check_new_cases
 
-    cfg = _config(args, "brain")
+    cfg = load_config(_preset(args, "brain", args.dataset))
     check_new_cases(args.out, [c.case_id for c in list_cases(args.dataset, cfg)], instead="give a new folder",
                     sidecar_dir=cfg.data.sidecar_dir)
     _report(import_nnunet(args.dataset, args.out, cfg))
@@ -196,7 +214,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     """`crossmodal data export-nnunet`: a studies folder as an nnU-Net v2 dataset."""
     from crossmodal.data.nnunet import export_nnunet
 
-    meta = export_nnunet(studies_folder(args.studies), args.out, _config(args, "brain"), tuple(args.test))
+    studies = studies_folder(args.studies)
+    meta = export_nnunet(studies, args.out, load_config(_preset(args, "brain", studies)), tuple(args.test))
     print(json.dumps(meta, indent=2))
     return 0
 
@@ -213,8 +232,8 @@ def cmd_to_dicom(args: argparse.Namespace) -> int:
     from crossmodal.io import find_case, load_volume
     from crossmodal.labels import classify
 
-    cfg = _config(args, "brain")
-    studies = Path(studies_folder(args.studies))
+    cfg = load_config(_preset(args, "brain", studies_folder(args.studies)))
+    studies = Path(args.studies)
     images = list(primary_images(studies).values())
     if not images:
         raise FileNotFoundError(f"{studies}: no primary images (*.nii.gz, *.nii, *.nrrd) in this studies folder")
@@ -266,7 +285,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     """`crossmodal simulate`: the annotate-retrain loop without people; JSON + learning-curve PNG."""
     from crossmodal.simulate import SimSpec, plot, simulate_dataset, summarize, write_json
 
-    preset = args.config or "brain"
+    preset = _preset(args, "brain", studies_folder(args.studies))
     studies = Path(as_studies(args.studies, preset, oracle=True, scratch=args.scratch))
     dataset = args.name or Path(args.studies).name
     spec = SimSpec(preset, args.test, args.initial, args.k, args.rounds, args.steps, args.patch, args.annotation)
@@ -369,7 +388,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--epochs {args.epochs}: must be at least 1 (leave it out for the preset's max_epochs)")
     _device(args.device)
 
-    preset = args.config or "brain"
+    preset = _preset(args, "brain", studies_folder(args.studies))
     studies = as_studies(args.studies, preset, scratch=args.scratch)
     resolved = _method_preset(preset, args.method, args.model_dir)
     network = args.network or (load_config(resolved).model.name if args.method else None)
@@ -454,7 +473,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _weights_file(args.model)
     if args.predictions and not Path(args.predictions).is_dir():
         raise FileNotFoundError(f"--predictions {args.predictions}: no such folder")
-    preset = args.config or "brain"
+    preset = _preset(args, "brain", studies_folder(args.studies))
     studies = as_studies(args.studies, preset, scratch=args.scratch)
     resolved, network, mirror, overlap = _segmenting(args, preset)
     summary = evaluate(studies, resolved, args.model, args.device, args.out, network, tuple(args.drop), mirror,
@@ -472,7 +491,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     _device(args.device)
     _weights_file(args.model)
-    preset = args.config or "brain"
+    preset = _preset(args, "brain", studies_folder(args.studies))
     cases = args.cases
     if not cases and (Path(args.studies) / "dataset.json").is_file():  # nnU-Net: its test images, as nnU-Net predicts
         from crossmodal.data.nnunet import list_cases
@@ -619,14 +638,14 @@ def build_parser() -> argparse.ArgumentParser:
     q = data_sub.add_parser("import-nnunet", help="nnU-Net v2 raw dataset -> studies folder")
     q.add_argument("--dataset", required=True)
     q.add_argument("--out", required=True)
-    q.add_argument("--config")
+    q.add_argument("--config", help=GUESSED_CONFIG)
     q.set_defaults(func=cmd_import)
 
     q = data_sub.add_parser("export-nnunet", help="studies folder -> nnU-Net v2 raw dataset")
     q.add_argument("--studies", required=True)
     q.add_argument("--out", required=True)
     q.add_argument("--test", nargs="*", default=[], help="case ids for imagesTs/labelsTs")
-    q.add_argument("--config")
+    q.add_argument("--config", help=GUESSED_CONFIG)
     q.set_defaults(func=cmd_export)
 
     q = data_sub.add_parser("to-dicom", help="studies folder -> DICOM: one study per case, one series per modality, "
@@ -635,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="folder for <case>/<modality>/*.dcm and <case>/seg.dcm (default: temp, removed)")
     q.add_argument("--upload", metavar="URL", help="DICOMweb root to store into, e.g. http://127.0.0.1:8042/dicom-web")
     q.add_argument("--no-labels", dest="labels", action="store_false", help="leave the final labels out")
-    q.add_argument("--config")
+    q.add_argument("--config", help=GUESSED_CONFIG)
     q.set_defaults(func=cmd_to_dicom)
 
     q = data_sub.add_parser("from-dicom", help="DICOM files (a PACS export, any layout) -> studies folder: a case per "
@@ -647,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("train", help="train the app's model on a studies folder (same code as the server)")
     q.add_argument("--studies", required=True, help="studies folder or nnU-Net v2 raw dataset")
-    q.add_argument("--config")
+    q.add_argument("--config", help=GUESSED_CONFIG)
     q.add_argument("--model-dir", required=True)
     q.add_argument("--epochs", type=int, default=None)
     q.add_argument("--device", default="auto")
@@ -689,7 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("simulate", help="annotate-retrain loop without people: strategies x seeds x rounds -> "
                                         "learning curves (JSON + PNG)")
     q.add_argument("--studies", required=True, help="studies folder with truth/ for every case, or nnU-Net dataset")
-    q.add_argument("--config")
+    q.add_argument("--config", help=GUESSED_CONFIG)
     q.add_argument("--name", help="dataset name in the results (default: the folder name)")
     q.add_argument("--strategies", nargs="+", default=["ours", "random", "epistemic"],
                    choices=["ours", "random", "epistemic"])
@@ -708,8 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("propagate", help="grow the sparse final labels as training would (random walker over every "
                        "modality, held-out stroke check) and write them as label maps to look at in a viewer")
     q.add_argument("--studies", required=True, help="studies folder or nnU-Net v2 raw dataset")
-    q.add_argument("--config", help="preset name or YAML (default brain); its train.propagate settings apply "
-                   "(it walks even with method: none, to show what propagation would give)")
+    q.add_argument("--config", help=f"{GUESSED_CONFIG}; its train.propagate settings apply (it walks even with "
+                   "method: none, to show what propagation would give)")
     q.add_argument("--cases", nargs="*", help="case ids (default: every case with a final label)")
     q.add_argument("--out", required=True, help="folder for <case>.nii.gz (0 = still unannotated)")
     q.add_argument("--threshold", type=float, help="override train.propagate.threshold")
@@ -719,7 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("evaluate", help="Dice of a model on the held-out cases of a studies folder (truth, no label)")
     q.add_argument("--studies", required=True, help="studies folder or nnU-Net v2 raw dataset (its imagesTs/labelsTs)")
-    q.add_argument("--config")
+    q.add_argument("--config", help=GUESSED_CONFIG)
     q.add_argument("--model", help="weights to segment the held-out cases with")
     q.add_argument("--predictions", help="instead of --model: a folder of label maps <case>.nii.gz made before "
                                          "(crossmodal predict, nnUNetv2_predict, ...) on each case's grid")
@@ -731,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "case on its primary image's grid, and predictions.json (volumes, timings)")
     q.add_argument("--studies", required=True,
                    help="studies folder (every case) or nnU-Net v2 raw dataset (its imagesTs cases)")
-    q.add_argument("--config")
+    q.add_argument("--config", help=GUESSED_CONFIG)
     q.add_argument("--model", required=True)
     q.add_argument("--out", required=True, help="folder for <case><extension> and predictions.json")
     q.add_argument("--cases", nargs="+", help="only these case ids")

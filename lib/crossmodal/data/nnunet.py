@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,12 +137,11 @@ def export_nnunet(studies: str | os.PathLike[str], dataset: str | os.PathLike[st
 
     Training cases take their final label (sparse ones with the ``ignore`` label), or none (unlabeled);
     ``test_cases`` go to imagesTs with their truth (``<studies>/truth``) in labelsTs. ``dataset`` must be new or
-    empty (ValueError otherwise, before anything is written).
+    empty (ValueError otherwise, before anything is written). The dataset is written into a temp folder beside it
+    and renamed into place when whole: an export stopped by a case that does not read (or a kill) leaves no half
+    dataset, which nnU-Net would take as whole, and the next export is not refused as "not empty".
     """
     src, dst = Path(studies), Path(dataset)
-    ignore_value = cfg.labels.num_classes
-    any_sparse = False
-    n_train = 0
     primaries = list(primary_images(src).values())
     if not primaries:  # was an nnU-Net dataset of no case (numTraining 0), exit 0
         raise ValueError(f"{src}: no primary images (*.nii.gz, *.nii, *.nrrd) in this studies folder: nothing to "
@@ -149,6 +150,28 @@ def export_nnunet(studies: str | os.PathLike[str], dataset: str | os.PathLike[st
     if held:  # an earlier export's files left beside the new ones (a label since removed) would train as current
         raise ValueError(f"--out {dst}: not empty (holds {', '.join(held[:3])}{' ...' if len(held) > 3 else ''}); an "
                          f"export writes a whole nnU-Net dataset: give a new folder, or remove this one first")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    final, dst = dst, Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(dst, 0o777 & ~umask)  # mkdtemp's 0700: the dataset as a folder made by hand
+    try:
+        meta = _export_cases(src, dst, cfg, primaries, test_cases)
+        if final.is_dir():
+            final.rmdir()  # empty (checked above); rename() onto a folder needs it gone
+        dst.rename(final)
+    except BaseException:
+        shutil.rmtree(dst, ignore_errors=True)
+        raise
+    return meta
+
+
+def _export_cases(src: Path, dst: Path, cfg: CrossModalConfig, primaries: list[Path],
+                  test_cases: tuple[str, ...]) -> dict:
+    """:func:`export_nnunet`'s cases and dataset.json, written into ``dst``."""
+    ignore_value = cfg.labels.num_classes
+    any_sparse = False
+    n_train = 0
     truths = truth_files(src)
     for p in tqdm(primaries, desc="export", unit="case"):
         cid = case_id_of(p)

@@ -120,3 +120,89 @@ def generate(studies: str | os.PathLike[str], cfg: CrossModalConfig, make: Calla
         records.append({"case": case_id, "label": kind, "annotated_fraction": round(frac, 5),
                         "variant": case.variant})
     return records
+
+
+def _folder_modalities(studies: Path, sidecar_dir: str) -> set[str]:
+    """Lower-case names of the secondary modality files under ``<studies>/<sidecar_dir>/<case>/``."""
+    side = studies / sidecar_dir
+    return {split_ext(f)[0].lower() for case in (sorted(side.iterdir()) if side.is_dir() else []) if case.is_dir()
+            for f in case.iterdir() if f.is_file() and split_ext(f)[1] in IMAGE_EXTENSIONS}
+
+
+def modalities(cfg: CrossModalConfig) -> str:
+    """A preset's modalities as the messages name them: the primary, then the secondaries (``t1 + t2, pd``)."""
+    return f"{cfg.modality_names[0]} + {', '.join(cfg.modality_names[1:])}" if len(cfg.modality_names) > 1 else \
+        cfg.modality_names[0]
+
+
+def guess_preset(studies: str | os.PathLike[str], default: str,
+                 configs_dir: str | os.PathLike[str] | None = None) -> tuple[str, str | None]:
+    """The preset for a folder given without one: ``default`` where it fits the folder's modalities (or the folder
+    says nothing about them: no secondary modality files, no ``dataset.json``), else the one preset in
+    ``configs_dir`` that names them (an nnU-Net dataset: its ``channel_names`` in order; a studies folder: the
+    files under ``<sidecar_dir>/<case>/``). Returns (preset, a line saying why, or None where it is ``default``).
+
+    Raises:
+        ConfigError: no preset names the folder's modalities, or several do (presets that extend another match
+            are not counted apart from it), with what was found and each preset's modalities.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> (root / "modalities" / "case000").mkdir(parents=True)
+        >>> for name in ("pet.nii.gz", "mr.nii.gz"):
+        ...     _ = (root / "modalities" / "case000" / name).write_bytes(b"")
+        >>> guess_preset(root, "brain")[0]
+        'phantom'
+        >>> guess_preset(Path(tempfile.mkdtemp()), "brain")  # nothing to go by: the default
+        ('brain', None)
+    """
+    import json
+
+    import yaml
+
+    from crossmodal.config import ConfigError, default_configs_dir, load_config
+
+    root, base = Path(studies), Path(configs_dir) if configs_dir else default_configs_dir()
+    presets: dict[str, CrossModalConfig] = {}
+    extends: dict[str, str | None] = {}
+    for p in sorted(base.glob("*.yaml")):
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not raw.get("modalities") and not raw.get("extends"):
+            continue  # base: no modalities of its own
+        try:
+            presets[p.stem] = load_config(p.stem, base)
+        except Exception:  # a broken user YAML beside the shipped ones: not a candidate
+            continue
+        extends[p.stem] = raw.get("extends")
+    meta = root / "dataset.json"
+    if meta.is_file():
+        try:
+            channels = json.loads(meta.read_text())["channel_names"]
+            names = [str(channels[k]).lower() for k in sorted(channels, key=int)]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return default, None  # reading the dataset says what is wrong with its dataset.json
+        found, where = ", ".join(names), f"{meta}'s channel_names"
+        which = f"whose modalities are {where}"
+        fits = {n for n, c in presets.items() if [m.lower() for m in c.modality_names] == names}
+    else:
+        seen = {n: _folder_modalities(root, c.data.sidecar_dir) for n, c in presets.items()}
+        if not any(seen.values()):
+            return default, None
+        found = ", ".join(sorted(set().union(*seen.values())))
+        where = f"the modality files under {root}"
+        which = f"whose secondary modalities are those of the cases under {root}"
+        fits = {n for n, c in presets.items()
+                if seen[n] and seen[n] <= {m.lower() for m in c.modality_names[1:]}}
+    if default in fits:
+        return default, None
+    roots = sorted(n for n in fits if extends.get(n) not in fits)
+    shipped = "; ".join(f"{n}: {modalities(c)}" for n, c in presets.items())
+    if len(roots) == 1:
+        return roots[0], (f"--config not given: preset {roots[0]!r} ({modalities(presets[roots[0]])}), the one {which}"
+                          f" (the default, {default!r}, takes "
+                          f"{modalities(presets[default]) if default in presets else 'others'})")
+    if roots:
+        raise ConfigError(f"{where} ({found}) fit the presets {roots}; say which with --config")
+    raise ConfigError(f"{where} ({found}) are not the modalities of any preset in {base} ({shipped}); write a "
+                      f"preset naming them (see the README, On your own data) and pass it with --config")

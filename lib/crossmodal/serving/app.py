@@ -1,6 +1,7 @@
 """Everything the MONAI Label app registers, built from a config preset; ``apps/crossmodal/main.py`` adapts it.
 
-Server ``--conf`` keys (all optional): ``preset`` (a name in ``configs/``, default ``brain``), ``configs_dir``,
+Server ``--conf`` keys (all optional): ``preset`` (a name in ``configs/``, default: the one naming a local studies
+folder's modalities, else ``brain``), ``configs_dir``,
 ``model_dir`` (default ``<app>/model``), ``models`` (comma-separated network names; default the preset's model
 and ``baseline_unet``), ``pretrained_<model>`` (weights used until that model is trained; default
 ``<app>/pretrained/<preset>_<model>.pt`` when present; ``pretrained`` alone names the first model's),
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -40,6 +42,7 @@ from crossmodal.config import (
     parse_overlap,
     resolve_preset,
 )
+from crossmodal.data.studies import guess_preset
 from crossmodal.io import atomic_copy
 from crossmodal.nets import ModelFileError, build_network, check_weights
 from crossmodal.serving.activelearning import CrossModalScoring, CrossModalStrategy
@@ -51,6 +54,7 @@ from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
+logger = logging.getLogger(__name__)
 CONF_KEYS = ("preset", "configs_dir", "model_dir", "models", "pretrained", "max_epochs", "missing_modality",
              "mirror_axes", "overlap", "epistemic", "benchmark_pipelines", "pacs_cache", "pacs_list_ttl",
              "pacs_timeout")
@@ -223,8 +227,16 @@ class AppParts:
     models: list[ModelParts]
 
     @classmethod
-    def from_conf(cls, app_dir: str, conf: dict[str, str], pacs: bool = False) -> AppParts:
+    def from_conf(cls, app_dir: str, conf: dict[str, str], pacs: bool = False, studies: str | None = None
+                  ) -> AppParts:
+        """The app's parts from the server's ``--conf``; without ``preset``, a local ``studies`` folder's cases pick
+        the preset that names their modalities (:func:`crossmodal.data.studies.guess_preset`; ``brain`` where they
+        are its own, the folder is empty, or on a PACS)."""
         preset = conf.get("preset", "brain")
+        if "preset" not in conf and studies and not pacs:
+            preset, why = guess_preset(studies, preset, conf.get("configs_dir"))
+            if why:
+                logger.info(why.replace("--config not given", "--conf preset not given"))
         epochs = conf_number(conf, "max_epochs")
         overrides: dict = {"train": {"max_epochs": epochs}} if epochs else {}
         missing = conf.get("missing_modality") or ("zero_fill" if pacs else None)
