@@ -735,7 +735,8 @@ def test_data_commands_refuse_counts_sizes_and_folders_they_cannot_use(tmp_path:
     assert not out.exists() and a_file.read_text() == "x" and not list(empty.iterdir())
 
 
-def test_a_folder_without_config_gets_the_preset_naming_its_modalities(tmp_path: Path, phantom_cfg, capsys):
+def test_a_folder_without_config_gets_the_preset_naming_its_modalities(tmp_path: Path, phantom_cfg, capsys,
+                                                                       monkeypatch):
     """Without ``--config`` (``--conf preset``) the commands took the brain preset on any folder: on a CT + PET + MR
     one each case "lacked" its T2 (`crossmodal train`: "add it ... or use the case without it"), and export-nnunet
     stopped there leaving a half dataset behind. Now the folder's modalities pick the preset, said on stderr; the
@@ -804,9 +805,37 @@ def test_a_folder_without_config_gets_the_preset_naming_its_modalities(tmp_path:
     assert guess_preset(out, "brain") == ("phantom", "--config not given: preset 'phantom' (ct + pet, mr), the one "
                                                      f"whose modalities are {out / 'dataset.json'}'s channel_names "
                                                      "(the default, 'brain', takes t1 + t2, pd)")
+    # an import stopped by a case that does not read leaves --out as it was (its cases before that one stayed, and
+    # the next import refused them as already there)
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    bad = broken / "imagesTr" / "phantom001_0001.nii.gz"
+    bad.write_bytes(bad.read_bytes()[:2000])
+    back = tmp_path / "back"
+    back.mkdir()
+    (back / "keep.txt").write_text("an annotator's file")
     capsys.readouterr()
-    assert main(["data", "import-nnunet", "--dataset", str(out), "--out", str(tmp_path / "back")]) == 0
+    assert main(["data", "import-nnunet", "--dataset", str(broken), "--out", str(back)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"crossmodal: error: case 'phantom001': file {bad}: cannot be read as NIfTI/NRRD (truncated or corrupt?)")
+    assert [p.name for p in back.iterdir()] == ["keep.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left either
+    moved: list[str] = []  # the files moved into --out, in order (os.replace spied on, not replaced)
+    replace = os.replace
+
+    def spy(a, b):
+        if Path(b).is_relative_to(back):
+            moved.append(Path(b).relative_to(back).as_posix())
+        replace(a, b)
+
+    monkeypatch.setattr(os, "replace", spy)
+    assert main(["data", "import-nnunet", "--dataset", str(out), "--out", str(back)]) == 0
+    assert len(moved) == 12 and moved[-3:] == ["phantom000.nii.gz", "phantom001.nii.gz", "phantom002.nii.gz"]
     assert capsys.readouterr().err.splitlines()[0] == f"crossmodal: {guess_preset(out, 'brain')[1]}"
+    assert sorted(p.relative_to(back).as_posix() for p in back.rglob("*.nii.gz")) == [
+        "labels/final/phantom000.nii.gz", "labels/final/phantom001.nii.gz",
+        *[f"modalities/phantom00{i}/{m}.nii.gz" for i in range(3) for m in ("mr", "pet")],
+        "phantom000.nii.gz", "phantom001.nii.gz", "phantom002.nii.gz", "truth/phantom002.nii.gz"]
     assert sorted(p.name for p in (tmp_path / "back" / "modalities" / "phantom000").iterdir()) == [
         "mr.nii.gz", "pet.nii.gz"]
 

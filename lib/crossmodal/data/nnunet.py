@@ -103,10 +103,32 @@ def list_cases(dataset: str | os.PathLike[str], cfg: CrossModalConfig) -> list[N
 
 def import_nnunet(dataset: str | os.PathLike[str], studies: str | os.PathLike[str],
                   cfg: CrossModalConfig) -> list[dict[str, object]]:
-    """Copy an nnU-Net dataset into a studies folder; ``ignore`` regions become sparse labels."""
+    """Copy an nnU-Net dataset into a studies folder; ``ignore`` regions become sparse labels.
+
+    All or nothing: the cases are written into a temp folder beside ``studies`` and moved in when every one has
+    been read (each case's primary image last, so a served datastore never lists a case without its other files); a
+    case that does not read leaves ``studies`` as it was (its cases before that one were left, and the next import
+    refused them as already there).
+    """
+    out = Path(studies)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
+    try:
+        records = _import_cases(dataset, stage, cfg)
+        files = sorted((p for p in stage.rglob("*") if p.is_file()), key=lambda p: (p.parent == stage, str(p)))
+        for p in files:
+            target = out / p.relative_to(stage)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(p, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return records
+
+
+def _import_cases(dataset: str | os.PathLike[str], out: Path, cfg: CrossModalConfig) -> list[dict[str, object]]:
+    """:func:`import_nnunet`'s cases, written into ``out``."""
     meta = read_dataset_json(dataset)
     ignore = meta["labels"].get("ignore")
-    out = Path(studies)
     records = []
     for case in tqdm(list_cases(dataset, cfg), desc="import", unit="case"):
         primary = load_volume(case.channels[cfg.modality_names[0]], case.case_id)
