@@ -836,6 +836,28 @@ def test_a_folder_without_config_gets_the_preset_naming_its_modalities(tmp_path:
         "labels/final/phantom000.nii.gz", "labels/final/phantom001.nii.gz",
         *[f"modalities/phantom00{i}/{m}.nii.gz" for i in range(3) for m in ("mr", "pet")],
         "phantom000.nii.gz", "phantom001.nii.gz", "phantom002.nii.gz", "truth/phantom002.nii.gz"]
+    # the channels in another order (CT, MR, PET) each go to the modality they name (it was refused: "use a config
+    # that names the same modalities in the same order")
+    swapped = tmp_path / "swapped"
+    shutil.copytree(out, swapped)
+    for f in sorted(swapped.glob("images*/*_0001.nii.gz")):
+        f.rename(f.with_name(f.name.replace("_0001", "_tmp")))
+        f.with_name(f.name.replace("_0001", "_0002")).rename(f)
+        f.with_name(f.name.replace("_0001", "_tmp")).rename(f.with_name(f.name.replace("_0001", "_0002")))
+    meta["channel_names"] = {"0": "CT", "1": "MR", "2": "PET"}
+    (swapped / "dataset.json").write_text(json.dumps(meta))
+    assert guess_preset(swapped, "brain")[0] == "phantom"
+    assert main(["data", "import-nnunet", "--dataset", str(swapped), "--out", str(tmp_path / "back2")]) == 0
+    for rel in ("phantom001.nii.gz", "modalities/phantom001/mr.nii.gz", "modalities/phantom001/pet.nii.gz"):
+        assert np.array_equal(load_volume(tmp_path / "back2" / rel)[0].numpy(), load_volume(back / rel)[0].numpy())
+    meta["channel_names"] = {"0": "CT", "1": "MR", "2": "MR"}
+    (swapped / "dataset.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["data", "import-nnunet", "--dataset", str(swapped), "--out", str(tmp_path / "back3"), "--config",
+                 "phantom"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"crossmodal: error: {swapped / 'dataset.json'}: channel_names ['ct', 'mr', 'mr'] differ from the config's "
+        "modalities ['ct', 'pet', 'mr']; use a config that names the same modalities")
     assert sorted(p.name for p in (tmp_path / "back" / "modalities" / "phantom000").iterdir()) == [
         "mr.nii.gz", "pet.nii.gz"]
 

@@ -64,8 +64,9 @@ def file_ending(dataset: str | os.PathLike[str], meta: dict) -> str:
 
 
 def list_cases(dataset: str | os.PathLike[str], cfg: CrossModalConfig) -> list[NnunetCase]:
-    """All cases of an nnU-Net dataset (files ending in its ``file_ending``); channel names in ``dataset.json``
-    must match ``cfg``'s modalities.
+    """All cases of an nnU-Net dataset (files ending in its ``file_ending``); the channel names in ``dataset.json``
+    must be ``cfg``'s modalities (any case, in any order: each channel goes to the modality it names, the config's
+    first being the primary).
 
     Raises:
         ValueError: other channel names, an unreadable ``file_ending``, or no case at all.
@@ -76,9 +77,11 @@ def list_cases(dataset: str | os.PathLike[str], cfg: CrossModalConfig) -> list[N
     ending = file_ending(root, meta)
     channel = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})" + re.escape(ending) + "$")
     names = [str(meta["channel_names"][k]).lower() for k in sorted(meta["channel_names"], key=int)]
-    if names != [n.lower() for n in cfg.modality_names]:
+    ours = {n.lower(): n for n in cfg.modality_names}
+    if sorted(names) != sorted(ours):  # CT, MR, PET for a CT, PET, MR preset: each channel names its modality
         raise ValueError(f"{root / 'dataset.json'}: channel_names {names} differ from the config's modalities "
-                         f"{cfg.modality_names}; use a config that names the same modalities in the same order")
+                         f"{cfg.modality_names}; use a config that names the same modalities")
+    by_channel = [ours[n] for n in names]
     cases = []
     for split, img_dir, lab_dir in (("train", "imagesTr", "labelsTr"), ("test", "imagesTs", "labelsTs")):
         found: dict[str, dict[str, str]] = {}
@@ -88,7 +91,7 @@ def list_cases(dataset: str | os.PathLike[str], cfg: CrossModalConfig) -> list[N
                 if int(m["ch"]) >= len(names):
                     raise CaseError(m["case"], p, f"channel {m['ch']} is not one of dataset.json's "
                                                   f"{len(names)} channel_names {names}")
-                found.setdefault(m["case"], {})[cfg.modality_names[int(m["ch"])]] = str(p)
+                found.setdefault(m["case"], {})[by_channel[int(m["ch"])]] = str(p)
         for cid, chans in found.items():
             missing = [n for n in cfg.modality_names if n not in chans]
             if missing:

@@ -139,7 +139,7 @@ def guess_preset(studies: str | os.PathLike[str], default: str,
                  configs_dir: str | os.PathLike[str] | None = None) -> tuple[str, str | None]:
     """The preset for a folder given without one: ``default`` where it fits the folder's modalities (or the folder
     says nothing about them: no secondary modality files, no ``dataset.json``), else the one preset in
-    ``configs_dir`` that names them (an nnU-Net dataset: its ``channel_names`` in order; a studies folder: the
+    ``configs_dir`` that names them (an nnU-Net dataset: its ``channel_names``, in any order; a studies folder: the
     files under ``<sidecar_dir>/<case>/``). Returns (preset, a line saying why, or None where it is ``default``).
 
     Raises:
@@ -184,7 +184,7 @@ def guess_preset(studies: str | os.PathLike[str], default: str,
             return default, None  # reading the dataset says what is wrong with its dataset.json
         found, where = ", ".join(names), f"{meta}'s channel_names"
         which = f"whose modalities are {where}"
-        fits = {n for n, c in presets.items() if [m.lower() for m in c.modality_names] == names}
+        fits = {n for n, c in presets.items() if sorted(m.lower() for m in c.modality_names) == sorted(names)}
     else:
         seen = {n: _folder_modalities(root, c.data.sidecar_dir) for n, c in presets.items()}
         if not any(seen.values()):
