@@ -860,6 +860,31 @@ def test_a_folder_without_config_gets_the_preset_naming_its_modalities(tmp_path:
         "modalities ['ct', 'pet', 'mr']; use a config that names the same modalities")
     assert sorted(p.name for p in (tmp_path / "back" / "modalities" / "phantom000").iterdir()) == [
         "mr.nii.gz", "pet.nii.gz"]
+    # the classes under other values (lesion 1, organ 2) come in as the preset's, by name (they trained as each
+    # other); a class the preset lacks, or a region, is refused before any case is read
+    meta["channel_names"] = {"0": "CT", "1": "MR", "2": "PET"}
+    meta["labels"] = {"background": 0, "lesion": 1, "Organ": 2, "vessel": 3, "ignore": 4}
+    (swapped / "dataset.json").write_text(json.dumps(meta))
+    for f in [*swapped.glob("labelsTr/*.nii.gz"), *swapped.glob("labelsTs/*.nii.gz")]:
+        vol = load_volume(f)
+        arr = vol[0].numpy().astype(np.uint8)
+        save_volume(f, np.choose(arr, [0, 2, 1, 3, 4]).astype(np.uint8), vol.affine.numpy())
+    assert main(["data", "import-nnunet", "--dataset", str(swapped), "--out", str(tmp_path / "back4")]) == 0
+    for rel in ("labels/final/phantom000.nii.gz", "labels/final/phantom001.nii.gz", "truth/phantom002.nii.gz"):
+        mine = load_volume(tmp_path / "back4" / rel)[0].numpy()
+        assert np.array_equal(mine, load_volume(back / rel)[0].numpy()) and set(np.unique(mine)) > {1, 2}
+    for labels, problem in (({"background": 0, "liver": 1, "tumour": 2}, "labels ['liver', 'tumour'] are not "
+                             "classes of the config ({'background': 0, 'organ': 1, 'lesion': 2, 'vessel': 3}); their "
+                             "voxels would train as other classes: use a config whose labels.classes name them"),
+                            ({"background": 0, "organ": [1, 2], "lesion": 2}, "labels ['organ'] are regions (lists "
+                             "of values) or not integers; import takes one value a class (nnU-Net's region-based "
+                             "labels are not supported)")):
+        (swapped / "dataset.json").write_text(json.dumps({**meta, "labels": labels}))
+        capsys.readouterr()
+        assert main(["data", "import-nnunet", "--dataset", str(swapped), "--out", str(tmp_path / "back5")]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"crossmodal: error: {swapped / 'dataset.json'}: {problem}")
+        assert not (tmp_path / "back5").exists()
 
 
 def _umask() -> int:

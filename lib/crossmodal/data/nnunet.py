@@ -54,6 +54,34 @@ def read_dataset_json(dataset: str | os.PathLike[str]) -> dict:
     return meta
 
 
+def class_map(dataset: str | os.PathLike[str], meta: dict, cfg: CrossModalConfig) -> dict[int, int]:
+    """{the dataset's label value: the config's} for each class of ``dataset.json``'s ``labels`` (``ignore`` aside),
+    matched by name (any case): a dataset whose values differ from the preset's (organ 2, lesion 1 for the phantom's
+    organ 1, lesion 2) is imported in the preset's.
+
+    Raises:
+        ValueError: a class the config does not have (its labels would train as another class), or a region
+            (a list of values: nnU-Net's region-based training), naming ``dataset.json``.
+
+    Example:
+        >>> from crossmodal.config import load_config
+        >>> class_map(".", {"labels": {"background": 0, "Lesion": 1, "organ": 2, "ignore": 4}}, load_config("phantom"))
+        {0: 0, 1: 2, 2: 1}
+    """
+    path = Path(dataset) / "dataset.json"
+    ours = {n.lower(): v for n, v in cfg.labels.classes.items()}
+    labels = {str(n): v for n, v in meta["labels"].items() if n != "ignore"}
+    regions = sorted(n for n, v in labels.items() if not isinstance(v, int) or isinstance(v, bool))
+    if regions:
+        raise ValueError(f"{path}: labels {regions} are regions (lists of values) or not integers; import takes one "
+                         f"value a class (nnU-Net's region-based labels are not supported)")
+    unknown = sorted(n for n in labels if n.lower() not in ours)
+    if unknown:
+        raise ValueError(f"{path}: labels {unknown} are not classes of the config ({cfg.labels.classes}); their "
+                         f"voxels would train as other classes: use a config whose labels.classes name them")
+    return {v: ours[n.lower()] for n, v in labels.items()}
+
+
 def file_ending(dataset: str | os.PathLike[str], meta: dict) -> str:
     """The dataset's ``file_ending`` (default ``.nii.gz``); ValueError naming it when our readers do not take it."""
     ending = meta.get("file_ending", ".nii.gz")
@@ -82,6 +110,7 @@ def list_cases(dataset: str | os.PathLike[str], cfg: CrossModalConfig) -> list[N
         raise ValueError(f"{root / 'dataset.json'}: channel_names {names} differ from the config's modalities "
                          f"{cfg.modality_names}; use a config that names the same modalities")
     by_channel = [ours[n] for n in names]
+    class_map(root, meta, cfg)  # before any case is read
     cases = []
     for split, img_dir, lab_dir in (("train", "imagesTr", "labelsTr"), ("test", "imagesTs", "labelsTs")):
         found: dict[str, dict[str, str]] = {}
@@ -132,6 +161,7 @@ def _import_cases(dataset: str | os.PathLike[str], out: Path, cfg: CrossModalCon
     """:func:`import_nnunet`'s cases, written into ``out``."""
     meta = read_dataset_json(dataset)
     ignore = meta["labels"].get("ignore")
+    classes = class_map(dataset, meta, cfg)
     records = []
     for case in tqdm(list_cases(dataset, cfg), desc="import", unit="case"):
         primary = load_volume(case.channels[cfg.modality_names[0]], case.case_id)
@@ -143,17 +173,30 @@ def _import_cases(dataset: str | os.PathLike[str], out: Path, cfg: CrossModalCon
         kind = None
         if case.label:
             arr = np.rint(load_volume(case.label, case.case_id)[0].numpy()).astype(np.int64)
+            ignored = arr == int(ignore) if ignore is not None else np.zeros(arr.shape, bool)
+            arr = _relabel(arr, classes)
             if case.split == "test":
                 save_volume(out / TRUTH_DIR / f"{case.case_id}.nii.gz", arr.astype(np.uint8), primary.affine.numpy())
             else:
-                if ignore is not None and (arr == int(ignore)).any():
-                    arr = from_training(np.where(arr == int(ignore), IGNORE_INDEX, arr), cfg.labels)
+                if ignored.any():
+                    arr = from_training(np.where(ignored, IGNORE_INDEX, arr), cfg.labels)
                     kind = SPARSE
                 else:
                     kind = DENSE
                 save_volume(out / FINAL_LABELS / f"{case.case_id}.nii.gz", arr, primary.affine.numpy())
         records.append({"case": case.case_id, "split": case.split, "label": kind})
     return records
+
+
+def _relabel(arr: np.ndarray, classes: dict[int, int]) -> np.ndarray:
+    """``arr`` with each value of ``classes`` replaced by its class value; other values (an ignore label, a value
+    the dataset does not name, which loading the label refuses) as they are."""
+    if all(k == v for k, v in classes.items()):
+        return arr
+    out = arr.copy()
+    for k, v in classes.items():
+        out[arr == k] = v
+    return out
 
 
 def export_nnunet(studies: str | os.PathLike[str], dataset: str | os.PathLike[str], cfg: CrossModalConfig,
