@@ -178,7 +178,10 @@ def test_nnunet_export_import_roundtrip(tmp_path: Path, phantom_cfg, capsys):
     assert not (back / "labels" / "final" / "phantom002.nii.gz").exists()
 
     for text, problem in (("{bad json", "not valid JSON (Expecting property name"),
-                          ('{"labels": {}}', "key 'channel_names' is missing")):
+                          ('{"labels": {}}', "key 'channel_names' is missing"),
+                          ('{"labels": [], "channel_names": {"0": "ct"}}', "labels must be a non-empty object"),
+                          ('{"labels": {"background": 0}, "channel_names": {"ct": "0"}}',
+                           "channel_names keys must be channel numbers (\"0\", \"1\", ...), got ['ct']")):
         (out / "dataset.json").write_text(text)
         capsys.readouterr()
         assert main(["data", "import-nnunet", "--dataset", str(out), "--out", str(tmp_path / "x"), "--config",

@@ -51,6 +51,12 @@ def read_dataset_json(dataset: str | os.PathLike[str]) -> dict:
     for key in ("channel_names", "labels"):
         if key not in meta:
             raise ValueError(f"{path}: key {key!r} is missing")
+        if not isinstance(meta[key], dict) or not meta[key]:
+            raise ValueError(f"{path}: {key} must be a non-empty object ({{name: value}} / {{\"0\": name}}), got "
+                             f"{json.dumps(meta[key])[:80]}")
+    if not all(str(k).isdigit() for k in meta["channel_names"]):
+        raise ValueError(f"{path}: channel_names keys must be channel numbers (\"0\", \"1\", ...), got "
+                         f"{list(meta['channel_names'])}")
     return meta
 
 
