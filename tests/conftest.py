@@ -108,12 +108,13 @@ def stop_server(server: Server) -> None:
 
 @pytest.fixture(scope="module")
 def phantom_server(tmp_path_factory: pytest.TempPathFactory):
-    """A server on 6 phantom cases (2 dense labels, 1 sparse, 3 unlabeled) with the committed phantom weights."""
+    """A server on 6 phantom cases (2 dense labels, 1 sparse, 3 unlabeled) with the committed phantom weights; no
+    ``--conf preset``: the cases' CT + PET + MR pick the phantom preset."""
     cfg = load_config("phantom")
     root = tmp_path_factory.mktemp("e2e")
     studies = make_phantom_studies(root / "studies", cfg, cases=6, dense=2, sparse=1, seed=11)
     server = start_server(studies, root / "model", root / "server.log",
-                          {"preset": "phantom", "pretrained_baseline_unet": str(PRETRAINED_PHANTOM), "max_epochs": "2"})
+                          {"pretrained_baseline_unet": str(PRETRAINED_PHANTOM), "max_epochs": "2"})
     yield server
     stop_server(server)
 

@@ -50,8 +50,11 @@ def label_info(client, case: str) -> dict:
     return client.datastore()["objects"][case]["labels"]["final"]["info"]
 
 
-def test_info_lists_model_trainer_strategy_scoring(client):
+def test_info_lists_model_trainer_strategy_scoring(client, phantom_server):
     info = client.info()
+    assert ("--conf preset not given: preset 'phantom' (ct + pet, mr), the one whose secondary modalities are those "
+            f"of the cases under {phantom_server.studies} (the default, 'brain', takes t1 + t2, pd)"
+            in phantom_server.log.read_text())
     assert info["models"]["baseline_unet"]["labels"] == {"organ": 1, "lesion": 2, "vessel": 3, "marked_background": 255}
     assert info["models"]["baseline_unet"]["type"] == "segmentation"
     assert "baseline_unet" in info["trainers"] and {"crossmodal", "random"} <= set(info["strategies"])
