@@ -21,7 +21,7 @@ import pydicom
 import pytest
 import requests
 import SimpleITK as sitk
-from conftest import PRETRAINED_PHANTOM, dice, make_phantom_studies, start_server, stop_server
+from conftest import PRETRAINED_PHANTOM, dice, make_phantom_studies, snapshot, start_server, stop_server
 from crossmodal.cli import main
 from crossmodal.config import ModalityConfig, load_config
 from crossmodal.data.phantom import make_phantom
@@ -641,7 +641,8 @@ def test_from_dicom_makes_a_studies_folder_of_a_dicom_export(tmp_path, capsys, c
     assert main(["data", "from-dicom", "--dicom", str(export), "--out", str(out), "--config", "phantom"]) == 2
     assert capsys.readouterr().err.strip() == (
         f"crossmodal: error: --out {out}: already holds phantom000, phantom001, phantom002: writing would replace "
-        "their images and labels (an annotator's too); give a new folder, or remove it first")
+        "their images and labels (an annotator's too); give a new folder, --skip-existing to import only the cases "
+        "not there yet, or remove it first")
     assert main(["data", "from-dicom", "--dicom", str(studies), "--out", str(tmp_path / "none"), "--config",
                  "phantom"]) == 2
     assert capsys.readouterr().err.strip() == (
@@ -664,6 +665,7 @@ def test_from_dicom_makes_a_studies_folder_of_a_dicom_export(tmp_path, capsys, c
     broken.write_bytes(broken.read_bytes()[:-200])  # its header reads; ITK leaves the slice out and goes on
     mr = sorted((export / "DICOM" / "phantom002" / "mr").glob("*.dcm"), key=lambda f: pydicom.dcmread(
         str(f), stop_before_pixels=True).InstanceNumber)
+    lost = mr[5].read_bytes()
     mr[5].unlink()  # a slice missing from the export: ITK reads the rest with the wrong spacing
     again = tmp_path / "again"
     assert main(["data", "from-dicom", "--dicom", str(export), "--out", str(again), "--config", "phantom"]) == 2
@@ -673,7 +675,7 @@ def test_from_dicom_makes_a_studies_folder_of_a_dicom_export(tmp_path, capsys, c
     failed = sorted(c for c, r in records.items() if "error" in r)
     assert captured.err.strip().splitlines()[-1] == (
         f"crossmodal: error: 2 of 3 cases not imported ({failed}; why: in their records above); the others were "
-        "written")
+        "written (once those are fixed, the same command with --skip-existing imports them)")
     cut = records["phantom002"]["error"]
     assert cut.startswith(f"case 'phantom002': file {export / 'DICOM' / 'phantom002' / 'mr'}: slices at ") and \
         cut.endswith("a slice is missing (or two series share this UID)"), cut
@@ -684,6 +686,28 @@ def test_from_dicom_makes_a_studies_folder_of_a_dicom_export(tmp_path, capsys, c
     assert records[ok]["label"] == "sparse" and sorted(str(p.relative_to(again)) for p in again.rglob("*") if
                                                        p.is_file()) == [
         f"labels/final/{ok}.nii.gz", f"modalities/{ok}/mr.nii.gz", f"modalities/{ok}/pet.nii.gz", f"{ok}.nii.gz"]
+    # the MR slice found again: the same command refuses the case it imported, --skip-existing leaves it and imports
+    # phantom002 (was: a new folder, and the case moved over by hand)
+    mr[5].write_bytes(lost)
+    before = snapshot(again)
+    assert main(["data", "from-dicom", "--dicom", str(export), "--out", str(again), "--config", "phantom"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"crossmodal: error: --out {again}: already holds {ok}: writing would replace their images and labels (an "
+        "annotator's too); give a new folder, --skip-existing to import only the cases not there yet, or remove it "
+        "first")
+    assert main(["data", "from-dicom", "--dicom", str(export), "--out", str(again), "--config", "phantom",
+                 "--skip-existing"]) == 2  # phantom000's PET is still cut short
+    captured = capsys.readouterr()
+    records = {r["case"]: r for r in map(json.loads, captured.out.splitlines())}
+    assert records[ok] == {"case": ok, "study": records[ok]["study"], "existing": True}
+    assert records["phantom002"]["label"] is None and "error" not in records["phantom002"]
+    assert captured.err.strip().splitlines()[-2:] == [
+        f"1 of 2 cases -> {again}; 1 already there, left as they are ({ok})",
+        f"crossmodal: error: 1 of 2 cases not imported ({[c for c in failed if c != 'phantom002']}; why: in their "
+        "records above); the others were written (once those are fixed, the same command with --skip-existing "
+        "imports them)"]
+    assert {k: v for k, v in snapshot(again).items() if k in before} == before  # the case there left as it was
+    assert (again / "modalities" / "phantom002" / "mr.nii.gz").is_file() and (again / "phantom002.nii.gz").is_file()
     # a SEG another writer made without its per-frame positions: that case fails, named with the SEG's file
     alone = tmp_path / "alone"
     shutil.copytree(export / "DICOM" / "phantom001", alone)

@@ -270,13 +270,18 @@ def cmd_from_dicom(args: argparse.Namespace) -> int:
     from crossmodal.dicom import import_dicom
 
     cfg = _config(args, "brain")
-    records = import_dicom(args.dicom, args.out, cfg)
+    records = import_dicom(args.dicom, args.out, cfg, skip_existing=args.skip_existing)
     _report(records)
     failed = [r["case"] for r in records if "error" in r]
-    print(f"{len(records) - len(failed)} of {len(records)} cases -> {args.out}", file=sys.stderr)
+    existing = [r["case"] for r in records if r.get("existing")]
+    left = f"; {len(existing)} already there, left as they are ({', '.join(existing[:5])}" \
+        f"{' ...' if len(existing) > 5 else ''})" if existing else ""
+    print(f"{len(records) - len(existing) - len(failed)} of {len(records) - len(existing)} cases -> {args.out}{left}",
+          file=sys.stderr)
     if failed:
-        print(f"crossmodal: error: {len(failed)} of {len(records)} cases not imported ({failed}; why: in their "
-              "records above); the others were written", file=sys.stderr)
+        print(f"crossmodal: error: {len(failed)} of {len(records) - len(existing)} cases not imported ({failed}; why: "
+              "in their records above); the others were written (once those are fixed, the same command with "
+              "--skip-existing imports them)", file=sys.stderr)
         return 2
     return 0
 
@@ -662,6 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dicom", required=True, help="folder searched for DICOM files (subfolders too)")
     q.add_argument("--out", required=True)
     q.add_argument("--config")
+    q.add_argument("--skip-existing", action="store_true",
+                   help="leave the cases --out already holds as they are and import the others (after fixing the "
+                        "cases an earlier import named); without it such cases are refused")
     q.set_defaults(func=cmd_from_dicom)
 
     q = sub.add_parser("train", help="train the app's model on a studies folder (same code as the server)")

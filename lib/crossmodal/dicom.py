@@ -746,7 +746,7 @@ def _check_slices(heads: Sequence[Dataset], where: Path, case_id: str) -> tuple[
 
 
 def import_dicom(folder: str | os.PathLike[str], out: str | os.PathLike[str], cfg: CrossModalConfig,
-                 progress: bool = True) -> list[dict]:
+                 progress: bool = True, skip_existing: bool = False) -> list[dict]:
     """A folder of DICOM files (any layout, as a PACS export or a CD gives them) -> a studies folder.
 
     Each study whose series include one the config's primary modality takes (DICOM Modality, SeriesDescription
@@ -759,7 +759,9 @@ def import_dicom(folder: str | os.PathLike[str], out: str | os.PathLike[str], cf
     Returns one record per case: ``case``, ``study``, ``series`` (modality -> SeriesInstanceUID or None),
     ``skipped`` (the study's series not imported: ``MR 'localizer' #1``, older SEGs, SEGs on another series),
     ``label`` (``dense`` / ``sparse`` / None) or ``error`` (that case not imported; the others are). A study without
-    a primary series is a warning naming its series.
+    a primary series is a warning naming its series. ``skip_existing``: a case whose primary image ``out`` already
+    holds (an earlier import of the folder, before the cases it named were fixed) is left as it is, its record
+    ``existing: True``; without it such a case is refused.
 
     Raises:
         ValueError: no DICOM study with a primary series under ``folder``, or ``out`` holding one of the cases
@@ -767,7 +769,7 @@ def import_dicom(folder: str | os.PathLike[str], out: str | os.PathLike[str], cf
     """
     from tqdm import tqdm
 
-    from crossmodal.data.studies import FINAL_LABELS, check_new_cases
+    from crossmodal.data.studies import FINAL_LABELS, check_new_cases, primary_images
     from crossmodal.io import CaseError, atomic_copy, load_volume, save_volume
     from crossmodal.labels import classify
     from crossmodal.serving.dicomweb import Series, match_studies
@@ -791,9 +793,13 @@ def import_dicom(folder: str | os.PathLike[str], out: str | os.PathLike[str], cf
         logger.warning(f"{folder}: study {study} (patient {first[in_it[0].uid].get('PatientID', '')}) has no series "
                        f"for {cfg.modality_names[0]!r} among {[_describe(s) for s in in_it]}; not imported")
     root = Path(out)
-    check_new_cases(root, list(ids.values()), sidecar_dir=cfg.data.sidecar_dir, instead="give a new folder")
+    there = set(primary_images(root)) if skip_existing and root.is_dir() else set()
+    records = [{"case": ids[uid], "study": case.study, "existing": True}
+               for uid, case in sorted(cases.items(), key=lambda kv: ids[kv[0]]) if ids[uid] in there]
+    cases = {uid: case for uid, case in cases.items() if ids[uid] not in there}
+    check_new_cases(root, [ids[uid] for uid in cases], sidecar_dir=cfg.data.sidecar_dir,
+                    instead="give a new folder, --skip-existing to import only the cases not there yet")
     segs = sorted((s for s in series if s.modality == "SEG"), key=lambda s: s.when)
-    records = []
     for uid, case in tqdm(sorted(cases.items(), key=lambda kv: ids[kv[0]]), desc="DICOM -> studies", unit="case",
                           disable=not progress):
         cid = ids[uid]
