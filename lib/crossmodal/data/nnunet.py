@@ -144,9 +144,9 @@ def import_nnunet(dataset: str | os.PathLike[str], studies: str | os.PathLike[st
     """Copy an nnU-Net dataset into a studies folder; ``ignore`` regions become sparse labels.
 
     All or nothing: the cases are written into a temp folder beside ``studies`` and moved in when every one has
-    been read (each case's primary image last, so a served datastore never lists a case without its other files); a
-    case that does not read leaves ``studies`` as it was (its cases before that one were left, and the next import
-    refused them as already there).
+    been read (each case's primary image last, so a served datastore never lists a case without its other files): a
+    case that does not read leaves ``studies`` as it was, where the cases before it stayed and the next import
+    refused them as already there.
     """
     out = Path(studies)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -212,8 +212,9 @@ def export_nnunet(studies: str | os.PathLike[str], dataset: str | os.PathLike[st
     Training cases take their final label (sparse ones with the ``ignore`` label), or none (unlabeled);
     ``test_cases`` go to imagesTs with their truth (``<studies>/truth``) in labelsTs. ``dataset`` must be new or
     empty (ValueError otherwise, before anything is written). The dataset is written into a temp folder beside it
-    and renamed into place when whole: an export stopped by a case that does not read (or a kill) leaves no half
-    dataset, which nnU-Net would take as whole, and the next export is not refused as "not empty".
+    and renamed into place when whole: an export stopped by a case that does not read leaves no half dataset, which
+    nnU-Net would take as whole and the next export refused as not empty (a kill leaves the hidden
+    ``.<name>.partial-*`` folder beside it, not ``dataset``).
     """
     src, dst = Path(studies), Path(dataset)
     primaries = list(primary_images(src).values())
