@@ -857,9 +857,18 @@ def test_crossmodal_optional_outputs_and_missing_modality(client, phantom_server
     organ = gt == 1
     boundary = binary_dilation(organ, iterations=1) & ~binary_erosion(organ, iterations=1)
     assert unc[boundary].mean() > unc[~binary_dilation(organ, iterations=4) & (gt == 0)].mean()
-    with pytest.raises(MONAILabelClientException) as e:
-        client.infer("crossmodal", "phantom005", {"prediction": "xray"})
-    assert status_of(e.value) == 422 and "prediction 'xray' is not available" in e.value.msg
+    # a prediction no model has: refused before the inference, naming the heads (it was after it, naming only the
+    # fused output that inference had made); the baseline has no heads; a head whose modality was left out has none
+    for model, params, detail in (
+            ("crossmodal", {"prediction": "xray"},
+             "prediction 'xray' must be one of ['fused', 'uncertainty', 'ct', 'pet', 'mr']"),
+            ("baseline_unet", {"prediction": "pet"}, "prediction 'pet' must be one of ['fused', 'uncertainty']"),
+            ("crossmodal", {"prediction": "pet", "drop_modalities": "pet"},
+             "prediction 'pet' is not available; choose one of ['fused', 'ct', 'mr', 'uncertainty']")):
+        with pytest.raises(MONAILabelClientException) as e:
+            client.infer(model, "phantom005", params)
+        assert status_of(e.value) == 422 and e.value.msg.endswith(f'{{"detail":"case \'phantom005\': {detail}"}}'), \
+            e.value.msg
     # before anything runs (5000 samples held the server for minutes; "abc" and device "tpu" were a bare 500)
     for params, detail in (({"prediction": "uncertainty", "mc_samples": 5000},
                             "mc_samples=5000 must be an integer from 1 to 64"),

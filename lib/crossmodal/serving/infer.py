@@ -114,6 +114,11 @@ class CrossModalInfer(BasicInferTask):
         self.cfg = cfg
         self.probabilities = probabilities
 
+    def heads(self) -> list[str]:
+        """The modalities whose own head this model has (``prediction=<modality>``): every one for the cross-modal
+        network, none for the early-fusion baseline."""
+        return list(self.cfg.modality_names) if isinstance(unwrap(self.network), CrossModalNet) else []
+
     def pre_transforms(self, data: dict[str, Any] | None = None) -> Sequence[Callable]:
         missing = (data or {}).get("missing_modality") or self.cfg.infer.missing_modality
         if missing not in ("error", "zero_fill"):
@@ -203,6 +208,10 @@ class CrossModalInfer(BasicInferTask):
             raise http_error(ValueError(f"mc_samples={req.get('mc_samples')!r} must be an integer from 1 to "
                                         f"{MAX_MC_SAMPLES}"), prefix=case)
         req["mc_samples"] = samples
+        choices = ["fused", "uncertainty", *self.heads()]
+        if (req.get("prediction") or "fused") not in choices:  # it was refused after the inference, naming only
+            # what that inference had made (fused): the heads the model has went unsaid
+            raise http_error(ValueError(f"prediction {req['prediction']!r} must be one of {choices}"), prefix=case)
         try:
             request_device(req.get("device"))  # a GPU's name from /info too, as MONAI Label maps it
             if "mirror_axes" in req:  # checked (and parsed) before anything is read
