@@ -522,6 +522,14 @@ def test_unknown_names_and_bad_train_numbers_are_4xx_that_say_what_is_served(cli
     r = requests.post(f"{url}/activelearning/crossmodal", json={"refine_spars": True}, timeout=60)  # was ignored
     assert r.status_code == 422 and r.json()["detail"] == (
         "next-sample request: refine_spars is not an option; did you mean refine_sparse?")
+    r = requests.post(f"{url}/scoring/crossmodal?run_sync=true", json={"devce": "cpu"}, timeout=60)  # was ignored
+    assert r.status_code == 422 and r.json()["detail"] == (
+        "scoring request: devce is not an option; did you mean device?")
+    with open(phantom_server.studies / "modalities" / "phantom003" / "mr.nii.gz", "rb") as f:  # was a 409 "exists"
+        r = requests.put(f"{url}/datastore/image", params={"image": "phantom003"}, timeout=60,
+                         files={"file": ("mr.nii.gz", f)}, data={"params": json.dumps({"modalty": "mr"})})
+    assert r.status_code == 422 and r.json()["detail"] == (
+        "case 'phantom003': upload params: modalty is not an option; did you mean modality?")
     for sync in ("true", "false"):  # was a bare 500; asynchronous: 200, then a task that failed out of sight
         r = requests.post(f"{url}/scoring/nomethod?run_sync={sync}", timeout=60)
         assert r.status_code == 404 and r.json()["detail"] == (

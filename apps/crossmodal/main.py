@@ -135,6 +135,9 @@ class MyApp(MONAILabelApp):
         if method not in self._scoring_methods:
             raise not_served("scoring method", method, self._scoring_methods)
         refuse_non_finite(request, "scoring request")
+        if typo := near_miss(request, ("device", "method")):  # ignored, without a word
+            raise HTTPException(status_code=422, detail=f"scoring request: {typo[0]} is not an option; did you mean "
+                                                        f"{typo[1]}?")
         return super().scoring(request, datastore)
 
     def init_infers(self) -> dict[str, InferTask]:

@@ -354,6 +354,10 @@ class CrossModalDatastore(LocalDatastore):
         replaced)."""
         info = dict(image_info or {})
         modality = info.pop("modality", None)
+        if modality is None and (typo := near_miss(info, ("modality",))):  # kept as the image's info, and the upload
+            # taken as a new case: a 409 "already exists" for a modality of one
+            raise http_error(ValueError(f"case {image_id!r}: upload params: {typo[0]} is not an option; did you mean "
+                                        f"{typo[1]}?"))
         if modality is not None and (not self.modality_names or modality != self.modality_names[0]):
             return self._add_modality(image_id, image_filename, modality)
         check_name(image_id, "an image id", image_id)
