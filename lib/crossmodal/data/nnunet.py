@@ -22,7 +22,7 @@ from tqdm import tqdm
 from crossmodal.config import CrossModalConfig, atomic_write_text
 from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR, primary_images, truth_files
 from crossmodal.io import CaseError, case_id_of, find_case, load_volume, resample_to, save_volume
-from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE, classify, from_training, to_training
+from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE, classify, from_training, name_key, to_training
 
 # the ``file_ending`` values of dataset.json whose 3D volumes MONAI's readers open (nnU-Net also knows 2D .png / .tif)
 FILE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -62,7 +62,7 @@ def read_dataset_json(dataset: str | os.PathLike[str]) -> dict:
 
 def class_map(dataset: str | os.PathLike[str], meta: dict, cfg: CrossModalConfig) -> dict[int, int]:
     """{the dataset's label value: the config's} for each class of ``dataset.json``'s ``labels`` (``ignore`` aside),
-    matched by name (any case): a dataset whose values differ from the preset's (organ 2, lesion 1 for the phantom's
+    matched by name (case, spaces and punctuation aside, as a DICOM SEG's segments): a dataset whose values differ from the preset's (organ 2, lesion 1 for the phantom's
     organ 1, lesion 2) is imported in the preset's.
 
     Raises:
@@ -73,19 +73,21 @@ def class_map(dataset: str | os.PathLike[str], meta: dict, cfg: CrossModalConfig
         >>> from crossmodal.config import load_config
         >>> class_map(".", {"labels": {"background": 0, "Lesion": 1, "organ": 2, "ignore": 4}}, load_config("phantom"))
         {0: 0, 1: 2, 2: 1}
+        >>> class_map(".", {"labels": {"background": 0, "Grey Matter": 1}}, load_config("brain"))
+        {0: 0, 1: 1}
     """
     path = Path(dataset) / "dataset.json"
-    ours = {n.lower(): v for n, v in cfg.labels.classes.items()}
+    ours = {name_key(n): v for n, v in cfg.labels.classes.items()}
     labels = {str(n): v for n, v in meta["labels"].items() if n != "ignore"}
     regions = sorted(n for n, v in labels.items() if not isinstance(v, int) or isinstance(v, bool))
     if regions:
         raise ValueError(f"{path}: labels {regions} are regions (lists of values) or not integers; import takes one "
                          f"value a class (nnU-Net's region-based labels are not supported)")
-    unknown = sorted(n for n in labels if n.lower() not in ours)
+    unknown = sorted(n for n in labels if name_key(n) not in ours)
     if unknown:
         raise ValueError(f"{path}: labels {unknown} are not classes of the config ({cfg.labels.classes}); their "
                          f"voxels would train as other classes: use a config whose labels.classes name them")
-    return {v: ours[n.lower()] for n, v in labels.items()}
+    return {v: ours[name_key(n)] for n, v in labels.items()}
 
 
 def file_ending(dataset: str | os.PathLike[str], meta: dict) -> str:
