@@ -265,7 +265,7 @@ def test_cli_help_and_argument_errors_load_neither_torch_nor_monai():
         "usage: crossmodal [-h] {data,train,models,simulate,propagate,evaluate,predict} ..." and top[-1] == "exit 0"
     assert train[0].startswith("usage: crossmodal train [-h] --studies STUDIES") and train[-1] == "exit 0"
     assert typo == ["usage: crossmodal data from-dicom [-h] --dicom DICOM --out OUT",
-                    "                                  [--config CONFIG]",
+                    "                                  [--config CONFIG] [--skip-existing]",
                     "crossmodal data from-dicom: error: argument --dicom: expected one argument", "exit 2"]
 
 def test_phantom_cli_generates_in_seconds(tmp_path: Path):
