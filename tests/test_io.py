@@ -103,6 +103,22 @@ def test_missing_modality_policy(phantom_studies: Path, phantom_cfg):
     assert d["present"].tolist() == [True, False, True] and d["modalities_used"] == ["ct", "mr"]
 
 
+def test_a_modality_file_named_in_another_case_is_found(phantom_studies: Path, phantom_cfg):
+    """``PET.nii.gz`` / ``Mr.nii.gz`` (a folder made by hand) are the case's pet and mr: they were "missing", with the
+    files beside the path the message named; an exact name wins where both are there."""
+    side = phantom_studies / "modalities" / "phantom001"
+    exact, _ = load_case(find_case(phantom_studies / "phantom001.nii.gz", phantom_cfg.modality_names), phantom_cfg)
+    (side / "pet.nii.gz").rename(side / "PET.nii.gz")
+    (side / "mr.nii.gz").rename(side / "Mr.nii.gz")
+    case = find_case(phantom_studies / "phantom001.nii.gz", phantom_cfg.modality_names)
+    assert case.modalities == {"pet": str(side / "PET.nii.gz"), "mr": str(side / "Mr.nii.gz")}
+    image, used = load_case(case, phantom_cfg)
+    assert used == ["ct", "pet", "mr"] and torch.equal(image, exact)
+    save_volume(side / "pet.nii.gz", np.zeros((4, 4, 4), np.float32), np.eye(4))
+    assert find_case(phantom_studies / "phantom001.nii.gz", phantom_cfg.modality_names).modalities["pet"] == \
+        str(side / "pet.nii.gz")
+
+
 def test_a_folder_of_one_cases_files_named_by_modality_is_a_case(phantom_studies: Path, phantom_cfg, tmp_path: Path):
     """What a MONAI Label session of several files (or of a zip) holds: the case's files side by side, each named by
     its modality; and a primary sent alone says how to send the rest."""

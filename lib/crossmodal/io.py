@@ -113,6 +113,7 @@ def find_case(image_path: str | os.PathLike[str], modality_names: Sequence[str],
     cid = case_id_of(image_path)
     folder = Path(studies_dir) if studies_dir else image_path.parent
     found: dict[str, str | None] = {}
+    listing: list[Path] | None = None
     for name in modality_names[1:]:
         found[name] = None
         for ext in IMAGE_EXTENSIONS:
@@ -120,6 +121,12 @@ def find_case(image_path: str | os.PathLike[str], modality_names: Sequence[str],
             if p.is_file():
                 found[name] = str(p)
                 break
+        else:  # PET.nii.gz for pet: the name in another case (a folder made by hand), where nothing matches exactly
+            if listing is None:
+                side = folder / sidecar_dir / cid
+                listing = sorted(side.iterdir()) if side.is_dir() else []
+            found[name] = next((str(p) for p in listing if p.is_file() and split_ext(p)[1] in IMAGE_EXTENSIONS
+                                and split_ext(p)[0].lower() == name.lower()), None)
     return Case(case_id=cid, primary=str(image_path), modalities=found)
 
 
