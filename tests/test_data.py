@@ -876,6 +876,13 @@ def test_a_folder_without_config_gets_the_preset_naming_its_modalities(tmp_path:
     for rel in ("labels/final/phantom000.nii.gz", "labels/final/phantom001.nii.gz", "truth/phantom002.nii.gz"):
         mine = load_volume(tmp_path / "back4" / rel)[0].numpy()
         assert np.array_equal(mine, load_volume(back / rel)[0].numpy()) and set(np.unique(mine)) > {1, 2}
+    # another tool's predictions on that dataset are in its values too: scored in the preset's (the truth, as
+    # nnUNetv2_predict would write it, scores 1; read as they were, organ and lesion would be swapped)
+    shutil.copytree(swapped / "labelsTs", tmp_path / "preds")
+    assert main(["evaluate", "--studies", str(swapped), "--predictions", str(tmp_path / "preds"), "--out",
+                 str(tmp_path / "e.json")]) == 0
+    scored = json.loads((tmp_path / "e.json").read_text())
+    assert scored["cases"] == 1 and scored["per_case"][0]["dice"] == {"organ": 1.0, "lesion": 1.0, "vessel": 1.0}
     for labels, problem in (({"background": 0, "liver": 1, "tumour": 2}, "labels ['liver', 'tumour'] are not "
                              "classes of the config ({'background': 0, 'organ': 1, 'lesion': 2, 'vessel': 3}); their "
                              "voxels would train as other classes: use a config whose labels.classes name them"),

@@ -481,8 +481,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     preset = _preset(args, "brain", studies_folder(args.studies))
     studies = as_studies(args.studies, preset, scratch=args.scratch)
     resolved, network, mirror, overlap = _segmenting(args, preset)
+    classes = None
+    if args.predictions and (Path(args.studies) / "dataset.json").is_file():  # nnUNetv2_predict's, in its values
+        from crossmodal.data.nnunet import class_map, read_dataset_json
+
+        classes = class_map(args.studies, read_dataset_json(args.studies), load_config(resolved))
     summary = evaluate(studies, resolved, args.model, args.device, args.out, network, tuple(args.drop), mirror,
-                       args.missing_modality, args.predictions, overlap)
+                       args.missing_modality, args.predictions, overlap, classes)
     for r in summary["per_case"]:
         print(json.dumps(r))
     print(json.dumps({k: v for k, v in summary.items() if k != "per_case"}, indent=2))

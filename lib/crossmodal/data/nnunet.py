@@ -182,7 +182,7 @@ def _import_cases(dataset: str | os.PathLike[str], out: Path, cfg: CrossModalCon
         if case.label:
             arr = np.rint(load_volume(case.label, case.case_id)[0].numpy()).astype(np.int64)
             ignored = arr == int(ignore) if ignore is not None else np.zeros(arr.shape, bool)
-            arr = _relabel(arr, classes)
+            arr = relabel(arr, classes)
             if case.split == "test":
                 save_volume(out / TRUTH_DIR / f"{case.case_id}.nii.gz", arr.astype(np.uint8), primary.affine.numpy())
             else:
@@ -196,7 +196,7 @@ def _import_cases(dataset: str | os.PathLike[str], out: Path, cfg: CrossModalCon
     return records
 
 
-def _relabel(arr: np.ndarray, classes: dict[int, int]) -> np.ndarray:
+def relabel(arr: np.ndarray, classes: dict[int, int]) -> np.ndarray:
     """``arr`` with each value of ``classes`` replaced by its class value; other values (an ignore label, a value
     the dataset does not name, which loading the label refuses) as they are."""
     if all(k == v for k, v in classes.items()):

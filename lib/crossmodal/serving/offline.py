@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from crossmodal.active import predictive_entropy
 from crossmodal.config import ConsistencyConfig, CrossModalConfig, atomic_write_text, load_config, merge_dicts
+from crossmodal.data.nnunet import relabel
 from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR, files_by_case, primary_images, truth_files
 from crossmodal.errors import CaseError, user_error_in
 from crossmodal.io import OutputFolder, atomic_copy, case_id_of, load_volume, save_volume
@@ -196,7 +197,8 @@ def infer_request(image: str | os.PathLike[str], device: str = "auto", drop: Seq
 def evaluate(studies: str, preset: str, model: str | None, device: str = "auto", out: str | None = None,
              network: str | None = None, drop: tuple[str, ...] = (),
              mirror_axes: Sequence[int] | None = None, missing_modality: str | None = None,
-             predictions: str | None = None, overlap: float | None = None) -> dict[str, Any]:
+             predictions: str | None = None, overlap: float | None = None,
+             prediction_classes: dict[int, int] | None = None) -> dict[str, Any]:
     """Segment every case that has truth (``<studies>/truth``) but no final label; Dice and HD95 (mm) per class
     and their means. ``drop``: modalities to segment without (a missing modality at test time); ``mirror_axes``:
     test-time mirroring (None: the preset's ``infer.mirror_axes``); ``missing_modality``: ``zero_fill`` segments a
@@ -206,6 +208,8 @@ def evaluate(studies: str, preset: str, model: str | None, device: str = "auto",
     ``predictions`` instead of ``model``: a folder of label maps, ``<case>.nii.gz`` (or ``.nii`` / ``.nrrd``) of
     class indices on each case's grid (``crossmodal predict``'s, or another tool's, e.g. ``nnUNetv2_predict``), scored
     with the same metrics; every held-out case must have one (checked, with its grid and values, before scoring).
+    ``prediction_classes``: {their value: the preset's} where they hold another tool's values (an nnU-Net dataset's,
+    whose classes import moved to the preset's values: :func:`crossmodal.data.nnunet.class_map`).
     """
     if (model is None) == (predictions is None):
         raise ValueError("evaluate: give a model or a folder of predictions (one of them)")
@@ -246,6 +250,8 @@ def evaluate(studies: str, preset: str, model: str | None, device: str = "auto",
                 pred = data["pred"].numpy()
             else:
                 pred = read_prediction(given[cid], cid, truth_img, cfg.labels.num_classes)
+                if prediction_classes:
+                    pred = relabel(pred, prediction_classes)
             spacing = tuple(float(v) for v in np.sqrt((truth_img.affine[:3, :3].numpy() ** 2).sum(0)))
             dice = dice_per_class(pred, truth, cfg.labels.num_classes)
             hd = hd95_per_class(pred, truth, cfg.labels.num_classes, spacing)
