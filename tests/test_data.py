@@ -883,6 +883,23 @@ def test_a_folder_without_config_gets_the_preset_naming_its_modalities(tmp_path:
                  str(tmp_path / "e.json")]) == 0
     scored = json.loads((tmp_path / "e.json").read_text())
     assert scored["cases"] == 1 and scored["per_case"][0]["dice"] == {"organ": 1.0, "lesion": 1.0, "vessel": 1.0}
+    # and predict writes its maps in the dataset's values, as its labelsTs (where it names every class)
+    from conftest import PRETRAINED_PHANTOM
+
+    maps = {}
+    for ds in (out, swapped):
+        assert main(["predict", "--studies", str(ds), "--model", str(PRETRAINED_PHANTOM), "--network", "baseline_unet",
+                     "--out", str(tmp_path / f"p_{ds.name}")]) == 0
+        maps[ds.name] = load_volume(tmp_path / f"p_{ds.name}" / "phantom002.nii.gz")[0].numpy().astype(np.uint8)
+    assert set(np.unique(maps[out.name])) == {0, 1, 2, 3}
+    assert np.array_equal(maps["swapped"], np.choose(maps[out.name], [0, 2, 1, 3]))
+    (swapped / "dataset.json").write_text(json.dumps({**meta, "labels": {"background": 0, "lesion": 1, "Organ": 2}}))
+    capsys.readouterr()
+    assert main(["predict", "--studies", str(swapped), "--model", str(PRETRAINED_PHANTOM), "--network",
+                 "baseline_unet", "--out", str(tmp_path / "p_three")]) == 0
+    assert f"crossmodal: {swapped}/dataset.json names 3 of the preset's 4 classes; the maps hold the preset's " \
+           "values {'background': 0, 'organ': 1, 'lesion': 2, 'vessel': 3}" in capsys.readouterr().err
+    assert np.array_equal(load_volume(tmp_path / "p_three" / "phantom002.nii.gz")[0].numpy(), maps[out.name])
     for labels, problem in (({"background": 0, "liver": 1, "tumour": 2}, "labels ['liver', 'tumour'] are not "
                              "classes of the config ({'background': 0, 'organ': 1, 'lesion': 2, 'vessel': 3}); their "
                              "voxels would train as other classes: use a config whose labels.classes name them"),

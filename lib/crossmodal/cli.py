@@ -509,8 +509,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
         cases = [c.case_id for c in list_cases(args.studies, load_config(preset)) if c.split == "test"] or None
     studies = as_studies(args.studies, preset, scratch=args.scratch)
     resolved, network, mirror, overlap = _segmenting(args, preset)
+    classes = None
+    if (Path(args.studies) / "dataset.json").is_file():  # maps in the dataset's values, as its labelsTs
+        from crossmodal.data.nnunet import class_map, read_dataset_json
+
+        cfg = load_config(resolved)
+        theirs = class_map(args.studies, read_dataset_json(args.studies), cfg)
+        if sorted(theirs.values()) == sorted(cfg.labels.classes.values()):
+            classes = {ours: value for value, ours in theirs.items()}
+        else:  # a class the dataset has no value for: the maps keep the preset's
+            print(f"crossmodal: {args.studies}/dataset.json names {len(theirs)} of the preset's "
+                  f"{len(cfg.labels.classes)} classes; the maps hold the preset's values {cfg.labels.classes}",
+                  file=sys.stderr)
     summary = predict(studies, resolved, args.model, args.out, cases, args.device, network, tuple(args.drop), mirror,
-                      args.missing_modality, args.extension, overlap)
+                      args.missing_modality, args.extension, overlap, classes)
     for r in summary["per_case"]:
         if "error" in r:
             print(f"{r['case']}: not segmented: {r['error']}")

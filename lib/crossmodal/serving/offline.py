@@ -309,7 +309,8 @@ PREDICTIONS_JSON = "predictions.json"
 def predict(studies: str, preset: str, model: str, out_dir: str, cases: Sequence[str] | None = None,
             device: str = "auto", network: str | None = None, drop: tuple[str, ...] = (),
             mirror_axes: Sequence[int] | None = None, missing_modality: str | None = None,
-            extension: str = ".nii.gz", overlap: float | None = None) -> dict[str, Any]:
+            extension: str = ".nii.gz", overlap: float | None = None,
+            output_classes: dict[int, int] | None = None) -> dict[str, Any]:
     """Segment ``cases`` of ``studies`` (default: every case) with ``model``, as the server's infer task does:
     one label map per case, ``<out_dir>/<case><extension>`` (uint8 class indices, (H, W, D) on the primary image's
     grid and affine), each written atomically; and ``<out_dir>/predictions.json``: per case the seconds, the
@@ -320,7 +321,9 @@ def predict(studies: str, preset: str, model: str, out_dir: str, cases: Sequence
 
     A case that cannot be segmented (a modality missing under the ``error`` policy, a file that does not read) is
     recorded with its error and the others go on; a bug (no case or config error in the chain) stops the run.
-    ``drop`` / ``mirror_axes`` / ``missing_modality`` / ``overlap`` as in :func:`evaluate`.
+    ``drop`` / ``mirror_axes`` / ``missing_modality`` / ``overlap`` as in :func:`evaluate`. ``output_classes``: {the
+    preset's value: the one written} (an nnU-Net dataset whose class values differ from the preset's: its own, as
+    its labelsTs and nnU-Net's tools have them).
 
     Raises:
         ValueError: a case of ``cases`` that ``studies`` does not hold, or an ``out_dir`` where a map would replace
@@ -368,7 +371,7 @@ def predict(studies: str, preset: str, model: str, out_dir: str, cases: Sequence
             pred = data["pred"]
             labels, affine = pred.numpy().astype(np.uint8), pred.affine.double().numpy()
             path = folder.writing(f"{cid}{extension}")
-            save_volume(path, labels, affine)
+            save_volume(path, relabel(labels, output_classes) if output_classes else labels, affine)
             ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
             counts = np.bincount(labels.ravel(), minlength=len(names))
             result = data.get("result", {})
