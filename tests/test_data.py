@@ -805,6 +805,10 @@ def test_a_folder_without_config_gets_the_preset_naming_its_modalities(tmp_path:
     assert meta["channel_names"] == {"0": "ct", "1": "pet", "2": "mr"} and meta["numTraining"] == 2
     assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "imagesTr", "imagesTs", "labelsTr", "labelsTs"]
     assert out.stat().st_mode & 0o777 == 0o777 & ~_umask()
+    with pytest.raises(ConfigError, match=r"^--studies .*Dataset003_Phantom: an nnU-Net dataset \(dataset.json, "
+                       r"imagesTr\); the server takes a studies folder: `crossmodal data import-nnunet --dataset "
+                       r".*Dataset003_Phantom --out <studies>`, then start it on <studies>$"):  # it served no case
+        AppParts.from_conf(str(APP), {"model_dir": str(tmp_path / "m")}, studies=str(out))
     assert guess_preset(out, "brain") == ("phantom", "--config not given: preset 'phantom' (ct + pet, mr), the one "
                                                      f"whose modalities are {out / 'dataset.json'}'s channel_names "
                                                      "(the default, 'brain', takes t1 + t2, pd)")

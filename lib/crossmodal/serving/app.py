@@ -231,10 +231,16 @@ class AppParts:
                   ) -> AppParts:
         """The app's parts from the server's ``--conf``; without ``preset``, a local ``studies`` folder's cases pick
         the preset that names their modalities (:func:`crossmodal.data.studies.guess_preset`; ``brain`` where they
-        are its own, the folder is empty, or on a PACS)."""
+        are its own, the folder is empty, or on a PACS). An nnU-Net dataset as ``studies`` stops the server here:
+        MONAI Label served it as a folder of no case, its images being under ``imagesTr``."""
         preset = conf.get("preset", "brain")
-        if "preset" not in conf and studies and not pacs:
-            preset, why = guess_preset(studies, preset, conf.get("configs_dir"))
+        local = Path(studies) if studies and not pacs else None
+        if local and (local / "dataset.json").is_file() and (local / "imagesTr").is_dir():
+            raise ConfigError(f"--studies {studies}: an nnU-Net dataset (dataset.json, imagesTr); the server takes a "
+                              f"studies folder: `crossmodal data import-nnunet --dataset {studies} --out <studies>`, "
+                              "then start it on <studies>")
+        if "preset" not in conf and local:
+            preset, why = guess_preset(local, preset, conf.get("configs_dir"))
             if why:
                 logger.info(why.replace("--config not given", "--conf preset not given"))
         epochs = conf_number(conf, "max_epochs")
