@@ -1139,3 +1139,34 @@ def test_a_cache_converted_by_an_earlier_reader_is_converted_again_from_its_dico
     save_volume(pet, np.zeros_like(fetched[pet]), load_volume(pet).affine.numpy())  # current stamp: not read again
     store.get_image_uri(ct_uid)
     assert not load_volume(pet)[0].numpy().any()
+
+
+def test_a_pacs_whose_studies_the_preset_does_not_take_says_so(pacs, tmp_path, caplog):
+    """Served with the brain preset, the phantom PACS (CT + PET + MR studies) listed no case without a word: now a
+    warning names a study, its series and the preset's rule, once (not at each listing); where every study is a
+    case there is none."""
+    from crossmodal.serving.dicomweb import PacsDatastore
+
+    orthanc, _ = pacs
+    with caplog.at_level(logging.WARNING, logger="crossmodal.serving.dicomweb"):
+        store = PacsDatastore(orthanc.dicomweb, load_config("brain"), cache_path=str(tmp_path / "cache"))
+        assert store.list_images() == []
+        store.refresh_index(force=True)
+    warned = [r.getMessage() for r in caplog.records if r.name == "crossmodal.serving.dicomweb"]
+    assert len(warned) == 1, warned
+    client = make_client(orthanc.dicomweb)  # the module's Orthanc: its 4 studies and what tests before added
+    studies = sorted(r["0020000D"]["Value"][0] for r in client.search_for_studies())
+    rows = client.search_for_series(search_filters={"StudyInstanceUID": studies[0]},
+                                    fields=["SeriesDescription", "SeriesNumber", "Modality"])
+    listed = [f"{r['00080060']['Value'][0]} {r['0008103E']['Value'][0]!r} #{r['00200011']['Value'][0]}" for r in
+              sorted(rows, key=lambda r: (int(r["00200011"]["Value"][0]), r["00080060"]["Value"][0],
+                                          r["0020000E"]["Value"][0]))]
+    assert warned[0] == (
+        f"PACS {orthanc.dicomweb}: none of its {len(studies)} studies has a series for 't1' (MR, description matching "
+        f"'t1'), so they are no case (e.g. study {studies[0]}: {listed[:6]}); the preset names the series each "
+        "modality takes (--conf preset, modalities: dicom_modality, series_description)")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="crossmodal.serving.dicomweb"):
+        assert len(PacsDatastore(orthanc.dicomweb, CFG, cache_path=str(tmp_path / "c2")).list_images()) == len(studies)
+    assert [r for r in caplog.records if r.name == "crossmodal.serving.dicomweb"] == []  # every study a case
+

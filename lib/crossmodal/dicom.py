@@ -466,7 +466,7 @@ def scan_dicom(folder: str | os.PathLike[str]) -> tuple[dict[str, list[Path]], d
     return files, headers, other
 
 
-def _describe(s: Series) -> str:
+def describe_series(s: Series) -> str:
     """A series as a user finds it in a viewer: ``MR 'T1 localizer' #1``."""
     return f"{s.modality} {s.description!r} #{s.number}"
 
@@ -781,7 +781,7 @@ def import_dicom(folder: str | os.PathLike[str], out: str | os.PathLike[str], cf
     cases = match_studies(series, cfg.modalities)
     if not cases:
         # as a viewer lists them (two series of one modality and description were one entry, without numbers)
-        found = [_describe(s) for s in sorted(series, key=lambda s: (s.number, s.modality, s.uid))]
+        found = [describe_series(s) for s in sorted(series, key=lambda s: (s.number, s.modality, s.uid))]
         primary = cfg.modalities[0]
         rule = f" whose description matches {primary.series_description!r}" if primary.series_description else ""
         raise ValueError(f"{folder}: no study with a {primary.dicom_modality} series{rule} for {primary.name!r} among "
@@ -791,7 +791,7 @@ def import_dicom(folder: str | os.PathLike[str], out: str | os.PathLike[str], cf
     for study in sorted({s.study for s in series} - {c.study for c in cases.values()}):
         in_it = sorted((s for s in series if s.study == study), key=lambda s: (s.number, s.uid))
         logger.warning(f"{folder}: study {study} (patient {first[in_it[0].uid].get('PatientID', '')}) has no series "
-                       f"for {cfg.modality_names[0]!r} among {[_describe(s) for s in in_it]}; not imported")
+                       f"for {cfg.modality_names[0]!r} among {[describe_series(s) for s in in_it]}; not imported")
     root = Path(out)
     there = set(primary_images(root)) if skip_existing and root.is_dir() else set()
     records = [{"case": ids[uid], "study": case.study, "existing": True}
@@ -807,7 +807,7 @@ def import_dicom(folder: str | os.PathLike[str], out: str | os.PathLike[str], cf
             cfg.modality_names[0]: uid, **{n: s.uid if s else None for n, s in case.siblings.items()}}}
         taken = {uid, *(s.uid for s in case.siblings.values() if s)}
         on_it = [s for s in segs if _referenced_series(first[s.uid]) == uid]
-        record["skipped"] = [_describe(s) + ("" if s.modality != "SEG" else " (older SEG)" if s in on_it[:-1] else
+        record["skipped"] = [describe_series(s) + ("" if s.modality != "SEG" else " (older SEG)" if s in on_it[:-1] else
                                              " (SEG on another series)")
                              for s in sorted(series, key=lambda s: (s.number, s.uid))
                              if s.study == case.study and s.uid not in taken and (not on_it or s != on_it[-1])]

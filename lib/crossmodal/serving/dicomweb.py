@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import requests
 from crossmodal.config import CrossModalConfig, ModalityConfig
-from crossmodal.dicom import SEG_SOP_CLASS, label_to_seg, seg_kind, seg_to_label, series_to_nifti
+from crossmodal.dicom import SEG_SOP_CLASS, describe_series, label_to_seg, seg_kind, seg_to_label, series_to_nifti
 from crossmodal.io import CaseError, load_volume, save_volume
 from crossmodal.serving.datastore import CrossModalDatastore, http_error
 from dicomweb_client import DICOMwebClient
@@ -196,6 +196,7 @@ class PacsDatastore(CrossModalDatastore):
         self._alias: dict[str, str] = {}
         self._segs: dict[str, tuple[str, str, str | None, str]] = {}  # seg uid -> (study, ref series, kind, when)
         self._index_ts = -1.0
+        self._unmatched: frozenset[str] = frozenset()  # studies without a primary series, as last logged
         self.pacs_ok = True
         self.pacs_error: PacsUnavailable | None = None
         self._index_lock = threading.RLock()
@@ -238,6 +239,7 @@ class PacsDatastore(CrossModalDatastore):
                 return self._index
             self.pacs_ok = True
             self._index = match_studies(series, self.cfg.modalities)
+            self._log_unmatched(series)
             self._alias = {}
             for pid, case in self._index.items():
                 self._alias[case.study] = pid
@@ -250,6 +252,27 @@ class PacsDatastore(CrossModalDatastore):
             if flush:
                 self._flush_pending()
             return self._index
+
+    def _log_unmatched(self, series: list[Series]) -> None:
+        """A warning, once each time they change, naming the studies that have no series the preset's primary
+        modality takes (a PACS of CT + PET studies served with the brain preset listed no case, without a word)."""
+        studies = {s.study for s in series if s.modality != "SEG"}
+        unmatched = frozenset(studies - {c.study for c in self._index.values()})
+        if unmatched == self._unmatched:
+            return
+        self._unmatched = unmatched
+        if not unmatched:
+            return
+        first = min(unmatched)
+        found = [describe_series(s) for s in sorted(series, key=lambda s: (s.number, s.modality, s.uid))
+                 if s.study == first]
+        primary = self.cfg.modalities[0]
+        rule = f", description matching {primary.series_description!r}" if primary.series_description else ""
+        what = f"none of its {len(studies)} studies has a" if len(unmatched) == len(studies) else \
+            f"{len(unmatched)} of its {len(studies)} studies have no"
+        logger.warning(f"PACS {self.url}: {what} series for {primary.name!r} ({primary.dicom_modality}{rule}), so "
+                       f"they are no case (e.g. study {first}: {found[:6]}); the preset names the series each modality "
+                       f"takes (--conf preset, modalities: dicom_modality, series_description)")
 
     def _read_segs(self, segs: list[Series]) -> None:
         """Which image series each SEG references (read once per SEG: DICOM series are immutable)."""
