@@ -719,6 +719,21 @@ def test_from_dicom_makes_a_studies_folder_of_a_dicom_export(tmp_path, capsys, c
                  "phantom"]) == 2
     (record,) = map(json.loads, capsys.readouterr().out.splitlines())
     assert record["error"].startswith(f"case 'phantom000': file {alone / 'seg.dcm'}: DICOM SEG: "), record
+    # the export given where a studies folder goes: said, with the import to run (the commands found no case, a
+    # server listed none, neither saying why)
+    from conftest import APP
+    from crossmodal.config import ConfigError
+    from crossmodal.serving.app import AppParts
+
+    assert main(["train", "--studies", str(alone), "--config", "phantom", "--model-dir", str(tmp_path / "m")]) == 2
+    told = (f"--studies {alone}: holds DICOM files (", ", ...) and no NIfTI / NRRD case: import them first "
+            f"(`crossmodal data from-dicom --dicom {alone} --out <studies>`) and use <studies>, or serve them from a "
+            "DICOMweb server (--studies http://.../dicom-web)")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"crossmodal: error: {told[0]}") and err.endswith(told[1]), err
+    with pytest.raises(ConfigError) as e:
+        AppParts.from_conf(str(APP), {"preset": "phantom", "model_dir": str(tmp_path / "m")}, studies=str(alone))
+    assert str(e.value).startswith(told[0]) and str(e.value).endswith(told[1]) and not (tmp_path / "m").exists()
 
 
 def test_studies_map_series_to_modalities_by_modality_and_description():

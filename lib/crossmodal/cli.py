@@ -323,6 +323,9 @@ def studies_folder(path: str) -> str:
     for to-dicom and export-nnunet)."""
     if not Path(path).is_dir():  # MONAI Label's datastore would create it, empty, at a mistyped path
         raise FileNotFoundError(f"--studies {path}: no such folder (a studies folder or an nnU-Net v2 raw dataset)")
+    from crossmodal.data.studies import check_not_dicom
+
+    check_not_dicom(path)
     return path
 
 

@@ -206,3 +206,41 @@ def guess_preset(studies: str | os.PathLike[str], default: str,
         raise ConfigError(f"{where} ({found}) fit the presets {roots}; say which with --config")
     raise ConfigError(f"{where} ({found}) are not the modalities of any preset in {base} ({shipped}); write a "
                       f"preset naming them (see the README, On your own data) and pass it with --config")
+
+
+def first_dicom_file(folder: str | os.PathLike[str], look_at: int = 200) -> Path | None:
+    """A DICOM file (``DICM`` at byte 128, whatever its name: a CD's ``IM000001`` too) among the first ``look_at``
+    files under ``folder``, or None."""
+    seen = 0
+    for top, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(top) / name
+            try:
+                with open(path, "rb") as f:
+                    f.seek(128)
+                    if f.read(4) == b"DICM":
+                        return path
+            except OSError:
+                pass
+            seen += 1
+            if seen >= look_at:
+                return None
+    return None
+
+
+def check_not_dicom(studies: str | os.PathLike[str], option: str = "--studies") -> None:
+    """Refuse a folder of DICOM files given as a studies folder: it holds no NIfTI / NRRD case, so a server on it
+    listed none and the commands found no case, without a word about why.
+
+    Raises:
+        ValueError: naming a DICOM file found and the import command to run.
+    """
+    root = Path(studies)
+    if not root.is_dir() or primary_images(root) or (root / "dataset.json").is_file():
+        return
+    found = first_dicom_file(root)
+    if found is not None:
+        raise ValueError(f"{option} {root}: holds DICOM files ({found.relative_to(root)}, ...) and no NIfTI / NRRD "
+                         f"case: import them first (`crossmodal data from-dicom --dicom {root} --out <studies>`) and "
+                         "use <studies>, or serve them from a DICOMweb server (--studies http://.../dicom-web)")

@@ -42,7 +42,7 @@ from crossmodal.config import (
     parse_overlap,
     resolve_preset,
 )
-from crossmodal.data.studies import guess_preset
+from crossmodal.data.studies import check_not_dicom, guess_preset
 from crossmodal.io import atomic_copy
 from crossmodal.nets import ModelFileError, build_network, check_weights
 from crossmodal.serving.activelearning import CrossModalScoring, CrossModalStrategy
@@ -239,6 +239,11 @@ class AppParts:
             raise ConfigError(f"--studies {studies}: an nnU-Net dataset (dataset.json, imagesTr); the server takes a "
                               f"studies folder: `crossmodal data import-nnunet --dataset {studies} --out <studies>`, "
                               "then start it on <studies>")
+        if local:
+            try:
+                check_not_dicom(local)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if "preset" not in conf and local:
             preset, why = guess_preset(local, preset, conf.get("configs_dir"))
             if why:
