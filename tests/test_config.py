@@ -116,3 +116,20 @@ def test_mirror_axes_are_checked_where_they_are_set(tmp_path):
                      ("x", "is not a list of spatial axes")):
         with pytest.raises(ConfigError, match=f"infer.mirror_axes: .*{why}"):
             load_config("brain", overrides={"infer": {"mirror_axes": bad}})
+
+
+def test_the_server_says_at_start_what_it_segments_with(tmp_path: Path):
+    """The start-up log line: the preset, its modalities and classes, and each model's weights (shipped, trained
+    here, or none yet)."""
+    (tmp_path / "petct.yaml").write_text("extends: phantom\nname: petct\nmodalities:\n  - {name: ct, kind: ct}\n"
+                                         "  - {name: pet, kind: pet}\nlabels:\n  classes: {background: 0, lesion: 1}\n")
+    parts = AppParts.from_conf(str(APP), {"preset": str(tmp_path / "petct.yaml"), "model_dir": str(tmp_path / "m")})
+    assert parts.describe() == (
+        f"serving preset '{tmp_path / 'petct.yaml'}': modalities ct, pet (the first the primary), classes lesion; "
+        "crossmodal: no weights yet: it segments nothing useful until a training run publishes some; baseline_unet: "
+        "no weights yet: it segments nothing useful until a training run publishes some")
+    (tmp_path / "m" / "petct_crossmodal.pt").write_bytes(b"")  # a training run's (describe reads no weights)
+    assert parts.describe().split("; ")[1] == f"crossmodal: {tmp_path / 'm' / 'petct_crossmodal.pt'} (trained here)"
+    shipped = AppParts.from_conf(str(APP), {"preset": "brain", "model_dir": str(tmp_path / "b")}).describe()
+    assert shipped.endswith(f"crossmodal: {APP / 'pretrained' / 'brain_crossmodal.pt'} (pretrained); baseline_unet: "
+                            f"{APP / 'pretrained' / 'brain_baseline_unet.pt'} (pretrained)")

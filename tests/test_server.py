@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import requests
 import torch
-from conftest import dice, snapshot
+from conftest import APP, PRETRAINED_PHANTOM, dice, snapshot
 from crossmodal.atlas import usable_cores
 from crossmodal.config import load_config
 from crossmodal.data.phantom import make_phantom
@@ -55,6 +55,9 @@ def test_info_lists_model_trainer_strategy_scoring(client, phantom_server):
     assert ("--conf preset not given: preset 'phantom' (ct + pet, mr), the one whose secondary modalities are those "
             f"of the cases under {phantom_server.studies} (the default, 'brain', takes t1 + t2, pd)"
             in phantom_server.log.read_text())
+    assert ("serving preset 'phantom': modalities ct, pet, mr (the first the primary), classes organ, lesion, vessel; "
+            f"crossmodal: {APP / 'pretrained' / 'phantom_crossmodal.pt'} (pretrained); baseline_unet: "
+            f"{PRETRAINED_PHANTOM} (pretrained)" in phantom_server.log.read_text())  # what it segments with, at start
     assert info["models"]["baseline_unet"]["labels"] == {"organ": 1, "lesion": 2, "vessel": 3, "marked_background": 255}
     assert info["models"]["baseline_unet"]["type"] == "segmentation"
     assert "baseline_unet" in info["trainers"] and {"crossmodal", "random"} <= set(info["strategies"])
@@ -1057,7 +1060,7 @@ def test_the_dataset_download_holds_every_modality_of_the_labelled_cases(phantom
 def test_a_model_upload_replaces_the_model_in_service_only_with_weights_that_load(tmp_path):
     """`PUT /model/<name>` (a model trained elsewhere put in service): upstream copied any file over the model in
     place (200 for a truncated or foreign file, then a 500 on every infer, the model it replaced gone)."""
-    from conftest import PRETRAINED_PHANTOM, make_phantom_studies, start_server, stop_server
+    from conftest import make_phantom_studies, start_server, stop_server
 
     cfg = load_config("phantom")
     studies = make_phantom_studies(tmp_path / "studies", cfg, cases=3, dense=1, sparse=0, seed=5)

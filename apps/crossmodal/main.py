@@ -35,6 +35,7 @@ class MyApp(MONAILabelApp):
         check_requests()  # refused uploads left in the temp folder, malformed params a 500, .bin scribbles kept
         self.parts = AppParts.from_conf(app_dir, conf, pacs=studies.startswith(("http://", "https://")),
                                         studies=studies)
+        logger.info(self.parts.describe())
         self._infer_tasks = {m.name: self.parts.infer(m) for m in self.parts.models}
         self._epistemic = self.parts.epistemic() if conf_flag(conf, "epistemic") else None
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="crossmodal",

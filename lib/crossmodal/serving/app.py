@@ -344,6 +344,21 @@ class AppParts:
                                  timeout=conf_number(conf, "pacs_timeout", float, 30.0))
         return CrossModalDatastore(studies, self.cfg.labels, self.cfg.modality_names, self.cfg.data.sidecar_dir)
 
+    def describe(self) -> str:
+        """What the server serves, for its log at start: the preset, its modalities and classes, and the weights each
+        model segments with (the published ones where a training run left them, else the pretrained ones)."""
+        served = []
+        for m in self.models:
+            if os.path.isfile(m.published):
+                weights = f"{m.published} (trained here)"
+            elif m.pretrained and os.path.isfile(m.pretrained):
+                weights = f"{m.pretrained} (pretrained)"
+            else:
+                weights = "no weights yet: it segments nothing useful until a training run publishes some"
+            served.append(f"{m.name}: {weights}")
+        return (f"serving preset {self.preset!r}: modalities {', '.join(self.cfg.modality_names)} (the first the "
+                f"primary), classes {', '.join(self.cfg.labels.foreground)}; {'; '.join(served)}")
+
     def infer(self, model: ModelParts | None = None, epistemic: bool = False) -> CrossModalInfer:
         """The infer task of ``model`` (default the first); ``epistemic``: dropout on, probabilities out, no writer
         (what MONAI Label's Epistemic scoring samples)."""
