@@ -167,6 +167,13 @@ def test_nnunet_export_import_roundtrip(tmp_path: Path, phantom_cfg, capsys):
         "whole nnU-Net dataset: give a new folder, or remove this one first")
     assert snapshot(out) == before
 
+    # a --test case the folder does not hold: refused, nothing written (it trained as imagesTr, no test case)
+    assert main(["data", "export-nnunet", "--studies", str(studies), "--out", str(tmp_path / "t"), "--config",
+                 "phantom", "--test", "phantom03"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"crossmodal: error: --test phantom03: not a case of {studies} (did you mean phantom003?); its cases: "
+        "phantom000, phantom001, phantom002, phantom003")
+    assert not (tmp_path / "t").exists()
     back = tmp_path / "back"
     assert main(["data", "import-nnunet", "--dataset", str(out), "--out", str(back), "--config", "phantom"]) == 0
     orig = load_volume(studies / "labels" / "final" / "phantom001.nii.gz")[0].numpy()

@@ -8,6 +8,7 @@ is unlabeled. Ours: see :mod:`crossmodal.io`; held-out truth of test cases goes 
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -223,6 +224,13 @@ def export_nnunet(studies: str | os.PathLike[str], dataset: str | os.PathLike[st
     if not primaries:  # was an nnU-Net dataset of no case (numTraining 0), exit 0
         raise ValueError(f"{src}: no primary images (*.nii.gz, *.nii, *.nrrd) in this studies folder: nothing to "
                          "export")
+    ids = [case_id_of(p) for p in primaries]
+    unknown = [c for c in test_cases if c not in ids]
+    if unknown:  # the case went to imagesTr, and the dataset had no test case, without a word
+        close = {c: m[0] for c in unknown if (m := difflib.get_close_matches(c, ids, n=1))}
+        raise ValueError(f"--test {' '.join(unknown)}: not a case of {src}"
+                         + (f" (did you mean {', '.join(close.values())}?)" if close else "")
+                         + f"; its cases: {', '.join(ids[:8])}{' ...' if len(ids) > 8 else ''}")
     held = sorted(p.name for p in dst.iterdir()) if dst.is_dir() else []
     if held:  # an earlier export's files left beside the new ones (a label since removed) would train as current
         raise ValueError(f"--out {dst}: not empty (holds {', '.join(held[:3])}{' ...' if len(held) > 3 else ''}); an "
