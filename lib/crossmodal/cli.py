@@ -485,16 +485,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     studies = as_studies(args.studies, preset, scratch=args.scratch)
     resolved, network, mirror, overlap = _segmenting(args, preset)
     classes = None
-    if args.predictions and (Path(args.studies) / "dataset.json").is_file():  # nnUNetv2_predict's, in its values
-        from crossmodal.data.nnunet import class_map, read_dataset_json
-
-        classes = class_map(args.studies, read_dataset_json(args.studies), load_config(resolved))
+    if args.predictions:  # nnUNetv2_predict's maps on an nnU-Net dataset, in its values
+        classes = _dataset_classes(args.studies, load_config(resolved))
     summary = evaluate(studies, resolved, args.model, args.device, args.out, network, tuple(args.drop), mirror,
                        args.missing_modality, args.predictions, overlap, classes)
     for r in summary["per_case"]:
         print(json.dumps(r))
     print(json.dumps({k: v for k, v in summary.items() if k != "per_case"}, indent=2))
     return 0
+
+
+def _dataset_classes(studies: str, cfg: CrossModalConfig) -> dict[int, int] | None:
+    """{an nnU-Net dataset's class value: the preset's} (:func:`crossmodal.data.nnunet.class_map`); None for a
+    studies folder."""
+    if not (Path(studies) / "dataset.json").is_file():
+        return None
+    from crossmodal.data.nnunet import class_map, read_dataset_json
+
+    return class_map(studies, read_dataset_json(studies), cfg)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -513,11 +521,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     studies = as_studies(args.studies, preset, scratch=args.scratch)
     resolved, network, mirror, overlap = _segmenting(args, preset)
     classes = None
-    if (Path(args.studies) / "dataset.json").is_file():  # maps in the dataset's values, as its labelsTs
-        from crossmodal.data.nnunet import class_map, read_dataset_json
-
-        cfg = load_config(resolved)
-        theirs = class_map(args.studies, read_dataset_json(args.studies), cfg)
+    cfg = load_config(resolved)
+    if theirs := _dataset_classes(args.studies, cfg):  # maps in the dataset's values, as its labelsTs
         if sorted(theirs.values()) == sorted(cfg.labels.classes.values()):
             classes = {ours: value for value, ours in theirs.items()}
         else:  # a class the dataset has no value for: the maps keep the preset's
