@@ -547,3 +547,41 @@ def test_simulate_cli_rejects_a_pool_too_small_for_its_rounds_before_training(tm
         "crossmodal: error: --patch 30: train.patch_size: [30, 30, 30] must be three multiples of 8 (the product of "
         "model.strides [2, 2, 2]), each at least 16"))
     assert not list(out.glob("*.json")) and not (tmp_path / "work").exists()
+
+
+def test_simulate_takes_only_dense_labels_as_truth_and_refuses_a_sparse_truth_before_training(tmp_path, capsys):
+    """An nnU-Net dataset's sparse labels (its ignore label) are no ground truth for the simulated annotator: those
+    cases are left out, said on stderr (they became truth with 255 in them, and the first evaluation an IndexError
+    traceback after the reference model had trained); a studies folder's truth holding 255 is refused, naming it."""
+    from crossmodal.cli import as_studies, main
+    from crossmodal.data.nnunet import export_nnunet
+
+    studies = make_phantom_studies(tmp_path / "s", CFG, cases=6, dense=2, sparse=2, seed=4)  # 4-5 unlabelled
+    export_nnunet(studies, tmp_path / "Dataset009_Ph", CFG, test_cases=("phantom005",))
+    oracle = Path(as_studies(str(tmp_path / "Dataset009_Ph"), "phantom", oracle=True, scratch=str(tmp_path)))
+    assert sorted(p.name for p in (oracle / "truth").iterdir()) == [
+        "phantom000.nii.gz", "phantom001.nii.gz", "phantom005.nii.gz"]  # the dense labels and labelsTs
+    assert not list((oracle / "labels" / "final").iterdir())  # no case starts labelled
+    for p in (oracle / "truth").iterdir():
+        assert set(np.unique(load_volume(p)[0].numpy())) <= {0, 1, 2, 3}
+    capsys.readouterr()
+    assert main(["simulate", "--studies", str(tmp_path / "Dataset009_Ph"), "--test", "1", "--initial", "1",
+                 "--rounds", "3", "--out", str(tmp_path / "r"), "--work", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert ("crossmodal: 3 of 6 cases have no dense ground truth and are left out of the simulation (phantom002, "
+            "phantom003, phantom004): the simulated annotator labels a case from its truth") in err
+    assert err.strip().splitlines()[-1] == (  # the pool counts the cases with truth only
+        "crossmodal: error: --initial 1 + --k 2 x 2 more rounds = 5 cases to annotate, but the pool holds 2 (3 cases "
+        "with truth, --test 1 held out); use --rounds 1 or fewer")
+    # a studies folder whose truth holds a sparse label (255: marked background)
+    truth = studies / "truth" / "phantom001.nii.gz"
+    lab = np.rint(load_volume(truth)[0].numpy()).astype(np.uint8)
+    lab[:, :, :4] = 255
+    save_volume(truth, lab, load_volume(truth).affine.numpy())
+    assert main(["simulate", "--studies", str(studies), "--test", "2", "--initial", "1", "--k", "1", "--rounds", "2",
+                 "--out", str(tmp_path / "r"), "--work", str(tmp_path / "w")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"crossmodal: error: case 'phantom001': file {truth}: truth values [255.0] are not class indices 0..3 (255 "
+        "marks background in a sparse label: truth must be a dense label); give the case a dense label map as its "
+        "truth, or remove its truth file")
+    assert not (tmp_path / "w").exists() and not list((tmp_path / "r").glob("*.json"))  # nothing trained first

@@ -428,6 +428,15 @@ def test_predict_writes_each_case_as_the_infer_task_segments_it(tmp_path: Path, 
             save_volume(other / "phantom003.nii.gz", problem, affine)
         assert main([*ev, "--predictions", str(other)]) == 2
         assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"crossmodal: error: {message}")
+    truth = studies / "truth" / "phantom003.nii.gz"  # a sparse label as truth: was an IndexError traceback
+    lab = np.rint(load_volume(truth)[0].numpy()).astype(np.uint8)
+    lab[:, :, :3] = 255
+    save_volume(truth, lab, load_volume(truth).affine.numpy())
+    assert main([*ev, "--predictions", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"crossmodal: error: case 'phantom003': file {truth}: truth values [255.0] are not class indices 0..3 (255 "
+        "marks background in a sparse label: truth must be a dense label); give the case a dense label map as its "
+        "truth, or remove its truth file")
     for argv in ([], ["--model", model, "--predictions", str(out)]):
         assert main([*ev, *argv]) == 2
         assert capsys.readouterr().err.strip() == (

@@ -293,6 +293,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     preset = _preset(args, "brain", studies_folder(args.studies))
     studies = Path(as_studies(args.studies, preset, oracle=True, scratch=args.scratch))
     dataset = args.name or Path(args.studies).name
+    from crossmodal.data.studies import primary_images, truth_files
+
+    left = sorted(set(primary_images(studies)) - set(truth_files(studies)))
+    if left:  # the annotator draws from the truth: said, not left out without a word
+        print(f"crossmodal: {len(left)} of {len(primary_images(studies))} cases have no dense ground truth and are "
+              f"left out of the simulation ({', '.join(left[:8])}{' ...' if len(left) > 8 else ''}): the simulated "
+              "annotator labels a case from its truth (a studies folder: truth/<case>; an nnU-Net dataset: a label "
+              "in labelsTr or labelsTs without the ignore label)", file=sys.stderr)
     spec = SimSpec(preset, args.test, args.initial, args.k, args.rounds, args.steps, args.patch, args.annotation)
     out = Path(args.out or os.environ.get("RESULTS_DIR", "bench/results"))
     out.mkdir(parents=True, exist_ok=True)
@@ -338,12 +346,18 @@ def as_studies(path: str, preset: str, oracle: bool = False, scratch: str | None
     from crossmodal.data.nnunet import import_nnunet
 
     out = tempfile.mkdtemp(prefix="nnunet-", dir=scratch)
-    import_nnunet(path, out, load_config(preset))
-    if oracle:  # the simulator's annotator: every dense label becomes ground truth, no case starts labelled
-        labels = Path(out) / "labels" / "final"
-        (Path(out) / "truth").mkdir(exist_ok=True)
-        for p in labels.glob("*.nii.gz") if labels.is_dir() else []:
-            p.replace(Path(out) / "truth" / p.name)
+    records = import_nnunet(path, out, load_config(preset))
+    if oracle:  # the simulator's annotator: every dense label becomes ground truth, no case starts labelled; a
+        # sparse one is no truth (it was moved there too, and the first evaluation an IndexError on its 255)
+        labels, truth = Path(out) / "labels" / "final", Path(out) / "truth"
+        truth.mkdir(exist_ok=True)
+        for r in records:
+            if r["label"] is not None:
+                label = labels / f"{r['case']}.nii.gz"
+                if r["label"] == "dense":
+                    label.replace(truth / label.name)
+                else:
+                    label.unlink()
     print(f"imported nnU-Net dataset {path} -> {out} (for this command only)", file=sys.stderr)
     return out
 

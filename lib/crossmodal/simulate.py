@@ -29,7 +29,14 @@ from crossmodal.config import ConfigError, atomic_write_text, load_config, save_
 from crossmodal.data.sparse import sparsify
 from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR, truth_files
 from crossmodal.io import IMAGE_EXTENSIONS, case_id_of, load_volume, save_volume, split_ext
-from crossmodal.serving.offline import dice_per_case, epoch_length, evaluate, method_config, train_offline
+from crossmodal.serving.offline import (
+    check_truth,
+    dice_per_case,
+    epoch_length,
+    evaluate,
+    method_config,
+    train_offline,
+)
 
 STRATEGIES = ("ours", "random", "epistemic")
 
@@ -405,7 +412,11 @@ def simulate_dataset(src: Path, work: Path, dataset: str, spec: SimSpec, seeds: 
     """Per seed: the full-annotation reference, then one curve per strategy; with ``cost``, the scoring cost once, on
     the first ``ours`` curve's last model. ``emit(kind, item)`` gets each ``reference``, ``record`` and ``cost`` as it
     comes."""
-    spec.check(sum(len(c) for c in split_cases(src, spec.test)))  # before minutes of training, not after
+    pool_cases, test_cases = split_cases(src, spec.test)
+    spec.check(len(pool_cases) + len(test_cases))  # before minutes of training, not after
+    truths, num_classes = truth_files(src), load_config(spec.preset).labels.num_classes
+    for c in pool_cases + test_cases:  # a sparse or foreign truth was an IndexError after the first training
+        check_truth(truths[c], c, num_classes)
     cost_done = not cost
     for seed in seeds:
         emit("reference", full_reference(src, work, dataset, spec, seed))

@@ -223,6 +223,7 @@ def evaluate(studies: str, preset: str, model: str | None, device: str = "auto",
     given = files_by_case(Path(predictions), "prediction") if predictions else {}
     for truth_path in cases:  # before any case is segmented (was a StopIteration traceback after the others)
         cid = case_id_of(truth_path)
+        check_truth(truth_path, cid, cfg.labels.num_classes)  # was an IndexError traceback after the others
         if model and cid not in images:
             raise CaseError(cid, truth_path, f"has truth but no primary image in {root}")
         if predictions and cid not in given:
@@ -279,6 +280,21 @@ def evaluate(studies: str, preset: str, model: str | None, device: str = "auto",
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         atomic_write_text(Path(out), json.dumps(summary, indent=2))
     return summary
+
+
+def check_truth(path: Path, case_id: str, num_classes: int) -> None:
+    """Check that a truth file is a dense label map: every value a class index 0..``num_classes - 1``.
+
+    Raises:
+        CaseError: naming the case and the file, with the values that are not class indices (255, the
+            ``marked_background`` of a sparse label, says so).
+    """
+    values = np.unique(load_volume(path, case_id)[0].numpy())
+    bad = [float(v) for v in values if v != np.rint(v) or not 0 <= v < num_classes]
+    if bad:
+        sparse = " (255 marks background in a sparse label: truth must be a dense label)" if 255 in bad else ""
+        raise CaseError(case_id, path, f"truth values {bad[:5]} are not class indices 0..{num_classes - 1}{sparse}; "
+                                       "give the case a dense label map as its truth, or remove its truth file")
 
 
 def read_prediction(path: Path, case_id: str, truth: MetaTensor, num_classes: int) -> np.ndarray:
