@@ -437,6 +437,11 @@ def test_predict_writes_each_case_as_the_infer_task_segments_it(tmp_path: Path, 
         f"crossmodal: error: case 'phantom003': file {truth}: truth values [255.0] are not class indices 0..3 (255 "
         "marks background in a sparse label: truth must be a dense label); give the case a dense label map as its "
         "truth, or remove its truth file")
+    save_volume(truth, lab[::2, ::2, ::2] % 4, np.diag([4.0, 4.0, 4.0, 1.0]))  # a truth on another grid than its
+    assert main([*ev, "--model", model]) == 2  # image: was a tensor-size RuntimeError traceback once segmented
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"crossmodal: error: case 'phantom003': file {truth}: label grid (24, 24, 24) / affine [[4.0, 0.0, 0.0, 0.0], "
+        "[0.0, 4.0, 0.0, 0.0], [0.0, 0.0, 4.0, 0.0], [0.0, 0.0, 0.0, 1.0]] differs from the image grid (48, 48, 48)")
     for argv in ([], ["--model", model, "--predictions", str(out)]):
         assert main([*ev, *argv]) == 2
         assert capsys.readouterr().err.strip() == (

@@ -20,7 +20,7 @@ from crossmodal.config import ConsistencyConfig, CrossModalConfig, atomic_write_
 from crossmodal.data.nnunet import relabel
 from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR, files_by_case, primary_images, truth_files
 from crossmodal.errors import CaseError, user_error_in
-from crossmodal.io import OutputFolder, atomic_copy, case_id_of, load_volume, save_volume
+from crossmodal.io import OutputFolder, atomic_copy, case_id_of, load_volume, read_label, save_volume
 from crossmodal.serving.app import AppParts
 from monai.data import MetaTensor
 from monai.metrics import compute_dice, compute_hausdorff_distance
@@ -223,7 +223,7 @@ def evaluate(studies: str, preset: str, model: str | None, device: str = "auto",
     given = files_by_case(Path(predictions), "prediction") if predictions else {}
     for truth_path in cases:  # before any case is segmented (was a StopIteration traceback after the others)
         cid = case_id_of(truth_path)
-        check_truth(truth_path, cid, cfg.labels.num_classes)  # was an IndexError traceback after the others
+        check_truth(truth_path, cid, cfg.labels.num_classes, images.get(cid))  # were tracebacks after the others
         if model and cid not in images:
             raise CaseError(cid, truth_path, f"has truth but no primary image in {root}")
         if predictions and cid not in given:
@@ -282,14 +282,16 @@ def evaluate(studies: str, preset: str, model: str | None, device: str = "auto",
     return summary
 
 
-def check_truth(path: Path, case_id: str, num_classes: int) -> None:
-    """Check that a truth file is a dense label map: every value a class index 0..``num_classes - 1``.
+def check_truth(path: Path, case_id: str, num_classes: int, image: str | os.PathLike[str] | None = None) -> None:
+    """Check that a truth file is a dense label map: every value a class index 0..``num_classes - 1``, on the grid
+    of the case's primary ``image`` where given (the grid a prediction is made on).
 
     Raises:
-        CaseError: naming the case and the file, with the values that are not class indices (255, the
-            ``marked_background`` of a sparse label, says so).
+        CaseError: naming the case and the file: another grid than the image's, or the values that are not class
+            indices (255, the ``marked_background`` of a sparse label, says so).
     """
-    values = np.unique(load_volume(path, case_id)[0].numpy())
+    values = np.unique(read_label(path, load_volume(image, case_id), case_id) if image is not None
+                       else load_volume(path, case_id)[0].numpy())
     bad = [float(v) for v in values if v != np.rint(v) or not 0 <= v < num_classes]
     if bad:
         sparse = " (255 marks background in a sparse label: truth must be a dense label)" if 255 in bad else ""
