@@ -554,6 +554,8 @@ def test_unknown_names_and_bad_train_numbers_are_4xx_that_say_what_is_served(cli
     assert r.status_code == 404 and r.json()["detail"] == "case 'nope': no such image in the datastore"
     r = requests.delete(f"{url}/datastore/label", params={"id": "phantom000", "tag": "finale"}, timeout=60)  # was 200
     assert r.status_code == 404 and r.json()["detail"] == "case 'phantom000': no 'finale' label (its labels: ['final'])"
+    r = requests.get(f"{url}/train/", params={"all": "true"}, timeout=60)  # 404 where no task ever ran
+    queued = r.json() if r.status_code == 200 else []
     for params, detail in (({"max_epochs": -3}, "train request: max_epochs=-3 must be a positive integer"),
                            ({"max_epoch": 1},  # was: ignored, and the run trained the preset's epochs
                             "train request: max_epoch is not an option of this task; did you mean max_epochs?"),
@@ -575,8 +577,13 @@ def test_unknown_names_and_bad_train_numbers_are_4xx_that_say_what_is_served(cli
                            ({"name": "../../outside"},  # was: the run folder written outside the model dir
                             "train request: name='../../outside' must be a folder name (letters, digits, '_', '.', "
                             "'-'), or empty for the next train_NN")):
-        r = requests.post(f"{url}/train/baseline_unet?run_sync=true", json=params, timeout=120)
-        assert r.status_code == 422 and r.json()["detail"] == detail, r.text
+        for sync in ("true", "false"):  # asynchronous (the viewers'): was 200 SUBMITTED, the 422 in the task's status
+            r = requests.post(f"{url}/train/baseline_unet?run_sync={sync}", json=params, timeout=120)
+            assert r.status_code == 422 and r.json()["detail"] == detail, (sync, r.text)
+    r = requests.post(f"{url}/train/crossmodal", json={"max_epochs": 0}, timeout=60)
+    assert r.status_code == 422 and r.json()["detail"] == "train request: max_epochs=0 must be a positive integer"
+    r = requests.get(f"{url}/train/", params={"all": "true"}, timeout=60)
+    assert queued == (r.json() if r.status_code == 200 else [])  # none of them was queued
     assert not list(phantom_server.model_dir.glob("*.pt"))  # nothing trained or published
     assert not run_folders(phantom_server.model_dir)  # and no run folder left by a refused request
     assert snapshot(phantom_server.studies) == before

@@ -101,6 +101,21 @@ class MyApp(MONAILabelApp):
                 raise
             raise http_error(found, prefix="training stopped: " if isinstance(found, CaseError) else "") from e
 
+    def check_train(self, request: dict[str, Any]) -> None:
+        """A train request checked as its run will read it (a 422 naming the option), before MONAI Label queues
+        the background process that runs it: it answered 200 "SUBMITTED" to any request, and the error came only
+        in the task's status."""
+        refuse_non_finite(request, "train request")
+        task = self._trainers.get(str(request.get("model")))
+        if task is not None and hasattr(task, "check_request"):
+            try:
+                task.check_request(request)
+            except Exception as e:
+                found = user_error_in(e)
+                if found is None:
+                    raise
+                raise http_error(found) from e
+
     def bundle_path(self, model: str | None) -> str | None:
         """As upstream; MONAI Label asks this of every train / batch-infer request before it queues the background
         process that runs it, so an unknown model is a 404 here, not a task that fails out of sight."""

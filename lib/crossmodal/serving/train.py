@@ -1424,16 +1424,34 @@ class CrossModalTrain(BasicTrainTask):
             if world_size > 1:
                 gc.collect()  # the engines hold reference cycles: only the collector frees them
 
-    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+    def check_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The request as a run reads it (:func:`check_train_request`, tracking coerced), checked against this
+        task's options and this machine (``processes``); ConfigError naming the option. The server asks it before
+        MONAI Label queues the run's process, so a bad request is a 422 at once (it was answered 200 and failed in
+        the background process)."""
         req = coerce_tracking(check_train_request(request, train_choices(self.cfg), self._config), self._model_dir)
         every, epochs = (int(self._config[k] if req.get(k) is None else req[k]) for k in ("val_interval", "max_epochs"))
         if every > epochs:  # MONAI's ValidationHandler would never run: no epoch validated, none published
             raise ConfigError(f"train request: val_interval={every} is more than max_epochs={epochs}: no epoch would "
                               "validate, so none would be published; lower val_interval or raise max_epochs")
+        processes = int(req.get("processes") or 1)
+        if processes > 1:
+            cuda = on_cuda(req)  # a request for the CPU trains on it (gloo) on a GPU machine too
+            if cuda and torch.cuda.device_count() < processes:
+                raise ConfigError(f"train request: processes={processes} but only {torch.cuda.device_count()} GPU(s) "
+                                  "are visible")
+            if not cuda and processes > usable_cores():  # more spawned trainers than cores: memory runs out first
+                raise ConfigError(f"train request: processes={processes} but this machine has {usable_cores()} "
+                                  "usable CPU core(s): at most one process a core")
+        return req
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        req = self.check_request(request)
         cfg, interval = self.cfg, int(self._val_interval)  # type: ignore[has-type]
         if req["missing_modality"] != cfg.infer.missing_modality:  # this run's policy (the infer task keeps its own)
             self.cfg = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer,
                                                                           missing_modality=req["missing_modality"]))
+        every = int(self._config["val_interval"] if req.get("val_interval") is None else req["val_interval"])
         self._val_interval = every  # MONAI Label's ValidationHandler reads the task's, not the request's
         claimed = None
         if not req.get("name"):  # a folder of its own, so that an earlier run's model can be put back in service
@@ -1463,13 +1481,7 @@ class CrossModalTrain(BasicTrainTask):
     def _run(self, req: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         processes = int(req.get("processes") or 1)
         if processes > 1:  # MONAI Label's multi-GPU path, also on CPU: N processes, gloo (CPU) or NCCL
-            cuda = on_cuda(req)  # a request for the CPU trains on it (gloo) on a GPU machine too
-            if cuda and torch.cuda.device_count() < processes:
-                raise ConfigError(f"train request: processes={processes} but only {torch.cuda.device_count()} GPU(s) "
-                                  "are visible")
-            if not cuda and processes > usable_cores():  # more spawned trainers than cores: memory runs out first
-                raise ConfigError(f"train request: processes={processes} but this machine has {usable_cores()} "
-                                  "usable CPU core(s): at most one process a core")
+            cuda = on_cuda(req)  # (:meth:`check_request` checked the devices / cores)
             fd, init_file = tempfile.mkstemp(prefix="crossmodal-dist-")
             os.close(fd)
             os.unlink(init_file)  # torch's FileStore creates it

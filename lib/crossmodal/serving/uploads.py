@@ -210,6 +210,28 @@ def checking_scoring_method(run_method: Callable[..., Any]) -> Callable[..., Any
     return wrapper
 
 
+def checking_train_request(run_model: Callable[..., Any]) -> Callable[..., Any]:
+    """``POST /train/<model>``: the request (the model, the app's train config and the params, merged as MONAI
+    Label's task runner merges them) checked by the app's ``check_train`` before it is queued: a bad option was
+    answered 200 "SUBMITTED" and failed in the background process, seen only in the task's status."""
+    if getattr(run_model, "checks_train_request", False):
+        return run_model
+
+    @functools.wraps(run_model)
+    def wrapper(model: str, params: dict | None = None, *args: Any, **kwargs: Any) -> Any:
+        from monailabel.interfaces.utils.app import app_instance
+
+        instance = app_instance()
+        check = getattr(instance, "check_train", None)
+        if check is not None and model:
+            instance.bundle_path(model)  # an unknown model: its 404 first
+            check({"model": model, **instance.info().get("config", {}).get("train", {}), **(params or {})})
+        return run_model(model, params, *args, **kwargs)
+
+    wrapper.checks_train_request = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 def checked_update_model(background_tasks: BackgroundTasks, model: str, file: UploadFile) -> dict[str, Any]:
     """``PUT /model/<model>`` as upstream answers it (checksum and time of the model file), the upload handed to
     the app's ``replace_weights(model, path) -> published path`` (which checks it and copies it atomically)."""
@@ -269,7 +291,8 @@ def checked_get_label_info(label: str, tag: str) -> dict[str, Any]:
 def check_requests() -> None:
     """Wrap MONAI Label's endpoints: the form fields of :data:`JSON_FORMS` checked (:func:`checking_json_form`),
     ``.bin`` labels converted (:func:`converting_bin_labels`), scoring methods checked before they are queued
-    (:func:`checking_scoring_method`), the upload endpoints (:data:`ENDPOINTS`) in :func:`removing_uploads_on_error`,
+    (:func:`checking_scoring_method`), train requests checked before they are queued (:func:`checking_train_request`),
+    the upload endpoints (:data:`ENDPOINTS`) in :func:`removing_uploads_on_error`,
     ``PUT /model``'s replaced by :func:`checked_update_model` and ``DELETE /model``'s by :func:`checked_delete_model`,
     the info reads by :func:`checked_get_image_info` and :func:`checked_get_label_info`; idempotent. The routes look
     the functions up by name when a request comes, so this works once the server has started."""
@@ -282,6 +305,8 @@ def check_requests() -> None:
         setattr(datastore, name, checked)
     scoring = importlib.import_module("monailabel.endpoints.scoring")
     scoring.run_method = checking_scoring_method(scoring.run_method)  # type: ignore[attr-defined]
+    train = importlib.import_module("monailabel.endpoints.train")
+    train.run_model = checking_train_request(train.run_model)  # type: ignore[attr-defined]
     for module_name, name in ENDPOINTS:
         module = importlib.import_module(module_name)
         endpoint = checked_update_model if name == "update_model" else getattr(module, name)
