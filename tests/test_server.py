@@ -525,9 +525,16 @@ def test_unknown_names_and_bad_train_numbers_are_4xx_that_say_what_is_served(cli
     r = requests.post(f"{url}/activelearning/crossmodal", json={"refine_spars": True}, timeout=60)  # was ignored
     assert r.status_code == 422 and r.json()["detail"] == (
         "next-sample request: refine_spars is not an option; did you mean refine_sparse?")
-    r = requests.post(f"{url}/scoring/crossmodal?run_sync=true", json={"devce": "cpu"}, timeout=60)  # was ignored
-    assert r.status_code == 422 and r.json()["detail"] == (
-        "scoring request: devce is not an option; did you mean device?")
+    for sync in ("true", "false"):  # was ignored; then asynchronous: 200 SUBMITTED, the task failed in the background
+        r = requests.post(f"{url}/scoring/crossmodal?run_sync={sync}", json={"devce": "cpu"}, timeout=60)
+        assert r.status_code == 422 and r.json()["detail"] == (
+            "scoring request: devce is not an option; did you mean device?")
+    for body, detail in (  # each was 200 SUBMITTED, then every case failed with it in the background
+            ({"mirror_axis": [0]}, "mirror_axis is not an option of model 'crossmodal'; did you mean mirror_axes?"),
+            ({"device": "tpu"}, "device 'tpu' must be cpu, cuda or cuda:<index>"),
+            ({"prediction": "xray"}, "prediction 'xray' must be one of ['fused', 'uncertainty', 'ct', 'pet', 'mr']")):
+        r = requests.post(f"{url}/batch/infer/crossmodal", params={"images": "unlabeled"}, json=body, timeout=60)
+        assert r.status_code == 422 and r.json()["detail"] == f"batch infer request: {detail}", r.text
     with open(phantom_server.studies / "modalities" / "phantom003" / "mr.nii.gz", "rb") as f:  # was a 409 "exists"
         r = requests.put(f"{url}/datastore/image", params={"image": "phantom003"}, timeout=60,
                          files={"file": ("mr.nii.gz", f)}, data={"params": json.dumps({"modalty": "mr"})})
@@ -1024,8 +1031,9 @@ def test_batch_infer_runs_without_a_gpu_and_goes_on_past_a_case_it_cannot_segmen
     kept = pet.read_bytes()
     pet.unlink()
     try:
-        r = requests.post(f"{url}/batch/infer/crossmodal", params={"images": "all", "run_sync": "true"},
-                          json={}, timeout=300)
+        # no body: MONAI Label's default params (device cuda, multi_gpu, max_batch_size, ...), where every case
+        # failed with "max_batch_size is not an option of model 'crossmodal'; did you mean sw_batch_size?"
+        r = requests.post(f"{url}/batch/infer/crossmodal", params={"images": "all", "run_sync": "true"}, timeout=300)
     finally:
         pet.write_bytes(kept)
     assert r.status_code == 200, r.text

@@ -11,7 +11,14 @@ from crossmodal.config import near_miss
 from crossmodal.errors import CaseError, user_error_in
 from crossmodal.inference import configure_threads
 from crossmodal.serving.activelearning import CrossModalScoring, RandomStrategy
-from crossmodal.serving.app import AppParts, check_infer_request, conf_flag, not_served, refuse_non_finite
+from crossmodal.serving.app import (
+    AppParts,
+    check_batch_infer_request,
+    check_infer_request,
+    conf_flag,
+    not_served,
+    refuse_non_finite,
+)
 from crossmodal.serving.datastore import http_error
 from crossmodal.serving.dicomweb import labels_onto_grid
 from crossmodal.serving.infer import CrossModalBatchInfer
@@ -147,14 +154,24 @@ class MyApp(MONAILabelApp):
         """As upstream; an unknown method is a 404 listing the served ones (upstream: a bare 500 for a synchronous
         request; an asynchronous one is queued and fails in its background process, which MONAI Label starts before
         the app sees the request)."""
+        self.check_scoring(request)
+        return super().scoring(request, datastore)
+
+    def check_scoring(self, request: dict[str, Any]) -> None:
+        """404 for an unknown method, 422 for NaN / Infinity or a key that nearly is an option (it was ignored
+        without a word); asked before an asynchronous request is queued too."""
         method = request.get("method")
         if method not in self._scoring_methods:
             raise not_served("scoring method", method, self._scoring_methods)
         refuse_non_finite(request, "scoring request")
-        if typo := near_miss(request, ("device", "method")):  # ignored, without a word
+        if typo := near_miss(request, ("device", "method")):
             raise HTTPException(status_code=422, detail=f"scoring request: {typo[0]} is not an option; did you mean "
                                                         f"{typo[1]}?")
-        return super().scoring(request, datastore)
+
+    def check_batch_infer(self, request: dict[str, Any]) -> None:
+        """A batch infer request checked before MONAI Label queues it
+        (:func:`crossmodal.serving.app.check_batch_infer_request`)."""
+        check_batch_infer_request(request, self._infers)
 
     def init_infers(self) -> dict[str, InferTask]:
         infers = {**self._infer_tasks, "grow_scribbles": self.parts.grow()}

@@ -158,6 +158,28 @@ INFER_REQUEST_KEYS = ("drop_modalities", "mc_samples", "result_extension", "resu
                       "label_info")  # read by the infer tasks beside their options (:meth:`config`)
 
 
+BATCH_REQUEST_KEYS = ("image", "model", "images", "multi_gpu", "gpus", "logging", "save_label", "label_tag",
+                      "max_workers", "max_batch_size")  # MONAI Label's batch infer's own (which each case's request
+# carries), beside each case's infer options; ``image`` and ``model`` so that neither reads as a typo of the others
+
+
+def check_batch_infer_request(request: dict, infers: Mapping[str, InferTask]) -> None:
+    """A batch infer request checked before MONAI Label queues it (it answered 200 "SUBMITTED" to any, and each
+    case then failed in the background process with the request's error): 404 for an unknown model, 422 for a
+    number that is NaN / Infinity, a key that nearly is one of the model's options, or an option the model's
+    ``check_request`` refuses (a bad ``device``, ``mirror_axes``, ...)."""
+    model = request.get("model")
+    if model not in set(infers):
+        raise not_served("model", model, infers)
+    refuse_non_finite(request, "batch infer request")
+    if typo := near_miss(request, [*infers[model].config(), *INFER_REQUEST_KEYS, *BATCH_REQUEST_KEYS]):
+        raise HTTPException(status_code=422, detail=f"batch infer request: {typo[0]} is not an option of model "
+                                                    f"{model!r}; did you mean {typo[1]}?")
+    check = getattr(infers[model], "check_request", None)
+    if check is not None:
+        check(request, prefix="batch infer request: ")
+
+
 def check_infer_request(request: dict, infers: Mapping[str, InferTask], datastore: Datastore) -> None:
     """404 for an unknown model, or an image id that is neither a file (an upload) nor a case of a local datastore
     (MONAI Label would hand the network an empty path; a PACS datastore answers 404 itself); 422 for a key that is
@@ -165,7 +187,8 @@ def check_infer_request(request: dict, infers: Mapping[str, InferTask], datastor
     model = request.get("model")
     if model not in set(infers):
         raise not_served("model", model, infers)
-    options = [*infers[model].config(), *INFER_REQUEST_KEYS]
+    options = [*infers[model].config(), *INFER_REQUEST_KEYS, *BATCH_REQUEST_KEYS]  # a batch's case carries those:
+    # MONAI Label's default batch request (max_batch_size, "did you mean sw_batch_size?") failed every case
     if typo := near_miss(request, options):
         raise HTTPException(status_code=422, detail=f"image {request.get('image')!r}: infer request: {typo[0]} is not "
                                                     f"an option of model {model!r}; did you mean {typo[1]}?")

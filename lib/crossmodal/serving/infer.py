@@ -185,13 +185,17 @@ class CrossModalInfer(BasicInferTask):
         save_volume(path, array, pred.affine.double().numpy(), segments=classes)
         return path, data.get(self.output_json_key, {})
 
-    def __call__(self, request: dict[str, Any], callbacks: Any = None) -> tuple[Any, dict]:
+    def check_request(self, request: dict[str, Any], prefix: str | None = None) -> dict[str, Any]:
+        """The request's own options checked and parsed before anything is read (result extension and dtype,
+        ``mc_samples``, ``prediction``, ``device``, ``mirror_axes``, ``overlap``, ``sw_batch_size``): a 422 that
+        starts with ``prefix`` (default: the request's case) and names the option. A batch infer is checked so
+        before it is queued (the app's ``check_batch_infer``)."""
         req = dict(request)
         if not req.get("result_extension"):
             req.pop("result_extension", None)
         req.setdefault("result_dtype", "uint8")
         ext = req.get("result_extension", ".nii.gz")
-        case = f"case {case_id_of(str(req.get('image', '')))!r}: "
+        case = f"case {case_id_of(str(req.get('image', '')))!r}: " if prefix is None else prefix
         if ext not in IMAGE_EXTENSIONS:  # MONAI Label's writer would fail after inference (500) or, for .png, write
             # one 2D slice: only the 3D formats the datastore takes back as a label
             raise http_error(ValueError(f"result_extension {ext!r} must be one of {list(IMAGE_EXTENSIONS)}"),
@@ -223,6 +227,10 @@ class CrossModalInfer(BasicInferTask):
                 req["sw_batch_size"] = parse_sw_batch_size(req["sw_batch_size"])
         except ConfigError as e:
             raise http_error(e, prefix=case) from None
+        return req
+
+    def __call__(self, request: dict[str, Any], callbacks: Any = None) -> tuple[Any, dict]:
+        req = self.check_request(request)
         try:
             return super().__call__(req, callbacks)
         except Exception as e:  # a CaseError, or one that MONAI's transforms wrapped: 422 naming case and file

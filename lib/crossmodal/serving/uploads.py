@@ -191,20 +191,25 @@ def converting_bin_labels(run_inference: Callable[..., Any]) -> Callable[..., An
 
 
 def checking_scoring_method(run_method: Callable[..., Any]) -> Callable[..., Any]:
-    """``POST /scoring/<method>``: an unknown method is a 404 listing the served ones before MONAI Label queues it
-    (an asynchronous request was answered 200 and its background task failed out of sight)."""
+    """``POST /scoring/<method>``: an unknown method is a 404 listing the served ones, and a bad option a 422 (the
+    app's ``check_scoring``), before MONAI Label queues it (an asynchronous request was answered 200 and its
+    background task failed out of sight)."""
     if getattr(run_method, "checks_scoring_method", False):
         return run_method
 
     @functools.wraps(run_method)
-    def wrapper(method: str, *args: Any, **kwargs: Any) -> Any:
+    def wrapper(method: str, params: dict | None = None, *args: Any, **kwargs: Any) -> Any:
         from crossmodal.serving.app import not_served
         from monailabel.interfaces.utils.app import app_instance
 
-        served = app_instance().info().get("scoring", {})
+        instance = app_instance()
+        served = instance.info().get("scoring", {})
         if method not in served:
             raise not_served("scoring method", method, served)
-        return run_method(method, *args, **kwargs)
+        check = getattr(instance, "check_scoring", None)
+        if check is not None:  # the request as MONAI Label's task runner merges it
+            check({"method": method, **instance.info().get("config", {}).get("scoring", {}), **(params or {})})
+        return run_method(method, params, *args, **kwargs)
 
     wrapper.checks_scoring_method = True  # type: ignore[attr-defined]
     return wrapper
@@ -229,6 +234,27 @@ def checking_train_request(run_model: Callable[..., Any]) -> Callable[..., Any]:
         return run_model(model, params, *args, **kwargs)
 
     wrapper.checks_train_request = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def checking_batch_infer(run: Callable[..., Any]) -> Callable[..., Any]:
+    """``POST /batch/infer/<model>``: the request checked by the app's ``check_batch_infer`` before MONAI Label
+    queues it (a bad option was answered 200 "SUBMITTED", and every case failed in the background with it)."""
+    if getattr(run, "checks_batch_infer", False):
+        return run
+
+    @functools.wraps(run)
+    def wrapper(model: str, images: Any = None, params: dict | None = None, *args: Any, **kwargs: Any) -> Any:
+        from monailabel.interfaces.utils.app import app_instance
+
+        instance = app_instance()
+        check = getattr(instance, "check_batch_infer", None)
+        if check is not None:
+            check({"model": model, "images": images,
+                   **instance.info().get("config", {}).get("batch_infer", {}), **(params or {})})
+        return run(model, images, params, *args, **kwargs)
+
+    wrapper.checks_batch_infer = True  # type: ignore[attr-defined]
     return wrapper
 
 
@@ -290,9 +316,9 @@ def checked_get_label_info(label: str, tag: str) -> dict[str, Any]:
 
 def check_requests() -> None:
     """Wrap MONAI Label's endpoints: the form fields of :data:`JSON_FORMS` checked (:func:`checking_json_form`),
-    ``.bin`` labels converted (:func:`converting_bin_labels`), scoring methods checked before they are queued
-    (:func:`checking_scoring_method`), train requests checked before they are queued (:func:`checking_train_request`),
-    the upload endpoints (:data:`ENDPOINTS`) in :func:`removing_uploads_on_error`,
+    ``.bin`` labels converted (:func:`converting_bin_labels`), scoring, train and batch infer requests checked
+    before they are queued (:func:`checking_scoring_method`, :func:`checking_train_request`,
+    :func:`checking_batch_infer`), the upload endpoints (:data:`ENDPOINTS`) in :func:`removing_uploads_on_error`,
     ``PUT /model``'s replaced by :func:`checked_update_model` and ``DELETE /model``'s by :func:`checked_delete_model`,
     the info reads by :func:`checked_get_image_info` and :func:`checked_get_label_info`; idempotent. The routes look
     the functions up by name when a request comes, so this works once the server has started."""
@@ -305,6 +331,8 @@ def check_requests() -> None:
         setattr(datastore, name, checked)
     scoring = importlib.import_module("monailabel.endpoints.scoring")
     scoring.run_method = checking_scoring_method(scoring.run_method)  # type: ignore[attr-defined]
+    batch = importlib.import_module("monailabel.endpoints.batch_infer")
+    batch.run = checking_batch_infer(batch.run)  # type: ignore[attr-defined]
     train = importlib.import_module("monailabel.endpoints.train")
     train.run_model = checking_train_request(train.run_model)  # type: ignore[attr-defined]
     for module_name, name in ENDPOINTS:
