@@ -389,3 +389,28 @@ def test_a_request_device_is_read_as_monai_label_reads_it_on_a_gpu_machine(monke
     assert on_cuda({}) and on_cuda({"device": "NVIDIA H200"}) and not on_cuda({"device": "cpu"})
     with pytest.raises(ConfigError, match=r"device 'tpu' must be cpu, cuda, cuda:<index> or one of \['NVIDIA H200'\]"):
         request_device("tpu")
+
+
+def test_a_datastore_file_cut_short_stops_the_server_naming_it_and_is_left_as_it_was(phantom_studies: Path,
+                                                                                      phantom_cfg):
+    """A datastore file that does not read (cut short, edited by hand) was a pydantic traceback at start; now an
+    error naming the file and what to do, the file untouched; moved aside, the cases and label kinds come back from
+    the files."""
+    from crossmodal.config import ConfigError
+
+    ds = CrossModalDatastore(str(phantom_studies), phantom_cfg.labels)  # writes the file
+    ds.update_label_info("phantom001", "final", {"annotator": "dr a"})
+    path = phantom_studies / "datastore_v2.json"
+    cut = path.read_bytes()[:300]
+    path.write_bytes(cut)
+    with pytest.raises(ConfigError) as e:
+        CrossModalDatastore(str(phantom_studies), phantom_cfg.labels)
+    assert str(e.value).startswith(f"{path}: the datastore file does not read (Invalid JSON: EOF while parsing")
+    assert f"move it aside (mv {path} {path}.broken) and start again" in str(e.value)
+    assert path.read_bytes() == cut  # nothing written over it
+    path.rename(path.with_name("datastore_v2.json.broken"))
+    ds = CrossModalDatastore(str(phantom_studies), phantom_cfg.labels)
+    assert ds.get_label_info("phantom000", "final")["label_kind"] == "dense"
+    assert ds.get_label_info("phantom001", "final")["label_kind"] == "sparse"
+    assert "annotator" not in ds.get_label_info("phantom001", "final")  # what only the file held
+    assert sorted(ds.get_unlabeled_images()) == ["phantom002", "phantom003"]

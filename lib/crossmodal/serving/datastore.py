@@ -21,8 +21,9 @@ from typing import Any
 
 import nrrd
 import numpy as np
+import pydantic
 import torch
-from crossmodal.config import LabelConfig, as_device, as_flag, json_safe, near_miss, non_finite_at
+from crossmodal.config import ConfigError, LabelConfig, as_device, as_flag, json_safe, near_miss, non_finite_at
 from crossmodal.io import (
     IMAGE_EXTENSIONS,
     CaseError,
@@ -263,7 +264,18 @@ class CrossModalDatastore(LocalDatastore):
         self.modality_names, self.sidecar_dir = list(modalities), sidecar_dir
         self.on_remove: list[Callable[[str], None]] = []  # called with a removed case's id (its derived files)
         self._config_sig: tuple[int, ...] | None = None
-        super().__init__(datastore_path, extensions=EXTENSIONS, **kwargs)
+        try:
+            super().__init__(datastore_path, extensions=EXTENSIONS, **kwargs)
+        except pydantic.ValidationError as e:  # a file cut short or edited by hand: was a pydantic traceback at start
+            path = getattr(self, "_datastore_config_path", os.path.join(datastore_path, "datastore_v2.json"))
+            why = "; ".join(str(err.get("msg")) for err in e.errors()[:2])
+            raise ConfigError(
+                f"{path}: the datastore file does not read ({why}): a copy cut short, or edited by hand? It holds the "
+                "cases' label kinds and infos, scores and hand-outs. Put back a good copy, or move it aside "
+                f"(mv {path} {path}.broken) and start again: the server then lists the cases and labels from the "
+                "files (a label's kind by its marked_background voxels; scores recomputed), without the infos the "
+                "file held"
+            ) from None
         self._drop_non_finite()
         self._record_missing_kinds()
 
