@@ -585,3 +585,11 @@ def test_simulate_takes_only_dense_labels_as_truth_and_refuses_a_sparse_truth_be
         "marks background in a sparse label: truth must be a dense label); give the case a dense label map as its "
         "truth, or remove its truth file")
     assert not (tmp_path / "w").exists() and not list((tmp_path / "r").glob("*.json"))  # nothing trained first
+    save_volume(truth, np.where(lab == 255, 0, lab), load_volume(truth).affine.numpy())
+    (studies / "phantom002.nii.gz").unlink()  # truth without its image: was a StopIteration traceback
+    assert main(["simulate", "--studies", str(studies), "--test", "2", "--initial", "1", "--k", "1", "--rounds", "2",
+                 "--out", str(tmp_path / "r"), "--work", str(tmp_path / "w")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"crossmodal: error: case 'phantom002': file {studies / 'truth' / 'phantom002.nii.gz'}: has truth but no "
+        f"primary image in {studies}; remove the truth file, or put the case's image back")
+    assert not (tmp_path / "w").exists()

@@ -667,9 +667,10 @@ def test_offline_commands_refuse_a_missing_folder_zero_epochs_and_an_absent_gpu(
     no_image = tmp_path / "no_image"  # truth of a case whose image is gone: named before anything is segmented
     shutil.copytree(studies, no_image)
     (no_image / "phantom001.nii.gz").unlink()
-    cases.append((["evaluate", "--studies", str(no_image), "--model", weights],
-                  f"case 'phantom001': file {no_image / 'truth' / 'phantom001.nii.gz'}: has truth but no primary image "
-                  f"in {no_image}"))
+    for argv in (["evaluate", "--studies", str(no_image), "--model", weights],
+                 ["train", "--studies", str(no_image), "--epochs", "1"]):  # train: said once the model was published
+        cases.append((argv, f"case 'phantom001': file {no_image / 'truth' / 'phantom001.nii.gz'}: has truth but no "
+                            f"primary image in {no_image}; remove the truth file, or put the case's image back"))
     if not torch.cuda.is_available():
         cases.append((["train", "--studies", str(studies), "--device", "cuda"],
                       "--device cuda: no CUDA device is visible here"))

@@ -404,7 +404,7 @@ def training_log() -> Iterator[None]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """`crossmodal train`: the app's train task on a studies folder or nnU-Net dataset, then evaluation."""
-    from crossmodal.serving.offline import evaluate, held_out_cases, train_offline
+    from crossmodal.serving.offline import check_held_out, evaluate, held_out_cases, train_offline
 
     if args.epochs is not None and args.epochs < 1:
         raise ValueError(f"--epochs {args.epochs}: must be at least 1 (leave it out for the preset's max_epochs)")
@@ -414,6 +414,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     studies = as_studies(args.studies, preset, scratch=args.scratch)
     resolved = _method_preset(preset, args.method, args.model_dir)
     network = args.network or (load_config(resolved).model.name if args.method else None)
+    check_held_out(studies, load_config(resolved).labels.num_classes)  # the evaluation after it: before training
     with training_log():
         stats = train_offline(studies, resolved, args.model_dir, args.epochs, args.device, publish=args.publish,
                               pretrained=args.pretrained, network=network, use_unlabeled=not args.no_unlabeled,

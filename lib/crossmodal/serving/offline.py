@@ -221,12 +221,12 @@ def evaluate(studies: str, preset: str, model: str | None, device: str = "auto",
     cfg = load_config(preset)
     images = primary_images(root) if model else {}
     given = files_by_case(Path(predictions), "prediction") if predictions else {}
-    for truth_path in cases:  # before any case is segmented (was a StopIteration traceback after the others)
+    if model:  # before any case is segmented (were tracebacks after the others)
+        check_held_out(studies, cfg.labels.num_classes)
+    for truth_path in cases if predictions else []:
         cid = case_id_of(truth_path)
-        check_truth(truth_path, cid, cfg.labels.num_classes, images.get(cid))  # were tracebacks after the others
-        if model and cid not in images:
-            raise CaseError(cid, truth_path, f"has truth but no primary image in {root}")
-        if predictions and cid not in given:
+        check_truth(truth_path, cid, cfg.labels.num_classes)
+        if cid not in given:
             raise CaseError(cid, predictions, f"no prediction of this held-out case ({cid}.nii.gz, .nii or .nrrd; "
                                               f"the folder has {len(given)})")
     names = list(cfg.labels.foreground)
@@ -280,6 +280,19 @@ def evaluate(studies: str, preset: str, model: str | None, device: str = "auto",
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         atomic_write_text(Path(out), json.dumps(summary, indent=2))
     return summary
+
+
+def check_held_out(studies: str, num_classes: int) -> None:
+    """Check every held-out case of ``studies`` (:func:`held_out_cases`) before a model segments them: a primary
+    image to segment, and a truth :func:`check_truth` takes (``crossmodal train`` asks it before training, where a
+    truth without its image stopped the command once the model was published)."""
+    images = primary_images(studies)
+    for truth_path in held_out_cases(studies):
+        cid = case_id_of(truth_path)
+        if cid not in images:
+            raise CaseError(cid, truth_path, f"has truth but no primary image in {studies}; remove the truth file, or "
+                                             "put the case's image back")
+        check_truth(truth_path, cid, num_classes, images[cid])
 
 
 def check_truth(path: Path, case_id: str, num_classes: int, image: str | os.PathLike[str] | None = None) -> None:
