@@ -1,6 +1,7 @@
 """Scribble propagation by the multi-channel random walker: hand-built volumes, the coarse-grid path, the training
 transform on a real phantom case (scribbles -> most of the case, checked against the truth)."""
 
+import shutil
 from pathlib import Path
 
 import crossmodal.propagate as propagate_mod
@@ -234,9 +235,15 @@ def test_propagate_command_writes_grown_labels_and_names_bad_cases(tmp_path: Pat
     kept = np.rint(load_volume(tmp_path / "h" / "phantom001.nii.gz")[0].numpy()).astype(int)
     drawn = np.rint(load_volume(studies / "labels" / "final" / "phantom001.nii.gz")[0].numpy()).astype(int)
     assert np.array_equal(kept, drawn)  # written back exactly as drawn
-    assert main(["propagate", "--studies", str(studies), "--out", str(tmp_path / "x"), "--cases", "phantom009"]) == 2
-    err = capsys.readouterr().err
-    assert "case 'phantom009'" in err and "has no final label to propagate" in err
+    bare = tmp_path / "bare"  # phantom000 without its label
+    shutil.copytree(studies, bare)
+    (bare / "labels" / "final" / "phantom000.nii.gz").unlink()
+    for case, told in (("phantom0001", f"--cases phantom0001: not a case of {bare} (did you mean phantom001?); "
+                                       "cases with a final label: phantom001"),  # was "has no final label"
+                       ("phantom000", f"case 'phantom000': file {bare / 'labels' / 'final'}: has no final label to "
+                                      "propagate; cases with a final label: phantom001")):
+        assert main(["propagate", "--studies", str(bare), "--out", str(tmp_path / "x"), "--cases", case]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"crossmodal: error: {told}"
     assert not (tmp_path / "x").exists()
     # its own folder again: the grown map replaced; the labels' folder (or the studies one): refused, nothing changed
     assert json.loads((tmp_path / "h" / "propagated.json").read_text())["files"] == ["phantom001.nii.gz"]

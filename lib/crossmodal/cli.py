@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import itertools
 import json
 import logging
@@ -161,7 +162,12 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     found, images = files_by_case(studies / FINAL_LABELS, "final label"), primary_images(studies)
     for case in args.cases or []:
         if case not in found:
-            raise CaseError(case, studies / FINAL_LABELS, "has no final label to propagate")
+            labelled = f"cases with a final label: {', '.join(found) or 'none'}"
+            if case not in images:  # a typo read as a case without a label
+                close = difflib.get_close_matches(case, list(images), n=1)
+                raise ValueError(f"--cases {case}: not a case of {args.studies}"
+                                 f"{f' (did you mean {close[0]}?)' if close else ''}; {labelled}")
+            raise CaseError(case, studies / FINAL_LABELS, f"has no final label to propagate; {labelled}")
     load, out = LoadCased(cfg), OutputFolder(args.out, "propagated.json")
     out.check([f"{case}.nii.gz" for case in args.cases or found])  # on <studies>/labels/final: the labels replaced
     summary: dict[str, list[str]] = {"grown": [], "kept_as_drawn": [], "dense": []}
