@@ -637,7 +637,17 @@ def test_from_dicom_makes_a_studies_folder_of_a_dicom_export(tmp_path, capsys, c
                 np.testing.assert_allclose(y, x, atol=1e-3 * np.abs(x).max(), err_msg=str(after))
     np.testing.assert_array_equal(load_volume(out / "labels" / "final" / "phantom001.nii.gz").numpy(),
                                   load_volume(studies / "labels" / "final" / "phantom001.nii.gz").numpy())
-    capsys.readouterr()
+    capsys.readouterr()  # without --config: the preset whose series the studies have (brain refused: no 't1')
+    assert main(["data", "from-dicom", "--dicom", str(export), "--out", str(tmp_path / "guessed")]) == 0
+    printed = capsys.readouterr()
+    assert printed.err.splitlines()[0] == (
+        f"crossmodal: --config not given: preset 'phantom' (ct + pet, mr), the one whose series 2 of the 4 studies "
+        f"under {export} have (the default, 'brain', takes t1 + t2, pd; studies with all its series: 0)")
+    assert [json.loads(line) for line in printed.out.splitlines()] == list(records.values())
+    made = sorted(p.relative_to(out) for p in out.rglob("*.nii.gz"))
+    assert made == sorted(p.relative_to(tmp_path / "guessed") for p in (tmp_path / "guessed").rglob("*.nii.gz"))
+    for rel in made:  # the same volumes (the gzip headers name their temp files)
+        assert np.array_equal(load_volume(tmp_path / "guessed" / rel).numpy(), load_volume(out / rel).numpy()), rel
     assert main(["data", "from-dicom", "--dicom", str(export), "--out", str(out), "--config", "phantom"]) == 2
     assert capsys.readouterr().err.strip() == (
         f"crossmodal: error: --out {out}: already holds phantom000, phantom001, phantom002: writing would replace "

@@ -273,10 +273,16 @@ def cmd_to_dicom(args: argparse.Namespace) -> int:
 
 def cmd_from_dicom(args: argparse.Namespace) -> int:
     """`crossmodal data from-dicom`: DICOM series (a CD, a folder) as a studies folder."""
-    from crossmodal.dicom import import_dicom
+    from crossmodal.dicom import guess_dicom_preset, import_dicom, scan_series
 
-    cfg = _config(args, "brain")
-    records = import_dicom(args.dicom, args.out, cfg, skip_existing=args.skip_existing)
+    scanned, preset = None, args.config
+    if not preset:  # the brain's default refused a CT + PET + MR folder: "no study with a MR series ... for 't1'"
+        scanned = scan_series(args.dicom)
+        preset, why = guess_dicom_preset(scanned[3], "brain", args.dicom)
+        if why:
+            print(f"crossmodal: {why}", file=sys.stderr)
+    records = import_dicom(args.dicom, args.out, load_config(preset), skip_existing=args.skip_existing,
+                           scanned=scanned)
     _report(records)
     failed = [r["case"] for r in records if "error" in r]
     existing = [r["case"] for r in records if r.get("existing")]
@@ -712,7 +718,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "study, its series matched to the config's modalities, SEG as labels")
     q.add_argument("--dicom", required=True, help="folder searched for DICOM files (subfolders too)")
     q.add_argument("--out", required=True)
-    q.add_argument("--config")
+    q.add_argument("--config", help="preset name or YAML path; default: the preset whose modalities' series (DICOM "
+                                    "Modality, SeriesDescription) the most studies have all of (brain where it is "
+                                    "one of them or none fits)")
     q.add_argument("--skip-existing", action="store_true",
                    help="leave the cases --out already holds as they are and import the others (after fixing the "
                         "cases an earlier import named); without it such cases are refused")

@@ -745,8 +745,57 @@ def _check_slices(heads: Sequence[Dataset], where: Path, case_id: str) -> tuple[
     return (spacing[1], spacing[0], along) if spacing is not None else None
 
 
+def scan_series(folder: str | os.PathLike[str]) -> tuple[dict[str, list[Path]], dict[str, list[Dataset]], int,
+                                                          list[Any]]:
+    """:func:`scan_dicom`'s files, headers and count of other files, and each series as the PACS datastore lists
+    one (:class:`crossmodal.serving.dicomweb.Series`)."""
+    from crossmodal.serving.dicomweb import Series
+
+    files, headers, other = scan_dicom(folder)
+    series = [Series(uid, str(h.StudyInstanceUID), str(h.Modality), str(h.get("SeriesDescription", "")),
+                     int(h.get("SeriesNumber", 0) or 0), _series_date(h)) for uid, h in
+              ((uid, heads[0]) for uid, heads in headers.items())]
+    return files, headers, other, series
+
+
+def guess_dicom_preset(series: Sequence[Any], default: str, where: str,
+                       configs_dir: str | os.PathLike[str] | None = None) -> tuple[str, str | None]:
+    """The preset for DICOM series given without one (``crossmodal data from-dicom`` without ``--config``): the one
+    whose modalities' series (DICOM Modality and SeriesDescription, as :func:`~crossmodal.serving.dicomweb.
+    match_studies` matches them) the most studies have every one of; ``default`` where it is among those, or where
+    no study has every series of any preset (the import then says what it found). Returns (preset, a line saying
+    why, or None where it is ``default``).
+
+    Raises:
+        ConfigError: several presets fit as many studies (presets that extend another are not counted apart).
+    """
+    from crossmodal.config import ConfigError, default_configs_dir
+    from crossmodal.data.studies import candidate_presets, modalities
+    from crossmodal.serving.dicomweb import match_studies
+
+    presets, extends = candidate_presets(Path(configs_dir) if configs_dir else default_configs_dir())
+    whole = {name: sum(all(s is not None for s in case.siblings.values())
+                       for case in match_studies(list(series), cfg.modalities).values())
+             for name, cfg in presets.items()}
+    best = max(whole.values(), default=0)
+    fits = {name for name, n in whole.items() if n == best}
+    if best == 0 or default in fits:
+        return default, None
+    roots = sorted(n for n in fits if extends.get(n) not in fits)
+    studies = len({s.study for s in series})
+    if len(roots) > 1:
+        raise ConfigError(f"the DICOM series under {where} fit the presets {roots} alike ({best} of {studies} studies "
+                          "have every series of each); say which with --config")
+    return roots[0], (f"--config not given: preset {roots[0]!r} ({modalities(presets[roots[0]])}), the one whose "
+                      f"series {best} of the {studies} studies under {where} have (the default, {default!r}, takes "
+                      f"{modalities(presets[default]) if default in presets else 'others'}; studies with all its "
+                      f"series: {whole.get(default, 0)})")
+
+
 def import_dicom(folder: str | os.PathLike[str], out: str | os.PathLike[str], cfg: CrossModalConfig,
-                 progress: bool = True, skip_existing: bool = False) -> list[dict]:
+                 progress: bool = True, skip_existing: bool = False,
+                 scanned: tuple[dict[str, list[Path]], dict[str, list[Dataset]], int, list[Any]] | None = None
+                 ) -> list[dict]:
     """A folder of DICOM files (any layout, as a PACS export or a CD gives them) -> a studies folder.
 
     Each study whose series include one the config's primary modality takes (DICOM Modality, SeriesDescription
@@ -761,7 +810,8 @@ def import_dicom(folder: str | os.PathLike[str], out: str | os.PathLike[str], cf
     ``label`` (``dense`` / ``sparse`` / None) or ``error`` (that case not imported; the others are). A study without
     a primary series is a warning naming its series. ``skip_existing``: a case whose primary image ``out`` already
     holds (an earlier import of the folder, before the cases it named were fixed) is left as it is, its record
-    ``existing: True``; without it such a case is refused.
+    ``existing: True``; without it such a case is refused. ``scanned``: :func:`scan_series` of ``folder``, where
+    the caller has read it (to guess the preset: :func:`guess_dicom_preset`).
 
     Raises:
         ValueError: no DICOM study with a primary series under ``folder``, or ``out`` holding one of the cases
@@ -772,12 +822,10 @@ def import_dicom(folder: str | os.PathLike[str], out: str | os.PathLike[str], cf
     from crossmodal.data.studies import FINAL_LABELS, check_new_cases, primary_images
     from crossmodal.io import CaseError, atomic_copy, load_volume, save_volume
     from crossmodal.labels import classify
-    from crossmodal.serving.dicomweb import Series, match_studies
+    from crossmodal.serving.dicomweb import match_studies
 
-    files, headers, other = scan_dicom(folder)
+    files, headers, other, series = scanned or scan_series(folder)
     first = {uid: heads[0] for uid, heads in headers.items()}
-    series = [Series(uid, str(h.StudyInstanceUID), str(h.Modality), str(h.get("SeriesDescription", "")),
-                     int(h.get("SeriesNumber", 0) or 0), _series_date(h)) for uid, h in first.items()]
     cases = match_studies(series, cfg.modalities)
     if not cases:
         # as a viewer lists them (two series of one modality and description were one entry, without numbers)

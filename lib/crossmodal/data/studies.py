@@ -135,6 +135,27 @@ def modalities(cfg: CrossModalConfig) -> str:
         cfg.modality_names[0]
 
 
+def candidate_presets(base: Path) -> tuple[dict[str, CrossModalConfig], dict[str, str | None]]:
+    """The presets of ``base`` that name modalities (``base.yaml`` names none) and load, by name; and what each
+    ``extends`` (a preset that extends another is no different choice where both fit)."""
+    import yaml
+
+    from crossmodal.config import load_config
+
+    presets: dict[str, CrossModalConfig] = {}
+    extends: dict[str, str | None] = {}
+    for p in sorted(base.glob("*.yaml")):
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not raw.get("modalities") and not raw.get("extends"):
+            continue  # base: no modalities of its own
+        try:
+            presets[p.stem] = load_config(p.stem, base)
+        except Exception:  # a broken user YAML beside the shipped ones: not a candidate
+            continue
+        extends[p.stem] = raw.get("extends")
+    return presets, extends
+
+
 def guess_preset(studies: str | os.PathLike[str], default: str,
                  configs_dir: str | os.PathLike[str] | None = None) -> tuple[str, str | None]:
     """The preset for a folder given without one: ``default`` where it fits the folder's modalities (or the folder
@@ -159,22 +180,10 @@ def guess_preset(studies: str | os.PathLike[str], default: str,
     """
     import json
 
-    import yaml
-
-    from crossmodal.config import ConfigError, default_configs_dir, load_config
+    from crossmodal.config import ConfigError, default_configs_dir
 
     root, base = Path(studies), Path(configs_dir) if configs_dir else default_configs_dir()
-    presets: dict[str, CrossModalConfig] = {}
-    extends: dict[str, str | None] = {}
-    for p in sorted(base.glob("*.yaml")):
-        raw = yaml.safe_load(p.read_text()) or {}
-        if not raw.get("modalities") and not raw.get("extends"):
-            continue  # base: no modalities of its own
-        try:
-            presets[p.stem] = load_config(p.stem, base)
-        except Exception:  # a broken user YAML beside the shipped ones: not a candidate
-            continue
-        extends[p.stem] = raw.get("extends")
+    presets, extends = candidate_presets(base)
     meta = root / "dataset.json"
     if meta.is_file():
         try:
