@@ -798,8 +798,8 @@ def segs(orthanc: Orthanc) -> list[pydicom.Dataset]:
 def server(pacs, tmp_path_factory):
     orthanc, _ = pacs
     root = tmp_path_factory.mktemp("pacs-server")
-    srv = start_server(orthanc.dicomweb, root / "model", root / "server.log",
-                       {"preset": "phantom", "pretrained_baseline_unet": str(PRETRAINED_PHANTOM), "max_epochs": "1",
+    srv = start_server(orthanc.dicomweb, root / "model", root / "server.log",  # no preset: the PACS's series say
+                       {"pretrained_baseline_unet": str(PRETRAINED_PHANTOM), "max_epochs": "1",
                         "pacs_cache": str(root / "cache"), "pacs_timeout": "4", "pacs_list_ttl": "30"})
     yield srv
     stop_server(srv)
@@ -1194,4 +1194,31 @@ def test_a_pacs_whose_studies_the_preset_does_not_take_says_so(pacs, tmp_path, c
     with caplog.at_level(logging.WARNING, logger="crossmodal.serving.dicomweb"):
         assert len(PacsDatastore(orthanc.dicomweb, CFG, cache_path=str(tmp_path / "c2")).list_images()) == len(studies)
     assert [r for r in caplog.records if r.name == "crossmodal.serving.dicomweb"] == []  # every study a case
+
+
+def test_a_pacs_served_without_a_preset_takes_the_one_its_series_fit(pacs, tmp_path, caplog):
+    """The server on a PACS without --conf preset served the brain's (the phantom's CT + PET + MR studies: no case,
+    a warning the only sign); now the preset whose series the studies have, said in the log; a PACS that does not
+    answer at start keeps the default, said too."""
+    from conftest import APP
+    from crossmodal.serving.app import AppParts
+
+    orthanc, _ = pacs
+    client = make_client(orthanc.dicomweb)
+    studies = {r["0020000D"]["Value"][0] for r in client.search_for_studies()}
+    complete = sum(  # the studies with a CT, a PT and an MR series (phantom003 has no PET; a test may add others)
+        {"CT", "PT", "MR"} <= {r["00080060"]["Value"][0] for r in client.search_for_series(
+            search_filters={"StudyInstanceUID": uid}, fields=["Modality"])} for uid in studies)
+    with caplog.at_level(logging.INFO, logger="crossmodal.serving.app"):
+        parts = AppParts.from_conf(str(APP), {"model_dir": str(tmp_path / "m")}, pacs=True, studies=orthanc.dicomweb)
+    assert parts.preset == "phantom" and parts.cfg.modality_names == ["ct", "pet", "mr"]
+    assert (f"--conf preset not given: preset 'phantom' (ct + pet, mr), the one whose series {complete} of the "
+            f"{len(studies)} studies under {orthanc.dicomweb} have (the default, 'brain', takes t1 + t2, pd; studies "
+            "with all its series: 0)") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="crossmodal.serving.app"):  # nothing listens there
+        parts = AppParts.from_conf(str(APP), {"model_dir": str(tmp_path / "m"), "pacs_timeout": "2"}, pacs=True,
+                                   studies="http://127.0.0.1:9/dicom-web")
+    assert parts.preset == "brain"
+    assert "--conf preset not given, and the PACS cannot say which fits; serving 'brain'" in caplog.text
 

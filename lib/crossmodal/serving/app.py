@@ -254,7 +254,9 @@ class AppParts:
                   ) -> AppParts:
         """The app's parts from the server's ``--conf``; without ``preset``, a local ``studies`` folder's cases pick
         the preset that names their modalities (:func:`crossmodal.data.studies.guess_preset`; ``brain`` where they
-        are its own, the folder is empty, or on a PACS). An nnU-Net dataset as ``studies`` stops the server here:
+        are its own or the folder is empty), a PACS's studies the one whose series they have
+        (:func:`crossmodal.dicom.guess_dicom_preset`; ``brain`` where it fits, none does or the PACS does not
+        answer). An nnU-Net dataset as ``studies`` stops the server here:
         MONAI Label served it as a folder of no case, its images being under ``imagesTr``."""
         preset = conf.get("preset", "brain")
         local = Path(studies) if studies and not pacs else None
@@ -267,10 +269,23 @@ class AppParts:
                 check_not_dicom(local)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+        why = None
         if "preset" not in conf and local:
             preset, why = guess_preset(local, preset, conf.get("configs_dir"))
-            if why:
-                logger.info(why.replace("--config not given", "--conf preset not given"))
+        elif "preset" not in conf and pacs and studies:  # the PACS's series (its CT + PET studies listed no case
+            # under the brain's default, a warning the only sign)
+            from crossmodal.dicom import guess_dicom_preset
+            from crossmodal.serving.dicomweb import PacsUnavailable, pacs_series
+
+            try:
+                series = pacs_series(studies, conf_number(conf, "pacs_timeout", float, 30.0))
+            except PacsUnavailable as e:
+                logger.warning(f"{e.detail}: --conf preset not given, and the PACS cannot say which fits; serving "
+                               f"{preset!r}")
+                series = []
+            preset, why = guess_dicom_preset(series, preset, studies, conf.get("configs_dir"))
+        if why:
+            logger.info(why.replace("--config not given", "--conf preset not given"))
         epochs = conf_number(conf, "max_epochs")
         overrides: dict = {"train": {"max_epochs": epochs}} if epochs else {}
         missing = conf.get("missing_modality") or ("zero_fill" if pacs else None)

@@ -113,6 +113,30 @@ def _value(ds: dict, tag: str, default: Any = "") -> Any:
     return v[0] if v else default
 
 
+SERIES_FIELDS = ["SeriesDescription", "SeriesNumber", "Modality", "SeriesDate", "SeriesTime"]
+"""The fields a series listing asks for beside the UIDs (QIDO-RS ``includefield``)."""
+
+
+def series_of(rows: list[dict]) -> list[Series]:
+    """QIDO-RS series rows (DICOM JSON, with :data:`SERIES_FIELDS`) as :class:`Series`."""
+    return [Series(str(_value(r, "0020000E")), str(_value(r, "0020000D")), str(_value(r, "00080060")),
+                   str(_value(r, "0008103E")), int(_value(r, "00200011", 0) or 0),
+                   f"{_value(r, '00080021')}{_value(r, '00080031')}") for r in rows]
+
+
+def pacs_series(url: str, timeout: float = 30.0) -> list[Series]:
+    """Every series of the DICOMweb server at ``url``.
+
+    Raises:
+        PacsUnavailable: it does not answer.
+    """
+    try:
+        return series_of(make_client(url.rstrip("/"), timeout).search_for_series(get_remaining=True,
+                                                                                 fields=SERIES_FIELDS))
+    except requests.RequestException as e:
+        raise PacsUnavailable(url, "listing series", e) from e
+
+
 def match_studies(series: list[Series], modalities: list[ModalityConfig]) -> dict[str, StudyCase]:
     """Assign each study's series to the configured modalities; returns cases by primary series UID.
 
@@ -225,11 +249,7 @@ class PacsDatastore(CrossModalDatastore):
             if not force and self._index_ts >= 0 and time.monotonic() - self._index_ts < self.list_ttl:
                 return self._index
             try:
-                rows = self._search("listing series", fields=["SeriesDescription", "SeriesNumber", "Modality",
-                                                              "SeriesDate", "SeriesTime"])
-                series = [Series(str(_value(r, "0020000E")), str(_value(r, "0020000D")), str(_value(r, "00080060")),
-                                 str(_value(r, "0008103E")), int(_value(r, "00200011", 0) or 0),
-                                 f"{_value(r, '00080021')}{_value(r, '00080031')}") for r in rows]
+                series = series_of(self._search("listing series", fields=SERIES_FIELDS))
                 self._read_segs([s for s in series if s.modality == "SEG"])
             except PacsUnavailable as e:
                 if self._index_ts < 0:
