@@ -762,6 +762,32 @@ def test_studies_map_series_to_modalities_by_modality_and_description():
     assert {k: v.uid for k, v in case.siblings.items()} == {"t2": "a", "pd": "b"}
 
 
+def test_dicom_series_pick_the_preset_whose_series_the_studies_have(tmp_path):
+    """``from-dicom`` / a PACS without a preset: the preset whose modalities' series most studies have all of;
+    the default where it is one of those or none fits; a preset that extends another is that one; two presets alike
+    are an error naming both and the option."""
+    import shutil
+
+    from crossmodal.config import ConfigError, default_configs_dir
+    from crossmodal.dicom import guess_dicom_preset
+
+    petct = [Series(f"{st}{m}", st, m, d, n) for st in ("A", "B") for n, (m, d) in
+             enumerate((("CT", "ct"), ("PT", "pet"), ("MR", "mr")), 1)]
+    mr = [Series(f"C{d}", "C", "MR", d, n) for n, d in enumerate(("t1_mprage", "t2_tse", "pd"), 1)]
+    assert guess_dicom_preset(petct, "brain", "cd")[0] == "phantom"  # phantom_large extends it: no second choice
+    assert guess_dicom_preset(petct + mr, "brain", "cd")[0] == "phantom"  # 2 studies against brain's 1
+    assert guess_dicom_preset(petct[:3] + mr, "brain", "cd") == ("brain", None)  # 1 each: the default
+    assert guess_dicom_preset(mr, "brain", "cd") == ("brain", None)
+    assert guess_dicom_preset([Series("x", "X", "US", "echo", 1)], "brain", "cd") == ("brain", None)
+    configs = tmp_path / "configs"
+    shutil.copytree(default_configs_dir(), configs)
+    (configs / "petct.yaml").write_text((configs / "phantom.yaml").read_text().replace("name: phantom", "name: petct"))
+    with pytest.raises(ConfigError) as e:
+        guess_dicom_preset(petct, "brain", "cd", configs, "--conf preset")
+    assert str(e.value) == ("the DICOM series under cd fit the presets ['petct', 'phantom'] alike (2 of 2 studies "
+                            "have every series of each); say which with --conf preset")
+
+
 # ---- against a running Orthanc and a running server -----------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -759,12 +759,14 @@ def scan_series(folder: str | os.PathLike[str]) -> tuple[dict[str, list[Path]], 
 
 
 def guess_dicom_preset(series: Sequence[Any], default: str, where: str,
-                       configs_dir: str | os.PathLike[str] | None = None) -> tuple[str, str | None]:
+                       configs_dir: str | os.PathLike[str] | None = None, option: str = "--config"
+                       ) -> tuple[str, str | None]:
     """The preset for DICOM series given without one (``crossmodal data from-dicom`` without ``--config``): the one
     whose modalities' series (DICOM Modality and SeriesDescription, as :func:`~crossmodal.serving.dicomweb.
     match_studies` matches them) the most studies have every one of; ``default`` where it is among those, or where
     no study has every series of any preset (the import then says what it found). Returns (preset, a line saying
-    why, or None where it is ``default``).
+    why, or None where it is ``default``). ``option``: the option that names a preset (the server's ``--conf
+    preset``).
 
     Raises:
         ConfigError: several presets fit as many studies (presets that extend another are not counted apart).
@@ -785,8 +787,8 @@ def guess_dicom_preset(series: Sequence[Any], default: str, where: str,
     studies = len({s.study for s in series})
     if len(roots) > 1:
         raise ConfigError(f"the DICOM series under {where} fit the presets {roots} alike ({best} of {studies} studies "
-                          "have every series of each); say which with --config")
-    return roots[0], (f"--config not given: preset {roots[0]!r} ({modalities(presets[roots[0]])}), the one whose "
+                          f"have every series of each); say which with {option}")
+    return roots[0], (f"{option} not given: preset {roots[0]!r} ({modalities(presets[roots[0]])}), the one whose "
                       f"series {best} of the {studies} studies under {where} have (the default, {default!r}, takes "
                       f"{modalities(presets[default]) if default in presets else 'others'}; studies with all its "
                       f"series: {whole.get(default, 0)})")

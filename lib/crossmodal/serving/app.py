@@ -283,7 +283,7 @@ class AppParts:
                 logger.warning(f"{e.detail}: --conf preset not given, and the PACS cannot say which fits; serving "
                                f"{preset!r}")
                 series = []
-            preset, why = guess_dicom_preset(series, preset, studies, conf.get("configs_dir"))
+            preset, why = guess_dicom_preset(series, preset, studies, conf.get("configs_dir"), "--conf preset")
         if why:
             logger.info(why.replace("--config not given", "--conf preset not given"))
         epochs = conf_number(conf, "max_epochs")
