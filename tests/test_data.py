@@ -588,6 +588,14 @@ def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg, 
     assert main(["train", "--studies", str(ds), "--config", "phantom", "--model-dir", str(tmp_path / "x"),
                  "--method", "single_xray"]) == 2
     assert "single_ct, single_pet, single_mr" in capsys.readouterr().err
+    (ds / "labelsTs" / "phantom002.nii.gz").unlink()  # no held-out label: said of the dataset (was: of the temp
+    for given in (["--model", str(PRETRAINED_PHANTOM)], ["--predictions", str(tmp_path / "p")]):  # import folder)
+        assert main(["evaluate", "--studies", str(ds), "--config", "phantom", "--network", "baseline_unet",
+                     *given]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"crossmodal: error: {ds}: no held-out case to evaluate: none of its 1 imagesTs cases (phantom002) has its "
+            f"label in labelsTs (e.g. {ds / 'labelsTs' / 'phantom002.nii.gz'}); held-out cases are imagesTs cases "
+            "with their labels in labelsTs")
 
 
 def test_offline_train_on_a_bad_case_names_case_file_and_problem_without_a_traceback(tmp_path: Path, phantom_cfg,

@@ -509,6 +509,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.predictions and not Path(args.predictions).is_dir():
         raise FileNotFoundError(f"--predictions {args.predictions}: no such folder")
     preset = _preset(args, "brain", studies_folder(args.studies))
+    if (Path(args.studies) / "dataset.json").is_file():  # said of the dataset, not of its temp import
+        from crossmodal.data.nnunet import check_test_labels
+
+        check_test_labels(args.studies, load_config(preset))
     studies = as_studies(args.studies, preset, scratch=args.scratch)
     resolved, network, mirror, overlap = _segmenting(args, preset)
     classes = None

@@ -142,6 +142,25 @@ def list_cases(dataset: str | os.PathLike[str], cfg: CrossModalConfig) -> list[N
     return cases
 
 
+def check_test_labels(dataset: str | os.PathLike[str], cfg: CrossModalConfig) -> None:
+    """Check, before the dataset is read, that an imagesTs case has its label in labelsTs: the held-out cases
+    ``evaluate`` scores (its error named the temp folder the dataset was imported into).
+
+    Raises:
+        ValueError: naming the dataset, its imagesTs cases and the label file the first would have.
+    """
+    root = Path(dataset)
+    test = [c for c in list_cases(root, cfg) if c.split == "test"]
+    if any(c.label for c in test):
+        return
+    ending = file_ending(root, read_dataset_json(root))
+    where = (f"none of its {len(test)} imagesTs cases ({', '.join(c.case_id for c in test[:5])}"
+             f"{' ...' if len(test) > 5 else ''}) has its label in labelsTs (e.g. "
+             f"{root / 'labelsTs' / (test[0].case_id + ending)})" if test else "it has no imagesTs case")
+    raise ValueError(f"{root}: no held-out case to evaluate: {where}; held-out cases are imagesTs cases with their "
+                     "labels in labelsTs")
+
+
 def import_nnunet(dataset: str | os.PathLike[str], studies: str | os.PathLike[str],
                   cfg: CrossModalConfig) -> list[dict[str, object]]:
     """Copy an nnU-Net dataset into a studies folder; ``ignore`` regions become sparse labels.
