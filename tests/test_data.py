@@ -596,6 +596,14 @@ def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg, 
             f"crossmodal: error: {ds}: no held-out case to evaluate: none of its 1 imagesTs cases (phantom002) has its "
             f"label in labelsTs (e.g. {ds / 'labelsTs' / 'phantom002.nii.gz'}); held-out cases are imagesTs cases "
             "with their labels in labelsTs")
+    label = ds / "labelsTr" / "phantom000.nii.gz"  # a label on another grid than its images: named in the dataset
+    lab = load_volume(label)
+    save_volume(label, np.rint(lab[0].numpy()[::2, ::2, ::2]).astype(np.uint8), np.diag([4.0, 4.0, 4.0, 1.0]))
+    assert main(["data", "import-nnunet", "--dataset", str(ds), "--out", str(tmp_path / "imp"), "--config",
+                 "phantom"]) == 2  # was imported so, and training named the temp import's copy
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"crossmodal: error: case 'phantom000': file {label}: label grid (24, 24, 24) / affine [[4.0, 0.0, 0.0, 0.0]")
+    assert not (tmp_path / "imp").exists() or not any((tmp_path / "imp").iterdir())
 
 
 def test_offline_train_on_a_bad_case_names_case_file_and_problem_without_a_traceback(tmp_path: Path, phantom_cfg,

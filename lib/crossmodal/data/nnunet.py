@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from crossmodal.config import CrossModalConfig, atomic_write_text
 from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR, primary_images, truth_files
-from crossmodal.io import CaseError, case_id_of, find_case, load_volume, resample_to, save_volume
+from crossmodal.io import CaseError, case_id_of, find_case, load_volume, read_label, resample_to, save_volume
 from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE, classify, from_training, name_key, to_training
 
 # the ``file_ending`` values of dataset.json whose 3D volumes MONAI's readers open (nnU-Net also knows 2D .png / .tif)
@@ -199,8 +199,9 @@ def _import_cases(dataset: str | os.PathLike[str], out: Path, cfg: CrossModalCon
             save_volume(out / cfg.data.sidecar_dir / case.case_id / f"{name}.nii.gz", vol[0].numpy(),
                         vol.affine.numpy())
         kind = None
-        if case.label:
-            arr = np.rint(load_volume(case.label, case.case_id)[0].numpy()).astype(np.int64)
+        if case.label:  # on the image's grid, as nnU-Net has it (a label on another grid was found after the
+            # import, named by its temp copy)
+            arr = read_label(case.label, primary, case.case_id)
             ignored = arr == int(ignore) if ignore is not None else np.zeros(arr.shape, bool)
             arr = relabel(arr, classes)
             if case.split == "test":
