@@ -247,6 +247,21 @@ def test_cli_sparsify_reports_fraction_and_errors_name_the_file(tmp_path: Path, 
                  str(tmp_path / "x.nii.gz")]) == 2
     err = capsys.readouterr().err
     assert "none.nii.gz" in err and "file does not exist" in err
+    # a sparse label (its strokes and marked background were thinned again, as a class) or values the preset has no
+    # class for (left out of the strokes): refused, naming them; nothing written
+    lab = np.rint(load_volume(studies / "truth" / "phantom000.nii.gz")[0].numpy()).astype(np.uint8)
+    for name, arr, told in (("sparse", np.where(lab == 0, 255, lab), "holds marked_background (255): a sparse label "
+                                                                     "already; sparsify takes a dense label map"),
+                            ("seven", np.where(lab == 3, 7, lab), "values [7] are not classes of the config "
+                                                                  "'phantom' ({'organ': 1, 'lesion': 2, 'vessel': 3}); "
+                                                                  "give --config with the preset whose labels these "
+                                                                  "are")):
+        save_volume(tmp_path / f"{name}.nii.gz", arr, np.eye(4))
+        assert main(["data", "sparsify", "--label", str(tmp_path / f"{name}.nii.gz"), "--out",
+                     str(tmp_path / "y.nii.gz"), "--config", "phantom"]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"crossmodal: error: case '{name}': file {tmp_path / f'{name}.nii.gz'}: {told}")
+    assert not (tmp_path / "y.nii.gz").exists()
 
 
 

@@ -129,11 +129,24 @@ def cmd_brain(args: argparse.Namespace) -> int:
 def cmd_sparsify(args: argparse.Namespace) -> int:
     """`crossmodal data sparsify`: scribbles or a few painted slices from a dense label."""
     from crossmodal.data.sparse import annotated_fraction, sparsify
-    from crossmodal.io import load_volume, save_volume
+    from crossmodal.io import case_id_of, load_volume, save_volume
 
     cfg = _config(args, "brain")
     vol = load_volume(args.label)
+    if vol.shape[0] != 1:
+        raise CaseError(case_id_of(args.label), args.label, f"a label must be one 3D label map, got {vol.shape[0]} "
+                                                             "channels")
     dense = np.rint(vol[0].numpy()).astype(np.int64)
+    values = {int(v) for v in np.unique(dense)} - {0}
+    if cfg.labels.marked_background in values:  # its strokes were thinned again as if a class
+        raise CaseError(case_id_of(args.label), args.label, f"holds {cfg.labels.marked_background_name} "
+                                                             f"({cfg.labels.marked_background}): a sparse label "
+                                                             "already; sparsify takes a dense label map")
+    unknown = sorted(values - set(cfg.labels.classes.values()))
+    if unknown or not np.allclose(vol[0].numpy(), dense, atol=1e-3):  # left out of the strokes without a word
+        raise CaseError(case_id_of(args.label), args.label,
+                        f"values {unknown or 'that are not whole numbers'} are not classes of the config "
+                        f"{cfg.name!r} ({cfg.labels.foreground}); give --config with the preset whose labels these are")
     sp = sparsify(dense, cfg.labels, args.mode, np.random.default_rng(args.seed), axis=args.axis, step=args.step)
     save_volume(args.out, sp, vol.affine.numpy())
     fg = float((dense != 0).mean())
