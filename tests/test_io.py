@@ -140,11 +140,20 @@ def test_a_folder_of_one_cases_files_named_by_modality_is_a_case(phantom_studies
     reference, _ = load_case(find_case(phantom_studies / "phantom001.nii.gz", phantom_cfg.modality_names), phantom_cfg)
     assert used == ["ct", "pet", "mr"] and torch.equal(image.as_tensor(), reference.as_tensor())
 
-    (folder / "ct.nii.gz").rename(folder / "scan.nii.gz")
+    (folder / "ct.nii.gz").rename(folder / "CT.nii.gz")  # any case (was "needs its ct image as ct.nii.gz")
+    assert find_case(folder, phantom_cfg.modality_names).primary == str(folder / "CT.nii.gz")
+    # the case's own file beside its secondaries, as a studies folder names them: it is the primary, its name the id
+    (folder / "CT.nii.gz").rename(folder / "phantom001.nii.gz")
+    case = find_case(folder, phantom_cfg.modality_names)
+    assert (case.case_id, case.primary) == ("phantom001", str(folder / "phantom001.nii.gz"))
+    assert case.modalities == {"pet": str(folder / "pet.nii.gz"), "mr": str(folder / "mr.nii.gz")}
+    assert torch.equal(load_case(case, phantom_cfg)[0].as_tensor(), reference.as_tensor())
+    (folder / "mr.nii.gz").rename(folder / "scan.nii.gz")  # two files named by no modality: which is the CT?
     with pytest.raises(CaseError) as e:
         find_case(folder, phantom_cfg.modality_names)
     assert str(e.value).endswith("a folder of one case needs its ct image as ct.nii.gz (or .nii/.nrrd) and each other "
-                                 "modality named by it (pet, mr); it holds ['mr.nii.gz', 'pet.nii.gz', 'scan.nii.gz']")
+                                 "modality named by it (pet, mr); it holds ['pet.nii.gz', 'phantom001.nii.gz', "
+                                 "'scan.nii.gz']")
     alone = tmp_path / "upload"
     alone.mkdir()
     shutil.copy(phantom_studies / "phantom001.nii.gz", alone / "tmpab12cd34.nii.gz")

@@ -88,7 +88,9 @@ def find_case(image_path: str | os.PathLike[str], modality_names: Sequence[str],
               studies_dir: str | os.PathLike[str] | None = None) -> Case:
     """Find the other modalities of the primary image ``image_path`` in the studies layout; or, for a folder, one
     case's files in it, each named by its modality (``ct.nii.gz``, ``pet.nii.gz``, ...: a MONAI Label session of
-    several files), the case id the folder's name.
+    several files; any case), the case id the folder's name; or the secondaries named so beside one other file, the
+    primary, whose name is the case id (``phantom005.nii.gz``, ``pet.nii.gz``, ``mr.nii.gz``, as a studies folder
+    names them).
 
     Args:
         image_path: the primary image (a file directly in the studies folder), or one case's folder.
@@ -101,8 +103,17 @@ def find_case(image_path: str | os.PathLike[str], modality_names: Sequence[str],
     """
     image_path = Path(image_path)
     if image_path.is_dir():
+        volumes = sorted(p for p in image_path.iterdir() if p.is_file() and split_ext(p)[1] in IMAGE_EXTENSIONS)
         named = {name: next((str(p) for ext in IMAGE_EXTENSIONS if (p := image_path / f"{name}{ext}").is_file()), None)
                  for name in modality_names}
+        for name in modality_names:  # CT.nii.gz for ct, where nothing matches exactly
+            if named[name] is None:
+                named[name] = next((str(p) for p in volumes if split_ext(p)[0].lower() == name.lower()), None)
+        rest = [p for p in volumes if str(p) not in named.values()]
+        if named[modality_names[0]] is None and len(rest) == 1 and all(named[n] for n in modality_names[1:]):
+            # the studies layout's names: the case's own file (phantom005.nii.gz) beside pet.nii.gz, mr.nii.gz
+            return Case(case_id=split_ext(rest[0])[0], primary=str(rest[0]),
+                        modalities={n: named[n] for n in modality_names[1:]}, folder=str(image_path))
         if named[modality_names[0]] is None:
             raise CaseError(image_path.name, image_path,
                             f"a folder of one case needs its {modality_names[0]} image as {modality_names[0]}.nii.gz "
