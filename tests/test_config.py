@@ -133,3 +133,23 @@ def test_the_server_says_at_start_what_it_segments_with(tmp_path: Path):
     shipped = AppParts.from_conf(str(APP), {"preset": "brain", "model_dir": str(tmp_path / "b")}).describe()
     assert shipped.endswith(f"crossmodal: {APP / 'pretrained' / 'brain_crossmodal.pt'} (pretrained); baseline_unet: "
                             f"{APP / 'pretrained' / 'brain_baseline_unet.pt'} (pretrained)")
+
+
+def test_a_preset_the_folder_does_not_fit_is_said_at_start(tmp_path: Path, caplog):
+    """`--conf preset brain` on CT + PET + MR cases: every infer a 422 naming a missing T2, nothing at start to say
+    why; now a warning naming the files, what the preset takes and the preset they fit. None where they fit."""
+    import logging
+
+    from conftest import make_phantom_studies
+
+    studies = make_phantom_studies(tmp_path / "s", load_config("phantom"), cases=2, dense=1, sparse=0, seed=3)
+    with caplog.at_level(logging.WARNING, logger="crossmodal.serving.app"):
+        AppParts.from_conf(str(APP), {"preset": "brain", "model_dir": str(tmp_path / "m")}, studies=str(studies))
+    assert [r.getMessage() for r in caplog.records if r.name == "crossmodal.serving.app"] == [
+        f"--conf preset brain: the cases under {studies} have modality files of mr, pet, which it does not take (t1 + "
+        "t2, pd), and no file of t2, pd: each such case is a 422 at infer ('modality ... is missing') and stops a "
+        "training (unless missing_modality zero_fill); they fit preset 'phantom' (--conf preset phantom)"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="crossmodal.serving.app"):
+        AppParts.from_conf(str(APP), {"preset": "phantom", "model_dir": str(tmp_path / "m")}, studies=str(studies))
+    assert [r for r in caplog.records if r.name == "crossmodal.serving.app"] == []

@@ -122,7 +122,7 @@ def generate(studies: str | os.PathLike[str], cfg: CrossModalConfig, make: Calla
     return records
 
 
-def _folder_modalities(studies: Path, sidecar_dir: str) -> set[str]:
+def folder_modalities(studies: Path, sidecar_dir: str) -> set[str]:
     """Lower-case names of the secondary modality files under ``<studies>/<sidecar_dir>/<case>/``."""
     side = studies / sidecar_dir
     return {split_ext(f)[0].lower() for case in (sorted(side.iterdir()) if side.is_dir() else []) if case.is_dir()
@@ -195,7 +195,7 @@ def guess_preset(studies: str | os.PathLike[str], default: str,
         which = f"whose modalities are {where}"
         fits = {n for n, c in presets.items() if sorted(m.lower() for m in c.modality_names) == sorted(names)}
     else:
-        seen = {n: _folder_modalities(root, c.data.sidecar_dir) for n, c in presets.items()}
+        seen = {n: folder_modalities(root, c.data.sidecar_dir) for n, c in presets.items()}
         if not any(seen.values()):
             return default, None
         found = ", ".join(sorted(set().union(*seen.values())))

@@ -42,7 +42,7 @@ from crossmodal.config import (
     parse_overlap,
     resolve_preset,
 )
-from crossmodal.data.studies import check_not_dicom, guess_preset
+from crossmodal.data.studies import check_not_dicom, folder_modalities, guess_preset, modalities
 from crossmodal.io import atomic_copy
 from crossmodal.nets import ModelFileError, build_network, check_weights
 from crossmodal.serving.activelearning import CrossModalScoring, CrossModalStrategy
@@ -240,6 +240,27 @@ class ModelParts:
         return self.cfg.model.name
 
 
+def warn_unfit_preset(studies: Path, cfg: CrossModalConfig, preset: str, configs_dir: str | None = None) -> bool:
+    """Log a warning where the secondary modality files under ``studies`` are not all ``cfg``'s (a preset given
+    with ``--conf preset`` that the cases do not fit), naming the files, what the preset takes and the preset they
+    fit where one does; True where it warned."""
+    seen = folder_modalities(studies, cfg.data.sidecar_dir)
+    other = sorted(seen - {m.lower() for m in cfg.modality_names[1:]})
+    if not other:
+        return False
+    try:
+        fit, _ = guess_preset(studies, preset, configs_dir)
+        hint = f"; they fit preset {fit!r} (--conf preset {fit})" if fit != preset else ""
+    except ConfigError:
+        hint = ""
+    lacking = [m for m in cfg.modality_names[1:] if m.lower() not in seen]
+    effect = (f"and no file of {', '.join(lacking)}: each such case is a 422 at infer ('modality ... is missing') and "
+              "stops a training (unless missing_modality zero_fill)" if lacking else "which are not read")
+    logger.warning(f"--conf preset {preset}: the cases under {studies} have modality files of {', '.join(other)}, "
+                   f"which it does not take ({modalities(cfg)}), {effect}{hint}")
+    return True
+
+
 @dataclass
 class AppParts:
     """The resolved config and the app's models; the first model is the preset's ``model.name``."""
@@ -297,6 +318,9 @@ class AppParts:
         if conf.get("overlap") is not None:
             overrides.setdefault("infer", {})["overlap"] = parse_overlap(conf["overlap"], "--conf overlap")
         cfg = load_config(preset, conf.get("configs_dir"), overrides or None)
+        if local and "preset" in conf:  # a preset given that the folder's cases do not fit: every request a 422
+            # naming a missing modality, with nothing at start to say why
+            warn_unfit_preset(local, cfg, preset, conf.get("configs_dir"))
         model_dir = conf.get("model_dir") or os.path.join(app_dir, "model")
         os.makedirs(model_dir, exist_ok=True)
         names = [n.strip() for n in conf.get("models", "").split(",") if n.strip()] or \
