@@ -540,6 +540,11 @@ def test_simulate_cli_rejects_a_pool_too_small_for_its_rounds_before_training(tm
         "crossmodal: error: --initial 1 + --k 2 x 2 more rounds = 5 cases to annotate, but the pool holds 3 "
         "(5 cases with truth, --test 2 held out); use --rounds 2 or fewer")
     assert not list(out.glob("*.json")) and not (tmp_path / "work").exists()  # no reference model trained first
+    assert main(["simulate", "--studies", str(studies), "--config", "phantom", "--seeds", "0", "1", "0", "--out",
+                 str(out), "--work", str(tmp_path / "work")]) == 2  # was: seed 0's curves trained twice, counted double
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "crossmodal: error: --seeds 0 1 0: [0] given more than once; each seed once")
+    assert not list(out.glob("*.json")) and not (tmp_path / "work").exists()
     rc = main(["simulate", "--studies", str(studies), "--config", "phantom", "--test", "2", "--initial", "1", "--k",
                "1", "--rounds", "2", "--steps", "1", "--patch", "30", "--out", str(out), "--work",
                str(tmp_path / "work")])  # was a tensor-size RuntimeError traceback once training began

@@ -315,6 +315,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     """`crossmodal simulate`: the annotate-retrain loop without people; JSON + learning-curve PNG."""
     from crossmodal.simulate import SimSpec, plot, simulate_dataset, summarize, write_json
 
+    if len(set(args.seeds)) < len(args.seeds):  # a seed twice trained its curves twice, weighing them double
+        twice = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
+        raise ValueError(f"--seeds {' '.join(map(str, args.seeds))}: {twice} given more than once; each seed once")
     preset = _preset(args, "brain", studies_folder(args.studies))
     studies = Path(as_studies(args.studies, preset, oracle=True, scratch=args.scratch))
     dataset = args.name or Path(args.studies).name
