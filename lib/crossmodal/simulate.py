@@ -27,10 +27,10 @@ import torch
 
 from crossmodal.config import ConfigError, atomic_write_text, load_config, save_config
 from crossmodal.data.sparse import sparsify
-from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR, primary_images, truth_files
-from crossmodal.io import IMAGE_EXTENSIONS, CaseError, case_id_of, load_volume, save_volume, split_ext
+from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR, truth_files
+from crossmodal.io import IMAGE_EXTENSIONS, case_id_of, load_volume, save_volume, split_ext
 from crossmodal.serving.offline import (
-    check_truth,
+    check_held_out,
     dice_per_case,
     epoch_length,
     evaluate,
@@ -414,12 +414,9 @@ def simulate_dataset(src: Path, work: Path, dataset: str, spec: SimSpec, seeds: 
     comes."""
     pool_cases, test_cases = split_cases(src, spec.test)
     spec.check(len(pool_cases) + len(test_cases))  # before minutes of training, not after
-    truths, num_classes, images = truth_files(src), load_config(spec.preset).labels.num_classes, primary_images(src)
-    for c in pool_cases + test_cases:  # a sparse truth, or one on another grid, was a traceback after the first
-        if c not in images:  # training (or trained the rounds on it); one without its image a StopIteration
-            raise CaseError(c, truths[c], f"has truth but no primary image in {src}; remove the truth file, or put "
-                                          "the case's image back")
-        check_truth(truths[c], c, num_classes, images[c])
+    # a sparse truth, or one on another grid, was a traceback after the first training (or trained the rounds on
+    # it); one without its image a StopIteration
+    check_held_out(src, load_config(spec.preset).labels.num_classes, pool_cases + test_cases)
     cost_done = not cost
     for seed in seeds:
         emit("reference", full_reference(src, work, dataset, spec, seed))

@@ -282,12 +282,14 @@ def evaluate(studies: str, preset: str, model: str | None, device: str = "auto",
     return summary
 
 
-def check_held_out(studies: str, num_classes: int) -> None:
-    """Check every held-out case of ``studies`` (:func:`held_out_cases`) before a model segments them: a primary
-    image to segment, and a truth :func:`check_truth` takes (``crossmodal train`` asks it before training, where a
-    truth without its image stopped the command once the model was published)."""
+def check_held_out(studies: str | os.PathLike[str], num_classes: int, cases: Sequence[str] | None = None) -> None:
+    """Check every held-out case of ``studies`` (:func:`held_out_cases`; ``cases``: those cases' truth files
+    instead) before a model segments them: a primary image to segment, and a truth :func:`check_truth` takes
+    (``crossmodal train`` asks it before training, where a truth without its image stopped the command once the
+    model was published; ``crossmodal simulate`` of every case it draws from)."""
     images = primary_images(studies)
-    for truth_path in held_out_cases(studies):
+    truths = held_out_cases(str(studies)) if cases is None else [truth_files(studies)[c] for c in cases]
+    for truth_path in truths:
         cid = case_id_of(truth_path)
         if cid not in images:
             raise CaseError(cid, truth_path, f"has truth but no primary image in {studies}; remove the truth file, or "
