@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import APP, make_phantom_studies
 from crossmodal.active import combine, mutual_information, score_image, score_network_outputs, scoring_input, select
-from crossmodal.config import load_config
+from crossmodal.config import load_config, save_config
 from crossmodal.io import load_volume, save_volume
 from crossmodal.nets import CrossModalNet, build_network
 from crossmodal.serving.activelearning import (
@@ -22,6 +22,7 @@ from crossmodal.serving.activelearning import (
     CrossModalScoring,
     CrossModalStrategy,
     candidates,
+    model_key,
     stored_scores,
 )
 from crossmodal.serving.app import AppParts
@@ -246,6 +247,50 @@ def test_a_case_whose_modality_is_replaced_is_scored_again(app_parts, tmp_path):
     assert after["disagreement"] != before["disagreement"] and after["descriptor"] != before["descriptor"]
     assert after["files"] == scoring.files_stamp(store.get_image_uri(case))
     assert scoring({}, store)["scored"] == 0
+
+
+def test_an_edited_config_rescores_and_rebuilds_the_cached_inputs_with_the_same_model(app_parts, tmp_path):
+    """Scores were current by the model file's mtime alone, and cached inputs by the case's files alone: after an
+    edit of the preset (here the CT window), served with the same weights, every case kept its scores and its input
+    normalised the old way. Both are keyed by what the input is computed with now."""
+    parts, store, studies = app_parts
+    scoring = parts.scoring(parts.infer())
+    assert scoring({}, store)["scored"] == 4
+    case = sorted(store.get_unlabeled_images())[0]
+    path = store.get_image_uri(case)
+    x0 = scoring.case_input(path)[0]
+    edited = load_config("phantom")
+    edited.modalities[0].window = (-200.0, 300.0)
+    save_config(edited, tmp_path / "edited.yaml")
+    again = AppParts.from_conf(str(APP), {"preset": str(tmp_path / "edited.yaml"),
+                                          "model_dir": str(tmp_path / "model"), "pretrained": str(WEIGHTS)})
+    rescoring = again.scoring(again.infer())
+    assert rescoring.cache_dir == scoring.cache_dir and rescoring.infer_task.get_path() == str(WEIGHTS)
+    x1 = rescoring.case_input(path)[0]
+    ref = preprocessing(edited, "infer", missing="zero_fill")({"image": path})["image"].as_tensor()
+    torch.testing.assert_close(x1, scoring_input(ref, edited.active.scoring_scale, 8))
+    assert not torch.equal(x0[0, 0], x1[0, 0]) and torch.equal(x0[0, 1:], x1[0, 1:])  # the CT channel alone
+    before = store.get_image_info(case)[SCORES_KEY]
+    out = rescoring({}, store)
+    after = store.get_image_info(case)[SCORES_KEY]
+    assert out["scored"] == 4 and after["model_key"] != before["model_key"]
+    assert after["disagreement"] != before["disagreement"] and after["descriptor"] != before["descriptor"]
+    assert rescoring({}, store)["scored"] == 0 and scoring({}, store)["scored"] == 4  # and back: scored again
+    assert torch.equal(scoring.case_input(path)[0], x0)
+
+
+def test_model_key_tells_apart_two_weights_files_sharing_size_and_mtime(tmp_path):
+    """Two weights files of one checkout can share a coarse mtime (and two presets' baseline weights their size):
+    their cases' scores must not pass for each other's."""
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    a.write_bytes(b"x" * 64)
+    b.write_bytes(b"y" * 64)
+    os.utime(a, ns=(10**18, 10**18))
+    os.utime(b, ns=(10**18, 10**18))
+    assert model_key(CFG, str(a)) == model_key(CFG, str(a)) != model_key(CFG, str(b))
+    assert model_key(CFG, str(a)) != model_key(load_config("brain"), str(a)) != model_key(CFG, None)
+    os.utime(a, ns=(10**18, 10**18 + 1))  # rewritten by a training run
+    assert model_key(CFG, str(a)) != model_key(CFG, str(b))
 
 
 def test_a_deleted_cases_cached_scoring_input_goes_with_it(app_parts):

@@ -2,9 +2,10 @@
 
 ``CrossModalScoring`` scores every candidate case with the current model in one forward at a reduced scale (per-
 modality heads, MC-dropout decoder samples, pooled descriptors) and stores the scores in the case's image info
-(key :data:`SCORES_KEY`, with the model's mtime, so a score is recomputed after each training run, and on a local
-datastore the sizes and mtimes of the case's files, so a replaced or added modality is scored again). The case's
-preprocessed input is cached on disk, so re-scoring after training costs one small forward per case.
+(key :data:`SCORES_KEY`, with the model's key, :func:`model_key`, so a score is recomputed after each training run or
+under another preset, and on a local datastore the sizes and mtimes of the case's files, so a replaced or added
+modality is scored again). The case's preprocessed input is cached on disk (keyed by the files and by
+:func:`input_key`), so re-scoring after training costs one small forward per case.
 ``CrossModalStrategy`` hands out the best case by combined score and diversity, never the same case to two
 clients within ``active.handout_window_s``, and falls back to diversity alone before the first model exists. On a
 fresh datastore (nothing scored yet: a request before MONAI Label's start-up scoring stored anything) a request scores
@@ -13,6 +14,9 @@ candidates itself first, for at most ``active.cold_scoring_s``.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import math
 import os
@@ -106,6 +110,29 @@ def store_infos(datastore: CrossModalDatastore, infos: dict[str, dict[str, Any]]
         logger.warning(f"cases {missing}: gone from the datastore while being scored; their scores are dropped")
 
 
+def input_key(cfg: CrossModalConfig) -> str:
+    """What a case's scoring input is computed with (the modalities in order and their normalisation, the working
+    spacing, registration, the scoring scale, the network's stride): a cached input or a stored score made under
+    another preset, or after a config edit, does not match it.
+
+        >>> from crossmodal.config import load_config
+        >>> input_key(load_config("phantom")) == input_key(load_config("phantom")) != input_key(load_config("brain"))
+        True
+    """
+    what = {"modalities": [dataclasses.asdict(m) for m in cfg.modalities], "data": dataclasses.asdict(cfg.data),
+            "scale": cfg.active.scoring_scale, "strides": list(cfg.model.strides)}
+    return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_key(cfg: CrossModalConfig, path: str | None) -> str:
+    """The weights file ``path`` (its real path, size and mtime in ns; "" without one) and :func:`input_key`: a
+    case's stored scores are current while this is. Two weights files of one checkout can share a coarse mtime,
+    hence the path and size too."""
+    st = os.stat(path) if path else None
+    what = [os.path.realpath(path), st.st_size, st.st_mtime_ns] if path and st else []
+    return hashlib.sha1(json.dumps([*what, input_key(cfg)]).encode()).hexdigest()[:16]
+
+
 class CrossModalScoring(ScoringMethod):
     """Scores candidates (see the module docstring); with no model yet, stores image descriptors only.
 
@@ -123,9 +150,9 @@ class CrossModalScoring(ScoringMethod):
     def case_input(self, path: str) -> tuple[torch.Tensor, list[bool]]:
         """The case's network input at the scoring scale (1, M, *S) and its present modalities; cached on disk by
         the source files' mtimes (the primary's and every secondary modality's: a re-exported or added modality
-        is read again)."""
+        is read again) and by :func:`input_key` (another preset or an edited config reads it again)."""
         cid = case_id_of(path)
-        stamp = self.files_stamp(path)
+        stamp = [*self.files_stamp(path), input_key(self.cfg)]
         file = self.cache_dir / f"{cid}.pt"
         if file.is_file():
             try:
@@ -198,6 +225,7 @@ class CrossModalScoring(ScoringMethod):
         deadline = None if budget_s is None else time.monotonic() + budget_s
         network = self.infer_task._get_network(device, {}) if path else None  # MONAI Label's cached loader
         model_ts = os.path.getmtime(path) if path else 0.0
+        key = model_key(self.cfg, path)
         if network is not None:
             network.eval()
         scored: dict[str, dict[str, float]] = {}
@@ -213,7 +241,7 @@ class CrossModalScoring(ScoringMethod):
             if deadline is not None and (scored or failed) and time.monotonic() > deadline:
                 break  # at least one case a request: a budget shorter than one case still picks by scores
             info = datastore.get_image_info(image_id).get(SCORES_KEY) or {}
-            current = info.get("model_ts") == model_ts and "descriptor" in info
+            current = info.get("model_key") == key and "descriptor" in info
             if current and not local:
                 continue
             try:
@@ -226,7 +254,8 @@ class CrossModalScoring(ScoringMethod):
                 failed[image_id] = str(cause_of_type(e, (CaseError,)) or getattr(e, "detail", e))
                 continue
             seconds.append(s.pop("seconds"))
-            pending[image_id] = {SCORES_KEY: {**s, "model_ts": model_ts, **({"files": stamp} if local else {})}}
+            pending[image_id] = {SCORES_KEY: {**s, "model_ts": model_ts, "model_key": key,
+                                              **({"files": stamp} if local else {})}}
             scored[image_id] = {k: round(v, 6) for k, v in s.items() if k != "descriptor"}
             if time.monotonic() - flushed >= self.flush_s:
                 store_infos(datastore, pending)
