@@ -1,6 +1,12 @@
 """Run folders: each training run keeps its own ``train_NN`` (the oldest pruned past ``train.keep_runs``), and
 ``crossmodal models`` lists them and puts an earlier run's model back in service."""
 
+import logging
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -8,10 +14,16 @@ import torch
 from conftest import make_phantom_studies
 from crossmodal.cli import main
 from crossmodal.config import ConfigError, load_config, save_config
-from crossmodal.nets import ModelFileError
+from crossmodal.nets import ModelFileError, build_network
 from crossmodal.serving.offline import method_config, train_offline
-from crossmodal.serving.runs import list_runs, publish_run
-from crossmodal.serving.train import check_train_request, claim_run_folder, prune_runs, run_folders
+from crossmodal.serving.runs import interrupted_note, list_runs, publish_run
+from crossmodal.serving.train import (
+    check_train_request,
+    claim_run_folder,
+    prune_runs,
+    quiet_on_interrupt,
+    run_folders,
+)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -183,3 +195,77 @@ def test_a_diverged_run_names_its_better_validated_model(tmp_path: Path, phantom
     publish_run(model_dir, "train_01")
     assert published.read_bytes() == (model_dir / "train_01" / "model.pt").read_bytes()
     assert diverged_run_hint(model_dir, "train_09") == ""  # no such run: nothing to name
+
+
+def test_ctrl_c_in_crossmodal_train_says_in_one_line_what_is_in_service(tmp_path: Path, phantom_cfg):
+    """Ctrl-C in `crossmodal train` printed ignite's and MONAI's tracebacks (twice) and no word on the model; now one
+    line names where the run stopped and what serves, exit 130, the published model whole."""
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=3, dense=2, sparse=0, seed=43)
+    model_dir = tmp_path / "m"
+    published = model_dir / "phantom_crossmodal.pt"
+    cmd = [sys.executable, "-m", "crossmodal.cli", "train", "--studies", str(studies), "--model-dir", str(model_dir),
+           "--epochs", "500"]  # the preset as a user trains it (its validation, its logging)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's
+    try:
+        deadline = time.monotonic() + 240
+        while not published.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert published.is_file(), proc.poll()
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"crossmodal train: interrupted: train_01 stopped after \d+ of 500 epochs; its best epoch "
+                        rf"so far, val_mean_dice 0\.\d{{4}} is in service: {re.escape(str(published))}\. "
+                        rf"`crossmodal models --model-dir {re.escape(str(model_dir))}` lists the runs; train again "
+                        "to go on", last), last
+    assert published.read_bytes() == (model_dir / "train_01" / "model.pt").read_bytes()
+    assert _weights(published).keys() == build_network(phantom_cfg).state_dict().keys()
+
+
+def test_an_interrupted_run_that_published_nothing_names_the_model_it_started_from(tmp_path: Path):
+    model_dir = tmp_path / "m"
+    assert interrupted_note(model_dir) == f"no training run began under {model_dir}: nothing was written there"
+    for run in ("train_01", "train_02"):
+        (model_dir / run).mkdir(parents=True)
+        save_config(load_config("phantom"), model_dir / run / "config.yaml")
+    (model_dir / "train_01" / "model.pt").write_bytes(b"weights of run 1")
+    (model_dir / "train_01" / "stats_1.json").write_text('{"epoch": 3, "total_epochs": 3}')
+    note = interrupted_note(model_dir)  # run 1 published nothing; run 2 stopped before its first epoch
+    assert note.startswith(f"train_02 stopped before its first epoch; no model is in service "
+                           f"({model_dir / 'phantom_crossmodal.pt'} was not written). ")
+    (model_dir / "phantom_crossmodal.pt").write_bytes(b"weights of run 1")
+    (model_dir / "train_02" / "model.pt").write_bytes(b"weights of run 2, its best epoch: not better")
+    (model_dir / "train_02" / "stats_2.json").write_text('{"epoch": 2, "total_epochs": 50}')
+    assert interrupted_note(model_dir).startswith(
+        f"train_02 stopped after 2 of 50 epochs; the model in service is the one it started from (train_01's): "
+        f"{model_dir / 'phantom_crossmodal.pt'}. `crossmodal models --model-dir {model_dir}` lists the runs")
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, ValueError])
+def test_stats_handlers_pass_ctrl_c_on_without_a_traceback_and_log_other_errors(error):
+    """The evaluator's StatsHandler (the first EXCEPTION_RAISED handler there) logged Ctrl-C's traceback."""
+    from ignite.engine import Engine
+    from monai.handlers import StatsHandler
+
+    def step(engine, batch):
+        raise error("stop")
+
+    logged: list[str] = []
+    collect = logging.Handler()
+    collect.emit = lambda record: logged.append(record.getMessage())  # type: ignore[method-assign]
+    engine = Engine(step)
+    (handler,) = quiet_on_interrupt([StatsHandler(name="quiet_test", output_transform=lambda x: None)])
+    handler.logger.addHandler(collect)  # pytest's caplog does not receive a record logged while Ctrl-C unwinds
+    try:
+        handler.attach(engine)
+        with pytest.raises(error):
+            engine.run([0, 1])
+    finally:
+        handler.logger.removeHandler(collect)
+    assert not logged if error is KeyboardInterrupt else "Exception: stop" in logged  # others: logged as before

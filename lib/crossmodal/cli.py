@@ -443,12 +443,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     resolved = _method_preset(preset, args.method, args.model_dir)
     network = args.network or (load_config(resolved).model.name if args.method else None)
     check_held_out(studies, load_config(resolved).labels.num_classes)  # the evaluation after it: before training
-    with training_log():
-        stats = train_offline(studies, resolved, args.model_dir, args.epochs, args.device, publish=args.publish,
-                              pretrained=args.pretrained, network=network, use_unlabeled=not args.no_unlabeled,
-                              processes=args.processes, dataset=args.dataset, publish_mode=args.publish_mode,
-                              missing_modality=args.missing_modality, from_scratch=args.from_scratch,
-                              early_stop_patience=args.early_stop_patience, seed=args.seed)
+    try:
+        with training_log():
+            stats = train_offline(studies, resolved, args.model_dir, args.epochs, args.device, publish=args.publish,
+                                  pretrained=args.pretrained, network=network, use_unlabeled=not args.no_unlabeled,
+                                  processes=args.processes, dataset=args.dataset, publish_mode=args.publish_mode,
+                                  missing_modality=args.missing_modality, from_scratch=args.from_scratch,
+                                  early_stop_patience=args.early_stop_patience, seed=args.seed)
+    except KeyboardInterrupt:  # Ctrl-C: say what is in service (main prints it), not ignite's traceback
+        from crossmodal.serving.runs import interrupted_note
+
+        args.interrupted = interrupted_note(args.model_dir)
+        raise
     print(json.dumps(stats, indent=2, default=str))
     if stats.get("start_metric") is not None:  # a model in service and held-out labels (--publish-mode if_better)
         outcome = (f"no epoch beat it, so that model stays (published: {stats['published']})"
@@ -892,6 +898,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"crossmodal: error: {shown}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line (what a training run leaves in service), exit 130 as shells do
+        note = getattr(args, "interrupted", None)
+        command = " ".join(c for c in (args.command, getattr(args, "what", None)) if c)
+        print(f"\ncrossmodal {command}: interrupted" + (f": {note}" if note else ""), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -120,6 +120,27 @@ def publish_run(model_dir: str | Path, name: str) -> TrainRun:
     return run
 
 
+def interrupted_note(model_dir: str | Path) -> str:
+    """What a training run stopped by Ctrl-C (the last ``train_NN`` under ``model_dir``) leaves in service, as the
+    command line says it: its best epoch so far where that was published, else the model it started from, else
+    nothing."""
+    runs = list_runs(model_dir) if Path(model_dir).is_dir() else []
+    if not runs:
+        return f"no training run began under {model_dir}: nothing was written there"
+    last = runs[-1]
+    done = f"after {last.epoch} of {last.total_epochs} epochs" if last.epoch is not None else "before its first epoch"
+    if last.in_service and last.model is not None:
+        score = f", {last.metric} {last.best:.4f}" if last.best is not None and last.metric else ""
+        what = f"{last.name} stopped {done}; its best epoch so far{score} is in service: {last.published}"
+    elif last.published.is_file():
+        earlier = [r.name for r in runs[:-1] if r.in_service and r.published == last.published]
+        was = f" ({earlier[-1]}'s)" if earlier else ""
+        what = f"{last.name} stopped {done}; the model in service is the one it started from{was}: {last.published}"
+    else:
+        what = f"{last.name} stopped {done}; no model is in service ({last.published} was not written)"
+    return f"{what}. `crossmodal models --model-dir {model_dir}` lists the runs; train again to go on"
+
+
 def format_runs(runs: list[TrainRun]) -> str:
     """``runs`` as the table ``crossmodal models`` prints (one line a run; ``*`` marks the model in service)."""
     rows = [("run", "network", "preset", "finished", "epochs", "metric", "best", "start", "in service")]

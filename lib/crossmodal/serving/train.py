@@ -92,7 +92,7 @@ from ignite.handlers import EarlyStopping
 from monai.data import CacheDataset, DataLoader, Dataset, partition_dataset
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents, default_prepare_batch
-from monai.handlers import CheckpointSaver, TensorBoardStatsHandler, stopping_fn_from_metric
+from monai.handlers import CheckpointSaver, StatsHandler, TensorBoardStatsHandler, stopping_fn_from_metric
 from monai.transforms import Compose, MapTransform
 from monai.utils.enums import CommonKeys as Keys
 from monailabel.interfaces.datastore import Datastore
@@ -941,6 +941,21 @@ def check_train_request(request: dict[str, Any], choices: dict[str, tuple[str, .
     return req
 
 
+def quiet_on_interrupt(handlers: list[Any]) -> list[Any]:
+    """``handlers`` with each :class:`~monai.handlers.StatsHandler` passing a KeyboardInterrupt (Ctrl-C in ``crossmodal
+    train``) on without logging its traceback: the command says in one line where the run stopped and what is in
+    service. Any other exception is logged as before."""
+    for h in handlers:
+        if isinstance(h, StatsHandler):
+            def raised(engine: Any, e: BaseException, log: Callable[..., None] = h.exception_raised) -> None:
+                if isinstance(e, KeyboardInterrupt):
+                    raise e
+                log(engine, e)
+
+            h.exception_raised = raised  # type: ignore[method-assign,assignment]  # before attach() registers it
+    return handlers
+
+
 class CrossModalTrain(BasicTrainTask):
     """Train ``cfg.model`` on the datastore's dense and sparse labels and (cross-modal networks) unlabelled cases."""
 
@@ -1251,7 +1266,11 @@ class CrossModalTrain(BasicTrainTask):
 
     def train_handlers(self, context: Context) -> list[Any]:
         handlers = super().train_handlers(context)
-        return [h for h in handlers if not isinstance(h, TensorBoardStatsHandler)]
+        return quiet_on_interrupt([h for h in handlers if not isinstance(h, TensorBoardStatsHandler)])
+
+    def val_handlers(self, context: Context) -> list[Any] | None:
+        handlers = super().val_handlers(context)
+        return None if handlers is None else quiet_on_interrupt(handlers)
 
     def pre_process(self, request: dict[str, Any], datastore: Datastore) -> list[dict[str, Any]]:
         """Every case with a final label (image, label, its kind), plus the unlabelled cases when they take part."""
