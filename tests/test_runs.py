@@ -2,6 +2,7 @@
 ``crossmodal models`` lists them and puts an earlier run's model back in service."""
 
 import logging
+import os
 import re
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import torch
 from conftest import make_phantom_studies
 from crossmodal.cli import main
 from crossmodal.config import ConfigError, load_config, save_config
+from crossmodal.data.nnunet import export_nnunet
 from crossmodal.nets import ModelFileError, build_network
 from crossmodal.serving.offline import method_config, train_offline
 from crossmodal.serving.runs import interrupted_note, list_runs, publish_run
@@ -226,6 +228,37 @@ def test_ctrl_c_in_crossmodal_train_says_in_one_line_what_is_in_service(tmp_path
                         "to go on", last), last
     assert published.read_bytes() == (model_dir / "train_01" / "model.pt").read_bytes()
     assert _weights(published).keys() == build_network(phantom_cfg).state_dict().keys()
+
+
+def test_sigterm_in_crossmodal_train_removes_the_datasets_copy_and_says_what_is_in_service(tmp_path: Path,
+                                                                                           phantom_cfg):
+    """SIGTERM (a scheduler's time limit, ``timeout``, ``docker stop``) killed `crossmodal train` on the spot: the copy
+    of the nnU-Net dataset it trains from stayed in the temp folder, and nothing said which model serves."""
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=3, dense=2, sparse=0, seed=44)
+    export_nnunet(studies, tmp_path / "Dataset010_Ph", phantom_cfg, test_cases=())
+    model_dir, temp = tmp_path / "m", tmp_path / "tmp"
+    temp.mkdir()
+    published = model_dir / "phantom_crossmodal.pt"
+    cmd = [sys.executable, "-m", "crossmodal.cli", "train", "--studies", str(tmp_path / "Dataset010_Ph"),
+           "--model-dir", str(model_dir), "--epochs", "500"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(temp)})
+    try:
+        deadline = time.monotonic() + 240
+        while not published.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert published.is_file(), proc.poll()
+        copies = [p.name for p in temp.iterdir() if p.name.startswith("crossmodal-")]
+        assert copies, "the dataset's copy the command trains from"
+        proc.terminate()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert re.search(r"\ncrossmodal train: terminated \(SIGTERM\): train_01 stopped after \d+ of 500 epochs; its best "
+                     r"epoch so far, val_mean_dice 0\.\d{4} is in service: ", err), err[-2000:]
+    assert [p.name for p in temp.iterdir() if p.name.startswith("crossmodal-")] == [], copies  # all gone
+    assert published.read_bytes() == (model_dir / "train_01" / "model.pt").read_bytes()
 
 
 def test_an_interrupted_run_that_published_nothing_names_the_model_it_started_from(tmp_path: Path):

@@ -27,9 +27,11 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -882,9 +884,26 @@ def check_outputs(args: argparse.Namespace) -> None:
             raise ValueError(f"{option}: {above} is not writable")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, ``timeout``, ``docker stop``, ``kill``) raised in the main thread as Ctrl-C
+    is, so that what a command made for itself goes (the scratch folder: a whole nnU-Net dataset's copy) and a
+    training run says what serves."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    import multiprocessing
+
+    for child in multiprocessing.active_children():  # data-parallel trainers and loader workers: they would outlive it
+        child.terminate()
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: run the subcommand; a user error prints its message and exits 2."""
+    """Entry point: run the subcommand; a user error prints its message and exits 2; Ctrl-C exits 130 and SIGTERM
+    143, each with one line (and the temp files gone)."""
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         check_outputs(args)
         # what a command makes for itself (an nnU-Net dataset imported, simulate's rounds without --work) goes when it
@@ -898,11 +917,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"crossmodal: error: {shown}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: one line (what a training run leaves in service), exit 130 as shells do
-        note = getattr(args, "interrupted", None)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line (what a training run leaves in service), the exit
+        note = getattr(args, "interrupted", None)  # status of a shell's job killed by that signal
         command = " ".join(c for c in (args.command, getattr(args, "what", None)) if c)
-        print(f"\ncrossmodal {command}: interrupted" + (f": {note}" if note else ""), file=sys.stderr)
-        return 130
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"\ncrossmodal {command}: {what}" + (f": {note}" if note else ""), file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":
