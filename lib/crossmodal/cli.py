@@ -425,11 +425,22 @@ def training_log() -> Iterator[None]:
     level = log.level
     log.addHandler(handler)
     log.setLevel(min(level or logging.INFO, logging.INFO))
+    # ignite's "Engine run is terminating due to exception: " with nothing after it is Ctrl-C's (an exception
+    # without a message): the command's own line says it
+    engines = [logging.getLogger(f"ignite.engine.engine.{e}") for e in ("SupervisedTrainer", "SupervisedEvaluator")]
+    for engine in engines:
+        engine.addFilter(_not_an_empty_termination)
     try:
         yield
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
+        for engine in engines:
+            engine.removeFilter(_not_an_empty_termination)
+
+
+def _not_an_empty_termination(record: logging.LogRecord) -> bool:
+    return record.getMessage() != "Engine run is terminating due to exception: "
 
 
 def cmd_train(args: argparse.Namespace) -> int:
