@@ -643,3 +643,57 @@ def test_simulate_takes_only_dense_labels_as_truth_and_refuses_a_sparse_truth_be
         f"crossmodal: error: case 'phantom002': file {studies / 'truth' / 'phantom002.nii.gz'}: has truth but no "
         f"primary image in {studies}; remove the truth file, or put the case's image back")
     assert not (tmp_path / "w").exists()
+
+
+def test_simulate_resumes_a_killed_run_keeping_its_finished_curves(tmp_path, capsys, monkeypatch):
+    """A simulation on a real dataset takes hours, and a kill lost it all: a rerun trained every curve again. With
+    ``--resume`` the finished references and curves stay and the unfinished curve is trained again, to the same
+    figures (seeded training); a JSON of another simulation is refused, naming what differs."""
+    import crossmodal.simulate as sim
+    from crossmodal.cli import main
+
+    studies = make_phantom_studies(tmp_path / "s", CFG, cases=6, dense=0, sparse=0, seed=8)
+    out = tmp_path / "results"
+    args = ["simulate", "--studies", str(studies), "--config", "phantom", "--name", "tiny", "--strategies", "random",
+            "--seeds", "0", "1", "--test", "2", "--rounds", "2", "--steps", "4", "--patch", "32", "--out", str(out)]
+    evaluate, full, curve = sim.evaluate, sim.full_reference, sim.run_strategy
+    calls: dict[str, list] = {"evaluate": [], "full": [], "curve": []}
+
+    def killed_at_the_sixth(*a, **k):  # reference, r0, r1 of seed 0; reference, r0 of seed 1; then the kill
+        calls["evaluate"].append(a[2])
+        if len(calls["evaluate"]) == 6:
+            raise KeyboardInterrupt
+        return evaluate(*a, **k)
+
+    monkeypatch.setattr(sim, "evaluate", killed_at_the_sixth)
+    assert main(args) == 130
+    assert capsys.readouterr().err.endswith("\ncrossmodal simulate: interrupted\n")
+    killed = json.loads((out / "simulate_tiny.json").read_text())
+    assert [(r["seed"], r["round"]) for r in killed["records"]] == [(0, 0), (0, 1), (1, 0)]
+    assert [r["seed"] for r in killed["full_annotation"]] == [0, 1]
+
+    monkeypatch.setattr(sim, "evaluate", evaluate)
+    monkeypatch.setattr(sim, "full_reference", lambda *a, **k: (calls["full"].append(a[4]), full(*a, **k))[1])
+    monkeypatch.setattr(sim, "run_strategy", lambda *a, **k: (calls["curve"].append(a[4:6]), curve(*a, **k))[1])
+    assert main([*args, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "crossmodal: resuming " + str(out / "simulate_tiny.json") + ": kept 2 full-annotation reference(s) and 1 " \
+        "finished curve(s) (random seed 0); training again: random seed 1 unfinished, and what was not run yet" in err
+    assert calls["full"] == [] and calls["curve"] == [("random", 1)]  # only the unfinished curve trained
+    resumed = json.loads((out / "simulate_tiny.json").read_text())
+    assert sorted((r["seed"], r["round"]) for r in resumed["records"]) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert resumed["full_annotation"] == killed["full_annotation"] and resumed["records"][:2] == killed["records"][:2]
+    again = next(r for r in resumed["records"] if (r["seed"], r["round"]) == (1, 0))
+    assert {k: v for k, v in again.items() if k != "train_seconds"} == \
+        {k: v for k, v in killed["records"][2].items() if k != "train_seconds"}  # the same figures, trained again
+    assert resumed["summary"] == sim.summarize(resumed["records"], resumed["full_annotation"])
+
+    assert main([*args[:-8], "--rounds", "2", "--steps", "5", "--patch", "32", "--out", str(out), "--resume"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"crossmodal: error: --resume: {out / 'simulate_tiny.json'} is of another simulation (steps differ); run it "
+        "without --resume to replace it, or give another --out")
+    assert main([*args, "--resume", "--name", "other"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"crossmodal: error: --resume: {out / 'simulate_other.json'}: no earlier run of this simulation there to "
+        "resume (its --out and --name give the file)")
+    assert json.loads((out / "simulate_tiny.json").read_text()) == resumed  # the refused runs replaced nothing

@@ -315,7 +315,15 @@ def cmd_from_dicom(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """`crossmodal simulate`: the annotate-retrain loop without people; JSON + learning-curve PNG."""
-    from crossmodal.simulate import SimSpec, plot, simulate_dataset, summarize, write_json
+    from crossmodal.simulate import (
+        SimSpec,
+        plot,
+        resume_state,
+        simulate_dataset,
+        simulation_identity,
+        summarize,
+        write_json,
+    )
 
     if len(set(args.seeds)) < len(args.seeds):  # a seed twice trained its curves twice, weighing them double
         twice = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
@@ -337,11 +345,32 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="simulate-", dir=args.scratch))
     json_path = out / f"simulate_{dataset}.json"
     found: dict[str, list[dict]] = {"record": [], "reference": [], "cost": []}
+    identity = simulation_identity(studies, spec)
+    done: set[tuple[str, int]] = set()
+    if args.resume:  # a run killed after hours, or seeds added: its finished curves stand (seeded training)
+        try:
+            earlier = json.loads(json_path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"--resume: {json_path}: no earlier run of this simulation there to resume (its --out "
+                             "and --name give the file)") from None
+        except ValueError as e:
+            raise ValueError(f"--resume: {json_path}: does not read as JSON ({e}); run without --resume to "
+                             "start again") from None
+        kept, done, dropped = resume_state(earlier, spec, identity, str(json_path))
+        found.update(kept)
+        curves = sorted(k for k in done if k[0] != "full")
+        print(f"crossmodal: resuming {json_path}: kept {len(kept['reference'])} full-annotation reference(s) and "
+              f"{len(curves)} finished curve(s) ({', '.join(f'{s} seed {n}' for s, n in curves) or 'none'}); "
+              f"training again: {', '.join(f'{s} seed {n}' for s, n in dropped) or 'none'} unfinished, and what "
+              "was not run yet", file=sys.stderr)
+    elif json_path.is_file():
+        print(f"crossmodal: replacing {json_path} (--resume keeps its finished curves)", file=sys.stderr)
 
     def save() -> None:
         summary = summarize(found["record"], found["reference"])
-        write_json(json_path, {"spec": vars(spec), "records": found["record"], "full_annotation": found["reference"],
-                               "scoring_cost": (found["cost"] or [{}])[0], "summary": summary})
+        write_json(json_path, {"spec": vars(spec), "identity": identity, "records": found["record"],
+                               "full_annotation": found["reference"], "scoring_cost": (found["cost"] or [{}])[0],
+                               "summary": summary})
         if found["record"]:
             plot(summary, out / f"simulate_{dataset}.png")
 
@@ -350,7 +379,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in item.items() if k not in ("cases", "dice_per_case")}), flush=True)
         save()
 
-    simulate_dataset(studies, work, dataset, spec, args.seeds, args.strategies, emit)
+    simulate_dataset(studies, work, dataset, spec, args.seeds, args.strategies, emit, done=done)
     save()
     print(f"-> {json_path}, {out / f'simulate_{dataset}.png'}")
     return 0
@@ -823,6 +852,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--annotation", default="scribbles", choices=["scribbles", "dense"])
     q.add_argument("--out", help="results folder (default RESULTS_DIR or bench/results)")
     q.add_argument("--work", help="working folder, kept (default: a temp one, removed at the end)")
+    q.add_argument("--resume", action="store_true",
+                   help="keep the finished curves and references of --out's simulate_<name>.json (the same "
+                        "simulation, killed, or given more seeds or strategies) and train only the rest")
     q.set_defaults(func=cmd_simulate)
 
     q = sub.add_parser("propagate", help="grow the sparse final labels as training would (random walker over every "

@@ -13,11 +13,12 @@ reference Dice.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -406,21 +407,62 @@ def scoring_cost(src: Path, root: Path, dataset: str, spec: SimSpec, model: str,
             "ratio_cold": round(med["ours_cold_s"] / med["epistemic_s"], 6)}
 
 
+def simulation_identity(src: Path, spec: SimSpec) -> dict[str, Any]:
+    """What a resumed run must share with the one it resumes: the pool and test cases and the resolved preset (a
+    YAML preset edited since would mix two configs' curves)."""
+    pool, test = split_cases(src, spec.test)
+    resolved = json.dumps(load_config(spec.preset).to_dict(), sort_keys=True, default=str)
+    return {"pool": pool, "test": test, "config_sha1": hashlib.sha1(resolved.encode()).hexdigest()}
+
+
+def resume_state(data: Mapping[str, Any], spec: SimSpec, identity: Mapping[str, Any],
+                 where: str) -> tuple[dict[str, list[dict]], set[tuple[str, int]], list[tuple[str, int]]]:
+    """What a resumed run keeps of an earlier run's JSON ``data`` (at ``where``): its references and finished curves
+    (every round) and its scoring cost; returns them as :func:`simulate_dataset` emits them, the ``(strategy, seed)``
+    pairs done (``"full"``: a reference) and the unfinished curves dropped. Without a scoring cost an ``ours`` curve
+    is not kept (the cost is measured on its last model, which only a run that trains it has).
+
+    Raises:
+        ValueError: ``data`` is of another simulation (options, cases or preset), naming what differs.
+    """
+    if data.get("spec") != vars(spec) or data.get("identity") != dict(identity):
+        was, now = {**(data.get("spec") or {}), **(data.get("identity") or {})}, {**vars(spec), **identity}
+        differ = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+        raise ValueError(f"--resume: {where} is of another simulation ({', '.join(differ)} differ"
+                         f"{'' if 'config_sha1' not in differ else ': the preset was edited since'}); run it "
+                         "without --resume to replace it, or give another --out")
+    cost = data.get("scoring_cost") or {}
+    rounds: dict[tuple[str, int], list[dict]] = {}
+    for r in data.get("records", []):
+        rounds.setdefault((r["strategy"], r["seed"]), []).append(r)
+    finished = {key for key, recs in rounds.items() if sorted(r["round"] for r in recs) == list(range(spec.rounds))
+                and (key[0] != "ours" or cost)}
+    kept = {"record": [r for key, recs in rounds.items() if key in finished for r in recs],
+            "reference": list(data.get("full_annotation", [])), "cost": [cost] if cost else []}
+    done = finished | {("full", ref["seed"]) for ref in kept["reference"]}
+    return kept, done, sorted(set(rounds) - finished)
+
+
 def simulate_dataset(src: Path, work: Path, dataset: str, spec: SimSpec, seeds: Sequence[int],
                      strategies: Sequence[str] = STRATEGIES,
-                     emit: Callable[[str, dict], None] = lambda kind, item: None, cost: bool = True) -> None:
+                     emit: Callable[[str, dict], None] = lambda kind, item: None, cost: bool = True,
+                     done: Collection[tuple[str, int]] = ()) -> None:
     """Per seed: the full-annotation reference, then one curve per strategy; with ``cost``, the scoring cost once, on
     the first ``ours`` curve's last model. ``emit(kind, item)`` gets each ``reference``, ``record`` and ``cost`` as it
-    comes."""
+    comes. ``done``: ``(strategy, seed)`` curves and ``("full", seed)`` references a resumed run has (skipped; with
+    an ``ours`` curve among them, its cost too)."""
     pool_cases, test_cases = split_cases(src, spec.test)
     spec.check(len(pool_cases) + len(test_cases))  # before minutes of training, not after
     # a sparse truth, or one on another grid, was a traceback after the first training (or trained the rounds on
     # it); one without its image a StopIteration
     check_held_out(src, load_config(spec.preset).labels.num_classes, pool_cases + test_cases)
-    cost_done = not cost
+    cost_done = not cost or any(strategy == "ours" for strategy, _ in done)
     for seed in seeds:
-        emit("reference", full_reference(src, work, dataset, spec, seed))
+        if ("full", seed) not in done:
+            emit("reference", full_reference(src, work, dataset, spec, seed))
         for strategy in strategies:
+            if (strategy, seed) in done:
+                continue
             run_strategy(src, work, dataset, spec, strategy, seed, lambda r: emit("record", r))
             if not cost_done and strategy == "ours":
                 model = next((work / dataset / "ours" / f"seed{seed}" / f"model_r{spec.rounds - 1}").glob("*.pt"))
