@@ -454,16 +454,23 @@ def training_log() -> Iterator[None]:
     level = log.level
     log.addHandler(handler)
     log.setLevel(min(level or logging.INFO, logging.INFO))
-    # ignite's "Engine run is terminating due to exception: " with nothing after it is Ctrl-C's (an exception
-    # without a message): the command's own line says it
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+@contextlib.contextmanager
+def quiet_engine_interrupts() -> Iterator[None]:
+    """Leave out ignite's "Engine run is terminating due to exception: " with nothing after it: Ctrl-C's or
+    SIGTERM's (an exception without a message) while a command trains; its own line says it."""
     engines = [logging.getLogger(f"ignite.engine.engine.{e}") for e in ("SupervisedTrainer", "SupervisedEvaluator")]
     for engine in engines:
         engine.addFilter(_not_an_empty_termination)
     try:
         yield
     finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
         for engine in engines:
             engine.removeFilter(_not_an_empty_termination)
 
@@ -951,7 +958,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_outputs(args)
         # what a command makes for itself (an nnU-Net dataset imported, simulate's rounds without --work) goes when it
         # ends: each run left a copy of the dataset in the temp folder
-        with tempfile.TemporaryDirectory(prefix="crossmodal-") as scratch:
+        with tempfile.TemporaryDirectory(prefix="crossmodal-") as scratch, quiet_engine_interrupts():
             args.scratch = scratch
             return int(args.func(args))
     except Exception as e:  # a case / config error, also one MONAI or ignite wrapped, is a message; the rest a bug
