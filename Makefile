@@ -143,7 +143,7 @@ bench-demo-train: install data
 # Active learning in a simulated annotate-retrain loop: ours vs random vs MONAI Label Epistemic, phantom + brain,
 # each drawn alike and as a mixed pool, 5 seeds (about 2 h on 2 cores); QUICK=1: phantom, one seed, 3 short rounds. RESULTS_DIR=... to redirect.
 simulate: install $(SPM)
-	$(BIN)/python bench/simulate.py $(if $(QUICK),--quick,)
+	$(BIN)/python bench/simulate.py $(if $(QUICK),--quick,) $(if $(RESUME),--resume,)
 
 # The demo on Orthanc seen from OHIF in Chromium: Run -> overlay seconds per model, screenshot for the README.
 bench-ohif: install data

@@ -53,6 +53,24 @@ def git_commit() -> str | None:
     return head + ("+" if dirty else "")
 
 
+CODE = ("lib", "configs", "apps", "bench", "requirements.txt", ":(exclude)bench/results", ":(exclude)bench/*.md")
+
+
+def code_changes(commit: str, repo: Path = REPO) -> list[str] | None:
+    """The files of :data:`CODE` that differ between ``commit`` and the working tree (committed or not); None when
+    that cannot be told (no git, an unknown commit, a commit stamped ``+``: written from uncommitted changes)."""
+    import subprocess
+
+    if not commit or commit.endswith("+"):
+        return None
+    try:
+        out = subprocess.run(["git", "diff", "--name-only", commit, "--", *CODE], cwd=repo, capture_output=True,
+                             text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return [line for line in out.splitlines() if line]
+
+
 def made_by(records: list[dict]) -> str:
     """Which code made ``records``: ``"4a1b2c3 x75"`` per commit stamp, ``"unstamped"`` for records from before the
     stamp (simulate.json before 2026-12-04).

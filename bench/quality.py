@@ -46,7 +46,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
-from benchutil import git_commit, results_dir, seed_spread  # noqa: E402
+from benchutil import code_changes, git_commit, results_dir, seed_spread  # noqa: E402
 from crossmodal.config import CrossModalConfig, atomic_write_text, load_config, save_config  # noqa: E402
 from crossmodal.data.brain import load_templates, make_brain_case  # noqa: E402
 from crossmodal.data.phantom import SyntheticCase, make_phantom  # noqa: E402
@@ -377,24 +377,6 @@ def run_key(r: dict) -> tuple:
 
 
 # what a run's figures follow (not the benchmark's own output or its documentation)
-CODE = ("lib", "configs", "apps", "bench", "requirements.txt", ":(exclude)bench/results", ":(exclude)bench/*.md")
-
-
-def code_changes(commit: str, repo: Path = REPO) -> list[str] | None:
-    """The files of :data:`CODE` that differ between ``commit`` and the working tree (committed or not); None when
-    that cannot be told (no git, an unknown commit, a commit stamped ``+``: written from uncommitted changes)."""
-    import subprocess
-
-    if not commit or commit.endswith("+"):
-        return None
-    try:
-        out = subprocess.run(["git", "diff", "--name-only", commit, "--", *CODE], cwd=repo, capture_output=True,
-                             text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return [line for line in out.splitlines() if line]
-
-
 def resumed(partial: Path, plan: dict, repo: Path = REPO) -> list[dict]:
     """The records that an interrupted run of the same ``plan`` saved to ``partial`` (after each of its runs), if
     the code that made them is the code of now (:func:`code_changes`); else a ``SystemExit`` that says why."""

@@ -27,11 +27,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchutil import git_commit, made_by, results_dir, seed_spread
+from benchutil import code_changes, git_commit, made_by, results_dir, seed_spread
 from crossmodal.config import atomic_write_text
 from crossmodal.simulate import (
     SimSpec,
     fewest_cases_possible,
+    finished_curves,
     plot,
     scoring_cost,
     simulate_dataset,
@@ -167,11 +168,16 @@ def main() -> int:
                          "of simulate.json (seeds added to an earlier run; training is deterministic)")
     ap.add_argument("--summarize", action="store_true",
                     help="train nothing: summarise RESULTS_DIR/simulate.json again (tables, goals, PNG)")
+    ap.add_argument("--resume", action="store_true",
+                    help="a run cut off (a kill, a session's end): keep every finished curve and reference of "
+                         "simulate.json and train only the rest (an unfinished curve again from its first round)")
     ap.add_argument("--markdown", action="store_true",
                     help="with --summarize: print the README's Markdown tables (curves and goals) instead")
     args = ap.parse_args()
     if args.markdown and not args.summarize:
         ap.error("--markdown goes with --summarize")
+    if args.resume and (args.summarize or args.cost_only):
+        ap.error("--resume trains what a cut-off run left; --summarize and --cost-only train nothing")
     results = results_dir(args.quick)
     if (args.summarize or args.cost_only) and not (results / "simulate.json").is_file():
         ap.error(f"--summarize / --cost-only read {results / 'simulate.json'}, which does not exist; run it first")
@@ -219,6 +225,30 @@ def main() -> int:
             plot(summary, results / "simulate.png")
         return summary
 
+    done: dict[str, set[tuple[str, int]]] = {}
+    if args.resume:  # everything the cut-off run saved stays; per pool, what it finished is not trained again
+        previous = results / "simulate.json"
+        if not previous.is_file():
+            ap.error(f"--resume: {previous} does not exist: nothing to resume")
+        old = json.loads(previous.read_text())
+        records, refs, cost = old["records"], old["full_annotation"], old["scoring_cost"]
+        for ds in datasets:
+            if args.datasets and ds not in {d.strip() for d in args.datasets.split(",")}:
+                continue
+            mine = [r for r in records if r["dataset"] == ds]
+            for made in sorted({r.get("commit") or "" for r in mine + refs if r["dataset"] == ds}):
+                changed = code_changes(made)
+                if changed is None or changed:  # curves of other code would be mixed with this code's
+                    ap.error(f"--resume: {ds}'s records were made by {made or 'unstamped code'!r}, "
+                             + ("which cannot be compared with the code of now (uncommitted changes or no such "
+                                "commit)" if changed is None else f"and the code changed since: "
+                                f"{', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}")
+                             + "; run without --resume")
+            whole, done[ds], dropped = finished_curves(mine, [r for r in refs if r["dataset"] == ds],
+                                                       3 if args.quick else 5, ds in cost)
+            records = [r for r in records if r["dataset"] != ds] + whole
+            print(f"{ds}: kept {len(whole)} records of {len({(r['strategy'], r['seed']) for r in whole})} finished "
+                  f"curves; training again: {dropped or 'none'} unfinished, and what was not run yet", flush=True)
     if args.datasets or extend:
         chosen = [d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else list(datasets)
         unknown = sorted(set(chosen) - set(datasets))
@@ -233,9 +263,10 @@ def main() -> int:
             def kept(r: dict) -> bool:  # not re-run now: another pool, or (adding seeds) another seed
                 return r["dataset"] not in chosen or (extend and r["seed"] not in seeds)
 
-            records = [r for r in old["records"] if kept(r)]
-            refs = [r for r in old["full_annotation"] if kept(r)]
-            cost = {k: v for k, v in old["scoring_cost"].items() if k not in chosen or extend}
+            if not args.resume:
+                records = [r for r in old["records"] if kept(r)]
+                refs = [r for r in old["full_annotation"] if kept(r)]
+                cost = {k: v for k, v in old["scoring_cost"].items() if k not in chosen or extend}
         datasets = {d: datasets[d] for d in chosen}
     if args.summarize or args.cost_only:  # train nothing: the records of the earlier run
         old = json.loads((results / "simulate.json").read_text())
@@ -265,7 +296,8 @@ def main() -> int:
             save()
 
         # adding seeds keeps the scoring cost measured in the run that made the first ones
-        simulate_dataset(studies, work, ds, spec, seeds, emit=emit, cost=not (extend and ds in cost))
+        simulate_dataset(studies, work, ds, spec, seeds, emit=emit, cost=not ((extend or args.resume) and ds in cost),
+                         done=done.get(ds, ()))
     if args.markdown:  # the README's tables of the records read again; nothing written
         summary = summarize(records, refs)
         print(markdown(summary, goals(summary, cost)))

@@ -317,3 +317,66 @@ def test_code_changes_are_those_of_the_code_not_of_the_results(tmp_path):
     assert quality.code_changes(commit, tmp_path) == ["lib/a.py"]
     assert quality.code_changes(commit + "+", tmp_path) is None  # made from uncommitted changes: unknown code
     assert quality.code_changes("0000000", tmp_path) is None
+
+
+def test_a_cut_off_simulation_benchmark_resumes_with_the_curves_it_finished(tmp_path, monkeypatch, capsys):
+    """`make simulate` takes about 2 hours; cut off, it had to start again. ``--resume`` keeps every finished curve
+    and reference of simulate.json and trains only the rest, if the code that made them is the code of now. The
+    simulation itself is stood in for by one that emits made-up records and honours ``done`` as
+    :func:`crossmodal.simulate.simulate_dataset` does (tested in tests/test_active.py); its curves are counted."""
+    import json
+
+    curves: list[tuple[str, int]] = []
+
+    def fake_simulate(studies, work, ds, spec, seeds, emit, cost=True, done=()):
+        for seed in seeds:
+            if ("full", seed) not in done:
+                emit("reference", {"dataset": ds, "strategy": "full", "seed": seed, "annotated_cases": 6,
+                                   "annotated_voxels": 900, "dice_mean": 0.9})
+            for strategy in ("ours", "random", "epistemic"):
+                if (strategy, seed) in done:
+                    continue
+                curves.append((strategy, seed))
+                for r in range(spec.rounds):
+                    if kill_at is not None and len(curves) == kill_at and r == 1:
+                        raise KeyboardInterrupt  # cut off inside a curve
+                    emit("record", {"dataset": ds, "strategy": strategy, "seed": seed, "round": r,
+                                    "annotated_cases": 2 + 2 * r, "annotated_voxels": 100 * (r + 1),
+                                    "dice_mean": 0.5 + 0.1 * r, "scoring_seconds_per_case": 0.01})
+                if cost and strategy == "ours":
+                    emit("cost", {"dataset": ds, "ours_warm_s": 0.01, "ours_cold_s": 0.05, "epistemic_s": 1.0,
+                                  "ratio_warm": 0.01, "ratio_cold": 0.05})
+                    cost = False
+
+    monkeypatch.setattr(simulate, "simulate_dataset", fake_simulate)
+    monkeypatch.setattr(simulate, "make_data", lambda root, ds, cases, mix=None: tmp_path / ds)
+    monkeypatch.setattr(simulate, "git_commit", lambda: "abc1234")
+    monkeypatch.setattr(simulate, "code_changes", lambda commit: [])
+    monkeypatch.setenv("RESULTS_DIR", str(tmp_path / "results"))
+    argv = ["simulate.py", "--datasets", "phantom", "--seeds", "2"]
+    kill_at: int | None = 5  # seed 0's three curves, seed 1's ours; cut off in seed 1's random
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(KeyboardInterrupt):
+        simulate.main()
+    cut = json.loads((tmp_path / "results" / "simulate.json").read_text())
+    assert len(cut["records"]) == 4 * 5 + 1 and len(cut["full_annotation"]) == 2
+
+    curves.clear()
+    kill_at = None
+    monkeypatch.setattr(simulate, "code_changes", lambda commit: ["lib/crossmodal/active.py"])
+    monkeypatch.setattr(sys, "argv", [*argv, "--resume"])
+    with pytest.raises(SystemExit):
+        simulate.main()
+    assert "--resume: phantom's records were made by 'abc1234', and the code changed since: " \
+        "lib/crossmodal/active.py; run without --resume" in capsys.readouterr().err
+    assert not curves
+
+    monkeypatch.setattr(simulate, "code_changes", lambda commit: [])
+    assert simulate.main() == 0
+    assert "phantom: kept 20 records of 4 finished curves; training again: [('random', 1)] unfinished" in \
+        capsys.readouterr().out
+    assert curves == [("random", 1), ("epistemic", 1)]  # only what the cut-off run had not finished
+    final = json.loads((tmp_path / "results" / "simulate.json").read_text())
+    assert sorted((r["strategy"], r["seed"], r["round"]) for r in final["records"]) == sorted(
+        (s, n, r) for s in ("ours", "random", "epistemic") for n in (0, 1) for r in range(5))
+    assert len(final["full_annotation"]) == 2 and final["scoring_cost"]["phantom"]["ratio_warm"] == 0.01

@@ -432,15 +432,31 @@ def resume_state(data: Mapping[str, Any], spec: SimSpec, identity: Mapping[str, 
                          f"{'' if 'config_sha1' not in differ else ': the preset was edited since'}); run it "
                          "without --resume to replace it, or give another --out")
     cost = data.get("scoring_cost") or {}
-    rounds: dict[tuple[str, int], list[dict]] = {}
-    for r in data.get("records", []):
-        rounds.setdefault((r["strategy"], r["seed"]), []).append(r)
-    finished = {key for key, recs in rounds.items() if sorted(r["round"] for r in recs) == list(range(spec.rounds))
-                and (key[0] != "ours" or cost)}
-    kept = {"record": [r for key, recs in rounds.items() if key in finished for r in recs],
-            "reference": list(data.get("full_annotation", [])), "cost": [cost] if cost else []}
-    done = finished | {("full", ref["seed"]) for ref in kept["reference"]}
-    return kept, done, sorted(set(rounds) - finished)
+    records, done, dropped = finished_curves(data.get("records", []), data.get("full_annotation", []), spec.rounds,
+                                             bool(cost))
+    kept = {"record": records, "reference": list(data.get("full_annotation", [])), "cost": [cost] if cost else []}
+    return kept, done, dropped
+
+
+def finished_curves(records: Sequence[dict], refs: Sequence[dict], rounds: int,
+                    has_cost: bool) -> tuple[list[dict], set[tuple[str, int]], list[tuple[str, int]]]:
+    """Of one data set's ``records`` and references ``refs``: the records of the curves with all ``rounds`` rounds
+    (an ``ours`` curve only ``has_cost``: the cost is measured on its last model), the ``(strategy, seed)`` pairs
+    done (``("full", seed)``: a reference) and the unfinished curves, whose records a resumed run trains again.
+
+        >>> recs = [{"strategy": "random", "seed": 0, "round": r} for r in (0, 1)] + [
+        ...     {"strategy": "ours", "seed": 0, "round": 0}]
+        >>> kept, done, dropped = finished_curves(recs, [{"seed": 0}], 2, has_cost=True)
+        >>> len(kept), sorted(done), dropped
+        (2, [('full', 0), ('random', 0)], [('ours', 0)])
+    """
+    by_curve: dict[tuple[str, int], list[dict]] = {}
+    for r in records:
+        by_curve.setdefault((r["strategy"], r["seed"]), []).append(r)
+    finished = {key for key, recs in by_curve.items() if sorted(r["round"] for r in recs) == list(range(rounds))
+                and (key[0] != "ours" or has_cost)}
+    kept = [r for r in records if (r["strategy"], r["seed"]) in finished]
+    return kept, finished | {("full", ref["seed"]) for ref in refs}, sorted(set(by_curve) - finished)
 
 
 def simulate_dataset(src: Path, work: Path, dataset: str, spec: SimSpec, seeds: Sequence[int],
