@@ -379,7 +379,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in item.items() if k not in ("cases", "dice_per_case")}), flush=True)
         save()
 
-    simulate_dataset(studies, work, dataset, spec, args.seeds, args.strategies, emit, done=done)
+    simulate_dataset(studies, work, dataset, spec, args.seeds, args.strategies, emit, cost=not found["cost"],
+                     done=done)
     save()
     print(f"-> {json_path}, {out / f'simulate_{dataset}.png'}")
     return 0

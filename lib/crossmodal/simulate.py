@@ -465,14 +465,14 @@ def simulate_dataset(src: Path, work: Path, dataset: str, spec: SimSpec, seeds: 
                      done: Collection[tuple[str, int]] = ()) -> None:
     """Per seed: the full-annotation reference, then one curve per strategy; with ``cost``, the scoring cost once, on
     the first ``ours`` curve's last model. ``emit(kind, item)`` gets each ``reference``, ``record`` and ``cost`` as it
-    comes. ``done``: ``(strategy, seed)`` curves and ``("full", seed)`` references a resumed run has (skipped; with
-    an ``ours`` curve among them, its cost too)."""
+    comes. ``done``: ``(strategy, seed)`` curves and ``("full", seed)`` references a resumed run has (skipped; a run
+    that has the scoring cost passes ``cost=False``)."""
     pool_cases, test_cases = split_cases(src, spec.test)
     spec.check(len(pool_cases) + len(test_cases))  # before minutes of training, not after
     # a sparse truth, or one on another grid, was a traceback after the first training (or trained the rounds on
     # it); one without its image a StopIteration
     check_held_out(src, load_config(spec.preset).labels.num_classes, pool_cases + test_cases)
-    cost_done = not cost or any(strategy == "ours" for strategy, _ in done)
+    cost_done = not cost
     for seed in seeds:
         if ("full", seed) not in done:
             emit("reference", full_reference(src, work, dataset, spec, seed))
