@@ -414,3 +414,61 @@ def test_a_datastore_file_cut_short_stops_the_server_naming_it_and_is_left_as_it
     assert ds.get_label_info("phantom001", "final")["label_kind"] == "sparse"
     assert "annotator" not in ds.get_label_info("phantom001", "final")  # what only the file held
     assert sorted(ds.get_unlabeled_images()) == ["phantom002", "phantom003"]
+
+
+CHILD = """
+import subprocess, sys, time
+from crossmodal.serving.app import TASK_PROCESS, stop_when_orphaned
+assert stop_when_orphaned(0.1, main_module="monailabel.main") is None  # the server itself: never
+assert stop_when_orphaned(0.1, main_module=TASK_PROCESS) is not None
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # a data-parallel rank, say
+open(sys.argv[1], "w").write(f"{worker.pid}")
+time.sleep(600)
+"""
+PARENT = """
+import subprocess, sys, time
+from pathlib import Path
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]])
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_task_process_and_its_workers_end_with_the_server_that_started_them(tmp_path):
+    """A server stopped by SIGTERM (docker stop, systemd) left its training process running, and its data-parallel
+    ranks, with no server to stop them, publishing into the model folder beside the next server's training. Here a
+    stand-in server starts a task process that starts a worker; the server is killed: both end within seconds."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    def gone(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    pid_file = tmp_path / "worker.pid"
+    server = subprocess.Popen([sys.executable, "-c", PARENT, CHILD, str(pid_file)], stdout=subprocess.PIPE, text=True)
+    try:
+        task = int(server.stdout.readline())
+        deadline = time.monotonic() + 60
+        while not pid_file.is_file() or not pid_file.read_text():
+            assert time.monotonic() < deadline and server.poll() is None
+            time.sleep(0.1)
+        worker = int(pid_file.read_text())
+        time.sleep(0.5)
+        assert not gone(task) and not gone(worker)  # alive while the server is
+        server.kill()
+        server.wait()
+        deadline = time.monotonic() + 20
+        while not (gone(task) and gone(worker)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert gone(task) and gone(worker)
+    finally:
+        server.kill()
+        for pid in (locals().get("task"), locals().get("worker")):
+            if pid and not gone(pid):
+                psutil.Process(pid).kill()

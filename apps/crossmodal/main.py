@@ -18,6 +18,7 @@ from crossmodal.serving.app import (
     conf_flag,
     not_served,
     refuse_non_finite,
+    stop_when_orphaned,
 )
 from crossmodal.serving.datastore import http_error
 from crossmodal.serving.dicomweb import labels_onto_grid
@@ -39,6 +40,7 @@ class MyApp(MONAILabelApp):
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         configure_threads()
+        stop_when_orphaned()  # a task process (train, scoring, batch infer) ends with the server that started it
         check_requests()  # refused uploads left in the temp folder, malformed params a 500, .bin scribbles kept
         self.parts = AppParts.from_conf(app_dir, conf, pacs=studies.startswith(("http://", "https://")),
                                         studies=studies)

@@ -24,6 +24,9 @@ import dataclasses
 import hashlib
 import logging
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -259,6 +262,40 @@ def warn_unfit_preset(studies: Path, cfg: CrossModalConfig, preset: str, configs
     logger.warning(f"--conf preset {preset}: the cases under {studies} have modality files of {', '.join(other)}, "
                    f"which it does not take ({modalities(cfg)}), {effect}{hint}")
     return True
+
+
+TASK_PROCESS = "monailabel.interfaces.utils.app"  # MONAI Label's train / scoring / batch infer processes run this
+
+
+def stop_when_orphaned(interval_s: float = 2.0, main_module: str | None = None) -> threading.Thread | None:
+    """In a task process of MONAI Label (``python -m monailabel.interfaces.utils.app -m train``, ``scoring``,
+    ``batch_infer``): a daemon thread that ends the process, and the processes it started (data-parallel trainers,
+    loader workers), once the server that started it is gone. A server stopped by SIGTERM (``docker stop``, systemd,
+    ``kill``) left its training running, unseen, with no server to stop it, still publishing models into the model
+    folder, beside the training the next server starts. Returns the thread; None in any other process (a command
+    line training run under ``nohup`` outlives its shell on purpose). ``main_module``: the ``__main__`` module's
+    name, read from ``sys.modules`` when not given."""
+    if main_module is None:
+        main_module = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
+    if main_module != TASK_PROCESS:
+        return None
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        logger.warning(f"the MONAI Label server (pid {parent}) that started this task is gone: stopping it")
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        os.kill(os.getpid(), signal.SIGKILL)  # as the server's own stop does (DELETE /train/): files are atomic
+
+    thread = threading.Thread(target=watch, name="stop-when-orphaned", daemon=True)
+    thread.start()
+    return thread
+
 
 
 @dataclass
