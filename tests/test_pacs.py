@@ -571,6 +571,37 @@ def test_to_dicom_writes_nrrd_cases_as_it_writes_nifti_ones(tmp_path, capsys):
     np.testing.assert_array_equal(seg_nifti.pixel_array, seg_nrrd.pixel_array)
 
 
+def test_to_dicom_gives_a_case_the_same_uids_each_time_and_new_ones_when_its_images_change(tmp_path, capsys):
+    """Fresh random UIDs at each ``to-dicom --upload`` stored a second study of every case in the PACS (the server
+    then served each case twice: measured, 4 cases of 2 patients after two uploads); an upload cut off and run again
+    did the same. The UIDs now derive from the case and its content."""
+    studies = make_phantom_studies(tmp_path / "s", CFG, cases=2, dense=1, sparse=0, seed=61)
+
+    def uids(folder: Path) -> dict[str, tuple[str, str, str]]:
+        assert main(["data", "to-dicom", "--studies", str(studies), "--config", "phantom", "--out",
+                     str(folder)]) == 0
+        capsys.readouterr()
+        return {str(f.relative_to(folder)): (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+                for f in sorted(folder.rglob("*.dcm")) if (ds := pydicom.dcmread(str(f), stop_before_pixels=True))}
+
+    first, second = uids(tmp_path / "a"), uids(tmp_path / "b")
+    assert first == second and len(first) == len({u[2] for u in first.values()}) > 100  # all distinct, all kept
+    assert "phantom000/seg.dcm" in first and first["phantom000/seg.dcm"][0] == first["phantom000/ct/" + next(
+        n.split("/")[-1] for n in first if n.startswith("phantom000/ct/"))][0]  # the SEG in its case's study
+    studies_of = {case: {u[0] for n, u in first.items() if n.startswith(case)} for case in ("phantom000",
+                                                                                             "phantom001")}
+    assert all(len(v) == 1 for v in studies_of.values()) and studies_of["phantom000"] != studies_of["phantom001"]
+    pet = studies / "modalities" / "phantom001" / "pet.nii.gz"
+    img = load_volume(pet)
+    save_volume(pet, img[0].numpy() * 1.5, img.affine.numpy())  # phantom001's PET replaced
+    third = uids(tmp_path / "c")
+    assert {n: u for n, u in third.items() if n.startswith("phantom000")} == \
+        {n: u for n, u in first.items() if n.startswith("phantom000")}
+    changed = {n for n in third if n.startswith("phantom001")}
+    before = {u[0] for u in first.values()}, {u[2] for u in first.values()}
+    assert changed and all(third[n][0] not in before[0] and third[n][2] not in before[1] for n in changed)  # new study
+
+
 def test_from_dicom_makes_a_studies_folder_of_a_dicom_export(tmp_path, capsys, caplog):
     """``crossmodal data from-dicom`` on what ``to-dicom`` wrote, laid out as a CD export (nested folders, a
     non-DICOM file): the same cases - images on their grids with their values (MR to a scale: written as a scanner

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -58,13 +59,16 @@ def _int16(array: np.ndarray) -> tuple[np.ndarray, float, float]:
 
 
 def volume_to_series(array: np.ndarray, affine: np.ndarray, modality: str, study: Dataset, series_number: int,
-                     description: str, window: tuple[float, float] | None = None) -> list[Dataset]:
+                     description: str, window: tuple[float, float] | None = None,
+                     uid_seed: str | None = None) -> list[Dataset]:
     """One DICOM image series (one instance per slice ``k``) of ``array`` (I, J, K) with RAS ``affine`` (4, 4).
 
     Args:
         modality: DICOM Modality (``CT``, ``MR``, ``PT``).
         study: patient/study attributes shared by the study's series (``StudyInstanceUID``, ``PatientID``, ...).
         window: (low, high) display window for viewers; default the 0.5 / 99.5 percentiles of the volume.
+        uid_seed: the series, frame of reference and instance UIDs derived from it (the same seed, the same UIDs:
+            a PACS keeps one copy of a series stored twice); default fresh random UIDs.
     """
     if array.ndim != 3:
         raise ValueError(f"expected a 3D volume, got shape {array.shape}")
@@ -80,13 +84,16 @@ def volume_to_series(array: np.ndarray, affine: np.ndarray, modality: str, study
         array = np.rint(array * (4000.0 / max(float(np.abs(array).max()), 1e-6))).astype(np.int16)
     stored, slope, intercept = _int16(array)
     lo, hi = window or tuple(float(v) for v in np.percentile(array, [0.5, 99.5]))
-    series_uid, frame_uid = generate_uid(), generate_uid()
+    def uid(*what: str) -> UID:
+        return generate_uid(entropy_srcs=[uid_seed, *what]) if uid_seed else generate_uid()
+
+    series_uid, frame_uid = uid("series"), uid("frame of reference")
     now = _dt.datetime.now()
     out = []
     for k in range(array.shape[2]):
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = UID(SOP_CLASS[modality])
-        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.MediaStorageSOPInstanceUID = uid("instance", str(k))
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = Dataset()
         ds.file_meta = meta
@@ -118,12 +125,12 @@ def volume_to_series(array: np.ndarray, affine: np.ndarray, modality: str, study
     return out
 
 
-def new_study(case_id: str, description: str = "crossmodal demo") -> Dataset:
-    """Patient/study attributes for one case (PatientID = case id, a fresh StudyInstanceUID)."""
+def new_study(case_id: str, description: str = "crossmodal demo", uid: str | None = None) -> Dataset:
+    """Patient/study attributes for one case (PatientID = case id; StudyInstanceUID ``uid``, default a fresh one)."""
     ds = Dataset()
     today = _dt.date.today().strftime("%Y%m%d")
     ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = case_id, case_id, "", "O"
-    ds.StudyInstanceUID, ds.StudyID, ds.AccessionNumber = generate_uid(), case_id[-16:], ""
+    ds.StudyInstanceUID, ds.StudyID, ds.AccessionNumber = uid or generate_uid(), case_id[-16:], ""
     ds.StudyDate, ds.StudyTime, ds.StudyDescription, ds.ReferringPhysicianName = today, "120000", description, ""
     return ds
 
@@ -398,14 +405,15 @@ def case_to_dicom(case_id: str, files: dict[str, str | None], cfg: CrossModalCon
     order, the primary first) under ``<out>/<case>/<name>/``, and its label as SEG at ``<out>/<case>/seg.dcm``.
 
     Series get SeriesNumber = modality position + 1 and SeriesDescription = the modality name, which the
-    config's default matching rules find again. Returns the written folders (and ``seg``) by name.
+    config's default matching rules find again. Every UID derives from the case id and the content (the study's
+    from its images, a series' from its volume, the SEG's from the label): the same case written twice is the same
+    DICOM, which a PACS stores once (fresh UIDs made a second study of the case at each upload, a second case on
+    the server); changed images make a new study. Returns the written folders (and ``seg``) by name.
     """
     from crossmodal.io import CaseError, load_volume
 
-    study = new_study(case_id)
-    root = Path(out) / case_id
-    written: dict[str, Path] = {}
-    for n, m in enumerate(cfg.modalities):
+    volumes = {}
+    for m in cfg.modalities:
         path = files.get(m.name)
         if path is None:
             continue
@@ -413,19 +421,43 @@ def case_to_dicom(case_id: str, files: dict[str, str | None], cfg: CrossModalCon
         if img.shape[0] != 1:
             raise CaseError(case_id, path, f"expected a 3D volume, got shape {tuple(img.shape[1:])} with "
                                            f"{img.shape[0]} channels")
-        arr = img[0].numpy()
+        arr, affine = img[0].numpy(), img.affine.double().numpy()
+        volumes[m.name] = arr, affine, _digest(case_id, m.name, arr, affine)
+    study = new_study(case_id, uid=generate_uid(entropy_srcs=[case_id, *(d for _, _, d in volumes.values())]))
+    root = Path(out) / case_id
+    written: dict[str, Path] = {}
+    for n, m in enumerate(cfg.modalities):
+        if m.name not in volumes:
+            continue
+        arr, affine, digest = volumes[m.name]
         if np.array_equal(arr, np.rint(arr)):  # whole numbers (CT in HU, a scanner's MR) stay exact, slope 1
             arr = arr.astype(np.int32)
         window = m.window if m.kind == "ct" else None
-        series = volume_to_series(arr, img.affine.double().numpy(), m.dicom_modality, study, n + 1, m.name, window)
+        series = volume_to_series(arr, affine, m.dicom_modality, study, n + 1, m.name, window,
+                                  uid_seed=f"{study.StudyInstanceUID}/{digest}")
         write_series(series, root / m.name)
         written[m.name] = root / m.name
     if label is not None:
         primary = cfg.modality_names[0]
         seg = label_to_seg(label, written[primary], cfg.labels, label_kind)
-        shutil.move(str(seg), root / "seg.dcm")
+        vol = load_volume(label, case_id)
+        digest = _digest(case_id, "seg", vol[0].numpy(), vol.affine.double().numpy())
+        ds = pydicom.dcmread(str(seg))
+        ds.SeriesInstanceUID = generate_uid(entropy_srcs=[study.StudyInstanceUID, "seg series", digest, label_kind])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
+            entropy_srcs=[study.StudyInstanceUID, "seg", digest, label_kind])
+        ds.save_as(str(root / "seg.dcm"))
+        Path(seg).unlink(missing_ok=True)
         written["seg"] = root / "seg.dcm"
     return written
+
+
+def _digest(case_id: str, name: str, array: np.ndarray, affine: np.ndarray) -> str:
+    """SHA-256 of a volume's voxels, dtype, shape and affine, with the case and the modality's name."""
+    h = hashlib.sha256(f"{case_id}/{name}/{array.dtype}/{array.shape}".encode())
+    h.update(np.ascontiguousarray(affine, dtype=np.float64).tobytes())
+    h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
 
 
 def upload(paths: Iterable[str | os.PathLike[str]], url: str, batch: int = 64) -> int:
