@@ -196,6 +196,34 @@ def test_nnunet_export_import_roundtrip(tmp_path: Path, phantom_cfg, capsys):
         assert capsys.readouterr().err.startswith(f"crossmodal: error: {out / 'dataset.json'}: {problem}")
 
 
+def test_an_import_or_export_killed_mid_way_leaves_no_hidden_copy_past_the_next_run(tmp_path: Path, phantom_cfg,
+                                                                                    capsys):
+    """A kill (SIGKILL, a power cut) during `data import-nnunet` / `export-nnunet` left its hidden temp folder beside
+    the output for good: a whole dataset's copy each time. The next run into that folder removes those of a process
+    no longer running, and keeps a running one's."""
+    import socket
+
+    from crossmodal.cli import main
+
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=2, dense=1, sparse=0, seed=71)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # the pid of a process that has ended
+    host = socket.gethostname()
+    killed = [tmp_path / f".Dataset011_Ph.partial-{host}-{gone}-x1", tmp_path / f".back.import-{host}-{gone}-x2"]
+    running = tmp_path / f".back.import-{host}-{os.getpid()}-x3"  # this test's process: running
+    other = tmp_path / f".back.import-elsewhere-{gone}-x4"  # another host's, on a shared folder
+    for folder in (*killed, running, other):
+        (folder / "imagesTr").mkdir(parents=True)
+        (folder / "imagesTr" / "case_0000.nii.gz").write_bytes(b"half a dataset")
+    assert main(["data", "export-nnunet", "--studies", str(studies), "--out", str(tmp_path / "Dataset011_Ph"),
+                 "--config", "phantom"]) == 0
+    assert main(["data", "import-nnunet", "--dataset", str(tmp_path / "Dataset011_Ph"), "--out",
+                 str(tmp_path / "back"), "--config", "phantom"]) == 0
+    capsys.readouterr()
+    assert not any(f.exists() for f in killed) and running.is_dir() and other.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted([running.name, other.name])
+
+
 def test_nnunet_dataset_in_its_file_ending(tmp_path: Path, phantom_cfg):
     """dataset.json's ``file_ending`` decides which files are cases (only .nii.gz were: an NRRD dataset imported
     no case, silently); an ending our readers cannot take, a channel beyond channel_names and no case at all are

@@ -15,9 +15,13 @@ Every modality is resampled onto the primary grid in physical (RAS) space.
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import json
+import logging
 import os
+import shutil
+import socket
 import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -37,6 +41,8 @@ from nibabel.openers import ImageOpener
 
 from crossmodal.config import IMAGE_EXTENSIONS, atomic_write_bytes
 from crossmodal.errors import CaseError
+
+logger = logging.getLogger(__name__)
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -324,6 +330,40 @@ def read_cached_label(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     if arr.shape != tuple(shape):
         raise ValueError(f"has shape {arr.shape}, not {tuple(shape)}")
     return arr
+
+
+def staging_folder(parent: str | os.PathLike[str], prefix: str) -> Path:
+    """A new hidden folder ``<parent>/<prefix><host>-<pid>-<random>`` to write a whole output in before it is moved
+    into place; first removes the folders of ``prefix`` that a process of this host no longer running left (killed
+    by SIGKILL, a power cut: a whole dataset's copy, hidden, each time), and says so in the log. A folder of a
+    running process, or of another host sharing the folder, stays.
+
+        >>> root = Path(tempfile.mkdtemp())
+        >>> left = root / f".ds.import-{socket.gethostname()}-999999999-abc"  # no such process
+        >>> left.mkdir()
+        >>> new = staging_folder(root, ".ds.import-")
+        >>> left.exists(), new.name.startswith(f".ds.import-{socket.gethostname()}-{os.getpid()}-")
+        (False, True)
+    """
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    mine = f"{prefix}{socket.gethostname()}-"
+    for old in parent.glob(f"{glob.escape(mine)}*"):
+        pid = old.name[len(mine):].split("-", 1)[0]
+        if pid.isdigit() and old.is_dir() and not _running(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+            logger.warning(f"{old}: removed, left by a run (pid {pid}) that was killed before it moved its output in")
+    return Path(tempfile.mkdtemp(prefix=f"{mine}{os.getpid()}-", dir=parent))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:

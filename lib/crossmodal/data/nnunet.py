@@ -22,7 +22,16 @@ from tqdm import tqdm
 
 from crossmodal.config import CrossModalConfig, atomic_write_text
 from crossmodal.data.studies import FINAL_LABELS, TRUTH_DIR, primary_images, truth_files
-from crossmodal.io import CaseError, case_id_of, find_case, load_volume, read_label, resample_to, save_volume
+from crossmodal.io import (
+    CaseError,
+    case_id_of,
+    find_case,
+    load_volume,
+    read_label,
+    resample_to,
+    save_volume,
+    staging_folder,
+)
 from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE, classify, from_training, name_key, to_training
 
 # the ``file_ending`` values of dataset.json whose 3D volumes MONAI's readers open (nnU-Net also knows 2D .png / .tif)
@@ -172,7 +181,7 @@ def import_nnunet(dataset: str | os.PathLike[str], studies: str | os.PathLike[st
     """
     out = Path(studies)
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
+    stage = staging_folder(out.parent, f".{out.name}.import-")
     try:
         records = _import_cases(dataset, stage, cfg)
         files = sorted((p for p in stage.rglob("*") if p.is_file()), key=lambda p: (p.parent == stage, str(p)))
@@ -256,7 +265,7 @@ def export_nnunet(studies: str | os.PathLike[str], dataset: str | os.PathLike[st
         raise ValueError(f"--out {dst}: not empty (holds {', '.join(held[:3])}{' ...' if len(held) > 3 else ''}); an "
                          f"export writes a whole nnU-Net dataset: give a new folder, or remove this one first")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    final, dst = dst, Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    final, dst = dst, staging_folder(dst.parent, f".{dst.name}.partial-")
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(dst, 0o777 & ~umask)  # mkdtemp's 0700: the dataset as a folder made by hand

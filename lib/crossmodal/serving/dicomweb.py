@@ -38,7 +38,7 @@ import numpy as np
 import requests
 from crossmodal.config import CrossModalConfig, ModalityConfig
 from crossmodal.dicom import SEG_SOP_CLASS, describe_series, label_to_seg, seg_kind, seg_to_label, series_to_nifti
-from crossmodal.io import CaseError, load_volume, save_volume
+from crossmodal.io import CaseError, load_volume, save_volume, staging_folder
 from crossmodal.serving.datastore import CrossModalDatastore, http_error
 from dicomweb_client import DICOMwebClient
 from fastapi import HTTPException
@@ -337,7 +337,7 @@ class PacsDatastore(CrossModalDatastore):
         from monailabel.datastore.utils.dicom import dicom_web_download_series
 
         dicom_dir = Path(self.dicom_dir(series.uid))
-        tmp_dir = Path(tempfile.mkdtemp(dir=Path(self._datastore.base_path), prefix=".dl-"))
+        tmp_dir = staging_folder(self._datastore.base_path, ".dl-")
         try:
             try:
                 dicom_web_download_series(series.study, series.uid, str(tmp_dir), self.client)
@@ -479,7 +479,7 @@ class PacsDatastore(CrossModalDatastore):
             return  # a newer local save waits for upload
         image = self.get_image_uri(cid)
         study, _, kind, _ = self._segs[seg_uid]
-        tmp_dir = Path(tempfile.mkdtemp(dir=self._datastore.base_path, prefix=".seg-"))
+        tmp_dir = staging_folder(self._datastore.base_path, ".seg-")
         try:
             from monailabel.datastore.utils.dicom import dicom_web_download_series
 
