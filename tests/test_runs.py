@@ -199,7 +199,7 @@ def test_a_diverged_run_names_its_better_validated_model(tmp_path: Path, phantom
     assert diverged_run_hint(model_dir, "train_09") == ""  # no such run: nothing to name
 
 
-def test_ctrl_c_in_crossmodal_train_says_in_one_line_what_is_in_service(tmp_path: Path, phantom_cfg):
+def test_ctrl_c_in_crossmodal_train_says_in_one_line_what_is_in_service(tmp_path: Path, phantom_cfg, capsys):
     """Ctrl-C in `crossmodal train` printed ignite's and MONAI's tracebacks (twice) and no word on the model; now one
     line names where the run stopped and what serves, exit 130, the published model whole."""
     studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=3, dense=2, sparse=0, seed=43)
@@ -228,6 +228,11 @@ def test_ctrl_c_in_crossmodal_train_says_in_one_line_what_is_in_service(tmp_path
                         "to go on", last), last
     assert published.read_bytes() == (model_dir / "train_01" / "model.pt").read_bytes()
     assert _weights(published).keys() == build_network(phantom_cfg).state_dict().keys()
+    (run,) = list_runs(model_dir)  # `crossmodal models` tells the run stopped from one that ended
+    assert run.stopped == "interrupted" and run.in_service and run.total_epochs == 500
+    assert main(["models", "--model-dir", str(model_dir)]) == 0
+    row = capsys.readouterr().out.splitlines()[1]
+    assert re.search(rf"\b{run.epoch}/500 \(interrupted\)", row) and row.endswith("*"), row
 
 
 def test_sigterm_in_crossmodal_train_removes_the_datasets_copy_and_says_what_is_in_service(tmp_path: Path,
@@ -259,6 +264,7 @@ def test_sigterm_in_crossmodal_train_removes_the_datasets_copy_and_says_what_is_
                      r"epoch so far, val_mean_dice 0\.\d{4} is in service: ", err), err[-2000:]
     assert [p.name for p in temp.iterdir() if p.name.startswith("crossmodal-")] == [], copies  # all gone
     assert published.read_bytes() == (model_dir / "train_01" / "model.pt").read_bytes()
+    assert [r.stopped for r in list_runs(model_dir)] == ["terminated"]
 
 
 def test_an_interrupted_run_that_published_nothing_names_the_model_it_started_from(tmp_path: Path):

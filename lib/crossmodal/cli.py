@@ -500,10 +500,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                                   processes=args.processes, dataset=args.dataset, publish_mode=args.publish_mode,
                                   missing_modality=args.missing_modality, from_scratch=args.from_scratch,
                                   early_stop_patience=args.early_stop_patience, seed=args.seed)
-    except KeyboardInterrupt:  # Ctrl-C: say what is in service (main prints it), not ignite's traceback
+    except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: say what is in service (main prints it), not a traceback
         from crossmodal.serving.runs import interrupted_note
 
-        args.interrupted = interrupted_note(args.model_dir)
+        args.interrupted = interrupted_note(args.model_dir, "terminated" if isinstance(e, Terminated) else
+                                            "interrupted")
         raise
     print(json.dumps(stats, indent=2, default=str))
     if stats.get("start_metric") is not None:  # a model in service and held-out labels (--publish-mode if_better)

@@ -14,10 +14,11 @@ kept per model file version).
 from __future__ import annotations
 
 import datetime
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from crossmodal.config import ConfigError, load_config
+from crossmodal.config import ConfigError, atomic_write_text, load_config
 from crossmodal.io import atomic_copy
 from crossmodal.nets import check_weights
 from crossmodal.serving.train import run_folders, run_stats, same_bytes, stats_path_of
@@ -32,7 +33,9 @@ class TrainRun:
     label was held out: then ``metric`` is ``train_mean_dice``); ``start``: the held-out score of the model it
     started from (fine-tuning, or training beside a model in service); ``model``: its weights (None: the run ended
     before its first epoch did); ``in_service``: its weights are the model in service, byte for byte; ``problem``:
-    why its config does not load here (a config of another version of the app), which keeps it out of service.
+    why its config does not load here (a config of another version of the app), which keeps it out of service;
+    ``stopped``: how a command line run was stopped before its last epoch (``interrupted``: Ctrl-C, ``terminated``:
+    SIGTERM).
     """
 
     name: str
@@ -49,6 +52,7 @@ class TrainRun:
     model: Path | None
     in_service: bool
     problem: str | None = None
+    stopped: str | None = None
 
 
 def list_runs(model_dir: str | Path) -> list[TrainRun]:
@@ -89,7 +93,8 @@ def list_runs(model_dir: str | Path) -> list[TrainRun]:
             best=float(best) if isinstance(best, (int, float)) else None,
             start=float(stats["start_metric"]) if isinstance(stats.get("start_metric"), (int, float)) else None,
             model=model if model_ok else None,
-            in_service=same_bytes(model, published)))
+            in_service=same_bytes(model, published),
+            stopped=str(stats["stopped"]) if stats.get("stopped") else None))
     return runs
 
 
@@ -120,14 +125,17 @@ def publish_run(model_dir: str | Path, name: str) -> TrainRun:
     return run
 
 
-def interrupted_note(model_dir: str | Path) -> str:
-    """What a training run stopped by Ctrl-C (the last ``train_NN`` under ``model_dir``) leaves in service, as the
-    command line says it: its best epoch so far where that was published, else the model it started from, else
-    nothing."""
+def interrupted_note(model_dir: str | Path, how: str = "interrupted") -> str:
+    """What a training run stopped by Ctrl-C or SIGTERM (the last ``train_NN`` under ``model_dir``) leaves in service,
+    as the command line says it: its best epoch so far where that was published, else the model it started from,
+    else nothing. The run's stats are marked ``stopped``: ``how`` (``crossmodal models`` shows it)."""
     runs = list_runs(model_dir) if Path(model_dir).is_dir() else []
     if not runs:
         return f"no training run began under {model_dir}: nothing was written there"
     last = runs[-1]
+    stats_file, stats = run_stats(last.folder)
+    if stats_file is not None and stats:
+        atomic_write_text(stats_file, json.dumps({**stats, "stopped": how}, indent=2))
     done = f"after {last.epoch} of {last.total_epochs} epochs" if last.epoch is not None else "before its first epoch"
     if last.in_service and last.model is not None:
         score = f", {last.metric} {last.best:.4f}" if last.best is not None and last.metric else ""
@@ -145,7 +153,8 @@ def format_runs(runs: list[TrainRun]) -> str:
     """``runs`` as the table ``crossmodal models`` prints (one line a run; ``*`` marks the model in service)."""
     rows = [("run", "network", "preset", "finished", "epochs", "metric", "best", "start", "in service")]
     for r in runs:
-        epochs = f"{r.epoch}/{r.total_epochs}" if r.epoch is not None else "-"
+        epochs = (f"{r.epoch}/{r.total_epochs}" if r.epoch is not None else "-") + (f" ({r.stopped})" if r.stopped
+                                                                                   else "")
         rows.append((r.name, r.network, r.preset, r.finished.strftime("%Y-%m-%d %H:%M") if r.finished else "-",
                      epochs, r.metric or "-", f"{r.best:.4f}" if r.best is not None else "-",
                      f"{r.start:.4f}" if r.start is not None else "-",
