@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -344,13 +345,18 @@ def staging_folder(parent: str | os.PathLike[str], prefix: str) -> Path:
         >>> new = staging_folder(root, ".ds.import-")
         >>> left.exists(), new.name.startswith(f".ds.import-{socket.gethostname()}-{os.getpid()}-")
         (False, True)
+        >>> other = root / f".ds.import-{socket.gethostname()}-999999998-999999999-abc"  # host <this host>-999999998
+        >>> other.mkdir(); _ = staging_folder(root, ".ds.import-"); other.exists()
+        True
     """
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
     mine = f"{prefix}{socket.gethostname()}-"
     for old in parent.glob(f"{glob.escape(mine)}*"):
-        pid = old.name[len(mine):].split("-", 1)[0]
-        if pid.isdigit() and old.is_dir() and not _running(int(pid)):
+        # <pid>-<mkdtemp's letters, digits, _>: not a host whose name starts with this one's and a "-"
+        found = re.fullmatch(r"(\d+)-[A-Za-z0-9_]+", old.name[len(mine):])
+        pid = found.group(1) if found else ""
+        if pid and old.is_dir() and not _running(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
             logger.warning(f"{old}: removed, left by a run (pid {pid}) that was killed before it moved its output in")
     return Path(tempfile.mkdtemp(prefix=f"{mine}{os.getpid()}-", dir=parent))
