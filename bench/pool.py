@@ -39,7 +39,7 @@ from benchutil import results_dir  # noqa: E402
 from crossmodal.config import CrossModalConfig, atomic_write_text, load_config  # noqa: E402
 from crossmodal.data.phantom import make_phantom  # noqa: E402
 from crossmodal.data.studies import generate  # noqa: E402
-from crossmodal.serving.activelearning import SCORES_KEY  # noqa: E402
+from crossmodal.serving.activelearning import SCORES_KEY, model_key  # noqa: E402
 from crossmodal.serving.app import AppParts  # noqa: E402
 
 WEIGHTS = REPO / "apps" / "crossmodal" / "pretrained" / "phantom_crossmodal.pt"
@@ -110,8 +110,8 @@ def score_pool(pool: Path, work: Path, cache: Path, flush_s: float, weights: Pat
         raise SystemExit(f"pool of {out['scored']} (flush_s {flush_s}): {len(redone)} cases were read and preprocessed "
                          f"again (e.g. {redone[0]}), so the timing is not a re-scoring's")
     infos = json.loads((pool / "datastore_v2.json").read_text())["objects"]
-    fresh = sum((v["image"]["info"].get(SCORES_KEY) or {}).get("model_ts") == os.path.getmtime(model)
-                for v in infos.values())
+    key = model_key(parts.cfg, str(model))  # what the scoring stores with a current score
+    fresh = sum((v["image"]["info"].get(SCORES_KEY) or {}).get("model_key") == key for v in infos.values())
     t = time.perf_counter()
     again = scoring({}, store)  # as MONAI Label does after each Next Sample: nothing new to score
     recheck_s = time.perf_counter() - t

@@ -224,7 +224,6 @@ class CrossModalScoring(ScoringMethod):
         path = self.infer_task.get_path()
         deadline = None if budget_s is None else time.monotonic() + budget_s
         network = self.infer_task._get_network(device, {}) if path else None  # MONAI Label's cached loader
-        model_ts = os.path.getmtime(path) if path else 0.0
         key = model_key(self.cfg, path)
         if network is not None:
             network.eval()
@@ -254,8 +253,7 @@ class CrossModalScoring(ScoringMethod):
                 failed[image_id] = str(cause_of_type(e, (CaseError,)) or getattr(e, "detail", e))
                 continue
             seconds.append(s.pop("seconds"))
-            pending[image_id] = {SCORES_KEY: {**s, "model_ts": model_ts, "model_key": key,
-                                              **({"files": stamp} if local else {})}}
+            pending[image_id] = {SCORES_KEY: {**s, "model_key": key, **({"files": stamp} if local else {})}}
             scored[image_id] = {k: round(v, 6) for k, v in s.items() if k != "descriptor"}
             if time.monotonic() - flushed >= self.flush_s:
                 store_infos(datastore, pending)

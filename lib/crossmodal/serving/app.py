@@ -297,7 +297,6 @@ def stop_when_orphaned(interval_s: float = 2.0, main_module: str | None = None) 
     return thread
 
 
-
 @dataclass
 class AppParts:
     """The resolved config and the app's models; the first model is the preset's ``model.name``."""
