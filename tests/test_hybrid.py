@@ -38,6 +38,7 @@ from crossmodal.losses import (
 from crossmodal.nets import CrossModalNet, CrossModalOutput, InputSelect, build_network
 from crossmodal.serving.app import AppParts
 from crossmodal.serving.offline import method_config, train_offline
+from crossmodal.serving.runs import list_runs
 from crossmodal.serving.train import (
     CrossModalTrain,
     LatestModel,
@@ -1023,6 +1024,7 @@ def test_early_stop_patience_stops_a_run_whose_held_out_score_stops_improving(tm
 
     stopped, full = run("stopped", 2), run("full", -1)
     assert (stopped["epoch"], full["epoch"]) == (3, 6)
+    assert [r.stopped for r in list_runs(tmp_path / "stopped") + list_runs(tmp_path / "full")] == ["early stop", None]
     curve = json.loads(next((tmp_path / "stopped").glob("train_*/learning_curve.json")).read_text())
     assert [r["epoch"] for r in curve] == [1, 2, 3]
     assert stopped["eval"]["best_metric_epoch"] == 1  # the later ones scored the same, not better

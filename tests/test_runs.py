@@ -5,6 +5,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -54,8 +55,9 @@ def test_each_run_keeps_its_folder_and_an_earlier_model_goes_back_in_service(tmp
     assert not _same(first, second) and _same(second, _weights(published))  # the second fine-tuned the first
 
     runs = list_runs(model_dir)
-    assert [(r.name, r.network, r.preset, r.epoch, r.total_epochs, r.in_service) for r in runs] == [
-        ("train_01", "crossmodal", "phantom", 1, 1, False), ("train_02", "crossmodal", "phantom", 1, 1, True)]
+    assert [(r.name, r.network, r.preset, r.epoch, r.total_epochs, r.in_service, r.stopped) for r in runs] == [
+        ("train_01", "crossmodal", "phantom", 1, 1, False, None),
+        ("train_02", "crossmodal", "phantom", 1, 1, True, None)]
     assert runs[0].metric == "train_mean_dice" and 0 < runs[0].best <= 1  # no label held out: the train Dice
     stats_file = model_dir / "phantom_crossmodal_train_stats.json"
     run_stats = [next((model_dir / f"train_0{i}").glob("stats_*.json")).read_bytes() for i in (1, 2)]
@@ -214,6 +216,7 @@ def test_ctrl_c_in_crossmodal_train_says_in_one_line_what_is_in_service(tmp_path
         while not published.is_file() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert published.is_file(), proc.poll()
+        assert [r.stopped for r in list_runs(model_dir)] == ["running"]  # `crossmodal models` while it trains
         time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
@@ -222,17 +225,24 @@ def test_ctrl_c_in_crossmodal_train_says_in_one_line_what_is_in_service(tmp_path
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err and "terminating" not in err, err[-2000:]
     last = err.strip().splitlines()[-1]
-    assert re.fullmatch(rf"crossmodal train: interrupted: train_01 stopped after \d+ of 500 epochs; its best epoch "
-                        rf"so far, val_mean_dice 0\.\d{{4}} is in service: {re.escape(str(published))}\. "
-                        rf"`crossmodal models --model-dir {re.escape(str(model_dir))}` lists the runs; train again "
-                        "to go on", last), last
-    assert published.read_bytes() == (model_dir / "train_01" / "model.pt").read_bytes()
+    tail = (rf"\. `crossmodal models --model-dir {re.escape(str(model_dir))}` lists the runs; train again to go on")
+    best = model_dir / "train_01" / "model.pt"
+    served_best = published.read_bytes() == best.read_bytes()
+    if served_best:
+        assert re.fullmatch(rf"crossmodal train: interrupted: train_01 stopped after \d+ of 500 epochs; its best "
+                            rf"epoch so far, val_mean_dice 0\.\d{{4}} is in service: {re.escape(str(published))}"
+                            + tail, last), last
+    else:  # the stop came between saving a better epoch and publishing it (it said "the one it started from")
+        assert re.fullmatch(rf"crossmodal train: interrupted: train_01 stopped after \d+ of 500 epochs; an earlier "
+                            rf"epoch of it is in service: {re.escape(str(published))} \(its best so far, "
+                            rf"{re.escape(str(best))}, was not published yet: `crossmodal models --publish "
+                            r"train_01`\)" + tail, last), last
     assert _weights(published).keys() == build_network(phantom_cfg).state_dict().keys()
     (run,) = list_runs(model_dir)  # `crossmodal models` tells the run stopped from one that ended
-    assert run.stopped == "interrupted" and run.in_service and run.total_epochs == 500
+    assert run.stopped == "interrupted" and run.in_service == served_best and run.total_epochs == 500
     assert main(["models", "--model-dir", str(model_dir)]) == 0
     row = capsys.readouterr().out.splitlines()[1]
-    assert re.search(rf"\b{run.epoch}/500 \(interrupted\)", row) and row.endswith("*"), row
+    assert re.search(rf"\b{run.epoch}/500 \(interrupted\)", row) and row.endswith("*") == served_best, row
 
 
 def test_sigterm_in_crossmodal_train_removes_the_datasets_copy_and_says_what_is_in_service(tmp_path: Path,
@@ -279,11 +289,19 @@ def test_an_interrupted_run_that_published_nothing_names_the_model_it_started_fr
     assert note.startswith(f"train_02 stopped before its first epoch; no model is in service "
                            f"({model_dir / 'phantom_crossmodal.pt'} was not written). ")
     (model_dir / "phantom_crossmodal.pt").write_bytes(b"weights of run 1")
+    os.utime(model_dir / "phantom_crossmodal.pt", (time.time() - 120,) * 2)  # published before run 2 began
     (model_dir / "train_02" / "model.pt").write_bytes(b"weights of run 2, its best epoch: not better")
     (model_dir / "train_02" / "stats_2.json").write_text('{"epoch": 2, "total_epochs": 50}')
     assert interrupted_note(model_dir).startswith(
         f"train_02 stopped after 2 of 50 epochs; the model in service is the one it started from (train_01's): "
         f"{model_dir / 'phantom_crossmodal.pt'}. `crossmodal models --model-dir {model_dir}` lists the runs")
+    # stopped between saving a better epoch and publishing it: the published model is an earlier epoch of the run
+    os.utime(model_dir / "train_02" / "config.yaml", (time.time() - 60,) * 2)
+    (model_dir / "phantom_crossmodal.pt").write_bytes(b"weights of run 2, epoch 1")
+    assert interrupted_note(model_dir).startswith(
+        f"train_02 stopped after 2 of 50 epochs; an earlier epoch of it is in service: "
+        f"{model_dir / 'phantom_crossmodal.pt'} (its best so far, {model_dir / 'train_02' / 'model.pt'}, was not "
+        "published yet: `crossmodal models --publish train_02`). `crossmodal models")
 
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt, ValueError])
@@ -308,3 +326,28 @@ def test_stats_handlers_pass_ctrl_c_on_without_a_traceback_and_log_other_errors(
     finally:
         handler.logger.removeHandler(collect)
     assert not logged if error is KeyboardInterrupt else "Exception: stop" in logged  # others: logged as before
+
+
+def test_a_run_whose_process_was_killed_is_not_running_while_its_parent_has_not_reaped_it(tmp_path: Path):
+    """MONAI Label's Stop Training SIGKILLs the training process; until its parent reaps it (in a container whose
+    init reaps nothing: never) it is a zombie, with its pid and start time, and it trains no more."""
+    import psutil
+    from crossmodal.io import process_alive
+    from crossmodal.serving.runs import run_state
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        identity = {"host": socket.gethostname(), "pid": child.pid,
+                    "started": round(psutil.Process(child.pid).create_time(), 2)}
+        assert process_alive(identity) is True and run_state({"process": identity}) == "running"
+        child.kill()
+        deadline = time.monotonic() + 10
+        while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE  # not reaped: no wait() yet
+        assert process_alive(identity) is False and run_state({"process": identity}) == "killed"
+    finally:
+        child.kill()
+        child.wait()
+    assert process_alive(identity) is False  # reaped: no such process
+    assert process_alive({**identity, "host": f"{socket.gethostname()}-other"}) is None  # another host's: unknown

@@ -624,7 +624,9 @@ def test_train_publishes_a_model_that_infer_reloads(client, phantom_server):
 
     started = time.time()
     client.train_start("baseline_unet", {"max_epochs": 2, "tracking": "mlflow", "publish": "best_of_run",
-                                         "val_interval": 2})  # validates the second epoch only
+                                         "val_interval": 2, "seed": 1})  # validates the second epoch only
+    # (another seed: with the first's, from the same model on the same cases, it trained the first's weights, bit
+    # for bit, where no test before this one had trained)
     wait_for_training(client)
     assert published.is_file() and published.stat().st_mtime > started
     stats = client.info()["train_stats"]["baseline_unet"]
@@ -634,8 +636,8 @@ def test_train_publishes_a_model_that_infer_reloads(client, phantom_server):
     assert (phantom_server.model_dir / "mlflow.db").is_file()  # MLflow on sqlite, not the rejected file:// URI
     # each run in its own folder (MONAI Label's train_01 was both's): the first's model is kept, out of service
     runs = list_runs(phantom_server.model_dir)
-    assert [(r.name, r.network, r.in_service, r.epoch) for r in runs] == [("train_01", "baseline_unet", False, 2),
-                                                                        ("train_02", "baseline_unet", True, 2)]
+    assert [(r.name, r.network, r.in_service, r.epoch, r.stopped) for r in runs] == [
+        ("train_01", "baseline_unet", False, 2, None), ("train_02", "baseline_unet", True, 2, None)]
     assert runs[0].start is not None and runs[1].start is None and runs[1].best == pytest.approx(stats["best_metric"])
     curve = json.loads((phantom_server.model_dir / "train_02" / "learning_curve.json").read_text())
     assert [r["epoch"] for r in curve] == [1, 2] and all(r["loss_supervised"] > 0 for r in curve)
@@ -681,11 +683,16 @@ def test_a_training_stopped_mid_run_leaves_a_whole_model_in_service(client, phan
             changed_at = time.time()  # the run published its first epoch; keep reading through a few more
     assert changed_at is not None, "the run published nothing within 180 s"
     assert client.train_status(check_if_running=True)  # still running: the stop lands mid-run
+    assert list_runs(phantom_server.model_dir)[-1].stopped == "running"  # `crossmodal models` says so
     client.train_stop()
     deadline = time.time() + 60
     while client.train_status(check_if_running=True) and time.time() < deadline:
         time.sleep(1)
     assert not client.train_status(check_if_running=True)
+    deadline = time.time() + 20  # the kill of the training process (a child of the one MONAI Label ran) lands
+    while (run := list_runs(phantom_server.model_dir)[-1]).stopped == "running" and time.time() < deadline:
+        time.sleep(0.5)
+    assert run.stopped == "killed" and run.epoch < run.total_epochs == 50, run  # looked like 3 epochs of 3
     check_weights(CFG_BASELINE, str(published))  # whole and fitting the network
     assert reads > 20
     reloads = phantom_server.log.read_text().count("Reload model from cache")

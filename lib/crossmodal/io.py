@@ -372,6 +372,39 @@ def _running(pid: int) -> bool:
     return True
 
 
+def process_identity() -> dict[str, Any]:
+    """This process as a record another process can check later with :func:`process_alive`: host, pid and start
+    time (a pid alone is reused once its process is gone)."""
+    import psutil
+
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": round(psutil.Process().create_time(), 2)}
+
+
+def process_alive(identity: Mapping[str, Any]) -> bool | None:
+    """Whether the process :func:`process_identity` recorded still runs: True / False on this host, None where that
+    cannot be known (another host's, or a record that does not read).
+
+        >>> process_alive(process_identity()), process_alive({**process_identity(), "started": 1.0})
+        (True, False)
+        >>> process_alive({"host": "elsewhere", "pid": 1, "started": 1.0}) is None
+        True
+    """
+    import psutil
+
+    pid, started = identity.get("pid"), identity.get("started")
+    if (identity.get("host") != socket.gethostname() or not isinstance(pid, int) or pid < 1
+            or not isinstance(started, (int, float))):
+        return None
+    try:
+        process = psutil.Process(pid)
+        # a killed process its parent has not reaped yet (MONAI Label's Stop Training) is a zombie: gone
+        return abs(process.create_time() - started) < 0.05 and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # another user's: it runs, whether it is that one cannot be told
+        return None
+
+
 def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     """Copy ``src`` to ``dst`` through a temp file in the destination folder and ``os.replace``."""
     dst = Path(dst)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from crossmodal.config import ConfigError, atomic_write_text, load_config
-from crossmodal.io import atomic_copy
+from crossmodal.io import atomic_copy, process_alive
 from crossmodal.nets import check_weights
 from crossmodal.serving.train import run_folders, run_stats, same_bytes, stats_path_of
 
@@ -34,8 +34,10 @@ class TrainRun:
     started from (fine-tuning, or training beside a model in service); ``model``: its weights (None: the run ended
     before its first epoch did); ``in_service``: its weights are the model in service, byte for byte; ``problem``:
     why its config does not load here (a config of another version of the app), which keeps it out of service;
-    ``stopped``: how a command line run was stopped before its last epoch (``interrupted``: Ctrl-C, ``terminated``:
-    SIGTERM).
+    ``stopped``: how a run stopped before its last epoch (``interrupted``: Ctrl-C, ``terminated``: SIGTERM, to the
+    command line; ``killed``: its process is gone without a word: the viewers' Stop Training, SIGKILL, out of memory;
+    ``early stop``: ``early_stop_patience``), or ``running``: its process still trains (None: it trained every
+    epoch, or a run of a version of the app that did not record its process).
     """
 
     name: str
@@ -94,8 +96,25 @@ def list_runs(model_dir: str | Path) -> list[TrainRun]:
             start=float(stats["start_metric"]) if isinstance(stats.get("start_metric"), (int, float)) else None,
             model=model if model_ok else None,
             in_service=same_bytes(model, published),
-            stopped=str(stats["stopped"]) if stats.get("stopped") else None))
+            stopped=run_state(stats)))
     return runs
+
+
+def run_state(stats: dict) -> str | None:
+    """How the run whose stats are ``stats`` ended, or that it still trains (see :class:`TrainRun`'s ``stopped``).
+
+        >>> from crossmodal.io import process_identity
+        >>> run_state({"process": process_identity()}), run_state({"process": {**process_identity(), "started": 1.0}})
+        ('running', 'killed')
+        >>> run_state({"process": process_identity(), "ended": "early_stopped"}), run_state({"ended": "completed"})
+        ('early stop', None)
+    """
+    if stats.get("stopped"):
+        return str(stats["stopped"])
+    if "ended" in stats:
+        return "early stop" if stats["ended"] == "early_stopped" else None
+    alive = process_alive(stats["process"]) if isinstance(stats.get("process"), dict) else None
+    return None if alive is None else "running" if alive else "killed"
 
 
 def publish_run(model_dir: str | Path, name: str) -> TrainRun:
@@ -140,6 +159,10 @@ def interrupted_note(model_dir: str | Path, how: str = "interrupted") -> str:
     if last.in_service and last.model is not None:
         score = f", {last.metric} {last.best:.4f}" if last.best is not None and last.metric else ""
         what = f"{last.name} stopped {done}; its best epoch so far{score} is in service: {last.published}"
+    elif last.published.is_file() and last.published.stat().st_mtime > (last.folder / "config.yaml").stat().st_mtime:
+        # stopped between saving a better epoch (model.pt) and publishing it
+        what = (f"{last.name} stopped {done}; an earlier epoch of it is in service: {last.published} (its best so "
+                f"far, {last.folder / 'model.pt'}, was not published yet: `crossmodal models --publish {last.name}`)")
     elif last.published.is_file():
         earlier = [r.name for r in runs[:-1] if r.in_service and r.published == last.published]
         was = f" ({earlier[-1]}'s)" if earlier else ""

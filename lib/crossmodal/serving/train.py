@@ -80,7 +80,7 @@ from crossmodal.hybrid import (
     sample_present,
 )
 from crossmodal.inference import NetworkInferer
-from crossmodal.io import Case, atomic_copy, case_id_of, find_case, volume_channels
+from crossmodal.io import Case, atomic_copy, case_id_of, find_case, process_identity, volume_channels
 from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE
 from crossmodal.losses import SupervisedLoss
 from crossmodal.nets import CrossModalNet, CrossModalOutput, build_network, non_finite_weights
@@ -326,6 +326,20 @@ def run_stats(folder: str | os.PathLike[str]) -> tuple[Path | None, dict]:
         return files[-1], {}
 
 
+def mark_ended(trainer: Engine, folder: str | os.PathLike[str], published: str | None = None) -> None:
+    """On the trainer's ``COMPLETED`` (after the publisher's last write): the run folder's stats get ``ended``:
+    ``completed`` (every epoch trained) or ``early_stopped``, and so do the ``published`` stats where they are the
+    run's; a run whose stats lack it stopped before (Ctrl-C, a kill) or still trains."""
+    stats_file, stats = run_stats(folder)
+    if stats_file is None or not stats:
+        return
+    ended = "completed" if trainer.state.epoch >= (trainer.state.max_epochs or 0) else "early_stopped"
+    text = json.dumps({**stats, "ended": ended}, indent=2)
+    if published and same_bytes(stats_file, published):
+        atomic_write_text(Path(published), text)
+    atomic_write_text(stats_file, text)
+
+
 def recompute(network: torch.nn.Module, loss_fn: HybridLoss, x: torch.Tensor, above_megavoxels: float) -> bool:
     """Turn activation checkpointing of ``network`` (a cross-modal one, or its data-parallel wrapper) and
     ``loss_fn`` on for a step whose input ``x`` (B, M, H, W, D) holds more than ``above_megavoxels`` million
@@ -386,6 +400,7 @@ class AtomicPublish(PublishStatsAndModel):
             stats["start_metric"] = start
         if self.fit is not None and self.fit.start is not None:
             stats["training_fit"] = self.fit.record()
+        stats["process"] = process_identity()  # whether the run still trains, or was killed: crossmodal models
         text = json.dumps(json_safe(stats), indent=2, default=str)  # NaN in it made every GET /info/ a 500
         atomic_write_text(Path(self.output_dir) / f"stats_{self.run_id}.json", text)
         if self._stats_path:
@@ -1385,6 +1400,7 @@ class CrossModalTrain(BasicTrainTask):
             LearningCurve(context.output_dir, context.evaluator, start).attach(context.trainer)
             if start is not None:
                 context.trainer.add_event_handler(Events.COMPLETED, lambda _: self._report_kept(context, start))
+            context.trainer.add_event_handler(Events.COMPLETED, mark_ended, context.output_dir, self._stats_path)
         self._early_stopping(context)
         if context.multi_gpu:
             # every process leaves training together (rank 0 publishes last), so MONAI Label's
