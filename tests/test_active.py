@@ -156,10 +156,18 @@ def test_scoring_stores_scores_once_per_model_and_rescored_after_training(app_pa
         assert len(s["descriptor"]) > 4 and abs(np.linalg.norm(s["descriptor"]) - 1) < 1e-4
     assert scoring({}, store)["scored"] == 0  # same model: nothing to recompute
     assert scoring.infer_task.get_path() == parts.models[0].pretrained  # no published model yet
+    first = {i: store.get_image_info(i)[SCORES_KEY] for i in unlabeled}
     shutil.copyfile(parts.models[0].pretrained, parts.published)  # a newly published model (the committed file
     os.utime(parts.published, (time.time() + 5, time.time() + 5))  # itself stays untouched)
     assert scoring.infer_task.get_path() == parts.published
+    torch.manual_seed(123)
+    drawn = torch.rand(3)
+    torch.manual_seed(123)
     assert scoring({}, store)["scored"] == 4
+    assert torch.equal(torch.rand(3), drawn)  # torch's own generator is left as it was
+    # the same weights score the same: the dropout samples are seeded by the case, not drawn in scoring order
+    again = {i: store.get_image_info(i)[SCORES_KEY] for i in unlabeled}
+    assert all(again[i]["mc_uncertainty"] == first[i]["mc_uncertainty"] > 0 for i in unlabeled), (first, again)
     assert len(list(Path(scoring.cache_dir).glob("*.pt"))) == 4  # preprocessed inputs cached for re-scoring
 
 

@@ -201,12 +201,16 @@ class CrossModalScoring(ScoringMethod):
 
     def score_case(self, path: str, network: torch.nn.Module | None, device: str = "cpu") -> dict[str, Any]:
         """{disagreement, mc_uncertainty, entropy, descriptor, seconds} of one case (only the descriptor without
-        a network)."""
+        a network). The dropout samples are drawn from a generator seeded by the case's id (torch's global ones are
+        put back after): the same case under the same model scores the same each time, whatever was scored
+        before it (a ranking no longer reshuffled by a re-scoring)."""
         t = time.perf_counter()
         x, present = self.case_input(path)
         if network is None:
             return {"descriptor": image_descriptor(x[0]).tolist(), "seconds": time.perf_counter() - t}
-        s = score_image(network, x.to(device), present, self.cfg.active.mc_samples)
+        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+            torch.manual_seed(int.from_bytes(hashlib.sha256(case_id_of(path).encode()).digest()[:4], "big"))
+            s = score_image(network, x.to(device), present, self.cfg.active.mc_samples)
         return {"disagreement": s.disagreement, "mc_uncertainty": s.mc_uncertainty, "entropy": s.entropy,
                 "descriptor": s.descriptor.tolist(), "seconds": time.perf_counter() - t}
 
