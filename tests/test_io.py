@@ -61,6 +61,33 @@ def test_secondary_on_coarser_grid_is_resampled_to_primary_shape(phantom_studies
     assert mr[truth == 1].mean() > mr[(truth == 0) & (mr > -0.5)].mean() + 0.5
 
 
+def test_a_single_slice_or_a_4d_modality_is_refused_naming_the_file(tmp_path: Path, phantom_cfg):
+    """A slice alone as the primary was segmented from padding (the phantom model painted 17 ml of lesion into one
+    48 x 48 slice) and crashed registration; a dynamic PET (3 frames) said "expected one channel, got 3"."""
+    aff = grid_affine((2.0,) * 3, (16, 16, 16))
+    vol = _ramp((16, 16, 16))
+    (tmp_path / "modalities" / "c1").mkdir(parents=True)
+    save_volume(tmp_path / "c1.nii.gz", vol[:, :, 7:8], aff)
+    for name in ("pet", "mr"):
+        save_volume(tmp_path / "modalities" / "c1" / f"{name}.nii.gz", vol, aff)
+    case = find_case(tmp_path / "c1.nii.gz", phantom_cfg.modality_names)
+    with pytest.raises(CaseError) as e:
+        load_case(case, phantom_cfg)
+    assert str(e.value) == (f"case 'c1': file {tmp_path / 'c1.nii.gz'}: is a single slice (grid (16, 16, 1)); the app "
+                            "segments 3D volumes: send the whole series (a series split into single slices is read as "
+                            "one case per slice)")
+    save_volume(tmp_path / "c1.nii.gz", vol, aff)
+    pet = tmp_path / "modalities" / "c1" / "pet.nii.gz"
+    save_volume(pet, np.stack([vol] * 3, -1), aff)
+    with pytest.raises(CaseError) as e:
+        load_case(case, phantom_cfg)
+    assert str(e.value) == (f"case 'c1': file {pet}: holds 3 volumes (a 4D file: frames of a dynamic or gated "
+                            "series, or channels) on a (16, 16, 16) grid; a modality is one 3D volume: keep the frame "
+                            "to segment with, or their sum")
+    save_volume(pet, vol, aff)
+    assert tuple(load_case(case, phantom_cfg)[0].shape) == (3, 16, 16, 16)
+
+
 def test_four_d_multichannel_primary(tmp_path: Path, phantom_cfg):
     aff = grid_affine((2.0,) * 3, (16, 16, 16))
     chans = np.stack([_ramp((16, 16, 16)) * (i + 1) for i in range(3)], axis=-1)

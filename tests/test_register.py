@@ -149,3 +149,27 @@ def test_a_found_motion_is_reused_until_a_file_changes(phantom_studies: Path, mo
     _displace(phantom_studies, "phantom000", ("pet",), SHIFT)
     moved = _load(phantom_studies, cfg)
     assert len(calls) == 3 and moved.meta["registered_mm"]["pet"] == pytest.approx(np.linalg.norm(SHIFT), abs=1.0)
+
+
+def test_a_slab_of_a_few_slices_is_registered_on_its_own_grid_and_one_too_thin_is_left_as_it_is():
+    """A working grid of a few slices crashed the case with ITK's "The number of pixels along direction 2 is less than
+    4" (its coarse twin had 3 slices; a 2-slice grid had 2): a slab registers on its own grid, a thinner one not."""
+    from crossmodal.transforms import align_to_primary
+    from monai.data import MetaTensor
+
+    cfg = load_config("phantom", overrides={"data": {"register": "translation"}})
+    rng = np.random.default_rng(0)
+    for slices, moved in ((4, True), (3, False)):
+        g = torch.zeros(300, 300, slices)
+        for _ in range(40):  # blocks of their own intensity, through every slice
+            x, y = rng.integers(10, 260, size=2)
+            g[x : x + rng.integers(10, 40), y : y + rng.integers(10, 40)] = float(rng.uniform(0.5, 3.0))
+        ref = MetaTensor(g[None], affine=torch.eye(4, dtype=torch.float64))
+        source = MetaTensor(torch.roll(g, 3, 0)[None], affine=torch.eye(4, dtype=torch.float64))  # 3 mm along x
+        aligned, shift = align_to_primary(source, ref, cfg)
+        assert aligned.shape == (1, 300, 300, slices)
+        if moved:
+            assert shift == pytest.approx(3.0, abs=0.5)
+            assert float((aligned[0] - g).abs().mean()) < 0.3 * float((source[0] - g).abs().mean())
+        else:  # too thin to register: as it came
+            assert shift == 0.0 and torch.equal(aligned[0], source[0])

@@ -968,6 +968,22 @@ def test_a_multimodal_case_uploads_through_the_datastore_api(client, phantom_ser
         with pytest.raises(MONAILabelClientException) as e:
             client.upload_image(str(tmp_path / "bad.nii.gz"), "upl001", {"modality": "pet"})
         assert status_of(e.value) == 422 and "case 'upl001': uploaded pet image: cannot be read" in e.value.msg
+        pet = load_volume(files["pet"])
+        save_volume(tmp_path / "dynamic.nii.gz", np.stack([pet[0].numpy()] * 3, -1), pet.affine.numpy())  # 3 frames
+        with pytest.raises(MONAILabelClientException) as e:  # was "expected one channel, got 3"
+            client.upload_image(str(tmp_path / "dynamic.nii.gz"), "upl001", {"modality": "pet"})
+        assert status_of(e.value) == 422 and (
+            f"case 'upl001': uploaded pet image: holds 3 volumes (a 4D file: frames of a dynamic or gated series, or "
+            f"channels) on a {tuple(pet.shape[1:])} grid; a modality is one 3D volume: keep the frame to segment "
+            "with, or their sum") in e.value.msg, e.value.msg
+        ct = load_volume(files["ct"])
+        save_volume(tmp_path / "slice.nii.gz", ct[0, :, :, 20:21].numpy(), ct.affine.numpy())  # a slice alone
+        with pytest.raises(MONAILabelClientException) as e:  # was stored, then segmented from padding
+            client.upload_image(str(tmp_path / "slice.nii.gz"), "upl002")
+        assert status_of(e.value) == 422 and (
+            "case 'upl002': uploaded image: is a single slice (grid (48, 48, 1)); the app segments 3D volumes: send "
+            "the whole series") in e.value.msg, e.value.msg
+        assert "upl002" not in client.datastore()["objects"]
         assert not sidecars.exists()
         for name in ("pet", "mr"):
             assert client.upload_image(str(files[name]), "upl001", {"modality": name})["image"] == "upl001"

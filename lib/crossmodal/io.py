@@ -209,6 +209,34 @@ def volume_channels(path: str | os.PathLike[str]) -> int | None:
         return None
 
 
+def volume_3d(vol: MetaTensor, case_id: str, path: str | os.PathLike[str] | None) -> MetaTensor:
+    """``vol`` (C, H, W, D) as it was, or a :class:`CaseError` where it is one slice thick along an axis: a 2D image
+    (a slice exported alone, a series split into single slices) that a 3D network would segment from padding.
+
+    Example:
+        >>> try:
+        ...     volume_3d(MetaTensor(torch.zeros(1, 8, 8, 1)), "c1", "c1.nii.gz")
+        ... except CaseError as e:
+        ...     print(str(e).split(";")[0])
+        case 'c1': file c1.nii.gz: is a single slice (grid (8, 8, 1))
+    """
+    if min(vol.shape[1:]) < 2:
+        raise CaseError(case_id, path, f"is a single slice (grid {tuple(vol.shape[1:])}); the app segments 3D "
+                                       "volumes: send the whole series (a series split into single slices is read "
+                                       "as one case per slice)")
+    return vol
+
+
+def one_volume(vol: MetaTensor, case_id: str, path: str | os.PathLike[str] | None) -> MetaTensor:
+    """``vol`` (1, H, W, D) as it was, or a :class:`CaseError` where it holds several (a 4D file) where one
+    modality's single volume belongs."""
+    if vol.shape[0] != 1:
+        raise CaseError(case_id, path, f"holds {vol.shape[0]} volumes (a 4D file: frames of a dynamic or gated series, "
+                                       f"or channels) on a {tuple(vol.shape[1:])} grid; a modality is one 3D volume: "
+                                       "keep the frame to segment with, or their sum")
+    return vol
+
+
 def resample_to(img: MetaTensor, ref: MetaTensor, mode: str = "bilinear") -> MetaTensor:
     """Resample ``img`` (C, ...) onto the grid of ``ref`` in physical space; outside its field of view -> 0."""
     if img.shape[1:] == ref.shape[1:] and torch.allclose(img.affine.double(), ref.affine.double(), atol=1e-4):

@@ -120,10 +120,15 @@ def register_rigid(fixed: torch.Tensor, moving: torch.Tensor, affine: np.ndarray
         return _register(fixed, moving, affine, mode, max_shift_mm, samples, seed)
 
 
+MIN_VOXELS = 4  # a grid thinner than this along an axis is not registered (a slab of a few slices)
+
+
 def _register(fixed: torch.Tensor, moving: torch.Tensor, affine: np.ndarray, mode: str, max_shift_mm: float,
               samples: int, seed: int) -> Registration:
     """:func:`register_rigid`'s search (on one thread)."""
     affine = np.asarray(affine, dtype=np.float64)
+    if min(fixed.shape) < MIN_VOXELS:  # ITK's Gaussian smoothing of the metric needs 4 voxels along each axis
+        return Registration(np.eye(4), float("nan"), float("nan"), False)
     f = sitk_image(fixed.detach().cpu().float().numpy(), affine)
     m = sitk_image(moving.detach().cpu().float().numpy(), affine)
     n = int(np.prod(fixed.shape))

@@ -32,10 +32,20 @@ from monai.transforms import (
 )
 
 from crossmodal.config import CrossModalConfig, ModalityConfig
-from crossmodal.io import Case, CaseError, find_case, load_volume, read_label, resample_to, same_grid
+from crossmodal.io import (
+    Case,
+    CaseError,
+    find_case,
+    load_volume,
+    one_volume,
+    read_label,
+    resample_to,
+    same_grid,
+    volume_3d,
+)
 from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE, invalid_values, to_training
 from crossmodal.propagate import PropagationCache, grow_checked
-from crossmodal.register import register_rigid
+from crossmodal.register import MIN_VOXELS, register_rigid
 from crossmodal.resample import argmax_channels, axis_map, resample_argmax, separable_resample, working_geometry
 
 logger = logging.getLogger(__name__)
@@ -108,9 +118,12 @@ def align_to_primary(source: MetaTensor, ref: MetaTensor, cfg: CrossModalConfig,
             target = MetaTensor(torch.empty(1, *shape), affine=torch.as_tensor(known[0] @ affine))
             return resample_to(source, target).as_tensor(), known[1]
     n = int(np.prod(shape))
-    if n > REGISTRATION_VOXELS:
+    coarse = n > REGISTRATION_VOXELS
+    if coarse:
         spacing = np.sqrt((affine[:3, :3] ** 2).sum(0)) * (n / REGISTRATION_VOXELS) ** (1 / 3)
         coarse_affine, coarse_shape = working_geometry(affine, shape, spacing)
+        coarse = min(coarse_shape) >= min(MIN_VOXELS, min(shape))  # a slab of a few slices: its own grid
+    if coarse:
         mapping = axis_map(affine, coarse_affine)
         assert mapping is not None  # same axes by construction
         fixed = separable_resample(ref.as_tensor()[:1].float(), coarse_shape, *mapping)[0]
@@ -126,7 +139,7 @@ def align_to_primary(source: MetaTensor, ref: MetaTensor, cfg: CrossModalConfig,
             while len(_MOTIONS) > 4096:
                 _MOTIONS.popitem(last=False)
     if not reg.accepted:
-        return (moving[None] if n <= REGISTRATION_VOXELS else resample_to(source, ref).as_tensor()), 0.0
+        return (resample_to(source, ref).as_tensor() if coarse else moving[None]), 0.0
     target = MetaTensor(torch.empty(1, *shape), affine=torch.as_tensor(reg.matrix @ affine))
     return resample_to(source, target).as_tensor(), shift
 
@@ -179,7 +192,7 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
         raise CaseError(case.case_id, None, f"cannot drop {unknown}: not configured modalities {cfg.modality_names}")
     if len(set(drop)) >= len(mods):
         raise CaseError(case.case_id, None, f"dropping {sorted(drop)} leaves no modality to segment with")
-    primary = load_volume(case.primary, case.case_id)
+    primary = volume_3d(load_volume(case.primary, case.case_id), case.case_id, case.primary)
     grid = {"primary_affine": primary.affine.clone(), "primary_shape": tuple(primary.shape[1:])}
     if primary.shape[0] > 1:  # a 4D multi-channel file holds all modalities in config order
         if primary.shape[0] != len(mods):
@@ -211,9 +224,7 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
 
     def secondary(item: tuple[ModalityConfig, str]) -> tuple[torch.Tensor, float]:
         m, path = item
-        vol = load_volume(path, case.case_id)
-        if vol.shape[0] != 1:
-            raise CaseError(case.case_id, path, f"expected one channel, got {vol.shape[0]}")
+        vol = one_volume(volume_3d(load_volume(path, case.case_id), case.case_id, path), case.case_id, path)
         vol = MetaTensor(normalize(vol.as_tensor(), m), meta=vol.meta)
         if mods[0].name in drop:  # nothing to register to
             return resample_to(vol, ref).as_tensor(), 0.0

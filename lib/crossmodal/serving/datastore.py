@@ -30,9 +30,11 @@ from crossmodal.io import (
     atomic_copy,
     find_case,
     load_volume,
+    one_volume,
     read_label,
     save_volume,
     split_ext,
+    volume_3d,
 )
 from crossmodal.labels import (
     LABEL_KINDS,
@@ -377,7 +379,7 @@ class CrossModalDatastore(LocalDatastore):
         self._fresh()
         self._refuse_existing(image_id)  # before reading the upload; again under the lock below
         try:
-            load_volume(image_filename, image_id)
+            volume_3d(load_volume(image_filename, image_id), image_id, None)
         except CaseError as e:
             raise http_error(CaseError(image_id, None, f"uploaded image: {e.problem}")) from e
         _, image_ext = self._to_id(os.path.basename(image_filename))
@@ -451,12 +453,9 @@ class CrossModalDatastore(LocalDatastore):
                                                         f"modalities {secondary}{primary}")
         ext = volume_extension(image_id, image_filename, f"{modality} image")
         try:
-            vol = load_volume(image_filename, image_id)
+            one_volume(volume_3d(load_volume(image_filename, image_id), image_id, None), image_id, None)
         except CaseError as e:
             raise http_error(CaseError(image_id, None, f"uploaded {modality} image: {e.problem}")) from e
-        if vol.shape[0] != 1:
-            raise HTTPException(status_code=422, detail=f"{case}uploaded {modality} image: expected one channel, got "
-                                                        f"{vol.shape[0]}")
         folder = self.sidecar_folder(image_id)
         dest = os.path.join(folder, f"{modality}{ext}")
         with FileLock(self._lock_file):  # the case must still be there (a DELETE between would orphan the file)
