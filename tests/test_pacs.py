@@ -617,10 +617,11 @@ def test_from_dicom_makes_a_studies_folder_of_a_dicom_export(tmp_path, capsys, c
     assert main(["data", "to-dicom", "--studies", str(studies), "--config", "phantom", "--out",
                  str(export / "DICOM")]) == 0
     (export / "README.TXT").write_text("patient CD\n")
-    # a localizer in phantom000's study (a CT series numbered after the volume's), a study with no CT, an older SEG
+    # a localizer in phantom000's study (a CT series numbered before the volume's, as scanners number them: it was
+    # taken for the case's CT), a study with no CT, an older SEG
     ct0 = sorted((export / "DICOM" / "phantom000" / "ct").glob("*.dcm"))[0]
     for folder, source, changes in (
-            ("phantom000/loc", ct0, {"SeriesDescription": "localizer", "SeriesNumber": 99}),
+            ("phantom000/loc", ct0, {"SeriesDescription": "localizer", "SeriesNumber": 0}),  # before the volume
             ("other", ct0, {"StudyInstanceUID": "1.2.3.4", "PatientID": "other", "Modality": "MR",
                             "SeriesDescription": "survey"}),
             ("phantom001/old", export / "DICOM" / "phantom001" / "seg.dcm", {"SeriesDate": "20000101",
@@ -645,7 +646,7 @@ def test_from_dicom_makes_a_studies_folder_of_a_dicom_export(tmp_path, capsys, c
     records = {r["case"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
     assert sorted(records) == ["phantom000", "phantom001", "phantom002"]
     assert [records[c]["skipped"] for c in sorted(records)] == [
-        ["CT 'localizer' #99"], ["SEG 'draft' #300 (older SEG)", "SEG 'on pet' #301 (SEG on another series)"], []]
+        ["CT 'localizer' #0"], ["SEG 'draft' #300 (older SEG)", "SEG 'on pet' #301 (SEG on another series)"], []]
     assert [r.getMessage() for r in caplog.records] == [
         f"{export}: study 1.2.3.4 (patient other) has no series for 'ct' among [\"MR 'survey' #1\"]; not imported"]
     assert [records[c]["label"] for c in sorted(records)] == ["dense", "sparse", None]
@@ -791,6 +792,14 @@ def test_studies_map_series_to_modalities_by_modality_and_description():
           Series("c", "S", "MR", "t1_mprage", 3)]
     case = match_studies(mr, brain)["c"]
     assert {k: v.uid for k, v in case.siblings.items()} == {"t2": "a", "pd": "b"}
+    # scanners number a study's scout / localizer first: a modality took it (one slice), not the volume after it
+    petct = [Series("topo", "P", "CT", "Topogram 0.6 T20s", 1), Series("ct", "P", "CT", "WB 3.0 B31f", 2),
+             Series("pt", "P", "PT", "PET WB AC", 3), Series("loc", "Q", "CT", "AX", 1, localizer=True),
+             Series("one", "Q", "CT", "AX", 2, images=1), Series("vol", "Q", "CT", "AX 3mm", 3, images=120),
+             Series("lone", "R", "CT", "Scout", 1)]
+    cases = match_studies(petct, mods)
+    assert sorted(cases) == ["ct", "lone", "vol"]  # a study with nothing but a scout: that (its case then says so)
+    assert cases["ct"].siblings["pet"].uid == "pt"
 
 
 def test_dicom_series_pick_the_preset_whose_series_the_studies_have(tmp_path):
@@ -1279,3 +1288,37 @@ def test_a_pacs_served_without_a_preset_takes_the_one_its_series_fit(pacs, tmp_p
     assert parts.preset == "brain"
     assert "--conf preset not given, and the PACS cannot say which fits; serving 'brain'" in caplog.text
 
+
+
+def test_a_studys_scout_numbered_before_its_ct_is_not_taken_for_the_case(pacs, tmp_path):
+    """Scanners number a study's scout (a CT topogram: one image) first; the PACS datastore took it for the case's CT,
+    lowest series number first, and the case was one slice. The series listing now carries each series' instance
+    count (QIDO ``NumberOfSeriesRelatedInstances``), and a scout / localizer goes last."""
+    from crossmodal.dicom import upload
+    from crossmodal.serving.dicomweb import PacsDatastore, pacs_series
+
+    orthanc, studies = pacs
+    client = make_client(orthanc.dicomweb)
+    listed = {s.uid: s for s in pacs_series(orthanc.dicomweb)}
+    ct_uid = uid_of(orthanc, "phantom001")
+    ct = load_volume(studies / "phantom001.nii.gz")
+    assert listed[ct_uid].images == ct.shape[3]  # one instance a slice, as to-dicom writes them
+    study_uid = listed[ct_uid].study
+    scout = volume_to_series(ct[0, :, :, 20:21].numpy(), ct.affine.numpy(), "CT", new_study("phantom001",
+                                                                                            uid=study_uid),
+                             0, "Topogram 0.6 T20s")
+    assert upload(write_series(scout, tmp_path / "scout"), orthanc.dicomweb) == 1
+    scout_uid = str(scout[0].SeriesInstanceUID)
+    try:
+        assert next(s for s in pacs_series(orthanc.dicomweb) if s.uid == scout_uid).images == 1
+        store = PacsDatastore(orthanc.dicomweb, CFG, cache_path=str(tmp_path / "cache"))
+        (case_id, case), = [(i, c) for i, c in store.refresh_index(force=True).items() if c.study == study_uid]
+        assert case.primary.uid == ct_uid
+        image = load_volume(store.get_image_uri(case_id))
+        assert tuple(image.shape[1:]) == tuple(ct.shape[1:])
+    finally:  # the module's other tests know one CT series a patient
+        for row in client.search_for_series(search_filters={"SeriesInstanceUID": scout_uid}):
+            found = requests.post(f"{orthanc.url}/tools/lookup", data=row["0020000E"]["Value"][0], timeout=30).json()
+            for hit in found:
+                requests.delete(f"{orthanc.url}/series/{hit['ID']}", timeout=30)
+    assert uid_of(orthanc, "phantom001") == ct_uid

@@ -584,6 +584,12 @@ def series_to_nifti(files: Sequence[Path], dest: Path, case_id: str, headers: Se
             Path(nii).unlink(missing_ok=True)
 
 
+def _image_type(header: Dataset) -> list[str]:
+    """ImageType's values (one string where a writer gave one)."""
+    value = header.get("ImageType", [])
+    return [str(value)] if isinstance(value, str) else [str(v) for v in value]
+
+
 def _frames(header: Dataset) -> int:
     return int(header.get("NumberOfFrames", 1) or 1)
 
@@ -784,9 +790,11 @@ def scan_series(folder: str | os.PathLike[str]) -> tuple[dict[str, list[Path]], 
     from crossmodal.serving.dicomweb import Series
 
     files, headers, other = scan_dicom(folder)
-    series = [Series(uid, str(h.StudyInstanceUID), str(h.Modality), str(h.get("SeriesDescription", "")),
-                     int(h.get("SeriesNumber", 0) or 0), _series_date(h)) for uid, h in
-              ((uid, heads[0]) for uid, heads in headers.items())]
+    series = [Series(uid, str(heads[0].StudyInstanceUID), str(heads[0].Modality),
+                     str(heads[0].get("SeriesDescription", "")), int(heads[0].get("SeriesNumber", 0) or 0),
+                     _series_date(heads[0]), images=sum(_frames(h) for h in heads),
+                     localizer="LOCALIZER" in [str(v).upper() for v in _image_type(heads[0])])
+              for uid, heads in headers.items()]
     return files, headers, other, series
 
 

@@ -97,6 +97,21 @@ class Series:
     description: str
     number: int
     when: str = ""  # SeriesDate + SeriesTime
+    images: int | None = None  # instances (a DICOM folder's: times their frames), where known
+    localizer: bool = False  # its ImageType says LOCALIZER (known from a DICOM folder's headers)
+
+    @property
+    def aside(self) -> bool:
+        """Whether the series is not the volume a study's modality means (a scout, a localizer, a dose report, a
+        series of one or two images): a modality takes such a series only where no other one matches."""
+        few = self.images is not None and self.images < 3
+        return self.localizer or few or bool(NOT_A_VOLUME.search(self.description))
+
+
+NOT_A_VOLUME = re.compile(r"topogram|scout|locali[sz]er|\bloc\b|surview|survey|scanogram|dose|screen ?(save|capture)",
+                          re.I)
+"""Series descriptions of what scanners put in a study beside its volumes (CT topograms / scouts, MR localizers and
+surveys, dose reports, screen captures)."""
 
 
 @dataclass
@@ -113,7 +128,8 @@ def _value(ds: dict, tag: str, default: Any = "") -> Any:
     return v[0] if v else default
 
 
-SERIES_FIELDS = ["SeriesDescription", "SeriesNumber", "Modality", "SeriesDate", "SeriesTime"]
+SERIES_FIELDS = ["SeriesDescription", "SeriesNumber", "Modality", "SeriesDate", "SeriesTime",
+                 "NumberOfSeriesRelatedInstances"]
 """The fields a series listing asks for beside the UIDs (QIDO-RS ``includefield``)."""
 
 
@@ -121,7 +137,8 @@ def series_of(rows: list[dict]) -> list[Series]:
     """QIDO-RS series rows (DICOM JSON, with :data:`SERIES_FIELDS`) as :class:`Series`."""
     return [Series(str(_value(r, "0020000E")), str(_value(r, "0020000D")), str(_value(r, "00080060")),
                    str(_value(r, "0008103E")), int(_value(r, "00200011", 0) or 0),
-                   f"{_value(r, '00080021')}{_value(r, '00080031')}") for r in rows]
+                   f"{_value(r, '00080021')}{_value(r, '00080031')}",
+                   int(_value(r, "00201209")) if _value(r, "00201209", None) is not None else None) for r in rows]
 
 
 def pacs_series(url: str, timeout: float = 30.0) -> list[Series]:
@@ -141,7 +158,8 @@ def match_studies(series: list[Series], modalities: list[ModalityConfig]) -> dic
     """Assign each study's series to the configured modalities; returns cases by primary series UID.
 
     A modality takes the series (SEG excluded) with its DICOM Modality whose SeriesDescription matches its regex
-    (case-insensitive), lowest SeriesNumber first; each series serves one modality. Studies without a primary
+    (case-insensitive), lowest SeriesNumber first, a series :attr:`Series.aside` (a scout, a localizer: scanners
+    number them first) only where no other one matches; each series serves one modality. Studies without a primary
     series are not cases.
 
     Example:
@@ -149,6 +167,9 @@ def match_studies(series: list[Series], modalities: list[ModalityConfig]) -> dic
         >>> mods = [ModalityConfig("t1", series_description="t1"), ModalityConfig("t2", series_description="t2")]
         >>> c = match_studies(s, mods)["2"]; (c.primary.uid, c.siblings["t2"].uid)
         ('2', '1')
+        >>> ct = [Series("9", "B", "CT", "Topogram 0.6 T20s", 1), Series("8", "B", "CT", "WB 3.0 B31f", 2)]
+        >>> match_studies(ct, [ModalityConfig("ct", kind="ct")])["8"].primary.description
+        'WB 3.0 B31f'
     """
     by_study: dict[str, list[Series]] = {}
     for s in series:
@@ -156,7 +177,7 @@ def match_studies(series: list[Series], modalities: list[ModalityConfig]) -> dic
             by_study.setdefault(s.study, []).append(s)
     cases = {}
     for study, items in by_study.items():
-        free = sorted(items, key=lambda s: (s.number, s.uid))
+        free = sorted(items, key=lambda s: (s.aside, s.number, s.uid))
         chosen: dict[str, Series | None] = {}
         for m in modalities:
             pick = next((s for s in free if s.modality == m.dicom_modality and
