@@ -96,8 +96,8 @@ def as_device(value: Any, names: Mapping[str, str] | None = None) -> str | None:
     first item, as MONAI Label reads it) or None when absent; ConfigError otherwise.
 
     Example:
-        >>> [as_device(v) for v in (None, "cpu", ["cuda:1", "cpu"])]
-        [None, 'cpu', 'cuda:1']
+        >>> [as_device(v) for v in (None, "cpu", ["cuda:1", "cpu"], "CPU", " Cuda:0 ")]
+        [None, 'cpu', 'cuda:1', 'cpu', 'cuda:0']
         >>> as_device("NVIDIA H200", {"NVIDIA H200": "cuda"})  # a GPU as MONAI Label's /info names it
         'cuda'
         >>> as_device("tpu", {"NVIDIA H200": "cuda"})
@@ -109,6 +109,8 @@ def as_device(value: Any, names: Mapping[str, str] | None = None) -> str | None:
     names = names or {}
     if isinstance(device, str) and device in names:
         device = names[device]
+    elif isinstance(device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", device.strip().lower()):
+        device = device.strip().lower()  # as typed in a request: "CPU", "Cuda:0"
     if device is not None and not (isinstance(device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", device)):
         known = f", cuda:<index> or one of {sorted(names)}" if names else " or cuda:<index>"
         raise ConfigError(f"device {device!r} must be cpu, cuda{known}")
