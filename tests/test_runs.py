@@ -192,6 +192,7 @@ def test_a_diverged_run_names_its_better_validated_model(tmp_path: Path, phantom
     assert published.read_bytes() == blank.read_bytes()  # put back as it was
     (run,) = list_runs(model_dir)
     assert run.name == "train_01" and run.model is not None and run.best > run.start
+    assert (run.epoch, run.stopped) == (1, "failed")  # not "running" (this process) nor "killed"
     assert message.endswith(
         f"and train again. This run's best epoch before it diverged validated {run.best:.4f} (the model in service: "
         f"{run.start:.4f}) and is kept in {model_dir / 'train_01' / 'model.pt'}: `crossmodal models --model-dir "

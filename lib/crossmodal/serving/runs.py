@@ -14,14 +14,13 @@ kept per model file version).
 from __future__ import annotations
 
 import datetime
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from crossmodal.config import ConfigError, atomic_write_text, load_config
+from crossmodal.config import ConfigError, load_config
 from crossmodal.io import atomic_copy, process_alive
 from crossmodal.nets import check_weights
-from crossmodal.serving.train import run_folders, run_stats, same_bytes, stats_path_of
+from crossmodal.serving.train import mark_stopped, run_folders, run_stats, same_bytes, stats_path_of
 
 
 @dataclass
@@ -35,7 +34,8 @@ class TrainRun:
     before its first epoch did); ``in_service``: its weights are the model in service, byte for byte; ``problem``:
     why its config does not load here (a config of another version of the app), which keeps it out of service;
     ``stopped``: how a run stopped before its last epoch (``interrupted``: Ctrl-C, ``terminated``: SIGTERM, to the
-    command line; ``killed``: its process is gone without a word: the viewers' Stop Training, SIGKILL, out of memory;
+    command line; ``failed``: an error ended it (a case that does not read, a diverged loss); ``killed``: its
+    process is gone without a word: the viewers' Stop Training, SIGKILL, out of memory;
     ``early stop``: ``early_stop_patience``), or ``running``: its process still trains (None: it trained every
     epoch, or a run of a version of the app that did not record its process).
     """
@@ -152,9 +152,7 @@ def interrupted_note(model_dir: str | Path, how: str = "interrupted") -> str:
     if not runs:
         return f"no training run began under {model_dir}: nothing was written there"
     last = runs[-1]
-    stats_file, stats = run_stats(last.folder)
-    if stats_file is not None and stats:
-        atomic_write_text(stats_file, json.dumps({**stats, "stopped": how}, indent=2))
+    mark_stopped(last.folder, how)
     done = f"after {last.epoch} of {last.total_epochs} epochs" if last.epoch is not None else "before its first epoch"
     if last.in_service and last.model is not None:
         score = f", {last.metric} {last.best:.4f}" if last.best is not None and last.metric else ""

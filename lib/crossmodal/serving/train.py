@@ -340,6 +340,15 @@ def mark_ended(trainer: Engine, folder: str | os.PathLike[str], published: str |
     atomic_write_text(stats_file, text)
 
 
+def mark_stopped(folder: str | os.PathLike[str], how: str) -> None:
+    """The run folder's stats get ``stopped``: ``how`` (``failed``: an error ended it; ``interrupted`` /
+    ``terminated``: Ctrl-C / SIGTERM to the command line), where the run wrote stats (``crossmodal models`` shows
+    it)."""
+    stats_file, stats = run_stats(folder)
+    if stats_file is not None and stats:
+        atomic_write_text(stats_file, json.dumps({**stats, "stopped": how}, indent=2))
+
+
 def recompute(network: torch.nn.Module, loss_fn: HybridLoss, x: torch.Tensor, above_megavoxels: float) -> bool:
     """Turn activation checkpointing of ``network`` (a cross-modal one, or its data-parallel wrapper) and
     ``loss_fn`` on for a step whose input ``x`` (B, M, H, W, D) holds more than ``above_megavoxels`` million
@@ -1496,6 +1505,7 @@ class CrossModalTrain(BasicTrainTask):
                 result = self._run(req, datastore)
             return {**result, "run": req["name"]} if isinstance(result, dict) else result  # its folder
         except Exception as e:
+            mark_stopped(Path(self._model_dir) / req["name"], "failed")  # not "killed": it said why
             found = user_error_in(e)
             hint = diverged_run_hint(self._model_dir, req["name"]) if isinstance(found, TrainingDiverged) else ""
             if hint:
