@@ -137,8 +137,20 @@ def series_of(rows: list[dict]) -> list[Series]:
     """QIDO-RS series rows (DICOM JSON, with :data:`SERIES_FIELDS`) as :class:`Series`."""
     return [Series(str(_value(r, "0020000E")), str(_value(r, "0020000D")), str(_value(r, "00080060")),
                    str(_value(r, "0008103E")), int(_value(r, "00200011", 0) or 0),
-                   f"{_value(r, '00080021')}{_value(r, '00080031')}",
-                   int(_value(r, "00201209")) if _value(r, "00201209", None) is not None else None) for r in rows]
+                   f"{_value(r, '00080021')}{_value(r, '00080031')}", _count(_value(r, "00201209", None)))
+            for r in rows]
+
+
+def _count(value: Any) -> int | None:
+    """A QIDO count (an IS: a number, or its text from some servers), None where absent or not a number.
+
+        >>> [_count(v) for v in (120, "3", None, "n/a")]
+        [120, 3, None, None]
+    """
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def pacs_series(url: str, timeout: float = 30.0) -> list[Series]:
