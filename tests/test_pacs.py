@@ -1292,25 +1292,22 @@ def test_a_pacs_served_without_a_preset_takes_the_one_its_series_fit(pacs, tmp_p
 
 def test_a_studys_scout_numbered_before_its_ct_is_not_taken_for_the_case(pacs, tmp_path):
     """Scanners number a study's scout (a CT topogram: one image) first; the PACS datastore took it for the case's CT,
-    lowest series number first, and the case was one slice. The series listing now carries each series' instance
-    count (QIDO ``NumberOfSeriesRelatedInstances``), and a scout / localizer goes last."""
+    lowest series number first, and the case was one slice. Now a scout / localizer by its description goes last."""
     from crossmodal.dicom import upload
     from crossmodal.serving.dicomweb import PacsDatastore, pacs_series
 
     orthanc, studies = pacs
     client = make_client(orthanc.dicomweb)
-    listed = {s.uid: s for s in pacs_series(orthanc.dicomweb)}
     ct_uid = uid_of(orthanc, "phantom001")
     ct = load_volume(studies / "phantom001.nii.gz")
-    assert listed[ct_uid].images == ct.shape[3]  # one instance a slice, as to-dicom writes them
-    study_uid = listed[ct_uid].study
+    study_uid = next(s.study for s in pacs_series(orthanc.dicomweb) if s.uid == ct_uid)
     scout = volume_to_series(ct[0, :, :, 20:21].numpy(), ct.affine.numpy(), "CT", new_study("phantom001",
                                                                                             uid=study_uid),
                              0, "Topogram 0.6 T20s")
     assert upload(write_series(scout, tmp_path / "scout"), orthanc.dicomweb) == 1
     scout_uid = str(scout[0].SeriesInstanceUID)
     try:
-        assert next(s for s in pacs_series(orthanc.dicomweb) if s.uid == scout_uid).images == 1
+        assert next(s for s in pacs_series(orthanc.dicomweb) if s.uid == scout_uid).number == 0
         store = PacsDatastore(orthanc.dicomweb, CFG, cache_path=str(tmp_path / "cache"))
         (case_id, case), = [(i, c) for i, c in store.refresh_index(force=True).items() if c.study == study_uid]
         assert case.primary.uid == ct_uid

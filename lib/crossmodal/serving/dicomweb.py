@@ -97,8 +97,9 @@ class Series:
     description: str
     number: int
     when: str = ""  # SeriesDate + SeriesTime
-    images: int | None = None  # instances (a DICOM folder's: times their frames), where known
-    localizer: bool = False  # its ImageType says LOCALIZER (known from a DICOM folder's headers)
+    # known from a DICOM folder's headers (a PACS's listing counts instances, and an enhanced volume is one):
+    images: int | None = None  # the frames of its files
+    localizer: bool = False  # its ImageType says LOCALIZER
 
     @property
     def aside(self) -> bool:
@@ -128,8 +129,7 @@ def _value(ds: dict, tag: str, default: Any = "") -> Any:
     return v[0] if v else default
 
 
-SERIES_FIELDS = ["SeriesDescription", "SeriesNumber", "Modality", "SeriesDate", "SeriesTime",
-                 "NumberOfSeriesRelatedInstances"]
+SERIES_FIELDS = ["SeriesDescription", "SeriesNumber", "Modality", "SeriesDate", "SeriesTime"]
 """The fields a series listing asks for beside the UIDs (QIDO-RS ``includefield``)."""
 
 
@@ -137,20 +137,7 @@ def series_of(rows: list[dict]) -> list[Series]:
     """QIDO-RS series rows (DICOM JSON, with :data:`SERIES_FIELDS`) as :class:`Series`."""
     return [Series(str(_value(r, "0020000E")), str(_value(r, "0020000D")), str(_value(r, "00080060")),
                    str(_value(r, "0008103E")), int(_value(r, "00200011", 0) or 0),
-                   f"{_value(r, '00080021')}{_value(r, '00080031')}", _count(_value(r, "00201209", None)))
-            for r in rows]
-
-
-def _count(value: Any) -> int | None:
-    """A QIDO count (an IS: a number, or its text from some servers), None where absent or not a number.
-
-        >>> [_count(v) for v in (120, "3", None, "n/a")]
-        [120, 3, None, None]
-    """
-    try:
-        return int(value) if value is not None else None
-    except (TypeError, ValueError):
-        return None
+                   f"{_value(r, '00080021')}{_value(r, '00080031')}") for r in rows]
 
 
 def pacs_series(url: str, timeout: float = 30.0) -> list[Series]:
