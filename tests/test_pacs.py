@@ -796,9 +796,10 @@ def test_studies_map_series_to_modalities_by_modality_and_description():
     petct = [Series("topo", "P", "CT", "Topogram 0.6 T20s", 1), Series("ct", "P", "CT", "WB 3.0 B31f", 2),
              Series("pt", "P", "PT", "PET WB AC", 3), Series("loc", "Q", "CT", "AX", 1, localizer=True),
              Series("one", "Q", "CT", "AX", 2, images=1), Series("vol", "Q", "CT", "AX 3mm", 3, images=120),
-             Series("lone", "R", "CT", "Scout", 1)]
+             Series("lone", "R", "CT", "Scout", 1), Series("rep", "T", "CT", "Dose Report", 1),
+             Series("ld", "T", "CT", "CT LOW DOSE 3.0", 2)]
     cases = match_studies(petct, mods)
-    assert sorted(cases) == ["ct", "lone", "vol"]  # a study with nothing but a scout: that (its case then says so)
+    assert sorted(cases) == ["ct", "ld", "lone", "vol"]  # a study with nothing but a scout: that (its case says so)
     assert cases["ct"].siblings["pet"].uid == "pt"
 
 

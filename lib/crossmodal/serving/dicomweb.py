@@ -109,10 +109,10 @@ class Series:
         return self.localizer or few or bool(NOT_A_VOLUME.search(self.description))
 
 
-NOT_A_VOLUME = re.compile(r"topogram|scout|locali[sz]er|\bloc\b|surview|survey|scanogram|dose|screen ?(save|capture)",
-                          re.I)
+NOT_A_VOLUME = re.compile(r"topogram|scout|locali[sz]er|\bloc\b|surview|survey|scanogram|dose ?(report|info)|"
+                          r"patient protocol|screen ?(save|capture)", re.I)
 """Series descriptions of what scanners put in a study beside its volumes (CT topograms / scouts, MR localizers and
-surveys, dose reports, screen captures)."""
+surveys, dose reports, screen captures); not "dose" alone: a PET/CT's CT is often "CT LOW DOSE"."""
 
 
 @dataclass
