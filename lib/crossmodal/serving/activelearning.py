@@ -120,7 +120,7 @@ def input_key(cfg: CrossModalConfig) -> str:
         True
     """
     what = {"modalities": [dataclasses.asdict(m) for m in cfg.modalities], "data": dataclasses.asdict(cfg.data),
-            "scale": cfg.active.scoring_scale, "strides": list(cfg.model.strides)}
+            "scale": cfg.active.scoring_scale, "strides": list(cfg.model.strides), "axes": "RAS"}  # to_canonical
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
