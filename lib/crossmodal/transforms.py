@@ -252,7 +252,7 @@ CANONICAL = np.array([[0, 1], [1, 1], [2, 1]], dtype=np.int64)  # RAS: array axi
 def to_canonical(image: MetaTensor) -> MetaTensor:
     """``image`` (C, H, W, D) with its axes permuted and flipped into the closest RAS order, as nibabel's
     ``as_closest_canonical`` (no interpolation): the network sees every case in the array order of its training
-    cases, however the series was stored (sagittally or coronally acquired, a DICOM volume's LPS order). Stored
+    cases, however the series was stored (sagittally or coronally acquired, LAS / LPS by its converter). Stored
     sagittally, the demo's brain011 lost 3.3 / 3.2 / 8.6 Dice points (grey / white matter, CSF) before.
     ``meta["working_ornt"]`` ((3, 2): nibabel's orientation of the grid it came from) and
     ``meta["unoriented_affine"]`` let :func:`from_canonical` undo it.
