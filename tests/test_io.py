@@ -432,3 +432,24 @@ def test_a_seg_nrrd_names_its_segments_as_3d_slicer_reads_them(tmp_path: Path):
     save_volume(tmp_path / "plain.seg.nrrd", label, affine)
     _, header = nrrd.read(str(tmp_path / "plain.seg.nrrd"))
     assert not any(k.startswith("Segment") for k in header) and seg_nrrd_values(header, cfg.labels) is None
+
+
+def test_a_label_on_the_images_lattice_with_another_extent_reads_onto_its_grid(tmp_path: Path):
+    """A studies folder's label saved by 3D Slicer cropped to its segments (same voxels, smaller extent) was refused
+    ("label grid ... differs from the image grid"); it reads onto the image's grid, exactly. Half a voxel off is
+    still refused, naming both grids."""
+    aff = grid_affine((2.0, 2.0, 3.0), (16, 16, 12))
+    from monai.data import MetaTensor
+
+    ref = MetaTensor(torch.zeros(1, 16, 16, 12), affine=torch.as_tensor(aff))
+    full = np.zeros((16, 16, 12), np.uint8)
+    full[4:9, 6:10, 3:7] = 2
+    full[5, 7, 4] = 1
+    crop_aff = aff.copy()
+    crop_aff[:3, 3] = aff[:3, :3] @ np.array([4, 6, 3]) + aff[:3, 3]
+    save_volume(tmp_path / "crop.nii.gz", full[4:9, 6:10, 3:7], crop_aff)
+    np.testing.assert_array_equal(read_label(tmp_path / "crop.nii.gz", ref, "c1"), full)
+    crop_aff[:3, 3] += aff[:3, 0] / 2  # half a voxel along the first axis
+    save_volume(tmp_path / "off.nii.gz", full[4:9, 6:10, 3:7], crop_aff)
+    with pytest.raises(CaseError, match=r"label grid \(5, 4, 4\) / affine .* differs from the image grid \(16, 16, 12"):
+        read_label(tmp_path / "off.nii.gz", ref, "c1")

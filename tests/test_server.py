@@ -329,6 +329,43 @@ def test_saved_labels_record_their_kind(client, phantom_server, tmp_path):
     assert {client.next_sample("crossmodal", {})["id"] for _ in range(3)} == {"phantom005"}
 
 
+def test_a_label_saved_cropped_to_its_segments_is_placed_on_the_image_grid(client, phantom_server, tmp_path):
+    """3D Slicer saves a segmentation cropped to its segments' extent ("Crop to minimum extent", or one without a
+    reference geometry), on the image's voxel lattice: it was a 422 ("label grid ... differs from the image grid");
+    now stored placed on the image's grid, exactly. Labelled voxels outside the image are a 422, nothing stored."""
+    ref = load_volume(phantom_server.studies / "phantom004.nii.gz")
+    aff = ref.affine.double().numpy()
+    gt = truth(phantom_server, "phantom004").astype(np.uint8)
+    found = np.argwhere(gt)
+    lo, hi = found.min(0), found.max(0) + 1
+    cropped = aff.copy()
+    cropped[:3, 3] = aff[:3, :3] @ lo + aff[:3, 3]
+    save_volume(tmp_path / "crop.nrrd", gt[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], cropped)
+    stored = phantom_server.studies / "labels" / "cropped" / "phantom004.nrrd"
+    try:
+        client.save_label("phantom004", str(tmp_path / "crop.nrrd"), tag="cropped")
+        back = load_volume(stored)
+        assert back.shape[1:] == ref.shape[1:] and np.allclose(back.affine.double().numpy(), aff, atol=1e-4)
+        np.testing.assert_array_equal(back[0].numpy(), gt)
+        grown = np.zeros((gt.shape[0] + 2, *gt.shape[1:]), np.uint8)  # two slices before the image's first
+        grown[2:] = gt
+        grown[0, 10, 10] = 1
+        before = aff.copy()
+        before[:3, 3] = aff[:3, 3] - 2 * aff[:3, 0]
+        save_volume(tmp_path / "past.nrrd", grown, before)
+        stored.unlink()
+        with pytest.raises(MONAILabelClientException) as e:
+            client.save_label("phantom004", str(tmp_path / "past.nrrd"), tag="cropped")
+        assert status_of(e.value) == 422 and (
+            f"case 'phantom004': uploaded 'cropped' label: 1 labelled voxels lie outside the image (the label's grid "
+            f"{grown.shape} from voxel (-2, 0, 0) of the image's {gt.shape}); draw within the image") in e.value.msg, \
+            e.value.msg
+        assert not stored.exists()
+    finally:
+        requests.delete(f"{phantom_server.url}/datastore/label", params={"id": "phantom004", "tag": "cropped"},
+                        timeout=30)
+
+
 def test_labels_as_slicer_exports_them_are_renumbered_to_the_classes(client, phantom_server, tmp_path):
     """3D Slicer numbers the segments it exports 1, 2, ... in their order, whatever their names, and its MONAI Label
     module sends the names in that order as ``label_info`` (its ``idx`` counts a left-out 'background' segment

@@ -260,17 +260,59 @@ def read_label(path: str | os.PathLike[str], ref: MetaTensor, case_id: str) -> n
         raise CaseError(case_id, path, f"a label must be one 3D label map, got {lab.shape[0]} channels on a "
                                        f"{tuple(lab.shape[1:])} grid (a file's 4th axis is read as channels)")
     if not same_grid(lab, ref):
-        raise CaseError(
-            case_id, path,
-            f"label grid {tuple(lab.shape[1:])} / affine {np.round(lab.affine.numpy(), 3).tolist()} differs from "
-            f"the image grid {tuple(ref.shape[1:])} / {np.round(ref.affine.numpy(), 3).tolist()}; "
-            f"export the label on the primary image's grid",
-        )
+        placed = onto_lattice(lab, ref, case_id, path)
+        if placed is None:
+            raise CaseError(
+                case_id, path,
+                f"label grid {tuple(lab.shape[1:])} / affine {np.round(lab.affine.numpy(), 3).tolist()} differs from "
+                f"the image grid {tuple(ref.shape[1:])} / {np.round(ref.affine.numpy(), 3).tolist()}; "
+                f"export the label on the primary image's grid",
+            )
+        lab = placed
     arr = lab[0].numpy()
     rounded = np.rint(arr)
     if not np.allclose(arr, rounded, atol=1e-3):
         raise CaseError(case_id, path, "label values must be integers")
     return rounded.astype(np.int64)
+
+
+def onto_lattice(lab: MetaTensor, ref: MetaTensor, case_id: str, path: str | os.PathLike[str] | None
+                 ) -> MetaTensor | None:
+    """A label (1, h, w, d) on ``ref``'s voxel lattice (the same axes and spacing, an origin a whole number of voxels
+    away) but of another extent, as 3D Slicer saves a segmentation cropped to its segments' extent (or grown past
+    the image), placed into ``ref``'s grid (1, H, W, D) exactly: 0 where it holds nothing. None where it is not on
+    the lattice; a :class:`CaseError` where labelled voxels lie outside the image.
+
+        >>> ref = MetaTensor(torch.zeros(1, 6, 6, 6), affine=torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])))
+        >>> crop = MetaTensor(torch.ones(1, 2, 2, 2), affine=torch.tensor(
+        ...     [[2.0, 0, 0, 4], [0, 2, 0, 2], [0, 0, 2, 6], [0, 0, 0, 1]]))  # from voxel (2, 1, 3), 2 x 2 x 2
+        >>> placed = onto_lattice(crop, ref, "c1", "c1.seg.nrrd")
+        >>> tuple(placed.shape), int(placed.sum()), placed[0, 2:4, 1:3, 3:5].min().item()
+        ((1, 6, 6, 6), 8, 1.0)
+        >>> onto_lattice(MetaTensor(torch.ones(1, 2, 2, 2), affine=torch.diag(torch.tensor([2.0, 2, 2, 1])) +
+        ...     torch.tensor([[0, 0, 0, 1.0], [0] * 4, [0] * 4, [0] * 4])), ref, "c1", None) is None  # half a voxel
+        True
+    """
+    m = np.linalg.inv(ref.affine.double().numpy()) @ lab.affine.double().numpy()
+    offset = np.rint(m[:3, 3])
+    if not (np.allclose(m[:3, :3], np.eye(3), atol=1e-3) and np.allclose(m[:3, 3], offset, atol=1e-3)):
+        return None
+    src = lab.as_tensor()
+    out = torch.zeros((src.shape[0], *ref.shape[1:]), dtype=src.dtype)
+    lo = [int(o) for o in offset]
+    dst_sl = tuple(slice(max(0, o), min(n, o + k)) for o, n, k in zip(lo, ref.shape[1:], src.shape[1:], strict=True))
+    src_sl = tuple(slice(d.start - o, d.stop - o) for d, o in zip(dst_sl, lo, strict=True))
+    if any(d.stop <= d.start for d in dst_sl):
+        inside = 0
+    else:
+        out[(slice(None), *dst_sl)] = src[(slice(None), *src_sl)]
+        inside = int(torch.count_nonzero(src[(slice(None), *src_sl)]))
+    outside = int(torch.count_nonzero(src)) - inside
+    if outside:
+        raise CaseError(case_id, path, f"{outside} labelled voxels lie outside the image (the label's grid "
+                                       f"{tuple(src.shape[1:])} from voxel {tuple(lo)} of the image's "
+                                       f"{tuple(ref.shape[1:])}); draw within the image")
+    return MetaTensor(out, affine=ref.affine.clone())
 
 
 def save_volume(path: str | os.PathLike[str], array: np.ndarray, affine: np.ndarray,

@@ -31,7 +31,9 @@ from crossmodal.io import (
     find_case,
     load_volume,
     one_volume,
+    onto_lattice,
     read_label,
+    same_grid,
     save_volume,
     split_ext,
     volume_3d,
@@ -222,6 +224,31 @@ def flattened_layers(label_file: str, segments: Sequence[tuple[int, int, int]], 
     return out
 
 
+def label_on_image_grid(label_file: str, image_file: str, case_id: str) -> str:
+    """``label_file`` placed onto the image's grid (a temp file, NRRD or NIfTI as it came) where it lies on the
+    image's voxel lattice with another extent (3D Slicer saves a segmentation cropped to its segments, or grown
+    past the image: :func:`crossmodal.io.onto_lattice`), else ``label_file`` itself (reading it as a label then
+    says what is wrong with it)."""
+    try:
+        lab, image = load_volume(label_file, case_id), load_volume(image_file, case_id)
+    except CaseError:
+        return label_file
+    if lab.shape[0] != 1 or same_grid(lab, image):
+        return label_file
+    placed = onto_lattice(lab, image, case_id, label_file)
+    if placed is None:
+        return label_file
+    ext = split_ext(label_file)[1]
+    fd, out = tempfile.mkstemp(suffix=".nrrd" if ext.endswith(".nrrd") else ext, prefix="crossmodal-label-")
+    os.close(fd)
+    try:
+        save_volume(out, np.rint(placed[0].numpy()).astype(np.uint16), image.affine.double().numpy())
+    except BaseException:
+        os.remove(out)
+        raise
+    return out
+
+
 def validate_label(label_file: str, image_file: str, case_id: str, cfg: LabelConfig,
                    override: str | None = None, empty_ok: bool = True) -> tuple[str, float]:
     """Check ``label_file`` against the primary image; returns ``(kind, annotated_fraction)``. ``empty_ok=False``:
@@ -333,6 +360,10 @@ class CrossModalDatastore(LocalDatastore):
         upload = label_filename
         try:  # (a model's 'original' label may be empty; a final one is what training learns from)
             label_filename = slicer_label(upload, info.get("label_info"), image_id, self.label_config)
+            renumbered = label_filename
+            label_filename = label_on_image_grid(renumbered, self.get_image_uri(image_id), image_id)
+            if renumbered not in (upload, label_filename):
+                os.remove(renumbered)
             ext = split_ext(label_filename)[1]
             kind, frac = validate_label(label_filename, self.get_image_uri(image_id), image_id, self.label_config,
                                         override, empty_ok=empty_ok)
