@@ -196,6 +196,38 @@ def test_nnunet_export_import_roundtrip(tmp_path: Path, phantom_cfg, capsys):
         assert capsys.readouterr().err.startswith(f"crossmodal: error: {out / 'dataset.json'}: {problem}")
 
 
+def test_an_export_writes_a_label_on_its_image_grid_or_names_the_case_whose_label_is_not(tmp_path: Path, phantom_cfg,
+                                                                                          capsys):
+    """A label on another grid was written with its image's affine (a half-resolution label: a 24^3 label map
+    claiming 2 mm voxels, misplaced without a word); now refused naming the case, nothing written. A label cropped
+    to its segments on the image's lattice (3D Slicer) goes out on the image's grid."""
+    from crossmodal.cli import main
+
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=3, dense=2, sparse=0, seed=5)
+    path = studies / "labels" / "final" / "phantom000.nii.gz"
+    full = load_volume(path)
+    arr, aff = full[0].numpy(), full.affine.double().numpy()
+    found = np.argwhere(arr)
+    lo, hi = found.min(0), found.max(0) + 1
+    cropped = aff.copy()
+    cropped[:3, 3] = aff[:3, :3] @ lo + aff[:3, 3]
+    save_volume(path, arr[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], cropped)
+    half = studies / "labels" / "final" / "phantom001.nii.gz"
+    coarse = load_volume(half)
+    coarse_aff = coarse.affine.double().numpy()
+    coarse_aff[:3, :3] *= 2
+    save_volume(half, coarse[0].numpy()[::2, ::2, ::2], coarse_aff)
+    out = tmp_path / "Dataset003_Ph"
+    assert main(["data", "export-nnunet", "--studies", str(studies), "--out", str(out), "--config", "phantom"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"crossmodal: error: case 'phantom001': file {half}: label grid (24, 24, 24) / affine ")
+    assert not out.exists()
+    half.unlink()
+    assert main(["data", "export-nnunet", "--studies", str(studies), "--out", str(out), "--config", "phantom"]) == 0
+    exported = load_volume(out / "labelsTr" / "phantom000.nii.gz")
+    assert np.array_equal(exported[0].numpy(), arr) and np.allclose(exported.affine.double().numpy(), aff)
+
+
 def test_an_import_or_export_killed_mid_way_leaves_no_hidden_copy_past_the_next_run(tmp_path: Path, phantom_cfg,
                                                                                     capsys):
     """A kill (SIGKILL, a power cut) during `data import-nnunet` / `export-nnunet` left its hidden temp folder beside

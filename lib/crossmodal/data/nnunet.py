@@ -309,7 +309,7 @@ def _export_cases(src: Path, dst: Path, cfg: CrossModalConfig, primaries: list[P
         n_train += 1
         labels = sorted((src / FINAL_LABELS).glob(f"{cid}.*"))
         if labels:
-            arr = np.rint(load_volume(labels[0], cid)[0].numpy()).astype(np.int64)
+            arr = read_label(labels[0], primary, cid)  # on the image's grid (it was written with its affine as it was)
             kind = classify(arr, cfg.labels)
             target = to_training(arr, kind, cfg.labels)
             if kind == SPARSE:
