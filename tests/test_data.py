@@ -369,7 +369,8 @@ def test_data_commands_do_not_write_over_cases_a_folder_holds(tmp_path: Path, ca
 
     out = tmp_path / "p"
     assert main(["data", "phantom", "--out", str(out), "--cases", "2", "--size", "24", "--dense", "1"]) == 0
-    save_volume(out / "labels" / "final" / "phantom001.nii.gz", np.ones((24, 24, 24), np.uint8), np.eye(4))  # drawn
+    save_volume(out / "labels" / "final" / "phantom001.nii.gz", np.ones((24, 24, 24), np.uint8),  # drawn
+                load_volume(out / "phantom001.nii.gz").affine.numpy())  # on its image's grid (export checks it)
     before = snapshot(out)
     capsys.readouterr()
     assert main(["data", "phantom", "--out", str(out), "--cases", "3", "--size", "24"]) == 2
