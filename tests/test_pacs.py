@@ -1320,3 +1320,30 @@ def test_a_studys_scout_numbered_before_its_ct_is_not_taken_for_the_case(pacs, t
             for hit in found:
                 requests.delete(f"{orthanc.url}/series/{hit['ID']}", timeout=30)
     assert uid_of(orthanc, "phantom001") == ct_uid
+
+
+def test_to_dicom_places_a_label_cropped_to_its_segments_and_refuses_one_on_another_grid(tmp_path):
+    """A label saved by 3D Slicer cropped to its segments went to dcmqi as it was, and one on another grid was
+    written against the image series regardless; the first now becomes a SEG of the whole label on the image, the
+    second is refused naming the case and the file."""
+    from crossmodal.dicom import case_to_dicom
+    from crossmodal.errors import CaseError
+
+    studies = make_phantom_studies(tmp_path / "s", CFG, cases=1, dense=1, sparse=0, seed=13)
+    image = load_volume(studies / "phantom000.nii.gz")
+    aff = image.affine.double().numpy()
+    full = load_volume(studies / "labels" / "final" / "phantom000.nii.gz")[0].numpy().astype(np.uint8)
+    found = np.argwhere(full)
+    lo, hi = found.min(0), found.max(0) + 1
+    cropped = aff.copy()
+    cropped[:3, 3] = aff[:3, :3] @ lo + aff[:3, 3]
+    save_volume(tmp_path / "crop.nrrd", full[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], cropped)
+    files = {"ct": str(studies / "phantom000.nii.gz"), **{m: str(studies / "modalities" / "phantom000" /
+                                                               f"{m}.nii.gz") for m in ("pet", "mr")}}
+    written = case_to_dicom("phantom000", files, CFG, tmp_path / "dcm", label=str(tmp_path / "crop.nrrd"))
+    np.testing.assert_array_equal(seg_to_label(written["seg"], CFG.labels, aff, full.shape), full)
+    coarse = aff.copy()
+    coarse[:3, :3] *= 2
+    save_volume(tmp_path / "coarse.nii.gz", full[::2, ::2, ::2], coarse)
+    with pytest.raises(CaseError, match=r"^case 'phantom000': file .*coarse\.nii\.gz: label grid \(24, 24, 24\)"):
+        case_to_dicom("phantom000", files, CFG, tmp_path / "dcm2", label=str(tmp_path / "coarse.nii.gz"))

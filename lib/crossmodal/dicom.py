@@ -410,7 +410,10 @@ def case_to_dicom(case_id: str, files: dict[str, str | None], cfg: CrossModalCon
     DICOM, which a PACS stores once (fresh UIDs made a second study of the case at each upload, a second case on
     the server); changed images make a new study. Returns the written folders (and ``seg``) by name.
     """
-    from crossmodal.io import CaseError, load_volume
+    import torch
+    from monai.data import MetaTensor
+
+    from crossmodal.io import CaseError, load_volume, read_label, same_grid, save_volume
 
     volumes = {}
     for m in cfg.modalities:
@@ -439,9 +442,19 @@ def case_to_dicom(case_id: str, files: dict[str, str | None], cfg: CrossModalCon
         written[m.name] = root / m.name
     if label is not None:
         primary = cfg.modality_names[0]
-        seg = label_to_seg(label, written[primary], cfg.labels, label_kind)
         vol = load_volume(label, case_id)
         digest = _digest(case_id, "seg", vol[0].numpy(), vol.affine.double().numpy())
+        arr, affine, _ = volumes[primary]
+        ref = MetaTensor(torch.empty(1, *arr.shape), affine=torch.as_tensor(affine))
+        on_grid = None
+        if not same_grid(vol, ref):  # cropped to its segments (3D Slicer): placed; another grid: CaseError
+            on_grid = temp_path(".nii.gz")
+            save_volume(on_grid, read_label(label, ref, case_id).astype(np.uint16), affine)
+        try:
+            seg = label_to_seg(on_grid or label, written[primary], cfg.labels, label_kind)
+        finally:
+            if on_grid:
+                Path(on_grid).unlink(missing_ok=True)
         ds = pydicom.dcmread(str(seg))
         ds.SeriesInstanceUID = generate_uid(entropy_srcs=[study.StudyInstanceUID, "seg series", digest, label_kind])
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
