@@ -50,6 +50,7 @@ from crossmodal.labels import (
 )
 from fastapi import HTTPException
 from filelock import FileLock
+from monai.data import MetaTensor
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.utils.others.generic import device_map, remove_file
@@ -224,13 +225,13 @@ def flattened_layers(label_file: str, segments: Sequence[tuple[int, int, int]], 
     return out
 
 
-def label_on_image_grid(label_file: str, image_file: str, case_id: str) -> str:
-    """``label_file`` placed onto the image's grid (a temp file, NRRD or NIfTI as it came) where it lies on the
-    image's voxel lattice with another extent (3D Slicer saves a segmentation cropped to its segments, or grown
-    past the image: :func:`crossmodal.io.onto_lattice`), else ``label_file`` itself (reading it as a label then
-    says what is wrong with it)."""
+def label_on_image_grid(label_file: str, image: MetaTensor, case_id: str) -> str:
+    """``label_file`` placed onto the grid of ``image`` (1, H, W, D) (a temp file, NRRD or NIfTI as it came) where
+    it lies on the image's voxel lattice with another extent (3D Slicer saves a segmentation cropped to its
+    segments, or grown past the image: :func:`crossmodal.io.onto_lattice`), else ``label_file`` itself (reading it
+    as a label then says what is wrong with it)."""
     try:
-        lab, image = load_volume(label_file, case_id), load_volume(image_file, case_id)
+        lab = load_volume(label_file, case_id)
     except CaseError:
         return label_file
     if lab.shape[0] != 1 or same_grid(lab, image):
@@ -249,15 +250,15 @@ def label_on_image_grid(label_file: str, image_file: str, case_id: str) -> str:
     return out
 
 
-def validate_label(label_file: str, image_file: str, case_id: str, cfg: LabelConfig,
+def validate_label(label_file: str, image_file: str | MetaTensor, case_id: str, cfg: LabelConfig,
                    override: str | None = None, empty_ok: bool = True) -> tuple[str, float]:
-    """Check ``label_file`` against the primary image; returns ``(kind, annotated_fraction)``. ``empty_ok=False``:
-    a label with no voxel drawn (all 0) is refused.
+    """Check ``label_file`` against the primary image (``image_file``: its path, or the image read); returns
+    ``(kind, annotated_fraction)``. ``empty_ok=False``: a label with no voxel drawn (all 0) is refused.
 
     Raises:
         CaseError: unreadable, non-finite, other grid, non-integer or unconfigured values, bad override, empty.
     """
-    image = load_volume(image_file, case_id)
+    image = image_file if isinstance(image_file, MetaTensor) else load_volume(image_file, case_id)
     arr = read_label(label_file, image, case_id)
     bad = invalid_values(arr, cfg)
     if bad:
@@ -360,12 +361,13 @@ class CrossModalDatastore(LocalDatastore):
         upload = label_filename
         try:  # (a model's 'original' label may be empty; a final one is what training learns from)
             label_filename = slicer_label(upload, info.get("label_info"), image_id, self.label_config)
+            image = load_volume(self.get_image_uri(image_id), image_id)  # read once: placing and checking
             renumbered = label_filename
-            label_filename = label_on_image_grid(renumbered, self.get_image_uri(image_id), image_id)
+            label_filename = label_on_image_grid(renumbered, image, image_id)
             if renumbered not in (upload, label_filename):
                 os.remove(renumbered)
             ext = split_ext(label_filename)[1]
-            kind, frac = validate_label(label_filename, self.get_image_uri(image_id), image_id, self.label_config,
+            kind, frac = validate_label(label_filename, image, image_id, self.label_config,
                                         override, empty_ok=empty_ok)
         except CaseError as e:
             if label_filename != upload:
