@@ -27,17 +27,18 @@ from crossmodal.serving.train import mark_stopped, run_folders, run_stats, same_
 class TrainRun:
     """One ``train_NN`` folder: what it trained and how it scored.
 
+    ``finished``: when its model (else its stats) was last written, the ``saved`` column (a running run's last save);
     ``epoch`` / ``total_epochs``: the last epoch it finished of those it was asked for (a killed or stopped run has
-    fewer); ``metric``, ``best``: the held-out validation metric and the run's best value (the train Dice when no
-    label was held out: then ``metric`` is ``train_mean_dice``); ``start``: the held-out score of the model it
-    started from (fine-tuning, or training beside a model in service); ``model``: its weights (None: the run ended
-    before its first epoch did); ``in_service``: its weights are the model in service, byte for byte; ``problem``:
-    why its config does not load here (a config of another version of the app), which keeps it out of service;
-    ``stopped``: how a run stopped before its last epoch (``interrupted``: Ctrl-C, ``terminated``: SIGTERM, to the
-    command line; ``failed``: an error ended it (a case that does not read, a diverged loss); ``killed``: its
-    process is gone without a word: the viewers' Stop Training, SIGKILL, out of memory;
-    ``early stop``: ``early_stop_patience``), or ``running``: its process still trains (None: it trained every
-    epoch, or a run of a version of the app that did not record its process).
+    fewer); ``metric``, ``best``: the held-out validation metric and the run's best value (the train Dice when no label
+    was held out: then ``metric`` is ``train_mean_dice``); ``start``: the held-out score of the model it started from
+    (fine-tuning, or training beside a model in service); ``model``: its weights (None: the run ended before its first
+    epoch did); ``in_service``: its weights are the model in service, byte for byte; ``problem``: why its config does
+    not load here (a config of another version of the app), which keeps it out of service; ``stopped``: how a run
+    stopped before its last epoch (``interrupted``: Ctrl-C, ``terminated``: SIGTERM, to the command line; ``failed``: an
+    error ended it (a case that does not read, a diverged loss); ``killed``: its process is gone without a word: the
+    viewers' Stop Training, SIGKILL, out of memory; ``early stop``: ``early_stop_patience``), or ``running``: its
+    process still trains (None: it trained every epoch, or a run of a version of the app that did not record its
+    process).
     """
 
     name: str
@@ -172,7 +173,7 @@ def interrupted_note(model_dir: str | Path, how: str = "interrupted") -> str:
 
 def format_runs(runs: list[TrainRun]) -> str:
     """``runs`` as the table ``crossmodal models`` prints (one line a run; ``*`` marks the model in service)."""
-    rows = [("run", "network", "preset", "finished", "epochs", "metric", "best", "start", "in service")]
+    rows = [("run", "network", "preset", "saved", "epochs", "metric", "best", "start", "in service")]
     for r in runs:
         epochs = (f"{r.epoch}/{r.total_epochs}" if r.epoch is not None else "-") + (f" ({r.stopped})" if r.stopped
                                                                                    else "")
