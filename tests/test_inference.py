@@ -181,7 +181,7 @@ def test_a_case_stored_in_another_axis_order_is_read_and_segmented_as_in_ras(tmp
     from crossmodal.serving.train import plain
 
     cfg = load_config("phantom")
-    ras = make_phantom_studies(tmp_path / "ras", cfg, cases=1, dense=1, sparse=0, seed=3)
+    ras = make_phantom_studies(tmp_path / "ras", cfg, cases=1, dense=0, sparse=1, seed=3)  # scribbles
     sag = tmp_path / "sag"
     shutil.copytree(ras, sag)
     for path in (sag / "phantom000.nii.gz", sag / "labels" / "final" / "phantom000.nii.gz"):
@@ -200,3 +200,11 @@ def test_a_case_stored_in_another_axis_order_is_read_and_segmented_as_in_ras(tmp
     assert torch.allclose(second.affine.double(), load_volume(sag / "phantom000.nii.gz").affine.double())
     back = np.transpose(second[0].numpy()[::-1], (2, 1, 0))  # onto the RAS file's array order
     assert np.array_equal(back, first[0].numpy()) and len(np.unique(back)) == 4
+    # the scribbles grown as training grows them, written on the series' own grid
+    for s in (ras, sag):
+        assert main(["propagate", "--studies", str(s), "--config", "phantom", "--out", str(tmp_path / f"grown_{s.name}")
+                     ]) == 0
+    first, second = (load_volume(tmp_path / f"grown_{s}" / "phantom000.nii.gz") for s in ("ras", "sag"))
+    assert torch.allclose(second.affine.double(), load_volume(sag / "phantom000.nii.gz").affine.double())
+    back = np.transpose(second[0].numpy()[::-1], (2, 1, 0))
+    assert np.array_equal(back, first[0].numpy()) and len(np.unique(back)) >= 4

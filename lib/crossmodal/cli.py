@@ -160,13 +160,14 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
 
 def cmd_propagate(args: argparse.Namespace) -> int:
     """Grow the sparse final labels of a studies folder as training would, write them as viewer label maps."""
+    import torch
     from tqdm import tqdm
 
     from crossmodal.data.studies import FINAL_LABELS, files_by_case, primary_images
     from crossmodal.io import OutputFolder, load_volume, save_volume
     from crossmodal.labels import IGNORE_INDEX, SPARSE, classify, from_training
     from crossmodal.propagate import grow_checked, heldout_accuracy
-    from crossmodal.transforms import LoadCased
+    from crossmodal.transforms import LoadCased, from_canonical
 
     preset = _preset(args, "brain", studies_folder(args.studies))
     given = {k: v for k, v in {"beta": args.beta, "threshold": args.threshold,
@@ -203,7 +204,10 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         kept = p.min_heldout_accuracy > 0 and accuracy is not None and accuracy < p.min_heldout_accuracy
         summary["kept_as_drawn" if kept else "grown"].append(case)
         path = out.writing(f"{case}.nii.gz")
-        save_volume(path, from_training(grown[0].long().numpy(), cfg.labels), item["label"].affine.numpy())
+        # in the series' own axis order (the working grid is in RAS order: to_canonical)
+        values, affine = from_canonical(torch.from_numpy(from_training(grown[0].long().numpy(), cfg.labels))[None],
+                                        item["image"])
+        save_volume(path, values[0].contiguous().numpy(), affine.double().numpy())
         out.save(**summary)
         print(json.dumps({"case": case, "label": str(label_file), "kind": SPARSE, "propagated": not kept,
                           "heldout_accuracy": None if accuracy is None else round(accuracy, 4),
