@@ -33,6 +33,7 @@ from typing import Any
 import nibabel as nib
 import nrrd
 import numpy as np
+import psutil
 import slicerio
 import torch
 from isal import igzip, isal_zlib
@@ -426,27 +427,15 @@ def staging_folder(parent: str | os.PathLike[str], prefix: str) -> Path:
         # <pid>-<mkdtemp's letters, digits, _>: not a host whose name starts with this one's and a "-"
         found = re.fullmatch(r"(\d+)-[A-Za-z0-9_]+", old.name[len(mine):])
         pid = found.group(1) if found else ""
-        if pid and old.is_dir() and not _running(int(pid)):
+        if pid and old.is_dir() and not psutil.pid_exists(int(pid)):  # another user's counts as running
             shutil.rmtree(old, ignore_errors=True)
             logger.warning(f"{old}: removed, left by a run (pid {pid}) that was killed before it moved its output in")
     return Path(tempfile.mkdtemp(prefix=f"{mine}{os.getpid()}-", dir=parent))
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
-
-
 def process_identity() -> dict[str, Any]:
     """This process as a record another process can check later with :func:`process_alive`: host, pid and start
     time (a pid alone is reused once its process is gone)."""
-    import psutil
-
     return {"host": socket.gethostname(), "pid": os.getpid(), "started": round(psutil.Process().create_time(), 2)}
 
 
@@ -459,8 +448,6 @@ def process_alive(identity: Mapping[str, Any]) -> bool | None:
         >>> process_alive({"host": "elsewhere", "pid": 1, "started": 1.0}) is None
         True
     """
-    import psutil
-
     pid, started = identity.get("pid"), identity.get("started")
     if (identity.get("host") != socket.gethostname() or not isinstance(pid, int) or pid < 1
             or not isinstance(started, (int, float))):

@@ -20,7 +20,7 @@ from pathlib import Path
 from crossmodal.config import ConfigError, load_config
 from crossmodal.io import atomic_copy, process_alive
 from crossmodal.nets import check_weights
-from crossmodal.serving.train import mark_stopped, run_folders, run_stats, same_bytes, stats_path_of
+from crossmodal.serving.train import mark_ended, run_folders, run_stats, same_bytes, stats_path_of
 
 
 @dataclass
@@ -109,11 +109,12 @@ def run_state(stats: dict) -> str | None:
         ('running', 'killed')
         >>> run_state({"process": process_identity(), "ended": "early_stopped"}), run_state({"ended": "completed"})
         ('early stop', None)
+        >>> run_state({"ended": "failed"}), run_state({"stopped": "terminated"})  # (the key before 2026-12-06's)
+        ('failed', 'terminated')
     """
-    if stats.get("stopped"):
-        return str(stats["stopped"])
-    if "ended" in stats:
-        return "early stop" if stats["ended"] == "early_stopped" else None
+    ended = stats.get("ended") or stats.get("stopped")  # "stopped": a Ctrl-C / SIGTERM before the one key
+    if ended:
+        return None if ended == "completed" else "early stop" if ended == "early_stopped" else str(ended)
     alive = process_alive(stats["process"]) if isinstance(stats.get("process"), dict) else None
     return None if alive is None else "running" if alive else "killed"
 
@@ -148,12 +149,12 @@ def publish_run(model_dir: str | Path, name: str) -> TrainRun:
 def interrupted_note(model_dir: str | Path, how: str = "interrupted") -> str:
     """What a training run stopped by Ctrl-C or SIGTERM (the last ``train_NN`` under ``model_dir``) leaves in service,
     as the command line says it: its best epoch so far where that was published, else the model it started from,
-    else nothing. The run's stats are marked ``stopped``: ``how`` (``crossmodal models`` shows it)."""
+    else nothing. The run's stats are marked ``ended``: ``how`` (``crossmodal models`` shows it)."""
     runs = list_runs(model_dir) if Path(model_dir).is_dir() else []
     if not runs:
         return f"no training run began under {model_dir}: nothing was written there"
     last = runs[-1]
-    mark_stopped(last.folder, how)
+    mark_ended(last.folder, how, stats_path_of(str(last.published)))
     done = f"after {last.epoch} of {last.total_epochs} epochs" if last.epoch is not None else "before its first epoch"
     if last.in_service and last.model is not None:
         score = f", {last.metric} {last.best:.4f}" if last.best is not None and last.metric else ""

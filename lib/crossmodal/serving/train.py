@@ -326,27 +326,18 @@ def run_stats(folder: str | os.PathLike[str]) -> tuple[Path | None, dict]:
         return files[-1], {}
 
 
-def mark_ended(trainer: Engine, folder: str | os.PathLike[str], published: str | None = None) -> None:
-    """On the trainer's ``COMPLETED`` (after the publisher's last write): the run folder's stats get ``ended``:
-    ``completed`` (every epoch trained) or ``early_stopped``, and so do the ``published`` stats where they are the
-    run's; a run whose stats lack it stopped before (Ctrl-C, a kill) or still trains."""
+def mark_ended(folder: str | os.PathLike[str], how: str, published: str | None = None) -> None:
+    """The run folder's stats get ``ended``: ``how`` (``completed``: every epoch trained, ``early_stopped``,
+    ``failed``: an error ended it, ``interrupted`` / ``terminated``: Ctrl-C / SIGTERM to the command line), and so do
+    the ``published`` stats where they are the run's; nothing where the run wrote no stats. Stats without it: the
+    run still trains, or its process was killed (``crossmodal models`` tells which)."""
     stats_file, stats = run_stats(folder)
     if stats_file is None or not stats:
         return
-    ended = "completed" if trainer.state.epoch >= (trainer.state.max_epochs or 0) else "early_stopped"
-    text = json.dumps({**stats, "ended": ended}, indent=2)
+    text = json.dumps({**stats, "ended": how}, indent=2)
     if published and same_bytes(stats_file, published):
         atomic_write_text(Path(published), text)
     atomic_write_text(stats_file, text)
-
-
-def mark_stopped(folder: str | os.PathLike[str], how: str) -> None:
-    """The run folder's stats get ``stopped``: ``how`` (``failed``: an error ended it; ``interrupted`` /
-    ``terminated``: Ctrl-C / SIGTERM to the command line), where the run wrote stats (``crossmodal models`` shows
-    it)."""
-    stats_file, stats = run_stats(folder)
-    if stats_file is not None and stats:
-        atomic_write_text(stats_file, json.dumps({**stats, "stopped": how}, indent=2))
 
 
 def recompute(network: torch.nn.Module, loss_fn: HybridLoss, x: torch.Tensor, above_megavoxels: float) -> bool:
@@ -1409,7 +1400,9 @@ class CrossModalTrain(BasicTrainTask):
             LearningCurve(context.output_dir, context.evaluator, start).attach(context.trainer)
             if start is not None:
                 context.trainer.add_event_handler(Events.COMPLETED, lambda _: self._report_kept(context, start))
-            context.trainer.add_event_handler(Events.COMPLETED, mark_ended, context.output_dir, self._stats_path)
+            context.trainer.add_event_handler(  # after the publisher's last write
+                Events.COMPLETED, lambda t: mark_ended(context.output_dir, "completed" if t.state.epoch >= (
+                    t.state.max_epochs or 0) else "early_stopped", self._stats_path))
         self._early_stopping(context)
         if context.multi_gpu:
             # every process leaves training together (rank 0 publishes last), so MONAI Label's
@@ -1505,7 +1498,7 @@ class CrossModalTrain(BasicTrainTask):
                 result = self._run(req, datastore)
             return {**result, "run": req["name"]} if isinstance(result, dict) else result  # its folder
         except Exception as e:
-            mark_stopped(Path(self._model_dir) / req["name"], "failed")  # not "killed": it said why
+            mark_ended(Path(self._model_dir) / req["name"], "failed", self._stats_path)  # not "killed": it said why
             found = user_error_in(e)
             hint = diverged_run_hint(self._model_dir, req["name"]) if isinstance(found, TrainingDiverged) else ""
             if hint:
