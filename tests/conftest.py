@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import requests
@@ -123,6 +124,17 @@ def snapshot(studies: Path) -> dict[str, bytes]:
     """Every file under the studies folder (datastore JSON, images, labels) with its bytes."""
     return {str(p.relative_to(studies)): p.read_bytes() for p in sorted(studies.rglob("*"))
             if p.is_file() and p.name != ".lock"}
+
+
+def crop_slab(path: Path, keep: float) -> None:
+    """Keep the last ``keep`` share of a NIfTI volume's slices (axis 2), in place, where they were in space: a
+    modality whose field of view covers part of its case's (an MR slab on a longer CT)."""
+    img = nib.load(path)
+    a = np.asarray(img.dataobj)
+    k = int(round(a.shape[2] * (1 - keep)))
+    affine = img.affine.copy()
+    affine[:3, 3] += affine[:3, :3] @ [0, 0, k]
+    nib.save(nib.Nifti1Image(a[:, :, k:], affine), path)
 
 
 def dice(a: np.ndarray, b: np.ndarray, value: int) -> float:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import APP, make_phantom_studies
+from conftest import APP, crop_slab, make_phantom_studies
 from crossmodal.active import combine, mutual_information, score_image, score_network_outputs, scoring_input, select
 from crossmodal.config import load_config, save_config
 from crossmodal.io import load_volume, save_volume
@@ -234,6 +234,21 @@ def test_scoring_cache_follows_every_modality_file_and_a_broken_case_is_reported
     assert out["failed"][case].startswith(f"case {case!r}: file {pet}: cannot be read"), out["failed"]
     pet.write_bytes(saved)
     assert scoring({}, store)["scored"] == 1 and torch.equal(scoring.case_input(path)[0], x0)
+
+
+def test_a_modality_covering_part_of_a_case_is_left_out_of_its_scoring(app_parts):
+    """Scoring is one pass of the whole case: a modality on part of its grid (an MR slab) would throw the fusion and
+    its own head off everywhere, so it is scored without it, as training leaves it out (inference runs twice)."""
+    parts, store, studies = app_parts
+    scoring = parts.scoring(parts.infer())
+    case = sorted(store.get_unlabeled_images())[0]
+    path = store.get_image_uri(case)
+    x0, present0 = scoring.case_input(path)
+    crop_slab(studies / "modalities" / case / "mr.nii.gz", 0.5)
+    x1, present1 = scoring.case_input(path)
+    assert present0 == [True, True, True] and present1 == [True, True, False]
+    assert torch.equal(x1[0, :2], x0[0, :2]) and not torch.equal(x1[0, 2], x0[0, 2])
+    assert scoring({}, store)["scored"] == 4 and not store.get_image_info(case)[SCORES_KEY].get("error")
 
 
 def test_a_case_whose_modality_is_replaced_is_scored_again(app_parts, tmp_path):

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import APP, make_phantom_studies
+from conftest import APP, crop_slab, make_phantom_studies
 from crossmodal.atlas import usable_cores
 from crossmodal.config import ConfigError, ConsistencyConfig, load_config, save_config
 from crossmodal.hybrid import (
@@ -455,6 +455,33 @@ def test_loader_workers_train_and_a_case_error_in_one_names_its_case(tmp_path: P
         load_config("phantom", overrides={"train": {"num_workers": -1}})
     with pytest.raises(ConfigError, match=r"val_interval must be >= 1"):
         load_config("phantom", overrides={"train": {"val_interval": 0}})
+
+
+def test_cases_whose_modality_covers_part_of_the_grid_train_as_without_it(tmp_path: Path, phantom_cfg, caplog):
+    """A modality on part of a training case's grid (an MR slab) is left out of that case, as an absent one: the
+    run trains the same weights, bit for bit, as with those cases' MR files gone (``zero_fill``), and says so."""
+    import shutil
+
+    partial = make_phantom_studies(tmp_path / "part", phantom_cfg, cases=5, dense=2, sparse=1, seed=33)
+    absent = tmp_path / "absent"
+    shutil.copytree(partial, absent)
+    for case in ("phantom000", "phantom004"):  # a dense case and an unlabelled one
+        crop_slab(partial / "modalities" / case / "mr.nii.gz", 0.4)
+        (absent / "modalities" / case / "mr.nii.gz").unlink()
+    cfg = method_config("phantom", "ours", {"train": {"patch_size": [32, 32, 32], "patches_per_case": 1,
+                                                      "batch_size": 2, "val_fraction": 0.0}})
+    save_config(cfg, tmp_path / "ours.yaml")
+    runs = {}
+    for name, studies, missing in (("part", partial, None), ("absent", absent, "zero_fill")):
+        with caplog.at_level(logging.INFO):
+            runs[name] = train_offline(str(studies), str(tmp_path / "ours.yaml"), str(tmp_path / name), epochs=2,
+                                       device="cpu", network="crossmodal", missing_modality=missing)
+    assert runs["part"]["train"]["metrics"] == runs["absent"]["train"]["metrics"]
+    a, b = (torch.load(r["published"], map_location="cpu") for r in runs.values())
+    assert a.keys() == b.keys() and all(torch.equal(v, b[k]) for k, v in a.items())
+    for case in ("phantom000", "phantom004"):
+        assert re.search(rf"case '{case}': mr covers 4\d% of the grid \(data.fov_coverage 0.9\): trained on without it",
+                         caplog.text)
 
 
 def test_cases_without_a_modality_train_with_it_left_out(tmp_path: Path, phantom_cfg, monkeypatch, caplog):

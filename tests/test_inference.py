@@ -5,13 +5,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_phantom_studies
+from conftest import crop_slab, dice, make_phantom_studies
 from crossmodal.config import load_config
 from crossmodal.inference import NetworkInferer, predict
 from crossmodal.io import load_volume
 from crossmodal.nets import CrossModalNet, build_network
 from crossmodal.resample import argmax_channels, resample_argmax, separable_resample
-from crossmodal.transforms import LoadCased, to_primary_grid, to_primary_labels
+from crossmodal.transforms import LoadCased, preprocessing, to_primary_grid, to_primary_labels
 
 
 def test_working_spacing_and_back_to_the_primary_grid(tmp_path: Path):
@@ -208,3 +208,59 @@ def test_a_case_stored_in_another_axis_order_is_read_and_segmented_as_in_ras(tmp
     assert torch.allclose(second.affine.double(), load_volume(sag / "phantom000.nii.gz").affine.double())
     back = np.transpose(second[0].numpy()[::-1], (2, 1, 0))
     assert np.array_equal(back, first[0].numpy()) and len(np.unique(back)) >= 4
+
+
+def test_a_modality_covering_part_of_the_case_is_used_where_it_has_data(tmp_path: Path, capsys):
+    """A secondary modality on part of the grid (zeros beyond its field of view) threw the network off everywhere,
+    its own field of view included: the phantom with its MR on 48% of the grid fell from 0.93 to 0.74 mean Dice,
+    below the 0.93 it has without the MR. Now the case runs twice, with the MR where it has data (its edge values
+    carried outward) and without it, and each voxel takes the pass that fits it; training and scoring leave it out."""
+    import shutil
+
+    from crossmodal.cli import main
+    from crossmodal.io import find_case
+    from crossmodal.transforms import load_case
+
+    cfg = load_config("phantom")
+    full = make_phantom_studies(tmp_path / "full", cfg, cases=3, dense=0, sparse=0, seed=11)
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    for mr in sorted((part / "modalities").glob("*/mr.nii.gz")):
+        crop_slab(mr, 0.5)
+    image, used = load_case(find_case(part / "phantom000.nii.gz", cfg.modality_names), cfg)
+    assert used == ["ct", "pet", "mr"] and 0.4 < image.meta["coverage"]["mr"] < 0.6
+    assert image.meta["coverage"]["pet"] > 0.95 and sorted(image.meta["fov"]) == ["mr"]
+    inside = image.meta["fov"]["mr"]
+    assert inside.shape == image.shape[1:]
+    assert float(inside.float().mean()) == pytest.approx(image.meta["coverage"]["mr"], abs=1e-4)
+    assert float(image[2][~inside].abs().mean()) > 0.1  # the edge carried outward, not zeros
+    infer = LoadCased(cfg)({"image": str(part / "phantom000.nii.gz")})
+    assert infer["present"].tolist() == [True, True, True] and torch.equal(infer["fov"][2], inside)
+    assert infer["fov"][:2] == [None, None]
+    train = LoadCased(cfg, partial="leave_out")({"image": str(part / "phantom000.nii.gz")})
+    assert train["present"].tolist() == [True, True, False] and "fov" not in train
+    assert not bool(train["image"][2].any()) and torch.equal(train["image"][:2], infer["image"][:2])
+    assert preprocessing(cfg, "val")({"image": str(part / "phantom000.nii.gz")})["present"].tolist() == [True, True,
+                                                                                                       False]
+
+    model = Path(__file__).parents[1] / "apps" / "crossmodal" / "pretrained" / "phantom_crossmodal.pt"
+    runs = {"full": (full, []), "part": (part, []), "without": (part, ["--drop", "mr"])}
+    for name, (studies, extra) in runs.items():
+        capsys.readouterr()
+        assert main(["predict", "--studies", str(studies), "--config", "phantom", "--model", str(model), "--out",
+                     str(tmp_path / f"pred_{name}"), *extra]) == 0
+        printed = capsys.readouterr().out
+        assert ("mr on 4" in printed and "% of the grid: used where it has data" in printed) == (name == "part")
+    scores = {}
+    for name in runs:
+        per_case = []
+        for case in ("phantom000", "phantom001", "phantom002"):
+            truth = load_volume(full / "truth" / f"{case}.nii.gz")[0].numpy()
+            pred = load_volume(tmp_path / f"pred_{name}" / f"{case}.nii.gz")[0].numpy()
+            per_case.append(np.mean([dice(pred, truth, k) for k in (1, 2, 3)]))
+        scores[name] = float(np.mean(per_case))
+    assert scores["full"] > 0.9 and scores["without"] > 0.88
+    # 0.915 here; 0.890 with the MR read everywhere (edge-filled), 0.868 with two passes but zeros beyond it (the
+    # phantom's MR adds little:
+    # the brain's T2 on half the grid gives 0.811 this way, 0.770 read everywhere, 0.774 left out)
+    assert scores["part"] > scores["without"] - 0.02, scores

@@ -208,6 +208,7 @@ def test_cases_with_and_without_a_modality_share_a_training_batch(phantom_studie
         assert batch["present"].tolist() == [[True, True, True], [True, False, True], [True, True, True]], stage
         assert list(batch["case_id"]) == ["phantom000", "phantom001", "phantom002"]
         assert "modalities_used" not in batch and "registered_mm" not in batch["image"].meta
+        assert "coverage" not in batch["image"].meta and "fov" not in batch
         pet = batch["image"][1, 1]  # zeros (augmented: one shifted value), marked absent
         assert float(pet.max() - pet.min()) == 0.0 and (stage != "val" or float(pet.abs().max()) == 0.0)
     infer = preprocessing(cfg, "infer")(dict(items[1]))

@@ -166,7 +166,7 @@ def test_a_slab_of_a_few_slices_is_registered_on_its_own_grid_and_one_too_thin_i
             g[x : x + rng.integers(10, 40), y : y + rng.integers(10, 40)] = float(rng.uniform(0.5, 3.0))
         ref = MetaTensor(g[None], affine=torch.eye(4, dtype=torch.float64))
         source = MetaTensor(torch.roll(g, 3, 0)[None], affine=torch.eye(4, dtype=torch.float64))  # 3 mm along x
-        aligned, shift = align_to_primary(source, ref, cfg)
+        aligned, shift, _ = align_to_primary(source, ref, cfg)
         assert aligned.shape == (1, 300, 300, slices)
         if moved:
             assert shift == pytest.approx(3.0, abs=0.5)

@@ -97,6 +97,7 @@ def test_infer_returns_label_on_primary_grid_that_matches_truth(client, phantom_
         assert params["modalities_used"] == ["ct", "pet", "mr"] and params["case"] == case
         # co-registered phantom modalities: the translation search finds (almost) nothing to correct
         assert set(params["registered_mm"]) == {"pet", "mr"} and max(params["registered_mm"].values()) < 2.5
+        assert set(params["coverage"]) == {"pet", "mr"} and min(params["coverage"].values()) > 0.95  # each covers it
         pred, image = load_volume(out), load_volume(phantom_server.studies / f"{case}.nii.gz")
         assert tuple(pred.shape) == tuple(image.shape)
         np.testing.assert_allclose(pred.affine.numpy(), image.affine.numpy(), atol=1e-4)

@@ -644,7 +644,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"{r['case']}: not segmented: {r['error']}")
         else:
             volumes = ", ".join(f"{n} {v:.1f} ml" for n, v in r["volume_ml"].items())
-            print(f"{r['case']}: {volumes} ({r['seconds']:.1f} s, uncertainty {r['uncertainty']:.3f}) -> {r['file']}")
+            partial = "".join(f"; {m} on {c:.0%} of the grid: used where it has data" for m, c in r["coverage"].items()
+                              if c < cfg.data.fov_coverage and m in r["modalities_used"])
+            print(f"{r['case']}: {volumes} ({r['seconds']:.1f} s, uncertainty {r['uncertainty']:.3f}{partial}) -> "
+                  f"{r['file']}")
     report = Path(args.out) / PREDICTIONS_JSON
     failed = summary["failed"]
     if failed:

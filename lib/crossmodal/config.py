@@ -532,13 +532,17 @@ class DataConfig:
     ``spacing`` (mm, one per axis of the primary image): the network sees every case resampled to it; null keeps
     the primary grid. Predictions are resampled back onto the primary grid. ``register``: align each secondary
     modality to the primary (``rigid``, ``translation`` or ``none``) by mutual information before the network sees
-    it; motions over ``register_max_mm`` count as failures and are not applied.
+    it; motions over ``register_max_mm`` count as failures and are not applied. ``fov_coverage``: a secondary
+    modality whose field of view covers less of the working grid than this fraction (an MR slab on a whole-abdomen
+    CT, an ADC shorter than its T2) is partial: training and scoring leave it out of that case; inference segments
+    where it has data with it (its edge values carried outward, not zeros) and the rest without it.
     """
 
     sidecar_dir: str = "modalities"
     spacing: tuple[float, float, float] | None = None
     register: str = "translation"
     register_max_mm: float = 20.0
+    fov_coverage: float = 0.9
 
     def __post_init__(self) -> None:
         if self.register not in ("none", "translation", "rigid"):
@@ -547,6 +551,9 @@ class DataConfig:
             if len(self.spacing) != 3 or min(self.spacing) <= 0:
                 raise ConfigError(f"data.spacing: {self.spacing} must be three positive numbers (mm) or null")
             self.spacing = tuple(float(v) for v in self.spacing)  # type: ignore[assignment]
+        if not 0.0 <= self.fov_coverage <= 1.0:
+            raise ConfigError(f"data.fov_coverage: {self.fov_coverage} must be a fraction in [0, 1] (of the working "
+                              "grid a secondary modality must cover to count as covering it)")
 
 
 @dataclass

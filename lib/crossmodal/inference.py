@@ -40,13 +40,20 @@ class NetworkInferer(Inferer):
     ``mirror_axes`` (spatial axes 0-2): the whole inference runs once per combination of mirrorings of the input
     (2^n passes, nnU-Net's test-time mirroring), each output mirrored back; the result is then the log of the
     mean softmax, per output, so an argmax or a softmax of it reads as that of logits.
+
+    ``fov`` (one (H, W, D) bool mask or None per modality, configured order): where modalities with a partial field
+    of view have data. With one of them present the case runs twice, with them and without them, and each voxel
+    takes the first pass where all of them have data and the second elsewhere (a modality's padding, zeros or its
+    edge values, is not something the network has learnt to read: with the phantom's MR on 48% of the grid, the
+    fused Dice fell from 0.93 to 0.74).
     """
 
     def __init__(self, cfg: InferConfig, present: Sequence[bool] | None = None, fused_only: bool = False,
                  roi_size: Sequence[int] | None = None, heads: bool = True, mc_dropout: bool = False,
-                 mirror_axes: Sequence[int] = ()) -> None:
+                 mirror_axes: Sequence[int] = (), fov: Sequence[torch.Tensor | None] | None = None) -> None:
         super().__init__()
         self.present, self.fused_only, self.heads = present, fused_only, heads and not fused_only
+        self.fov = list(fov) if fov is not None and any(f is not None for f in fov) else None
         self.mc_dropout = mc_dropout
         self.mirror_axes = tuple(mirror_axes)
         self.window = SlidingWindowInferer(roi_size=tuple(roi_size or cfg.roi_size), sw_batch_size=cfg.sw_batch_size,
@@ -59,7 +66,7 @@ class NetworkInferer(Inferer):
         ``present`` (B, M) bool: each case's modalities for this call (a training run's validation cases), instead
         of the inferer's own; cases with different ones run one at a time."""
         if present is None:
-            return self._run(inputs, network, self.present)
+            return self._run(inputs, network, self.present) if self.fov is None else self._partial(inputs, network)
         rows = present.to(torch.bool).cpu()
         if bool((rows == rows[0]).all()):
             return self._run(inputs, network, None if bool(rows[0].all()) else rows[0].tolist())
@@ -68,6 +75,23 @@ class NetworkInferer(Inferer):
         if dicts:
             return {k: torch.cat([o[k] for o in dicts]) for k in dicts[0]}
         return torch.cat([o for o in outs if isinstance(o, torch.Tensor)])
+
+    def _partial(self, inputs: torch.Tensor, network: nn.Module) -> dict[str, torch.Tensor] | torch.Tensor:
+        """The two passes of a case with partial fields of view (``fov``), merged voxel by voxel."""
+        assert self.fov is not None
+        every = list(self.present) if self.present is not None else [True] * len(self.fov)
+        partial = [p and f is not None for p, f in zip(every, self.fov, strict=True)]
+        rest = [p and not q for p, q in zip(every, partial, strict=True)]
+        first = self._run(inputs, network, every)
+        if not any(partial) or not any(rest):  # nothing partial in use, or nothing else to segment the rest with
+            return first
+        inside = torch.stack([f for f, q in zip(self.fov, partial, strict=True) if q and f is not None]).all(0)
+        second = self._run(inputs, network, rest)
+        if isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor):
+            return torch.where(inside.to(first.device), first, second)
+        assert isinstance(first, dict) and isinstance(second, dict)
+        mask = inside.to(first["fused"].device)
+        return {k: torch.where(mask, v, second[k]) if k in second else v for k, v in first.items()}
 
     def _run(self, inputs: torch.Tensor, network: nn.Module, present: Sequence[bool] | None
              ) -> dict[str, torch.Tensor] | torch.Tensor:

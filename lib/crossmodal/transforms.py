@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandSpatialCropSamplesd,
+    ResampleToMatch,
     SpatialPadd,
     SpatialResample,
     Transform,
@@ -87,8 +88,38 @@ def _file_key(path: str | os.PathLike[str]) -> tuple[str, int, int]:
     return str(path), st.st_mtime_ns, st.st_size
 
 
+class Aligned(NamedTuple):
+    """A secondary modality on the working grid: ``values`` (1, H, W, D), ``shift_mm`` (the motion applied, 0.0 for
+    none), ``inside`` (H, W, D) bool where its own field of view lies (the rest is padding)."""
+
+    values: torch.Tensor
+    shift_mm: float
+    inside: torch.Tensor
+
+    @property
+    def coverage(self) -> float:
+        """The share of the working grid the modality's field of view covers."""
+        return float(self.inside.float().mean()) if self.inside.numel() else 1.0
+
+
+def onto_grid(source: MetaTensor, target: MetaTensor, min_coverage: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``source`` (1, h, w, d) resampled onto ``target``'s grid -> ``(values (1, H, W, D), inside (H, W, D) bool)``.
+
+    Outside the source's field of view the values are 0; where it covers less than ``min_coverage`` of the grid
+    they are its edge values carried outward instead (a partial modality's network input: a large block of zeros
+    throws the instance norms of every window off, its own field of view included)."""
+    ones = torch.ones_like(source.as_tensor()[:1])
+    both = resample_to(MetaTensor(torch.cat([source.as_tensor()[:1], ones]), meta=source.meta), target).as_tensor()
+    values, inside = both[:1], both[1] > 0.5
+    if float(inside.float().mean()) < min_coverage and bool(inside.any()):
+        border = ResampleToMatch(mode="bilinear", padding_mode="border", align_corners=False, dtype=np.float32)
+        edge = border(MetaTensor(source.as_tensor()[:1], meta=source.meta), img_dst=target)
+        values = cast(MetaTensor, edge).as_tensor()
+    return values.contiguous(), inside
+
+
 def align_to_primary(source: MetaTensor, ref: MetaTensor, cfg: CrossModalConfig, key: tuple | None = None
-                     ) -> tuple[torch.Tensor, float]:
+                     ) -> Aligned:
     """Resample one secondary modality onto the working grid, co-registered to the primary (``cfg.data.register``).
 
     The motion is found on the working grid, or on a coarser twin of it with at most ``REGISTRATION_VOXELS`` voxels
@@ -101,22 +132,27 @@ def align_to_primary(source: MetaTensor, ref: MetaTensor, cfg: CrossModalConfig,
         ref: the working grid; ``ref[0]`` is the primary modality.
 
     Returns:
-        ``(aligned (1, H, W, D), shift_mm)``; shift 0.0 when registration is off or found nothing better than the
-        identity.
+        :class:`Aligned`: the values (1, H, W, D) (a partial field of view, below ``cfg.data.fov_coverage``, edge
+        values carried outward: :func:`onto_grid`), the shift (0.0 when registration is off or found nothing better
+        than the identity) and where the modality has data.
     """
-    if cfg.data.register == "none":
-        return resample_to(source, ref).as_tensor(), 0.0
     affine = ref.affine.double().numpy()
     shape = tuple(ref.shape[1:])
+    cover = cfg.data.fov_coverage
+
+    def onto(matrix: np.ndarray | None, shift: float) -> Aligned:
+        target = ref if matrix is None else MetaTensor(torch.empty(1, *shape), affine=torch.as_tensor(matrix @ affine))
+        values, inside = onto_grid(source, target, cover)
+        return Aligned(values, shift, inside)
+
+    if cfg.data.register == "none":
+        return onto(None, 0.0)
     if key is not None:
         key = (*key, cfg.data.register, cfg.data.register_max_mm, shape, affine.round(4).tobytes())
         with _MOTIONS_LOCK:
             seen, known = key in _MOTIONS, _MOTIONS.get(key)
         if seen:
-            if known is None:
-                return resample_to(source, ref).as_tensor(), 0.0
-            target = MetaTensor(torch.empty(1, *shape), affine=torch.as_tensor(known[0] @ affine))
-            return resample_to(source, target).as_tensor(), known[1]
+            return onto(None, 0.0) if known is None else onto(known[0], known[1])
     n = int(np.prod(shape))
     coarse = n > REGISTRATION_VOXELS
     if coarse:
@@ -138,10 +174,7 @@ def align_to_primary(source: MetaTensor, ref: MetaTensor, cfg: CrossModalConfig,
             _MOTIONS[key] = (reg.matrix, shift) if reg.accepted else None
             while len(_MOTIONS) > 4096:
                 _MOTIONS.popitem(last=False)
-    if not reg.accepted:
-        return (resample_to(source, ref).as_tensor() if coarse else moving[None]), 0.0
-    target = MetaTensor(torch.empty(1, *shape), affine=torch.as_tensor(reg.matrix @ affine))
-    return resample_to(source, target).as_tensor(), shift
+    return onto(reg.matrix, shift) if reg.accepted else onto(None, 0.0)
 
 
 def missing_modality_message(case: Case, name: str, cfg: CrossModalConfig) -> str:
@@ -201,13 +234,14 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
                             f"{cfg.modality_names}")
         chans = [normalize(primary[i : i + 1], m) * (m.name not in drop) for i, m in enumerate(mods)]
         out = to_canonical(working_grid(MetaTensor(torch.cat(chans), meta=primary.meta), cfg))
-        shifts = {}
+        shifts, aligned = {}, {}
         if mods[0].name not in drop:
             for i, m in enumerate(mods[1:], start=1):
                 if m.name not in drop:
                     chan = MetaTensor(out.as_tensor()[i : i + 1].clone(), affine=out.affine)
-                    out.as_tensor()[i : i + 1], shifts[m.name] = align_to_primary(chan, out, cfg)
-        out.meta.update(grid, registered_mm=shifts)
+                    aligned[m.name] = align_to_primary(chan, out, cfg)
+                    out.as_tensor()[i : i + 1], shifts[m.name] = aligned[m.name].values, aligned[m.name].shift_mm
+        out.meta.update(grid, registered_mm=shifts, **fields_of_view(aligned, cfg))
         return out, [n for n in cfg.modality_names if n not in drop]
     # in RAS order before the secondaries are registered and resampled onto it: the same case stored in another
     # order then gives the network the same array to the last bit
@@ -224,26 +258,38 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
         else:
             todo.append((m, path))
 
-    def secondary(item: tuple[ModalityConfig, str]) -> tuple[torch.Tensor, float]:
+    def secondary(item: tuple[ModalityConfig, str]) -> Aligned:
         m, path = item
         vol = one_volume(volume_3d(load_volume(path, case.case_id), case.case_id, path), case.case_id, path)
         vol = MetaTensor(normalize(vol.as_tensor(), m), meta=vol.meta)
         if mods[0].name in drop:  # nothing to register to
-            return resample_to(vol, ref).as_tensor(), 0.0
+            values, inside = onto_grid(vol, ref, cfg.data.fov_coverage)
+            return Aligned(values, 0.0, inside)
         return align_to_primary(vol, ref, cfg, key=(_file_key(case.primary), _file_key(path)))
 
     # the secondary modalities in parallel: decoding, registration and resampling release the GIL
     with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
         done = list(pool.map(secondary, todo))
-    shifts = {}
-    for (m, _), (values, shift) in zip(todo, done, strict=True):
-        by_name[m.name] = values
+    shifts, aligned = {}, {}
+    for (m, _), a in zip(todo, done, strict=True):
+        by_name[m.name], aligned[m.name] = a.values, a
         if mods[0].name not in drop:
-            shifts[m.name] = shift
+            shifts[m.name] = a.shift_mm
     used = ([mods[0].name] if mods[0].name not in drop else []) + [m.name for m, _ in todo]
     image = MetaTensor(torch.cat([by_name[m.name] for m in mods]), meta=ref.meta)
-    image.meta.update(grid, registered_mm=shifts)
+    image.meta.update(grid, registered_mm=shifts, **fields_of_view(aligned, cfg))
     return image, used
+
+
+def fields_of_view(aligned: Mapping[str, Aligned], cfg: CrossModalConfig) -> dict[str, Any]:
+    """The image meta of the secondary modalities' fields of view: ``coverage`` {name: share of the working grid}
+    and ``fov`` {name: (H, W, D) bool where it has data} of the partial ones (below ``cfg.data.fov_coverage``)."""
+    coverage = {name: round(a.coverage, 4) for name, a in aligned.items()}
+    return {"coverage": coverage,
+            "fov": {name: a.inside for name, a in aligned.items() if coverage[name] < cfg.data.fov_coverage}}
+
+
+_LEFT_OUT: set[tuple[str, str]] = set()  # (case, modality) said once per process
 
 
 CANONICAL = np.array([[0, 1], [1, 1], [2, 1]], dtype=np.int64)  # RAS: array axis i along world axis i, increasing
@@ -331,18 +377,36 @@ class LoadCased(MapTransform):
     The label becomes a training map (classes, ``IGNORE_INDEX`` on unannotated voxels) according to
     ``data["label_kind"]`` (default dense). Adds ``data["case_id"]``, ``data["modalities_used"]`` and
     ``data["present"]`` ((M,) bool, configured order: the modalities read; a batch of them collates to (B, M)).
+
+    A secondary modality with a partial field of view (below ``cfg.data.fov_coverage`` of the grid): ``partial``
+    ``use`` keeps it and adds ``data["fov"]`` (one (H, W, D) bool mask or None per configured modality: where the
+    partial ones have data; the inference's two passes); ``leave_out`` (training) zero-fills it and leaves it out of
+    ``present``, as a missing modality.
     """
 
     def __init__(self, cfg: CrossModalConfig, image_key: str = "image", label_key: str = "label",
-                 missing: str | None = None, drop: Sequence[str] = ()) -> None:
+                 missing: str | None = None, drop: Sequence[str] = (), partial: str = "use") -> None:
         super().__init__([image_key], allow_missing_keys=True)
+        if partial not in ("use", "leave_out"):
+            raise ValueError(f"partial {partial!r} is not one of ('use', 'leave_out')")
         self.cfg, self.image_key, self.label_key, self.missing = cfg, image_key, label_key, missing
-        self.drop = tuple(drop)
+        self.drop, self.partial = tuple(drop), partial
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         case = find_case(d[self.image_key], self.cfg.modality_names, self.cfg.data.sidecar_dir)
         image, used = load_case(case, self.cfg, self.missing, self.drop)
+        fov = image.meta.pop("fov", {})
+        if fov and self.partial == "leave_out":
+            for name in fov:
+                image.as_tensor()[self.cfg.modality_names.index(name)] = 0.0
+                if (case.case_id, name) not in _LEFT_OUT:
+                    _LEFT_OUT.add((case.case_id, name))
+                    logger.info(f"case {case.case_id!r}: {name} covers {image.meta['coverage'][name]:.0%} of the grid "
+                                f"(data.fov_coverage {self.cfg.data.fov_coverage}): trained on without it")
+            used = [name for name in used if name not in fov]
+        elif fov:
+            d["fov"] = [fov.get(name) for name in self.cfg.modality_names]
         d[self.image_key] = image
         d["case_id"], d["modalities_used"] = case.case_id, used
         d["present"] = torch.tensor([name in used for name in self.cfg.modality_names])
@@ -366,8 +430,10 @@ class Batchabled(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         d.pop("modalities_used", None)
+        d.pop("fov", None)
         if isinstance(d.get("image"), MetaTensor):
             d["image"].meta.pop("registered_mm", None)
+            d["image"].meta.pop("coverage", None)
         return d
 
 
@@ -457,7 +523,8 @@ def preprocessing(cfg: CrossModalConfig, stage: str, missing: str | None = None,
     it has one, instead of its saved label."""
     if stage not in ("train", "unlabeled", "val", "infer"):
         raise ValueError(f"stage {stage!r} is not one of ('train', 'unlabeled', 'val', 'infer')")
-    steps: list[Transform] = [LoadCased(cfg, missing=missing, drop=drop)]
+    steps: list[Transform] = [LoadCased(cfg, missing=missing, drop=drop,
+                                        partial="use" if stage == "infer" else "leave_out")]
     if stage != "infer":
         steps.append(Batchabled())
     if pseudo_labels is not None and stage in ("train", "unlabeled"):

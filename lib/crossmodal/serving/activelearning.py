@@ -164,7 +164,10 @@ class CrossModalScoring(ScoringMethod):
         data = preprocessing(self.cfg, "infer", missing="zero_fill")({"image": path})
         stride = int(np.prod(self.cfg.model.strides))
         x = scoring_input(data["image"].as_tensor(), self.cfg.active.scoring_scale, stride)
-        present = [m in data["modalities_used"] for m in self.cfg.modality_names]
+        # a modality with a partial field of view is left out, as in training (one pass of the whole case here)
+        fov = data.get("fov") or [None] * len(self.cfg.modality_names)
+        used = data["modalities_used"]
+        present = [m in used and f is None for m, f in zip(self.cfg.modality_names, fov, strict=True)]
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
         os.close(fd)

@@ -69,7 +69,8 @@ class ArgmaxLabel:
         # computed where the network ran (a GPU too); the map comes back to the CPU for the writer (numpy)
         data["pred"] = MetaTensor(out.cpu(), affine=image.meta.get("primary_affine", image.affine))
         data["result"] = {"case": data.get("case_id"), "modalities_used": data.get("modalities_used", []),
-                          "registered_mm": dict(image.meta.get("registered_mm", {})), "prediction": which}
+                          "registered_mm": dict(image.meta.get("registered_mm", {})),
+                          "coverage": dict(image.meta.get("coverage", {})), "prediction": which}
         return data
 
 
@@ -134,7 +135,7 @@ class CrossModalInfer(BasicInferTask):
         # MONAI Label's Epistemic samples (``probabilities``) stay one pass each, as upstream
         mirror = () if self.probabilities else parse_mirror_axes(data.get("mirror_axes", self.cfg.infer.mirror_axes))
         return NetworkInferer(self.window_config(data), present=[m in used for m in self.cfg.modality_names],
-                              heads=heads, mirror_axes=mirror)
+                              heads=heads, mirror_axes=mirror, fov=data.get("fov"))
 
     def window_config(self, data: dict[str, Any]) -> InferConfig:
         """The preset's ``infer`` settings with the request's ``overlap`` / ``sw_batch_size``, when it has them
@@ -151,7 +152,7 @@ class CrossModalInfer(BasicInferTask):
         inputs = data["image"].as_tensor()[None].to(torch.device(device))
         used = set(data.get("modalities_used") or self.cfg.modality_names)
         inferer = NetworkInferer(self.window_config(data), present=[m in used for m in self.cfg.modality_names],
-                                 fused_only=True, mc_dropout=True)
+                                 fused_only=True, mc_dropout=True, fov=data.get("fov"))
         with torch.no_grad():
             probs = torch.softmax(inferer(inputs, network)[0].float(), 0)
             for _ in range(samples - 1):
