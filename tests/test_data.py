@@ -427,7 +427,7 @@ def test_offline_commands_on_cases_without_a_modality(tmp_path: Path, phantom_cf
     assert main(base) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "crossmodal: error: case 'phantom003': modality 'pet' is missing: expected <studies>/modalities/phantom003/"
-        "pet.nii.gz (or .nii/.nrrd); add it (a running server takes it as PUT /datastore/image?image=phantom003 "
+        "pet.nii.gz (or .nii/.nrrd/.mha); add it (a running server takes it as PUT /datastore/image?image=phantom003 "
         'with params {"modality": "pet"}), or use the case without it (missing_modality zero_fill)')
     assert main([*base, "--missing-modality", "zero_fill", "--out", str(tmp_path / "filled.json")]) == 0
     dropped, filled = (json.loads((tmp_path / f).read_text())["per_case"] for f in ("dropped.json", "filled.json"))
@@ -825,7 +825,7 @@ def test_data_commands_refuse_counts_sizes_and_folders_they_cannot_use(tmp_path:
             (["data", "export-nnunet", "--studies", str(tmp_path / "typo"), "--out", str(out)],
              f"--studies {tmp_path / 'typo'}: no such folder (a studies folder or an nnU-Net v2 raw dataset)"),
             (["data", "export-nnunet", "--studies", str(empty), "--out", str(out)],
-             f"{empty}: no primary images (*.nii.gz, *.nii, *.nrrd) in this studies folder: nothing to export"),
+             f"{empty}: no primary images (*.nii.gz, *.nii, *.nrrd, *.mha) in this studies folder: nothing to export"),
             (["evaluate", "--studies", str(empty), "--model", str(tmp_path / "nope.pt")],  # said "conf pretrained"
              f"--model {tmp_path / 'nope.pt'}: no such weights file")):
         assert main([*argv, "--config", "phantom"]) == 2, argv

@@ -532,7 +532,7 @@ def test_cases_without_a_modality_train_with_it_left_out(tmp_path: Path, phantom
     # every case lacking a modality named at once, before any case loads
     assert str(user_error_in(e.value)) == (
         "case 'phantom000': modality 'pet' is missing: expected <studies>/modalities/phantom000/pet.nii.gz (or "
-        ".nii/.nrrd); add it (a running server takes it as PUT /datastore/image?image=phantom000 with params "
+        ".nii/.nrrd/.mha); add it (a running server takes it as PUT /datastore/image?image=phantom000 with params "
         '{"modality": "pet"}), or use the case without it (missing_modality zero_fill); 2 more training cases of 6 '
         "lack a modality (phantom001: pet; phantom003: pet)")
 

@@ -21,7 +21,7 @@ def _ramp(shape):
     return (i * 3 + j * 5 + k * 7).astype(np.float32)
 
 
-@pytest.mark.parametrize("ext", [".nii.gz", ".nrrd"])
+@pytest.mark.parametrize("ext", [".nii.gz", ".nrrd", ".mha"])
 def test_roundtrip_affine_in_ras(tmp_path: Path, ext: str):
     aff = grid_affine((1.5, 2.0, 3.0), (10, 12, 8), center=np.array([5.0, -3.0, 2.0]))
     save_volume(tmp_path / f"v{ext}", _ramp((10, 12, 8)), aff)
@@ -29,6 +29,49 @@ def test_roundtrip_affine_in_ras(tmp_path: Path, ext: str):
     assert tuple(vol.shape) == (1, 10, 12, 8)
     np.testing.assert_allclose(vol.affine.numpy(), aff, atol=1e-5)
     np.testing.assert_allclose(vol[0].numpy(), _ramp((10, 12, 8)))
+
+
+def test_metaimage_files_hold_itks_geometry_and_a_studies_folder_of_them_segments_as_its_nifti_twin(
+        tmp_path: Path, phantom_cfg, capsys):
+    """ITK's one-file MetaImage (``.mha``, grand-challenge.org's format: PI-CAI's prostate T2 / ADC / DWI) is read
+    and written like NIfTI and NRRD (before, a studies folder of them was "no primary image to segment")."""
+    import SimpleITK as sitk
+    from crossmodal.cli import main
+    from crossmodal.data.phantom import make_phantom
+    from crossmodal.data.studies import generate
+    from crossmodal.io import volume_channels
+
+    # a sagittally stored, oblique grid: ITK keeps it in LPS, MONAI's readers give it back in RAS
+    theta = np.deg2rad(10.0)
+    rot = np.array([[0.0, 0.0, 1.0], [np.cos(theta), -np.sin(theta), 0.0], [np.sin(theta), np.cos(theta), 0.0]])
+    aff = np.eye(4)
+    aff[:3, :3], aff[:3, 3] = rot @ np.diag([1.2, 0.9, 3.0]), [-20.0, 14.5, 3.0]
+    labels = (_ramp((9, 11, 6)) % 4).astype(np.uint8)
+    save_volume(tmp_path / "l.mha", labels, aff)
+    back = load_volume(tmp_path / "l.mha")
+    np.testing.assert_allclose(back.affine.numpy(), aff, atol=1e-5)
+    assert np.array_equal(back[0].numpy(), labels) and volume_channels(tmp_path / "l.mha") == 1
+    itk = sitk.ReadImage(str(tmp_path / "l.mha"))
+    lps = np.diag([-1.0, -1.0, 1.0])
+    assert itk.GetPixelIDTypeAsString() == "8-bit unsigned integer" and itk.GetSize() == (9, 11, 6)
+    np.testing.assert_allclose(itk.GetSpacing(), (1.2, 0.9, 3.0), atol=1e-6)
+    np.testing.assert_allclose(np.reshape(itk.GetDirection(), (3, 3)), lps @ rot, atol=1e-6)
+    np.testing.assert_allclose(itk.GetOrigin(), lps @ aff[:3, 3], atol=1e-5)
+    with pytest.raises(ValueError, match="a 3-channel volume is written as NIfTI"):
+        save_volume(tmp_path / "c.mha", np.zeros((4, 4, 4, 3), np.float32), np.eye(4))
+
+    for ext in (".nii.gz", ".mha"):
+        generate(tmp_path / ext, phantom_cfg, lambda rng: make_phantom(phantom_cfg, rng, size=48), 1, 5, "phantom",
+                 ext=ext)
+        out = ".mha" if ext == ".mha" else ".nii.gz"
+        assert main(["predict", "--studies", str(tmp_path / ext), "--config", "phantom", "--model",
+                     str(Path(__file__).parents[1] / "apps" / "crossmodal" / "pretrained" / "phantom_crossmodal.pt"),
+                     "--out", str(tmp_path / f"pred{ext}"), "--extension", out]) == 0
+    assert sorted(p.name for p in (tmp_path / ".mha" / "modalities" / "phantom000").iterdir()) == ["mr.mha", "pet.mha"]
+    a, b = load_volume(tmp_path / "pred.nii.gz" / "phantom000.nii.gz"), load_volume(tmp_path / "pred.mha" /
+                                                                                    "phantom000.mha")
+    assert torch.equal(a, b) and len(np.unique(b.numpy())) == 4
+    np.testing.assert_allclose(b.affine.numpy(), a.affine.numpy(), atol=1e-5)
 
 
 def test_resampling_uses_physical_space_not_voxel_order(tmp_path: Path):
@@ -159,9 +202,9 @@ def test_a_folder_of_one_cases_files_named_by_modality_is_a_case(phantom_studies
     assert case.modalities == {"pet": str(folder / "pet.nii.gz"), "mr": None}
     with pytest.raises(CaseError) as e:
         load_case(case, phantom_cfg)
-    assert str(e.value) == (f"case 'session': modality 'mr' is missing: no mr.nii.gz (or .nii/.nrrd) in the case's "
-                            f"folder {folder}; send it with the others, each named by its modality (ct, pet, mr), or "
-                            "use the case without it (missing_modality zero_fill)")
+    assert str(e.value) == (f"case 'session': modality 'mr' is missing: no mr.nii.gz (or .nii/.nrrd/.mha) in the "
+                            f"case's folder {folder}; send it with the others, each named by its modality (ct, pet, "
+                            "mr), or use the case without it (missing_modality zero_fill)")
     shutil.copy(src / "mr.nii.gz", folder / "mr.nii.gz")
     image, used = load_case(find_case(folder, phantom_cfg.modality_names), phantom_cfg)
     reference, _ = load_case(find_case(phantom_studies / "phantom001.nii.gz", phantom_cfg.modality_names), phantom_cfg)
@@ -178,8 +221,8 @@ def test_a_folder_of_one_cases_files_named_by_modality_is_a_case(phantom_studies
     (folder / "mr.nii.gz").rename(folder / "scan.nii.gz")  # two files named by no modality: which is the CT?
     with pytest.raises(CaseError) as e:
         find_case(folder, phantom_cfg.modality_names)
-    assert str(e.value).endswith("a folder of one case needs its ct image as ct.nii.gz (or .nii/.nrrd) and each other "
-                                 "modality named by it (pet, mr); it holds ['pet.nii.gz', 'phantom001.nii.gz', "
+    assert str(e.value).endswith("a folder of one case needs its ct image as ct.nii.gz (or .nii/.nrrd/.mha) and each "
+                                 "other modality named by it (pet, mr); it holds ['pet.nii.gz', 'phantom001.nii.gz', "
                                  "'scan.nii.gz']")
     alone = tmp_path / "upload"
     alone.mkdir()

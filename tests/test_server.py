@@ -151,7 +151,7 @@ def test_infer_nrrd_output_for_slicer_and_no_format_that_cannot_hold_the_label(c
             client.infer("baseline_unet", "phantom003", {"result_extension": ext})
         assert status_of(e.value) == 422
         assert f"case 'phantom003': result_extension {ext!r} must be one of ['.nii.gz', '.nii', '.seg.nrrd', " \
-               "'.nrrd']" in e.value.msg
+               "'.nrrd', '.mha']" in e.value.msg
     # the label's numpy type: int16 as asked; a name numpy does not know was a 500 after inference
     out, _ = client.infer("baseline_unet", "phantom003", {"result_dtype": "int16"})
     assert nib.load(out).get_data_dtype() == np.int16 and np.array_equal(load_volume(out).numpy(), a.numpy())
@@ -269,8 +269,9 @@ def test_missing_modality_is_reported_or_zero_filled(client, phantom_server):
         models = {f: f.read_bytes() for f in phantom_server.model_dir.glob("*.pt")}
         refused = (
             "training stopped: case 'phantom005': modality 'pet' is missing: expected <studies>/modalities/phantom005/"
-            "pet.nii.gz (or .nii/.nrrd); add it (a running server takes it as PUT /datastore/image?image=phantom005 "
-            'with params {"modality": "pet"}), or use the case without it (missing_modality zero_fill)')
+            "pet.nii.gz (or .nii/.nrrd/.mha); add it (a running server takes it as PUT /datastore/image?"
+            'image=phantom005 with params {"modality": "pet"}), or use the case without it (missing_modality '
+            "zero_fill)")
         r = requests.post(f"{phantom_server.url}/train/crossmodal?run_sync=true", json={"max_epochs": 1},
                           timeout=300)  # an unlabelled case without its PET: refused, saying what to do
         assert r.status_code == 422 and r.json()["detail"] == refused, r.text
@@ -495,10 +496,11 @@ def test_bad_input_is_4xx_names_the_problem_and_changes_nothing(client, phantom_
              "case 'phantom000' already exists")
     (tmp_path / "noext").write_bytes((studies / "phantom005.nii.gz").read_bytes())  # was: "cannot be read ... <temp>"
     rejected(lambda: client.upload_image(str(tmp_path / "noext"), "noext"),
-             "case 'noext': uploaded image: extension '' is not one of ['.nii.gz', '.nii', '.nrrd']")
+             "case 'noext': uploaded image: extension '' is not one of ['.nii.gz', '.nii', '.nrrd', '.mha']")
     (tmp_path / "drawn.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     rejected(lambda: client.save_label("phantom000", str(tmp_path / "drawn.png")),
-             "case 'phantom000': label extension '.png' unsupported; send it as .nii.gz, .nii, .seg.nrrd or .nrrd")
+             "case 'phantom000': label extension '.png' unsupported; send it as .nii.gz, .nii, .seg.nrrd, .nrrd or "
+             ".mha")
     rejected(lambda: client.upload_image(str(mr), "phantom000", params={"modality": "spect"}),
              "case 'phantom000': modality 'spect' is not one of the secondary modalities ['pet', 'mr']")
 
@@ -1052,6 +1054,35 @@ def test_a_multimodal_case_uploads_through_the_datastore_api(client, phantom_ser
         requests.delete(f"{phantom_server.url}/datastore/image", params={"id": "upl001"}, timeout=30)
 
 
+def test_a_case_of_metaimage_files_uploads_segments_and_takes_a_label(client, phantom_server, tmp_path):
+    """A case in ITK's MetaImage files (``.mha``, as grand-challenge.org ships PI-CAI's T2 / ADC / DWI): its primary
+    and modalities upload (a 422 before: "extension '.mha' is not one of ..."), it segments from all of them, the
+    label comes back as ``.mha`` on the case's grid, and a label saved as ``.mha`` is stored so."""
+    case = make_phantom(CFG, np.random.default_rng(4321), size=48)
+    files = write_case(tmp_path / "new", "mha001", case, CFG, ext=".mha")
+    sidecars = phantom_server.studies / "modalities" / "mha001"
+    try:
+        assert client.upload_image(str(files["ct"]), "mha001")["image"] == "mha001"
+        for name in ("pet", "mr"):
+            assert client.upload_image(str(files[name]), "mha001", {"modality": name})["image"] == "mha001"
+        assert sorted(p.name for p in sidecars.iterdir()) == ["mr.mha", "pet.mha"]
+        assert (phantom_server.studies / "mha001.mha").read_bytes() == files["ct"].read_bytes()
+        out, params = client.infer("crossmodal", "mha001", {"result_extension": ".mha"})
+        assert out.endswith(".mha") and params["modalities_used"] == ["ct", "pet", "mr"]
+        pred, image = load_volume(out), load_volume(files["ct"])
+        assert pred.shape == image.shape and torch.allclose(pred.affine, image.affine, atol=1e-4)
+        scores = [dice(pred[0].numpy(), case.label.array, v) for v in (1, 2, 3)]
+        assert min(scores) > 0.6 and np.mean(scores) > 0.8, scores
+        save_volume(tmp_path / "label.mha", case.label.array.astype(np.uint8), case.label.affine)
+        client.save_label("mha001", str(tmp_path / "label.mha"))
+        stored = phantom_server.studies / "labels" / "final" / "mha001.mha"
+        assert np.array_equal(load_volume(stored)[0].numpy(), case.label.array)
+        assert label_info(client, "mha001")["label_kind"] == "dense"
+    finally:  # the shared studies as the other tests know them
+        requests.delete(f"{phantom_server.url}/datastore/image", params={"id": "mha001"}, timeout=30)
+    assert "mha001" not in client.datastore()["objects"] and not sidecars.exists()
+
+
 def test_a_session_of_a_cases_files_is_segmented_from_all_of_them(client, phantom_server, tmp_path):
     """A case that is not in the datastore, sent as a MONAI Label session of its files named by modality (the
     session's folder was read as one image: "file does not exist"); one file alone says how to send the rest."""
@@ -1102,7 +1133,7 @@ def test_batch_infer_runs_without_a_gpu_and_goes_on_past_a_case_it_cannot_segmen
     segmented = [f"phantom00{i}" for i in (0, 1, 2, 3, 5)]
     assert sorted(result) == sorted([*segmented, "phantom004"])
     assert result["phantom004"] == {"error": "case 'phantom004': modality 'pet' is missing: expected <studies>/"
-                                             "modalities/phantom004/pet.nii.gz (or .nii/.nrrd); add it (a running "
+                                             "modalities/phantom004/pet.nii.gz (or .nii/.nrrd/.mha); add it (a running "
                                              "server takes it as PUT /datastore/image?image=phantom004 with params "
                                              "{\"modality\": \"pet\"}), or use the case without it (missing_modality "
                                              "zero_fill)"}

@@ -261,7 +261,7 @@ def cmd_to_dicom(args: argparse.Namespace) -> int:
     studies = Path(args.studies)
     images = list(primary_images(studies).values())
     if not images:
-        raise FileNotFoundError(f"{studies}: no primary images (*.nii.gz, *.nii, *.nrrd) in this studies folder")
+        raise FileNotFoundError(f"{studies}: no primary images (*.nii.gz, *.nii, *.nrrd, *.mha) in this studies folder")
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="crossmodal-dicom-"))
     stored = 0
     try:
@@ -744,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--sparse-mode", default="scribbles", choices=("scribbles", "slices"))
         q.add_argument("--misregistration-mm", type=finite_at_least(0.0), default=0.0,
                        help="shift of the secondary modalities against the primary, in mm")
-        q.add_argument("--ext", default=".nii.gz", choices=(".nii.gz", ".nii", ".nrrd"))
+        q.add_argument("--ext", default=".nii.gz", choices=(".nii.gz", ".nii", ".nrrd", ".mha"))
         q.add_argument("--config", help="preset name or YAML path")
         q.add_argument("--variants", default="typical",
                        help="comma-separated cycle of case variants by case index; phantom: typical, cold_lesion (no"

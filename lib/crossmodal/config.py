@@ -30,7 +30,8 @@ import yaml
 MODALITY_KINDS = ("ct", "mr", "pet")
 DICOM_MODALITY = {"ct": "CT", "mr": "MR", "pet": "PT"}
 MISSING_POLICIES = ("error", "zero_fill")
-IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd")  # the image and label files read and written
+# the image and label files read and written (.mha: ITK's one-file MetaImage, as grand-challenge.org ships)
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".mha")
 # Names 3D Slicer drops on save: none of our label names may use them.
 SLICER_RESERVED_NAMES = ("background", "foreground_scribbles", "background_scribbles")
 

@@ -37,7 +37,7 @@ import psutil
 import slicerio
 import torch
 from isal import igzip, isal_zlib
-from monai.data import MetaTensor
+from monai.data import ITKWriter, MetaTensor
 from monai.transforms import LoadImage, ResampleToMatch
 from nibabel.openers import ImageOpener
 
@@ -125,7 +125,8 @@ def find_case(image_path: str | os.PathLike[str], modality_names: Sequence[str],
         if named[modality_names[0]] is None:
             raise CaseError(image_path.name, image_path,
                             f"a folder of one case needs its {modality_names[0]} image as {modality_names[0]}.nii.gz "
-                            f"(or .nii/.nrrd) and each other modality named by it ({', '.join(modality_names[1:])}); "
+                            f"(or .nii/.nrrd/.mha) and each other modality named by it "
+                            f"({', '.join(modality_names[1:])}); "
                             f"it holds {sorted(p.name for p in image_path.iterdir())}")
         return Case(case_id=image_path.name, primary=str(named[modality_names[0]]),
                     modalities={n: named[n] for n in modality_names[1:]}, folder=str(image_path))
@@ -205,6 +206,13 @@ def volume_channels(path: str | os.PathLike[str]) -> int | None:
     try:
         if str(path).endswith(".nrrd"):
             return int(np.prod([int(n) for n in nrrd.read_header(str(path))["sizes"]][3:]))
+        if str(path).lower().endswith(".mha"):
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            return int(np.prod(reader.GetSize()[3:])) * reader.GetNumberOfComponents()
         return int(np.prod(nib.load(str(path)).header.get_data_shape()[3:]))  # type: ignore[attr-defined]
     except Exception:  # absent, truncated or not an image: load_volume's error names the problem
         return None
@@ -329,9 +337,9 @@ def save_volume(path: str | os.PathLike[str], array: np.ndarray, affine: np.ndar
     _, ext = split_ext(path)
     array = np.asarray(array)
     layered = array.ndim == 4 and ext == ".seg.nrrd" and bool(nrrd_fields)  # a Slicer file's layers, moved
-    if array.ndim == 4 and not layered and ext in (".nrrd", ".seg.nrrd"):  # MONAI's NrrdReader cannot read it back
-        raise ValueError(f"{path}: a {array.shape[-1]}-channel volume is written as NIfTI (.nii.gz); NRRD holds one 3D "
-                         "volume here")
+    if array.ndim == 4 and not layered and ext in (".nrrd", ".seg.nrrd", ".mha"):  # MONAI's readers cannot read it back
+        raise ValueError(f"{path}: a {array.shape[-1]}-channel volume is written as NIfTI (.nii.gz); NRRD and "
+                         "MetaImage hold one 3D volume here")
     if array.dtype in (np.int64, np.uint64):  # NIfTI tools dislike 64-bit integers: use the smallest type that fits
         lo, hi = (int(array.min()), int(array.max())) if array.size else (0, 0)
         array = array.astype(next(t for t in (np.uint8, np.int16, np.int32) if np.iinfo(t).min <= lo
@@ -359,6 +367,12 @@ def save_volume(path: str | os.PathLike[str], array: np.ndarray, affine: np.ndar
                     header.update({"kinds": ["list", "domain", "domain", "domain"],
                                    "space directions": [[np.nan] * 3, *header["space directions"]]})
                 nrrd.write(tmp, np.asarray(array), header=header)
+        elif ext == ".mha":  # MONAI's ITK writer: RAS affine -> ITK's LPS direction, origin and spacing
+            writer = ITKWriter(output_dtype=array.dtype, affine_lps_to_ras=True)
+            writer.set_data_array(np.asarray(array), channel_dim=None)
+            writer.set_metadata({"affine": np.asarray(affine, dtype=np.float64), "spatial_shape": array.shape},
+                                resample=False)
+            writer.write(tmp, compression=True)
         else:
             raise ValueError(f"{path}: unsupported extension {ext!r}; use one of {IMAGE_EXTENSIONS}")
         publish_mode(tmp)

@@ -182,7 +182,7 @@ def missing_modality_message(case: Case, name: str, cfg: CrossModalConfig) -> st
     upload, a one-file session: no sidecar folder beside it), or a studies folder."""
     names = cfg.modality_names
     if case.folder:
-        where = (f"no {name}.nii.gz (or .nii/.nrrd) in the case's folder {case.folder}; send it with the others, "
+        where = (f"no {name}.nii.gz (or .nii/.nrrd/.mha) in the case's folder {case.folder}; send it with the others, "
                  f"each named by its modality ({', '.join(names)})")
     elif not os.path.isdir(os.path.join(os.path.dirname(case.primary), cfg.data.sidecar_dir)):
         files = ", ".join(f"{n}.nii.gz" for n in names)
@@ -190,8 +190,8 @@ def missing_modality_message(case: Case, name: str, cfg: CrossModalConfig) -> st
                  f"the case's files together, each named by its modality (a session of {files}), or add the case to "
                  "the datastore with each modality")
     else:
-        where = (f"expected <studies>/{cfg.data.sidecar_dir}/{case.case_id}/{name}.nii.gz (or .nii/.nrrd); add it (a "
-                 f"running server takes it as PUT /datastore/image?image={case.case_id} with params "
+        where = (f"expected <studies>/{cfg.data.sidecar_dir}/{case.case_id}/{name}.nii.gz (or .nii/.nrrd/.mha); add "
+                 f"it (a running server takes it as PUT /datastore/image?image={case.case_id} with params "
                  f"{{\"modality\": \"{name}\"}})")
     return f"modality {name!r} is missing: {where}, or use the case without it (missing_modality zero_fill)"
 

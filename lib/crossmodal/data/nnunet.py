@@ -251,7 +251,7 @@ def export_nnunet(studies: str | os.PathLike[str], dataset: str | os.PathLike[st
     src, dst = Path(studies), Path(dataset)
     primaries = list(primary_images(src).values())
     if not primaries:  # was an nnU-Net dataset of no case (numTraining 0), exit 0
-        raise ValueError(f"{src}: no primary images (*.nii.gz, *.nii, *.nrrd) in this studies folder: nothing to "
+        raise ValueError(f"{src}: no primary images (*.nii.gz, *.nii, *.nrrd, *.mha) in this studies folder: nothing to "
                          "export")
     ids = [case_id_of(p) for p in primaries]
     unknown = [c for c in test_cases if c not in ids]

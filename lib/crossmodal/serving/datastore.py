@@ -57,8 +57,8 @@ from monailabel.utils.others.generic import device_map, remove_file
 
 logger = logging.getLogger(__name__)
 
-EXTENSIONS = ("*.nii.gz", "*.nii", "*.nrrd", "*.seg.nrrd")
-VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")  # an uploaded modality's file
+EXTENSIONS = ("*.nii.gz", "*.nii", "*.nrrd", "*.seg.nrrd", "*.mha")
+VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")  # an uploaded modality's file
 
 
 def file_signature(st: os.stat_result) -> tuple[int, ...]:

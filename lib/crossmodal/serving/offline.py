@@ -368,7 +368,7 @@ def predict(studies: str, preset: str, model: str, out_dir: str, cases: Sequence
         if cid not in images:
             raise ValueError(f"case {cid!r}: no primary image in {root} (its cases: {list(images)})")
     if not images:
-        raise ValueError(f"{root}: no primary image (NIfTI / NRRD) to segment in this studies folder")
+        raise ValueError(f"{root}: no primary image (NIfTI / NRRD / MetaImage) to segment in this studies folder")
     folder = OutputFolder(out, PREDICTIONS_JSON)
     folder.check([f"{cid}{extension}" for cid in cases or images])
     cfg = load_config(preset)
