@@ -173,6 +173,32 @@ def test_missing_modality_policy(phantom_studies: Path, phantom_cfg):
     assert d["present"].tolist() == [True, False, True] and d["modalities_used"] == ["ct", "mr"]
 
 
+def test_a_blank_modality_is_refused_or_left_out_by_the_missing_policy(phantom_studies: Path, phantom_cfg):
+    """A series of one value everywhere (a failed export or reconstruction) crashed registration with ITK's "Zero-valued
+    spacing is not supported" and a traceback; it is now refused naming the file, or, under ``zero_fill``, left out
+    as a missing one. A blank primary has nothing to segment."""
+    pet = phantom_studies / "modalities" / "phantom001" / "pet.nii.gz"
+    vol = load_volume(pet)
+    save_volume(pet, np.zeros(vol.shape[1:], np.float32), vol.affine.numpy())
+    case = find_case(phantom_studies / "phantom001.nii.gz", phantom_cfg.modality_names)
+    with pytest.raises(CaseError) as e:
+        load_case(case, phantom_cfg)
+    assert str(e.value) == (f"case 'phantom001': file {pet}: holds one value (0) in every voxel: no image (a failed "
+                            "export or reconstruction?); re-export the series, or use the case without it "
+                            "(missing_modality zero_fill)")
+    image, used = load_case(case, phantom_cfg, missing="zero_fill")
+    assert used == ["ct", "mr"] and float(image[1].abs().max()) == 0.0 and set(image.meta["registered_mm"]) == {"mr"}
+    d = LoadCased(phantom_cfg, missing="zero_fill")({"image": str(phantom_studies / "phantom001.nii.gz")})
+    assert d["present"].tolist() == [True, False, True]
+    ct = phantom_studies / "phantom002.nii.gz"
+    vol = load_volume(ct)
+    save_volume(ct, np.full(vol.shape[1:], -1000.0, np.float32), vol.affine.numpy())  # air: no CT
+    with pytest.raises(CaseError) as e:
+        load_case(find_case(ct, phantom_cfg.modality_names), phantom_cfg, missing="zero_fill")
+    assert str(e.value) == (f"case 'phantom002': file {ct}: holds one value (-1000) in every voxel: no image (a "
+                            "failed export or reconstruction?); re-export the series")
+
+
 def test_a_modality_file_named_in_another_case_is_found(phantom_studies: Path, phantom_cfg):
     """``PET.nii.gz`` / ``Mr.nii.gz`` (a folder made by hand) are the case's pet and mr: they were "missing", with the
     files beside the path the message named; an exact name wins where both are there."""

@@ -126,6 +126,9 @@ def test_implausible_motion_is_rejected(phantom_studies: Path):
     noise = torch.from_numpy(np.random.default_rng(0).normal(size=(24, 24, 24)).astype(np.float32))
     r = register_rigid(noise, noise.roll(3, 0), np.eye(4), "rigid", max_shift_mm=1.0)
     assert not r.accepted and np.array_equal(r.matrix, np.eye(4))
+    # a flat image, nothing to align by: was ITK's "Zero-valued spacing is not supported" and a traceback
+    flat = register_rigid(noise, torch.zeros_like(noise), np.eye(4), "translation")
+    assert not flat.accepted and np.array_equal(flat.matrix, np.eye(4))
 
 
 def test_bad_registration_settings_are_named():

@@ -1016,6 +1016,12 @@ def test_a_multimodal_case_uploads_through_the_datastore_api(client, phantom_ser
             f"case 'upl001': uploaded pet image: holds 3 volumes (a 4D file: frames of a dynamic or gated series, or "
             f"channels) on a {tuple(pet.shape[1:])} grid; a modality is one 3D volume: keep the frame to segment "
             "with, or their sum") in e.value.msg, e.value.msg
+        save_volume(tmp_path / "blank.nii.gz", np.zeros(pet.shape[1:], np.float32), pet.affine.numpy())
+        with pytest.raises(MONAILabelClientException) as e:  # was stored; then ITK's "Zero-valued spacing" (500)
+            client.upload_image(str(tmp_path / "blank.nii.gz"), "upl001", {"modality": "pet"})
+        assert status_of(e.value) == 422 and (
+            "case 'upl001': uploaded pet image: holds one value (0) in every voxel: no image (a failed export or "
+            "reconstruction?); re-export the series") in e.value.msg, e.value.msg
         ct = load_volume(files["ct"])
         save_volume(tmp_path / "slice.nii.gz", ct[0, :, :, 20:21].numpy(), ct.affine.numpy())  # a slice alone
         with pytest.raises(MONAILabelClientException) as e:  # was stored, then segmented from padding

@@ -651,8 +651,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     report = Path(args.out) / PREDICTIONS_JSON
     failed = summary["failed"]
     if failed:
+        written = "the others were written" if len(failed) < len(summary["per_case"]) else "none was written"
         print(f"crossmodal: error: {len(failed)} of {len(summary['per_case'])} cases not segmented ({failed}; why: "
-              f"above and in {report}); the others were written", file=sys.stderr)
+              f"above and in {report}); {written}", file=sys.stderr)
         return 2
     print(f"{summary['segmented']} cases segmented -> {args.out} ({report}); most uncertain first: "
           f"{', '.join(summary['review_order'][:5])}")

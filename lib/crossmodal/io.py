@@ -236,6 +236,30 @@ def volume_3d(vol: MetaTensor, case_id: str, path: str | os.PathLike[str] | None
     return vol
 
 
+def blank_message(vol: torch.Tensor) -> str | None:
+    """What is wrong with ``vol`` (C, H, W, D) where a channel holds one value in every voxel (a failed export or
+    reconstruction, a series of no signal: nothing for a network to read, and mutual information cannot align it);
+    None for an image.
+
+        >>> blank_message(torch.zeros(1, 4, 4, 4)), blank_message(torch.arange(64.0).reshape(1, 4, 4, 4))
+        ('holds one value (0) in every voxel: no image (a failed export or reconstruction?)', None)
+    """
+    for channel in vol:
+        lo, hi = torch.aminmax(torch.as_tensor(channel))
+        if float(lo) == float(hi):
+            return f"holds one value ({float(lo):g}) in every voxel: no image (a failed export or reconstruction?)"
+    return None
+
+
+def image_volume(vol: MetaTensor, case_id: str, path: str | os.PathLike[str] | None) -> MetaTensor:
+    """``vol`` as it was, or a :class:`CaseError` where it is a single slice (:func:`volume_3d`) or holds one value
+    everywhere (:func:`blank_message`): an image a case can be segmented from."""
+    problem = blank_message(volume_3d(vol, case_id, path))
+    if problem:
+        raise CaseError(case_id, path, f"{problem}; re-export the series")
+    return vol
+
+
 def one_volume(vol: MetaTensor, case_id: str, path: str | os.PathLike[str] | None) -> MetaTensor:
     """``vol`` (1, H, W, D) as it was, or a :class:`CaseError` where it holds several (a 4D file) where one
     modality's single volume belongs."""

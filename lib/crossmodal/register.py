@@ -146,7 +146,10 @@ def _register(fixed: torch.Tensor, moving: torch.Tensor, affine: np.ndarray, mod
     def metric(tx: sitk.Transform) -> float:
         probe = method()
         probe.SetInitialTransform(tx, inPlace=False)
-        return probe.MetricEvaluate(f, m)
+        try:
+            return probe.MetricEvaluate(f, m)
+        except RuntimeError:  # a flat image: its histogram has no bins ("Zero-valued spacing is not supported")
+            return float("nan")
 
     def optimise(init: sitk.Transform, levels: list[int]) -> sitk.Transform | None:
         reg = method()
@@ -163,6 +166,8 @@ def _register(fixed: torch.Tensor, moving: torch.Tensor, affine: np.ndarray, mod
         return out.GetNthTransform(0) if isinstance(out, sitk.CompositeTransform) else out
 
     before = metric(sitk.TranslationTransform(3))
+    if not np.isfinite(before):  # nothing to measure an alignment by
+        return Registration(np.eye(4), before, before, False)
     # translation first; rigid refines it and is kept only where the rotation raises the mutual information
     found = optimise(sitk.TranslationTransform(3), shrinks)
     if found is None:

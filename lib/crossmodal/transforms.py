@@ -36,7 +36,9 @@ from crossmodal.config import CrossModalConfig, ModalityConfig
 from crossmodal.io import (
     Case,
     CaseError,
+    blank_message,
     find_case,
+    image_volume,
     load_volume,
     one_volume,
     read_label,
@@ -225,7 +227,7 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
         raise CaseError(case.case_id, None, f"cannot drop {unknown}: not configured modalities {cfg.modality_names}")
     if len(set(drop)) >= len(mods):
         raise CaseError(case.case_id, None, f"dropping {sorted(drop)} leaves no modality to segment with")
-    primary = volume_3d(load_volume(case.primary, case.case_id), case.case_id, case.primary)
+    primary = image_volume(load_volume(case.primary, case.case_id), case.case_id, case.primary)
     grid = {"primary_affine": primary.affine.clone(), "primary_shape": tuple(primary.shape[1:])}
     if primary.shape[0] > 1:  # a 4D multi-channel file holds all modalities in config order
         if primary.shape[0] != len(mods):
@@ -258,9 +260,16 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
         else:
             todo.append((m, path))
 
-    def secondary(item: tuple[ModalityConfig, str]) -> Aligned:
+    def secondary(item: tuple[ModalityConfig, str]) -> Aligned | None:
         m, path = item
         vol = one_volume(volume_3d(load_volume(path, case.case_id), case.case_id, path), case.case_id, path)
+        blank = blank_message(vol)
+        if blank and policy == "error":
+            raise CaseError(case.case_id, path, f"{blank}; re-export the series, or use the case without it "
+                                                "(missing_modality zero_fill)")
+        if blank:  # as if absent
+            logger.warning(f"case {case.case_id!r}: file {path}: {blank}: segmented without {m.name}")
+            return None
         vol = MetaTensor(normalize(vol.as_tensor(), m), meta=vol.meta)
         if mods[0].name in drop:  # nothing to register to
             values, inside = onto_grid(vol, ref, cfg.data.fov_coverage)
@@ -272,10 +281,13 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
         done = list(pool.map(secondary, todo))
     shifts, aligned = {}, {}
     for (m, _), a in zip(todo, done, strict=True):
+        if a is None:  # blank: absent
+            by_name[m.name] = zeros
+            continue
         by_name[m.name], aligned[m.name] = a.values, a
         if mods[0].name not in drop:
             shifts[m.name] = a.shift_mm
-    used = ([mods[0].name] if mods[0].name not in drop else []) + [m.name for m, _ in todo]
+    used = ([mods[0].name] if mods[0].name not in drop else []) + [m.name for m, _ in todo if m.name in aligned]
     image = MetaTensor(torch.cat([by_name[m.name] for m in mods]), meta=ref.meta)
     image.meta.update(grid, registered_mm=shifts, **fields_of_view(aligned, cfg))
     return image, used

@@ -29,6 +29,7 @@ from crossmodal.io import (
     CaseError,
     atomic_copy,
     find_case,
+    image_volume,
     load_volume,
     one_volume,
     onto_lattice,
@@ -36,7 +37,6 @@ from crossmodal.io import (
     same_grid,
     save_volume,
     split_ext,
-    volume_3d,
 )
 from crossmodal.labels import (
     LABEL_KINDS,
@@ -412,7 +412,7 @@ class CrossModalDatastore(LocalDatastore):
         self._fresh()
         self._refuse_existing(image_id)  # before reading the upload; again under the lock below
         try:
-            volume_3d(load_volume(image_filename, image_id), image_id, None)
+            image_volume(load_volume(image_filename, image_id), image_id, None)
         except CaseError as e:
             raise http_error(CaseError(image_id, None, f"uploaded image: {e.problem}")) from e
         _, image_ext = self._to_id(os.path.basename(image_filename))
@@ -486,7 +486,7 @@ class CrossModalDatastore(LocalDatastore):
                                                         f"modalities {secondary}{primary}")
         ext = volume_extension(image_id, image_filename, f"{modality} image")
         try:
-            one_volume(volume_3d(load_volume(image_filename, image_id), image_id, None), image_id, None)
+            one_volume(image_volume(load_volume(image_filename, image_id), image_id, None), image_id, None)
         except CaseError as e:
             raise http_error(CaseError(image_id, None, f"uploaded {modality} image: {e.problem}")) from e
         folder = self.sidecar_folder(image_id)
