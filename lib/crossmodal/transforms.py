@@ -301,7 +301,7 @@ def fields_of_view(aligned: Mapping[str, Aligned], cfg: CrossModalConfig) -> dic
             "fov": {name: a.inside for name, a in aligned.items() if coverage[name] < cfg.data.fov_coverage}}
 
 
-_LEFT_OUT: set[tuple[str, str]] = set()  # (case, modality) said once per process
+_SAID: set[tuple[str, str, str]] = set()  # (case, modality, partial) of a partial field of view, logged once
 
 
 CANONICAL = np.array([[0, 1], [1, 1], [2, 1]], dtype=np.int64)  # RAS: array axis i along world axis i, increasing
@@ -409,13 +409,16 @@ class LoadCased(MapTransform):
         case = find_case(d[self.image_key], self.cfg.modality_names, self.cfg.data.sidecar_dir)
         image, used = load_case(case, self.cfg, self.missing, self.drop)
         fov = image.meta.pop("fov", {})
+        for name in fov:
+            if (case.case_id, name, self.partial) not in _SAID:  # once per case and use in a process
+                _SAID.add((case.case_id, name, self.partial))
+                what = "trained on without it" if self.partial == "leave_out" else \
+                    "used where it has data, the rest segmented without it"
+                logger.info(f"case {case.case_id!r}: {name} covers {image.meta['coverage'][name]:.0%} of the grid "
+                            f"(data.fov_coverage {self.cfg.data.fov_coverage}): {what}")
         if fov and self.partial == "leave_out":
             for name in fov:
                 image.as_tensor()[self.cfg.modality_names.index(name)] = 0.0
-                if (case.case_id, name) not in _LEFT_OUT:
-                    _LEFT_OUT.add((case.case_id, name))
-                    logger.info(f"case {case.case_id!r}: {name} covers {image.meta['coverage'][name]:.0%} of the grid "
-                                f"(data.fov_coverage {self.cfg.data.fov_coverage}): trained on without it")
             used = [name for name in used if name not in fov]
         elif fov:
             d["fov"] = [fov.get(name) for name in self.cfg.modality_names]
