@@ -29,6 +29,7 @@ class Registration:
     metric_before: float  # Mattes MI (negative; lower is better) at the identity
     metric_after: float
     accepted: bool
+    over_limit_mm: float = 0.0  # a motion that raised the mutual information but moved more than allowed (mm)
 
     @property
     def shift_mm(self) -> float:
@@ -185,6 +186,8 @@ def _register(fixed: torch.Tensor, moving: torch.Tensor, affine: np.ndarray, mod
             if value < after:
                 found, after = refined, value
     reg_out = Registration(_matrix(found), before, after, True)
-    if not after < before or reg_out.shift_mm > max_shift_mm:
+    if not after < before:
         return Registration(np.eye(4), before, after, False)
+    if reg_out.shift_mm > max_shift_mm:
+        return Registration(np.eye(4), before, after, False, over_limit_mm=reg_out.shift_mm)
     return reg_out

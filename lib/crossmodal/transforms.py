@@ -120,8 +120,8 @@ def onto_grid(source: MetaTensor, target: MetaTensor, min_coverage: float = 0.0)
     return values.contiguous(), inside
 
 
-def align_to_primary(source: MetaTensor, ref: MetaTensor, cfg: CrossModalConfig, key: tuple | None = None
-                     ) -> Aligned:
+def align_to_primary(source: MetaTensor, ref: MetaTensor, cfg: CrossModalConfig, key: tuple | None = None,
+                     what: str = "a secondary modality") -> Aligned:
     """Resample one secondary modality onto the working grid, co-registered to the primary (``cfg.data.register``).
 
     The motion is found on the working grid, or on a coarser twin of it with at most ``REGISTRATION_VOXELS`` voxels
@@ -132,6 +132,7 @@ def align_to_primary(source: MetaTensor, ref: MetaTensor, cfg: CrossModalConfig,
     Args:
         source: the modality (1, h, w, d) on its own grid (normalised).
         ref: the working grid; ``ref[0]`` is the primary modality.
+        what: names the modality in the warning of a motion found over ``cfg.data.register_max_mm`` (not applied).
 
     Returns:
         :class:`Aligned`: the values (1, H, W, D) (a partial field of view, below ``cfg.data.fov_coverage``, edge
@@ -171,6 +172,10 @@ def align_to_primary(source: MetaTensor, ref: MetaTensor, cfg: CrossModalConfig,
     moving = resample_to(source, grid).as_tensor()[0]
     reg = register_rigid(fixed, moving, coarse_affine, cfg.data.register, cfg.data.register_max_mm)
     shift = round(reg.shift_mm, 2)
+    if reg.over_limit_mm:  # once per file version in a process (the motion is remembered below)
+        logger.warning(f"{what}: the best alignment to the primary found moves it {reg.over_limit_mm:.1f} mm, more "
+                       f"than data.register_max_mm ({cfg.data.register_max_mm:g}): left as it lies. Series acquired "
+                       "apart (another day, another position) may be that far off: raise data.register_max_mm")
     if key is not None:
         with _MOTIONS_LOCK:
             _MOTIONS[key] = (reg.matrix, shift) if reg.accepted else None
@@ -241,7 +246,7 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
             for i, m in enumerate(mods[1:], start=1):
                 if m.name not in drop:
                     chan = MetaTensor(out.as_tensor()[i : i + 1].clone(), affine=out.affine)
-                    aligned[m.name] = align_to_primary(chan, out, cfg)
+                    aligned[m.name] = align_to_primary(chan, out, cfg, what=f"case {case.case_id!r}: {m.name}")
                     out.as_tensor()[i : i + 1], shifts[m.name] = aligned[m.name].values, aligned[m.name].shift_mm
         out.meta.update(grid, registered_mm=shifts, **fields_of_view(aligned, cfg))
         return out, [n for n in cfg.modality_names if n not in drop]
@@ -274,7 +279,8 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
         if mods[0].name in drop:  # nothing to register to
             values, inside = onto_grid(vol, ref, cfg.data.fov_coverage)
             return Aligned(values, 0.0, inside)
-        return align_to_primary(vol, ref, cfg, key=(_file_key(case.primary), _file_key(path)))
+        return align_to_primary(vol, ref, cfg, key=(_file_key(case.primary), _file_key(path)),
+                                what=f"case {case.case_id!r}: {m.name} ({path})")
 
     # the secondary modalities in parallel: decoding, registration and resampling release the GIL
     with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
