@@ -218,6 +218,28 @@ def volume_channels(path: str | os.PathLike[str]) -> int | None:
         return None
 
 
+def header_spacing(path: str | os.PathLike[str]) -> tuple[float, float, float] | None:
+    """The voxel size (mm, per array axis) of the NIfTI, NRRD or MetaImage file at ``path`` from its header alone;
+    None when the header does not read."""
+    try:
+        name = str(path).lower()
+        if name.endswith(".nrrd"):
+            directions = np.asarray(nrrd.read_header(str(path))["space directions"], dtype=np.float64)[-3:]
+            sizes = np.sqrt((directions**2).sum(1))
+        elif name.endswith(".mha"):
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            sizes = np.asarray(reader.GetSpacing()[:3], dtype=np.float64)
+        else:
+            sizes = np.asarray(nib.load(str(path)).header.get_zooms()[:3], dtype=np.float64)  # type: ignore[attr-defined]
+        return (float(sizes[0]), float(sizes[1]), float(sizes[2]))
+    except Exception:  # absent, truncated or not an image: loading it says why
+        return None
+
+
 def volume_3d(vol: MetaTensor, case_id: str, path: str | os.PathLike[str] | None) -> MetaTensor:
     """``vol`` (C, H, W, D) as it was, or a :class:`CaseError` where it is one slice thick along an axis: a 2D image
     (a slice exported alone, a series split into single slices) that a 3D network would segment from padding.
