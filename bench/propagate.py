@@ -56,7 +56,7 @@ def make_case(studies: Path, size: int, seed: int) -> str:
 def measure(studies: str, case_id: str, max_voxels: int, cache_dir: str | None) -> dict:
     """In a fresh process: load the case, grow its scribbles, score them; peak RSS of this process."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    cfg = load_config("phantom")
+    cfg = load_config("phantom", overrides={"data": {"spacing": None}})  # each size on its own grid
     load = LoadCased(cfg)
     t0 = time.perf_counter()
     item = load({"image": f"{studies}/{case_id}.nii.gz", "label_kind": "sparse",

@@ -138,11 +138,12 @@ def run_config(spec: dict, method: str, seed: int) -> tuple[CrossModalConfig, st
     and ``+transfer`` give them our scribble propagation / ours' stroke transfer."""
     overrides: dict[str, Any] = {"train": {"patch_size": [spec["patch"]] * 3, "patches_per_case": 1, "batch_size": 2,
                            "val_fraction": 0.0, "seed": seed},
-                 "infer": {"roi_size": [spec["patch"]] * 3}}  # windows = training patches (instance norm)
+                 "infer": {"roi_size": [spec["patch"]] * 3},  # windows = training patches (instance norm)
+                 "data": {"spacing": None}}  # each data set at its own voxel size (brain 3 mm), as measured
     variant = next((v for v in VARIANTS if method.endswith(v)), "")
     base_method = method.removesuffix(variant)
     if base_method != "ours" and variant != REGISTERED:
-        overrides["data"] = {"register": "none"}
+        overrides["data"]["register"] = "none"
     if variant == PROPAGATED:
         overrides["train"]["propagate"] = {"method": "random_walker"}
     if variant == TRANSFERRED:  # as many other cases' strokes as ours gets

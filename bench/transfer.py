@@ -78,8 +78,9 @@ def measure(work: Callable[[object, dict, Path | None], None], others: int, way:
             ) -> tuple[float, dict]:
     """Seconds of ``work(cfg, store, cache_dir)`` made ``way``, and the labels it stored."""
     workers = 0 if way in WAYS[2:] else 1
-    cfg = load_config("brain", overrides={"train": {"consistency": {"atlas_sparse": others,
-                                                                     "atlas_workers": workers}}})
+    cfg = load_config("brain", overrides={"data": {"spacing": None},  # the quality benchmark's 3 mm, as it is
+                                          "train": {"consistency": {"atlas_sparse": others,
+                                                                    "atlas_workers": workers}}})
     store: dict = {}
     threaded = way == WAYS[0]
     with contextlib.ExitStack() as stack:
