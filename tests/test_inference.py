@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import crop_slab, dice, make_phantom_studies
+from conftest import APP, crop_slab, dice, make_phantom_studies
 from crossmodal.config import load_config
 from crossmodal.inference import NetworkInferer, predict
 from crossmodal.io import load_volume
@@ -237,6 +237,12 @@ def test_a_modality_covering_part_of_the_case_is_used_where_it_has_data(tmp_path
     infer = LoadCased(cfg)({"image": str(part / "phantom000.nii.gz")})
     assert infer["present"].tolist() == [True, True, True] and torch.equal(infer["fov"][2], inside)
     assert infer["fov"][:2] == [None, None]
+    from crossmodal.serving.app import AppParts
+
+    parts = AppParts.from_conf(str(APP), {"preset": "phantom", "model_dir": str(tmp_path / "m")})
+    tasks = {m.name: parts.infer(m) for m in parts.models}
+    assert tasks["crossmodal"].inferer(infer).fov is not None  # two passes
+    assert tasks["baseline_unet"].inferer(infer).fov is None  # early fusion cannot leave a modality out: one pass
     train = LoadCased(cfg, partial="leave_out")({"image": str(part / "phantom000.nii.gz")})
     assert train["present"].tolist() == [True, True, False] and "fov" not in train
     assert not bool(train["image"][2].any()) and torch.equal(train["image"][:2], infer["image"][:2])

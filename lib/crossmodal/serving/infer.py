@@ -134,8 +134,10 @@ class CrossModalInfer(BasicInferTask):
         heads = data.get("prediction", "fused") in self.cfg.modality_names  # a modality's own head was asked for
         # MONAI Label's Epistemic samples (``probabilities``) stay one pass each, as upstream
         mirror = () if self.probabilities else parse_mirror_axes(data.get("mirror_axes", self.cfg.infer.mirror_axes))
+        # two passes for a partial field of view where the network can leave a modality out (not early fusion)
+        fov = data.get("fov") if self.heads() else None
         return NetworkInferer(self.window_config(data), present=[m in used for m in self.cfg.modality_names],
-                              heads=heads, mirror_axes=mirror, fov=data.get("fov"))
+                              heads=heads, mirror_axes=mirror, fov=fov)
 
     def window_config(self, data: dict[str, Any]) -> InferConfig:
         """The preset's ``infer`` settings with the request's ``overlap`` / ``sw_batch_size``, when it has them
