@@ -200,6 +200,17 @@ def slicer_layers(path: str | os.PathLike[str]) -> MetaTensor | None:
                       affine=torch.from_numpy(to_ras @ ijk_to_lps))
 
 
+def metaimage_header(path: str | os.PathLike[str]) -> Any:
+    """SimpleITK's reader of the MetaImage file at ``path`` with its header read (size, spacing, components), the
+    voxels not; raises what SimpleITK raises for a file it cannot read."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader
+
+
 def volume_channels(path: str | os.PathLike[str]) -> int | None:
     """The channels :func:`load_volume` would give the NIfTI or NRRD file at ``path``, from its header alone (1 for a
     3D volume, C for a 4D one holding every modality); None when the header does not read (loading says why)."""
@@ -207,11 +218,7 @@ def volume_channels(path: str | os.PathLike[str]) -> int | None:
         if str(path).endswith(".nrrd"):
             return int(np.prod([int(n) for n in nrrd.read_header(str(path))["sizes"]][3:]))
         if str(path).lower().endswith(".mha"):
-            import SimpleITK as sitk
-
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            reader.ReadImageInformation()
+            reader = metaimage_header(path)
             return int(np.prod(reader.GetSize()[3:])) * reader.GetNumberOfComponents()
         return int(np.prod(nib.load(str(path)).header.get_data_shape()[3:]))  # type: ignore[attr-defined]
     except Exception:  # absent, truncated or not an image: load_volume's error names the problem
@@ -227,12 +234,7 @@ def header_spacing(path: str | os.PathLike[str]) -> tuple[float, float, float] |
             directions = np.asarray(nrrd.read_header(str(path))["space directions"], dtype=np.float64)[-3:]
             sizes = np.sqrt((directions**2).sum(1))
         elif name.endswith(".mha"):
-            import SimpleITK as sitk
-
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            reader.ReadImageInformation()
-            sizes = np.asarray(reader.GetSpacing()[:3], dtype=np.float64)
+            sizes = np.asarray(metaimage_header(path).GetSpacing()[:3], dtype=np.float64)
         else:
             sizes = np.asarray(nib.load(str(path)).header.get_zooms()[:3], dtype=np.float64)  # type: ignore[attr-defined]
         return (float(sizes[0]), float(sizes[1]), float(sizes[2]))

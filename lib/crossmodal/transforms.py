@@ -536,16 +536,17 @@ class PseudoLabeld(MapTransform, RandomizableTrait):
 
 def preprocessing(cfg: CrossModalConfig, stage: str, missing: str | None = None, drop: Sequence[str] = (),
                   cache_dir: str | os.PathLike[str] | None = None,
-                  pseudo_labels: Mapping[str, torch.Tensor] | None = None) -> Compose:
+                  pseudo_labels: Mapping[str, torch.Tensor] | None = None, partial: str | None = None) -> Compose:
     """The one transform factory. ``stage``: ``train`` (random patches + augmentation, image and label),
     ``unlabeled`` (the same for an image alone), ``val`` or ``infer``. ``cache_dir``: where ``train`` keeps the
     propagated sparse labels (:class:`PropagateSparseLabeld`). ``pseudo_labels``: ``unlabeled`` then also crops
     each case's entry of this store (:class:`PseudoLabeld`) as its ``label``; ``train`` takes a case's entry, where
-    it has one, instead of its saved label."""
+    it has one, instead of its saved label. ``partial``: what :class:`LoadCased` does with a modality of a partial
+    field of view (default ``use`` for ``infer``, ``leave_out`` for the others)."""
     if stage not in ("train", "unlabeled", "val", "infer"):
         raise ValueError(f"stage {stage!r} is not one of ('train', 'unlabeled', 'val', 'infer')")
     steps: list[Transform] = [LoadCased(cfg, missing=missing, drop=drop,
-                                        partial="use" if stage == "infer" else "leave_out")]
+                                        partial=partial or ("use" if stage == "infer" else "leave_out"))]
     if stage != "infer":
         steps.append(Batchabled())
     if pseudo_labels is not None and stage in ("train", "unlabeled"):

@@ -161,13 +161,11 @@ class CrossModalScoring(ScoringMethod):
                     return cached["x"], cached["present"]
             except Exception as e:  # a truncated cache file is rebuilt
                 logger.warning(f"case {cid}: rebuilding the scoring cache ({e})")
-        data = preprocessing(self.cfg, "infer", missing="zero_fill")({"image": path})
+        # one pass of the whole case: a modality of a partial field of view is left out, as in training
+        data = preprocessing(self.cfg, "infer", missing="zero_fill", partial="leave_out")({"image": path})
         stride = int(np.prod(self.cfg.model.strides))
         x = scoring_input(data["image"].as_tensor(), self.cfg.active.scoring_scale, stride)
-        # a modality with a partial field of view is left out, as in training (one pass of the whole case here)
-        fov = data.get("fov") or [None] * len(self.cfg.modality_names)
-        used = data["modalities_used"]
-        present = [m in used and f is None for m, f in zip(self.cfg.modality_names, fov, strict=True)]
+        present = [m in data["modalities_used"] for m in self.cfg.modality_names]
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
         os.close(fd)
