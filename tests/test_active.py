@@ -15,7 +15,7 @@ from conftest import APP, crop_slab, make_phantom_studies
 from crossmodal.active import combine, mutual_information, score_image, score_network_outputs, scoring_input, select
 from crossmodal.config import load_config, save_config
 from crossmodal.io import load_volume, save_volume
-from crossmodal.nets import CrossModalNet, build_network
+from crossmodal.nets import CrossModalNet, build_network, record_voxel_mm
 from crossmodal.serving.activelearning import (
     HANDOUT_KEY,
     SCORES_KEY,
@@ -300,6 +300,34 @@ def test_an_edited_config_rescores_and_rebuilds_the_cached_inputs_with_the_same_
     assert after["disagreement"] != before["disagreement"] and after["descriptor"] != before["descriptor"]
     assert rescoring({}, store)["scored"] == 0 and scoring({}, store)["scored"] == 4  # and back: scored again
     assert torch.equal(scoring.case_input(path)[0], x0)
+
+
+def test_scoring_reads_a_case_at_the_voxel_size_the_model_in_service_was_trained_at(tmp_path):
+    """Under a preset with ``data.spacing`` null, a model's weights record the voxel size they were trained at and
+    inference resamples a case far from it to it; scoring (one pass of the same network) reads the case so too."""
+    studies = make_phantom_studies(tmp_path / "studies", CFG, cases=3, dense=0, sparse=0, seed=12)
+    null = load_config("phantom", overrides={"data": {"spacing": None}})  # the phantom preset sets 2 mm
+    save_config(null, tmp_path / "null.yaml")
+    parts = AppParts.from_conf(str(APP), {"preset": str(tmp_path / "null.yaml"), "model_dir": str(tmp_path / "m")})
+    store = parts.datastore(str(studies))
+    scoring = parts.scoring(parts.infer())
+    assert scoring({}, store)["scored"] == 3  # the committed weights: no record, each case at its own 2 mm
+    case = sorted(store.get_unlabeled_images())[0]
+    path = store.get_image_uri(case)
+    own = torch.load(scoring.cache_dir / f"{case}.pt", weights_only=True)["x"]
+    net = build_network(null)
+    net.load_state_dict(torch.load(WEIGHTS, weights_only=True))
+    record_voxel_mm(net, (1.0, 1.0, 1.0))  # trained on 1 mm cases, say
+    torch.save(net.state_dict(), parts.published)
+    os.utime(parts.published, (time.time() + 5, time.time() + 5))
+    working = scoring.infer_task.working_config()
+    assert working.data.weights_spacing == (1.0, 1.0, 1.0) and working.data.spacing is None
+    assert scoring({}, store)["scored"] == 3
+    x = torch.load(scoring.cache_dir / f"{case}.pt", weights_only=True)["x"]
+    fine = preprocessing(working, "infer", missing="zero_fill")({"image": path})["image"]
+    assert fine.shape[1:] == (96, 96, 96)  # 48 voxels of 2 mm a side, at 1 mm
+    torch.testing.assert_close(x, scoring_input(fine.as_tensor(), CFG.active.scoring_scale, 8))
+    assert x.shape[2:] != own.shape[2:]
 
 
 def test_model_key_tells_apart_two_weights_files_sharing_size_and_mtime(tmp_path):

@@ -36,7 +36,7 @@ from crossmodal.losses import (
     sigmoid_rampup,
     soft_dice_distance,
 )
-from crossmodal.nets import CrossModalNet, CrossModalOutput, InputSelect, build_network
+from crossmodal.nets import CrossModalNet, CrossModalOutput, InputSelect, build_network, weights_voxel_mm
 from crossmodal.serving.app import AppParts
 from crossmodal.serving.offline import method_config, train_offline
 from crossmodal.serving.runs import list_runs
@@ -50,6 +50,7 @@ from crossmodal.serving.train import (
     recompute,
     registration_workers,
     stroke_transfer,
+    training_voxel_mm,
 )
 from crossmodal.transforms import PseudoLabeld, preprocessing
 from ignite.metrics import Metric
@@ -480,6 +481,10 @@ def test_training_cases_of_several_voxel_sizes_without_a_working_spacing_are_war
     assert check_spacings(load_config("phantom"), items) is None
     assert check_spacings(cfg, [items[0], {**items[0], "image": str(tmp_path / "a.nii.gz")}]) is None  # one size
     assert check_spacings(cfg, items[:1] + [{"image": str(tmp_path / "gone.nii.gz")}]) is None  # unreadable: left out
+    # what a run's weights record having been trained at: the per-axis median, or the preset's spacing
+    assert training_voxel_mm(cfg, items) == (2.0, 2.0, 2.0) and training_voxel_mm(cfg, items[1:]) == (1.5, 1.5, 2.0)
+    assert training_voxel_mm(load_config("phantom", overrides={"data": {"spacing": [1, 2, 3]}}), items) == (1, 2, 3)
+    assert training_voxel_mm(cfg, [{"image": str(tmp_path / "gone.nii.gz")}]) is None
     # a training run says it (a case whose primary and label claim 3 mm voxels)
     studies = make_phantom_studies(tmp_path / "s", cfg, cases=3, dense=2, sparse=0, seed=5)
     for path in (studies / "phantom001.nii.gz", studies / "labels" / "final" / "phantom001.nii.gz"):
@@ -489,10 +494,13 @@ def test_training_cases_of_several_voxel_sizes_without_a_working_spacing_are_war
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         save_config(cfg, tmp_path / "mixed.yaml")
-        train_offline(str(studies), str(tmp_path / "mixed.yaml"), str(tmp_path / "m"), epochs=1, device="cpu",
-                      from_scratch=True)
+        stats = train_offline(str(studies), str(tmp_path / "mixed.yaml"), str(tmp_path / "m"), epochs=1,
+                              device="cpu", from_scratch=True)
     assert "the 3 training cases come in voxel sizes from 2 x 2 x 2 mm (phantom000) to 3 x 3 x 3 mm (phantom001)" \
         in caplog.text
+    # its weights carry the median of its cases' voxel sizes (2, 3 and 2 mm), for inference to resample to
+    assert weights_voxel_mm(stats["published"]) == (2.0, 2.0, 2.0)
+    assert weights_voxel_mm(tmp_path / "m" / "train_01" / "model.pt") == (2.0, 2.0, 2.0)
 
 
 def test_cases_whose_modality_covers_part_of_the_grid_train_as_without_it(tmp_path: Path, phantom_cfg, caplog):

@@ -1,5 +1,6 @@
 """Working grid and sliding-window inference helpers."""
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -272,30 +273,46 @@ def test_a_modality_covering_part_of_the_case_is_used_where_it_has_data(tmp_path
     assert scores["part"] > scores["without"] - 0.02, scores
 
 
-def test_the_shipped_presets_resample_a_case_of_another_voxel_size_to_their_weights(tmp_path: Path):
+def test_the_shipped_presets_resample_a_case_of_another_voxel_size_to_their_weights(tmp_path: Path, caplog):
     """The committed weights were trained at 2 mm; with ``data.spacing`` null a case of 1 mm voxels reached the network
     at its own scale (the phantom's cases resampled to 1 mm: 0.39 mean Dice, 0.93 at 2 mm). The presets now work at
-    2 mm: such a case is resampled to it, its labels back onto its own 1 mm grid."""
+    2 mm: such a case is resampled to it, its labels back onto its own 1 mm grid. And weights that record the voxel
+    size they were trained at (every training run's since) bring it with them to a preset that sets none."""
     from crossmodal.cli import main
     from crossmodal.config import save_config
     from crossmodal.data.phantom import make_phantom
     from crossmodal.data.studies import generate
+    from crossmodal.nets import record_voxel_mm, weights_voxel_mm
 
     cfg = load_config("phantom")
     assert cfg.data.spacing == (2.0, 2.0, 2.0) and load_config("brain").data.spacing == (2.0, 2.0, 2.0)
     generate(tmp_path / "fine", cfg, lambda rng: make_phantom(cfg, rng, size=96, spacing=1.0), 2, 9, "phantom")
     save_config(load_config("phantom", overrides={"data": {"spacing": None}}), tmp_path / "null.yaml")
     model = Path(__file__).parents[1] / "apps" / "crossmodal" / "pretrained" / "phantom_crossmodal.pt"
+    assert weights_voxel_mm(model) is None  # committed before the record: as a preset with null spacing had it
+    net = build_network(load_config(str(tmp_path / "null.yaml")))
+    net.load_state_dict(torch.load(model, weights_only=True))
+    record_voxel_mm(net, (2.0, 2.0, 2.0))  # what its training would have recorded
+    torch.save(net.state_dict(), tmp_path / "recorded.pt")
+    assert weights_voxel_mm(tmp_path / "recorded.pt") == (2.0, 2.0, 2.0)
     scores = {}
-    for config in ("phantom", str(tmp_path / "null.yaml")):
-        out = tmp_path / Path(config).stem
-        assert main(["predict", "--studies", str(tmp_path / "fine"), "--config", config, "--model", str(model),
-                     "--out", str(out)]) == 0
+    runs = {"phantom": ("phantom", model), "null": (str(tmp_path / "null.yaml"), model),
+            "recorded": (str(tmp_path / "null.yaml"), tmp_path / "recorded.pt")}
+    for name, (config, weights) in runs.items():
+        out = tmp_path / name
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert main(["predict", "--studies", str(tmp_path / "fine"), "--config", config, "--model", str(weights),
+                         "--out", str(out)]) == 0
+        said = "case 'phantom000': voxels of 1 x 1 x 1 mm, and the model was trained at 2 x 2 x 2 mm (data.spacing " \
+            "not set): resampled to it, the labels back onto the case's grid"
+        assert (said in caplog.text) == (name == "recorded"), caplog.text[-2000:]
         per_case = []
         for case in ("phantom000", "phantom001"):
             truth = load_volume(tmp_path / "fine" / "truth" / f"{case}.nii.gz")
             pred = load_volume(out / f"{case}.nii.gz")
             assert pred.shape == truth.shape == (1, 96, 96, 96) and torch.allclose(pred.affine, truth.affine)
             per_case.append(np.mean([dice(pred[0].numpy(), truth[0].numpy(), k) for k in (1, 2, 3)]))
-        scores[Path(config).stem] = float(np.mean(per_case))
+        scores[name] = float(np.mean(per_case))
     assert scores["phantom"] > 0.85 and scores["null"] < 0.7, scores
+    assert scores["recorded"] == pytest.approx(scores["phantom"], abs=1e-4), scores  # the same resampling

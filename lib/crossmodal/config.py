@@ -537,10 +537,15 @@ class DataConfig:
     modality whose field of view covers less of the working grid than this fraction (an MR slab on a whole-abdomen
     CT, an ADC shorter than its T2) is partial: training and scoring leave it out of that case; inference segments
     where it has data with it (its edge values carried outward, not zeros) and the rest without it.
+
+    ``weights_spacing`` is not a preset's to set: with ``spacing`` null, inference fills it from the model's weights
+    (the voxel size they were trained at, :func:`crossmodal.nets.weights_voxel_mm`), and a case whose voxels differ
+    from it by more than :data:`SPACING_TOLERANCE` on an axis is resampled to it (nnU-Net's target spacing).
     """
 
     sidecar_dir: str = "modalities"
     spacing: tuple[float, float, float] | None = None
+    weights_spacing: tuple[float, float, float] | None = None
     register: str = "translation"
     register_max_mm: float = 20.0
     fov_coverage: float = 0.9
@@ -552,9 +557,17 @@ class DataConfig:
             if len(self.spacing) != 3 or min(self.spacing) <= 0:
                 raise ConfigError(f"data.spacing: {self.spacing} must be three positive numbers (mm) or null")
             self.spacing = tuple(float(v) for v in self.spacing)  # type: ignore[assignment]
+        if self.weights_spacing is not None:
+            if len(self.weights_spacing) != 3 or min(self.weights_spacing) <= 0:
+                raise ConfigError(f"data.weights_spacing: {self.weights_spacing} must be three positive numbers (mm) "
+                                  "or null")
+            self.weights_spacing = tuple(float(v) for v in self.weights_spacing)  # type: ignore[assignment]
         if not 0.0 <= self.fov_coverage <= 1.0:
             raise ConfigError(f"data.fov_coverage: {self.fov_coverage} must be a fraction in [0, 1] (of the working "
                               "grid a secondary modality must cover to count as covering it)")
+
+
+SPACING_TOLERANCE = 1.25  # voxel sizes within this factor on every axis count as one (no resampling, no warning)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from monai.transforms import (
     Transform,
 )
 
-from crossmodal.config import CrossModalConfig, ModalityConfig
+from crossmodal.config import SPACING_TOLERANCE, CrossModalConfig, ModalityConfig
 from crossmodal.io import (
     Case,
     CaseError,
@@ -63,15 +63,30 @@ def normalize(img: torch.Tensor, modality: ModalityConfig) -> torch.Tensor:
     return ((img - img.mean()) / (std if std > 1e-6 else 1.0)).to(torch.float32)
 
 
+def working_spacing(primary: MetaTensor, cfg: CrossModalConfig) -> tuple[float, float, float] | None:
+    """The voxel size (mm, the primary's axes) a case is resampled to: ``cfg.data.spacing``; with that null, the
+    weights' own (``data.weights_spacing``) where the case's differs from it by more than
+    :data:`~crossmodal.config.SPACING_TOLERANCE` on an axis; else None (the primary grid as it is)."""
+    if cfg.data.spacing:
+        return cfg.data.spacing
+    trained = cfg.data.weights_spacing
+    if not trained:
+        return None
+    src = primary.affine.double().numpy()
+    ratio = np.sqrt((src[:3, :3] ** 2).sum(0)) / np.asarray(trained)
+    return trained if bool((np.maximum(ratio, 1 / ratio) > SPACING_TOLERANCE).any()) else None
+
+
 def working_grid(primary: MetaTensor, cfg: CrossModalConfig) -> MetaTensor:
-    """The primary image (C, H, W, D) on the working grid: ``cfg.data.spacing`` (same axes), or unchanged."""
-    if not cfg.data.spacing:
+    """The primary image (C, H, W, D) on the working grid (:func:`working_spacing`, same axes), or unchanged."""
+    spacing = working_spacing(primary, cfg)
+    if not spacing:
         return primary
     src = primary.affine.double().numpy()
     current = np.sqrt((src[:3, :3] ** 2).sum(0))
-    if np.allclose(current, cfg.data.spacing, atol=1e-3):
+    if np.allclose(current, spacing, atol=1e-3):
         return primary
-    dst, shape = working_geometry(src, primary.shape[1:], cfg.data.spacing)
+    dst, shape = working_geometry(src, primary.shape[1:], spacing)
     mapping = axis_map(src, dst)
     assert mapping is not None  # same axes by construction
     values = separable_resample(primary.as_tensor().float(), shape, *mapping)
@@ -207,7 +222,8 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
               drop: Sequence[str] = ()) -> tuple[MetaTensor, list[str]]:
     """Load and normalise every modality of ``case`` and resample it onto the working grid.
 
-    The working grid is the primary grid, or the primary grid at ``cfg.data.spacing`` when set.
+    The working grid is the primary grid, or the primary grid at :func:`working_spacing` (``cfg.data.spacing`` when
+    set, else the weights' own voxel size where the case's is far from it).
 
     Args:
         case: the case's files.
@@ -234,6 +250,11 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
         raise CaseError(case.case_id, None, f"dropping {sorted(drop)} leaves no modality to segment with")
     primary = image_volume(load_volume(case.primary, case.case_id), case.case_id, case.primary)
     grid = {"primary_affine": primary.affine.clone(), "primary_shape": tuple(primary.shape[1:])}
+    if not cfg.data.spacing and (trained := working_spacing(primary, cfg)):
+        own = np.sqrt((primary.affine.double().numpy()[:3, :3] ** 2).sum(0))
+        logger.info(f"case {case.case_id!r}: voxels of {' x '.join(f'{v:.3g}' for v in own)} mm, and the model was "
+                    f"trained at {' x '.join(f'{v:.3g}' for v in trained)} mm (data.spacing not set): resampled to "
+                    "it, the labels back onto the case's grid")
     if primary.shape[0] > 1:  # a 4D multi-channel file holds all modalities in config order
         if primary.shape[0] != len(mods):
             raise CaseError(case.case_id, case.primary,

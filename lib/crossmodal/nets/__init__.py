@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,8 +20,10 @@ NETWORKS: dict[str, Callable[[CrossModalConfig], nn.Module]] = {
     "crossmodal": crossmodal_net,
 }
 
-__all__ = ["NETWORKS", "CrossModalNet", "CrossModalOutput", "InputSelect", "ModelFileError", "build_network",
-           "check_weights", "unwrap"]
+__all__ = ["NETWORKS", "VOXEL_KEY", "CrossModalNet", "CrossModalOutput", "InputSelect", "ModelFileError",
+           "build_network", "check_weights", "record_voxel_mm", "unwrap", "voxel_mm_of", "weights_voxel_mm"]
+
+VOXEL_KEY = "voxel_mm"  # the state dict's record of the voxel size (mm, per axis) the weights were trained at
 
 
 class ModelFileError(ValueError):
@@ -53,17 +57,78 @@ def unwrap(network: nn.Module) -> nn.Module:
 
 
 def build_network(cfg: CrossModalConfig) -> nn.Module:
-    """Build ``cfg.model.name`` from :data:`NETWORKS`, on ``cfg.model.inputs`` only when that is set."""
+    """Build ``cfg.model.name`` from :data:`NETWORKS`, on ``cfg.model.inputs`` only when that is set, with a
+    :data:`VOXEL_KEY` buffer (3,) for the voxel size its weights are trained at (zeros: not known)."""
     try:
         factory = NETWORKS[cfg.model.name]
     except KeyError:
         raise ConfigError(f"model.name {cfg.model.name!r} is unknown; valid names: {sorted(NETWORKS)}") from None
     inputs = list(cfg.model.inputs)
     if not inputs or inputs == cfg.modality_names:
-        return factory(cfg)
+        return _with_voxel_record(factory(cfg))
     sub = dataclasses.replace(cfg, modalities=[m for m in cfg.modalities if m.name in inputs],
                               model=dataclasses.replace(cfg.model, inputs=()))
-    return InputSelect(factory(sub), [cfg.modality_names.index(m.name) for m in sub.modalities])
+    return _with_voxel_record(InputSelect(factory(sub), [cfg.modality_names.index(m.name) for m in sub.modalities]))
+
+
+def _with_voxel_record(net: nn.Module) -> nn.Module:
+    """``net`` with a persistent :data:`VOXEL_KEY` buffer of zeros; weights saved without one (before it existed)
+    load as not known."""
+    net.register_buffer(VOXEL_KEY, torch.zeros(3))
+
+    def fill(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        state.setdefault(prefix + VOXEL_KEY, torch.zeros(3))
+
+    net.register_load_state_dict_pre_hook(fill)
+    return net
+
+
+def _outer(network: nn.Module) -> nn.Module:
+    return network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
+
+
+def record_voxel_mm(network: nn.Module, spacing: Sequence[float] | None) -> None:
+    """Record in ``network``'s weights (a :func:`build_network` network, or DDP around one) the voxel size (mm, per
+    axis of the primary image) they are trained at; None: not known."""
+    buffer = getattr(_outer(network), VOXEL_KEY)
+    buffer.copy_(torch.as_tensor(list(spacing) if spacing else [0.0, 0.0, 0.0], dtype=torch.float32))
+
+
+def voxel_mm_of(state: dict[str, Any]) -> tuple[float, float, float] | None:
+    """The trained-at voxel size a state dict records; None where it records none (weights from before the record,
+    or trained without one).
+
+    Example:
+        >>> voxel_mm_of({"voxel_mm": torch.tensor([2.0, 2.0, 3.0])}), voxel_mm_of({"voxel_mm": torch.zeros(3)})
+        ((2.0, 2.0, 3.0), None)
+    """
+    value = state.get(VOXEL_KEY)
+    if not torch.is_tensor(value) or value.numel() != 3 or not bool((value > 0).all()):
+        return None
+    a, b, c = (float(v) for v in value.tolist())
+    return a, b, c
+
+
+_RECORDED: OrderedDict[tuple[str, int, int], tuple[float, float, float] | None] = OrderedDict()
+
+
+def weights_voxel_mm(path: str | os.PathLike[str] | None) -> tuple[float, float, float] | None:
+    """The voxel size the weights file at ``path`` records (:func:`voxel_mm_of`), read once per version of the file;
+    None without a file, a record or a readable checkpoint (loading it says why)."""
+    if not path or not os.path.isfile(path):
+        return None
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+    if key not in _RECORDED:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            return None
+        state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else {}
+        _RECORDED[key] = voxel_mm_of(state) if isinstance(state, dict) else None
+        while len(_RECORDED) > 16:
+            _RECORDED.popitem(last=False)
+    return _RECORDED[key]
 
 
 def check_weights(cfg: CrossModalConfig, path: str, state_key: str = "model") -> None:
@@ -83,7 +148,7 @@ def check_weights(cfg: CrossModalConfig, path: str, state_key: str = "model") ->
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelFileError(f"model {path}: holds no state dict of weights")
     want = build_network(cfg).state_dict()
-    missing = [k for k in want if k not in state]
+    missing = [k for k in want if k not in state and k != VOXEL_KEY]  # weights from before the record load
     unexpected = [k for k in state if k not in want]
     shaped = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
     if missing or unexpected or shaped:

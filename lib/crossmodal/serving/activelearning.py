@@ -147,12 +147,14 @@ class CrossModalScoring(ScoringMethod):
         super().__init__(description)
         self.cfg, self.infer_task, self.cache_dir, self.flush_s = cfg, infer_task, Path(cache_dir), flush_s
 
-    def case_input(self, path: str) -> tuple[torch.Tensor, list[bool]]:
+    def case_input(self, path: str, cfg: CrossModalConfig | None = None) -> tuple[torch.Tensor, list[bool]]:
         """The case's network input at the scoring scale (1, M, *S) and its present modalities; cached on disk by
         the source files' mtimes (the primary's and every secondary modality's: a re-exported or added modality
-        is read again) and by :func:`input_key` (another preset or an edited config reads it again)."""
+        is read again) and by :func:`input_key` (another preset or an edited config reads it again). ``cfg``: the
+        preset as the model in service works with it (the infer task's ``working_config``; default: the preset)."""
+        cfg = cfg or self.cfg
         cid = case_id_of(path)
-        stamp = [*self.files_stamp(path), input_key(self.cfg)]
+        stamp = [*self.files_stamp(path), input_key(cfg)]
         file = self.cache_dir / f"{cid}.pt"
         if file.is_file():
             try:
@@ -162,7 +164,7 @@ class CrossModalScoring(ScoringMethod):
             except Exception as e:  # a truncated cache file is rebuilt
                 logger.warning(f"case {cid}: rebuilding the scoring cache ({e})")
         # one pass of the whole case: a modality of a partial field of view is left out, as in training
-        data = preprocessing(self.cfg, "infer", missing="zero_fill", partial="leave_out")({"image": path})
+        data = preprocessing(cfg, "infer", missing="zero_fill", partial="leave_out")({"image": path})
         stride = int(np.prod(self.cfg.model.strides))
         x = scoring_input(data["image"].as_tensor(), self.cfg.active.scoring_scale, stride)
         present = [m in data["modalities_used"] for m in self.cfg.modality_names]
@@ -200,13 +202,14 @@ class CrossModalScoring(ScoringMethod):
             logger.info(f"scoring cache: removed the inputs of {len(gone)} case(s) no longer in the datastore")
         return sorted(gone)
 
-    def score_case(self, path: str, network: torch.nn.Module | None, device: str = "cpu") -> dict[str, Any]:
+    def score_case(self, path: str, network: torch.nn.Module | None, device: str = "cpu",
+                   cfg: CrossModalConfig | None = None) -> dict[str, Any]:
         """{disagreement, mc_uncertainty, entropy, descriptor, seconds} of one case (only the descriptor without
         a network). The dropout samples are drawn from a generator seeded by the case's id (torch's global ones are
         put back after): the same case under the same model scores the same each time, whatever was scored
         before it (a ranking no longer reshuffled by a re-scoring)."""
         t = time.perf_counter()
-        x, present = self.case_input(path)
+        x, present = self.case_input(path, cfg)
         if network is None:
             return {"descriptor": image_descriptor(x[0]).tolist(), "seconds": time.perf_counter() - t}
         with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
@@ -229,7 +232,9 @@ class CrossModalScoring(ScoringMethod):
         path = self.infer_task.get_path()
         deadline = None if budget_s is None else time.monotonic() + budget_s
         network = self.infer_task._get_network(device, {}) if path else None  # MONAI Label's cached loader
-        key = model_key(self.cfg, path)
+        # the voxel size the model was trained at, where the preset sets none (as its inference resamples to)
+        cfg = self.infer_task.working_config() if path and hasattr(self.infer_task, "working_config") else self.cfg
+        key = model_key(cfg, path)
         if network is not None:
             network.eval()
         scored: dict[str, dict[str, float]] = {}
@@ -253,7 +258,7 @@ class CrossModalScoring(ScoringMethod):
                 stamp = self.files_stamp(image) if local else None
                 if current and info.get("files") == stamp:
                     continue
-                s = self.score_case(image, network, device)
+                s = self.score_case(image, network, device, cfg)
             except Exception as e:  # one broken case must not stop the others from being scored
                 failed[image_id] = str(cause_of_type(e, (CaseError,)) or getattr(e, "detail", e))
                 continue

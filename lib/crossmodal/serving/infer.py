@@ -24,7 +24,7 @@ from crossmodal.config import (
 from crossmodal.errors import CaseError, cause_of_type
 from crossmodal.inference import NetworkInferer
 from crossmodal.io import IMAGE_EXTENSIONS, case_id_of, save_volume
-from crossmodal.nets import CrossModalNet, unwrap
+from crossmodal.nets import CrossModalNet, unwrap, weights_voxel_mm
 from crossmodal.serving.datastore import http_error, request_device
 from crossmodal.transforms import preprocessing, to_primary_grid, to_primary_labels
 from monai.data import MetaTensor
@@ -126,7 +126,15 @@ class CrossModalInfer(BasicInferTask):
             raise http_error(ValueError(f"missing_modality {missing!r} is not one of ('error', 'zero_fill')"))
         drop = (data or {}).get("drop_modalities") or []
         drop = [d.strip() for d in drop.split(",") if d.strip()] if isinstance(drop, str) else list(drop)
-        return list(preprocessing(self.cfg, "infer", missing=missing, drop=drop).transforms)
+        return list(preprocessing(self.working_config(), "infer", missing=missing, drop=drop).transforms)
+
+    def working_config(self) -> CrossModalConfig:
+        """The preset, where its ``data.spacing`` is null with the voxel size the model in service records having
+        been trained at (``data.weights_spacing``: a case far from it is resampled to it)."""
+        trained = None if self.cfg.data.spacing else weights_voxel_mm(self.get_path())
+        if not trained:
+            return self.cfg
+        return dataclasses.replace(self.cfg, data=dataclasses.replace(self.cfg.data, weights_spacing=trained))
 
     def inferer(self, data: dict[str, Any] | None = None) -> Inferer:
         data = data or {}

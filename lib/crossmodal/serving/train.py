@@ -91,7 +91,7 @@ from crossmodal.io import (
 )
 from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE
 from crossmodal.losses import SupervisedLoss
-from crossmodal.nets import CrossModalNet, CrossModalOutput, build_network, non_finite_weights
+from crossmodal.nets import CrossModalNet, CrossModalOutput, build_network, non_finite_weights, record_voxel_mm
 from crossmodal.propagate import refine_segmentation
 from crossmodal.serving.datastore import request_device
 from crossmodal.transforms import missing_modality_message, preprocessing
@@ -746,7 +746,7 @@ def check_spacings(cfg: CrossModalConfig, items: list[dict[str, Any]], tolerance
     returned and logged."""
     if cfg.data.spacing:
         return None
-    sizes = {case_id_of(d["image"]): s for d in items if (s := header_spacing(d["image"])) is not None}
+    sizes = _voxel_sizes(items)
     if len(sizes) < 2:
         return None
     arr = np.asarray(list(sizes.values()))
@@ -762,6 +762,30 @@ def check_spacings(cfg: CrossModalConfig, items: list[dict[str, Any]], tolerance
                f"{median}) to resample every case to one voxel size, for training and inference")
     logger.warning(message)
     return message
+
+
+def _voxel_sizes(items: list[dict[str, Any]]) -> dict[str, tuple[float, float, float]]:
+    """{case: its primary image's voxel size (mm, per array axis)} from the headers, of the cases whose header reads."""
+    return {case_id_of(d["image"]): s for d in items if (s := header_spacing(d["image"])) is not None}
+
+
+def training_voxel_mm(cfg: CrossModalConfig, items: list[dict[str, Any]]) -> tuple[float, float, float] | None:
+    """The voxel size (mm, per axis) a run's network sees its cases at, recorded in its weights for inference:
+    ``data.spacing`` where set, else the per-axis median of the training cases' own (headers only); None without a
+    readable header.
+
+    Example:
+        >>> from crossmodal.config import load_config
+        >>> training_voxel_mm(load_config("phantom"), [])
+        (2.0, 2.0, 2.0)
+    """
+    if cfg.data.spacing:
+        return cfg.data.spacing
+    sizes = _voxel_sizes(items)
+    if not sizes:
+        return None
+    a, b, c = (round(float(v), 4) for v in np.median(np.asarray(list(sizes.values())), 0))
+    return a, b, c
 
 
 def batch_present(batch: dict[str, Any]) -> torch.Tensor:
@@ -1280,6 +1304,9 @@ class CrossModalTrain(BasicTrainTask):
             iteration_update=self.train_iteration_update(context), event_names=self.event_names(context))
         if self._pseudo_rounds is not None:
             trainer.add_event_handler(Events.ITERATION_COMPLETED, self._pseudo_rounds)
+        # after the starting weights load (their record, if any, is the voxel size they were trained at before)
+        voxel_mm = training_voxel_mm(self.cfg, [d for d in context.datalist if d.get("image")])
+        trainer.add_event_handler(Events.STARTED, lambda _: record_voxel_mm(context.network, voxel_mm))
         return trainer
 
     def _device(self, context: Context) -> torch.device:
