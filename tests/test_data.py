@@ -469,6 +469,7 @@ def test_predict_writes_each_case_as_the_infer_task_segments_it(tmp_path: Path, 
         assert nib_dtype(out / f"{cid}.nii.gz") == np.uint8 and set(np.unique(labels)) == {0, 1, 2, 3}
         assert record["modalities_used"] == ["ct", "pet", "mr"] and set(record["registered_mm"]) == {"pet", "mr"}
         assert set(record["coverage"]) == {"pet", "mr"} and min(record["coverage"].values()) > 0.95
+        assert record["voxel_mm"] == {"case": [2.0, 2.0, 2.0], "network": [2.0, 2.0, 2.0]}  # not resampled
         ml = abs(np.linalg.det(pred.affine[:3, :3].numpy())) / 1000
         assert record["volume_ml"] == pytest.approx({n: float((labels == i).sum() * ml) for i, n in
                                                      enumerate(["organ", "lesion", "vessel"], 1)}, abs=1e-3)

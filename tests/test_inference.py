@@ -1,5 +1,6 @@
 """Working grid and sliding-window inference helpers."""
 
+import json
 import logging
 from pathlib import Path
 
@@ -273,7 +274,7 @@ def test_a_modality_covering_part_of_the_case_is_used_where_it_has_data(tmp_path
     assert scores["part"] > scores["without"] - 0.02, scores
 
 
-def test_the_shipped_presets_resample_a_case_of_another_voxel_size_to_their_weights(tmp_path: Path, caplog):
+def test_the_shipped_presets_resample_a_case_of_another_voxel_size_to_their_weights(tmp_path: Path, caplog, capsys):
     """The committed weights were trained at 2 mm; with ``data.spacing`` null a case of 1 mm voxels reached the network
     at its own scale (the phantom's cases resampled to 1 mm: 0.39 mean Dice, 0.93 at 2 mm). The presets now work at
     2 mm: such a case is resampled to it, its labels back onto its own 1 mm grid. And weights that record the voxel
@@ -307,6 +308,10 @@ def test_the_shipped_presets_resample_a_case_of_another_voxel_size_to_their_weig
         said = "case 'phantom000': voxels of 1 x 1 x 1 mm, and the model was trained at 2 x 2 x 2 mm (data.spacing " \
             "not set): resampled to it, the labels back onto the case's grid"
         assert (said in caplog.text) == (name == "recorded"), caplog.text[-2000:]
+        printed = capsys.readouterr().out  # predict's line of each case says at what voxel size it was segmented
+        assert printed.count("; 1 x 1 x 1 mm voxels, segmented at 2 x 2 x 2 mm) -> ") == 2 * (name != "null"), printed
+        report = json.loads((out / "predictions.json").read_text())["per_case"][0]
+        assert report["voxel_mm"] == {"case": [1.0, 1.0, 1.0], "network": [1.0 + (name != "null")] * 3}
         per_case = []
         for case in ("phantom000", "phantom001"):
             truth = load_volume(tmp_path / "fine" / "truth" / f"{case}.nii.gz")

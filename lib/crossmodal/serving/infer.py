@@ -43,6 +43,17 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.as_tensor() if isinstance(t, MetaTensor) else t
 
 
+def voxel_mm(affine: torch.Tensor) -> list[float]:
+    """The voxel size (mm, per array axis, to 0.001) of a grid's 4 x 4 affine.
+
+    Example:
+        >>> voxel_mm(torch.diag(torch.tensor([2.0, -2.0, 3.0, 1.0])))
+        [2.0, 2.0, 3.0]
+    """
+    a = torch.as_tensor(affine).double()[:3, :3]
+    return [round(float(v), 3) for v in a.pow(2).sum(0).sqrt()]
+
+
 class ArgmaxLabel:
     """``data["pred"]`` {name: logits (C, H, W, D)} -> uint8 map (H, W, D) on the primary grid + result JSON.
 
@@ -70,7 +81,9 @@ class ArgmaxLabel:
         data["pred"] = MetaTensor(out.cpu(), affine=image.meta.get("primary_affine", image.affine))
         data["result"] = {"case": data.get("case_id"), "modalities_used": data.get("modalities_used", []),
                           "registered_mm": dict(image.meta.get("registered_mm", {})),
-                          "coverage": dict(image.meta.get("coverage", {})), "prediction": which}
+                          "coverage": dict(image.meta.get("coverage", {})), "prediction": which,
+                          "voxel_mm": {"case": voxel_mm(image.meta.get("primary_affine", image.affine)),
+                                       "network": voxel_mm(image.affine)}}
         return data
 
 

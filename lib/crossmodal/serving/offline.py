@@ -411,7 +411,7 @@ def predict(studies: str, preset: str, model: str, out_dir: str, cases: Sequence
             records.append({"case": cid, "file": str(path), "seconds": round(time.perf_counter() - t0, 3),
                             "modalities_used": list(result.get("modalities_used", [])),
                             "registered_mm": result.get("registered_mm", {}),
-                            "coverage": result.get("coverage", {}),
+                            "coverage": result.get("coverage", {}), "voxel_mm": result.get("voxel_mm", {}),
                             "volume_ml": {n: round(float(counts[i]) * ml, 3) for i, n in enumerate(names) if i},
                             "uncertainty": round(foreground_uncertainty(data["logits"]), 4)})
             report()
