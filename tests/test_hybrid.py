@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import APP, crop_slab, make_phantom_studies
+from crossmodal import transforms
 from crossmodal.atlas import usable_cores
 from crossmodal.config import ConfigError, ConsistencyConfig, load_config, save_config
 from crossmodal.hybrid import (
@@ -36,7 +37,14 @@ from crossmodal.losses import (
     sigmoid_rampup,
     soft_dice_distance,
 )
-from crossmodal.nets import CrossModalNet, CrossModalOutput, InputSelect, build_network, weights_voxel_mm
+from crossmodal.nets import (
+    CrossModalNet,
+    CrossModalOutput,
+    InputSelect,
+    build_network,
+    record_voxel_mm,
+    weights_voxel_mm,
+)
 from crossmodal.serving.app import AppParts
 from crossmodal.serving.offline import method_config, train_offline
 from crossmodal.serving.runs import list_runs
@@ -501,6 +509,20 @@ def test_training_cases_of_several_voxel_sizes_without_a_working_spacing_are_war
     # its weights carry the median of its cases' voxel sizes (2, 3 and 2 mm), for inference to resample to
     assert weights_voxel_mm(stats["published"]) == (2.0, 2.0, 2.0)
     assert weights_voxel_mm(tmp_path / "m" / "train_01" / "model.pt") == (2.0, 2.0, 2.0)
+    # fine-tuning weights that record 3 mm: its 2 mm cases are resampled to it, as inference would, and it records 3
+    net = build_network(cfg)
+    net.load_state_dict(torch.load(stats["published"], weights_only=True))
+    record_voxel_mm(net, (3.0, 3.0, 3.0))
+    torch.save(net.state_dict(), tmp_path / "at3.pt")
+    transforms._RESAMPLED.clear()  # said once per case and size in a process
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        train_offline(str(studies), str(tmp_path / "mixed.yaml"), str(tmp_path / "m2"), epochs=1, device="cpu",
+                      pretrained=str(tmp_path / "at3.pt"))
+    assert "come in voxel sizes" not in caplog.text and "at3.pt was trained at 3 x 3 x 3 mm" in caplog.text
+    assert "case 'phantom000': voxels of 2 x 2 x 2 mm, and the model was trained at 3 x 3 x 3 mm" in caplog.text
+    assert "case 'phantom001': voxels" not in caplog.text  # 3 mm already
+    assert weights_voxel_mm(tmp_path / "m2" / "train_01" / "model.pt") == (3.0, 3.0, 3.0)
 
 
 def test_cases_whose_modality_covers_part_of_the_grid_train_as_without_it(tmp_path: Path, phantom_cfg, caplog):

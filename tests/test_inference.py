@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import APP, crop_slab, dice, make_phantom_studies
+from crossmodal import transforms
 from crossmodal.config import load_config
 from crossmodal.inference import NetworkInferer, predict
 from crossmodal.io import load_volume
@@ -296,6 +297,7 @@ def test_the_shipped_presets_resample_a_case_of_another_voxel_size_to_their_weig
     record_voxel_mm(net, (2.0, 2.0, 2.0))  # what its training would have recorded
     torch.save(net.state_dict(), tmp_path / "recorded.pt")
     assert weights_voxel_mm(tmp_path / "recorded.pt") == (2.0, 2.0, 2.0)
+    transforms._RESAMPLED.clear()  # said once per case and size in a process
     scores = {}
     runs = {"phantom": ("phantom", model), "null": (str(tmp_path / "null.yaml"), model),
             "recorded": (str(tmp_path / "null.yaml"), tmp_path / "recorded.pt")}

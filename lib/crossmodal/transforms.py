@@ -218,6 +218,9 @@ def missing_modality_message(case: Case, name: str, cfg: CrossModalConfig) -> st
     return f"modality {name!r} is missing: {where}, or use the case without it (missing_modality zero_fill)"
 
 
+_RESAMPLED: set[tuple[str, tuple[float, float, float]]] = set()  # (case, the weights' voxel size), logged once
+
+
 def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
               drop: Sequence[str] = ()) -> tuple[MetaTensor, list[str]]:
     """Load and normalise every modality of ``case`` and resample it onto the working grid.
@@ -250,7 +253,9 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
         raise CaseError(case.case_id, None, f"dropping {sorted(drop)} leaves no modality to segment with")
     primary = image_volume(load_volume(case.primary, case.case_id), case.case_id, case.primary)
     grid = {"primary_affine": primary.affine.clone(), "primary_shape": tuple(primary.shape[1:])}
-    if not cfg.data.spacing and (trained := working_spacing(primary, cfg)):
+    trained = None if cfg.data.spacing else working_spacing(primary, cfg)
+    if trained and (case.case_id, trained) not in _RESAMPLED:
+        _RESAMPLED.add((case.case_id, trained))  # once per case and size in a process (training reads it each epoch)
         own = np.sqrt((primary.affine.double().numpy()[:3, :3] ** 2).sum(0))
         logger.info(f"case {case.case_id!r}: voxels of {' x '.join(f'{v:.3g}' for v in own)} mm, and the model was "
                     f"trained at {' x '.join(f'{v:.3g}' for v in trained)} mm (data.spacing not set): resampled to "

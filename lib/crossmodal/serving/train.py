@@ -91,7 +91,14 @@ from crossmodal.io import (
 )
 from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE
 from crossmodal.losses import SupervisedLoss
-from crossmodal.nets import CrossModalNet, CrossModalOutput, build_network, non_finite_weights, record_voxel_mm
+from crossmodal.nets import (
+    CrossModalNet,
+    CrossModalOutput,
+    build_network,
+    non_finite_weights,
+    record_voxel_mm,
+    weights_voxel_mm,
+)
 from crossmodal.propagate import refine_segmentation
 from crossmodal.serving.datastore import request_device
 from crossmodal.transforms import missing_modality_message, preprocessing
@@ -743,8 +750,9 @@ def check_spacings(cfg: CrossModalConfig, items: list[dict[str, Any]], tolerance
     differ by more than ``tolerance`` on an axis are each seen at their own scale (the committed phantom model, trained
     at 2 mm, segmented its own cases resampled to 1 / 1.5 / 3 mm at 0.39 / 0.50 / 0.57 mean Dice instead of 0.93; with
     ``data.spacing: [2, 2, 2]`` 0.90 / 0.89 / 0.90): a warning naming the sizes and the per-axis median to set,
-    returned and logged."""
-    if cfg.data.spacing:
+    returned and logged. Not where the run fine-tunes weights that record their voxel size: cases far from it are
+    resampled to it."""
+    if cfg.data.spacing or cfg.data.weights_spacing:
         return None
     sizes = _voxel_sizes(items)
     if len(sizes) < 2:
@@ -771,16 +779,17 @@ def _voxel_sizes(items: list[dict[str, Any]]) -> dict[str, tuple[float, float, f
 
 def training_voxel_mm(cfg: CrossModalConfig, items: list[dict[str, Any]]) -> tuple[float, float, float] | None:
     """The voxel size (mm, per axis) a run's network sees its cases at, recorded in its weights for inference:
-    ``data.spacing`` where set, else the per-axis median of the training cases' own (headers only); None without a
-    readable header.
+    ``data.spacing`` where set, else the size of the weights it fine-tunes (``data.weights_spacing``, see
+    :meth:`CrossModalTrain.run_config`), else the per-axis median of the training cases' own (headers only); None
+    without a readable header.
 
     Example:
         >>> from crossmodal.config import load_config
         >>> training_voxel_mm(load_config("phantom"), [])
         (2.0, 2.0, 2.0)
     """
-    if cfg.data.spacing:
-        return cfg.data.spacing
+    if cfg.data.spacing or cfg.data.weights_spacing:
+        return cfg.data.spacing or cfg.data.weights_spacing
     sizes = _voxel_sizes(items)
     if not sizes:
         return None
@@ -1051,7 +1060,7 @@ class CrossModalTrain(BasicTrainTask):
                     **{key: list(options) for key, options in train_choices(cfg).items()},
                     "tracking": ["None", "mlflow"]},
         )
-        self.cfg = cfg
+        self.cfg = cfg  # during a run: the preset as the run works with it (:meth:`__call__`, :meth:`run_config`)
         self._start: StartingScore | None = None  # the running fine-tuning's (:meth:`finalize`)
         self._fit: TrainingFit | None = None
         self._pseudo_rounds: PseudoLabelRounds | None = None  # the running run's self-training rounds
@@ -1348,6 +1357,19 @@ class CrossModalTrain(BasicTrainTask):
         handlers = super().val_handlers(context)
         return None if handlers is None else quiet_on_interrupt(handlers)
 
+    def run_config(self, request: dict[str, Any]) -> CrossModalConfig:
+        """The preset as a run works with it: where its ``data.spacing`` is null and the run fine-tunes weights that
+        record the voxel size they were trained at, with that size (``data.weights_spacing``): a case far from it is
+        resampled to it, as inference does, and the run's weights record it again; else the preset."""
+        pretrained = check_train_request({"pretrained": request.get("pretrained", True)})["pretrained"]
+        start = self.in_service() if pretrained and not self.cfg.data.spacing else None
+        trained = weights_voxel_mm(start)
+        if not trained:
+            return self.cfg
+        logger.info(f"data.spacing is not set and {start} was trained at {' x '.join(f'{v:g}' for v in trained)} mm: "
+                    "a training case of voxels more than 1.25 times off it on an axis is resampled to it")
+        return dataclasses.replace(self.cfg, data=dataclasses.replace(self.cfg.data, weights_spacing=trained))
+
     def pre_process(self, request: dict[str, Any], datastore: Datastore) -> list[dict[str, Any]]:
         """Every case with a final label (image, label, its kind), plus the unlabelled cases when they take part."""
         items = []
@@ -1550,6 +1572,7 @@ class CrossModalTrain(BasicTrainTask):
         if req["missing_modality"] != cfg.infer.missing_modality:  # this run's policy (the infer task keeps its own)
             self.cfg = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer,
                                                                           missing_modality=req["missing_modality"]))
+        self.cfg = self.run_config(req)
         every = int(self._config["val_interval"] if req.get("val_interval") is None else req["val_interval"])
         self._val_interval = every  # MONAI Label's ValidationHandler reads the task's, not the request's
         claimed = None
