@@ -647,7 +647,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             partial = "".join(f"; {m} on {c:.0%} of the grid: used where it has data" for m, c in r["coverage"].items()
                               if c < cfg.data.fov_coverage and m in r["modalities_used"])
             own, seen = r["voxel_mm"].get("case"), r["voxel_mm"].get("network")
-            if own and seen and not np.allclose(sorted(own), sorted(seen), atol=1e-2):  # resampled for the network
+            if own and seen and not np.allclose(own, seen, atol=1e-2):  # resampled for the network
                 shown = [" x ".join(f"{v:g}" for v in mm) for mm in (own, seen)]
                 partial += f"; {shown[0]} mm voxels, segmented at {shown[1]} mm"
             print(f"{r['case']}: {volumes} ({r['seconds']:.1f} s, uncertainty {r['uncertainty']:.3f}{partial}) -> "

@@ -44,14 +44,24 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
 
 
 def voxel_mm(affine: torch.Tensor) -> list[float]:
-    """The voxel size (mm, per array axis, to 0.001) of a grid's 4 x 4 affine.
+    """The voxel size (mm, to 0.001) of a grid's 4 x 4 affine along the RAS axes (left-right, back-front, down-up),
+    whatever the order its array axes are stored in (a sagittal series' as an axial one's).
 
     Example:
         >>> voxel_mm(torch.diag(torch.tensor([2.0, -2.0, 3.0, 1.0])))
         [2.0, 2.0, 3.0]
+        >>> voxel_mm(torch.tensor([[0.0, 0, 3, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]]))  # stored sagittal
+        [3.0, 1.0, 1.0]
     """
     a = torch.as_tensor(affine).double()[:3, :3]
-    return [round(float(v), 3) for v in a.pow(2).sum(0).sqrt()]
+    sizes = [round(float(v), 3) for v in a.pow(2).sum(0).sqrt()]
+    axes = a.abs().argmax(0).tolist()  # the world axis each array axis runs along most
+    if sorted(axes) != [0, 1, 2]:  # an oblique grid at 45 degrees: its own order
+        return sizes
+    out = [0.0, 0.0, 0.0]
+    for j, axis in enumerate(axes):
+        out[axis] = sizes[j]
+    return out
 
 
 class ArgmaxLabel:
