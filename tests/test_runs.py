@@ -68,6 +68,9 @@ def test_each_run_keeps_its_folder_and_an_earlier_model_goes_back_in_service(tmp
     assert f"published {model_dir / 'train_01' / 'model.pt'} (train_mean_dice " in out
     rows = {line.split()[0]: line for line in out.splitlines()[1:] if line.startswith("train_")}
     assert rows["train_01"].endswith("*") and not rows["train_02"].endswith("*")
+    # and the voxel size each run's weights record having been trained at (the phantom preset's 2 mm)
+    assert "  voxel (mm)  " in out and all(" phantom  2 x 2 x 2  " in rows[r] for r in ("train_01", "train_02"))
+    assert [r.voxel_mm for r in list_runs(model_dir)] == [(2.0, 2.0, 2.0)] * 2
     assert _same(_weights(published), first)  # byte for byte the first run's model, with its stats
     assert stats_file.read_bytes() == run_stats[0]
     assert [r.in_service for r in list_runs(model_dir)] == [True, False]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from crossmodal.config import ConfigError, load_config
 from crossmodal.io import atomic_copy, process_alive
-from crossmodal.nets import check_weights
+from crossmodal.nets import check_weights, weights_voxel_mm
 from crossmodal.serving.train import mark_ended, run_folders, run_stats, same_bytes, stats_path_of
 
 
@@ -38,7 +38,8 @@ class TrainRun:
     error ended it (a case that does not read, a diverged loss); ``killed``: its process is gone without a word: the
     viewers' Stop Training, SIGKILL, out of memory; ``early stop``: ``early_stop_patience``), or ``running``: its
     process still trains (None: it trained every epoch, or a run of a version of the app that did not record its
-    process).
+    process); ``voxel_mm``: the voxel size its weights record having been trained at (None: no model, or a run from
+    before the record).
     """
 
     name: str
@@ -56,6 +57,7 @@ class TrainRun:
     in_service: bool
     problem: str | None = None
     stopped: str | None = None
+    voxel_mm: tuple[float, float, float] | None = None
 
 
 def list_runs(model_dir: str | Path) -> list[TrainRun]:
@@ -97,7 +99,7 @@ def list_runs(model_dir: str | Path) -> list[TrainRun]:
             start=float(stats["start_metric"]) if isinstance(stats.get("start_metric"), (int, float)) else None,
             model=model if model_ok else None,
             in_service=same_bytes(model, published),
-            stopped=run_state(stats)))
+            stopped=run_state(stats), voxel_mm=weights_voxel_mm(model) if model_ok else None))
     return runs
 
 
@@ -174,11 +176,12 @@ def interrupted_note(model_dir: str | Path, how: str = "interrupted") -> str:
 
 def format_runs(runs: list[TrainRun]) -> str:
     """``runs`` as the table ``crossmodal models`` prints (one line a run; ``*`` marks the model in service)."""
-    rows = [("run", "network", "preset", "saved", "epochs", "metric", "best", "start", "in service")]
+    rows = [("run", "network", "preset", "voxel (mm)", "saved", "epochs", "metric", "best", "start", "in service")]
     for r in runs:
         epochs = (f"{r.epoch}/{r.total_epochs}" if r.epoch is not None else "-") + (f" ({r.stopped})" if r.stopped
                                                                                    else "")
-        rows.append((r.name, r.network, r.preset, r.finished.strftime("%Y-%m-%d %H:%M") if r.finished else "-",
+        voxel = " x ".join(f"{v:g}" for v in r.voxel_mm) if r.voxel_mm else "-"
+        rows.append((r.name, r.network, r.preset, voxel, r.finished.strftime("%Y-%m-%d %H:%M") if r.finished else "-",
                      epochs, r.metric or "-", f"{r.best:.4f}" if r.best is not None else "-",
                      f"{r.start:.4f}" if r.start is not None else "-",
                      "*" if r.in_service else ("config unreadable" if r.problem else
