@@ -314,3 +314,40 @@ def test_pseudo_labels_reach_the_unlabelled_patches_as_the_store_changes(tmp_pat
         assert torch.equal((patch["image"][:1] > patch["image"][1:2]).float(), patch["label"].as_tensor())
     store["phantom000"] = torch.zeros(1, 5, 5, 5)  # a stale entry of another grid is not used
     assert bool((data[0][0]["label"] == IGNORE_INDEX).all())
+
+
+def test_training_walks_a_sparse_case_s_strokes_on_its_partial_modality(tmp_path: Path, phantom_cfg):
+    """Training leaves a modality on part of a case's grid (an MR slab) out of the network's input, and its strokes'
+    walker walked without it too (zeros), where ``grow_scribbles`` walks on it edge-filled beyond its field of view.
+    Training's walker now has it as ``grow_scribbles`` has it; the network's input still leaves it out."""
+    from conftest import crop_slab
+    from crossmodal.labels import DENSE, SPARSE
+    from crossmodal.transforms import WALKER_KEY
+
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=3, dense=0, sparse=3, seed=4)
+    train = preprocessing(phantom_cfg, "train").transforms
+    assert train[0].walker_key == WALKER_KEY and any(getattr(t, "walker_key", None) == WALKER_KEY for t in train[1:])
+    load, grow = LoadCased(phantom_cfg, partial="leave_out", walker_key=WALKER_KEY), \
+        PropagateSparseLabeld(phantom_cfg, walker_key=WALKER_KEY)
+    right = {"now": [], "zeros": []}
+    for case in ("phantom000", "phantom001", "phantom002"):
+        crop_slab(studies / "modalities" / case / "mr.nii.gz", 0.5)
+        item = {"image": str(studies / f"{case}.nii.gz"), "label": str(studies / "labels" / "final" /
+                                                                        f"{case}.nii.gz"), "label_kind": SPARSE}
+        d = grow(load(item))
+        assert WALKER_KEY not in d and d["present"].tolist() == [True, True, False]
+        assert float(d["image"][2].abs().max()) == 0.0  # the network's input: without the MR
+        used = LoadCased(phantom_cfg, partial="use")(item)  # as grow_scribbles reads the case
+        assert torch.equal(d["label"], PropagateSparseLabeld(phantom_cfg)(used)["label"])
+        before = PropagateSparseLabeld(phantom_cfg)(LoadCased(phantom_cfg, partial="leave_out")(item))["label"]
+        truth = LoadCased(phantom_cfg)({"image": item["image"], "label": str(studies / "truth" / f"{case}.nii.gz"),
+                                        "label_kind": DENSE})["label"]
+        for name, grown in (("now", d["label"]), ("zeros", before)):
+            labelled = grown != IGNORE_INDEX
+            right[name].append((int((grown[labelled] == truth[labelled]).sum()), int((grown[labelled] !=
+                                                                                       truth[labelled]).sum())))
+    # (right, wrong) grown voxels of the 110592 of each case: (108638, 802), (109169, 1000), (109384, 944) walked
+    # with the MR; (108684, 1278), (109010, 1080), (108816, 1394) without it
+    assert all(n[1] < z[1] for n, z in zip(right["now"], right["zeros"], strict=True)), right
+    assert sum(n[1] for n in right["now"]) < 0.85 * sum(z[1] for z in right["zeros"]), right
+    assert sum(n[0] for n in right["now"]) > 0.995 * sum(z[0] for z in right["zeros"]), right

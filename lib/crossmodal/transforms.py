@@ -425,16 +425,19 @@ class LoadCased(MapTransform):
     A secondary modality with a partial field of view (below ``cfg.data.fov_coverage`` of the grid): ``partial``
     ``use`` keeps it and adds ``data["fov"]`` (one (H, W, D) bool mask or None per configured modality: where the
     partial ones have data; the inference's two passes); ``leave_out`` (training) zero-fills it and leaves it out of
-    ``present``, as a missing modality.
+    ``present``, as a missing modality. ``walker_key``: with ``leave_out``, a sparse case's image with the partial
+    modality kept (edge-filled beyond its field of view, as ``grow_scribbles`` has it) goes there too, for
+    :class:`PropagateSparseLabeld` to grow its strokes on (and drop).
     """
 
     def __init__(self, cfg: CrossModalConfig, image_key: str = "image", label_key: str = "label",
-                 missing: str | None = None, drop: Sequence[str] = (), partial: str = "use") -> None:
+                 missing: str | None = None, drop: Sequence[str] = (), partial: str = "use",
+                 walker_key: str | None = None) -> None:
         super().__init__([image_key], allow_missing_keys=True)
         if partial not in ("use", "leave_out"):
             raise ValueError(f"partial {partial!r} is not one of ('use', 'leave_out')")
         self.cfg, self.image_key, self.label_key, self.missing = cfg, image_key, label_key, missing
-        self.drop, self.partial = tuple(drop), partial
+        self.drop, self.partial, self.walker_key = tuple(drop), partial, walker_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -449,6 +452,8 @@ class LoadCased(MapTransform):
                 logger.info(f"case {case.case_id!r}: {name} covers {image.meta['coverage'][name]:.0%} of the grid "
                             f"(data.fov_coverage {self.cfg.data.fov_coverage}): {what}")
         if fov and self.partial == "leave_out":
+            if self.walker_key and d.get("label_kind") == SPARSE:
+                d[self.walker_key] = image.as_tensor().clone()
             for name in fov:
                 image.as_tensor()[self.cfg.modality_names.index(name)] = 0.0
             used = [name for name in used if name not in fov]
@@ -502,24 +507,28 @@ class PropagateSparseLabeld(MapTransform):
 
     ``data["image"]`` (M, H, W, D), ``data["label"]`` (1, H, W, D) with ``IGNORE_INDEX`` -> the same, grown.
     With ``cache_dir`` the grown labels are kept there (:class:`crossmodal.propagate.PropagationCache`), so a
-    label is walked once however often its case is read.
+    label is walked once however often its case is read. ``walker_key``: an image to walk on instead of
+    ``data[image_key]`` where the case has one (:class:`LoadCased`'s: a partial modality the network leaves out),
+    removed from the data either way.
     """
 
     def __init__(self, cfg: CrossModalConfig, image_key: str = "image", label_key: str = "label",
-                 cache_dir: str | os.PathLike[str] | None = None) -> None:
+                 cache_dir: str | os.PathLike[str] | None = None, walker_key: str | None = None) -> None:
         super().__init__([label_key])
-        self.cfg, self.image_key, self.label_key = cfg, image_key, label_key
+        self.cfg, self.image_key, self.label_key, self.walker_key = cfg, image_key, label_key, walker_key
         self.cache = PropagationCache(cache_dir) if cache_dir is not None else None
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        walk_on = d.pop(self.walker_key, None) if self.walker_key else None
         p = self.cfg.train.propagate
         if p.method == "none" or d.get("label_kind") != SPARSE or not isinstance(d.get(self.label_key), torch.Tensor):
             return d
         label = d[self.label_key]
         start = time.perf_counter()
         plain = label.as_tensor() if isinstance(label, MetaTensor) else label
-        image, case_id = torch.as_tensor(d[self.image_key]), str(d.get("case_id", "case"))
+        image = torch.as_tensor(d[self.image_key] if walk_on is None else walk_on)
+        case_id = str(d.get("case_id", "case"))
         if self.cache is not None:
             grown, hit = self.cache.propagate(case_id, image, plain, p.beta, p.threshold, p.max_voxels,
                                               p.min_heldout_accuracy)
@@ -560,6 +569,9 @@ class PseudoLabeld(MapTransform, RandomizableTrait):
         return d
 
 
+WALKER_KEY = "walker_image"  # a sparse training case's image with its partial modalities, for the strokes' walker
+
+
 def preprocessing(cfg: CrossModalConfig, stage: str, missing: str | None = None, drop: Sequence[str] = (),
                   cache_dir: str | os.PathLike[str] | None = None,
                   pseudo_labels: Mapping[str, torch.Tensor] | None = None, partial: str | None = None) -> Compose:
@@ -571,14 +583,16 @@ def preprocessing(cfg: CrossModalConfig, stage: str, missing: str | None = None,
     field of view (default ``use`` for ``infer``, ``leave_out`` for the others)."""
     if stage not in ("train", "unlabeled", "val", "infer"):
         raise ValueError(f"stage {stage!r} is not one of ('train', 'unlabeled', 'val', 'infer')")
+    walker = WALKER_KEY if stage == "train" else None  # a partial modality's data for the strokes' walker
     steps: list[Transform] = [LoadCased(cfg, missing=missing, drop=drop,
-                                        partial=partial or ("use" if stage == "infer" else "leave_out"))]
+                                        partial=partial or ("use" if stage == "infer" else "leave_out"),
+                                        walker_key=walker)]
     if stage != "infer":
         steps.append(Batchabled())
     if pseudo_labels is not None and stage in ("train", "unlabeled"):
         steps.append(PseudoLabeld(pseudo_labels, keep_missing=stage == "train"))
     if stage == "train":  # after the stored labels: strokes carried from other cases grow too
-        steps.append(PropagateSparseLabeld(cfg, cache_dir=cache_dir))
+        steps.append(PropagateSparseLabeld(cfg, cache_dir=cache_dir, walker_key=walker))
     if stage in ("train", "unlabeled"):
         t = cfg.train
         labelled = stage == "train" or pseudo_labels is not None
