@@ -55,6 +55,7 @@ from crossmodal.atlas import (
 )
 from crossmodal.config import (
     MISSING_POLICIES,
+    SPACING_TOLERANCE,
     ConfigError,
     CrossModalConfig,
     as_flag,
@@ -745,7 +746,8 @@ def check_modalities(cfg: CrossModalConfig, items: list[dict[str, Any]]) -> None
     raise CaseError(first, None, missing_modality_message(case, gone[0], cfg) + also)
 
 
-def check_spacings(cfg: CrossModalConfig, items: list[dict[str, Any]], tolerance: float = 1.25) -> str | None:
+def check_spacings(cfg: CrossModalConfig, items: list[dict[str, Any]],
+                   tolerance: float = SPACING_TOLERANCE) -> str | None:
     """Before any case loads: with no working spacing set (``data.spacing`` null), training cases whose voxel sizes
     differ by more than ``tolerance`` on an axis are each seen at their own scale (the committed phantom model, trained
     at 2 mm, segmented its own cases resampled to 1 / 1.5 / 3 mm at 0.39 / 0.50 / 0.57 mean Dice instead of 0.93; with
@@ -1367,7 +1369,8 @@ class CrossModalTrain(BasicTrainTask):
         if not trained:
             return self.cfg
         logger.info(f"data.spacing is not set and {start} was trained at {' x '.join(f'{v:g}' for v in trained)} mm: "
-                    "a training case of voxels more than 1.25 times off it on an axis is resampled to it")
+                    f"a training case of voxels more than {SPACING_TOLERANCE:g} times off it on an axis is "
+                    "resampled to it")
         return dataclasses.replace(self.cfg, data=dataclasses.replace(self.cfg.data, weights_spacing=trained))
 
     def pre_process(self, request: dict[str, Any], datastore: Datastore) -> list[dict[str, Any]]:
