@@ -540,6 +540,7 @@ def test_cases_whose_modality_covers_part_of_the_grid_train_as_without_it(tmp_pa
                                                       "batch_size": 2, "val_fraction": 0.0}})
     save_config(cfg, tmp_path / "ours.yaml")
     runs = {}
+    transforms._SAID.clear()  # said once per case in a process (another test may have read these cases' names)
     for name, studies, missing in (("part", partial, None), ("absent", absent, "zero_fill")):
         with caplog.at_level(logging.INFO):
             runs[name] = train_offline(str(studies), str(tmp_path / "ours.yaml"), str(tmp_path / name), epochs=2,

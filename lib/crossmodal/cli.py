@@ -616,6 +616,7 @@ def _dataset_classes(studies: str, cfg: CrossModalConfig) -> dict[int, int] | No
 def cmd_predict(args: argparse.Namespace) -> int:
     """Segment the cases of a studies folder (an nnU-Net dataset: its imagesTs cases) into ``--out``; exit 2 naming
     the cases that could not be segmented, after segmenting the others."""
+    from crossmodal.io import format_mm
     from crossmodal.serving.offline import PREDICTIONS_JSON, predict
 
     _device(args.device)
@@ -648,8 +649,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                               if c < cfg.data.fov_coverage and m in r["modalities_used"])
             own, seen = r["voxel_mm"].get("case"), r["voxel_mm"].get("network")
             if own and seen and not np.allclose(own, seen, atol=1e-2):  # resampled for the network
-                shown = [" x ".join(f"{v:g}" for v in mm) for mm in (own, seen)]
-                partial += f"; {shown[0]} mm voxels, segmented at {shown[1]} mm"
+                partial += f"; {format_mm(own)} mm voxels, segmented at {format_mm(seen)} mm"
             print(f"{r['case']}: {volumes} ({r['seconds']:.1f} s, uncertainty {r['uncertainty']:.3f}{partial}) -> "
                   f"{r['file']}")
     report = Path(args.out) / PREDICTIONS_JSON

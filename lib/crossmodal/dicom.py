@@ -552,6 +552,7 @@ def series_to_nifti(files: Sequence[Path], dest: Path, case_id: str, headers: Se
     from monailabel.datastore.utils.convert import dicom_to_nifti
 
     from crossmodal.io import CaseError, atomic_copy, load_volume
+    from crossmodal.io import format_mm as _mm
 
     where = files[0].parent
     heads = list(headers) if headers is not None else [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
@@ -654,6 +655,7 @@ def _read_multiframe(links: Sequence[Path], files: Sequence[Path], heads: Sequen
     import SimpleITK as sitk
 
     from crossmodal.io import CaseError
+    from crossmodal.io import format_mm as _mm
 
     parts = []
     for link, name, header in zip(links, files, heads, strict=True):
@@ -712,10 +714,6 @@ def _read_multiframe(links: Sequence[Path], files: Sequence[Path], heads: Sequen
     out = temp_path(".nii.gz")
     sitk.WriteImage(volume, out)
     return out
-
-
-def _mm(spacing: Sequence[float] | np.ndarray) -> str:
-    return " x ".join(f"{v:.3g}" for v in spacing)
 
 
 def _functional(group: Dataset, shared: Dataset, sequence: str, name: str) -> Any:

@@ -225,6 +225,16 @@ def volume_channels(path: str | os.PathLike[str]) -> int | None:
         return None
 
 
+def format_mm(sizes: Sequence[float] | np.ndarray) -> str:
+    """A voxel size (mm, per axis) as messages and tables show it.
+
+    Example:
+        >>> format_mm([2.0, 2.0, 3.0]), format_mm((0.6875, 0.6875, 1.25))
+        ('2 x 2 x 3', '0.688 x 0.688 x 1.25')
+    """
+    return " x ".join(f"{float(v):.3g}" for v in sizes)
+
+
 def header_spacing(path: str | os.PathLike[str]) -> tuple[float, float, float] | None:
     """The voxel size (mm, per array axis) of the NIfTI, NRRD or MetaImage file at ``path`` from its header alone;
     None when the header does not read."""

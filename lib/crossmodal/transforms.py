@@ -38,6 +38,7 @@ from crossmodal.io import (
     CaseError,
     blank_message,
     find_case,
+    format_mm,
     image_volume,
     load_volume,
     one_volume,
@@ -257,8 +258,8 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
     if trained and (case.case_id, trained) not in _RESAMPLED:
         _RESAMPLED.add((case.case_id, trained))  # once per case and size in a process (training reads it each epoch)
         own = np.sqrt((primary.affine.double().numpy()[:3, :3] ** 2).sum(0))
-        logger.info(f"case {case.case_id!r}: voxels of {' x '.join(f'{v:.3g}' for v in own)} mm, and the model was "
-                    f"trained at {' x '.join(f'{v:.3g}' for v in trained)} mm (data.spacing not set): resampled to "
+        logger.info(f"case {case.case_id!r}: voxels of {format_mm(own)} mm, and the model was "
+                    f"trained at {format_mm(trained)} mm (data.spacing not set): resampled to "
                     "it, the labels back onto the case's grid")
     if primary.shape[0] > 1:  # a 4D multi-channel file holds all modalities in config order
         if primary.shape[0] != len(mods):

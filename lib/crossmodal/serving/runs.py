@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from crossmodal.config import ConfigError, load_config
-from crossmodal.io import atomic_copy, process_alive
+from crossmodal.io import atomic_copy, format_mm, process_alive
 from crossmodal.nets import check_weights, weights_voxel_mm
 from crossmodal.serving.train import mark_ended, run_folders, run_stats, same_bytes, stats_path_of
 
@@ -180,7 +180,7 @@ def format_runs(runs: list[TrainRun]) -> str:
     for r in runs:
         epochs = (f"{r.epoch}/{r.total_epochs}" if r.epoch is not None else "-") + (f" ({r.stopped})" if r.stopped
                                                                                    else "")
-        voxel = " x ".join(f"{v:g}" for v in r.voxel_mm) if r.voxel_mm else "-"
+        voxel = format_mm(r.voxel_mm) if r.voxel_mm else "-"
         rows.append((r.name, r.network, r.preset, voxel, r.finished.strftime("%Y-%m-%d %H:%M") if r.finished else "-",
                      epochs, r.metric or "-", f"{r.best:.4f}" if r.best is not None else "-",
                      f"{r.start:.4f}" if r.start is not None else "-",

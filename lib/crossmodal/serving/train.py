@@ -86,6 +86,7 @@ from crossmodal.io import (
     atomic_copy,
     case_id_of,
     find_case,
+    format_mm,
     header_spacing,
     process_identity,
     volume_channels,
@@ -765,7 +766,7 @@ def check_spacings(cfg: CrossModalConfig, items: list[dict[str, Any]],
     median = [round(float(v), 2) for v in np.median(arr, 0)]
     volume = {c: float(np.prod(v)) for c, v in sizes.items()}
     fine, coarse = min(sizes, key=volume.__getitem__), max(sizes, key=volume.__getitem__)
-    shown = {c: " x ".join(f"{v:g}" for v in np.round(sizes[c], 2)) for c in (fine, coarse)}
+    shown = {c: format_mm(sizes[c]) for c in (fine, coarse)}
     message = (f"the {len(sizes)} training cases come in voxel sizes from {shown[fine]} mm ({fine}) to "
                f"{shown[coarse]} mm ({coarse}), and data.spacing is not set: the network sees each case at its own "
                "scale, and a case at another will segment poorly. Set data.spacing in the preset (their median: "
@@ -1368,7 +1369,7 @@ class CrossModalTrain(BasicTrainTask):
         trained = weights_voxel_mm(start)
         if not trained:
             return self.cfg
-        logger.info(f"data.spacing is not set and {start} was trained at {' x '.join(f'{v:g}' for v in trained)} mm: "
+        logger.info(f"data.spacing is not set and {start} was trained at {format_mm(trained)} mm: "
                     f"a training case of voxels more than {SPACING_TOLERANCE:g} times off it on an axis is "
                     "resampled to it")
         return dataclasses.replace(self.cfg, data=dataclasses.replace(self.cfg.data, weights_spacing=trained))
