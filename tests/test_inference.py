@@ -11,10 +11,11 @@ from conftest import APP, crop_slab, dice, make_phantom_studies
 from crossmodal import transforms
 from crossmodal.config import load_config
 from crossmodal.inference import NetworkInferer, predict
-from crossmodal.io import load_volume
+from crossmodal.io import load_volume, save_volume
 from crossmodal.nets import CrossModalNet, build_network
 from crossmodal.resample import argmax_channels, resample_argmax, separable_resample
 from crossmodal.transforms import LoadCased, preprocessing, to_primary_grid, to_primary_labels
+from monai.data import MetaTensor
 
 
 def test_working_spacing_and_back_to_the_primary_grid(tmp_path: Path):
@@ -211,6 +212,48 @@ def test_a_case_stored_in_another_axis_order_is_read_and_segmented_as_in_ras(tmp
     assert torch.allclose(second.affine.double(), load_volume(sag / "phantom000.nii.gz").affine.double())
     back = np.transpose(second[0].numpy()[::-1], (2, 1, 0))
     assert np.array_equal(back, first[0].numpy()) and len(np.unique(back)) >= 4
+
+
+def test_the_working_spacing_and_the_weights_record_lie_along_the_ras_axes(tmp_path: Path):
+    """``data.spacing`` and the voxel size a model records were put on the primary's stored array axes, while the
+    network sees every case in RAS order: an anisotropic preset resampled a sagittally stored case with its thick axis
+    left-right instead of down-up, and under a null spacing, weights recording 2 x 2 x 3 mm resampled a sagittal
+    case of those very voxels (array sizes 3, 2, 2) to the wrong ones. Both are sizes along R, A, S now."""
+    import shutil
+
+    from crossmodal.io import header_spacing, voxel_mm
+    from crossmodal.serving.train import plain
+    from crossmodal.transforms import working_spacing
+
+    cfg = load_config("phantom", overrides={"data": {"spacing": [2.0, 2.0, 3.0]}})
+    ras = make_phantom_studies(tmp_path / "ras", cfg, cases=1, dense=1, sparse=0, seed=3)
+    sag = tmp_path / "sag"
+    shutil.copytree(ras, sag)
+    for path in (sag / "phantom000.nii.gz", sag / "labels" / "final" / "phantom000.nii.gz"):
+        _sagittal(path, path)
+    loaded = [LoadCased(cfg)({"image": str(s / "phantom000.nii.gz"), "label": str(s / "labels" / "final" /
+                                                                                   "phantom000.nii.gz")})
+              for s in (ras, sag)]
+    for d in loaded:  # 96 mm: 48 x 48 x 32 voxels of 2 x 2 x 3 mm, the thick axis down-up
+        assert tuple(d["image"].shape) == (3, 48, 48, 32) and voxel_mm(d["image"].affine) == [2.0, 2.0, 3.0]
+    torch.testing.assert_close(plain(loaded[1]["image"]), plain(loaded[0]["image"]), atol=1e-4, rtol=0)
+    assert torch.equal(plain(loaded[0]["label"]), plain(loaded[1]["label"]))
+    # a sagittal series of 2 x 2 x 3 mm voxels (array axes I, A, R: 3, 2, 2 mm) and weights recording 2 x 2 x 3 mm
+    primary = load_volume(sag / "phantom000.nii.gz")
+    thick = MetaTensor(primary.as_tensor(), affine=primary.affine @ torch.diag(torch.tensor([1.5, 1.0, 1.0, 1.0],
+                                                                                            dtype=torch.float64)))
+    assert voxel_mm(thick.affine) == [2.0, 2.0, 3.0]
+    null = load_config("phantom", overrides={"data": {"spacing": None, "weights_spacing": [2.0, 2.0, 3.0]}})
+    assert working_spacing(thick, null) is None  # its own voxels: left as they are
+    assert working_spacing(primary, null) == (3.0, 2.0, 2.0)  # 2 mm all round: the I axis to 3 mm
+    assert working_spacing(primary, cfg) == (3.0, 2.0, 2.0) and working_spacing(load_volume(ras / "phantom000.nii.gz"),
+                                                                                cfg) == (2.0, 2.0, 3.0)
+    # the headers read as the network sees the case (training's record and its mixed-size warning read them)
+    save_volume(tmp_path / "thick.nii.gz", thick[0].numpy(), thick.affine.numpy())
+    save_volume(tmp_path / "thick.nrrd", thick[0].numpy(), thick.affine.numpy())
+    save_volume(tmp_path / "thick.mha", thick[0].numpy(), thick.affine.numpy())
+    for ext in ("nii.gz", "nrrd", "mha"):
+        assert header_spacing(tmp_path / f"thick.{ext}") == pytest.approx((2.0, 2.0, 3.0)), ext
 
 
 def test_a_modality_covering_part_of_the_case_is_used_where_it_has_data(tmp_path: Path, capsys):

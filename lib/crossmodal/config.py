@@ -530,8 +530,9 @@ class TrainConfig:
 class DataConfig:
     """Where the other modalities of a case live (relative to the studies folder), and the working spacing.
 
-    ``spacing`` (mm, one per axis of the primary image): the network sees every case resampled to it; null keeps
-    the primary grid. Predictions are resampled back onto the primary grid. ``register``: align each secondary
+    ``spacing`` (mm along the left-right, back-front and down-up axes, whatever order a series stores its array
+    axes in: the network sees every case in RAS order): every case is resampled to it; null keeps the primary
+    grid. Predictions are resampled back onto the primary grid. ``register``: align each secondary
     modality to the primary (``rigid``, ``translation`` or ``none``) by mutual information before the network sees
     it; motions over ``register_max_mm`` count as failures and are not applied. ``fov_coverage``: a secondary
     modality whose field of view covers less of the working grid than this fraction (an MR slab on a whole-abdomen

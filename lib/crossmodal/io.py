@@ -235,19 +235,69 @@ def format_mm(sizes: Sequence[float] | np.ndarray) -> str:
     return " x ".join(f"{float(v):.3g}" for v in sizes)
 
 
+def voxel_mm(affine: Any) -> list[float]:
+    """The voxel size (mm, to 0.001) of a grid's 4 x 4 affine along the RAS axes (left-right, back-front, down-up),
+    whatever the order its array axes are stored in (a sagittal series' as an axial one's): the order the network
+    sees a case in (nibabel's closest-RAS axes, as :func:`crossmodal.transforms.to_canonical` permutes them), and the
+    one ``data.spacing`` and the weights' record are written in.
+
+    Example:
+        >>> voxel_mm(np.diag([2.0, -2.0, 3.0, 1.0]))
+        [2.0, 2.0, 3.0]
+        >>> voxel_mm(torch.tensor([[0.0, 0, 3, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]]))  # stored sagittal
+        [3.0, 1.0, 1.0]
+    """
+    a = np.asarray(affine, dtype=np.float64)
+    sizes = [round(float(v), 3) for v in np.sqrt((a[:3, :3] ** 2).sum(0))]
+    ornt = nib.orientations.io_orientation(a)
+    if not np.isfinite(ornt).all():  # a degenerate axis: its own order
+        return sizes
+    out = [0.0, 0.0, 0.0]
+    for j, axis in enumerate(ornt[:, 0]):
+        out[int(axis)] = sizes[j]
+    return out
+
+
+def on_array_axes(ras_mm: Sequence[float], affine: Any) -> tuple[float, float, float]:
+    """A voxel size along the RAS axes (``data.spacing``, a weights' record) as it lies on the array axes of the
+    grid with this 4 x 4 affine: the size to resample that grid to so that the network, which sees it in RAS order,
+    sees ``ras_mm``.
+
+    Example:
+        >>> on_array_axes([2.0, 2.0, 3.0], np.diag([1.0, 1.0, 1.0, 1.0]))
+        (2.0, 2.0, 3.0)
+        >>> on_array_axes([2.0, 2.0, 3.0], np.array([[0.0, 0, 1, 0], [0, 1, 0, 0], [-1, 0, 0, 0], [0, 0, 0, 1]]))
+        (3.0, 2.0, 2.0)
+    """
+    ornt = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
+    if not np.isfinite(ornt).all():
+        return float(ras_mm[0]), float(ras_mm[1]), float(ras_mm[2])
+    a, b, c = (float(ras_mm[int(axis)]) for axis in ornt[:, 0])
+    return a, b, c
+
+
+def header_affine(path: str | os.PathLike[str]) -> np.ndarray:
+    """The 4 x 4 affine (array axes -> mm; world axes in the file's own space, RAS or LPS: their order and the steps'
+    lengths are what count) of the NIfTI, NRRD or MetaImage file at ``path``, from its header alone."""
+    name = str(path).lower()
+    out = np.eye(4)
+    if name.endswith(".nrrd"):
+        out[:3, :3] = np.asarray(nrrd.read_header(str(path))["space directions"], dtype=np.float64)[-3:].T
+    elif name.endswith(".mha"):
+        reader = metaimage_header(path)
+        direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(reader.GetDimension(), -1)
+        out[:3, :3] = direction[:3, :3] * np.asarray(reader.GetSpacing()[:3], dtype=np.float64)[None, :]
+    else:
+        out = np.asarray(nib.load(str(path)).affine, dtype=np.float64)  # type: ignore[attr-defined]
+    return out
+
+
 def header_spacing(path: str | os.PathLike[str]) -> tuple[float, float, float] | None:
-    """The voxel size (mm, per array axis) of the NIfTI, NRRD or MetaImage file at ``path`` from its header alone;
-    None when the header does not read."""
+    """The voxel size (mm, along the RAS axes as :func:`voxel_mm` gives it) of the NIfTI, NRRD or MetaImage file at
+    ``path`` from its header alone; None when the header does not read."""
     try:
-        name = str(path).lower()
-        if name.endswith(".nrrd"):
-            directions = np.asarray(nrrd.read_header(str(path))["space directions"], dtype=np.float64)[-3:]
-            sizes = np.sqrt((directions**2).sum(1))
-        elif name.endswith(".mha"):
-            sizes = np.asarray(metaimage_header(path).GetSpacing()[:3], dtype=np.float64)
-        else:
-            sizes = np.asarray(nib.load(str(path)).header.get_zooms()[:3], dtype=np.float64)  # type: ignore[attr-defined]
-        return (float(sizes[0]), float(sizes[1]), float(sizes[2]))
+        a, b, c = voxel_mm(header_affine(path))
+        return a, b, c
     except Exception:  # absent, truncated or not an image: loading it says why
         return None
 

@@ -41,11 +41,13 @@ from crossmodal.io import (
     format_mm,
     image_volume,
     load_volume,
+    on_array_axes,
     one_volume,
     read_label,
     resample_to,
     same_grid,
     volume_3d,
+    voxel_mm,
 )
 from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE, invalid_values, to_training
 from crossmodal.propagate import PropagationCache, grow_checked
@@ -65,15 +67,18 @@ def normalize(img: torch.Tensor, modality: ModalityConfig) -> torch.Tensor:
 
 
 def working_spacing(primary: MetaTensor, cfg: CrossModalConfig) -> tuple[float, float, float] | None:
-    """The voxel size (mm, the primary's axes) a case is resampled to: ``cfg.data.spacing``; with that null, the
-    weights' own (``data.weights_spacing``) where the case's differs from it by more than
-    :data:`~crossmodal.config.SPACING_TOLERANCE` on an axis; else None (the primary grid as it is)."""
-    if cfg.data.spacing:
-        return cfg.data.spacing
-    trained = cfg.data.weights_spacing
-    if not trained:
-        return None
+    """The voxel size (mm, on the primary's array axes) a case is resampled to: ``cfg.data.spacing``; with that
+    null, the weights' own (``data.weights_spacing``) where the case's differs from it by more than
+    :data:`~crossmodal.config.SPACING_TOLERANCE` on an axis; else None (the primary grid as it is). Both are sizes
+    along the RAS axes, the order the network sees a case in (:func:`to_canonical`), put onto the primary's axes
+    (:func:`~crossmodal.io.on_array_axes`): a sagittally stored series of an axially trained model gets its thick
+    axis where the training cases had theirs."""
     src = primary.affine.double().numpy()
+    if cfg.data.spacing:
+        return on_array_axes(cfg.data.spacing, src)
+    if not cfg.data.weights_spacing:
+        return None
+    trained = on_array_axes(cfg.data.weights_spacing, src)
     ratio = np.sqrt((src[:3, :3] ** 2).sum(0)) / np.asarray(trained)
     return trained if bool((np.maximum(ratio, 1 / ratio) > SPACING_TOLERANCE).any()) else None
 
@@ -254,10 +259,10 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
         raise CaseError(case.case_id, None, f"dropping {sorted(drop)} leaves no modality to segment with")
     primary = image_volume(load_volume(case.primary, case.case_id), case.case_id, case.primary)
     grid = {"primary_affine": primary.affine.clone(), "primary_shape": tuple(primary.shape[1:])}
-    trained = None if cfg.data.spacing else working_spacing(primary, cfg)
+    trained = None if cfg.data.spacing or not working_spacing(primary, cfg) else cfg.data.weights_spacing
     if trained and (case.case_id, trained) not in _RESAMPLED:
         _RESAMPLED.add((case.case_id, trained))  # once per case and size in a process (training reads it each epoch)
-        own = np.sqrt((primary.affine.double().numpy()[:3, :3] ** 2).sum(0))
+        own = voxel_mm(primary.affine)
         logger.info(f"case {case.case_id!r}: voxels of {format_mm(own)} mm, and the model was "
                     f"trained at {format_mm(trained)} mm (data.spacing not set): resampled to "
                     "it, the labels back onto the case's grid")

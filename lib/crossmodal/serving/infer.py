@@ -23,7 +23,7 @@ from crossmodal.config import (
 )
 from crossmodal.errors import CaseError, cause_of_type
 from crossmodal.inference import NetworkInferer
-from crossmodal.io import IMAGE_EXTENSIONS, case_id_of, save_volume
+from crossmodal.io import IMAGE_EXTENSIONS, case_id_of, save_volume, voxel_mm
 from crossmodal.nets import CrossModalNet, unwrap, weights_voxel_mm
 from crossmodal.serving.datastore import http_error, request_device
 from crossmodal.transforms import preprocessing, to_primary_grid, to_primary_labels
@@ -41,27 +41,6 @@ MAX_MC_SAMPLES = 64  # Monte-Carlo dropout passes one uncertainty request may as
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.as_tensor() if isinstance(t, MetaTensor) else t
-
-
-def voxel_mm(affine: torch.Tensor) -> list[float]:
-    """The voxel size (mm, to 0.001) of a grid's 4 x 4 affine along the RAS axes (left-right, back-front, down-up),
-    whatever the order its array axes are stored in (a sagittal series' as an axial one's).
-
-    Example:
-        >>> voxel_mm(torch.diag(torch.tensor([2.0, -2.0, 3.0, 1.0])))
-        [2.0, 2.0, 3.0]
-        >>> voxel_mm(torch.tensor([[0.0, 0, 3, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]]))  # stored sagittal
-        [3.0, 1.0, 1.0]
-    """
-    a = torch.as_tensor(affine).double()[:3, :3]
-    sizes = [round(float(v), 3) for v in a.pow(2).sum(0).sqrt()]
-    axes = a.abs().argmax(0).tolist()  # the world axis each array axis runs along most
-    if sorted(axes) != [0, 1, 2]:  # an oblique grid at 45 degrees: its own order
-        return sizes
-    out = [0.0, 0.0, 0.0]
-    for j, axis in enumerate(axes):
-        out[axis] = sizes[j]
-    return out
 
 
 class ArgmaxLabel:
