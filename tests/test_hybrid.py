@@ -493,6 +493,14 @@ def test_training_cases_of_several_voxel_sizes_without_a_working_spacing_are_war
     assert training_voxel_mm(cfg, items) == (2.0, 2.0, 2.0) and training_voxel_mm(cfg, items[1:]) == (1.5, 1.5, 2.0)
     assert training_voxel_mm(load_config("phantom", overrides={"data": {"spacing": [1, 2, 3]}}), items) == (1, 2, 3)
     assert training_voxel_mm(cfg, [{"image": str(tmp_path / "gone.nii.gz")}]) is None
+    # the same 2 x 2 x 3 mm voxels stored sagittally (array axes I, A, R: 3, 2, 2 mm) are one size along R, A, S
+    save_volume(tmp_path / "sag.nii.gz", np.zeros((4, 4, 4), np.float32),
+                np.array([[0.0, 0, 2, 0], [0, 2, 0, 0], [-3, 0, 0, 0], [0, 0, 0, 1]]))
+    pair = [items[2], {"image": str(tmp_path / "sag.nii.gz"), "label_kind": DENSE}]
+    assert check_spacings(cfg, pair) is None and training_voxel_mm(cfg, pair) == (2.0, 2.0, 3.0)
+    save_volume(tmp_path / "flat.nii.gz", np.zeros((4, 4, 4), np.float32), np.diag([3.0, 2.0, 2.0, 1.0]))
+    assert "from 2 x 2 x 3 mm (c) to 3 x 2 x 2 mm (flat)" in check_spacings(  # one voxel volume: both named
+        cfg, [items[2], {"image": str(tmp_path / "flat.nii.gz")}])
     # a training run says it (a case whose primary and label claim 3 mm voxels)
     studies = make_phantom_studies(tmp_path / "s", cfg, cases=3, dense=2, sparse=0, seed=5)
     for path in (studies / "phantom001.nii.gz", studies / "labels" / "final" / "phantom001.nii.gz"):

@@ -764,8 +764,8 @@ def check_spacings(cfg: CrossModalConfig, items: list[dict[str, Any]],
     if not bool((arr.max(0) / arr.min(0) > tolerance).any()):
         return None
     median = [round(float(v), 2) for v in np.median(arr, 0)]
-    volume = {c: float(np.prod(v)) for c, v in sizes.items()}
-    fine, coarse = min(sizes, key=volume.__getitem__), max(sizes, key=volume.__getitem__)
+    order = {c: (float(np.prod(v)), tuple(v)) for c, v in sizes.items()}  # by voxel volume, ties by the sizes
+    fine, coarse = min(sizes, key=order.__getitem__), max(sizes, key=order.__getitem__)
     shown = {c: format_mm(sizes[c]) for c in (fine, coarse)}
     message = (f"the {len(sizes)} training cases come in voxel sizes from {shown[fine]} mm ({fine}) to "
                f"{shown[coarse]} mm ({coarse}), and data.spacing is not set: the network sees each case at its own "
