@@ -208,7 +208,8 @@ class TrainingFit:
     """A fine-tuning with no label held out (one labelled case, or ``val_split`` 0): how well the starting model and
     the run's last one segment the run's own labelled cases (partial Dice on what was drawn; an ignite handler on
     the trainer's ``STARTED`` and ``COMPLETED``, every process). A run from scratch beside a model in service
-    (``scratch``) is held to that model's fit, scored with ``start_network`` (the model in service, loaded beside).
+    (``scratch``) is held to that model's fit, scored by ``start_evaluator`` (the model in service, loaded beside,
+    on the run's labelled cases as inference reads them for it: :meth:`CrossModalTrain.beside_config`).
 
     Without held-out labels the last model is published (:class:`LatestModel`), so a learning rate that wrecked the
     model while its loss stayed finite went into service (AdamW steps of 1.0: the committed phantom model, fine-tuned
@@ -221,10 +222,10 @@ class TrainingFit:
     """
 
     def __init__(self, evaluator: SupervisedEvaluator, key: str, start_from: str, cases: int, tolerance: float,
-                 start_network: torch.nn.Module | None = None) -> None:
+                 start_evaluator: SupervisedEvaluator | None = None) -> None:
         self.evaluator, self.key, self.start_from, self.cases, self.tolerance = \
             evaluator, key, start_from, cases, tolerance
-        self.start_network, self.scratch = start_network, start_network is not None
+        self.start_evaluator, self.scratch = start_evaluator, start_evaluator is not None
         self.start: float | None = None
         self.end: float | None = None
         self.seconds: list[float] = []  # each evaluation's
@@ -233,22 +234,17 @@ class TrainingFit:
         trainer.add_event_handler(Events.STARTED, self.started)
         trainer.add_event_handler(Events.COMPLETED, self.completed)
 
-    def score(self) -> float:
-        """The evaluator's key metric over the run's labelled cases."""
+    def score(self, evaluator: SupervisedEvaluator | None = None) -> float:
+        """The key metric of ``evaluator`` (default: the run's network's) over the run's labelled cases."""
+        evaluator = evaluator or self.evaluator
         t0 = time.perf_counter()
-        self.evaluator.run()
+        evaluator.run()
         self.seconds.append(time.perf_counter() - t0)
-        return float(self.evaluator.state.metrics[self.key])
+        return float(evaluator.state.metrics[self.key])
 
     def started(self, engine: Engine) -> None:
-        if self.start_network is None:
-            self.start = self.score()
-        else:  # from scratch: the model in service, loaded beside the run's network, then let go
-            network, self.evaluator.network = self.evaluator.network, self.start_network
-            try:
-                self.start = self.score()
-            finally:
-                self.evaluator.network, self.start_network = network, None
+        self.start = self.score(self.start_evaluator)
+        self.start_evaluator = None  # from scratch: the model in service, loaded beside, let go
         what = f"training from scratch beside {self.start_from} with no label held out: the model in service" \
             if self.scratch else f"fine-tuning {self.start_from} with no label held out: it"
         logger.info(f"{what} fits this run's {self.cases} "
@@ -1407,6 +1403,26 @@ class CrossModalTrain(BasicTrainTask):
         train = [d for d in items if d not in val]
         return train + unlabeled, val
 
+    def beside_config(self, path: str) -> CrossModalConfig:
+        """The preset as the model at ``path`` (in service beside a run from scratch) is served with: where
+        ``data.spacing`` is null and its weights record another voxel size than the run's, with that size, as the
+        infer task reads cases for it (:meth:`CrossModalInfer.working_config`); else the run's."""
+        trained = None if self.cfg.data.spacing else weights_voxel_mm(path)
+        if not trained or trained == self.cfg.data.weights_spacing:
+            return self.cfg
+        return dataclasses.replace(self.cfg, data=dataclasses.replace(self.cfg.data, weights_spacing=trained))
+
+    def _beside_loader(self, context: Context, items: list[dict[str, Any]], path: str, loader: Any) -> Any:
+        """``loader`` (the run's, over ``items``) where the model at ``path`` reads cases as the run does; else one
+        over ``items`` read at its :meth:`beside_config` (a run from scratch under a null ``data.spacing`` works on
+        its cases' own grids, where the model in service, trained at another voxel size, scores low: a bar the run
+        beat without being better)."""
+        cfg = self.beside_config(path)
+        if cfg is self.cfg:
+            return loader
+        return self._dataloader(context, Dataset(items, self._validate_transforms(
+            preprocessing(cfg, "val"), "Validation", "pre")), 1, 0, shuffle=False)
+
     def _loaded_beside(self, context: Context, path: str) -> torch.nn.Module:
         """A fresh network on the run's device holding the weights of ``path`` (the model in service, the bar that a
         run from scratch is held to)."""
@@ -1434,9 +1450,13 @@ class CrossModalTrain(BasicTrainTask):
         against = start_from or self.in_service()
         if context.evaluator is None or against is None or context.request.get("publish") == "best_of_run":
             return None
-        # a run from scratch: the model in service, loaded beside it, sets the bar
-        network = context.network if start_from is not None else self._loaded_beside(context, against)
-        bare = self._bare_evaluator(context, context.evaluator.data_loader, network)
+        # a run from scratch: the model in service, loaded beside it, sets the bar on the cases as it reads them
+        if start_from is not None:
+            bare = self._bare_evaluator(context, context.evaluator.data_loader, context.network)
+        else:
+            bare = self._bare_evaluator(context, self._beside_loader(context, context.val_datalist, against,
+                                                                              context.evaluator.data_loader),
+                                        self._loaded_beside(context, against))
         start = StartingScore(bare, context.evaluator.state.key_metric_name, against, scratch=start_from is None)
         start.attach(context.trainer)
         return start
@@ -1452,13 +1472,14 @@ class CrossModalTrain(BasicTrainTask):
         if context.evaluator is not None or against is None or not labelled or \
                 context.request.get("publish") == "best_of_run":
             return None
-        # a run from scratch: the model in service, loaded beside it, sets the bar
-        beside = self._loaded_beside(context, against) if start_from is None else None
         loader = self._dataloader(context, Dataset(labelled, self._validate_transforms(
             self.val_pre_transforms(context), "Validation", "pre")), 1, 0, shuffle=False)
         bare = self._bare_evaluator(context, loader, context.network)
+        # a run from scratch: the model in service, loaded beside it, sets the bar on the cases as it reads them
+        beside = None if start_from is not None else self._bare_evaluator(
+            context, self._beside_loader(context, labelled, against, loader), self._loaded_beside(context, against))
         fit = TrainingFit(bare, next(iter(self.val_key_metric(context))), against, len(labelled),
-                          self.cfg.train.fit_tolerance, start_network=beside)
+                          self.cfg.train.fit_tolerance, start_evaluator=beside)
         fit.attach(context.trainer)
         return fit
 
