@@ -765,11 +765,12 @@ def test_a_fine_tuning_with_no_held_out_label_publishes_only_a_model_that_still_
             "rate too high (this run's: 0.01) or too few epochs to learn them: train again") in caplog.text
 
 
-def test_a_run_from_scratch_is_held_to_the_model_in_service_at_the_voxel_size_it_records(tmp_path: Path):
+def test_a_run_is_held_to_the_model_in_service_at_the_voxel_size_it_records(tmp_path: Path, caplog):
     """Under a null ``data.spacing`` a run from scratch works on its cases' own grids, and the model in service beside
     it was scored there too: trained at 2 mm, on 1 mm phantom cases it scored 0.26, a bar that 40 epochs from scratch
     beat at 0.865 and replaced it (0.895 at its 2 mm). The bar is that model's score on the cases read at the voxel
-    size it records, as inference reads them: with labels held out and without (the fit check)."""
+    size it records, as inference reads them: with labels held out and without (the fit check), from scratch or
+    fine-tuning it under a preset whose ``data.spacing`` is another."""
     from crossmodal.data.phantom import make_phantom
     from crossmodal.data.studies import generate
 
@@ -795,6 +796,15 @@ def test_a_run_from_scratch_is_held_to_the_model_in_service_at_the_voxel_size_it
                         from_scratch=True)["training_fit"]
     assert fit["from_scratch"] and fit["start"] > 0.85 and not fit["published"], fit
     assert model.read_bytes() == kept
+    # fine-tuning it under a preset edited to 1 mm since: the run trains (and records) 1 mm, held to that model
+    # segmenting at its own 2 mm (it scored 0.26 at 1 mm, the bar before)
+    save_config(load_config("phantom", overrides={"data": {"spacing": [1.0, 1.0, 1.0]}}), tmp_path / "one.yaml")
+    with caplog.at_level(logging.INFO):
+        tuned = train_offline(str(studies), str(tmp_path / "one.yaml"), str(tmp_path / "m"), epochs=1, device="cpu")
+    assert tuned["start_model"] == str(model) and tuned["start_metric"] == pytest.approx(held["start_metric"],
+                                                                                         abs=1e-4), tuned
+    assert f"fine-tuning {model}, trained at 2 x 2 x 2 mm, at the preset's data.spacing 1 x 1 x 1 mm" in caplog.text
+    assert weights_voxel_mm(tmp_path / "m" / "train_03" / "model.pt") == (1.0, 1.0, 1.0)
 
 
 def test_a_non_finite_loss_names_its_parts_or_says_they_were_finite():

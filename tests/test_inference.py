@@ -342,8 +342,10 @@ def test_the_shipped_presets_resample_a_case_of_another_voxel_size_to_their_weig
     assert weights_voxel_mm(tmp_path / "recorded.pt") == (2.0, 2.0, 2.0)
     transforms._RESAMPLED.clear()  # said once per case and size in a process
     scores = {}
+    save_config(load_config("phantom", overrides={"data": {"spacing": [1.0, 1.0, 1.0]}}), tmp_path / "one.yaml")
     runs = {"phantom": ("phantom", model), "null": (str(tmp_path / "null.yaml"), model),
-            "recorded": (str(tmp_path / "null.yaml"), tmp_path / "recorded.pt")}
+            "recorded": (str(tmp_path / "null.yaml"), tmp_path / "recorded.pt"),
+            "one": (str(tmp_path / "one.yaml"), tmp_path / "recorded.pt")}  # a preset edited since: 1 mm
     for name, (config, weights) in runs.items():
         out = tmp_path / name
         caplog.clear()
@@ -353,6 +355,10 @@ def test_the_shipped_presets_resample_a_case_of_another_voxel_size_to_their_weig
         said = "case 'phantom000': voxels of 1 x 1 x 1 mm, and the model was trained at 2 x 2 x 2 mm (data.spacing " \
             "not set): resampled to it, the labels back onto the case's grid"
         assert (said in caplog.text) == (name == "recorded"), caplog.text[-2000:]
+        told = (f"the preset's data.spacing is 1 x 1 x 1 mm and the model {tmp_path / 'recorded.pt'} was trained at 2 "
+                "x 2 x 2 mm: cases are segmented at 2 x 2 x 2 mm, its own; a training run trains at data.spacing (set "
+                "it to [2.0, 2.0, 2.0] to keep the model's)")
+        assert (told in caplog.text) == (name == "one"), caplog.text[-2000:]
         printed = capsys.readouterr().out  # predict's line of each case says at what voxel size it was segmented
         assert printed.count("; 1 x 1 x 1 mm voxels, segmented at 2 x 2 x 2 mm) -> ") == 2 * (name != "null"), printed
         report = json.loads((out / "predictions.json").read_text())["per_case"][0]
@@ -366,3 +372,4 @@ def test_the_shipped_presets_resample_a_case_of_another_voxel_size_to_their_weig
         scores[name] = float(np.mean(per_case))
     assert scores["phantom"] > 0.85 and scores["null"] < 0.7, scores
     assert scores["recorded"] == pytest.approx(scores["phantom"], abs=1e-4), scores  # the same resampling
+    assert scores["one"] == pytest.approx(scores["phantom"], abs=1e-4), scores  # at 1 mm before: 0.37

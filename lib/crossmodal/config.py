@@ -571,6 +571,16 @@ class DataConfig:
 SPACING_TOLERANCE = 1.25  # voxel sizes within this factor on every axis count as one (no resampling, no warning)
 
 
+def far_apart(a: Iterable[float], b: Iterable[float], tolerance: float = SPACING_TOLERANCE) -> bool:
+    """Whether two voxel sizes (mm, per axis) differ by more than ``tolerance`` times on an axis.
+
+    Example:
+        >>> far_apart([2, 2, 2], [2, 2, 2.4]), far_apart([1, 1, 1], [2, 2, 2])
+        (False, True)
+    """
+    return any(max(x / y, y / x) > tolerance for x, y in zip(a, b, strict=True))
+
+
 @dataclass
 class ActiveConfig:
     """Active learning (``crossmodal.active``): score weights, diversity, the hand-out lock, scoring cost.
@@ -787,6 +797,29 @@ def default_configs_dir() -> Path:
     """``$CROSSMODAL_CONFIGS`` or the repository's ``configs/`` folder."""
     env = os.environ.get("CROSSMODAL_CONFIGS")
     return Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
+
+
+def served_config(cfg: CrossModalConfig, recorded: Iterable[float] | None) -> CrossModalConfig:
+    """The preset as a model whose weights record having been trained at ``recorded`` (mm along R, A, S; None: not
+    recorded) reads cases: its voxel size is the one it is served at. With ``data.spacing`` null, as
+    ``data.weights_spacing`` (a case more than :data:`SPACING_TOLERANCE` off it on an axis is resampled to it); with
+    ``data.spacing`` set and that far from the record (the preset edited after the model was trained, a model of
+    another preset), as ``data.spacing``: a model trained at 2 mm segments 1 mm cases poorly; else ``cfg`` itself.
+
+    Example:
+        >>> cfg = load_config("phantom")  # data.spacing: [2, 2, 2]
+        >>> served_config(cfg, (2.0, 2.0, 2.2)) is cfg, served_config(cfg, (1.0, 1.0, 1.0)).data.spacing
+        (True, (1.0, 1.0, 1.0))
+    """
+    if not recorded:
+        return cfg
+    a, b, c = (float(v) for v in recorded)
+    mm = (a, b, c)
+    if cfg.data.spacing:
+        return cfg if not far_apart(cfg.data.spacing, mm) else \
+            dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, spacing=mm))
+    return cfg if cfg.data.weights_spacing == mm else \
+        dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, weights_spacing=mm))
 
 
 def load_config(name_or_path: str, configs_dir: str | os.PathLike[str] | None = None,

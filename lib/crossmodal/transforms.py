@@ -32,7 +32,7 @@ from monai.transforms import (
     Transform,
 )
 
-from crossmodal.config import SPACING_TOLERANCE, CrossModalConfig, ModalityConfig
+from crossmodal.config import CrossModalConfig, ModalityConfig, far_apart
 from crossmodal.io import (
     Case,
     CaseError,
@@ -79,8 +79,7 @@ def working_spacing(primary: MetaTensor, cfg: CrossModalConfig) -> tuple[float, 
     if not cfg.data.weights_spacing:
         return None
     trained = on_array_axes(cfg.data.weights_spacing, src)
-    ratio = np.sqrt((src[:3, :3] ** 2).sum(0)) / np.asarray(trained)
-    return trained if bool((np.maximum(ratio, 1 / ratio) > SPACING_TOLERANCE).any()) else None
+    return trained if far_apart(np.sqrt((src[:3, :3] ** 2).sum(0)), trained) else None
 
 
 def working_grid(primary: MetaTensor, cfg: CrossModalConfig) -> MetaTensor:

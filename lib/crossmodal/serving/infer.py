@@ -20,10 +20,11 @@ from crossmodal.config import (
     parse_mirror_axes,
     parse_overlap,
     parse_sw_batch_size,
+    served_config,
 )
 from crossmodal.errors import CaseError, cause_of_type
 from crossmodal.inference import NetworkInferer
-from crossmodal.io import IMAGE_EXTENSIONS, case_id_of, save_volume, voxel_mm
+from crossmodal.io import IMAGE_EXTENSIONS, case_id_of, format_mm, save_volume, voxel_mm
 from crossmodal.nets import CrossModalNet, unwrap, weights_voxel_mm
 from crossmodal.serving.datastore import http_error, request_device
 from crossmodal.transforms import preprocessing, to_primary_grid, to_primary_labels
@@ -36,6 +37,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
+_TOLD: set[tuple[str | None, tuple[float, float, float]]] = set()  # (model, its size) said once
 MAX_MC_SAMPLES = 64  # Monte-Carlo dropout passes one uncertainty request may ask for
 
 
@@ -131,12 +133,20 @@ class CrossModalInfer(BasicInferTask):
         return list(preprocessing(self.working_config(), "infer", missing=missing, drop=drop).transforms)
 
     def working_config(self) -> CrossModalConfig:
-        """The preset, where its ``data.spacing`` is null with the voxel size the model in service records having
-        been trained at (``data.weights_spacing``: a case far from it is resampled to it)."""
-        trained = None if self.cfg.data.spacing else weights_voxel_mm(self.get_path())
-        if not trained:
-            return self.cfg
-        return dataclasses.replace(self.cfg, data=dataclasses.replace(self.cfg.data, weights_spacing=trained))
+        """The preset as the model in service reads cases (:func:`~crossmodal.config.served_config`): at the voxel
+        size its weights record having been trained at, where the preset's ``data.spacing`` is null or far from it
+        (said once per model file: a preset edited after its model was trained segmented every case at the new size,
+        silently)."""
+        path = self.get_path()
+        trained = weights_voxel_mm(path)
+        cfg = served_config(self.cfg, trained)
+        if trained and self.cfg.data.spacing and cfg is not self.cfg and (path, trained) not in _TOLD:
+            _TOLD.add((path, trained))
+            logger.warning(f"the preset's data.spacing is {format_mm(self.cfg.data.spacing)} mm and the model "
+                           f"{path} was trained at {format_mm(trained)} mm: cases are segmented at "
+                           f"{format_mm(trained)} mm, its own; a training run trains at data.spacing (set it to "
+                           f"{list(trained)} to keep the model's)")
+        return cfg
 
     def inferer(self, data: dict[str, Any] | None = None) -> Inferer:
         data = data or {}

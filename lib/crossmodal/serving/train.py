@@ -62,9 +62,11 @@ from crossmodal.config import (
     as_number,
     atomic_write_bytes,
     atomic_write_text,
+    far_apart,
     json_safe,
     near_miss,
     save_config,
+    served_config,
 )
 from crossmodal.errors import CaseError, TrainingDiverged, user_error_in
 from crossmodal.hybrid import (
@@ -208,8 +210,9 @@ class TrainingFit:
     """A fine-tuning with no label held out (one labelled case, or ``val_split`` 0): how well the starting model and
     the run's last one segment the run's own labelled cases (partial Dice on what was drawn; an ignite handler on
     the trainer's ``STARTED`` and ``COMPLETED``, every process). A run from scratch beside a model in service
-    (``scratch``) is held to that model's fit, scored by ``start_evaluator`` (the model in service, loaded beside,
-    on the run's labelled cases as inference reads them for it: :meth:`CrossModalTrain.beside_config`).
+    (``scratch``) is held to that model's fit. ``start_evaluator`` (default ``evaluator``) scores the starting model,
+    or the model in service loaded beside, on the run's labelled cases as inference reads them for it
+    (:meth:`CrossModalTrain.beside_config`: at the voxel size it records).
 
     Without held-out labels the last model is published (:class:`LatestModel`), so a learning rate that wrecked the
     model while its loss stayed finite went into service (AdamW steps of 1.0: the committed phantom model, fine-tuned
@@ -222,10 +225,10 @@ class TrainingFit:
     """
 
     def __init__(self, evaluator: SupervisedEvaluator, key: str, start_from: str, cases: int, tolerance: float,
-                 start_evaluator: SupervisedEvaluator | None = None) -> None:
+                 start_evaluator: SupervisedEvaluator | None = None, scratch: bool = False) -> None:
         self.evaluator, self.key, self.start_from, self.cases, self.tolerance = \
             evaluator, key, start_from, cases, tolerance
-        self.start_evaluator, self.scratch = start_evaluator, start_evaluator is not None
+        self.start_evaluator, self.scratch = start_evaluator, scratch
         self.start: float | None = None
         self.end: float | None = None
         self.seconds: list[float] = []  # each evaluation's
@@ -1361,8 +1364,14 @@ class CrossModalTrain(BasicTrainTask):
         record the voxel size they were trained at, with that size (``data.weights_spacing``): a case far from it is
         resampled to it, as inference does, and the run's weights record it again; else the preset."""
         pretrained = check_train_request({"pretrained": request.get("pretrained", True)})["pretrained"]
-        start = self.in_service() if pretrained and not self.cfg.data.spacing else None
+        start = self.in_service() if pretrained else None
         trained = weights_voxel_mm(start)
+        if trained and self.cfg.data.spacing:
+            if far_apart(self.cfg.data.spacing, trained):
+                logger.info(f"fine-tuning {start}, trained at {format_mm(trained)} mm, at the preset's data.spacing "
+                            f"{format_mm(self.cfg.data.spacing)} mm: its model will record that size, and it is "
+                            f"held to {start} segmenting at its own")
+            return self.cfg
         if not trained:
             return self.cfg
         logger.info(f"data.spacing is not set and {start} was trained at {format_mm(trained)} mm: "
@@ -1404,19 +1413,16 @@ class CrossModalTrain(BasicTrainTask):
         return train + unlabeled, val
 
     def beside_config(self, path: str) -> CrossModalConfig:
-        """The preset as the model at ``path`` (in service beside a run from scratch) is served with: where
-        ``data.spacing`` is null and its weights record another voxel size than the run's, with that size, as the
-        infer task reads cases for it (:meth:`CrossModalInfer.working_config`); else the run's."""
-        trained = None if self.cfg.data.spacing else weights_voxel_mm(path)
-        if not trained or trained == self.cfg.data.weights_spacing:
-            return self.cfg
-        return dataclasses.replace(self.cfg, data=dataclasses.replace(self.cfg.data, weights_spacing=trained))
+        """The run's preset as the model at ``path`` (the one it fine-tunes, or the one in service beside a run from
+        scratch) reads cases in service (:func:`~crossmodal.config.served_config`, as the infer task's
+        ``working_config``); the run's own where that is how it reads them."""
+        return served_config(self.cfg, weights_voxel_mm(path))
 
     def _beside_loader(self, context: Context, items: list[dict[str, Any]], path: str, loader: Any) -> Any:
         """``loader`` (the run's, over ``items``) where the model at ``path`` reads cases as the run does; else one
         over ``items`` read at its :meth:`beside_config` (a run from scratch under a null ``data.spacing`` works on
-        its cases' own grids, where the model in service, trained at another voxel size, scores low: a bar the run
-        beat without being better)."""
+        its cases' own grids, a fine-tuning at its preset's ``data.spacing``: there a model trained at another
+        voxel size scores low, a bar the run beat without being better)."""
         cfg = self.beside_config(path)
         if cfg is self.cfg:
             return loader
@@ -1450,13 +1456,11 @@ class CrossModalTrain(BasicTrainTask):
         against = start_from or self.in_service()
         if context.evaluator is None or against is None or context.request.get("publish") == "best_of_run":
             return None
-        # a run from scratch: the model in service, loaded beside it, sets the bar on the cases as it reads them
-        if start_from is not None:
-            bare = self._bare_evaluator(context, context.evaluator.data_loader, context.network)
-        else:
-            bare = self._bare_evaluator(context, self._beside_loader(context, context.val_datalist, against,
-                                                                              context.evaluator.data_loader),
-                                        self._loaded_beside(context, against))
+        # a run from scratch: the model in service, loaded beside it, sets the bar; either scores the held-out cases
+        # as it reads them in service
+        network = context.network if start_from is not None else self._loaded_beside(context, against)
+        bare = self._bare_evaluator(context, self._beside_loader(context, context.val_datalist, against,
+                                                                 context.evaluator.data_loader), network)
         start = StartingScore(bare, context.evaluator.state.key_metric_name, against, scratch=start_from is None)
         start.attach(context.trainer)
         return start
@@ -1475,11 +1479,13 @@ class CrossModalTrain(BasicTrainTask):
         loader = self._dataloader(context, Dataset(labelled, self._validate_transforms(
             self.val_pre_transforms(context), "Validation", "pre")), 1, 0, shuffle=False)
         bare = self._bare_evaluator(context, loader, context.network)
-        # a run from scratch: the model in service, loaded beside it, sets the bar on the cases as it reads them
-        beside = None if start_from is not None else self._bare_evaluator(
-            context, self._beside_loader(context, labelled, against, loader), self._loaded_beside(context, against))
+        # a run from scratch: the model in service, loaded beside it, sets the bar; either scores the cases as it
+        # reads them in service
+        start_loader = self._beside_loader(context, labelled, against, loader)
+        start = bare if start_from is not None and start_loader is loader else self._bare_evaluator(
+            context, start_loader, context.network if start_from is not None else self._loaded_beside(context, against))
         fit = TrainingFit(bare, next(iter(self.val_key_metric(context))), against, len(labelled),
-                          self.cfg.train.fit_tolerance, start_evaluator=beside)
+                          self.cfg.train.fit_tolerance, start_evaluator=start, scratch=start_from is None)
         fit.attach(context.trainer)
         return fit
 
