@@ -175,17 +175,12 @@ def _sagittal(src: Path, dst: Path) -> None:
     save_volume(dst, np.ascontiguousarray(b), affine @ perm @ flip)
 
 
-def test_a_case_stored_in_another_axis_order_is_read_and_segmented_as_in_ras(tmp_path: Path):
-    """The network saw a sagittally stored series in that array order, not its training cases' (RAS): the demo's
-    brain011 so stored lost 8.6 CSF Dice points. Cases now reach the network in the closest RAS order (exactly: a
-    permutation and flips), and the segmentation goes back to the series' own grid."""
+def _ras_and_sagittal(tmp_path: Path, cfg, dense: int, sparse: int) -> tuple[Path, Path, list[dict]]:
+    """A one-case phantom studies folder (``ras``), its copy with the image and label stored sagittally (``sag``), and
+    the case of each as training loads it."""
     import shutil
 
-    from crossmodal.cli import main
-    from crossmodal.serving.train import plain
-
-    cfg = load_config("phantom")
-    ras = make_phantom_studies(tmp_path / "ras", cfg, cases=1, dense=0, sparse=1, seed=3)  # scribbles
+    ras = make_phantom_studies(tmp_path / "ras", cfg, cases=1, dense=dense, sparse=sparse, seed=3)
     sag = tmp_path / "sag"
     shutil.copytree(ras, sag)
     for path in (sag / "phantom000.nii.gz", sag / "labels" / "final" / "phantom000.nii.gz"):
@@ -193,6 +188,19 @@ def test_a_case_stored_in_another_axis_order_is_read_and_segmented_as_in_ras(tmp
     loaded = [LoadCased(cfg)({"image": str(s / "phantom000.nii.gz"), "label": str(s / "labels" / "final" /
                                                                                    "phantom000.nii.gz")})
               for s in (ras, sag)]
+    return ras, sag, loaded
+
+
+def test_a_case_stored_in_another_axis_order_is_read_and_segmented_as_in_ras(tmp_path: Path):
+    """The network saw a sagittally stored series in that array order, not its training cases' (RAS): the demo's
+    brain011 so stored lost 8.6 CSF Dice points. Cases now reach the network in the closest RAS order (exactly: a
+    permutation and flips), and the segmentation goes back to the series' own grid."""
+
+    from crossmodal.cli import main
+    from crossmodal.serving.train import plain
+
+    cfg = load_config("phantom")
+    ras, sag, loaded = _ras_and_sagittal(tmp_path, cfg, dense=0, sparse=1)  # scribbles
     assert torch.equal(plain(loaded[0]["image"]), plain(loaded[1]["image"]))  # the same array for the network
     assert torch.equal(plain(loaded[0]["label"]), plain(loaded[1]["label"]))  # and the same training label
     assert torch.allclose(loaded[0]["image"].affine.double(), loaded[1]["image"].affine.double(), atol=1e-5)
@@ -219,21 +227,13 @@ def test_the_working_spacing_and_the_weights_record_lie_along_the_ras_axes(tmp_p
     network sees every case in RAS order: an anisotropic preset resampled a sagittally stored case with its thick axis
     left-right instead of down-up, and under a null spacing, weights recording 2 x 2 x 3 mm resampled a sagittal
     case of those very voxels (array sizes 3, 2, 2) to the wrong ones. Both are sizes along R, A, S now."""
-    import shutil
 
     from crossmodal.io import header_spacing, voxel_mm
     from crossmodal.serving.train import plain
     from crossmodal.transforms import working_spacing
 
     cfg = load_config("phantom", overrides={"data": {"spacing": [2.0, 2.0, 3.0]}})
-    ras = make_phantom_studies(tmp_path / "ras", cfg, cases=1, dense=1, sparse=0, seed=3)
-    sag = tmp_path / "sag"
-    shutil.copytree(ras, sag)
-    for path in (sag / "phantom000.nii.gz", sag / "labels" / "final" / "phantom000.nii.gz"):
-        _sagittal(path, path)
-    loaded = [LoadCased(cfg)({"image": str(s / "phantom000.nii.gz"), "label": str(s / "labels" / "final" /
-                                                                                   "phantom000.nii.gz")})
-              for s in (ras, sag)]
+    ras, sag, loaded = _ras_and_sagittal(tmp_path, cfg, dense=1, sparse=0)
     for d in loaded:  # 96 mm: 48 x 48 x 32 voxels of 2 x 2 x 3 mm, the thick axis down-up
         assert tuple(d["image"].shape) == (3, 48, 48, 32) and voxel_mm(d["image"].affine) == [2.0, 2.0, 3.0]
     torch.testing.assert_close(plain(loaded[1]["image"]), plain(loaded[0]["image"]), atol=1e-4, rtol=0)
