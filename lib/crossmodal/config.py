@@ -541,7 +541,8 @@ class DataConfig:
 
     ``weights_spacing`` is not a preset's to set: with ``spacing`` null, inference fills it from the model's weights
     (the voxel size they were trained at, :func:`crossmodal.nets.weights_voxel_mm`), and a case whose voxels differ
-    from it by more than :data:`SPACING_TOLERANCE` on an axis is resampled to it (nnU-Net's target spacing).
+    from it by more than :data:`SPACING_TOLERANCE` on an axis is resampled to it (nnU-Net's target spacing). Where
+    ``spacing`` is set that far from the weights' record, inference uses the record instead (:func:`served_config`).
     """
 
     sidecar_dir: str = "modalities"

@@ -775,7 +775,7 @@ def check_spacings(cfg: CrossModalConfig, items: list[dict[str, Any]],
 
 
 def _voxel_sizes(items: list[dict[str, Any]]) -> dict[str, tuple[float, float, float]]:
-    """{case: its primary image's voxel size (mm, per array axis)} from the headers, of the cases whose header reads."""
+    """{case: its primary image's voxel size (mm along R, A, S)} from the headers, of the cases whose header reads."""
     return {case_id_of(d["image"]): s for d in items if (s := header_spacing(d["image"])) is not None}
 
 
@@ -1362,7 +1362,9 @@ class CrossModalTrain(BasicTrainTask):
     def run_config(self, request: dict[str, Any]) -> CrossModalConfig:
         """The preset as a run works with it: where its ``data.spacing`` is null and the run fine-tunes weights that
         record the voxel size they were trained at, with that size (``data.weights_spacing``): a case far from it is
-        resampled to it, as inference does, and the run's weights record it again; else the preset."""
+        resampled to it, as inference does, and the run's weights record it again; else the preset (a ``data.spacing``
+        far from the starting weights' record is said: the run trains at it, held to those weights segmenting at
+        theirs, :meth:`beside_config`)."""
         pretrained = check_train_request({"pretrained": request.get("pretrained", True)})["pretrained"]
         start = self.in_service() if pretrained else None
         trained = weights_voxel_mm(start)
