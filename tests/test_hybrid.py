@@ -42,8 +42,10 @@ from crossmodal.nets import (
     CrossModalOutput,
     InputSelect,
     build_network,
+    record_inputs,
     record_voxel_mm,
     weights_voxel_mm,
+    weights_windows,
 )
 from crossmodal.serving.app import AppParts
 from crossmodal.serving.offline import method_config, train_offline
@@ -517,10 +519,15 @@ def test_training_cases_of_several_voxel_sizes_without_a_working_spacing_are_war
     # its weights carry the median of its cases' voxel sizes (2, 3 and 2 mm), for inference to resample to
     assert weights_voxel_mm(stats["published"]) == (2.0, 2.0, 2.0)
     assert weights_voxel_mm(tmp_path / "m" / "train_01" / "model.pt") == (2.0, 2.0, 2.0)
+    assert weights_windows(stats["published"]) == {"ct": (-150.0, 250.0)}  # and the preset's CT window
     # fine-tuning weights that record 3 mm: its 2 mm cases are resampled to it, as inference would, and it records 3
+    # (and weights that record another CT window: the run trains at the preset's, says so and records it)
     net = build_network(cfg)
     net.load_state_dict(torch.load(stats["published"], weights_only=True))
     record_voxel_mm(net, (3.0, 3.0, 3.0))
+    record_inputs(net, load_config("phantom", overrides={"modalities": [
+        {"name": "ct", "kind": "ct", "window": [-1000, 1000]}, {"name": "pet", "kind": "pet"},
+        {"name": "mr", "kind": "mr"}]}))
     torch.save(net.state_dict(), tmp_path / "at3.pt")
     transforms._RESAMPLED.clear()  # said once per case and size in a process
     caplog.clear()
@@ -531,6 +538,10 @@ def test_training_cases_of_several_voxel_sizes_without_a_working_spacing_are_war
     assert "case 'phantom000': voxels of 2 x 2 x 2 mm, and the model was trained at 3 x 3 x 3 mm" in caplog.text
     assert "case 'phantom001': voxels" not in caplog.text  # 3 mm already
     assert weights_voxel_mm(tmp_path / "m2" / "train_01" / "model.pt") == (3.0, 3.0, 3.0)
+    assert (f"fine-tuning {tmp_path / 'at3.pt'}, trained at CT window ct -1000..1000, at the preset's ct -150..250: "
+            f"its model will record those, and it is held to {tmp_path / 'at3.pt'} segmenting at its own") \
+        in caplog.text
+    assert weights_windows(tmp_path / "m2" / "train_01" / "model.pt") == {"ct": (-150.0, 250.0)}
 
 
 def test_cases_whose_modality_covers_part_of_the_grid_train_as_without_it(tmp_path: Path, phantom_cfg, caplog):

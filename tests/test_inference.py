@@ -373,3 +373,81 @@ def test_the_shipped_presets_resample_a_case_of_another_voxel_size_to_their_weig
     assert scores["phantom"] > 0.85 and scores["null"] < 0.7, scores
     assert scores["recorded"] == pytest.approx(scores["phantom"], abs=1e-4), scores  # the same resampling
     assert scores["one"] == pytest.approx(scores["phantom"], abs=1e-4), scores  # at 1 mm before: 0.37
+
+
+def test_a_model_is_served_at_the_ct_window_it_records_and_refused_under_another_kind(tmp_path: Path, caplog):
+    """The phantom's model was trained at CT window -150..250: under a preset edited to -1000..1000 it segmented the
+    cases at that window, silently (0.59 mean Dice on 4 cases, 0.93 at its own). Weights now record each modality's
+    kind, input channel and CT window: served at theirs, said once; refused where a modality is another kind, or
+    where an early-fusion model would take its channels in another order (the cross-modal net takes them by name)."""
+    import dataclasses
+
+    from crossmodal.cli import main
+    from crossmodal.config import save_config
+    from crossmodal.nets import ModelFileError, check_weights, record_inputs, weights_windows
+    from crossmodal.serving import infer
+    from crossmodal.serving.train import CrossModalTrain
+
+    cfg = load_config("phantom")
+    studies = make_phantom_studies(tmp_path / "s", cfg, cases=2, dense=0, sparse=0, seed=123)
+    committed = APP / "pretrained" / "phantom_crossmodal.pt"
+    assert weights_windows(committed) == {}  # committed before the record: served at the preset's, as before
+    net = build_network(cfg)
+    net.load_state_dict(torch.load(committed, weights_only=True))
+    record_inputs(net, cfg)  # what its training would have recorded
+    torch.save(net.state_dict(), tmp_path / "recorded.pt")
+    assert weights_windows(tmp_path / "recorded.pt") == {"ct": (-150.0, 250.0)}
+    wide = dataclasses.replace(cfg, modalities=[dataclasses.replace(cfg.modalities[0], window=(-1000.0, 1000.0)),
+                                                *cfg.modalities[1:]])
+    save_config(wide, tmp_path / "wide.yaml")
+    # the cross-modal net takes its modalities by name: a preset listing them in another order serves it as before
+    save_config(dataclasses.replace(wide, modalities=[wide.modalities[0], wide.modalities[2], wide.modalities[1]]),
+                tmp_path / "reordered.yaml")
+    infer._TOLD.clear()  # said once per model and windows in a process
+    scores = {}
+    runs = {"phantom": ("phantom", committed), "wide": (str(tmp_path / "wide.yaml"), committed),
+            "recorded": (str(tmp_path / "wide.yaml"), tmp_path / "recorded.pt"),
+            "reordered": (str(tmp_path / "reordered.yaml"), tmp_path / "recorded.pt")}
+    for name, (config, weights) in runs.items():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert main(["predict", "--studies", str(studies), "--config", config, "--model", str(weights), "--out",
+                         str(tmp_path / name)]) == 0
+        told = (f"the model {tmp_path / 'recorded.pt'} was trained at other CT windows than the preset's (ct window "
+                "-1000..1000 in the preset, -150..250 in the model): cases are segmented at the model's; a training "
+                "run trains at the preset's (set them to the model's to keep them)")
+        assert caplog.text.count(told) == (name == "recorded"), caplog.text[-2000:]  # once, not again reordered
+        scores[name] = float(np.mean([dice(load_volume(tmp_path / name / f"{c}.nii.gz")[0].numpy(),
+                                           load_volume(studies / "truth" / f"{c}.nii.gz")[0].numpy(), k)
+                                      for c in ("phantom000", "phantom001") for k in (1, 2, 3)]))
+    assert scores["phantom"] > 0.85 and scores["wide"] < scores["phantom"] - 0.2, scores
+    assert scores["recorded"] == pytest.approx(scores["phantom"], abs=1e-4), scores
+    assert scores["reordered"] == pytest.approx(scores["phantom"], abs=1e-4), scores
+    # a training run under the wide preset holds itself to that model segmenting at its own window
+    task = CrossModalTrain(wide, str(tmp_path / "m"), str(tmp_path / "m" / "x.pt"), None, "")
+    assert task.beside_config(str(tmp_path / "recorded.pt")).modalities[0].window == (-150.0, 250.0)
+    assert task.beside_config(str(committed)) is wide
+    # a modality of another kind than the model's: refused, naming it
+    mr = dataclasses.replace(cfg, modalities=[dataclasses.replace(cfg.modalities[0], kind="mr"), *cfg.modalities[1:]])
+    with pytest.raises(ModelFileError) as e:
+        check_weights(mr, str(tmp_path / "recorded.pt"))
+    assert str(e.value) == (f"model {tmp_path / 'recorded.pt'}: was trained on ct of kind ct and preset 'phantom' has "
+                            "ct of kind mr: another preset's model? Pick the matching --config (server: preset), or "
+                            "train a new one")
+    # early fusion takes its inputs by channel: another order is refused; a renamed modality's record is let go
+    early = load_config("phantom", overrides={"model": {"name": "baseline_unet"}})
+    base = build_network(early)
+    base.load_state_dict(torch.load(APP / "pretrained" / "phantom_baseline_unet.pt", weights_only=True))
+    record_inputs(base, early)
+    torch.save(base.state_dict(), tmp_path / "early.pt")
+    check_weights(early, str(tmp_path / "early.pt"))
+    swapped = dataclasses.replace(early, modalities=[early.modalities[0], early.modalities[2], early.modalities[1]])
+    with pytest.raises(ModelFileError) as e:
+        check_weights(swapped, str(tmp_path / "early.pt"))
+    assert str(e.value) == (f"model {tmp_path / 'early.pt'}: baseline_unet was trained on its inputs in the order "
+                            "ct, pet, mr and preset 'phantom' gives them as ct, mr, pet: list the modalities in the "
+                            "model's order, or train a new one")
+    renamed = dataclasses.replace(early, modalities=[*early.modalities[:2],
+                                                     dataclasses.replace(early.modalities[2], name="t1")])
+    check_weights(renamed, str(tmp_path / "early.pt"))
+    build_network(renamed).load_state_dict(torch.load(tmp_path / "early.pt", weights_only=True))

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from crossmodal.config import ConfigError, CrossModalConfig
+from crossmodal.config import MODALITY_KINDS, ConfigError, CrossModalConfig
 from crossmodal.nets.baseline import baseline_unet
 from crossmodal.nets.crossmodal_net import CrossModalNet, CrossModalOutput, crossmodal_net
 
@@ -20,10 +20,15 @@ NETWORKS: dict[str, Callable[[CrossModalConfig], nn.Module]] = {
     "crossmodal": crossmodal_net,
 }
 
-__all__ = ["NETWORKS", "VOXEL_KEY", "CrossModalNet", "CrossModalOutput", "InputSelect", "ModelFileError",
-           "build_network", "check_weights", "record_voxel_mm", "unwrap", "voxel_mm_of", "weights_voxel_mm"]
+__all__ = ["INPUTS_KEY", "NETWORKS", "VOXEL_KEY", "CrossModalNet", "CrossModalOutput", "InputRecord", "InputSelect",
+           "ModelFileError", "build_network", "check_weights", "inputs_of", "record_inputs", "record_voxel_mm",
+           "unwrap", "voxel_mm_of", "weights_inputs", "weights_voxel_mm", "weights_windows"]
 
 VOXEL_KEY = "voxel_mm"  # the state dict's record of the voxel size (mm, per axis) the weights were trained at
+# the state dict's record of the inputs the weights were trained on, "inputs.<modality>" (4,) for each modality the
+# network takes: its input channel, its kind (1 + its index in MODALITY_KINDS; 0: not recorded) and a CT's window
+# (low, high HU; 0, 0 for MR / PET)
+INPUTS_KEY = "inputs"
 
 
 class ModelFileError(ValueError):
@@ -65,19 +70,30 @@ def build_network(cfg: CrossModalConfig) -> nn.Module:
         raise ConfigError(f"model.name {cfg.model.name!r} is unknown; valid names: {sorted(NETWORKS)}") from None
     inputs = list(cfg.model.inputs)
     if not inputs or inputs == cfg.modality_names:
-        return _with_voxel_record(factory(cfg))
+        return _with_records(factory(cfg), cfg.modality_names)
     sub = dataclasses.replace(cfg, modalities=[m for m in cfg.modalities if m.name in inputs],
                               model=dataclasses.replace(cfg.model, inputs=()))
-    return _with_voxel_record(InputSelect(factory(sub), [cfg.modality_names.index(m.name) for m in sub.modalities]))
+    return _with_records(InputSelect(factory(sub), [cfg.modality_names.index(m.name) for m in sub.modalities]),
+                         sub.modality_names)
 
 
-def _with_voxel_record(net: nn.Module) -> nn.Module:
-    """``net`` with a persistent :data:`VOXEL_KEY` buffer of zeros; weights saved without one (before it existed)
-    load as not known."""
+def _with_records(net: nn.Module, names: Sequence[str]) -> nn.Module:
+    """``net`` with persistent buffers of zeros for its records: :data:`VOXEL_KEY` (3,) and one (4,) per modality
+    it takes under :data:`INPUTS_KEY`; weights saved without them (before they existed) load as not known, and the
+    records of modalities it does not take (a modality renamed since) are let go."""
     net.register_buffer(VOXEL_KEY, torch.zeros(3))
+    record = nn.Module()
+    for name in names:
+        record.register_buffer(name, torch.zeros(4))
+    net.add_module(INPUTS_KEY, record)
 
     def fill(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
         state.setdefault(prefix + VOXEL_KEY, torch.zeros(3))
+        head = f"{prefix}{INPUTS_KEY}."
+        for key in [k for k in state if k.startswith(head) and k[len(head):] not in names]:
+            del state[key]
+        for name in names:
+            state.setdefault(head + name, torch.zeros(4))
 
     net.register_load_state_dict_pre_hook(fill)
     return net
@@ -92,6 +108,49 @@ def record_voxel_mm(network: nn.Module, spacing: Sequence[float] | None) -> None
     axis of the primary image) they are trained at; None: not known."""
     buffer = getattr(_outer(network), VOXEL_KEY)
     buffer.copy_(torch.as_tensor(list(spacing) if spacing else [0.0, 0.0, 0.0], dtype=torch.float32))
+
+
+def record_inputs(network: nn.Module, cfg: CrossModalConfig) -> None:
+    """Record in ``network``'s weights (a :func:`build_network` network of ``cfg``, or DDP around one) the input
+    channel, the kind and, for a CT, the window of each modality it takes (``cfg.model.inputs``, else every one)."""
+    record = getattr(_outer(network), INPUTS_KEY)
+    by_name = {m.name: m for m in cfg.modalities}
+    for channel, name in enumerate(list(cfg.model.inputs) or cfg.modality_names):
+        m = by_name[name]
+        window = m.window if m.kind == "ct" else (0.0, 0.0)
+        getattr(record, name).copy_(torch.tensor([channel, MODALITY_KINDS.index(m.kind) + 1, *window]))
+
+
+@dataclasses.dataclass(frozen=True)
+class InputRecord:
+    """What weights record of one modality they were trained on: its input channel, its kind, a CT's window."""
+
+    channel: int
+    kind: str
+    window: tuple[float, float] | None
+
+
+def inputs_of(state: dict[str, Any]) -> dict[str, InputRecord]:
+    """The modalities a state dict records having been trained on, by name (:data:`INPUTS_KEY`); none recorded
+    (weights from before the record): empty.
+
+    Example:
+        >>> rec = inputs_of({"inputs.ct": torch.tensor([0.0, 1, -150, 250]), "inputs.pet": torch.tensor([1, 3, 0, 0])})
+        >>> rec["ct"], rec["pet"]
+        (InputRecord(channel=0, kind='ct', window=(-150.0, 250.0)), InputRecord(channel=1, kind='pet', window=None))
+        >>> inputs_of({"inputs.ct": torch.zeros(4)})
+        {}
+    """
+    out = {}
+    head = f"{INPUTS_KEY}."
+    for key, value in state.items():
+        if not key.startswith(head) or not torch.is_tensor(value) or value.numel() != 4:
+            continue
+        channel, code, lo, hi = value.tolist()
+        if 1 <= int(round(code)) <= len(MODALITY_KINDS):
+            kind = MODALITY_KINDS[int(round(code)) - 1]
+            out[key[len(head):]] = InputRecord(int(round(channel)), kind, (lo, hi) if kind == "ct" else None)
+    return out
 
 
 def voxel_mm_of(state: dict[str, Any]) -> tuple[float, float, float] | None:
@@ -109,26 +168,43 @@ def voxel_mm_of(state: dict[str, Any]) -> tuple[float, float, float] | None:
     return a, b, c
 
 
-_RECORDED: OrderedDict[tuple[str, int, int], tuple[float, float, float] | None] = OrderedDict()
+Records = tuple[tuple[float, float, float] | None, dict[str, InputRecord]]
+_RECORDED: OrderedDict[tuple[str, int, int], Records] = OrderedDict()
 
 
-def weights_voxel_mm(path: str | os.PathLike[str] | None) -> tuple[float, float, float] | None:
-    """The voxel size the weights file at ``path`` records (:func:`voxel_mm_of`), read once per version of the file;
-    None without a file, a record or a readable checkpoint (loading it says why)."""
+def _records(path: str | os.PathLike[str] | None) -> Records:
+    """The voxel size and inputs the weights file at ``path`` records, read once per version of the file."""
     if not path or not os.path.isfile(path):
-        return None
+        return None, {}
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
     if key not in _RECORDED:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:
-            return None
+            return None, {}
         state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else {}
-        _RECORDED[key] = voxel_mm_of(state) if isinstance(state, dict) else None
+        _RECORDED[key] = (voxel_mm_of(state), inputs_of(state)) if isinstance(state, dict) else (None, {})
         while len(_RECORDED) > 16:
             _RECORDED.popitem(last=False)
     return _RECORDED[key]
+
+
+def weights_voxel_mm(path: str | os.PathLike[str] | None) -> tuple[float, float, float] | None:
+    """The voxel size the weights file at ``path`` records (:func:`voxel_mm_of`), read once per version of the file;
+    None without a file, a record or a readable checkpoint (loading it says why)."""
+    return _records(path)[0]
+
+
+def weights_inputs(path: str | os.PathLike[str] | None) -> dict[str, InputRecord]:
+    """The modalities the weights file at ``path`` records (:func:`inputs_of`), read once per version of the file;
+    empty without a file, a record or a readable checkpoint."""
+    return _records(path)[1]
+
+
+def weights_windows(path: str | os.PathLike[str] | None) -> dict[str, tuple[float, float]]:
+    """The CT windows the weights file at ``path`` records having been trained at, by modality name."""
+    return {n: r.window for n, r in weights_inputs(path).items() if r.window is not None}
 
 
 def check_weights(cfg: CrossModalConfig, path: str, state_key: str = "model") -> None:
@@ -148,8 +224,9 @@ def check_weights(cfg: CrossModalConfig, path: str, state_key: str = "model") ->
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelFileError(f"model {path}: holds no state dict of weights")
     want = build_network(cfg).state_dict()
-    missing = [k for k in want if k not in state and k != VOXEL_KEY]  # weights from before the record load
-    unexpected = [k for k in state if k not in want]
+    recorded = [k for k in (*want, *state) if k == VOXEL_KEY or k.startswith(f"{INPUTS_KEY}.")]
+    missing = [k for k in want if k not in state and k not in recorded]  # weights from before the records load
+    unexpected = [k for k in state if k not in want and k not in recorded]  # a renamed modality's record
     shaped = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
     if missing or unexpected or shaped:
         parts = [f"{len(v)} {what} (e.g. {v[0]!r})" for what, v in
@@ -158,6 +235,22 @@ def check_weights(cfg: CrossModalConfig, path: str, state_key: str = "model") ->
             f"model {path}: does not fit {cfg.model.name} on {list(cfg.model.inputs) or cfg.modality_names} "
             f"(preset {cfg.name!r}): weights {', '.join(parts)}; was it trained with another preset or network? "
             "Pick the matching --config / --network (server: preset, pretrained_<model>), or train a new one")
+    records = inputs_of(state)
+    names = list(cfg.model.inputs) or cfg.modality_names
+    kinds = {m.name: m.kind for m in cfg.modalities}
+    other = [n for n, r in records.items() if n in kinds and r.kind != kinds[n]]
+    if other:
+        trained = ", ".join(f"{n} of kind {records[n].kind}" for n in other)
+        raise ModelFileError(f"model {path}: was trained on {trained}"
+                             f" and preset {cfg.name!r} has {', '.join(f'{n} of kind {kinds[n]}' for n in other)}: "
+                             "another preset's model? Pick the matching --config (server: preset), or train a new one")
+    # the cross-modal network takes each modality by its name, in any order; the others by channel
+    moved = [n for n in names if n in records and records[n].channel != names.index(n)]
+    if moved and cfg.model.name != "crossmodal":
+        order = sorted((r.channel, n) for n, r in records.items())
+        raise ModelFileError(f"model {path}: {cfg.model.name} was trained on its inputs in the order "
+                             f"{', '.join(n for _, n in order)} and preset {cfg.name!r} gives them as "
+                             f"{', '.join(names)}: list the modalities in the model's order, or train a new one")
     bad = non_finite_weights(state)
     if bad:  # loads and fits, and segments nothing: every output NaN, every voxel background
         raise ModelFileError(f"model {path}: {len(bad)} of its {len(state)} weight tensors hold NaN / Inf (e.g. "

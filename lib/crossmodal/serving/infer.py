@@ -17,6 +17,7 @@ from crossmodal.config import (
     CrossModalConfig,
     InferConfig,
     as_number,
+    other_windows,
     parse_mirror_axes,
     parse_overlap,
     parse_sw_batch_size,
@@ -25,7 +26,7 @@ from crossmodal.config import (
 from crossmodal.errors import CaseError, cause_of_type
 from crossmodal.inference import NetworkInferer
 from crossmodal.io import IMAGE_EXTENSIONS, case_id_of, format_mm, save_volume, voxel_mm
-from crossmodal.nets import CrossModalNet, unwrap, weights_voxel_mm
+from crossmodal.nets import CrossModalNet, unwrap, weights_voxel_mm, weights_windows
 from crossmodal.serving.datastore import http_error, request_device
 from crossmodal.transforms import preprocessing, to_primary_grid, to_primary_labels
 from monai.data import MetaTensor
@@ -37,7 +38,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-_TOLD: set[tuple[str | None, tuple[float, float, float]]] = set()  # (model, its size) said once
+_TOLD: set[tuple[str | None, tuple]] = set()  # (model, its size or its CT windows) said once
 MAX_MC_SAMPLES = 64  # Monte-Carlo dropout passes one uncertainty request may ask for
 
 
@@ -134,18 +135,28 @@ class CrossModalInfer(BasicInferTask):
 
     def working_config(self) -> CrossModalConfig:
         """The preset as the model in service reads cases (:func:`~crossmodal.config.served_config`): at the voxel
-        size its weights record having been trained at, where the preset's ``data.spacing`` is null or far from it
-        (said once per model file: a preset edited after its model was trained segmented every case at the new size,
-        silently)."""
+        size its weights record having been trained at, where the preset's ``data.spacing`` is null or far from it,
+        and at the CT windows they record (each said once per model file: a preset edited after its model was trained
+        segmented every case at the new size or window, silently)."""
         path = self.get_path()
-        trained = weights_voxel_mm(path)
-        cfg = served_config(self.cfg, trained)
-        if trained and self.cfg.data.spacing and cfg is not self.cfg and (path, trained) not in _TOLD:
+        trained, recorded = weights_voxel_mm(path), weights_windows(path)
+        cfg = served_config(self.cfg, trained, recorded)
+        if trained and self.cfg.data.spacing and cfg.data.spacing != self.cfg.data.spacing \
+                and (path, trained) not in _TOLD:
             _TOLD.add((path, trained))
             logger.warning(f"the preset's data.spacing is {format_mm(self.cfg.data.spacing)} mm and the model "
                            f"{path} was trained at {format_mm(trained)} mm: cases are segmented at "
                            f"{format_mm(trained)} mm, its own; a training run trains at data.spacing (set it to "
                            f"{list(trained)} to keep the model's)")
+        windows = other_windows(self.cfg, recorded)
+        if windows and (path, tuple(windows.items())) not in _TOLD:
+            _TOLD.add((path, tuple(windows.items())))
+            preset = {m.name: m.window for m in self.cfg.modalities}
+            said = "; ".join(f"{n} window {preset[n][0]:g}..{preset[n][1]:g} in the preset, {w[0]:g}..{w[1]:g} in "
+                             "the model" for n, w in windows.items())
+            logger.warning(f"the model {path} was trained at other CT windows than the preset's ({said}): cases are "
+                           "segmented at the model's; a training run trains at the preset's (set them to the model's "
+                           "to keep them)")
         return cfg
 
     def inferer(self, data: dict[str, Any] | None = None) -> Inferer:

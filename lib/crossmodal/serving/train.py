@@ -65,6 +65,7 @@ from crossmodal.config import (
     far_apart,
     json_safe,
     near_miss,
+    other_windows,
     save_config,
     served_config,
 )
@@ -100,8 +101,10 @@ from crossmodal.nets import (
     CrossModalOutput,
     build_network,
     non_finite_weights,
+    record_inputs,
     record_voxel_mm,
     weights_voxel_mm,
+    weights_windows,
 )
 from crossmodal.propagate import refine_segmentation
 from crossmodal.serving.datastore import request_device
@@ -1317,7 +1320,12 @@ class CrossModalTrain(BasicTrainTask):
             trainer.add_event_handler(Events.ITERATION_COMPLETED, self._pseudo_rounds)
         # after the starting weights load (their record, if any, is the voxel size they were trained at before)
         voxel_mm = training_voxel_mm(self.cfg, [d for d in context.datalist if d.get("image")])
-        trainer.add_event_handler(Events.STARTED, lambda _: record_voxel_mm(context.network, voxel_mm))
+
+        def record(_: Any) -> None:
+            record_voxel_mm(context.network, voxel_mm)
+            record_inputs(context.network, self.cfg)
+
+        trainer.add_event_handler(Events.STARTED, record)
         return trainer
 
     def _device(self, context: Context) -> torch.device:
@@ -1363,11 +1371,18 @@ class CrossModalTrain(BasicTrainTask):
         """The preset as a run works with it: where its ``data.spacing`` is null and the run fine-tunes weights that
         record the voxel size they were trained at, with that size (``data.weights_spacing``): a case far from it is
         resampled to it, as inference does, and the run's weights record it again; else the preset (a ``data.spacing``
-        far from the starting weights' record is said: the run trains at it, held to those weights segmenting at
-        theirs, :meth:`beside_config`)."""
+        far from the starting weights' record is said, as CT windows other than theirs are: the run trains at the
+        preset's, held to those weights segmenting at theirs, :meth:`beside_config`)."""
         pretrained = check_train_request({"pretrained": request.get("pretrained", True)})["pretrained"]
         start = self.in_service() if pretrained else None
         trained = weights_voxel_mm(start)
+        windows = other_windows(self.cfg, weights_windows(start))
+        if windows:
+            preset = {m.name: m.window for m in self.cfg.modalities}
+            logger.info(f"fine-tuning {start}, trained at CT window{'s' * (len(windows) > 1)} "
+                        + ", ".join(f"{n} {w[0]:g}..{w[1]:g}" for n, w in windows.items())
+                        + ", at the preset's " + ", ".join(f"{n} {preset[n][0]:g}..{preset[n][1]:g}" for n in windows)
+                        + f": its model will record those, and it is held to {start} segmenting at its own")
         if trained and self.cfg.data.spacing:
             if far_apart(self.cfg.data.spacing, trained):
                 logger.info(f"fine-tuning {start}, trained at {format_mm(trained)} mm, at the preset's data.spacing "
@@ -1418,7 +1433,7 @@ class CrossModalTrain(BasicTrainTask):
         """The run's preset as the model at ``path`` (the one it fine-tunes, or the one in service beside a run from
         scratch) reads cases in service (:func:`~crossmodal.config.served_config`, as the infer task's
         ``working_config``); the run's own where that is how it reads them."""
-        return served_config(self.cfg, weights_voxel_mm(path))
+        return served_config(self.cfg, weights_voxel_mm(path), weights_windows(path))
 
     def _beside_loader(self, context: Context, items: list[dict[str, Any]], path: str, loader: Any) -> Any:
         """``loader`` (the run's, over ``items``) where the model at ``path`` reads cases as the run does; else one
