@@ -106,8 +106,10 @@ _MOTIONS_LOCK = threading.Lock()
 
 
 def _file_key(path: str | os.PathLike[str]) -> tuple[str, int, int]:
+    """The file at ``path`` as a found motion is remembered by: the file it resolves to (a case linked into several
+    studies folders, as the simulation's strategies link theirs, is registered once), its mtime and size."""
     st = os.stat(path)
-    return str(path), st.st_mtime_ns, st.st_size
+    return os.path.realpath(path), st.st_mtime_ns, st.st_size
 
 
 class Aligned(NamedTuple):
