@@ -42,7 +42,7 @@ from crossmodal.nets import (
     CrossModalOutput,
     InputSelect,
     build_network,
-    record_inputs,
+    record_preset,
     record_voxel_mm,
     weights_voxel_mm,
     weights_windows,
@@ -525,7 +525,7 @@ def test_training_cases_of_several_voxel_sizes_without_a_working_spacing_are_war
     net = build_network(cfg)
     net.load_state_dict(torch.load(stats["published"], weights_only=True))
     record_voxel_mm(net, (3.0, 3.0, 3.0))
-    record_inputs(net, load_config("phantom", overrides={"modalities": [
+    record_preset(net, load_config("phantom", overrides={"modalities": [
         {"name": "ct", "kind": "ct", "window": [-1000, 1000]}, {"name": "pet", "kind": "pet"},
         {"name": "mr", "kind": "mr"}]}))
     torch.save(net.state_dict(), tmp_path / "at3.pt")

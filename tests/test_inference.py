@@ -378,13 +378,14 @@ def test_the_shipped_presets_resample_a_case_of_another_voxel_size_to_their_weig
 def test_a_model_is_served_at_the_ct_window_it_records_and_refused_under_another_kind(tmp_path: Path, caplog):
     """The phantom's model was trained at CT window -150..250: under a preset edited to -1000..1000 it segmented the
     cases at that window, silently (0.59 mean Dice on 4 cases, 0.93 at its own). Weights now record each modality's
-    kind, input channel and CT window: served at theirs, said once; refused where a modality is another kind, or
-    where an early-fusion model would take its channels in another order (the cross-modal net takes them by name)."""
+    kind, input channel and CT window, and each class's value: served at their windows, said once; refused where a
+    modality is another kind, where an early-fusion model would take its channels in another order (the cross-modal
+    net takes them by name), or where two classes swapped values."""
     import dataclasses
 
     from crossmodal.cli import main
     from crossmodal.config import save_config
-    from crossmodal.nets import ModelFileError, check_weights, record_inputs, weights_windows
+    from crossmodal.nets import ModelFileError, check_weights, classes_of, record_preset, weights_windows
     from crossmodal.serving import infer
     from crossmodal.serving.train import CrossModalTrain
 
@@ -394,7 +395,7 @@ def test_a_model_is_served_at_the_ct_window_it_records_and_refused_under_another
     assert weights_windows(committed) == {}  # committed before the record: served at the preset's, as before
     net = build_network(cfg)
     net.load_state_dict(torch.load(committed, weights_only=True))
-    record_inputs(net, cfg)  # what its training would have recorded
+    record_preset(net, cfg)  # what its training would have recorded
     torch.save(net.state_dict(), tmp_path / "recorded.pt")
     assert weights_windows(tmp_path / "recorded.pt") == {"ct": (-150.0, 250.0)}
     wide = dataclasses.replace(cfg, modalities=[dataclasses.replace(cfg.modalities[0], window=(-1000.0, 1000.0)),
@@ -438,7 +439,7 @@ def test_a_model_is_served_at_the_ct_window_it_records_and_refused_under_another
     early = load_config("phantom", overrides={"model": {"name": "baseline_unet"}})
     base = build_network(early)
     base.load_state_dict(torch.load(APP / "pretrained" / "phantom_baseline_unet.pt", weights_only=True))
-    record_inputs(base, early)
+    record_preset(base, early)
     torch.save(base.state_dict(), tmp_path / "early.pt")
     check_weights(early, str(tmp_path / "early.pt"))
     swapped = dataclasses.replace(early, modalities=[early.modalities[0], early.modalities[2], early.modalities[1]])
@@ -451,3 +452,17 @@ def test_a_model_is_served_at_the_ct_window_it_records_and_refused_under_another
                                                      dataclasses.replace(early.modalities[2], name="t1")])
     check_weights(renamed, str(tmp_path / "early.pt"))
     build_network(renamed).load_state_dict(torch.load(tmp_path / "early.pt", weights_only=True))
+    # the classes by value: two swapped would save each one's voxels under the other's name; a renamed one is let go
+    assert classes_of(torch.load(tmp_path / "early.pt", weights_only=True)) == {
+        "background": 0, "organ": 1, "lesion": 2, "vessel": 3}
+    swapped = load_config("phantom", overrides={"labels": {"classes": {
+        "background": 0, "organ": 1, "lesion": 3, "vessel": 2}}})
+    with pytest.raises(ModelFileError) as e:
+        check_weights(swapped, str(tmp_path / "recorded.pt"))
+    assert str(e.value) == (f"model {tmp_path / 'recorded.pt'}: was trained with lesion = 2, vessel = 3 and preset "
+                            "'phantom' has lesion = 3, vessel = 2: its labels would be saved under the wrong names. "
+                            "Give the classes the model's values, or train a new one")
+    liver = load_config("phantom", overrides={"labels": {"classes": {
+        "background": 0, "liver": 1, "lesion": 2, "vessel": 3}}})
+    check_weights(liver, str(tmp_path / "recorded.pt"))
+    build_network(liver).load_state_dict(torch.load(tmp_path / "recorded.pt", weights_only=True))

@@ -20,15 +20,18 @@ NETWORKS: dict[str, Callable[[CrossModalConfig], nn.Module]] = {
     "crossmodal": crossmodal_net,
 }
 
-__all__ = ["INPUTS_KEY", "NETWORKS", "VOXEL_KEY", "CrossModalNet", "CrossModalOutput", "InputRecord", "InputSelect",
-           "ModelFileError", "build_network", "check_weights", "inputs_of", "record_inputs", "record_voxel_mm",
-           "unwrap", "voxel_mm_of", "weights_inputs", "weights_voxel_mm", "weights_windows"]
+__all__ = ["CLASSES_KEY", "INPUTS_KEY", "NETWORKS", "VOXEL_KEY", "CrossModalNet", "CrossModalOutput",
+           "InputRecord", "InputSelect", "ModelFileError", "build_network", "check_weights", "classes_of", "inputs_of",
+           "record_preset", "record_voxel_mm", "unwrap", "voxel_mm_of", "weights_inputs", "weights_voxel_mm",
+           "weights_windows"]
 
 VOXEL_KEY = "voxel_mm"  # the state dict's record of the voxel size (mm, per axis) the weights were trained at
 # the state dict's record of the inputs the weights were trained on, "inputs.<modality>" (4,) for each modality the
 # network takes: its input channel, its kind (1 + its index in MODALITY_KINDS; 0: not recorded) and a CT's window
 # (low, high HU; 0, 0 for MR / PET)
 INPUTS_KEY = "inputs"
+# and of the classes it segments, "classes.<class>" (1,): 1 + the class's value (its output channel); 0: not recorded
+CLASSES_KEY = "classes"
 
 
 class ModelFileError(ValueError):
@@ -69,31 +72,41 @@ def build_network(cfg: CrossModalConfig) -> nn.Module:
     except KeyError:
         raise ConfigError(f"model.name {cfg.model.name!r} is unknown; valid names: {sorted(NETWORKS)}") from None
     inputs = list(cfg.model.inputs)
+    classes = list(cfg.labels.classes)
     if not inputs or inputs == cfg.modality_names:
-        return _with_records(factory(cfg), cfg.modality_names)
+        return _with_records(factory(cfg), cfg.modality_names, classes)
     sub = dataclasses.replace(cfg, modalities=[m for m in cfg.modalities if m.name in inputs],
                               model=dataclasses.replace(cfg.model, inputs=()))
     return _with_records(InputSelect(factory(sub), [cfg.modality_names.index(m.name) for m in sub.modalities]),
-                         sub.modality_names)
+                         sub.modality_names, classes)
 
 
-def _with_records(net: nn.Module, names: Sequence[str]) -> nn.Module:
-    """``net`` with persistent buffers of zeros for its records: :data:`VOXEL_KEY` (3,) and one (4,) per modality
-    it takes under :data:`INPUTS_KEY`; weights saved without them (before they existed) load as not known, and the
-    records of modalities it does not take (a modality renamed since) are let go."""
+def _buffer_name(name: str) -> str:
+    """A class or modality name as a buffer's name (which may hold no dot)."""
+    return name.replace(".", "_")
+
+
+def _with_records(net: nn.Module, names: Sequence[str], classes: Sequence[str]) -> nn.Module:
+    """``net`` with persistent buffers of zeros for its records: :data:`VOXEL_KEY` (3,), one (4,) per modality it
+    takes under :data:`INPUTS_KEY` and one (1,) per class under :data:`CLASSES_KEY`; weights saved without them
+    (before they existed) load as not known, and the records of modalities or classes it does not have (renamed
+    since) are let go."""
     net.register_buffer(VOXEL_KEY, torch.zeros(3))
-    record = nn.Module()
-    for name in names:
-        record.register_buffer(name, torch.zeros(4))
-    net.add_module(INPUTS_KEY, record)
+    sizes = {INPUTS_KEY: (names, 4), CLASSES_KEY: ([_buffer_name(c) for c in classes], 1)}
+    for key, (keys, size) in sizes.items():
+        record = nn.Module()
+        for name in keys:
+            record.register_buffer(name, torch.zeros(size))
+        net.add_module(key, record)
 
     def fill(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
         state.setdefault(prefix + VOXEL_KEY, torch.zeros(3))
-        head = f"{prefix}{INPUTS_KEY}."
-        for key in [k for k in state if k.startswith(head) and k[len(head):] not in names]:
-            del state[key]
-        for name in names:
-            state.setdefault(head + name, torch.zeros(4))
+        for key, (keys, size) in sizes.items():
+            head = f"{prefix}{key}."
+            for gone in [k for k in state if k.startswith(head) and k[len(head):] not in keys]:
+                del state[gone]
+            for name in keys:
+                state.setdefault(head + name, torch.zeros(size))
 
     net.register_load_state_dict_pre_hook(fill)
     return net
@@ -110,15 +123,32 @@ def record_voxel_mm(network: nn.Module, spacing: Sequence[float] | None) -> None
     buffer.copy_(torch.as_tensor(list(spacing) if spacing else [0.0, 0.0, 0.0], dtype=torch.float32))
 
 
-def record_inputs(network: nn.Module, cfg: CrossModalConfig) -> None:
+def record_preset(network: nn.Module, cfg: CrossModalConfig) -> None:
     """Record in ``network``'s weights (a :func:`build_network` network of ``cfg``, or DDP around one) the input
-    channel, the kind and, for a CT, the window of each modality it takes (``cfg.model.inputs``, else every one)."""
+    channel, the kind and, for a CT, the window of each modality it takes (``cfg.model.inputs``, else every one),
+    and the value of each class it segments."""
     record = getattr(_outer(network), INPUTS_KEY)
     by_name = {m.name: m for m in cfg.modalities}
     for channel, name in enumerate(list(cfg.model.inputs) or cfg.modality_names):
         m = by_name[name]
         window = m.window if m.kind == "ct" else (0.0, 0.0)
         getattr(record, name).copy_(torch.tensor([channel, MODALITY_KINDS.index(m.kind) + 1, *window]))
+    record = getattr(_outer(network), CLASSES_KEY)
+    for name, value in cfg.labels.classes.items():
+        getattr(record, _buffer_name(name)).fill_(value + 1)
+
+
+def classes_of(state: dict[str, Any]) -> dict[str, int]:
+    """The classes a state dict records having been trained to segment, name -> value (dots in a name as ``_``);
+    none recorded (weights from before the record): empty.
+
+    Example:
+        >>> classes_of({"classes.background": torch.tensor([1.0]), "classes.organ": torch.tensor([2.0])})
+        {'background': 0, 'organ': 1}
+    """
+    head = f"{CLASSES_KEY}."
+    return {k[len(head):]: int(round(float(v))) - 1 for k, v in state.items()
+            if k.startswith(head) and torch.is_tensor(v) and v.numel() == 1 and float(v) >= 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +254,7 @@ def check_weights(cfg: CrossModalConfig, path: str, state_key: str = "model") ->
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelFileError(f"model {path}: holds no state dict of weights")
     want = build_network(cfg).state_dict()
-    recorded = [k for k in (*want, *state) if k == VOXEL_KEY or k.startswith(f"{INPUTS_KEY}.")]
+    recorded = [k for k in (*want, *state) if k == VOXEL_KEY or k.split(".")[0] in (INPUTS_KEY, CLASSES_KEY)]
     missing = [k for k in want if k not in state and k not in recorded]  # weights from before the records load
     unexpected = [k for k in state if k not in want and k not in recorded]  # a renamed modality's record
     shaped = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
@@ -240,10 +270,17 @@ def check_weights(cfg: CrossModalConfig, path: str, state_key: str = "model") ->
     kinds = {m.name: m.kind for m in cfg.modalities}
     other = [n for n, r in records.items() if n in kinds and r.kind != kinds[n]]
     if other:
-        trained = ", ".join(f"{n} of kind {records[n].kind}" for n in other)
-        raise ModelFileError(f"model {path}: was trained on {trained}"
+        said = ", ".join(f"{n} of kind {records[n].kind}" for n in other)
+        raise ModelFileError(f"model {path}: was trained on {said}"
                              f" and preset {cfg.name!r} has {', '.join(f'{n} of kind {kinds[n]}' for n in other)}: "
                              "another preset's model? Pick the matching --config (server: preset), or train a new one")
+    trained, preset = classes_of(state), {_buffer_name(n): v for n, v in cfg.labels.classes.items()}
+    swapped = [n for n in preset if n in trained and trained[n] != preset[n]]
+    if swapped:
+        raise ModelFileError(f"model {path}: was trained with {', '.join(f'{n} = {trained[n]}' for n in swapped)} and "
+                             f"preset {cfg.name!r} has {', '.join(f'{n} = {preset[n]}' for n in swapped)}: its labels "
+                             "would be saved under the wrong names. Give the classes the model's values, or train a "
+                             "new one")
     # the cross-modal network takes each modality by its name, in any order; the others by channel
     moved = [n for n in names if n in records and records[n].channel != names.index(n)]
     if moved and cfg.model.name != "crossmodal":

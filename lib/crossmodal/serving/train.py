@@ -101,7 +101,7 @@ from crossmodal.nets import (
     CrossModalOutput,
     build_network,
     non_finite_weights,
-    record_inputs,
+    record_preset,
     record_voxel_mm,
     weights_voxel_mm,
     weights_windows,
@@ -1323,7 +1323,7 @@ class CrossModalTrain(BasicTrainTask):
 
         def record(_: Any) -> None:
             record_voxel_mm(context.network, voxel_mm)
-            record_inputs(context.network, self.cfg)
+            record_preset(context.network, self.cfg)
 
         trainer.add_event_handler(Events.STARTED, record)
         return trainer
