@@ -462,6 +462,13 @@ def test_a_model_is_served_at_the_ct_window_it_records_and_refused_under_another
     assert str(e.value) == (f"model {tmp_path / 'recorded.pt'}: was trained with lesion = 2, vessel = 3 and preset "
                             "'phantom' has lesion = 3, vessel = 2: its labels would be saved under the wrong names. "
                             "Give the classes the model's values, or train a new one")
+    # another number of classes: said as such, not as weights of another shape
+    fewer = load_config("phantom", overrides={"labels": {"classes": {"background": 0, "organ": 1, "lesion": 2}}})
+    with pytest.raises(ModelFileError) as e:
+        check_weights(fewer, str(tmp_path / "recorded.pt"))
+    assert str(e.value) == (f"model {tmp_path / 'recorded.pt'}: segments 4 classes (background, organ, lesion, "
+                            "vessel) and preset 'phantom' has 3 (background, organ, lesion): train a new one with "
+                            "this preset, or pick the preset the model was trained with (--config; server: preset)")
     liver = load_config("phantom", overrides={"labels": {"classes": {
         "background": 0, "liver": 1, "lesion": 2, "vessel": 3}}})
     check_weights(liver, str(tmp_path / "recorded.pt"))

@@ -258,6 +258,12 @@ def check_weights(cfg: CrossModalConfig, path: str, state_key: str = "model") ->
     missing = [k for k in want if k not in state and k not in recorded]  # weights from before the records load
     unexpected = [k for k in state if k not in want and k not in recorded]  # a renamed modality's record
     shaped = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
+    trained = classes_of(state)
+    if shaped and trained and len(trained) != cfg.labels.num_classes:  # the output layers' shape: say why
+        raise ModelFileError(
+            f"model {path}: segments {len(trained)} classes ({', '.join(sorted(trained, key=trained.__getitem__))}) "
+            f"and preset {cfg.name!r} has {cfg.labels.num_classes} ({', '.join(cfg.labels.classes)}): train a new one "
+            "with this preset, or pick the preset the model was trained with (--config; server: preset)")
     if missing or unexpected or shaped:
         parts = [f"{len(v)} {what} (e.g. {v[0]!r})" for what, v in
                  (("missing", missing), ("unexpected", unexpected), ("of another shape", shaped)) if v]
@@ -274,7 +280,7 @@ def check_weights(cfg: CrossModalConfig, path: str, state_key: str = "model") ->
         raise ModelFileError(f"model {path}: was trained on {said}"
                              f" and preset {cfg.name!r} has {', '.join(f'{n} of kind {kinds[n]}' for n in other)}: "
                              "another preset's model? Pick the matching --config (server: preset), or train a new one")
-    trained, preset = classes_of(state), {_buffer_name(n): v for n, v in cfg.labels.classes.items()}
+    preset = {_buffer_name(n): v for n, v in cfg.labels.classes.items()}
     swapped = [n for n in preset if n in trained and trained[n] != preset[n]]
     if swapped:
         raise ModelFileError(f"model {path}: was trained with {', '.join(f'{n} = {trained[n]}' for n in swapped)} and "
