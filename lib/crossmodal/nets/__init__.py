@@ -22,7 +22,7 @@ NETWORKS: dict[str, Callable[[CrossModalConfig], nn.Module]] = {
 
 __all__ = ["CLASSES_KEY", "INPUTS_KEY", "NETWORKS", "VOXEL_KEY", "CrossModalNet", "CrossModalOutput",
            "InputRecord", "InputSelect", "ModelFileError", "build_network", "check_weights", "classes_of", "inputs_of",
-           "record_preset", "record_voxel_mm", "unwrap", "voxel_mm_of", "weights_inputs", "weights_voxel_mm",
+           "record_preset", "record_voxel_mm", "unwrap", "voxel_mm_of", "weights_voxel_mm",
            "weights_windows"]
 
 VOXEL_KEY = "voxel_mm"  # the state dict's record of the voxel size (mm, per axis) the weights were trained at
@@ -226,15 +226,10 @@ def weights_voxel_mm(path: str | os.PathLike[str] | None) -> tuple[float, float,
     return _records(path)[0]
 
 
-def weights_inputs(path: str | os.PathLike[str] | None) -> dict[str, InputRecord]:
-    """The modalities the weights file at ``path`` records (:func:`inputs_of`), read once per version of the file;
-    empty without a file, a record or a readable checkpoint."""
-    return _records(path)[1]
-
-
 def weights_windows(path: str | os.PathLike[str] | None) -> dict[str, tuple[float, float]]:
-    """The CT windows the weights file at ``path`` records having been trained at, by modality name."""
-    return {n: r.window for n, r in weights_inputs(path).items() if r.window is not None}
+    """The CT windows the weights file at ``path`` records having been trained at (:func:`inputs_of`), by modality
+    name, read once per version of the file; empty without a file, a record or a readable checkpoint."""
+    return {n: r.window for n, r in _records(path)[1].items() if r.window is not None}
 
 
 def check_weights(cfg: CrossModalConfig, path: str, state_key: str = "model") -> None:
@@ -254,7 +249,7 @@ def check_weights(cfg: CrossModalConfig, path: str, state_key: str = "model") ->
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelFileError(f"model {path}: holds no state dict of weights")
     want = build_network(cfg).state_dict()
-    recorded = [k for k in (*want, *state) if k == VOXEL_KEY or k.split(".")[0] in (INPUTS_KEY, CLASSES_KEY)]
+    recorded = {k for k in (*want, *state) if k == VOXEL_KEY or k.split(".")[0] in (INPUTS_KEY, CLASSES_KEY)}
     missing = [k for k in want if k not in state and k not in recorded]  # weights from before the records load
     unexpected = [k for k in state if k not in want and k not in recorded]  # a renamed modality's record
     shaped = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
