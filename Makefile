@@ -8,6 +8,7 @@ HOST ?= 127.0.0.1
 DEMO := data/brain
 SPM := data/spm12/TPM.nii
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 PRE := apps/crossmodal/pretrained
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
@@ -68,10 +69,12 @@ lint: install
 	$(BIN)/ruff check lib apps tests bench
 	$(BIN)/mypy
 
+# The suite in $(TEST_WORKERS) pytest-xdist workers, a test file each at a time, each worker on its share of the cores
+# (TEST_WORKERS=1: one process, the whole machine).
 test: install $(SPM)
 	$(BIN)/ruff check lib apps tests bench
 	$(BIN)/mypy
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Benchmarks (bench/README.md) write to bench/results, QUICK=1 checks to bench/results/quick (the full runs' figures
 # stay as they are), RESULTS_DIR=... elsewhere.

@@ -25,6 +25,40 @@ APP = REPO / "apps" / "crossmodal"
 PRETRAINED_PHANTOM = APP / "pretrained" / "phantom_baseline_unet.pt"
 PRETRAINED_BRAIN = APP / "pretrained" / "brain_baseline_unet.pt"
 SPM_DIR = REPO / "data" / "spm12"
+ALL_CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []  # before a worker's share
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test``: ``-n 2``), each worker process and what it starts (servers, training
+    processes) runs on its own share of the cores: without it every worker's torch and SimpleITK took all of them,
+    and the oversubscribed threads made two workers slower than one."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker and count <= len(ALL_CORES):
+        _use_cores(ALL_CORES[int(worker.removeprefix("gw")) % count::count])
+
+
+def _use_cores(cores: list[int], threads: int | None = None) -> None:
+    import torch
+
+    os.sched_setaffinity(0, cores)
+    torch.set_num_threads(threads or len(cores))
+
+
+@pytest.fixture
+def whole_machine():
+    """Every core of the machine for this test (a data-parallel run of a process a core), whatever share of them
+    its pytest-xdist worker runs on."""
+    if not ALL_CORES:
+        yield
+        return
+    import torch
+
+    share, threads = sorted(os.sched_getaffinity(0)), torch.get_num_threads()
+    _use_cores(ALL_CORES)
+    try:
+        yield
+    finally:
+        _use_cores(share, threads)
 
 
 @pytest.fixture(scope="session")

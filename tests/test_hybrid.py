@@ -1100,7 +1100,7 @@ def test_baseline_trains_on_labels_only(tmp_path: Path, phantom_cfg):
 
 
 @pytest.mark.timeout(600)
-def test_data_parallel_training_in_two_cpu_processes(tmp_path: Path, phantom_cfg, capfd):
+def test_data_parallel_training_in_two_cpu_processes(tmp_path: Path, phantom_cfg, capfd, whole_machine):
     """Four runs of two processes (each spawned process spends ~7 s importing MONAI): a fine-tuning with no label
     held out, one with a label held out, one from scratch beside the model in service, one with a case that does
     not read."""
