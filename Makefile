@@ -70,7 +70,7 @@ lint: install
 	$(BIN)/mypy
 
 # The suite in $(TEST_WORKERS) pytest-xdist workers, a test file each at a time, each worker on its share of the cores
-# (TEST_WORKERS=1: one process, the whole machine).
+# (TEST_WORKERS=0: in the pytest process itself, on the whole machine).
 test: install $(SPM)
 	$(BIN)/ruff check lib apps tests bench
 	$(BIN)/mypy
