@@ -1130,8 +1130,6 @@ def test_data_parallel_training_in_two_cpu_processes(tmp_path: Path, phantom_cfg
     share = f"{max(1, usable_cores() // 2)} compute thread(s): {usable_cores()} usable core(s), 2 processes"
     assert sorted(line.split(") - ")[-1] for line in err if "compute thread(s)" in line) == [f"0 - {share}",
                                                                                            f"1 - {share}"], err
-    # the motions its processes found, kept for the next run: each of the 5 cases' PET and MR
-    assert len(list((tmp_path / "m" / "motions").glob("*.json"))) == 10
     weights = torch.load(tmp_path / "m" / "train_01" / "model.pt", map_location="cpu")  # the run's, published or not
     net = build_network(load_config(str(tmp_path / "ours.yaml")))
     net.load_state_dict(weights)  # strict: saved unwrapped from DistributedDataParallel

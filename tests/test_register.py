@@ -163,53 +163,6 @@ def test_a_found_motion_is_reused_until_a_file_changes(phantom_studies: Path, mo
     assert len(calls) == 3 and moved.meta["registered_mm"]["pet"] == pytest.approx(np.linalg.norm(SHIFT), abs=1.0)
 
 
-def test_a_found_motion_is_read_back_by_another_process_from_the_store(phantom_studies: Path, tmp_path: Path,
-                                                                       monkeypatch, caplog):
-    """Each training run, each data-parallel process and a restarted server registered every case again (a process's
-    memory was all that kept a motion): with a store (the app's ``<model_dir>/motions``) they read it back, with its
-    over-the-limit warning; a file changed since is registered again, a stored motion that does not read is
-    registered again and said."""
-    from collections import OrderedDict
-
-    import crossmodal.transforms as transforms
-
-    calls = []
-    monkeypatch.setattr(transforms, "register_rigid", lambda *a, **k: calls.append(1) or register_rigid(*a, **k))
-    monkeypatch.setattr(transforms, "_MOTIONS", OrderedDict())
-    monkeypatch.setattr(transforms, "_STORE", None)  # put back after the test
-    transforms.remember_motions_in(tmp_path / "motions")
-    _displace(phantom_studies, "phantom000", ("pet",), SHIFT)
-    cfg = load_config("phantom", overrides={"data": {"register": "translation"}})
-    first = _load(phantom_studies, cfg)
-    stored = sorted((tmp_path / "motions").glob("*.json"))
-    assert len(calls) == 2 and len(stored) == 2  # pet and mr
-    assert first.meta["registered_mm"]["pet"] == pytest.approx(np.linalg.norm(SHIFT), abs=1.0)
-    transforms._MOTIONS.clear()  # another process: nothing in its memory
-    again = _load(phantom_studies, cfg)
-    assert len(calls) == 2 and torch.equal(first, again) and again.meta["registered_mm"] == first.meta["registered_mm"]
-
-    stored[0].write_text('{"matrix": [1, 2')  # cut short
-    transforms._MOTIONS.clear()
-    with caplog.at_level(logging.WARNING):
-        third = _load(phantom_studies, cfg)
-    assert len(calls) == 3 and torch.equal(first, third)
-    assert f"stored motion {stored[0]} is unreadable (" in caplog.text and "): registering again" in caplog.text
-    _displace(phantom_studies, "phantom000", ("mr",), SHIFT)  # a new version of the file: its old motion is not it
-    transforms._MOTIONS.clear()
-    moved = _load(phantom_studies, cfg)
-    assert len(calls) == 4 and moved.meta["registered_mm"]["mr"] == pytest.approx(np.linalg.norm(SHIFT), abs=1.0)
-
-    strict = load_config("phantom", overrides={"data": {"register": "translation", "register_max_mm": 2.0}})
-    for process in ("first", "next"):
-        transforms._MOTIONS.clear()
-        caplog.clear()
-        with caplog.at_level(logging.WARNING):
-            held = _load(phantom_studies, strict)
-        assert held.meta["registered_mm"] == {"pet": 0.0, "mr": 0.0}, process
-        assert caplog.text.count("more than data.register_max_mm (2): left as it lies") == 2, process
-    assert len(calls) == 6  # the strict setting's two found once, then read back with their warnings
-
-
 def test_a_slab_of_a_few_slices_is_registered_on_its_own_grid_and_one_too_thin_is_left_as_it_is():
     """A working grid of a few slices crashed the case with ITK's "The number of pixels along direction 2 is less than
     4" (its coarse twin had 3 slices; a 2-slice grid had 2): a slab registers on its own grid, a thinner one not."""

@@ -661,9 +661,6 @@ def test_train_publishes_a_model_that_infer_reloads(client, phantom_server):
     assert published.is_file() == (stats["best_metric"] > stats["start_metric"]), stats
     assert "held-out val_mean_dice of the starting model" in phantom_server.log.read_text()
     published.unlink(missing_ok=True)  # the committed model in service again
-    # the motions the server and the first run found are kept in <model_dir>/motions: the next run reads them
-    kept = {p: p.stat().st_ino for p in (phantom_server.model_dir / "motions").glob("*.json")}
-    assert len(kept) >= 8  # the 3 labelled cases' PET and MR, phantom005's, any case an earlier test segmented
 
     started = time.time()
     client.train_start("baseline_unet", {"max_epochs": 2, "tracking": "mlflow", "publish": "best_of_run",
@@ -672,9 +669,6 @@ def test_train_publishes_a_model_that_infer_reloads(client, phantom_server):
     # for bit, where no test before this one had trained)
     wait_for_training(client)
     assert published.is_file() and published.stat().st_mtime > started
-    now = {p: p.stat() for p in (phantom_server.model_dir / "motions").glob("*.json")}
-    assert {p: st.st_ino for p, st in now.items()} == kept  # none found again (a new file each time it is stored)
-    assert sum(st.st_mtime >= started for st in now.values()) == 6  # the 3 labelled cases', read back (marked used)
     stats = client.info()["train_stats"]["baseline_unet"]
     assert "start_metric" not in stats
     assert stats["total_epochs"] == 2 and stats["epoch"] == 2

@@ -6,8 +6,6 @@ resampled onto the primary grid (outside a modality's field of view the value is
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import threading
@@ -15,7 +13,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, NamedTuple, cast
 
 import numpy as np
@@ -35,7 +32,7 @@ from monai.transforms import (
     Transform,
 )
 
-from crossmodal.config import CrossModalConfig, ModalityConfig, atomic_write_text, far_apart
+from crossmodal.config import CrossModalConfig, ModalityConfig, far_apart
 from crossmodal.io import (
     Case,
     CaseError,
@@ -108,82 +105,6 @@ _MOTIONS: OrderedDict[tuple, tuple[np.ndarray, float] | None] = OrderedDict()  #
 _MOTIONS_LOCK = threading.Lock()
 
 
-class MotionStore:
-    """Found motions on disk, so that another process (the next training run, each data-parallel process, a restarted
-    server) reads a case's motion instead of registering it again: ``<folder>/<digest>.json``, one small file per
-    pair of files and working grid (``digest``: of :func:`align_to_primary`'s key, the two files' paths, mtimes and
-    sizes among it), written atomically; at most ``max_files``, the least recently used removed first.
-
-    Example:
-        >>> import tempfile
-        >>> store = MotionStore(tempfile.mkdtemp())
-        >>> store.write(("a", 1), np.eye(4), 2.5, None); store.write(("b", 1), None, 0.0, 31.0)
-        >>> matrix, shift, over = store.read(("a", 1)); matrix.shape, shift, over
-        ((4, 4), 2.5, None)
-        >>> store.read(("b", 1)), store.read(("c", 1))
-        ((None, 0.0, 31.0), None)
-    """
-
-    VERSION = 1  # of what a motion is: raised when registration changes what it finds
-
-    def __init__(self, folder: str | os.PathLike[str], max_files: int = 16384) -> None:
-        self.folder, self.max_files = Path(folder), max_files
-
-    def path(self, key: tuple) -> Path:
-        return self.folder / f"{hashlib.blake2b(repr((self.VERSION, key)).encode(), digest_size=16).hexdigest()}.json"
-
-    def read(self, key: tuple) -> tuple[np.ndarray | None, float, float | None] | None:
-        """``(matrix (4, 4) or None where the identity stays, shift in mm, motion over the limit in mm or None)``,
-        or None when not stored (or unreadable: said in the log)."""
-        path = self.path(key)
-        try:
-            rec = json.loads(path.read_text())
-            matrix = None if rec["matrix"] is None else np.asarray(rec["matrix"], dtype=np.float64).reshape(4, 4)
-            found = matrix, float(rec["shift_mm"]), None if rec["over_limit_mm"] is None else float(
-                rec["over_limit_mm"])
-            os.utime(path)  # recently used
-            return found
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            logger.warning(f"stored motion {path} is unreadable ({e}): registering again")
-            return None
-
-    def write(self, key: tuple, matrix: np.ndarray | None, shift_mm: float, over_limit_mm: float | None) -> None:
-        """Store a motion (``matrix`` None: the identity stays); a folder that cannot be written is said in the log,
-        the motion is used all the same."""
-        rec = {"matrix": None if matrix is None else np.asarray(matrix).tolist(), "shift_mm": shift_mm,
-               "over_limit_mm": over_limit_mm}
-        try:
-            atomic_write_text(self.path(key), json.dumps(rec))
-            self._prune()
-        except OSError as e:
-            logger.warning(f"found motion not stored in {self.folder} ({e}): it is found again in the next process")
-
-    def _prune(self) -> None:
-        files = list(self.folder.glob("*.json"))
-        if len(files) <= self.max_files:
-            return
-
-        def used(f: Path) -> float:
-            try:
-                return f.stat().st_mtime
-            except FileNotFoundError:  # removed by another process meanwhile
-                return float("inf")
-        for old in sorted(files, key=used)[: len(files) - self.max_files]:
-            old.unlink(missing_ok=True)
-
-
-_STORE: MotionStore | None = None
-
-
-def remember_motions_in(folder: str | os.PathLike[str] | None) -> None:
-    """Keep the motions this process finds in ``folder`` too (:class:`MotionStore`), and read them from there; None:
-    in this process only. The app's processes and its training runs keep them in ``<model_dir>/motions``."""
-    global _STORE
-    _STORE = None if folder is None else MotionStore(folder)
-
-
 def _file_key(path: str | os.PathLike[str]) -> tuple[str, int, int]:
     """The file at ``path`` as a found motion is remembered by: the file it resolves to (a case linked into several
     studies folders, as the simulation's strategies link theirs, is registered once), its mtime and size."""
@@ -251,20 +172,12 @@ def align_to_primary(source: MetaTensor, ref: MetaTensor, cfg: CrossModalConfig,
 
     if cfg.data.register == "none":
         return onto(None, 0.0)
-    store = _STORE
     if key is not None:
         key = (*key, cfg.data.register, cfg.data.register_max_mm, shape, affine.round(4).tobytes())
         with _MOTIONS_LOCK:
             seen, known = key in _MOTIONS, _MOTIONS.get(key)
         if seen:
             return onto(None, 0.0) if known is None else onto(known[0], known[1])
-        stored = store.read(key) if store is not None else None
-        if stored is not None:  # found by another process
-            matrix, shift, over = stored
-            if over is not None:
-                _warn_over_limit(what, over, cfg)
-            _remember(key, None if matrix is None else (matrix, shift))
-            return onto(None, 0.0) if matrix is None else onto(matrix, shift)
     n = int(np.prod(shape))
     coarse = n > REGISTRATION_VOXELS
     if coarse:
@@ -281,27 +194,16 @@ def align_to_primary(source: MetaTensor, ref: MetaTensor, cfg: CrossModalConfig,
     moving = resample_to(source, grid).as_tensor()[0]
     reg = register_rigid(fixed, moving, coarse_affine, cfg.data.register, cfg.data.register_max_mm)
     shift = round(reg.shift_mm, 2)
-    over = float(reg.over_limit_mm) if reg.over_limit_mm else None
-    if over is not None:  # once per file version in a process (the motion is remembered below)
-        _warn_over_limit(what, over, cfg)
+    if reg.over_limit_mm:  # once per file version in a process (the motion is remembered below)
+        logger.warning(f"{what}: the best alignment to the primary found moves it {reg.over_limit_mm:.1f} mm, more "
+                       f"than data.register_max_mm ({cfg.data.register_max_mm:g}): left as it lies. Series acquired "
+                       "apart (another day, another position) may be that far off: raise data.register_max_mm")
     if key is not None:
-        _remember(key, (reg.matrix, shift) if reg.accepted else None)
-        if store is not None:
-            store.write(key, reg.matrix if reg.accepted else None, shift, over)
+        with _MOTIONS_LOCK:
+            _MOTIONS[key] = (reg.matrix, shift) if reg.accepted else None
+            while len(_MOTIONS) > 4096:
+                _MOTIONS.popitem(last=False)
     return onto(reg.matrix, shift) if reg.accepted else onto(None, 0.0)
-
-
-def _remember(key: tuple, motion: tuple[np.ndarray, float] | None) -> None:
-    with _MOTIONS_LOCK:
-        _MOTIONS[key] = motion
-        while len(_MOTIONS) > 4096:
-            _MOTIONS.popitem(last=False)
-
-
-def _warn_over_limit(what: str, mm: float, cfg: CrossModalConfig) -> None:
-    logger.warning(f"{what}: the best alignment to the primary found moves it {mm:.1f} mm, more than "
-                   f"data.register_max_mm ({cfg.data.register_max_mm:g}): left as it lies. Series acquired apart "
-                   "(another day, another position) may be that far off: raise data.register_max_mm")
 
 
 def missing_modality_message(case: Case, name: str, cfg: CrossModalConfig) -> str:

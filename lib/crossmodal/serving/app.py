@@ -53,7 +53,6 @@ from crossmodal.serving.datastore import CrossModalDatastore, no_such_case
 from crossmodal.serving.grow import CrossModalGrow
 from crossmodal.serving.infer import CrossModalInfer
 from crossmodal.serving.train import CrossModalTrain
-from crossmodal.transforms import remember_motions_in
 from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -360,7 +359,6 @@ class AppParts:
             warn_unfit_preset(local, cfg, preset, conf.get("configs_dir"))
         model_dir = conf.get("model_dir") or os.path.join(app_dir, "model")
         os.makedirs(model_dir, exist_ok=True)
-        remember_motions_in(os.path.join(model_dir, "motions"))  # the server's and its training runs' registrations
         names = [n.strip() for n in conf.get("models", "").split(",") if n.strip()] or \
             list(dict.fromkeys([cfg.model.name, "baseline_unet"]))
         check_conf_keys(conf, names)

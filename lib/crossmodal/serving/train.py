@@ -108,7 +108,7 @@ from crossmodal.nets import (
 )
 from crossmodal.propagate import refine_segmentation
 from crossmodal.serving.datastore import request_device
-from crossmodal.transforms import missing_modality_message, preprocessing, remember_motions_in
+from crossmodal.transforms import missing_modality_message, preprocessing
 from ignite.engine import Engine, Events
 from ignite.handlers import EarlyStopping
 from monai.data import CacheDataset, DataLoader, Dataset, partition_dataset
@@ -1569,7 +1569,6 @@ class CrossModalTrain(BasicTrainTask):
         A data-parallel process computes on its share of the cores (``usable_cores() // world_size``, as torchrun
         sets ``OMP_NUM_THREADS``): each took all of them, so on the CPU two processes ran four threads on two cores
         and waited on each other at every all-reduce."""
-        remember_motions_in(Path(self._model_dir) / "motions")  # a spawned process: its parent's setting is not here
         threads = process_threads(request, world_size)
         if threads is not None:
             torch.set_num_threads(threads)
