@@ -38,8 +38,9 @@ def pytest_configure(config: pytest.Config) -> None:
         _use_cores(ALL_CORES[int(worker.removeprefix("gw")) % count::count])
 
 
-# The test files that take longest (each 1.5-6 minutes of the suite's 15 in one process, 2026-12-07): pytest-xdist
-# hands a worker a file at a time in collection order, so these go first and no worker is left with one at the end.
+# The test files that take longest (their tests of 2.5 s or more: 1.3-5.2 minutes each, of the suite's 15 in one
+# process, 2026-12-07): pytest-xdist hands a worker a file at a time in collection order (make test's
+# --no-loadscope-reorder), so these go first and no worker is left with one of them at the end.
 LONGEST_FIRST = ("test_hybrid.py", "test_server.py", "test_pacs.py", "test_active.py")
 
 
