@@ -69,12 +69,12 @@ lint: install
 	$(BIN)/ruff check lib apps tests bench
 	$(BIN)/mypy
 
-# The suite in $(TEST_WORKERS) pytest-xdist workers, a test file each at a time (the longest first: tests/conftest.py),
-# each worker on its share of the cores (TEST_WORKERS=0: in the pytest process itself, on the whole machine).
+# The suite in $(TEST_WORKERS) pytest-xdist workers, a test file each at a time, each worker on its share of the cores
+# (tests/conftest.py; TEST_WORKERS=0: in the pytest process itself, on the whole machine).
 test: install $(SPM)
 	$(BIN)/ruff check lib apps tests bench
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Benchmarks (bench/README.md) write to bench/results, QUICK=1 checks to bench/results/quick (the full runs' figures
 # stay as they are), RESULTS_DIR=... elsewhere.

@@ -38,17 +38,6 @@ def pytest_configure(config: pytest.Config) -> None:
         _use_cores(ALL_CORES[int(worker.removeprefix("gw")) % count::count])
 
 
-# The test files that take longest (their tests of 2.5 s or more: 1.3-5.2 minutes each, of the suite's 15 in one
-# process, 2026-12-07): pytest-xdist hands a worker a file at a time in collection order (make test's
-# --no-loadscope-reorder), so these go first and no worker is left with one of them at the end.
-LONGEST_FIRST = ("test_hybrid.py", "test_server.py", "test_pacs.py", "test_active.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: a file's own order stays
-
-
 def _use_cores(cores: list[int], threads: int | None = None) -> None:
     os.sched_setaffinity(0, cores)
     torch.set_num_threads(threads or len(cores))
