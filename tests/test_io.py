@@ -199,6 +199,45 @@ def test_a_blank_modality_is_refused_or_left_out_by_the_missing_policy(phantom_s
                             "failed export or reconstruction?); re-export the series")
 
 
+def test_a_blank_channel_of_a_4d_primary_is_refused_or_left_out_by_the_missing_policy(tmp_path: Path, phantom_cfg,
+                                                                                       caplog):
+    """A 4D primary (every modality a channel, as the Medical Segmentation Decathlon ships them) whose PET channel is
+    blank was refused even under ``zero_fill`` ("holds one value", naming no channel); its channel is now named, and
+    ``zero_fill`` leaves it out as it does a blank PET file. A blank CT channel has nothing to segment."""
+    aff = grid_affine((2.0,) * 3, (16, 16, 16))
+    chans = np.stack([_ramp((16, 16, 16)) * (i + 1) for i in range(3)], axis=-1)
+    whole = LoadCased(phantom_cfg)({"image": str(_saved(tmp_path / "whole.nii.gz", chans, aff))})["image"]
+    chans[..., 1] = 0.0
+    path = _saved(tmp_path / "stack.nii.gz", chans, aff)
+    case = find_case(path, phantom_cfg.modality_names)
+    with pytest.raises(CaseError) as e:
+        load_case(case, phantom_cfg)
+    assert str(e.value) == (f"case 'stack': file {path}: channel 1 of 3 ('pet') holds one value (0) in every voxel: no "
+                            "image (a failed export or reconstruction?); re-export the series, or use the case without "
+                            "it (missing_modality zero_fill)")
+    with caplog.at_level("WARNING", logger="crossmodal.transforms"):
+        image, used = load_case(case, phantom_cfg, missing="zero_fill")
+    assert used == ["ct", "mr"] and set(image.meta["registered_mm"]) == {"mr"}
+    assert float(image[1].abs().max()) == 0.0 and torch.equal(image[0::2], whole[0::2])
+    assert f"case 'stack': file {path}: channel 1 of 3 ('pet') holds one value (0)" in caplog.text
+    assert "segmented without pet" in caplog.text
+    d = LoadCased(phantom_cfg, missing="zero_fill")({"image": str(path)})
+    assert d["present"].tolist() == [True, False, True] and d["modalities_used"] == ["ct", "mr"]
+    assert load_case(case, phantom_cfg, drop=["pet"])[1] == ["ct", "mr"]  # dropped anyway: not refused
+    chans[..., 0] = -1000.0
+    chans[..., 1] = _ramp((16, 16, 16))
+    path = _saved(tmp_path / "stack.nii.gz", chans, aff)
+    with pytest.raises(CaseError) as e:
+        load_case(case, phantom_cfg, missing="zero_fill")
+    assert str(e.value) == (f"case 'stack': file {path}: channel 0 of 3 ('ct') holds one value (-1000) in every voxel: "
+                            "no image (a failed export or reconstruction?); re-export the series")
+
+
+def _saved(path: Path, values: np.ndarray, affine: np.ndarray) -> Path:
+    save_volume(path, values, affine)
+    return path
+
+
 def test_a_modality_file_named_in_another_case_is_found(phantom_studies: Path, phantom_cfg):
     """``PET.nii.gz`` / ``Mr.nii.gz`` (a folder made by hand) are the case's pet and mr: they were "missing", with the
     files beside the path the message named; an exact name wins where both are there."""

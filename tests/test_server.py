@@ -1030,6 +1030,14 @@ def test_a_multimodal_case_uploads_through_the_datastore_api(client, phantom_ser
             "case 'upl002': uploaded image: is a single slice (grid (48, 48, 1)); the app segments 3D volumes: send "
             "the whole series") in e.value.msg, e.value.msg
         assert "upl002" not in client.datastore()["objects"]
+        stack = np.stack([ct[0].numpy(), np.zeros(pet.shape[1:], np.float32), ct[0].numpy()], -1)
+        save_volume(tmp_path / "stack.nii.gz", stack, ct.affine.numpy())  # a 4D primary whose PET channel is blank
+        with pytest.raises(MONAILabelClientException) as e:  # said "holds one value", not which of the three
+            client.upload_image(str(tmp_path / "stack.nii.gz"), "upl003")
+        assert status_of(e.value) == 422 and (
+            "case 'upl003': uploaded image: channel 1 of 3 ('pet') holds one value (0) in every voxel: no image (a "
+            "failed export or reconstruction?); re-export the series") in e.value.msg, e.value.msg
+        assert "upl003" not in client.datastore()["objects"]
         assert not sidecars.exists()
         for name in ("pet", "mr"):
             assert client.upload_image(str(files[name]), "upl001", {"modality": name})["image"] == "upl001"

@@ -320,25 +320,35 @@ def volume_3d(vol: MetaTensor, case_id: str, path: str | os.PathLike[str] | None
     return vol
 
 
-def blank_message(vol: torch.Tensor) -> str | None:
+def channel_name(index: int, count: int, name: str | None = None) -> str:
+    """How a message names channel ``index`` of a ``count``-channel file: ``"channel 1 of 3 ('pet') "``."""
+    return f"channel {index} of {count}{f' ({name!r})' if name else ''} "
+
+
+def blank_message(vol: torch.Tensor, names: Sequence[str] = ()) -> str | None:
     """What is wrong with ``vol`` (C, H, W, D) where a channel holds one value in every voxel (a failed export or
     reconstruction, a series of no signal: nothing for a network to read, and mutual information cannot align it);
-    None for an image.
+    None for an image. A channel of several is named by its number and, given ``names`` (one a channel), its name.
 
         >>> blank_message(torch.zeros(1, 4, 4, 4)), blank_message(torch.arange(64.0).reshape(1, 4, 4, 4))
         ('holds one value (0) in every voxel: no image (a failed export or reconstruction?)', None)
+        >>> blank_message(torch.stack([torch.arange(64.0).reshape(4, 4, 4), torch.ones(4, 4, 4)]), ("ct", "pet"))
+        "channel 1 of 2 ('pet') holds one value (1) in every voxel: no image (a failed export or reconstruction?)"
     """
-    for channel in vol:
+    for i, channel in enumerate(vol):
         lo, hi = torch.aminmax(torch.as_tensor(channel))
         if float(lo) == float(hi):
-            return f"holds one value ({float(lo):g}) in every voxel: no image (a failed export or reconstruction?)"
+            which = "" if len(vol) == 1 else channel_name(i, len(vol), names[i] if i < len(names) else None)
+            return (f"{which}holds one value ({float(lo):g}) in every voxel: no image (a failed export or "
+                    "reconstruction?)")
     return None
 
 
-def image_volume(vol: MetaTensor, case_id: str, path: str | os.PathLike[str] | None) -> MetaTensor:
-    """``vol`` as it was, or a :class:`CaseError` where it is a single slice (:func:`volume_3d`) or holds one value
-    everywhere (:func:`blank_message`): an image a case can be segmented from."""
-    problem = blank_message(volume_3d(vol, case_id, path))
+def image_volume(vol: MetaTensor, case_id: str, path: str | os.PathLike[str] | None,
+                 names: Sequence[str] = ()) -> MetaTensor:
+    """``vol`` as it was, or a :class:`CaseError` where it is a single slice (:func:`volume_3d`) or a channel holds
+    one value everywhere (:func:`blank_message`, naming it by ``names``): an image a case can be segmented from."""
+    problem = blank_message(volume_3d(vol, case_id, path), names)
     if problem:
         raise CaseError(case_id, path, f"{problem}; re-export the series")
     return vol

@@ -37,6 +37,7 @@ from crossmodal.io import (
     Case,
     CaseError,
     blank_message,
+    channel_name,
     find_case,
     format_mm,
     image_volume,
@@ -258,7 +259,9 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
         raise CaseError(case.case_id, None, f"cannot drop {unknown}: not configured modalities {cfg.modality_names}")
     if len(set(drop)) >= len(mods):
         raise CaseError(case.case_id, None, f"dropping {sorted(drop)} leaves no modality to segment with")
-    primary = image_volume(load_volume(case.primary, case.case_id), case.case_id, case.primary)
+    primary = volume_3d(load_volume(case.primary, case.case_id), case.case_id, case.primary)
+    if primary.shape[0] == 1:
+        image_volume(primary, case.case_id, case.primary)
     grid = {"primary_affine": primary.affine.clone(), "primary_shape": tuple(primary.shape[1:])}
     trained = None if cfg.data.spacing or not working_spacing(primary, cfg) else cfg.data.weights_spacing
     if trained and (case.case_id, trained) not in _RESAMPLED:
@@ -272,6 +275,7 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
             raise CaseError(case.case_id, case.primary,
                             f"has {primary.shape[0]} channels but the config names {len(mods)} modalities "
                             f"{cfg.modality_names}")
+        drop = [*drop, *blank_channels(primary, case, cfg, policy, drop)]
         chans = [normalize(primary[i : i + 1], m) * (m.name not in drop) for i, m in enumerate(mods)]
         out = to_canonical(working_grid(MetaTensor(torch.cat(chans), meta=primary.meta), cfg))
         shifts, aligned = {}, {}
@@ -330,6 +334,28 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
     image = MetaTensor(torch.cat([by_name[m.name] for m in mods]), meta=ref.meta)
     image.meta.update(grid, registered_mm=shifts, **fields_of_view(aligned, cfg))
     return image, used
+
+
+def blank_channels(primary: MetaTensor, case: Case, cfg: CrossModalConfig, policy: str,
+                   drop: Sequence[str] = ()) -> list[str]:
+    """The secondary modalities whose channel of the 4D primary ``primary`` (M, H, W, D) holds one value in every
+    voxel (:func:`blank_message`), to be left out as missing ones under the ``zero_fill`` ``policy``.
+
+    Raises:
+        CaseError: the primary modality's channel is blank (nothing to segment), or a secondary one under ``error``.
+    """
+    blank = []
+    for i, m in enumerate(cfg.modalities):
+        problem = None if i and m.name in drop else blank_message(primary[i : i + 1])
+        if not problem:
+            continue
+        problem = channel_name(i, len(cfg.modalities), m.name) + problem
+        if i == 0 or policy == "error":
+            raise CaseError(case.case_id, case.primary, f"{problem}; re-export the series" + (
+                ", or use the case without it (missing_modality zero_fill)" if i else ""))
+        logger.warning(f"case {case.case_id!r}: file {case.primary}: {problem}: segmented without {m.name}")
+        blank.append(m.name)
+    return blank
 
 
 def fields_of_view(aligned: Mapping[str, Aligned], cfg: CrossModalConfig) -> dict[str, Any]:

@@ -412,7 +412,7 @@ class CrossModalDatastore(LocalDatastore):
         self._fresh()
         self._refuse_existing(image_id)  # before reading the upload; again under the lock below
         try:
-            image_volume(load_volume(image_filename, image_id), image_id, None)
+            image_volume(load_volume(image_filename, image_id), image_id, None, self.modality_names)
         except CaseError as e:
             raise http_error(CaseError(image_id, None, f"uploaded image: {e.problem}")) from e
         _, image_ext = self._to_id(os.path.basename(image_filename))
