@@ -1030,7 +1030,7 @@ def test_a_multimodal_case_uploads_through_the_datastore_api(client, phantom_ser
             "case 'upl002': uploaded image: is a single slice (grid (48, 48, 1)); the app segments 3D volumes: send "
             "the whole series") in e.value.msg, e.value.msg
         assert "upl002" not in client.datastore()["objects"]
-        stack = np.stack([ct[0].numpy(), np.zeros(pet.shape[1:], np.float32), ct[0].numpy()], -1)
+        stack = np.stack([ct[0].numpy(), np.zeros(ct.shape[1:], np.float32), ct[0].numpy()], -1)
         save_volume(tmp_path / "stack.nii.gz", stack, ct.affine.numpy())  # a 4D primary whose PET channel is blank
         with pytest.raises(MONAILabelClientException) as e:  # said "holds one value", not which of the three
             client.upload_image(str(tmp_path / "stack.nii.gz"), "upl003")
