@@ -150,8 +150,8 @@ def configure_threads() -> int:
     """On a CPU-only machine use every core this process may run on (cgroup / affinity aware); returns the count."""
     if torch.cuda.is_available():
         return torch.get_num_threads()
-    import os
+    from crossmodal.atlas import usable_cores
 
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = usable_cores()
     torch.set_num_threads(max(1, n))
     return n

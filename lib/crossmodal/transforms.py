@@ -32,6 +32,7 @@ from monai.transforms import (
     Transform,
 )
 
+from crossmodal.atlas import usable_cores
 from crossmodal.config import CrossModalConfig, ModalityConfig, far_apart
 from crossmodal.io import (
     Case,
@@ -320,7 +321,7 @@ def load_case(case: Case, cfg: CrossModalConfig, missing: str | None = None,
                                 what=f"case {case.case_id!r}: {m.name} ({path})")
 
     # the secondary modalities in parallel: decoding, registration and resampling release the GIL
-    with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(len(todo), usable_cores()))) as pool:
         done = list(pool.map(secondary, todo))
     shifts, aligned = {}, {}
     for (m, _), a in zip(todo, done, strict=True):
