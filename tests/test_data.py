@@ -295,6 +295,68 @@ def test_nnunet_dataset_in_its_file_ending(tmp_path: Path, phantom_cfg):
     assert not (tmp_path / "c").exists()
 
 
+def test_decathlon_and_nnunet_v1_datasets_import_as_their_nnunet_v2_twin(tmp_path: Path, phantom_cfg, capsys):
+    """A Medical Segmentation Decathlon dataset (every modality a channel of one 4D ``imagesTr/<case>.nii.gz``,
+    dataset.json's ``modality`` and ``labels`` {"1": "organ"}) and an nnU-Net v1 one (channel files, that
+    dataset.json) were refused with "key 'channel_names' is missing"; both import as the v2 dataset they hold, each
+    channel to the modality it names, in any order (a macOS ``._`` file of the Decathlon's archives skipped)."""
+    from crossmodal.cli import main
+    from crossmodal.data.studies import guess_preset
+
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=3, dense=1, sparse=1)
+    v2 = tmp_path / "v2"
+    export_nnunet(studies, v2, phantom_cfg, test_cases=("phantom002",))
+    order = ["mr", "ct", "pet"]  # the Decathlon's channel order, not the preset's
+    meta = {"name": "Phantom", "modality": {str(k): n.upper() for k, n in enumerate(order)},
+            "labels": {"0": "background", "1": "organ", "2": "lesion", "3": "vessel", "4": "ignore"},
+            "training": [{"image": f"./imagesTr/phantom00{i}.nii.gz", "label": f"./labelsTr/phantom00{i}.nii.gz"}
+                         for i in range(2)], "test": ["./imagesTs/phantom002.nii.gz"]}
+    msd, v1 = tmp_path / "Task01_Phantom", tmp_path / "Task501_Phantom"
+    for src in sorted(v2.rglob("*_0000.nii.gz")):
+        cid, split = src.name[: -len("_0000.nii.gz")], src.parent.name
+        chans = {n: load_volume(src.parent / f"{cid}_{k:04d}.nii.gz") for k, n in enumerate(phantom_cfg.modality_names)}
+        affine = chans["ct"].affine.numpy()
+        save_volume(msd / split / f"{cid}.nii.gz", np.stack([chans[n][0].numpy() for n in order], -1), affine)
+        for k, n in enumerate(order):
+            save_volume(v1 / split / f"{cid}_{k:04d}.nii.gz", chans[n][0].numpy(), affine)
+    for folder in (msd, v1):
+        for label in [*v2.glob("labelsT*/*.nii.gz")]:
+            (folder / label.parent.name).mkdir(exist_ok=True)
+            shutil.copy(label, folder / label.parent.name / label.name)
+        (folder / "dataset.json").write_text(json.dumps(meta))
+    (msd / "imagesTr" / "._phantom000.nii.gz").write_bytes(b"\x00\x05\x16\x07 Mac OS X")  # AppleDouble
+    assert guess_preset(msd, "brain") == ("phantom", (
+        f"--config not given: preset 'phantom' (ct + pet, mr), the one whose modalities are {msd / 'dataset.json'}'s "
+        "modality (the default, 'brain', takes t1 + t2, pd)"))
+    records = import_nnunet(v2, tmp_path / "a", phantom_cfg)
+    for name, folder in (("b", msd), ("c", v1)):
+        assert main(["data", "import-nnunet", "--dataset", str(folder), "--out", str(tmp_path / name)]) == 0
+        said = capsys.readouterr()
+        assert [json.loads(line) for line in said.out.splitlines()] == records
+        assert f"--config not given: preset 'phantom' (ct + pet, mr), the one whose modalities are {folder}" in said.err
+        assert records == [{"case": "phantom000", "split": "train", "label": "dense"},
+                           {"case": "phantom001", "split": "train", "label": "sparse"},
+                           {"case": "phantom002", "split": "test", "label": None}]
+        files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.nii.gz"))
+        assert files == sorted(p.relative_to(tmp_path / name) for p in (tmp_path / name).rglob("*.nii.gz"))
+        assert len(files) == 3 + 3 * 2 + 2 + 1  # primaries, sidecars, labels, truth
+        for rel in files:
+            a, b = load_volume(tmp_path / "a" / rel), load_volume(tmp_path / name / rel)
+            assert torch.equal(a, b) and torch.allclose(a.affine, b.affine), rel
+    save_volume(msd / "imagesTr" / "phantom000.nii.gz", np.zeros((8, 8, 8, 2), np.float32), np.eye(4))
+    with pytest.raises(CaseError) as e:
+        import_nnunet(msd, tmp_path / "d", phantom_cfg)
+    assert str(e.value) == (f"case 'phantom000': file {msd / 'imagesTr' / 'phantom000.nii.gz'}: holds 2 volume(s) "
+                            "where dataset.json's modality names 3 channels ['mr', 'ct', 'pet']")
+    assert not (tmp_path / "d").exists()
+    (msd / "dataset.json").write_text(json.dumps({**meta, "labels": {"background": 0}}))
+    with pytest.raises(ValueError) as e:
+        import_nnunet(msd, tmp_path / "d", phantom_cfg)
+    assert str(e.value) == (f"{msd / 'dataset.json'}: a Decathlon / nnU-Net v1 dataset.json (it has 'modality'): "
+                            'labels must map label values to class names ({"0": "background", "1": ...}), got '
+                            '{"background": 0}')
+
+
 def test_cli_sparsify_reports_fraction_and_errors_name_the_file(tmp_path: Path, phantom_cfg, capsys):
     from crossmodal.cli import main
 

@@ -4,6 +4,10 @@ nnU-Net: ``imagesTr/<case>_<XXXX>.nii.gz`` (channel XXXX, all channels on one gr
 ``imagesTs`` / ``labelsTs``, ``dataset.json`` with ``channel_names``, ``labels`` and an optional ``ignore``
 label (the highest value) marking unannotated voxels of sparse labels. A training case without a label file
 is unlabeled. Ours: see :mod:`crossmodal.io`; held-out truth of test cases goes to ``<studies>/truth/``.
+
+Read too: the Medical Segmentation Decathlon's layout (``imagesTr/<case>.nii.gz``, every modality a channel of one
+4D file) and nnU-Net v1's (its ``_XXXX`` channel files), whose ``dataset.json`` names the channels ``modality`` and
+the classes ``labels`` as ``{"1": "edema"}``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from monai.data import MetaTensor
 from tqdm import tqdm
 
 from crossmodal.config import CrossModalConfig, atomic_write_text
@@ -46,6 +51,25 @@ class NnunetCase:
     channels: dict[str, str]
     label: str | None
     split: str
+    index: dict[str, int] | None = None  # {modality: its channel in a 4D file (a Decathlon case)}; None: channel 0
+
+
+def msd_meta(path: Path, meta: dict) -> dict:
+    """A Decathlon / nnU-Net v1 ``dataset.json`` (``modality`` {"0": "T2"}, ``labels`` {"0": "background"}) in
+    nnU-Net v2's terms (``channel_names``, ``labels`` {name: value}), ``"layout": "msd"`` added.
+
+        >>> meta = msd_meta(Path("dataset.json"), {"modality": {"0": "T2", "1": "ADC"},
+        ...                                        "labels": {"0": "background", "1": "PZ"}})
+        >>> meta["channel_names"], meta["labels"]
+        ({'0': 'T2', '1': 'ADC'}, {'background': 0, 'PZ': 1})
+    """
+    labels = meta.get("labels")
+    if not isinstance(labels, dict) or not labels or not all(str(k).isdigit() for k in labels):
+        raise ValueError(f"{path}: a Decathlon / nnU-Net v1 dataset.json (it has 'modality'): labels must map label "
+                         f"values to class names ({{\"0\": \"background\", \"1\": ...}}), got "
+                         f"{json.dumps(labels)[:80]}")
+    return {"channel_names": meta["modality"], "labels": {str(n): int(v) for v, n in labels.items()},
+            "file_ending": ".nii.gz", "layout": "msd"}
 
 
 def read_dataset_json(dataset: str | os.PathLike[str]) -> dict:
@@ -58,6 +82,8 @@ def read_dataset_json(dataset: str | os.PathLike[str]) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: a JSON object with channel_names and labels expected, got {type(meta).__name__}")
+    if "channel_names" not in meta and isinstance(meta.get("modality"), dict):  # the Decathlon's / nnU-Net v1's
+        meta = msd_meta(path, meta)
     for key in ("channel_names", "labels"):
         if key not in meta:
             raise ValueError(f"{path}: key {key!r} is missing")
@@ -132,7 +158,15 @@ def list_cases(dataset: str | os.PathLike[str], cfg: CrossModalConfig) -> list[N
     cases = []
     for split, img_dir, lab_dir in (("train", "imagesTr", "labelsTr"), ("test", "imagesTs", "labelsTs")):
         found: dict[str, dict[str, str]] = {}
-        for p in sorted((root / img_dir).glob(f"*{ending}")):
+        files = [p for p in sorted((root / img_dir).glob(f"*{ending}")) if not p.name.startswith(".")]  # "._x": macOS
+        if meta.get("layout") == "msd" and not any(channel.match(p.name) for p in files):  # one file a case
+            for p in files:
+                cid = p.name[: -len(ending)]
+                lab = root / lab_dir / p.name
+                cases.append(NnunetCase(cid, {n: str(p) for n in by_channel}, str(lab) if lab.is_file() else None,
+                                        split, {n: k for k, n in enumerate(by_channel)}))
+            continue
+        for p in files:
             m = channel.match(p.name)
             if m:
                 if int(m["ch"]) >= len(names):
@@ -201,10 +235,11 @@ def _import_cases(dataset: str | os.PathLike[str], out: Path, cfg: CrossModalCon
     classes = class_map(dataset, meta, cfg)
     records = []
     for case in tqdm(list_cases(dataset, cfg), desc="import", unit="case"):
-        primary = load_volume(case.channels[cfg.modality_names[0]], case.case_id)
+        read: dict[str, MetaTensor] = {}
+        primary = channel_volume(case, cfg.modality_names[0], read)
         save_volume(out / f"{case.case_id}.nii.gz", primary[0].numpy(), primary.affine.numpy())
         for name in cfg.modality_names[1:]:
-            vol = load_volume(case.channels[name], case.case_id)
+            vol = channel_volume(case, name, read)
             save_volume(out / cfg.data.sidecar_dir / case.case_id / f"{name}.nii.gz", vol[0].numpy(),
                         vol.affine.numpy())
         kind = None
@@ -224,6 +259,26 @@ def _import_cases(dataset: str | os.PathLike[str], out: Path, cfg: CrossModalCon
                 save_volume(out / FINAL_LABELS / f"{case.case_id}.nii.gz", arr, primary.affine.numpy())
         records.append({"case": case.case_id, "split": case.split, "label": kind})
     return records
+
+
+def channel_volume(case: NnunetCase, name: str, read: dict[str, MetaTensor]) -> MetaTensor:
+    """Modality ``name`` of ``case`` as (1, H, W, D): its channel file, or its channel of the case's 4D file (read
+    once: ``read`` keeps the files read, by path).
+
+    Raises:
+        CaseError: the file is unreadable, or a Decathlon case's file has other than the channels ``modality`` names.
+    """
+    path = case.channels[name]
+    if path not in read:
+        read[path] = load_volume(path, case.case_id)
+    vol = read[path]
+    if not case.index:
+        return vol
+    if vol.shape[0] != len(case.index):
+        raise CaseError(case.case_id, path, f"holds {vol.shape[0]} volume(s) where dataset.json's modality names "
+                                            f"{len(case.index)} channels {list(case.index)}")
+    k = case.index[name]
+    return MetaTensor(vol.as_tensor()[k : k + 1], affine=vol.affine)
 
 
 def relabel(arr: np.ndarray, classes: dict[int, int]) -> np.ndarray:

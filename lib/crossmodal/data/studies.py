@@ -187,11 +187,12 @@ def guess_preset(studies: str | os.PathLike[str], default: str,
     meta = root / "dataset.json"
     if meta.is_file():
         try:
-            channels = json.loads(meta.read_text())["channel_names"]
-            names = [str(channels[k]).lower() for k in sorted(channels, key=int)]
+            read = json.loads(meta.read_text())
+            key = "channel_names" if "channel_names" in read else "modality"  # nnU-Net v2; the Decathlon, v1
+            names = [str(read[key][k]).lower() for k in sorted(read[key], key=int)]
         except (ValueError, KeyError, TypeError, AttributeError):
             return default, None  # reading the dataset says what is wrong with its dataset.json
-        found, where = ", ".join(names), f"{meta}'s channel_names"
+        found, where = ", ".join(names), f"{meta}'s {key}"
         which = f"whose modalities are {where}"
         fits = {n for n, c in presets.items() if sorted(m.lower() for m in c.modality_names) == sorted(names)}
     else:
