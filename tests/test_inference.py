@@ -473,3 +473,32 @@ def test_a_model_is_served_at_the_ct_window_it_records_and_refused_under_another
         "background": 0, "liver": 1, "lesion": 2, "vessel": 3}}})
     check_weights(liver, str(tmp_path / "recorded.pt"))
     build_network(liver).load_state_dict(torch.load(tmp_path / "recorded.pt", weights_only=True))
+
+
+def test_weights_without_the_records_load_without_monai_labels_warnings(tmp_path: Path, caplog):
+    """The committed weights (saved before the voxel-size, input and class records existed) drew MONAI Label's
+    "Checkpoint keys don't match network.state_dict()! ..." and "The run will now continue unless load_strict is
+    set to True ... please check the loaded weights" at every model load (the server's log, each `predict` and
+    `evaluate`): they load, strictly, with the records as not known. A key the network does not have is still warned
+    of, and stops the load."""
+    from crossmodal.serving.app import AppParts
+
+    committed = APP / "pretrained" / "phantom_crossmodal.pt"
+    state = torch.load(committed, weights_only=True)
+    assert "voxel_mm" not in state and not any(k.startswith(("inputs.", "classes.")) for k in state)
+    parts = AppParts.from_conf(str(APP), {"preset": "phantom", "model_dir": str(tmp_path / "m")})
+    task = parts.infer()
+    assert task.get_path() == str(committed)
+    with caplog.at_level(logging.WARNING):
+        network = task._get_network("cpu", {})
+    assert "Checkpoint keys" not in caplog.text and "load_strict" not in caplog.text, caplog.text
+    assert all(torch.equal(network.state_dict()[k], v) for k, v in state.items())
+    stray = tmp_path / "stray.pt"
+    torch.save({**state, "stray.weight": torch.zeros(1)}, stray)
+    task.path = [str(stray)]
+    task._networks.clear()
+    with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: "
+                                                                            r"\"stray.weight\""):
+        task._get_network("cpu", {})
+    assert "Checkpoint keys don't match network.state_dict()!" in caplog.text and "'stray.weight'" in caplog.text
+    assert "The run will now continue unless load_strict is set to True" in caplog.text

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,7 +28,7 @@ from crossmodal.config import (
 from crossmodal.errors import CaseError, cause_of_type
 from crossmodal.inference import NetworkInferer
 from crossmodal.io import IMAGE_EXTENSIONS, case_id_of, format_mm, save_volume, voxel_mm
-from crossmodal.nets import CrossModalNet, unwrap, weights_voxel_mm, weights_windows
+from crossmodal.nets import CLASSES_KEY, INPUTS_KEY, VOXEL_KEY, CrossModalNet, unwrap, weights_voxel_mm, weights_windows
 from crossmodal.serving.datastore import http_error, request_device
 from crossmodal.transforms import preprocessing, to_primary_grid, to_primary_labels
 from monai.data import MetaTensor
@@ -40,6 +42,40 @@ logger = logging.getLogger(__name__)
 
 _TOLD: set[tuple[str | None, tuple]] = set()  # (model, its size or its CT windows) said once
 MAX_MC_SAMPLES = 64  # Monte-Carlo dropout passes one uncertainty request may ask for
+
+
+class RecordsOnly(logging.Filter):
+    """Drops MONAI Label's two warnings on loading weights whose keys differ from the network's by our records alone
+    (:data:`~crossmodal.nets.VOXEL_KEY`, ``inputs.*``, ``classes.*``), as weights saved before a record existed (the
+    committed ones) do: "Checkpoint keys don't match network.state_dict()! ..." and "The run will now continue unless
+    load_strict is set to True ... please check the loaded weights", at every model load of the server, ``predict``
+    and ``evaluate``. Such weights load with the record as not known; the task loads strictly, so any other key
+    stops the load with torch's error, and its warnings pass."""
+
+    MISMATCH = "Checkpoint keys don't match network.state_dict()!"
+    CONTINUE = "The run will now continue unless load_strict"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if text.startswith(self.MISMATCH):
+            self.dropped.last = all(map(is_record_key, re.findall(r"'([^']*)'", text.partition(": ")[2])))
+            return not self.dropped.last
+        if text.startswith(self.CONTINUE) and getattr(self.dropped, "last", False):
+            self.dropped.last = False
+            return False
+        return True
+
+
+def is_record_key(key: str) -> bool:
+    """Whether ``key`` of a state dict is one of the records :func:`crossmodal.nets.build_network` adds."""
+    return key == VOXEL_KEY or key.startswith((f"{INPUTS_KEY}.", f"{CLASSES_KEY}."))
+
+
+logging.getLogger(BasicInferTask.__module__).addFilter(RecordsOnly())
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
