@@ -716,6 +716,9 @@ def test_simulate_resumes_a_killed_run_keeping_its_finished_curves(tmp_path, cap
             raise KeyboardInterrupt
         return evaluate(*a, **k)
 
+    def killed_at_the_first(*a, **k):
+        raise KeyboardInterrupt
+
     monkeypatch.setattr(sim, "evaluate", killed_at_the_sixth)
     assert main(args) == 130
     assert capsys.readouterr().err.endswith("\ncrossmodal simulate: interrupted\n")
@@ -748,3 +751,26 @@ def test_simulate_resumes_a_killed_run_keeping_its_finished_curves(tmp_path, cap
         f"crossmodal: error: --resume: {out / 'simulate_other.json'}: no earlier run of this simulation there to "
         "resume (its --out and --name give the file)")
     assert json.loads((out / "simulate_tiny.json").read_text()) == resumed  # the refused runs replaced nothing
+
+    # run again without --resume: the earlier results were written over at the first result (hours of curves lost
+    # to a forgotten flag); now kept beside, and only once there is something to replace them with
+    plot = (out / "simulate_tiny.png").read_bytes()
+    calls["evaluate"].clear()
+    monkeypatch.setattr(sim, "evaluate", killed_at_the_first)
+    assert main(args) == 130
+    assert f"crossmodal: replacing {out / 'simulate_tiny.json'} (--resume keeps its finished curves); it is kept as " \
+        f"{out / 'simulate_tiny.previous.json'} once this run has a result to write" in capsys.readouterr().err
+    assert json.loads((out / "simulate_tiny.json").read_text()) == resumed
+    assert not (out / "simulate_tiny.previous.json").exists()
+    calls["evaluate"].clear()
+    def killed_at_the_second(*a, **k):
+        calls["evaluate"].append(a[2])
+        return evaluate(*a, **k) if len(calls["evaluate"]) == 1 else killed_at_the_first()
+
+    monkeypatch.setattr(sim, "evaluate", killed_at_the_second)
+    assert main(args) == 130  # killed after its first result, seed 0's full-annotation reference
+    capsys.readouterr()
+    assert json.loads((out / "simulate_tiny.previous.json").read_text()) == resumed
+    assert (out / "simulate_tiny.previous.png").read_bytes() == plot  # its plot with it
+    replaced = json.loads((out / "simulate_tiny.json").read_text())
+    assert replaced["records"] == [] and replaced["full_annotation"] == resumed["full_annotation"][:1]

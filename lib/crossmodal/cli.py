@@ -367,10 +367,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
               f"{len(curves)} finished curve(s) ({', '.join(f'{s} seed {n}' for s, n in curves) or 'none'}); "
               f"training again: {', '.join(f'{s} seed {n}' for s, n in dropped) or 'none'} unfinished, and what "
               "was not run yet", file=sys.stderr)
-    elif json_path.is_file():
-        print(f"crossmodal: replacing {json_path} (--resume keeps its finished curves)", file=sys.stderr)
+    earlier = None if args.resume or not json_path.is_file() else json_path.with_suffix(".previous.json")
+    if earlier:
+        print(f"crossmodal: replacing {json_path} (--resume keeps its finished curves); it is kept as {earlier} once "
+              "this run has a result to write", file=sys.stderr)
 
     def save() -> None:
+        nonlocal earlier
+        if earlier and json_path.is_file():  # a run stopped before its first result leaves the earlier one as it was
+            os.replace(json_path, earlier)
+            if (out / f"simulate_{dataset}.png").is_file():  # its curves' plot with it
+                os.replace(out / f"simulate_{dataset}.png", earlier.with_suffix(".png"))
+            earlier = None
         summary = summarize(found["record"], found["reference"])
         write_json(json_path, {"spec": vars(spec), "identity": identity, "records": found["record"],
                                "full_annotation": found["reference"], "scoring_cost": (found["cost"] or [{}])[0],
