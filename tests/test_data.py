@@ -1,6 +1,7 @@
 """Data sets: phantom, real SPM12 brain cases, the sparse-annotation simulator, nnU-Net conversion, the CLI."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -652,7 +653,7 @@ def nib_dtype(path: Path) -> np.dtype:
     return nib.load(str(path)).get_data_dtype()
 
 
-def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg, monkeypatch, capsys):
+def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg, monkeypatch, capsys, caplog):
     """`crossmodal evaluate` and `crossmodal train` on an nnU-Net v2 raw dataset, with the committed weights; what
     they import or make for themselves leaves the temp folder with them (each run left a copy of the dataset)."""
     from conftest import PRETRAINED_PHANTOM
@@ -736,6 +737,15 @@ def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg, 
             f"crossmodal: error: {ds}: no held-out case to evaluate: none of its 1 imagesTs cases (phantom002) has its "
             f"label in labelsTs (e.g. {ds / 'labelsTs' / 'phantom002.nii.gz'}); held-out cases are imagesTs cases "
             "with their labels in labelsTs")
+    # an imagesTs case without labelsTs (a Decathlon's test set) is no training case (it trained as an unlabeled one)
+    with caplog.at_level(logging.INFO, logger="crossmodal"):
+        code = main(["train", "--studies", str(ds), "--config", "phantom", "--model-dir", str(tmp_path / "u"),
+                     "--epochs", "1", "--method", "ours"])
+    err = capsys.readouterr().err
+    assert code == 0, err[-2000:]
+    assert "crossmodal: 1 imagesTs case(s) without a labelsTs label (phantom002) left out of training: test images, " \
+        "as nnU-Net has them (an unlabeled training case goes in imagesTr without a labelsTr label)" in err
+    assert "unlabeled: 1 cases, batch 1" in caplog.text, caplog.text[-2000:]  # phantom001 alone
     label = ds / "labelsTr" / "phantom000.nii.gz"  # a label on another grid than its images: named in the dataset
     lab = load_volume(label)
     save_volume(label, np.rint(lab[0].numpy()[::2, ::2, ::2]).astype(np.uint8), np.diag([4.0, 4.0, 4.0, 1.0]))

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -247,8 +248,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_to_dicom(args: argparse.Namespace) -> int:
     """`crossmodal data to-dicom`: a studies folder as DICOM series, optionally stored to a DICOMweb server."""
-    import shutil
-
     import requests
     from tqdm import tqdm
 
@@ -409,13 +408,16 @@ def studies_folder(path: str) -> str:
     return path
 
 
-def as_studies(path: str, preset: str, oracle: bool = False, scratch: str | None = None) -> str:
+def as_studies(path: str, preset: str, oracle: bool = False, scratch: str | None = None,
+               training: bool = False) -> str:
     """A studies folder as is; an nnU-Net v2 raw dataset (it has a dataset.json) imported into a temp one (under
-    ``scratch``: the command's temp folder, removed when it ends)."""
+    ``scratch``: the command's temp folder, removed when it ends). ``training``: without its ``imagesTs`` cases that
+    have no ``labelsTs`` label (a Decathlon's test set): test images, not training ones (they were unlabeled cases)."""
     studies_folder(path)
     if not (Path(path) / "dataset.json").is_file():
         return path
     from crossmodal.data.nnunet import import_nnunet
+    from crossmodal.data.studies import TRUTH_DIR
 
     out = tempfile.mkdtemp(prefix="nnunet-", dir=scratch)
     records = import_nnunet(path, out, load_config(preset))
@@ -431,6 +433,16 @@ def as_studies(path: str, preset: str, oracle: bool = False, scratch: str | None
                 else:
                     label.unlink()
     print(f"imported nnU-Net dataset {path} -> {out} (for this command only)", file=sys.stderr)
+    left = [str(r["case"]) for r in records if training and r["split"] == "test"
+            and not (Path(out) / TRUTH_DIR / f"{r['case']}.nii.gz").is_file()]
+    if left:
+        cfg = load_config(preset)
+        for case in left:
+            (Path(out) / f"{case}.nii.gz").unlink()  # as the import wrote it
+            shutil.rmtree(Path(out) / cfg.data.sidecar_dir / case, ignore_errors=True)
+        print(f"crossmodal: {len(left)} imagesTs case(s) without a labelsTs label ({', '.join(left[:8])}"
+              f"{' ...' if len(left) > 8 else ''}) left out of training: test images, as nnU-Net has them (an "
+              "unlabeled training case goes in imagesTr without a labelsTr label)", file=sys.stderr)
     return out
 
 
@@ -501,7 +513,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _device(args.device)
 
     preset = _preset(args, "brain", studies_folder(args.studies))
-    studies = as_studies(args.studies, preset, scratch=args.scratch)
+    studies = as_studies(args.studies, preset, scratch=args.scratch, training=True)
     resolved = _method_preset(preset, args.method, args.model_dir)
     network = args.network or (load_config(resolved).model.name if args.method else None)
     check_held_out(studies, load_config(resolved).labels.num_classes)  # the evaluation after it: before training
