@@ -225,7 +225,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    """`crossmodal data import-nnunet`: an nnU-Net v2 dataset as a studies folder."""
+    """`crossmodal data import-nnunet`: an nnU-Net v2 (or Decathlon / v1) dataset as a studies folder."""
     from crossmodal.data.nnunet import import_nnunet, list_cases
     from crossmodal.data.studies import check_new_cases
 
@@ -801,7 +801,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config")
     q.set_defaults(func=cmd_sparsify)
 
-    q = data_sub.add_parser("import-nnunet", help="nnU-Net v2 raw dataset -> studies folder")
+    q = data_sub.add_parser("import-nnunet", help="nnU-Net v2 raw dataset (or a Decathlon / nnU-Net v1 one) -> studies folder")
     q.add_argument("--dataset", required=True)
     q.add_argument("--out", required=True)
     q.add_argument("--config", help=GUESSED_CONFIG)
