@@ -801,7 +801,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config")
     q.set_defaults(func=cmd_sparsify)
 
-    q = data_sub.add_parser("import-nnunet", help="nnU-Net v2 raw dataset (or a Decathlon / nnU-Net v1 one) -> studies folder")
+    q = data_sub.add_parser("import-nnunet", help="nnU-Net v2 (or Decathlon, v1) dataset -> studies folder")
     q.add_argument("--dataset", required=True)
     q.add_argument("--out", required=True)
     q.add_argument("--config", help=GUESSED_CONFIG)
