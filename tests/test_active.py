@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -459,7 +460,7 @@ def test_a_next_sample_on_a_fresh_datastore_scores_candidates_first(app_parts):
     assert parts.strategy()({"client_id": "D"}, store)["scored_now"] == 0  # without a scoring: as before
 
 
-def test_strategy_hands_each_case_to_one_client_and_cold_starts_on_diversity(app_parts, tmp_path):
+def test_strategy_hands_each_case_to_one_client_and_cold_starts_on_diversity(app_parts, tmp_path, caplog):
     parts, store, _ = app_parts
     strategy = parts.strategy()
     # cold start: no model, so the scoring stores image descriptors only; picks are diverse, not random
@@ -478,7 +479,12 @@ def test_strategy_hands_each_case_to_one_client_and_cold_starts_on_diversity(app
         pick = strategy({"client_id": client}, store)
         assert pick["id"] not in given
         given[pick["id"]] = client
-    assert strategy({"client_id": "E"}, store) is None  # all 4 unlabelled cases held by others
+    with caplog.at_level("INFO", logger="crossmodal.serving.activelearning"):
+        assert strategy({"client_id": "E"}, store) is None  # all 4 unlabelled cases held by others
+    said = re.search(r"next sample for client 'E': every candidate case \(4\) is being annotated by another client "
+                     r"\(handed out within active.handout_window_s = 600 s\); the first is free again in (\d+) s",
+                     caplog.text)
+    assert said and 500 < int(said[1]) <= 600, caplog.text  # handed out moments ago
     # per request, refine_sparse as a form or URL sends it: "false" is false (bool("false") handed the sparse case out)
     sparse_case = next(i for i in store.get_labeled_images() if store.label_kind(i) == "sparse")
     assert strategy({"client_id": "E", "refine_sparse": "false"}, store) is None

@@ -306,7 +306,12 @@ class CrossModalStrategy(Strategy):
         free = [i for i in pool if i not in recent]
         mine = [i for i in pool if i in recent and i not in others]
         choices = free or mine
-        if not choices:
+        if not choices:  # the viewers say only that no sample was found: the server's log says why
+            if others:
+                wait = min(a.handout_window_s - (now - (_finite(held[i].get("ts")) or 0.0)) for i in others)
+                logger.info(f"next sample for client {client!r}: every candidate case ({len(others)}) is being "
+                            f"annotated by another client (handed out within active.handout_window_s = "
+                            f"{a.handout_window_s:g} s); the first is free again in {max(wait, 0):.0f} s")
             return None
         scores, combined, desc = stored_scores({i: infos[i] for i in choices}, a.weights)
         scored_now = 0
