@@ -22,7 +22,7 @@ NETWORKS: dict[str, Callable[[CrossModalConfig], nn.Module]] = {
 
 __all__ = ["CLASSES_KEY", "INPUTS_KEY", "NETWORKS", "VOXEL_KEY", "CrossModalNet", "CrossModalOutput",
            "InputRecord", "InputSelect", "ModelFileError", "build_network", "check_weights", "classes_of", "inputs_of",
-           "record_preset", "record_voxel_mm", "unwrap", "voxel_mm_of", "weights_voxel_mm",
+           "is_record_key", "record_preset", "record_voxel_mm", "unwrap", "voxel_mm_of", "weights_voxel_mm",
            "weights_windows"]
 
 VOXEL_KEY = "voxel_mm"  # the state dict's record of the voxel size (mm, per axis) the weights were trained at
@@ -32,6 +32,12 @@ VOXEL_KEY = "voxel_mm"  # the state dict's record of the voxel size (mm, per axi
 INPUTS_KEY = "inputs"
 # and of the classes it segments, "classes.<class>" (1,): 1 + the class's value (its output channel); 0: not recorded
 CLASSES_KEY = "classes"
+
+
+def is_record_key(key: str) -> bool:
+    """Whether ``key`` of a state dict is one of the records :func:`build_network` adds (the voxel size, the inputs,
+    the classes) rather than a weight."""
+    return key == VOXEL_KEY or key.split(".")[0] in (INPUTS_KEY, CLASSES_KEY)
 
 
 class ModelFileError(ValueError):
@@ -249,7 +255,7 @@ def check_weights(cfg: CrossModalConfig, path: str, state_key: str = "model") ->
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelFileError(f"model {path}: holds no state dict of weights")
     want = build_network(cfg).state_dict()
-    recorded = {k for k in (*want, *state) if k == VOXEL_KEY or k.split(".")[0] in (INPUTS_KEY, CLASSES_KEY)}
+    recorded = {k for k in (*want, *state) if is_record_key(k)}
     missing = [k for k in want if k not in state and k not in recorded]  # weights from before the records load
     unexpected = [k for k in state if k not in want and k not in recorded]  # a renamed modality's record
     shaped = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]

@@ -28,7 +28,7 @@ from crossmodal.config import (
 from crossmodal.errors import CaseError, cause_of_type
 from crossmodal.inference import NetworkInferer
 from crossmodal.io import IMAGE_EXTENSIONS, case_id_of, format_mm, save_volume, voxel_mm
-from crossmodal.nets import CLASSES_KEY, INPUTS_KEY, VOXEL_KEY, CrossModalNet, unwrap, weights_voxel_mm, weights_windows
+from crossmodal.nets import CrossModalNet, is_record_key, unwrap, weights_voxel_mm, weights_windows
 from crossmodal.serving.datastore import http_error, request_device
 from crossmodal.transforms import preprocessing, to_primary_grid, to_primary_labels
 from monai.data import MetaTensor
@@ -68,11 +68,6 @@ class RecordsOnly(logging.Filter):
             self.dropped.last = False
             return False
         return True
-
-
-def is_record_key(key: str) -> bool:
-    """Whether ``key`` of a state dict is one of the records :func:`crossmodal.nets.build_network` adds."""
-    return key == VOXEL_KEY or key.startswith((f"{INPUTS_KEY}.", f"{CLASSES_KEY}."))
 
 
 logging.getLogger(BasicInferTask.__module__).addFilter(RecordsOnly())
