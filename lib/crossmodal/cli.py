@@ -416,11 +416,12 @@ def as_studies(path: str, preset: str, oracle: bool = False, scratch: str | None
     studies_folder(path)
     if not (Path(path) / "dataset.json").is_file():
         return path
-    from crossmodal.data.nnunet import import_nnunet
-    from crossmodal.data.studies import TRUTH_DIR
+    from crossmodal.data.nnunet import import_nnunet, list_cases
 
+    cfg = load_config(preset)
+    left = [c.case_id for c in list_cases(path, cfg) if training and c.split == "test" and c.label is None]
     out = tempfile.mkdtemp(prefix="nnunet-", dir=scratch)
-    records = import_nnunet(path, out, load_config(preset))
+    records = import_nnunet(path, out, cfg, leave_out=left)
     if oracle:  # the simulator's annotator: every dense label becomes ground truth, no case starts labelled; a
         # sparse one is no truth (it was moved there too, and the first evaluation an IndexError on its 255)
         labels, truth = Path(out) / "labels" / "final", Path(out) / "truth"
@@ -433,13 +434,7 @@ def as_studies(path: str, preset: str, oracle: bool = False, scratch: str | None
                 else:
                     label.unlink()
     print(f"imported nnU-Net dataset {path} -> {out} (for this command only)", file=sys.stderr)
-    left = [str(r["case"]) for r in records if training and r["split"] == "test"
-            and not (Path(out) / TRUTH_DIR / f"{r['case']}.nii.gz").is_file()]
     if left:
-        cfg = load_config(preset)
-        for case in left:
-            (Path(out) / f"{case}.nii.gz").unlink()  # as the import wrote it
-            shutil.rmtree(Path(out) / cfg.data.sidecar_dir / case, ignore_errors=True)
         print(f"crossmodal: {len(left)} imagesTs case(s) without a labelsTs label ({', '.join(left[:8])}"
               f"{' ...' if len(left) > 8 else ''}) left out of training: test images, as nnU-Net has them (an "
               "unlabeled training case goes in imagesTr without a labelsTr label)", file=sys.stderr)

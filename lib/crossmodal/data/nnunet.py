@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,8 +206,9 @@ def check_test_labels(dataset: str | os.PathLike[str], cfg: CrossModalConfig) ->
 
 
 def import_nnunet(dataset: str | os.PathLike[str], studies: str | os.PathLike[str],
-                  cfg: CrossModalConfig) -> list[dict[str, object]]:
-    """Copy an nnU-Net dataset into a studies folder; ``ignore`` regions become sparse labels.
+                  cfg: CrossModalConfig, leave_out: Collection[str] = ()) -> list[dict[str, object]]:
+    """Copy an nnU-Net dataset into a studies folder, but the cases ``leave_out`` names; ``ignore`` regions become
+    sparse labels.
 
     All or nothing: the cases are written into a temp folder beside ``studies`` and moved in when every one has
     been read (each case's primary image last, so a served datastore never lists a case without its other files): a
@@ -217,7 +219,7 @@ def import_nnunet(dataset: str | os.PathLike[str], studies: str | os.PathLike[st
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = staging_folder(out.parent, f".{out.name}.import-")
     try:
-        records = _import_cases(dataset, stage, cfg)
+        records = _import_cases(dataset, stage, cfg, leave_out)
         files = sorted((p for p in stage.rglob("*") if p.is_file()), key=lambda p: (p.parent == stage, str(p)))
         for p in files:
             target = out / p.relative_to(stage)
@@ -228,13 +230,14 @@ def import_nnunet(dataset: str | os.PathLike[str], studies: str | os.PathLike[st
     return records
 
 
-def _import_cases(dataset: str | os.PathLike[str], out: Path, cfg: CrossModalConfig) -> list[dict[str, object]]:
+def _import_cases(dataset: str | os.PathLike[str], out: Path, cfg: CrossModalConfig,
+                  leave_out: Collection[str] = ()) -> list[dict[str, object]]:
     """:func:`import_nnunet`'s cases, written into ``out``."""
     meta = read_dataset_json(dataset)
     ignore = meta["labels"].get("ignore")
     classes = class_map(dataset, meta, cfg)
     records = []
-    for case in tqdm(list_cases(dataset, cfg), desc="import", unit="case"):
+    for case in tqdm([c for c in list_cases(dataset, cfg) if c.case_id not in leave_out], desc="import", unit="case"):
         read: dict[str, MetaTensor] = {}
         primary = channel_volume(case, cfg.modality_names[0], read)
         save_volume(out / f"{case.case_id}.nii.gz", primary[0].numpy(), primary.affine.numpy())
