@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,14 @@ def pytest_configure(config: pytest.Config) -> None:
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if worker and count <= len(ALL_CORES):
         _use_cores(ALL_CORES[int(worker.removeprefix("gw")) % count::count])
+    # The suite's temp files (the doctests' mkdtemp folders, the temp files a test leaves, a failure's traces) go to
+    # a folder of this process's, removed when it ends, and so do those of the processes it starts: each run of the
+    # suite left a dozen in the machine's temp folder. (pytest's own tmp_path folders stay where pytest keeps them,
+    # its last 3 runs', for a look after a failure.)
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+    temp = tempfile.mkdtemp(prefix="crossmodal-tests-")
+    tempfile.tempdir = os.environ["TMPDIR"] = temp
+    config.add_cleanup(functools.partial(shutil.rmtree, temp, ignore_errors=True))
 
 
 def _use_cores(cores: list[int], threads: int | None = None) -> None:

@@ -160,6 +160,38 @@ def test_infer_requests_set_the_sliding_windows_overlap_and_batch():
     torch.testing.assert_close(one, a, rtol=1e-4, atol=1e-4)
 
 
+def test_the_infer_writer_leaves_no_temp_file_when_the_write_fails(tmp_path: Path, monkeypatch):
+    """The label map goes to a temp file MONAI Label sends and removes; a write that fails (a full disk) left that
+    file behind, empty, in the temp folder (until 2026-12-07): one more at each failed request of a server."""
+    import tempfile
+
+    from crossmodal.serving import infer
+    from monai.data import MetaTensor
+
+    cfg = load_config("phantom")
+    task = infer.CrossModalInfer(cfg, build_network(cfg).eval(), [], "test")
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    label = np.zeros((6, 5, 4), np.uint8)
+    label[1:3, 2:4, 1] = 2
+    data = {task.output_label_key: MetaTensor(torch.as_tensor(label), affine=torch.diag(torch.tensor([2.0, 2, 2, 1])))}
+    path, _ = task.writer(data)  # written: the label map, on its grid
+    assert Path(path).parent == temp and path.endswith(".nii.gz")
+    written = load_volume(path)
+    np.testing.assert_array_equal(written[0].numpy(), label)
+    assert np.allclose(written.affine.numpy(), np.diag([2.0, 2, 2, 1]))
+    Path(path).unlink()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(infer, "save_volume", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        task.writer(data)
+    assert sorted(temp.iterdir()) == []
+
+
 def _sagittal(src: Path, dst: Path) -> None:
     """``src`` (a RAS-stored volume) rewritten as a sagittally acquired series stores it, array axes (I, A, R): the
     same voxels in space."""

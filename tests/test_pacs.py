@@ -1322,13 +1322,19 @@ def test_a_studys_scout_numbered_before_its_ct_is_not_taken_for_the_case(pacs, t
     assert uid_of(orthanc, "phantom001") == ct_uid
 
 
-def test_to_dicom_places_a_label_cropped_to_its_segments_and_refuses_one_on_another_grid(tmp_path):
+def test_to_dicom_places_a_label_cropped_to_its_segments_and_refuses_one_on_another_grid(tmp_path, monkeypatch):
     """A label saved by 3D Slicer cropped to its segments went to dcmqi as it was, and one on another grid was
     written against the image series regardless; the first now becomes a SEG of the whole label on the image, the
-    second is refused naming the case and the file."""
+    second is refused naming the case and the file, and neither leaves a temp file (the refusal left an empty
+    ``crossmodal-*.nii.gz`` until 2026-12-07)."""
+    import tempfile
+
     from crossmodal.dicom import case_to_dicom
     from crossmodal.errors import CaseError
 
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     studies = make_phantom_studies(tmp_path / "s", CFG, cases=1, dense=1, sparse=0, seed=13)
     image = load_volume(studies / "phantom000.nii.gz")
     aff = image.affine.double().numpy()
@@ -1347,3 +1353,4 @@ def test_to_dicom_places_a_label_cropped_to_its_segments_and_refuses_one_on_anot
     save_volume(tmp_path / "coarse.nii.gz", full[::2, ::2, ::2], coarse)
     with pytest.raises(CaseError, match=r"^case 'phantom000': file .*coarse\.nii\.gz: label grid \(24, 24, 24\)"):
         case_to_dicom("phantom000", files, CFG, tmp_path / "dcm2", label=str(tmp_path / "coarse.nii.gz"))
+    assert sorted(temp.iterdir()) == []

@@ -315,7 +315,11 @@ def _multiframe_seg(arr: np.ndarray, affine: np.ndarray, source: Dataset, cfg: L
         seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence = [_instance(h) for h in heads]
     seg.SeriesDate, seg.SeriesTime = seg.ContentDate, seg.ContentTime  # the newest SEG of a case is the label
     out = Path(temp_path(".dcm"))
-    seg.save_as(str(out))
+    try:
+        seg.save_as(str(out))
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
     return out
 
 
@@ -447,20 +451,25 @@ def case_to_dicom(case_id: str, files: dict[str, str | None], cfg: CrossModalCon
         arr, affine, _ = volumes[primary]
         ref = MetaTensor(torch.empty(1, *arr.shape), affine=torch.as_tensor(affine))
         on_grid = None
-        if not same_grid(vol, ref):  # cropped to its segments (3D Slicer): placed; another grid: CaseError
+        if not same_grid(vol, ref):  # cropped to its segments (3D Slicer): placed; another grid: CaseError (before
+            placed = read_label(label, ref, case_id).astype(np.uint16)  # a temp file is made: one was left behind)
             on_grid = temp_path(".nii.gz")
-            save_volume(on_grid, read_label(label, ref, case_id).astype(np.uint16), affine)
         try:
+            if on_grid:
+                save_volume(on_grid, placed, affine)
             seg = label_to_seg(on_grid or label, written[primary], cfg.labels, label_kind)
         finally:
             if on_grid:
                 Path(on_grid).unlink(missing_ok=True)
-        ds = pydicom.dcmread(str(seg))
-        ds.SeriesInstanceUID = generate_uid(entropy_srcs=[study.StudyInstanceUID, "seg series", digest, label_kind])
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
-            entropy_srcs=[study.StudyInstanceUID, "seg", digest, label_kind])
-        ds.save_as(str(root / "seg.dcm"))
-        Path(seg).unlink(missing_ok=True)
+        try:
+            ds = pydicom.dcmread(str(seg))
+            ds.SeriesInstanceUID = generate_uid(entropy_srcs=[study.StudyInstanceUID, "seg series", digest,
+                                                              label_kind])
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
+                entropy_srcs=[study.StudyInstanceUID, "seg", digest, label_kind])
+            ds.save_as(str(root / "seg.dcm"))
+        finally:
+            Path(seg).unlink(missing_ok=True)
         written["seg"] = root / "seg.dcm"
     return written
 
@@ -635,8 +644,13 @@ def _read_series(folder: Path) -> str:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
     reader.SetOutputPixelType(sitk.sitkFloat32)
+    image = reader.Execute()  # a series that does not read leaves no temp file behind
     out = temp_path(".nii.gz")
-    sitk.WriteImage(reader.Execute(), out)
+    try:
+        sitk.WriteImage(image, out)
+    except BaseException:
+        Path(out).unlink(missing_ok=True)
+        raise
     return out
 
 

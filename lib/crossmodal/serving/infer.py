@@ -247,7 +247,11 @@ class CrossModalInfer(BasicInferTask):
         os.close(fd)
         # a class map names its classes in a .seg.nrrd (Slicer shows them by name); the uncertainty map is no classes
         classes = None if data.get("prediction") == "uncertainty" else self.cfg.labels.foreground
-        save_volume(path, array, pred.affine.double().numpy(), segments=classes)
+        try:
+            save_volume(path, array, pred.affine.double().numpy(), segments=classes)
+        except BaseException:  # (a full disk): no empty result file left in the temp folder
+            os.remove(path)
+            raise
         return path, data.get(self.output_json_key, {})
 
     def check_request(self, request: dict[str, Any], prefix: str | None = None) -> dict[str, Any]:

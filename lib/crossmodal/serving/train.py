@@ -1653,13 +1653,16 @@ class CrossModalTrain(BasicTrainTask):
         processes = int(req.get("processes") or 1)
         if processes > 1:  # MONAI Label's multi-GPU path, also on CPU: N processes, gloo (CPU) or NCCL
             cuda = on_cuda(req)  # (:meth:`check_request` checked the devices / cores)
-            fd, init_file = tempfile.mkstemp(prefix="crossmodal-dist-")
-            os.close(fd)
-            os.unlink(init_file)  # torch's FileStore creates it
-            carried = Path(f"{init_file}.user-error")
+            # the run's own temp folder: the processes' rendezvous file (torch's FileStore creates it), the error a
+            # process carries to this one, and the traceback file torch's spawn leaves of each process that failed
+            # (pytorch-errorfile-*.pickle, never removed: one more in the temp folder at each failed run until
+            # 2026-12-07), all removed with it
+            run_tmp = Path(tempfile.mkdtemp(prefix="crossmodal-dist-"))
+            init_file, carried = run_tmp / "rendezvous", run_tmp / "user-error"
             req.update({"multi_gpu": True, "gpus": ",".join(str(i) for i in range(processes)),
                         "distributed_backend": "nccl" if cuda else "gloo", "distributed_url": f"file://{init_file}",
                         "user_error_file": str(carried)})
+            outer, tempfile.tempdir = tempfile.tempdir, str(run_tmp)  # where spawn makes its files (this process)
             try:
                 return super().__call__(req, datastore)
             except Exception as e:  # spawn's ProcessRaisedException: a process's traceback as text
@@ -1667,6 +1670,6 @@ class CrossModalTrain(BasicTrainTask):
                     raise pickle.loads(carried.read_bytes()) from e
                 raise
             finally:
-                Path(init_file).unlink(missing_ok=True)
-                carried.unlink(missing_ok=True)
+                tempfile.tempdir = outer
+                shutil.rmtree(run_tmp, ignore_errors=True)
         return super().__call__(req, datastore)
