@@ -562,3 +562,31 @@ def test_a_label_on_the_images_lattice_with_another_extent_reads_onto_its_grid(t
     save_volume(tmp_path / "off.nii.gz", full[4:9, 6:10, 3:7], crop_aff)
     with pytest.raises(CaseError, match=r"label grid \(5, 4, 4\) / affine .* differs from the image grid \(16, 16, 12"):
         read_label(tmp_path / "off.nii.gz", ref, "c1")
+
+
+def test_a_folder_a_killed_process_left_is_removed_before_its_parent_reaps_it(tmp_path: Path):
+    """MONAI Label's Stop Training SIGKILLs the training process, which stays a zombie until its parent reaps it (in a
+    container whose init reaps nothing: never); the folder it left counted as a running process's and stayed."""
+    import socket
+    import time
+
+    import psutil
+    from crossmodal.io import staging_folder
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        left = tmp_path / f"crossmodal-before-run-{socket.gethostname()}-{child.pid}-abc"
+        left.mkdir()
+        (left / "0").write_bytes(b"a model's copy")
+        staging_folder(tmp_path, "crossmodal-before-run-").rmdir()
+        assert left.is_dir()  # running: kept
+        child.kill()
+        deadline = time.monotonic() + 10
+        while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE  # killed, not reaped
+        mine = staging_folder(tmp_path, "crossmodal-before-run-")
+        assert not left.exists() and sorted(tmp_path.iterdir()) == [mine]
+    finally:
+        child.kill()
+        child.wait()

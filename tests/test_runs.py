@@ -281,6 +281,38 @@ def test_sigterm_in_crossmodal_train_removes_the_datasets_copy_and_says_what_is_
     assert [r.stopped for r in list_runs(model_dir)] == ["terminated"]
 
 
+def test_the_copy_of_the_model_in_service_a_killed_run_left_is_removed_by_the_next_run(tmp_path: Path, monkeypatch,
+                                                                                       caplog):
+    """A run keeps a copy of the published model and its stats in the temp folder, to put them back if it diverges;
+    a run killed (the viewers' Stop Training SIGKILLs it) left that copy there, a model's worth at each stop, until
+    2026-12-07. The next run removes it, and its own when it ends."""
+    import tempfile
+
+    from crossmodal.serving.train import restored_if_diverged
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"weights in service")
+    killed = subprocess.Popen([sys.executable, "-c", "import os, signal, sys\n"
+                               "from crossmodal.serving.train import restored_if_diverged\n"
+                               "with restored_if_diverged(sys.argv[1]):\n    os.kill(os.getpid(), signal.SIGKILL)",
+                               str(model)], env={**os.environ, "TMPDIR": str(temp)})
+    assert killed.wait(timeout=120) == -signal.SIGKILL
+    host = socket.gethostname()
+    left = sorted(temp.iterdir())
+    assert [p.name.startswith(f"crossmodal-before-run-{host}-{killed.pid}-") for p in left] == [True]
+    assert (left[0] / "0").read_bytes() == b"weights in service"
+    with caplog.at_level(logging.WARNING, logger="crossmodal.io"), restored_if_diverged(str(model)):
+        mine = sorted(temp.iterdir())  # the next run's own copy, the killed run's gone
+        assert len(mine) == 1 and mine[0].name.startswith(f"crossmodal-before-run-{host}-{os.getpid()}-")
+        assert (mine[0] / "0").read_bytes() == b"weights in service"
+    assert sorted(temp.iterdir()) == []
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{left[0]}: removed, left by a process (pid {killed.pid}) killed before it was done with it"]
+
+
 def test_an_interrupted_run_that_published_nothing_names_the_model_it_started_from(tmp_path: Path):
     model_dir = tmp_path / "m"
     assert interrupted_note(model_dir) == f"no training run began under {model_dir}: nothing was written there"

@@ -537,9 +537,10 @@ def read_cached_label(path: Path, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def staging_folder(parent: str | os.PathLike[str], prefix: str) -> Path:
-    """A new hidden folder ``<parent>/<prefix><host>-<pid>-<random>`` to write a whole output in before it is moved
-    into place; first removes the folders of ``prefix`` that a process of this host no longer running left (killed
-    by SIGKILL, a power cut: a whole dataset's copy, hidden, each time), and says so in the log. A folder of a
+    """A new folder ``<parent>/<prefix><host>-<pid>-<random>`` (hidden where ``prefix`` starts with a dot) to write a
+    whole output in before it is moved into place, or to keep copies in while a run lasts; first removes the folders
+    of ``prefix`` that a process of this host no longer running (or a zombie) left (killed by SIGKILL, a power cut:
+    a whole dataset's copy, hidden, each time), and says so in the log. A folder of a
     running process, or of another host sharing the folder, stays.
 
         >>> root = Path(tempfile.mkdtemp())
@@ -559,10 +560,20 @@ def staging_folder(parent: str | os.PathLike[str], prefix: str) -> Path:
         # <pid>-<mkdtemp's letters, digits, _>: not a host whose name starts with this one's and a "-"
         found = re.fullmatch(r"(\d+)-[A-Za-z0-9_]+", old.name[len(mine):])
         pid = found.group(1) if found else ""
-        if pid and old.is_dir() and not psutil.pid_exists(int(pid)):  # another user's counts as running
+        if pid and old.is_dir() and not _running(int(pid)):  # another user's counts as running
             shutil.rmtree(old, ignore_errors=True)
-            logger.warning(f"{old}: removed, left by a run (pid {pid}) that was killed before it moved its output in")
+            logger.warning(f"{old}: removed, left by a process (pid {pid}) killed before it was done with it")
     return Path(tempfile.mkdtemp(prefix=f"{mine}{os.getpid()}-", dir=parent))
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs: a killed one its parent has not reaped yet (a zombie) does not."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # another user's
+        return True
 
 
 def process_identity() -> dict[str, Any]:

@@ -92,6 +92,7 @@ from crossmodal.io import (
     format_mm,
     header_spacing,
     process_identity,
+    staging_folder,
     volume_channels,
 )
 from crossmodal.labels import DENSE, IGNORE_INDEX, SPARSE
@@ -531,13 +532,18 @@ def finite_on_every_rank(loss: torch.Tensor) -> bool:
 def restored_if_diverged(*paths: str | None) -> Iterator[None]:
     """The files at ``paths`` (the published model, its stats) put back as they were before the block when it raises
     :class:`TrainingDiverged` (a file that was not there is removed): a diverged run's earlier epochs may have been
-    published, every one of them when no label is held out, and the last ones may be finite but ruined."""
-    with tempfile.TemporaryDirectory(prefix="crossmodal-before-run-") as keep:
+    published, every one of them when no label is held out, and the last ones may be finite but ruined.
+
+    The copies lie in a temp folder named by this host and process; a run killed before it removed its own (the
+    viewers' Stop Training, SIGKILL) left it there until 2026-12-07, a model's copy at each stop: the next run
+    removes it."""
+    keep = staging_folder(tempfile.gettempdir(), "crossmodal-before-run-")
+    try:
         saved: dict[str, Path | None] = {}
         for i, path in enumerate(p for p in paths if p):
-            saved[path] = Path(keep) / str(i) if os.path.exists(path) else None
+            saved[path] = keep / str(i) if os.path.exists(path) else None
             if saved[path] is not None:
-                shutil.copyfile(path, Path(keep) / str(i))
+                shutil.copyfile(path, keep / str(i))
         try:
             yield
         except Exception as e:
@@ -549,6 +555,8 @@ def restored_if_diverged(*paths: str | None) -> Iterator[None]:
                         atomic_copy(copy, path)
                 logger.info(f"training diverged: {', '.join(saved)} put back as they were before the run")
             raise
+    finally:
+        shutil.rmtree(keep, ignore_errors=True)
 
 
 def diverged_run_hint(model_dir: str | os.PathLike[str], run: str) -> str:
