@@ -393,7 +393,7 @@ def test_cli_help_and_argument_errors_load_neither_torch_nor_monai():
     (which took the help 9 s); what they print is the parser's."""
     probe = ("import contextlib, io, sys\n"
              "from crossmodal.cli import main\n"
-             "for argv in (['--help'], ['train', '--help'], ['data', 'from-dicom', '--dicom']):\n"
+             "for argv in (['--help'], ['train', '--help'], ['data', 'from-dicom', '--dicom'], ['--version']):\n"
              "    out = io.StringIO()\n"
              "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):\n"
              "        try:\n"
@@ -405,9 +405,15 @@ def test_cli_help_and_argument_errors_load_neither_torch_nor_monai():
     lines = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                            env={**os.environ, "COLUMNS": "80"}).stdout.splitlines()  # argparse wraps at it
     assert lines[-1] == "[]", lines
-    top, train, typo = (eval(x) for x in lines[:3])  # noqa: S307 - reprs of lists of str, printed above
-    assert " ".join(" ".join(top[:2]).split()) == \
-        "usage: crossmodal [-h] {data,train,models,simulate,propagate,evaluate,predict} ..." and top[-1] == "exit 0"
+    top, train, typo, version = (eval(x) for x in lines[:4])  # noqa: S307 - reprs of lists of str, printed above
+    assert " ".join(" ".join(top[:2]).split()) == ("usage: crossmodal [-h] [--version] "
+                                                   "{data,train,models,simulate,propagate,evaluate,predict} ...")
+    assert top[-1] == "exit 0"
+    # --version: what a bug report needs, the stack's versions as installed
+    from importlib.metadata import version as installed
+
+    assert version == [f"crossmodal 0.1.0 (MONAI {installed('monai')}, MONAI Label {installed('monailabel')}, torch "
+                       f"{installed('torch')}; Python {sys.version.split()[0]})", "exit 0"] * 2  # first 2, last 2
     assert train[0].startswith("usage: crossmodal train [-h] --studies STUDIES") and train[-1] == "exit 0"
     assert typo == ["usage: crossmodal data from-dicom [-h] --dicom DICOM --out OUT",
                     "                                  [--config CONFIG] [--skip-existing]",

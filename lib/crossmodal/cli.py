@@ -747,9 +747,33 @@ def segmenting_args(q: argparse.ArgumentParser, missing_error: str) -> None:
                                      "(default: the preset's infer.overlap); more: more windows, slower")
 
 
+def versions() -> str:
+    """This package's version and those of the stack it runs on (what a bug report needs), from the installed
+    packages' metadata: nothing is imported.
+
+    Example:
+        >>> versions().startswith("crossmodal 0.1.0 (MONAI ")
+        True
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    from crossmodal import __version__
+
+    def of(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    stack = ", ".join(f"{name} {of(dist)}" for name, dist in (("MONAI", "monai"), ("MONAI Label", "monailabel"),
+                                                               ("torch", "torch")))
+    return f"crossmodal {__version__} ({stack}; Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``crossmodal`` argument parser, every subcommand with its options."""
     p = argparse.ArgumentParser(prog="crossmodal", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--version", action="version", version=versions())
     sub = p.add_subparsers(dest="command", required=True)
     data = sub.add_parser("data", help="make, convert and sparsify data sets")
     data_sub = data.add_subparsers(dest="what", required=True)
