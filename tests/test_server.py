@@ -497,6 +497,13 @@ def test_bad_input_is_4xx_names_the_problem_and_changes_nothing(client, phantom_
     (tmp_path / "noext").write_bytes((studies / "phantom005.nii.gz").read_bytes())  # was: "cannot be read ... <temp>"
     rejected(lambda: client.upload_image(str(tmp_path / "noext"), "noext"),
              "case 'noext': uploaded image: extension '' is not one of ['.nii.gz', '.nii', '.nrrd', '.mha']")
+    (tmp_path / "pair.mhd").write_text("NDims = 3\nDimSize = 2 2 2\nElementType = MET_UCHAR\n"
+                                       "ElementDataFile = pair.raw\n")
+    (tmp_path / "pair.raw").write_bytes(bytes(8))
+    rejected(lambda: client.upload_image(str(tmp_path / "pair.mhd"), "pair"),
+             "case 'pair': uploaded image: extension '.mhd' is not one of ['.nii.gz', '.nii', '.nrrd', '.mha'] (the "
+             "upload's file name gives it) (a .mhd header's voxels lie in another file, which an upload does not "
+             "carry: send one .mha)")
     (tmp_path / "drawn.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     rejected(lambda: client.save_label("phantom000", str(tmp_path / "drawn.png")),
              "case 'phantom000': label extension '.png' unsupported; send it as .nii.gz, .nii, .seg.nrrd, .nrrd or "

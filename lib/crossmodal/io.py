@@ -75,6 +75,26 @@ def split_ext(path: str | os.PathLike[str]) -> tuple[str, str]:
     return Path(name).stem, Path(name).suffix
 
 
+def unread_volumes(folder: str | os.PathLike[str]) -> list[Path]:
+    """The MetaImage headers (``*.mhd``) directly in ``folder``, which no listing of cases reads, each named in a
+    warning with what to do (they were left out without a word): their voxels lie in a second file (``.raw``,
+    ``.zraw``) that an upload, the datastore's copy and the viewers' download of the image would not carry.
+
+    Example:
+        >>> root = Path(tempfile.mkdtemp()); _ = (root / "case7.mhd").write_text("ElementDataFile = case7.raw")
+        >>> [p.name for p in unread_volumes(root)]
+        ['case7.mhd']
+    """
+    folder = Path(folder)
+    found = sorted(p for p in folder.glob("*") if p.suffix.lower() == ".mhd" and p.is_file()) \
+        if folder.is_dir() else []
+    for p in found:
+        logger.warning(f"{p}: not read: a MetaImage header whose voxels lie in another file; save the volume as one "
+                       f".mha file (SimpleITK: sitk.WriteImage(sitk.ReadImage('{p.name}'), '{p.stem}.mha')) and "
+                       "remove the pair")
+    return found
+
+
 def case_id_of(path: str | os.PathLike[str]) -> str:
     """A case's id from one of its files' paths: the file name without its image extension."""
     return split_ext(path)[0]

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from crossmodal.config import CrossModalConfig
 from crossmodal.data.phantom import SyntheticCase
 from crossmodal.data.sparse import annotated_fraction, sparsify
-from crossmodal.io import IMAGE_EXTENSIONS, CaseError, case_id_of, save_volume, split_ext
+from crossmodal.io import IMAGE_EXTENSIONS, CaseError, case_id_of, save_volume, split_ext, unread_volumes
 
 TRUTH_DIR = "truth"
 FINAL_LABELS = os.path.join("labels", "final")
@@ -29,6 +29,7 @@ def files_by_case(folder: Path, what: str) -> dict[str, Path]:
         CaseError: two files for one case (``a.nii.gz`` and ``a.nrrd``), ``what`` names them.
     """
     found: dict[str, Path] = {}
+    unread_volumes(folder)
     for p in sorted(folder.iterdir()) if folder.is_dir() else []:
         if p.is_file() and split_ext(p)[1] in IMAGE_EXTENSIONS:
             cid = case_id_of(p)

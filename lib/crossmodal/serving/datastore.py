@@ -37,6 +37,7 @@ from crossmodal.io import (
     same_grid,
     save_volume,
     split_ext,
+    unread_volumes,
 )
 from crossmodal.labels import (
     LABEL_KINDS,
@@ -107,8 +108,11 @@ def volume_extension(case_id: str, filename: str, what: str) -> str:
     naming the case and ``what`` was uploaded otherwise."""
     ext = split_ext(filename)[1]
     if ext not in VOLUME_EXTENSIONS:
+        pair = " (a .mhd header's voxels lie in another file, which an upload does not carry: send one .mha)" \
+            if ext.lower() == ".mhd" else ""
         raise HTTPException(status_code=422, detail=f"case {case_id!r}: uploaded {what}: extension {ext!r} is not one "
-                                                    f"of {list(VOLUME_EXTENSIONS)} (the upload's file name gives it)")
+                                                    f"of {list(VOLUME_EXTENSIONS)} (the upload's file name gives it)"
+                                                    f"{pair}")
     return ext
 
 
@@ -306,6 +310,7 @@ class CrossModalDatastore(LocalDatastore):
                 "files (a label's kind by its marked_background voxels; scores recomputed), without the infos the "
                 "file held"
             ) from None
+        unread_volumes(datastore_path)  # MONAI Label's listing leaves them out without a word
         self._drop_non_finite()
         self._record_missing_kinds()
 
