@@ -1148,3 +1148,14 @@ def test_a_metaimage_header_and_raw_pair_is_named_with_what_to_do(tmp_path: Path
     back = load_volume(studies / "phantom001.mha")
     np.testing.assert_array_equal(back.numpy(), original.numpy())
     np.testing.assert_allclose(back.affine.numpy(), original.affine.numpy(), atol=1e-5)
+    # a modality as such a pair: the case's error names it
+    pet = studies / "modalities" / "phantom000" / "pet.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(pet)), str(pet.with_name("pet.mhd")))
+    pet.unlink()
+    with pytest.raises(CaseError) as e:
+        load_case(find_case(studies / "phantom000.nii.gz", phantom_cfg.modality_names), phantom_cfg)
+    assert str(e.value).endswith(
+        "modality 'pet' is missing: expected <studies>/modalities/phantom000/pet.nii.gz (or .nii/.nrrd/.mha); add "
+        "it (a running server takes it as PUT /datastore/image?image=phantom000 with params {\"modality\": \"pet\"}) "
+        "(pet.mhd there is a MetaImage header whose voxels lie in another file: save it as one pet.mha), or use the "
+        "case without it (missing_modality zero_fill)"), str(e.value)

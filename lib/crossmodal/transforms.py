@@ -224,6 +224,12 @@ def missing_modality_message(case: Case, name: str, cfg: CrossModalConfig) -> st
         where = (f"expected <studies>/{cfg.data.sidecar_dir}/{case.case_id}/{name}.nii.gz (or .nii/.nrrd/.mha); add "
                  f"it (a running server takes it as PUT /datastore/image?image={case.case_id} with params "
                  f"{{\"modality\": \"{name}\"}})")
+    folder = case.folder or os.path.join(os.path.dirname(case.primary), cfg.data.sidecar_dir, case.case_id)
+    listed = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    pair = [f for f in listed if f.lower() == f"{name.lower()}.mhd"]
+    if pair:  # read by no listing: its voxels lie in another file
+        where += (f" ({pair[0]} there is a MetaImage header whose voxels lie in another file: save it as one "
+                  f"{name}.mha)")
     return f"modality {name!r} is missing: {where}, or use the case without it (missing_modality zero_fill)"
 
 
