@@ -39,6 +39,7 @@ import re
 import shutil
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -516,6 +517,33 @@ def request_seed(request: dict[str, Any], cfg: CrossModalConfig) -> int:
 def learning_rate(engine: Engine) -> float:
     """The first parameter group's learning rate of ``engine``'s optimizer (what the run steps with now)."""
     return float(engine.optimizer.param_groups[0]["lr"])  # type: ignore[attr-defined]
+
+
+def carry_error(error: BaseException, path: str | os.PathLike[str]) -> None:
+    """Pickle what a data-parallel process's ``error`` tells the parent to ``path``: the user's error in its chain (a
+    case that does not read: the CLI's message, the server's 4xx), else a RuntimeError holding the traceback's text.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "carried"
+        >>> try:
+        ...     raise RuntimeError("applying transform") from CaseError("c1", "c1.nii.gz", "file does not exist")
+        ... except RuntimeError as e:
+        ...     carry_error(e, path)
+        >>> str(pickle.loads(path.read_bytes()))
+        "case 'c1': file c1.nii.gz: file does not exist"
+        >>> try:  # a bug: its traceback
+        ...     _ = 1 / 0
+        ... except ZeroDivisionError as e:
+        ...     carry_error(e, path)
+        >>> text = str(pickle.loads(path.read_bytes())).splitlines(); text[0], text[-1]
+        ('a data-parallel training process failed:', 'ZeroDivisionError: division by zero')
+    """
+    found = user_error_in(error)
+    if found is None:
+        text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        found = RuntimeError(f"a data-parallel training process failed:\n{text}")
+    atomic_write_bytes(Path(path), pickle.dumps(found))
 
 
 def finite_on_every_rank(loss: torch.Tensor) -> bool:
@@ -1593,10 +1621,13 @@ class CrossModalTrain(BasicTrainTask):
                     stats["training_fit"] = self._fit.record()
             return json_safe(stats)  # a synchronous train request answers with it
         except Exception as e:
-            found = user_error_in(e)
-            if found is not None and request.get("user_error_file"):
-                atomic_write_bytes(Path(request["user_error_file"]), pickle.dumps(found))
-            raise
+            if not request.get("user_error_file"):
+                raise
+            # a data-parallel process: its error (the user's, else its traceback's text) goes to the parent through
+            # the run's folder, and the process ends by SystemExit, for which torch's spawn writes no traceback file
+            # of its own (it removes none: one was left in the temp folder at each failed run until 2026-12-07)
+            carry_error(e, request["user_error_file"])
+            raise SystemExit(1) from e
         finally:
             if world_size > 1:
                 gc.collect()  # the engines hold reference cycles: only the collector frees them
@@ -1661,23 +1692,19 @@ class CrossModalTrain(BasicTrainTask):
         processes = int(req.get("processes") or 1)
         if processes > 1:  # MONAI Label's multi-GPU path, also on CPU: N processes, gloo (CPU) or NCCL
             cuda = on_cuda(req)  # (:meth:`check_request` checked the devices / cores)
-            # the run's own temp folder: the processes' rendezvous file (torch's FileStore creates it), the error a
-            # process carries to this one, and the traceback file torch's spawn leaves of each process that failed
-            # (pytorch-errorfile-*.pickle, never removed: one more in the temp folder at each failed run until
-            # 2026-12-07), all removed with it
+            # the run's own temp folder: the processes' rendezvous file (torch's FileStore creates it) and the error
+            # a process carries to this one (:func:`carry_error`), removed with it
             run_tmp = Path(tempfile.mkdtemp(prefix="crossmodal-dist-"))
             init_file, carried = run_tmp / "rendezvous", run_tmp / "user-error"
             req.update({"multi_gpu": True, "gpus": ",".join(str(i) for i in range(processes)),
                         "distributed_backend": "nccl" if cuda else "gloo", "distributed_url": f"file://{init_file}",
                         "user_error_file": str(carried)})
-            outer, tempfile.tempdir = tempfile.tempdir, str(run_tmp)  # where spawn makes its files (this process)
             try:
                 return super().__call__(req, datastore)
-            except Exception as e:  # spawn's ProcessRaisedException: a process's traceback as text
+            except Exception as e:  # spawn's ProcessExitedException (a process killed, or ended by its error)
                 if carried.is_file():  # the case and file it names, for the CLI's message and the server's 4xx
                     raise pickle.loads(carried.read_bytes()) from e
                 raise
             finally:
-                tempfile.tempdir = outer
                 shutil.rmtree(run_tmp, ignore_errors=True)
         return super().__call__(req, datastore)
