@@ -75,9 +75,12 @@ def split_ext(path: str | os.PathLike[str]) -> tuple[str, str]:
     return Path(name).stem, Path(name).suffix
 
 
+_UNREAD_SAID: set[Path] = set()  # the .mhd files named in a warning, once a process
+
+
 def unread_volumes(folder: str | os.PathLike[str]) -> list[Path]:
-    """The MetaImage headers (``*.mhd``) directly in ``folder``, which no listing of cases reads, each named in a
-    warning with what to do (they were left out without a word): their voxels lie in a second file (``.raw``,
+    """The MetaImage headers (``*.mhd``) directly in ``folder``, which no listing of cases reads, each named once in
+    a warning with what to do (they were left out without a word): their voxels lie in a second file (``.raw``,
     ``.zraw``) that an upload, the datastore's copy and the viewers' download of the image would not carry.
 
     Example:
@@ -89,6 +92,9 @@ def unread_volumes(folder: str | os.PathLike[str]) -> list[Path]:
     found = sorted(p for p in folder.glob("*") if p.suffix.lower() == ".mhd" and p.is_file()) \
         if folder.is_dir() else []
     for p in found:
+        if p in _UNREAD_SAID:
+            continue
+        _UNREAD_SAID.add(p)
         logger.warning(f"{p}: not read: a MetaImage header whose voxels lie in another file; save the volume as one "
                        f".mha file (SimpleITK: sitk.WriteImage(sitk.ReadImage('{p.name}'), '{p.stem}.mha')) and "
                        "remove the pair")
