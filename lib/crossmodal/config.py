@@ -20,7 +20,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -898,6 +898,32 @@ def non_finite_at(obj: Any, where: str = "") -> str | None:
         if found is not None:
             return found
     return None
+
+
+def written_temp(suffix: str, write: Callable[[str], object], prefix: str = "crossmodal-") -> str:
+    """A new temp file ``<prefix>*<suffix>`` in the temp folder, filled by ``write(path)``; the caller removes it. A
+    ``write`` that raises (a full disk, an image that does not read) removes it first: no empty file is left behind.
+
+    Example:
+        >>> path = written_temp(".txt", lambda p: Path(p).write_text("ok")); Path(path).read_text()
+        'ok'
+        >>> Path(path).unlink()
+        >>> def fail(p): raise OSError(28, "No space left on device")
+        >>> before = set(Path(tempfile.gettempdir()).glob("crossmodal-*.txt"))
+        >>> written_temp(".txt", fail)
+        Traceback (most recent call last):
+        OSError: [Errno 28] No space left on device
+        >>> set(Path(tempfile.gettempdir()).glob("crossmodal-*.txt")) == before
+        True
+    """
+    fd, path = tempfile.mkstemp(suffix=suffix, prefix=prefix)
+    os.close(fd)
+    try:
+        write(path)
+    except BaseException:
+        Path(path).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def atomic_write_text(path: Path, text: str) -> None:

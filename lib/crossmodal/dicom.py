@@ -29,7 +29,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
-from crossmodal.config import CrossModalConfig, LabelConfig
+from crossmodal.config import CrossModalConfig, LabelConfig, written_temp
 from crossmodal.labels import name_key, overlay
 
 if TYPE_CHECKING:
@@ -198,9 +198,8 @@ def label_to_seg(label_file: str | os.PathLike[str], series_dir: str | os.PathLi
     _dcmqi_on_path()
     info = segment_info(cfg, values)
     info[0]["model_name"] = SEG_DESCRIPTION.format(kind=kind)
-    nii = temp_path(".nii.gz")
+    nii = written_temp(".nii.gz", lambda p: save_volume(p, arr, vol.affine.double().numpy()))
     try:
-        save_volume(nii, arr, vol.affine.double().numpy())
         out = nifti_to_dicom_seg(str(series_dir), nii, info)
     except Exception as e:
         raise RuntimeError(f"dcmqi itkimage2segimage failed: {e}") from e
@@ -314,13 +313,7 @@ def _multiframe_seg(arr: np.ndarray, affine: np.ndarray, source: Dataset, cfg: L
         seg.SourceImageSequence = [_instance(h) for h in heads]
         seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence = [_instance(h) for h in heads]
     seg.SeriesDate, seg.SeriesTime = seg.ContentDate, seg.ContentTime  # the newest SEG of a case is the label
-    out = Path(temp_path(".dcm"))
-    try:
-        seg.save_as(str(out))
-    except BaseException:
-        out.unlink(missing_ok=True)
-        raise
-    return out
+    return Path(written_temp(".dcm", seg.save_as))
 
 
 def _dcmqi_on_path() -> None:
@@ -396,13 +389,6 @@ def seg_to_label(seg_file: str | os.PathLike[str], cfg: LabelConfig, affine: np.
     return out
 
 
-def temp_path(suffix: str) -> str:
-    """A new empty temp file's path ending in ``suffix``; the caller removes it."""
-    fd, path = tempfile.mkstemp(suffix=suffix, prefix="crossmodal-")
-    os.close(fd)
-    return path
-
-
 def case_to_dicom(case_id: str, files: dict[str, str | None], cfg: CrossModalConfig, out: str | os.PathLike[str],
                   label: str | None = None, label_kind: str = "dense") -> dict[str, Path]:
     """Write one case as one study: a series per modality present in ``files`` (name -> NIfTI/NRRD path, config
@@ -453,10 +439,8 @@ def case_to_dicom(case_id: str, files: dict[str, str | None], cfg: CrossModalCon
         on_grid = None
         if not same_grid(vol, ref):  # cropped to its segments (3D Slicer): placed; another grid: CaseError (before
             placed = read_label(label, ref, case_id).astype(np.uint16)  # a temp file is made: one was left behind)
-            on_grid = temp_path(".nii.gz")
+            on_grid = written_temp(".nii.gz", lambda p: save_volume(p, placed, affine))
         try:
-            if on_grid:
-                save_volume(on_grid, placed, affine)
             seg = label_to_seg(on_grid or label, written[primary], cfg.labels, label_kind)
         finally:
             if on_grid:
@@ -645,13 +629,7 @@ def _read_series(folder: Path) -> str:
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
     reader.SetOutputPixelType(sitk.sitkFloat32)
     image = reader.Execute()  # a series that does not read leaves no temp file behind
-    out = temp_path(".nii.gz")
-    try:
-        sitk.WriteImage(image, out)
-    except BaseException:
-        Path(out).unlink(missing_ok=True)
-        raise
-    return out
+    return written_temp(".nii.gz", lambda out: sitk.WriteImage(image, out))
 
 
 def _read_multiframe(links: Sequence[Path], files: Sequence[Path], heads: Sequence[Dataset], case_id: str) -> str:
@@ -725,9 +703,7 @@ def _read_multiframe(links: Sequence[Path], files: Sequence[Path], heads: Sequen
     volume.SetOrigin(parts[0][0].GetOrigin())
     volume.SetSpacing(tuple(float(v) for v in spacing))
     volume.SetDirection(first.GetDirection())
-    out = temp_path(".nii.gz")
-    sitk.WriteImage(volume, out)
-    return out
+    return written_temp(".nii.gz", lambda out: sitk.WriteImage(volume, out))
 
 
 def _functional(group: Dataset, shared: Dataset, sequence: str, name: str) -> Any:

@@ -23,7 +23,16 @@ import nrrd
 import numpy as np
 import pydantic
 import torch
-from crossmodal.config import ConfigError, LabelConfig, as_device, as_flag, json_safe, near_miss, non_finite_at
+from crossmodal.config import (
+    ConfigError,
+    LabelConfig,
+    as_device,
+    as_flag,
+    json_safe,
+    near_miss,
+    non_finite_at,
+    written_temp,
+)
 from crossmodal.io import (
     IMAGE_EXTENSIONS,
     CaseError,
@@ -177,15 +186,9 @@ def slicer_label(label_file: str, label_info: Any, case_id: str, cfg: LabelConfi
     for k, v in mapping.items():
         if k <= max(present):
             lut[k] = v
-    fd, out = tempfile.mkstemp(suffix=".nrrd" if ext == ".seg.nrrd" else ext, prefix="crossmodal-label-")
-    os.close(fd)
-    try:
-        save_volume(out, lut[arr].astype(np.uint8 if cfg.marked_background < 256 else np.uint16),
-                    vol.affine.double().numpy())
-    except BaseException:
-        os.remove(out)
-        raise
-    return out
+    return written_temp(".nrrd" if ext == ".seg.nrrd" else ext, lambda out: save_volume(
+        out, lut[arr].astype(np.uint8 if cfg.marked_background < 256 else np.uint16), vol.affine.double().numpy()),
+        prefix="crossmodal-label-")
 
 
 def flattened_layers(label_file: str, segments: Sequence[tuple[int, int, int]], case_id: str,
@@ -219,14 +222,8 @@ def flattened_layers(label_file: str, segments: Sequence[tuple[int, int, int]], 
     label, shared = overlay(masks, data.shape[1:], np.uint8 if cfg.marked_background < 256 else np.uint16)
     logger.info(f"case {case_id!r}: {label_file}: {len(segments)} segments on {data.shape[0]} layers, {shared} voxels "
                 "in more than one segment; each went to the smallest of its segments")
-    fd, out = tempfile.mkstemp(suffix=".nrrd", prefix="crossmodal-label-")
-    os.close(fd)
-    try:
-        save_volume(out, label, vol.affine.double().numpy())
-    except BaseException:
-        os.remove(out)
-        raise
-    return out
+    return written_temp(".nrrd", lambda out: save_volume(out, label, vol.affine.double().numpy()),
+                        prefix="crossmodal-label-")
 
 
 def label_on_image_grid(label_file: str, image: MetaTensor, case_id: str) -> str:
@@ -244,14 +241,8 @@ def label_on_image_grid(label_file: str, image: MetaTensor, case_id: str) -> str
     if placed is None:
         return label_file
     ext = split_ext(label_file)[1]
-    fd, out = tempfile.mkstemp(suffix=".nrrd" if ext.endswith(".nrrd") else ext, prefix="crossmodal-label-")
-    os.close(fd)
-    try:
-        save_volume(out, np.rint(placed[0].numpy()).astype(np.uint16), image.affine.double().numpy())
-    except BaseException:
-        os.remove(out)
-        raise
-    return out
+    return written_temp(".nrrd" if ext.endswith(".nrrd") else ext, lambda out: save_volume(
+        out, np.rint(placed[0].numpy()).astype(np.uint16), image.affine.double().numpy()), prefix="crossmodal-label-")
 
 
 def validate_label(label_file: str, image_file: str | MetaTensor, case_id: str, cfg: LabelConfig,

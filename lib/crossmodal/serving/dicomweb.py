@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import requests
-from crossmodal.config import CrossModalConfig, ModalityConfig
+from crossmodal.config import CrossModalConfig, ModalityConfig, written_temp
 from crossmodal.dicom import SEG_SOP_CLASS, describe_series, label_to_seg, seg_kind, seg_to_label, series_to_nifti
 from crossmodal.io import CaseError, load_volume, save_volume, staging_folder
 from crossmodal.serving.datastore import CrossModalDatastore, http_error
@@ -207,18 +207,12 @@ def labels_onto_grid(label: str, label_grid: str, target: str, case_id: str, kee
     ext = src_ext if keep_ext or src_ext == ".seg.nrrd" else ".nii.gz"
     moved = np.rint(resample_to(lab, dst, mode="nearest").numpy())  # (L, H, W, D): a .seg.nrrd's layers, or one map
     arr = np.moveaxis(moved, 0, -1) if moved.shape[0] > 1 and ext == ".seg.nrrd" else moved[0]
-    fd, path = tempfile.mkstemp(suffix=ext, prefix="crossmodal-label-")
-    os.close(fd)
     # a .seg.nrrd: the segments' names and values (not their extents: those were on the old grid)
     fields = {k: v for k, v in nrrd.read_header(label).items() if SEGMENT_FIELD.fullmatch(k)} \
         if ext == ".seg.nrrd" else None
-    try:
-        save_volume(path, arr.astype(np.uint8 if arr.max() < 256 else np.uint16), dst.affine.double().numpy(),
-                    nrrd_fields=fields)
-    except BaseException:
-        os.remove(path)
-        raise
-    return path
+    return written_temp(ext, lambda path: save_volume(path, arr.astype(np.uint8 if arr.max() < 256 else np.uint16),
+                                                      dst.affine.double().numpy(), nrrd_fields=fields),
+                        prefix="crossmodal-label-")
 
 
 # the fields of a .seg.nrrd header that name its segments (labels.seg_nrrd_values reads them), grid-independent

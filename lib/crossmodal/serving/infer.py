@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,6 +22,7 @@ from crossmodal.config import (
     parse_overlap,
     parse_sw_batch_size,
     served_config,
+    written_temp,
 )
 from crossmodal.errors import CaseError, cause_of_type
 from crossmodal.inference import NetworkInferer
@@ -243,15 +242,9 @@ class CrossModalInfer(BasicInferTask):
         out_dtype = dtype or data.get("result_dtype")
         if out_dtype:
             array = array.astype(np.dtype(out_dtype), copy=False)
-        fd, path = tempfile.mkstemp(suffix=ext, prefix="crossmodal-")
-        os.close(fd)
         # a class map names its classes in a .seg.nrrd (Slicer shows them by name); the uncertainty map is no classes
         classes = None if data.get("prediction") == "uncertainty" else self.cfg.labels.foreground
-        try:
-            save_volume(path, array, pred.affine.double().numpy(), segments=classes)
-        except BaseException:  # (a full disk): no empty result file left in the temp folder
-            os.remove(path)
-            raise
+        path = written_temp(ext, lambda p: save_volume(p, array, pred.affine.double().numpy(), segments=classes))
         return path, data.get(self.output_json_key, {})
 
     def check_request(self, request: dict[str, Any], prefix: str | None = None) -> dict[str, Any]:
