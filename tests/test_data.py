@@ -506,6 +506,9 @@ def test_offline_commands_on_cases_without_a_modality(tmp_path: Path, phantom_cf
                  "--epochs", "1", "--network", "crossmodal", "--missing-modality", "zero_fill"]) == 0
     out = capsys.readouterr()
     assert "test cases: 2, mean Dice" in out.out
+    mean = json.loads((tmp_path / "m" / "evaluation.json").read_text())["dice_mean"]
+    assert [line.split()[:3] for line in out.err.splitlines() if line.startswith("mean ")][-1] == \
+        ["mean", "2", f"{mean:.3f}"]  # the evaluation's table to read, after the evaluate commands' ones
     assert "crossmodal - 1 of 4 training cases lack a modality (phantom003: pet): each trains" in out.err
 
 
@@ -528,8 +531,19 @@ def test_predict_writes_each_case_as_the_infer_task_segments_it(tmp_path: Path, 
     assert summary["segmented"] == 4 and summary["failed"] == [] and summary["network"] == "crossmodal"
     assert main(["evaluate", "--studies", str(studies), "--config", "phantom", "--model", model,
                  "--out", str(tmp_path / "e.json")]) == 0
-    scored = {r["case"]: r["dice"] for r in json.loads((tmp_path / "e.json").read_text())["per_case"]}
+    evaluation = json.loads((tmp_path / "e.json").read_text())
+    scored = {r["case"]: r["dice"] for r in evaluation["per_case"]}
     assert sorted(scored) == ["phantom002", "phantom003"]  # the held-out ones
+    table = capsys.readouterr().err.splitlines()  # the table to read, on stderr (stdout: JSON)
+    assert table[-5].split() == ["class", "cases", "Dice", "mean", "+-", "sd", "worst", "(case)", "HD95", "mm"]
+    for line, name in zip(table[-4:], ["organ", "lesion", "vessel", "mean"], strict=True):
+        per_case = {c: d[name] for c, d in scored.items()} if name != "mean" else \
+            {r["case"]: r["dice_mean"] for r in evaluation["per_case"]}
+        worst = min(per_case, key=lambda c: per_case[c])
+        mean = evaluation["dice_mean"] if name == "mean" else evaluation["dice_per_class"][name]
+        hd95 = evaluation["hd95_mean"] if name == "mean" else evaluation["hd95_per_class"][name]
+        assert line.split() == [name, "2", f"{mean:.3f}", "+-", f"{np.std(list(per_case.values()), ddof=1):.3f}",
+                                f"{per_case[worst]:.3f}", f"({worst})", f"{hd95:.2f}"], line
     for record in summary["per_case"]:
         cid = record["case"]
         image, pred = load_volume(studies / f"{cid}.nii.gz", cid), load_volume(out / f"{cid}.nii.gz", cid)

@@ -501,7 +501,7 @@ def _not_an_empty_termination(record: logging.LogRecord) -> bool:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """`crossmodal train`: the app's train task on a studies folder or nnU-Net dataset, then evaluation."""
-    from crossmodal.serving.offline import check_held_out, evaluate, held_out_cases, train_offline
+    from crossmodal.serving.offline import check_held_out, evaluate, evaluation_table, held_out_cases, train_offline
 
     if args.epochs is not None and args.epochs < 1:
         raise ValueError(f"--epochs {args.epochs}: must be at least 1 (leave it out for the preset's max_epochs)")
@@ -546,6 +546,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                            missing_modality=args.missing_modality)
         print(f"test cases: {summary['cases']}, mean Dice {summary['dice_mean']:.4f}, "
               f"mean HD95 {summary['hd95_mean']:.2f} mm -> {out}")
+        print(evaluation_table(summary), file=sys.stderr)
     return 0
 
 
@@ -588,8 +589,9 @@ def _segmenting(args: argparse.Namespace, preset: str
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """`crossmodal evaluate`: Dice / HD95 of a model (or of given predictions) on the held-out cases."""
-    from crossmodal.serving.offline import evaluate
+    """`crossmodal evaluate`: Dice / HD95 of a model (or of given predictions) on the held-out cases: JSON on stdout
+    (per case, then the summary), a table on stderr."""
+    from crossmodal.serving.offline import evaluate, evaluation_table
 
     _device(args.device)
 
@@ -615,6 +617,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for r in summary["per_case"]:
         print(json.dumps(r))
     print(json.dumps({k: v for k, v in summary.items() if k != "per_case"}, indent=2))
+    print(evaluation_table(summary), file=sys.stderr)
     return 0
 
 

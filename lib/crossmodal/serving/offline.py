@@ -6,10 +6,11 @@ import contextlib
 import json
 import math
 import os
+import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +281,45 @@ def evaluate(studies: str, preset: str, model: str | None, device: str = "auto",
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         atomic_write_text(Path(out), json.dumps(summary, indent=2))
     return summary
+
+
+def evaluation_table(summary: Mapping[str, Any]) -> str:
+    """:func:`evaluate`'s summary as a table to read: per class the mean +- sd Dice over the cases, the worst case
+    and the mean HD95; a last row for the cases' mean over the classes. A class a case has in neither map (NaN)
+    leaves that case out of the class's row.
+
+    Example:
+        >>> a = {"case": "a", "dice": {"gm": 0.8, "wm": 0.9}, "dice_mean": 0.85, "hd95": {"gm": 2.0, "wm": 4.0},
+        ...      "hd95_mean": 3.0}
+        >>> b = {"case": "b", "dice": {"gm": 0.6, "wm": float("nan")}, "dice_mean": 0.6,
+        ...      "hd95": {"gm": 6.0, "wm": float("nan")}, "hd95_mean": 6.0}
+        >>> print(evaluation_table({"per_case": [a, b]}))
+        class  cases  Dice mean +- sd  worst (case)  HD95 mm
+        gm         2  0.700 +- 0.141   0.600 (b)        4.00
+        wm         1  0.900            0.900 (a)        4.00
+        mean       2  0.725 +- 0.177   0.600 (b)        4.50
+    """
+    records = list(summary["per_case"])
+    names = list(records[0]["dice"]) if records else []
+
+    def row(name: str, dice: dict[str, float], hd: list[float]) -> list[str]:
+        kept = {c: v for c, v in dice.items() if v == v}
+        if not kept:
+            return [name, "0", "-", "-", "-"]
+        values = list(kept.values())
+        spread = f" +- {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+        worst = min(kept, key=lambda c: kept[c])
+        hds = [h for h in hd if h == h]
+        return [name, str(len(values)), f"{statistics.mean(values):.3f}{spread}", f"{kept[worst]:.3f} ({worst})",
+                f"{statistics.mean(hds):.2f}" if hds else "-"]
+
+    rows = [["class", "cases", "Dice mean +- sd", "worst (case)", "HD95 mm"]]
+    rows += [row(n, {r["case"]: r["dice"][n] for r in records}, [r["hd95"][n] for r in records]) for n in names]
+    rows.append(row("mean", {r["case"]: r["dice_mean"] for r in records}, [r["hd95_mean"] for r in records]))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    right = (1, 4)  # numbers that line up on their last digit
+    return "\n".join("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(
+        zip(r, widths, strict=True))).rstrip() for r in rows)
 
 
 def check_held_out(studies: str | os.PathLike[str], num_classes: int, cases: Sequence[str] | None = None) -> None:
