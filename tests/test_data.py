@@ -502,14 +502,38 @@ def test_offline_commands_on_cases_without_a_modality(tmp_path: Path, phantom_cf
     dropped, filled = (json.loads((tmp_path / f).read_text())["per_case"] for f in ("dropped.json", "filled.json"))
     assert [r["case"] for r in filled] == ["phantom002", "phantom003"]
     assert filled[1]["dice"] == dropped[1]["dice"] and filled[1]["dice_mean"] > 0.5
+    (studies / "truth" / "phantom003.nii.gz").unlink()  # an unlabelled training case now (a test case is not trained)
     assert main(["train", "--studies", str(studies), "--config", "phantom", "--model-dir", str(tmp_path / "m"),
                  "--epochs", "1", "--network", "crossmodal", "--missing-modality", "zero_fill"]) == 0
     out = capsys.readouterr()
-    assert "test cases: 2, mean Dice" in out.out
+    assert "test cases: 1, mean Dice" in out.out
     mean = json.loads((tmp_path / "m" / "evaluation.json").read_text())["dice_mean"]
     assert [line.split()[:3] for line in out.err.splitlines() if line.startswith("mean ")][-1] == \
-        ["mean", "2", f"{mean:.3f}"]  # the evaluation's table to read, after the evaluate commands' ones
-    assert "crossmodal - 1 of 4 training cases lack a modality (phantom003: pet): each trains" in out.err
+        ["mean", "1", f"{mean:.3f}"]  # the evaluation's table to read, after the evaluate commands' ones
+    assert "crossmodal - 1 of 3 training cases lack a modality (phantom003: pet): each trains" in out.err
+
+
+def test_train_leaves_the_cases_it_evaluates_out_of_training(tmp_path: Path, phantom_cfg, capsys, caplog):
+    """`crossmodal train`'s held-out cases (truth, no final label: those its evaluation scores) take no part in
+    training, not even as unlabelled cases, unless --train-on-test-images asks for it. Until 2026-12-07 they joined
+    its unlabelled pool (consistency terms, atlas pseudo-labels): it scored cases whose images it had trained on."""
+    from crossmodal.cli import main
+
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=6, dense=1, sparse=1, seed=31)
+    for case in ("phantom002", "phantom004"):  # no truth: unlabelled training cases; phantom003 and 005 are tests
+        (studies / "truth" / f"{case}.nii.gz").unlink()
+    base = ["train", "--studies", str(studies), "--config", "phantom", "--epochs", "1", "--network", "crossmodal"]
+    for name, flags, pool in (("m", [], 2), ("t", ["--train-on-test-images"], 4)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="crossmodal"):
+            assert main([*base, "--model-dir", str(tmp_path / name), *flags]) == 0
+        out = capsys.readouterr().out
+        assert f"0 - unlabeled: {pool} cases, batch" in caplog.text
+        left = "unlabelled cases: 2 of 4; the 2 held-out test cases (phantom003, phantom005) left out of training"
+        assert (left in caplog.text) == (not flags)
+        assert [c["case"] for c in json.loads((tmp_path / name / "evaluation.json").read_text())["per_case"]] == \
+            ["phantom003", "phantom005"]
+        assert ("(their images trained as unlabelled cases: --train-on-test-images)" in out) == bool(flags)
 
 
 def test_predict_writes_each_case_as_the_infer_task_segments_it(tmp_path: Path, phantom_cfg, capsys, monkeypatch):
@@ -733,10 +757,14 @@ def test_offline_commands_accept_an_nnunet_dataset(tmp_path: Path, phantom_cfg, 
     assert (tmp_path / "m" / "phantom_baseline_unet.pt").is_file()
     # a method preset: ours on dense + sparse (nnU-Net ignore label) + unlabelled (no label file) training cases
     (ds / "labelsTr" / "phantom001.nii.gz").unlink()
-    code = main(["train", "--studies", str(ds), "--config", "phantom", "--model-dir", str(tmp_path / "o"),
-                 "--epochs", "1", "--method", "ours"])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="crossmodal"):
+        code = main(["train", "--studies", str(ds), "--config", "phantom", "--model-dir", str(tmp_path / "o"),
+                     "--epochs", "1", "--method", "ours"])
     out, err = capsys.readouterr()
     assert code == 0, err[-2000:]
+    # phantom001 alone: the imagesTs case with its labelsTs label (phantom002) is the test case, not trained on
+    assert "0 - unlabeled: 1 cases, batch 1" in caplog.text and "held-out test case (phantom002)" in caplog.text
     monkeypatch.undo()
     assert [p.name for p in temp.iterdir() if not p.name.startswith("torchinductor_")] == []  # torch's own cache
     assert load_config(str(tmp_path / "o" / "method_config.yaml")).model.name == "crossmodal"

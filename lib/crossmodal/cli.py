@@ -501,6 +501,7 @@ def _not_an_empty_termination(record: logging.LogRecord) -> bool:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """`crossmodal train`: the app's train task on a studies folder or nnU-Net dataset, then evaluation."""
+    from crossmodal.io import case_id_of
     from crossmodal.serving.offline import check_held_out, evaluate, evaluation_table, held_out_cases, train_offline
 
     if args.epochs is not None and args.epochs < 1:
@@ -512,13 +513,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     resolved = _method_preset(preset, args.method, args.model_dir)
     network = args.network or (load_config(resolved).model.name if args.method else None)
     check_held_out(studies, load_config(resolved).labels.num_classes)  # the evaluation after it: before training
+    # the cases that evaluation scores are not trained on, not even as unlabelled cases (unless asked)
+    tests = [] if args.train_on_test_images else [case_id_of(p) for p in held_out_cases(studies)]
     try:
         with training_log():
             stats = train_offline(studies, resolved, args.model_dir, args.epochs, args.device, publish=args.publish,
                                   pretrained=args.pretrained, network=network, use_unlabeled=not args.no_unlabeled,
                                   processes=args.processes, dataset=args.dataset, publish_mode=args.publish_mode,
                                   missing_modality=args.missing_modality, from_scratch=args.from_scratch,
-                                  early_stop_patience=args.early_stop_patience, seed=args.seed)
+                                  early_stop_patience=args.early_stop_patience, seed=args.seed, held_out=tests)
     except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: say what is in service (main prints it), not a traceback
         from crossmodal.serving.runs import interrupted_note
 
@@ -545,7 +548,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = evaluate(studies, resolved, stats["published"], args.device, out, network,
                            missing_modality=args.missing_modality)
         print(f"test cases: {summary['cases']}, mean Dice {summary['dice_mean']:.4f}, "
-              f"mean HD95 {summary['hd95_mean']:.2f} mm -> {out}")
+              f"mean HD95 {summary['hd95_mean']:.2f} mm -> {out}"
+              + (" (their images trained as unlabelled cases: --train-on-test-images)" * args.train_on_test_images))
         print(evaluation_table(summary), file=sys.stderr)
     return 0
 
@@ -876,6 +880,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--network", help="network name (default: the preset's model.name)")
     q.add_argument("--method", help="ours | baseline_unet | single_<modality> (applied to the preset)")
     q.add_argument("--no-unlabeled", action="store_true", help="leave the unlabelled cases out")
+    q.add_argument("--train-on-test-images", action="store_true",
+                   help="take the held-out test cases (truth, no final label: those the evaluation after training "
+                        "scores) into the unlabelled cases too (transductive; by default they take no part in "
+                        "training)")
     q.add_argument("--missing-modality", choices=("error", "zero_fill"),
                    help="a case without a secondary modality's file: stop with an error naming it (the preset's "
                         "default), or train on it (and evaluate it) with that modality left out (zero_fill)")

@@ -61,13 +61,14 @@ def train_offline(studies: str, preset: str, model_dir: str, epochs: int | None 
                   publish: str | None = None, pretrained: str | None = None, network: str | None = None,
                   use_unlabeled: bool = True, processes: int = 1, dataset: str = "CacheDataset",
                   publish_mode: str = "if_better", missing_modality: str | None = None,
-                  from_scratch: bool = False, early_stop_patience: int = -1, seed: int | None = None
-                  ) -> dict[str, Any]:
+                  from_scratch: bool = False, early_stop_patience: int = -1, seed: int | None = None,
+                  held_out: Sequence[str] = ()) -> dict[str, Any]:
     """Train on every final label of ``studies`` (and its unlabelled cases, for a cross-modal network unless
-    ``use_unlabeled`` is false); the best model is published to ``<model_dir>/…`` (and copied to ``publish``); a
-    fine-tuning (of ``pretrained`` or of the model already published there) with held-out labels publishes only an
-    epoch that validates better than the model it started from (``publish_mode="best_of_run"``: its best epoch
-    whatever it scores; ``stats["published"]``: the model to use).
+    ``use_unlabeled`` is false; never the case ids ``held_out`` names: test cases, :func:`held_out_cases`); the best
+    model is published to ``<model_dir>/…`` (and copied to ``publish``); a fine-tuning (of ``pretrained`` or of the
+    model already published there) with held-out labels publishes only an epoch that validates better than the model
+    it started from (``publish_mode="best_of_run"``: its best epoch whatever it scores; ``stats["published"]``: the
+    model to use).
 
     ``preset`` is a preset name or a YAML path; ``processes`` > 1 trains data-parallel (torch.distributed);
     ``dataset``: ``CacheDataset`` (every preprocessed case in memory) or ``Dataset`` (read as it comes);
@@ -88,6 +89,7 @@ def train_offline(studies: str, preset: str, model_dir: str, epochs: int | None 
         parts = AppParts.from_conf(app_dir, conf)
     stats = parts.trainer()({"device": pick_device(device), "tracking": "None", "dataset": dataset,
                              "dataloader": "DataLoader", "use_unlabeled": use_unlabeled, "processes": processes,
+                             "held_out": list(held_out),
                              "publish": publish_mode, "pretrained": not from_scratch,
                              "early_stop_patience": early_stop_patience,
                              **({} if seed is None else {"seed": seed})},

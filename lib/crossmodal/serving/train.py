@@ -1433,7 +1433,9 @@ class CrossModalTrain(BasicTrainTask):
         return dataclasses.replace(self.cfg, data=dataclasses.replace(self.cfg.data, weights_spacing=trained))
 
     def pre_process(self, request: dict[str, Any], datastore: Datastore) -> list[dict[str, Any]]:
-        """Every case with a final label (image, label, its kind), plus the unlabelled cases when they take part."""
+        """Every case with a final label (image, label, its kind), plus the unlabelled cases when they take part, but
+        those the request's ``held_out`` names (case ids: an offline run's test cases, truth and no final label, which
+        its evaluation scores after training: not trained on, not even through the consistency terms)."""
         items = []
         for d in datastore.datalist():
             image_id = case_id_of(d["image"])  # series UIDs hold dots: strip only the image extension
@@ -1443,8 +1445,15 @@ class CrossModalTrain(BasicTrainTask):
             raise ValueError("no case has a final label yet: save at least one label before training")
         use = bool(request.get("use_unlabeled", self.cfg.train.consistency.unlabeled))  # check_train_request read it
         if self.hybrid and use:
-            for image_id in datastore.get_unlabeled_images():
-                items.append({"image": datastore.get_image_uri(image_id), "label_kind": UNLABELED})
+            held = set(request.get("held_out") or ())
+            pool = datastore.get_unlabeled_images()
+            for image_id in pool:
+                if image_id not in held:
+                    items.append({"image": datastore.get_image_uri(image_id), "label_kind": UNLABELED})
+            if left := held.intersection(pool):
+                logger.info(f"unlabelled cases: {len(pool) - len(left)} of {len(pool)}; the {len(left)} held-out test "
+                            f"case{'s' * (len(left) > 1)} ({', '.join(sorted(left)[:5])}{', ...' * (len(left) > 5)}) "
+                            "left out of training")
         check_modalities(self.cfg, items)
         check_spacings(self.cfg, items)
         return items
