@@ -106,20 +106,23 @@ def time_forward(pipeline: str, preset: str, image_path: Path, repeats: int) -> 
 
 
 def same_size_forward(repeats: int) -> dict[str, float]:
-    """Seconds of one forward on (1, 3, 96, 96, 96) for ours and baseline_unet (the 1.5x goal)."""
-    out = {}
+    """Median seconds of one forward on (1, 3, 96, 96, 96) for ours and baseline_unet (the 1.5x goal), the two
+    networks taking turns, ``repeats`` times each after a warm-up, so that a slow spell of the machine falls on both
+    (one network's 3 repeats and then the other's gave ours with full-width encoders 0.96x and 1.76x of baseline_unet
+    in two runs within the hour on 2026-12-07; taking turns, 12 each, 1.29x)."""
     x = torch.randn(1, 3, 96, 96, 96)
-    for name in ("crossmodal", "baseline_unet"):
-        net = build_network(load_config("brain", overrides={"model": {"name": name}})).eval()
-        with torch.no_grad():
+    nets = {name: build_network(load_config("brain", overrides={"model": {"name": name}})).eval()
+            for name in ("crossmodal", "baseline_unet")}
+    times: dict[str, list[float]] = {name: [] for name in nets}
+    with torch.no_grad():
+        for net in nets.values():
             net(x)
-            ts = []
-            for _ in range(repeats):
+        for _ in range(repeats):
+            for name, net in nets.items():
                 t = time.perf_counter()
                 net(x)
-                ts.append(time.perf_counter() - t)
-        out[name] = statistics.median(ts)
-    return out
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def make_cases(root: Path, quick: bool) -> dict[str, tuple[str, Path, dict[str, str]]]:
@@ -151,7 +154,7 @@ def main() -> int:
     repeats = 1 if args.quick else 3
     torch.set_num_threads(os.cpu_count() or 1)
     peak = matmul_peak_gflops()
-    same = same_size_forward(repeats)
+    same = same_size_forward(3 if args.quick else 15)
     records = []
     with tempfile.TemporaryDirectory(prefix="bench-infer-") as tmp:
         root = Path(tmp)
