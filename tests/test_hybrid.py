@@ -403,6 +403,9 @@ def test_train_task_learns_from_dense_sparse_and_unlabelled_cases(tmp_path: Path
     walked = train_offline(str(studies), str(tmp_path / "capped.yaml"), str(tmp_path / "m"), epochs=2, device="cpu",
                            network="crossmodal")
     assert walked["total_iterations"] == 3 and walked["current_iteration"] == 6  # 3 of the 4 unlabelled an epoch
+    held = train_offline(str(studies), preset, str(tmp_path / "m"), epochs=1, device="cpu", network="crossmodal",
+                         held_out="phantom003")  # one case id (not its letters): a test case, not trained on
+    assert held["total_iterations"] == 3  # the other 3 unlabelled cases
 
 
 def test_a_training_run_repeats_from_its_seed(tmp_path: Path, phantom_cfg):

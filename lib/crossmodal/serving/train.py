@@ -1445,7 +1445,8 @@ class CrossModalTrain(BasicTrainTask):
             raise ValueError("no case has a final label yet: save at least one label before training")
         use = bool(request.get("use_unlabeled", self.cfg.train.consistency.unlabeled))  # check_train_request read it
         if self.hybrid and use:
-            held = set(request.get("held_out") or ())
+            given = request.get("held_out") or ()
+            held = {given} if isinstance(given, str) else set(given)  # one case id, or a list of them
             pool = datastore.get_unlabeled_images()
             for image_id in pool:
                 if image_id not in held:
