@@ -108,8 +108,9 @@ def time_forward(pipeline: str, preset: str, image_path: Path, repeats: int) -> 
 def same_size_forward(repeats: int) -> dict[str, float]:
     """Median seconds of one forward on (1, 3, 96, 96, 96) for ours and baseline_unet (the 1.5x goal), the two
     networks taking turns, ``repeats`` times each after a warm-up, so that a slow spell of the machine falls on both
-    (one network's 3 repeats and then the other's gave ours with full-width encoders 0.96x and 1.76x of baseline_unet
-    in two runs within the hour on 2026-12-07; taking turns, 12 each, 1.29x)."""
+    (one network's repeats and then the other's gave ours with full-width encoders 1.76x of baseline_unet in this
+    bench, 3 each, and 0.96x and 1.51x in two probes of 5 each, within the hour on 2026-12-07; taking turns, 12
+    each, 1.29x)."""
     x = torch.randn(1, 3, 96, 96, 96)
     nets = {name: build_network(load_config("brain", overrides={"model": {"name": name}})).eval()
             for name in ("crossmodal", "baseline_unet")}
