@@ -514,7 +514,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     network = args.network or (load_config(resolved).model.name if args.method else None)
     check_held_out(studies, load_config(resolved).labels.num_classes)  # the evaluation after it: before training
     # the cases that evaluation scores are not trained on, not even as unlabelled cases (unless asked)
-    tests = [] if args.train_on_test_images else [case_id_of(p) for p in held_out_cases(studies)]
+    cases = held_out_cases(studies)
+    tests = [] if args.train_on_test_images else [case_id_of(p) for p in cases]
     try:
         with training_log():
             stats = train_offline(studies, resolved, args.model_dir, args.epochs, args.device, publish=args.publish,
@@ -543,7 +544,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             if fit["from_scratch"] else ("fine-tuned", "before", "after")
         print(f"{what} {stats['start_model']} with no label held out: Dice on its own labelled cases "
               f"{fit['start']:.4f} {before}, {fit['end']:.4f} {after}: {outcome}")
-    if held_out_cases(studies):  # held-out test cases (truth, no final label): Dice and HD95 per case
+    if cases:  # held-out test cases (truth, no final label): Dice and HD95 per case
         out = str(Path(args.model_dir) / "evaluation.json")
         summary = evaluate(studies, resolved, stats["published"], args.device, out, network,
                            missing_modality=args.missing_modality)

@@ -89,7 +89,7 @@ def train_offline(studies: str, preset: str, model_dir: str, epochs: int | None 
         parts = AppParts.from_conf(app_dir, conf)
     stats = parts.trainer()({"device": pick_device(device), "tracking": "None", "dataset": dataset,
                              "dataloader": "DataLoader", "use_unlabeled": use_unlabeled, "processes": processes,
-                             "held_out": [held_out] if isinstance(held_out, str) else list(held_out),
+                             "held_out": held_out,  # the train task reads one case id or several
                              "publish": publish_mode, "pretrained": not from_scratch,
                              "early_stop_patience": early_stop_patience,
                              **({} if seed is None else {"seed": seed})},
