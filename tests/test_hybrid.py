@@ -1102,6 +1102,22 @@ def test_baseline_trains_on_labels_only(tmp_path: Path, phantom_cfg):
     assert "loss_inter" not in stats["train"]["metrics"] and stats["train"]["metrics"]["loss_supervised"] > 0
 
 
+def test_a_poly_schedule_lowers_the_learning_rate_every_step_to_zero_at_the_runs_end(tmp_path: Path, phantom_cfg):
+    studies = make_phantom_studies(tmp_path / "s", phantom_cfg, cases=4, dense=4, sparse=0, seed=33)
+    cfg = method_config("phantom", "baseline_unet", {"train": {"patch_size": [32] * 3, "patches_per_case": 1,
+                                                               "batch_size": 2, "val_fraction": 0.0,
+                                                               "learning_rate": 0.02, "lr_schedule": "poly"}})
+    save_config(cfg, tmp_path / "poly.yaml")
+    stats = train_offline(str(studies), str(tmp_path / "poly.yaml"), str(tmp_path / "m"), epochs=3, device="cpu",
+                          network="baseline_unet")
+    assert stats["total_iterations"] == 2 and stats["current_iteration"] == 6  # 4 cases, batch 2: 2 steps an epoch
+    curve = json.loads(next((tmp_path / "m").glob("train_*/learning_curve.json")).read_text())
+    # the rate an epoch ends with: 0.02 x (1 - steps taken / 6)^0.9, 0 after the last
+    assert [r["learning_rate"] for r in curve] == pytest.approx([0.02 * (1 - i / 6) ** 0.9 for i in (2, 4, 6)])
+    with pytest.raises(ConfigError, match=r"train.lr_schedule: 'cosine' must be one of constant, poly"):
+        load_config("phantom", overrides={"train": {"lr_schedule": "cosine"}})
+
+
 @pytest.mark.timeout(600)
 def test_data_parallel_training_in_two_cpu_processes(tmp_path: Path, phantom_cfg, capfd, whole_machine):
     """Four runs of two processes (each spawned process spends ~7 s importing MONAI): a fine-tuning with no label

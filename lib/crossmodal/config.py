@@ -461,6 +461,9 @@ class PropagationConfig:
             raise ConfigError(f"train.propagate.min_heldout_accuracy: {self.min_heldout_accuracy} must be in [0, 1]")
 
 
+LR_SCHEDULES = ("constant", "poly")
+
+
 @dataclass
 class TrainConfig:
     """Training hyper-parameters; the losses read their weights from here.
@@ -468,6 +471,8 @@ class TrainConfig:
     ``learning_rate_by_model`` overrides ``learning_rate`` per network name (AdamW step sizes differ by network).
     ``finetune_lr_scale`` multiplies the learning rate of a run that fine-tunes a model (the published one or
     ``--pretrained``): a fresh AdamW at the from-scratch rate first unlearns part of what that model knows.
+    ``lr_schedule``: ``constant``, or ``poly`` (nnU-Net's: the rate times (1 - step / the run's steps)^0.9, down to 0
+    at the run's last step).
     ``fit_tolerance``: a fine-tuning with no label held out publishes its last model only if that segments the run's
     own labelled cases (partial Dice) no more than this worse than the model it started from (a run from scratch:
     than the model in service; else that model stays; :class:`crossmodal.serving.train.TrainingFit`).
@@ -486,6 +491,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     learning_rate_by_model: dict[str, float] = field(default_factory=dict)
     finetune_lr_scale: float = 1.0
+    lr_schedule: str = "constant"
     fit_tolerance: float = 0.05
     weight_decay: float = 1e-5
     batch_size: int = 2
@@ -522,6 +528,8 @@ class TrainConfig:
             raise ConfigError(f"train.keep_runs: {self.keep_runs} must be >= 0 (0: keep every run's folder)")
         if not 0.0 < self.finetune_lr_scale <= 1.0:
             raise ConfigError(f"train.finetune_lr_scale: {self.finetune_lr_scale} must be in (0, 1]")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"train.lr_schedule: {self.lr_schedule!r} must be one of {', '.join(LR_SCHEDULES)}")
         if not 0.0 <= self.fit_tolerance <= 1.0:
             raise ConfigError(f"train.fit_tolerance: {self.fit_tolerance} must be in [0, 1] (a drop in Dice)")
 

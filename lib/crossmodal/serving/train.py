@@ -116,7 +116,13 @@ from ignite.handlers import EarlyStopping
 from monai.data import CacheDataset, DataLoader, Dataset, partition_dataset
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents, default_prepare_batch
-from monai.handlers import CheckpointSaver, StatsHandler, TensorBoardStatsHandler, stopping_fn_from_metric
+from monai.handlers import (
+    CheckpointSaver,
+    LrScheduleHandler,
+    StatsHandler,
+    TensorBoardStatsHandler,
+    stopping_fn_from_metric,
+)
 from monai.transforms import Compose, MapTransform
 from monai.utils.enums import CommonKeys as Keys
 from monailabel.interfaces.datastore import Datastore
@@ -515,8 +521,10 @@ def request_seed(request: dict[str, Any], cfg: CrossModalConfig) -> int:
 
 
 def learning_rate(engine: Engine) -> float:
-    """The first parameter group's learning rate of ``engine``'s optimizer (what the run steps with now)."""
-    return float(engine.optimizer.param_groups[0]["lr"])  # type: ignore[attr-defined]
+    """The first parameter group's learning rate of ``engine``'s optimizer: the run's (where a schedule lowers it, the
+    rate it started at)."""
+    group = engine.optimizer.param_groups[0]  # type: ignore[attr-defined]
+    return float(group.get("initial_lr", group["lr"]))
 
 
 def carry_error(error: BaseException, path: str | os.PathLike[str]) -> None:
@@ -1354,6 +1362,10 @@ class CrossModalTrain(BasicTrainTask):
             iteration_update=self.train_iteration_update(context), event_names=self.event_names(context))
         if self._pseudo_rounds is not None:
             trainer.add_event_handler(Events.ITERATION_COMPLETED, self._pseudo_rounds)
+        if self.cfg.train.lr_schedule == "poly":  # nnU-Net's decay over the run's steps, every step
+            steps = max(1, int(context.max_epochs) * len(loader))
+            poly = torch.optim.lr_scheduler.PolynomialLR(context.optimizer, total_iters=steps, power=0.9)
+            LrScheduleHandler(poly, print_lr=False, epoch_level=False).attach(trainer)  # type: ignore[arg-type]
         # after the starting weights load (their record, if any, is the voxel size they were trained at before)
         voxel_mm = training_voxel_mm(self.cfg, [d for d in context.datalist if d.get("image")])
 
