@@ -534,3 +534,34 @@ def test_weights_without_the_records_load_without_monai_labels_warnings(tmp_path
         task._get_network("cpu", {})
     assert "Checkpoint keys don't match network.state_dict()!" in caplog.text and "'stray.weight'" in caplog.text
     assert "The run will now continue unless load_strict is set to True" in caplog.text
+
+
+def test_largest_component_clean_up_drops_islands_of_the_named_classes_and_of_the_foreground():
+    """``infer.largest_component``: grey matter kept to its largest component, then every foreground class as one
+    (a CSF island away from the rest goes); a name that is no foreground class is refused, naming the choices."""
+    from crossmodal.config import ConfigError
+    from crossmodal.serving.infer import CrossModalInfer
+
+    lab = torch.zeros(12, 12, 12, dtype=torch.long)
+    lab[1:5, 1:5, 1:5] = 1  # grey matter: a block of 64 voxels
+    lab[5:7, 1:5, 1:5] = 2  # white matter touching it
+    lab[7:9, 1:3, 1:3] = 1  # a grey matter island of 8 touching the white matter, not the block
+    lab[10:12, 1:3, 10:12] = 3  # a CSF island of 8 away from the rest
+    logits = MetaTensor(torch.nn.functional.one_hot(lab, 4).permute(3, 0, 1, 2).float(), affine=torch.eye(4))
+    image = MetaTensor(torch.zeros(3, 12, 12, 12), affine=torch.eye(4))
+
+    def labels(keep: list[str]) -> torch.Tensor:
+        cfg = load_config("brain", overrides={"infer": {"largest_component": keep}})
+        (post,) = CrossModalInfer(cfg, build_network(cfg).eval(), [], "test").post_transforms()
+        return post({"pred": {"fused": logits}, "image": image})["pred"].as_tensor().long()
+
+    assert torch.equal(labels([]), lab)  # the default: the map as the network gives it
+    grey_island, csf_island = lab.clone(), lab.clone()
+    grey_island[7:9, 1:3, 1:3] = 0
+    csf_island[10:12, 1:3, 10:12] = 0
+    assert torch.equal(labels(["grey_matter"]), grey_island)
+    assert torch.equal(labels(["foreground"]), csf_island)  # the grey island is part of the largest foreground
+    assert torch.equal(labels(["grey_matter", "foreground"]), grey_island * (csf_island > 0))
+    with pytest.raises(ConfigError, match=r"infer.largest_component: \['gray_matter'\] must be among \['foreground', "
+                                          r"'grey_matter', 'white_matter', 'csf'\]"):
+        load_config("brain", overrides={"infer": {"largest_component": ["gray_matter"]}})

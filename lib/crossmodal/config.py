@@ -285,6 +285,9 @@ def parse_sw_batch_size(value: object, what: str = "sw_batch_size") -> int:
     return int(number)
 
 
+FOREGROUND = "foreground"  # infer.largest_component: every foreground class as one
+
+
 @dataclass
 class InferConfig:
     """Sliding-window inference, test-time mirroring and the policy for a case whose secondary modality file is
@@ -295,7 +298,9 @@ class InferConfig:
     ``error`` (a case without a secondary modality's file is refused, naming it) or ``zero_fill`` (it is segmented
     with what it has; training reads it too, with that modality left out of its fusion, heads and consistency
     terms). ``overlap`` in [0, 1) and ``sw_batch_size`` (1-64 windows a forward pass): MONAI's sliding window, for a
-    case larger than ``roi_size``; an infer request may set either.
+    case larger than ``roi_size``; an infer request may set either. ``largest_component``: classes of the label map
+    (foreground class names) each kept to its largest connected component, and ``foreground`` for all foreground
+    classes as one (islands away from the largest connected foreground dropped); the rest becomes background.
     """
 
     roi_size: tuple[int, int, int] = (96, 96, 96)
@@ -303,8 +308,10 @@ class InferConfig:
     overlap: float = 0.25
     missing_modality: str = "error"
     mirror_axes: tuple[int, ...] = ()
+    largest_component: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self.largest_component = tuple(str(n) for n in self.largest_component)
         self.roi_size = tuple(int(r) for r in self.roi_size)  # type: ignore[assignment]
         self.mirror_axes = parse_mirror_axes(self.mirror_axes, "infer.mirror_axes")
         self.sw_batch_size = parse_sw_batch_size(self.sw_batch_size, "infer.sw_batch_size")
@@ -642,6 +649,11 @@ class CrossModalConfig:
         unknown = [n for n in self.model.inputs if n not in names]
         if unknown:
             raise ConfigError(f"model.inputs: {unknown} are not configured modalities {names}")
+        choices = [FOREGROUND, *self.labels.foreground]
+        unknown = [n for n in self.infer.largest_component if n not in choices]
+        if unknown:
+            raise ConfigError(f"infer.largest_component: {unknown} must be among {choices} (foreground class names, "
+                              f"or {FOREGROUND!r} for all of them as one)")
         # the network halves a window per stride: a side that is not a multiple of their product stopped training
         # with a tensor-size RuntimeError deep in the decoder, one of a single voxel at the deepest level with
         # instance norm's "Expected more than 1 spatial element"

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from crossmodal.active import predictive_entropy
 from crossmodal.config import (
+    FOREGROUND,
     ConfigError,
     CrossModalConfig,
     InferConfig,
@@ -32,6 +33,7 @@ from crossmodal.serving.datastore import http_error, request_device
 from crossmodal.transforms import preprocessing, to_primary_grid, to_primary_labels
 from monai.data import MetaTensor
 from monai.inferers import Inferer
+from monai.transforms import KeepLargestConnectedComponent
 from monailabel.interfaces.tasks.batch_infer import BatchInferTask
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
@@ -76,12 +78,29 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.as_tensor() if isinstance(t, MetaTensor) else t
 
 
+def keep_largest_components(foreground: dict[str, int], names: Sequence[str]
+                            ) -> list[KeepLargestConnectedComponent]:
+    """MONAI's ``KeepLargestConnectedComponent`` (26-connected) for ``infer.largest_component`` ``names``: each
+    named class kept to its largest component, then, with ``foreground``, every foreground class as one; each takes
+    and gives a (1, H, W, D) class map, what it drops set to background (0)."""
+    named = [foreground[n] for n in names if n != FOREGROUND]
+    steps = [KeepLargestConnectedComponent(applied_labels=named, is_onehot=False, independent=True)] if named else []
+    if FOREGROUND in names:
+        steps.append(KeepLargestConnectedComponent(applied_labels=sorted(foreground.values()), is_onehot=False,
+                                                   independent=False))
+    return steps
+
+
 class ArgmaxLabel:
     """``data["pred"]`` {name: logits (C, H, W, D)} -> uint8 map (H, W, D) on the primary grid + result JSON.
 
     ``data["prediction"]``: ``fused`` (default), a modality name (that modality's own head), or ``uncertainty``
     (normalised entropy of the fused softmax, averaged over ``data["mc_probs"]`` samples when present, in percent).
+    ``largest``: a class map's clean-up (:func:`keep_largest_components`; ``infer.largest_component``).
     """
+
+    def __init__(self, largest: Sequence[KeepLargestConnectedComponent] = ()) -> None:
+        self.largest = list(largest)
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         outputs = data["pred"]
@@ -99,6 +118,8 @@ class ArgmaxLabel:
                 raise http_error(ValueError(f"case {data.get('case_id')!r}: prediction {which!r} is not available; "
                                             f"choose one of {[*outputs, 'uncertainty']}"))
             out = to_primary_labels(_plain(outputs[which]), image)
+            for keep in self.largest:
+                out = torch.as_tensor(keep(out[None]))[0]
         # computed where the network ran (a GPU too); the map comes back to the CPU for the writer (numpy)
         data["pred"] = MetaTensor(out.cpu(), affine=image.meta.get("primary_affine", image.affine))
         data["result"] = {"case": data.get("case_id"), "modalities_used": data.get("modalities_used", []),
@@ -228,7 +249,8 @@ class CrossModalInfer(BasicInferTask):
         return None
 
     def post_transforms(self, data: dict[str, Any] | None = None) -> Sequence[Callable]:
-        return [FusedProbabilities()] if self.probabilities else [ArgmaxLabel()]
+        return [FusedProbabilities()] if self.probabilities else [
+            ArgmaxLabel(keep_largest_components(self.cfg.labels.foreground, self.cfg.infer.largest_component))]
 
     def writer(self, data: dict[str, Any], extension: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
         """Write the label map with :func:`crossmodal.io.save_volume` (NIfTI through ISA-L gzip, or NRRD, in RAS
