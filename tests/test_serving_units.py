@@ -344,6 +344,13 @@ def test_server_conf_numbers_are_checked_by_name(tmp_path: Path):
         AppParts.from_conf(str(APP), {**conf, "overlap": "1.5"})
     with pytest.raises(ConfigError, match=r"^--conf mirror_axes: '0,1,1' must name spatial axes 0, 1 or 2, each once$"):
         AppParts.from_conf(str(APP), {**conf, "mirror_axes": "0,1,1"})
+    cleaned = AppParts.from_conf(str(APP), {**conf, "largest_component": "organ, foreground"})
+    assert cleaned.cfg.infer.largest_component == ("organ", "foreground")
+    assert len(cleaned.infer().post_transforms()[0].largest) == 2  # the organ's clean-up, then the foreground's
+    assert AppParts.from_conf(str(APP), {**conf, "largest_component": "none"}).cfg.infer.largest_component == ()
+    with pytest.raises(ConfigError, match=r"infer.largest_component: \['liver'\] must be among \['foreground', "
+                                          r"'organ', 'lesion', 'vessel'\]"):
+        AppParts.from_conf(str(APP), {**conf, "largest_component": "liver"})
     with pytest.raises(ConfigError, match=r"^--conf pacs_timeout 'x': must be a positive float$"):
         parts.datastore("http://127.0.0.1:9/dicom-web", {"pacs_timeout": "x"})
     with pytest.raises(ConfigError, match=r"^--conf pacs_list_ttl '-1': must be a non-negative float$"):

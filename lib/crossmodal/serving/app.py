@@ -9,7 +9,9 @@ and ``baseline_unet``), ``pretrained_<model>`` (weights used until that model is
 for comparisons), ``missing_modality`` (``error`` / ``zero_fill``; default the preset's,
 ``zero_fill`` on a PACS where a study may lack a series), ``mirror_axes`` (test-time mirroring of every infer
 request, e.g. ``0,1,2``: 8 passes; default the preset's ``infer.mirror_axes``, none), ``overlap`` (the sliding
-window's for every infer request that does not say; default the preset's ``infer.overlap``).
+window's for every infer request that does not say; default the preset's ``infer.overlap``), ``largest_component``
+(comma-separated classes each kept to its largest connected component, ``foreground`` for all of them as one, ``none``;
+default the preset's ``infer.largest_component``, none).
 
 With ``--studies http(s)://.../dicom-web`` the datastore is :class:`~crossmodal.serving.dicomweb.PacsDatastore`;
 keys ``pacs_cache`` (cache folder; default MONAI Label's DICOMweb cache path or ``~/.cache/crossmodal/dicomweb``),
@@ -59,8 +61,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 logger = logging.getLogger(__name__)
 CONF_KEYS = ("preset", "configs_dir", "model_dir", "models", "pretrained", "max_epochs", "missing_modality",
-             "mirror_axes", "overlap", "epistemic", "benchmark_pipelines", "pacs_cache", "pacs_list_ttl",
-             "pacs_timeout")
+             "mirror_axes", "overlap", "largest_component", "epistemic", "benchmark_pipelines", "pacs_cache",
+             "pacs_list_ttl", "pacs_timeout")
 MONAILABEL_CONF_KEYS = ("preload", "server_mode", "zoo_source", "zoo_repo", "auth_token")  # read by MONAI Label
 
 
@@ -353,6 +355,9 @@ class AppParts:
                                                                                  "--conf mirror_axes")
         if conf.get("overlap") is not None:
             overrides.setdefault("infer", {})["overlap"] = parse_overlap(conf["overlap"], "--conf overlap")
+        if conf.get("largest_component") is not None:
+            names = [n.strip() for n in conf["largest_component"].split(",") if n.strip()]
+            overrides.setdefault("infer", {})["largest_component"] = [] if names == ["none"] else names
         cfg = load_config(preset, conf.get("configs_dir"), overrides or None)
         if local and "preset" in conf:  # a preset given that the folder's cases do not fit: every request a 422
             # naming a missing modality, with nothing at start to say why
