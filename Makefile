@@ -13,7 +13,7 @@ PRE := apps/crossmodal/pretrained
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: install install-system data run pacs test lint bench-infer bench-quality bench-mirror bench-overlap bench-uncertainty bench-propagate bench-refine bench-pool bench-scoring bench-transfer bench-scribble-gap bench-incomplete bench-workers bench-demo-train bench-gpu bench-ohif simulate weights weights-phantom weights-brain clean
+.PHONY: install install-system data run pacs test lint bench-infer bench-quality bench-mirror bench-cleanup bench-overlap bench-uncertainty bench-propagate bench-refine bench-pool bench-scoring bench-transfer bench-scribble-gap bench-incomplete bench-workers bench-demo-train bench-gpu bench-ohif simulate weights weights-phantom weights-brain clean
 
 install: install-system $(STAMP)
 
@@ -92,6 +92,13 @@ bench-quality: install $(SPM)
 # phantom + brain, 5 seeds (about 30 min); QUICK=1: phantom, one seed, ours dense. RESULTS_DIR=... to redirect.
 bench-mirror: install $(SPM)
 	$(BIN)/python bench/mirror.py $(if $(QUICK),--quick,)
+
+# Largest-component clean-up of the label maps (infer.largest_component) vs none, ours + baseline_unet, brain
+# scribbles, 5 seeds (about 20 min); DATASET=phantom / REGIME=dense for others, QUICK=1: one seed.
+DATASET ?= brain
+REGIME ?= scribbles
+bench-cleanup: install $(SPM)
+	$(BIN)/python bench/cleanup.py --dataset $(DATASET) --regime $(REGIME) $(if $(QUICK),--quick,)
 
 # crossmodal predict's per-case uncertainty against Dice on the demo's cases, whole and without T2 / PD (~1 min).
 # Sliding-window overlap / windows per pass on the brain demo through the server: Dice, seconds, peak RSS (~3 min).
