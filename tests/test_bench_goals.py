@@ -380,3 +380,22 @@ def test_a_cut_off_simulation_benchmark_resumes_with_the_curves_it_finished(tmp_
     assert sorted((r["strategy"], r["seed"], r["round"]) for r in final["records"]) == sorted(
         (s, n, r) for s in ("ours", "random", "epistemic") for n in (0, 1) for r in range(5))
     assert len(final["full_annotation"]) == 2 and final["scoring_cost"]["phantom"]["ratio_warm"] == 0.01
+
+
+def test_cleanup_rows_pair_each_setting_with_none_and_ours_with_the_baseline():
+    """bench/cleanup.py's rows: mean Dice / HD95 per setting and method, the change against no clean-up and ours'
+    lead, each paired by seed (points)."""
+    import cleanup
+
+    dice = {("none", "ours"): [0.78, 0.76], ("none", "baseline_unet"): [0.75, 0.75],
+            ("foreground", "ours"): [0.79, 0.76], ("foreground", "baseline_unet"): [0.77, 0.76]}
+    records = [{"setting": name, "method": m, "seed": s, "dice_mean": v, "hd95_mean": 10.0 - s}
+               for (name, m), values in dice.items() for s, v in enumerate(values)]
+    none, fg = cleanup.summarize(records)
+    assert (none["setting"], fg["setting"], fg["seeds"]) == ("none", "foreground", 2)
+    assert fg["ours"]["dice"] == 0.775 and fg["ours"]["hd95"] == 9.5 and fg["baseline_unet"]["dice"] == 0.765
+    assert fg["ours"]["change_points"]["per_seed"] == pytest.approx([1.0, 0.0])
+    assert fg["baseline_unet"]["change_points"]["per_seed"] == pytest.approx([2.0, 1.0])
+    assert none["lead_points"]["per_seed"] == pytest.approx([3.0, 1.0])
+    assert fg["lead_points"]["per_seed"] == pytest.approx([2.0, 0.0])
+    assert none["ours"]["change_points"]["per_seed"] == [0.0, 0.0]
