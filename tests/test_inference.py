@@ -565,3 +565,23 @@ def test_largest_component_clean_up_drops_islands_of_the_named_classes_and_of_th
     with pytest.raises(ConfigError, match=r"infer.largest_component: \['gray_matter'\] must be among \['foreground', "
                                           r"'grey_matter', 'white_matter', 'csf'\]"):
         load_config("brain", overrides={"infer": {"largest_component": ["gray_matter"]}})
+    # per infer request (the viewers' option, shown with the preset's default), checked before anything is read
+    from fastapi import HTTPException
+
+    cfg = load_config("brain", overrides={"infer": {"largest_component": ["grey_matter"]}})
+    task = CrossModalInfer(cfg, build_network(cfg).eval(), [], "test")
+    assert task.config()["largest_component"] == "grey_matter"
+
+    def asked(value: object) -> torch.Tensor:
+        (post,) = task.post_transforms({"largest_component": value})
+        return post({"pred": {"fused": logits}, "image": image})["pred"].as_tensor().long()
+
+    assert torch.equal(asked("none"), lab) and torch.equal(asked([]), lab)
+    assert torch.equal(asked("foreground"), csf_island) and torch.equal(asked(None), grey_island)
+    assert task.check_request({"image": "/d/brain003.nii.gz", "largest_component": "csf, foreground"}
+                              )["largest_component"] == ["csf", "foreground"]
+    with pytest.raises(HTTPException) as e:
+        task.check_request({"image": "/d/brain003.nii.gz", "largest_component": "grey_matter,liver"})
+    assert e.value.status_code == 422 and e.value.detail == (
+        "case 'brain003': largest_component: ['liver'] must be among ['foreground', 'grey_matter', 'white_matter', "
+        "'csf'] (or none)")

@@ -26,6 +26,7 @@ from crossmodal.serving.runs import list_runs, publish_run
 from crossmodal.serving.train import run_folders
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
+from scipy import ndimage
 
 pytestmark = pytest.mark.slow
 CFG = load_config("phantom")
@@ -127,6 +128,17 @@ def test_mirrored_infer_averages_eight_passes_and_refuses_other_axes(client, pha
     assert status_of(e.value) == 422
     assert f"image '{case}': infer request: mirror_axis is not an option of model 'crossmodal'; did you mean " \
         "mirror_axes?" in e.value.msg
+    # the largest-component clean-up per request: it only removes (to background), and the organ is one piece
+    assert client.info()["models"]["crossmodal"]["config"]["largest_component"] == "none"
+    cleaned, _ = client.infer("crossmodal", case, {"largest_component": "organ,foreground"})
+    kept = load_volume(cleaned)[0].numpy()
+    assert np.all((kept == one) | (kept == 0)) and ndimage.label(kept == 1, np.ones((3, 3, 3)))[1] == 1
+    assert dice(kept, gt, 1) >= dice(one, gt, 1) - 1e-6
+    with pytest.raises(MONAILabelClientException) as e:
+        client.infer("crossmodal", case, {"largest_component": "liver"})
+    assert status_of(e.value) == 422
+    assert f"case '{case}': largest_component: ['liver'] must be among ['foreground', 'organ', 'lesion', 'vessel'] " \
+        "(or none)" in e.value.msg
 
 
 def test_infer_nrrd_output_for_slicer_and_no_format_that_cannot_hold_the_label(client, phantom_server):

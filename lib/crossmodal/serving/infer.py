@@ -78,6 +78,23 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.as_tensor() if isinstance(t, MetaTensor) else t
 
 
+def parse_largest_component(value: object, cfg: CrossModalConfig) -> tuple[str, ...]:
+    """A request's ``largest_component``: a list or ``"grey_matter,white_matter"``, ``"none"`` / empty for none;
+    :class:`~crossmodal.config.ConfigError` naming the choices for a name that is no foreground class."""
+    if isinstance(value, str):
+        raw = value.split(",")
+    elif isinstance(value, list | tuple):
+        raw = [str(n) for n in value]
+    else:
+        raise ConfigError(f"largest_component: {value!r} must be class names, e.g. 'grey_matter,white_matter', or none")
+    names = [n.strip() for n in raw if n.strip() and n.strip() != "none"]
+    choices = [FOREGROUND, *cfg.labels.foreground]
+    unknown = [n for n in names if n not in choices]
+    if unknown:
+        raise ConfigError(f"largest_component: {unknown} must be among {choices} (or none)")
+    return tuple(names)
+
+
 def keep_largest_components(foreground: dict[str, int], names: Sequence[str]
                             ) -> list[KeepLargestConnectedComponent]:
     """MONAI's ``KeepLargestConnectedComponent`` (26-connected) for ``infer.largest_component`` ``names``: each
@@ -148,7 +165,9 @@ class CrossModalInfer(BasicInferTask):
     ``mc_samples`` (Monte-Carlo dropout samples for ``uncertainty``), ``drop_modalities`` (names, or a comma-
     separated string, to segment without although present), ``mirror_axes`` (test-time mirroring: spatial axes as
     a list or ``"0,1,2"``, ``"none"``; default ``infer.mirror_axes``), ``overlap`` / ``sw_batch_size`` (the sliding
-    window's, for a case larger than one window; default ``infer.*``), ``device``, ``result_extension``
+    window's, for a case larger than one window; default ``infer.*``), ``largest_component`` (classes kept to their
+    largest connected component, e.g. ``"grey_matter,white_matter"``, ``"none"``; default
+    ``infer.largest_component``), ``device``, ``result_extension``
     (``.nii.gz`` / ``.nii`` / ``.seg.nrrd`` / ``.nrrd``; anything else is a 422), and the usual MONAI Label ones.
     The result's params name the case, the modalities used, the motion (mm) by which each secondary modality was
     co-registered, and the prediction.
@@ -165,7 +184,8 @@ class CrossModalInfer(BasicInferTask):
             dimension=3, description=description, roi_size=cfg.infer.roi_size, load_strict=True,
             config={"missing_modality": cfg.infer.missing_modality, "prediction": "fused",
                     "mirror_axes": ",".join(map(str, cfg.infer.mirror_axes)) or "none",
-                    "overlap": cfg.infer.overlap, "sw_batch_size": cfg.infer.sw_batch_size}, train_mode=train_mode,
+                    "overlap": cfg.infer.overlap, "sw_batch_size": cfg.infer.sw_batch_size,
+                    "largest_component": ",".join(cfg.infer.largest_component) or "none"}, train_mode=train_mode,
             skip_writer=probabilities,
         )
         self.cfg = cfg
@@ -249,8 +269,11 @@ class CrossModalInfer(BasicInferTask):
         return None
 
     def post_transforms(self, data: dict[str, Any] | None = None) -> Sequence[Callable]:
-        return [FusedProbabilities()] if self.probabilities else [
-            ArgmaxLabel(keep_largest_components(self.cfg.labels.foreground, self.cfg.infer.largest_component))]
+        if self.probabilities:
+            return [FusedProbabilities()]
+        asked = (data or {}).get("largest_component")
+        names = self.cfg.infer.largest_component if asked is None else parse_largest_component(asked, self.cfg)
+        return [ArgmaxLabel(keep_largest_components(self.cfg.labels.foreground, names))]
 
     def writer(self, data: dict[str, Any], extension: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
         """Write the label map with :func:`crossmodal.io.save_volume` (NIfTI through ISA-L gzip, or NRRD, in RAS
@@ -271,9 +294,9 @@ class CrossModalInfer(BasicInferTask):
 
     def check_request(self, request: dict[str, Any], prefix: str | None = None) -> dict[str, Any]:
         """The request's own options checked and parsed before anything is read (result extension and dtype,
-        ``mc_samples``, ``prediction``, ``device``, ``mirror_axes``, ``overlap``, ``sw_batch_size``): a 422 that
-        starts with ``prefix`` (default: the request's case) and names the option. A batch infer is checked so
-        before it is queued (the app's ``check_batch_infer``)."""
+        ``mc_samples``, ``prediction``, ``device``, ``mirror_axes``, ``overlap``, ``sw_batch_size``,
+        ``largest_component``): a 422 that starts with ``prefix`` (default: the request's case) and names the option.
+        A batch infer is checked so before it is queued (the app's ``check_batch_infer``)."""
         req = dict(request)
         if not req.get("result_extension"):
             req.pop("result_extension", None)
@@ -309,6 +332,8 @@ class CrossModalInfer(BasicInferTask):
                 req["overlap"] = parse_overlap(req["overlap"])
             if req.get("sw_batch_size") is not None:
                 req["sw_batch_size"] = parse_sw_batch_size(req["sw_batch_size"])
+            if req.get("largest_component") is not None:
+                req["largest_component"] = list(parse_largest_component(req["largest_component"], self.cfg))
         except ConfigError as e:
             raise http_error(e, prefix=case) from None
         return req
