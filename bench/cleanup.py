@@ -48,9 +48,9 @@ def measure(root: Path, dataset: str, regime: str, seed: int) -> list[dict]:
         tag = f"{dataset}_{method}_{regime}_0mm_s{seed}"
         model = next((root / "models" / tag).glob("*.pt"))
         cfg = load_config(str(root / "configs" / f"{tag}.yaml"))
-        for name, keep in settings(dataset).items():
+        for i, (name, keep) in enumerate(settings(dataset).items()):
             cfg.infer.largest_component = keep
-            preset = root / "configs" / f"{tag}_{len(out)}.yaml"
+            preset = root / "configs" / f"{tag}_cleanup{i}.yaml"
             save_config(cfg, preset)
             ev = evaluate(str(test), str(preset), str(model), "auto", network=cfg.model.name)
             if not keep and abs(ev["dice_mean"] - trained["dice_mean"]) > 1e-3:

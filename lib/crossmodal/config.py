@@ -288,6 +288,30 @@ def parse_sw_batch_size(value: object, what: str = "sw_batch_size") -> int:
 FOREGROUND = "foreground"  # infer.largest_component: every foreground class as one
 
 
+def parse_largest_component(value: object, foreground: Iterable[str], what: str = "largest_component"
+                            ) -> tuple[str, ...]:
+    """``infer.largest_component`` / a server's or a request's ``largest_component``: a list or
+    ``"grey_matter,white_matter"`` (``"none"`` or empty: none) -> class names; :class:`ConfigError` naming ``what``
+    and the choices for a name that is no foreground class (or ``foreground``).
+
+    Example:
+        >>> parse_largest_component("white_matter, foreground", ["grey_matter", "white_matter"])
+        ('white_matter', 'foreground')
+    """
+    if isinstance(value, str):
+        raw = value.split(",")
+    elif isinstance(value, list | tuple):
+        raw = [str(n) for n in value]
+    else:
+        raise ConfigError(f"{what}: {value!r} must be class names, e.g. 'grey_matter,white_matter', or none")
+    names = [n.strip() for n in raw if n.strip() and n.strip() != "none"]
+    choices = [FOREGROUND, *foreground]
+    unknown = [n for n in names if n not in choices]
+    if unknown:
+        raise ConfigError(f"{what}: {unknown} must be among {choices} (or none)")
+    return tuple(names)
+
+
 @dataclass
 class InferConfig:
     """Sliding-window inference, test-time mirroring and the policy for a case whose secondary modality file is
@@ -311,7 +335,6 @@ class InferConfig:
     largest_component: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        self.largest_component = tuple(str(n) for n in self.largest_component)
         self.roi_size = tuple(int(r) for r in self.roi_size)  # type: ignore[assignment]
         self.mirror_axes = parse_mirror_axes(self.mirror_axes, "infer.mirror_axes")
         self.sw_batch_size = parse_sw_batch_size(self.sw_batch_size, "infer.sw_batch_size")
@@ -649,11 +672,8 @@ class CrossModalConfig:
         unknown = [n for n in self.model.inputs if n not in names]
         if unknown:
             raise ConfigError(f"model.inputs: {unknown} are not configured modalities {names}")
-        choices = [FOREGROUND, *self.labels.foreground]
-        unknown = [n for n in self.infer.largest_component if n not in choices]
-        if unknown:
-            raise ConfigError(f"infer.largest_component: {unknown} must be among {choices} (foreground class names, "
-                              f"or {FOREGROUND!r} for all of them as one)")
+        self.infer.largest_component = parse_largest_component(self.infer.largest_component, self.labels.foreground,
+                                                               "infer.largest_component")
         # the network halves a window per stride: a side that is not a multiple of their product stopped training
         # with a tensor-size RuntimeError deep in the decoder, one of a single voxel at the deepest level with
         # instance norm's "Expected more than 1 spatial element"

@@ -356,8 +356,7 @@ class AppParts:
         if conf.get("overlap") is not None:
             overrides.setdefault("infer", {})["overlap"] = parse_overlap(conf["overlap"], "--conf overlap")
         if conf.get("largest_component") is not None:
-            names = [n.strip() for n in conf["largest_component"].split(",") if n.strip()]
-            overrides.setdefault("infer", {})["largest_component"] = [] if names == ["none"] else names
+            overrides.setdefault("infer", {})["largest_component"] = conf["largest_component"]  # checked by the config
         cfg = load_config(preset, conf.get("configs_dir"), overrides or None)
         if local and "preset" in conf:  # a preset given that the folder's cases do not fit: every request a 422
             # naming a missing modality, with nothing at start to say why

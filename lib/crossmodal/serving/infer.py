@@ -19,6 +19,7 @@ from crossmodal.config import (
     InferConfig,
     as_number,
     other_windows,
+    parse_largest_component,
     parse_mirror_axes,
     parse_overlap,
     parse_sw_batch_size,
@@ -76,23 +77,6 @@ logging.getLogger(BasicInferTask.__module__).addFilter(RecordsOnly())
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.as_tensor() if isinstance(t, MetaTensor) else t
-
-
-def parse_largest_component(value: object, cfg: CrossModalConfig) -> tuple[str, ...]:
-    """A request's ``largest_component``: a list or ``"grey_matter,white_matter"``, ``"none"`` / empty for none;
-    :class:`~crossmodal.config.ConfigError` naming the choices for a name that is no foreground class."""
-    if isinstance(value, str):
-        raw = value.split(",")
-    elif isinstance(value, list | tuple):
-        raw = [str(n) for n in value]
-    else:
-        raise ConfigError(f"largest_component: {value!r} must be class names, e.g. 'grey_matter,white_matter', or none")
-    names = [n.strip() for n in raw if n.strip() and n.strip() != "none"]
-    choices = [FOREGROUND, *cfg.labels.foreground]
-    unknown = [n for n in names if n not in choices]
-    if unknown:
-        raise ConfigError(f"largest_component: {unknown} must be among {choices} (or none)")
-    return tuple(names)
 
 
 def keep_largest_components(foreground: dict[str, int], names: Sequence[str]
@@ -272,7 +256,8 @@ class CrossModalInfer(BasicInferTask):
         if self.probabilities:
             return [FusedProbabilities()]
         asked = (data or {}).get("largest_component")
-        names = self.cfg.infer.largest_component if asked is None else parse_largest_component(asked, self.cfg)
+        names = self.cfg.infer.largest_component if asked is None else \
+            parse_largest_component(asked, self.cfg.labels.foreground)
         return [ArgmaxLabel(keep_largest_components(self.cfg.labels.foreground, names))]
 
     def writer(self, data: dict[str, Any], extension: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
@@ -333,7 +318,8 @@ class CrossModalInfer(BasicInferTask):
             if req.get("sw_batch_size") is not None:
                 req["sw_batch_size"] = parse_sw_batch_size(req["sw_batch_size"])
             if req.get("largest_component") is not None:
-                req["largest_component"] = list(parse_largest_component(req["largest_component"], self.cfg))
+                req["largest_component"] = list(parse_largest_component(req["largest_component"],
+                                                                            self.cfg.labels.foreground))
         except ConfigError as e:
             raise http_error(e, prefix=case) from None
         return req
